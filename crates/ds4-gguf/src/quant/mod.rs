@@ -1,0 +1,1 @@
+//! Block quant formats (being written)
