@@ -1,1 +1,3 @@
 //! ds4-model
+
+pub mod numerics;
