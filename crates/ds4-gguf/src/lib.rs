@@ -7,4 +7,7 @@ pub mod reader;
 pub mod types;
 pub mod writer;
 
+pub use error::GgufError;
+pub use metadata::{MetaArray, MetaType, MetaValue};
+pub use reader::{GgufFile, TensorInfo};
 pub use types::GgmlType;
