@@ -1,3 +1,4 @@
 //! ds4-model
 
+pub mod config;
 pub mod numerics;
