@@ -1,4 +1,6 @@
 //! ds4-model
 
 pub mod config;
+pub mod cpu;
 pub mod numerics;
+pub mod weights;
