@@ -151,7 +151,10 @@ pub fn fp4_e2m1_round_trip(row: &mut [f32]) {
 /// The length must be a power of two; ds4 uses n = 128 (the indexer head width).
 pub fn hadamard_rotate(x: &mut [f32]) {
     let n = x.len();
-    assert!(n.is_power_of_two(), "Hadamard length {n} is not a power of two");
+    assert!(
+        n.is_power_of_two(),
+        "Hadamard length {n} is not a power of two"
+    );
     let mut h = 1;
     while h < n {
         for block in x.chunks_mut(2 * h) {
@@ -288,7 +291,11 @@ mod tests {
         for (i, yi) in y.iter().enumerate() {
             let mut s = 0f32;
             for (j, xj) in x.iter().enumerate() {
-                let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                let sign = if (i & j).count_ones() % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 s += sign * xj;
             }
             assert!((yi - s / (n as f32).sqrt()).abs() < 1e-6);
