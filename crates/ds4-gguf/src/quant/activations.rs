@@ -63,7 +63,7 @@ impl<'a> Activations<'a> {
 
 fn check_blocks(ty: GgmlType, elems: usize, blocks: usize) -> Result<(), QuantError> {
     let block = ty.block_elems();
-    if elems % block != 0 {
+    if !elems.is_multiple_of(block) {
         return Err(QuantError::NotWholeBlocks { ty, elems, block });
     }
     if blocks != elems / block {

@@ -36,7 +36,7 @@ pub(crate) fn check_bytes(
     what: &'static str,
 ) -> Result<(), QuantError> {
     let block = ty.block_elems();
-    if elems % block != 0 {
+    if !elems.is_multiple_of(block) {
         return Err(QuantError::NotWholeBlocks { ty, elems, block });
     }
     let expected =

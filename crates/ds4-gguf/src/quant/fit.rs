@@ -11,7 +11,7 @@ pub(crate) fn fit_scale_offset(x: &[f32], nmax: u8, q: &mut [u8]) -> (f32, f32) 
     // The offset is the negated minimum, and ggml's K formats only store offsets ≥ 0.
     let lo = x.iter().fold(0.0f32, |m, &v| m.min(v));
     let hi = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         q.fill(0);
         return (0.0, -lo);
     }

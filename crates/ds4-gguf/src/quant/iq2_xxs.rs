@@ -141,14 +141,14 @@ fn best_group(x: &[f32], u: f32) -> (f32, u8, u8) {
     for k in 0..256 {
         let mut err = 0.0f32;
         let mut flip = (f32::INFINITY, 0usize);
-        for j in 0..8 {
+        for (j, &aj) in a.iter().enumerate() {
             let g = coord(k, j) as f32;
-            let e = a[j] - u * g;
+            let e = aj - u * g;
             err += e * e;
             // With an odd number of negatives one sign must be wrong; flipping element j
             // costs (a + u·g)² − (a − u·g)² = 4·u·g·a, so pick the smallest g·a.
-            if odd && g * a[j] < flip.0 {
-                flip = (g * a[j], j);
+            if odd && g * aj < flip.0 {
+                flip = (g * aj, j);
             }
         }
         let mut signs = neg;

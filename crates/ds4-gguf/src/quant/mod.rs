@@ -27,6 +27,8 @@
 compile_error!("the GGUF quant formats are little-endian; big-endian targets are not supported");
 
 mod activations;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod cpu;
 mod error;
 mod fit;
@@ -103,6 +105,16 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantEr
 /// # Panics
 /// If `row.len() != act.len() * 34`.
 pub fn vec_dot_q8_0(row: &[u8], act: &[BlockQ8_0]) -> f32 {
+    assert_eq!(
+        row.len(),
+        act.len() * 34,
+        "vec_dot_q8_0: row/activation size mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::vec_dot_q8_0(row, act) };
+    }
     q8_0::vec_dot_scalar(row, act)
 }
 
@@ -111,6 +123,16 @@ pub fn vec_dot_q8_0(row: &[u8], act: &[BlockQ8_0]) -> f32 {
 /// # Panics
 /// If `row.len() != act.len() * 84`.
 pub fn vec_dot_q2_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    assert_eq!(
+        row.len(),
+        act.len() * 84,
+        "vec_dot_q2_k: row/activation size mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::vec_dot_q2_k(row, act) };
+    }
     q2_k::vec_dot_scalar(row, act)
 }
 
@@ -119,6 +141,16 @@ pub fn vec_dot_q2_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
 /// # Panics
 /// If `row.len() != act.len() * 144`.
 pub fn vec_dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    assert_eq!(
+        row.len(),
+        act.len() * 144,
+        "vec_dot_q4_k: row/activation size mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::vec_dot_q4_k(row, act) };
+    }
     q4_k::vec_dot_scalar(row, act)
 }
 
@@ -127,6 +159,16 @@ pub fn vec_dot_q4_k(row: &[u8], act: &[BlockQ8K]) -> f32 {
 /// # Panics
 /// If `row.len() != act.len() * 66`.
 pub fn vec_dot_iq2_xxs(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    assert_eq!(
+        row.len(),
+        act.len() * 66,
+        "vec_dot_iq2_xxs: row/activation size mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::vec_dot_iq2_xxs(row, act) };
+    }
     iq2_xxs::vec_dot_scalar(row, act)
 }
 
@@ -135,6 +177,12 @@ pub fn vec_dot_iq2_xxs(row: &[u8], act: &[BlockQ8K]) -> f32 {
 /// # Panics
 /// If `row.len() != x.len() * 4`.
 pub fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(row.len(), x.len() * 4, "dot_f32: row/x size mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::dot_f32(row, x) };
+    }
     float::dot_f32_scalar(row, x)
 }
 
@@ -143,6 +191,12 @@ pub fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
 /// # Panics
 /// If `row.len() != x.len() * 2`.
 pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(row.len(), x.len() * 2, "dot_f16: row/x size mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::dot_f16(row, x) };
+    }
     float::dot_f16_scalar(row, x)
 }
 
@@ -151,6 +205,12 @@ pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
 /// # Panics
 /// If `row.len() != x.len() * 2`.
 pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(row.len(), x.len() * 2, "dot_bf16: row/x size mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: simd_level() verified avx2, fma and f16c; the lengths were checked above.
+        return unsafe { avx2::dot_bf16(row, x) };
+    }
     float::dot_bf16_scalar(row, x)
 }
 

@@ -95,11 +95,11 @@ pub fn vec_dot_scalar(row: &[u8], act: &[BlockQ8K]) -> f32 {
             .map(|s| (blk[s] >> 4) as i32 * a.bsums[s] as i32)
             .sum();
         let mut isum = 0i32;
-        for s in 0..16 {
+        for (s, &sc) in blk[..16].iter().enumerate() {
             let part: i32 = (s * 16..s * 16 + 16)
                 .map(|i| level(qs, i) as i32 * a.qs[i] as i32)
                 .sum();
-            isum += (blk[s] & 0xF) as i32 * part;
+            isum += (sc & 0xF) as i32 * part;
         }
         let d = a.d * f16_to_f32(read_u16(blk, D));
         let dmin = a.d * f16_to_f32(read_u16(blk, DMIN));

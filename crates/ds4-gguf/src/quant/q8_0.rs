@@ -60,7 +60,7 @@ pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
 /// If `x.len()` is not a multiple of 32 (activation widths come from validated tensor shapes).
 pub fn quantize_q8_0_activation(x: &[f32]) -> Vec<BlockQ8_0> {
     assert!(
-        x.len() % BLOCK_ELEMS == 0,
+        x.len().is_multiple_of(BLOCK_ELEMS),
         "Q8_0 activation length {} is not a multiple of 32",
         x.len()
     );

@@ -61,7 +61,7 @@ pub fn quantize_block(x: &[f32; BLOCK_ELEMS]) -> BlockQ8K {
 /// If `x.len()` is not a multiple of 256 (expert widths come from validated tensor shapes).
 pub fn quantize_q8_k_activation(x: &[f32]) -> Vec<BlockQ8K> {
     assert!(
-        x.len() % BLOCK_ELEMS == 0,
+        x.len().is_multiple_of(BLOCK_ELEMS),
         "Q8_K activation length {} is not a multiple of 256",
         x.len()
     );
