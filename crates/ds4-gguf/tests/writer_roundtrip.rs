@@ -1,7 +1,7 @@
 //! Writer → reader round trips: every metadata type, every tensor type, aliases, producers,
 //! deferred (parallel) writes, byte-exact rewrite, and the writer's input errors.
 //!
-//! With `DS4_GGUF_PYCHECK_DIR=DIR` set, `export_for_python_check` also writes `DIR/sample.gguf`
+//! With `DS4_GGUF_PYCHECK_DIR=DIR` set (relative to the workspace root), `export_for_python_check` also writes `DIR/sample.gguf`
 //! and `DIR/sample.json` for `scripts/gguf/check_with_gguf_py.py`.
 
 mod common;
@@ -417,7 +417,10 @@ fn export_for_python_check() {
     let Some(dir) = std::env::var_os("DS4_GGUF_PYCHECK_DIR") else {
         return;
     };
-    let dir = PathBuf::from(dir);
+    // A relative path is relative to the workspace root (tests run in the crate directory).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (mut w, _) = sample_writer(11);
     w.set_alignment(64).unwrap();
