@@ -1,0 +1,167 @@
+//! Deterministic stand-ins for a model and tokenizer, for tests that exercise the server
+//! without model math: [`ByteCodec`] (one token per byte, plus DeepSeek's special strings)
+//! and [`ScriptedRunner`] (its logits make the sampled text follow a given script).
+
+use std::time::Duration;
+
+use crate::runner::{ModelRunner, TextCodec};
+
+/// DeepSeek V4's special token strings (matched anywhere in text, as the real tokenizer does).
+pub const SPECIALS: [&str; 7] = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+    "｜DSML｜",
+];
+
+/// Token ids 0..256 are bytes; 256 + i is `SPECIALS[i]`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ByteCodec;
+
+impl ByteCodec {
+    pub const VOCAB: usize = 256 + SPECIALS.len();
+    pub const EOS: u32 = 257;
+}
+
+impl TextCodec for ByteCodec {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len());
+        let mut rest = text;
+        'outer: while !rest.is_empty() {
+            for (i, s) in SPECIALS.iter().enumerate() {
+                if let Some(after) = rest.strip_prefix(s) {
+                    out.push(256 + i as u32);
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+            let ch = rest.chars().next().map(char::len_utf8).unwrap_or(1);
+            out.extend(rest.as_bytes()[..ch].iter().map(|&b| u32::from(b)));
+            rest = &rest[ch..];
+        }
+        out
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match id {
+            0..=255 => vec![id as u8],
+            _ => SPECIALS.get(id as usize - 256).map(|s| s.as_bytes().to_vec()).unwrap_or_default(),
+        }
+    }
+
+    fn eos(&self) -> u32 {
+        Self::EOS
+    }
+}
+
+/// A model whose every generation is the next of its scripted replies, token by token, then
+/// EOS. A multi-token eval (or a token off the script) counts as a new prompt.
+pub struct ScriptedRunner {
+    replies: Vec<Vec<u32>>,
+    current: usize,
+    pos: usize,
+    generating: bool,
+    tokens: Vec<u32>,
+    ctx: usize,
+    delay: Duration,
+    /// Tokens evaluated as prompt (prefill), summed over the runner's life.
+    pub prefilled: usize,
+}
+
+impl ScriptedRunner {
+    pub fn new(replies: &[&str], ctx: usize) -> Self {
+        let codec = ByteCodec;
+        ScriptedRunner {
+            replies: replies.iter().map(|r| codec.encode(r)).collect(),
+            current: 0,
+            pos: 0,
+            generating: false,
+            tokens: Vec::new(),
+            ctx,
+            delay: Duration::ZERO,
+            prefilled: 0,
+        }
+    }
+
+    /// Sleeps this long per evaluated call, to simulate a slow model.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    fn next_token(&self) -> u32 {
+        let reply = self.replies.get(self.current);
+        reply.and_then(|r| r.get(self.pos)).copied().unwrap_or(ByteCodec::EOS)
+    }
+}
+
+impl ModelRunner for ScriptedRunner {
+    fn vocab_size(&self) -> usize {
+        ByteCodec::VOCAB
+    }
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if self.tokens.len() + tokens.len() > self.ctx {
+            return Err(format!("context overflow: {} + {} > {}", self.tokens.len(), tokens.len(), self.ctx));
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        if self.generating && tokens.len() == 1 && tokens[0] == self.next_token() {
+            self.pos += 1;
+        } else {
+            if self.generating && !self.replies.is_empty() {
+                self.current = (self.current + 1) % self.replies.len();
+            }
+            self.generating = true;
+            self.pos = 0;
+            self.prefilled += tokens.len();
+        }
+        self.tokens.extend_from_slice(tokens);
+        let mut logits = vec![-1.0e9f32; ByteCodec::VOCAB];
+        logits[self.next_token() as usize] = 0.0;
+        Ok(logits)
+    }
+    fn reset(&mut self) {
+        self.tokens.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_round_trips_specials_and_utf8() {
+        let c = ByteCodec;
+        let text = "<｜User｜>héllo<｜Assistant｜></think>x";
+        let ids = c.encode(text);
+        assert_eq!(ids[0], 258);
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| c.token_bytes(i)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    }
+
+    #[test]
+    fn runner_follows_the_script_then_eos() {
+        let mut r = ScriptedRunner::new(&["ab"], 100);
+        let l = r.eval(&[1, 2, 3]).unwrap();
+        assert_eq!(argmax(&l), u32::from(b'a'));
+        let l = r.eval(&[u32::from(b'a')]).unwrap();
+        assert_eq!(argmax(&l), u32::from(b'b'));
+        let l = r.eval(&[u32::from(b'b')]).unwrap();
+        assert_eq!(argmax(&l), ByteCodec::EOS);
+        assert_eq!(r.tokens().len(), 5);
+    }
+
+    fn argmax(l: &[f32]) -> u32 {
+        l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+    }
+}
