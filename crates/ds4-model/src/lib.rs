@@ -4,3 +4,6 @@ pub mod config;
 pub mod cpu;
 pub mod numerics;
 pub mod weights;
+pub mod backend;
+pub mod session;
+pub mod npy;

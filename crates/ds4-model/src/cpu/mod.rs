@@ -3,10 +3,15 @@
 
 pub mod attention;
 pub mod compressor;
+pub mod forward;
 pub mod hc;
 pub mod indexer;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
 pub mod rope;
+pub mod session;
 pub mod vecops;
+
+pub use forward::CpuModel;
+pub use session::{CpuBackend, CpuSession};

@@ -1,0 +1,67 @@
+//! The interface every backend (CPU, CUDA) offers to the CLI and the server: a model that makes
+//! sessions, and a session that evaluates token spans and keeps the incremental state.
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::numerics::Numerics;
+use crate::weights::WeightError;
+
+/// Everything that can go wrong while loading a model or running a session.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file: {0}")]
+    Gguf(#[from] ds4_gguf::error::GgufError),
+    #[error("model description: {0}")]
+    Config(#[from] ConfigError),
+    #[error("model weights: {0}")]
+    Weight(#[from] WeightError),
+    #[error("context overflow: {needed} tokens do not fit a context of {ctx}")]
+    ContextOverflow { ctx: usize, needed: usize },
+    #[error("token id {token} at span index {index} is outside the vocabulary of {vocab}")]
+    BadToken {
+        token: u32,
+        index: usize,
+        vocab: usize,
+    },
+    #[error("session snapshot: {0}")]
+    BadSnapshot(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Which logits an evaluation returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// The logits after the last token of the span (vocab floats).
+    Last,
+    /// The logits after every token of the span (n_tokens × vocab floats, row-major).
+    All,
+}
+
+/// A loaded model on some device.
+pub trait Backend: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn numerics(&self) -> Numerics;
+    /// A short name for messages ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+    /// A fresh, empty session whose state is allocated for `ctx` tokens.
+    fn new_session(&self, ctx: usize) -> Result<Box<dyn Session>, ModelError>;
+}
+
+/// The incremental state of one token stream.
+pub trait Session: Send {
+    /// Maximum number of tokens the session can hold.
+    fn ctx(&self) -> usize;
+    /// The tokens evaluated so far.
+    fn tokens(&self) -> &[u32];
+    /// Appends `tokens` (a prefill when more than one, a decode step when one) and returns the
+    /// requested logits. On error the session is unchanged.
+    fn eval(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ModelError>;
+    /// The logits after the last evaluated token (empty before the first eval).
+    fn last_logits(&self) -> &[f32];
+    /// The whole state in ds4's session payload layout (ds4-spec.md §3).
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot taken from a session of the same model.
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), ModelError>;
+    /// Forgets every token.
+    fn reset(&mut self);
+}
