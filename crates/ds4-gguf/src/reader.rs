@@ -57,7 +57,11 @@ impl TensorInfo {
 
     /// Number of rows: the product of every dimension after dim0.
     pub fn rows(&self) -> u64 {
-        self.dims.iter().skip(1).product()
+        // Never overflows for validated infos; saturating so a hand-built info cannot panic.
+        self.dims
+            .iter()
+            .skip(1)
+            .fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 
     /// Bytes per row (validated when the info was read or built).
@@ -707,7 +711,12 @@ pub fn tensor_size(name: &str, ty: GgmlType, dims: &[u64]) -> Result<(u64, u64),
         });
     }
     let row_bytes = ty.row_bytes(row_len).ok_or_else(overflow)?;
-    let rows: u64 = dims.iter().skip(1).product(); // <= n_elements (or 0), no overflow
+    // Checked separately: with dim0 = 0 the element count is 0 whatever the other dims are.
+    let rows = dims
+        .iter()
+        .skip(1)
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(overflow)?;
     let n_bytes = row_bytes.checked_mul(rows).ok_or_else(overflow)?;
     Ok((n_elements, n_bytes))
 }
@@ -763,23 +772,19 @@ fn check_tensor_ranges(
                 alignment,
             });
         }
-        let outside = |start: u64, end: u64| GgufError::TensorOutsideFile {
-            tensor: t.name.clone(),
-            start,
-            end,
-            file_len,
-        };
-        let start = data_offset
-            .checked_add(t.offset)
-            .ok_or_else(|| outside(u64::MAX, u64::MAX))?;
-        let end = start
-            .checked_add(t.n_bytes)
-            .ok_or_else(|| outside(start, u64::MAX))?;
         if t.n_bytes == 0 {
             continue; // an empty tensor has no data to lie anywhere
         }
+        // Saturating: an overflowing range is reported as ending at u64::MAX.
+        let start = data_offset.saturating_add(t.offset);
+        let end = start.saturating_add(t.n_bytes);
         if end > file_len {
-            return Err(outside(start, end));
+            return Err(GgufError::TensorOutsideFile {
+                tensor: t.name.clone(),
+                start,
+                end,
+                file_len,
+            });
         }
         ranges.push((start, end, i));
     }
