@@ -1,6 +1,9 @@
 //! DeepSeek V4 text in and out: the tokenizer, the chat template, DSML tool calls and the
 //! sampler. Everything here is exact with ds4 (see `ds4-spec.md` §4 and §8).
 
+pub mod chat;
+pub mod dsml;
 pub mod tokenizer;
 
+pub use chat::{render_chat, ChatPrompt, Message, Role, ThinkMode, ToolCall};
 pub use tokenizer::{Detokenizer, SpecialIds, Tokenizer, TokenizerError};
