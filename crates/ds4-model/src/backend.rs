@@ -65,3 +65,48 @@ pub trait Session: Send {
     /// Forgets every token.
     fn reset(&mut self);
 }
+
+/// How a token sequence is fed to a session (`ds4 logits --mode`); all modes must agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalMode {
+    /// One prefill of every token.
+    Full,
+    /// Prefill in spans of N tokens.
+    Chunked(usize),
+    /// One token at a time.
+    Decode,
+}
+
+impl std::str::FromStr for EvalMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(EvalMode::Full),
+            "decode" => Ok(EvalMode::Decode),
+            _ => match s.strip_prefix("chunked:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > 0 => Ok(EvalMode::Chunked(n)),
+                _ => Err(format!(
+                    "unknown mode `{s}` (expected full, decode or chunked:N with N > 0)"
+                )),
+            },
+        }
+    }
+}
+
+/// Evaluates `tokens` in `mode` and returns the logits of every position (n × vocab).
+pub fn eval_all_positions(
+    session: &mut dyn Session,
+    tokens: &[u32],
+    mode: EvalMode,
+) -> Result<Vec<f32>, ModelError> {
+    let span = match mode {
+        EvalMode::Full => tokens.len().max(1),
+        EvalMode::Chunked(n) => n,
+        EvalMode::Decode => 1,
+    };
+    let mut out = Vec::new();
+    for chunk in tokens.chunks(span) {
+        out.extend(session.eval(chunk, Logits::All)?);
+    }
+    Ok(out)
+}
