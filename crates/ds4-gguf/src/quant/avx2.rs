@@ -67,22 +67,49 @@ fn mul_i8_pairs(w: __m256i, y: __m256i) -> __m256i {
     _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
 }
 
+/// The 8 partial integer sums of one Q8_0 block (as f32, exact) and the block's d_w·d_x.
+///
+/// # Safety
+/// `blk.len() == 34`; AVX2/FMA/F16C are available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_block(blk: &[u8], a: &BlockQ8_0, ones: __m256i) -> (__m256, __m256) {
+    let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) * a.d;
+    // SAFETY: blk[2..34] are the block's 32 levels; `a.qs` has 32 bytes.
+    let (w, y) = unsafe { (load32(blk, 2), load32_i8(&a.qs, 0)) };
+    let sums = _mm256_madd_epi16(mul_i8_pairs(w, y), ones);
+    (_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d))
+}
+
 /// # Safety
 /// See the module contract; `row.len() == act.len() * 34`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_q8_0(row: &[u8], act: &[BlockQ8_0]) -> f32 {
     debug_assert_eq!(row.len(), act.len() * q8_0::BLOCK_BYTES);
+    const BB: usize = q8_0::BLOCK_BYTES;
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (b, a) in act.iter().enumerate() {
-        let at = b * q8_0::BLOCK_BYTES;
-        let d = f16_to_f32(u16::from_le_bytes([row[at], row[at + 1]])) * a.d;
-        // SAFETY: the block's 32 levels are row[at+2..at+34], inside `row`; `a.qs` has 32.
-        let (w, y) = unsafe { (load32(row, at + 2), load32_i8(&a.qs, 0)) };
-        let sums = _mm256_madd_epi16(mul_i8_pairs(w, y), ones);
-        acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc[b % 2]);
+    // Four independent accumulators, so consecutive blocks do not wait on each other's FMA.
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let quads = act.len() / 4;
+    for (rows, acts) in row.chunks_exact(4 * BB).zip(act.chunks_exact(4)) {
+        for k in 0..4 {
+            // SAFETY: each 34-byte slice is one block of `rows`.
+            let (p, d) = unsafe { q8_0_block(&rows[k * BB..(k + 1) * BB], &acts[k], ones) };
+            acc[k] = _mm256_fmadd_ps(p, d, acc[k]);
+        }
     }
-    hsum_ps(_mm256_add_ps(acc[0], acc[1]))
+    for (blk, a) in row[quads * 4 * BB..]
+        .chunks_exact(BB)
+        .zip(&act[quads * 4..])
+    {
+        // SAFETY: `blk` is one 34-byte block.
+        let (p, d) = unsafe { q8_0_block(blk, a, ones) };
+        acc[0] = _mm256_fmadd_ps(p, d, acc[0]);
+    }
+    hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
 }
 
 /// Shuffle masks that spread Q2_K scale bytes 2g and 2g+1 over the i16 lanes that hold the
@@ -214,9 +241,8 @@ pub(super) unsafe fn vec_dot_iq2_xxs(row: &[u8], act: &[BlockQ8K]) -> f32 {
         let d = a.d * f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
         let mut isum = _mm256_setzero_si256();
         for ib in 0..8 {
-            let w = &blk[2 + 8 * ib..10 + 8 * ib];
-            let a0 = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            let a1 = u32::from_le_bytes([w[4], w[5], w[6], w[7]]);
+            let aux = u64::from_le_bytes(blk[2 + 8 * ib..10 + 8 * ib].try_into().expect("8 bytes"));
+            let (a0, a1) = (aux as u32, (aux >> 32) as u32);
             let grid = _mm256_set_epi64x(
                 GRID[(a0 >> 24) as usize] as i64,
                 GRID[((a0 >> 16) & 0xff) as usize] as i64,

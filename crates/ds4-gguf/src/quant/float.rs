@@ -5,10 +5,23 @@
 
 use half::f16;
 
-/// f16 bits to f32 (exact).
+/// f16 bits to f32 (exact). Plain bit arithmetic rather than `half`'s per-call CPU feature
+/// check, so loops over it stay fast and vectorizable. NaN payloads are kept (quiet or not),
+/// as numpy does.
 #[inline]
 pub fn f16_to_f32(bits: u16) -> f32 {
-    f16::from_bits(bits).to_f32()
+    let sign = ((bits & 0x8000) as u32) << 16;
+    let exp = ((bits >> 10) & 0x1f) as u32;
+    let man = (bits & 0x3ff) as u32;
+    match exp {
+        // Zero and subnormals: man · 2^-24, exact in f32.
+        0 => {
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            f32::from_bits(v.to_bits() | sign)
+        }
+        31 => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
+    }
 }
 
 /// f32 to f16 bits, round to nearest even (as numpy's `astype(float16)` and ggml's
@@ -119,6 +132,19 @@ pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_to_f32_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
 
     #[test]
     fn bf16_rounds_to_nearest_even_and_quiets_nan() {
