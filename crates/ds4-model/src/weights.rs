@@ -219,7 +219,12 @@ impl ModelWeights {
             let (e, ff, k) = (cfg.n_experts, cfg.expert_ff, cfg.n_experts_used);
             let tid2eid = match cfg.moe_kind[l] {
                 MoeKind::Hash => {
-                    Some(b.i32_table(&name("ffn_gate_tid2eid.weight"), &[k, cfg.vocab_size])?)
+                    let tname = name("ffn_gate_tid2eid.weight");
+                    let table = b.i32_table(&tname, &[k, cfg.vocab_size])?;
+                    if let Some(bad) = table.iter().find(|&&x| x < 0 || x as usize >= e) {
+                        return Err(werr(&tname, format!("expert id {bad} outside 0..{e}")));
+                    }
+                    Some(table)
                 }
                 MoeKind::TopK => None,
             };
