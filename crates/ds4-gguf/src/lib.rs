@@ -11,3 +11,4 @@ pub use error::GgufError;
 pub use metadata::{MetaArray, MetaType, MetaValue};
 pub use reader::{GgufFile, TensorInfo};
 pub use types::GgmlType;
+pub use writer::{GgufLayout, GgufWriter, PlannedFile, TensorProducer};

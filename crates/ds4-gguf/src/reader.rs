@@ -23,8 +23,7 @@ pub const GGUF_VERSION: u32 = 3;
 pub const DEFAULT_ALIGNMENT: u32 = 32;
 /// The metadata key that sets the data alignment.
 pub const ALIGNMENT_KEY: &str = "general.alignment";
-/// The most dimensions a tensor may have (ggml's GGML_MAX_DIMS is 4; GGUF allows up to 8 in
-/// ds4's reader, and so do we).
+/// The most dimensions a tensor may have (ds4 accepts 1..=8; ggml itself uses at most 4).
 pub const MAX_DIMS: usize = 8;
 /// Arrays of arrays deeper than this are rejected (bounds recursion on hostile input).
 pub const MAX_ARRAY_NESTING: usize = 16;
@@ -113,6 +112,12 @@ pub struct GgufFile {
     alignment: u32,
     data_offset: u64,
 }
+
+// A parsed file is shared across threads (Arc<GgufFile>) by the backends and the server.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GgufFile>();
+};
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -352,6 +352,8 @@ impl GgufWriter {
             b.extend_from_slice(&t.ty.id().to_le_bytes());
             b.extend_from_slice(&t.offset.to_le_bytes());
         }
+        // `plan` sized the header with `header_bytes_len`; both must describe the same bytes.
+        debug_assert_eq!(b.len() as u64, self.header_bytes_len());
         b.resize(layout.data_offset as usize, 0);
         b
     }
