@@ -1,1 +1,40 @@
-//! ds4-cuda
+//! ds4-cuda: the CUDA backend's foundation — device, run-time compiled kernels, resident
+//! weights, and the decode-path kernels (GEMV per ggml format, norms, SwiGLU, activation
+//! quantization, f16 dequantization).
+//!
+//! Everything loads libcuda/libnvrtc at run time (cudarc `dynamic-loading`): the crate builds
+//! and its CPU-side tests run on machines without CUDA, and [`Gpu::open`] returns
+//! [`CudaError::LibraryMissing`] there instead of panicking.
+//!
+//! ```no_run
+//! use ds4_cuda::{Activations, DeviceWeights, Gpu, WeightFormat};
+//! # fn main() -> Result<(), ds4_cuda::CudaError> {
+//! let gpu = Gpu::open(0)?;                                      // compiles or loads cached kernels
+//! let region = vec![0u8; 4096 * 34 * 128];                       // e.g. a GGUF data section
+//! let w = DeviceWeights::upload(&gpu.device, &region, 0, &mut |_, _| {})?;
+//! let m = w.matrix(0, WeightFormat::Q8_0, 4096, 4096, 1)?;       // offset, format, cols, rows
+//! let x = gpu.device.upload(&vec![0.5f32; 4096])?;
+//! let mut y = gpu.device.alloc::<f32>(4096)?;
+//! gpu.gemv(&m, Activations::F32(&x), 1, &mut y)?;
+//! let _host = gpu.device.download(&y)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`device`] (open, buffers, events), [`compile`] (NVRTC + disk cache), [`kernels`]
+//! (module registry, [`Gpu`]), [`weights`], [`gemv`], [`vector_ops`], [`dequant`].
+
+pub mod compile;
+pub mod dequant;
+pub mod device;
+pub mod error;
+pub mod gemv;
+pub mod kernels;
+pub mod vector_ops;
+pub mod weights;
+
+pub use compile::{CompileStats, KernelCache};
+pub use device::{cuda_available, CudaDevice, DeviceBuffer, DeviceInfo};
+pub use error::CudaError;
+pub use gemv::{ActQuant, Activations, DeviceMatrix, QuantizedActivations, WeightFormat};
+pub use kernels::Gpu;
+pub use weights::DeviceWeights;

@@ -1,0 +1,63 @@
+//! Weights dequantized to f16 (for tensor-core GEMMs in prefill); kernels in `dequant.cu`.
+//! The values equal the CPU reference's dequantization rounded to f16, bit for bit.
+
+use cudarc::driver::{result, LaunchConfig, PushKernelArg};
+
+use crate::device::DeviceBuffer;
+use crate::error::{CudaError, DriverContext, Result};
+use crate::gemv::{DeviceMatrix, WeightFormat};
+use crate::kernels::Gpu;
+
+impl Gpu {
+    /// Writes every row of `w` (all experts, expert-major) as f16 into `out`
+    /// (experts × rows × cols values, row-major).
+    pub fn dequantize_f16(
+        &self,
+        w: &DeviceMatrix<'_>,
+        out: &mut DeviceBuffer<half::f16>,
+    ) -> Result<()> {
+        let rows = w.rows * w.experts;
+        let n = rows * w.cols;
+        if out.len() < n {
+            return Err(CudaError::InvalidArgument(format!(
+                "f16 output has {} elements, needs {n}",
+                out.len()
+            )));
+        }
+        if w.format == WeightFormat::F16 {
+            // Already f16 and densely packed (row_bytes = 2·cols): a plain copy.
+            // SAFETY: both ranges are n·2 bytes inside live allocations (DeviceMatrix contract,
+            // length check above).
+            return unsafe {
+                result::memcpy_dtod_async(out.ptr(), w.ptr, n * 2, self.device.stream().cu_stream())
+            }
+            .ctx("cuMemcpyDtoDAsync");
+        }
+        let name = format!("dequant_{}_f16", w.format.tag());
+        let f = self.kernels.function("dequant", &name)?;
+        let (wp, rb, r64, k64, gp, op) = (
+            w.ptr,
+            w.row_bytes as i64,
+            rows as i64,
+            w.cols as i64,
+            self.kernels.iq2xxs_grid.ptr(),
+            out.ptr(),
+        );
+        let mut b = self.device.stream().launch_builder(&f);
+        b.arg(&wp).arg(&rb).arg(&r64).arg(&k64).arg(&gp).arg(&op);
+        let threads = if w.format == WeightFormat::F32 {
+            n
+        } else {
+            n / 32
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match dequant_*_f16(const u8*, i64, i64, i64, const u64*, u16*);
+        // the kernel reads rows × row_bytes bytes of w and writes rows × cols halves of out.
+        unsafe { b.launch(cfg) }.ctx(&name)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,309 @@
+//! Opening a GPU, device memory, and timing.
+//!
+//! cudarc loads libcuda and libnvrtc at run time, so this crate builds and its non-GPU code
+//! runs on machines without CUDA; [`CudaDevice::open`] then fails with a clear error instead
+//! of panicking. All work goes to one non-blocking stream per device (in issue order), which a
+//! later phase can capture into a CUDA graph.
+
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdevice_attribute};
+use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
+
+use crate::error::{CudaError, DriverContext, Result};
+
+const NO_DRIVER: &str =
+    "CUDA driver library libcuda.so not found: --backend cuda needs an NVIDIA GPU and driver";
+const NO_NVRTC: &str = "CUDA runtime compiler library libnvrtc.so not found: --backend cuda needs \
+     the CUDA 13 NVRTC library (add its directory, e.g. /usr/local/cuda/lib64, to LD_LIBRARY_PATH)";
+
+/// Whether the CUDA driver and NVRTC libraries can be loaded and at least one GPU exists.
+/// Never panics; GPU tests use it to skip on machines without CUDA.
+pub fn cuda_available() -> bool {
+    driver_present() && nvrtc_present() && device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+/// Whether libcuda can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its usual names and closes it again.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Whether libnvrtc can be loaded (no GPU needed to compile kernels).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as above, for the NVRTC library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices (an error when no driver is present).
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(CudaError::LibraryMissing(NO_DRIVER.into()));
+    }
+    let n = catch_unwind(
+        || -> std::result::Result<i32, cudarc::driver::DriverError> {
+            result::init()?;
+            result::device::get_count()
+        },
+    )
+    .map_err(|_| CudaError::LibraryMissing(NO_DRIVER.into()))?
+    .ctx("cuDeviceGetCount")?;
+    Ok(n.max(0) as usize)
+}
+
+/// What the kernels and the planner need to know about a GPU.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor), e.g. (9, 0) for an H100.
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub total_memory: usize,
+    pub l2_cache_bytes: usize,
+    /// Largest dynamic shared memory a block may opt into.
+    pub max_shared_per_block_optin: usize,
+}
+
+/// One GPU: its primary context and the stream all work is issued on.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`. Fails cleanly (no panic) when the driver or NVRTC is missing or
+    /// the ordinal does not exist.
+    pub fn open(ordinal: usize) -> Result<CudaDevice> {
+        if !driver_present() {
+            return Err(CudaError::LibraryMissing(NO_DRIVER.into()));
+        }
+        if !nvrtc_present() {
+            return Err(CudaError::LibraryMissing(NO_NVRTC.into()));
+        }
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(CudaError::InvalidArgument(format!(
+                "no CUDA device {ordinal}: this machine has {count}"
+            )));
+        }
+        // cudarc panics (instead of returning Err) when a library symbol is missing; the
+        // checks above make that unlikely, catch_unwind turns the rest into an error.
+        let ctx = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal)))
+            .map_err(|_| CudaError::LibraryMissing(NO_DRIVER.into()))?
+            .ctx("creating the CUDA context")?;
+        // SAFETY: every buffer of this crate is used on the one stream below (or after a
+        // synchronize), so cudarc's per-buffer event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ctx("creating a stream")?;
+        let attr = |a: CUdevice_attribute| ctx.attribute(a).ctx("cuDeviceGetAttribute");
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().ctx("cuDeviceGetName")?,
+            compute_capability: ctx.compute_capability().ctx("compute capability")?,
+            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as u32,
+            total_memory: ctx.total_mem().ctx("cuDeviceTotalMem")?,
+            l2_cache_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+            max_shared_per_block_optin: attr(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as usize,
+        };
+        Ok(CudaDevice { ctx, stream, info })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The NVRTC target for this GPU: `sm_90a` on Hopper (wgmma and friends), `sm_XY` elsewhere.
+    pub fn nvrtc_arch(&self) -> String {
+        crate::compile::arch_for(self.info.compute_capability)
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().ctx("binding the context")?;
+        result::mem_get_info().ctx("cuMemGetInfo")
+    }
+
+    /// Waits until all work issued so far has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().ctx("synchronizing the stream")
+    }
+
+    /// An uninitialized buffer of `len` elements.
+    pub fn alloc<T: DeviceValue>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("buffer of {len} elements overflows"))
+        })?;
+        self.ctx.bind_to_thread().ctx("binding the context")?;
+        // SAFETY: plain cuMemAlloc of `bytes` (at least 1 so the pointer is unique); the
+        // pointer is freed exactly once, in DeviceBuffer::drop.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| {
+            let free = result::mem_get_info().map(|m| m.0).unwrap_or(0);
+            CudaError::OutOfMemory(format!(
+                "allocating {:.3} GiB on the GPU failed ({:.3} GiB free): {}",
+                gib(bytes),
+                gib(free),
+                CudaError::driver("cuMemAlloc", e)
+            ))
+        })?;
+        Ok(DeviceBuffer {
+            ptr,
+            len,
+            ctx: self.ctx.clone(),
+            _t: PhantomData,
+        })
+    }
+
+    /// A buffer with every byte set to `byte` (e.g. 0xFF poisons f32 outputs with NaN).
+    pub fn alloc_filled<T: DeviceValue>(&self, len: usize, byte: u8) -> Result<DeviceBuffer<T>> {
+        let buf = self.alloc::<T>(len)?;
+        self.fill_bytes(&buf, byte)?;
+        Ok(buf)
+    }
+
+    /// Sets every byte of `buf` to `byte` (stream-ordered).
+    pub fn fill_bytes<T: DeviceValue>(&self, buf: &DeviceBuffer<T>, byte: u8) -> Result<()> {
+        // SAFETY: the range is exactly the buffer's allocation.
+        unsafe { result::memset_d8_async(buf.ptr, byte, buf.bytes(), self.stream.cu_stream()) }
+            .ctx("cuMemsetD8Async")
+    }
+
+    /// Copies host data into a new device buffer (returns once the copy is done).
+    pub fn upload<T: DeviceValue>(&self, data: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut buf = self.alloc::<T>(data.len())?;
+        self.copy_to(data, &mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` into `dst` starting at element `offset`; returns once the copy is done.
+    pub fn copy_to<T: DeviceValue>(
+        &self,
+        data: &[T],
+        dst: &mut DeviceBuffer<T>,
+        offset: usize,
+    ) -> Result<()> {
+        if offset
+            .checked_add(data.len())
+            .is_none_or(|end| end > dst.len)
+        {
+            return Err(CudaError::InvalidArgument(format!(
+                "copy of {} elements at {offset} into a buffer of {}",
+                data.len(),
+                dst.len
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let at = dst.ptr + (offset * std::mem::size_of::<T>()) as u64;
+        // SAFETY: the destination range lies in dst's allocation (checked above); `data` stays
+        // borrowed until the stream is synchronized below.
+        unsafe { result::memcpy_htod_async(at, data, self.stream.cu_stream()) }
+            .ctx("cuMemcpyHtoDAsync")?;
+        self.synchronize()
+    }
+
+    /// Copies a device buffer back to the host (waits for all earlier work first).
+    pub fn download<T: DeviceValue>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::ZERO; buf.len];
+        if !out.is_empty() {
+            // SAFETY: `out` has exactly buf.len elements of T; it is not touched until the
+            // stream is synchronized below.
+            unsafe { result::memcpy_dtoh_async(&mut out, buf.ptr, self.stream.cu_stream()) }
+                .ctx("cuMemcpyDtoHAsync")?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Records a timing event on the stream.
+    pub fn record_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ctx("recording an event")
+    }
+
+    /// Milliseconds of GPU time between two recorded events (waits for `end`).
+    pub fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
+        end.synchronize().ctx("waiting for an event")?;
+        start.elapsed_ms(end).ctx("cuEventElapsedTime")
+    }
+}
+
+/// Bytes as GiB, for messages.
+pub(crate) fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Plain-old-data element types that may live in device buffers.
+pub trait DeviceValue: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+}
+macro_rules! device_value {
+    ($($t:ty = $z:expr),*) => { $(impl DeviceValue for $t { const ZERO: Self = $z; })* };
+}
+device_value!(
+    u8 = 0,
+    i8 = 0,
+    u16 = 0,
+    i16 = 0,
+    u32 = 0,
+    i32 = 0,
+    u64 = 0,
+    i64 = 0,
+    f32 = 0.0,
+    half::f16 = half::f16::ZERO
+);
+
+/// Device memory holding `len` values of `T`, freed on drop.
+pub struct DeviceBuffer<T: DeviceValue> {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    ctx: Arc<CudaContext>,
+    _t: PhantomData<T>,
+}
+
+impl<T: DeviceValue> DeviceBuffer<T> {
+    /// The device address, for kernel arguments.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Address of element `i` (may be one past the end).
+    pub fn ptr_at(&self, i: usize) -> u64 {
+        debug_assert!(i <= self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+}
+
+impl<T: DeviceValue> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // Errors cannot be returned from drop; cudarc records them on the context.
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here;
+        // cuMemFree waits for the kernels still using it.
+        self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
+    }
+}

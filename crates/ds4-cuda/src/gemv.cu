@@ -1,0 +1,437 @@
+// Matrix-vector products y = W x for ggml weight formats, the bandwidth-bound core of decode.
+//
+// Layout: W has n_rows rows of k elements, each row row_bytes long (ggml blocks, row-major);
+// x holds NB vectors of k values, y receives NB vectors of n_rows values.
+//
+// Work split: a CTA is GEMV_WARPS warps; each warp owns R consecutive rows (grid-stride over row
+// groups) and walks them in chunks of whole blocks. A chunk of every row is copied into shared
+// memory with 16-byte streaming loads (the loads of chunk c+1 are in flight while chunk c is
+// computed), then each lane takes 32-element "items" of the chunk and applies the activation
+// values it loaded once to all R rows. Reusing x across R rows keeps L1 traffic per weight byte
+// low enough that the kernel stays DRAM-bound even for 2-bit formats.
+//
+// Activations come either as f32 (FMT x f32) or pre-quantized (Q8_0 blocks of 32 for Q8_0
+// weights, Q8_K blocks of 256 for the k/iq formats) as an int8 array plus one f32 scale per
+// block; the quantized variants use dp4a and reproduce ggml's integer dot products exactly.
+//
+// Experts: with ids != 0, blockIdx.y is the expert slot; the weight base moves to expert
+// ids[slot] (expert_stride bytes apart) without a host round trip, x vector = slot*x_slot_vecs+b
+// and y vector = slot*y_slot_vecs+b. An id outside [0, n_experts) writes NaN rows.
+
+#define FMT_F32 0
+#define FMT_F16 1
+#define FMT_Q8_0 2
+#define FMT_Q2_K 3
+#define FMT_Q4_K 4
+#define FMT_IQ2_XXS 5
+
+#define GEMV_WARPS 4
+
+// Must match the #[repr(C)] GemvParams in gemv.rs: 8-byte fields only, so no padding.
+struct GemvParams {
+    u64 w;      // weights (first expert when ids != 0)
+    u64 x;      // f32 activations, or int8 quantized activations
+    u64 xd;     // f32 scale per activation block (quantized activations only)
+    u64 y;      // f32 output
+    u64 ids;    // i32 expert id per slot, or 0
+    u64 grid;   // IQ2_XXS grid: 256 x u64
+    i64 row_bytes;
+    i64 expert_stride;
+    i64 n_experts;
+    i64 n_rows;
+    i64 k;
+    i64 x_slot_vecs;
+    i64 y_slot_vecs;
+    i64 aligned16;  // weights and row_bytes are multiples of 16: 16-byte loads allowed
+};
+
+// Per format: block bytes, block elements, blocks per chunk (chunk bytes % 16 == 0),
+// 32-element items per block, parts (scale groups) per item.
+template <int FMT> struct Fmt;
+template <> struct Fmt<FMT_Q8_0> { enum { BB = 34, BE = 32, CB = 32, ITEMS = 1, QB = 32 }; };
+template <> struct Fmt<FMT_Q2_K> { enum { BB = 84, BE = 256, CB = 8, ITEMS = 8, QB = 256 }; };
+template <> struct Fmt<FMT_Q4_K> { enum { BB = 144, BE = 256, CB = 8, ITEMS = 8, QB = 256 }; };
+template <> struct Fmt<FMT_IQ2_XXS> { enum { BB = 66, BE = 256, CB = 16, ITEMS = 8, QB = 256 }; };
+
+// ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
+template <int FMT>
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* grid, float q[4]) {
+    if constexpr (FMT == FMT_Q8_0) {
+        u32 w = rd32_a2(blk + 2 + 4 * i);
+#pragma unroll
+        for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
+    } else if constexpr (FMT == FMT_Q2_K) {
+        const int h = it >> 2, s = it & 3;
+        u32 w = rd32(blk + 16 + 32 * h + 4 * i) >> (2 * s);
+#pragma unroll
+        for (int j = 0; j < 4; j++) q[j] = (float)((w >> (8 * j)) & 3);
+    } else if constexpr (FMT == FMT_Q4_K) {
+        u32 w = rd32(blk + 16 + 32 * (it >> 1) + 4 * i) >> (4 * (it & 1));
+#pragma unroll
+        for (int j = 0; j < 4; j++) q[j] = (float)((w >> (8 * j)) & 15);
+    } else {  // IQ2_XXS
+        const u32 a0 = rd32_a2(blk + 2 + 8 * it), a1 = rd32_a2(blk + 6 + 8 * it);
+        const int l = i >> 1, half = i & 1;
+        const u32 g = grid[2 * ((a0 >> (8 * l)) & 255) + half];
+        const u32 sg = (iq2_signs((a1 >> (7 * l)) & 127) >> (4 * half)) & 15;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float v = (float)((g >> (8 * j)) & 255);
+            q[j] = ((sg >> j) & 1) ? -v : v;
+        }
+    }
+}
+
+// Scale a and offset b of part p of an item: value = a*q + b.
+template <int FMT>
+__device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* a, float* b) {
+    if constexpr (FMT == FMT_Q8_0) {
+        *a = f16_to_f32(rd16(blk));
+        *b = 0.f;
+    } else if constexpr (FMT == FMT_Q2_K) {
+        const int sc = blk[2 * it + p];  // 16 scales: index 8h + 2s + p = 2*it + p
+        *a = f16_to_f32(rd16(blk + 80)) * (float)(sc & 15);
+        *b = -f16_to_f32(rd16(blk + 82)) * (float)(sc >> 4);
+    } else if constexpr (FMT == FMT_Q4_K) {
+        int sc, m;
+        q4k_scale_min(blk + 4, it, &sc, &m);
+        *a = f16_to_f32(rd16(blk)) * (float)sc;
+        *b = -f16_to_f32(rd16(blk + 2)) * (float)m;
+    } else {
+        const u32 a1 = rd32_a2(blk + 6 + 8 * it);
+        *a = f16_to_f32(rd16(blk)) * (0.5f + (float)(a1 >> 28)) * 0.25f;
+        *b = 0.f;
+    }
+}
+
+// One item (32 elements at e0 of every vector) against R staged rows, f32 activations.
+template <int FMT, int R, int NB>
+__device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const float* x, i64 xstride,
+                                          i64 e0, const u32* grid, float (&acc)[R][NB]) {
+    constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
+    constexpr int GPP = 8 / NP;                       // groups of 4 per part
+    constexpr bool HAS_MIN = (FMT == FMT_Q2_K || FMT == FMT_Q4_K);
+#pragma unroll
+    for (int p = 0; p < NP; p++) {
+        float sqx[R][NB], sx[NB];
+#pragma unroll
+        for (int v = 0; v < NB; v++) {
+            sx[v] = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; r++) sqx[r][v] = 0.f;
+        }
+#pragma unroll
+        for (int i = p * GPP; i < (p + 1) * GPP; i++) {
+            float4 xv[NB];
+#pragma unroll
+            for (int v = 0; v < NB; v++) {
+                xv[v] = *(const float4*)(x + v * xstride + e0 + 4 * i);
+                if (HAS_MIN) sx[v] += (xv[v].x + xv[v].y) + (xv[v].z + xv[v].w);
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float q[4];
+                item_q4<FMT>(blks[r], it, i, grid, q);
+#pragma unroll
+                for (int v = 0; v < NB; v++)
+                    sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float a, b;
+            item_scale<FMT>(blks[r], it, p, &a, &b);
+#pragma unroll
+            for (int v = 0; v < NB; v++) acc[r][v] += a * sqx[r][v] + (HAS_MIN ? b * sx[v] : 0.f);
+        }
+    }
+}
+
+// One item against R staged rows, int8 activations (Q8_0 / Q8_K), dp4a; mirrors ggml's
+// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums.
+template <int FMT, int R, int NB>
+__device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8* xq, const float* xd,
+                                         i64 xstride, i64 e0, const u32* grid, float (&acc)[R][NB]) {
+    constexpr int QB = Fmt<FMT>::QB;
+    int isum[R][NB], imin[R][NB];
+    int bsum[NB][2];
+#pragma unroll
+    for (int v = 0; v < NB; v++) {
+        bsum[v][0] = bsum[v][1] = 0;
+#pragma unroll
+        for (int r = 0; r < R; r++) isum[r][v] = imin[r][v] = 0;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {  // 16-element halves
+        int4 xw[NB];
+#pragma unroll
+        for (int v = 0; v < NB; v++) {
+            xw[v] = *(const int4*)(xq + v * xstride + e0 + 16 * h);
+            if (FMT == FMT_Q2_K || FMT == FMT_Q4_K) {
+                int s = dp4a(0x01010101, xw[v].x, 0);
+                s = dp4a(0x01010101, xw[v].y, s);
+                s = dp4a(0x01010101, xw[v].z, s);
+                bsum[v][h] = dp4a(0x01010101, xw[v].w, s);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const u8* blk = blks[r];
+            int w[4];
+            if constexpr (FMT == FMT_Q8_0) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) w[j] = (int)rd32_a2(blk + 2 + 16 * h + 4 * j);
+            } else if constexpr (FMT == FMT_Q2_K) {
+                const int hh = it >> 2, s = it & 3;
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    w[j] = (int)((rd32(blk + 16 + 32 * hh + 16 * h + 4 * j) >> (2 * s)) & 0x03030303u);
+            } else if constexpr (FMT == FMT_Q4_K) {
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    w[j] = (int)((rd32(blk + 16 + 32 * (it >> 1) + 16 * h + 4 * j) >> (4 * (it & 1))) &
+                                 0x0F0F0F0Fu);
+            } else {  // IQ2_XXS: grid entries 2h, 2h+1 of this item, 8 values each
+                const u32 a0 = rd32_a2(blk + 2 + 8 * it), a1 = rd32_a2(blk + 6 + 8 * it);
+#pragma unroll
+                for (int l2 = 0; l2 < 2; l2++) {
+                    const int l = 2 * h + l2;
+                    const u32 gi = (a0 >> (8 * l)) & 255;
+                    const u32 sg = iq2_signs((a1 >> (7 * l)) & 127);
+                    w[2 * l2] = (int)apply_signs(grid[2 * gi], sign_mask4(sg & 15));
+                    w[2 * l2 + 1] = (int)apply_signs(grid[2 * gi + 1], sign_mask4(sg >> 4));
+                }
+            }
+#pragma unroll
+            for (int v = 0; v < NB; v++) {
+                int s = dp4a(w[0], xw[v].x, 0);
+                s = dp4a(w[1], xw[v].y, s);
+                s = dp4a(w[2], xw[v].z, s);
+                s = dp4a(w[3], xw[v].w, s);
+                if constexpr (FMT == FMT_Q2_K) {
+                    const int sc = blk[2 * it + h];
+                    isum[r][v] += (sc & 15) * s;
+                    imin[r][v] += (sc >> 4) * bsum[v][h];
+                } else {
+                    isum[r][v] += s;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const u8* blk = blks[r];
+#pragma unroll
+        for (int v = 0; v < NB; v++) {
+            const float dx = xd[(v * xstride + e0) / QB];
+            if constexpr (FMT == FMT_Q8_0) {
+                acc[r][v] += (float)isum[r][v] * (f16_to_f32(rd16(blk)) * dx);
+            } else if constexpr (FMT == FMT_Q2_K) {
+                acc[r][v] += (dx * f16_to_f32(rd16(blk + 80))) * (float)isum[r][v] -
+                             (dx * f16_to_f32(rd16(blk + 82))) * (float)imin[r][v];
+            } else if constexpr (FMT == FMT_Q4_K) {
+                int sc, m;
+                q4k_scale_min(blk + 4, it, &sc, &m);
+                acc[r][v] += (dx * f16_to_f32(rd16(blk))) * (float)(sc * isum[r][v]) -
+                             (dx * f16_to_f32(rd16(blk + 2))) * (float)(m * (bsum[v][0] + bsum[v][1]));
+            } else {
+                const u32 a1 = rd32_a2(blk + 6 + 8 * it);
+                const int ls = 2 * (int)(a1 >> 28) + 1;
+                acc[r][v] += 0.125f * (dx * f16_to_f32(rd16(blk))) * (float)(ls * isum[r][v]);
+            }
+        }
+    }
+}
+
+// Resolves the expert of this CTA's slot; false (after writing NaN rows) for a bad id.
+__device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u8** W) {
+    *W = (const u8*)p.w;
+    if (p.ids == 0) return true;
+    const int e = ((const int*)p.ids)[blockIdx.y];
+    if (e >= 0 && e < p.n_experts) {
+        *W += (i64)e * p.expert_stride;
+        return true;
+    }
+    float* y = (float*)p.y;
+    for (i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += (i64)gridDim.x * blockDim.x)
+        for (int v = 0; v < nb; v++) y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row] = __int_as_float(0x7fc00000);
+    return false;
+}
+
+template <int R, int NB>
+__device__ __forceinline__ void store_rows(const GemvParams& p, i64 row0, float (&acc)[R][NB]) {
+    float* y = (float*)p.y;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int v = 0; v < NB; v++) {
+            const float s = warp_sum(acc[r][v]);
+            if (lane == 0 && row0 + r < p.n_rows)
+                y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row0 + r] = s;
+        }
+}
+
+// Block-quantized weights, staged through shared memory.
+template <int FMT, int R, int NB, bool QX>
+__device__ __forceinline__ void gemv_quant(const GemvParams& p) {
+    typedef Fmt<FMT> F;
+    constexpr int CHUNK = F::CB * F::BB;
+    constexpr int LPL = (CHUNK / 16 + 31) / 32;  // 16-byte loads per lane per row
+    __shared__ __align__(16) u8 stage_s[GEMV_WARPS][R][CHUNK];
+    __shared__ u32 grid_s[FMT == FMT_IQ2_XXS ? 512 : 1];
+    if constexpr (FMT == FMT_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 512; i += blockDim.x) grid_s[i] = ((const u32*)p.grid)[i];
+        __syncthreads();
+    }
+    const u8* W;
+    if (!expert_base(p, NB, &W)) return;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 nblocks = p.k / F::BE;
+    const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
+    const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
+
+    for (i64 row0 = ((i64)blockIdx.x * GEMV_WARPS + warp) * R; row0 < p.n_rows;
+         row0 += (i64)gridDim.x * GEMV_WARPS * R) {
+        const u8* rows[R];
+        const u8* blks[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+        float acc[R][NB];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
+
+        uint4 regs[R][LPL];
+        auto fetch = [&](i64 c) {  // issue the 16-byte loads of chunk c of every row
+            const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int j = 0; j < LPL; j++)
+                    if (lane + 32 * j < n16) regs[r][j] = load_stream16(rows[r] + c * CHUNK + 16 * (lane + 32 * j));
+        };
+        if (p.aligned16) fetch(0);
+        for (i64 c = 0; c < nchunks; c++) {
+            const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
+            __syncwarp();
+            if (p.aligned16) {
+                const int n16 = nbv * F::BB / 16;
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int j = 0; j < LPL; j++)
+                        if (lane + 32 * j < n16) *(uint4*)&stage_s[warp][r][16 * (lane + 32 * j)] = regs[r][j];
+            } else {  // every block size is even: 2-byte copies always work
+                const int n2 = nbv * F::BB / 2;
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    for (int j = lane; j < n2; j += 32)
+                        ((u16*)stage_s[warp][r])[j] = ((const u16*)(rows[r] + c * CHUNK))[j];
+            }
+            __syncwarp();
+            if (p.aligned16 && c + 1 < nchunks) fetch(c + 1);  // in flight during the math below
+            for (int item = lane; item < nbv * F::ITEMS; item += 32) {
+                const int lb = item / F::ITEMS, it = item % F::ITEMS;
+                const i64 e0 = (c * F::CB + lb) * F::BE + 32 * it;
+#pragma unroll
+                for (int r = 0; r < R; r++) blks[r] = stage_s[warp][r] + lb * F::BB;
+                if constexpr (QX)
+                    item_q8x<FMT, R, NB>(blks, it, (const i8*)p.x + xv0 * p.k, (const float*)p.xd + xv0 * p.k / F::QB,
+                                         p.k, e0, grid_s, acc);
+                else
+                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, grid_s, acc);
+            }
+        }
+        store_rows<R, NB>(p, row0, acc);
+    }
+}
+
+// F32 / F16 weights: read straight from global memory, 8 elements per lane per step.
+template <int FMT, int R, int NB>
+__device__ __forceinline__ void gemv_plain(const GemvParams& p) {
+    const u8* W;
+    if (!expert_base(p, NB, &W)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* x = (const float*)p.x + (i64)blockIdx.y * p.x_slot_vecs * p.k;
+    const bool vec = p.aligned16 && (p.k % 8 == 0);
+    for (i64 row0 = ((i64)blockIdx.x * GEMV_WARPS + warp) * R; row0 < p.n_rows;
+         row0 += (i64)gridDim.x * GEMV_WARPS * R) {
+        const u8* rows[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+        float acc[R][NB];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
+        if (vec) {
+            for (i64 e = 8 * lane; e < p.k; e += 256) {
+                float4 xa[NB], xb[NB];
+#pragma unroll
+                for (int v = 0; v < NB; v++) {
+                    xa[v] = *(const float4*)(x + v * p.k + e);
+                    xb[v] = *(const float4*)(x + v * p.k + e + 4);
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float w[8];
+                    if constexpr (FMT == FMT_F32) {
+                        const uint4 a = load_stream16(rows[r] + 4 * e), b = load_stream16(rows[r] + 4 * e + 16);
+                        w[0] = __uint_as_float(a.x); w[1] = __uint_as_float(a.y);
+                        w[2] = __uint_as_float(a.z); w[3] = __uint_as_float(a.w);
+                        w[4] = __uint_as_float(b.x); w[5] = __uint_as_float(b.y);
+                        w[6] = __uint_as_float(b.z); w[7] = __uint_as_float(b.w);
+                    } else {
+                        const uint4 a = load_stream16(rows[r] + 2 * e);
+                        const u32 h[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            w[2 * j] = f16_to_f32((u16)(h[j] & 0xffff));
+                            w[2 * j + 1] = f16_to_f32((u16)(h[j] >> 16));
+                        }
+                    }
+#pragma unroll
+                    for (int v = 0; v < NB; v++)
+                        acc[r][v] += w[0] * xa[v].x + w[1] * xa[v].y + w[2] * xa[v].z + w[3] * xa[v].w +
+                                     w[4] * xb[v].x + w[5] * xb[v].y + w[6] * xb[v].z + w[7] * xb[v].w;
+                }
+            }
+        } else {
+            for (i64 e = lane; e < p.k; e += 32)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float w = FMT == FMT_F32 ? ((const float*)rows[r])[e] : f16_to_f32(((const u16*)rows[r])[e]);
+#pragma unroll
+                    for (int v = 0; v < NB; v++) acc[r][v] += w * x[v * p.k + e];
+                }
+        }
+        store_rows<R, NB>(p, row0, acc);
+    }
+}
+
+// Rows per warp (R) per variant; gemv.rs sizes the grid with the same numbers (any grid is
+// correct: the row loop is grid-stride).
+#define GEMV_Q(name, FMT, R, QX)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb1(const GemvParams p) { gemv_quant<FMT, R, 1, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb2(const GemvParams p) { gemv_quant<FMT, R, 2, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb4(const GemvParams p) { gemv_quant<FMT, R, 4, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb8(const GemvParams p) { gemv_quant<FMT, R, 8, QX>(p); }
+#define GEMV_P(name, FMT, R)                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb1(const GemvParams p) { gemv_plain<FMT, R, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb2(const GemvParams p) { gemv_plain<FMT, R, 2>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb4(const GemvParams p) { gemv_plain<FMT, R, 4>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb8(const GemvParams p) { gemv_plain<FMT, R, 8>(p); }
+
+GEMV_P(gemv_f32_f32x, FMT_F32, 2)
+GEMV_P(gemv_f16_f32x, FMT_F16, 2)
+GEMV_Q(gemv_q8_0_f32x, FMT_Q8_0, 2, false)
+GEMV_Q(gemv_q2_k_f32x, FMT_Q2_K, 2, false)
+GEMV_Q(gemv_q4_k_f32x, FMT_Q4_K, 2, false)
+GEMV_Q(gemv_iq2_xxs_f32x, FMT_IQ2_XXS, 2, false)
+GEMV_Q(gemv_q8_0_q8x, FMT_Q8_0, 2, true)
+GEMV_Q(gemv_q2_k_q8x, FMT_Q2_K, 2, true)
+GEMV_Q(gemv_q4_k_q8x, FMT_Q4_K, 2, true)
+GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)

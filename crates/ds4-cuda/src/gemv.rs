@@ -1,0 +1,378 @@
+//! Matrix-vector products on device-resident ggml weights (decode's bandwidth-bound core);
+//! kernels in `gemv.cu`.
+//!
+//! Conventions: a [`DeviceMatrix`] has `rows` output rows of `cols` input elements, stored as
+//! ggml rows (`row_bytes` each). Activations are `n_vecs` vectors of `cols` values laid end to
+//! end; outputs are `n_vecs` vectors of `rows` values. Two activation forms:
+//! - [`Activations::F32`]: plain f32 (any format);
+//! - [`Activations::Quantized`]: int8 + per-block f32 scale, from
+//!   [`Gpu::quantize_activations`] — Q8_0 blocks for Q8_0 weights, Q8_K blocks for Q2_K, Q4_K
+//!   and IQ2_XXS weights. This is ds4's decode numerics: the integer sums equal the CPU's
+//!   `vec_dot_*` exactly.
+//!
+//! Experts: [`Gpu::expert_gemv`] takes the selected expert ids from a device buffer, so the
+//! router's choice never goes through the host.
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+use ds4_gguf::GgmlType;
+
+use crate::device::{DeviceBuffer, DeviceValue};
+use crate::error::{CudaError, Result};
+use crate::kernels::Gpu;
+
+/// Weight formats with a GEMV kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32,
+    F16,
+    Q8_0,
+    Q2K,
+    Q4K,
+    IQ2XXS,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 6] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q2K,
+        WeightFormat::Q4K,
+        WeightFormat::IQ2XXS,
+    ];
+
+    pub fn from_ggml(t: GgmlType) -> Option<WeightFormat> {
+        Some(match t {
+            GgmlType::F32 => WeightFormat::F32,
+            GgmlType::F16 => WeightFormat::F16,
+            GgmlType::Q8_0 => WeightFormat::Q8_0,
+            GgmlType::Q2K => WeightFormat::Q2K,
+            GgmlType::Q4K => WeightFormat::Q4K,
+            GgmlType::IQ2XXS => WeightFormat::IQ2XXS,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            WeightFormat::F32 => GgmlType::F32,
+            WeightFormat::F16 => GgmlType::F16,
+            WeightFormat::Q8_0 => GgmlType::Q8_0,
+            WeightFormat::Q2K => GgmlType::Q2K,
+            WeightFormat::Q4K => GgmlType::Q4K,
+            WeightFormat::IQ2XXS => GgmlType::IQ2XXS,
+        }
+    }
+
+    /// The kernel name stem in gemv.cu / dequant.cu.
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q2K => "q2_k",
+            WeightFormat::Q4K => "q4_k",
+            WeightFormat::IQ2XXS => "iq2_xxs",
+        }
+    }
+
+    /// The activation quantization the dp4a kernel of this format expects (None: f32 only).
+    pub fn activation_quant(self) -> Option<ActQuant> {
+        match self {
+            WeightFormat::F32 | WeightFormat::F16 => None,
+            WeightFormat::Q8_0 => Some(ActQuant::Q8_0),
+            WeightFormat::Q2K | WeightFormat::Q4K | WeightFormat::IQ2XXS => Some(ActQuant::Q8K),
+        }
+    }
+}
+
+/// How activations are quantized for the dp4a kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActQuant {
+    /// 32 values per f32 scale, round-half-even (ds4's Q8_0 matmul input).
+    Q8_0,
+    /// 256 values per f32 scale, ggml's Q8_K quantizer (ds4's expert input).
+    Q8K,
+}
+
+impl ActQuant {
+    pub fn block_elems(self) -> usize {
+        match self {
+            ActQuant::Q8_0 => 32,
+            ActQuant::Q8K => 256,
+        }
+    }
+}
+
+/// Quantized activations on the device: `q` holds n_vecs × len int8 values, `d` one f32 scale
+/// per block (element i of vector v has scale d[(v·len + i) / block]).
+pub struct QuantizedActivations {
+    pub kind: ActQuant,
+    pub len: usize,
+    pub n_vecs: usize,
+    pub q: DeviceBuffer<i8>,
+    pub d: DeviceBuffer<f32>,
+}
+
+/// The input of a GEMV.
+#[derive(Clone, Copy)]
+pub enum Activations<'a> {
+    F32(&'a DeviceBuffer<f32>),
+    Quantized(&'a QuantizedActivations),
+}
+
+/// A weight matrix (or a stack of equally shaped experts) in device memory, borrowed from the
+/// buffer that holds it (usually [`crate::DeviceWeights`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMatrix<'a> {
+    /// Device address of the first row (of expert 0).
+    pub ptr: u64,
+    pub format: WeightFormat,
+    /// Input elements per row (ggml dim 0).
+    pub cols: usize,
+    /// Output rows (ggml dim 1).
+    pub rows: usize,
+    pub row_bytes: usize,
+    /// 1 for a plain matrix; the expert count (ggml dim 2) for a stack.
+    pub experts: usize,
+    _buf: PhantomData<&'a DeviceBuffer<u8>>,
+}
+
+impl<'a> DeviceMatrix<'a> {
+    /// `experts` stacked `rows × cols` matrices of `format` at byte `offset` of `buf`
+    /// (errors when they do not fit inside it).
+    pub fn in_buffer(
+        buf: &'a DeviceBuffer<u8>,
+        offset: usize,
+        format: WeightFormat,
+        cols: usize,
+        rows: usize,
+        experts: usize,
+    ) -> Result<DeviceMatrix<'a>> {
+        // SAFETY: the range check below keeps the matrix inside `buf`, which the lifetime
+        // keeps alive.
+        let m = unsafe {
+            DeviceMatrix::from_raw(buf.ptr() + offset as u64, format, cols, rows, experts)?
+        };
+        if offset
+            .checked_add(m.total_bytes())
+            .is_none_or(|end| end > buf.len())
+        {
+            return Err(CudaError::InvalidArgument(format!(
+                "{format:?} matrix {cols}x{rows}x{experts} ({} bytes) at offset {offset} exceeds the {}-byte buffer",
+                m.total_bytes(),
+                buf.len()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Describes `experts` stacked `rows × cols` matrices of `format` at device address `ptr`.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + total_bytes)` must be device memory of this context that stays allocated
+    /// for `'a`.
+    pub unsafe fn from_raw(
+        ptr: u64,
+        format: WeightFormat,
+        cols: usize,
+        rows: usize,
+        experts: usize,
+    ) -> Result<DeviceMatrix<'a>> {
+        let row_bytes = format.ggml().row_bytes(cols as u64).ok_or_else(|| {
+            CudaError::InvalidArgument(format!(
+                "{:?} rows of {cols} elements are not whole blocks of {}",
+                format,
+                format.ggml().block_elems()
+            ))
+        })? as usize;
+        if rows == 0 || cols == 0 || experts == 0 {
+            return Err(CudaError::InvalidArgument(format!(
+                "empty matrix {cols}x{rows}x{experts}"
+            )));
+        }
+        Ok(DeviceMatrix {
+            ptr,
+            format,
+            cols,
+            rows,
+            row_bytes,
+            experts,
+            _buf: PhantomData,
+        })
+    }
+
+    pub fn expert_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.expert_bytes() * self.experts
+    }
+}
+
+/// Kernel parameters; layout identical to `struct GemvParams` in gemv.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemvParams {
+    w: u64,
+    x: u64,
+    xd: u64,
+    y: u64,
+    ids: u64,
+    grid: u64,
+    row_bytes: i64,
+    expert_stride: i64,
+    n_experts: i64,
+    n_rows: i64,
+    k: i64,
+    x_slot_vecs: i64,
+    y_slot_vecs: i64,
+    aligned16: i64,
+}
+// SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
+unsafe impl DeviceRepr for GemvParams {}
+
+/// Warps per CTA and rows per warp of every gemv.cu variant (any grid is correct since the
+/// kernels loop grid-stride over row groups; this sizes it to one pass).
+const GEMV_WARPS: usize = 4;
+const ROWS_PER_WARP: usize = 2;
+/// Vectors per launch the kernels are instantiated for.
+const BATCH_VARIANTS: [usize; 4] = [8, 4, 2, 1];
+
+fn check_len<T: DeviceValue>(what: &str, buf: &DeviceBuffer<T>, need: usize) -> Result<()> {
+    if buf.len() < need {
+        return Err(CudaError::InvalidArgument(format!(
+            "{what} has {} elements, needs {need}",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// y = W·x for `n_vecs` vectors: x is n_vecs × cols, y is n_vecs × rows.
+    pub fn gemv(
+        &self,
+        w: &DeviceMatrix,
+        x: Activations<'_>,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if w.experts != 1 {
+            return Err(CudaError::InvalidArgument(
+                "gemv on an expert stack: use expert_gemv".into(),
+            ));
+        }
+        self.gemv_launch(w, x, n_vecs, None, false, y)
+    }
+
+    /// Expert matvecs with the expert ids on the device: for each slot s < n_slots, expert
+    /// e = ids[s] computes y[s][v] = W_e · x[v] (x shared by all slots: gate/up) or
+    /// W_e · x[s][v] (`x_per_slot`: the down projection). x is (n_slots ×) n_vecs × cols,
+    /// y is n_slots × n_vecs × rows. An id outside [0, experts) yields NaN outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_gemv(
+        &self,
+        w: &DeviceMatrix,
+        ids: &DeviceBuffer<i32>,
+        n_slots: usize,
+        x: Activations<'_>,
+        x_per_slot: bool,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        check_len("expert id buffer", ids, n_slots)?;
+        if n_slots == 0 || n_slots > 65535 {
+            return Err(CudaError::InvalidArgument(format!(
+                "{n_slots} expert slots (1..=65535)"
+            )));
+        }
+        self.gemv_launch(w, x, n_vecs, Some((ids, n_slots)), x_per_slot, y)
+    }
+
+    fn gemv_launch(
+        &self,
+        w: &DeviceMatrix,
+        x: Activations<'_>,
+        n_vecs: usize,
+        ids: Option<(&DeviceBuffer<i32>, usize)>,
+        x_per_slot: bool,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        let n_slots = ids.map_or(1, |(_, n)| n);
+        let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
+        check_len("output", y, n_slots * n_vecs * w.rows)?;
+        let (act_tag, x_ptr, xd_ptr, x_elem_bytes, xd_block) = match x {
+            Activations::F32(b) => {
+                check_len("activations", b, x_vecs * w.cols)?;
+                ("f32x", b.ptr(), 0, 4, 1)
+            }
+            Activations::Quantized(qa) => {
+                let want = w.format.activation_quant().ok_or_else(|| {
+                    CudaError::InvalidArgument(format!(
+                        "{:?} weights take f32 activations only",
+                        w.format
+                    ))
+                })?;
+                if qa.kind != want || qa.len != w.cols || qa.n_vecs < x_vecs {
+                    return Err(CudaError::InvalidArgument(format!(
+                        "{:?} weights of {} columns need {:?} activations of that length for {x_vecs} vectors, got {:?} × {} × {}",
+                        w.format, w.cols, want, qa.kind, qa.len, qa.n_vecs
+                    )));
+                }
+                ("q8x", qa.q.ptr(), qa.d.ptr(), 1, want.block_elems())
+            }
+        };
+        if n_vecs == 0 {
+            return Ok(());
+        }
+        let aligned16 = w.ptr.is_multiple_of(16)
+            && w.row_bytes.is_multiple_of(16)
+            && w.expert_bytes().is_multiple_of(16);
+        let rows_per_cta = GEMV_WARPS * ROWS_PER_WARP;
+        let grid_x = w.rows.div_ceil(rows_per_cta);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x as u32, n_slots as u32, 1),
+            block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b0 = 0;
+        while b0 < n_vecs {
+            let nb = *BATCH_VARIANTS
+                .iter()
+                .find(|&&b| b <= n_vecs - b0)
+                .expect("1 always fits");
+            let params = GemvParams {
+                w: w.ptr,
+                x: x_ptr + (b0 * w.cols * x_elem_bytes) as u64,
+                xd: if xd_ptr == 0 {
+                    0
+                } else {
+                    xd_ptr + (b0 * w.cols / xd_block * 4) as u64
+                },
+                y: y.ptr() + (b0 * w.rows * 4) as u64,
+                ids: ids.map_or(0, |(b, _)| b.ptr()),
+                grid: self.kernels.iq2xxs_grid.ptr(),
+                row_bytes: w.row_bytes as i64,
+                expert_stride: w.expert_bytes() as i64,
+                n_experts: w.experts as i64,
+                n_rows: w.rows as i64,
+                k: w.cols as i64,
+                x_slot_vecs: if x_per_slot { n_vecs as i64 } else { 0 },
+                y_slot_vecs: n_vecs as i64,
+                aligned16: aligned16 as i64,
+            };
+            let name = format!("gemv_{}_{}_nb{}", w.format.tag(), act_tag, nb);
+            // SAFETY: the kernel takes one GemvParams by value. The buffer lengths were checked
+            // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
+            // inside live device memory by DeviceMatrix's construction contract; expert ids are
+            // range-checked on the device.
+            unsafe { self.launch("gemv", &name, cfg, &[&params])? };
+            b0 += nb;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! The kernel modules, compiled once per process and device, and the [`Gpu`] handle that
+//! every operation hangs off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use ds4_gguf::quant::dequantize;
+use ds4_gguf::GgmlType;
+
+use crate::compile::{CompileStats, KernelCache, COMMON_CUH};
+use crate::device::{CudaDevice, DeviceBuffer};
+use crate::error::{CudaError, DriverContext, Result};
+
+/// One `.cu` file: its name (also the cache file prefix) and source.
+pub struct ModuleSource {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+impl ModuleSource {
+    /// The text NVRTC compiles: the common header, then the module.
+    pub fn full_source(&self) -> String {
+        format!("{COMMON_CUH}\n{}", self.source)
+    }
+}
+
+/// Every kernel module of the crate.
+pub const MODULES: &[ModuleSource] = &[
+    ModuleSource {
+        name: "gemv",
+        source: include_str!("gemv.cu"),
+    },
+    ModuleSource {
+        name: "vector_ops",
+        source: include_str!("vector_ops.cu"),
+    },
+    ModuleSource {
+        name: "dequant",
+        source: include_str!("dequant.cu"),
+    },
+];
+
+/// The compiled modules of one device and the tables the kernels read.
+pub struct Kernels {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
+    /// How each module was obtained (compiled or cached, and how long it took).
+    pub stats: Vec<CompileStats>,
+    /// The IQ2_XXS codebook, 256 × u64 (byte j = coordinate j).
+    pub(crate) iq2xxs_grid: DeviceBuffer<u64>,
+}
+
+/// A device with its kernels loaded: the entry point of the backend.
+pub struct Gpu {
+    pub device: CudaDevice,
+    pub kernels: Kernels,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads (compiling or from the disk cache) every kernel module.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        Gpu::open_with_cache(ordinal, &KernelCache::from_env())
+    }
+
+    pub fn open_with_cache(ordinal: usize, cache: &KernelCache) -> Result<Gpu> {
+        let device = CudaDevice::open(ordinal)?;
+        let kernels = Kernels::load(&device, cache)?;
+        Ok(Gpu { device, kernels })
+    }
+
+    /// Launches kernel `name` of `module` with one argument pack.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number, order and type, and every
+    /// pointer in them must be valid for the accesses the kernel makes with this config.
+    pub(crate) unsafe fn launch<A: cudarc::driver::DeviceRepr>(
+        &self,
+        module: &'static str,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[&A],
+    ) -> Result<()> {
+        let f = self.kernels.function(module, name)?;
+        let mut b = self.device.stream().launch_builder(&f);
+        for a in args {
+            b.arg(*a);
+        }
+        // SAFETY: forwarded to the caller (see above).
+        unsafe { b.launch(cfg) }.ctx(name)?;
+        Ok(())
+    }
+}
+
+impl Kernels {
+    /// Compiles (or reads from `cache`) and loads every module for `device`.
+    pub fn load(device: &CudaDevice, cache: &KernelCache) -> Result<Kernels> {
+        let arch = device.nvrtc_arch();
+        let mut modules = HashMap::new();
+        let mut stats = Vec::new();
+        for m in MODULES {
+            let (cubin, st) = cache.get_or_compile(m.name, &m.full_source(), &arch)?;
+            let module = device
+                .context()
+                .load_module(Ptx::from_binary(cubin))
+                .ctx(&format!("loading kernel module {}", m.name))?;
+            modules.insert(m.name, module);
+            stats.push(st);
+        }
+        let iq2xxs_grid = device.upload(&iq2xxs_grid()?)?;
+        Ok(Kernels {
+            modules,
+            functions: Default::default(),
+            stats,
+            iq2xxs_grid,
+        })
+    }
+
+    /// A kernel by module and name (looked up once, then remembered).
+    pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| CudaError::InvalidArgument(format!("no kernel module {module}")))?;
+        let f = m
+            .load_function(name)
+            .ctx(&format!("looking up kernel {name}"))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+/// The IQ2_XXS codebook, read back through ds4-gguf's public dequantizer (one source of truth
+/// for the table): a block with d = 1, scale nibble 0 and no signs decodes group entry k to
+/// 0.125 · grid[k], which is exact in f32.
+pub fn iq2xxs_grid() -> Result<Vec<u64>> {
+    let mut grid = vec![0u64; 256];
+    let one_f16 = half::f16::from_f32(1.0).to_bits().to_le_bytes();
+    for b in 0..8 {
+        let mut blk = [0u8; 66];
+        blk[..2].copy_from_slice(&one_f16);
+        for g in 0..8 {
+            let first = (32 * b + 4 * g) as u32;
+            let a0 = first | (first + 1) << 8 | (first + 2) << 16 | (first + 3) << 24;
+            blk[2 + 8 * g..6 + 8 * g].copy_from_slice(&a0.to_le_bytes());
+        }
+        let mut vals = [0f32; 256];
+        dequantize(GgmlType::IQ2XXS, &blk, &mut vals)
+            .map_err(|e| CudaError::InvalidArgument(format!("IQ2_XXS grid: {e}")))?;
+        for (j, chunk) in vals.chunks_exact(8).enumerate() {
+            let mut entry = 0u64;
+            for (m, &v) in chunk.iter().enumerate() {
+                let byte = (v * 8.0).round();
+                if ![8.0, 25.0, 43.0].contains(&byte) {
+                    return Err(CudaError::InvalidArgument(format!(
+                        "IQ2_XXS grid value {v} unexpected"
+                    )));
+                }
+                entry |= (byte as u64) << (8 * m);
+            }
+            grid[32 * b + j] = entry;
+        }
+    }
+    Ok(grid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iq2xxs_grid_is_a_permutation_free_codebook() {
+        let g = iq2xxs_grid().unwrap();
+        // The first entry of ggml's table is all 8s; entries are distinct.
+        assert_eq!(g[0], 0x0808080808080808);
+        let mut s = g.clone();
+        s.sort();
+        s.dedup();
+        assert_eq!(s.len(), 256);
+    }
+}
