@@ -181,7 +181,13 @@ impl ModelConfig {
             .collect();
         let n_hash = get_usize(file, "hash_layer_count")?;
         let moe_kind = (0..n_layers)
-            .map(|l| if l < n_hash { MoeKind::Hash } else { MoeKind::TopK })
+            .map(|l| {
+                if l < n_hash {
+                    MoeKind::Hash
+                } else {
+                    MoeKind::TopK
+                }
+            })
             .collect();
         let clamp = get_f32_array(file, "swiglu_clamp_exp")?;
         if clamp.len() < n_layers {
@@ -265,7 +271,10 @@ impl ModelConfig {
             ("expert_feed_forward_length", self.expert_ff),
             ("attention.sliding_window", self.sliding_window),
             ("hyper_connection.count", self.hc_mult),
-            ("hyper_connection.sinkhorn_iterations", self.hc_sinkhorn_iters),
+            (
+                "hyper_connection.sinkhorn_iterations",
+                self.hc_sinkhorn_iters,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -361,7 +370,12 @@ impl ModelConfig {
             && self.n_experts == 256
             && self.n_experts_used == 6
             && self.expert_ff == 2048
-            && self.moe_kind.iter().filter(|&&k| k == MoeKind::Hash).count() == 3
+            && self
+                .moe_kind
+                .iter()
+                .filter(|&&k| k == MoeKind::Hash)
+                .count()
+                == 3
             && self.sliding_window == 128
             && self.index_heads == 64
             && self.index_head_dim == 128
@@ -445,15 +459,23 @@ mod tests {
         let f = ModelConfig::flash();
         assert!(f.is_flash());
         f.validate().unwrap();
-        assert_eq!(f.attn_kind.iter().filter(|&&k| k == AttnKind::Csa).count(), 21);
-        assert_eq!(f.attn_kind.iter().filter(|&&k| k == AttnKind::Hca).count(), 20);
+        assert_eq!(
+            f.attn_kind.iter().filter(|&&k| k == AttnKind::Csa).count(),
+            21
+        );
+        assert_eq!(
+            f.attn_kind.iter().filter(|&&k| k == AttnKind::Hca).count(),
+            20
+        );
     }
 
     #[test]
     fn inconsistent_descriptions_are_rejected() {
         let mut f = ModelConfig::flash();
         f.o_groups = 7;
-        assert!(matches!(f.validate(), Err(ConfigError::Invalid(m)) if m.contains("output_group_count")));
+        assert!(
+            matches!(f.validate(), Err(ConfigError::Invalid(m)) if m.contains("output_group_count"))
+        );
         let mut f = ModelConfig::flash();
         f.rope_dim = 63;
         assert!(f.validate().is_err());
