@@ -77,20 +77,17 @@ fn activation() -> Vec<f32> {
         .collect()
 }
 
-/// The dispatched kernels (AVX2 on x86-64 CPUs that have it), through the generic `vec_dot`.
+/// The dispatched kernels (AVX2 on x86-64 CPUs that have it), through `quant::matvec`.
 #[divan::bench(args = TYPES)]
 fn matvec(bencher: Bencher, ty: GgmlType) {
     let w = weights(ty);
     let x = activation();
     let acts = Activations::new(&x);
-    let row_bytes = w.len() / ROWS;
     let mut out = vec![0f32; ROWS];
     // Quantize the activation outside the timed loop, as the forward pass does once per token.
-    quant::vec_dot(ty, &w[..row_bytes], &acts).expect("dot");
+    quant::matvec(ty, &w, &acts, &mut out).expect("matvec");
     bencher.counter(BytesCount::new(w.len())).bench_local(|| {
-        for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-            *o = quant::vec_dot(ty, row, &acts).expect("dot");
-        }
+        quant::matvec(ty, &w, &acts, &mut out).expect("matvec");
         black_box(&out);
     });
 }

@@ -302,3 +302,40 @@ fn activations_quantize_once_and_accept_precomputed_blocks() {
     assert_eq!(pre.q8_0().unwrap(), acts.q8_0().unwrap());
     assert!(Activations::with_q8_k(&x, Vec::new()).is_err());
 }
+
+#[test]
+fn matvec_equals_row_by_row_vec_dot() {
+    let mut rng = Rng(10);
+    let x = rng.normals(1024);
+    let acts = Activations::new(&x);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q4K,
+        GgmlType::IQ2XXS,
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+    ] {
+        let rows = 5;
+        let w: Vec<u8> = if ty.is_quantized() {
+            (0..rows)
+                .flat_map(|_| random_row(&mut rng, ty, 1024))
+                .collect()
+        } else {
+            let v = rng.normals(rows * 1024);
+            let mut w = vec![0u8; v.len() * ty.block_bytes()];
+            quant::quantize(ty, &v, &mut w).unwrap();
+            w
+        };
+        let mut out = vec![0f32; rows];
+        quant::matvec(ty, &w, &acts, &mut out).unwrap();
+        let rb = w.len() / rows;
+        for (r, &o) in out.iter().enumerate() {
+            let want = quant::vec_dot(ty, &w[r * rb..(r + 1) * rb], &acts).unwrap();
+            assert_eq!(o.to_bits(), want.to_bits(), "{ty} row {r}");
+        }
+        let mut short = vec![0f32; rows + 1];
+        assert!(quant::matvec(ty, &w, &acts, &mut short).is_err());
+    }
+}

@@ -241,3 +241,61 @@ pub fn vec_dot(ty: GgmlType, row: &[u8], acts: &Activations<'_>) -> Result<f32, 
         GgmlType::Q8K | GgmlType::I32 => Err(QuantError::Unsupported { ty, op: "vec_dot" }),
     }
 }
+
+/// `out[r]` = row `r` of `weights` · the activation, for `out.len()` consecutive rows of type
+/// `ty` (each `acts.x().len()` elements wide). Checks the shapes once, then runs the typed
+/// kernel over every row; callers parallelize by splitting `weights` and `out` into row ranges.
+pub fn matvec(
+    ty: GgmlType,
+    weights: &[u8],
+    acts: &Activations<'_>,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    let cols = acts.x().len();
+    let block = ty.block_elems();
+    if !cols.is_multiple_of(block) {
+        return Err(QuantError::NotWholeBlocks {
+            ty,
+            elems: cols,
+            block,
+        });
+    }
+    let row_bytes = cols / block * ty.block_bytes();
+    let expected = row_bytes.checked_mul(out.len());
+    if expected != Some(weights.len()) {
+        return Err(QuantError::SizeMismatch {
+            ty,
+            what: "weights",
+            expected: expected.unwrap_or(usize::MAX),
+            actual: weights.len(),
+        });
+    }
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let rows = weights.chunks_exact(row_bytes).zip(out.iter_mut());
+    match ty {
+        GgmlType::Q8_0 => {
+            let a = acts.q8_0()?;
+            rows.for_each(|(w, o)| *o = vec_dot_q8_0(w, a));
+        }
+        GgmlType::Q2K => {
+            let a = acts.q8_k()?;
+            rows.for_each(|(w, o)| *o = vec_dot_q2_k(w, a));
+        }
+        GgmlType::Q4K => {
+            let a = acts.q8_k()?;
+            rows.for_each(|(w, o)| *o = vec_dot_q4_k(w, a));
+        }
+        GgmlType::IQ2XXS => {
+            let a = acts.q8_k()?;
+            rows.for_each(|(w, o)| *o = vec_dot_iq2_xxs(w, a));
+        }
+        GgmlType::F32 => rows.for_each(|(w, o)| *o = dot_f32(w, acts.x())),
+        GgmlType::F16 => rows.for_each(|(w, o)| *o = dot_f16(w, acts.x())),
+        GgmlType::BF16 => rows.for_each(|(w, o)| *o = dot_bf16(w, acts.x())),
+        GgmlType::Q8K | GgmlType::I32 => return Err(QuantError::Unsupported { ty, op: "matvec" }),
+    }
+    Ok(())
+}
