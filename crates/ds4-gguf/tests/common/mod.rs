@@ -62,7 +62,7 @@ pub fn put_tensor_info(b: &mut Vec<u8>, name: &str, dims: &[u64], type_id: u32, 
 
 /// Pads to a multiple of 32 (the default alignment).
 pub fn pad32(b: &mut Vec<u8>) {
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
 }
