@@ -134,3 +134,26 @@ fn quantize_activation_q8_k(bencher: Bencher) {
         .counter(BytesCount::new(COLS * 4))
         .bench_local(|| black_box(quantize_q8_k_activation(black_box(&x))));
 }
+
+/// Weight quantization and dequantization speed (what `ds4 convert` and prefill
+/// dequantization pay), on 64 blocks of 256 N(0,1)-like values.
+#[divan::bench(args = TYPES)]
+fn quantize_weights(bencher: Bencher, ty: GgmlType) {
+    let x: Vec<f32> = bytes(64 * 256, 5)
+        .iter()
+        .map(|&b| b as f32 / 64.0 - 2.0)
+        .collect();
+    let mut q = vec![0u8; x.len() / ty.block_elems() * ty.block_bytes()];
+    bencher
+        .counter(divan::counter::ItemsCount::new(x.len()))
+        .bench_local(|| quant::quantize(ty, black_box(&x), &mut q).expect("quantize"));
+}
+
+#[divan::bench(args = TYPES)]
+fn dequantize_weights(bencher: Bencher, ty: GgmlType) {
+    let w = weights(ty);
+    let mut y = vec![0f32; ROWS * COLS];
+    bencher
+        .counter(BytesCount::new(w.len()))
+        .bench_local(|| quant::dequantize(ty, black_box(&w), &mut y).expect("dequantize"));
+}

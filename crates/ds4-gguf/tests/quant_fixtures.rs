@@ -91,6 +91,26 @@ fn dequantize_f16_and_bf16_match_gguf_py() {
     assert_eq!(check_dequant("BF16", GgmlType::BF16), 8192);
 }
 
+#[test]
+fn dequantize_f16_of_any_length_and_offset_matches_gguf_py() {
+    // The SIMD path converts 8 values at a time; lengths and offsets that are not multiples
+    // of 8 exercise its scalar tail.
+    let file = fixture("dequant_F16.bin");
+    let raw = &file[16..16 + 2 * 8192];
+    let expected = f32s(&file[16 + 2 * 8192..]);
+    for (start, len) in [(0usize, 8191usize), (3, 13), (5, 1), (1001, 4000)] {
+        let mut got = vec![0f32; len];
+        dequantize(GgmlType::F16, &raw[2 * start..2 * (start + len)], &mut got).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                expected[start + i].to_bits(),
+                "start {start} i {i}"
+            );
+        }
+    }
+}
+
 /// Quantize the fixture's input and compare the bytes with gguf-py's.
 fn check_quant(name: &str, ty: GgmlType) {
     let file = fixture(&format!("quant_{name}.bin"));

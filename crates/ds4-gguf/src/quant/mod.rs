@@ -66,7 +66,15 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Quant
     check_bytes(ty, dst.len(), src.len(), "source")?;
     match ty {
         GgmlType::F32 => float::dequantize_f32(src, dst),
-        GgmlType::F16 => float::dequantize_f16(src, dst),
+        GgmlType::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if simd_level() == SimdLevel::Avx2 {
+                // SAFETY: simd_level() verified avx2, fma and f16c; sizes were checked above.
+                unsafe { avx2::dequantize_f16(src, dst) };
+                return Ok(());
+            }
+            float::dequantize_f16(src, dst)
+        }
         GgmlType::BF16 => float::dequantize_bf16(src, dst),
         GgmlType::I32 => float::dequantize_i32(src, dst),
         GgmlType::Q8_0 => q8_0::dequantize(src, dst),

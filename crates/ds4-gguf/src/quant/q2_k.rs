@@ -28,12 +28,22 @@ pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
     {
         let d = f16_to_f32(read_u16(blk, D));
         let dmin = f16_to_f32(read_u16(blk, DMIN));
-        let qs = &blk[QS..QS + 64];
-        for (i, v) in out.iter_mut().enumerate() {
-            let sc = blk[i / 16];
-            let dl = d * (sc & 0xF) as f32;
-            let ml = dmin * (sc >> 4) as f32;
-            *v = dl * level(qs, i) as f32 - ml;
+        // Loops in layout order (half h, shift j, 16-lane run) keep d·sc and dmin·m constant
+        // over each inner loop, which the compiler vectorizes.
+        for h in 0..2 {
+            let qs = &blk[QS + 32 * h..QS + 32 * h + 32];
+            for j in 0..4 {
+                for run in 0..2 {
+                    let first = 128 * h + 32 * j + 16 * run;
+                    let sc = blk[first / 16];
+                    let dl = d * (sc & 0xF) as f32;
+                    let ml = dmin * (sc >> 4) as f32;
+                    let lanes = &qs[16 * run..16 * run + 16];
+                    for (v, &q) in out[first..first + 16].iter_mut().zip(lanes) {
+                        *v = dl * ((q >> (2 * j)) & 3) as f32 - ml;
+                    }
+                }
+            }
         }
     }
 }

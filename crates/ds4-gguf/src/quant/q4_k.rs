@@ -52,12 +52,17 @@ pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
         let d = f16_to_f32(read_u16(blk, 0));
         let dmin = f16_to_f32(read_u16(blk, 2));
         let (sc, m) = unpack_scales(&blk[SCALES..SCALES + 12]);
-        let qs = &blk[QS..QS + 128];
-        for (i, v) in out.iter_mut().enumerate() {
-            let j = i / 32;
-            let dl = d * sc[j] as f32;
-            let ml = dmin * m[j] as f32;
-            *v = dl * level(qs, i) as f32 - ml;
+        // One 32-byte chunk of `qs` per pair of sub-blocks: low nibbles, then high nibbles.
+        for c in 0..4 {
+            let qs = &blk[QS + 32 * c..QS + 32 * c + 32];
+            for hi in 0..2 {
+                let j = 2 * c + hi;
+                let dl = d * sc[j] as f32;
+                let ml = dmin * m[j] as f32;
+                for (v, &q) in out[32 * j..32 * j + 32].iter_mut().zip(qs) {
+                    *v = dl * ((q >> (4 * hi)) & 0xF) as f32 - ml;
+                }
+            }
         }
     }
 }
