@@ -7,3 +7,5 @@ pub mod weights;
 pub mod backend;
 pub mod session;
 pub mod npy;
+pub mod convert;
+pub mod layout;
