@@ -1,5 +1,5 @@
 //! DSML, DeepSeek's tool-call markup: rendering calls into prompts (canonical form) and parsing
-//! the model's output as it streams.
+//! the model's output as it streams ([`stream`]).
 //!
 //! Canonical form of one block (ds4-spec.md §4):
 //! ```text
@@ -14,6 +14,10 @@
 use serde_json::Value;
 
 use crate::chat::{push_escaped, ToolCall};
+
+pub mod stream;
+
+pub use stream::{DsmlStreamParser, ParsedMessage, StreamEvent};
 
 /// The closing tag of a parameter; the only thing escaped inside string values.
 pub const PARAM_END: &str = "</｜DSML｜parameter>";

@@ -6,4 +6,5 @@ pub mod dsml;
 pub mod tokenizer;
 
 pub use chat::{render_chat, ChatPrompt, Message, Role, ThinkMode, ToolCall};
+pub use dsml::{DsmlStreamParser, ParsedMessage, StreamEvent};
 pub use tokenizer::{Detokenizer, SpecialIds, Tokenizer, TokenizerError};
