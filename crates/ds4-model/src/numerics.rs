@@ -123,11 +123,11 @@ const E2M1_GRID: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 pub fn fp4_e2m1_nearest(x: f32) -> f32 {
     let a = x.abs();
     let mut best = 0usize;
-    for code in 1..E2M1_GRID.len() {
-        let d_new = (a - E2M1_GRID[code]).abs();
+    for (code, &v) in E2M1_GRID.iter().enumerate().skip(1) {
+        let d_new = (a - v).abs();
         let d_best = (a - E2M1_GRID[best]).abs();
         // Strictly closer wins; on an exact tie the even code wins.
-        if d_new < d_best || (d_new == d_best && code % 2 == 0) {
+        if d_new < d_best || (d_new == d_best && code.is_multiple_of(2)) {
             best = code;
         }
     }

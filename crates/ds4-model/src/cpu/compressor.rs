@@ -88,7 +88,7 @@ impl CompressorFrontier {
         {
             *s = g + b;
         }
-        if (pos + 1) % m != 0 {
+        if !(pos + 1).is_multiple_of(m) {
             return None;
         }
         let pooled = self.pool();

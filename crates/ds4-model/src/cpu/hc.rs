@@ -157,8 +157,8 @@ mod tests {
             col(&mut c);
         }
         for j in 0..n {
-            for k in 0..n {
-                assert!((m.comb[j * n + k] as f64 - c[j][k]).abs() < 1e-6);
+            for (k, want) in c[j].iter().enumerate() {
+                assert!((m.comb[j * n + k] as f64 - want).abs() < 1e-6);
             }
             let pre = 1.0 / (1.0 + (-(mix[j] as f64 * 0.5 + base[j] as f64)).exp()) + 1e-6;
             assert!((m.pre[j] as f64 - pre).abs() < 1e-6);

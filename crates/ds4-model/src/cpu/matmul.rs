@@ -147,4 +147,45 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn k_quant_rows_use_q8_k_activations_in_ds4_numerics() {
+        // Expert formats: 256-element blocks, dotted against Q8_K activations by ds4.
+        let (rows, cols, n_tok) = (9, 512, 3);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        let x: Vec<f32> = (0..n_tok * cols)
+            .map(|i| (i as f32 * 0.013).sin())
+            .collect();
+        for ty in [GgmlType::Q2K, GgmlType::Q4K, GgmlType::IQ2XXS] {
+            let (bytes, m) = matrix(ty, rows, cols, &w);
+            let mut wq = vec![0f32; rows * cols];
+            quant::dequantize(ty, &bytes, &mut wq).unwrap();
+            let mut reference = vec![0f32; n_tok * rows];
+            matmul(&bytes, &m, &x, &mut reference, Numerics::Reference);
+            let mut ds4 = vec![0f32; n_tok * rows];
+            matmul(&bytes, &m, &x, &mut ds4, Numerics::Ds4);
+            for t in 0..n_tok {
+                let xq = quant::quantize_q8_k_activation(&x[t * cols..(t + 1) * cols]);
+                for r in 0..rows {
+                    let want: f32 = (0..cols).map(|c| wq[r * cols + c] * x[t * cols + c]).sum();
+                    let got = reference[t * rows + r];
+                    assert!((got - want).abs() < 1e-4, "{ty} reference");
+                    // ds4 numerics: exactly the format's Q8_K kernel on the quantized input.
+                    let row = m.row(&bytes, r);
+                    let kernel = match ty {
+                        GgmlType::Q2K => quant::vec_dot_q2_k(row, &xq),
+                        GgmlType::Q4K => quant::vec_dot_q4_k(row, &xq),
+                        _ => quant::vec_dot_iq2_xxs(row, &xq),
+                    };
+                    assert_eq!(ds4[t * rows + r], kernel, "{ty} ds4");
+                    assert!(
+                        (kernel - want).abs() < 0.05 * (1.0 + want.abs()),
+                        "{ty}: {kernel} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }
