@@ -9,3 +9,4 @@ pub mod session;
 pub mod npy;
 pub mod convert;
 pub mod layout;
+pub mod synth;
