@@ -125,55 +125,131 @@ pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// The best codebook point and sign pattern for one group of 8 at step `u` (value =
-/// u·coord·sign). Returns (squared error, point index, sign bits with an even count).
-fn best_group(x: &[f32], u: f32) -> (f32, u8, u8) {
-    let mut a = [0f32; 8];
-    let mut neg = 0u8;
-    for (j, &v) in x.iter().enumerate() {
-        a[j] = v.abs();
-        if v < 0.0 {
-            neg |= 1 << j;
+const fn coordinate_major() -> [[f32; 256]; 8] {
+    let mut out = [[0f32; 256]; 8];
+    let mut k = 0;
+    while k < 256 {
+        let mut j = 0;
+        while j < 8 {
+            out[j][k] = ((GRID[k] >> (8 * j)) & 0xff) as u8 as f32;
+            j += 1;
         }
+        k += 1;
     }
-    let odd = neg.count_ones() % 2 == 1;
-    let mut best = (f32::INFINITY, 0u8, 0u8);
-    for k in 0..256 {
-        let mut err = 0.0f32;
-        let mut flip = (f32::INFINITY, 0usize);
-        for (j, &aj) in a.iter().enumerate() {
-            let g = coord(k, j) as f32;
-            let e = aj - u * g;
-            err += e * e;
-            // With an odd number of negatives one sign must be wrong; flipping element j
-            // costs (a + u·g)² − (a − u·g)² = 4·u·g·a, so pick the smallest g·a.
-            if odd && g * aj < flip.0 {
-                flip = (g * aj, j);
-            }
-        }
-        let mut signs = neg;
-        if odd {
-            err += 4.0 * u * flip.0;
-            signs ^= 1 << flip.1;
-        }
-        if err < best.0 {
-            best = (err, k as u8, signs);
-        }
-    }
-    best
+    out
 }
 
-/// Squared error and encoding of one sub-block of 32 at step `u`: the grid indices and the
-/// 7-bit sign indices of its four groups.
-fn encode_sub_block(x: &[f32], u: f32) -> (f32, [u8; 4], [u8; 4]) {
+/// The codebook by coordinate: `COORD_BY_J[j][k]` = coordinate j of point k, so loops over
+/// the 256 points vectorize.
+static COORD_BY_J: [[f32; 256]; 8] = coordinate_major();
+
+const fn squared_norms() -> [f32; 256] {
+    let grid = coordinate_major();
+    let mut out = [0f32; 256];
+    let mut k = 0;
+    while k < 256 {
+        let mut j = 0;
+        while j < 8 {
+            out[k] += grid[j][k] * grid[j][k];
+            j += 1;
+        }
+        k += 1;
+    }
+    out
+}
+
+/// Σ_j coord_j² of every codebook point.
+static SQUARED_NORMS: [f32; 256] = squared_norms();
+
+/// What the search needs of one group of 8 values, independent of the step `u`: with
+/// a = |x|, the error of point k at step u is Σa² − 2u·(a·g_k) + u²·|g_k|², plus, when x has an
+/// odd number of negatives, 4u·min_j(g_kj·a_j) for the one sign that must be flipped
+/// ((a + u·g)² − (a − u·g)² = 4·u·g·a).
+struct GroupFit {
+    abs: [f32; 8],
+    sum_sq: f32,
+    negatives: u8,
+    odd: bool,
+    dot: [f32; 256],
+    min_flip: [f32; 256],
+}
+
+impl GroupFit {
+    fn new(x: &[f32]) -> Self {
+        let mut fit = GroupFit {
+            abs: [0.0; 8],
+            sum_sq: 0.0,
+            negatives: 0,
+            odd: false,
+            dot: [0.0; 256],
+            min_flip: [f32::INFINITY; 256],
+        };
+        for (j, &v) in x.iter().enumerate() {
+            fit.abs[j] = v.abs();
+            fit.sum_sq += v * v;
+            if v < 0.0 {
+                fit.negatives |= 1 << j;
+            }
+        }
+        fit.odd = fit.negatives.count_ones() % 2 == 1;
+        for (j, coords) in COORD_BY_J.iter().enumerate() {
+            let a = fit.abs[j];
+            for ((d, m), &g) in fit.dot.iter_mut().zip(fit.min_flip.iter_mut()).zip(coords) {
+                *d += a * g;
+                *m = m.min(a * g);
+            }
+        }
+        fit
+    }
+
+    /// (squared error, point index) of the best point at step `u`.
+    fn best(&self, u: f32) -> (f32, u8) {
+        let flip = if self.odd { 4.0 * u } else { 0.0 };
+        let mut best = (f32::INFINITY, 0u8);
+        for (k, ((&n, &d), &m)) in SQUARED_NORMS
+            .iter()
+            .zip(&self.dot)
+            .zip(&self.min_flip)
+            .enumerate()
+        {
+            let err = u * u * n - 2.0 * u * d + flip * m;
+            if err < best.0 {
+                best = (err, k as u8);
+            }
+        }
+        (self.sum_sq + best.0, best.1)
+    }
+
+    /// The sign bits for point `k`: x's own signs, with the cheapest one flipped when their
+    /// count is odd, so that the count is even as the format requires.
+    fn signs(&self, k: u8) -> u8 {
+        if !self.odd {
+            return self.negatives;
+        }
+        let cost = |j: usize| self.abs[j] * COORD_BY_J[j][k as usize];
+        let j = (0..8)
+            .min_by(|&i, &j| cost(i).total_cmp(&cost(j)))
+            .unwrap_or(0);
+        self.negatives ^ (1 << j)
+    }
+}
+
+/// Squared error and encoding of one sub-block (4 groups) at step `u`: the point indices and
+/// the 7-bit sign indices of its groups.
+fn encode_sub_block(fits: &[GroupFit], u: f32) -> (f32, [u8; 4], [u8; 4]) {
     let (mut err, mut idx, mut signs) = (0.0f32, [0u8; 4], [0u8; 4]);
-    for (l, g) in x.chunks_exact(8).enumerate() {
-        let (e, k, s) = best_group(g, u);
+    for (l, fit) in fits.iter().enumerate() {
+        let (e, k) = fit.best(u);
         err += e;
         idx[l] = k;
-        signs[l] = s & 127;
+        signs[l] = fit.signs(k) & 127;
     }
     (err, idx, signs)
+}
+
+/// Squared error only (the search's inner loop).
+fn sub_block_error(fits: &[GroupFit], u: f32) -> f32 {
+    fits.iter().map(|f| f.best(u).0).sum()
 }
 
 /// A simple-search IQ2_XXS quantizer (no importance matrix): per sub-block, the best step
@@ -185,6 +261,7 @@ pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
         .chunks_exact(BLOCK_ELEMS)
         .zip(dst.chunks_exact_mut(BLOCK_BYTES))
     {
+        let fits: Vec<GroupFit> = x.chunks_exact(8).map(GroupFit::new).collect();
         let mut steps = [0f32; 8];
         for (ib, sub) in x.chunks_exact(32).enumerate() {
             let amax = sub.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -197,7 +274,7 @@ pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
                 20.0f32, 25.0, 28.0, 31.0, 34.0, 37.0, 40.0, 43.0, 47.0, 52.0,
             ] {
                 let u = amax / t;
-                let (err, _, _) = encode_sub_block(sub, u);
+                let err = sub_block_error(&fits[4 * ib..4 * ib + 4], u);
                 if err < best {
                     best = err;
                     steps[ib] = u;
@@ -213,12 +290,12 @@ pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
         if d == 0.0 {
             continue;
         }
-        for (ib, sub) in x.chunks_exact(32).enumerate() {
+        for ib in 0..8 {
             let ideal = (steps[ib] / (0.25 * d) - 0.5).round().clamp(0.0, 15.0) as u32;
             let mut best = (f32::INFINITY, 0u32, [0u8; 4], [0u8; 4]);
             for s in ideal.saturating_sub(1)..=(ideal + 1).min(15) {
                 let u = d * (0.5 + s as f32) * 0.25;
-                let (err, idx, signs) = encode_sub_block(sub, u);
+                let (err, idx, signs) = encode_sub_block(&fits[4 * ib..4 * ib + 4], u);
                 if err < best.0 {
                     best = (err, s, idx, signs);
                 }
