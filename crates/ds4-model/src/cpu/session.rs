@@ -28,6 +28,17 @@ impl CpuBackend {
     /// Binds the weights of an already parsed file.
     pub fn from_file(file: Arc<GgufFile>, numerics: Numerics) -> Result<CpuBackend, ModelError> {
         let cfg = ModelConfig::from_gguf(&file)?;
+        CpuBackend::with_config(file, cfg, numerics)
+    }
+
+    /// Binds the weights of a file for a description given by the caller (synthetic models
+    /// and tests; a model file's own description comes from [`CpuBackend::from_file`]).
+    pub fn with_config(
+        file: Arc<GgufFile>,
+        cfg: ModelConfig,
+        numerics: Numerics,
+    ) -> Result<CpuBackend, ModelError> {
+        cfg.validate()?;
         let weights = ModelWeights::bind(file, &cfg)?;
         let model = CpuModel::new(cfg, weights, numerics)?;
         Ok(CpuBackend {
