@@ -1,6 +1,6 @@
 //! IQ2_XXS: 256 elements in 66 bytes (2.06 bits per weight): `f16 d`, then 8 sub-blocks of 32
 //! elements, each two little-endian u32 words:
-//! - `a0`: four 8-bit indices into the 256-point codebook [`GRID`] (one per group of 8);
+//! - `a0`: four 8-bit indices into the 256-point codebook `GRID` (one per group of 8);
 //! - `a1`: four 7-bit sign indices (bits 7·l..7·l+7) and a 4-bit scale `s` (bits 28..32).
 //!
 //! Element j of group l is `d·(0.5 + s)/4 · GRID[idx_l][j] · (−1 if bit j of KSIGNS[sign_l])`.

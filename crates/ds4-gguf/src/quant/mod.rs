@@ -17,11 +17,13 @@
 //! Dot products take a weight row as raw bytes and the activation in the form the format's
 //! ds4 kernel uses: Q8_0 rows against [`BlockQ8_0`] (f32 scale), K/IQ rows against
 //! [`BlockQ8K`], float rows against f32. Quantize an activation once with [`Activations`] and
-//! dot it against many rows with [`vec_dot`]. The typed kernels (`vec_dot_q8_0`, ...) panic on
+//! dot it against many rows with [`vec_dot`] (one row) or [`matvec`] (consecutive rows).
+//! The typed kernels (`vec_dot_q8_0`, ...) panic on
 //! mismatched lengths (a caller bug, like a bad slice index); the `GgmlType`-dispatched entry
 //! points ([`dequantize`], [`quantize`], [`vec_dot`], [`dot_f32_row`]) return [`QuantError`].
 //! Each kernel has a scalar reference (module [`scalar`]) and an AVX2 version chosen at run
-//! time ([`simd_level`]).
+//! time ([`simd_level`]; `DS4_QUANT_SCALAR=1` forces the scalar ones). Integer sums are exact
+//! in both, so they differ only in the order of the f32 additions (~1e-8 of Σ|terms|).
 
 #[cfg(target_endian = "big")]
 compile_error!("the GGUF quant formats are little-endian; big-endian targets are not supported");
