@@ -1,8 +1,9 @@
 //! Q8_0: 32 elements in 34 bytes, `f16 d` then `i8 q[32]`; value = d·q.
 //!
 //! Two quantizers live here, on purpose different:
-//! - [`quantize`](super::quantize) with `Q8_0` writes weight blocks as ggml and gguf-py do (d = amax/127 stored as f16,
-//!   q = round-half-away-from-zero(x/d)); it matches gguf-py bit for bit.
+//! - [`quantize`](super::quantize) with `Q8_0` writes weight blocks as ggml and gguf-py do
+//!   (d = amax/127 stored as f16, q = round-half-away-from-zero(x/d)); it matches gguf-py bit
+//!   for bit.
 //! - [`quantize_q8_0_activation`] is ds4's activation quantizer for Q8_0 matmuls: the scale
 //!   stays f32 and q = round-half-to-even(x/d) (`lrintf`), giving [`BlockQ8_0`].
 
