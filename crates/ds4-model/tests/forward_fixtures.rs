@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ds4_model::backend::{eval_all_positions, Backend, EvalMode, Logits, Session};
+use ds4_model::backend::{eval_all_positions, Backend, EvalMode, Logits};
 use ds4_model::convert::{convert, ConvertOptions};
 use ds4_model::cpu::CpuBackend;
 use ds4_model::layout::WeightsMode;
@@ -20,7 +20,6 @@ fn fixture_dir(name: &str) -> PathBuf {
 }
 
 struct Fixture {
-    name: &'static str,
     tokens: Vec<u32>,
     /// n × vocab
     logits: Vec<f32>,
@@ -33,7 +32,6 @@ fn load_fixture(name: &'static str) -> Fixture {
     let logits = npy::read(&std::fs::read(dir.join("logits.npy")).unwrap()).unwrap();
     assert_eq!(logits.shape.len(), 2);
     Fixture {
-        name,
         tokens: tokens.data.iter().map(|&v| v as u32).collect(),
         vocab: logits.shape[1],
         logits: logits.as_f32(),

@@ -20,7 +20,15 @@ use crate::backend::ModelError;
 use crate::config::{AttnKind, ModelConfig, MoeKind};
 use crate::numerics::{self, Numerics};
 use crate::session::{LayerState, SessionState};
-use crate::weights::{CompressorWeights, HcWeights, LayerWeights, Matrix, ModelWeights};
+use crate::weights::{
+    CompressorWeights, HcWeights, IndexerWeights, LayerWeights, Matrix, ModelWeights,
+};
+
+/// The indexer's per-token queries and head weights for a span.
+struct IndexQueries {
+    q: Vec<f32>,
+    weights: Vec<f32>,
+}
 
 /// A model ready to run on the CPU: description, weights, numerics and RoPE tables.
 pub struct CpuModel {
@@ -248,99 +256,148 @@ impl CpuModel {
         pos0: usize,
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
-        let (hd, h) = (cfg.head_dim, cfg.n_heads);
         let rope = self.rope(l);
         rms_norm_rows(&mut xn, &w.attn_norm, cfg.rms_eps);
-        let n_tok = xn.len() / cfg.hidden;
 
         // Queries: low-rank, weighted norm on the rank, unweighted norm per head, RoPE.
         let mut qr = self.mm(&w.q_a, &xn);
         rms_norm_rows(&mut qr, &w.q_a_norm, cfg.rms_eps);
         let mut q = self.mm(&w.q_b, &qr);
-        for (t, qt) in q.chunks_exact_mut(h * hd).enumerate() {
-            for head in qt.chunks_exact_mut(hd) {
+        for (t, qt) in q.chunks_exact_mut(cfg.n_heads * cfg.head_dim).enumerate() {
+            for head in qt.chunks_exact_mut(cfg.head_dim) {
                 rms_norm_unweighted(head, cfg.rms_eps);
                 rope.rotate_tail(head, pos0 + t, false);
             }
         }
-        // The shared K=V row.
+        // The shared K=V row, rounded as it is stored.
         let mut kv = self.mm(&w.kv, &xn);
         rms_norm_rows(&mut kv, &w.kv_norm, cfg.rms_eps);
-        for (t, row) in kv.chunks_exact_mut(hd).enumerate() {
+        for (t, row) in kv.chunks_exact_mut(cfg.head_dim).enumerate() {
             rope.rotate_tail(row, pos0 + t, false);
             self.store_kv_row(row);
         }
 
-        // Compressors (and the indexer's), in token order; `visible[t]` = rows emitted once
-        // token t is in.
-        let mut visible = vec![0usize; n_tok];
-        let mut index_q = Vec::new();
-        let mut index_w = Vec::new();
-        if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
-            let ckv = self.mm(&cw.kv, &xn);
-            let cg = self.mm(&cw.gate, &xn);
-            let cwid = cs.frontier.input_width();
-            let mut index = match (&w.indexer, state.index.as_mut()) {
-                (Some(iw), Some(is)) => {
-                    let ikv = self.mm(&iw.compressor.kv, &xn);
-                    let ig = self.mm(&iw.compressor.gate, &xn);
-                    Some((iw, is, ikv, ig))
-                }
-                _ => None,
-            };
-            for (t, vis) in visible.iter_mut().enumerate() {
-                let pos = pos0 + t;
-                let row_pos = (pos + 1).saturating_sub(cfg.compress_ratio[l] as usize);
-                let span = t * cwid..(t + 1) * cwid;
-                if let Some(row) = cs
-                    .frontier
-                    .push(pos, &ckv[span.clone()], &cg[span], &cw.ape)
-                {
-                    let row = self.finish_row(cw, rope, row, row_pos, false);
-                    push_row(&mut cs.rows, &row, l)?;
-                }
-                if let Some((iw, is, ikv, ig)) = index.as_mut() {
-                    let iwid = is.frontier.input_width();
-                    let span = t * iwid..(t + 1) * iwid;
-                    if let Some(row) =
-                        is.frontier
-                            .push(pos, &ikv[span.clone()], &ig[span], &iw.compressor.ape)
-                    {
-                        let row = self.finish_row(&iw.compressor, rope, row, row_pos, true);
-                        push_row(&mut is.rows, &row, l)?;
-                    }
-                }
-                *vis = cs.rows.len();
+        let visible = self.compress_span(l, w, state, &xn, pos0)?;
+        let index = match &w.indexer {
+            Some(iw) => Some(self.index_queries(iw, rope, &qr, &xn, pos0)),
+            None => None,
+        };
+        let o = self.attend_span(l, w, state, &q, &kv, &visible, index.as_ref(), pos0);
+        Ok(self.grouped_output(w, &o))
+    }
+
+    /// Feeds the span to the layer's compressors (attention and indexer) in token order and
+    /// returns, per token, how many compressed rows exist once that token is in (rows become
+    /// visible at the token that closes their window, §3.9).
+    fn compress_span(
+        &self,
+        l: usize,
+        w: &LayerWeights,
+        state: &mut LayerState,
+        xn: &[f32],
+        pos0: usize,
+    ) -> Result<Vec<usize>, ModelError> {
+        let n_tok = xn.len() / self.cfg.hidden;
+        let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) else {
+            return Ok(vec![0; n_tok]);
+        };
+        let rope = self.rope(l);
+        let ratio = self.cfg.compress_ratio[l] as usize;
+        let ckv = self.mm(&cw.kv, xn);
+        let cg = self.mm(&cw.gate, xn);
+        let mut index = match (&w.indexer, state.index.as_mut()) {
+            (Some(iw), Some(is)) => {
+                let ikv = self.mm(&iw.compressor.kv, xn);
+                let ig = self.mm(&iw.compressor.gate, xn);
+                Some((&iw.compressor, is, ikv, ig))
             }
-            if let Some(iw) = &w.indexer {
-                let (ni, di) = (cfg.index_heads, cfg.index_head_dim);
-                index_q = self.mm(&iw.q_b, &qr);
-                for (t, qt) in index_q.chunks_exact_mut(ni * di).enumerate() {
-                    for head in qt.chunks_exact_mut(di) {
-                        rope.rotate_tail(head, pos0 + t, false);
-                        self.index_qat(head, false);
-                    }
+            _ => None,
+        };
+        let mut visible = Vec::with_capacity(n_tok);
+        for t in 0..n_tok {
+            let pos = pos0 + t;
+            // A row's RoPE position is the first token of its window.
+            let row_pos = (pos + 1).saturating_sub(ratio);
+            let width = cs.frontier.input_width();
+            let span = t * width..(t + 1) * width;
+            if let Some(row) = cs
+                .frontier
+                .push(pos, &ckv[span.clone()], &cg[span], &cw.ape)
+            {
+                let row = self.finish_row(cw, rope, row, row_pos, false);
+                push_row(&mut cs.rows, &row, l)?;
+            }
+            if let Some((icw, is, ikv, ig)) = index.as_mut() {
+                let width = is.frontier.input_width();
+                let span = t * width..(t + 1) * width;
+                if let Some(row) = is
+                    .frontier
+                    .push(pos, &ikv[span.clone()], &ig[span], &icw.ape)
+                {
+                    let row = self.finish_row(icw, rope, row, row_pos, true);
+                    push_row(&mut is.rows, &row, l)?;
                 }
-                index_w = self.mm(&iw.proj, &xn);
-                let s = 1.0 / ((ni * di) as f32).sqrt();
-                for v in index_w.iter_mut() {
-                    *v *= s;
-                }
+            }
+            visible.push(cs.rows.len());
+        }
+        Ok(visible)
+    }
+
+    /// The indexer's queries (n_tok × n_I·d_I: RoPE'd, and in ds4 numerics rotated and
+    /// FP4-rounded) and head weights (n_tok × n_I, times 1/sqrt(n_I·d_I), C12).
+    fn index_queries(
+        &self,
+        iw: &IndexerWeights,
+        rope: &RopeTable,
+        qr: &[f32],
+        xn: &[f32],
+        pos0: usize,
+    ) -> IndexQueries {
+        let (ni, di) = (self.cfg.index_heads, self.cfg.index_head_dim);
+        let mut q = self.mm(&iw.q_b, qr);
+        for (t, qt) in q.chunks_exact_mut(ni * di).enumerate() {
+            for head in qt.chunks_exact_mut(di) {
+                rope.rotate_tail(head, pos0 + t, false);
+                self.index_qat(head, false);
             }
         }
+        let mut weights = self.mm(&iw.proj, xn);
+        let s = 1.0 / ((ni * di) as f32).sqrt();
+        weights.iter_mut().for_each(|v| *v *= s);
+        IndexQueries { q, weights }
+    }
 
-        // The window: the rows before the span (oldest first) followed by the span's rows.
+    /// Attention of every span token (in parallel) over its window rows and its visible (HCA)
+    /// or selected (CSA) compressed rows, with the head sinks; inverse RoPE on the outputs.
+    /// Stores the span's last rows in the window ring. Returns n_tok × H·D.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_span(
+        &self,
+        l: usize,
+        w: &LayerWeights,
+        state: &mut LayerState,
+        q: &[f32],
+        kv: &[f32],
+        visible: &[usize],
+        index: Option<&IndexQueries>,
+        pos0: usize,
+    ) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let (hd, h) = (cfg.head_dim, cfg.n_heads);
+        let n_tok = kv.len() / hd;
+        let rope = self.rope(l);
+        // The window rows: those before the span (oldest first), then the span's own.
         let cap = state.raw.capacity();
         let ext_start = pos0.saturating_sub(cap - 1);
         let mut ext: Vec<f32> = Vec::with_capacity((pos0 - ext_start + n_tok) * hd);
         for p in ext_start..pos0 {
             ext.extend_from_slice(state.raw.get(p));
         }
-        ext.extend_from_slice(&kv);
+        ext.extend_from_slice(kv);
         let window = cfg.sliding_window.min(cap);
 
         let comp_rows = state.attn.as_ref().map(|c| &c.rows);
-        let index_rows = state.index.as_ref().map(|c| &c.rows);
+        let index_keys = state.index.as_ref().map(|c| &c.rows);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut o = vec![0f32; n_tok * h * hd];
         o.par_chunks_exact_mut(h * hd)
@@ -353,20 +410,19 @@ impl CpuModel {
                     .collect();
                 if let Some(cr) = comp_rows {
                     let n_vis = visible[t];
-                    match index_rows {
-                        Some(ir) => {
-                            let ni_di = cfg.index_heads * cfg.index_head_dim;
-                            let keys = &ir.as_slice()[..n_vis * cfg.index_head_dim];
+                    match (index_keys, index) {
+                        (Some(keys), Some(iq)) => {
+                            let (ni, di) = (cfg.index_heads, cfg.index_head_dim);
                             let picked = select_rows(
-                                &index_q[t * ni_di..(t + 1) * ni_di],
-                                &index_w[t * cfg.index_heads..(t + 1) * cfg.index_heads],
-                                keys,
-                                cfg.index_head_dim,
+                                &iq.q[t * ni * di..(t + 1) * ni * di],
+                                &iq.weights[t * ni..(t + 1) * ni],
+                                &keys.as_slice()[..n_vis * di],
+                                di,
                                 cfg.index_topk,
                             );
                             rows.extend(picked.into_iter().map(|i| cr.row(i)));
                         }
-                        None => rows.extend((0..n_vis).map(|i| cr.row(i))),
+                        _ => rows.extend((0..n_vis).map(|i| cr.row(i))),
                     }
                 }
                 let mut scores = Vec::with_capacity(rows.len());
@@ -376,7 +432,6 @@ impl CpuModel {
                     rope.rotate_tail(oh, pos, true);
                 }
             });
-        // Keep the last rows of the window for the next span.
         for (t, row) in kv
             .chunks_exact(hd)
             .enumerate()
@@ -384,14 +439,21 @@ impl CpuModel {
         {
             state.raw.put(pos0 + t, row);
         }
+        o
+    }
 
-        // Grouped output projection: group g's heads through rows [g·d_o, (g+1)·d_o) of o_a.
+    /// Grouped output projection: group g's consecutive heads go through rows
+    /// [g·d_o, (g+1)·d_o) of o_a, then o_b mixes the concatenation. Returns n_tok × d.
+    fn grouped_output(&self, w: &LayerWeights, o: &[f32]) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let hhd = cfg.n_heads * cfg.head_dim;
         let (g_n, d_o) = (cfg.o_groups, cfg.o_lora_rank);
-        let gw = h * hd / g_n;
+        let gw = hhd / g_n;
+        let n_tok = o.len() / hhd;
         let mut z = vec![0f32; n_tok * g_n * d_o];
         for g in 0..g_n {
             let og: Vec<f32> = o
-                .chunks_exact(h * hd)
+                .chunks_exact(hhd)
                 .flat_map(|ot| ot[g * gw..(g + 1) * gw].iter().copied())
                 .collect();
             let zg = self.mm(&w.o_a.rows_range(g * d_o, d_o), &og);
@@ -399,7 +461,7 @@ impl CpuModel {
                 zt[g * d_o..(g + 1) * d_o].copy_from_slice(zgt);
             }
         }
-        Ok(self.mm(&w.o_b, &z))
+        self.mm(&w.o_b, &z)
     }
 
     /// The MoE sublayer (routed experts + shared expert); returns n_tok × d.
@@ -509,14 +571,15 @@ impl CpuModel {
     }
 }
 
+/// Appends a compressed row. The capacity (ctx/ratio + 2) always suffices once the span was
+/// checked against the context, so the error is a defensive check, not an expected path.
 fn push_row(rows: &mut CompressedRows, row: &[f32], layer: usize) -> Result<(), ModelError> {
     if rows.push(row) {
         Ok(())
     } else {
-        Err(ModelError::ContextOverflow {
-            ctx: rows.capacity(),
-            needed: rows.len() + 1,
-        })
-        .map_err(|e| ModelError::Unsupported(format!("layer {layer}: compressed rows full ({e})")))
+        Err(ModelError::Unsupported(format!(
+            "layer {layer}: the compressed-row capacity {} is exhausted",
+            rows.capacity()
+        )))
     }
 }
