@@ -3,8 +3,11 @@
 
 pub mod chat;
 pub mod dsml;
+mod dsml_forcing;
+pub mod sampler;
 pub mod tokenizer;
 
 pub use chat::{render_chat, ChatPrompt, Message, Role, ThinkMode, ToolCall};
 pub use dsml::{DsmlStreamParser, ParsedMessage, StreamEvent};
+pub use sampler::{Sampler, SamplerParams};
 pub use tokenizer::{Detokenizer, SpecialIds, Tokenizer, TokenizerError};

@@ -1,0 +1,390 @@
+//! Token sampling exactly as ds4 does it (ds4-spec.md §8): xorshift64* RNG, temperature,
+//! min-p, top-p and top-k with ds4's two code paths, all in f32 like the original.
+//!
+//! - T ≤ 0: argmax (the first maximum).
+//! - top_k ≤ 0 and top_p = 1: weights p_i = exp((l_i − l_max)/T) over finite logits, those below
+//!   min_p dropped, one draw r = U·Σp walked **in vocab order**.
+//! - otherwise: candidates sorted by logit (all of them, or the top min(k, 1024)); kept while
+//!   p/Σ ≥ min_p·p_top/Σ and until the cumulative share reaches top_p (the crossing token is
+//!   kept); one draw walked in sorted order.
+//!
+//! Also: [`top_logprobs`] for `--dump-logprobs`, and [`DsmlDecodeTracker`] (re-exported), which
+//! says when DSML structure must be sampled greedily.
+
+pub use crate::dsml_forcing::{DsmlDecodeState, DsmlDecodeTracker};
+
+/// ds4's defaults: T 1, top_p 1, min_p 0.05, top_k 0 (off).
+pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+pub const DEFAULT_TOP_P: f32 = 1.0;
+pub const DEFAULT_MIN_P: f32 = 0.05;
+pub const DEFAULT_TOP_K: i32 = 0;
+/// top_k is capped here (ds4's fixed candidate buffer).
+pub const MAX_TOP_K: usize = 1024;
+
+/// Sampling settings of one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    /// ≤ 0: off.
+    pub top_k: i32,
+    pub min_p: f32,
+    /// RNG seed; 0 selects the fixed state 0x9e3779b97f4a7c15 (the server picks a time-based
+    /// seed when the client gives none).
+    pub seed: u64,
+}
+
+impl Default for SamplerParams {
+    fn default() -> SamplerParams {
+        SamplerParams {
+            temperature: DEFAULT_TEMPERATURE,
+            top_p: DEFAULT_TOP_P,
+            top_k: DEFAULT_TOP_K,
+            min_p: DEFAULT_MIN_P,
+            seed: 0,
+        }
+    }
+}
+
+/// ds4's xorshift64* generator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    const ZERO_STATE: u64 = 0x9e37_79b9_7f4a_7c15;
+    const MULTIPLIER: u64 = 0x2545_f491_4f6c_dd1d;
+
+    pub fn new(seed: u64) -> Rng {
+        Rng { state: seed }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = if self.state == 0 {
+            Rng::ZERO_STATE
+        } else {
+            self.state
+        };
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.state = x;
+        x.wrapping_mul(Rng::MULTIPLIER)
+    }
+
+    /// Uniform in [0, 1) with 24 bits: bits 40..64 of the output.
+    pub fn next_f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) & 0xff_ffff) as f32 / 16_777_216.0
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    id: u32,
+    logit: f32,
+    weight: f32,
+}
+
+/// A sampler: settings, RNG state and scratch space.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplerParams,
+    rng: Rng,
+    candidates: Vec<Candidate>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplerParams) -> Sampler {
+        Sampler {
+            params,
+            rng: Rng::new(params.seed),
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplerParams {
+        &self.params
+    }
+
+    /// Draws a token id from `logits` with the sampler's settings.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_with_temperature(logits, self.params.temperature)
+    }
+
+    /// Draws with a temperature override (0 for the greedy steps DSML forcing asks for).
+    pub fn sample_with_temperature(&mut self, logits: &[f32], temperature: f32) -> u32 {
+        if temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let top_p = if self.params.top_p <= 0.0 || self.params.top_p > 1.0 {
+            1.0
+        } else {
+            self.params.top_p
+        };
+        let min_p = self.params.min_p.max(0.0);
+        if self.params.top_k <= 0 {
+            self.sample_full_vocab(logits, temperature, top_p, min_p)
+        } else {
+            let k = (self.params.top_k as usize)
+                .min(MAX_TOP_K)
+                .min(logits.len());
+            self.sample_top_k(logits, temperature, k, top_p, min_p)
+        }
+    }
+
+    fn sample_full_vocab(
+        &mut self,
+        logits: &[f32],
+        temperature: f32,
+        top_p: f32,
+        min_p: f32,
+    ) -> u32 {
+        // The first maximum among finite logits.
+        let mut best = 0u32;
+        let mut max_logit = f32::NEG_INFINITY;
+        let mut finite = 0usize;
+        for (i, &v) in logits.iter().enumerate() {
+            if v.is_finite() {
+                finite += 1;
+                if v > max_logit {
+                    max_logit = v;
+                    best = i as u32;
+                }
+            }
+        }
+        if finite == 0 {
+            return argmax(logits);
+        }
+        let weight = |v: f32| ((v - max_logit) / temperature).exp();
+
+        if top_p >= 1.0 {
+            // No sort: weights under min_p are skipped, the draw walks the vocabulary in order.
+            let mut sum = 0.0f32;
+            for &v in logits.iter().filter(|v| v.is_finite()) {
+                let p = weight(v);
+                if p >= min_p {
+                    sum += p;
+                }
+            }
+            if sum <= 0.0 || !sum.is_finite() {
+                return best;
+            }
+            let mut r = self.rng.next_f32() * sum;
+            for (i, &v) in logits.iter().enumerate() {
+                if !v.is_finite() {
+                    continue;
+                }
+                let p = weight(v);
+                if p < min_p {
+                    continue;
+                }
+                r -= p;
+                if r <= 0.0 {
+                    return i as u32;
+                }
+            }
+            return best;
+        }
+
+        self.candidates.clear();
+        let mut sum = 0.0f32;
+        for (i, &v) in logits.iter().enumerate() {
+            if v.is_finite() {
+                let p = weight(v);
+                self.candidates.push(Candidate {
+                    id: i as u32,
+                    logit: v,
+                    weight: p,
+                });
+                sum += p;
+            }
+        }
+        if sum <= 0.0 || !sum.is_finite() {
+            return best;
+        }
+        // Stable: equal logits stay in vocab order.
+        self.candidates.sort_by(|a, b| b.logit.total_cmp(&a.logit));
+        self.draw_sorted(sum, top_p, min_p).unwrap_or(best)
+    }
+
+    fn sample_top_k(
+        &mut self,
+        logits: &[f32],
+        temperature: f32,
+        k: usize,
+        top_p: f32,
+        min_p: f32,
+    ) -> u32 {
+        self.candidates.clear();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(i, &v)| Candidate {
+                    id: i as u32,
+                    logit: v,
+                    weight: 0.0,
+                }),
+        );
+        if self.candidates.is_empty() {
+            return argmax(logits);
+        }
+        // The k largest, ties broken by lower id (a stable sort of the finite logits).
+        if k < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(k - 1, |a, b| {
+                b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+            });
+            self.candidates.truncate(k);
+        }
+        self.candidates
+            .sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+        let max_logit = self.candidates[0].logit;
+        let mut sum = 0.0f32;
+        for c in &mut self.candidates {
+            c.weight = ((c.logit - max_logit) / temperature).exp();
+            sum += c.weight;
+        }
+        if sum <= 0.0 || !sum.is_finite() {
+            return self.candidates[0].id;
+        }
+        let top = self.candidates[0].id;
+        self.draw_sorted(sum, top_p, min_p).unwrap_or(top)
+    }
+
+    /// Keeps the sorted candidates that pass min_p (relative to the top one) until top_p is
+    /// reached, and draws one in sorted order.
+    fn draw_sorted(&mut self, sum: f32, top_p: f32, min_p: f32) -> Option<u32> {
+        let min_share = (self.candidates[0].weight / sum) * min_p;
+        let mut kept_sum = 0.0f32;
+        let mut kept = 0usize;
+        for (i, c) in self.candidates.iter().enumerate() {
+            if i > 0 && c.weight / sum < min_share {
+                break;
+            }
+            kept_sum += c.weight;
+            kept += 1;
+            if kept_sum / sum >= top_p {
+                break;
+            }
+        }
+        if kept == 0 {
+            return None;
+        }
+        let mut r = self.rng.next_f32() * kept_sum;
+        for c in &self.candidates[..kept] {
+            r -= c.weight;
+            if r <= 0.0 {
+                return Some(c.id);
+            }
+        }
+        Some(self.candidates[kept - 1].id)
+    }
+}
+
+/// Index of the first maximum (NaN never wins; all NaN or empty: 0).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0u32;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i as u32;
+        }
+    }
+    best
+}
+
+/// One entry of a top-logprobs list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logit: f32,
+    /// log-softmax over all finite logits (temperature 1), computed in f64.
+    pub logprob: f32,
+}
+
+/// The `k` largest finite logits (ties: lower id first) with their log-probabilities. Empty when
+/// no logit is finite.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<TokenLogprob> {
+    let Some(logsum) = log_sum_exp(logits) else {
+        return Vec::new();
+    };
+    let mut finite: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
+    let k = k.min(finite.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < finite.len() {
+        finite.select_nth_unstable_by(k - 1, order);
+        finite.truncate(k);
+    }
+    finite.sort_by(order);
+    finite
+        .into_iter()
+        .map(|(id, logit)| TokenLogprob {
+            id,
+            logit,
+            logprob: (f64::from(logit) - logsum) as f32,
+        })
+        .collect()
+}
+
+/// The log-probability of one token (None: id out of range or no finite logit).
+pub fn token_logprob(logits: &[f32], id: u32) -> Option<TokenLogprob> {
+    let logit = *logits.get(id as usize)?;
+    let logsum = log_sum_exp(logits)?;
+    let logprob = if logit.is_finite() {
+        (f64::from(logit) - logsum) as f32
+    } else {
+        f32::NEG_INFINITY
+    };
+    Some(TokenLogprob { id, logit, logprob })
+}
+
+fn log_sum_exp(logits: &[f32]) -> Option<f64> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let max = f64::from(max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| (f64::from(v) - max).exp())
+        .sum();
+    Some(max + sum.ln())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_matches_hand_computed_xorshift64_star() {
+        // Seed 0 uses the fixed state; one step of x ^= x>>12; x ^= x<<25; x ^= x>>27.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let mut rng = Rng::new(0);
+        assert_eq!(rng.next_u64(), x.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        assert_eq!(rng.state, x);
+        // A nonzero seed is used as the state directly.
+        let mut a = Rng::new(42);
+        let mut b = Rng::new(42);
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+    }
+}
