@@ -1,6 +1,6 @@
 //! IQ2_XXS: 256 elements in 66 bytes (2.06 bits per weight): `f16 d`, then 8 sub-blocks of 32
 //! elements, each two little-endian u32 words:
-//! - `a0`: four 8-bit indices into the 256-point codebook `GRID` (one per group of 8);
+//! - `a0`: four 8-bit indices into the 256-point codebook [`GRID`] (one per group of 8);
 //! - `a1`: four 7-bit sign indices (bits 7·l..7·l+7) and a 4-bit scale `s` (bits 28..32).
 //!
 //! Element j of group l is `d·(0.5 + s)/4 · GRID[idx_l][j] · (−1 if bit j of KSIGNS[sign_l])`.
@@ -60,7 +60,7 @@ const fn expand_grid() -> [u64; 256] {
 }
 
 /// The codebook with coordinate j in byte j (values 8, 25 or 43), the form the kernels load.
-pub(crate) const GRID: [u64; 256] = expand_grid();
+pub const GRID: [u64; 256] = expand_grid();
 
 const fn make_ksigns() -> [u8; 128] {
     let mut out = [0u8; 128];
@@ -74,7 +74,7 @@ const fn make_ksigns() -> [u8; 128] {
 
 /// ggml's `ksigns_iq2xs`: a 7-bit index plus the parity bit that makes the number of set
 /// (minus) bits even.
-pub(crate) const KSIGNS: [u8; 128] = make_ksigns();
+pub const KSIGNS: [u8; 128] = make_ksigns();
 
 const fn make_sign_bytes() -> [u64; 128] {
     let mut out = [0u64; 128];

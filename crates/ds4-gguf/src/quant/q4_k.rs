@@ -16,9 +16,12 @@ pub const BLOCK_BYTES: usize = 144;
 const SCALES: usize = 4;
 const QS: usize = 16;
 
-/// The eight 6-bit scales and mins of a block's 12 packed scale bytes.
+/// The eight 6-bit scales and mins of a block's 12 packed scale bytes (block bytes 4..16).
+///
+/// # Panics
+/// If `s.len() < 12`.
 #[inline]
-pub(crate) fn unpack_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub fn unpack_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for k in 0..4 {
         sc[k] = s[k] & 63;
