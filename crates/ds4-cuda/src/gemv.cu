@@ -3,7 +3,7 @@
 // Layout: W has n_rows rows of k elements, each row row_bytes long (ggml blocks, row-major);
 // x holds NB vectors of k values, y receives NB vectors of n_rows values.
 //
-// Work split: a CTA is GEMV_WARPS warps; each warp owns R consecutive rows (grid-stride over row
+// Work split: a CTA is blockDim.x / 32 warps (1..8, chosen by the host); each warp owns R consecutive rows (grid-stride over row
 // groups) and walks them in chunks of whole blocks. A chunk of every row is copied into shared
 // memory with 16-byte streaming loads (the loads of chunk c+1 are in flight while chunk c is
 // computed), then each lane takes 32-element "items" of the chunk and applies the activation
@@ -25,7 +25,7 @@
 #define FMT_Q4_K 4
 #define FMT_IQ2_XXS 5
 
-#define GEMV_WARPS 4
+#define GEMV_MAX_WARPS 8
 
 // Must match the #[repr(C)] GemvParams in gemv.rs: 8-byte fields only, so no padding.
 struct GemvParams {
@@ -55,7 +55,7 @@ template <> struct Fmt<FMT_IQ2_XXS> { enum { BB = 66, BE = 256, CB = 16, ITEMS =
 
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
 template <int FMT>
-__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* grid, float q[4]) {
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u64* grid, const u64* signs, float q[4]) {
     if constexpr (FMT == FMT_Q8_0) {
         u32 w = rd32_a2(blk + 2 + 4 * i);
 #pragma unroll
@@ -72,13 +72,11 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32*
     } else {  // IQ2_XXS
         const u32 a0 = rd32_a2(blk + 2 + 8 * it), a1 = rd32_a2(blk + 6 + 8 * it);
         const int l = i >> 1, half = i & 1;
-        const u32 g = grid[2 * ((a0 >> (8 * l)) & 255) + half];
-        const u32 sg = (iq2_signs((a1 >> (7 * l)) & 127) >> (4 * half)) & 15;
+        const u32 g = (u32)(grid[(a0 >> (8 * l)) & 255] >> (32 * half));
+        const u32 m = (u32)(signs[(a1 >> (7 * l)) & 127] >> (32 * half));
+        const u32 w = apply_signs(g, m);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float v = (float)((g >> (8 * j)) & 255);
-            q[j] = ((sg >> j) & 1) ? -v : v;
-        }
+        for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
     }
 }
 
@@ -107,7 +105,7 @@ __device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* 
 // One item (32 elements at e0 of every vector) against R staged rows, f32 activations.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const float* x, i64 xstride,
-                                          i64 e0, const u32* grid, float (&acc)[R][NB]) {
+                                          i64 e0, const u64* grid, const u64* signs, float (&acc)[R][NB]) {
     constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
     constexpr int GPP = 8 / NP;                       // groups of 4 per part
     constexpr bool HAS_MIN = (FMT == FMT_Q2_K || FMT == FMT_Q4_K);
@@ -131,7 +129,7 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float q[4];
-                item_q4<FMT>(blks[r], it, i, grid, q);
+                item_q4<FMT>(blks[r], it, i, grid, signs, q);
 #pragma unroll
                 for (int v = 0; v < NB; v++)
                     sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
@@ -151,7 +149,8 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 // vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8* xq, const float* xd,
-                                         i64 xstride, i64 e0, const u32* grid, float (&acc)[R][NB]) {
+                                         i64 xstride, i64 e0, const u64* grid, const u64* signs,
+                                         float (&acc)[R][NB]) {
     constexpr int QB = Fmt<FMT>::QB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
@@ -196,10 +195,10 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
 #pragma unroll
                 for (int l2 = 0; l2 < 2; l2++) {
                     const int l = 2 * h + l2;
-                    const u32 gi = (a0 >> (8 * l)) & 255;
-                    const u32 sg = iq2_signs((a1 >> (7 * l)) & 127);
-                    w[2 * l2] = (int)apply_signs(grid[2 * gi], sign_mask4(sg & 15));
-                    w[2 * l2 + 1] = (int)apply_signs(grid[2 * gi + 1], sign_mask4(sg >> 4));
+                    const u64 g = grid[(a0 >> (8 * l)) & 255];
+                    const u64 m = signs[(a1 >> (7 * l)) & 127];
+                    w[2 * l2] = (int)apply_signs((u32)g, (u32)m);
+                    w[2 * l2 + 1] = (int)apply_signs((u32)(g >> 32), (u32)(m >> 32));
                 }
             }
 #pragma unroll
@@ -278,22 +277,29 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
     constexpr int LPL = (CHUNK / 16 + 31) / 32;  // 16-byte loads per lane per row
-    __shared__ __align__(16) u8 stage_s[GEMV_WARPS][R][CHUNK];
-    __shared__ u32 grid_s[FMT == FMT_IQ2_XXS ? 512 : 1];
+    // Dynamic shared memory: warps x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
+    extern __shared__ __align__(16) u8 stage_dyn[];
+    // IQ2_XXS tables: the codebook, and each 7-bit sign index as a byte mask (0xFF = minus).
+    __shared__ u64 grid_s[FMT == FMT_IQ2_XXS ? 256 : 1];
+    __shared__ u64 signs_s[FMT == FMT_IQ2_XXS ? 128 : 1];
     if constexpr (FMT == FMT_IQ2_XXS) {
-        for (int i = threadIdx.x; i < 512; i += blockDim.x) grid_s[i] = ((const u32*)p.grid)[i];
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = ((const u64*)p.grid)[i];
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+            const u32 sg = iq2_signs(i);
+            signs_s[i] = (u64)sign_mask4(sg & 15) | ((u64)sign_mask4(sg >> 4) << 32);
+        }
         __syncthreads();
     }
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    u8* const stage = stage_dyn + warp * R * CHUNK;
     const i64 nblocks = p.k / F::BE;
     const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
     const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
 
-    for (i64 row0 = ((i64)blockIdx.x * GEMV_WARPS + warp) * R; row0 < p.n_rows;
-         row0 += (i64)gridDim.x * GEMV_WARPS * R) {
+    for (i64 row0 = ((i64)blockIdx.x * warps + warp) * R; row0 < p.n_rows; row0 += (i64)gridDim.x * warps * R) {
         const u8* rows[R];
         const u8* blks[R];
 #pragma unroll
@@ -323,13 +329,13 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
                 for (int r = 0; r < R; r++)
 #pragma unroll
                     for (int j = 0; j < LPL; j++)
-                        if (lane + 32 * j < n16) *(uint4*)&stage_s[warp][r][16 * (lane + 32 * j)] = regs[r][j];
+                        if (lane + 32 * j < n16) *(uint4*)(stage + r * CHUNK + 16 * (lane + 32 * j)) = regs[r][j];
             } else {  // every block size is even: 2-byte copies always work
                 const int n2 = nbv * F::BB / 2;
 #pragma unroll
                 for (int r = 0; r < R; r++)
                     for (int j = lane; j < n2; j += 32)
-                        ((u16*)stage_s[warp][r])[j] = ((const u16*)(rows[r] + c * CHUNK))[j];
+                        ((u16*)(stage + r * CHUNK))[j] = ((const u16*)(rows[r] + c * CHUNK))[j];
             }
             __syncwarp();
             if (p.aligned16 && c + 1 < nchunks) fetch(c + 1);  // in flight during the math below
@@ -337,12 +343,12 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
                 const int lb = item / F::ITEMS, it = item % F::ITEMS;
                 const i64 e0 = (c * F::CB + lb) * F::BE + 32 * it;
 #pragma unroll
-                for (int r = 0; r < R; r++) blks[r] = stage_s[warp][r] + lb * F::BB;
+                for (int r = 0; r < R; r++) blks[r] = stage + r * CHUNK + lb * F::BB;
                 if constexpr (QX)
                     item_q8x<FMT, R, NB>(blks, it, (const i8*)p.x + xv0 * p.k, (const float*)p.xd + xv0 * p.k / F::QB,
-                                         p.k, e0, grid_s, acc);
+                                         p.k, e0, grid_s, signs_s, acc);
                 else
-                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, grid_s, acc);
+                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, grid_s, signs_s, acc);
             }
         }
         store_rows<R, NB>(p, row0, acc);
@@ -354,11 +360,10 @@ template <int FMT, int R, int NB>
 __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const float* x = (const float*)p.x + (i64)blockIdx.y * p.x_slot_vecs * p.k;
     const bool vec = p.aligned16 && (p.k % 8 == 0);
-    for (i64 row0 = ((i64)blockIdx.x * GEMV_WARPS + warp) * R; row0 < p.n_rows;
-         row0 += (i64)gridDim.x * GEMV_WARPS * R) {
+    for (i64 row0 = ((i64)blockIdx.x * warps + warp) * R; row0 < p.n_rows; row0 += (i64)gridDim.x * warps * R) {
         const u8* rows[R];
 #pragma unroll
         for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
@@ -412,18 +417,18 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
     }
 }
 
-// Rows per warp (R) per variant; gemv.rs sizes the grid with the same numbers (any grid is
-// correct: the row loop is grid-stride).
+// Rows per warp (R) per variant. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
+// grid (any grid is correct: the row loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb1(const GemvParams p) { gemv_quant<FMT, R, 1, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb2(const GemvParams p) { gemv_quant<FMT, R, 2, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb4(const GemvParams p) { gemv_quant<FMT, R, 4, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb8(const GemvParams p) { gemv_quant<FMT, R, 8, QX>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { gemv_quant<FMT, R, 1, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { gemv_quant<FMT, R, 2, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { gemv_quant<FMT, R, 4, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { gemv_quant<FMT, R, 8, QX>(p); }
 #define GEMV_P(name, FMT, R)                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb1(const GemvParams p) { gemv_plain<FMT, R, 1>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb2(const GemvParams p) { gemv_plain<FMT, R, 2>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb4(const GemvParams p) { gemv_plain<FMT, R, 4>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name##_nb8(const GemvParams p) { gemv_plain<FMT, R, 8>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { gemv_plain<FMT, R, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { gemv_plain<FMT, R, 2>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { gemv_plain<FMT, R, 4>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { gemv_plain<FMT, R, 8>(p); }
 
 GEMV_P(gemv_f32_f32x, FMT_F32, 2)
 GEMV_P(gemv_f16_f32x, FMT_F16, 2)

@@ -188,6 +188,13 @@ impl<'a> DeviceMatrix<'a> {
                 format.ggml().block_elems()
             ))
         })? as usize;
+        // Every format is read in units of at least 2 bytes (F32: 4).
+        let align = if format == WeightFormat::F32 { 4 } else { 2 };
+        if !ptr.is_multiple_of(align) {
+            return Err(CudaError::InvalidArgument(format!(
+                "{format:?} matrix at device address {ptr:#x} is not {align}-byte aligned"
+            )));
+        }
         if rows == 0 || cols == 0 || experts == 0 {
             return Err(CudaError::InvalidArgument(format!(
                 "empty matrix {cols}x{rows}x{experts}"
@@ -235,10 +242,23 @@ struct GemvParams {
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
 
-/// Warps per CTA and rows per warp of every gemv.cu variant (any grid is correct since the
-/// kernels loop grid-stride over row groups; this sizes it to one pass).
-const GEMV_WARPS: usize = 4;
+/// Rows per warp (R) of every gemv.cu variant (any grid is correct since the kernels loop
+/// grid-stride over row groups; this sizes it to one pass).
 const ROWS_PER_WARP: usize = 2;
+/// Most warps per CTA the kernels are compiled for (`__launch_bounds__`).
+pub const GEMV_MAX_WARPS: usize = 8;
+
+/// Bytes of one row's chunk staged in shared memory (`Fmt<>::CB * Fmt<>::BB` in gemv.cu);
+/// 0 for the formats read straight from global memory.
+fn stage_chunk_bytes(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::F32 | WeightFormat::F16 => 0,
+        WeightFormat::Q8_0 => 32 * 34,
+        WeightFormat::Q2K => 8 * 84,
+        WeightFormat::Q4K => 8 * 144,
+        WeightFormat::IQ2XXS => 16 * 66,
+    }
+}
 /// Vectors per launch the kernels are instantiated for.
 const BATCH_VARIANTS: [usize; 4] = [8, 4, 2, 1];
 
@@ -332,12 +352,13 @@ impl Gpu {
         let aligned16 = w.ptr.is_multiple_of(16)
             && w.row_bytes.is_multiple_of(16)
             && w.expert_bytes().is_multiple_of(16);
-        let rows_per_cta = GEMV_WARPS * ROWS_PER_WARP;
+        let warps = self.gemv_warps();
+        let rows_per_cta = warps * ROWS_PER_WARP;
         let grid_x = w.rows.div_ceil(rows_per_cta);
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, n_slots as u32, 1),
-            block_dim: ((GEMV_WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: ((warps * 32) as u32, 1, 1),
+            shared_mem_bytes: (warps * ROWS_PER_WARP * stage_chunk_bytes(w.format)) as u32,
         };
         let mut b0 = 0;
         while b0 < n_vecs {
@@ -366,7 +387,8 @@ impl Gpu {
                 aligned16: aligned16 as i64,
             };
             let name = format!("gemv_{}_{}_nb{}", w.format.tag(), act_tag, nb);
-            // SAFETY: the kernel takes one GemvParams by value. The buffer lengths were checked
+            // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
+            // warps × R × chunk bytes, what each warp's staging area needs. The buffer lengths were checked
             // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
             // inside live device memory by DeviceMatrix's construction contract; expert ids are
             // range-checked on the device.

@@ -2,6 +2,7 @@
 //! every operation hangs off.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
@@ -12,6 +13,9 @@ use ds4_gguf::GgmlType;
 use crate::compile::{CompileStats, KernelCache, COMMON_CUH};
 use crate::device::{CudaDevice, DeviceBuffer};
 use crate::error::{CudaError, DriverContext, Result};
+
+/// Warps per CTA of the GEMV kernels unless changed with [`Gpu::set_gemv_warps`].
+pub const DEFAULT_GEMV_WARPS: usize = 4;
 
 /// One `.cu` file: its name (also the cache file prefix) and source.
 pub struct ModuleSource {
@@ -56,6 +60,8 @@ pub struct Kernels {
 pub struct Gpu {
     pub device: CudaDevice,
     pub kernels: Kernels,
+    /// Warps per CTA of the GEMV kernels (a tuning knob; see [`Gpu::set_gemv_warps`]).
+    gemv_warps: AtomicUsize,
 }
 
 impl Gpu {
@@ -67,7 +73,27 @@ impl Gpu {
     pub fn open_with_cache(ordinal: usize, cache: &KernelCache) -> Result<Gpu> {
         let device = CudaDevice::open(ordinal)?;
         let kernels = Kernels::load(&device, cache)?;
-        Ok(Gpu { device, kernels })
+        Ok(Gpu {
+            device,
+            kernels,
+            gemv_warps: AtomicUsize::new(DEFAULT_GEMV_WARPS),
+        })
+    }
+
+    /// Sets the warps per CTA of the GEMV kernels (1..=8). Every value gives the same results;
+    /// it trades CTA count against per-CTA overhead (BENCHMARKS.md has the sweep).
+    pub fn set_gemv_warps(&self, warps: usize) -> Result<()> {
+        if !(1..=crate::gemv::GEMV_MAX_WARPS).contains(&warps) {
+            return Err(CudaError::InvalidArgument(format!(
+                "GEMV warps per block {warps} not in 1..=8"
+            )));
+        }
+        self.gemv_warps.store(warps, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn gemv_warps(&self) -> usize {
+        self.gemv_warps.load(Ordering::Relaxed)
     }
 
     /// Launches kernel `name` of `module` with one argument pack.

@@ -1,0 +1,470 @@
+//! Every kernel against the CPU reference (ds4-gguf's dequantizers and dot products) on random
+//! data. On a machine without CUDA each test prints "skipped: no CUDA" and passes; on the GPU
+//! machine they all run.
+
+mod common;
+
+use common::{gpu, random_rows, Rng};
+use ds4_cuda::{ActQuant, Activations, CudaDevice, DeviceMatrix, DeviceWeights, Gpu, WeightFormat};
+use ds4_gguf::quant::{self, BlockQ8K, BlockQ8_0};
+
+/// CPU reference: dequantize the rows, dot in f64. Returns (y, Σ|w·x| per row).
+fn reference_gemv(
+    format: WeightFormat,
+    w: &[u8],
+    cols: usize,
+    rows: usize,
+    x: &[f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut deq = vec![0f32; cols * rows];
+    quant::dequantize(format.ggml(), w, &mut deq).unwrap();
+    let mut y = vec![0f64; rows];
+    let mut mag = vec![0f64; rows];
+    for r in 0..rows {
+        for c in 0..cols {
+            let t = deq[r * cols + c] as f64 * x[c] as f64;
+            y[r] += t;
+            mag[r] += t.abs();
+        }
+    }
+    (y, mag)
+}
+
+/// Largest |gpu - ref| / (Σ|w·x| + tiny) over all rows; panics on NaN or a bound violation.
+fn check_rows(what: &str, gpu: &[f32], reference: &[f64], mag: &[f64], tol: f64) -> f64 {
+    let mut worst = 0f64;
+    for (i, ((&g, &r), &m)) in gpu.iter().zip(reference).zip(mag).enumerate() {
+        assert!(g.is_finite(), "{what}: row {i} is {g} (unwritten or NaN)");
+        let e = (g as f64 - r).abs() / (m + 1e-30);
+        assert!(
+            e <= tol,
+            "{what}: row {i}: gpu {g} vs ref {r} (Σ|wx| {m}): rel err {e:.3e} > {tol:.1e}"
+        );
+        worst = worst.max(e);
+    }
+    worst
+}
+
+fn upload_matrix(g: &Gpu, bytes: &[u8]) -> DeviceWeights {
+    DeviceWeights::upload(&g.device, bytes, 0, &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn open_without_driver_is_a_clear_error() {
+    if ds4_cuda::device::driver_present() {
+        eprintln!("skipped: a CUDA driver is present (this checks the no-driver path)");
+        return;
+    }
+    let e = CudaDevice::open(0)
+        .err()
+        .expect("no driver: open must fail")
+        .to_string();
+    assert!(
+        e.contains("libcuda.so") && e.contains("--backend cuda"),
+        "{e}"
+    );
+    assert!(Gpu::open(0).is_err());
+    assert!(!ds4_cuda::cuda_available());
+}
+
+#[test]
+fn gemv_f32_activations_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(1);
+    // (cols, rows): aligned rows, a ragged last chunk, rows not a multiple of the CTA's 8,
+    // and (Q8_0 96, F32/F16 100) rows that are not 16-byte aligned (2-byte copy path).
+    let shapes: &[(WeightFormat, usize, usize)] = &[
+        (WeightFormat::F32, 256, 37),
+        (WeightFormat::F32, 100, 9),
+        (WeightFormat::F16, 512, 45),
+        (WeightFormat::F16, 100, 7),
+        (WeightFormat::Q8_0, 4096, 67),
+        (WeightFormat::Q8_0, 96, 13),
+        (WeightFormat::Q8_0, 1088, 33),
+        (WeightFormat::Q2K, 2048, 41),
+        (WeightFormat::Q2K, 768, 5),
+        (WeightFormat::Q4K, 4096, 29),
+        (WeightFormat::Q4K, 1280, 18),
+        (WeightFormat::IQ2XXS, 4096, 35),
+        (WeightFormat::IQ2XXS, 768, 3),
+    ];
+    for &(format, cols, rows) in shapes {
+        for n_vecs in [1usize, 3, 8, 13] {
+            let w = random_rows(&mut rng, format, cols, rows);
+            let x = rng.f32s(cols * n_vecs);
+            let dw = upload_matrix(g, &w);
+            let m = dw.matrix(0, format, cols, rows, 1).unwrap();
+            let dx = g.device.upload(&x).unwrap();
+            let mut dy = g.device.alloc_filled::<f32>(rows * n_vecs, 0xFF).unwrap();
+            g.gemv(&m, Activations::F32(&dx), n_vecs, &mut dy).unwrap();
+            let y = g.device.download(&dy).unwrap();
+            let mut worst = 0f64;
+            for v in 0..n_vecs {
+                let (r, mag) = reference_gemv(format, &w, cols, rows, &x[v * cols..(v + 1) * cols]);
+                let what = format!("{format:?} {cols}x{rows} nb{n_vecs} vec{v}");
+                worst = worst.max(check_rows(
+                    &what,
+                    &y[v * rows..(v + 1) * rows],
+                    &r,
+                    &mag,
+                    2e-5,
+                ));
+            }
+            eprintln!("{format:?} f32x {cols}x{rows} nb{n_vecs}: max rel err {worst:.2e}");
+        }
+    }
+}
+
+/// CPU dot products of ds4's quantized paths for one activation vector.
+fn reference_quantized(
+    format: WeightFormat,
+    w: &[u8],
+    cols: usize,
+    rows: usize,
+    x: &[f32],
+) -> Vec<f64> {
+    let rb = w.len() / rows;
+    (0..rows)
+        .map(|r| {
+            let row = &w[r * rb..(r + 1) * rb];
+            let _ = cols;
+            (match format {
+                WeightFormat::Q8_0 => quant::vec_dot_q8_0(row, &quant::quantize_q8_0_activation(x)),
+                WeightFormat::Q2K => quant::vec_dot_q2_k(row, &quant::quantize_q8_k_activation(x)),
+                WeightFormat::Q4K => quant::vec_dot_q4_k(row, &quant::quantize_q8_k_activation(x)),
+                WeightFormat::IQ2XXS => {
+                    quant::vec_dot_iq2_xxs(row, &quant::quantize_q8_k_activation(x))
+                }
+                _ => unreachable!(),
+            }) as f64
+        })
+        .collect()
+}
+
+#[test]
+fn gemv_quantized_activations_match_cpu_dot_products() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(2);
+    let shapes: &[(WeightFormat, usize, usize)] = &[
+        (WeightFormat::Q8_0, 4096, 67),
+        (WeightFormat::Q8_0, 96, 11),
+        (WeightFormat::Q2K, 2048, 41),
+        (WeightFormat::Q4K, 4096, 29),
+        (WeightFormat::IQ2XXS, 4096, 35),
+        (WeightFormat::IQ2XXS, 512, 6),
+    ];
+    for &(format, cols, rows) in shapes {
+        for n_vecs in [1usize, 2, 8, 11] {
+            let w = random_rows(&mut rng, format, cols, rows);
+            let x = rng.f32s(cols * n_vecs);
+            let dw = upload_matrix(g, &w);
+            let m = dw.matrix(0, format, cols, rows, 1).unwrap();
+            let dx = g.device.upload(&x).unwrap();
+            let kind = format.activation_quant().unwrap();
+            let mut qa = g.alloc_quantized(kind, cols, n_vecs).unwrap();
+            g.quantize_activations(&dx, &mut qa).unwrap();
+            let mut dy = g.device.alloc_filled::<f32>(rows * n_vecs, 0xFF).unwrap();
+            g.gemv(&m, Activations::Quantized(&qa), n_vecs, &mut dy)
+                .unwrap();
+            let y = g.device.download(&dy).unwrap();
+            let mut worst = 0f64;
+            for v in 0..n_vecs {
+                let xv = &x[v * cols..(v + 1) * cols];
+                let r = reference_quantized(format, &w, cols, rows, xv);
+                let (_, mag) = reference_gemv(format, &w, cols, rows, xv);
+                let what = format!("{format:?} q8x {cols}x{rows} nb{n_vecs} vec{v}");
+                worst = worst.max(check_rows(
+                    &what,
+                    &y[v * rows..(v + 1) * rows],
+                    &r,
+                    &mag,
+                    1e-5,
+                ));
+            }
+            eprintln!(
+                "{format:?} q8x {cols}x{rows} nb{n_vecs}: max rel err vs CPU dot {worst:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_quantizers_match_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(3);
+    for kind in [ActQuant::Q8_0, ActQuant::Q8K] {
+        let len = 2048;
+        let n_vecs = 3;
+        let mut x = rng.f32s(len * n_vecs);
+        // An all-zero block, a block whose extreme is negative, and ties of |max|.
+        x[..256].fill(0.0);
+        x[300] = -5.0;
+        x[600] = 3.0;
+        x[610] = -3.0;
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = g.alloc_quantized(kind, len, n_vecs).unwrap();
+        g.quantize_activations(&dx, &mut qa).unwrap();
+        let q = g.device.download(&qa.q).unwrap();
+        let d = g.device.download(&qa.d).unwrap();
+        match kind {
+            ActQuant::Q8_0 => {
+                let cpu: Vec<BlockQ8_0> = quant::quantize_q8_0_activation(&x);
+                for (b, blk) in cpu.iter().enumerate() {
+                    assert_eq!(d[b].to_bits(), blk.d.to_bits(), "Q8_0 block {b} scale");
+                    assert_eq!(
+                        &q[b * 32..(b + 1) * 32],
+                        &blk.qs[..],
+                        "Q8_0 block {b} values"
+                    );
+                }
+            }
+            ActQuant::Q8K => {
+                let cpu: Vec<BlockQ8K> = quant::quantize_q8_k_activation(&x);
+                for (b, blk) in cpu.iter().enumerate() {
+                    assert_eq!(d[b].to_bits(), blk.d.to_bits(), "Q8_K block {b} scale");
+                    assert_eq!(
+                        &q[b * 256..(b + 1) * 256],
+                        &blk.qs[..],
+                        "Q8_K block {b} values"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn expert_gemv_reads_ids_from_the_device() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(4);
+    let (n_experts, cols, rows, n_vecs) = (9usize, 1024usize, 24usize, 2usize);
+    for format in [
+        WeightFormat::IQ2XXS,
+        WeightFormat::Q2K,
+        WeightFormat::Q4K,
+        WeightFormat::Q8_0,
+    ] {
+        let w = random_rows(&mut rng, format, cols, rows * n_experts);
+        let ebytes = w.len() / n_experts;
+        let dw = upload_matrix(g, &w);
+        let m: DeviceMatrix = dw.matrix(0, format, cols, rows, n_experts).unwrap();
+        let ids: Vec<i32> = vec![7, 0, 7, 3, 8, -1];
+        let dids = g.device.upload(&ids).unwrap();
+        let slots = ids.len();
+        for x_per_slot in [false, true] {
+            let xv = if x_per_slot { slots * n_vecs } else { n_vecs };
+            let x = rng.f32s(cols * xv);
+            let dx = g.device.upload(&x).unwrap();
+            let mut qa = g
+                .alloc_quantized(format.activation_quant().unwrap(), cols, xv)
+                .unwrap();
+            g.quantize_activations(&dx, &mut qa).unwrap();
+            for quantized in [false, true] {
+                let act = if quantized {
+                    Activations::Quantized(&qa)
+                } else {
+                    Activations::F32(&dx)
+                };
+                let mut dy = g
+                    .device
+                    .alloc_filled::<f32>(slots * n_vecs * rows, 0xFF)
+                    .unwrap();
+                g.expert_gemv(&m, &dids, slots, act, x_per_slot, n_vecs, &mut dy)
+                    .unwrap();
+                let y = g.device.download(&dy).unwrap();
+                for (s, &e) in ids.iter().enumerate() {
+                    for v in 0..n_vecs {
+                        let out = &y[(s * n_vecs + v) * rows..(s * n_vecs + v + 1) * rows];
+                        if e < 0 {
+                            assert!(
+                                out.iter().all(|o| o.is_nan()),
+                                "bad id {e} must give NaN rows"
+                            );
+                            continue;
+                        }
+                        let we = &w[e as usize * ebytes..(e as usize + 1) * ebytes];
+                        let xi = if x_per_slot { s * n_vecs + v } else { v };
+                        let xs = &x[xi * cols..(xi + 1) * cols];
+                        let (r, mag) = reference_gemv(format, we, cols, rows, xs);
+                        let r = if quantized {
+                            reference_quantized(format, we, cols, rows, xs)
+                        } else {
+                            r
+                        };
+                        let what = format!("{format:?} expert {e} slot {s} vec {v} per_slot {x_per_slot} q {quantized}");
+                        check_rows(&what, out, &r, &mag, 2e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_and_swiglu_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(5);
+    let (n, rows) = (4096usize, 3usize);
+    let x: Vec<f32> = rng.f32s(n * rows).iter().map(|v| v * 3.0).collect();
+    let w = rng.f32s(n);
+    let (dx, dw) = (g.device.upload(&x).unwrap(), g.device.upload(&w).unwrap());
+    for weighted in [true, false] {
+        let mut dy = g.device.alloc_filled::<f32>(n * rows, 0xFF).unwrap();
+        g.rmsnorm(&dx, weighted.then_some(&dw), n, rows, 1e-6, &mut dy)
+            .unwrap();
+        let y = g.device.download(&dy).unwrap();
+        for r in 0..rows {
+            let xr = &x[r * n..(r + 1) * n];
+            let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
+            let scale = (1.0 / (ss / n as f64 + 1e-6).sqrt()) as f32;
+            for i in 0..n {
+                let want = xr[i] * scale * if weighted { w[i] } else { 1.0 };
+                let got = y[r * n + i];
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "rmsnorm [{r}][{i}] {got} vs {want}"
+                );
+            }
+        }
+    }
+    // SwiGLU with the clamp active on both sides and per-slot routing weights.
+    let (per_slot, slots) = (2048usize, 3usize);
+    let nn = per_slot * slots;
+    let gate: Vec<f32> = rng.f32s(nn).iter().map(|v| v * 15.0).collect();
+    let up: Vec<f32> = rng.f32s(nn).iter().map(|v| v * 15.0).collect();
+    let wts = vec![0.25f32, 1.5, -0.75];
+    let (dg, du, dwt) = (
+        g.device.upload(&gate).unwrap(),
+        g.device.upload(&up).unwrap(),
+        g.device.upload(&wts).unwrap(),
+    );
+    let mut dout = g.device.alloc_filled::<f32>(nn, 0xFF).unwrap();
+    g.swiglu_clamp(&dg, &du, nn, per_slot, Some(10.0), Some(&dwt), &mut dout)
+        .unwrap();
+    let out = g.device.download(&dout).unwrap();
+    for i in 0..nn {
+        let gc = gate[i].min(10.0);
+        let uc = up[i].clamp(-10.0, 10.0);
+        let want = gc / (1.0 + (-gc).exp()) * uc * wts[i / per_slot];
+        assert!(
+            (out[i] - want).abs() <= 2e-6 * want.abs().max(1.0),
+            "swiglu [{i}] {} vs {want}",
+            out[i]
+        );
+    }
+}
+
+#[test]
+fn dequantize_f16_is_bit_exact() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(6);
+    for format in WeightFormat::ALL {
+        let (cols, rows, experts) = (512usize, 6usize, 2usize);
+        let w = random_rows(&mut rng, format, cols, rows * experts);
+        let dw = upload_matrix(g, &w);
+        let m = dw.matrix(0, format, cols, rows, experts).unwrap();
+        let mut out = g
+            .device
+            .alloc_filled::<half::f16>(cols * rows * experts, 0xFF)
+            .unwrap();
+        g.dequantize_f16(&m, &mut out).unwrap();
+        let got = g.device.download(&out).unwrap();
+        let mut cpu = vec![0f32; cols * rows * experts];
+        quant::dequantize(format.ggml(), &w, &mut cpu).unwrap();
+        for (i, (a, b)) in got.iter().zip(&cpu).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                half::f16::from_f32(*b).to_bits(),
+                "{format:?} element {i}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn weight_upload_checks_memory_and_ranges() {
+    let Some(g) = gpu() else { return };
+    let region = vec![7u8; 1 << 20];
+    let e = DeviceWeights::upload(&g.device, &region, usize::MAX / 4, &mut |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model needs") && e.contains("GiB free") && e.contains("missing"),
+        "{e}"
+    );
+    let mut seen = Vec::new();
+    let w = DeviceWeights::upload(&g.device, &region, 0, &mut |d, t| seen.push((d, t))).unwrap();
+    assert_eq!(seen.first(), Some(&(0, 1 << 20)));
+    assert_eq!(seen.last(), Some(&(1 << 20, 1 << 20)));
+    assert_eq!(g.device.download(w.buffer()).unwrap(), region);
+    // 4096 Q8_0 columns = 4352 bytes per row: 240 rows fit in 1 MiB, 241 do not.
+    assert!(w.matrix(0, WeightFormat::Q8_0, 4096, 240, 1).is_ok());
+    assert!(w.matrix(0, WeightFormat::Q8_0, 4096, 241, 1).is_err());
+    assert!(
+        w.matrix(0, WeightFormat::Q2K, 100, 1, 1).is_err(),
+        "partial blocks"
+    );
+    assert!(
+        w.matrix(1, WeightFormat::Q8_0, 32, 1, 1).is_err(),
+        "odd offset"
+    );
+    let info = g.device.info();
+    eprintln!(
+        "device: {} cc {:?}, {} SMs, {:.1} GiB, L2 {} MiB; kernels: {:?}",
+        info.name,
+        info.compute_capability,
+        info.multiprocessors,
+        info.total_memory as f64 / (1u64 << 30) as f64,
+        info.l2_cache_bytes >> 20,
+        g.kernels.stats
+    );
+}
+
+#[test]
+fn every_gemv_block_size_gives_the_same_rows() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    let before = g.gemv_warps();
+    for format in WeightFormat::ALL {
+        let (cols, rows, n_vecs) = (1024usize, 77usize, 3usize);
+        let w = random_rows(&mut rng, format, cols, rows);
+        let x = rng.f32s(cols * n_vecs);
+        let dw = upload_matrix(g, &w);
+        let m = dw.matrix(0, format, cols, rows, 1).unwrap();
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = format
+            .activation_quant()
+            .map(|k| g.alloc_quantized(k, cols, n_vecs).unwrap());
+        if let Some(q) = qa.as_mut() {
+            g.quantize_activations(&dx, q).unwrap();
+        }
+        let mut results: Vec<Vec<f32>> = Vec::new();
+        for warps in 1..=8 {
+            g.set_gemv_warps(warps).unwrap();
+            let act = match &qa {
+                Some(q) => Activations::Quantized(q),
+                None => Activations::F32(&dx),
+            };
+            let mut dy = g.device.alloc_filled::<f32>(rows * n_vecs, 0xFF).unwrap();
+            g.gemv(&m, act, n_vecs, &mut dy).unwrap();
+            let y = g.device.download(&dy).unwrap();
+            assert!(
+                y.iter().all(|v| v.is_finite()),
+                "{format:?} warps {warps}: unwritten rows"
+            );
+            results.push(y);
+        }
+        // Same work split inside a warp for every block size: identical bits.
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(
+                r,
+                &results[0],
+                "{format:?}: warps {} differs from warps 1",
+                i + 1
+            );
+        }
+    }
+    assert!(g.set_gemv_warps(0).is_err() && g.set_gemv_warps(9).is_err());
+    g.set_gemv_warps(before).unwrap();
+}
