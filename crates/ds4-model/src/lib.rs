@@ -10,3 +10,4 @@ pub mod npy;
 pub mod convert;
 pub mod layout;
 pub mod synth;
+pub mod bench;

@@ -47,6 +47,8 @@ pub enum SynthError {
     Tokenizer(#[from] ConvertError),
     #[error("invalid model description: {0}")]
     Config(String),
+    #[error("cannot start the generator threads: {0}")]
+    Threads(String),
 }
 
 /// What to synthesize.
@@ -63,6 +65,8 @@ pub struct SynthOptions {
     pub tokenizer: Option<PathBuf>,
     /// `general.name`.
     pub name: String,
+    /// Generator threads (default: rayon's global pool, one per core).
+    pub threads: Option<usize>,
 }
 
 impl SynthOptions {
@@ -75,6 +79,7 @@ impl SynthOptions {
             alias_layers: false,
             tokenizer: None,
             name: format!("DeepSeek-V4-Flash-synthetic-{weights}"),
+            threads: None,
         }
     }
 }
@@ -90,10 +95,25 @@ pub struct SynthReport {
     pub logical_bytes: u64,
 }
 
-/// Writes the synthetic model to `out` (atomically: `out.tmp` is renamed when complete). Data
-/// generation runs on the current rayon pool; `progress(done, total)` is called as data bytes
-/// are written.
+/// Writes the synthetic model to `out` (atomically: `out.tmp` is renamed when complete), with
+/// `opts.threads` generator threads; `progress(done, total)` is called as data bytes are
+/// written.
 pub fn synthesize(
+    out: &Path,
+    opts: &SynthOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SynthReport, SynthError> {
+    match opts.threads {
+        None => synthesize_in_pool(out, opts, progress),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build()
+            .map_err(|e| SynthError::Threads(format!("{n} threads: {e}")))?
+            .install(|| synthesize_in_pool(out, opts, progress)),
+    }
+}
+
+fn synthesize_in_pool(
     out: &Path,
     opts: &SynthOptions,
     progress: &(dyn Fn(u64, u64) + Sync),

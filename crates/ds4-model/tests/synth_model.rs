@@ -65,6 +65,7 @@ fn options(mode: WeightsMode, seed: u64, alias: bool) -> SynthOptions {
         alias_layers: alias,
         tokenizer: None,
         name: "synth-test".into(),
+        threads: Some(2),
     }
 }
 
