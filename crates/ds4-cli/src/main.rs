@@ -7,6 +7,7 @@ mod chat;
 mod convert;
 mod inspect;
 mod logits;
+mod serve;
 mod tokenize;
 
 #[derive(Parser)]
@@ -27,6 +28,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Write the logits of every position of a token sequence as .npy.
     Logits(logits::LogitsArgs),
+    /// Serve the OpenAI and Anthropic HTTP APIs.
+    Serve(serve::ServeArgs),
     /// Tokenize text with the model's tokenizer.
     Tokenize(tokenize::TokenizeArgs),
 }
@@ -37,6 +40,7 @@ fn main() {
         Some(Command::Inspect(a)) => inspect::run(a),
         Some(Command::Convert(a)) => convert::run(a),
         Some(Command::Logits(a)) => logits::run(a),
+        Some(Command::Serve(a)) => serve::run(a),
         Some(Command::Tokenize(a)) => tokenize::run(a),
         None => chat::run(cli.chat),
     };

@@ -19,7 +19,13 @@ pub struct Sampling {
 impl Default for Sampling {
     /// ds4's request defaults: T 1, top_p 1, min_p 0.05, top_k 0.
     fn default() -> Self {
-        Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.05, seed: 0 }
+        Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.05,
+            seed: 0,
+        }
     }
 }
 
@@ -94,6 +100,8 @@ pub struct Usage {
     /// Prompt tokens taken from the live session instead of being prefilled.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// Generated tokens that were reasoning (before `</think>`).
+    pub reasoning_tokens: usize,
 }
 
 /// A finished tool call, as the API layers need it.
@@ -110,14 +118,30 @@ pub struct ToolCallOut {
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenEvent {
     /// The job left the queue; `cached_tokens` of the prompt are reused.
-    Started { prompt_tokens: usize, cached_tokens: usize },
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
     Reasoning(String),
     Content(String),
-    ToolCallStart { index: usize, id: String, name: String },
+    ToolCallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
     /// JSON text of the arguments, as sampled (concatenated they form the arguments object).
-    ToolCallArgs { index: usize, fragment: String },
-    ToolCallEnd { index: usize, call: ToolCallOut },
-    Done { finish: FinishReason, usage: Usage },
+    ToolCallArgs {
+        index: usize,
+        fragment: String,
+    },
+    ToolCallEnd {
+        index: usize,
+        call: ToolCallOut,
+    },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
     Failed(EngineError),
 }
 

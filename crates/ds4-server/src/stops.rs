@@ -52,7 +52,10 @@ impl StopMatcher {
     }
 
     fn earliest_match(&self) -> Option<usize> {
-        self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
     }
 
     /// The first byte of the longest suffix of `held` that is a proper prefix of a stop string.
@@ -60,7 +63,11 @@ impl StopMatcher {
         let held = self.held.as_str();
         for (start, _) in held.char_indices() {
             let tail = &held[start..];
-            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > tail.len() && s.starts_with(tail))
+            {
                 return start;
             }
         }
@@ -87,7 +94,10 @@ mod tests {
 
     #[test]
     fn stop_split_across_pieces_is_never_emitted() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D tail"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D tail"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

@@ -48,7 +48,10 @@ impl TextCodec for ByteCodec {
     fn token_bytes(&self, id: u32) -> Vec<u8> {
         match id {
             0..=255 => vec![id as u8],
-            _ => SPECIALS.get(id as usize - 256).map(|s| s.as_bytes().to_vec()).unwrap_or_default(),
+            _ => SPECIALS
+                .get(id as usize - 256)
+                .map(|s| s.as_bytes().to_vec())
+                .unwrap_or_default(),
         }
     }
 
@@ -94,7 +97,10 @@ impl ScriptedRunner {
 
     fn next_token(&self) -> u32 {
         let reply = self.replies.get(self.current);
-        reply.and_then(|r| r.get(self.pos)).copied().unwrap_or(ByteCodec::EOS)
+        reply
+            .and_then(|r| r.get(self.pos))
+            .copied()
+            .unwrap_or(ByteCodec::EOS)
     }
 }
 
@@ -110,7 +116,12 @@ impl ModelRunner for ScriptedRunner {
     }
     fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
         if self.tokens.len() + tokens.len() > self.ctx {
-            return Err(format!("context overflow: {} + {} > {}", self.tokens.len(), tokens.len(), self.ctx));
+            return Err(format!(
+                "context overflow: {} + {} > {}",
+                self.tokens.len(),
+                tokens.len(),
+                self.ctx
+            ));
         }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
@@ -162,6 +173,9 @@ mod tests {
     }
 
     fn argmax(l: &[f32]) -> u32 {
-        l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+        l.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
     }
 }

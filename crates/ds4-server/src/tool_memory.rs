@@ -18,7 +18,11 @@ pub struct ToolMemory {
 
 impl ToolMemory {
     pub fn new(max_ids: usize) -> Self {
-        ToolMemory { blocks: HashMap::new(), order: VecDeque::new(), max_ids }
+        ToolMemory {
+            blocks: HashMap::new(),
+            order: VecDeque::new(),
+            max_ids,
+        }
     }
 
     pub fn insert(&mut self, id: String, raw_dsml: String) {

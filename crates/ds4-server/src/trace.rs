@@ -23,7 +23,9 @@ pub struct TraceRecord<'a> {
 impl Trace {
     pub fn create(path: &Path) -> std::io::Result<Trace> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Trace { file: Mutex::new(file) })
+        Ok(Trace {
+            file: Mutex::new(file),
+        })
     }
 
     /// Appends one record. A failed write is logged, never fatal: tracing must not stop serving.

@@ -1,0 +1,169 @@
+//! `ds4 serve`: the OpenAI/Anthropic-compatible HTTP server (crates/ds4-server) over one
+//! model session. Flags follow ds4's (ds4-spec.md §5).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ds4_model::backend::Backend;
+use ds4_model::numerics::Numerics;
+use ds4_server::model::{SessionRunner, TokenizerCodec};
+use ds4_server::trace::Trace;
+use ds4_server::{AppState, Engine, EngineOptions, ServerConfig};
+use ds4_text::tokenizer::Tokenizer;
+
+const DEFAULT_MODEL: &str = "ds4flash.gguf";
+/// The name the APIs report (ds4's).
+const MODEL_NAME: &str = "deepseek-v4-flash";
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Model GGUF (default ./ds4flash.gguf).
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Context size in tokens.
+    #[arg(short = 'c', long = "ctx", default_value_t = 32768)]
+    ctx: usize,
+    /// Default max_tokens of a request that gives none.
+    #[arg(short = 'n', long = "tokens", default_value_t = ds4_server::server::DEFAULT_MAX_TOKENS)]
+    max_tokens: usize,
+    /// Require this key (Authorization: Bearer KEY or x-api-key: KEY).
+    #[arg(long = "api-key")]
+    api_key: Option<String>,
+    /// Answer with permissive CORS headers (browser clients).
+    #[arg(long)]
+    cors: bool,
+    /// Append every rendered prompt and generation to FILE.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Tokenizer from a Hugging Face tokenizer.json instead of the GGUF's vocabulary.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Render past tool calls canonically instead of replaying the sampled DSML.
+    #[arg(long = "disable-exact-dsml-tool-replay")]
+    disable_exact_dsml_tool_replay: bool,
+    /// How many tool-call ids to remember for exact replay.
+    #[arg(long = "tool-memory-max-ids", default_value_t = ds4_server::tool_memory::DEFAULT_MAX_IDS)]
+    tool_memory_max_ids: usize,
+    /// Request body limit in bytes.
+    #[arg(long = "body-limit", default_value_t = ds4_server::server::DEFAULT_BODY_LIMIT)]
+    body_limit: usize,
+    /// Seconds without output after which a stream gets a keep-alive comment.
+    #[arg(long = "keepalive-secs", default_value_t = 5.0)]
+    keepalive_secs: f64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    if args.ctx < 2 {
+        bail!("--ctx must be at least 2, got {}", args.ctx);
+    }
+    if !(args.keepalive_secs > 0.0 && args.keepalive_secs.is_finite()) {
+        bail!("--keepalive-secs must be a positive number");
+    }
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
+        None => bail!("no model: pass -m MODEL.gguf (./{DEFAULT_MODEL} not found)"),
+    };
+    let gguf = Arc::new(
+        ds4_gguf::reader::GgufFile::open(&model_path)
+            .with_context(|| format!("opening {}", model_path.display()))?,
+    );
+    let tokenizer = match &args.tokenizer {
+        Some(path) => Tokenizer::from_tokenizer_json(path)
+            .with_context(|| format!("tokenizer {}", path.display()))?,
+        None => {
+            let tokens = gguf
+                .get_string_array("tokenizer.ggml.tokens")
+                .with_context(|| format!("reading the vocabulary of {}", model_path.display()))?;
+            let merges = gguf
+                .get_string_array("tokenizer.ggml.merges")
+                .with_context(|| format!("reading the merges of {}", model_path.display()))?;
+            Tokenizer::from_gguf_vocab(tokens, merges)
+                .with_context(|| format!("tokenizer of {}", model_path.display()))?
+        }
+    };
+    let backend: Box<dyn Backend> = match args.backend.as_str() {
+        "cpu" => Box::new(
+            ds4_model::cpu::CpuBackend::from_file(gguf.clone(), Numerics::Ds4)
+                .with_context(|| format!("loading {}", model_path.display()))?,
+        ),
+        other => bail!("--backend {other} is not available to the server in this build (use cpu)"),
+    };
+    let vocab = backend.config().vocab_size;
+    if tokenizer.vocab_size() > vocab {
+        bail!(
+            "the tokenizer has {} tokens but the model only {vocab} logits",
+            tokenizer.vocab_size()
+        );
+    }
+    let session = backend
+        .new_session(args.ctx)
+        .context("creating the session")?;
+    let trace = match &args.trace {
+        Some(p) => Some(
+            Trace::create(p).with_context(|| format!("opening the trace file {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let engine = Engine::start(
+        Box::new(SessionRunner::new(session, vocab)),
+        Arc::new(TokenizerCodec(tokenizer)),
+        EngineOptions {
+            model_name: MODEL_NAME.to_string(),
+            trace,
+            tool_memory_max_ids: args.tool_memory_max_ids,
+        },
+    );
+    let config = ServerConfig {
+        body_limit: args.body_limit,
+        keepalive: Duration::from_secs_f64(args.keepalive_secs),
+        default_max_tokens: args.max_tokens,
+        api_key: args.api_key.clone(),
+        cors: args.cors,
+        exact_tool_replay: !args.disable_exact_dsml_tool_replay,
+        ..ServerConfig::default()
+    };
+    let state = AppState {
+        engine,
+        config: Arc::new(config),
+    };
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("bad --host/--port: {}:{}", args.host, args.port))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        eprintln!(
+            "ds4 serve: {} ({} backend, ctx {}) listening on http://{local}",
+            model_path.display(),
+            args.backend,
+            args.ctx
+        );
+        ds4_server::serve(listener, state).await.context("serving")
+    })
+}

@@ -1,0 +1,97 @@
+//! Server-sent events: framing, and the response body that turns a job's events into frames,
+//! with keep-alive comments while nothing is produced (queue wait, long prefill).
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::job::{CancelOnDrop, EngineError, GenEvent};
+
+/// `data: {json}` frame.
+pub fn data(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+/// `event: name` + `data: {json}` frame (Anthropic and Responses style).
+pub fn named(event: &str, v: &Value) -> String {
+    format!("event: {event}\ndata: {v}\n\n")
+}
+
+/// Keep-alive comment (ds4 sends `: prefill` during long prefills).
+pub const KEEPALIVE: &str = ": prefill\n\n";
+
+/// One API's streaming shape.
+pub trait SseEncoder: Send + 'static {
+    /// Frames for one engine event (possibly none).
+    fn event(&mut self, ev: GenEvent) -> String;
+    /// Whether the final frames were written.
+    fn finished(&self) -> bool;
+    /// Frames that end the stream when the engine failed (after the headers were sent).
+    fn fail(&mut self, err: &EngineError) -> String;
+}
+
+struct BodyState<E> {
+    rx: UnboundedReceiver<GenEvent>,
+    enc: E,
+    keepalive: Duration,
+    done: bool,
+    /// Dropped with the body, i.e. when the client disconnects: cancels the job.
+    _guard: CancelOnDrop,
+}
+
+/// The streaming response for a submitted job.
+pub fn sse_response<E: SseEncoder>(
+    rx: UnboundedReceiver<GenEvent>,
+    guard: CancelOnDrop,
+    enc: E,
+    keepalive: Duration,
+) -> Response {
+    let state = BodyState {
+        rx,
+        enc,
+        keepalive,
+        done: false,
+        _guard: guard,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            match tokio::time::timeout(st.keepalive, st.rx.recv()).await {
+                Err(_) => {
+                    return Some((
+                        Ok::<Bytes, std::convert::Infallible>(Bytes::from_static(
+                            KEEPALIVE.as_bytes(),
+                        )),
+                        st,
+                    ))
+                }
+                Ok(Some(ev)) => {
+                    let frames = st.enc.event(ev);
+                    st.done = st.enc.finished();
+                    if !frames.is_empty() {
+                        return Some((Ok(Bytes::from(frames)), st));
+                    }
+                }
+                Ok(None) => {
+                    st.done = true;
+                    let frames = st.enc.fail(&EngineError::Shutdown);
+                    return Some((Ok(Bytes::from(frames)), st));
+                }
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

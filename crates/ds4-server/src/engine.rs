@@ -1,0 +1,460 @@
+//! The engine: one worker thread owns the model session and runs jobs one at a time, in the
+//! order they arrived (FIFO over a channel, so no request can starve another). Each job
+//! streams [`GenEvent`]s back over its own channel; a job whose client went away (its cancel
+//! flag set or its event receiver dropped) stops before the next token and frees the worker.
+//!
+//! Prefix reuse: a job whose prompt extends the live session (by tokens, or by rendered bytes
+//! when the text starts with the live tokens' text) prefills only the new suffix.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use ds4_text::sampler::{DsmlDecodeTracker, Sampler, SamplerParams};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::generate::OutputStream;
+use crate::job::{CancelFlag, CancelOnDrop, EngineError, FinishReason, GenEvent, GenJob, Usage};
+use crate::runner::{ModelRunner, TextCodec};
+use crate::tool_memory::ToolMemory;
+use crate::trace::{Trace, TraceRecord};
+
+/// Prefill runs in chunks that end on absolute multiples of this many tokens, so a cancel
+/// is noticed between chunks and chunk boundaries do not depend on the cached prefix.
+const PREFILL_CHUNK: usize = 512;
+
+/// A queued job with its reply channel.
+struct Queued {
+    job: GenJob,
+    events: UnboundedSender<GenEvent>,
+    cancel: CancelFlag,
+}
+
+/// Counters the server and the tests read.
+#[derive(Debug, Default)]
+pub struct EngineStatus {
+    busy: AtomicBool,
+    queued: AtomicUsize,
+    completed: AtomicUsize,
+}
+
+impl EngineStatus {
+    /// Whether the worker is running a job now.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+    /// Jobs submitted and not yet started.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+    /// Jobs finished (done, failed or cancelled).
+    pub fn completed(&self) -> usize {
+        self.completed.load(Ordering::Acquire)
+    }
+}
+
+/// Handle to the worker; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    queue: mpsc::Sender<Queued>,
+    codec: Arc<dyn TextCodec>,
+    tool_memory: Arc<Mutex<ToolMemory>>,
+    status: Arc<EngineStatus>,
+    ctx: usize,
+    model_name: Arc<str>,
+}
+
+/// Engine options.
+pub struct EngineOptions {
+    pub model_name: String,
+    pub trace: Option<Trace>,
+    pub tool_memory_max_ids: usize,
+}
+
+impl Engine {
+    /// Starts the worker thread, which owns `runner` from now on.
+    pub fn start(
+        runner: Box<dyn ModelRunner>,
+        codec: Arc<dyn TextCodec>,
+        opts: EngineOptions,
+    ) -> Engine {
+        let (tx, rx) = mpsc::channel::<Queued>();
+        let status = Arc::new(EngineStatus::default());
+        let tool_memory = Arc::new(Mutex::new(ToolMemory::new(opts.tool_memory_max_ids)));
+        let ctx = runner.ctx();
+        let mut worker = Worker {
+            runner,
+            codec: codec.clone(),
+            live_bytes: Vec::new(),
+            last_logits: None,
+            tool_memory: tool_memory.clone(),
+            trace: opts.trace,
+            status: status.clone(),
+        };
+        std::thread::Builder::new()
+            .name("ds4-engine".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawning the engine thread");
+        Engine {
+            queue: tx,
+            codec,
+            tool_memory,
+            status,
+            ctx,
+            model_name: opts.model_name.into(),
+        }
+    }
+
+    /// Queues a job. Dropping the returned guard (or the receiver) cancels it.
+    pub fn submit(&self, job: GenJob) -> (UnboundedReceiver<GenEvent>, CancelOnDrop) {
+        let (events, rx) = unbounded_channel();
+        let cancel = CancelFlag::new();
+        self.status.queued.fetch_add(1, Ordering::AcqRel);
+        let queued = Queued {
+            job,
+            events,
+            cancel: cancel.clone(),
+        };
+        if let Err(mpsc::SendError(q)) = self.queue.send(queued) {
+            self.status.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = q.events.send(GenEvent::Failed(EngineError::Shutdown));
+        }
+        (rx, CancelOnDrop(cancel))
+    }
+
+    pub fn codec(&self) -> &Arc<dyn TextCodec> {
+        &self.codec
+    }
+    pub fn tool_memory(&self) -> &Arc<Mutex<ToolMemory>> {
+        &self.tool_memory
+    }
+    pub fn status(&self) -> &Arc<EngineStatus> {
+        &self.status
+    }
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+}
+
+struct Worker {
+    runner: Box<dyn ModelRunner>,
+    codec: Arc<dyn TextCodec>,
+    /// The text bytes of `runner.tokens()`, kept in step with it.
+    live_bytes: Vec<u8>,
+    /// Logits after the last live token, when known.
+    last_logits: Option<Vec<f32>>,
+    tool_memory: Arc<Mutex<ToolMemory>>,
+    trace: Option<Trace>,
+    status: Arc<EngineStatus>,
+}
+
+/// How a job's prompt maps onto the live session.
+struct Plan {
+    /// Prompt tokens reused from the live session.
+    cached: usize,
+    /// Tokens still to prefill.
+    suffix: Vec<u32>,
+}
+
+impl Worker {
+    fn run(&mut self, rx: mpsc::Receiver<Queued>) {
+        while let Ok(q) = rx.recv() {
+            self.status.queued.fetch_sub(1, Ordering::AcqRel);
+            if q.cancel.is_cancelled() || q.events.is_closed() {
+                self.status.completed.fetch_add(1, Ordering::AcqRel);
+                continue;
+            }
+            self.status.busy.store(true, Ordering::Release);
+            let events = q.events.clone();
+            let request_id = q.job.request_id.clone();
+            // A bug in one job must not take the worker (and with it the server) down.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(q)));
+            if outcome.is_err() {
+                tracing::error!(request = %request_id, "generation panicked; session reset");
+                self.reset();
+                let _ = events.send(GenEvent::Failed(EngineError::Model(
+                    "internal error during generation".into(),
+                )));
+            }
+            self.status.busy.store(false, Ordering::Release);
+            self.status.completed.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.runner.reset();
+        self.live_bytes.clear();
+        self.last_logits = None;
+    }
+
+    /// Chooses the reuse path: exact token prefix, then rendered-text prefix, else cold.
+    fn plan(&mut self, job: &GenJob) -> Plan {
+        let live_len = self.runner.tokens().len();
+        if live_len > 0 {
+            let live = self.runner.tokens();
+            if job.prompt_tokens.len() >= live_len && job.prompt_tokens[..live_len] == *live {
+                let suffix = job.prompt_tokens[live_len..].to_vec();
+                if !suffix.is_empty() || self.last_logits.is_some() {
+                    return Plan {
+                        cached: live_len,
+                        suffix,
+                    };
+                }
+            }
+            let text = job.prompt_text.as_bytes();
+            if text.len() > self.live_bytes.len()
+                && text.starts_with(&self.live_bytes)
+                && job.prompt_text.is_char_boundary(self.live_bytes.len())
+            {
+                let suffix = self.codec.encode(&job.prompt_text[self.live_bytes.len()..]);
+                if !suffix.is_empty() {
+                    return Plan {
+                        cached: live_len,
+                        suffix,
+                    };
+                }
+            }
+        }
+        self.reset();
+        Plan {
+            cached: 0,
+            suffix: job.prompt_tokens.clone(),
+        }
+    }
+
+    /// Appends tokens to the session, keeping `live_bytes` in step.
+    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let logits = self.runner.eval(tokens).map_err(EngineError::Model)?;
+        for &t in tokens {
+            self.live_bytes.extend(self.codec.token_bytes(t));
+        }
+        Ok(logits)
+    }
+
+    fn run_job(&mut self, q: Queued) {
+        let Queued {
+            job,
+            events,
+            cancel,
+        } = q;
+        let send = |ev: GenEvent| {
+            let _ = events.send(ev);
+        };
+        let cancelled = || cancel.is_cancelled() || events.is_closed();
+        let ctx = self.runner.ctx();
+
+        let plan = self.plan(&job);
+        let prompt_len = plan.cached + plan.suffix.len();
+        if prompt_len >= ctx {
+            send(GenEvent::Failed(EngineError::ContextLengthExceeded {
+                prompt_tokens: prompt_len,
+                ctx,
+            }));
+            return;
+        }
+        send(GenEvent::Started {
+            prompt_tokens: prompt_len,
+            cached_tokens: plan.cached,
+        });
+
+        // Prefill the suffix.
+        let prefill_start = Instant::now();
+        let mut logits = if plan.suffix.is_empty() {
+            self.last_logits.take()
+        } else {
+            None
+        };
+        self.last_logits = None;
+        let mut pos = plan.cached;
+        let mut rest = plan.suffix.as_slice();
+        while !rest.is_empty() {
+            if cancelled() {
+                self.log_cancel(&job, "prefill");
+                return;
+            }
+            let chunk_end = ((pos / PREFILL_CHUNK) + 1) * PREFILL_CHUNK;
+            let n = (chunk_end - pos).min(rest.len());
+            match self.eval(&rest[..n]) {
+                Ok(l) => logits = Some(l),
+                Err(e) => {
+                    self.reset();
+                    send(GenEvent::Failed(e));
+                    return;
+                }
+            }
+            pos += n;
+            rest = &rest[n..];
+        }
+        let Some(mut logits) = logits else {
+            // Unreachable by `plan`'s construction; recover by a cold start next time.
+            self.reset();
+            send(GenEvent::Failed(EngineError::Model(
+                "no logits after prefill".into(),
+            )));
+            return;
+        };
+        let prefill_secs = prefill_start.elapsed().as_secs_f64();
+
+        // Decode.
+        let decode_start = Instant::now();
+        let seed = if job.sampling.seed > 0 {
+            job.sampling.seed
+        } else {
+            time_seed()
+        };
+        let mut sampler = Sampler::new(SamplerParams {
+            temperature: job.sampling.temperature,
+            top_p: job.sampling.top_p,
+            top_k: job.sampling.top_k,
+            min_p: job.sampling.min_p,
+            seed,
+        });
+        let mut out = OutputStream::new(job.thinking, job.tools_active, &job.stop, job.tool_ids);
+        // With tools, the structure of a DSML block is sampled greedily (ds4's DSML forcing).
+        // Tool blocks only count after the reasoning, so the tracker starts at `</think>`.
+        let mut forcing = job.tools_active.then(DsmlDecodeTracker::new);
+        let mut reasoning_open = job.thinking;
+        let mut reasoning_tokens = 0usize;
+        let eos = self.codec.eos();
+        let mut generated = 0usize;
+        let ended = loop {
+            if cancelled() {
+                self.log_cancel(&job, "decode");
+                return;
+            }
+            if generated >= job.max_tokens || self.runner.tokens().len() >= ctx {
+                self.last_logits = Some(logits);
+                break FinishReason::Length;
+            }
+            let greedy = forcing.as_ref().is_some_and(|f| f.state().forces_greedy());
+            let token = if greedy {
+                sampler.sample_with_temperature(&logits, 0.0)
+            } else {
+                sampler.sample(&logits)
+            };
+            generated += 1;
+            if token == eos {
+                // EOS is never evaluated; the live session keeps its logits.
+                self.last_logits = Some(logits);
+                break FinishReason::Stop;
+            }
+            let bytes = self.codec.token_bytes(token);
+            let piece = String::from_utf8_lossy(&bytes);
+            let after_reasoning = if !reasoning_open {
+                Some(&piece[..])
+            } else if let Some(p) = piece.find("</think>") {
+                reasoning_open = false;
+                Some(&piece[p + "</think>".len()..])
+            } else {
+                None
+            };
+            if reasoning_open {
+                reasoning_tokens += 1;
+            }
+            if let (Some(f), Some(text)) = (forcing.as_mut(), after_reasoning) {
+                f.push(text);
+            }
+            for ev in out.push_bytes(&bytes) {
+                send(ev);
+            }
+            match out.finish_now() {
+                // A stop string cut the text: the sampled token is not part of the answer.
+                Some(FinishReason::Stop) => {
+                    self.last_logits = Some(logits);
+                    break FinishReason::Stop;
+                }
+                Some(reason) => {
+                    // The closing tag is kept in the session so a replayed call matches it.
+                    match self.eval(&[token]) {
+                        Ok(l) => self.last_logits = Some(l),
+                        Err(e) => {
+                            self.reset();
+                            send(GenEvent::Failed(e));
+                            return;
+                        }
+                    }
+                    break reason;
+                }
+                None => {}
+            }
+            match self.eval(&[token]) {
+                Ok(l) => logits = l,
+                Err(e) => {
+                    self.reset();
+                    send(GenEvent::Failed(e));
+                    return;
+                }
+            }
+        };
+        let (tail, summary) = out.finish(ended);
+        for ev in tail {
+            send(ev);
+        }
+        if !summary.tool_blocks.is_empty() {
+            let mut memory = match self.tool_memory.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            for (id, block) in &summary.tool_blocks {
+                memory.insert(id.clone(), block.clone());
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: prompt_len,
+            cached_tokens: plan.cached,
+            completion_tokens: generated,
+            reasoning_tokens,
+        };
+        let decode_secs = decode_start.elapsed().as_secs_f64();
+        tracing::info!(
+            request = %job.request_id,
+            prompt_tokens = prompt_len,
+            cached_tokens = plan.cached,
+            prefilled_tokens = plan.suffix.len(),
+            generated_tokens = generated,
+            prefill_tps = format!("{:.1}", rate(plan.suffix.len(), prefill_secs)),
+            decode_tps = format!("{:.1}", rate(generated, decode_secs)),
+            finish = summary.finish.openai(),
+            "request done"
+        );
+        if let Some(trace) = &self.trace {
+            trace.record(&TraceRecord {
+                request_id: &job.request_id,
+                prompt_tokens: prompt_len,
+                cached_tokens: plan.cached,
+                prompt: &job.prompt_text,
+                generation: &summary.raw_text,
+                finish: summary.finish.openai(),
+            });
+        }
+        send(GenEvent::Done {
+            finish: summary.finish,
+            usage,
+        });
+    }
+
+    fn log_cancel(&self, job: &GenJob, phase: &str) {
+        tracing::info!(request = %job.request_id, phase, "client gone, generation cancelled");
+    }
+}
+
+fn rate(tokens: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        tokens as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// A seed from the clock, for requests that give none (ds4: time-based).
+fn time_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    nanos | 1
+}

@@ -1,0 +1,163 @@
+//! The text side of generation: sampled token bytes in, API-neutral [`GenEvent`]s out.
+//! UTF-8 assembly, the DSML stream parser (reasoning / content / tool calls), stop strings
+//! with hold-back, tool-call ids, and the finish decision all live here, so the engine's
+//! token loop and the tests on recorded model outputs share one path.
+
+use ds4_text::dsml::{DsmlStreamParser, StreamEvent};
+
+use crate::ids::tool_call_id;
+use crate::job::{FinishReason, GenEvent, ToolCallOut, ToolIdStyle};
+use crate::runner::Utf8Stream;
+use crate::stops::StopMatcher;
+
+/// The finished output of one generation.
+#[derive(Debug)]
+pub struct OutputSummary {
+    pub finish: FinishReason,
+    /// Everything sampled, as text (what `--trace` records).
+    pub raw_text: String,
+    /// Ids of the emitted tool calls with the exact DSML block they came from.
+    pub tool_blocks: Vec<(String, String)>,
+}
+
+/// Sampled output → events.
+pub struct OutputStream {
+    utf8: Utf8Stream,
+    parser: DsmlStreamParser,
+    stops: StopMatcher,
+    tools_active: bool,
+    id_style: ToolIdStyle,
+    raw: String,
+    /// Id of each tool call, by parser index.
+    ids: Vec<String>,
+}
+
+impl OutputStream {
+    pub fn new(
+        thinking: bool,
+        tools_active: bool,
+        stops: &[String],
+        id_style: ToolIdStyle,
+    ) -> Self {
+        OutputStream {
+            utf8: Utf8Stream::default(),
+            parser: DsmlStreamParser::new(thinking, tools_active),
+            stops: StopMatcher::new(stops),
+            tools_active,
+            id_style,
+            raw: String::new(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Adds the bytes of one sampled token.
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> Vec<GenEvent> {
+        let text = self.utf8.push(bytes);
+        self.push_text(&text)
+    }
+
+    /// Adds sampled text.
+    pub fn push_text(&mut self, text: &str) -> Vec<GenEvent> {
+        if text.is_empty() || self.stops.stopped() {
+            return Vec::new();
+        }
+        self.raw.push_str(text);
+        let parsed = self.parser.push(text);
+        self.convert(parsed)
+    }
+
+    /// Why generation must end now, if the output decides it: a stop string matched, or
+    /// (tools active) a tool-call block closed after the reasoning.
+    pub fn finish_now(&self) -> Option<FinishReason> {
+        if self.stops.stopped() {
+            Some(FinishReason::Stop)
+        } else if self.tools_active && self.parser.tool_block_closed() {
+            Some(FinishReason::ToolCalls)
+        } else {
+            None
+        }
+    }
+
+    /// Ends the stream. `ended` says why the token loop stopped when the output did not decide
+    /// it (EOS → Stop, budget → Length). Returns the last events and the summary.
+    pub fn finish(mut self, ended: FinishReason) -> (Vec<GenEvent>, OutputSummary) {
+        let mut events = Vec::new();
+        let tail = self.utf8.finish();
+        if !tail.is_empty() {
+            events.extend(self.push_text(&tail));
+        }
+        let finish = match self.finish_now() {
+            Some(f) => f,
+            // The model ended its turn inside a tool block: ds4 reports an error.
+            None if ended == FinishReason::Stop && self.parser.in_tool_block() => {
+                FinishReason::Error
+            }
+            None => ended,
+        };
+        if !self.stops.stopped() {
+            // Text the parser held back (a possible tag start) is decided now.
+            let last = self.parser.flush();
+            events.extend(self.convert(last));
+            let rest = self.stops.finish();
+            if !rest.is_empty() {
+                events.push(GenEvent::Content(rest));
+            }
+        }
+        let parsed = self.parser.finish();
+        let mut tool_blocks = Vec::new();
+        if let Some(block) = parsed.raw_dsml.as_ref() {
+            for id in self.ids.iter().filter(|id| !id.is_empty()) {
+                tool_blocks.push((id.clone(), block.clone()));
+            }
+        }
+        (
+            events,
+            OutputSummary {
+                finish,
+                raw_text: self.raw,
+                tool_blocks,
+            },
+        )
+    }
+
+    fn convert(&mut self, parsed: Vec<StreamEvent>) -> Vec<GenEvent> {
+        let mut out = Vec::new();
+        for ev in parsed {
+            match ev {
+                StreamEvent::Reasoning(t) => out.push(GenEvent::Reasoning(t)),
+                StreamEvent::Content(t) => {
+                    if self.stops.stopped() {
+                        continue;
+                    }
+                    let t = self.stops.push(&t);
+                    if !t.is_empty() {
+                        out.push(GenEvent::Content(t));
+                    }
+                }
+                StreamEvent::ToolCallStart { index, name } => {
+                    let id = tool_call_id(self.id_style);
+                    while self.ids.len() <= index {
+                        self.ids.push(String::new());
+                    }
+                    self.ids[index] = id.clone();
+                    out.push(GenEvent::ToolCallStart { index, id, name });
+                }
+                StreamEvent::ToolCallArgs { index, fragment } => {
+                    out.push(GenEvent::ToolCallArgs { index, fragment });
+                }
+                StreamEvent::ToolCallEnd { index, call } => {
+                    let id = self.ids.get(index).cloned().unwrap_or_default();
+                    out.push(GenEvent::ToolCallEnd {
+                        index,
+                        call: ToolCallOut {
+                            id,
+                            name: call.name,
+                            arguments: call.arguments,
+                        },
+                    });
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,57 @@
+//! The real model and tokenizer behind the engine's traits: a ds4-model [`Session`] and the
+//! ds4-text [`Tokenizer`].
+
+use ds4_model::backend::{Logits, Session};
+use ds4_text::tokenizer::Tokenizer;
+
+use crate::runner::{ModelRunner, TextCodec};
+
+/// A backend session as the engine's model.
+pub struct SessionRunner {
+    session: Box<dyn Session>,
+    vocab: usize,
+}
+
+impl SessionRunner {
+    pub fn new(session: Box<dyn Session>, vocab: usize) -> Self {
+        SessionRunner { session, vocab }
+    }
+}
+
+impl ModelRunner for SessionRunner {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn ctx(&self) -> usize {
+        self.session.ctx()
+    }
+    fn tokens(&self) -> &[u32] {
+        self.session.tokens()
+    }
+    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        self.session
+            .eval(tokens, Logits::Last)
+            .map_err(|e| e.to_string())
+    }
+    fn reset(&mut self) {
+        self.session.reset();
+    }
+}
+
+/// DeepSeek's tokenizer as the engine's codec.
+pub struct TokenizerCodec(pub Tokenizer);
+
+impl TextCodec for TokenizerCodec {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.0.encode(text)
+    }
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.0
+            .token_bytes(id)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+    fn eos(&self) -> u32 {
+        self.0.specials().eos
+    }
+}

@@ -1,0 +1,352 @@
+//! The request → engine → response path over raw HTTP with a scripted model: streaming shapes,
+//! usage and prefix reuse, cancellation on disconnect, concurrent clients.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use ds4_server::testing::{ByteCodec, ScriptedRunner};
+use ds4_server::{ServerConfig, TextCodec};
+use serde_json::Value;
+use support::{post, request, sse_events, start};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat_body(messages: Value, extra: Value) -> String {
+    let mut body =
+        serde_json::json!({"model": "deepseek-v4-flash", "messages": messages, "think": false});
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    body.to_string()
+}
+
+#[test]
+fn streaming_chat_has_role_content_finish_usage_and_done() {
+    let server = start(
+        ScriptedRunner::new(&["Hello there"], 4096),
+        ServerConfig::default(),
+    );
+    let body = chat_body(
+        serde_json::json!([{"role": "user", "content": "hi"}]),
+        serde_json::json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let r = post(server.addr, CHAT, &body);
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("text/event-stream"), "{}", r.headers);
+    let events = sse_events(&r.text());
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|ch| ch["delta"]["content"].as_str())
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "Hello there");
+    let finish = chunks.iter().find_map(|c| {
+        c["choices"]
+            .get(0)
+            .and_then(|ch| ch["finish_reason"].as_str())
+    });
+    assert_eq!(finish, Some("stop"));
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 12, "11 bytes + EOS");
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+}
+
+#[test]
+fn second_turn_prefills_only_the_new_suffix() {
+    let server = start(
+        ScriptedRunner::new(&["Hello there", "Fine"], 4096),
+        ServerConfig::default(),
+    );
+    let first = post(
+        server.addr,
+        CHAT,
+        &chat_body(
+            serde_json::json!([{"role": "user", "content": "hi"}]),
+            serde_json::json!({}),
+        ),
+    );
+    let u1 = first.json()["usage"].clone();
+    assert_eq!(
+        first.json()["choices"][0]["message"]["content"],
+        "Hello there"
+    );
+    let p1 = u1["prompt_tokens"].as_u64().unwrap();
+    let second = post(
+        server.addr,
+        CHAT,
+        &chat_body(
+            serde_json::json!([
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "more"}
+            ]),
+            serde_json::json!({}),
+        ),
+    );
+    let u2 = second.json()["usage"].clone();
+    assert_eq!(second.json()["choices"][0]["message"]["content"], "Fine");
+    let cached = u2["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // Live session = first prompt + "Hello there" (EOS is never evaluated).
+    assert_eq!(cached, p1 + 11);
+    let suffix = ByteCodec.encode("<｜end▁of▁sentence｜><｜User｜>more<｜Assistant｜></think>");
+    assert_eq!(
+        u2["prompt_tokens"].as_u64().unwrap() - cached,
+        suffix.len() as u64
+    );
+}
+
+/// Reads from a streaming response until `n` content chunks arrived.
+fn read_some_stream(s: &mut TcpStream, n: usize) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while String::from_utf8_lossy(&buf).matches("\"content\"").count() < n + 1 {
+        let k = s.read(&mut chunk).unwrap();
+        assert!(
+            k > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+fn wait_idle(server: &support::TestServer, limit: Duration) -> Duration {
+    let t = Instant::now();
+    while server.engine.status().busy() && t.elapsed() < limit * 20 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.elapsed()
+}
+
+#[test]
+fn disconnect_mid_generation_frees_the_worker_quickly() {
+    let long = "a".repeat(100_000);
+    let runner =
+        ScriptedRunner::new(&[long.as_str(), "next"], 1 << 20).with_delay(Duration::from_millis(1));
+    let server = start(runner, ServerConfig::default());
+
+    // Streaming client goes away.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let body = chat_body(
+        serde_json::json!([{"role": "user", "content": "go"}]),
+        serde_json::json!({"stream": true}),
+    );
+    s.write_all(&request("POST", CHAT, "", body.as_bytes()))
+        .unwrap();
+    read_some_stream(&mut s, 5);
+    assert!(server.engine.status().busy());
+    drop(s);
+    let freed = wait_idle(&server, Duration::from_millis(100));
+    assert!(
+        freed < Duration::from_millis(100),
+        "worker still busy {freed:?} after the disconnect"
+    );
+
+    // Non-streaming client goes away while waiting.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    let body = chat_body(
+        serde_json::json!([{"role": "user", "content": "again"}]),
+        serde_json::json!({}),
+    );
+    s.write_all(&request("POST", CHAT, "", body.as_bytes()))
+        .unwrap();
+    let t = Instant::now();
+    while !server.engine.status().busy() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    drop(s);
+    let freed = wait_idle(&server, Duration::from_millis(100));
+    assert!(
+        freed < Duration::from_millis(100),
+        "worker still busy {freed:?} after a non-streaming disconnect"
+    );
+
+    // The worker serves the next request.
+    let r = post(
+        server.addr,
+        CHAT,
+        &chat_body(
+            serde_json::json!([{"role": "user", "content": "x"}]),
+            serde_json::json!({"max_tokens": 3}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn concurrent_streaming_clients_get_whole_uncorrupted_streams() {
+    let reply = "The quick brown fox jumps over the lazy dog 0123456789 ünïcödé ✓";
+    let server = start(
+        ScriptedRunner::new(&[reply], 1 << 20),
+        ServerConfig::default(),
+    );
+    let addr = server.addr;
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = chat_body(
+                    serde_json::json!([{"role": "user", "content": format!("client {i}")}]),
+                    serde_json::json!({"stream": true}),
+                );
+                let r = post(addr, CHAT, &body);
+                assert_eq!(r.status, 200);
+                let events = sse_events(&r.text());
+                assert_eq!(events.last().unwrap().1, "[DONE]");
+                let mut text = String::new();
+                let mut id = None;
+                for (_, d) in &events[..events.len() - 1] {
+                    let v: Value = serde_json::from_str(d).unwrap();
+                    let this = v["id"].as_str().unwrap().to_string();
+                    assert_eq!(
+                        id.get_or_insert_with(|| this.clone()),
+                        &this,
+                        "chunks of two requests mixed"
+                    );
+                    if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                        text.push_str(t);
+                    }
+                }
+                text
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), reply);
+    }
+    assert_eq!(server.engine.status().completed(), 32);
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_finish_with_stop() {
+    let server = start(
+        ScriptedRunner::new(&["one two STOP three"], 4096),
+        ServerConfig::default(),
+    );
+    let r = post(
+        server.addr,
+        CHAT,
+        &chat_body(
+            serde_json::json!([{"role": "user", "content": "count"}]),
+            serde_json::json!({"stop": ["STOP"]}),
+        ),
+    );
+    let v = r.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "one two ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let r = post(
+        server.addr,
+        CHAT,
+        &chat_body(
+            serde_json::json!([{"role": "user", "content": "count"}]),
+            serde_json::json!({"max_tokens": 3}),
+        ),
+    );
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "one");
+}
+
+#[test]
+fn tool_call_turn_replayed_from_client_json_reuses_the_live_session() {
+    let block = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"bash\">\n\
+<｜DSML｜parameter name=\"command\" string=\"true\">ls   -la</｜DSML｜parameter>\n\
+<｜DSML｜parameter name=\"timeout\" string=\"false\">10</｜DSML｜parameter>\n\
+</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+    let reply = format!("Need ls.</think>{block}");
+    let trace_path =
+        std::env::temp_dir().join(format!("ds4-server-trace-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&trace_path);
+    let trace = ds4_server::trace::Trace::create(&trace_path).unwrap();
+    let server = support::start_with(
+        ScriptedRunner::new(&[reply.as_str(), "Counted.</think>Two files."], 1 << 16),
+        ServerConfig::default(),
+        Some(trace),
+    );
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "bash", "description": "Run a command",
+        "parameters": {"type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}}}}}]);
+    let user = serde_json::json!({"role": "user", "content": "List files"});
+    let body = serde_json::json!({"messages": [user], "tools": tools}).to_string();
+    let first = post(server.addr, CHAT, &body).json();
+    let choice = &first["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "bash");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        args,
+        serde_json::json!({"command": "ls   -la", "timeout": 10})
+    );
+    let p1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let generated = ByteCodec.encode(&reply).len() as u64;
+
+    // The client sends the call back in its own JSON (arguments re-serialized: the spacing of
+    // the sampled block is not recoverable from it) plus the tool result.
+    let assistant = serde_json::json!({"role": "assistant", "content": null,
+        "reasoning_content": choice["message"]["reasoning_content"], "tool_calls": [call]});
+    let tool =
+        serde_json::json!({"role": "tool", "tool_call_id": call["id"], "content": "a.txt\nb.txt"});
+    let body = serde_json::json!({"messages": [user, assistant, tool], "tools": tools}).to_string();
+    let second = post(server.addr, CHAT, &body).json();
+    assert_eq!(second["choices"][0]["message"]["content"], "Two files.");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        cached,
+        p1 + generated,
+        "the whole first turn, tool block included, is reused"
+    );
+    let suffix = ByteCodec.encode("<｜end▁of▁sentence｜><｜User｜><tool_result>a.txt\nb.txt</tool_result><｜Assistant｜><think>");
+    assert_eq!(
+        second["usage"]["prompt_tokens"].as_u64().unwrap() - cached,
+        suffix.len() as u64
+    );
+
+    // The trace shows the rendered prompt: tool schema, exact replayed block, tool result.
+    let trace = std::fs::read_to_string(&trace_path).unwrap();
+    assert_eq!(trace.matches("=== request ").count(), 2);
+    let second_prompt = trace.split("=== request ").nth(2).unwrap();
+    assert!(second_prompt.contains("\"name\":\"bash\""));
+    assert!(second_prompt.contains(&format!("Need ls.</think>{block}<｜end▁of▁sentence｜>")));
+    assert!(second_prompt.contains("<tool_result>a.txt\nb.txt</tool_result>"));
+    let _ = std::fs::remove_file(&trace_path);
+}
+
+#[test]
+fn slow_prefill_streams_keepalive_comments_before_the_first_token() {
+    let runner = ScriptedRunner::new(&["ok"], 4096).with_delay(Duration::from_millis(300));
+    let config = ServerConfig {
+        keepalive: Duration::from_millis(50),
+        ..ServerConfig::default()
+    };
+    let server = start(runner, config);
+    let body = chat_body(
+        serde_json::json!([{"role": "user", "content": "hi"}]),
+        serde_json::json!({"stream": true}),
+    );
+    let r = post(server.addr, CHAT, &body);
+    let text = r.text();
+    let keepalive = text.find(": prefill\n\n").expect("no keep-alive comment");
+    let first_token = text.find("\"content\":\"o").expect("no content");
+    assert!(keepalive < first_token, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
