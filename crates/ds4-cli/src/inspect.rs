@@ -26,8 +26,8 @@ pub struct InspectArgs {
 const SHORT_ARRAY: usize = 8;
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let file = GgufFile::open(&args.model)
-        .with_context(|| format!("reading {}", args.model.display()))?;
+    let file =
+        GgufFile::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     println!(
         "{}: GGUF v3, {} bytes, {} metadata keys, {} tensors, alignment {}, data at {}",
         args.model.display(),
@@ -186,7 +186,11 @@ fn print_state(cfg: &ModelConfig, ctx: u64) {
         if r == 0 {
             continue;
         }
-        let coff = if cfg.attn_kind[l] == AttnKind::Csa { 2 } else { 1 };
+        let coff = if cfg.attn_kind[l] == AttnKind::Csa {
+            2
+        } else {
+            1
+        };
         total += (ctx / r) * d * f32b + 2 * (coff * r) * (coff * d) * f32b;
         per_token += (d * f32b) as f64 / r as f64;
         if cfg.attn_kind[l] == AttnKind::Csa {

@@ -169,7 +169,12 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     };
     push("token_embd.weight".into(), R::Embedding, vec![d, v], false);
     push("output_hc_base.weight".into(), R::Vector, vec![n], false);
-    push("output_hc_fn.weight".into(), R::DenseF16, vec![n * d, n], false);
+    push(
+        "output_hc_fn.weight".into(),
+        R::DenseF16,
+        vec![n * d, n],
+        false,
+    );
     push("output_hc_scale.weight".into(), R::Vector, vec![1], false);
     push("output_norm.weight".into(), R::Vector, vec![d], false);
     push("output.weight".into(), R::Output, vec![d, v], false);
@@ -181,7 +186,12 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     for l in 0..cfg.n_layers {
         let t = |stem: &str| layer_tensor(l, stem);
         for hc in ["hc_attn", "hc_ffn"] {
-            push(t(&format!("{hc}_fn")), R::DenseF16, vec![n * d, hc_rows], false);
+            push(
+                t(&format!("{hc}_fn")),
+                R::DenseF16,
+                vec![n * d, hc_rows],
+                false,
+            );
             push(t(&format!("{hc}_scale")), R::Vector, vec![3], false);
             push(t(&format!("{hc}_base")), R::Vector, vec![hc_rows], false);
         }
@@ -208,17 +218,42 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             } else {
                 hd
             };
-            push(t("attn_compressor_ape"), R::DenseF16, vec![width, ratio], false);
+            push(
+                t("attn_compressor_ape"),
+                R::DenseF16,
+                vec![width, ratio],
+                false,
+            );
             push(t("attn_compressor_kv"), R::DenseF16, vec![d, width], false);
-            push(t("attn_compressor_gate"), R::DenseF16, vec![d, width], false);
+            push(
+                t("attn_compressor_gate"),
+                R::DenseF16,
+                vec![d, width],
+                false,
+            );
             push(t("attn_compressor_norm"), R::Vector, vec![hd], false);
         }
         if cfg.attn_kind[l] == AttnKind::Csa {
             push(t("indexer.attn_q_b"), R::DenseF16, vec![ql, ih * id], false);
             push(t("indexer.proj"), R::DenseF16, vec![d, ih], false);
-            push(t("indexer_compressor_ape"), R::DenseF16, vec![2 * id, ratio], false);
-            push(t("indexer_compressor_kv"), R::DenseF16, vec![d, 2 * id], false);
-            push(t("indexer_compressor_gate"), R::DenseF16, vec![d, 2 * id], false);
+            push(
+                t("indexer_compressor_ape"),
+                R::DenseF16,
+                vec![2 * id, ratio],
+                false,
+            );
+            push(
+                t("indexer_compressor_kv"),
+                R::DenseF16,
+                vec![d, 2 * id],
+                false,
+            );
+            push(
+                t("indexer_compressor_gate"),
+                R::DenseF16,
+                vec![d, 2 * id],
+                false,
+            );
             push(t("indexer_compressor_norm"), R::Vector, vec![id], false);
         }
         push(t("ffn_gate_inp"), R::DenseF16, vec![d, e], false);
@@ -285,7 +320,10 @@ impl fmt::Display for LayoutIssue {
                 name,
                 expected,
                 found,
-            } => write!(f, "tensor {name} has shape {found:?}, expected {expected:?}"),
+            } => write!(
+                f,
+                "tensor {name} has shape {found:?}, expected {expected:?}"
+            ),
             LayoutIssue::WrongType {
                 name,
                 allowed,
@@ -321,8 +359,7 @@ pub fn check_layout(
     let expected = expected_tensors(cfg);
     let by_name: std::collections::HashMap<&str, &TensorInfo> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    let known: std::collections::HashSet<&str> =
-        expected.iter().map(|s| s.name.as_str()).collect();
+    let known: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
     let mut issues = Vec::new();
     let mut missing: Vec<&TensorSpec> = Vec::new();
     for spec in &expected {

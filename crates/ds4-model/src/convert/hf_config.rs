@@ -199,9 +199,8 @@ pub fn parse_config(json: &Value) -> Result<HfModel, ConvertError> {
             }
         };
         attn_kind.push(kind);
-        compress_ratio.push(
-            u32::try_from(ratio).map_err(|_| bad("compress_rates", "a 32-bit integer"))?,
-        );
+        compress_ratio
+            .push(u32::try_from(ratio).map_err(|_| bad("compress_rates", "a 32-bit integer"))?);
     }
     if attn_kind.contains(&AttnKind::Csa) && csa_rate != u64::from(CSA_RATIO) {
         return Err(unsupported(format!(
@@ -209,8 +208,7 @@ pub fn parse_config(json: &Value) -> Result<HfModel, ConvertError> {
              {CSA_RATIO}, so only {CSA_RATIO} can be expressed"
         )));
     }
-    if attn_kind.contains(&AttnKind::Hca) && (hca_rate == 0 || hca_rate == u64::from(CSA_RATIO))
-    {
+    if attn_kind.contains(&AttnKind::Hca) && (hca_rate == 0 || hca_rate == u64::from(CSA_RATIO)) {
         return Err(unsupported(format!(
             "config.json: the HCA rate is {hca_rate}; ds4's format needs a rate other than 0 and \
              {CSA_RATIO} for HCA layers"
@@ -309,7 +307,7 @@ pub fn parse_config(json: &Value) -> Result<HfModel, ConvertError> {
 /// Relations the tensor shapes rely on, stated in config.json's terms.
 fn check_shapes(cfg: &ModelConfig) -> Result<(), ConvertError> {
     let fail = |m: String| Err(ConvertError::Unsupported(format!("config.json: {m}")));
-    if cfg.rope_dim == 0 || cfg.rope_dim % 2 != 0 || cfg.rope_dim > cfg.head_dim {
+    if cfg.rope_dim == 0 || !cfg.rope_dim.is_multiple_of(2) || cfg.rope_dim > cfg.head_dim {
         return fail(format!(
             "the rotary width {} (head_dim·partial_rotary_factor) must be even, positive and at \
              most head_dim {}",
@@ -322,7 +320,7 @@ fn check_shapes(cfg: &ModelConfig) -> Result<(), ConvertError> {
             cfg.rope_dim, cfg.index_head_dim
         ));
     }
-    if cfg.o_groups == 0 || cfg.n_heads % cfg.o_groups != 0 {
+    if cfg.o_groups == 0 || !cfg.n_heads.is_multiple_of(cfg.o_groups) {
         return fail(format!(
             "num_attention_heads {} is not a multiple of o_groups {}",
             cfg.n_heads, cfg.o_groups
@@ -376,7 +374,10 @@ fn parse_rope(f: &Fields) -> Result<(RopeParams, RopeParams), ConvertError> {
             let c = compress.and_then(|c| c.as_object()).expect("has a type");
             let num = |k: &str| c.get(k).filter(|v| !v.is_null()).and_then(|v| v.as_f64());
             let factor = num("factor").ok_or_else(|| {
-                bad("rope_parameters.compress.factor", "a number (YaRN needs it)")
+                bad(
+                    "rope_parameters.compress.factor",
+                    "a number (YaRN needs it)",
+                )
             })?;
             if let Some(a) = num("attention_factor") {
                 if a != 1.0 {
@@ -421,7 +422,9 @@ fn parse_rope(f: &Fields) -> Result<(RopeParams, RopeParams), ConvertError> {
 fn theta_of(table: Option<&Value>, default: f64, key: &str) -> Result<f64, ConvertError> {
     match table.and_then(|t| t.get("rope_theta")) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| bad(key, "an object with a numeric rope_theta")),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| bad(key, "an object with a numeric rope_theta")),
     }
 }
 
@@ -447,7 +450,10 @@ pub fn model_metadata(m: &HfModel) -> Vec<(String, MetaValue)> {
     let u = |x: usize| MetaValue::U32(x as u32);
     let n_hash = cfg.moe_kind.iter().filter(|&&k| k == MoeKind::Hash).count();
     let mut out: Vec<(&str, MetaValue)> = vec![
-        ("context_length", MetaValue::U32(m.context_length.min(u64::from(u32::MAX)) as u32)),
+        (
+            "context_length",
+            MetaValue::U32(m.context_length.min(u64::from(u32::MAX)) as u32),
+        ),
         ("block_count", u(cfg.n_layers)),
         ("embedding_length", u(cfg.hidden)),
         ("vocab_size", u(cfg.vocab_size)),
@@ -469,12 +475,18 @@ pub fn model_metadata(m: &HfModel) -> Vec<(String, MetaValue)> {
         ("attention.indexer.key_length", u(cfg.index_head_dim)),
         ("attention.indexer.top_k", u(cfg.index_topk)),
         ("hyper_connection.count", u(cfg.hc_mult)),
-        ("hyper_connection.sinkhorn_iterations", u(cfg.hc_sinkhorn_iters)),
+        (
+            "hyper_connection.sinkhorn_iterations",
+            u(cfg.hc_sinkhorn_iters),
+        ),
         (
             "attention.compress_ratios",
             MetaValue::from(cfg.compress_ratio.clone()),
         ),
-        ("swiglu_clamp_exp", MetaValue::from(cfg.swiglu_clamp.clone())),
+        (
+            "swiglu_clamp_exp",
+            MetaValue::from(cfg.swiglu_clamp.clone()),
+        ),
         ("rope.freq_base", MetaValue::F32(cfg.rope_main.theta)),
         (
             "attention.compress_rope_freq_base",

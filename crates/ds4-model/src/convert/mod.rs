@@ -122,11 +122,18 @@ pub fn read_config(dir: &Path) -> Result<HfModel, ConvertError> {
 }
 
 /// Converts the checkpoint in `dir` to the GGUF `out`.
-pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
+pub fn convert(
+    dir: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
     let model = read_config(dir)?;
     let sources = Arc::new(SourceDir::open(dir)?);
     if sources.names().next().is_some() && sources.get("model.embed_tokens.weight").is_none() {
-        if let Some(orig) = sources.names().find(|n| n.starts_with("layers.") || *n == "embed.weight") {
+        if let Some(orig) = sources
+            .names()
+            .find(|n| n.starts_with("layers.") || *n == "embed.weight")
+        {
             return Err(ConvertError::Unsupported(format!(
                 "tensor names like '{orig}' are DeepSeek's original checkpoint names; save the \
                  model with save_pretrained(..., save_original_format=False) to get the HF module \
@@ -146,7 +153,10 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions) -> Result<ConvertR
             .unwrap_or_else(|| "deepseek4".to_string())
     });
     w.add_meta("general.name", MetaValue::from(name));
-    w.add_meta("deepseek4.convert.weights", MetaValue::from(opts.weights.name()));
+    w.add_meta(
+        "deepseek4.convert.weights",
+        MetaValue::from(opts.weights.name()),
+    );
     for (k, v) in model_metadata(&model) {
         w.add_meta(k, v);
     }

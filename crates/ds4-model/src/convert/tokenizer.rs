@@ -51,9 +51,9 @@ pub fn tokenizer_metadata(
                 ))
             })?;
         match slot {
-            Some(prev) if prev != text => Err(err(format!(
-                "token id {id} is both '{prev}' and '{text}'"
-            ))),
+            Some(prev) if prev != text => {
+                Err(err(format!("token id {id} is both '{prev}' and '{text}'")))
+            }
             _ => {
                 *slot = Some(text.to_string());
                 Ok(())
@@ -120,7 +120,10 @@ pub fn tokenizer_metadata(
             "tokenizer.ggml.tokens".to_string(),
             MetaValue::from(tokens.clone()),
         ),
-        ("tokenizer.ggml.token_type".to_string(), MetaValue::from(types)),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            MetaValue::from(types),
+        ),
         ("tokenizer.ggml.merges".to_string(), MetaValue::from(merges)),
     ];
     for (key, text) in [
