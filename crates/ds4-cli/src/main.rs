@@ -3,11 +3,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod chat;
 mod convert;
 mod inspect;
 mod logits;
 mod serve;
+mod synth;
 mod tokenize;
 
 #[derive(Parser)]
@@ -32,6 +34,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Tokenize text with the model's tokenizer.
     Tokenize(tokenize::TokenizeArgs),
+    /// Write a full-shape DeepSeek V4 Flash GGUF with random weights (for benchmarks).
+    Synth(synth::SynthArgs),
+    /// Measure prefill and decode speed at growing context sizes (ds4-bench's method).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -42,6 +48,8 @@ fn main() {
         Some(Command::Logits(a)) => logits::run(a),
         Some(Command::Serve(a)) => serve::run(a),
         Some(Command::Tokenize(a)) => tokenize::run(a),
+        Some(Command::Synth(a)) => synth::run(a),
+        Some(Command::Bench(a)) => bench::run(a),
         None => chat::run(cli.chat),
     };
     if let Err(e) = result {
