@@ -350,3 +350,99 @@ fn slow_prefill_streams_keepalive_comments_before_the_first_token() {
     assert!(keepalive < first_token, "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
+
+const BLOCK: &str = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n\
+<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n\
+<｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n\
+</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+
+#[test]
+fn anthropic_tool_use_round_trip_reuses_the_session() {
+    let reply = format!("Look it up.</think>{BLOCK}");
+    let server = start(
+        ScriptedRunner::new(&[reply.as_str(), "Done.</think>Sunny."], 1 << 16),
+        ServerConfig::default(),
+    );
+    let tools = serde_json::json!([{"name": "get_weather", "description": "Weather",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}]);
+    let user = serde_json::json!({"role": "user", "content": "Weather in Paris?"});
+    let body =
+        serde_json::json!({"max_tokens": 500, "messages": [user], "tools": tools}).to_string();
+    let first = post(server.addr, "/v1/messages", &body).json();
+    assert_eq!(first["stop_reason"], "tool_use");
+    let content = first["content"].as_array().unwrap();
+    assert_eq!(content[0]["type"], "thinking");
+    assert_eq!(content[0]["thinking"], "Look it up.");
+    let tool_use = content.iter().find(|b| b["type"] == "tool_use").unwrap();
+    assert!(tool_use["id"].as_str().unwrap().starts_with("toolu_"));
+    assert_eq!(
+        tool_use["input"],
+        serde_json::json!({"city": "Paris", "days": 3})
+    );
+    let live = first["usage"]["input_tokens"].as_u64().unwrap()
+        + first["usage"]["cache_read_input_tokens"].as_u64().unwrap()
+        + ByteCodec.encode(&reply).len() as u64;
+
+    let assistant = serde_json::json!({"role": "assistant", "content": content});
+    let result = serde_json::json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": tool_use["id"], "content": "sunny"}]});
+    let body = serde_json::json!({"max_tokens": 500, "messages": [user, assistant, result], "tools": tools}).to_string();
+    let second = post(server.addr, "/v1/messages", &body).json();
+    assert_eq!(second["stop_reason"], "end_turn");
+    assert_eq!(second["content"][1]["text"], "Sunny.");
+    assert_eq!(
+        second["usage"]["cache_read_input_tokens"].as_u64().unwrap(),
+        live
+    );
+    let suffix = ByteCodec.encode(
+        "<｜end▁of▁sentence｜><｜User｜><tool_result>sunny</tool_result><｜Assistant｜><think>",
+    );
+    assert_eq!(
+        second["usage"]["input_tokens"].as_u64().unwrap(),
+        suffix.len() as u64
+    );
+}
+
+#[test]
+fn responses_function_call_round_trip_reuses_the_session() {
+    let reply = format!("Look it up.</think>{BLOCK}");
+    let server = start(
+        ScriptedRunner::new(&[reply.as_str(), "Done.</think>Sunny."], 1 << 16),
+        ServerConfig::default(),
+    );
+    let tools = serde_json::json!([{"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}]);
+    let user = serde_json::json!({"role": "user", "content": "Weather in Paris?"});
+    let body =
+        serde_json::json!({"input": [user], "tools": tools, "reasoning": {"summary": "auto"}})
+            .to_string();
+    let first = post(server.addr, "/v1/responses", &body).json();
+    assert_eq!(first["status"], "completed");
+    let output = first["output"].as_array().unwrap();
+    let kinds: Vec<&str> = output.iter().map(|o| o["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["reasoning", "function_call"]);
+    let call = &output[1];
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, serde_json::json!({"city": "Paris", "days": 3}));
+    let live =
+        first["usage"]["input_tokens"].as_u64().unwrap() + ByteCodec.encode(&reply).len() as u64;
+
+    // Codex-style replay: reasoning item, function_call item, function_call_output item.
+    let input = serde_json::json!([
+        user,
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Look it up."}]},
+        {"type": "function_call", "call_id": call["call_id"], "name": "get_weather", "arguments": call["arguments"]},
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}
+    ]);
+    let body = serde_json::json!({"input": input, "tools": tools}).to_string();
+    let second = post(server.addr, "/v1/responses", &body).json();
+    assert_eq!(second["output"][0]["content"][0]["text"], "Sunny.");
+    let cached = second["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, live);
+    assert_eq!(
+        second["usage"]["output_tokens_details"]["reasoning_tokens"],
+        5
+    );
+}
