@@ -173,18 +173,23 @@ fn main() {
     }
     println!(
         "\nGB/s = bytes one call must move / time. stream: back-to-back launches from the host, {} warps per CTA; \
-         graph wN: {ITERS} calls captured in one CUDA graph and replayed, N warps per CTA.",
+         wN [capM]: {ITERS} calls captured in one CUDA graph and replayed, N warps per CTA [grid capped at M CTAs per SM].",
         ds4_cuda::kernels::DEFAULT_GEMV_WARPS
     );
     println!(
-        "\n| case | format | x | vecs | MB/call | stream us | stream GB/s | graph w1 GB/s | graph w2 | graph w4 | graph w8 | best us | best % of 3.35 TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| case | format | x | vecs | MB/call | stream us | stream GB/s | w1 | w2 | w4 | w8 | w4 cap8 | w8 cap4 | best us | best % of 3.35 TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in &cases {
         let r = run_case(&gpu, c);
         let gbs = |us: f64| r.bytes as f64 / (us * 1e-6) / 1e9;
         let best = r.graph_us.iter().cloned().fold(f64::INFINITY, f64::min);
+        let cols: Vec<String> = r
+            .graph_us
+            .iter()
+            .map(|&us| format!("{:.0}", gbs(us)))
+            .collect();
         println!(
-            "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0}% |",
+            "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {:.2} | {:.0}% |",
             c.name,
             c.format,
             if c.quantized_x { "q8 (dp4a)" } else { "f32" },
@@ -192,10 +197,7 @@ fn main() {
             r.bytes as f64 / 1e6,
             r.stream_us,
             gbs(r.stream_us),
-            gbs(r.graph_us[0]),
-            gbs(r.graph_us[1]),
-            gbs(r.graph_us[2]),
-            gbs(r.graph_us[3]),
+            cols.join(" | "),
             best,
             100.0 * gbs(best) / HBM_PEAK_GBS
         );
@@ -203,6 +205,15 @@ fn main() {
 }
 
 const ITERS: usize = 200;
+/// (warps per CTA, grid cap in CTAs per SM) of the graph-timed columns.
+const GRAPH_CONFIGS: [(usize, Option<usize>); 6] = [
+    (1, None),
+    (2, None),
+    (4, None),
+    (8, None),
+    (4, Some(8)),
+    (8, Some(4)),
+];
 
 /// Median over 5 repeats of the per-call time (µs) of `iters` calls of `f(i)`.
 fn time_calls(gpu: &Gpu, iters: usize, mut f: impl FnMut(usize)) -> f64 {
@@ -258,7 +269,7 @@ fn copy_bandwidth(gpu: &Gpu) -> f64 {
     let b = gpu.device.alloc::<u8>(n).unwrap();
     let stream = gpu.device.stream().cu_stream();
     let us = time_calls(gpu, 10, |_| {
-        // SAFETY: both buffers hold n bytes and live until after the timing.
+    /// Graph-replayed µs per call for each of GRAPH_CONFIGS.
         unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), n, stream) }.unwrap();
     });
     2.0 * n as f64 / (us * 1e-6) / 1e9
@@ -269,7 +280,7 @@ struct Measured {
     bytes: usize,
     stream_us: f64,
     /// Graph-replayed µs per call with 1, 2, 4, 8 warps per CTA.
-    graph_us: [f64; 4],
+    graph_us: [f64; 6],
 }
 
 fn run_case(gpu: &Gpu, c: &Case) -> Measured {
@@ -340,13 +351,15 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
     gpu.set_gemv_warps(ds4_cuda::kernels::DEFAULT_GEMV_WARPS)
         .unwrap();
     let stream_us = time_calls(gpu, ITERS, &mut call);
-    let mut graph_us = [0f64; 4];
-    for (slot, warps) in [1usize, 2, 4, 8].into_iter().enumerate() {
+    let mut graph_us = [0f64; 6];
+    for (slot, (warps, cap)) in GRAPH_CONFIGS.into_iter().enumerate() {
         gpu.set_gemv_warps(warps).unwrap();
+        gpu.set_gemv_grid_cap(cap);
         graph_us[slot] = time_graph(gpu, ITERS, &mut call);
     }
     gpu.set_gemv_warps(ds4_cuda::kernels::DEFAULT_GEMV_WARPS)
         .unwrap();
+    gpu.set_gemv_grid_cap(None);
     let x_bytes = if c.quantized_x {
         c.cols * c.n_vecs * 9 / 8
     } else {

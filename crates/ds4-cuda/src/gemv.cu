@@ -299,27 +299,35 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
     const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
 
-    for (i64 row0 = ((i64)blockIdx.x * warps + warp) * R; row0 < p.n_rows; row0 += (i64)gridDim.x * warps * R) {
-        const u8* rows[R];
-        const u8* blks[R];
+    // The warp's row groups form one stream of (group, chunk) steps: the loads of the next step,
+    // also across a group boundary, are in flight while the current chunk is computed.
+    const i64 group_stride = (i64)gridDim.x * warps * R;
+    i64 row0 = ((i64)blockIdx.x * warps + warp) * R;
+    const u8* rows[R];
+    uint4 regs[R][LPL];
+    auto set_rows = [&](i64 r0) {
 #pragma unroll
-        for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+        for (int r = 0; r < R; r++) rows[r] = W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes;
+    };
+    auto fetch = [&](i64 c) {  // issue the 16-byte loads of chunk c of every row
+        const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int j = 0; j < LPL; j++)
+                if (lane + 32 * j < n16) regs[r][j] = load_stream16(rows[r] + c * CHUNK + 16 * (lane + 32 * j));
+    };
+    if (row0 < p.n_rows) {
+        set_rows(row0);
+        if (p.aligned16) fetch(0);
+    }
+    for (; row0 < p.n_rows; row0 += group_stride) {
+        const u8* blks[R];
         float acc[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
-
-        uint4 regs[R][LPL];
-        auto fetch = [&](i64 c) {  // issue the 16-byte loads of chunk c of every row
-            const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
-#pragma unroll
-            for (int r = 0; r < R; r++)
-#pragma unroll
-                for (int j = 0; j < LPL; j++)
-                    if (lane + 32 * j < n16) regs[r][j] = load_stream16(rows[r] + c * CHUNK + 16 * (lane + 32 * j));
-        };
-        if (p.aligned16) fetch(0);
         for (i64 c = 0; c < nchunks; c++) {
             const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
             __syncwarp();
@@ -338,7 +346,13 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
                         ((u16*)(stage + r * CHUNK))[j] = ((const u16*)(rows[r] + c * CHUNK))[j];
             }
             __syncwarp();
-            if (p.aligned16 && c + 1 < nchunks) fetch(c + 1);  // in flight during the math below
+            // Issue the next step's loads (in flight during the math below).
+            if (c + 1 < nchunks) {
+                if (p.aligned16) fetch(c + 1);
+            } else if (row0 + group_stride < p.n_rows) {
+                set_rows(row0 + group_stride);
+                if (p.aligned16) fetch(0);
+            }
             for (int item = lane; item < nbv * F::ITEMS; item += 32) {
                 const int lb = item / F::ITEMS, it = item % F::ITEMS;
                 const i64 e0 = (c * F::CB + lb) * F::BE + 32 * it;

@@ -354,7 +354,11 @@ impl Gpu {
             && w.expert_bytes().is_multiple_of(16);
         let warps = self.gemv_warps();
         let rows_per_cta = warps * ROWS_PER_WARP;
-        let grid_x = w.rows.div_ceil(rows_per_cta);
+        let mut grid_x = w.rows.div_ceil(rows_per_cta);
+        if let Some(cap) = self.gemv_grid_cap() {
+            let sms = self.device.info().multiprocessors as usize;
+            grid_x = grid_x.min((cap * sms / n_slots).max(1));
+        }
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, n_slots as u32, 1),
             block_dim: ((warps * 32) as u32, 1, 1),

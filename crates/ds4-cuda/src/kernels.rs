@@ -62,6 +62,9 @@ pub struct Gpu {
     pub kernels: Kernels,
     /// Warps per CTA of the GEMV kernels (a tuning knob; see [`Gpu::set_gemv_warps`]).
     gemv_warps: AtomicUsize,
+    /// Most GEMV CTAs per multiprocessor, 0 = one CTA per row group (see
+    /// [`Gpu::set_gemv_grid_cap`]).
+    gemv_ctas_per_sm: AtomicUsize,
 }
 
 impl Gpu {
@@ -77,6 +80,7 @@ impl Gpu {
             device,
             kernels,
             gemv_warps: AtomicUsize::new(DEFAULT_GEMV_WARPS),
+            gemv_ctas_per_sm: AtomicUsize::new(0),
         })
     }
 
@@ -94,6 +98,18 @@ impl Gpu {
 
     pub fn gemv_warps(&self) -> usize {
         self.gemv_warps.load(Ordering::Relaxed)
+    }
+
+    /// Caps the GEMV grid at `ctas_per_sm` CTAs per multiprocessor (None: one CTA per row
+    /// group, the default). With a cap each warp walks several row groups, prefetching the
+    /// next group while it computes the current one. Results do not depend on it.
+    pub fn set_gemv_grid_cap(&self, ctas_per_sm: Option<usize>) {
+        self.gemv_ctas_per_sm
+            .store(ctas_per_sm.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn gemv_grid_cap(&self) -> Option<usize> {
+        Some(self.gemv_ctas_per_sm.load(Ordering::Relaxed)).filter(|&c| c > 0)
     }
 
     /// Launches kernel `name` of `module` with one argument pack.

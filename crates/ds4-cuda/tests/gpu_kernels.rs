@@ -468,3 +468,58 @@ fn every_gemv_block_size_gives_the_same_rows() {
     assert!(g.set_gemv_warps(0).is_err() && g.set_gemv_warps(9).is_err());
     g.set_gemv_warps(before).unwrap();
 }
+
+/// A capped grid makes each warp walk many row groups (the cross-group prefetch path).
+#[test]
+fn capped_grid_walks_many_row_groups_correctly() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(8);
+    for format in [
+        WeightFormat::Q8_0,
+        WeightFormat::IQ2XXS,
+        WeightFormat::Q2K,
+        WeightFormat::Q4K,
+        WeightFormat::F16,
+    ] {
+        let (cols, rows) = (512usize, 20011usize);
+        let w = random_rows(&mut rng, format, cols, rows);
+        let x = rng.f32s(cols);
+        let dw = upload_matrix(g, &w);
+        let m = dw.matrix(0, format, cols, rows, 1).unwrap();
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = format
+            .activation_quant()
+            .map(|k| g.alloc_quantized(k, cols, 1).unwrap());
+        if let Some(q) = qa.as_mut() {
+            g.quantize_activations(&dx, q).unwrap();
+        }
+        let act = match &qa {
+            Some(q) => Activations::Quantized(q),
+            None => Activations::F32(&dx),
+        };
+        let mut outs = Vec::new();
+        for cap in [None, Some(1), Some(3)] {
+            g.set_gemv_grid_cap(cap);
+            let mut dy = g.device.alloc_filled::<f32>(rows, 0xFF).unwrap();
+            g.gemv(&m, act, 1, &mut dy).unwrap();
+            outs.push(g.device.download(&dy).unwrap());
+        }
+        g.set_gemv_grid_cap(None);
+        let reference = if qa.is_some() {
+            reference_quantized(format, &w, cols, rows, &x)
+        } else {
+            reference_gemv(format, &w, cols, rows, &x).0
+        };
+        let (_, mag) = reference_gemv(format, &w, cols, rows, &x);
+        for (i, y) in outs.iter().enumerate() {
+            check_rows(
+                &format!("{format:?} cap variant {i}"),
+                y,
+                &reference,
+                &mag,
+                2e-5,
+            );
+            assert_eq!(y, &outs[0], "{format:?}: grid cap changes bits");
+        }
+    }
+}

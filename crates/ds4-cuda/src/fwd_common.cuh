@@ -1,0 +1,119 @@
+// Helpers shared by the forward-pass kernel modules (hc.cu, attention.cu, compressor.cu,
+// moe.cu). Prepended after common.cuh. Every function mirrors a CPU reference function of
+// ds4-model (cpu/*.rs, numerics.rs) operation for operation, so results agree to rounding.
+//
+// Kernel parameters are all 8 bytes wide (u64 pointers, i64 counts, double scalars): the
+// Rust side passes each as one u64 bit pattern (fwd_kernels.rs).
+
+#define EMPTY_SCORE (-1e30f)
+#define FP8_MAX 448.0f
+#define FP4_MAX 6.0f
+
+__device__ __forceinline__ float sigmoidf_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// NaN sorts below everything (the CPU's top-k key).
+__device__ __forceinline__ float topk_key(float v) { return isnan(v) ? -INFINITY : v; }
+
+// Sum of a double over the CTA. Every thread must call it (uniform control flow).
+__device__ double cta_sum_f64(double v) {
+    __shared__ double part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    double s = 0.0;
+    const int nw = (blockDim.x + 31) >> 5;
+    for (int i = 0; i < nw; i++) s += part[i];
+    __syncthreads();
+    return s;
+}
+
+// 2^ceil(log2(max(amax, floor) / max_code)): numerics.rs pow2_scale.
+__device__ __forceinline__ float pow2_scale(float amax, float floor_, float max_code) {
+    return exp2f(ceilf(log2f(fmaxf(amax, floor_) / max_code)));
+}
+
+// Nearest E4M3FN value (|x| <= 448), ties to even: numerics.rs fp8_e4m3_nearest.
+__device__ __forceinline__ float fp8_e4m3_nearest(float x) {
+    const float a = fabsf(x);
+    if (a == 0.0f || isnan(a)) return x;
+    float step;
+    if (a < 0.015625f) {
+        step = 0.001953125f;  // 2^-9
+    } else {
+        const int e = (int)((__float_as_uint(a) >> 23) & 0xff) - 127;
+        step = ldexpf(1.0f, e - 3);
+    }
+    const float q = rintf(x / step) * step;
+    return fminf(fmaxf(q, -FP8_MAX), FP8_MAX);
+}
+
+// FP8 round trip of one block of n values (numerics.rs fp8_e4m3_round_trip_row, one block).
+__device__ void fp8_block(float* v, int n) {
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const float scale = pow2_scale(amax, 1e-4f, FP8_MAX);
+    for (int i = 0; i < n; i++) {
+        const float q = fp8_e4m3_nearest(fminf(fmaxf(v[i] / scale, -FP8_MAX), FP8_MAX));
+        v[i] = q * scale;
+    }
+}
+
+// Nearest E2M1 value (|x| <= 6), ties to the even code: numerics.rs fp4_e2m1_nearest.
+__device__ __forceinline__ float fp4_e2m1_nearest(float x) {
+    const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    const float a = fabsf(x);
+    int best = 0;
+    for (int code = 1; code < 8; code++) {
+        const float dn = fabsf(a - grid[code]), db = fabsf(a - grid[best]);
+        if (dn < db || (dn == db && (code & 1) == 0)) best = code;
+    }
+    return copysignf(grid[best], x);
+}
+
+// FP4 round trip of one block of n values (numerics.rs fp4_e2m1_round_trip, one block).
+__device__ void fp4_block(float* v, int n) {
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const float scale = pow2_scale(amax, 7.05e-38f, FP4_MAX);
+    for (int i = 0; i < n; i++) {
+        const float q = fp4_e2m1_nearest(fminf(fmaxf(v[i] / scale, -FP4_MAX), FP4_MAX));
+        v[i] = q * scale;
+    }
+}
+
+// In-CTA Walsh-Hadamard transform of x[0..n) (n a power of two) in shared memory, then
+// times 1/sqrt(n): numerics.rs hadamard_rotate. Every thread must call it.
+__device__ void cta_hadamard(float* x, int n) {
+    for (int h = 1; h < n; h *= 2) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < n / 2; idx += blockDim.x) {
+            const int i = (idx / h) * 2 * h + (idx % h), j = i + h;
+            const float u = x[i], v = x[j];
+            x[i] = u + v;
+            x[j] = u - v;
+        }
+    }
+    __syncthreads();
+    const float s = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] *= s;
+    __syncthreads();
+}
+
+// Rotates pair l of the tail of a `width`-wide vector by pos (or -pos): rope.rs rotate_tail.
+// The angle and its sine/cosine are computed in double, then rounded to f32, as the CPU does.
+__device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64 pos, const double* inv_freq,
+                                          bool inverse) {
+    float* p = x + (width - r) + 2 * l;
+    const double phi = (double)pos * inv_freq[l];
+    double s, c;
+    sincos(phi, &s, &c);
+    const float fs = (float)((inverse ? -1.0 : 1.0) * s), fc = (float)c;
+    const float x0 = p[0], x1 = p[1];
+    p[0] = x0 * fc - x1 * fs;
+    p[1] = x0 * fs + x1 * fc;
+}
+
+__device__ __forceinline__ float f16_round(float x) { return f16_to_f32(f32_to_f16(x)); }

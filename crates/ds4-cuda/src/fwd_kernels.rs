@@ -1,0 +1,153 @@
+//! The forward pass's own kernel modules (hc.cu, attention.cu, compressor.cu, moe.cu), compiled
+//! with NVRTC through the same disk cache as the foundation's modules, and a launcher.
+//!
+//! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
+//! counts, double scalars), so a launch is a list of u64 bit patterns ([`arg`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::compile::{KernelCache, COMMON_CUH};
+use crate::device::CudaDevice;
+use crate::error::{CudaError, DriverContext, Result};
+
+const FWD_COMMON: &str = include_str!("fwd_common.cuh");
+
+/// The forward pass's modules: name and source.
+const FORWARD_MODULES: &[(&str, &str)] = &[
+    ("fwd_hc", include_str!("hc.cu")),
+    ("fwd_attention", include_str!("attention.cu")),
+    ("fwd_compressor", include_str!("compressor.cu")),
+    ("fwd_moe", include_str!("moe.cu")),
+];
+
+/// A kernel argument: every parameter of these modules is 8 bytes wide.
+#[derive(Clone, Copy)]
+pub(crate) struct KArg(u64);
+
+/// Conversions into kernel arguments (device addresses, counts, scalars).
+pub(crate) trait IntoArg {
+    fn arg(self) -> KArg;
+}
+impl IntoArg for u64 {
+    fn arg(self) -> KArg {
+        KArg(self)
+    }
+}
+impl IntoArg for usize {
+    fn arg(self) -> KArg {
+        KArg(self as u64)
+    }
+}
+impl IntoArg for i64 {
+    fn arg(self) -> KArg {
+        KArg(self as u64)
+    }
+}
+impl IntoArg for bool {
+    fn arg(self) -> KArg {
+        KArg(self as u64)
+    }
+}
+impl IntoArg for f64 {
+    fn arg(self) -> KArg {
+        KArg(self.to_bits())
+    }
+}
+impl IntoArg for f32 {
+    fn arg(self) -> KArg {
+        KArg((self as f64).to_bits())
+    }
+}
+
+/// Builds a `[KArg]` from values of mixed types.
+macro_rules! kargs {
+    ($($v:expr),* $(,)?) => { [$($crate::fwd_kernels::IntoArg::arg($v)),*] };
+}
+pub(crate) use kargs;
+
+/// The compiled forward modules of one device.
+pub struct ForwardKernels {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl ForwardKernels {
+    pub fn load(device: &CudaDevice, cache: &KernelCache) -> Result<ForwardKernels> {
+        let arch = device.nvrtc_arch();
+        let mut modules = HashMap::new();
+        for (name, src) in FORWARD_MODULES {
+            let source = format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}");
+            let (cubin, _stats) = cache.get_or_compile(name, &source, &arch)?;
+            let module = device
+                .context()
+                .load_module(Ptx::from_binary(cubin))
+                .ctx(&format!("loading kernel module {name}"))?;
+            modules.insert(*name, module);
+        }
+        Ok(ForwardKernels {
+            modules,
+            functions: Mutex::default(),
+        })
+    }
+
+    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| CudaError::InvalidArgument(format!("no kernel module {module}")))?;
+        let f = m
+            .load_function(name)
+            .ctx(&format!("looking up kernel {name}"))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches `module::name` on the device's stream.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list (count and meaning), and every device
+    /// address in it must be valid for the accesses the kernel makes with `cfg`.
+    pub(crate) unsafe fn launch(
+        &self,
+        device: &CudaDevice,
+        module: &'static str,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[KArg],
+    ) -> Result<()> {
+        let f = self.function(module, name)?;
+        let mut b = device.stream().launch_builder(&f);
+        for a in args {
+            b.arg(&a.0);
+        }
+        // SAFETY: forwarded to the caller; every parameter is 8 bytes, as each KArg.
+        unsafe { b.launch(cfg) }.ctx(name)?;
+        Ok(())
+    }
+}
+
+/// A 1-D launch of `threads` threads in blocks of 256 (grid capped; kernels grid-stride).
+pub(crate) fn grid_1d(threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (threads.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One CTA of `threads` per item, with `shared` bytes of dynamic shared memory.
+pub(crate) fn per_item(items: usize, threads: u32, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}

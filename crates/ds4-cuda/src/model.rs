@@ -1,0 +1,322 @@
+//! A DeepSeek V4 model resident on one GPU: the GGUF tensor-data region uploaded once (tensors
+//! are views into it, so layers that alias the same bytes cost them once), the small per-layer
+//! vectors (norm weights, biases, slot biases, routing tables) as their own buffers, the RoPE
+//! frequency tables computed on the host exactly as the CPU backend computes them, and the
+//! compiled kernels.
+
+use std::sync::Arc;
+
+use ds4_gguf::reader::GgufFile;
+use ds4_model::config::{AttnKind, ModelConfig};
+use ds4_model::cpu::rope::RopeTable;
+use ds4_model::numerics::Numerics;
+use ds4_model::weights::{CompressorWeights, HcWeights, Matrix, ModelWeights};
+
+use crate::compile::KernelCache;
+use crate::device::{gib, DeviceBuffer};
+use crate::error::{CudaError, Result};
+use crate::fwd_kernels::ForwardKernels;
+use crate::gemv::{DeviceMatrix, WeightFormat};
+use crate::kernels::Gpu;
+use crate::weights::DeviceWeights;
+
+/// A weight matrix (or a stack of equally shaped ones) inside the uploaded region.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat {
+    /// Byte offset into the tensor-data region.
+    pub offset: usize,
+    pub format: WeightFormat,
+    pub cols: usize,
+    /// Rows of one matrix of the stack.
+    pub rows: usize,
+    pub experts: usize,
+}
+
+/// One hyper-connection's parameters on the device.
+pub(crate) struct DevHc {
+    pub fn_: Mat,
+    pub base: DeviceBuffer<f32>,
+    pub scale: DeviceBuffer<f32>,
+}
+
+pub(crate) struct DevCompressor {
+    pub kv: Mat,
+    pub gate: Mat,
+    pub ape: DeviceBuffer<f32>,
+    pub norm: DeviceBuffer<f32>,
+}
+
+pub(crate) struct DevIndexer {
+    pub compressor: DevCompressor,
+    pub q_b: Mat,
+    pub proj: Mat,
+}
+
+pub(crate) struct DevLayer {
+    pub hc_attn: DevHc,
+    pub hc_ffn: DevHc,
+    pub attn_norm: DeviceBuffer<f32>,
+    pub ffn_norm: DeviceBuffer<f32>,
+    pub q_a: Mat,
+    pub q_a_norm: DeviceBuffer<f32>,
+    pub q_b: Mat,
+    pub kv: Mat,
+    pub kv_norm: DeviceBuffer<f32>,
+    pub sinks: DeviceBuffer<f32>,
+    /// o_a seen as G stacked d_o × (H·D/G) matrices, one per output group.
+    pub o_a_groups: Mat,
+    pub o_b: Mat,
+    pub compressor: Option<DevCompressor>,
+    pub indexer: Option<DevIndexer>,
+    pub router: Mat,
+    pub router_bias: Option<DeviceBuffer<f32>>,
+    pub tid2eid: Option<DeviceBuffer<i32>>,
+    pub gate_exps: Mat,
+    pub up_exps: Mat,
+    pub down_exps: Mat,
+    pub gate_shexp: Mat,
+    pub up_shexp: Mat,
+    pub down_shexp: Mat,
+}
+
+/// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
+/// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
+pub const CHUNK: usize = 64;
+
+/// Everything the forward pass needs on one GPU.
+pub struct CudaModel {
+    pub cfg: ModelConfig,
+    pub numerics: Numerics,
+    /// Host view of the file: the embedding rows are decoded from it, and the small vectors
+    /// were uploaded from it.
+    pub(crate) host: ModelWeights,
+    pub(crate) gpu: Gpu,
+    pub(crate) fk: ForwardKernels,
+    pub(crate) weights: DeviceWeights,
+    pub(crate) layers: Vec<DevLayer>,
+    pub(crate) output_hc: DevHc,
+    pub(crate) output_norm: DeviceBuffer<f32>,
+    pub(crate) output: Mat,
+    /// Expert ids 0..G for the grouped output projection.
+    pub(crate) group_ids: DeviceBuffer<i32>,
+    /// RoPE pair frequencies (f64 bit patterns) of sliding and compressed layers.
+    pub(crate) rope_main: DeviceBuffer<u64>,
+    pub(crate) rope_compress: DeviceBuffer<u64>,
+}
+
+fn inv_freq_bits(t: &RopeTable) -> Vec<u64> {
+    t.inv_freq().iter().map(|v| v.to_bits()).collect()
+}
+
+impl CudaModel {
+    /// Opens GPU `ordinal`, checks that the model fits, uploads it (reporting progress as
+    /// (bytes done, bytes total)) and binds every tensor.
+    pub fn load(
+        file: Arc<GgufFile>,
+        cfg: ModelConfig,
+        numerics: Numerics,
+        ordinal: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> std::result::Result<CudaModel, ds4_model::backend::ModelError> {
+        use ds4_model::backend::ModelError;
+        cfg.validate()?;
+        if numerics == Numerics::Ds4
+            && cfg.attn_kind.contains(&AttnKind::Csa)
+            && !cfg.index_head_dim.is_power_of_two()
+        {
+            return Err(ModelError::Unsupported(format!(
+                "ds4 numerics rotate indexer vectors with a Hadamard transform, which needs a power-of-two indexer key length (got {})",
+                cfg.index_head_dim
+            )));
+        }
+        if cfg.hc_mult > 16 {
+            return Err(ModelError::Unsupported(format!(
+                "the CUDA kernels support at most 16 hyper-connection streams (model has {})",
+                cfg.hc_mult
+            )));
+        }
+        let host = ModelWeights::bind(file.clone(), &cfg)?;
+        let err = |e: CudaError| ModelError::Unsupported(format!("CUDA: {e}"));
+        let gpu = Gpu::open(ordinal).map_err(err)?;
+        let fk = ForwardKernels::load(&gpu.device, &KernelCache::from_env()).map_err(err)?;
+        let base = file.data_offset() as usize;
+        let region = &file.bytes()[base..];
+        let reserve = working_memory_estimate(&cfg);
+        let weights = DeviceWeights::upload(&gpu.device, region, reserve, progress).map_err(err)?;
+        let parts = DevParts::bind(&gpu, &host, &cfg, base).map_err(err)?;
+        let model = CudaModel {
+            cfg,
+            numerics,
+            host,
+            gpu,
+            fk,
+            weights,
+            layers: parts.layers,
+            output_hc: parts.output_hc,
+            output_norm: parts.output_norm,
+            output: parts.output,
+            group_ids: parts.group_ids,
+            rope_main: parts.rope_main,
+            rope_compress: parts.rope_compress,
+        };
+        // Every matrix must lie inside the region with a kernel for its format.
+        for l in &model.layers {
+            let mats = [
+                l.q_a, l.q_b, l.kv, l.o_a_groups, l.o_b, l.router, l.gate_exps, l.up_exps,
+                l.down_exps, l.gate_shexp, l.up_shexp, l.down_shexp, l.hc_attn.fn_, l.hc_ffn.fn_,
+            ];
+            for m in mats {
+                model.matrix(&m).map_err(err)?;
+            }
+        }
+        Ok(model)
+    }
+
+    /// The device view of a matrix (range-checked against the region).
+    pub(crate) fn matrix(&self, m: &Mat) -> Result<DeviceMatrix<'_>> {
+        self.weights
+            .matrix(m.offset, m.format, m.cols, m.rows, m.experts)
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Bytes of GPU memory the uploaded weights take.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.len()
+    }
+
+    pub(crate) fn rope_for(&self, layer: usize) -> &DeviceBuffer<u64> {
+        match self.cfg.attn_kind[layer] {
+            AttnKind::Sliding => &self.rope_main,
+            _ => &self.rope_compress,
+        }
+    }
+}
+
+/// The device-side parameters bound from the host weights.
+struct DevParts {
+    layers: Vec<DevLayer>,
+    output_hc: DevHc,
+    output_norm: DeviceBuffer<f32>,
+    output: Mat,
+    group_ids: DeviceBuffer<i32>,
+    rope_main: DeviceBuffer<u64>,
+    rope_compress: DeviceBuffer<u64>,
+}
+
+impl DevParts {
+    fn bind(gpu: &Gpu, host: &ModelWeights, cfg: &ModelConfig, base: usize) -> Result<DevParts> {
+        let up = |v: &[f32]| gpu.device.upload(v);
+        let mat = |m: &Matrix| -> Result<Mat> { to_mat(m, base, m.rows, 1) };
+        let hc = |h: &HcWeights| -> Result<DevHc> {
+            Ok(DevHc {
+                fn_: mat(&h.fn_)?,
+                base: up(&h.base)?,
+                scale: up(&h.scale)?,
+            })
+        };
+        let comp = |c: &CompressorWeights| -> Result<DevCompressor> {
+            Ok(DevCompressor {
+                kv: mat(&c.kv)?,
+                gate: mat(&c.gate)?,
+                ape: up(&c.ape)?,
+                norm: up(&c.norm)?,
+            })
+        };
+        let experts =
+            |e: &ds4_model::weights::ExpertMatrices| to_mat(&e.all, base, e.rows, e.n_experts);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for w in &host.layers {
+            layers.push(DevLayer {
+                hc_attn: hc(&w.hc_attn)?,
+                hc_ffn: hc(&w.hc_ffn)?,
+                attn_norm: up(&w.attn_norm)?,
+                ffn_norm: up(&w.ffn_norm)?,
+                q_a: mat(&w.q_a)?,
+                q_a_norm: up(&w.q_a_norm)?,
+                q_b: mat(&w.q_b)?,
+                kv: mat(&w.kv)?,
+                kv_norm: up(&w.kv_norm)?,
+                sinks: up(&w.sinks)?,
+                o_a_groups: to_mat(&w.o_a, base, cfg.o_lora_rank, cfg.o_groups)?,
+                o_b: mat(&w.o_b)?,
+                compressor: w.compressor.as_ref().map(comp).transpose()?,
+                indexer: match &w.indexer {
+                    Some(i) => Some(DevIndexer {
+                        compressor: comp(&i.compressor)?,
+                        q_b: mat(&i.q_b)?,
+                        proj: mat(&i.proj)?,
+                    }),
+                    None => None,
+                },
+                router: mat(&w.router)?,
+                router_bias: w.router_bias.as_deref().map(up).transpose()?,
+                tid2eid: w
+                    .tid2eid
+                    .as_deref()
+                    .map(|t| gpu.device.upload(t))
+                    .transpose()?,
+                gate_exps: experts(&w.gate_exps)?,
+                up_exps: experts(&w.up_exps)?,
+                down_exps: experts(&w.down_exps)?,
+                gate_shexp: mat(&w.gate_shexp)?,
+                up_shexp: mat(&w.up_shexp)?,
+                down_shexp: mat(&w.down_shexp)?,
+            });
+        }
+        let group_ids: Vec<i32> = (0..cfg.o_groups as i32).collect();
+        Ok(DevParts {
+            layers,
+            output_hc: hc(&host.output_hc)?,
+            output_norm: up(&host.output_norm)?,
+            output: mat(&host.output)?,
+            group_ids: gpu.device.upload(&group_ids)?,
+            rope_main: gpu
+                .device
+                .upload(&inv_freq_bits(&RopeTable::new(&cfg.rope_main, cfg.rope_dim)))?,
+            rope_compress: gpu.device.upload(&inv_freq_bits(&RopeTable::new(
+                &cfg.rope_compress,
+                cfg.rope_dim,
+            )))?,
+        })
+    }
+}
+
+/// A host matrix view as a device matrix: `rows` rows per matrix, `experts` matrices.
+fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result<Mat> {
+    let format = WeightFormat::from_ggml(m.ty).ok_or_else(|| {
+        CudaError::InvalidArgument(format!(
+            "tensor `{}`: type {} has no CUDA kernel (F32, F16, Q8_0, Q2_K, Q4_K, IQ2_XXS are supported)",
+            m.name, m.ty
+        ))
+    })?;
+    Ok(Mat {
+        offset: m.offset - data_offset,
+        format,
+        cols: m.cols,
+        rows,
+        experts,
+    })
+}
+
+/// Device memory the forward pass needs beside the weights for its scratch (one chunk) and
+/// a small session, used for the fit check before anything is uploaded.
+pub fn working_memory_estimate(cfg: &ModelConfig) -> usize {
+    let f = 4usize;
+    let n = CHUNK;
+    let k = cfg.n_experts_used;
+    let per_token = cfg.hc_mult * cfg.hidden * 4
+        + cfg.n_heads * cfg.head_dim * 4
+        + cfg.o_groups * cfg.o_lora_rank * 2
+        + k * (cfg.hidden * 2 + cfg.expert_ff * 3)
+        + cfg.vocab_size
+        + cfg.index_heads * cfg.index_head_dim;
+    n * per_token * f + (512 << 20)
+}
+
+/// GiB, for messages.
+pub(crate) fn gib_str(bytes: usize) -> String {
+    format!("{:.2} GiB", gib(bytes))
+}
