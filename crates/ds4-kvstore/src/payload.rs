@@ -101,6 +101,13 @@ impl PayloadHeader {
     }
 }
 
+/// ds4's GPU raw ring: clamp(align256(min(128 + prefill_cap, ctx)), 128, 8192).
+pub fn gpu_raw_cap(ctx: u32) -> u32 {
+    let prefill_cap = ctx.min(DS4_PREFILL_CAP);
+    let want = (128 + prefill_cap).min(ctx);
+    want.div_ceil(256).saturating_mul(256).clamp(128, 8192)
+}
+
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
@@ -139,11 +146,15 @@ fn check_header(cfg: &ModelConfig, h: &PayloadHeader) -> Result<(), FormatError>
     expect(3, h.prefill_cap, h.ctx.min(DS4_PREFILL_CAP) as u64)?;
     let raw_window = raw_window_rows(cfg, ctx) as u64;
     expect(5, h.raw_window, raw_window)?;
-    // GPU backends keep a larger ring; only the window must fit in it.
-    if (h.raw_cap as u64) < raw_window {
+    // The CPU keeps just the window; ds4's GPU backends keep a ring sized from the prefill cap.
+    let gpu_ring = gpu_raw_cap(h.ctx);
+    if h.raw_cap as u64 != raw_window && h.raw_cap != gpu_ring {
         return Err(field_err(
             4,
-            format!("{} is smaller than the raw window {raw_window}", h.raw_cap),
+            format!(
+                "is {}, expected the raw window {raw_window} or the GPU ring {gpu_ring}",
+                h.raw_cap
+            ),
         ));
     }
     let min_ratio = cfg

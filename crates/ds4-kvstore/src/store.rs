@@ -282,6 +282,21 @@ fn check_contents(
     Ok(ph)
 }
 
+/// Decodes a whole file and validates everything the format allows without a session: the
+/// header, every length, the text against `sha` (the file name), the tool map, and the
+/// payload's structure and size against the model.
+pub fn verify_file(
+    model: &ModelConfig,
+    sha: &[u8; 20],
+    bytes: &[u8],
+) -> Result<KvFile, FormatError> {
+    let file = KvFile::decode(bytes)?;
+    let layout = FileLayout::read(bytes, bytes.len() as u64)?;
+    // With the whole payload as its head, this validates the complete payload.
+    check_contents(model, sha, &layout, &file.text, &file.payload)?;
+    Ok(file)
+}
+
 /// Why a file could not be indexed or loaded.
 enum Reject {
     /// It could not be read (it may have been removed meanwhile).
@@ -540,13 +555,7 @@ impl KvStore {
                 return Err(KvError::io(&hit.path, "read", e));
             }
         };
-        let checked = KvFile::decode(&bytes).and_then(|file| {
-            let layout = FileLayout::read(&bytes, bytes.len() as u64)?;
-            // With the whole payload as its head, this validates the complete payload.
-            check_contents(&self.model, &hit.sha, &layout, &file.text, &file.payload)?;
-            Ok(file)
-        });
-        let file = match checked {
+        let file = match verify_file(&self.model, &hit.sha, &bytes) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(

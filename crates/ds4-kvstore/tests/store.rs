@@ -18,7 +18,13 @@ fn opts() -> StoreOptions {
     o
 }
 
-fn save(store: &mut KvStore, cfg: &ModelConfig, text: &str, toks: &[u32], ctx: usize) -> ds4_kvstore::Saved {
+fn save(
+    store: &mut KvStore,
+    cfg: &ModelConfig,
+    text: &str,
+    toks: &[u32],
+    ctx: usize,
+) -> ds4_kvstore::Saved {
     let payload = synthetic_payload(cfg, ctx, toks, toks.len() as u64 + 17);
     store
         .save(&SaveRequest {
@@ -67,9 +73,7 @@ fn lookup_takes_the_longest_usable_prefix() {
     let mut o = opts();
     o.min_tokens = 41;
     let mut strict = KvStore::open(&dir, &cfg, o).unwrap();
-    assert!(strict
-        .lookup_longest_prefix(&render(&toks[..30]))
-        .is_none());
+    assert!(strict.lookup_longest_prefix(&render(&toks[..30])).is_none());
     assert_eq!(strict.lookup_longest_prefix(&prompt).unwrap().tokens, 70);
 
     // A checkpoint written with a larger context than ours is not used.
@@ -111,7 +115,10 @@ fn lookup_ends_at_character_boundaries() {
         .unwrap();
     assert!(store.lookup_longest_prefix(&prompt).is_none());
     save(&mut store, &cfg, &prompt[..cut + 1], &toks, CTX);
-    assert_eq!(store.lookup_longest_prefix(&prompt).unwrap().text_len, cut + 1);
+    assert_eq!(
+        store.lookup_longest_prefix(&prompt).unwrap().text_len,
+        cut + 1
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -147,7 +154,10 @@ fn saves_are_validated() {
         key_flags: 0,
         tool_map: &[],
     };
-    assert!(matches!(store.save(&req), Err(KvError::Invalid(_))), "below min_tokens");
+    assert!(
+        matches!(store.save(&req), Err(KvError::Invalid(_))),
+        "below min_tokens"
+    );
     let toks = tokens(20, cfg.vocab_size, 7);
     let mut payload = synthetic_payload(&cfg, CTX, &toks, 1);
     payload.pop();
@@ -162,7 +172,10 @@ fn saves_are_validated() {
         key_flags: 1,
         ..req
     };
-    assert!(matches!(store.save(&req), Err(KvError::Invalid(_))), "tool-map bit is not a key kind");
+    assert!(
+        matches!(store.save(&req), Err(KvError::Invalid(_))),
+        "tool-map bit is not a key kind"
+    );
     assert!(kv_files(&dir).is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -194,7 +207,10 @@ fn eviction_keeps_the_directory_inside_the_budget() {
     assert!(store.total_bytes() <= o.budget_bytes);
     let left: Vec<u32> = store.entries().iter().map(|e| e.header.hits).collect();
     assert_eq!(left.iter().sum::<u32>(), 1, "the file with a hit stays");
-    assert!(store.entries().iter().any(|e| e.path == saved.path), "the new file stays");
+    assert!(
+        store.entries().iter().any(|e| e.path == saved.path),
+        "the new file stays"
+    );
     // A file larger than the whole budget is refused before anything is written.
     let mut tiny = o;
     tiny.budget_bytes = one / 2;
@@ -242,7 +258,13 @@ fn temporary_files_are_never_indexed_and_only_orphans_are_removed() {
     let mut store = KvStore::open(&dir, &cfg, opts()).unwrap();
     let saved = save(&mut store, &cfg, &render(&toks), &toks, CTX);
     let bytes = std::fs::read(&saved.path).unwrap();
-    let name = saved.path.file_name().unwrap().to_str().unwrap().to_string();
+    let name = saved
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     // A complete temporary of a live writer (this process) and one of a dead writer.
     let live = dir.join(format!("{name}.tmp.{}.99", std::process::id()));
     let dead_pid = u32::MAX - 1; // above pid_max: no such process
@@ -304,6 +326,10 @@ fn two_stores_share_one_directory() {
     let store = KvStore::open(&dir, &cfg, o.clone()).unwrap();
     assert!(store.skipped().is_empty(), "{:?}", store.skipped());
     assert!(store.total_bytes() <= o.budget_bytes);
-    assert!(kv_files(&dir).iter().all(|n| n.ends_with(".kv")), "{:?}", kv_files(&dir));
+    assert!(
+        kv_files(&dir).iter().all(|n| n.ends_with(".kv")),
+        "{:?}",
+        kv_files(&dir)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
