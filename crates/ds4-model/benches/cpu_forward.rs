@@ -1,6 +1,6 @@
 //! Prefill and decode throughput of the CPU backend (results in BENCHMARKS.md, "CPU forward").
 //!
-//!     cargo bench -p ds4-model --bench cpu_forward [-- tiny|flash-layer]
+//!     cargo bench -p ds4-model --bench cpu_forward [-- tiny|flash-layer|flash-layer:ds4]
 //!
 //! - tiny: the `flash_mini` fixture (converted to F32) and the synthetic small model (ds4-q2
 //!   weights, ds4 numerics): prefill of the whole prompt, then decode.
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ds4_gguf::reader::GgufFile;
-use ds4_model::backend::{Backend, Logits, Session};
+use ds4_model::backend::{Backend, Logits};
 use ds4_model::config::ModelConfig;
 use ds4_model::convert::{convert, ConvertOptions};
 use ds4_model::cpu::CpuBackend;
@@ -108,10 +108,10 @@ fn tiny() {
     );
 }
 
-fn flash_layer() {
+fn flash_layer(modes: &[Numerics]) {
     let cfg = synthetic::flash_layer_config();
     let prompt: Vec<u32> = (0..256u32).map(|i| (i * 37 + 11) % 256).collect();
-    for numerics in [Numerics::Ds4, Numerics::Reference] {
+    for &numerics in modes {
         let b = synthetic_backend(&cfg, WeightsMode::Ds4Q2, numerics, "flash-layer-q2.gguf");
         report(
             &format!("1 Flash CSA layer (ds4-q2 weights, {numerics} numerics)"),
@@ -132,7 +132,9 @@ fn main() {
         tiny();
     }
     if want("flash-layer") {
-        flash_layer();
+        flash_layer(&[Numerics::Ds4, Numerics::Reference]);
+    } else if want("flash-layer:ds4") {
+        flash_layer(&[Numerics::Ds4]);
     }
     std::fs::remove_dir_all(temp("x").parent().unwrap()).ok();
 }

@@ -20,6 +20,9 @@ use crate::weights::Matrix;
 
 /// Output rows per parallel task: enough work per task to amortize scheduling.
 const ROWS_PER_TASK: usize = 16;
+/// Below this many multiply-adds a product runs on the calling thread: spreading it over the
+/// pool would cost more than it saves (tiny models, decode of small projections).
+const SERIAL_WORK: usize = 1 << 16;
 
 /// One token's activation in the form a row type's kernel wants.
 enum Act<'a> {
@@ -50,26 +53,33 @@ pub fn matmul(file: &[u8], w: &Matrix, x: &[f32], out: &mut [f32], numerics: Num
     };
     // Row-major [rows × n_tok] scratch, transposed into `out` at the end.
     let mut tr = vec![0f32; rows * n_tok];
-    tr.par_chunks_mut(ROWS_PER_TASK * n_tok)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let mut row_f32 = if quantized {
-                vec![0f32; cols]
-            } else {
-                Vec::new()
-            };
-            for (i, dst) in chunk.chunks_exact_mut(n_tok).enumerate() {
-                let r = task * ROWS_PER_TASK + i;
-                let row = w.row(file, r);
-                if quantized && numerics == Numerics::Reference {
-                    // Sizes were checked when the weights were bound.
-                    let _ = quant::dequantize(w.ty, row, &mut row_f32);
-                }
-                for (d, act) in dst.iter_mut().zip(&acts) {
-                    *d = dot_row(w.ty, row, &row_f32, act);
-                }
+    let task = |(task, chunk): (usize, &mut [f32])| {
+        let mut row_f32 = if quantized {
+            vec![0f32; cols]
+        } else {
+            Vec::new()
+        };
+        for (i, dst) in chunk.chunks_exact_mut(n_tok).enumerate() {
+            let r = task * ROWS_PER_TASK + i;
+            let row = w.row(file, r);
+            if quantized && numerics == Numerics::Reference {
+                // Sizes were checked when the weights were bound.
+                let _ = quant::dequantize(w.ty, row, &mut row_f32);
             }
-        });
+            for (d, act) in dst.iter_mut().zip(&acts) {
+                *d = dot_row(w.ty, row, &row_f32, act);
+            }
+        }
+    };
+    if rows * cols * n_tok < SERIAL_WORK {
+        tr.chunks_mut(ROWS_PER_TASK * n_tok)
+            .enumerate()
+            .for_each(task);
+    } else {
+        tr.par_chunks_mut(ROWS_PER_TASK * n_tok)
+            .enumerate()
+            .for_each(task);
+    }
     for (r, col) in tr.chunks_exact(n_tok).enumerate() {
         for (t, v) in col.iter().enumerate() {
             out[t * rows + r] = *v;
