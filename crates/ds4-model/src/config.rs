@@ -299,13 +299,13 @@ impl ModelConfig {
         {
             return fail("a dimension is implausibly large".into());
         }
-        if self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+        if !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
             return fail(format!(
                 "rope.dimension_count {} must be even and at most key_length {}",
                 self.rope_dim, self.head_dim
             ));
         }
-        if self.n_heads % self.o_groups != 0 {
+        if !self.n_heads.is_multiple_of(self.o_groups) {
             return fail(format!(
                 "head_count {} is not a multiple of output_group_count {}",
                 self.n_heads, self.o_groups
