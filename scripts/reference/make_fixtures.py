@@ -24,8 +24,10 @@ Running it (torch is only on the GPU machine; CPU math is used there, the GPU is
   device call:  carry [".whl"], command
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \
-        && python3 scripts/reference/make_fixtures.py --out /tmp/fx \
+        && python3 scripts/reference/make_fixtures.py --out /tmp/fx --save-original ratios_real \
         && tar -C /tmp/fx -cf $OUT/fixtures.tar .
+  (add `--compare-with tests/fixtures/models` to check the rebuilt files against the committed
+  ones, tensor by tensor)
   back here:    tar -C tests/fixtures/models -xf <files_at>/fixtures.tar
 Anywhere torch (CPU is enough) and transformers 5.23.0 are installed:
       python3 scripts/reference/make_fixtures.py --out tests/fixtures/models [--only NAME ...]
@@ -524,7 +526,48 @@ def make_one(name, spec, args, pool):
     }
     save(model, os.path.join(args.out, name), ids, logits, info)
     print(f"[{name}] wrote {os.path.join(args.out, name)}", flush=True)
+    if name in (args.save_original or []):
+        save_original(model, os.path.join(args.out, f"{name}_original"))
     return info
+
+
+def save_original(model, out_dir):
+    """The same weights with save_pretrained's default naming (DeepSeek's checkpoint names,
+    experts split per expert), to test that convert reads that form too."""
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    compact = {
+        n: (t.to(torch.float16) if t.is_floating_point() else t.to(torch.int32)).contiguous()
+        for n, t in model.state_dict().items()
+    }
+    model.save_pretrained(out_dir, state_dict=compact)  # save_original_format=True
+    for extra in ("generation_config.json",):
+        path = os.path.join(out_dir, extra)
+        if os.path.exists(path):
+            os.remove(path)
+    print(f"wrote {out_dir} (original checkpoint names)", flush=True)
+
+
+def compare_with(out_dir, ref_dir, names):
+    """Reproducibility check: the files just written against committed ones, tensor by tensor."""
+    from safetensors.numpy import load_file
+
+    same = True
+    for name in names:
+        a_dir, b_dir = os.path.join(out_dir, name), os.path.join(ref_dir, name)
+        for f in ("tokens.npy", "logits.npy"):
+            a, b = np.load(os.path.join(a_dir, f)), np.load(os.path.join(b_dir, f))
+            eq = a.shape == b.shape and np.array_equal(a, b)
+            diff = float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape else float("inf")
+            print(f"[compare] {name}/{f}: {'identical' if eq else f'DIFFERENT (max |diff| {diff:.3e})'}")
+            same &= eq
+        a, b = load_file(os.path.join(a_dir, "model.safetensors")), load_file(os.path.join(b_dir, "model.safetensors"))
+        bad = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or not np.array_equal(a[k], b[k])]
+        print(f"[compare] {name}/model.safetensors: {len(a)} tensors, {'identical' if not bad else f'DIFFERENT: {bad[:5]}'}")
+        same &= not bad
+    print(f"[compare] {'all identical' if same else 'DIFFERENCES FOUND'}")
+    return same
 
 
 def check_only(names):
@@ -555,6 +598,8 @@ def main(argv=None):
     ap.add_argument("--screen-seconds", type=float, default=120, help="time limit of the seed search per model")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="seeds screened in parallel")
     ap.add_argument("--check-only", action="store_true", help="validate specs without torch")
+    ap.add_argument("--save-original", nargs="*", choices=sorted(MODELS), help="also save these with the original checkpoint names")
+    ap.add_argument("--compare-with", help="after building, compare with the fixtures in this folder")
     args = ap.parse_args(argv)
     names = args.only or list(MODELS)
     if args.check_only:
@@ -578,6 +623,8 @@ def main(argv=None):
             traceback.print_exc()
             failures.append(f"{name}: {e!r}")
     pool.shutdown()
+    if args.compare_with and not compare_with(args.out, args.compare_with, names):
+        failures.append("the rebuilt fixtures differ from --compare-with")
     if failures:
         print("FAILED:", *failures, sep="\n  ")
         return 1

@@ -19,6 +19,12 @@ use half::f16;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+/// Checkpoint tensors as stored: name → (dtype, shape, bytes).
+type RawTensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// An edit of one tensor info: (name, dims) → (name, dims).
+type InfoEdit = dyn Fn(&str, &[u64]) -> (String, Vec<u64>);
+
 const MODELS: [&str; 4] = ["flash_mini", "ratios_real", "vocab_real", "sliding_only"];
 
 fn fixtures() -> PathBuf {
@@ -410,7 +416,7 @@ fn converted_layout_is_valid_and_damage_is_named_exactly() {
     );
 
     // Rebuild the file with one change to one tensor info.
-    let rewrite = |tag: &str, edit: &dyn Fn(&str, &[u64]) -> (String, Vec<u64>)| {
+    let rewrite = |tag: &str, edit: &InfoEdit| {
         let mut w = GgufWriter::new();
         for (k, v) in file.metadata() {
             w.add_meta(k.clone(), v.clone());
@@ -613,14 +619,24 @@ fn tokenizer_goes_into_the_file() {
 /// A copy of `sliding_only` with the checkpoint or config edited.
 fn edited_checkpoint(
     tag: &str,
-    edit_tensors: &dyn Fn(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+    edit_tensors: &dyn Fn(&mut RawTensors),
     edit_config: &dyn Fn(&mut Value),
 ) -> PathBuf {
-    let src = model_dir("sliding_only");
+    edited_copy("sliding_only", tag, edit_tensors, edit_config)
+}
+
+/// A copy of fixture `model` with the checkpoint or config edited.
+fn edited_copy(
+    model: &str,
+    tag: &str,
+    edit_tensors: &dyn Fn(&mut RawTensors),
+    edit_config: &dyn Fn(&mut Value),
+) -> PathBuf {
+    let src = model_dir(model);
     let dir = scratch(tag);
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut tensors: RawTensors = st
         .tensors()
         .into_iter()
         .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
@@ -650,7 +666,7 @@ fn convert_err(dir: &Path) -> ConvertError {
 
 #[test]
 fn bad_checkpoints_are_clear_errors() {
-    let keep = |_: &mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>| {};
+    let keep = |_: &mut RawTensors| {};
     let same = |_: &mut Value| {};
 
     // The unedited copy converts (so each failure below is the edit's doing).
@@ -764,7 +780,7 @@ fn wide_checkpoint(tag: &str) -> PathBuf {
         state ^= state >> 27;
         ((state.wrapping_mul(0x2545F4914F6CDD1D) >> 40) as f32) / (1u64 << 24) as f32
     };
-    let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut tensors = RawTensors::new();
     for spec in expected_tensors(&cfg) {
         let src = ds4_model::convert::source_of(&spec, false).unwrap();
         let layer_is_hash = spec.name.starts_with("blk.")
@@ -858,4 +874,49 @@ fn k_quant_mixes_on_256_wide_rows() {
             assert!(rel > 0.0 && rel < bound, "{mode} {name}: {rel}");
         }
     }
+}
+
+#[test]
+fn original_checkpoint_names_convert_to_the_same_file() {
+    // `ratios_real_original` holds ratios_real's weights as save_pretrained writes them by
+    // default: DeepSeek's names (`attn.wq_a`, `attn.norm` for kv_norm, `ffn.gate.bias`, ...)
+    // and one w1/w2/w3 tensor per routed expert.
+    let (_, module_names) = convert_fixture("ratios_real", WeightsMode::F32, "orig-a");
+    let (_, original) = convert_fixture("ratios_real_original", WeightsMode::F32, "orig-b");
+    assert_eq!(module_names.tensors().len(), original.tensors().len());
+    for t in module_names.tensors() {
+        let o = original
+            .tensor(&t.name)
+            .unwrap_or_else(|| panic!("{}", t.name));
+        assert_eq!((o.ty, &o.dims), (t.ty, &t.dims), "{}", t.name);
+        assert_eq!(
+            original.tensor_data(&t.name),
+            module_names.tensor_data(&t.name),
+            "{}",
+            t.name
+        );
+    }
+    for (k, v) in module_names.metadata() {
+        if k != "general.name" {
+            assert_eq!(original.get(k), Some(v), "{k}");
+        }
+    }
+}
+
+#[test]
+fn original_names_with_a_missing_expert_are_an_error() {
+    let dir = edited_copy(
+        "ratios_real_original",
+        "orig-gap",
+        &|t| {
+            t.remove("model.layers.2.ffn.experts.3.w1.weight");
+        },
+        &|_| {},
+    );
+    let e = convert_err(&dir);
+    assert!(
+        e.to_string()
+            .contains("missing tensor model.layers.2.mlp.experts.3.w1.weight"),
+        "{e}"
+    );
 }

@@ -1,6 +1,6 @@
 //! `ds4 convert`: a directory written by transformers' `DeepseekV4ForCausalLM.save_pretrained`
-//! (config.json + safetensors, HF module names) → a GGUF in ds4's tensor naming, shapes and
-//! metadata.
+//! (config.json + safetensors, with DeepSeek's original tensor names or transformers' module
+//! names, see [`checkpoint_names`]) → a GGUF in ds4's tensor naming, shapes and metadata.
 //!
 //! Every tensor ds4's layout needs ([`crate::layout::expected_tensors`]) is read from the
 //! checkpoint ([`tensor_map`]), its shape is checked against config.json, and it is stored in
@@ -8,6 +8,7 @@
 //! tensor the layout does not use is an error, as is a missing one. With `--weights f32` the
 //! values are copied exactly (f16/bf16 sources widen losslessly).
 
+pub mod checkpoint_names;
 mod hf_config;
 mod safetensors_dir;
 pub mod tensor_map;
@@ -24,6 +25,7 @@ use ds4_gguf::{GgmlType, GgufError, MetaValue};
 use crate::config::ModelConfig;
 use crate::layout::{expected_tensors, storage_type, TensorRole, WeightsMode};
 
+pub use checkpoint_names::Checkpoint;
 pub use hf_config::{model_metadata, parse_config, HfModel};
 pub use safetensors_dir::SourceDir;
 pub use tensor_map::{gather, source_of, Source};
@@ -128,19 +130,7 @@ pub fn convert(
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
     let model = read_config(dir)?;
-    let sources = Arc::new(SourceDir::open(dir)?);
-    if sources.names().next().is_some() && sources.get("model.embed_tokens.weight").is_none() {
-        if let Some(orig) = sources
-            .names()
-            .find(|n| n.starts_with("layers.") || *n == "embed.weight")
-        {
-            return Err(ConvertError::Unsupported(format!(
-                "tensor names like '{orig}' are DeepSeek's original checkpoint names; save the \
-                 model with save_pretrained(..., save_original_format=False) to get the HF module \
-                 names convert reads"
-            )));
-        }
-    }
+    let sources = Arc::new(Checkpoint::new(SourceDir::open(dir)?)?);
     let plan = plan_tensors(&model, &sources, opts.weights)?;
 
     let mut w = GgufWriter::new();
@@ -231,7 +221,7 @@ fn write_expert_ids(
 /// checkpoint tensors nothing uses.
 fn plan_tensors(
     model: &HfModel,
-    sources: &SourceDir,
+    sources: &Checkpoint,
     mode: WeightsMode,
 ) -> Result<Vec<Planned>, ConvertError> {
     let mut used: HashSet<String> = HashSet::new();
@@ -240,7 +230,7 @@ fn plan_tensors(
         let source = source_of(&spec, model.tied_embeddings).ok_or_else(|| {
             ConvertError::Unsupported(format!("no checkpoint source known for {}", spec.name))
         })?;
-        let Some(found) = sources.get(source.tensor()) else {
+        let Some(found_shape) = sources.shape(source.tensor())? else {
             if spec.optional {
                 continue;
             }
@@ -249,7 +239,6 @@ fn plan_tensors(
                 needed_for: format!(" (needed for {})", spec.name),
             });
         };
-        let found_shape: Vec<u64> = found.shape.iter().map(|&x| x as u64).collect();
         if found_shape != source.shape() {
             return Err(ConvertError::Shape {
                 name: source.tensor().to_string(),
@@ -257,7 +246,9 @@ fn plan_tensors(
                 found: found_shape,
             });
         }
-        used.insert(source.tensor().to_string());
+        for stored in sources.stored(source.tensor()).unwrap_or_default() {
+            used.insert(stored.clone());
+        }
         let (ty, _) = storage_type(spec.role, mode, spec.dims[0]);
         plan.push(Planned {
             name: spec.name,
@@ -268,6 +259,7 @@ fn plan_tensors(
         });
     }
     let unknown: Vec<&str> = sources
+        .dir
         .names()
         .filter(|n| !used.contains(*n) && !n.starts_with("mtp."))
         .collect();

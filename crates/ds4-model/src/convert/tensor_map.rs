@@ -1,5 +1,5 @@
-//! Where each ds4 tensor comes from in a transformers checkpoint saved with HF module names
-//! (`save_pretrained(..., save_original_format=False)`), and the layout change.
+//! Where each ds4 tensor comes from among transformers' module tensors (see
+//! [`super::checkpoint_names`] for other spellings), and the layout change.
 //!
 //! The layout change is small: GGUF dims are the reverse of torch's shape with the same bytes
 //! (a linear `[out, in]` becomes `[in, out]`, `position_bias` `[m, w]` becomes `[w, m]`,
