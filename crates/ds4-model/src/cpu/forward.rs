@@ -278,10 +278,10 @@ impl CpuModel {
         }
 
         let visible = self.compress_span(l, w, state, &xn, pos0)?;
-        let index = match &w.indexer {
-            Some(iw) => Some(self.index_queries(iw, rope, &qr, &xn, pos0)),
-            None => None,
-        };
+        let index = w
+            .indexer
+            .as_ref()
+            .map(|iw| self.index_queries(iw, rope, &qr, &xn, pos0));
         let o = self.attend_span(l, w, state, &q, &kv, &visible, index.as_ref(), pos0);
         Ok(self.grouped_output(w, &o))
     }
