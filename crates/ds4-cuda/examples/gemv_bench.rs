@@ -269,7 +269,7 @@ fn copy_bandwidth(gpu: &Gpu) -> f64 {
     let b = gpu.device.alloc::<u8>(n).unwrap();
     let stream = gpu.device.stream().cu_stream();
     let us = time_calls(gpu, 10, |_| {
-    /// Graph-replayed µs per call for each of GRAPH_CONFIGS.
+        // SAFETY: both buffers hold n bytes and live until after the timing.
         unsafe { cudarc::driver::result::memcpy_dtod_async(b.ptr(), a.ptr(), n, stream) }.unwrap();
     });
     2.0 * n as f64 / (us * 1e-6) / 1e9
@@ -279,7 +279,7 @@ struct Measured {
     /// Bytes one call must move (weights read, activations read, outputs written).
     bytes: usize,
     stream_us: f64,
-    /// Graph-replayed µs per call with 1, 2, 4, 8 warps per CTA.
+    /// Graph-replayed µs per call for each of GRAPH_CONFIGS.
     graph_us: [f64; 6],
 }
 

@@ -134,8 +134,14 @@ impl CudaDevice {
 
     /// (free, total) device memory in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
-        self.ctx.bind_to_thread().ctx("binding the context")?;
+        self.bind()?;
         result::mem_get_info().ctx("cuMemGetInfo")
+    }
+
+    /// Makes this device's context current on the calling thread (raw driver calls need it;
+    /// cudarc's own calls do it themselves).
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().ctx("binding the context")
     }
 
     /// Waits until all work issued so far has finished.
@@ -148,7 +154,7 @@ impl CudaDevice {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
             CudaError::InvalidArgument(format!("buffer of {len} elements overflows"))
         })?;
-        self.ctx.bind_to_thread().ctx("binding the context")?;
+        self.bind()?;
         // SAFETY: plain cuMemAlloc of `bytes` (at least 1 so the pointer is unique); the
         // pointer is freed exactly once, in DeviceBuffer::drop.
         let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| {
@@ -164,6 +170,7 @@ impl CudaDevice {
             ptr,
             len,
             ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
             _t: PhantomData,
         })
     }
@@ -177,6 +184,7 @@ impl CudaDevice {
 
     /// Sets every byte of `buf` to `byte` (stream-ordered).
     pub fn fill_bytes<T: DeviceValue>(&self, buf: &DeviceBuffer<T>, byte: u8) -> Result<()> {
+        self.bind()?;
         // SAFETY: the range is exactly the buffer's allocation.
         unsafe { result::memset_d8_async(buf.ptr, byte, buf.bytes(), self.stream.cu_stream()) }
             .ctx("cuMemsetD8Async")
@@ -209,6 +217,7 @@ impl CudaDevice {
         if data.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         let at = dst.ptr + (offset * std::mem::size_of::<T>()) as u64;
         // SAFETY: the destination range lies in dst's allocation (checked above); `data` stays
         // borrowed until the stream is synchronized below.
@@ -220,6 +229,7 @@ impl CudaDevice {
     /// Copies a device buffer back to the host (waits for all earlier work first).
     pub fn download<T: DeviceValue>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
         let mut out = vec![T::ZERO; buf.len];
+        self.bind()?;
         if !out.is_empty() {
             // SAFETY: `out` has exactly buf.len elements of T; it is not touched until the
             // stream is synchronized below.
@@ -274,6 +284,8 @@ pub struct DeviceBuffer<T: DeviceValue> {
     ptr: sys::CUdeviceptr,
     len: usize,
     ctx: Arc<CudaContext>,
+    /// The stream its users run on: drained before the memory is freed.
+    stream: Arc<CudaStream>,
     _t: PhantomData<T>,
 }
 
@@ -302,8 +314,10 @@ impl<T: DeviceValue> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // Errors cannot be returned from drop; cudarc records them on the context.
         self.ctx.record_err(self.ctx.bind_to_thread());
-        // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here;
-        // cuMemFree waits for the kernels still using it.
+        // Work still queued on the stream may use this memory: let it finish first.
+        self.ctx.record_err(self.stream.synchronize());
+        // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here, after
+        // the stream that every kernel using it runs on has drained.
         self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
     }
 }
