@@ -30,7 +30,9 @@ fn main() {
         "Flash, ctx {ctx}: live KV state at capacity {:.1} MiB",
         kv_bytes(&cfg, ctx) as f64 / (1 << 20) as f64
     );
-    println!("| tokens | file MiB | save ms (MB/s) | lookup ms (10 files) | load+verify ms (MB/s) |");
+    println!(
+        "| tokens | file MiB | save ms (MB/s) | lookup ms (10 files) | load+verify ms (MB/s) |"
+    );
     println!("|---|---|---|---|---|");
     for n_tok in [2048usize, 8192, 30000] {
         let dir = base.join(format!("ds4-kvstore-bench-{}-{n_tok}", std::process::id()));

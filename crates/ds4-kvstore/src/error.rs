@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field} at offset {offset}: {msg}")]
 pub struct FormatError {
-    /// The field being read, e.g. "header.magic", "payload.n_comp[3]", "ktm.entry[2].dsml".
+    /// The field being read, e.g. `header.magic`, `payload.n_comp[3]`, `ktm.entry[2].dsml`.
     pub field: String,
     /// Byte offset of that field in the file (or in the payload for payload checks).
     pub offset: u64,

@@ -3,8 +3,8 @@
 //! model's shape. The floats themselves are not interpreted; [`ds4_model::backend::Session::restore`]
 //! does the final check against a live session.
 //!
-//! Payload layout (little-endian): 13 × u32 header, u32[T] tokens, f32[vocab] logits,
-//! u32[layers] compressed-row counts, u32[layers] indexer-row counts, then per layer: raw_live
+//! Payload layout (little-endian): 13 × u32 header, `u32[T]` tokens, `f32[vocab]` logits,
+//! `u32[layers]` compressed-row counts, `u32[layers]` indexer-row counts, then per layer: raw_live
 //! raw rows (head_dim f32, oldest first); compressed layers: the rows (head_dim f32) and the
 //! compressor frontier (state_kv and state_score, each coff·r × coff·head_dim f32, coff = 2 on
 //! CSA layers, 1 on HCA); CSA layers also the indexer rows (index_head_dim f32) and frontier
