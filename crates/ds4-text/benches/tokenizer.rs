@@ -1,5 +1,6 @@
 //! Tokenizer throughput on the committed corpus (tests/fixtures/text/tokenizer_corpus.jsonl):
-//! encoding each of its strings, encoding it as one long text, and decoding.
+//! encoding each of its strings, encoding it as one long text (warm and cold piece cache, and
+//! with the HF engine for comparison), and decoding.
 //! Run: `cargo bench -p ds4-text --bench tokenizer`.
 
 use std::path::PathBuf;
@@ -55,6 +56,27 @@ fn encode_one_long_text(bencher: Bencher) {
     bencher
         .counter(BytesCount::new(text.len()))
         .bench_local(|| t.encode(divan::black_box(&text)).len());
+}
+
+/// The same with the piece cache emptied before every run (no piece seen before).
+#[divan::bench(sample_count = 10)]
+fn encode_one_long_text_cold_cache(bencher: Bencher) {
+    let t = tokenizer();
+    let text = corpus().join("\n");
+    bencher
+        .counter(BytesCount::new(text.len()))
+        .with_inputs(|| t.clear_encode_cache())
+        .bench_local_refs(|_| t.encode(divan::black_box(&text)).len());
+}
+
+/// The HF `tokenizers` engine on the same text (the reference the fast encoder matches).
+#[divan::bench(sample_count = 10)]
+fn encode_one_long_text_hf_engine(bencher: Bencher) {
+    let t = tokenizer();
+    let text = corpus().join("\n");
+    bencher
+        .counter(BytesCount::new(text.len()))
+        .bench_local(|| t.encode_reference(divan::black_box(&text)).len());
 }
 
 /// Decoding the long text's ids (bytes counted are the decoded text's).

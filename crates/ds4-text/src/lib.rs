@@ -1,9 +1,11 @@
 //! DeepSeek V4 text in and out: the tokenizer, the chat template, DSML tool calls and the
 //! sampler. Everything here is exact with ds4 (see `ds4-spec.md` §4 and §8).
 
+mod bpe;
 pub mod chat;
 pub mod dsml;
 mod dsml_forcing;
+mod pretokenize;
 pub mod sampler;
 pub mod tokenizer;
 

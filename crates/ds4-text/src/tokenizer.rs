@@ -22,6 +22,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior};
 
+use crate::bpe::FastEncoder;
+
 /// Strings of the special tokens the engine needs (｜ is U+FF5C, ▁ is U+2581).
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS: &str = "<｜end▁of▁sentence｜>";
@@ -87,9 +89,13 @@ pub struct SpecialIds {
     pub dsml: u32,
 }
 
-/// A loaded tokenizer: encoding goes through HF `tokenizers`; decoding uses a per-id byte table.
+/// A loaded tokenizer. Encoding uses the fast encoder ([`crate::bpe`]) for DeepSeek's layout and
+/// HF `tokenizers` otherwise; decoding uses a per-id byte table.
 pub struct Tokenizer {
+    /// The HF engine: the reference, and the encoder for tokenizer.json files of another layout.
     inner: tokenizers::Tokenizer,
+    /// The fast encoder, for DeepSeek's layout (always from a GGUF).
+    fast: Option<FastEncoder>,
     /// Vocabulary string of each id (byte-level symbols for BPE tokens, literal text for added).
     token_strings: Vec<String>,
     /// The bytes each id decodes to.
@@ -112,10 +118,15 @@ impl Tokenizer {
     /// seven special tokens).
     pub fn from_tokenizer_json(path: impl AsRef<Path>) -> Result<Tokenizer, TokenizerError> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        let load_error = |message: String| TokenizerError::Load {
             path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| load_error(e.to_string()))?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| load_error(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| load_error(e.to_string()))?;
         let size = inner.get_vocab_size(true);
         let mut token_strings = Vec::with_capacity(size);
         for id in 0..size {
@@ -123,7 +134,11 @@ impl Tokenizer {
             // Holes in the id space decode to nothing, as in HF (which skips unknown ids).
             token_strings.push(inner.id_to_token(id).unwrap_or_default());
         }
-        Tokenizer::assemble(inner, token_strings)
+        let fast = match deepseek_layout(&json) {
+            Some((merges, added)) => Some(fast_encoder(&token_strings, &merges, added)?),
+            None => None,
+        };
+        Tokenizer::assemble(inner, fast, token_strings)
     }
 
     /// Rebuilds DeepSeek's tokenizer from a GGUF vocabulary (`tokenizer.ggml.tokens`, id = index)
@@ -185,6 +200,13 @@ impl Tokenizer {
             merge_pairs.push((left.to_string(), right.to_string()));
         }
 
+        let added_strings: Vec<(String, u32)> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !producible.contains(t.as_str()))
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        let fast = fast_encoder(tokens, &merge_pairs, added_strings)?;
         let added: Vec<AddedToken> = tokens
             .iter()
             .filter(|t| !producible.contains(t.as_str()))
@@ -216,11 +238,12 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(splits))));
         inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
         inner.add_special_tokens(&added);
-        Tokenizer::assemble(inner, tokens.to_vec())
+        Tokenizer::assemble(inner, Some(fast), tokens.to_vec())
     }
 
     fn assemble(
         inner: tokenizers::Tokenizer,
+        fast: Option<FastEncoder>,
         token_strings: Vec<String>,
     ) -> Result<Tokenizer, TokenizerError> {
         let symbol_bytes: HashMap<char, u8> = byte_to_symbol()
@@ -260,6 +283,7 @@ impl Tokenizer {
         };
         Ok(Tokenizer {
             inner,
+            fast,
             token_strings,
             token_bytes,
             ids_by_string,
@@ -294,6 +318,30 @@ impl Tokenizer {
 
     /// Token ids of `text`; added tokens are recognised anywhere in it. No BOS is added.
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        if let Some(fast) = &self.fast {
+            let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+            fast.encode(text, &mut ids);
+            return ids;
+        }
+        self.encode_reference(text)
+    }
+
+    /// Drops the fast encoder's cache of recently seen pieces (it holds at most 200,000 pieces
+    /// of up to 64 bytes and refills as text is encoded).
+    pub fn clear_encode_cache(&self) {
+        if let Some(fast) = &self.fast {
+            fast.clear_cache();
+        }
+    }
+
+    /// Whether [`Self::encode`] uses the fast encoder (DeepSeek's layout).
+    pub fn has_fast_encoder(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Token ids from the HF `tokenizers` engine (the reference the fast encoder is tested
+    /// against).
+    pub fn encode_reference(&self, text: &str) -> Vec<u32> {
         match self.inner.encode_fast(text, false) {
             Ok(encoding) => encoding.get_ids().to_vec(),
             // Unreachable: construction checked that every byte has a symbol, so byte-level BPE
@@ -388,6 +436,109 @@ impl Detokenizer<'_> {
         self.pending.clear();
         out
     }
+}
+
+/// Builds the fast encoder from the vocabulary strings (id = index), merge pairs in rank order
+/// and the added tokens.
+fn fast_encoder(
+    token_strings: &[String],
+    merges: &[(String, String)],
+    added: Vec<(String, u32)>,
+) -> Result<FastEncoder, TokenizerError> {
+    let ids: HashMap<&str, u32> = token_strings
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.as_str(), id as u32))
+        .collect();
+    let mut byte_ids = [0u32; 256];
+    for (byte, symbol) in byte_to_symbol().iter().enumerate() {
+        byte_ids[byte] = *ids
+            .get(symbol.to_string().as_str())
+            .ok_or(TokenizerError::MissingByte { byte: byte as u8 })?;
+    }
+    let mut merge_ids = Vec::with_capacity(merges.len());
+    for (index, (left, right)) in merges.iter().enumerate() {
+        let merged = format!("{left}{right}");
+        match (
+            ids.get(left.as_str()),
+            ids.get(right.as_str()),
+            ids.get(merged.as_str()),
+        ) {
+            (Some(&a), Some(&b), Some(&ab)) => merge_ids.push((a, b, ab)),
+            _ => {
+                return Err(TokenizerError::MergeOutOfVocab {
+                    index,
+                    merge: format!("{left} {right}"),
+                })
+            }
+        }
+    }
+    FastEncoder::new(byte_ids, merge_ids, added).map_err(TokenizerError::Build)
+}
+
+/// Merge pairs (left, right) in rank order.
+type MergePairs = Vec<(String, String)>;
+/// Added tokens: literal text and id.
+type AddedTokens = Vec<(String, u32)>;
+
+/// If a tokenizer.json has exactly DeepSeek's layout (no normalizer, DeepSeek's pre-tokenizer,
+/// plain byte-level BPE, added tokens without stripping rules), its merges and added tokens.
+fn deepseek_layout(json: &serde_json::Value) -> Option<(MergePairs, AddedTokens)> {
+    use serde_json::Value;
+    let normalizer_ok = match &json["normalizer"] {
+        Value::Null => true,
+        n => n["type"] == "Sequence" && n["normalizers"].as_array().is_some_and(Vec::is_empty),
+    };
+    let pre = &json["pre_tokenizer"];
+    let steps = pre["pretokenizers"].as_array()?;
+    let splits_ok = pre["type"] == "Sequence"
+        && steps.len() == PRE_SPLITS.len() + 1
+        && PRE_SPLITS.iter().zip(steps).all(|(pattern, step)| {
+            step["type"] == "Split"
+                && step["pattern"]["Regex"] == *pattern
+                && step["behavior"] == "Isolated"
+                && step["invert"] == false
+        });
+    let byte_level = &steps[PRE_SPLITS.len()];
+    let byte_level_ok = byte_level["type"] == "ByteLevel"
+        && byte_level["add_prefix_space"] == false
+        && byte_level["use_regex"] == false;
+    let model = &json["model"];
+    let empty_or_null = |v: &Value| v.is_null() || v == "";
+    let model_ok = model["type"] == "BPE"
+        && model["dropout"].is_null()
+        && model["unk_token"].is_null()
+        && empty_or_null(&model["continuing_subword_prefix"])
+        && empty_or_null(&model["end_of_word_suffix"])
+        && model["byte_fallback"] != true
+        && model["ignore_merges"] != true;
+    if !(normalizer_ok && splits_ok && byte_level_ok && model_ok) {
+        return None;
+    }
+    let mut merges = Vec::new();
+    for m in model["merges"].as_array()? {
+        match m {
+            Value::String(s) => {
+                let (a, b) = s.split_once(' ')?;
+                merges.push((a.to_string(), b.to_string()));
+            }
+            Value::Array(pair) if pair.len() == 2 => {
+                merges.push((pair[0].as_str()?.to_string(), pair[1].as_str()?.to_string()));
+            }
+            _ => return None,
+        }
+    }
+    let mut added = Vec::new();
+    for t in json["added_tokens"].as_array()? {
+        if t["single_word"] == true || t["lstrip"] == true || t["rstrip"] == true {
+            return None;
+        }
+        added.push((
+            t["content"].as_str()?.to_string(),
+            u32::try_from(t["id"].as_u64()?).ok()?,
+        ));
+    }
+    Some((merges, added))
 }
 
 /// GPT-2's byte → printable symbol table used by byte-level BPE: printable Latin-1 bytes map to

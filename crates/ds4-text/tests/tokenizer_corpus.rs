@@ -98,6 +98,13 @@ fn check(tokenizer: &Tokenizer, samples: &[Sample], label: &str) {
                 s.kind, s.text, ids, s.ids
             ));
         }
+        let reference = tokenizer.encode_reference(&s.text);
+        if reference != s.ids {
+            id_mismatches.push(format!(
+                "[{}] HF engine {:?}: got {:?} want {:?}",
+                s.kind, s.text, reference, s.ids
+            ));
+        }
         let decoded = tokenizer.decode(&ids);
         let mut stream = tokenizer.detokenizer();
         let mut streamed: String = ids.iter().map(|&id| stream.push(id)).collect();
@@ -127,6 +134,10 @@ fn check(tokenizer: &Tokenizer, samples: &[Sample], label: &str) {
 #[test]
 fn tokenizer_json_matches_hf_ids_on_corpus() {
     let tokenizer = Tokenizer::from_tokenizer_json(tokenizer_json_path()).unwrap();
+    assert!(
+        tokenizer.has_fast_encoder(),
+        "DeepSeek's tokenizer.json is recognised"
+    );
     check(&tokenizer, &corpus(), "tokenizer.json");
 }
 
@@ -135,6 +146,7 @@ fn gguf_vocab_matches_hf_ids_on_corpus() {
     let (tokens, merges) = gguf_arrays();
     let tokenizer = Tokenizer::from_gguf_vocab(&tokens, &merges).unwrap();
     assert_eq!(tokenizer.vocab_size(), 129280);
+    assert!(tokenizer.has_fast_encoder());
     check(&tokenizer, &corpus(), "gguf vocab+merges");
 }
 
@@ -205,4 +217,59 @@ fn bad_gguf_vocab_gives_errors_naming_the_problem() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("/nonexistent/tokenizer.json"), "{err}");
+}
+
+/// Random strings over a mix of scripts, digits, punctuation, whitespace, marks, emoji and
+/// special-token fragments: the fast encoder and the HF engine agree, and decoding round-trips.
+mod differential {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn tokenizer() -> &'static Tokenizer {
+        static T: OnceLock<Tokenizer> = OnceLock::new();
+        T.get_or_init(|| Tokenizer::from_tokenizer_json(tokenizer_json_path()).unwrap())
+    }
+
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z]{1,8}",
+            "[0-9]{1,7}",
+            "[ \\t\\r\\n\\u{a0}\\u{3000}\\u{2028}\\u{85}\\u{b}\\u{c}]{1,5}",
+            "[!-/:-@\\\\\\[-`{-~]{1,4}",
+            "[\\u{4e00}-\\u{9fa5}\\u{3040}-\\u{30ff}]{1,6}",
+            "[\\u{300}-\\u{36f}\\u{64b}\\u{93f}]{1,3}",
+            "[àéìòùçßøåæœ]{1,4}",
+            "[\\u{1f300}-\\u{1f6ff}\\u{200d}\\u{fe0f}]{1,4}",
+            "[\\u{0}-\\u{1f}\\u{7f}-\\u{9f}]{1,3}",
+            "[\\u{ff01}-\\u{ff5e}\\u{2000}-\\u{206f}]{1,3}",
+            "[\\u{10000}-\\u{10ffff}]{1,2}",
+            Just("<｜User｜>".to_string()),
+            Just("<think>".to_string()),
+            Just("｜DSML｜".to_string()),
+            Just("<｜".to_string()),
+            Just("<｜fim▁hole｜>".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fast_encoder_matches_hf_engine(parts in prop::collection::vec(piece(), 0..16)) {
+            let text: String = parts.concat();
+            let t = tokenizer();
+            let ids = t.encode(&text);
+            prop_assert_eq!(&ids, &t.encode_reference(&text), "text {:?}", text);
+            prop_assert_eq!(t.decode(&ids), text);
+        }
+
+        #[test]
+        fn fast_encoder_matches_hf_engine_on_any_string(text in any::<String>()) {
+            let t = tokenizer();
+            let ids = t.encode(&text);
+            prop_assert_eq!(&ids, &t.encode_reference(&text), "text {:?}", text);
+            prop_assert_eq!(t.decode(&ids), text);
+        }
+    }
 }
