@@ -394,3 +394,30 @@ impl Reader<'_> {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_kv_size_per_token_and_at_one_million_tokens() {
+        let cfg = ModelConfig::flash();
+        // 21 CSA layers × (512 + 128) f32 / 4 + 20 HCA layers × 512 f32 / 128.
+        assert_eq!(kv_bytes_per_token(&cfg), 21.0 * 640.0 + 20.0 * 16.0);
+        let ctx = 1 << 20;
+        let total = kv_bytes(&cfg, ctx);
+        let fixed = kv_bytes(&cfg, 128) - (kv_bytes_per_token(&cfg) * 128.0) as u64;
+        // Growth is the per-token figure (up to the +2 rows of slack per layer).
+        let grown = (total - fixed) as f64 / ctx as f64;
+        assert!((grown - kv_bytes_per_token(&cfg)).abs() < 1.0, "{grown}");
+        assert!(total > 14_000_000_000 && total < 15_000_000_000, "{total}");
+    }
+
+    #[test]
+    fn raw_window_never_exceeds_the_context() {
+        let cfg = ModelConfig::flash();
+        assert_eq!(raw_window_rows(&cfg, 32768), 128);
+        assert_eq!(raw_window_rows(&cfg, 50), 50);
+        assert_eq!(compressed_capacity(100, 4), 27);
+    }
+}

@@ -1,5 +1,18 @@
-//! The CPU backend: the readable reference implementation of the DeepSeek V4 forward pass.
-//! One module per concept; `forward` runs the layer loop over a span of tokens.
+//! The CPU backend: the readable reference implementation of the DeepSeek V4 forward pass,
+//! which every other backend is checked against.
+//!
+//! One module per concept:
+//! - [`vecops`], [`norm`], [`rope`]: dot products and activations, RMS norms, partial RoPE
+//!   with YaRN;
+//! - [`matmul`]: W·x for a span of tokens (rayon over output rows, each weight row read once
+//!   per span), in either numerics mode;
+//! - [`hc`]: hyper-connection pre (Sinkhorn), post and head;
+//! - [`compressor`], [`indexer`], [`attention`]: the compressed KV rows, the lightning
+//!   indexer's top-k, and sink attention;
+//! - [`moe`]: routing (sqrt-softplus, bias for selection only, hash layers) and clamped SwiGLU;
+//! - [`forward`]: the layer loop over a span ([`CpuModel`]);
+//! - [`session`]: the [`crate::backend::Backend`] / [`crate::backend::Session`] implementations
+//!   ([`CpuBackend`], [`CpuSession`]).
 
 pub mod attention;
 pub mod compressor;
