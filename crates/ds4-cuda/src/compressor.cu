@@ -32,7 +32,7 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
         // Per-channel softmax over the window's slots (previous A half first when overlapping).
         const i64 nslots = coff * m;
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
-            float mx = -INFINITY;
+            float mx = -FWD_INF;
             for (i64 s = 0; s < nslots; s++) {
                 const i64 off = (overlap && s >= m) ? D : 0;
                 mx = fmaxf(mx, ssc[s * w + off + c]);

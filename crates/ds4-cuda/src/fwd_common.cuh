@@ -6,13 +6,14 @@
 // Rust side passes each as one u64 bit pattern (fwd_kernels.rs).
 
 #define EMPTY_SCORE (-1e30f)
+#define FWD_INF __int_as_float(0x7f800000)
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
 
 __device__ __forceinline__ float sigmoidf_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // NaN sorts below everything (the CPU's top-k key).
-__device__ __forceinline__ float topk_key(float v) { return isnan(v) ? -INFINITY : v; }
+__device__ __forceinline__ float topk_key(float v) { return isnan(v) ? -FWD_INF : v; }
 
 // Sum of a double over the CTA. Every thread must call it (uniform control flow).
 __device__ double cta_sum_f64(double v) {

@@ -26,10 +26,10 @@ const FORWARD_MODULES: &[(&str, &str)] = &[
 
 /// A kernel argument: every parameter of these modules is 8 bytes wide.
 #[derive(Clone, Copy)]
-pub(crate) struct KArg(u64);
+pub struct KArg(u64);
 
 /// Conversions into kernel arguments (device addresses, counts, scalars).
-pub(crate) trait IntoArg {
+pub trait IntoArg {
     fn arg(self) -> KArg;
 }
 impl IntoArg for u64 {
@@ -132,6 +132,16 @@ impl ForwardKernels {
         unsafe { b.launch(cfg) }.ctx(name)?;
         Ok(())
     }
+}
+
+/// Compiles every forward module for `arch` without a GPU (NVRTC only), e.g. to check the
+/// sources on a build machine.
+pub fn compile_forward_modules(arch: &str) -> Result<()> {
+    for (name, src) in FORWARD_MODULES {
+        let source = format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}");
+        crate::compile::compile_cubin(name, &source, arch)?;
+    }
+    Ok(())
 }
 
 /// A 1-D launch of `threads` threads in blocks of 256 (grid capped; kernels grid-stride).

@@ -23,7 +23,7 @@ extern "C" __global__ void hc_pre(u64 mix_, u64 base_, u64 scale_, u64 streams_,
         for (int i = 0; i < n * n; i++) comb[i] = mix[2 * n + i] * scale[2] + base[2 * n + i];
         for (int j = 0; j < n; j++) {
             float* row = comb + j * n;
-            float mx = -INFINITY;
+            float mx = -FWD_INF;
             for (int k = 0; k < n; k++) mx = fmaxf(mx, row[k]);
             float s = 0.f;
             for (int k = 0; k < n; k++) {

@@ -23,18 +23,25 @@
 //! Modules: [`device`] (open, buffers, events), [`compile`] (NVRTC + disk cache), [`kernels`]
 //! (module registry, [`Gpu`]), [`weights`], [`gemv`], [`vector_ops`], [`dequant`].
 
+pub mod backend;
 pub mod compile;
 pub mod dequant;
 pub mod device;
 pub mod error;
+pub mod forward;
+pub mod fwd_kernels;
 pub mod gemv;
 pub mod kernels;
+pub mod model;
+pub mod session;
 pub mod vector_ops;
 pub mod weights;
 
+pub use backend::CudaBackend;
 pub use compile::{CompileStats, KernelCache};
 pub use device::{cuda_available, CudaDevice, DeviceBuffer, DeviceInfo};
 pub use error::CudaError;
 pub use gemv::{ActQuant, Activations, DeviceMatrix, QuantizedActivations, WeightFormat};
 pub use kernels::Gpu;
+pub use session::CudaSession;
 pub use weights::DeviceWeights;

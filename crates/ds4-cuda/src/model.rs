@@ -162,8 +162,20 @@ impl CudaModel {
         // Every matrix must lie inside the region with a kernel for its format.
         for l in &model.layers {
             let mats = [
-                l.q_a, l.q_b, l.kv, l.o_a_groups, l.o_b, l.router, l.gate_exps, l.up_exps,
-                l.down_exps, l.gate_shexp, l.up_shexp, l.down_shexp, l.hc_attn.fn_, l.hc_ffn.fn_,
+                l.q_a,
+                l.q_b,
+                l.kv,
+                l.o_a_groups,
+                l.o_b,
+                l.router,
+                l.gate_exps,
+                l.up_exps,
+                l.down_exps,
+                l.gate_shexp,
+                l.up_shexp,
+                l.down_shexp,
+                l.hc_attn.fn_,
+                l.hc_ffn.fn_,
             ];
             for m in mats {
                 model.matrix(&m).map_err(err)?;
@@ -273,9 +285,10 @@ impl DevParts {
             output_norm: up(&host.output_norm)?,
             output: mat(&host.output)?,
             group_ids: gpu.device.upload(&group_ids)?,
-            rope_main: gpu
-                .device
-                .upload(&inv_freq_bits(&RopeTable::new(&cfg.rope_main, cfg.rope_dim)))?,
+            rope_main: gpu.device.upload(&inv_freq_bits(&RopeTable::new(
+                &cfg.rope_main,
+                cfg.rope_dim,
+            )))?,
             rope_compress: gpu.device.upload(&inv_freq_bits(&RopeTable::new(
                 &cfg.rope_compress,
                 cfg.rope_dim,

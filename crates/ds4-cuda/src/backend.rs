@@ -1,0 +1,89 @@
+//! The CUDA backend behind ds4-model's [`Backend`] trait: a model resident on one GPU, whose
+//! sessions keep their state on the device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ds4_gguf::reader::GgufFile;
+use ds4_model::backend::{Backend, ModelError, Session};
+use ds4_model::config::ModelConfig;
+use ds4_model::numerics::Numerics;
+
+use crate::model::CudaModel;
+use crate::session::CudaSession;
+
+/// A model loaded on a GPU.
+#[derive(Clone)]
+pub struct CudaBackend {
+    model: Arc<CudaModel>,
+}
+
+impl CudaBackend {
+    /// Opens (memory-maps) a GGUF file and uploads it to GPU `ordinal`.
+    pub fn load(
+        path: impl AsRef<Path>,
+        numerics: Numerics,
+        ordinal: usize,
+    ) -> Result<CudaBackend, ModelError> {
+        let file = GgufFile::open(path)?;
+        CudaBackend::from_file(Arc::new(file), numerics, ordinal, &mut |_, _| {})
+    }
+
+    /// Uploads an already parsed file, reporting progress as (bytes done, bytes total).
+    pub fn from_file(
+        file: Arc<GgufFile>,
+        numerics: Numerics,
+        ordinal: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<CudaBackend, ModelError> {
+        let cfg = ModelConfig::from_gguf(&file)?;
+        CudaBackend::with_config(file, cfg, numerics, ordinal, progress)
+    }
+
+    /// As [`CudaBackend::from_file`] with a model description given by the caller.
+    pub fn with_config(
+        file: Arc<GgufFile>,
+        cfg: ModelConfig,
+        numerics: Numerics,
+        ordinal: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<CudaBackend, ModelError> {
+        let model = CudaModel::load(file, cfg, numerics, ordinal, progress)?;
+        Ok(CudaBackend {
+            model: Arc::new(model),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<CudaModel> {
+        &self.model
+    }
+
+    /// A concrete session (the trait object form is [`Backend::new_session`]).
+    pub fn session(&self, ctx: usize) -> Result<CudaSession, ModelError> {
+        CudaSession::new(self.model.clone(), ctx)
+    }
+
+    /// (used, total) GPU memory in bytes, as the driver reports it.
+    pub fn memory_used(&self) -> Option<(usize, usize)> {
+        let (free, total) = self.model.gpu().device.memory_info().ok()?;
+        Some((total - free, total))
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    fn numerics(&self) -> Numerics {
+        self.model.numerics
+    }
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn new_session(&self, ctx: usize) -> Result<Box<dyn Session>, ModelError> {
+        Ok(Box::new(self.session(ctx)?))
+    }
+}

@@ -1,0 +1,833 @@
+//! The DeepSeek V4 forward pass on the GPU, mirroring the CPU backend's structure
+//! (ds4-model cpu/forward.rs): a span is processed layer-major, every matmul of a layer runs
+//! once for all tokens of the chunk, the compressors take the chunk's tokens in order, and
+//! attention runs per (token, head). All intermediate values stay on the device; the host only
+//! uploads the chunk's embedding rows and token ids and downloads the requested logits.
+
+use std::collections::HashMap;
+
+use cudarc::driver::result;
+
+use ds4_model::config::{AttnKind, MoeKind};
+use ds4_model::numerics::Numerics;
+
+use crate::device::DeviceBuffer;
+use crate::error::{CudaError, DriverContext, Result};
+use crate::fwd_kernels::{grid_1d, kargs, per_item};
+use crate::gemv::{ActQuant, Activations, QuantizedActivations};
+use crate::model::{CudaModel, DevHc, Mat};
+use crate::session::GpuLayerState;
+
+/// Threads per CTA of the per-item kernels.
+const CTA: u32 = 256;
+/// Largest dynamic shared memory used without opting in.
+const MAX_SHARED: usize = 48 * 1024;
+
+/// Device scratch for one chunk of up to `cap` tokens (allocated once per session).
+pub(crate) struct Scratch {
+    pub cap: usize,
+    streams: DeviceBuffer<f32>,
+    flat: DeviceBuffer<f32>,
+    mix: DeviceBuffer<f32>,
+    maps: DeviceBuffer<f32>,
+    x: DeviceBuffer<f32>,
+    xn: DeviceBuffer<f32>,
+    qr: DeviceBuffer<f32>,
+    qrn: DeviceBuffer<f32>,
+    q: DeviceBuffer<f32>,
+    qn: DeviceBuffer<f32>,
+    kv: DeviceBuffer<f32>,
+    kvn: DeviceBuffer<f32>,
+    ckv: DeviceBuffer<f32>,
+    cg: DeviceBuffer<f32>,
+    ikv: DeviceBuffer<f32>,
+    ig: DeviceBuffer<f32>,
+    iq: DeviceBuffer<f32>,
+    iw: DeviceBuffer<f32>,
+    sel: DeviceBuffer<i32>,
+    selc: DeviceBuffer<i32>,
+    iscores: DeviceBuffer<f32>,
+    iflags: DeviceBuffer<i32>,
+    o: DeviceBuffer<f32>,
+    og: DeviceBuffer<f32>,
+    zg: DeviceBuffer<f32>,
+    z: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    rlog: DeviceBuffer<f32>,
+    ids: DeviceBuffer<i32>,
+    wts: DeviceBuffer<f32>,
+    xe: DeviceBuffer<f32>,
+    eg: DeviceBuffer<f32>,
+    eu: DeviceBuffer<f32>,
+    eh: DeviceBuffer<f32>,
+    edown: DeviceBuffer<f32>,
+    sg: DeviceBuffer<f32>,
+    su: DeviceBuffer<f32>,
+    sh: DeviceBuffer<f32>,
+    sdown: DeviceBuffer<f32>,
+    tokens: DeviceBuffer<i32>,
+    hraw: DeviceBuffer<f32>,
+    hflat: DeviceBuffer<f32>,
+    hmix: DeviceBuffer<f32>,
+    hu: DeviceBuffer<f32>,
+    hun: DeviceBuffer<f32>,
+    logits: DeviceBuffer<f32>,
+    /// Quantized activations (ds4 numerics) by (kind, vector length).
+    quant: HashMap<(ActQuant, usize), QuantizedActivations>,
+    /// Indexer score rows per token (the most compressed rows a CSA layer can have).
+    max_index_rows: usize,
+}
+
+impl Scratch {
+    pub fn new(m: &CudaModel, cap: usize, max_index_rows: usize) -> Result<Scratch> {
+        let c = &m.cfg;
+        let dev = &m.gpu.device;
+        let f = |n: usize| dev.alloc::<f32>(n.max(1));
+        let i = |n: usize| dev.alloc::<i32>(n.max(1));
+        let (d, nc, k) = (c.hidden, c.hc_mult, c.n_experts_used);
+        let hhd = c.n_heads * c.head_dim;
+        let (ni, di) = (c.index_heads, c.index_head_dim);
+        let god = c.o_groups * c.o_lora_rank;
+        Ok(Scratch {
+            cap,
+            streams: f(cap * nc * d)?,
+            flat: f(cap * nc * d)?,
+            mix: f(cap * (2 + nc) * nc)?,
+            maps: f(cap * (2 * nc + nc * nc))?,
+            x: f(cap * d)?,
+            xn: f(cap * d)?,
+            qr: f(cap * c.q_lora_rank)?,
+            qrn: f(cap * c.q_lora_rank)?,
+            q: f(cap * hhd)?,
+            qn: f(cap * hhd)?,
+            kv: f(cap * c.head_dim)?,
+            kvn: f(cap * c.head_dim)?,
+            ckv: f(cap * 2 * c.head_dim)?,
+            cg: f(cap * 2 * c.head_dim)?,
+            ikv: f(cap * 2 * di)?,
+            ig: f(cap * 2 * di)?,
+            iq: f(cap * ni * di)?,
+            iw: f(cap * ni)?,
+            sel: i(cap * c.index_topk)?,
+            selc: i(cap)?,
+            iscores: f(cap * max_index_rows)?,
+            iflags: i(cap * max_index_rows)?,
+            o: f(cap * hhd)?,
+            og: f(cap * hhd)?,
+            zg: f(cap * god)?,
+            z: f(cap * god)?,
+            y: f(cap * d)?,
+            rlog: f(cap * c.n_experts)?,
+            ids: i(cap * k)?,
+            wts: f(cap * k)?,
+            xe: f(cap * k * d)?,
+            eg: f(cap * k * c.expert_ff)?,
+            eu: f(cap * k * c.expert_ff)?,
+            eh: f(cap * k * c.expert_ff)?,
+            edown: f(cap * k * d)?,
+            sg: f(cap * c.expert_ff)?,
+            su: f(cap * c.expert_ff)?,
+            sh: f(cap * c.expert_ff)?,
+            sdown: f(cap * d)?,
+            tokens: i(cap)?,
+            hraw: f(cap * nc * d)?,
+            hflat: f(cap * nc * d)?,
+            hmix: f(cap * nc)?,
+            hu: f(cap * d)?,
+            hun: f(cap * d)?,
+            logits: f(cap * c.vocab_size)?,
+            quant: HashMap::new(),
+            max_index_rows,
+        })
+    }
+}
+
+/// Copies `n` f32 from `src` (element `so`) to `dst` (element `do_`) on the stream.
+fn copy_f32(
+    m: &CudaModel,
+    src: &DeviceBuffer<f32>,
+    so: usize,
+    dst: &DeviceBuffer<f32>,
+    do_: usize,
+    n: usize,
+) -> Result<()> {
+    if so + n > src.len() || do_ + n > dst.len() {
+        return Err(CudaError::InvalidArgument(format!(
+            "device copy of {n} values out of range"
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: both ranges were checked to lie inside their live allocations.
+    unsafe {
+        result::memcpy_dtod_async(
+            dst.ptr_at(do_),
+            src.ptr_at(so),
+            n * 4,
+            m.gpu.device.stream().cu_stream(),
+        )
+    }
+    .ctx("cuMemcpyDtoDAsync")
+}
+
+/// Downloads the first `n` values of `buf`.
+pub(crate) fn download_prefix(
+    m: &CudaModel,
+    buf: &DeviceBuffer<f32>,
+    n: usize,
+) -> Result<Vec<f32>> {
+    if n > buf.len() {
+        return Err(CudaError::InvalidArgument(format!(
+            "download of {n} values from a buffer of {}",
+            buf.len()
+        )));
+    }
+    let mut out = vec![0f32; n];
+    if n > 0 {
+        // SAFETY: `out` holds n values, the source range lies in `buf`; `out` is not touched
+        // until the stream is synchronized below.
+        unsafe {
+            result::memcpy_dtoh_async(&mut out, buf.ptr(), m.gpu.device.stream().cu_stream())
+        }
+        .ctx("cuMemcpyDtoHAsync")?;
+    }
+    m.gpu.device.synchronize()?;
+    Ok(out)
+}
+
+/// y = W·x for `n` vectors, with ds4's activation quantization when the numerics ask for it
+/// (Q8_0 input for Q8_0 rows, Q8_K for the K/IQ formats; plain f32 otherwise).
+fn mm(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let dm = m.matrix(w)?;
+    match quantized(m, quant, w, x, n)? {
+        Some(qa) => m.gpu.gemv(&dm, Activations::Quantized(qa), n, y),
+        None => m.gpu.gemv(&dm, Activations::F32(x), n, y),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Expert products: slot s uses matrix ids[s] of the stack on input vector s (n_slots × cols).
+fn mm_experts(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    w: &Mat,
+    ids: &DeviceBuffer<i32>,
+    n_slots: usize,
+    x: &DeviceBuffer<f32>,
+    n_vecs: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let dm = m.matrix(w)?;
+    match quantized(m, quant, w, x, n_slots * n_vecs)? {
+        Some(qa) => m.gpu.expert_gemv(
+            &dm,
+            ids,
+            n_slots,
+            Activations::Quantized(qa),
+            true,
+            n_vecs,
+            y,
+        ),
+        None => m
+            .gpu
+            .expert_gemv(&dm, ids, n_slots, Activations::F32(x), true, n_vecs, y),
+    }
+}
+
+/// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
+fn quantized<'a>(
+    m: &CudaModel,
+    quant: &'a mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+) -> Result<Option<&'a QuantizedActivations>> {
+    let kind = match (m.numerics, w.format.activation_quant()) {
+        (Numerics::Ds4, Some(kind)) => kind,
+        _ => return Ok(None),
+    };
+    let key = (kind, w.cols);
+    let grow = quant.get(&key).is_none_or(|q| q.q.len() < n * w.cols);
+    if grow {
+        quant.insert(key, m.gpu.alloc_quantized(kind, w.cols, n)?);
+    }
+    let qa = quant.get_mut(&key).expect("inserted above");
+    qa.n_vecs = n;
+    m.gpu.quantize_activations(x, qa)?;
+    Ok(Some(qa))
+}
+
+impl CudaModel {
+    /// Runs one chunk (at most `scratch.cap` tokens at positions pos0..) through every layer,
+    /// updating the layer states; returns the logits of chunk rows `head_rows` (a contiguous
+    /// range), row-major.
+    pub(crate) fn forward_chunk(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        tokens: &[u32],
+        pos0: usize,
+        head_rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        let (d, nc) = (c.hidden, c.hc_mult);
+        if n == 0 || n > s.cap {
+            return Err(CudaError::InvalidArgument(format!(
+                "chunk of {n} tokens (scratch holds {})",
+                s.cap
+            )));
+        }
+        // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
+        let mut streams = vec![0f32; n * nc * d];
+        for (t, &tok) in tokens.iter().enumerate() {
+            let st = &mut streams[t * nc * d..(t + 1) * nc * d];
+            self.host
+                .decode_row(&self.host.embed, tok as usize, &mut st[..d]);
+            for j in 1..nc {
+                st.copy_within(0..d, j * d);
+            }
+        }
+        self.gpu.device.copy_to(&streams, &mut s.streams, 0)?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
+
+        for (l, state) in layers.iter_mut().enumerate() {
+            self.layer(l, s, state, n, pos0)?;
+        }
+        self.head(s, head_rows)
+    }
+
+    /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings.
+    fn hc_pre(&self, s: &mut Scratch, hc: &DevHc, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let (d, nc) = (c.hidden, c.hc_mult);
+        self.gpu
+            .rmsnorm(&s.streams, None, nc * d, n, c.rms_eps, &mut s.flat)?;
+        mm(self, &mut s.quant, &hc.fn_, &s.flat, n, &mut s.mix)?;
+        let a = kargs![
+            s.mix.ptr(),
+            hc.base.ptr(),
+            hc.scale.ptr(),
+            s.streams.ptr(),
+            s.maps.ptr(),
+            s.x.ptr(),
+            nc,
+            d,
+            c.hc_sinkhorn_iters,
+            c.hc_eps
+        ];
+        // SAFETY: hc_pre(mix, base, scale, streams, maps, x, n, d, iters, eps) reads n_tok ×
+        // (2+n)n mixes, (2+n)n bases, 3 scales and n_tok × n × d streams, writes n_tok maps
+        // and n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_hc",
+                "hc_pre",
+                per_item(n, CTA, 0),
+                &a,
+            )
+        }
+    }
+
+    fn hc_post(&self, s: &mut Scratch, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let a = kargs![
+            s.maps.ptr(),
+            s.y.ptr(),
+            s.streams.ptr(),
+            n,
+            c.hc_mult,
+            c.hidden
+        ];
+        // SAFETY: hc_post(maps, y, streams, n_tok, n, d) touches n_tok maps, n_tok × d outputs
+        // and n_tok × n × d streams, all within the scratch.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_hc",
+                "hc_post",
+                grid_1d(n * c.hidden),
+                &a,
+            )
+        }
+    }
+
+    /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        l: usize,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        width: usize,
+        rows_per_tok: usize,
+        pos0: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let r = self.cfg.rope_dim;
+        let a = kargs![
+            x.ptr(),
+            rows,
+            width,
+            rows_per_tok,
+            pos0,
+            self.rope_for(l).ptr(),
+            r,
+            inverse
+        ];
+        // SAFETY: rope_tail touches the last r channels of `rows` vectors of `width` in x
+        // (the caller's buffer holds them) and reads r/2 frequencies.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "rope_tail",
+                grid_1d(rows * r / 2),
+                &a,
+            )
+        }
+    }
+
+    fn layer(
+        &self,
+        l: usize,
+        s: &mut Scratch,
+        state: &mut GpuLayerState,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let w = &self.layers[l];
+        self.hc_pre(s, &w.hc_attn, n)?;
+        self.attention(l, s, state, n, pos0)?;
+        self.hc_post(s, n)?;
+        self.hc_pre(s, &w.hc_ffn, n)?;
+        self.ffn(l, s, n)?;
+        self.hc_post(s, n)
+    }
+
+    /// The attention sublayer: s.x (n × d) → s.y (n × d).
+    fn attention(
+        &self,
+        l: usize,
+        s: &mut Scratch,
+        state: &mut GpuLayerState,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let w = &self.layers[l];
+        let ds4 = self.numerics == Numerics::Ds4;
+        let (d, hd, h) = (c.hidden, c.head_dim, c.n_heads);
+        let eps = c.rms_eps;
+        let dev = &self.gpu.device;
+        self.gpu
+            .rmsnorm(&s.x, Some(&w.attn_norm), d, n, eps, &mut s.xn)?;
+
+        // Queries: low rank, weighted norm, per-head unweighted norm, RoPE.
+        mm(self, &mut s.quant, &w.q_a, &s.xn, n, &mut s.qr)?;
+        self.gpu
+            .rmsnorm(&s.qr, Some(&w.q_a_norm), c.q_lora_rank, n, eps, &mut s.qrn)?;
+        mm(self, &mut s.quant, &w.q_b, &s.qrn, n, &mut s.q)?;
+        self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
+        self.rope(l, &s.qn, n * h, hd, h, pos0, false)?;
+
+        // The shared K=V row, rounded as stored.
+        mm(self, &mut s.quant, &w.kv, &s.xn, n, &mut s.kv)?;
+        self.gpu
+            .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
+        self.rope(l, &s.kvn, n, hd, 1, pos0, false)?;
+        if ds4 {
+            let a = kargs![s.kvn.ptr(), hd, hd - c.rope_dim];
+            // SAFETY: kv_round(x, width, nope) rounds n rows of hd values of s.kvn in place.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_attention", "kv_round", per_item(n, CTA, 0), &a)?
+            };
+        }
+
+        // Compressors (attention rows and indexer keys), then the indexer's selection.
+        let ratio = c.compress_ratio[l] as usize;
+        if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
+            mm(self, &mut s.quant, &cw.kv, &s.xn, n, &mut s.ckv)?;
+            mm(self, &mut s.quant, &cw.gate, &s.xn, n, &mut s.cg)?;
+            self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, if ds4 { 1 } else { 0 })?;
+        }
+        if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_mut()) {
+            let icw = &iw.compressor;
+            mm(self, &mut s.quant, &icw.kv, &s.xn, n, &mut s.ikv)?;
+            mm(self, &mut s.quant, &icw.gate, &s.xn, n, &mut s.ig)?;
+            self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, if ds4 { 2 } else { 0 })?;
+            let (ni, di) = (c.index_heads, c.index_head_dim);
+            mm(self, &mut s.quant, &iw.q_b, &s.qrn, n, &mut s.iq)?;
+            self.rope(l, &s.iq, n * ni, di, ni, pos0, false)?;
+            if ds4 {
+                let a = kargs![s.iq.ptr(), di, false];
+                // SAFETY: index_round(x, width, store) rewrites n·ni vectors of di values of
+                // s.iq in place, with di floats of dynamic shared memory.
+                unsafe {
+                    self.fk.launch(
+                        dev,
+                        "fwd_attention",
+                        "index_round",
+                        per_item(n * ni, CTA, di * 4),
+                        &a,
+                    )?
+                };
+            }
+            mm(self, &mut s.quant, &iw.proj, &s.xn, n, &mut s.iw)?;
+            let a = kargs![s.iw.ptr(), n * ni, 1.0 / ((ni * di) as f64).sqrt() as f32];
+            // SAFETY: scale_f32(x, n, s) scales n·ni values of s.iw.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_attention", "scale_f32", grid_1d(n * ni), &a)?
+            };
+            if pos0 + n > 0 && (pos0 + n) / ratio > s.max_index_rows {
+                return Err(CudaError::InvalidArgument(
+                    "indexer rows exceed the session's scratch".into(),
+                ));
+            }
+            let a = kargs![
+                s.iq.ptr(),
+                s.iw.ptr(),
+                is.rows.ptr(),
+                s.iscores.ptr(),
+                s.iflags.ptr(),
+                s.sel.ptr(),
+                s.selc.ptr(),
+                pos0,
+                ratio,
+                ni,
+                di,
+                c.index_topk,
+                s.max_index_rows
+            ];
+            // SAFETY: index_select reads each token's ni × di query and ni weights, the
+            // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes at most topk
+            // indices per token plus its count; scores/flags rows hold max_index_rows values.
+            unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_compressor",
+                    "index_select",
+                    per_item(n, CTA, 0),
+                    &a,
+                )?
+            };
+        }
+
+        // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
+        let window = c.sliding_window.min(state.ring_cap);
+        let (kind, comp_ptr, max_comp) = match (c.attn_kind[l], state.attn.as_ref()) {
+            (AttnKind::Hca, Some(cs)) => (1i64, cs.rows.ptr(), cs.capacity),
+            (AttnKind::Csa, Some(cs)) => (2i64, cs.rows.ptr(), c.index_topk),
+            _ => (0i64, 0u64, 0usize),
+        };
+        let shared = (2 * hd + window + max_comp) * 4;
+        if shared > MAX_SHARED {
+            return Err(CudaError::InvalidArgument(format!(
+                "layer {l}: attention over {} rows needs {shared} bytes of shared memory (at most {MAX_SHARED}); use a smaller context",
+                window + max_comp
+            )));
+        }
+        let a = kargs![
+            s.qn.ptr(),
+            s.kvn.ptr(),
+            state.ring.ptr(),
+            comp_ptr,
+            s.sel.ptr(),
+            s.selc.ptr(),
+            w.sinks.ptr(),
+            s.o.ptr(),
+            h,
+            hd,
+            pos0,
+            window,
+            state.ring_cap,
+            kind,
+            ratio.max(1),
+            c.index_topk,
+            1.0 / (hd as f64).sqrt() as f32,
+            self.rope_for(l).ptr(),
+            c.rope_dim
+        ];
+        // SAFETY: attend reads n × H query heads, the chunk's n K=V rows, the ring's cap rows,
+        // the compressed rows visible at each position (rows written so far; CSA: the indices
+        // index_select produced, all below the row count) and H sinks; writes n × H × hd
+        // outputs. Dynamic shared memory covers 2·hd + the most rows one query sees.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_attention",
+                "attend",
+                per_item(n * h, CTA, shared),
+                &a,
+            )?
+        };
+        let a = kargs![s.kvn.ptr(), state.ring.ptr(), n, pos0, hd, state.ring_cap];
+        // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_attention",
+                "ring_store",
+                grid_1d(n.min(state.ring_cap) * hd),
+                &a,
+            )?
+        };
+
+        // Grouped output projection: each group's heads through its rows of o_a, then o_b.
+        let (g, d_o) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
+        let a = kargs![s.o.ptr(), s.og.ptr(), n, g, gw];
+        // SAFETY: group_split permutes n × G × gw values of s.o into s.og (same size).
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_attention", "group_split", grid_1d(n * g * gw), &a)?
+        };
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.o_a_groups,
+            &self.group_ids,
+            g,
+            &s.og,
+            n,
+            &mut s.zg,
+        )?;
+        let a = kargs![s.zg.ptr(), s.z.ptr(), n, g, d_o];
+        // SAFETY: group_merge permutes n × G × d_o values of s.zg into s.z (same size).
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_attention",
+                "group_merge",
+                grid_1d(n * g * d_o),
+                &a,
+            )?
+        };
+        mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)
+    }
+
+    /// Feeds the chunk's projections to one compressor (rows appended after the
+    /// pos0/ratio rows written before the chunk).
+    #[allow(clippy::too_many_arguments)]
+    fn compress(
+        &self,
+        l: usize,
+        cw: &crate::model::DevCompressor,
+        cs: &mut crate::session::GpuCompressor,
+        kv_in: &DeviceBuffer<f32>,
+        gate_in: &DeviceBuffer<f32>,
+        n: usize,
+        pos0: usize,
+        qat: i64,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let ratio = c.compress_ratio[l] as usize;
+        let n_rows0 = pos0 / ratio;
+        if (pos0 + n) / ratio > cs.capacity {
+            return Err(CudaError::InvalidArgument(format!(
+                "layer {l}: the compressed-row capacity {} is exhausted",
+                cs.capacity
+            )));
+        }
+        let a = kargs![
+            kv_in.ptr(),
+            gate_in.ptr(),
+            cw.ape.ptr(),
+            cw.norm.ptr(),
+            cs.kv.ptr(),
+            cs.score.ptr(),
+            cs.rows.ptr(),
+            n_rows0,
+            n,
+            pos0,
+            ratio,
+            cs.width,
+            cs.overlap,
+            c.rms_eps as f64,
+            self.rope_for(l).ptr(),
+            c.rope_dim,
+            qat
+        ];
+        // SAFETY: compress_span reads n × coff·D projections, the m × coff·D slot bias and D
+        // norm weights, updates the coff·m × coff·D frontier, and appends at most
+        // (pos0+n)/ratio − pos0/ratio rows after row pos0/ratio, within the capacity checked
+        // above. Dynamic shared memory: D floats.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_compressor",
+                "compress_span",
+                per_item(1, CTA, cs.width * 4),
+                &a,
+            )
+        }
+    }
+
+    /// The MoE sublayer: s.x → s.y.
+    fn ffn(&self, l: usize, s: &mut Scratch, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let w = &self.layers[l];
+        let ds4 = self.numerics == Numerics::Ds4;
+        let (d, k, ff) = (c.hidden, c.n_experts_used, c.expert_ff);
+        let limit = Some(c.swiglu_clamp[l]);
+        let dev = &self.gpu.device;
+        self.gpu
+            .rmsnorm(&s.x, Some(&w.ffn_norm), d, n, c.rms_eps, &mut s.xn)?;
+        mm(self, &mut s.quant, &w.router, &s.xn, n, &mut s.rlog)?;
+        let hash = c.moe_kind[l] == MoeKind::Hash;
+        let tid2eid = match (&w.tid2eid, hash) {
+            (Some(t), true) => t.ptr(),
+            _ => 0,
+        };
+        let bias = w.router_bias.as_ref().map_or(0, |b| b.ptr());
+        let a = kargs![
+            s.rlog.ptr(),
+            bias,
+            tid2eid,
+            s.tokens.ptr(),
+            s.ids.ptr(),
+            s.wts.ptr(),
+            n,
+            c.n_experts,
+            k,
+            c.routed_scale,
+            ds4
+        ];
+        // SAFETY: route reads n × E logits (rewritten in place as scores), E biases, the
+        // chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at eval), and
+        // writes n × k ids and weights.
+        unsafe { self.fk.launch(dev, "fwd_moe", "route", grid_1d(n), &a)? };
+
+        // Shared expert.
+        mm(self, &mut s.quant, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
+        mm(self, &mut s.quant, &w.up_shexp, &s.xn, n, &mut s.su)?;
+        self.gpu
+            .swiglu_clamp(&s.sg, &s.su, n * ff, ff, limit, None, &mut s.sh)?;
+        mm(self, &mut s.quant, &w.down_shexp, &s.sh, n, &mut s.sdown)?;
+
+        // Routed experts: one slot per (token, choice), ids on the device.
+        let slots = n * k;
+        let a = kargs![s.xn.ptr(), s.xe.ptr(), n, k, d];
+        // SAFETY: replicate writes n × k × d values of s.xe from n × d of s.xn.
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_moe", "replicate", grid_1d(slots * d), &a)?
+        };
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.gate_exps,
+            &s.ids,
+            slots,
+            &s.xe,
+            1,
+            &mut s.eg,
+        )?;
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.up_exps,
+            &s.ids,
+            slots,
+            &s.xe,
+            1,
+            &mut s.eu,
+        )?;
+        // ds4 weighs the intermediate before the down projection (C2); the reference after.
+        let weight = if ds4 { Some(&s.wts) } else { None };
+        self.gpu
+            .swiglu_clamp(&s.eg, &s.eu, slots * ff, ff, limit, weight, &mut s.eh)?;
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.down_exps,
+            &s.ids,
+            slots,
+            &s.eh,
+            1,
+            &mut s.edown,
+        )?;
+        let a = kargs![
+            s.edown.ptr(),
+            s.ids.ptr(),
+            s.wts.ptr(),
+            s.sdown.ptr(),
+            s.y.ptr(),
+            n,
+            k,
+            d,
+            !ds4
+        ];
+        // SAFETY: moe_combine reads n × k × d expert outputs, n × k ids and weights, n × d
+        // shared outputs, and writes n × d values of s.y.
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_moe", "moe_combine", grid_1d(n * d), &a)
+        }
+    }
+
+    /// HC head, final norm and LM head for chunk rows `rows`; rows.len() × vocab.
+    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (d, nc, v) = (c.hidden, c.hc_mult, c.vocab_size);
+        let nr = rows.len();
+        if nr == 0 {
+            return Ok(Vec::new());
+        }
+        copy_f32(
+            self,
+            &s.streams,
+            rows.start * nc * d,
+            &s.hraw,
+            0,
+            nr * nc * d,
+        )?;
+        self.gpu
+            .rmsnorm(&s.hraw, None, nc * d, nr, c.rms_eps, &mut s.hflat)?;
+        mm(
+            self,
+            &mut s.quant,
+            &self.output_hc.fn_,
+            &s.hflat,
+            nr,
+            &mut s.hmix,
+        )?;
+        let a = kargs![
+            s.hmix.ptr(),
+            self.output_hc.base.ptr(),
+            self.output_hc.scale.ptr(),
+            s.hraw.ptr(),
+            s.hu.ptr(),
+            nc,
+            d,
+            c.hc_eps
+        ];
+        // SAFETY: hc_head reads nr × n mixes, n bases, 1 scale and nr × n × d streams, writes
+        // nr × d values of s.hu.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_hc",
+                "hc_head",
+                per_item(nr, CTA, 0),
+                &a,
+            )?
+        };
+        self.gpu
+            .rmsnorm(&s.hu, Some(&self.output_norm), d, nr, c.rms_eps, &mut s.hun)?;
+        mm(self, &mut s.quant, &self.output, &s.hun, nr, &mut s.logits)?;
+        download_prefix(self, &s.logits, nr * v)
+    }
+}

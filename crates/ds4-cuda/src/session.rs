@@ -1,0 +1,359 @@
+//! A token stream's state on the GPU (per layer: the raw K=V window ring, and for compressed
+//! layers the compressor frontier and emitted rows, plus the indexer's for CSA layers) and its
+//! snapshot in exactly the CPU backend's serialized form: the state is downloaded into
+//! ds4-model's [`SessionState`] and serialized by the same code, and a restore parses with
+//! that code and uploads. So a session can move between the CPU and CUDA backends.
+
+use std::sync::Arc;
+
+use ds4_model::backend::{Logits, ModelError, Session};
+use ds4_model::config::AttnKind;
+use ds4_model::cpu::compressor::EMPTY_SCORE;
+use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
+
+use crate::device::DeviceBuffer;
+use crate::error::{CudaError, Result};
+use crate::forward::{download_prefix, Scratch};
+use crate::model::{CudaModel, CHUNK};
+
+/// One compressor's device state.
+pub(crate) struct GpuCompressor {
+    /// Row width D (attention) or d_I (indexer).
+    pub width: usize,
+    pub overlap: bool,
+    pub capacity: usize,
+    /// capacity × width emitted rows.
+    pub rows: DeviceBuffer<f32>,
+    /// Frontier values and scores: coff·m × coff·width each.
+    pub kv: DeviceBuffer<f32>,
+    pub score: DeviceBuffer<f32>,
+}
+
+impl GpuCompressor {
+    fn new(m: &CudaModel, ratio: usize, width: usize, overlap: bool, ctx: usize) -> Result<Self> {
+        let capacity = compressed_capacity(ctx, ratio);
+        let coff = if overlap { 2 } else { 1 };
+        let fsize = coff * ratio * coff * width;
+        let dev = &m.gpu.device;
+        let c = GpuCompressor {
+            width,
+            overlap,
+            capacity,
+            rows: dev.alloc_filled(capacity * width, 0)?,
+            kv: dev.alloc(fsize)?,
+            score: dev.alloc(fsize)?,
+        };
+        c.reset(m)?;
+        Ok(c)
+    }
+
+    fn frontier_len(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Empty frontier: values 0, scores −1e30 (zero weight).
+    fn reset(&self, m: &CudaModel) -> Result<()> {
+        m.gpu.device.fill_bytes(&self.kv, 0)?;
+        let empty = vec![EMPTY_SCORE; self.frontier_len()];
+        upload_into(m, &empty, &self.score)
+    }
+}
+
+/// Copies host values into the start of a device buffer.
+fn upload_into(m: &CudaModel, data: &[f32], buf: &DeviceBuffer<f32>) -> Result<()> {
+    if data.len() > buf.len() {
+        return Err(CudaError::InvalidArgument(format!(
+            "upload of {} values into a buffer of {}",
+            data.len(),
+            buf.len()
+        )));
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the destination range lies in `buf` (checked above); `data` stays borrowed until
+    // the stream is synchronized.
+    unsafe {
+        cudarc::driver::result::memcpy_htod_async(
+            buf.ptr(),
+            data,
+            m.gpu.device.stream().cu_stream(),
+        )
+    }
+    .map_err(|e| CudaError::driver("cuMemcpyHtoDAsync", e))?;
+    m.gpu.device.synchronize()
+}
+
+/// One layer's device state.
+pub(crate) struct GpuLayerState {
+    /// ring_cap × D: the K=V row of position p lives in slot p % ring_cap.
+    pub ring: DeviceBuffer<f32>,
+    pub ring_cap: usize,
+    pub attn: Option<GpuCompressor>,
+    pub index: Option<GpuCompressor>,
+}
+
+/// One token stream on the GPU.
+pub struct CudaSession {
+    model: Arc<CudaModel>,
+    ctx: usize,
+    tokens: Vec<u32>,
+    last_logits: Vec<f32>,
+    layers: Vec<GpuLayerState>,
+    scratch: Scratch,
+}
+
+fn cuda_err(e: CudaError) -> ModelError {
+    ModelError::Unsupported(format!("CUDA: {e}"))
+}
+
+impl CudaSession {
+    pub(crate) fn new(model: Arc<CudaModel>, ctx: usize) -> std::result::Result<Self, ModelError> {
+        if ctx == 0 {
+            return Err(ModelError::ContextOverflow { ctx, needed: 1 });
+        }
+        let need = session_bytes(&model, ctx);
+        let (free, _) = model.gpu.device.memory_info().map_err(cuda_err)?;
+        if need > free {
+            return Err(ModelError::Unsupported(format!(
+                "CUDA: a session of {ctx} tokens needs {} of GPU memory, {} are free ({} missing)",
+                crate::model::gib_str(need),
+                crate::model::gib_str(free),
+                crate::model::gib_str(need - free)
+            )));
+        }
+        let cfg = &model.cfg;
+        let ring_cap = raw_window_rows(cfg, ctx);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let mut max_index_rows = 1;
+        for l in 0..cfg.n_layers {
+            let ratio = cfg.compress_ratio[l] as usize;
+            let (attn, index) = match cfg.attn_kind[l] {
+                AttnKind::Sliding => (None, None),
+                AttnKind::Hca => (
+                    Some(GpuCompressor::new(&model, ratio, cfg.head_dim, false, ctx)),
+                    None,
+                ),
+                AttnKind::Csa => {
+                    max_index_rows = max_index_rows.max(compressed_capacity(ctx, ratio));
+                    (
+                        Some(GpuCompressor::new(&model, ratio, cfg.head_dim, true, ctx)),
+                        Some(GpuCompressor::new(
+                            &model,
+                            ratio,
+                            cfg.index_head_dim,
+                            true,
+                            ctx,
+                        )),
+                    )
+                }
+            };
+            layers.push(GpuLayerState {
+                ring: model
+                    .gpu
+                    .device
+                    .alloc_filled(ring_cap * cfg.head_dim, 0)
+                    .map_err(cuda_err)?,
+                ring_cap,
+                attn: attn.transpose().map_err(cuda_err)?,
+                index: index.transpose().map_err(cuda_err)?,
+            });
+        }
+        let scratch = Scratch::new(&model, CHUNK.min(ctx), max_index_rows).map_err(cuda_err)?;
+        Ok(CudaSession {
+            model,
+            ctx,
+            tokens: Vec::new(),
+            last_logits: Vec::new(),
+            layers,
+            scratch,
+        })
+    }
+
+    /// The state in the CPU backend's form (downloads every buffer).
+    pub fn to_state(&self) -> Result<SessionState> {
+        let m = &self.model;
+        let cfg = &m.cfg;
+        let mut st = SessionState::new(cfg, self.ctx);
+        st.tokens = self.tokens.clone();
+        st.last_logits = self.last_logits.clone();
+        let n_tok = self.tokens.len();
+        for (l, (dst, src)) in st.layers.iter_mut().zip(&self.layers).enumerate() {
+            let hd = cfg.head_dim;
+            let ring = download_prefix(m, &src.ring, src.ring_cap * hd)?;
+            let live = n_tok.min(src.ring_cap);
+            for pos in n_tok - live..n_tok {
+                let slot = pos % src.ring_cap;
+                dst.raw.put(pos, &ring[slot * hd..(slot + 1) * hd]);
+            }
+            let ratio = cfg.compress_ratio[l] as usize;
+            for (d, s) in [(&mut dst.attn, &src.attn), (&mut dst.index, &src.index)] {
+                let (Some(d), Some(s)) = (d.as_mut(), s.as_ref()) else {
+                    continue;
+                };
+                let n_rows = n_tok / ratio;
+                let rows = download_prefix(m, &s.rows, n_rows * s.width)?;
+                for row in rows.chunks_exact(s.width) {
+                    d.rows.push(row);
+                }
+                let kv = download_prefix(m, &s.kv, s.frontier_len())?;
+                let score = download_prefix(m, &s.score, s.frontier_len())?;
+                if !d.frontier.set_state(&kv, &score) {
+                    return Err(CudaError::InvalidArgument(format!(
+                        "layer {l}: frontier sizes differ from the CPU's"
+                    )));
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// Replaces the device state with `st` (a state of this model and context).
+    fn upload_state(&mut self, st: &SessionState) -> Result<()> {
+        let m = self.model.clone();
+        let cfg = &m.cfg;
+        let n_tok = st.tokens.len();
+        for (l, (dst, src)) in self.layers.iter().zip(&st.layers).enumerate() {
+            let hd = cfg.head_dim;
+            let mut ring = vec![0f32; dst.ring_cap * hd];
+            let live = n_tok.min(dst.ring_cap);
+            for pos in n_tok - live..n_tok {
+                let slot = pos % dst.ring_cap;
+                ring[slot * hd..(slot + 1) * hd].copy_from_slice(src.raw.get(pos));
+            }
+            upload_into(&m, &ring, &dst.ring)?;
+            for (d, s) in [(&dst.attn, &src.attn), (&dst.index, &src.index)] {
+                let (Some(d), Some(s)) = (d.as_ref(), s.as_ref()) else {
+                    continue;
+                };
+                if s.rows.len() > d.capacity {
+                    return Err(CudaError::InvalidArgument(format!(
+                        "layer {l}: {} compressed rows exceed the capacity {}",
+                        s.rows.len(),
+                        d.capacity
+                    )));
+                }
+                upload_into(&m, s.rows.as_slice(), &d.rows)?;
+                let (kv, score) = s.frontier.state();
+                upload_into(&m, kv, &d.kv)?;
+                upload_into(&m, score, &d.score)?;
+            }
+        }
+        self.tokens = st.tokens.clone();
+        self.last_logits = st.last_logits.clone();
+        Ok(())
+    }
+}
+
+/// GPU memory a session of `ctx` tokens allocates (state + scratch), for the fit check.
+fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
+    let cfg = &m.cfg;
+    let state = ds4_model::session::kv_bytes(cfg, ctx) as usize;
+    let max_index_rows = cfg
+        .compress_ratio
+        .iter()
+        .zip(&cfg.attn_kind)
+        .filter(|(_, k)| **k == AttnKind::Csa)
+        .map(|(&r, _)| compressed_capacity(ctx, r as usize))
+        .max()
+        .unwrap_or(1);
+    state + crate::model::working_memory_estimate(cfg) + CHUNK * max_index_rows * 8
+}
+
+impl Session for CudaSession {
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn eval(&mut self, tokens: &[u32], want: Logits) -> std::result::Result<Vec<f32>, ModelError> {
+        let cfg = &self.model.cfg;
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let needed = self.tokens.len() + tokens.len();
+        if needed > self.ctx {
+            return Err(ModelError::ContextOverflow {
+                ctx: self.ctx,
+                needed,
+            });
+        }
+        if let Some((index, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= cfg.vocab_size)
+        {
+            return Err(ModelError::BadToken {
+                token,
+                index,
+                vocab: cfg.vocab_size,
+            });
+        }
+        let v = cfg.vocab_size;
+        let n_chunks = tokens.len().div_ceil(self.scratch.cap);
+        let mut out = Vec::new();
+        let mut last = Vec::new();
+        let model = self.model.clone();
+        for (i, chunk) in tokens.chunks(self.scratch.cap).enumerate() {
+            let pos0 = self.tokens.len();
+            let rows = match want {
+                Logits::All => 0..chunk.len(),
+                Logits::Last if i + 1 == n_chunks => chunk.len() - 1..chunk.len(),
+                Logits::Last => 0..0,
+            };
+            let logits = model
+                .forward_chunk(&mut self.scratch, &mut self.layers, chunk, pos0, rows)
+                .map_err(cuda_err)?;
+            if !logits.is_empty() {
+                last = logits[logits.len() - v..].to_vec();
+            }
+            if want == Logits::All {
+                out.extend_from_slice(&logits);
+            } else {
+                out = logits;
+            }
+            self.tokens.extend_from_slice(chunk);
+        }
+        self.last_logits = last;
+        Ok(out)
+    }
+
+    fn last_logits(&self) -> &[f32] {
+        &self.last_logits
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        // The trait's snapshot cannot fail; a device error here means the GPU is unusable,
+        // which the next eval reports. An empty payload is rejected by every restore.
+        match self.to_state() {
+            Ok(st) => st.to_payload(&self.model.cfg),
+            Err(e) => {
+                eprintln!("ds4: CUDA snapshot failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> std::result::Result<(), ModelError> {
+        let cfg = &self.model.cfg;
+        let mut st = SessionState::new(cfg, self.ctx);
+        st.restore_payload(cfg, bytes)?;
+        self.upload_state(&st).map_err(cuda_err)
+    }
+
+    fn reset(&mut self) {
+        self.tokens.clear();
+        self.last_logits.clear();
+        // Rows beyond the token count are never read; only the frontiers must be emptied.
+        for l in &self.layers {
+            for c in [&l.attn, &l.index].into_iter().flatten() {
+                if let Err(e) = c.reset(&self.model) {
+                    eprintln!("ds4: CUDA session reset failed: {e}");
+                }
+            }
+        }
+    }
+}
