@@ -107,7 +107,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             ds4_model::cpu::CpuBackend::from_file(gguf.clone(), Numerics::Ds4)
                 .with_context(|| format!("loading {}", model_path.display()))?,
         ),
-        other => bail!("--backend {other} is not available to the server in this build (use cpu)"),
+        "cuda" => Box::new(
+            ds4_cuda::CudaBackend::from_file(gguf.clone(), Numerics::Ds4, 0, &mut |_, _| {})
+                .with_context(|| format!("loading {} on the GPU", model_path.display()))?,
+        ),
+        other => bail!("--backend must be cpu or cuda, got {other}"),
     };
     let vocab = backend.config().vocab_size;
     if tokenizer.vocab_size() > vocab {
