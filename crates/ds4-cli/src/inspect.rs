@@ -9,6 +9,7 @@ use anyhow::Context;
 use ds4_gguf::{GgufFile, MetaArray, MetaValue};
 use ds4_model::config::{AttnKind, ModelConfig};
 use ds4_model::layout::{check_layout, detect_mode, WeightsMode};
+use ds4_model::session::{kv_bytes, kv_bytes_per_token};
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
@@ -169,38 +170,14 @@ fn print_config(cfg: &ModelConfig) {
     );
 }
 
-// KV-STATE: the session state of one sequence at `ctx` tokens, per ds4's CPU layout
-// (ds4-spec.md §3): f32 rows; a raw window of min(W, ctx) rows per layer; ctx/ratio compressed
-// rows per CSA/HCA layer plus the compressor frontier (coff·ratio rows × coff·D, kv and score);
-// CSA layers also ctx/4 indexer rows and the indexer frontier. The forward helper may replace
-// this with the accounting of ds4_model's own session type once it exists.
+// KV-STATE: the session state of one sequence at `ctx` tokens, as ds4_model::session sizes it
+// (raw windows, compressed rows and indexer keys at capacity, compressor frontiers; f32).
 fn print_state(cfg: &ModelConfig, ctx: u64) {
-    let f32b = 4u64;
-    let d = cfg.head_dim as u64;
-    let di = cfg.index_head_dim as u64;
-    let mut total = 0u64;
-    let mut per_token = 0f64;
-    for l in 0..cfg.n_layers {
-        total += ctx.min(cfg.sliding_window as u64) * d * f32b;
-        let r = u64::from(cfg.compress_ratio[l]);
-        if r == 0 {
-            continue;
-        }
-        let coff = if cfg.attn_kind[l] == AttnKind::Csa {
-            2
-        } else {
-            1
-        };
-        total += (ctx / r) * d * f32b + 2 * (coff * r) * (coff * d) * f32b;
-        per_token += (d * f32b) as f64 / r as f64;
-        if cfg.attn_kind[l] == AttnKind::Csa {
-            total += (ctx / r) * di * f32b + 2 * (2 * r) * (2 * di) * f32b;
-            per_token += (di * f32b) as f64 / r as f64;
-        }
-    }
+    let ctx = usize::try_from(ctx).unwrap_or(usize::MAX);
     println!(
-        "  state at ctx {ctx}: {} (f32 rows; +{per_token:.1} bytes per token past the window)",
-        human(total)
+        "  KV state at ctx {ctx}: {} (+{:.1} bytes per token of context)",
+        human(kv_bytes(cfg, ctx)),
+        kv_bytes_per_token(cfg)
     );
 }
 

@@ -36,11 +36,9 @@ pub const ALIGNMENT: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// (The I/O error is part of the message, not a `source`, so chains print it once.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{}: {msg}", path.display())]
     Json { path: PathBuf, msg: String },
     #[error("{0}")]
@@ -68,10 +66,10 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> ConvertError {
+    pub(crate) fn io(path: &Path, err: std::io::Error) -> ConvertError {
         ConvertError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         }
     }
 }
