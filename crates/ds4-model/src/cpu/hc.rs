@@ -81,7 +81,7 @@ pub fn combine(pre: &[f32], streams: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Post: X'_k = post_k · y + Σ_j comb[j,k] · X_j, in place on the n×d `streams`.
+/// Post: X'_k = post_k · y + Σ_j comb(j, k) · X_j, in place on the n×d `streams`.
 pub fn post(m: &HcMappings, y: &[f32], streams: &mut [f32]) {
     let d = y.len();
     let n = m.post.len();
