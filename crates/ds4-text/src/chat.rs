@@ -227,7 +227,7 @@ pub fn render_completion(prompt: &str, think: ThinkMode, ctx: usize) -> String {
     render_single_turn(DEFAULT_SYSTEM, prompt, think, ctx)
 }
 
-/// The CLI's single-turn prompt (`ds4 -p`): BOS, [THINKMAX], system (may be empty), the user
+/// The CLI's single-turn prompt (`ds4 -p`): BOS, the Think Max preamble if any, system (may be empty), the user
 /// prompt, and the assistant header.
 pub fn render_single_turn(system: &str, prompt: &str, think: ThinkMode, ctx: usize) -> String {
     let think = think.for_context(ctx);

@@ -273,3 +273,13 @@ mod differential {
         }
     }
 }
+
+/// The engine shares one tokenizer and one parser per request across threads.
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Tokenizer>();
+    send_sync::<ds4_text::DsmlStreamParser>();
+    send_sync::<ds4_text::Sampler>();
+    send_sync::<ds4_text::sampler::DsmlDecodeTracker>();
+}
