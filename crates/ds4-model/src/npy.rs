@@ -81,8 +81,11 @@ pub fn read(bytes: &[u8]) -> Result<NpyArray, String> {
         return Err("Fortran-order .npy arrays are not supported".into());
     }
     let shape_text = field("shape")?;
-    let close = shape_text.find(')').ok_or("bad .npy shape")?;
-    let shape: Vec<usize> = shape_text[1..close]
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|t| t.split(')').next().filter(|_| t.contains(')')))
+        .ok_or("bad .npy shape (expected a tuple)")?;
+    let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -91,7 +94,10 @@ pub fn read(bytes: &[u8]) -> Result<NpyArray, String> {
                 .map_err(|_| format!("bad .npy dimension `{s}`"))
         })
         .collect::<Result<_, _>>()?;
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("the .npy shape overflows")?;
     let body = &bytes[hstart + hlen..];
     let width = match dtype.as_str() {
         "<f4" | "<i4" => 4,
@@ -102,7 +108,7 @@ pub fn read(bytes: &[u8]) -> Result<NpyArray, String> {
             ))
         }
     };
-    if body.len() != n * width {
+    if n.checked_mul(width) != Some(body.len()) {
         return Err(format!(
             ".npy body has {} bytes, shape {shape:?} of {dtype} needs {}",
             body.len(),
@@ -137,5 +143,17 @@ mod tests {
         assert_eq!(one.shape, vec![3]);
         assert!(read(b"nonsense").is_err());
         assert!(read(&bytes[..bytes.len() - 1]).is_err());
+        // Damaged headers are errors, not panics.
+        for header in [
+            "{'descr': '<f4', 'fortran_order': False, 'shape': ), }",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999999999), }",
+            "{'descr': '<u2', 'fortran_order': False, 'shape': (1,), }",
+            "{'descr'",
+        ] {
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            b.extend_from_slice(header.as_bytes());
+            assert!(read(&b).is_err(), "{header}");
+        }
     }
 }
