@@ -41,7 +41,7 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(chat::normalize_args(std::env::args_os()));
     let result = match cli.command {
         Some(Command::Inspect(a)) => inspect::run(a),
         Some(Command::Convert(a)) => convert::run(a),
