@@ -452,3 +452,124 @@ pub fn detect_mode(cfg: &ModelConfig, tensors: &[TensorInfo]) -> Option<WeightsM
         .into_iter()
         .find(|&m| check_layout(cfg, tensors, Some(m)).is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor table exactly like the layout, in `mode`'s types.
+    fn table(cfg: &ModelConfig, mode: WeightsMode) -> Vec<TensorInfo> {
+        expected_tensors(cfg)
+            .into_iter()
+            .map(|s| {
+                let ty = storage_type(s.role, mode, s.dims[0]).0;
+                let n: u64 = s.dims.iter().product();
+                TensorInfo {
+                    name: s.name,
+                    ty,
+                    n_elements: n,
+                    n_bytes: ty.row_bytes(n).unwrap(),
+                    dims: s.dims,
+                    offset: 0,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_mode_of_flash_is_valid_and_detected() {
+        let cfg = ModelConfig::flash();
+        for mode in WeightsMode::ALL {
+            let t = table(&cfg, mode);
+            assert_eq!(check_layout(&cfg, &t, None), vec![], "{mode}");
+            assert_eq!(check_layout(&cfg, &t, Some(mode)), vec![], "{mode}");
+            assert_eq!(detect_mode(&cfg, &t), Some(mode), "{mode}");
+        }
+    }
+
+    #[test]
+    fn each_kind_of_damage_is_named() {
+        let cfg = ModelConfig::flash();
+        let good = table(&cfg, WeightsMode::Ds4Q2);
+
+        let mut t = good.clone();
+        t.retain(|x| x.name != "blk.7.attn_sinks.weight");
+        assert_eq!(
+            check_layout(&cfg, &t, None),
+            vec![LayoutIssue::Missing {
+                name: "blk.7.attn_sinks.weight".into(),
+                dims: vec![64]
+            }]
+        );
+
+        // The router bias is optional (ds4 treats a missing one as zero).
+        let mut t = good.clone();
+        t.retain(|x| x.name != "blk.7.exp_probs_b.bias");
+        assert_eq!(check_layout(&cfg, &t, None), vec![]);
+
+        let mut t = good.clone();
+        let mut extra = t[0].clone();
+        extra.name = "mtp.0.e_proj.weight".into();
+        extra.dims = vec![4096, 4096];
+        t.push(extra);
+        assert!(matches!(
+            &check_layout(&cfg, &t, None)[..],
+            [LayoutIssue::Unexpected { name, .. }] if name == "mtp.0.e_proj.weight"
+        ));
+
+        let mut t = good.clone();
+        let i = t
+            .iter()
+            .position(|x| x.name == "blk.4.attn_norm.weight")
+            .unwrap();
+        t[i].ty = GgmlType::F16;
+        assert_eq!(
+            check_layout(&cfg, &t, None),
+            vec![LayoutIssue::WrongType {
+                name: "blk.4.attn_norm.weight".into(),
+                allowed: vec![GgmlType::F32],
+                found: GgmlType::F16
+            }]
+        );
+
+        let mut t = good.clone();
+        let i = t
+            .iter()
+            .position(|x| x.name == "blk.9.ffn_up_exps.weight")
+            .unwrap();
+        t[i].ty = GgmlType::Q4K;
+        assert_eq!(
+            check_layout(&cfg, &t, None),
+            vec![LayoutIssue::MismatchedExpertTypes {
+                gate: "blk.9.ffn_gate_exps.weight".into(),
+                gate_ty: GgmlType::IQ2XXS,
+                up_ty: GgmlType::Q4K
+            }]
+        );
+        // Against the exact q2 mix the Q4_K up projection is also the wrong type.
+        assert_eq!(check_layout(&cfg, &t, Some(WeightsMode::Ds4Q2)).len(), 2);
+    }
+
+    #[test]
+    fn fallback_only_when_rows_do_not_fit() {
+        use GgmlType as T;
+        assert_eq!(
+            storage_type(TensorRole::ExpertGateUp, WeightsMode::Ds4Q2, 4096),
+            (T::IQ2XXS, false)
+        );
+        assert_eq!(
+            storage_type(TensorRole::ExpertGateUp, WeightsMode::Ds4Q2, 64),
+            (T::F16, true)
+        );
+        assert_eq!(
+            storage_type(TensorRole::DenseQ8, WeightsMode::Q8, 48),
+            (T::F16, true)
+        );
+        assert_eq!(
+            storage_type(TensorRole::Vector, WeightsMode::Ds4Q4, 7),
+            (T::F32, false)
+        );
+        assert_eq!("ds4-q4".parse::<WeightsMode>(), Ok(WeightsMode::Ds4Q4));
+        assert!("q3".parse::<WeightsMode>().is_err());
+    }
+}
