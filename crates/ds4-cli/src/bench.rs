@@ -84,8 +84,11 @@ fn load_backend(
 ) -> anyhow::Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(CpuBackend::from_file(file, numerics)?)),
-        BackendKind::Cuda => bail!(
-            "the CUDA backend is not wired into `ds4 bench` in this build yet; use --backend cpu"
+        BackendKind::Cuda => crate::backend_select::load_backend(
+            file,
+            Path::new("the model"),
+            crate::backend_select::BackendChoice::Cuda,
+            numerics,
         ),
     }
 }

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use ds4_model::backend::{eval_all_positions, Backend, EvalMode};
-use ds4_model::cpu::CpuBackend;
+use ds4_model::backend::{eval_all_positions, EvalMode};
 use ds4_model::numerics::Numerics;
 
 #[derive(clap::Args)]
@@ -36,8 +35,8 @@ pub struct LogitsArgs {
     /// for any other (test-sized) model.
     #[arg(long)]
     numerics: Option<String>,
-    /// cpu or cuda.
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA when a GPU is usable), cpu or cuda.
+    #[arg(long, default_value = "auto")]
     backend: String,
     /// Context to allocate (default: the number of tokens).
     #[arg(long)]
@@ -65,14 +64,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    if args.backend != "cpu" {
-        if args.backend == "cuda" {
-            bail!(
-                "the CUDA backend is not available for `logits` in this build; use --backend cpu"
-            );
-        }
-        bail!("unknown backend `{}` (expected cpu or cuda)", args.backend);
-    }
+    let choice: crate::backend_select::BackendChoice = args.backend.parse()?;
     // The numerics default depends on the model, which is only known after reading it.
     let file = std::sync::Arc::new(
         ds4_gguf::reader::GgufFile::open(&model)
@@ -85,8 +77,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     } else {
         Numerics::Reference
     });
-    let backend = CpuBackend::from_file(file, numerics)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let backend = crate::backend_select::load_backend(file, &model, choice, numerics)?;
     let vocab = backend.config().vocab_size;
     let ctx = args.ctx.unwrap_or(tokens.len());
     let mut session = backend.new_session(ctx)?;

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod backend_select;
 mod bench;
 mod chat;
 mod convert;

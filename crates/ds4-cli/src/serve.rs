@@ -102,17 +102,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("tokenizer of {}", model_path.display()))?
         }
     };
-    let backend: Box<dyn Backend> = match args.backend.as_str() {
-        "cpu" => Box::new(
-            ds4_model::cpu::CpuBackend::from_file(gguf.clone(), Numerics::Ds4)
-                .with_context(|| format!("loading {}", model_path.display()))?,
-        ),
-        "cuda" => Box::new(
-            ds4_cuda::CudaBackend::from_file(gguf.clone(), Numerics::Ds4, 0, &mut |_, _| {})
-                .with_context(|| format!("loading {} on the GPU", model_path.display()))?,
-        ),
-        other => bail!("--backend must be cpu or cuda, got {other}"),
-    };
+    let backend: Box<dyn Backend> = crate::backend_select::load_backend(
+        gguf.clone(),
+        &model_path,
+        args.backend.parse()?,
+        Numerics::Ds4,
+    )?;
     let vocab = backend.config().vocab_size;
     if tokenizer.vocab_size() > vocab {
         bail!(
