@@ -128,8 +128,10 @@ impl CpuModel {
         Ok(logits[..want.len() * v].to_vec())
     }
 
-    /// The n hyper-connection streams of every token, all equal to the token's embedding.
-    fn embed(&self, tokens: &[u32]) -> Vec<f32> {
+    /// The n hyper-connection streams of every token (n_tok × n × d), all equal to the
+    /// token's embedding. Public, with [`CpuModel::forward_layer`] and [`CpuModel::head`], so
+    /// other backends can be compared with this one layer by layer.
+    pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
         let (d, n) = (self.cfg.hidden, self.cfg.hc_mult);
         let mut streams = vec![0f32; tokens.len() * n * d];
         for (t, &tok) in tokens.iter().enumerate() {
@@ -544,7 +546,7 @@ impl CpuModel {
     }
 
     /// The HC head, final norm and LM head for the listed span rows; rows.len() × vocab.
-    fn head(&self, streams: &[f32], rows: &[usize]) -> Vec<f32> {
+    pub fn head(&self, streams: &[f32], rows: &[usize]) -> Vec<f32> {
         let cfg = &self.cfg;
         let (d, n) = (cfg.hidden, cfg.hc_mult);
         let ow = &self.weights;
