@@ -106,3 +106,60 @@ fn tokenize_jsonl(tokenizer: &Tokenizer, path: &Path, out: &mut impl Write) -> a
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer() -> Tokenizer {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tokenizer/tokenizer.json");
+        load_tokenizer(None, Some(&path)).unwrap()
+    }
+
+    #[test]
+    fn jsonl_gives_one_id_array_per_line() {
+        let t = fixture_tokenizer();
+        let dir = std::env::temp_dir().join(format!("ds4-tokenize-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.jsonl");
+        std::fs::write(
+            &input,
+            "{\"text\":\"Hello\"}\n\n{\"text\":\"<｜User｜>123456\",\"other\":1}\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        tokenize_jsonl(&t, &input, &mut out).unwrap();
+        let lines: Vec<&str> = std::str::from_utf8(&out).unwrap().lines().collect();
+        assert_eq!(lines, vec!["[19923]", "[128803,6895,18009]"]);
+
+        std::fs::write(&input, "{\"text\":\"ok\"}\n{\"txt\":\"no\"}\n").unwrap();
+        let err = tokenize_jsonl(&t, &input, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("in.jsonl:2") && err.contains("\"text\""),
+            "{err}"
+        );
+        std::fs::write(&input, "not json\n").unwrap();
+        let err = tokenize_jsonl(&t, &input, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in.jsonl:1: not JSON"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let err = load_tokenizer(Some(Path::new("/nonexistent/m.gguf")), None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/m.gguf"),
+            "{err:#}"
+        );
+        let err = load_tokenizer(None, Some(Path::new("/nonexistent/t.json"))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/t.json"),
+            "{err:#}"
+        );
+    }
+}
