@@ -184,26 +184,21 @@ impl Drop for SmallFs {
     }
 }
 
-#[test]
-fn full_disk_fails_the_save_and_the_store_keeps_serving() {
-    let work = scratch_dir("diskfull");
-    let fs = match SmallFs::mount(work.join("mnt"), "1m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("SKIPPED full_disk test: a 1 MiB tmpfs cannot be mounted here ({e}); run as root to cover it");
-            return;
-        }
-    };
+/// Saves ever larger checkpoints into `dir` until a write fails; checks that the failure is an
+/// I/O error of `kind`, that no temporary file is left, that every earlier checkpoint is still
+/// found and loads, and that a small save succeeds afterwards (`free` makes room first).
+fn fill_until_write_fails(dir: &Path, kind: std::io::ErrorKind, free: bool) -> String {
     let cfg = mini_config();
     let ctx = 4096;
     let mut o = StoreOptions::new(ctx as u32, 4);
     o.min_tokens = 16;
-    o.budget_bytes = 0; // the disk, not the budget, is the limit
-    let mut store = KvStore::open(&fs.path, &cfg, o).unwrap();
+    o.budget_bytes = 0; // the storage, not the budget, is the limit
+    let mut store = KvStore::open(dir, &cfg, o).unwrap();
     let toks = tokens(3000, cfg.vocab_size, 30);
     let mut saved = Vec::new();
     let err = loop {
         let n = 1000 + 100 * saved.len();
+        assert!(n < 3000, "the storage never filled");
         let payload = synthetic_payload(&cfg, ctx, &toks[..n], n as u64);
         let text = render(&toks[..n]);
         match store.save(&SaveRequest {
@@ -216,17 +211,13 @@ fn full_disk_fails_the_save_and_the_store_keeps_serving() {
             Ok(_) => saved.push(text),
             Err(e) => break e,
         }
-        assert!(saved.len() < 100, "the 1 MiB disk never filled");
     };
     assert!(!saved.is_empty());
     match &err {
-        KvError::Io { source, .. } => {
-            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}")
-        }
+        KvError::Io { source, .. } => assert_eq!(source.kind(), kind, "{err}"),
         other => panic!("expected an I/O error, got {other}"),
     }
-    // No temporary file is left behind, every file is complete, lookups and loads still work.
-    let left = names(&fs.path);
+    let left = names(dir);
     assert!(left.iter().all(|n| n.ends_with(".kv")), "{left:?}");
     assert_eq!(left.len(), saved.len());
     for text in &saved {
@@ -234,19 +225,90 @@ fn full_disk_fails_the_save_and_the_store_keeps_serving() {
         assert_eq!(hit.text_len, text.len());
         store.load(&hit).unwrap();
     }
-    // Once space is freed, saving works again.
-    std::fs::remove_file(&store.entries()[0].path).unwrap();
+    if free {
+        std::fs::remove_file(&store.entries()[0].path).unwrap();
+    }
     let payload = synthetic_payload(&cfg, ctx, &toks[..100], 1);
     store
         .save(&SaveRequest {
-            text: b"after the disk was full",
+            text: b"after the failed write",
             payload: &payload,
             reason: SaveReason::Shutdown,
             key_flags: 0,
             tool_map: &[],
         })
         .unwrap();
-    println!("disk full after {} files: {err}", saved.len());
+    format!("write failed after {} files: {err}", saved.len())
+}
+
+#[test]
+fn full_disk_fails_the_save_and_the_store_keeps_serving() {
+    let work = scratch_dir("diskfull");
+    let fs = match SmallFs::mount(work.join("mnt"), "1m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED full_disk test: a 1 MiB tmpfs cannot be mounted here ({e}); run as root \
+                 to cover ENOSPC (file_size_limit_... covers the same failure path)"
+            );
+            return;
+        }
+    };
+    let report = fill_until_write_fails(&fs.path, std::io::ErrorKind::StorageFull, true);
+    println!("1 MiB tmpfs: {report}");
     drop(fs);
     std::fs::remove_dir_all(&work).ok();
+}
+
+const LIMITED_ENV: &str = "DS4_KVSTORE_TEST_LIMITED_DIR";
+
+/// The child of `file_size_limit_fails_the_save_and_the_store_keeps_serving`, started with
+/// RLIMIT_FSIZE = 64 KiB and SIGXFSZ ignored, so oversized writes fail with EFBIG.
+#[test]
+#[ignore = "helper process, started by file_size_limit_fails_the_save_and_the_store_keeps_serving"]
+fn limited_writer_child_process() {
+    let Some(dir) = std::env::var_os(LIMITED_ENV) else {
+        eprintln!("{LIMITED_ENV} not set: nothing to do (this test is a helper process)");
+        return;
+    };
+    let report = fill_until_write_fails(Path::new(&dir), std::io::ErrorKind::FileTooLarge, false);
+    println!("RESULT {report}");
+}
+
+#[test]
+fn file_size_limit_fails_the_save_and_the_store_keeps_serving() {
+    // Works without root: bash sets the file-size limit and ignores SIGXFSZ (an ignored signal
+    // stays ignored across exec), then runs this test binary's helper.
+    let dir = scratch_dir("fsize");
+    let exe = std::env::current_exe().unwrap();
+    let out = match Command::new("bash")
+        .args(["-c", "trap '' XFSZ; ulimit -f 64 && exec \"$0\" \"$@\""])
+        .arg(&exe)
+        .args([
+            "limited_writer_child_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(LIMITED_ENV, &dir)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIPPED file size limit test: cannot run bash ({e})");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("RESULT"),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "{}",
+        stdout.lines().find(|l| l.starts_with("RESULT")).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
