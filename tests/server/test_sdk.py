@@ -249,3 +249,27 @@ def test_concurrent_streaming_clients(server):
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(32)))
     assert results == [want] * 32
+
+
+def test_disconnect_cancels_the_generation(server):
+    import time
+
+    stream = oa(server).chat.completions.create(
+        model="deepseek-v4-flash", messages=[{"role": "user", "content": "Go on forever"}],
+        max_tokens=100000, stream=True, extra_body=NOTHINK)
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 5:
+            break
+    stream.close()
+    deadline = time.time() + 5
+    while time.time() < deadline and not any("client gone" in line for line in server.log):
+        time.sleep(0.01)
+    assert any("client gone, generation cancelled" in line for line in server.log)
+    # The worker is free: a short request is answered at once.
+    t0 = time.time()
+    r = oa(server).chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=2, extra_body=NOTHINK)
+    assert r.usage.completion_tokens <= 2
+    assert time.time() - t0 < 5

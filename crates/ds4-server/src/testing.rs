@@ -89,6 +89,14 @@ impl ScriptedRunner {
         }
     }
 
+    /// Replies given as token ids (e.g. bytes of a special string, which the codec's `encode`
+    /// would turn into the special id: a tokenization a prompt re-render will not reproduce).
+    pub fn from_tokens(replies: Vec<Vec<u32>>, ctx: usize) -> Self {
+        let mut r = ScriptedRunner::new(&[], ctx);
+        r.replies = replies;
+        r
+    }
+
     /// Sleeps this long per evaluated call, to simulate a slow model.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;

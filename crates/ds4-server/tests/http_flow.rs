@@ -446,3 +446,92 @@ fn responses_function_call_round_trip_reuses_the_session() {
         5
     );
 }
+
+#[test]
+fn rendered_text_prefix_is_reused_when_tokens_differ() {
+    // The model spells "<｜User｜>" byte by byte; the re-rendered history tokenizes it as the
+    // special id, so only the rendered-bytes path can match the live session.
+    let mut reply: Vec<u32> = "ab".bytes().map(u32::from).collect();
+    reply.extend("<｜User｜>".bytes().map(u32::from));
+    reply.extend("cd".bytes().map(u32::from));
+    let server = start(
+        ScriptedRunner::from_tokens(vec![reply.clone(), vec![u32::from(b'z')]], 4096),
+        ServerConfig::default(),
+    );
+    let user = serde_json::json!({"role": "user", "content": "hi"});
+    let first = post(
+        server.addr,
+        CHAT,
+        &chat_body(serde_json::json!([user]), serde_json::json!({})),
+    )
+    .json();
+    let text = first["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(text, "ab<｜User｜>cd");
+    let p1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let messages = serde_json::json!([user, {"role": "assistant", "content": text}, {"role": "user", "content": "more"}]);
+    let second = post(
+        server.addr,
+        CHAT,
+        &chat_body(messages, serde_json::json!({})),
+    )
+    .json();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, p1 + reply.len() as u64);
+    let suffix = ByteCodec.encode("<｜end▁of▁sentence｜><｜User｜>more<｜Assistant｜></think>");
+    assert_eq!(
+        second["usage"]["prompt_tokens"].as_u64().unwrap() - cached,
+        suffix.len() as u64
+    );
+}
+
+#[test]
+fn cors_headers_when_enabled() {
+    let config = ServerConfig {
+        cors: true,
+        ..ServerConfig::default()
+    };
+    let server = start(ScriptedRunner::new(&["ok"], 4096), config);
+    let pre = support::raw(
+        server.addr,
+        &request(
+            "OPTIONS",
+            CHAT,
+            "Origin: http://example.com\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type, authorization\r\n",
+            b"",
+        ),
+    );
+    assert!(pre.status == 200 || pre.status == 204, "{}", pre.status);
+    assert!(
+        pre.headers
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: *"),
+        "{}",
+        pre.headers
+    );
+    let r = support::raw(
+        server.addr,
+        &request("GET", "/v1/models", "Origin: http://example.com\r\n", b""),
+    );
+    assert!(
+        r.headers
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: *"),
+        "{}",
+        r.headers
+    );
+    // Without --cors, no CORS headers.
+    let plain = start(ScriptedRunner::new(&["ok"], 4096), ServerConfig::default());
+    let r = support::raw(
+        plain.addr,
+        &request("GET", "/v1/models", "Origin: http://example.com\r\n", b""),
+    );
+    assert!(!r
+        .headers
+        .to_ascii_lowercase()
+        .contains("access-control-allow-origin"));
+}

@@ -363,3 +363,89 @@ pub fn arguments_value(text: &str) -> Value {
         Err(_) => Value::String(text.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn think(body: Value, effort: Option<(&str, &str)>) -> Result<ThinkMode, ApiError> {
+        let Value::Object(o) = body else {
+            unreachable!()
+        };
+        resolve_think(&Fields::new(&o, Flavor::OpenAi), effort)
+    }
+
+    #[test]
+    fn thinking_defaults_and_effort_mapping_follow_ds4() {
+        assert_eq!(think(json!({}), None).unwrap(), ThinkMode::High);
+        assert_eq!(
+            think(json!({"model": "deepseek-chat"}), None).unwrap(),
+            ThinkMode::Off
+        );
+        assert_eq!(
+            think(json!({"model": "deepseek-reasoner"}), None).unwrap(),
+            ThinkMode::High
+        );
+        assert_eq!(
+            think(json!({"model": "deepseek-chat", "think": true}), None).unwrap(),
+            ThinkMode::High
+        );
+        for e in ["xhigh", "high", "medium", "low", "minimal"] {
+            assert_eq!(
+                think(json!({"reasoning_effort": e}), None).unwrap(),
+                ThinkMode::High,
+                "{e}"
+            );
+        }
+        assert_eq!(
+            think(json!({"reasoning_effort": "max"}), None).unwrap(),
+            ThinkMode::Max
+        );
+        assert_eq!(
+            think(json!({"reasoning_effort": "none"}), None).unwrap(),
+            ThinkMode::Off
+        );
+        assert_eq!(
+            think(
+                json!({"thinking": {"type": "disabled"}, "reasoning_effort": "max"}),
+                None
+            )
+            .unwrap(),
+            ThinkMode::Off
+        );
+        assert_eq!(
+            think(json!({"thinking": false}), None).unwrap(),
+            ThinkMode::Off
+        );
+        assert_eq!(
+            think(
+                json!({"thinking": {"type": "enabled"}}),
+                Some(("output_config.effort", "max"))
+            )
+            .unwrap(),
+            ThinkMode::Max
+        );
+        assert!(think(json!({"reasoning_effort": "huge"}), None).is_err());
+    }
+
+    #[test]
+    fn thinking_ignores_client_sampling_but_keeps_the_seed() {
+        let client = Sampling {
+            temperature: 0.0,
+            top_p: 0.5,
+            top_k: 3,
+            min_p: 0.2,
+            seed: 9,
+        };
+        assert_eq!(effective_sampling(client, ThinkMode::Off), client);
+        let s = effective_sampling(client, ThinkMode::High);
+        assert_eq!(
+            s,
+            Sampling {
+                seed: 9,
+                ..Sampling::default()
+            }
+        );
+    }
+}
