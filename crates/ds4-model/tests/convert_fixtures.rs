@@ -920,3 +920,31 @@ fn original_names_with_a_missing_expert_are_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn damaged_safetensors_files_are_clear_errors() {
+    let dir = scratch("truncated");
+    std::fs::copy(
+        model_dir("sliding_only").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(model_dir("sliding_only").join("model.safetensors")).unwrap();
+    // Truncated data: the last tensor's bytes run past the end of the file.
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 10]).unwrap();
+    let e = convert_err(&dir);
+    assert!(matches!(e, ConvertError::Safetensors { .. }), "{e}");
+    assert!(e.to_string().contains("do not hold"), "{e}");
+    // A header length beyond the file.
+    let mut bad = bytes.clone();
+    bad[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(dir.join("model.safetensors"), &bad).unwrap();
+    let e = convert_err(&dir);
+    assert!(e.to_string().contains("header length"), "{e}");
+    // Not JSON.
+    let mut bad = bytes;
+    bad[8] = b'#';
+    std::fs::write(dir.join("model.safetensors"), &bad).unwrap();
+    let e = convert_err(&dir);
+    assert!(e.to_string().contains("bad header"), "{e}");
+}

@@ -1,11 +1,16 @@
 //! The tensors of a transformers checkpoint directory: `model.safetensors`, or the shards named
-//! by `model.safetensors.index.json`, read into memory and validated by the `safetensors` crate.
+//! by `model.safetensors.index.json`. Only the headers are read up front (parsed by the
+//! `safetensors` crate, every range checked against the file); a tensor's bytes are read when
+//! it is converted, so a checkpoint far larger than memory converts one tensor at a time.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::Metadata;
+use safetensors::Dtype;
 
 use super::ConvertError;
 
@@ -22,9 +27,12 @@ pub struct SourceTensor {
 
 /// Every tensor of a checkpoint directory.
 pub struct SourceDir {
-    shards: Vec<(PathBuf, Vec<u8>)>,
+    shards: Vec<(PathBuf, File)>,
     tensors: BTreeMap<String, SourceTensor>,
 }
+
+/// Largest header accepted (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
 
 impl SourceDir {
     pub fn open(dir: &Path) -> Result<SourceDir, ConvertError> {
@@ -32,15 +40,48 @@ impl SourceDir {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
         for (i, path) in files.into_iter().enumerate() {
-            let bytes = std::fs::read(&path).map_err(|e| ConvertError::io(&path, e))?;
-            let (header_len, meta) =
-                SafeTensors::read_metadata(&bytes).map_err(|e| ConvertError::Safetensors {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
-            let data_start = 8 + header_len;
+            let bad = |msg: String| ConvertError::Safetensors {
+                path: path.clone(),
+                msg,
+            };
+            let file = File::open(&path).map_err(|e| ConvertError::io(&path, e))?;
+            let file_len = file
+                .metadata()
+                .map_err(|e| ConvertError::io(&path, e))?
+                .len();
+            let mut len_bytes = [0u8; 8];
+            file.read_exact_at(&mut len_bytes, 0)
+                .map_err(|e| bad(format!("cannot read the header length: {e}")))?;
+            let header_len = u64::from_le_bytes(len_bytes);
+            if header_len > MAX_HEADER || 8 + header_len > file_len {
+                return Err(bad(format!(
+                    "header length {header_len} does not fit the file of {file_len} bytes"
+                )));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            file.read_exact_at(&mut header, 8)
+                .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+            let meta: Metadata =
+                serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+            let data_start = 8 + header_len as usize;
+            let data_len = (file_len - 8 - header_len) as usize;
+            let mut ranges = Vec::new();
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
+                let n_bytes = info
+                    .shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                    .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+                    .map(|bits| bits.div_ceil(8));
+                if b < a || b > data_len || n_bytes != Some(b - a) {
+                    return Err(bad(format!(
+                        "tensor {name}: bytes {a}..{b} do not hold {:?} {:?} inside {data_len} \
+                         data bytes",
+                        info.dtype, info.shape
+                    )));
+                }
+                ranges.push((a, b, name.clone()));
                 let t = SourceTensor {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
@@ -49,13 +90,16 @@ impl SourceDir {
                     end: data_start + b,
                 };
                 if tensors.insert(name.clone(), t).is_some() {
-                    return Err(ConvertError::Safetensors {
-                        path: path.clone(),
-                        msg: format!("tensor {name} appears in more than one shard"),
-                    });
+                    return Err(bad(format!("tensor {name} appears in more than one shard")));
                 }
             }
-            shards.push((path, bytes));
+            ranges.sort();
+            for w in ranges.windows(2) {
+                if w[1].0 < w[0].1 {
+                    return Err(bad(format!("tensors {} and {} overlap", w[0].2, w[1].2)));
+                }
+            }
+            shards.push((path, file));
         }
         Ok(SourceDir { shards, tensors })
     }
@@ -68,15 +112,22 @@ impl SourceDir {
         self.tensors.keys().map(|s| s.as_str())
     }
 
-    fn bytes(&self, t: &SourceTensor) -> &[u8] {
-        // read_metadata checked every range against the file length.
-        &self.shards[t.shard].1[t.start..t.end]
+    /// Reads a tensor's bytes (open checked the range against the file length).
+    fn bytes(&self, name: &str, t: &SourceTensor) -> Result<Vec<u8>, ConvertError> {
+        let (path, file) = &self.shards[t.shard];
+        let mut buf = vec![0u8; t.end - t.start];
+        file.read_exact_at(&mut buf, t.start as u64)
+            .map_err(|e| ConvertError::Safetensors {
+                path: path.clone(),
+                msg: format!("reading tensor {name}: {e}"),
+            })?;
+        Ok(buf)
     }
 
     /// The tensor's values as f32 (F32, F16 and BF16 sources).
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
         let t = self.require(name)?;
-        let b = self.bytes(t);
+        let b = &self.bytes(name, t)?;
         let out = match t.dtype {
             Dtype::F32 => b
                 .chunks_exact(4)
@@ -98,7 +149,7 @@ impl SourceDir {
     /// The tensor's values as i64 (integer sources: I32, I64, U8, I16).
     pub fn to_i64(&self, name: &str) -> Result<Vec<i64>, ConvertError> {
         let t = self.require(name)?;
-        let b = self.bytes(t);
+        let b = &self.bytes(name, t)?;
         let out = match t.dtype {
             Dtype::I64 => b
                 .chunks_exact(8)
