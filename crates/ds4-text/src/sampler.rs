@@ -46,6 +46,21 @@ impl Default for SamplerParams {
     }
 }
 
+impl SamplerParams {
+    /// The settings actually used: in thinking mode ds4's server ignores the client's sampling
+    /// fields and uses its defaults (T 1, top_p 1, top_k off, min_p 0.05), keeping the seed.
+    pub fn effective(self, thinking: bool) -> SamplerParams {
+        if thinking {
+            SamplerParams {
+                seed: self.seed,
+                ..SamplerParams::default()
+            }
+        } else {
+            self
+        }
+    }
+}
+
 /// ds4's xorshift64* generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rng {
@@ -370,6 +385,29 @@ fn log_sum_exp(logits: &[f32]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thinking_mode_uses_the_defaults_but_keeps_the_seed() {
+        let client = SamplerParams {
+            temperature: 0.2,
+            top_p: 0.5,
+            top_k: 7,
+            min_p: 0.3,
+            seed: 9,
+        };
+        assert_eq!(client.effective(false), client);
+        let used = client.effective(true);
+        assert_eq!(
+            (
+                used.temperature,
+                used.top_p,
+                used.top_k,
+                used.min_p,
+                used.seed
+            ),
+            (1.0, 1.0, 0, 0.05, 9)
+        );
+    }
 
     #[test]
     fn rng_matches_hand_computed_xorshift64_star() {
