@@ -389,7 +389,6 @@ impl KvStore {
             tmp_seq: 0,
         };
         let _lock = store.lock()?;
-        store.remove_stale_temps();
         store.evict_locked(None);
         Ok(store)
     }
@@ -729,9 +728,11 @@ impl KvStore {
         }
     }
 
-    /// Removes the lowest-scoring files until the directory fits the budget. Caller holds
-    /// the lock.
+    /// Removes orphaned temporaries, then the lowest-scoring files until the directory fits
+    /// the budget. Caller holds the lock.
     fn evict_locked(&mut self, protected: Option<[u8; 20]>) -> Vec<PathBuf> {
+        // Writers that died since the last pass leave temporaries that only take space.
+        self.remove_stale_temps();
         self.refresh();
         let budget = self.opts.budget_bytes;
         let mut evicted = Vec::new();
