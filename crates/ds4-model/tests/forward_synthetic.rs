@@ -8,7 +8,7 @@ mod synthetic;
 use std::sync::Arc;
 
 use ds4_gguf::reader::GgufFile;
-use ds4_model::backend::{eval_all_positions, Backend, EvalMode, Logits};
+use ds4_model::backend::{eval_all_positions, Backend, EvalMode, Logits, Session};
 use ds4_model::cpu::CpuBackend;
 use ds4_model::layout::WeightsMode;
 use ds4_model::numerics::Numerics;
@@ -106,4 +106,69 @@ fn snapshot_restores_compressor_and_indexer_state() {
     // A session of another context size holds the payload only if its window sizes match.
     let mut small = backend.new_session(cut).unwrap();
     assert!(small.restore(&snap).is_err());
+}
+
+/// Significant bits of an f32 (0 for zero): 24 minus the trailing zero bits of the mantissa.
+fn significant_bits(v: f32) -> u32 {
+    if v == 0.0 {
+        return 0;
+    }
+    let mantissa = (v.to_bits() & 0x7f_ffff) | 0x80_0000;
+    24 - mantissa.trailing_zeros()
+}
+
+#[test]
+fn ds4_numerics_store_fp8_kv_and_fp4_indexer_rows_in_f16() {
+    let toks = tokens();
+    let cfg = synthetic::small_config();
+    let nope = cfg.head_dim - cfg.rope_dim;
+    for numerics in [Numerics::Ds4, Numerics::Reference] {
+        let backend = model(WeightsMode::F32, numerics);
+        let mut s = backend.session(128).unwrap();
+        s.eval(&toks, Logits::Last).unwrap();
+        let state = s.state();
+        let (mut kv_values, mut kv_fp8, mut index_values, mut index_fp4) = (0, 0, 0, 0);
+        let mut all_f16 = true;
+        for layer in &state.layers {
+            let mut kv_rows: Vec<&[f32]> = (toks.len() - 16..toks.len())
+                .map(|p| layer.raw.get(p))
+                .collect();
+            if let Some(c) = &layer.attn {
+                kv_rows.extend((0..c.rows.len()).map(|i| c.rows.row(i)));
+            }
+            for row in kv_rows {
+                all_f16 &= row.iter().all(|&v| ds4_model::numerics::f16_round(v) == v);
+                kv_values += nope;
+                kv_fp8 += row[..nope]
+                    .iter()
+                    .filter(|&&v| significant_bits(v) <= 4)
+                    .count();
+            }
+            if let Some(c) = &layer.index {
+                for i in 0..c.rows.len() {
+                    let row = c.rows.row(i);
+                    all_f16 &= row.iter().all(|&v| ds4_model::numerics::f16_round(v) == v);
+                    index_values += row.len();
+                    index_fp4 += row.iter().filter(|&&v| significant_bits(v) <= 2).count();
+                }
+            }
+        }
+        assert!(kv_values > 0 && index_values > 0);
+        if numerics == Numerics::Ds4 {
+            // E4M3 has 3 mantissa bits, E2M1 one: every stored value has at most 4 / 2
+            // significant bits, and every cached row is f16.
+            assert!(all_f16, "ds4 numerics store f16 rows");
+            assert_eq!(
+                kv_fp8, kv_values,
+                "every nope KV value is an FP8 code times a power of two"
+            );
+            assert_eq!(
+                index_fp4, index_values,
+                "every indexer key value is an FP4 code times a power of two"
+            );
+        } else {
+            assert!(!all_f16, "reference numerics keep f32 rows");
+            assert!(kv_fp8 < kv_values / 10 && index_fp4 < index_values / 10);
+        }
+    }
 }
