@@ -103,6 +103,7 @@ pub fn kv_bytes_per_token(cfg: &ModelConfig) -> f64 {
 /// indexer keys at capacity, and the compressors' open windows. Computed in u64 so any
 /// context (1M tokens and beyond) is representable.
 pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
+    // Saturating, so an absurd context reports u64::MAX instead of wrapping.
     let f = 4u64;
     let raw = raw_window_rows(cfg, ctx) as u64;
     (0..cfg.n_layers)
@@ -111,17 +112,24 @@ pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
             let d = cfg.head_dim as u64;
             let di = cfg.index_head_dim as u64;
             let window = raw * d * f;
-            let rows = |w: u64| compressed_capacity(ctx, r.max(1) as usize) as u64 * w * f;
+            let rows = |w: u64| {
+                (compressed_capacity(ctx, r.max(1) as usize) as u64)
+                    .saturating_mul(w)
+                    .saturating_mul(f)
+            };
             // Two arrays (values and scores) of coff·m × coff·D.
             let frontier = |w: u64, coff: u64| 2 * coff * r * coff * w * f;
-            window
-                + match cfg.attn_kind[l] {
-                    AttnKind::Sliding => 0,
-                    AttnKind::Hca => rows(d) + frontier(d, 1),
-                    AttnKind::Csa => rows(d) + frontier(d, 2) + rows(di) + frontier(di, 2),
-                }
+            let compressed = match cfg.attn_kind[l] {
+                AttnKind::Sliding => 0,
+                AttnKind::Hca => rows(d).saturating_add(frontier(d, 1)),
+                AttnKind::Csa => rows(d)
+                    .saturating_add(frontier(d, 2))
+                    .saturating_add(rows(di))
+                    .saturating_add(frontier(di, 2)),
+            };
+            window.saturating_add(compressed)
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
 impl SessionState {
@@ -411,6 +419,7 @@ mod tests {
         let grown = (total - fixed) as f64 / ctx as f64;
         assert!((grown - kv_bytes_per_token(&cfg)).abs() < 1.0, "{grown}");
         assert!(total > 14_000_000_000 && total < 15_000_000_000, "{total}");
+        assert_eq!(kv_bytes(&cfg, usize::MAX), u64::MAX);
     }
 
     #[test]
