@@ -127,6 +127,14 @@ def test_messages(server):
     assert "Sys prompt.<｜User｜>Hello<｜Assistant｜></think>" in server.trace_text()
 
 
+def test_messages_count_tokens(server):
+    c = an(server)
+    msgs = [{"role": "user", "content": "Count me"}]
+    n = c.messages.count_tokens(model="deepseek-v4-flash", messages=msgs, thinking={"type": "disabled"}).input_tokens
+    m = c.messages.create(model="deepseek-v4-flash", max_tokens=1, messages=msgs, thinking={"type": "disabled"})
+    assert n == m.usage.input_tokens + m.usage.cache_read_input_tokens
+
+
 def test_messages_thinking_stream_has_thinking_block(server):
     with an(server).messages.stream(model="deepseek-v4-flash", max_tokens=4,
                                     messages=[{"role": "user", "content": "Ponder"}]) as s:

@@ -244,10 +244,9 @@ pub async fn messages(State(state): State<AppState>, body: Body) -> Response {
     }
 }
 
-async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
-    let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
-    let f = Fields::new(&obj, FLAVOR);
-    let mut messages = parse_messages(&f)?;
+/// The prompt parts of a Messages request: history (with exact tool replay), tools, thinking.
+fn prompt_of(state: &AppState, bytes: &[u8], f: &Fields<'_>) -> Result<ChatPrompt, ApiError> {
+    let mut messages = parse_messages(f)?;
     let tool_choice_none = matches!(
         f.object("tool_choice")?.and_then(|o| o.get("type")),
         Some(Value::String(t)) if t == "none"
@@ -255,7 +254,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let tools: Vec<String> = if tool_choice_none {
         Vec::new()
     } else {
-        raw_tools(&bytes, FLAVOR)?
+        raw_tools(bytes, FLAVOR)?
             .into_iter()
             .map(|r| r.get().to_string())
             .collect()
@@ -269,7 +268,43 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
             .map(|e| ("output_config.effort", e)),
         None => None,
     };
-    let think = resolve_think(&f, effort)?;
+    let think = resolve_think(f, effort)?;
+    apply_tool_replay(&mut messages, state);
+    Ok(ChatPrompt {
+        messages,
+        tools,
+        think,
+        ctx: 0,
+    })
+}
+
+/// POST /v1/messages/count_tokens: the prompt's token count as this server renders it.
+pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
+    let result = async {
+        let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
+        let prompt = prompt_of(&state, &bytes, &Fields::new(&obj, FLAVOR))?;
+        let text = render(prompt, &state);
+        let codec = state.engine.codec().clone();
+        let n = tokio::task::spawn_blocking(move || codec.encode(&text).len())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    FLAVOR,
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                )
+            })?;
+        Ok::<_, ApiError>(axum::Json(json!({ "input_tokens": n })).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
+    let f = Fields::new(&obj, FLAVOR);
+    let prompt = prompt_of(&state, &bytes, &f)?;
+    let think = prompt.think;
     let sampling = effective_sampling(f.sampling()?, think);
     let max_tokens = f.u64("max_tokens")?;
     let stop = f.stop("stop_sequences")?;
@@ -278,14 +313,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         .str("model")?
         .unwrap_or(state.engine.model_name())
         .to_string();
-    apply_tool_replay(&mut messages, &state);
-    let tools_active = !tools.is_empty();
-    let prompt = ChatPrompt {
-        messages,
-        tools,
-        think,
-        ctx: 0,
-    };
+    let tools_active = !prompt.tools.is_empty();
     let id = format!("msg_{}", random_hex32());
     let job = make_job(
         &state,
