@@ -260,6 +260,12 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             args.logprobs_top_k
         );
     }
+    if !matches!(args.backend.as_str(), "auto" | "cpu" | "cuda") {
+        bail!(
+            "unknown backend `{}` (expected auto, cpu or cuda)",
+            args.backend
+        );
+    }
     let settings = ChatSettings {
         system: args.system.clone(),
         think: args.think_mode(),
