@@ -38,10 +38,16 @@ struct BodyState<E> {
     rx: UnboundedReceiver<GenEvent>,
     enc: E,
     keepalive: Duration,
+    /// When the last bytes went out: silence longer than `keepalive` gets a comment, also
+    /// while events arrive that show nothing (e.g. reasoning a Responses client did not ask
+    /// for), so idle clients stay connected and a gone client is noticed on the next write.
+    last_sent: tokio::time::Instant,
     done: bool,
     /// Dropped with the body, i.e. when the client disconnects: cancels the job.
     _guard: CancelOnDrop,
 }
+
+type Chunk = Result<Bytes, std::convert::Infallible>;
 
 /// The streaming response for a submitted job.
 pub fn sse_response<E: SseEncoder>(
@@ -54,6 +60,7 @@ pub fn sse_response<E: SseEncoder>(
         rx,
         enc,
         keepalive,
+        last_sent: tokio::time::Instant::now(),
         done: false,
         _guard: guard,
     };
@@ -62,27 +69,26 @@ pub fn sse_response<E: SseEncoder>(
             if st.done {
                 return None;
             }
-            match tokio::time::timeout(st.keepalive, st.rx.recv()).await {
-                Err(_) => {
-                    return Some((
-                        Ok::<Bytes, std::convert::Infallible>(Bytes::from_static(
-                            KEEPALIVE.as_bytes(),
-                        )),
-                        st,
-                    ))
-                }
+            let deadline = st.last_sent + st.keepalive;
+            let frames = match tokio::time::timeout_at(deadline, st.rx.recv()).await {
+                Err(_) => KEEPALIVE.to_string(),
                 Ok(Some(ev)) => {
                     let frames = st.enc.event(ev);
                     st.done = st.enc.finished();
-                    if !frames.is_empty() {
-                        return Some((Ok(Bytes::from(frames)), st));
+                    if frames.is_empty() && tokio::time::Instant::now() >= deadline {
+                        KEEPALIVE.to_string()
+                    } else {
+                        frames
                     }
                 }
                 Ok(None) => {
                     st.done = true;
-                    let frames = st.enc.fail(&EngineError::Shutdown);
-                    return Some((Ok(Bytes::from(frames)), st));
+                    st.enc.fail(&EngineError::Shutdown)
                 }
+            };
+            if !frames.is_empty() {
+                st.last_sent = tokio::time::Instant::now();
+                return Some((Chunk::Ok(Bytes::from(frames)), st));
             }
         }
     });
