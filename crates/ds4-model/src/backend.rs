@@ -16,6 +16,8 @@ pub enum ModelError {
     Weight(#[from] WeightError),
     #[error("context overflow: {needed} tokens do not fit a context of {ctx}")]
     ContextOverflow { ctx: usize, needed: usize },
+    #[error("cannot allocate the KV state for a context of {ctx} tokens ({bytes} bytes)")]
+    Allocation { ctx: usize, bytes: u64 },
     #[error("token id {token} at span index {index} is outside the vocabulary of {vocab}")]
     BadToken {
         token: u32,

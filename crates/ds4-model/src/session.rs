@@ -133,8 +133,24 @@ pub fn kv_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
 }
 
 impl SessionState {
-    /// An empty state for `ctx` tokens. The compressed-row storage is reserved up front
-    /// (virtual memory; pages are touched as rows are written).
+    /// An empty state for `ctx` tokens whose compressed-row storage is reserved up front
+    /// (virtual memory; pages are touched as rows are written). An error names the context
+    /// when the memory cannot be had.
+    pub fn allocate(cfg: &ModelConfig, ctx: usize) -> Result<SessionState, ModelError> {
+        let mut s = SessionState::new(cfg, ctx);
+        for l in &mut s.layers {
+            for c in [&mut l.attn, &mut l.index].into_iter().flatten() {
+                c.rows.reserve().map_err(|_| ModelError::Allocation {
+                    ctx,
+                    bytes: kv_bytes(cfg, ctx),
+                })?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// An empty state for `ctx` tokens; compressed rows take memory as they are produced
+    /// (see [`SessionState::allocate`] to reserve it up front).
     pub fn new(cfg: &ModelConfig, ctx: usize) -> SessionState {
         let raw = raw_window_rows(cfg, ctx);
         let layers = (0..cfg.n_layers)
@@ -286,7 +302,7 @@ impl SessionState {
                 "raw_live {raw_live} does not match {n_tok} tokens"
             )));
         }
-        let mut next = SessionState::new(cfg, self.ctx);
+        let mut next = SessionState::allocate(cfg, self.ctx)?;
         for i in 0..n_tok {
             let t = r.u32("tokens")?;
             if t as usize >= cfg.vocab_size {

@@ -17,7 +17,10 @@ fn model(mode: WeightsMode, numerics: Numerics) -> CpuBackend {
     let cfg = synthetic::small_config();
     let dir = std::env::temp_dir().join(format!("ds4-synthetic-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("small-{}-{numerics}.gguf", mode.name()));
+    // Tests run in parallel: every model gets its own file.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("small-{}-{numerics}-{n}.gguf", mode.name()));
     synthetic::write_model(&cfg, mode, &path, 7);
     let file = GgufFile::open(&path).unwrap();
     std::fs::remove_file(&path).ok();
@@ -171,4 +174,15 @@ fn ds4_numerics_store_fp8_kv_and_fp4_indexer_rows_in_f16() {
             assert!(kv_fp8 < kv_values / 10 && index_fp4 < index_values / 10);
         }
     }
+}
+
+#[test]
+fn an_impossible_context_is_an_error() {
+    let backend = model(WeightsMode::F32, Numerics::Reference);
+    assert!(backend.new_session(0).is_err());
+    let err = backend
+        .new_session(usize::MAX / 2)
+        .err()
+        .expect("cannot allocate");
+    assert!(err.to_string().contains("cannot allocate"), "{err}");
 }

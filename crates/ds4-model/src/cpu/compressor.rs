@@ -150,13 +150,21 @@ pub struct CompressedRows {
 }
 
 impl CompressedRows {
-    /// Room for `capacity` rows is reserved up front (the session's context decides it).
+    /// An empty list that may grow to `capacity` rows (memory is taken as rows arrive, or up
+    /// front with [`CompressedRows::reserve`]).
     pub fn with_capacity(width: usize, capacity: usize) -> CompressedRows {
         CompressedRows {
             width,
             capacity,
-            data: Vec::with_capacity(width * capacity),
+            data: Vec::new(),
         }
+    }
+
+    /// Reserves memory for the whole capacity; an error (not an abort) when it cannot.
+    pub fn reserve(&mut self) -> Result<(), std::collections::TryReserveError> {
+        let want = self.capacity.saturating_mul(self.width);
+        self.data
+            .try_reserve_exact(want.saturating_sub(self.data.len()))
     }
 
     pub fn len(&self) -> usize {

@@ -57,7 +57,7 @@ impl CpuBackend {
         }
         Ok(CpuSession {
             model: self.model.clone(),
-            state: SessionState::new(&self.model.cfg, ctx),
+            state: SessionState::allocate(&self.model.cfg, ctx)?,
         })
     }
 }
