@@ -273,8 +273,11 @@ mod tests {
         d
     }
 
+    /// An edit of one tensor info: (name, dims) → (name, dims).
+    type InfoEdit = dyn Fn(&str, &[u64]) -> (String, Vec<u64>);
+
     /// `flash_mini` converted to f32, then rewritten with `edit` applied to every tensor info.
-    fn converted(tag: &str, edit: &dyn Fn(&str, &[u64]) -> (String, Vec<u64>)) -> PathBuf {
+    fn converted(tag: &str, edit: &InfoEdit) -> PathBuf {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let clean = scratch(tag).join("clean.gguf");
         let opts = ConvertOptions {
