@@ -82,7 +82,8 @@ impl CpuModel {
 
     /// Evaluates `tokens` after the state's tokens, appends them, and returns the logits of
     /// the span positions listed in `want` (indices into `tokens`, ascending), row-major.
-    /// The state's last logits are always updated. On error the state is unchanged.
+    /// The state's last logits are always updated. Every input error (context, token ids,
+    /// `want`) is found before the state is touched, so on error the state is unchanged.
     pub fn forward(
         &self,
         state: &mut SessionState,
@@ -110,6 +111,12 @@ impl CpuModel {
                 index,
                 vocab: cfg.vocab_size,
             });
+        }
+        if let Some(&bad) = want.iter().find(|&&i| i >= tokens.len()) {
+            return Err(ModelError::Unsupported(format!(
+                "logits requested for span position {bad} of a {}-token span",
+                tokens.len()
+            )));
         }
         let pos0 = state.tokens.len();
         let mut streams = self.embed(tokens);
