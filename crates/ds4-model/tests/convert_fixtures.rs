@@ -743,6 +743,25 @@ fn bad_checkpoints_are_clear_errors() {
         .to_string()
         .contains("n_shared_experts is 2"));
 
+    let fp8 = edited_checkpoint(
+        "fp8",
+        &|t| {
+            let e = t
+                .get_mut("model.layers.1.self_attn.kv_proj.weight")
+                .unwrap();
+            e.0 = Dtype::F8_E4M3;
+            let n = e.1.iter().product::<usize>();
+            e.2.truncate(n);
+        },
+        &same,
+    );
+    let e = convert_err(&fp8);
+    assert!(
+        e.to_string()
+            .contains("tensor model.layers.1.self_attn.kv_proj.weight is stored as F8_E4M3"),
+        "{e}"
+    );
+
     let bad_ids = edited_checkpoint(
         "tid2eid",
         &|t| {

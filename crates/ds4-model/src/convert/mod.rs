@@ -21,6 +21,7 @@ use std::sync::Arc;
 use ds4_gguf::quant::quantize;
 use ds4_gguf::writer::GgufWriter;
 use ds4_gguf::{GgmlType, GgufError, MetaValue};
+use safetensors::Dtype;
 
 use crate::config::ModelConfig;
 use crate::layout::{expected_tensors, storage_type, TensorRole, WeightsMode};
@@ -245,6 +246,23 @@ fn plan_tensors(
             });
         }
         for stored in sources.stored(source.tensor()).unwrap_or_default() {
+            let dtype = sources
+                .dir
+                .get(stored)
+                .expect("listed by the directory")
+                .dtype;
+            let readable = if spec.role == TensorRole::HashTable {
+                matches!(dtype, Dtype::I64 | Dtype::I32 | Dtype::I16 | Dtype::U8)
+            } else {
+                matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+            };
+            if !readable {
+                return Err(ConvertError::Unsupported(format!(
+                    "tensor {stored} is stored as {dtype:?}; convert reads F32/F16/BF16 weights \
+                     and integer tid2eid tables (quantized FP8/FP4 checkpoints must be \
+                     dequantized first)"
+                )));
+            }
             used.insert(stored.clone());
         }
         let (ty, _) = storage_type(spec.role, mode, spec.dims[0]);
