@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
+use ds4_text::chat::{render_chat, ChatPrompt, Message};
 use ds4_text::sampler::{DsmlDecodeTracker, Sampler, SamplerParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -87,6 +88,7 @@ impl Engine {
             codec: codec.clone(),
             live_bytes: Vec::new(),
             last_logits: None,
+            visible_key: None,
             tool_memory: tool_memory.clone(),
             trace: opts.trace,
             status: status.clone(),
@@ -146,6 +148,9 @@ struct Worker {
     live_bytes: Vec<u8>,
     /// Logits after the last live token, when known.
     last_logits: Option<Vec<f32>>,
+    /// After a thinking turn: the rendered text of the conversation as the client will send it
+    /// back (reasoning dropped, up to the end of the answer), which stands for the live session.
+    visible_key: Option<String>,
     tool_memory: Arc<Mutex<ToolMemory>>,
     trace: Option<Trace>,
     status: Arc<EngineStatus>,
@@ -189,6 +194,7 @@ impl Worker {
         self.runner.reset();
         self.live_bytes.clear();
         self.last_logits = None;
+        self.visible_key = None;
     }
 
     /// Chooses the reuse path: exact token prefix, then rendered-text prefix, else cold.
@@ -199,6 +205,20 @@ impl Worker {
             if job.prompt_tokens.len() >= live_len && job.prompt_tokens[..live_len] == *live {
                 let suffix = job.prompt_tokens[live_len..].to_vec();
                 if !suffix.is_empty() || self.last_logits.is_some() {
+                    return Plan {
+                        cached: live_len,
+                        suffix,
+                    };
+                }
+            }
+            // Thinking-visible key: the client dropped the reasoning of the last turn, which
+            // the live session holds; ds4 reuses the session all the same.
+            if let Some(key) = self.visible_key.as_deref() {
+                if job.prompt_text.len() > key.len()
+                    && job.prompt_text.starts_with(key)
+                    && job.prompt_text.is_char_boundary(key.len())
+                {
+                    let suffix = self.codec.encode(&job.prompt_text[key.len()..]);
                     return Plan {
                         cached: live_len,
                         suffix,
@@ -248,6 +268,7 @@ impl Worker {
         let ctx = self.runner.ctx();
 
         let plan = self.plan(&job);
+        self.visible_key = None;
         let prompt_len = plan.cached + plan.suffix.len();
         if prompt_len >= ctx {
             send(GenEvent::Failed(EngineError::ContextLengthExceeded {
@@ -321,6 +342,7 @@ impl Worker {
         let mut reasoning_tokens = 0usize;
         let eos = self.codec.eos();
         let mut generated = 0usize;
+        let mut eos_sampled = false;
         let ended = loop {
             if cancelled() {
                 self.log_cancel(&job, "decode");
@@ -340,6 +362,7 @@ impl Worker {
             if token == eos {
                 // EOS is never evaluated; the live session keeps its logits.
                 self.last_logits = Some(logits);
+                eos_sampled = true;
                 break FinishReason::Stop;
             }
             let bytes = self.codec.token_bytes(token);
@@ -391,6 +414,15 @@ impl Worker {
             }
         };
         let (tail, summary) = out.finish(ended);
+        // With tools the reasoning stays in the rendered history, so the rendered-bytes path
+        // already matches; without, the client's next prompt lacks it.
+        if eos_sampled && summary.finish == FinishReason::Stop && job.thinking && !job.tools_active
+        {
+            self.visible_key = job
+                .chat
+                .as_ref()
+                .and_then(|c| visible_key(c, &summary.content));
+        }
         for ev in tail {
             send(ev);
         }
@@ -440,6 +472,17 @@ impl Worker {
     fn log_cancel(&self, job: &GenJob, phase: &str) {
         tracing::info!(request = %job.request_id, phase, "client gone, generation cancelled");
     }
+}
+
+/// The conversation as the client will send it back after this turn (the answer without its
+/// reasoning), rendered up to the end of the answer. The sampled EOS is not in the session, so
+/// the key stops before it and the next prefill starts with it.
+fn visible_key(chat: &ChatPrompt, content: &str) -> Option<String> {
+    const TAIL: &str = "<｜end▁of▁sentence｜><｜User｜><｜Assistant｜><think>";
+    let mut next = chat.clone();
+    next.messages.push(Message::assistant(content));
+    next.messages.push(Message::user(""));
+    render_chat(&next).strip_suffix(TAIL).map(str::to_string)
 }
 
 fn rate(tokens: usize, secs: f64) -> f64 {

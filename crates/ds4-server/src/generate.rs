@@ -18,6 +18,9 @@ pub struct OutputSummary {
     pub raw_text: String,
     /// Ids of the emitted tool calls with the exact DSML block they came from.
     pub tool_blocks: Vec<(String, String)>,
+    /// The reasoning and content as sent to the client.
+    pub reasoning: String,
+    pub content: String,
 }
 
 /// Sampled output → events.
@@ -30,6 +33,8 @@ pub struct OutputStream {
     raw: String,
     /// Id of each tool call, by parser index.
     ids: Vec<String>,
+    reasoning: String,
+    content: String,
 }
 
 impl OutputStream {
@@ -47,6 +52,8 @@ impl OutputStream {
             id_style,
             raw: String::new(),
             ids: Vec::new(),
+            reasoning: String::new(),
+            content: String::new(),
         }
     }
 
@@ -100,6 +107,7 @@ impl OutputStream {
             events.extend(self.convert(last));
             let rest = self.stops.finish();
             if !rest.is_empty() {
+                self.content.push_str(&rest);
                 events.push(GenEvent::Content(rest));
             }
         }
@@ -116,6 +124,8 @@ impl OutputStream {
                 finish,
                 raw_text: self.raw,
                 tool_blocks,
+                reasoning: self.reasoning,
+                content: self.content,
             },
         )
     }
@@ -124,13 +134,17 @@ impl OutputStream {
         let mut out = Vec::new();
         for ev in parsed {
             match ev {
-                StreamEvent::Reasoning(t) => out.push(GenEvent::Reasoning(t)),
+                StreamEvent::Reasoning(t) => {
+                    self.reasoning.push_str(&t);
+                    out.push(GenEvent::Reasoning(t));
+                }
                 StreamEvent::Content(t) => {
                     if self.stops.stopped() {
                         continue;
                     }
                     let t = self.stops.push(&t);
                     if !t.is_empty() {
+                        self.content.push_str(&t);
                         out.push(GenEvent::Content(t));
                     }
                 }

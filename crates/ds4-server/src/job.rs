@@ -66,6 +66,9 @@ pub struct GenJob {
     /// Tool schemas were rendered: DSML tool-call blocks in the output are calls.
     pub tools_active: bool,
     pub tool_ids: ToolIdStyle,
+    /// The chat behind `prompt_text`, when there is one: after a thinking turn the engine
+    /// renders how the client will send this turn back (reasoning dropped) to reuse the session.
+    pub chat: Option<ds4_text::chat::ChatPrompt>,
 }
 
 /// Why a generation ended (mapped to each API's finish/stop reason).

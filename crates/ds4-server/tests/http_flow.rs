@@ -535,3 +535,47 @@ fn cors_headers_when_enabled() {
         .to_ascii_lowercase()
         .contains("access-control-allow-origin"));
 }
+
+#[test]
+fn thinking_turn_is_reused_when_the_client_drops_the_reasoning() {
+    let reply = "Let me think.</think>Hello!";
+    let server = start(
+        ScriptedRunner::new(&[reply, "Hm.</think>Bye."], 4096),
+        ServerConfig::default(),
+    );
+    let user = serde_json::json!({"role": "user", "content": "hi"});
+    let body = serde_json::json!({"messages": [user]}).to_string();
+    let first = post(server.addr, CHAT, &body).json();
+    assert_eq!(
+        first["choices"][0]["message"]["reasoning_content"],
+        "Let me think."
+    );
+    assert_eq!(first["choices"][0]["message"]["content"], "Hello!");
+    let p1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        first["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        13
+    );
+    // A plain chat client sends back only the visible answer.
+    let messages = serde_json::json!([user, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "bye"}]);
+    let second = post(
+        server.addr,
+        CHAT,
+        &serde_json::json!({"messages": messages}).to_string(),
+    )
+    .json();
+    assert_eq!(second["choices"][0]["message"]["content"], "Bye.");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        cached,
+        p1 + ByteCodec.encode(reply).len() as u64,
+        "the live session, reasoning included"
+    );
+    let suffix = ByteCodec.encode("<｜end▁of▁sentence｜><｜User｜>bye<｜Assistant｜><think>");
+    assert_eq!(
+        second["usage"]["prompt_tokens"].as_u64().unwrap() - cached,
+        suffix.len() as u64
+    );
+}

@@ -282,8 +282,8 @@ fn prompt_of(state: &AppState, bytes: &[u8], f: &Fields<'_>) -> Result<ChatPromp
 pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
     let result = async {
         let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
-        let prompt = prompt_of(&state, &bytes, &Fields::new(&obj, FLAVOR))?;
-        let text = render(prompt, &state);
+        let mut prompt = prompt_of(&state, &bytes, &Fields::new(&obj, FLAVOR))?;
+        let text = render(&mut prompt, &state);
         let codec = state.engine.codec().clone();
         let n = tokio::task::spawn_blocking(move || codec.encode(&text).len())
             .await
@@ -303,7 +303,7 @@ pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response
 async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
     let f = Fields::new(&obj, FLAVOR);
-    let prompt = prompt_of(&state, &bytes, &f)?;
+    let mut prompt = prompt_of(&state, &bytes, &f)?;
     let think = prompt.think;
     let sampling = effective_sampling(f.sampling()?, think);
     let max_tokens = f.u64("max_tokens")?;
@@ -320,7 +320,8 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         JobSpec {
             flavor: FLAVOR,
             request_id: id.clone(),
-            prompt_text: render(prompt, &state),
+            prompt_text: render(&mut prompt, &state),
+            chat: Some(prompt.clone()),
             sampling,
             max_tokens,
             stop,

@@ -159,12 +159,14 @@ pub struct JobSpec {
     pub thinking: bool,
     pub tools_active: bool,
     pub tool_ids: ToolIdStyle,
+    /// The chat the prompt was rendered from (None for raw completions).
+    pub chat: Option<ChatPrompt>,
 }
 
-/// Renders a chat prompt (with the server's context size).
-pub fn render(mut prompt: ChatPrompt, state: &AppState) -> String {
+/// Renders a chat prompt, first giving it the server's context size.
+pub fn render(prompt: &mut ChatPrompt, state: &AppState) -> String {
     prompt.ctx = state.engine.ctx();
-    render_chat(&prompt)
+    render_chat(prompt)
 }
 
 /// Tokenizes the prompt off the async threads and checks it fits the context.
@@ -205,6 +207,7 @@ pub async fn make_job(state: &AppState, spec: JobSpec) -> Result<GenJob, ApiErro
         thinking: spec.thinking,
         tools_active: spec.tools_active,
         tool_ids: spec.tool_ids,
+        chat: spec.chat,
     })
 }
 

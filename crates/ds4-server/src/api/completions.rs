@@ -73,6 +73,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
             thinking: think != ThinkMode::Off,
             tools_active: false,
             tool_ids: ToolIdStyle::Call,
+            chat: None,
         },
     )
     .await?;

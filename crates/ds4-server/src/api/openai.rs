@@ -229,7 +229,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         .to_string();
     apply_tool_replay(&mut messages, &state);
     let tools_active = !tools.is_empty();
-    let prompt = ChatPrompt {
+    let mut prompt = ChatPrompt {
         messages,
         tools,
         think,
@@ -241,7 +241,8 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         JobSpec {
             flavor: FLAVOR,
             request_id: id.clone(),
-            prompt_text: render(prompt, &state),
+            prompt_text: render(&mut prompt, &state),
+            chat: Some(prompt.clone()),
             sampling,
             max_tokens,
             stop,

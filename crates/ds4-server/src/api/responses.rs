@@ -279,7 +279,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         .to_string();
     apply_tool_replay(&mut messages, &state);
     let tools_active = !tools.is_empty();
-    let prompt = ChatPrompt {
+    let mut prompt = ChatPrompt {
         messages,
         tools,
         think,
@@ -297,7 +297,8 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         JobSpec {
             flavor: FLAVOR,
             request_id: head.id.clone(),
-            prompt_text: render(prompt, &state),
+            prompt_text: render(&mut prompt, &state),
+            chat: Some(prompt.clone()),
             sampling,
             max_tokens,
             stop: f.stop("stop")?,
