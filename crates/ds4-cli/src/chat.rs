@@ -6,7 +6,7 @@
 //! (dimmed on a terminal), so `ds4 -p ... > answer.txt` captures only the answer. Statistics,
 //! notices and the prefill progress bar also go to stderr.
 
-mod bundled;
+pub(crate) mod bundled;
 mod generate;
 mod logprobs;
 mod printer;
@@ -158,14 +158,15 @@ fn time_seed() -> u64 {
 }
 
 /// Where the model comes from.
-struct ModelSource {
-    path: PathBuf,
+pub(crate) struct ModelSource {
+    pub path: PathBuf,
     /// The bundled tiny test model (random weights).
-    bundled: bool,
+    pub bundled: bool,
 }
 
-/// `-m`, else ./ds4flash.gguf, else the bundled tiny test model.
-fn resolve_model(arg: Option<&Path>) -> anyhow::Result<ModelSource> {
+/// `-m`, else ./ds4flash.gguf, else the bundled tiny test model (DESIGN.md §3; other commands
+/// that run a model can share this rule).
+pub(crate) fn resolve_model(arg: Option<&Path>) -> anyhow::Result<ModelSource> {
     if let Some(path) = arg {
         if !path.exists() {
             bail!("{}", missing_model_message(path));
@@ -292,10 +293,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     let source = resolve_model(args.model.as_deref())?;
     if source.bundled {
-        eprintln!(
-            "ds4: notice: no -m given and ./{DEFAULT_MODEL} not found: using the bundled tiny \
-             test model (real tokenizer, random weights). Its output is meaningless."
-        );
+        eprintln!("{}", bundled::NOTICE);
     }
     let model = load_model(&args, &source)?;
     let interrupt = Interrupt::install()?;

@@ -71,6 +71,23 @@ fn one_shot_streams_a_reply_and_prints_statistics() {
 }
 
 #[test]
+fn reasoning_goes_to_stderr_and_the_answer_to_stdout() {
+    let dir = scratch("thinking");
+    // With thinking on, the reply starts inside <think>: until the model samples </think>
+    // (practically never in 8 tokens of the random tiny model) everything is reasoning.
+    let out = ds4(&dir, &["-p", "Hello", "--think", "-n", "8", "--seed", "5"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(generated_count(&err), 8, "{err}");
+    assert!(stdout(&out).trim().is_empty(), "stdout: {:?}", stdout(&out));
+    let reasoning = err
+        .lines()
+        .filter(|l| !l.starts_with("ds4: "))
+        .collect::<String>();
+    assert!(!reasoning.trim().is_empty(), "{err}");
+}
+
+#[test]
 fn dump_tokens_shows_the_rendered_single_turn_prompt() {
     let dir = scratch("dump-tokens");
     let out = ds4(&dir, &["-p", "Hello", "--dump-tokens"]);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use rexpect::process::WaitStatus;
 use rexpect::reader::Options;
 use rexpect::session::{spawn_with_options, PtySession};
 
@@ -102,6 +103,7 @@ fn two_turns_share_the_session_and_commands_work() {
 
     p.send_line("/quit").unwrap();
     p.exp_eof().unwrap();
+    assert_exit_0(&mut p);
     let history = std::fs::read_to_string(dir.join(".ds4_history")).unwrap();
     assert!(history.contains("And a second question"), "{history}");
 }
@@ -142,4 +144,27 @@ fn ctrl_c_stops_a_reply_and_the_chat_goes_on() {
     // Ctrl+C at the prompt quits.
     p.send_control('c').unwrap();
     p.exp_eof().unwrap();
+    assert_exit_0(&mut p);
+}
+
+#[test]
+fn ctrl_c_ends_a_one_shot_reply_with_statistics() {
+    let dir = scratch("one-shot");
+    let mut p = spawn(&dir, &["-p", "Hello", "--nothink", "-n", "1000000"]);
+    p.exp_string("meaningless").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    p.send_control('c').unwrap();
+    p.exp_string("[interrupted]").unwrap();
+    assert!(expect_generated(&mut p) > 0);
+    p.exp_eof().unwrap();
+    assert_exit_0(&mut p);
+}
+
+/// The process ended normally with status 0 (not killed by the signal).
+fn assert_exit_0(p: &mut PtySession) {
+    let status = p.process_mut().wait().expect("waiting for ds4");
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "ds4 ended with {status:?}"
+    );
 }

@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use sha1::{Digest, Sha1};
 
+/// What to tell the user when the bundled model is used.
+pub const NOTICE: &str = "ds4: notice: no -m given and ./ds4flash.gguf not found: using the \
+                          bundled tiny test model (real tokenizer, random weights). Its output \
+                          is meaningless.";
+
 static TINY_MODEL: &[u8] = include_bytes!("../../assets/tiny-test-model.gguf");
 
 /// The cache directory: $XDG_CACHE_HOME/ds4, else $HOME/.cache/ds4, else the temp directory.

@@ -68,7 +68,7 @@ pub fn prefill(
         let bar =
             ProgressBar::with_draw_target(Some(tokens.len() as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
-            "prefill {bar:40.cyan/blue} {pos}/{len} tokens ({per_sec}, eta {eta})",
+            "prefill {bar:40.cyan/blue} {pos}/{len} tokens (eta {eta})",
         ) {
             bar.set_style(style);
         }

@@ -199,9 +199,10 @@ impl Chat<'_> {
             self.transcript.push(tokenizer.specials().eos);
         }
         if reply.stop == StopReason::Interrupted {
-            self.interrupt.clear();
             eprintln!("ds4: [interrupted]");
         }
+        // A Ctrl+C that came as the reply ended must not stop the next one.
+        self.interrupt.clear();
         // The next turn's sampler continues from a different seed, so repeated questions do not
         // get identical answers while a fixed --seed still reproduces the whole conversation.
         self.settings.sampler.seed = self.settings.sampler.seed.wrapping_add(1);
