@@ -1,7 +1,6 @@
 //! `ds4 serve`: the OpenAI/Anthropic-compatible HTTP server (crates/ds4-server) over one
 //! model session. Flags follow ds4's (ds4-spec.md §5).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,17 +145,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine,
         config: Arc::new(config),
     };
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .with_context(|| format!("bad --host/--port: {}:{}", args.host, args.port))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
+        // (host, port) also takes names ("localhost") and IPv6 addresses ("::1").
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
-            .with_context(|| format!("binding {addr}"))?;
+            .with_context(|| format!("listening on --host {} --port {}", args.host, args.port))?;
         let local = listener.local_addr().context("reading the bound address")?;
         eprintln!(
             "ds4 serve: {} ({} backend, ctx {}) listening on http://{local}",
