@@ -5,6 +5,7 @@ mod bpe;
 pub mod chat;
 pub mod dsml;
 mod dsml_forcing;
+pub mod logprobs;
 mod pretokenize;
 pub mod sampler;
 pub mod tokenizer;

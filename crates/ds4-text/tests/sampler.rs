@@ -272,3 +272,46 @@ fn dsml_tracker_forces_structure_and_frees_payload() {
     assert_eq!(t.state(), JsonStructural);
     assert!(t.state().in_tool_call());
 }
+
+#[test]
+fn logprob_dump_has_ds4_shape() {
+    use ds4_text::logprobs::{token_json, LogprobDump};
+    use ds4_text::tokenizer::{byte_to_symbol, Tokenizer};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tokenizer/tokenizer.json");
+    let t = Tokenizer::from_tokenizer_json(path).unwrap();
+    let hello = t.encode("Hello")[0];
+    let mut logits = vec![f32::NEG_INFINITY; t.vocab_size()];
+    logits[hello as usize] = 2.0;
+    logits[1] = 2.0f32 - 2.0f32.ln(); // EOS with half the weight
+    let mut dump = LogprobDump::new(7, 4096, 0);
+    assert_eq!(dump.push_step(&t, &logits), hello);
+    let doc = dump.to_json();
+    assert_eq!(doc["source"], "ds4");
+    assert_eq!(
+        (
+            doc["prompt_tokens"].as_u64(),
+            doc["ctx"].as_u64(),
+            doc["top_k"].as_u64()
+        ),
+        (Some(7), Some(4096), Some(20))
+    );
+    let step = &doc["steps"][0];
+    assert_eq!(step["step"], 0);
+    assert_eq!(
+        step["selected"],
+        serde_json::json!({"id": hello, "text": "Hello", "bytes": [72, 101, 108, 108, 111]})
+    );
+    let top = step["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), 2, "only finite logits are listed");
+    assert_eq!(top[1]["token"]["text"], "<｜end▁of▁sentence｜>");
+    let lp0 = top[0]["logprob"].as_f64().unwrap();
+    assert!((lp0 - (2.0f64 / 3.0).ln()).abs() < 1e-6, "{lp0}");
+    // A lone UTF-8 lead byte: bytes authoritative, text maps each byte to the same code point.
+    let c3 = t.token_id(&byte_to_symbol()[0xC3].to_string()).unwrap();
+    assert_eq!(
+        token_json(&t, c3),
+        serde_json::json!({"id": c3, "text": "\u{C3}", "bytes": [0xC3]})
+    );
+    assert_eq!(LogprobDump::new(1, 1, 500).to_json()["top_k"], 128);
+}
