@@ -55,7 +55,7 @@ pub struct ChatArgs {
     /// Answer without thinking.
     #[arg(long, conflicts_with_all = ["think", "think_max"])]
     nothink: bool,
-    /// Think before answering (the default).
+    /// Think before answering (the default). The reasoning is written to stderr.
     #[arg(long)]
     think: bool,
     /// Think Max (needs --ctx >= 393216; below that, normal thinking).

@@ -94,6 +94,10 @@ fn two_turns_share_the_session_and_commands_work() {
     p.send_line("/help").unwrap();
     p.exp_string("/read FILE").unwrap();
     p.exp_string("ds4> ").unwrap();
+    p.send_line("/status").unwrap();
+    p.exp_regex(r"thinking off; context \d+ of 8192 tokens used \(0 held by the session\)")
+        .unwrap();
+    p.exp_string("ds4> ").unwrap();
     p.send_line("Third").unwrap();
     let (new3, cached3) = expect_prefill(&mut p);
     assert_eq!(cached3, 0);

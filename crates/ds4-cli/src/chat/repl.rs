@@ -21,6 +21,7 @@ const PROMPT: &str = "ds4> ";
 const HELP: &str = "\
 Commands:
   /help          this help
+  /status        model, backend, thinking mode and context use
   /think         think before answering (default)
   /think-max     Think Max (needs /ctx >= 393216; below that, normal thinking)
   /nothink       answer without thinking
@@ -35,6 +36,7 @@ pub enum Input {
     /// A message for the model.
     Message(String),
     Help,
+    Status,
     Think(ThinkMode),
     Ctx(usize),
     Read(PathBuf),
@@ -60,6 +62,7 @@ pub fn parse_input(line: &str) -> Result<Input, String> {
     };
     match name {
         "help" => no_arg(Input::Help),
+        "status" => no_arg(Input::Status),
         "think" => no_arg(Input::Think(ThinkMode::High)),
         "think-max" => no_arg(Input::Think(ThinkMode::Max)),
         "nothink" => no_arg(Input::Think(ThinkMode::Off)),
@@ -90,12 +93,7 @@ impl Chat<'_> {
 
     fn set_think(&mut self, mode: ThinkMode) {
         self.settings.think = mode;
-        let name = match mode {
-            ThinkMode::Off => "off",
-            ThinkMode::High => "on",
-            ThinkMode::Max => "max",
-        };
-        eprintln!("ds4: thinking: {name}");
+        eprintln!("ds4: thinking: {}", think_name(mode));
         if mode == ThinkMode::Max && self.think() != ThinkMode::Max {
             eprintln!(
                 "ds4: warning: Think Max needs a context >= {THINK_MAX_MIN_CTX}; with ctx={} \
@@ -103,6 +101,19 @@ impl Chat<'_> {
                 self.settings.ctx
             );
         }
+    }
+
+    fn print_status(&self) {
+        eprintln!(
+            "ds4: model {} ({} backend); thinking {}; context {} of {} tokens used ({} held by \
+             the session)",
+            self.model.path.display(),
+            self.model.backend.name(),
+            think_name(self.think()),
+            self.transcript.len(),
+            self.settings.ctx,
+            self.session.tokens().len()
+        );
     }
 
     fn set_ctx(&mut self, ctx: usize) {
@@ -211,6 +222,14 @@ impl Chat<'_> {
     }
 }
 
+fn think_name(mode: ThinkMode) -> &'static str {
+    match mode {
+        ThinkMode::Off => "off",
+        ThinkMode::High => "on",
+        ThinkMode::Max => "max",
+    }
+}
+
 /// `~/.ds4_history` (ds4's file), or none without a home directory.
 fn history_path() -> Option<PathBuf> {
     std::env::var_os("HOME")
@@ -275,6 +294,10 @@ pub fn run(
                 eprintln!("{HELP}");
                 Ok(())
             }
+            Ok(Input::Status) => {
+                chat.print_status();
+                Ok(())
+            }
             Ok(Input::Think(mode)) => {
                 chat.set_think(mode);
                 Ok(())
@@ -314,6 +337,7 @@ mod tests {
             Ok(Input::Message("hello /x".into()))
         );
         assert_eq!(parse_input("/help"), Ok(Input::Help));
+        assert_eq!(parse_input("/status"), Ok(Input::Status));
         assert_eq!(parse_input("/think"), Ok(Input::Think(ThinkMode::High)));
         assert_eq!(parse_input("/think-max"), Ok(Input::Think(ThinkMode::Max)));
         assert_eq!(parse_input("/nothink"), Ok(Input::Think(ThinkMode::Off)));
