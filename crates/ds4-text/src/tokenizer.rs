@@ -445,6 +445,87 @@ impl Detokenizer<'_> {
     }
 }
 
+/// The two GGUF tokenizer arrays: `tokenizer.ggml.tokens` (id = index) and
+/// `tokenizer.ggml.merges` ("left right", rank = index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GgufVocab {
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+}
+
+/// Reads a Hugging Face tokenizer.json into the arrays a ds4 GGUF stores (for `ds4 convert`).
+/// [`Tokenizer::from_gguf_vocab`] of the result tokenizes exactly as the file does.
+pub fn gguf_vocab_from_tokenizer_json(path: impl AsRef<Path>) -> Result<GgufVocab, TokenizerError> {
+    use serde_json::Value;
+    let path = path.as_ref();
+    let error = |message: String| TokenizerError::Load {
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let json: Value = serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
+    let mut by_id: Vec<Option<String>> = Vec::new();
+    let mut put = |id: &Value, token: &str, field: &str| -> Result<(), TokenizerError> {
+        let id = id
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| error(format!("{field}: id of {token:?} is not a u32")))?
+            as usize;
+        if by_id.len() <= id {
+            by_id.resize(id + 1, None);
+        }
+        by_id[id] = Some(token.to_string());
+        Ok(())
+    };
+    let vocab = json["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| error("model.vocab is not an object".into()))?;
+    for (token, id) in vocab {
+        put(id, token, "model.vocab")?;
+    }
+    for added in json["added_tokens"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let content = added["content"]
+            .as_str()
+            .ok_or_else(|| error("added_tokens: content is not a string".into()))?;
+        put(&added["id"], content, "added_tokens")?;
+    }
+    let tokens = by_id
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| {
+            t.ok_or_else(|| {
+                error(format!(
+                    "no token has id {id} (GGUF vocabularies are contiguous)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<String>, _>>()?;
+    let merges = json["model"]["merges"]
+        .as_array()
+        .ok_or_else(|| error("model.merges is not an array".into()))?
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match m {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string) => {
+                Ok(format!(
+                    "{} {}",
+                    pair[0].as_str().unwrap_or_default(),
+                    pair[1].as_str().unwrap_or_default()
+                ))
+            }
+            _ => Err(error(format!(
+                "model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"
+            ))),
+        })
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(GgufVocab { tokens, merges })
+}
+
 /// Builds the fast encoder from the vocabulary strings (id = index), merge pairs in rank order
 /// and the added tokens.
 fn fast_encoder(

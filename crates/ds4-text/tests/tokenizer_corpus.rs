@@ -151,6 +151,13 @@ fn gguf_vocab_matches_hf_ids_on_corpus() {
 }
 
 #[test]
+fn gguf_arrays_from_tokenizer_json() {
+    let (tokens, merges) = gguf_arrays();
+    let vocab = ds4_text::tokenizer::gguf_vocab_from_tokenizer_json(tokenizer_json_path()).unwrap();
+    assert_eq!((vocab.tokens, vocab.merges), (tokens, merges));
+}
+
+#[test]
 fn special_ids_are_found_by_string() {
     let (tokens, merges) = gguf_arrays();
     let from_gguf = Tokenizer::from_gguf_vocab(&tokens, &merges).unwrap();
