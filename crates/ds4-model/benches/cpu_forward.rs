@@ -83,11 +83,7 @@ fn tiny() {
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/flash_mini");
     let gguf = temp("flash_mini.gguf");
-    let opts = ConvertOptions {
-        weights: WeightsMode::F32,
-        tokenizer: None,
-        name: None,
-    };
+    let opts = ConvertOptions::new(WeightsMode::F32);
     convert(&fixture, &gguf, &opts).unwrap();
     let tokens = ds4_model::npy::read(&std::fs::read(fixture.join("tokens.npy")).unwrap()).unwrap();
     let tokens: Vec<u32> = tokens.data.iter().map(|&v| v as u32).collect();

@@ -43,11 +43,7 @@ fn converted(name: &str, mode: WeightsMode) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ds4-forward-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("{name}-{}.gguf", mode.name()));
-    let opts = ConvertOptions {
-        weights: mode,
-        tokenizer: None,
-        name: None,
-    };
+    let opts = ConvertOptions::new(mode);
     let report = convert(&fixture_dir(name), &out, &opts).unwrap();
     if !report.fallbacks.is_empty() {
         // Rows shorter than a 256-element K-quant block cannot be Q2_K/IQ2_XXS.
