@@ -168,9 +168,13 @@ impl FastEncoder {
     /// Byte-level BPE of one piece: merge the lowest-rank adjacent pair (leftmost on ties)
     /// until none is left.
     fn merge_piece(&self, bytes: &[u8], out: &mut Vec<u32>) {
-        if bytes.len() == 1 {
-            out.push(self.byte_ids[bytes[0] as usize]);
-            return;
+        match bytes {
+            [] => return,
+            [b] => {
+                out.push(self.byte_ids[*b as usize]);
+                return;
+            }
+            _ => {}
         }
         // A doubly linked list of symbols; removed ones have `alive == false`.
         let mut ids: Vec<u32> = bytes.iter().map(|&b| self.byte_ids[b as usize]).collect();
