@@ -175,3 +175,65 @@ impl OutputStream {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        text: &str,
+        tools: bool,
+        stops: &[&str],
+        ended: FinishReason,
+    ) -> (Vec<GenEvent>, OutputSummary) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut out = OutputStream::new(false, tools, &stops, ToolIdStyle::Call);
+        let mut events = Vec::new();
+        for ch in text.chars() {
+            events.extend(out.push_text(&ch.to_string()));
+            if out.finish_now().is_some() {
+                break;
+            }
+        }
+        let (tail, summary) = out.finish(ended);
+        events.extend(tail);
+        (events, summary)
+    }
+
+    fn content(events: &[GenEvent]) -> String {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                GenEvent::Content(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn turn_ending_inside_a_tool_block_finishes_with_error() {
+        let text = "Sure.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n";
+        let (_, s) = run(text, true, &[], FinishReason::Stop);
+        assert_eq!(s.finish, FinishReason::Error);
+        // Out of budget inside the block is still `length`.
+        let (_, s) = run(text, true, &[], FinishReason::Length);
+        assert_eq!(s.finish, FinishReason::Length);
+    }
+
+    #[test]
+    fn without_tools_dsml_is_plain_content() {
+        let text = "a <｜DSML｜tool_calls> b";
+        let (events, s) = run(text, false, &[], FinishReason::Stop);
+        assert_eq!(s.finish, FinishReason::Stop);
+        assert_eq!(content(&events), text);
+        assert!(s.tool_blocks.is_empty());
+    }
+
+    #[test]
+    fn stop_string_ends_the_output_and_is_not_sent() {
+        let (events, s) = run("one two STOP three", false, &["STOP"], FinishReason::Length);
+        assert_eq!(s.finish, FinishReason::Stop);
+        assert_eq!(content(&events), "one two ");
+        assert_eq!(s.content, "one two ");
+    }
+}
