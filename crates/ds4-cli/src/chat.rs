@@ -27,6 +27,7 @@ use ds4_text::sampler::{
 };
 use ds4_text::tokenizer::{Tokenizer, BOS, USER};
 
+use crate::backend_select::{load_backend, BackendChoice};
 use generate::{generate, prefill, Interrupt, StopReason};
 use printer::TokenPrinter;
 
@@ -207,7 +208,11 @@ pub(crate) struct LoadedModel {
     path: PathBuf,
 }
 
-fn load_model(args: &ChatArgs, source: &ModelSource) -> anyhow::Result<LoadedModel> {
+fn load_model(
+    args: &ChatArgs,
+    source: &ModelSource,
+    choice: BackendChoice,
+) -> anyhow::Result<LoadedModel> {
     let path = &source.path;
     let file =
         Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
@@ -226,7 +231,7 @@ fn load_model(args: &ChatArgs, source: &ModelSource) -> anyhow::Result<LoadedMod
         .with_context(|| format!("reading the merges of {}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf_vocab(tokens, merges)
         .with_context(|| format!("building the tokenizer of {}", path.display()))?;
-    let backend = crate::backend_select::load_backend(file, path, args.backend.parse()?, numerics)?;
+    let backend = load_backend(file, path, choice, numerics)?;
     let vocab = backend.config().vocab_size;
     if tokenizer.vocab_size() > vocab {
         bail!(
@@ -261,12 +266,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             args.logprobs_top_k
         );
     }
-    if !matches!(args.backend.as_str(), "auto" | "cpu" | "cuda") {
-        bail!(
-            "unknown backend `{}` (expected auto, cpu or cuda)",
-            args.backend
-        );
-    }
+    // Checked before the model is read, so a typo fails at once.
+    let backend: BackendChoice = args.backend.parse()?;
     let settings = ChatSettings {
         system: args.system.clone(),
         think: args.think_mode(),
@@ -295,7 +296,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     if source.bundled {
         eprintln!("{}", bundled::NOTICE);
     }
-    let model = load_model(&args, &source)?;
+    let model = load_model(&args, &source, backend)?;
     let interrupt = Interrupt::install()?;
     match prompt {
         Some(prompt) => one_shot(&args, &settings, &model, &prompt, &interrupt),
