@@ -17,7 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::generate::OutputStream;
 use crate::job::{CancelFlag, CancelOnDrop, EngineError, FinishReason, GenEvent, GenJob, Usage};
 use crate::runner::{ModelRunner, TextCodec};
-use crate::tool_memory::ToolMemory;
+use crate::tool_memory::{RememberedCall, ToolMemory};
 use crate::trace::{Trace, TraceRecord};
 
 /// Prefill runs in chunks that end on absolute multiples of this many tokens, so a cancel
@@ -431,8 +431,13 @@ impl Worker {
                 Ok(m) => m,
                 Err(p) => p.into_inner(),
             };
+            let reasoning = job.thinking.then(|| summary.reasoning.clone());
             for (id, block) in &summary.tool_blocks {
-                memory.insert(id.clone(), block.clone());
+                let call = RememberedCall {
+                    raw_dsml: block.clone(),
+                    reasoning: reasoning.clone(),
+                };
+                memory.insert(id.clone(), call);
             }
         }
         let usage = Usage {

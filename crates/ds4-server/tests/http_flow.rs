@@ -579,3 +579,32 @@ fn thinking_turn_is_reused_when_the_client_drops_the_reasoning() {
         suffix.len() as u64
     );
 }
+
+#[test]
+fn tool_call_turn_is_reused_when_the_client_drops_the_reasoning() {
+    let reply = format!("Check the weather.</think>{BLOCK}");
+    let server = start(
+        ScriptedRunner::new(&[reply.as_str(), "Ok.</think>Sunny."], 1 << 16),
+        ServerConfig::default(),
+    );
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let user = serde_json::json!({"role": "user", "content": "Weather?"});
+    let first = post(
+        server.addr,
+        CHAT,
+        &serde_json::json!({"messages": [user], "tools": tools}).to_string(),
+    )
+    .json();
+    let call = first["choices"][0]["message"]["tool_calls"][0].clone();
+    let p1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    // No reasoning_content in the replayed assistant message.
+    let assistant = serde_json::json!({"role": "assistant", "content": "", "tool_calls": [call]});
+    let tool = serde_json::json!({"role": "tool", "tool_call_id": call["id"], "content": "sunny"});
+    let body = serde_json::json!({"messages": [user, assistant, tool], "tools": tools}).to_string();
+    let second = post(server.addr, CHAT, &body).json();
+    assert_eq!(second["choices"][0]["message"]["content"], "Sunny.");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(cached, p1 + ByteCodec.encode(&reply).len() as u64);
+}

@@ -13,6 +13,7 @@ use crate::job::{
     EngineError, FinishReason, GenEvent, GenJob, Sampling, ToolCallOut, ToolIdStyle, Usage,
 };
 use crate::server::AppState;
+use crate::tool_memory::RememberedCall;
 
 /// Reads the body (at most `limit` bytes) and parses it as a JSON object.
 pub async fn read_json_object(
@@ -343,16 +344,22 @@ pub fn apply_tool_replay(messages: &mut [ds4_text::chat::Message], state: &AppSt
         if m.tool_calls.is_empty() {
             continue;
         }
-        let blocks: Vec<Option<&str>> = m
+        let remembered: Vec<Option<&RememberedCall>> = m
             .tool_calls
             .iter()
             .map(|c| c.id.as_deref().and_then(|id| memory.get(id)))
             .collect();
-        let first = blocks[0];
-        if first.is_some() && blocks.iter().all(|b| *b == first) {
-            let block = first.map(str::to_string);
+        let Some(first) = remembered[0] else { continue };
+        if remembered
+            .iter()
+            .all(|r| r.map(|r| &r.raw_dsml) == Some(&first.raw_dsml))
+        {
             for c in m.tool_calls.iter_mut() {
-                c.raw_dsml = block.clone();
+                c.raw_dsml = Some(first.raw_dsml.clone());
+            }
+            // Clients often drop the reasoning of a tool-call turn; the model saw it.
+            if m.reasoning.as_deref().unwrap_or("").is_empty() {
+                m.reasoning.clone_from(&first.reasoning);
             }
         }
     }
