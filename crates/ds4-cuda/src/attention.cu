@@ -56,15 +56,18 @@ extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, i64 pos0, i
 // max(0, pos+1-window)..=pos: earlier ones from the ring, the span's own from kv) and its
 // compressed rows (kind 1 = HCA: rows 0..(pos+1)/ratio; kind 2 = CSA: the indexer's
 // selection; kind 0: none), with the head's sink logit; then the inverse RoPE of the output
-// tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats.
+// tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats, then max rows
+// row pointers.
 extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                                   i64 H, i64 hd, i64 pos0, i64 window, i64 ring_cap, i64 kind, i64 ratio,
-                                  i64 sel_stride, double scale_d, u64 inv_freq_, i64 r) {
+                                  i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows) {
     extern __shared__ float sh[];
     float* qs = sh;
     float* os = sh + hd;
     float* sc = sh + 2 * hd;
-    __shared__ float denom_s;
+    const float** rp = (const float**)(sh + ((2 * hd + max_rows + 1) & ~(i64)1));
+    __shared__ float red[32];
+    __shared__ float mx_s, den_s;
     const i64 t = blockIdx.x / H, h = blockIdx.x % H;
     const i64 pos = pos0 + t;
     const i64 first = pos + 1 > window ? pos + 1 - window : 0;
@@ -77,40 +80,73 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
     const int* sel = (const int*)sel_ + t * sel_stride;
     const float* q = (const float*)q_ + (t * H + h) * hd;
     for (i64 c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[c];
+    for (i64 j = threadIdx.x; j < nr; j += blockDim.x) {
+        const float* p;
+        if (j < nw) {
+            const i64 ps = first + j;
+            p = ps >= pos0 ? kv + (ps - pos0) * hd : ring + (ps % ring_cap) * hd;
+        } else {
+            p = comp + (kind == 1 ? j - nw : (i64)sel[j - nw]) * hd;
+        }
+        rp[j] = p;
+    }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const float scale = (float)scale_d;
-#define ROW_PTR(j)                                                                                        \
-    ((j) < nw ? ((first + (j)) >= pos0 ? kv + (first + (j) - pos0) * hd : ring + ((first + (j)) % ring_cap) * hd) \
-              : comp + (kind == 1 ? (j) - nw : (i64)sel[(j) - nw]) * hd)
     for (i64 j = warp; j < nr; j += nwarps) {
-        const float* k = ROW_PTR(j);
+        const float* k = rp[j];
         float s = 0.f;
         for (i64 c = lane; c < hd; c += 32) s += qs[c] * k[c];
         s = warp_sum(s);
         if (lane == 0) sc[j] = s * scale;
     }
     __syncthreads();
+    // Softmax with the sink: max, exponentials, and their sum with the sink's.
+    const float sink = ((const float*)sinks_)[h];
+    float m = -FWD_INF;
+    for (i64 j = threadIdx.x; j < nr; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
     if (threadIdx.x == 0) {
-        const float sink = ((const float*)sinks_)[h];
-        float mx = sink;
-        for (i64 j = 0; j < nr; j++) mx = fmaxf(mx, sc[j]);
-        float den = expf(sink - mx);
-        for (i64 j = 0; j < nr; j++) {
-            const float e = expf(sc[j] - mx);
-            sc[j] = e;
-            den += e;
-        }
-        denom_s = den;
+        float mm = sink;
+        for (int w = 0; w < nwarps; w++) mm = fmaxf(mm, red[w]);
+        mx_s = mm;
     }
     __syncthreads();
-    const float den = denom_s;
+    const float mx = mx_s;
+    float part = 0.f;
+    for (i64 j = threadIdx.x; j < nr; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        part += e;
+    }
+    part = warp_sum(part);
+    __syncthreads();
+    if (lane == 0) red[warp] = part;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float den = expf(sink - mx);
+        for (int w = 0; w < nwarps; w++) den += red[w];
+        den_s = den;
+    }
+    __syncthreads();
+    const float den = den_s;
+    for (i64 j = threadIdx.x; j < nr; j += blockDim.x) sc[j] = sc[j] / den;
+    __syncthreads();
     for (i64 c = threadIdx.x; c < hd; c += blockDim.x) {
         float acc = 0.f;
-        for (i64 j = 0; j < nr; j++) acc += (sc[j] / den) * ROW_PTR(j)[c];
+        i64 j = 0;
+        for (; j + 4 <= nr; j += 4) {
+            const float a0 = rp[j][c], a1 = rp[j + 1][c], a2 = rp[j + 2][c], a3 = rp[j + 3][c];
+            acc += sc[j] * a0;
+            acc += sc[j + 1] * a1;
+            acc += sc[j + 2] * a2;
+            acc += sc[j + 3] * a3;
+        }
+        for (; j < nr; j++) acc += sc[j] * rp[j][c];
         os[c] = acc;
     }
-#undef ROW_PTR
     __syncthreads();
     for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(os, hd, r, l, pos, (const double*)inv_freq_, true);
     __syncthreads();

@@ -89,51 +89,66 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
     }
 }
 
-// The indexer's choice for one token per CTA: with at most topk visible rows ((pos+1)/ratio)
-// all of them; otherwise score = sum_h w_h max(0, q_h . k) over every visible key and keep
-// the topk best (ties: the lowest index), in ascending order. q: n_tok x ni x di, w: n_tok x
-// ni (already scaled), keys: rows x di. Scratch: scores/flags of n_tok x max_rows.
-extern "C" __global__ void index_select(u64 q_, u64 w_, u64 keys_, u64 scores_, u64 flags_, u64 sel_, u64 selc_,
-                                        i64 pos0, i64 ratio, i64 ni, i64 di, i64 topk, i64 max_rows) {
-    const i64 t = blockIdx.x, pos = pos0 + t, nv = (pos + 1) / ratio;
-    int* sel = (int*)sel_ + t * topk;
-    if (nv <= topk) {
-        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) sel[i] = (int)i;
-        if (threadIdx.x == 0) ((int*)selc_)[t] = (int)nv;
-        return;
-    }
-    float* sc = (float*)scores_ + t * max_rows;
-    int* flag = (int*)flags_ + t * max_rows;
+// The indexer's choice (cpu/indexer.rs select_rows) in three steps over the chunk's tokens:
+// with at most topk visible rows ((pos+1)/ratio) all are kept; otherwise every visible key is
+// scored, score = sum_h w_h max(0, q_h . k), and the topk best are kept (ties: the lowest
+// index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (already scaled), keys:
+// rows x di; scores/flags: n_tok x max_rows scratch.
+
+// Scores: grid (rows / 8, n_tok), one warp per key row, lanes over heads.
+extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, i64 pos0, i64 ratio, i64 ni, i64 di,
+                                        i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.y, nv = (pos0 + t + 1) / ratio;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (nv <= topk || row >= nv) return;  // uniform per warp
+    const int lane = threadIdx.x & 31;
+    const float* k = (const float*)keys_ + row * di;
     const float* q = (const float*)q_ + t * ni * di;
     const float* wt = (const float*)w_ + t * ni;
-    const float* keys = (const float*)keys_;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (i64 row = warp; row < nv; row += nwarps) {
-        const float* k = keys + row * di;
-        float s = 0.f;
-        for (i64 h = 0; h < ni; h++) {
-            float d = 0.f;
-            for (i64 c = lane; c < di; c += 32) d += q[h * di + c] * k[c];
-            d = warp_sum(d);
-            s += wt[h] * fmaxf(d, 0.0f);
-        }
-        if (lane == 0) sc[row] = s;
+    float s = 0.f;
+    for (i64 h = lane; h < ni; h += 32) {
+        const float* qh = q + h * di;
+        float d = 0.f;
+        for (i64 c = 0; c < di; c++) d += qh[c] * k[c];
+        s += wt[h] * fmaxf(d, 0.0f);
     }
-    __syncthreads();
-    for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
-        const float ki = topk_key(sc[i]);
-        i64 rank = 0;
-        for (i64 j = 0; j < nv && rank < topk; j++) {
-            const float kj = topk_key(sc[j]);
-            if (kj > ki || (kj == ki && j < i)) rank++;
-        }
-        flag[i] = rank < topk;
+    s = warp_sum(s);
+    if (lane == 0) ((float*)scores_)[t * max_rows + row] = s;
+}
+
+// Ranks: grid (rows / 256, n_tok), one thread per row: kept when fewer than topk rows beat it.
+extern "C" __global__ void index_rank(u64 scores_, u64 flags_, i64 pos0, i64 ratio, i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.y, nv = (pos0 + t + 1) / ratio;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (nv <= topk || i >= nv) return;
+    const float* sc = (const float*)scores_ + t * max_rows;
+    const float ki = topk_key(sc[i]);
+    i64 rank = 0;
+    for (i64 j = 0; j < nv && rank < topk; j++) {
+        const float kj = topk_key(sc[j]);
+        rank += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int cnt = 0;
-        for (i64 i = 0; i < nv; i++)
-            if (flag[i]) sel[cnt++] = (int)i;
-        ((int*)selc_)[t] = cnt;
+    ((int*)flags_)[t * max_rows + i] = rank < topk;
+}
+
+// Selection lists: one warp per token writes the kept rows in ascending order and their count.
+extern "C" __global__ void index_compact(u64 flags_, u64 sel_, u64 selc_, i64 pos0, i64 ratio, i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.x, nv = (pos0 + t + 1) / ratio;
+    const int lane = threadIdx.x & 31;
+    int* sel = (int*)sel_ + t * topk;
+    if (nv <= topk) {
+        for (i64 i = lane; i < nv; i += 32) sel[i] = (int)i;
+        if (lane == 0) ((int*)selc_)[t] = (int)nv;
+        return;
     }
+    const int* flag = (const int*)flags_ + t * max_rows;
+    int base = 0;
+    for (i64 i0 = 0; i0 < nv; i0 += 32) {
+        const i64 i = i0 + lane;
+        const bool f = i < nv && flag[i];
+        const unsigned mask = __ballot_sync(FULL_MASK, f);
+        if (f) sel[base + __popc(mask & ((1u << lane) - 1u))] = (int)i;
+        base += __popc(mask);
+    }
+    if (lane == 0) ((int*)selc_)[t] = base;
 }

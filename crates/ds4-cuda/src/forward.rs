@@ -23,6 +23,70 @@ const CTA: u32 = 256;
 /// Largest dynamic shared memory used without opting in.
 const MAX_SHARED: usize = 48 * 1024;
 
+/// Per-stage wall time of the forward pass, on when the environment sets `DS4_CUDA_PROFILE`:
+/// every stage ends with a device synchronize (so stages are timed exactly, at some cost to
+/// the total). The table goes to stderr when the session ends.
+pub(crate) struct StageTimes {
+    on: bool,
+    last: std::time::Instant,
+    acc: Vec<(&'static str, f64, usize)>,
+}
+
+impl StageTimes {
+    fn new() -> StageTimes {
+        StageTimes {
+            on: std::env::var_os("DS4_CUDA_PROFILE").is_some(),
+            last: std::time::Instant::now(),
+            acc: Vec::new(),
+        }
+    }
+
+    /// Starts timing from now (after waiting for earlier work).
+    fn start(&mut self, m: &CudaModel) -> Result<()> {
+        if self.on {
+            m.gpu.device.synchronize()?;
+            self.last = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Charges the time since the last mark to `stage`.
+    fn mark(&mut self, m: &CudaModel, stage: &'static str) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        m.gpu.device.synchronize()?;
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.acc.iter_mut().find(|e| e.0 == stage) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => self.acc.push((stage, dt, 1)),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StageTimes {
+    fn drop(&mut self) {
+        if !self.on || self.acc.is_empty() {
+            return;
+        }
+        let total: f64 = self.acc.iter().map(|e| e.1).sum();
+        eprintln!("ds4 CUDA stage times (DS4_CUDA_PROFILE, synchronized per stage):");
+        for (stage, secs, count) in &self.acc {
+            eprintln!(
+                "  {stage:<16} {:>10.3} ms {:>6.1}%  ({count} calls)",
+                secs * 1e3,
+                secs / total * 100.0
+            );
+        }
+    }
+}
+
 /// Device scratch for one chunk of up to `cap` tokens (allocated once per session).
 pub(crate) struct Scratch {
     pub cap: usize,
@@ -76,6 +140,7 @@ pub(crate) struct Scratch {
     quant: HashMap<(ActQuant, usize), QuantizedActivations>,
     /// Indexer score rows per token (the most compressed rows a CSA layer can have).
     max_index_rows: usize,
+    prof: StageTimes,
 }
 
 impl Scratch {
@@ -138,6 +203,7 @@ impl Scratch {
             logits: f(cap * c.vocab_size)?,
             quant: HashMap::new(),
             max_index_rows,
+            prof: StageTimes::new(),
         })
     }
 }
@@ -286,6 +352,7 @@ impl CudaModel {
                 s.cap
             )));
         }
+        s.prof.start(self)?;
         // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
         let mut streams = vec![0f32; n * nc * d];
         for (t, &tok) in tokens.iter().enumerate() {
@@ -300,10 +367,13 @@ impl CudaModel {
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
 
+        s.prof.mark(self, "embed")?;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
-        self.head(s, head_rows)
+        let logits = self.head(s, head_rows)?;
+        s.prof.mark(self, "head")?;
+        Ok(logits)
     }
 
     /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings.
@@ -408,11 +478,14 @@ impl CudaModel {
     ) -> Result<()> {
         let w = &self.layers[l];
         self.hc_pre(s, &w.hc_attn, n)?;
+        s.prof.mark(self, "hc")?;
         self.attention(l, s, state, n, pos0)?;
         self.hc_post(s, n)?;
         self.hc_pre(s, &w.hc_ffn, n)?;
+        s.prof.mark(self, "hc")?;
         self.ffn(l, s, n)?;
-        self.hc_post(s, n)
+        self.hc_post(s, n)?;
+        s.prof.mark(self, "hc")
     }
 
     /// The attention sublayer: s.x (n × d) → s.y (n × d).
@@ -455,6 +528,7 @@ impl CudaModel {
             };
         }
 
+        s.prof.mark(self, "attn.qkv")?;
         // Compressors (attention rows and indexer keys), then the indexer's selection.
         let ratio = c.compress_ratio[l] as usize;
         if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
@@ -462,6 +536,7 @@ impl CudaModel {
             mm(self, &mut s.quant, &cw.gate, &s.xn, n, &mut s.cg)?;
             self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, if ds4 { 1 } else { 0 })?;
         }
+        s.prof.mark(self, "attn.compress")?;
         if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_mut()) {
             let icw = &iw.compressor;
             mm(self, &mut s.quant, &icw.kv, &s.xn, n, &mut s.ikv)?;
@@ -496,35 +571,74 @@ impl CudaModel {
                     "indexer rows exceed the session's scratch".into(),
                 ));
             }
+            let max_rows = s.max_index_rows;
             let a = kargs![
                 s.iq.ptr(),
                 s.iw.ptr(),
                 is.rows.ptr(),
                 s.iscores.ptr(),
-                s.iflags.ptr(),
-                s.sel.ptr(),
-                s.selc.ptr(),
                 pos0,
                 ratio,
                 ni,
                 di,
                 c.index_topk,
-                s.max_index_rows
+                max_rows
             ];
-            // SAFETY: index_select reads each token's ni × di query and ni weights, the
-            // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes at most topk
-            // indices per token plus its count; scores/flags rows hold max_index_rows values.
+            let rows_now = (pos0 + n) / ratio;
+            let scores_cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (rows_now.div_ceil(8).max(1) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: index_scores reads each token's ni × di query and ni weights and the
+            // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
+            // visible row into the token's max_index_rows-long scratch row.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
+            };
+            let a = kargs![
+                s.iscores.ptr(),
+                s.iflags.ptr(),
+                pos0,
+                ratio,
+                c.index_topk,
+                max_rows
+            ];
+            let rank_cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (rows_now.div_ceil(256).max(1) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: index_rank reads the visible rows' scores and writes their flags, both
+            // within each token's max_index_rows-long scratch row.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_rank", rank_cfg, &a)?
+            };
+            let a = kargs![
+                s.iflags.ptr(),
+                s.sel.ptr(),
+                s.selc.ptr(),
+                pos0,
+                ratio,
+                c.index_topk,
+                max_rows
+            ];
+            // SAFETY: index_compact reads the visible rows' flags and writes at most topk
+            // indices per token (topk kept when more rows are visible) and the count.
             unsafe {
                 self.fk.launch(
                     dev,
                     "fwd_compressor",
-                    "index_select",
-                    per_item(n, CTA, 0),
+                    "index_compact",
+                    per_item(n, 32, 0),
                     &a,
                 )?
             };
         }
 
+        s.prof.mark(self, "attn.indexer")?;
         // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
         let window = c.sliding_window.min(state.ring_cap);
         let (kind, comp_ptr, max_comp) = match (c.attn_kind[l], state.attn.as_ref()) {
@@ -532,11 +646,12 @@ impl CudaModel {
             (AttnKind::Csa, Some(cs)) => (2i64, cs.rows.ptr(), c.index_topk),
             _ => (0i64, 0u64, 0usize),
         };
-        let shared = (2 * hd + window + max_comp) * 4;
+        let max_rows = window + max_comp;
+        // Scores (rounded up to an even float count) then one row pointer per row.
+        let shared = (2 * hd + max_rows).div_ceil(2) * 2 * 4 + max_rows * 8;
         if shared > MAX_SHARED {
             return Err(CudaError::InvalidArgument(format!(
-                "layer {l}: attention over {} rows needs {shared} bytes of shared memory (at most {MAX_SHARED}); use a smaller context",
-                window + max_comp
+                "layer {l}: attention over {max_rows} rows needs {shared} bytes of shared memory (at most {MAX_SHARED}); use a smaller context"
             )));
         }
         let a = kargs![
@@ -558,7 +673,8 @@ impl CudaModel {
             c.index_topk,
             1.0 / (hd as f64).sqrt() as f32,
             self.rope_for(l).ptr(),
-            c.rope_dim
+            c.rope_dim,
+            max_rows
         ];
         // SAFETY: attend reads n × H query heads, the chunk's n K=V rows, the ring's cap rows,
         // the compressed rows visible at each position (rows written so far; CSA: the indices
@@ -585,6 +701,7 @@ impl CudaModel {
             )?
         };
 
+        s.prof.mark(self, "attn.attend")?;
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
         let (g, d_o) = (c.o_groups, c.o_lora_rank);
         let gw = h * hd / g;
@@ -615,7 +732,8 @@ impl CudaModel {
                 &a,
             )?
         };
-        mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)
+        mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)?;
+        s.prof.mark(self, "attn.output")
     }
 
     /// Feeds the chunk's projections to one compressor (rows appended after the
@@ -710,6 +828,7 @@ impl CudaModel {
         // writes n × k ids and weights.
         unsafe { self.fk.launch(dev, "fwd_moe", "route", grid_1d(n), &a)? };
 
+        s.prof.mark(self, "ffn.route")?;
         // Shared expert.
         mm(self, &mut s.quant, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
         mm(self, &mut s.quant, &w.up_shexp, &s.xn, n, &mut s.su)?;
@@ -717,6 +836,7 @@ impl CudaModel {
             .swiglu_clamp(&s.sg, &s.su, n * ff, ff, limit, None, &mut s.sh)?;
         mm(self, &mut s.quant, &w.down_shexp, &s.sh, n, &mut s.sdown)?;
 
+        s.prof.mark(self, "ffn.shared")?;
         // Routed experts: one slot per (token, choice), ids on the device.
         let slots = n * k;
         let a = kargs![s.xn.ptr(), s.xe.ptr(), n, k, d];
@@ -774,8 +894,9 @@ impl CudaModel {
         // shared outputs, and writes n × d values of s.y.
         unsafe {
             self.fk
-                .launch(dev, "fwd_moe", "moe_combine", grid_1d(n * d), &a)
-        }
+                .launch(dev, "fwd_moe", "moe_combine", grid_1d(n * d), &a)?
+        };
+        s.prof.mark(self, "ffn.experts")
     }
 
     /// HC head, final norm and LM head for chunk rows `rows`; rows.len() × vocab.

@@ -129,6 +129,12 @@ impl CudaModel {
                 cfg.index_head_dim
             )));
         }
+        if cfg.n_experts_used > 16 {
+            return Err(ModelError::Unsupported(format!(
+                "the CUDA router supports at most 16 experts per token (model uses {})",
+                cfg.n_experts_used
+            )));
+        }
         if cfg.hc_mult > 16 {
             return Err(ModelError::Unsupported(format!(
                 "the CUDA kernels support at most 16 hyper-connection streams (model has {})",

@@ -1,47 +1,69 @@
 // Mixture-of-experts routing and combination (cpu/moe.rs, cpu/forward.rs ffn; dsv4-arch.md
 // §3.10). The expert matvecs themselves are gemv.rs's expert_gemv with device-side ids.
 
-// One thread per token. logits (n_tok x E) are turned into scores sqrt(softplus) in place;
+#define ROUTE_MAX_K 16
+
+// One warp per token. logits (n_tok x E) are turned into scores sqrt(softplus) in place;
 // ids/wts (n_tok x k) receive the experts (top-k of score + bias, lowest index on ties, or the
 // token's tid2eid row) and their weights: score / (sum, floored at 2^-14 in ds4 numerics,
 // + 1e-20 in reference numerics) * routed_scale.
 extern "C" __global__ void route(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E,
                                  i64 k, double routed_scale, i64 ds4) {
-    const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n_tok) return;
+    const i64 t = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (t >= n_tok) return;  // uniform per warp
+    const int lane = threadIdx.x & 31;
     float* s = (float*)logits_ + t * E;
-    for (i64 e = 0; e < E; e++) {
+    for (i64 e = lane; e < E; e += 32) {
         const float x = s[e];
         const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
         s[e] = sqrtf(sp);
     }
-    int* ids = (int*)ids_ + t * k;
+    __syncwarp();
+    int ids[ROUTE_MAX_K];
     if (tid2eid_) {
         const int tok = ((const int*)tokens_)[t];
         for (i64 j = 0; j < k; j++) ids[j] = ((const int*)tid2eid_)[(i64)tok * k + j];
     } else {
         const float* bias = (const float*)bias_;
         for (i64 j = 0; j < k; j++) {
-            int best = -1;
+            bool has = false;
             float bv = 0.f;
-            for (i64 e = 0; e < E; e++) {
+            int bi = 0;
+            for (i64 e = lane; e < E; e += 32) {
                 bool taken = false;
                 for (i64 p = 0; p < j; p++) taken |= ids[p] == e;
                 if (taken) continue;
                 const float v = topk_key(bias ? s[e] + bias[e] : s[e]);
-                if (best < 0 || v > bv) {
-                    best = (int)e;
+                if (!has || v > bv) {
+                    has = true;
                     bv = v;
+                    bi = (int)e;
                 }
             }
-            ids[j] = best;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+                const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+                const bool oh = __shfl_xor_sync(FULL_MASK, (int)has, o) != 0;
+                if (oh && (!has || ov > bv || (ov == bv && oi < bi))) {
+                    has = true;
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+            ids[j] = bi;
         }
     }
+    if (lane != 0) return;
     float sum = 0.f;
     for (i64 j = 0; j < k; j++) sum += s[ids[j]];
     const float denom = ds4 ? fmaxf(sum, 6.1035e-5f) : sum + 1e-20f;
+    int* out_ids = (int*)ids_ + t * k;
     float* wts = (float*)wts_ + t * k;
-    for (i64 j = 0; j < k; j++) wts[j] = s[ids[j]] / denom * (float)routed_scale;
+    for (i64 j = 0; j < k; j++) {
+        out_ids[j] = ids[j];
+        wts[j] = s[ids[j]] / denom * (float)routed_scale;
+    }
 }
 
 // xe[t*k + j] = x[t]: every routed slot gets its token's input vector.
