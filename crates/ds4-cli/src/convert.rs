@@ -31,9 +31,9 @@ fn parse_mode(s: &str) -> Result<WeightsMode, String> {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let opts = ConvertOptions {
-        weights: args.weights,
         tokenizer: args.tokenizer,
         name: args.name,
+        ..ConvertOptions::new(args.weights)
     };
     let report = convert(&args.hf_dir, &args.output, &opts).with_context(|| {
         format!(

@@ -280,11 +280,7 @@ mod tests {
     fn converted(tag: &str, edit: &InfoEdit) -> PathBuf {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let clean = scratch(tag).join("clean.gguf");
-        let opts = ConvertOptions {
-            weights: WeightsMode::F32,
-            tokenizer: None,
-            name: None,
-        };
+        let opts = ConvertOptions::new(WeightsMode::F32);
         convert(&dir.join("flash_mini"), &clean, &opts).unwrap();
         let file = GgufFile::open(&clean).unwrap();
         let mut w = GgufWriter::new();

@@ -13,7 +13,7 @@ use ds4_gguf::quant::dequantize;
 use ds4_gguf::writer::GgufWriter;
 use ds4_gguf::{GgmlType, GgufFile, MetaValue};
 use ds4_model::config::ModelConfig;
-use ds4_model::convert::{convert, read_config, ConvertError, ConvertOptions};
+use ds4_model::convert::{convert, convert_in_chunks, read_config, ConvertError, ConvertOptions};
 use ds4_model::layout::{check_layout, expected_tensors, LayoutIssue, WeightsMode};
 use half::f16;
 use safetensors::{Dtype, SafeTensors};
@@ -44,11 +44,7 @@ fn scratch(tag: &str) -> PathBuf {
 }
 
 fn opts(weights: WeightsMode) -> ConvertOptions {
-    ConvertOptions {
-        weights,
-        tokenizer: None,
-        name: None,
-    }
+    ConvertOptions::new(weights)
 }
 
 fn convert_fixture(name: &str, weights: WeightsMode, tag: &str) -> (PathBuf, GgufFile) {
@@ -966,4 +962,24 @@ fn damaged_safetensors_files_are_clear_errors() {
     std::fs::write(dir.join("model.safetensors"), &bad).unwrap();
     let e = convert_err(&dir);
     assert!(e.to_string().contains("bad header"), "{e}");
+}
+
+#[test]
+fn small_chunks_give_the_same_file() {
+    // Converting a few rows at a time (as a huge checkpoint would be) changes nothing.
+    for (model, mode) in [
+        ("flash_mini", WeightsMode::Q8),
+        ("ratios_real_original", WeightsMode::F32),
+    ] {
+        let dir = scratch(&format!("chunks-{model}"));
+        let whole = dir.join("whole.gguf");
+        let chunked = dir.join("chunked.gguf");
+        convert(&model_dir(model), &whole, &opts(mode)).unwrap();
+        convert_in_chunks(&model_dir(model), &chunked, &opts(mode), 100).unwrap();
+        assert_eq!(
+            std::fs::read(&whole).unwrap(),
+            std::fs::read(&chunked).unwrap(),
+            "{model} {mode}"
+        );
+    }
 }

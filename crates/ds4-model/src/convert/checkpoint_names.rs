@@ -65,11 +65,34 @@ impl Checkpoint {
         }))
     }
 
-    /// The module tensor's values as f32, in torch order.
-    pub fn to_f32(&self, module: &str) -> Result<Vec<f32>, ConvertError> {
-        let mut out = Vec::new();
+    /// Elements `[start, start + len)` of a module tensor (torch order) as f32; a range may
+    /// span several stacked parts.
+    pub fn f32_range(
+        &self,
+        module: &str,
+        mut start: usize,
+        mut len: usize,
+    ) -> Result<Vec<f32>, ConvertError> {
+        let mut out = Vec::with_capacity(len);
         for p in self.parts(module)? {
-            out.extend(self.dir.to_f32(p)?);
+            if len == 0 {
+                break;
+            }
+            let n = self.dir.n_elements(p)?;
+            if start >= n {
+                start -= n;
+                continue;
+            }
+            let take = len.min(n - start);
+            out.extend(self.dir.f32_range(p, start, take)?);
+            start = 0;
+            len -= take;
+        }
+        if len > 0 {
+            return Err(ConvertError::BadValue {
+                name: module.to_string(),
+                msg: "read past the end of the tensor".into(),
+            });
         }
         Ok(out)
     }

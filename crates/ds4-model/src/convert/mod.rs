@@ -29,11 +29,14 @@ use crate::layout::{expected_tensors, storage_type, TensorRole, WeightsMode};
 pub use checkpoint_names::Checkpoint;
 pub use hf_config::{model_metadata, parse_config, HfModel};
 pub use safetensors_dir::SourceDir;
-pub use tensor_map::{gather, source_of, Source};
+pub use tensor_map::{gather, segments, source_of, Source};
 pub use tokenizer::tokenizer_metadata;
 
 /// Data alignment of the files we write (`general.alignment`).
 pub const ALIGNMENT: u32 = 32;
+
+/// Default elements converted at a time (64 MiB of f32): memory stays bounded for any tensor.
+pub const CHUNK_ELEMS: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -85,6 +88,16 @@ pub struct ConvertOptions {
     pub name: Option<String>,
 }
 
+impl ConvertOptions {
+    pub fn new(weights: WeightsMode) -> ConvertOptions {
+        ConvertOptions {
+            weights,
+            tokenizer: None,
+            name: None,
+        }
+    }
+}
+
 /// What a conversion did.
 #[derive(Clone, Debug)]
 pub struct ConvertReport {
@@ -128,6 +141,16 @@ pub fn convert(
     out: &Path,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
+    convert_in_chunks(dir, out, opts, CHUNK_ELEMS)
+}
+
+/// [`convert`], reading and quantizing about `chunk_elems` elements (whole rows) at a time.
+pub fn convert_in_chunks(
+    dir: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    chunk_elems: usize,
+) -> Result<ConvertReport, ConvertError> {
     let model = read_config(dir)?;
     let sources = Arc::new(Checkpoint::new(SourceDir::open(dir)?)?);
     let plan = plan_tensors(&model, &sources, opts.weights)?;
@@ -169,6 +192,8 @@ pub fn convert(
         let sources = Arc::clone(&sources);
         let (source, ty, name) = (p.source.clone(), p.ty, p.name.clone());
         let is_table = p.role == TensorRole::HashTable;
+        let row_len = p.dims[0] as usize;
+        let chunk = chunk_elems;
         w.add_tensor_with(
             &p.name,
             p.ty,
@@ -178,11 +203,31 @@ pub fn convert(
                     let ids = gather(&source, &sources.to_i64(source.tensor())?);
                     write_expert_ids(&name, &ids, n_experts, dst)?;
                 } else {
-                    let values = gather(&source, &sources.to_f32(source.tensor())?);
-                    quantize(ty, &values, dst).map_err(|e| ConvertError::BadValue {
-                        name: name.clone(),
-                        msg: e.to_string(),
-                    })?;
+                    // A bounded chunk of whole rows at a time.
+                    let mut at = 0usize;
+                    for (start, len) in segments(&source, row_len, chunk) {
+                        let values = sources.f32_range(source.tensor(), start, len)?;
+                        // Segments are whole rows, and rows fit the type's blocks (storage_type).
+                        let bytes =
+                            ty.row_bytes(len as u64)
+                                .ok_or_else(|| ConvertError::BadValue {
+                                    name: name.clone(),
+                                    msg: format!("{len} elements are not whole {ty} blocks"),
+                                })? as usize;
+                        quantize(ty, &values, &mut dst[at..at + bytes]).map_err(|e| {
+                            ConvertError::BadValue {
+                                name: name.clone(),
+                                msg: e.to_string(),
+                            }
+                        })?;
+                        at += bytes;
+                    }
+                    if at != dst.len() {
+                        return Err(Box::new(ConvertError::BadValue {
+                            name: name.clone(),
+                            msg: format!("wrote {at} of {} bytes", dst.len()),
+                        }));
+                    }
                 }
                 Ok(())
             }),

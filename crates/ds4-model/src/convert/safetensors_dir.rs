@@ -112,11 +112,18 @@ impl SourceDir {
         self.tensors.keys().map(|s| s.as_str())
     }
 
-    /// Reads a tensor's bytes (open checked the range against the file length).
-    fn bytes(&self, name: &str, t: &SourceTensor) -> Result<Vec<u8>, ConvertError> {
+    /// Reads bytes `[from, to)` of a tensor's data (open checked its range against the file).
+    fn bytes(
+        &self,
+        name: &str,
+        t: &SourceTensor,
+        from: usize,
+        to: usize,
+    ) -> Result<Vec<u8>, ConvertError> {
         let (path, file) = &self.shards[t.shard];
-        let mut buf = vec![0u8; t.end - t.start];
-        file.read_exact_at(&mut buf, t.start as u64)
+        debug_assert!(from <= to && t.start + to <= t.end);
+        let mut buf = vec![0u8; to - from];
+        file.read_exact_at(&mut buf, (t.start + from) as u64)
             .map_err(|e| ConvertError::Safetensors {
                 path: path.clone(),
                 msg: format!("reading tensor {name}: {e}"),
@@ -124,11 +131,33 @@ impl SourceDir {
         Ok(buf)
     }
 
-    /// The tensor's values as f32 (F32, F16 and BF16 sources).
-    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
+    /// Number of elements of a tensor.
+    pub fn n_elements(&self, name: &str) -> Result<usize, ConvertError> {
+        Ok(self.require(name)?.shape.iter().product())
+    }
+
+    /// Elements `[start, start + len)` of a float tensor (F32, F16, BF16) as f32.
+    pub fn f32_range(
+        &self,
+        name: &str,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, ConvertError> {
         let t = self.require(name)?;
-        let b = &self.bytes(name, t)?;
-        let out = match t.dtype {
+        let n: usize = t.shape.iter().product();
+        if start.checked_add(len).is_none_or(|end| end > n) {
+            return Err(ConvertError::BadValue {
+                name: name.to_string(),
+                msg: format!("elements {start}..+{len} are outside its {n}"),
+            });
+        }
+        let size = match t.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => return Err(unsupported_dtype(name, other, "F32, F16 or BF16")),
+        };
+        let b = self.bytes(name, t, start * size, (start + len) * size)?;
+        Ok(match t.dtype {
             Dtype::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -137,19 +166,17 @@ impl SourceDir {
                 .chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            Dtype::BF16 => b
+            _ => b
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => return Err(unsupported_dtype(name, other, "F32, F16 or BF16")),
-        };
-        Ok(out)
+        })
     }
 
     /// The tensor's values as i64 (integer sources: I32, I64, U8, I16).
     pub fn to_i64(&self, name: &str) -> Result<Vec<i64>, ConvertError> {
         let t = self.require(name)?;
-        let b = &self.bytes(name, t)?;
+        let b = &self.bytes(name, t, 0, t.end - t.start)?;
         let out = match t.dtype {
             Dtype::I64 => b
                 .chunks_exact(8)

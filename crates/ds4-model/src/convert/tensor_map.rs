@@ -123,6 +123,36 @@ pub fn source_of(spec: &TensorSpec, tied: bool) -> Option<Source> {
     layer_source(stem).map(|s| whole(&format!("{prefix}{s}")))
 }
 
+/// The element ranges `(start, len)` of the checkpoint tensor that make up `src`'s GGUF tensor,
+/// in GGUF order: each a whole number of GGUF rows of `row_len` elements and, when a row fits,
+/// at most `max_elems` long (so a tensor converts a bounded chunk at a time).
+pub fn segments(src: &Source, row_len: usize, max_elems: usize) -> Vec<(usize, usize)> {
+    let chunk = (max_elems / row_len.max(1)).max(1) * row_len.max(1);
+    let split = |start: usize, len: usize, out: &mut Vec<(usize, usize)>| {
+        let mut at = 0;
+        while at < len {
+            let n = chunk.min(len - at);
+            out.push((start + at, n));
+            at += n;
+        }
+    };
+    let mut out = Vec::new();
+    match src {
+        Source::Whole { shape, .. } => {
+            split(0, shape.iter().product::<u64>() as usize, &mut out);
+        }
+        Source::ExpertHalf { shape, upper, .. } => {
+            let (e, two_i, d) = (shape[0] as usize, shape[1] as usize, shape[2] as usize);
+            let half = two_i / 2 * d;
+            for expert in 0..e {
+                let start = expert * two_i * d + if *upper { half } else { 0 };
+                split(start, half, &mut out);
+            }
+        }
+    }
+    out
+}
+
 /// Reads `src`'s elements in GGUF order from the checkpoint tensor's values (torch order).
 pub fn gather<T: Copy>(src: &Source, values: &[T]) -> Vec<T> {
     match src {
@@ -137,5 +167,42 @@ pub fn gather<T: Copy>(src: &Source, values: &[T]) -> Vec<T> {
             }
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_gguf_order_in_whole_rows() {
+        let whole = Source::Whole {
+            tensor: "t".into(),
+            shape: vec![5, 4],
+        };
+        assert_eq!(segments(&whole, 4, 9), vec![(0, 8), (8, 8), (16, 4)]);
+        assert_eq!(
+            segments(&whole, 4, 1),
+            vec![(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]
+        );
+        // gate_up [E=2, 2I=4, d=3]: the gate half is rows 0..2 of each expert.
+        let gate = Source::ExpertHalf {
+            tensor: "t".into(),
+            shape: vec![2, 4, 3],
+            upper: false,
+        };
+        let up = Source::ExpertHalf {
+            tensor: "t".into(),
+            shape: vec![2, 4, 3],
+            upper: true,
+        };
+        assert_eq!(segments(&gate, 3, 100), vec![(0, 6), (12, 6)]);
+        assert_eq!(segments(&up, 3, 3), vec![(6, 3), (9, 3), (18, 3), (21, 3)]);
+        let values: Vec<u32> = (0..24).collect();
+        let gathered: Vec<u32> = segments(&up, 3, 100)
+            .into_iter()
+            .flat_map(|(s, n)| values[s..s + n].to_vec())
+            .collect();
+        assert_eq!(gathered, gather(&up, &values));
     }
 }
