@@ -172,3 +172,37 @@ fn assert_exit_0(p: &mut PtySession) {
         "ds4 ended with {status:?}"
     );
 }
+
+#[test]
+fn a_long_prompt_shows_a_prefill_progress_bar() {
+    let dir = scratch("progress");
+    // About 2000 tokens: several 256-token prefill spans.
+    let words = ["river", "stone", "cloud", "seven", "orange", "quiet"];
+    let text: Vec<&str> = (0..2000)
+        .map(|i| words[(i * 7 + i / 3) % words.len()])
+        .collect();
+    std::fs::write(dir.join("long.txt"), text.join(" ")).unwrap();
+    let mut p = spawn(
+        &dir,
+        &[
+            "--prompt-file",
+            "long.txt",
+            "--nothink",
+            "-n",
+            "2",
+            "--seed",
+            "1",
+        ],
+    );
+    let (_, bar) = p.exp_regex(r"prefill .*\d+/\d+ tokens").unwrap();
+    let total: usize = bar
+        .rsplit(' ')
+        .nth(1)
+        .and_then(|f| f.split('/').nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad bar: {bar}"));
+    assert!(total > 1000, "{bar}");
+    p.exp_string("generation: ").unwrap();
+    p.exp_eof().unwrap();
+    assert_exit_0(&mut p);
+}
