@@ -43,8 +43,8 @@ pub struct ServeArgs {
     /// Append every rendered prompt and generation to FILE.
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// cpu or cuda.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the GPU when CUDA is usable, else the CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
     backend: String,
     /// Tokenizer from a Hugging Face tokenizer.json instead of the GGUF's vocabulary.
     #[arg(long)]
