@@ -370,10 +370,10 @@ fn one_shot(
         eprintln!("ds4: interrupted while processing the prompt");
         return Ok(());
     }
-    let mut printer = TokenPrinter::new(
-        tokenizer,
-        settings.think.for_context(settings.ctx).thinking(),
-    );
+    // The reply is reasoning when the prompt opened a think block (also for a prompt given
+    // already rendered).
+    let thinking = tokens.last() == Some(&tokenizer.specials().think_start);
+    let mut printer = TokenPrinter::new(tokenizer, thinking);
     let out = generate(
         session.as_mut(),
         tokenizer.specials().eos,

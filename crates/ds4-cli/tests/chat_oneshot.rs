@@ -263,3 +263,20 @@ fn bad_sampling_flags_are_errors() {
         );
     }
 }
+
+#[test]
+fn an_already_rendered_prompt_is_used_as_it_is() {
+    let dir = scratch("rendered");
+    let rendered = "<｜begin▁of▁sentence｜>Sys<｜User｜>Hi<｜Assistant｜></think>";
+    let out = ds4(&dir, &["-p", rendered, "--think", "--dump-tokens"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let joined: String = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<String>(l.splitn(3, '\t').nth(2).unwrap()).unwrap())
+        .collect();
+    assert_eq!(joined, rendered);
+    // Its reply is the answer (the prompt closed the think block), whatever --think says.
+    let out = ds4(&dir, &["-p", rendered, "--think", "-n", "6", "--seed", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).trim().is_empty());
+}
