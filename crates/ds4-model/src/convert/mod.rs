@@ -21,6 +21,7 @@ use std::sync::Arc;
 use ds4_gguf::quant::quantize;
 use ds4_gguf::writer::GgufWriter;
 use ds4_gguf::{GgmlType, GgufError, MetaValue};
+use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::config::ModelConfig;
@@ -35,8 +36,9 @@ pub use tokenizer::tokenizer_metadata;
 /// Data alignment of the files we write (`general.alignment`).
 pub const ALIGNMENT: u32 = 32;
 
-/// Default elements converted at a time (64 MiB of f32): memory stays bounded for any tensor.
-pub const CHUNK_ELEMS: usize = 16 << 20;
+/// Default elements converted at a time per thread (16 MiB of f32): memory stays bounded for
+/// any tensor size.
+pub const CHUNK_ELEMS: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -203,31 +205,7 @@ pub fn convert_in_chunks(
                     let ids = gather(&source, &sources.to_i64(source.tensor())?);
                     write_expert_ids(&name, &ids, n_experts, dst)?;
                 } else {
-                    // A bounded chunk of whole rows at a time.
-                    let mut at = 0usize;
-                    for (start, len) in segments(&source, row_len, chunk) {
-                        let values = sources.f32_range(source.tensor(), start, len)?;
-                        // Segments are whole rows, and rows fit the type's blocks (storage_type).
-                        let bytes =
-                            ty.row_bytes(len as u64)
-                                .ok_or_else(|| ConvertError::BadValue {
-                                    name: name.clone(),
-                                    msg: format!("{len} elements are not whole {ty} blocks"),
-                                })? as usize;
-                        quantize(ty, &values, &mut dst[at..at + bytes]).map_err(|e| {
-                            ConvertError::BadValue {
-                                name: name.clone(),
-                                msg: e.to_string(),
-                            }
-                        })?;
-                        at += bytes;
-                    }
-                    if at != dst.len() {
-                        return Err(Box::new(ConvertError::BadValue {
-                            name: name.clone(),
-                            msg: format!("wrote {at} of {} bytes", dst.len()),
-                        }));
-                    }
+                    write_values(&sources, &source, ty, row_len, chunk, &name, dst)?;
                 }
                 Ok(())
             }),
@@ -239,6 +217,50 @@ pub fn convert_in_chunks(
         n_tensors: plan.len(),
         file_bytes: layout.file_len,
         fallbacks,
+    })
+}
+
+/// Converts one float tensor into `dst`: whole-row chunks of about `chunk` elements, each read
+/// from the checkpoint and quantized into its own part of `dst`, in parallel (memory: one chunk
+/// per thread).
+fn write_values(
+    sources: &Checkpoint,
+    source: &Source,
+    ty: GgmlType,
+    row_len: usize,
+    chunk: usize,
+    name: &str,
+    dst: &mut [u8],
+) -> Result<(), ConvertError> {
+    let bad = |msg: String| ConvertError::BadValue {
+        name: name.to_string(),
+        msg,
+    };
+    let mut jobs = Vec::new();
+    let mut rest = dst;
+    for (start, len) in segments(source, row_len, chunk) {
+        // Segments are whole rows, and rows fit the type's blocks (storage_type).
+        let bytes = ty
+            .row_bytes(len as u64)
+            .ok_or_else(|| bad(format!("{len} elements are not whole {ty} blocks")))?
+            as usize;
+        if bytes > rest.len() {
+            return Err(bad(
+                "the checkpoint holds more values than the GGUF tensor".into()
+            ));
+        }
+        let (part, tail) = rest.split_at_mut(bytes);
+        jobs.push((start, len, part));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(bad(
+            "the checkpoint holds fewer values than the GGUF tensor".into(),
+        ));
+    }
+    jobs.into_par_iter().try_for_each(|(start, len, part)| {
+        let values = sources.f32_range(source.tensor(), start, len)?;
+        quantize(ty, &values, part).map_err(|e| bad(e.to_string()))
     })
 }
 
