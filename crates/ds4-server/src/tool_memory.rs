@@ -81,6 +81,9 @@ mod tests {
         assert_eq!(m.get("a"), Some(&call("A2")));
         m.insert("c".into(), call("C"));
         assert_eq!(m.get("a"), None);
-        assert_eq!((m.get("b"), m.get("c"), m.len()), (Some(&call("B")), Some(&call("C")), 2));
+        assert_eq!(
+            (m.get("b"), m.get("c"), m.len()),
+            (Some(&call("B")), Some(&call("C")), 2)
+        );
     }
 }
