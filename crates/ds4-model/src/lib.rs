@@ -1,13 +1,16 @@
-//! ds4-model
+//! DeepSeek V4 Flash: the model description read from GGUF metadata, weight binding, the CPU
+//! forward pass (the reference every other backend is checked against), session state and its
+//! ds4 payload form, and the tools that make model files (`convert`, `synth`) and measure them
+//! (`bench`).
 
-pub mod config;
-pub mod cpu;
-pub mod numerics;
-pub mod weights;
 pub mod backend;
-pub mod session;
-pub mod npy;
-pub mod convert;
-pub mod layout;
-pub mod synth;
 pub mod bench;
+pub mod config;
+pub mod convert;
+pub mod cpu;
+pub mod layout;
+pub mod npy;
+pub mod numerics;
+pub mod session;
+pub mod synth;
+pub mod weights;
