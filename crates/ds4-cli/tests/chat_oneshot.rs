@@ -280,3 +280,29 @@ fn an_already_rendered_prompt_is_used_as_it_is() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stdout(&out).trim().is_empty());
 }
+
+#[test]
+fn a_closed_stdout_stops_generation() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = scratch("closed-stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ds4"))
+        .args(["-p", "Hello", "--nothink", "-n", "5000", "--seed", "4"])
+        .current_dir(&dir)
+        .env("HOME", &dir)
+        .env(
+            "XDG_CACHE_HOME",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("ds4-cache"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ds4");
+    // Read the first bytes of the reply, then close the pipe as `| head -c 1` would.
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(generated_count(&err) < 5000, "{err}");
+}

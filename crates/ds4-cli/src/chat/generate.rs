@@ -110,6 +110,8 @@ pub enum StopReason {
     Length,
     /// Ctrl+C.
     Interrupted,
+    /// Nobody reads the reply any more (stdout is a closed pipe).
+    OutputClosed,
 }
 
 /// A finished reply.
@@ -123,14 +125,15 @@ pub struct Reply {
 
 /// Samples up to `max_tokens` tokens after the session's last logits (fewer when the context
 /// would overflow), evaluating each so the session ends holding the whole reply. Stops at EOS
-/// (`eos`, which is not evaluated) and at Ctrl+C. `on_token` sees each token as it is drawn.
+/// (`eos`, which is not evaluated) and at Ctrl+C. `on_token` sees each token as it is drawn
+/// and returns false when the reply can no longer be delivered.
 pub fn generate(
     session: &mut dyn Session,
     eos: u32,
     params: SamplerParams,
     max_tokens: usize,
     interrupt: &Interrupt,
-    on_token: &mut dyn FnMut(u32),
+    on_token: &mut dyn FnMut(u32) -> bool,
 ) -> anyhow::Result<Reply> {
     let start = Instant::now();
     let budget = room_for_reply(session.ctx(), session.tokens().len(), max_tokens);
@@ -147,9 +150,12 @@ pub fn generate(
         if token == eos {
             break StopReason::Eos;
         }
-        on_token(token);
+        let delivered = on_token(token);
         tokens.push(token);
         session.eval(&[token], Logits::Last).context("decoding")?;
+        if !delivered {
+            break StopReason::OutputClosed;
+        }
     };
     Ok(Reply {
         tokens,

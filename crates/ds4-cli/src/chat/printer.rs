@@ -17,6 +17,8 @@ pub struct TokenPrinter<'t> {
     color: bool,
     /// Whether the last character written (to either stream) was a newline.
     at_line_start: bool,
+    /// stdout is a closed pipe: the answer has nowhere to go.
+    stdout_closed: bool,
 }
 
 impl<'t> TokenPrinter<'t> {
@@ -30,10 +32,13 @@ impl<'t> TokenPrinter<'t> {
             in_reasoning: thinking,
             color: std::io::stderr().is_terminal(),
             at_line_start: true,
+            stdout_closed: false,
         }
     }
 
-    pub fn push(&mut self, token: u32) {
+    /// Writes one token; returns false once stdout is a closed pipe (the reply is lost, so
+    /// generation can stop).
+    pub fn push(&mut self, token: u32) -> bool {
         if token == self.think_end || token == self.think_start {
             // The tags switch streams; flush what belongs to the old one first.
             let rest = self.detok.finish();
@@ -42,10 +47,11 @@ impl<'t> TokenPrinter<'t> {
                 self.write("\n");
             }
             self.in_reasoning = token == self.think_start;
-            return;
+            return !self.stdout_closed;
         }
         let text = self.detok.push(token);
         self.write(&text);
+        !self.stdout_closed
     }
 
     /// Ends the reply: flushes held-back bytes and ends the line.
@@ -61,8 +67,8 @@ impl<'t> TokenPrinter<'t> {
         if text.is_empty() {
             return;
         }
-        // Write errors (a closed pipe) are ignored: generation goes on and the statistics
-        // still reach stderr.
+        // Write errors on stderr are ignored; a closed stdout is remembered so generation
+        // stops, and the statistics still reach stderr.
         if self.in_reasoning {
             let mut err = std::io::stderr().lock();
             let _ = if self.color {
@@ -73,8 +79,10 @@ impl<'t> TokenPrinter<'t> {
             let _ = err.flush();
         } else {
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
+            let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                self.stdout_closed = true;
+            }
         }
         self.at_line_start = text.ends_with('\n');
     }

@@ -190,8 +190,8 @@ impl Chat<'_> {
             self.settings.max_tokens,
             self.interrupt,
             &mut |t| {
-                printer.push(t);
                 transcript.push(t);
+                printer.push(t)
             },
         );
         printer.finish();
