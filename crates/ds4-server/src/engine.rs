@@ -4,7 +4,8 @@
 //! flag set or its event receiver dropped) stops before the next token and frees the worker.
 //!
 //! Prefix reuse: a job whose prompt extends the live session (by tokens, or by rendered bytes
-//! when the text starts with the live tokens' text) prefills only the new suffix.
+//! when the text starts with the live tokens' text, or by the thinking-visible key after a
+//! thinking turn) prefills only the new suffix.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -197,7 +198,8 @@ impl Worker {
         self.visible_key = None;
     }
 
-    /// Chooses the reuse path: exact token prefix, then rendered-text prefix, else cold.
+    /// Chooses the reuse path (ds4's order): exact token prefix, then the thinking-visible key,
+    /// then rendered-text prefix, else a cold prefill.
     fn plan(&mut self, job: &GenJob) -> Plan {
         let live_len = self.runner.tokens().len();
         if live_len > 0 {
