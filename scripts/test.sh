@@ -16,6 +16,7 @@ rm -rf "$DS4_GGUF_PYCHECK_DIR"
 cargo test -q -p ds4-gguf --test writer_roundtrip export_for_python_check
 python3 scripts/gguf/check_with_gguf_py.py "$DS4_GGUF_PYCHECK_DIR/sample.gguf"
 
-if [ -d tests/server ]; then
-  DS4_BIN="$PWD/target/debug/ds4" python3 -m pytest -q tests/server
-fi
+# The real `ds4 serve` driven by the official openai and anthropic SDKs (plus a scripted model
+# for tool calls, which random weights never produce).
+cargo build -p ds4-server --example scripted_serve
+DS4_BIN="$PWD/target/debug/ds4" python3 -m pytest -q tests/server
