@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ds4_kvstore::SavePolicy;
 use ds4_model::backend::Backend;
 use ds4_model::numerics::Numerics;
+use ds4_server::kv_disk::{KvDisk, KvDiskOptions};
 use ds4_server::model::{SessionRunner, TokenizerCodec};
 use ds4_server::trace::Trace;
 use ds4_server::{AppState, Engine, EngineOptions, ServerConfig};
@@ -61,6 +63,68 @@ pub struct ServeArgs {
     /// Seconds without output after which a stream gets a keep-alive comment.
     #[arg(long = "keepalive-secs", default_value_t = 5.0)]
     keepalive_secs: f64,
+    #[command(flatten)]
+    kv: KvDiskArgs,
+}
+
+/// The disk KV cache (ds4-spec.md §3): checkpoints of the session under `--kv-disk-dir`.
+#[derive(clap::Args, Debug)]
+pub struct KvDiskArgs {
+    /// Save and reuse KV checkpoints in this directory (off when not given).
+    #[arg(long = "kv-disk-dir")]
+    kv_disk_dir: Option<PathBuf>,
+    /// Disk budget of the directory in MiB (0: none); the least useful files are evicted.
+    #[arg(long = "kv-disk-space-mb", default_value_t = ds4_kvstore::store::DEFAULT_BUDGET_MB)]
+    kv_disk_space_mb: u64,
+    /// Checkpoints shorter than this are neither saved nor used.
+    #[arg(long = "kv-cache-min-tokens", default_value_t = 512)]
+    min_tokens: u32,
+    /// Cold saves only for prompts up to this many tokens (0: never).
+    #[arg(long = "kv-cache-cold-max-tokens", default_value_t = 30000)]
+    cold_max_tokens: u32,
+    /// Save the live session every this many tokens, rounded up to the alignment (0: never).
+    #[arg(long = "kv-cache-continued-interval-tokens", default_value_t = 10000)]
+    continued_interval_tokens: u32,
+    /// Tokens dropped from a prompt's tail before a cold save.
+    #[arg(long = "kv-cache-boundary-trim-tokens", default_value_t = 32)]
+    boundary_trim_tokens: u32,
+    /// Saved lengths are rounded down to a multiple of this.
+    #[arg(long = "kv-cache-boundary-align-tokens", default_value_t = 2048)]
+    boundary_align_tokens: u32,
+    /// Use only checkpoints written with the same routed-expert quantization.
+    #[arg(long = "kv-cache-reject-different-quant")]
+    reject_different_quant: bool,
+}
+
+impl KvDiskArgs {
+    fn options(&self, gguf: &ds4_gguf::reader::GgufFile) -> Option<KvDiskOptions> {
+        let dir = self.kv_disk_dir.clone()?;
+        Some(KvDiskOptions {
+            dir,
+            budget_bytes: self.kv_disk_space_mb.saturating_mul(1 << 20),
+            policy: SavePolicy {
+                min_tokens: self.min_tokens,
+                cold_max_tokens: self.cold_max_tokens,
+                continued_interval_tokens: self.continued_interval_tokens,
+                boundary_trim_tokens: self.boundary_trim_tokens,
+                boundary_align_tokens: self.boundary_align_tokens,
+            },
+            reject_different_quant: self.reject_different_quant,
+            quant_bits: routed_quant_bits(gguf),
+        })
+    }
+}
+
+/// The KVC header's quant bits: 2 when the routed experts are IQ2_XXS, else 4.
+fn routed_quant_bits(gguf: &ds4_gguf::reader::GgufFile) -> u8 {
+    let iq2 = gguf.tensors().iter().any(|t| {
+        t.name.ends_with("ffn_gate_exps.weight") && t.ty == ds4_gguf::types::GgmlType::IQ2XXS
+    });
+    if iq2 {
+        2
+    } else {
+        4
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -123,14 +187,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let engine = Engine::start(
+    let codec = Arc::new(TokenizerCodec(tokenizer));
+    // A cache directory that cannot be opened is reported and the server runs without it.
+    let kv_disk = args.kv.options(&gguf).and_then(|opts| {
+        let dir = opts.dir.clone();
+        match KvDisk::open(backend.config(), args.ctx, codec.as_ref(), opts) {
+            Ok(kv) => Some(kv),
+            Err(e) => {
+                eprintln!(
+                    "ds4 serve: kv cache disabled, cannot open {}: {e}",
+                    dir.display()
+                );
+                None
+            }
+        }
+    });
+    let engine = Engine::start_with_kv_disk(
         Box::new(SessionRunner::new(session, vocab)),
-        Arc::new(TokenizerCodec(tokenizer)),
+        codec,
         EngineOptions {
             model_name: MODEL_NAME.to_string(),
             trace,
             tool_memory_max_ids: args.tool_memory_max_ids,
         },
+        kv_disk,
     );
     let config = ServerConfig {
         body_limit: args.body_limit,
@@ -142,7 +222,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     let state = AppState {
-        engine,
+        engine: engine.clone(),
         config: Arc::new(config),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,6 +241,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.backend,
             args.ctx
         );
-        ds4_server::serve(listener, state).await.context("serving")
-    })
+        axum::serve(listener, ds4_server::router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")
+    })?;
+    // SIGINT/SIGTERM: the listener is closed; the worker finishes its job, saves the live
+    // session (*shutdown* checkpoint, with --kv-disk-dir) and stops.
+    eprintln!("ds4 serve: shutting down");
+    engine.shutdown();
+    Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                eprintln!("ds4 serve: cannot watch SIGTERM: {e}");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::generate::OutputStream;
 use crate::job::{CancelFlag, CancelOnDrop, EngineError, FinishReason, GenEvent, GenJob, Usage};
+use crate::kv_disk::KvDisk;
 use crate::runner::{ModelRunner, TextCodec};
 use crate::tool_memory::{RememberedCall, ToolMemory};
 use crate::trace::{Trace, TraceRecord};
@@ -24,6 +25,13 @@ use crate::trace::{Trace, TraceRecord};
 /// Prefill runs in chunks that end on absolute multiples of this many tokens, so a cancel
 /// is noticed between chunks and chunk boundaries do not depend on the cached prefix.
 const PREFILL_CHUNK: usize = 512;
+
+/// What the worker receives: a job, or (kv disk) the request to save and stop.
+enum WorkerMessage {
+    Job(Queued),
+    /// Clean shutdown: save the live session (*shutdown*), answer, and stop.
+    Shutdown(mpsc::Sender<()>),
+}
 
 /// A queued job with its reply channel.
 struct Queued {
@@ -58,7 +66,7 @@ impl EngineStatus {
 /// Handle to the worker; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    queue: mpsc::Sender<Queued>,
+    queue: mpsc::Sender<WorkerMessage>,
     codec: Arc<dyn TextCodec>,
     tool_memory: Arc<Mutex<ToolMemory>>,
     status: Arc<EngineStatus>,
@@ -80,7 +88,17 @@ impl Engine {
         codec: Arc<dyn TextCodec>,
         opts: EngineOptions,
     ) -> Engine {
-        let (tx, rx) = mpsc::channel::<Queued>();
+        Engine::start_with_kv_disk(runner, codec, opts, None)
+    }
+
+    /// [`Engine::start`] with the disk KV cache (`--kv-disk-dir`), which the worker owns.
+    pub fn start_with_kv_disk(
+        runner: Box<dyn ModelRunner>,
+        codec: Arc<dyn TextCodec>,
+        opts: EngineOptions,
+        kv_disk: Option<KvDisk>,
+    ) -> Engine {
+        let (tx, rx) = mpsc::channel::<WorkerMessage>();
         let status = Arc::new(EngineStatus::default());
         let tool_memory = Arc::new(Mutex::new(ToolMemory::new(opts.tool_memory_max_ids)));
         let ctx = runner.ctx();
@@ -93,6 +111,7 @@ impl Engine {
             tool_memory: tool_memory.clone(),
             trace: opts.trace,
             status: status.clone(),
+            kv_disk,
         };
         std::thread::Builder::new()
             .name("ds4-engine".into())
@@ -118,11 +137,23 @@ impl Engine {
             events,
             cancel: cancel.clone(),
         };
-        if let Err(mpsc::SendError(q)) = self.queue.send(queued) {
+        if let Err(mpsc::SendError(WorkerMessage::Job(q))) =
+            self.queue.send(WorkerMessage::Job(queued))
+        {
             self.status.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = q.events.send(GenEvent::Failed(EngineError::Shutdown));
         }
         (rx, CancelOnDrop(cancel))
+    }
+
+    /// Clean shutdown: the worker finishes the running job, saves the live session to the
+    /// disk KV cache (when one is configured and the session is worth it) and stops; later
+    /// jobs fail with [`EngineError::Shutdown`]. Blocks until the worker is done.
+    pub fn shutdown(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.queue.send(WorkerMessage::Shutdown(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 
     pub fn codec(&self) -> &Arc<dyn TextCodec> {
@@ -155,6 +186,8 @@ struct Worker {
     tool_memory: Arc<Mutex<ToolMemory>>,
     trace: Option<Trace>,
     status: Arc<EngineStatus>,
+    /// `--kv-disk-dir`: checkpoints on disk (see [`crate::kv_disk`]).
+    kv_disk: Option<KvDisk>,
 }
 
 /// How a job's prompt maps onto the live session.
@@ -163,11 +196,21 @@ struct Plan {
     cached: usize,
     /// Tokens still to prefill.
     suffix: Vec<u32>,
+    /// kv disk: the prompt missed memory and disk, so a cold checkpoint may be saved.
+    total_miss: bool,
 }
 
 impl Worker {
-    fn run(&mut self, rx: mpsc::Receiver<Queued>) {
-        while let Ok(q) = rx.recv() {
+    fn run(&mut self, rx: mpsc::Receiver<WorkerMessage>) {
+        while let Ok(msg) = rx.recv() {
+            let q = match msg {
+                WorkerMessage::Job(q) => q,
+                WorkerMessage::Shutdown(done) => {
+                    self.save_at_shutdown();
+                    let _ = done.send(());
+                    return;
+                }
+            };
             self.status.queued.fetch_sub(1, Ordering::AcqRel);
             if q.cancel.is_cancelled() || q.events.is_closed() {
                 self.status.completed.fetch_add(1, Ordering::AcqRel);
@@ -196,6 +239,53 @@ impl Worker {
         self.live_bytes.clear();
         self.last_logits = None;
         self.visible_key = None;
+        if let Some(kv) = &mut self.kv_disk {
+            kv.forget_live();
+        }
+    }
+
+    /// kv disk hook (*shutdown* save).
+    fn save_at_shutdown(&mut self) {
+        if let Some(kv) = &mut self.kv_disk {
+            kv.save_at_shutdown(self.runner.as_ref(), &self.live_bytes, &self.tool_memory);
+        }
+    }
+
+    /// kv disk hook, after every live-session path missed: save the live session (*evict*),
+    /// then restore the longest cached prefix of the prompt from disk. Returns the plan that
+    /// prefills only the rest of the prompt, or `None` (session reset) on a disk miss.
+    fn plan_from_disk(&mut self, job: &GenJob) -> Option<Plan> {
+        let kv = self.kv_disk.as_mut()?;
+        kv.save_before_replace(self.runner.as_ref(), &self.live_bytes, &self.tool_memory);
+        self.runner.reset();
+        self.live_bytes.clear();
+        self.last_logits = None;
+        self.visible_key = None;
+        kv.forget_live();
+        let restored =
+            kv.restore_longest_prefix(self.runner.as_mut(), &job.prompt_text, &self.tool_memory)?;
+        let suffix = self.codec.encode(&job.prompt_text[restored.text_len..]);
+        self.live_bytes = restored.text;
+        if suffix.is_empty() {
+            self.last_logits = Some(restored.logits);
+        }
+        Some(Plan {
+            cached: restored.tokens,
+            suffix,
+            total_miss: false,
+        })
+    }
+
+    /// kv disk hook: saves a checkpoint of the live session now, for `reason`.
+    fn save_checkpoint(&mut self, reason: ds4_kvstore::SaveReason) {
+        if let Some(kv) = &mut self.kv_disk {
+            kv.save_live(
+                self.runner.as_ref(),
+                &self.live_bytes,
+                reason,
+                &self.tool_memory,
+            );
+        }
     }
 
     /// Chooses the reuse path (ds4's order): exact token prefix, then the thinking-visible key,
@@ -210,6 +300,7 @@ impl Worker {
                     return Plan {
                         cached: live_len,
                         suffix,
+                        total_miss: false,
                     };
                 }
             }
@@ -224,6 +315,7 @@ impl Worker {
                     return Plan {
                         cached: live_len,
                         suffix,
+                        total_miss: false,
                     };
                 }
             }
@@ -237,14 +329,19 @@ impl Worker {
                     return Plan {
                         cached: live_len,
                         suffix,
+                        total_miss: false,
                     };
                 }
             }
+        }
+        if let Some(plan) = self.plan_from_disk(job) {
+            return plan;
         }
         self.reset();
         Plan {
             cached: 0,
             suffix: job.prompt_tokens.clone(),
+            total_miss: true,
         }
     }
 
@@ -294,12 +391,26 @@ impl Worker {
         self.last_logits = None;
         let mut pos = plan.cached;
         let mut rest = plan.suffix.as_slice();
+        // kv disk hook: the prefill stops where a cold or continued checkpoint is due.
+        let cold_len = match &self.kv_disk {
+            Some(kv) if plan.total_miss => kv.cold_save_len(&job.prompt_tokens),
+            _ => None,
+        };
+        let save_stops = match &self.kv_disk {
+            Some(kv) => kv.prefill_stops(pos, prompt_len, cold_len),
+            None => Vec::new(),
+        };
         while !rest.is_empty() {
             if cancelled() {
                 self.log_cancel(&job, "prefill");
                 return;
             }
             let chunk_end = ((pos / PREFILL_CHUNK) + 1) * PREFILL_CHUNK;
+            let chunk_end = save_stops
+                .iter()
+                .copied()
+                .find(|&s| s > pos)
+                .map_or(chunk_end, |s| s.min(chunk_end));
             let n = (chunk_end - pos).min(rest.len());
             match self.eval(&rest[..n]) {
                 Ok(l) => logits = Some(l),
@@ -311,6 +422,14 @@ impl Worker {
             }
             pos += n;
             rest = &rest[n..];
+            if save_stops.contains(&pos) {
+                let reason = if Some(pos) == cold_len {
+                    ds4_kvstore::SaveReason::Cold
+                } else {
+                    ds4_kvstore::SaveReason::Continued
+                };
+                self.save_checkpoint(reason);
+            }
         }
         let Some(mut logits) = logits else {
             // Unreachable by `plan`'s construction; recover by a cold start next time.
@@ -413,6 +532,15 @@ impl Worker {
                     send(GenEvent::Failed(e));
                     return;
                 }
+            }
+            // kv disk hook: *continued* checkpoints, never inside a tool call.
+            let in_tool_call = forcing.as_ref().is_some_and(|f| f.state().in_tool_call());
+            let due = self
+                .kv_disk
+                .as_ref()
+                .is_some_and(|kv| kv.continued_due(self.runner.tokens().len()));
+            if due && !in_tool_call {
+                self.save_checkpoint(ds4_kvstore::SaveReason::Continued);
             }
         };
         let (tail, summary) = out.finish(ended);

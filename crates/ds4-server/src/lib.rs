@@ -12,6 +12,7 @@ pub mod engine;
 pub mod generate;
 pub mod ids;
 pub mod job;
+pub mod kv_disk;
 pub mod model;
 pub mod runner;
 pub mod server;

@@ -36,6 +36,13 @@ impl ModelRunner for SessionRunner {
     fn reset(&mut self) {
         self.session.reset();
     }
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        Some(self.session.snapshot())
+    }
+    fn restore(&mut self, payload: &[u8]) -> Result<Vec<f32>, String> {
+        self.session.restore(payload).map_err(|e| e.to_string())?;
+        Ok(self.session.last_logits().to_vec())
+    }
 }
 
 /// DeepSeek's tokenizer as the engine's codec.

@@ -15,6 +15,16 @@ pub trait ModelRunner: Send {
     fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
     /// Drops all live state.
     fn reset(&mut self);
+    /// The live state in ds4's session payload layout, for the disk KV cache (`None`: this
+    /// runner cannot be saved).
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Replaces the live state with a payload from [`ModelRunner::snapshot`] and returns the
+    /// logits after its last token. On error the state is unspecified; the caller resets.
+    fn restore(&mut self, _payload: &[u8]) -> Result<Vec<f32>, String> {
+        Err("this model runner cannot restore a saved session".into())
+    }
 }
 
 /// Text ↔ token ids.

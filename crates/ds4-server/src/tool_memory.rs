@@ -52,6 +52,11 @@ impl ToolMemory {
         self.blocks.get(id)
     }
 
+    /// Every remembered id and call (kv_disk: the tool map saved with a checkpoint).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &RememberedCall)> {
+        self.blocks.iter().map(|(id, call)| (id.as_str(), call))
+    }
+
     pub fn len(&self) -> usize {
         self.blocks.len()
     }
