@@ -373,7 +373,7 @@ fn one_shot(
     // The reply is reasoning when the prompt opened a think block (also for a prompt given
     // already rendered).
     let thinking = tokens.last() == Some(&tokenizer.specials().think_start);
-    let mut printer = TokenPrinter::new(tokenizer, thinking);
+    let mut printer = TokenPrinter::console(tokenizer, thinking);
     let out = generate(
         session.as_mut(),
         tokenizer.specials().eos,

@@ -181,7 +181,7 @@ impl Chat<'_> {
             eprintln!("ds4: [interrupted]");
             return Ok(());
         }
-        let mut printer = TokenPrinter::new(tokenizer, think.thinking());
+        let mut printer = TokenPrinter::console(tokenizer, think.thinking());
         let transcript = &mut self.transcript;
         let result = generate(
             self.session.as_mut(),
