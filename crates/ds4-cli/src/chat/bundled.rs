@@ -2,7 +2,7 @@
 //! scripts/make_bundled_model.sh): the vocab_real fixture with DeepSeek V4's real tokenizer
 //! and random weights. It is written once to a cache file so the normal mmap loader opens it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use sha1::{Digest, Sha1};
@@ -30,16 +30,20 @@ fn cache_dir() -> PathBuf {
 /// never share a file; it is written to a temporary name and renamed, so a concurrent reader
 /// never sees a partial file.
 pub fn materialize() -> anyhow::Result<PathBuf> {
+    materialize_in(&cache_dir())
+}
+
+/// [`materialize`] into `dir`.
+fn materialize_in(dir: &Path) -> anyhow::Result<PathBuf> {
     let digest = Sha1::digest(TINY_MODEL);
     let tag: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-    let dir = cache_dir();
     let path = dir.join(format!("tiny-test-model-{tag}.gguf"));
     if let Ok(existing) = std::fs::read(&path) {
         if existing == TINY_MODEL {
             return Ok(path);
         }
     }
-    std::fs::create_dir_all(&dir)
+    std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the cache directory {}", dir.display()))?;
     let tmp = dir.join(format!(
         "tiny-test-model-{tag}.gguf.tmp{}",
@@ -59,6 +63,37 @@ pub fn materialize() -> anyhow::Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_copy_is_written_once_and_repaired() {
+        let dir = std::env::temp_dir().join(format!("ds4-bundled-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = materialize_in(&dir).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), TINY_MODEL);
+        assert_eq!(materialize_in(&dir).unwrap(), path);
+        // A damaged copy (a truncated write, a changed byte) is replaced.
+        std::fs::write(&path, &TINY_MODEL[..1000]).unwrap();
+        assert_eq!(materialize_in(&dir).unwrap(), path);
+        assert_eq!(std::fs::read(&path).unwrap(), TINY_MODEL);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unusable_cache_directory_is_named() {
+        // A path below a regular file can never be a directory.
+        let file = std::env::temp_dir().join(format!("ds4-bundled-file-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let err = materialize_in(&file.join("cache")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&file.display().to_string()),
+            "{err:#}"
+        );
+        std::fs::remove_file(&file).unwrap();
+    }
+
     #[test]
     fn bundled_model_is_a_gguf_under_12_mib() {
         assert_eq!(&super::TINY_MODEL[..4], b"GGUF");
