@@ -13,6 +13,7 @@ mod printer;
 mod repl;
 mod transcript;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -292,6 +293,9 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         ),
         (None, None) => None,
     };
+    if prompt.is_none() && (args.dump_tokens || args.dump_logprobs.is_some()) {
+        bail!("--dump-tokens and --dump-logprobs need a prompt (-p or --prompt-file)");
+    }
     let source = resolve_model(args.model.as_deref())?;
     if source.bundled {
         eprintln!("{}", bundled::NOTICE);
@@ -300,12 +304,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let interrupt = Interrupt::install()?;
     match prompt {
         Some(prompt) => one_shot(&args, &settings, &model, &prompt, &interrupt),
-        None => {
-            if args.dump_tokens || args.dump_logprobs.is_some() {
-                bail!("--dump-tokens and --dump-logprobs need a prompt (-p or --prompt-file)");
-            }
-            repl::run(&model, settings, &interrupt)
-        }
+        None => repl::run(&model, settings, &interrupt),
     }
 }
 
@@ -333,7 +332,7 @@ fn one_shot(
     let tokenizer = &model.tokenizer;
     let tokens = one_shot_tokens(tokenizer, settings, prompt);
     if args.dump_tokens {
-        print_tokens(tokenizer, &tokens);
+        print_tokens(tokenizer, &tokens)?;
         eprintln!("ds4: {} prompt tokens", tokens.len());
         return Ok(());
     }
@@ -391,9 +390,17 @@ fn one_shot(
 }
 
 /// `--dump-tokens`: one line per prompt token: position, id and its text as a JSON string.
-fn print_tokens(tokenizer: &Tokenizer, tokens: &[u32]) {
-    for (i, &id) in tokens.iter().enumerate() {
-        let text = logprobs::token_text(tokenizer, id);
-        println!("{i}\t{id}\t{}", serde_json::Value::String(text));
+/// A closed stdout (`| head`) ends the listing quietly.
+fn print_tokens(tokenizer: &Tokenizer, tokens: &[u32]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let written = tokens.iter().enumerate().try_for_each(|(i, &id)| {
+        let text = serde_json::Value::String(logprobs::token_text(tokenizer, id));
+        writeln!(out, "{i}\t{id}\t{text}")
+    });
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing the tokens to stdout"))
+        }
+        _ => Ok(()),
     }
 }

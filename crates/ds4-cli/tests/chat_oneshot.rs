@@ -306,3 +306,11 @@ fn a_closed_stdout_stops_generation() {
     assert!(out.status.success(), "{err}");
     assert!(generated_count(&err) < 5000, "{err}");
 }
+
+#[test]
+fn dump_flags_need_a_prompt() {
+    let dir = scratch("dump-no-prompt");
+    let out = ds4(&dir, &["--dump-tokens"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("need a prompt"), "{}", stderr(&out));
+}
