@@ -8,6 +8,7 @@ mod bench;
 mod chat;
 mod convert;
 mod inspect;
+mod kv_session;
 mod logits;
 mod serve;
 mod synth;

@@ -110,20 +110,8 @@ impl KvDiskArgs {
                 boundary_align_tokens: self.boundary_align_tokens,
             },
             reject_different_quant: self.reject_different_quant,
-            quant_bits: routed_quant_bits(gguf),
+            quant_bits: crate::kv_session::routed_quant_bits(gguf),
         })
-    }
-}
-
-/// The KVC header's quant bits: 2 when the routed experts are IQ2_XXS, else 4.
-fn routed_quant_bits(gguf: &ds4_gguf::reader::GgufFile) -> u8 {
-    let iq2 = gguf.tensors().iter().any(|t| {
-        t.name.ends_with("ffn_gate_exps.weight") && t.ty == ds4_gguf::types::GgmlType::IQ2XXS
-    });
-    if iq2 {
-        2
-    } else {
-        4
     }
 }
 

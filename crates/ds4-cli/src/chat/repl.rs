@@ -27,6 +27,8 @@ Commands:
   /nothink       answer without thinking
   /ctx N         use a context of N tokens (the conversation is re-processed)
   /read FILE     send the contents of FILE as your message
+  /save FILE     save the conversation and its KV state (a ds4 .kv file)
+  /load FILE     resume a conversation saved with /save
   /quit, /exit   leave (also Ctrl+D, or Ctrl+C at the prompt)
 Ctrl+C while the model is answering stops the answer.";
 
@@ -40,6 +42,10 @@ pub enum Input {
     Think(ThinkMode),
     Ctx(usize),
     Read(PathBuf),
+    /// kv_session: save the conversation to a .kv file.
+    Save(PathBuf),
+    /// kv_session: resume a conversation from a .kv file.
+    Load(PathBuf),
     Quit,
 }
 
@@ -73,6 +79,9 @@ pub fn parse_input(line: &str) -> Result<Input, String> {
         },
         "read" if !arg.is_empty() => Ok(Input::Read(PathBuf::from(arg))),
         "read" => Err("/read needs a file name".to_string()),
+        "save" if !arg.is_empty() => Ok(Input::Save(PathBuf::from(arg))),
+        "load" if !arg.is_empty() => Ok(Input::Load(PathBuf::from(arg))),
+        "save" | "load" => Err(format!("/{name} needs a file name")),
         _ => Err(format!("unknown command /{name} (/help lists them)")),
     }
 }
@@ -222,6 +231,42 @@ impl Chat<'_> {
     }
 }
 
+/// `/save` and `/load` (the file format lives in [`crate::kv_session`]).
+impl Chat<'_> {
+    fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let bits = crate::kv_session::quant_bits_of(&self.model.path)?;
+        let bytes = crate::kv_session::save_session(
+            path,
+            self.session.as_ref(),
+            self.transcript.tokens(),
+            &self.model.tokenizer,
+            bits,
+        )?;
+        eprintln!(
+            "ds4: saved {} tokens to {} ({bytes} bytes)",
+            self.session.tokens().len(),
+            path.display()
+        );
+        Ok(())
+    }
+
+    fn load(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let tokens = crate::kv_session::load_session(
+            path,
+            self.session.as_mut(),
+            self.model.backend.config(),
+            &self.model.tokenizer,
+        )?;
+        self.transcript = Transcript::from_tokens(&self.model.tokenizer, tokens);
+        eprintln!(
+            "ds4: resumed {} tokens from {} (the next message continues it)",
+            self.session.tokens().len(),
+            path.display()
+        );
+        Ok(())
+    }
+}
+
 fn think_name(mode: ThinkMode) -> &'static str {
     match mode {
         ThinkMode::Off => "off",
@@ -317,6 +362,8 @@ pub fn run(
                 }
             },
             Ok(Input::Message(text)) => chat.turn(&text),
+            Ok(Input::Save(path)) => chat.save(&path),
+            Ok(Input::Load(path)) => chat.load(&path),
         };
         // A failed turn is reported and the chat goes on.
         if let Err(e) = outcome {

@@ -33,6 +33,22 @@ impl Transcript {
         t
     }
 
+    /// A transcript resumed from saved tokens (`/load`), which start with BOS; a Think Max
+    /// preamble right after it is recognised so a later mode change can remove it.
+    pub fn from_tokens(tokenizer: &Tokenizer, tokens: Vec<u32>) -> Transcript {
+        let preamble = tokenizer.encode(THINK_MAX_PREFIX);
+        let preamble_len = if tokens.len() > preamble.len() && tokens[1..].starts_with(&preamble) {
+            preamble.len()
+        } else {
+            0
+        };
+        Transcript {
+            tokens,
+            preamble_at: 1,
+            preamble_len,
+        }
+    }
+
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
