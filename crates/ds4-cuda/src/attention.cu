@@ -171,3 +171,72 @@ extern "C" __global__ void group_merge(u64 zg_, u64 z_, i64 n_tok, i64 G, i64 dg
         ((float*)z_)[t * G * dg + g * dg + c] = ((const float*)zg_)[idx];
     }
 }
+
+// The first (serial-softmax) version of attend, kept selectable (DS4_CUDA_KERNELS=v1) to
+// cross-check the parallel one on a GPU.
+// Attention of one (token, head) per CTA over its window rows (positions
+// max(0, pos+1-window)..=pos: earlier ones from the ring, the span's own from kv) and its
+// compressed rows (kind 1 = HCA: rows 0..(pos+1)/ratio; kind 2 = CSA: the indexer's
+// selection; kind 0: none), with the head's sink logit; then the inverse RoPE of the output
+// tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats.
+extern "C" __global__ void attend_v1(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
+                                  i64 H, i64 hd, i64 pos0, i64 window, i64 ring_cap, i64 kind, i64 ratio,
+                                  i64 sel_stride, double scale_d, u64 inv_freq_, i64 r) {
+    extern __shared__ float sh[];
+    float* qs = sh;
+    float* os = sh + hd;
+    float* sc = sh + 2 * hd;
+    __shared__ float denom_s;
+    const i64 t = blockIdx.x / H, h = blockIdx.x % H;
+    const i64 pos = pos0 + t;
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nr = nw + nc;
+    const float* kv = (const float*)kv_;
+    const float* ring = (const float*)ring_;
+    const float* comp = (const float*)comp_;
+    const int* sel = (const int*)sel_ + t * sel_stride;
+    const float* q = (const float*)q_ + (t * H + h) * hd;
+    for (i64 c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[c];
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const float scale = (float)scale_d;
+#define ROW_PTR(j)                                                                                        \
+    ((j) < nw ? ((first + (j)) >= pos0 ? kv + (first + (j) - pos0) * hd : ring + ((first + (j)) % ring_cap) * hd) \
+              : comp + (kind == 1 ? (j) - nw : (i64)sel[(j) - nw]) * hd)
+    for (i64 j = warp; j < nr; j += nwarps) {
+        const float* k = ROW_PTR(j);
+        float s = 0.f;
+        for (i64 c = lane; c < hd; c += 32) s += qs[c] * k[c];
+        s = warp_sum(s);
+        if (lane == 0) sc[j] = s * scale;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const float sink = ((const float*)sinks_)[h];
+        float mx = sink;
+        for (i64 j = 0; j < nr; j++) mx = fmaxf(mx, sc[j]);
+        float den = expf(sink - mx);
+        for (i64 j = 0; j < nr; j++) {
+            const float e = expf(sc[j] - mx);
+            sc[j] = e;
+            den += e;
+        }
+        denom_s = den;
+    }
+    __syncthreads();
+    const float den = denom_s;
+    for (i64 c = threadIdx.x; c < hd; c += blockDim.x) {
+        float acc = 0.f;
+        for (i64 j = 0; j < nr; j++) acc += (sc[j] / den) * ROW_PTR(j)[c];
+        os[c] = acc;
+    }
+#undef ROW_PTR
+    __syncthreads();
+    for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(os, hd, r, l, pos, (const double*)inv_freq_, true);
+    __syncthreads();
+    float* out = (float*)out_ + (t * H + h) * hd;
+    for (i64 c = threadIdx.x; c < hd; c += blockDim.x) out[c] = os[c];
+}
+

@@ -103,3 +103,79 @@ extern "C" __global__ void moe_combine(u64 down_, u64 ids_, u64 wts_, u64 shared
         ((float*)y_)[idx] = ((const float*)shared_)[idx] + acc;
     }
 }
+
+// The first (thread-per-token) router, kept selectable (DS4_CUDA_KERNELS=v1).
+// One thread per token. logits (n_tok x E) are turned into scores sqrt(softplus) in place;
+// ids/wts (n_tok x k) receive the experts (top-k of score + bias, lowest index on ties, or the
+// token's tid2eid row) and their weights: score / (sum, floored at 2^-14 in ds4 numerics,
+// + 1e-20 in reference numerics) * routed_scale.
+extern "C" __global__ void route_v1(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E,
+                                 i64 k, double routed_scale, i64 ds4) {
+    const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n_tok) return;
+    float* s = (float*)logits_ + t * E;
+    for (i64 e = 0; e < E; e++) {
+        const float x = s[e];
+        const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
+        s[e] = sqrtf(sp);
+    }
+    int* ids = (int*)ids_ + t * k;
+    if (tid2eid_) {
+        const int tok = ((const int*)tokens_)[t];
+        for (i64 j = 0; j < k; j++) ids[j] = ((const int*)tid2eid_)[(i64)tok * k + j];
+    } else {
+        const float* bias = (const float*)bias_;
+        for (i64 j = 0; j < k; j++) {
+            int best = -1;
+            float bv = 0.f;
+            for (i64 e = 0; e < E; e++) {
+                bool taken = false;
+                for (i64 p = 0; p < j; p++) taken |= ids[p] == e;
+                if (taken) continue;
+                const float v = topk_key(bias ? s[e] + bias[e] : s[e]);
+                if (best < 0 || v > bv) {
+                    best = (int)e;
+                    bv = v;
+                }
+            }
+            ids[j] = best;
+        }
+    }
+    float sum = 0.f;
+    for (i64 j = 0; j < k; j++) sum += s[ids[j]];
+    const float denom = ds4 ? fmaxf(sum, 6.1035e-5f) : sum + 1e-20f;
+    float* wts = (float*)wts_ + t * k;
+    for (i64 j = 0; j < k; j++) wts[j] = s[ids[j]] / denom * (float)routed_scale;
+}
+
+
+// y = W x for F32/F16 weights (plain or an expert stack with device-side ids), one warp per
+// (row, slot), vectors in groups of 8 so each weight row is read once per 8 vectors. Slot s
+// uses matrix ids[s] (ids null: matrix 0) and, with x_per_slot, its own n_vecs input vectors.
+extern "C" __global__ void gemv_plain_fwd(u64 w_, i64 f16, i64 row_bytes, i64 expert_stride, u64 ids_, u64 x_,
+                                          i64 x_per_slot, u64 y_, i64 rows, i64 cols, i64 n_vecs) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // uniform per warp
+    const int lane = threadIdx.x & 31;
+    const i64 slot = blockIdx.y;
+    const i64 e = ids_ ? (i64)((const int*)ids_)[slot] : 0;
+    const u8* wrow = (const u8*)w_ + e * expert_stride + row * row_bytes;
+    const float* x = (const float*)x_ + (x_per_slot ? slot * n_vecs * cols : 0);
+    float* y = (float*)y_;
+    for (i64 v0 = 0; v0 < n_vecs; v0 += 8) {
+        float acc[8];
+#pragma unroll
+        for (int v = 0; v < 8; v++) acc[v] = 0.f;
+        for (i64 c = lane; c < cols; c += 32) {
+            const float w = f16 ? f16_to_f32(((const u16*)wrow)[c]) : ((const float*)wrow)[c];
+#pragma unroll
+            for (int v = 0; v < 8; v++)
+                if (v0 + v < n_vecs) acc[v] += w * x[(v0 + v) * cols + c];
+        }
+#pragma unroll
+        for (int v = 0; v < 8; v++) {
+            const float s = warp_sum(acc[v]);
+            if (lane == 0 && v0 + v < n_vecs) y[(slot * n_vecs + v0 + v) * rows + row] = s;
+        }
+    }
+}
