@@ -40,6 +40,10 @@ impl Server {
     /// Starts `ds4 serve` on a free port with the cache in `kv_dir` and small knobs (min 16
     /// tokens, alignment 16) so the tiny prompts here are worth saving.
     fn start(work: &Path, kv_dir: &Path) -> Server {
+        Server::start_with(work, kv_dir, &[])
+    }
+
+    fn start_with(work: &Path, kv_dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ds4"))
             .arg("serve")
             .arg("-m")
@@ -52,6 +56,7 @@ impl Server {
             .args(["--kv-cache-boundary-align-tokens", "16"])
             .arg("--trace")
             .arg(work.join("trace.txt"))
+            .args(extra)
             .current_dir(work)
             .env("HOME", work)
             .env("RUST_LOG", "info")
@@ -435,4 +440,37 @@ fn a_full_disk_leaves_the_server_serving() {
         let name = de.file_name().to_string_lossy().into_owned();
         assert!(!name.contains(".tmp."), "left over: {name}");
     }
+}
+
+#[test]
+fn continued_checkpoints_split_a_long_prefill() {
+    let work = scratch("continued");
+    let kv_dir = work.join("kv");
+    // Every 32 tokens (the interval rounded up to the 16-token alignment).
+    let server = Server::start_with(
+        &work,
+        &kv_dir,
+        &["--kv-cache-continued-interval-tokens", "20"],
+    );
+    let r = server.post("/v1/chat/completions", &first_chat_request());
+    let prompt = r["usage"]["prompt_tokens"].as_u64().unwrap() as u32;
+    let log = server.terminate();
+    let mut saved: Vec<(SaveReason, u32)> = kv_files(&kv_dir)
+        .into_iter()
+        .map(|(_, f)| (f.header.reason, f.header.tokens))
+        .collect();
+    saved.sort_by_key(|&(_, t)| t);
+    let continued: Vec<u32> = saved
+        .iter()
+        .filter(|(r, _)| *r == SaveReason::Continued)
+        .map(|&(_, t)| t)
+        .collect();
+    let expected: Vec<u32> = (1..=prompt / 32).map(|k| k * 32).collect();
+    assert!(!expected.is_empty(), "prompt of {prompt} tokens");
+    assert_eq!(continued, expected, "{log}");
+    assert_eq!(
+        saved.iter().filter(|(r, _)| *r == SaveReason::Cold).count(),
+        1,
+        "{log}"
+    );
 }
