@@ -241,8 +241,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves at the first SIGINT or SIGTERM.
+/// Resolves at the first SIGINT or SIGTERM, after which the open requests finish; a second
+/// signal exits at once (without the shutdown checkpoint).
 async fn shutdown_signal() {
+    termination().await;
+    eprintln!("ds4 serve: stopping after the open requests (signal again to exit now)");
+    tokio::spawn(async {
+        termination().await;
+        eprintln!("ds4 serve: exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// The next SIGINT or SIGTERM.
+async fn termination() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
