@@ -269,8 +269,20 @@ impl KvDisk {
 }
 
 /// Tool ids and blocks of the memory whose block occurs in `text` (the store keeps only those
-/// too; filtering here keeps the request small).
+/// too; filtering here keeps the request small). Every block holds the DSML marker, so only
+/// the marker's places in the text are tried: linear in the text and the memory, not their
+/// product.
 fn tool_map_for(tools: &Mutex<ToolMemory>, text: &[u8]) -> Vec<ToolMapEntry> {
+    let mark = ds4_text::tokenizer::DSML.as_bytes();
+    let marks: Vec<usize> = text
+        .windows(mark.len())
+        .enumerate()
+        .filter(|(_, w)| *w == mark)
+        .map(|(i, _)| i)
+        .collect();
+    if marks.is_empty() {
+        return Vec::new();
+    }
     let memory = match tools.lock() {
         Ok(m) => m,
         Err(p) => p.into_inner(),
@@ -278,8 +290,13 @@ fn tool_map_for(tools: &Mutex<ToolMemory>, text: &[u8]) -> Vec<ToolMapEntry> {
     memory
         .iter()
         .filter(|(_, call)| {
-            let b = call.raw_dsml.as_bytes();
-            !b.is_empty() && text.windows(b.len()).any(|w| w == b)
+            let block = call.raw_dsml.as_bytes();
+            let Some(offset) = block.windows(mark.len()).position(|w| w == mark) else {
+                return false;
+            };
+            marks
+                .iter()
+                .any(|&q| q >= offset && text[q - offset..].starts_with(block))
         })
         .map(|(id, call)| ToolMapEntry {
             id: id.to_string(),
