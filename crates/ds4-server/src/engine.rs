@@ -5,7 +5,10 @@
 //!
 //! Prefix reuse: a job whose prompt extends the live session (by tokens, or by rendered bytes
 //! when the text starts with the live tokens' text, or by the thinking-visible key after a
-//! thinking turn) prefills only the new suffix.
+//! thinking turn) prefills only the new suffix. With a disk KV cache ([`crate::kv_disk`]), a
+//! job no live path can reuse saves the live session, restores the longest checkpoint that
+//! prefixes its prompt and prefills the rest; prefill and decode stop for cold and continued
+//! checkpoints, and [`Engine::shutdown`] saves the live session before the worker stops.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
