@@ -18,8 +18,6 @@ use ds4_model::cpu::CpuBackend;
 use ds4_model::numerics::Numerics;
 use ds4_text::tokenizer::Tokenizer;
 
-const DEFAULT_MODEL: &str = "ds4flash.gguf";
-
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Model GGUF (default: ./ds4flash.gguf).
@@ -95,11 +93,7 @@ fn load_backend(
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let kind: BackendKind = args.backend.parse()?;
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
-        None => bail!("no model: pass -m MODEL.gguf (./{DEFAULT_MODEL} does not exist)"),
-    };
+    let model = crate::chat::resolve_model_path(args.model.as_deref())?;
     let step = match args.step_mul {
         Some(f) => Step::Mul(f),
         None => Step::Incr(args.step_incr),

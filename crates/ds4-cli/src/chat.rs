@@ -190,6 +190,16 @@ pub(crate) fn resolve_model(arg: Option<&Path>) -> anyhow::Result<ModelSource> {
     })
 }
 
+/// [`resolve_model`] for the commands other than chat: the path to open, with the bundled
+/// model's notice printed on stderr when it is the one chosen.
+pub(crate) fn resolve_model_path(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let source = resolve_model(arg)?;
+    if source.bundled {
+        eprintln!("{}", bundled::NOTICE);
+    }
+    Ok(source.path)
+}
+
 /// The one-line error for a `-m` path that does not exist: how to get the real model.
 fn missing_model_message(path: &Path) -> String {
     format!(

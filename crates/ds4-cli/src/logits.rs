@@ -44,11 +44,7 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None if Path::new("ds4flash.gguf").exists() => PathBuf::from("ds4flash.gguf"),
-        None => bail!("no model: pass -m MODEL.gguf (./ds4flash.gguf does not exist)"),
-    };
+    let model = crate::chat::resolve_model_path(args.model.as_deref())?;
     let tokens = match (&args.tokens, &args.tokens_file) {
         (Some(list), _) => parse_token_text(list).context("--tokens")?,
         (None, Some(path)) => read_tokens_file(path)?,

@@ -1,7 +1,7 @@
 //! `ds4 serve`: the OpenAI/Anthropic-compatible HTTP server (crates/ds4-server) over one
 //! model session. Flags follow ds4's (ds4-spec.md §5).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ use ds4_server::trace::Trace;
 use ds4_server::{AppState, Engine, EngineOptions, ServerConfig};
 use ds4_text::tokenizer::Tokenizer;
 
-const DEFAULT_MODEL: &str = "ds4flash.gguf";
 /// The name the APIs report (ds4's).
 const MODEL_NAME: &str = "deepseek-v4-flash";
 
@@ -130,11 +129,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.keepalive_secs > 0.0 && args.keepalive_secs.is_finite()) {
         bail!("--keepalive-secs must be a positive number");
     }
-    let model_path = match &args.model {
-        Some(p) => p.clone(),
-        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
-        None => bail!("no model: pass -m MODEL.gguf (./{DEFAULT_MODEL} not found)"),
-    };
+    let model_path = crate::chat::resolve_model_path(args.model.as_deref())?;
     let gguf = Arc::new(
         ds4_gguf::reader::GgufFile::open(&model_path)
             .with_context(|| format!("opening {}", model_path.display()))?,
