@@ -79,7 +79,7 @@ fn upload_progress() -> impl FnMut(usize, usize) {
     let mut last_step = usize::MAX;
     move |done, total| {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if live {
             eprint!(
                 "\rds4: uploading weights to the GPU: {:.2} / {:.2} GiB ({pct}%)",
