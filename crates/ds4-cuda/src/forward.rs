@@ -14,7 +14,7 @@ use ds4_model::numerics::Numerics;
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, DriverContext, Result};
 use crate::fwd_kernels::{grid_1d, kargs, per_item};
-use crate::gemv::{ActQuant, Activations, DeviceMatrix, QuantizedActivations, WeightFormat};
+use crate::gemv::{ActQuant, Activations, QuantizedActivations};
 use crate::model::{CudaModel, DevHc, Mat};
 use crate::session::GpuLayerState;
 
@@ -208,12 +208,6 @@ impl Scratch {
     }
 }
 
-/// `DS4_CUDA_KERNELS=v1` selects the first, serial versions of the attention softmax and the
-/// router (a cross-check of the parallel ones).
-fn kernels_v1() -> bool {
-    std::env::var("DS4_CUDA_KERNELS").is_ok_and(|v| v == "v1")
-}
-
 /// Copies `n` f32 from `src` (element `so`) to `dst` (element `do_`) on the stream.
 fn copy_f32(
     m: &CudaModel,
@@ -279,76 +273,14 @@ fn mm(
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let dm = m.matrix(w)?;
-    if is_plain(w) {
-        return plain_gemv(m, &dm, None, 1, x, n, y);
-    }
     match quantized(m, quant, w, x, n)? {
         Some(qa) => m.gpu.gemv(&dm, Activations::Quantized(qa), n, y),
         None => m.gpu.gemv(&dm, Activations::F32(x), n, y),
     }
 }
 
-/// F32/F16 weights: this module's plain matvec kernel (`DS4_CUDA_PLAIN_GEMV=gemv` selects
-/// gemv.rs's instead, to cross-check the two on a GPU).
-fn is_plain(w: &Mat) -> bool {
-    matches!(w.format, WeightFormat::F32 | WeightFormat::F16)
-        && !std::env::var("DS4_CUDA_PLAIN_GEMV").is_ok_and(|v| v == "gemv")
-}
-
-/// y = W·x for F32/F16 weights: n_slots × n_vecs outputs of `rows`; with `ids`, slot s uses
-/// expert ids[s] on its own n_vecs input vectors, else one matrix on x.
-fn plain_gemv(
-    m: &CudaModel,
-    w: &DeviceMatrix<'_>,
-    ids: Option<&DeviceBuffer<i32>>,
-    n_slots: usize,
-    x: &DeviceBuffer<f32>,
-    n_vecs: usize,
-    y: &mut DeviceBuffer<f32>,
-) -> Result<()> {
-    let x_vecs = if ids.is_some() {
-        n_slots * n_vecs
-    } else {
-        n_vecs
-    };
-    if x.len() < x_vecs * w.cols || y.len() < n_slots * n_vecs * w.rows || n_slots > 65535 {
-        return Err(CudaError::InvalidArgument(format!(
-            "plain matvec of {}x{} on {n_slots} × {n_vecs} vectors does not fit its buffers",
-            w.rows, w.cols
-        )));
-    }
-    if n_vecs == 0 {
-        return Ok(());
-    }
-    let a = kargs![
-        w.ptr,
-        w.format == WeightFormat::F16,
-        w.row_bytes,
-        w.expert_bytes(),
-        ids.map_or(0, |b| b.ptr()),
-        x.ptr(),
-        ids.is_some(),
-        y.ptr(),
-        w.rows,
-        w.cols,
-        n_vecs
-    ];
-    let cfg = cudarc::driver::LaunchConfig {
-        grid_dim: (w.rows.div_ceil(8) as u32, n_slots as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: gemv_plain_fwd reads rows × row_bytes of the (expert ids[s]) matrix, which the
-    // DeviceMatrix keeps inside live weight memory (expert ids come from the router or the
-    // group table, all below the stack size), x_vecs × cols inputs and writes n_slots × n_vecs
-    // × rows outputs, both checked above.
-    unsafe {
-        m.fk.launch(&m.gpu.device, "fwd_moe", "gemv_plain_fwd", cfg, &a)
-    }
-}
-
-/// Expert products: slot s uses matrix ids[s] of the stack on input vector s (n_slots × cols).
 #[allow(clippy::too_many_arguments)]
+/// Expert products: slot s uses matrix ids[s] of the stack on input vector s (n_slots × cols).
 fn mm_experts(
     m: &CudaModel,
     quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
@@ -360,9 +292,6 @@ fn mm_experts(
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let dm = m.matrix(w)?;
-    if is_plain(w) {
-        return plain_gemv(m, &dm, Some(ids), n_slots, x, n_vecs, y);
-    }
     match quantized(m, quant, w, x, n_slots * n_vecs)? {
         Some(qa) => m.gpu.expert_gemv(
             &dm,
@@ -747,8 +676,6 @@ impl CudaModel {
             c.rope_dim,
             max_rows
         ];
-        let v1 = kernels_v1();
-        let a = if v1 { &a[..a.len() - 1] } else { &a[..] };
         // SAFETY: attend reads n × H query heads, the chunk's n K=V rows, the ring's cap rows,
         // the compressed rows visible at each position (rows written so far; CSA: the indices
         // index_select produced, all below the row count) and H sinks; writes n × H × hd
@@ -757,9 +684,9 @@ impl CudaModel {
             self.fk.launch(
                 dev,
                 "fwd_attention",
-                if v1 { "attend_v1" } else { "attend" },
+                "attend",
                 per_item(n * h, CTA, shared),
-                a,
+                &a,
             )?
         };
         let a = kargs![s.kvn.ptr(), state.ring.ptr(), n, pos0, hd, state.ring_cap];
