@@ -82,11 +82,12 @@ pub(crate) struct DevLayer {
 /// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
 /// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
 ///
-/// 7, not more: on the H100 every fixture matched the CPU and transformers (≤ 4.2e-6) with
-/// spans of 1 and 7 tokens, but 64-token chunks gave wrong logits (up to 2× the largest
-/// logit) in three of the four fixtures from commit fc4b013 on, with every matvec and
-/// attention/router kernel variant tried; the cause is not found yet (BENCHMARKS.md, CUDA
-/// baseline). Longer chunks only save weight reads in prefill.
+/// 7 for now: spans of 1 and 7 tokens matched the CPU and transformers on the H100 (≤ 4.2e-6)
+/// while 64-token chunks gave wrong logits from commit fc4b013 on. The cause, found after the
+/// last GPU run of the session: `route` became one warp per token but was still launched with
+/// one thread per token, so only the first 8 tokens of a chunk were routed (every span of ≤ 8
+/// tokens was right, every longer one wrong). The launch is fixed; raise CHUNK back to 64
+/// (what passed at b6e8740) once the fixture tests have run on a GPU with it.
 pub const CHUNK: usize = 7;
 
 /// Everything the forward pass needs on one GPU.
