@@ -827,7 +827,10 @@ impl CudaModel {
         // chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at eval), and
         // writes n × k ids and weights.
         // One warp per token (moe.cu's route reduces the top-k across the warp's lanes).
-        unsafe { self.fk.launch(dev, "fwd_moe", "route", grid_1d(n * 32), &a)? };
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_moe", "route", grid_1d(n * 32), &a)?
+        };
 
         s.prof.mark(self, "ffn.route")?;
         // Shared expert.
