@@ -291,10 +291,14 @@ impl SessionState {
                 )));
             }
         }
-        if h[3] != mine[3] || h[4] != mine[4] || h[5] != mine[5] {
-            return Err(bad(
-                "prefill/raw window sizes differ from this session's".into()
-            ));
+        // The raw window must match (its rows are the state); the prefill chunk and ring
+        // capacity are how the saving backend batched and stored them (ds4's GPU backends
+        // keep a 2304-row ring), so a payload from any backend loads.
+        if h[5] != mine[5] || (h[4] as usize) < h[5] as usize {
+            return Err(bad(format!(
+                "raw window {} (ring {}) differs from this session's {}",
+                h[5], h[4], mine[5]
+            )));
         }
         let raw_live = h[12] as usize;
         if raw_live != n_tok.min(mine[5] as usize) {

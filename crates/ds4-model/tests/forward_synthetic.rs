@@ -106,7 +106,11 @@ fn snapshot_restores_compressor_and_indexer_state() {
     c.restore(&snap).unwrap();
     let rest = c.eval(&toks[cut..], Logits::All).unwrap();
     assert!(rest == all[cut * vocab..]);
-    // A session of another context size holds the payload only if its window sizes match.
+    // A session of a larger context takes the payload and continues the same way; one too
+    // small for the saved tokens refuses it.
+    let mut large = backend.new_session(400).unwrap();
+    large.restore(&snap).unwrap();
+    assert!(large.eval(&toks[cut..], Logits::All).unwrap() == all[cut * vocab..]);
     let mut small = backend.new_session(cut).unwrap();
     assert!(small.restore(&snap).is_err());
 }
