@@ -4,16 +4,16 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use ds4_text::chat::{ChatPrompt, Message, Role, ThinkMode, ToolCall};
+use ds4_text::chat::{ChatPrompt, Message, Role, ToolCall};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    apply_tool_replay, collect, effective_sampling, engine_error, make_job, raw_tools,
-    read_json_object, render, resolve_think, JobSpec,
+    chat_prompt, effective_sampling, engine_error, model_name, raw_tools, read_json_object, render,
+    resolve_think, respond, run_job, Collected, JobSpec,
 };
 use super::errors::{ApiError, Flavor};
 use super::fields::{type_name, Fields};
-use super::sse::{named, sse_response, SseEncoder};
+use super::sse::{named, SseEncoder};
 use crate::ids::random_hex32;
 use crate::job::{EngineError, FinishReason, GenEvent, ToolIdStyle, Usage};
 use crate::server::AppState;
@@ -238,15 +238,12 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 pub async fn messages(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    respond(handle(state, body).await)
 }
 
 /// The prompt parts of a Messages request: history (with exact tool replay), tools, thinking.
 fn prompt_of(state: &AppState, bytes: &[u8], f: &Fields<'_>) -> Result<ChatPrompt, ApiError> {
-    let mut messages = parse_messages(f)?;
+    let messages = parse_messages(f)?;
     let tool_choice_none = matches!(
         f.object("tool_choice")?.and_then(|o| o.get("type")),
         Some(Value::String(t)) if t == "none"
@@ -269,13 +266,7 @@ fn prompt_of(state: &AppState, bytes: &[u8], f: &Fields<'_>) -> Result<ChatPromp
         None => None,
     };
     let think = resolve_think(f, effort)?;
-    apply_tool_replay(&mut messages, state);
-    Ok(ChatPrompt {
-        messages,
-        tools,
-        think,
-        ctx: 0,
-    })
+    Ok(chat_prompt(state, messages, tools, think))
 }
 
 /// POST /v1/messages/count_tokens: the prompt's token count as this server renders it.
@@ -294,50 +285,34 @@ pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response
                     e.to_string(),
                 )
             })?;
-        Ok::<_, ApiError>(axum::Json(json!({ "input_tokens": n })).into_response())
+        Ok(axum::Json(json!({ "input_tokens": n })).into_response())
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    respond(result)
 }
 
 async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
     let f = Fields::new(&obj, FLAVOR);
-    let mut prompt = prompt_of(&state, &bytes, &f)?;
-    let think = prompt.think;
-    let sampling = effective_sampling(f.sampling()?, think);
+    let prompt = prompt_of(&state, &bytes, &f)?;
+    let sampling = effective_sampling(f.sampling()?, prompt.think);
     let max_tokens = f.u64("max_tokens")?;
     let stop = f.stop("stop_sequences")?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let model = f
-        .str("model")?
-        .unwrap_or(state.engine.model_name())
-        .to_string();
-    let tools_active = !prompt.tools.is_empty();
+    let model = model_name(&f, &state)?;
     let id = format!("msg_{}", random_hex32());
-    let job = make_job(
-        &state,
-        JobSpec {
-            flavor: FLAVOR,
-            request_id: id.clone(),
-            prompt_text: render(&mut prompt, &state),
-            chat: Some(prompt.clone()),
-            sampling,
-            max_tokens,
-            stop,
-            thinking: think != ThinkMode::Off,
-            tools_active,
-            tool_ids: ToolIdStyle::Toolu,
-        },
-    )
-    .await?;
-    let (rx, guard) = state.engine.submit(job);
-    if stream {
-        let enc = MessageStream::new(id, model);
-        return Ok(sse_response(rx, guard, enc, state.config.keepalive));
-    }
-    let c = collect(rx).await.map_err(|e| engine_error(FLAVOR, &e))?;
-    drop(guard);
+    let spec = JobSpec {
+        sampling,
+        max_tokens,
+        stop,
+        ..JobSpec::chat(&state, FLAVOR, id.clone(), prompt, ToolIdStyle::Toolu)
+    };
+    let enc = stream.then(|| MessageStream::new(id.clone(), model.clone()));
+    run_job(&state, spec, enc, |c| message_object(&id, &model, c)).await
+}
+
+/// The whole answer as a `message` object.
+fn message_object(id: &str, model: &str, c: Collected) -> Value {
     let mut content = Vec::new();
     if !c.reasoning.is_empty() {
         content.push(json!({"type": "thinking", "thinking": c.reasoning, "signature": id}));
@@ -349,11 +324,10 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         content.push(json!({"type": "tool_use", "id": t.id, "name": t.name, "input": t.arguments}));
     }
     let finish = c.finish.unwrap_or(FinishReason::Stop);
-    Ok(axum::Json(json!({
+    json!({
         "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
         "stop_reason": stop_reason(finish), "stop_sequence": null, "usage": usage_json(&c.usage),
-    }))
-    .into_response())
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

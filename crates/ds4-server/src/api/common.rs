@@ -3,17 +3,24 @@
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use ds4_text::chat::{render_chat, ChatPrompt, ThinkMode};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::errors::{ApiError, Flavor};
 use super::fields::{type_name, Fields};
+use super::sse::{sse_response, SseEncoder};
 use crate::job::{
     EngineError, FinishReason, GenEvent, GenJob, Sampling, ToolCallOut, ToolIdStyle, Usage,
 };
 use crate::server::AppState;
 use crate::tool_memory::RememberedCall;
+
+/// A handler's result as the HTTP response (errors in the API's own error shape).
+pub fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
 
 /// Reads the body (at most `limit` bytes) and parses it as a JSON object.
 pub async fn read_json_object(
@@ -164,6 +171,56 @@ pub struct JobSpec {
     pub chat: Option<ChatPrompt>,
 }
 
+impl JobSpec {
+    /// The job of a chat prompt, rendered at the server's context size; thinking and tool-call
+    /// parsing follow the prompt. Sampling, token limit and stop strings start at their
+    /// defaults for the caller to fill in.
+    pub fn chat(
+        state: &AppState,
+        flavor: Flavor,
+        request_id: String,
+        mut prompt: ChatPrompt,
+        tool_ids: ToolIdStyle,
+    ) -> JobSpec {
+        JobSpec {
+            flavor,
+            request_id,
+            prompt_text: render(&mut prompt, state),
+            sampling: Sampling::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            thinking: prompt.think != ThinkMode::Off,
+            tools_active: !prompt.tools.is_empty(),
+            tool_ids,
+            chat: Some(prompt),
+        }
+    }
+}
+
+/// The chat prompt of a request's history, tools and thinking mode, with exact tool replay
+/// applied to the history.
+pub fn chat_prompt(
+    state: &AppState,
+    mut messages: Vec<ds4_text::chat::Message>,
+    tools: Vec<String>,
+    think: ThinkMode,
+) -> ChatPrompt {
+    apply_tool_replay(&mut messages, state);
+    ChatPrompt {
+        messages,
+        tools,
+        think,
+        ctx: 0,
+    }
+}
+
+/// The request's `model`, else the name of the loaded model.
+pub fn model_name(f: &Fields<'_>, state: &AppState) -> Result<String, ApiError> {
+    Ok(f.str("model")?
+        .unwrap_or(state.engine.model_name())
+        .to_string())
+}
+
 /// Renders a chat prompt, first giving it the server's context size.
 pub fn render(prompt: &mut ChatPrompt, state: &AppState) -> String {
     prompt.ctx = state.engine.ctx();
@@ -210,6 +267,26 @@ pub async fn make_job(state: &AppState, spec: JobSpec) -> Result<GenJob, ApiErro
         tool_ids: spec.tool_ids,
         chat: spec.chat,
     })
+}
+
+/// Makes the job and submits it. With an encoder (the client asked for a stream) the answer
+/// is the job's event stream; otherwise its whole output, shaped by `whole` into one JSON
+/// body. Either way the job is cancelled if the client goes away first.
+pub async fn run_job<E: SseEncoder>(
+    state: &AppState,
+    spec: JobSpec,
+    stream: Option<E>,
+    whole: impl FnOnce(Collected) -> Value,
+) -> Result<Response, ApiError> {
+    let flavor = spec.flavor;
+    let job = make_job(state, spec).await?;
+    let (rx, guard) = state.engine.submit(job);
+    if let Some(enc) = stream {
+        return Ok(sse_response(rx, guard, enc, state.config.keepalive));
+    }
+    let c = collect(rx).await.map_err(|e| engine_error(flavor, &e))?;
+    drop(guard);
+    Ok(axum::Json(whole(c)).into_response())
 }
 
 /// A job's whole output, for non-streaming responses.

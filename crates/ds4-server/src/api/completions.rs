@@ -3,28 +3,27 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ds4_text::chat::{render_completion, ThinkMode};
 use serde_json::{json, Value};
 
 use super::common::{
-    collect, effective_sampling, engine_error, make_job, read_json_object, resolve_think, JobSpec,
+    effective_sampling, model_name, read_json_object, resolve_think, respond, run_job, Collected,
+    JobSpec,
 };
 use super::errors::{ApiError, Flavor};
 use super::fields::Fields;
-use super::openai::usage_json;
-use super::sse::{data, sse_response, SseEncoder};
+use super::openai::{include_usage, stream_chunk, stream_error, usage_json, STREAM_DONE};
+use super::sse::SseEncoder;
 use crate::ids::{random_hex32, unix_now};
-use crate::job::{EngineError, FinishReason, GenEvent, ToolIdStyle};
+use crate::job::{EngineError, FinishReason, GenEvent, ToolIdStyle, Usage};
 use crate::server::AppState;
 
 const FLAVOR: Flavor = Flavor::OpenAi;
+const TEXT_COMPLETION: &str = "text_completion";
 
 pub async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    respond(handle(state, body).await)
 }
 
 async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
@@ -50,57 +49,37 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let max_tokens = f.u64("max_tokens")?;
     let stop = f.stop("stop")?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let include_usage = match f.object("stream_options")? {
-        Some(o) => Fields::new(o, FLAVOR)
-            .bool("include_usage")?
-            .unwrap_or(false),
-        None => false,
-    };
-    let model = f
-        .str("model")?
-        .unwrap_or(state.engine.model_name())
-        .to_string();
+    let include_usage = include_usage(&f)?;
+    let model = model_name(&f, &state)?;
     let id = format!("cmpl-{}", random_hex32());
-    let job = make_job(
-        &state,
-        JobSpec {
-            flavor: FLAVOR,
-            request_id: id.clone(),
-            prompt_text: render_completion(&prompt, think, state.engine.ctx()),
-            sampling,
-            max_tokens,
-            stop,
-            thinking: think != ThinkMode::Off,
-            tools_active: false,
-            tool_ids: ToolIdStyle::Call,
-            chat: None,
-        },
-    )
-    .await?;
-    let (rx, guard) = state.engine.submit(job);
-    if stream {
-        let enc = CompletionStream {
-            id,
-            model,
-            created: unix_now(),
-            include_usage,
-            finished: false,
-        };
-        return Ok(sse_response(rx, guard, enc, state.config.keepalive));
-    }
-    let c = collect(rx).await.map_err(|e| engine_error(FLAVOR, &e))?;
-    drop(guard);
+    let spec = JobSpec {
+        flavor: FLAVOR,
+        request_id: id.clone(),
+        prompt_text: render_completion(&prompt, think, state.engine.ctx()),
+        sampling,
+        max_tokens,
+        stop,
+        thinking: think != ThinkMode::Off,
+        tools_active: false,
+        tool_ids: ToolIdStyle::Call,
+        chat: None,
+    };
+    let enc = stream.then(|| CompletionStream::new(id.clone(), model.clone(), include_usage));
+    run_job(&state, spec, enc, |c| completion_object(&id, &model, c)).await
+}
+
+/// The whole answer as a `text_completion` object.
+fn completion_object(id: &str, model: &str, c: Collected) -> Value {
     let finish = c.finish.unwrap_or(FinishReason::Stop);
     let mut choice =
         json!({"index": 0, "text": c.content, "finish_reason": finish.openai(), "logprobs": null});
     if !c.reasoning.is_empty() {
         choice["reasoning_content"] = json!(c.reasoning);
     }
-    Ok(axum::Json(json!({
-        "id": id, "object": "text_completion", "created": unix_now(), "model": model,
+    json!({
+        "id": id, "object": TEXT_COMPLETION, "created": unix_now(), "model": model,
         "choices": [choice], "usage": usage_json(&c.usage),
-    }))
-    .into_response())
+    })
 }
 
 /// `text_completion` stream.
@@ -113,11 +92,23 @@ pub struct CompletionStream {
 }
 
 impl CompletionStream {
+    pub fn new(id: String, model: String, include_usage: bool) -> Self {
+        CompletionStream {
+            id,
+            model,
+            created: unix_now(),
+            include_usage,
+            finished: false,
+        }
+    }
+
     fn chunk(&self, choice: Value) -> String {
-        data(&json!({
-            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": [choice],
-        }))
+        self.frame(json!([choice]), None)
+    }
+
+    fn frame(&self, choices: Value, usage: Option<&Usage>) -> String {
+        let (id, model) = (&self.id, &self.model);
+        stream_chunk(TEXT_COMPLETION, id, self.created, model, choices, usage)
     }
 }
 
@@ -133,12 +124,9 @@ impl SseEncoder for CompletionStream {
                 let mut out =
                     self.chunk(json!({"index": 0, "text": "", "finish_reason": finish.openai(), "logprobs": null}));
                 if self.include_usage {
-                    out += &data(&json!({
-                        "id": self.id, "object": "text_completion", "created": self.created,
-                        "model": self.model, "choices": [], "usage": usage_json(&usage),
-                    }));
+                    out += &self.frame(json!([]), Some(&usage));
                 }
-                out + "data: [DONE]\n\n"
+                out + STREAM_DONE
             }
             GenEvent::Failed(e) => self.fail(&e),
             GenEvent::Started { .. }
@@ -154,6 +142,6 @@ impl SseEncoder for CompletionStream {
 
     fn fail(&mut self, err: &EngineError) -> String {
         self.finished = true;
-        data(&engine_error(FLAVOR, err).body()) + "data: [DONE]\n\n"
+        stream_error(err)
     }
 }

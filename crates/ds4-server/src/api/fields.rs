@@ -58,49 +58,49 @@ impl<'a> Fields<'a> {
     }
 
     pub fn f32(&self, key: &str) -> Result<Option<f32>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x as f32)),
-                _ => Err(ApiError::field(
-                    self.flavor,
-                    key,
-                    format!("'{key}' must be a finite number"),
-                )),
-            },
-            Some(v) => Err(self.wrong_type(key, "a number", v)),
-        }
+        self.number(
+            key,
+            |n| n.as_f64().filter(|x| x.is_finite()).map(|x| x as f32),
+            "a finite number",
+            "a number",
+        )
     }
 
     /// A non-negative integer.
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(x) => Ok(Some(x)),
-                None => Err(ApiError::field(
-                    self.flavor,
-                    key,
-                    format!("'{key}' must be a non-negative integer"),
-                )),
-            },
-            Some(v) => Err(self.wrong_type(key, "an integer", v)),
-        }
+        self.number(
+            key,
+            serde_json::Number::as_u64,
+            "a non-negative integer",
+            "an integer",
+        )
     }
 
     /// An integer, negative allowed.
     pub fn i64(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        self.number(key, serde_json::Number::as_i64, "an integer", "an integer")
+    }
+
+    /// A JSON number that `convert` accepts: a number it rejects is "not `range`", anything
+    /// else is a wrong type ("not `kind`").
+    fn number<T>(
+        &self,
+        key: &str,
+        convert: impl FnOnce(&serde_json::Number) -> Option<T>,
+        range: &str,
+        kind: &str,
+    ) -> Result<Option<T>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => match n.as_i64() {
+            Some(Value::Number(n)) => match convert(n) {
                 Some(x) => Ok(Some(x)),
                 None => Err(ApiError::field(
                     self.flavor,
                     key,
-                    format!("'{key}' must be an integer"),
+                    format!("'{key}' must be {range}"),
                 )),
             },
-            Some(v) => Err(self.wrong_type(key, "an integer", v)),
+            Some(v) => Err(self.wrong_type(key, kind, v)),
         }
     }
 

@@ -3,22 +3,23 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use ds4_text::chat::{ChatPrompt, Message, Role, ThinkMode, ToolCall};
+use axum::response::Response;
+use ds4_text::chat::{Message, Role, ToolCall};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    apply_tool_replay, arguments_value, collect, content_text, effective_sampling, engine_error,
-    make_job, raw_member, raw_tools, read_json_object, render, resolve_think, JobSpec,
+    arguments_value, chat_prompt, content_text, effective_sampling, engine_error, model_name,
+    raw_member, raw_tools, read_json_object, resolve_think, respond, run_job, Collected, JobSpec,
 };
 use super::errors::{ApiError, Flavor};
 use super::fields::{type_name, Fields};
-use super::sse::{data, sse_response, SseEncoder};
+use super::sse::{data, SseEncoder};
 use crate::ids::{random_hex32, unix_now};
 use crate::job::{EngineError, FinishReason, GenEvent, ToolIdStyle, Usage};
 use crate::server::AppState;
 
 const FLAVOR: Flavor = Flavor::OpenAi;
+const CHAT_CHUNK: &str = "chat.completion.chunk";
 
 /// Parses OpenAI `messages`.
 pub fn parse_messages(f: &Fields<'_>) -> Result<Vec<Message>, ApiError> {
@@ -197,17 +198,24 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// `stream_options.include_usage` (chat and completions): a final usage-only chunk.
+pub fn include_usage(f: &Fields<'_>) -> Result<bool, ApiError> {
+    Ok(match f.object("stream_options")? {
+        Some(o) => Fields::new(o, FLAVOR)
+            .bool("include_usage")?
+            .unwrap_or(false),
+        None => false,
+    })
+}
+
 pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    respond(handle(state, body).await)
 }
 
 async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let (bytes, obj) = read_json_object(body, state.config.body_limit, FLAVOR).await?;
     let f = Fields::new(&obj, FLAVOR);
-    let mut messages = parse_messages(&f)?;
+    let messages = parse_messages(&f)?;
     let tools = parse_tools(&bytes, &f)?;
     let think = resolve_think(&f, None)?;
     let sampling = effective_sampling(f.sampling()?, think);
@@ -217,54 +225,22 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     };
     let stop = f.stop("stop")?;
     let stream = f.bool("stream")?.unwrap_or(false);
-    let include_usage = match f.object("stream_options")? {
-        Some(o) => Fields::new(o, FLAVOR)
-            .bool("include_usage")?
-            .unwrap_or(false),
-        None => false,
-    };
-    let model = f
-        .str("model")?
-        .unwrap_or(state.engine.model_name())
-        .to_string();
-    apply_tool_replay(&mut messages, &state);
-    let tools_active = !tools.is_empty();
-    let mut prompt = ChatPrompt {
-        messages,
-        tools,
-        think,
-        ctx: 0,
-    };
+    let include_usage = include_usage(&f)?;
+    let model = model_name(&f, &state)?;
+    let prompt = chat_prompt(&state, messages, tools, think);
     let id = format!("chatcmpl-{}", random_hex32());
-    let job = make_job(
-        &state,
-        JobSpec {
-            flavor: FLAVOR,
-            request_id: id.clone(),
-            prompt_text: render(&mut prompt, &state),
-            chat: Some(prompt.clone()),
-            sampling,
-            max_tokens,
-            stop,
-            thinking: think != ThinkMode::Off,
-            tools_active,
-            tool_ids: ToolIdStyle::Call,
-        },
-    )
-    .await?;
-    let (rx, guard) = state.engine.submit(job);
-    if stream {
-        let enc = ChatStream {
-            id,
-            model,
-            created: unix_now(),
-            include_usage,
-            finished: false,
-        };
-        return Ok(sse_response(rx, guard, enc, state.config.keepalive));
-    }
-    let c = collect(rx).await.map_err(|e| engine_error(FLAVOR, &e))?;
-    drop(guard);
+    let spec = JobSpec {
+        sampling,
+        max_tokens,
+        stop,
+        ..JobSpec::chat(&state, FLAVOR, id.clone(), prompt, ToolIdStyle::Call)
+    };
+    let enc = stream.then(|| ChatStream::new(id.clone(), model.clone(), include_usage));
+    run_job(&state, spec, enc, |c| completion_object(&id, &model, c)).await
+}
+
+/// The whole answer as a `chat.completion` object.
+fn completion_object(id: &str, model: &str, c: Collected) -> Value {
     let finish = c.finish.unwrap_or(FinishReason::Stop);
     let mut message = Map::new();
     message.insert("role".into(), json!("assistant"));
@@ -288,12 +264,38 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
             .collect();
         message.insert("tool_calls".into(), Value::Array(calls));
     }
-    let body = json!({
+    json!({
         "id": id, "object": "chat.completion", "created": unix_now(), "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish.openai(), "logprobs": null}],
         "usage": usage_json(&c.usage),
+    })
+}
+
+/// Frame that ends every OpenAI stream (chat and completions).
+pub const STREAM_DONE: &str = "data: [DONE]\n\n";
+
+/// One frame of an OpenAI stream: the `object` envelope (`chat.completion.chunk` or
+/// `text_completion`) around `choices`, with `usage` on the usage-only last chunk.
+pub fn stream_chunk(
+    object: &str,
+    id: &str,
+    created: u64,
+    model: &str,
+    choices: Value,
+    usage: Option<&Usage>,
+) -> String {
+    let mut chunk = json!({
+        "id": id, "object": object, "created": created, "model": model, "choices": choices,
     });
-    Ok(axum::Json(body).into_response())
+    if let Some(u) = usage {
+        chunk["usage"] = usage_json(u);
+    }
+    data(&chunk)
+}
+
+/// The frames that end an OpenAI stream when the engine failed.
+pub fn stream_error(err: &EngineError) -> String {
+    data(&engine_error(FLAVOR, err).body()) + STREAM_DONE
 }
 
 /// `chat.completion.chunk` stream.
@@ -306,11 +308,24 @@ pub struct ChatStream {
 }
 
 impl ChatStream {
+    pub fn new(id: String, model: String, include_usage: bool) -> Self {
+        ChatStream {
+            id,
+            model,
+            created: unix_now(),
+            include_usage,
+            finished: false,
+        }
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> String {
-        data(&json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        }))
+        let choice = json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null});
+        self.frame(json!([choice]), None)
+    }
+
+    fn frame(&self, choices: Value, usage: Option<&Usage>) -> String {
+        let (id, model) = (&self.id, &self.model);
+        stream_chunk(CHAT_CHUNK, id, self.created, model, choices, usage)
     }
 }
 
@@ -336,12 +351,9 @@ impl SseEncoder for ChatStream {
                 self.finished = true;
                 let mut out = self.chunk(json!({}), Some(finish.openai()));
                 if self.include_usage {
-                    out += &data(&json!({
-                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.model, "choices": [], "usage": usage_json(&usage),
-                    }));
+                    out += &self.frame(json!([]), Some(&usage));
                 }
-                out + "data: [DONE]\n\n"
+                out + STREAM_DONE
             }
             GenEvent::Failed(e) => self.fail(&e),
         }
@@ -353,6 +365,6 @@ impl SseEncoder for ChatStream {
 
     fn fail(&mut self, err: &EngineError) -> String {
         self.finished = true;
-        data(&engine_error(FLAVOR, err).body()) + "data: [DONE]\n\n"
+        stream_error(err)
     }
 }

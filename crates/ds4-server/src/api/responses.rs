@@ -3,17 +3,17 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use ds4_text::chat::{ChatPrompt, Message, Role, ThinkMode, ToolCall};
+use axum::response::Response;
+use ds4_text::chat::{Message, Role, ToolCall};
 use serde_json::{json, Map, Value};
 
 use super::common::{
-    apply_tool_replay, arguments_value, collect, content_text, effective_sampling, engine_error,
-    make_job, raw_tools, read_json_object, render, resolve_think, JobSpec,
+    arguments_value, chat_prompt, content_text, effective_sampling, model_name, raw_tools,
+    read_json_object, resolve_think, respond, run_job, Collected, JobSpec,
 };
 use super::errors::{ApiError, Flavor};
 use super::fields::{type_name, Fields};
-use super::sse::{named, sse_response, SseEncoder};
+use super::sse::{named, SseEncoder};
 use crate::ids::{random_hex32, unix_now};
 use crate::job::{EngineError, FinishReason, GenEvent, ToolCallOut, ToolIdStyle, Usage};
 use crate::server::AppState;
@@ -198,6 +198,34 @@ impl ResponseHead {
             "text": {"format": {"type": "text"}},
         })
     }
+
+    /// The whole answer as a `response` object.
+    fn whole(&self, c: Collected) -> Value {
+        let finish = c.finish.unwrap_or(FinishReason::Stop);
+        let mut output = Vec::new();
+        if self.summary.is_some() && !c.reasoning.is_empty() {
+            output.push(reasoning_item(
+                &format!("rs_{}", random_hex32()),
+                &c.reasoning,
+            ));
+        }
+        if !c.content.is_empty() || c.tool_calls.is_empty() {
+            output.push(message_item(
+                &format!("msg_{}", random_hex32()),
+                &c.content,
+                "completed",
+            ));
+        }
+        for t in &c.tool_calls {
+            output.push(call_item(t, &t.arguments.to_string(), "completed"));
+        }
+        self.object(
+            status_of(finish),
+            output,
+            Some(usage_json(&c.usage)),
+            Some(finish),
+        )
+    }
 }
 
 fn status_of(finish: FinishReason) -> &'static str {
@@ -222,10 +250,7 @@ fn call_item(call: &ToolCallOut, arguments: &str, status: &str) -> Value {
 }
 
 pub async fn responses(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    respond(handle(state, body).await)
 }
 
 async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
@@ -236,7 +261,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
             return Err(bad(key, format!("'{key}' is not supported: this server keeps no stored responses; send the whole input")));
         }
     }
-    let mut messages = parse_input(&f)?;
+    let messages = parse_input(&f)?;
     let tools: Vec<String> = if f.str("tool_choice").ok().flatten() == Some("none") {
         Vec::new()
     } else {
@@ -273,18 +298,8 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         None => f.u64("max_tokens")?,
     };
     let stream = f.bool("stream")?.unwrap_or(false);
-    let model = f
-        .str("model")?
-        .unwrap_or(state.engine.model_name())
-        .to_string();
-    apply_tool_replay(&mut messages, &state);
-    let tools_active = !tools.is_empty();
-    let mut prompt = ChatPrompt {
-        messages,
-        tools,
-        think,
-        ctx: 0,
-    };
+    let model = model_name(&f, &state)?;
+    let prompt = chat_prompt(&state, messages, tools, think);
     let head = ResponseHead {
         id: format!("resp_{}", random_hex32()),
         model,
@@ -292,59 +307,21 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
         effort,
         summary,
     };
-    let job = make_job(
-        &state,
-        JobSpec {
-            flavor: FLAVOR,
-            request_id: head.id.clone(),
-            prompt_text: render(&mut prompt, &state),
-            chat: Some(prompt.clone()),
-            sampling,
-            max_tokens,
-            stop: f.stop("stop")?,
-            thinking: think != ThinkMode::Off,
-            tools_active,
-            tool_ids: ToolIdStyle::Call,
-        },
-    )
-    .await?;
-    let (rx, guard) = state.engine.submit(job);
-    if stream {
-        let enc = ResponseStream::new(
+    let spec = JobSpec {
+        sampling,
+        max_tokens,
+        stop: f.stop("stop")?,
+        ..JobSpec::chat(&state, FLAVOR, head.id.clone(), prompt, ToolIdStyle::Call)
+    };
+    let enc = stream.then(|| {
+        ResponseStream::new(
             head.id.clone(),
             head.model.clone(),
             head.effort.clone(),
             head.summary.clone(),
-        );
-        return Ok(sse_response(rx, guard, enc, state.config.keepalive));
-    }
-    let c = collect(rx).await.map_err(|e| engine_error(FLAVOR, &e))?;
-    drop(guard);
-    let finish = c.finish.unwrap_or(FinishReason::Stop);
-    let mut output = Vec::new();
-    if head.summary.is_some() && !c.reasoning.is_empty() {
-        output.push(reasoning_item(
-            &format!("rs_{}", random_hex32()),
-            &c.reasoning,
-        ));
-    }
-    if !c.content.is_empty() || c.tool_calls.is_empty() {
-        output.push(message_item(
-            &format!("msg_{}", random_hex32()),
-            &c.content,
-            "completed",
-        ));
-    }
-    for t in &c.tool_calls {
-        output.push(call_item(t, &t.arguments.to_string(), "completed"));
-    }
-    let body = head.object(
-        status_of(finish),
-        output,
-        Some(usage_json(&c.usage)),
-        Some(finish),
-    );
-    Ok(axum::Json(body).into_response())
+        )
+    });
+    run_job(&state, spec, enc, |c| head.whole(c)).await
 }
 
 /// Which output item is open in the stream.
