@@ -2,64 +2,24 @@
 //! test model: a conversation saved by one process and resumed by another continues exactly
 //! as if it had never stopped (same reply, greedy sampling), prefilling only the new turn.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{prefills, run_chat};
 use ds4_kvstore::KvFile;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chat_kv_session-{name}"));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).expect("creating the scratch directory");
-    dir
+    common::scratch("chat_kv_session", name)
 }
 
 /// Runs the REPL with `input` on stdin; returns (stdout, stderr).
 fn chat(dir: &Path, input: &str) -> (String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ds4"))
-        .args(["--nothink", "--temp", "0", "-n", "6", "-c", "1024"])
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env(
-            "XDG_CACHE_HOME",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("ds4-cache"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running ds4");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
-}
-
-/// Every `prefill: N new tokens (M cached)` line as (N, M).
-fn prefills(stderr: &str) -> Vec<(usize, usize)> {
-    stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("ds4: prefill: "))
-        .filter(|l| l.contains("new tokens"))
-        .map(|l| {
-            let nums: Vec<usize> = l
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect();
-            (nums[0], nums[1])
-        })
-        .collect()
+    run_chat(
+        dir,
+        &["--nothink", "--temp", "0", "-n", "6", "-c", "1024"],
+        input,
+    )
 }
 
 #[test]

@@ -2,60 +2,19 @@
 //! bundled tiny test model: how commands change what each turn prefills, and the messages for
 //! bad input. End of input quits with status 0.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
+use common::{prefills, run_chat};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chat_script-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creating the scratch directory");
-    dir
+    common::scratch("chat_script", name)
 }
 
 /// Runs the REPL with `input` on stdin; returns stderr (statistics and notices).
 fn chat(dir: &Path, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ds4"))
-        .args(args)
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env(
-            "XDG_CACHE_HOME",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("ds4-cache"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running ds4");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-/// Every `prefill: N new tokens (M cached)` line as (N, M).
-fn prefills(stderr: &str) -> Vec<(usize, usize)> {
-    stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("ds4: prefill: "))
-        .filter(|l| l.contains("new tokens"))
-        .map(|l| {
-            let nums: Vec<usize> = l
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .map(|s| s.parse().unwrap())
-                .collect();
-            (nums[0], nums[1])
-        })
-        .collect()
+    run_chat(dir, args, input).1
 }
 
 #[test]
