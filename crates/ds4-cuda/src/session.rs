@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ds4_model::backend::{Logits, ModelError, Session};
+use ds4_model::backend::{check_span, Logits, ModelError, Session};
 use ds4_model::config::AttnKind;
 use ds4_model::cpu::compressor::EMPTY_SCORE;
 use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
@@ -274,24 +274,7 @@ impl Session for CudaSession {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        let needed = self.tokens.len() + tokens.len();
-        if needed > self.ctx {
-            return Err(ModelError::ContextOverflow {
-                ctx: self.ctx,
-                needed,
-            });
-        }
-        if let Some((index, &token)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= cfg.vocab_size)
-        {
-            return Err(ModelError::BadToken {
-                token,
-                index,
-                vocab: cfg.vocab_size,
-            });
-        }
+        check_span(tokens, self.tokens.len(), self.ctx, cfg.vocab_size)?;
         let v = cfg.vocab_size;
         let n_chunks = tokens.len().div_ceil(self.scratch.cap);
         let mut out = Vec::new();

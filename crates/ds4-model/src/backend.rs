@@ -68,6 +68,23 @@ pub trait Session: Send {
     fn reset(&mut self);
 }
 
+/// Checks a span before any backend touches its state: it must fit the context after the
+/// `held` tokens already evaluated, and every id must be inside the vocabulary.
+pub fn check_span(tokens: &[u32], held: usize, ctx: usize, vocab: usize) -> Result<(), ModelError> {
+    let needed = held + tokens.len();
+    if needed > ctx {
+        return Err(ModelError::ContextOverflow { ctx, needed });
+    }
+    match tokens.iter().position(|&t| t as usize >= vocab) {
+        Some(index) => Err(ModelError::BadToken {
+            token: tokens[index],
+            index,
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// How a token sequence is fed to a session (`ds4 logits --mode`); all modes must agree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvalMode {

@@ -16,7 +16,7 @@ use super::matmul::matmul;
 use super::moe::{route, swiglu_clamped, Route, Selection};
 use super::norm::{rms_norm, rms_norm_rows, rms_norm_unweighted};
 use super::rope::RopeTable;
-use crate::backend::ModelError;
+use crate::backend::{check_span, ModelError};
 use crate::config::{AttnKind, ModelConfig, MoeKind};
 use crate::numerics::{self, Numerics};
 use crate::session::{LayerState, SessionState};
@@ -94,24 +94,7 @@ impl CpuModel {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        let needed = state.tokens.len() + tokens.len();
-        if needed > state.ctx {
-            return Err(ModelError::ContextOverflow {
-                ctx: state.ctx,
-                needed,
-            });
-        }
-        if let Some((index, &token)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= cfg.vocab_size)
-        {
-            return Err(ModelError::BadToken {
-                token,
-                index,
-                vocab: cfg.vocab_size,
-            });
-        }
+        check_span(tokens, state.tokens.len(), state.ctx, cfg.vocab_size)?;
         if let Some(&bad) = want.iter().find(|&&i| i >= tokens.len()) {
             return Err(ModelError::Unsupported(format!(
                 "logits requested for span position {bad} of a {}-token span",
