@@ -4,15 +4,12 @@
 //! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
 //! counts, double scalars), so a launch is a list of u64 bit patterns ([`arg`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::compile::{KernelCache, COMMON_CUH};
 use crate::device::CudaDevice;
-use crate::error::{CudaError, DriverContext, Result};
+use crate::error::{DriverContext, Result};
+use crate::kernels::ModuleSet;
 
 const FWD_COMMON: &str = include_str!("fwd_common.cuh");
 
@@ -71,43 +68,16 @@ pub(crate) use kargs;
 
 /// The compiled forward modules of one device.
 pub struct ForwardKernels {
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    modules: ModuleSet,
 }
 
 impl ForwardKernels {
     pub fn load(device: &CudaDevice, cache: &KernelCache) -> Result<ForwardKernels> {
-        let arch = device.nvrtc_arch();
-        let mut modules = HashMap::new();
-        for (name, src) in FORWARD_MODULES {
-            let source = format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}");
-            let (cubin, _stats) = cache.get_or_compile(name, &source, &arch)?;
-            let module = device
-                .context()
-                .load_module(Ptx::from_binary(cubin))
-                .ctx(&format!("loading kernel module {name}"))?;
-            modules.insert(*name, module);
-        }
-        Ok(ForwardKernels {
-            modules,
-            functions: Mutex::default(),
-        })
-    }
-
-    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let m = self
-            .modules
-            .get(module)
-            .ok_or_else(|| CudaError::InvalidArgument(format!("no kernel module {module}")))?;
-        let f = m
-            .load_function(name)
-            .ctx(&format!("looking up kernel {name}"))?;
-        cache.insert(name.to_string(), f.clone());
-        Ok(f)
+        let sources = FORWARD_MODULES
+            .iter()
+            .map(|(name, src)| (*name, format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}")));
+        let (modules, _stats) = ModuleSet::load(device, cache, sources)?;
+        Ok(ForwardKernels { modules })
     }
 
     /// Launches `module::name` on the device's stream.
@@ -123,7 +93,7 @@ impl ForwardKernels {
         cfg: LaunchConfig,
         args: &[KArg],
     ) -> Result<()> {
-        let f = self.function(module, name)?;
+        let f = self.modules.function(module, name)?;
         let mut b = device.stream().launch_builder(&f);
         for a in args {
             b.arg(&a.0);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
@@ -46,10 +46,61 @@ pub const MODULES: &[ModuleSource] = &[
     },
 ];
 
+/// Compiled modules of one device, each loaded from the disk cache (or compiled) once, and the
+/// kernels looked up in them, remembered by (module, name).
+pub(crate) struct ModuleSet {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+}
+
+impl ModuleSet {
+    /// Compiles (or reads from `cache`) each `(name, full source)` for `device` and loads it.
+    pub(crate) fn load(
+        device: &CudaDevice,
+        cache: &KernelCache,
+        sources: impl IntoIterator<Item = (&'static str, String)>,
+    ) -> Result<(ModuleSet, Vec<CompileStats>)> {
+        let arch = device.nvrtc_arch();
+        let mut modules = HashMap::new();
+        let mut stats = Vec::new();
+        for (name, source) in sources {
+            let (cubin, st) = cache.get_or_compile(name, &source, &arch)?;
+            let module = device
+                .context()
+                .load_module(Ptx::from_binary(cubin))
+                .ctx(&format!("loading kernel module {name}"))?;
+            modules.insert(name, module);
+            stats.push(st);
+        }
+        let set = ModuleSet {
+            modules,
+            functions: Mutex::default(),
+        };
+        Ok((set, stats))
+    }
+
+    /// A kernel by module and name (looked up once, then remembered).
+    pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (module, name.to_string());
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| CudaError::InvalidArgument(format!("no kernel module {module}")))?;
+        let f = m
+            .load_function(name)
+            .ctx(&format!("looking up kernel {name}"))?;
+        cache.insert(key, f.clone());
+        Ok(f)
+    }
+}
+
 /// The compiled modules of one device and the tables the kernels read.
 pub struct Kernels {
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: std::sync::Mutex<HashMap<String, CudaFunction>>,
+    modules: ModuleSet,
     /// How each module was obtained (compiled or cached, and how long it took).
     pub stats: Vec<CompileStats>,
     /// The IQ2_XXS codebook, 256 × u64 (byte j = coordinate j).
@@ -138,22 +189,14 @@ impl Gpu {
 impl Kernels {
     /// Compiles (or reads from `cache`) and loads every module for `device`.
     pub fn load(device: &CudaDevice, cache: &KernelCache) -> Result<Kernels> {
-        let arch = device.nvrtc_arch();
-        let mut modules = HashMap::new();
-        let mut stats = Vec::new();
-        for m in MODULES {
-            let (cubin, st) = cache.get_or_compile(m.name, &m.full_source(), &arch)?;
-            let module = device
-                .context()
-                .load_module(Ptx::from_binary(cubin))
-                .ctx(&format!("loading kernel module {}", m.name))?;
-            modules.insert(m.name, module);
-            stats.push(st);
-        }
+        let (modules, stats) = ModuleSet::load(
+            device,
+            cache,
+            MODULES.iter().map(|m| (m.name, m.full_source())),
+        )?;
         let iq2xxs_grid = device.upload(&iq2xxs_grid()?)?;
         Ok(Kernels {
             modules,
-            functions: Default::default(),
             stats,
             iq2xxs_grid,
         })
@@ -161,19 +204,7 @@ impl Kernels {
 
     /// A kernel by module and name (looked up once, then remembered).
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
-        }
-        let m = self
-            .modules
-            .get(module)
-            .ok_or_else(|| CudaError::InvalidArgument(format!("no kernel module {module}")))?;
-        let f = m
-            .load_function(name)
-            .ctx(&format!("looking up kernel {name}"))?;
-        cache.insert(name.to_string(), f.clone());
-        Ok(f)
+        self.modules.function(module, name)
     }
 }
 
