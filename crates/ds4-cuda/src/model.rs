@@ -81,14 +81,17 @@ pub(crate) struct DevLayer {
 
 /// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
 /// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
-///
-/// 7 for now: spans of 1 and 7 tokens matched the CPU and transformers on the H100 (≤ 4.2e-6)
-/// while 64-token chunks gave wrong logits from commit fc4b013 on. The cause, found after the
-/// last GPU run of the session: `route` became one warp per token but was still launched with
-/// one thread per token, so only the first 8 tokens of a chunk were routed (every span of ≤ 8
-/// tokens was right, every longer one wrong). The launch is fixed; raise CHUNK back to 64
-/// (what passed at b6e8740) once the fixture tests have run on a GPU with it.
-pub const CHUNK: usize = 7;
+/// `DS4_CUDA_CHUNK` overrides it (1..=4096) for experiments with the prefill batch size.
+pub const CHUNK: usize = 64;
+
+/// The chunk size in use: [`CHUNK`] unless `DS4_CUDA_CHUNK` names another valid size.
+pub fn chunk_tokens() -> usize {
+    std::env::var("DS4_CUDA_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=4096).contains(n))
+        .unwrap_or(CHUNK)
+}
 
 /// Everything the forward pass needs on one GPU.
 pub struct CudaModel {
@@ -331,7 +334,7 @@ fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result
 /// a small session, used for the fit check before anything is uploaded.
 pub fn working_memory_estimate(cfg: &ModelConfig) -> usize {
     let f = 4usize;
-    let n = CHUNK;
+    let n = chunk_tokens();
     let k = cfg.n_experts_used;
     let per_token = cfg.hc_mult * cfg.hidden * 4
         + cfg.n_heads * cfg.head_dim * 4

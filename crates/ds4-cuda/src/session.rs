@@ -14,7 +14,7 @@ use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, Result};
 use crate::forward::{download_prefix, Scratch};
-use crate::model::{CudaModel, CHUNK};
+use crate::model::{chunk_tokens, CudaModel};
 
 /// One compressor's device state.
 pub(crate) struct GpuCompressor {
@@ -159,7 +159,8 @@ impl CudaSession {
                 index: index.transpose().map_err(cuda_err)?,
             });
         }
-        let scratch = Scratch::new(&model, CHUNK.min(ctx), max_index_rows).map_err(cuda_err)?;
+        let scratch =
+            Scratch::new(&model, chunk_tokens().min(ctx), max_index_rows).map_err(cuda_err)?;
         Ok(CudaSession {
             model,
             ctx,
@@ -257,7 +258,7 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .map(|(&r, _)| compressed_capacity(ctx, r as usize))
         .max()
         .unwrap_or(1);
-    state + crate::model::working_memory_estimate(cfg) + CHUNK * max_index_rows * 8
+    state + crate::model::working_memory_estimate(cfg) + chunk_tokens() * max_index_rows * 8
 }
 
 impl Session for CudaSession {
