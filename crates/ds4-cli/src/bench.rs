@@ -2,6 +2,11 @@
 //! [--gen-tokens 128] [--csv F] [--prompt-file F] [--backend cpu|cuda] [--numerics ..]`:
 //! ds4-bench's method (ds4-spec.md §6, driver in `ds4_model::bench`): prefill rate of each new
 //! context interval and greedy decode rate at each frontier, as a table and as ds4-bench's CSV.
+//!
+//! `ds4 bench -m MODEL --kv-restore-tokens N [--kv-dir D] [--kv-drop-cache]` measures the disk
+//! KV cache instead (see [`kv_restore`]): prefill N tokens vs restore them from a `.kv` file.
+
+mod kv_restore;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,7 +43,8 @@ pub struct BenchArgs {
     /// Tokens greedily decoded at each frontier.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
-    /// Context to allocate (default: the last frontier + --gen-tokens).
+    /// Context to allocate (default: the last frontier + --gen-tokens; with
+    /// --kv-restore-tokens N: N + 9, the compared continuation and the checkpoint rule).
     #[arg(long)]
     ctx_alloc: Option<usize>,
     /// Also write the rows as CSV (ds4-bench's columns).
@@ -54,6 +60,23 @@ pub struct BenchArgs {
     /// reference or ds4 (default: ds4 for the real Flash shape, reference otherwise).
     #[arg(long)]
     numerics: Option<String>,
+    /// Instead of the context sweep: prefill N tokens, save the session as a `.kv` file as
+    /// `ds4 serve --kv-disk-dir` does, restore it into a fresh session, time both ways and
+    /// check that the restored session continues bit-identically.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with_all = ["ctx_start", "ctx_max", "step_incr", "step_mul", "gen_tokens", "csv"]
+    )]
+    kv_restore_tokens: Option<usize>,
+    /// Directory of the `.kv` file of --kv-restore-tokens, kept afterwards (default: a
+    /// temporary directory, removed).
+    #[arg(long, value_name = "DIR", requires = "kv_restore_tokens")]
+    kv_dir: Option<PathBuf>,
+    /// Drop the OS page cache before the restore (writes /proc/sys/vm/drop_caches, which
+    /// needs root), so the file is read from the disk; reported when it cannot.
+    #[arg(long, requires = "kv_restore_tokens")]
+    kv_drop_cache: bool,
 }
 
 /// The backends `--backend` names.
@@ -91,9 +114,59 @@ fn load_backend(
     }
 }
 
+/// The model file, its description, numerics and tokenizer.
+struct OpenedModel {
+    path: PathBuf,
+    file: Arc<GgufFile>,
+    cfg: ModelConfig,
+    numerics: Numerics,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl OpenedModel {
+    fn open(args: &BenchArgs) -> anyhow::Result<OpenedModel> {
+        let path = crate::chat::resolve_model_path(args.model.as_deref())?;
+        let file =
+            Arc::new(GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?);
+        let cfg = ModelConfig::from_gguf(&file)
+            .with_context(|| format!("reading the model description of {}", path.display()))?;
+        let numerics = match args.numerics.as_deref() {
+            Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+            None if cfg.is_flash() => Numerics::Ds4,
+            None => Numerics::Reference,
+        };
+        let tokenizer = model_tokenizer(&file)
+            .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+        Ok(OpenedModel {
+            path,
+            file,
+            cfg,
+            numerics,
+            tokenizer,
+        })
+    }
+
+    /// Greedy decoding never stops on EOS (ds4-bench excludes it).
+    fn excluded(&self) -> Vec<u32> {
+        self.tokenizer.iter().map(|t| t.specials().eos).collect()
+    }
+
+    fn load(&self, kind: BackendKind) -> anyhow::Result<Box<dyn Backend>> {
+        load_backend(kind, self.file.clone(), self.numerics)
+            .with_context(|| format!("loading {}", self.path.display()))
+    }
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let kind: BackendKind = args.backend.parse()?;
-    let model = crate::chat::resolve_model_path(args.model.as_deref())?;
+    match args.kv_restore_tokens {
+        Some(n) => run_kv_restore(&args, kind, n),
+        None => run_sweep(&args, kind),
+    }
+}
+
+/// The context sweep (ds4-bench's method).
+fn run_sweep(args: &BenchArgs, kind: BackendKind) -> anyhow::Result<()> {
     let step = match args.step_mul {
         Some(f) => Step::Mul(f),
         None => Step::Incr(args.step_incr),
@@ -111,28 +184,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => plan.ctx_needed()?,
     };
 
-    let file =
-        Arc::new(GgufFile::open(&model).with_context(|| format!("opening {}", model.display()))?);
-    let cfg = ModelConfig::from_gguf(&file)
-        .with_context(|| format!("reading the model description of {}", model.display()))?;
-    let numerics = match args.numerics.as_deref() {
-        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
-        None if cfg.is_flash() => Numerics::Ds4,
-        None => Numerics::Reference,
-    };
-    let tokenizer = model_tokenizer(&file)
-        .with_context(|| format!("reading the tokenizer of {}", model.display()))?;
+    let model = OpenedModel::open(args)?;
     let (stream, source) = token_stream(
-        tokenizer.as_ref(),
+        model.tokenizer.as_ref(),
         args.prompt_file.as_deref(),
-        cfg.vocab_size,
+        model.cfg.vocab_size,
         stream_len,
     )?;
-    // Greedy decoding never stops on EOS (ds4-bench excludes it).
-    let exclude: Vec<u32> = tokenizer.iter().map(|t| t.specials().eos).collect();
+    let exclude = model.excluded();
 
-    let backend = load_backend(kind, file, numerics)
-        .with_context(|| format!("loading {}", model.display()))?;
+    let backend = model.load(kind)?;
     let mut session = backend.new_session(ctx)?;
     let mut csv = match &args.csv {
         Some(path) => {
@@ -146,9 +207,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "ds4 bench: {} on {} ({} numerics), context {ctx}, {} frontiers, {} gen tokens each, \
          stream: {source}",
-        model.display(),
+        model.path.display(),
         backend.name(),
-        numerics,
+        model.numerics,
         frontiers.len(),
         plan.gen_tokens
     );
@@ -168,6 +229,64 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     if let Some(e) = write_error {
         return Err(e);
+    }
+    Ok(())
+}
+
+/// `--kv-restore-tokens N`: prefill vs restore from a `.kv` file.
+fn run_kv_restore(args: &BenchArgs, kind: BackendKind, n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        bail!("--kv-restore-tokens must be at least 1");
+    }
+    let needed = n + kv_restore::CONTINUATION + 1;
+    let ctx = args.ctx_alloc.unwrap_or(needed);
+    if ctx < needed {
+        bail!(
+            "--ctx-alloc {ctx} is too small for --kv-restore-tokens {n}: the session needs {needed} \
+             ({n} tokens, {} compared continuation tokens, and a checkpoint must be shorter than \
+             its context)",
+            kv_restore::CONTINUATION
+        );
+    }
+    // A bad --kv-dir fails now, not after the model is loaded.
+    if let Some(dir) = &args.kv_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--kv-dir {}: cannot create the directory", dir.display()))?;
+    }
+    let model = OpenedModel::open(args)?;
+    let (tokens, source) = token_stream(
+        model.tokenizer.as_ref(),
+        args.prompt_file.as_deref(),
+        model.cfg.vocab_size,
+        n,
+    )?;
+    let plan = kv_restore::KvRestorePlan {
+        key: kv_restore::key_text(model.tokenizer.as_ref(), &tokens),
+        tokens: &tokens,
+        ctx,
+        dir: args.kv_dir.clone(),
+        drop_cache: args.kv_drop_cache,
+        quant_bits: crate::kv_session::routed_quant_bits(&model.file),
+        exclude: model.excluded(),
+    };
+    let backend = model.load(kind)?;
+    println!(
+        "ds4 bench: kv restore of {n} tokens, {} on {} ({} numerics), context {ctx}, stream: {source}",
+        model.path.display(),
+        backend.name(),
+        model.numerics
+    );
+    let report = kv_restore::measure(backend.as_ref(), &plan)?;
+    println!("{}", report.table());
+    println!("{}", report.details());
+    if !report.logits_identical {
+        bail!("the restored session's next-token logits differ from the live session's");
+    }
+    if !report.continuation_identical() {
+        bail!(
+            "the restored session's greedy continuation differs from the live session's at step {}",
+            report.steps_identical
+        );
     }
     Ok(())
 }
