@@ -57,7 +57,9 @@ impl Gpu {
         };
         // SAFETY: arguments match dequant_*_f16(const u8*, i64, i64, i64, const u64*, u16*);
         // the kernel reads rows × row_bytes bytes of w and writes rows × cols halves of out.
-        unsafe { b.launch(cfg) }.ctx(&name)?;
+        self.device
+            .launch_timed(&name, 0, || unsafe { b.launch(cfg) })
+            .ctx(&name)?;
         Ok(())
     }
 }

@@ -69,6 +69,8 @@ pub struct DeviceInfo {
 
 /// One GPU: its primary context and the stream all work is issued on.
 pub struct CudaDevice {
+    /// Per-kernel timing (DS4_CUDA_PROFILE=kernels); first, so it reports before the rest drops.
+    profile: Option<crate::profile::KernelProfile>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
@@ -112,7 +114,12 @@ impl CudaDevice {
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as usize,
         };
-        Ok(CudaDevice { ctx, stream, info })
+        Ok(CudaDevice {
+            profile: crate::profile::KernelProfile::from_env(),
+            ctx,
+            stream,
+            info,
+        })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -238,6 +245,20 @@ impl CudaDevice {
         }
         self.synchronize()?;
         Ok(out)
+    }
+
+    /// Issues one kernel launch, timed per kernel when `DS4_CUDA_PROFILE=kernels` (`bytes`:
+    /// device memory the kernel reads, for the achieved bandwidth; 0 when not stated).
+    pub(crate) fn launch_timed<R>(
+        &self,
+        name: &str,
+        bytes: usize,
+        launch: impl FnOnce() -> R,
+    ) -> R {
+        match &self.profile {
+            Some(p) => p.time(&self.stream, name, bytes as f64, launch),
+            None => launch(),
+        }
     }
 
     /// Records a timing event on the stream.

@@ -14,12 +14,16 @@ use ds4_model::numerics::Numerics;
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, DriverContext, Result};
 use crate::fwd_kernels::{grid_1d, kargs, per_item};
-use crate::gemv::{ActQuant, Activations, QuantizedActivations};
+use crate::gemv::{ActQuant, Activations, QuantizedActivations, WeightFormat};
 use crate::model::{CudaModel, DevHc, Mat};
 use crate::session::GpuLayerState;
 
 /// Threads per CTA of the per-item kernels.
 const CTA: u32 = 256;
+/// Threads per CTA of the split-K hyper-connection projection (hc.cu HC_MIX_THREADS), and
+/// the most mix rows it handles (HC_MIX_MAX).
+const HC_MIX_THREADS: usize = 128;
+const HC_MIX_MAX: usize = 40;
 /// Largest dynamic shared memory used without opting in.
 const MAX_SHARED: usize = 48 * 1024;
 
@@ -135,6 +139,10 @@ pub(crate) struct Scratch {
     hmix: DeviceBuffer<f32>,
     hu: DeviceBuffer<f32>,
     hun: DeviceBuffer<f32>,
+    /// Split-K partial sums of the next hyper-connection's projection (n × slices × (R+1)).
+    hc_part: DeviceBuffer<f32>,
+    /// Whether hc_part holds the partials of the hyper-connection about to run.
+    hc_part_ready: bool,
     logits: DeviceBuffer<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length).
     quant: HashMap<(ActQuant, usize), QuantizedActivations>,
@@ -200,6 +208,8 @@ impl Scratch {
             hmix: f(cap * nc)?,
             hu: f(cap * d)?,
             hun: f(cap * d)?,
+            hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
+            hc_part_ready: false,
             logits: f(cap * c.vocab_size)?,
             quant: HashMap::new(),
             max_index_rows,
@@ -368,6 +378,7 @@ impl CudaModel {
         self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
 
         s.prof.mark(self, "embed")?;
+        s.hc_part_ready = false;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
@@ -376,15 +387,58 @@ impl CudaModel {
         Ok(logits)
     }
 
-    /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings.
+    /// Whether the split-K projection kernels take this hyper-connection (F32/F16 rows, at
+    /// most HC_MIX_MAX of them); else it goes through rmsnorm + the generic matvec.
+    fn hc_split_k(&self, hc: &DevHc) -> bool {
+        let nc = self.cfg.hc_mult;
+        matches!(hc.fn_.format, WeightFormat::F32 | WeightFormat::F16)
+            && (2 + nc) * nc <= HC_MIX_MAX
+            && hc.fn_.rows == (2 + nc) * nc
+            && hc.fn_.cols == nc * self.cfg.hidden
+    }
+
+    /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings. The
+    /// projection comes from the partials hc_post_mix left (s.hc_part_ready), or is computed
+    /// here.
     fn hc_pre(&self, s: &mut Scratch, hc: &DevHc, n: usize) -> Result<()> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
-        self.gpu
-            .rmsnorm(&s.streams, None, nc * d, n, c.rms_eps, &mut s.flat)?;
-        mm(self, &mut s.quant, &hc.fn_, &s.flat, n, &mut s.mix)?;
+        let slices = d.div_ceil(HC_MIX_THREADS);
+        let split_k = self.hc_split_k(hc);
+        if split_k && !s.hc_part_ready {
+            let fw = self.matrix(&hc.fn_)?;
+            let a = kargs![
+                s.streams.ptr(),
+                fw.ptr,
+                fw.format == WeightFormat::F16,
+                s.hc_part.ptr(),
+                nc,
+                d,
+                (2 + nc) * nc
+            ];
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (slices as u32, n as u32, 1),
+                block_dim: (HC_MIX_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: hc_mix_partial(streams, fn, f16, part, n, d, R) reads n_tok × n × d
+            // streams and the R × n·d projection rows (checked by hc_split_k), and writes
+            // n_tok × slices × (R+1) partials: the size of s.hc_part.
+            unsafe {
+                self.fk
+                    .launch(&self.gpu.device, "fwd_hc", "hc_mix_partial", cfg, &a)?
+            };
+        } else if !split_k {
+            self.gpu
+                .rmsnorm(&s.streams, None, nc * d, n, c.rms_eps, &mut s.flat)?;
+            mm(self, &mut s.quant, &hc.fn_, &s.flat, n, &mut s.mix)?;
+        }
+        s.hc_part_ready = false;
+        let part = if split_k { s.hc_part.ptr() } else { 0 };
         let a = kargs![
             s.mix.ptr(),
+            part,
+            slices,
             hc.base.ptr(),
             hc.scale.ptr(),
             s.streams.ptr(),
@@ -393,11 +447,13 @@ impl CudaModel {
             nc,
             d,
             c.hc_sinkhorn_iters,
-            c.hc_eps
+            c.hc_eps,
+            c.rms_eps as f64
         ];
-        // SAFETY: hc_pre(mix, base, scale, streams, maps, x, n, d, iters, eps) reads n_tok ×
-        // (2+n)n mixes, (2+n)n bases, 3 scales and n_tok × n × d streams, writes n_tok maps
-        // and n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, iters, eps,
+        // rms_eps) reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n
+        // bases, 3 scales and n_tok × n × d streams, writes n_tok maps and n_tok × d inputs:
+        // all inside the chunk-sized scratch and the layer's vectors.
         unsafe {
             self.fk.launch(
                 &self.gpu.device,
@@ -409,26 +465,46 @@ impl CudaModel {
         }
     }
 
-    fn hc_post(&self, s: &mut Scratch, n: usize) -> Result<()> {
+    /// HC post of the chunk (s.y into the streams); when `next` (the hyper-connection that
+    /// runs next) takes the split-K projection, its partials are computed in the same pass.
+    fn hc_post(&self, s: &mut Scratch, n: usize, next: Option<&DevHc>) -> Result<()> {
         let c = &self.cfg;
-        let a = kargs![
-            s.maps.ptr(),
-            s.y.ptr(),
-            s.streams.ptr(),
-            n,
-            c.hc_mult,
-            c.hidden
-        ];
+        let (d, nc) = (c.hidden, c.hc_mult);
+        if let Some(hc) = next.filter(|hc| self.hc_split_k(hc)) {
+            let fw = self.matrix(&hc.fn_)?;
+            let a = kargs![
+                s.maps.ptr(),
+                s.y.ptr(),
+                s.streams.ptr(),
+                fw.ptr,
+                fw.format == WeightFormat::F16,
+                s.hc_part.ptr(),
+                nc,
+                d,
+                (2 + nc) * nc
+            ];
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (d.div_ceil(HC_MIX_THREADS) as u32, n as u32, 1),
+                block_dim: (HC_MIX_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: hc_post_mix(maps, y, streams, fn, f16, part, n, d, R) touches n_tok maps,
+            // n_tok × d outputs and n_tok × n × d streams, reads the R × n·d projection rows
+            // (checked by hc_split_k) and writes n_tok × slices × (R+1) partials: all within
+            // the scratch.
+            unsafe {
+                self.fk
+                    .launch(&self.gpu.device, "fwd_hc", "hc_post_mix", cfg, &a)?
+            };
+            s.hc_part_ready = true;
+            return Ok(());
+        }
+        let a = kargs![s.maps.ptr(), s.y.ptr(), s.streams.ptr(), n, nc, d];
         // SAFETY: hc_post(maps, y, streams, n_tok, n, d) touches n_tok maps, n_tok × d outputs
         // and n_tok × n × d streams, all within the scratch.
         unsafe {
-            self.fk.launch(
-                &self.gpu.device,
-                "fwd_hc",
-                "hc_post",
-                grid_1d(n * c.hidden),
-                &a,
-            )
+            self.fk
+                .launch(&self.gpu.device, "fwd_hc", "hc_post", grid_1d(n * d), &a)
         }
     }
 
@@ -480,11 +556,11 @@ impl CudaModel {
         self.hc_pre(s, &w.hc_attn, n)?;
         s.prof.mark(self, "hc")?;
         self.attention(l, s, state, n, pos0)?;
-        self.hc_post(s, n)?;
+        self.hc_post(s, n, Some(&w.hc_ffn))?;
         self.hc_pre(s, &w.hc_ffn, n)?;
         s.prof.mark(self, "hc")?;
         self.ffn(l, s, n)?;
-        self.hc_post(s, n)?;
+        self.hc_post(s, n, self.layers.get(l + 1).map(|next| &next.hc_attn))?;
         s.prof.mark(self, "hc")
     }
 

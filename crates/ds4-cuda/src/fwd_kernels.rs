@@ -99,7 +99,9 @@ impl ForwardKernels {
             b.arg(&a.0);
         }
         // SAFETY: forwarded to the caller; every parameter is 8 bytes, as each KArg.
-        unsafe { b.launch(cfg) }.ctx(name)?;
+        device
+            .launch_timed(name, 0, || unsafe { b.launch(cfg) })
+            .ctx(name)?;
         Ok(())
     }
 }

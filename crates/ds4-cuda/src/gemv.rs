@@ -396,7 +396,10 @@ impl Gpu {
             // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
             // inside live device memory by DeviceMatrix's construction contract; expert ids are
             // range-checked on the device.
-            unsafe { self.launch("gemv", &name, cfg, &[&params])? };
+            // Profile label: kernel and shape; bytes: the weight rows read (each slot's expert).
+            let label = format!("{name} {}x{}", w.rows, w.cols);
+            let bytes = w.rows * w.row_bytes * n_slots;
+            unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
             b0 += nb;
         }
         Ok(())

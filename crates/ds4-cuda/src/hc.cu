@@ -2,55 +2,187 @@
 // every sublayer, and the final head mixing (cpu/hc.rs, dsv4-arch.md §3.3, §3.11).
 
 #define HC_MAX_N 16
+// Mix rows (2+n)n the split-K projection kernels handle (n <= 5), and their CTA size.
+#define HC_MIX_MAX 40
+#define HC_MIX_THREADS 128
+#define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
 
-// One CTA per token. mix: n_tok x (2+n)n (fn . RMS0(streams)); maps out: n_tok x (2n + n^2)
-// = [pre | post | comb]; x out: n_tok x d, the sublayer input sum_j pre_j X_j.
-extern "C" __global__ void hc_pre(u64 mix_, u64 base_, u64 scale_, u64 streams_, u64 maps_, u64 x_, i64 n, i64 d,
-                                  i64 iters, double eps_d) {
-    const float eps = (float)eps_d;
-    const i64 t = blockIdx.x;
-    const i64 K = (2 + n) * n, M = 2 * n + n * n;
-    __shared__ float m[2 * HC_MAX_N + HC_MAX_N * HC_MAX_N];
-    const float* mix = (const float*)mix_ + t * K;
-    const float* base = (const float*)base_;
-    const float* scale = (const float*)scale_;
-    if (threadIdx.x == 0) {
-        float* pre = m;
-        float* post = m + n;
-        float* comb = m + 2 * n;
-        for (int i = 0; i < n; i++) pre[i] = sigmoidf_ref(mix[i] * scale[0] + base[i]) + eps;
-        for (int i = 0; i < n; i++) post[i] = 2.0f * sigmoidf_ref(mix[n + i] * scale[1] + base[n + i]);
-        for (int i = 0; i < n * n; i++) comb[i] = mix[2 * n + i] * scale[2] + base[2 * n + i];
-        for (int j = 0; j < n; j++) {
-            float* row = comb + j * n;
+// The mappings of one token from its mix (R = (2+n)n values in shared memory), by one warp,
+// in the CPU's operation order (split_sinkhorn in cpu/hc.rs): m = [pre | post | comb].
+__device__ void hc_maps_warp(const float* mix, const float* base, const float* scale, float* m, int n, i64 iters,
+                             float eps) {
+    const int lane = threadIdx.x & 31, nn = n * n;
+    float* pre = m;
+    float* post = m + n;
+    float* comb = m + 2 * n;
+    for (int i = lane; i < n; i += 32) {
+        pre[i] = sigmoidf_ref(mix[i] * scale[0] + base[i]) + eps;
+        post[i] = 2.0f * sigmoidf_ref(mix[n + i] * scale[1] + base[n + i]);
+    }
+    for (int e = lane; e < nn; e += 32) comb[e] = mix[2 * n + e] * scale[2] + base[2 * n + e];
+    __syncwarp();
+    float v[HC_PER_LANE];
+    // Row softmax + eps: exp into v, then each row's sum in order.
+#pragma unroll
+    for (int q = 0; q < HC_PER_LANE; q++) {
+        const int e = lane + 32 * q, row = e / n;
+        if (e < nn) {
             float mx = -FWD_INF;
-            for (int k = 0; k < n; k++) mx = fmaxf(mx, row[k]);
-            float s = 0.f;
-            for (int k = 0; k < n; k++) {
-                row[k] = expf(row[k] - mx);
-                s += row[k];
-            }
-            for (int k = 0; k < n; k++) row[k] = row[k] / s + eps;
+            for (int k = 0; k < n; k++) mx = fmaxf(mx, comb[row * n + k]);
+            v[q] = expf(comb[e] - mx);
         }
-        const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
-        for (int it = 0; it < passes; it++) {
-            if (it > 0) {
-                for (int j = 0; j < n; j++) {
+    }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < HC_PER_LANE; q++)
+        if (lane + 32 * q < nn) comb[lane + 32 * q] = v[q];
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < HC_PER_LANE; q++) {
+        const int e = lane + 32 * q, row = e / n;
+        if (e < nn) {
+            float s = 0.f;
+            for (int k = 0; k < n; k++) s += comb[row * n + k];
+            v[q] = comb[e] / s + eps;
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < HC_PER_LANE; q++)
+        if (lane + 32 * q < nn) comb[lane + 32 * q] = v[q];
+    __syncwarp();
+    const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
+    for (i64 it = 0; it < passes; it++) {
+        for (int cols = (it > 0 ? 0 : 1); cols < 2; cols++) {  // rows (from the 2nd pass), then columns
+#pragma unroll
+            for (int q = 0; q < HC_PER_LANE; q++) {
+                const int e = lane + 32 * q;
+                if (e < nn) {
+                    const int row = e / n, col = e % n;
                     float s = 0.f;
-                    for (int k = 0; k < n; k++) s += comb[j * n + k];
-                    s += eps;
-                    for (int k = 0; k < n; k++) comb[j * n + k] /= s;
+                    for (int k = 0; k < n; k++) s += cols ? comb[k * n + col] : comb[row * n + k];
+                    v[q] = comb[e] / (s + eps);
                 }
             }
-            for (int k = 0; k < n; k++) {
-                float s = 0.f;
-                for (int j = 0; j < n; j++) s += comb[j * n + k];
-                s += eps;
-                for (int j = 0; j < n; j++) comb[j * n + k] /= s;
-            }
+            __syncwarp();
+#pragma unroll
+            for (int q = 0; q < HC_PER_LANE; q++)
+                if (lane + 32 * q < nn) comb[lane + 32 * q] = v[q];
+            __syncwarp();
         }
+    }
+}
+
+// Adds x times column c of the R mix rows (F32 or F16, `cols` wide) to acc.
+__device__ __forceinline__ void hc_mix_accumulate(u64 fn_, i64 fn_f16, i64 cols, i64 c, float x, int R,
+                                                  float (&acc)[HC_MIX_MAX]) {
+#pragma unroll
+    for (int r = 0; r < HC_MIX_MAX; r++)
+        if (r < R) {
+            const float w = fn_f16 ? f16_to_f32(((const u16*)fn_)[r * cols + c]) : ((const float*)fn_)[r * cols + c];
+            acc[r] += w * x;
+        }
+}
+
+// CTA sums of acc[0..R) and ss, stored as R+1 floats at out.
+__device__ __forceinline__ void hc_store_partial(float (&acc)[HC_MIX_MAX], double ss, int R, float* out) {
+    __shared__ float red[HC_MIX_THREADS / 32][HC_MIX_MAX + 1];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < HC_MIX_MAX; r++)
+        if (r < R) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) red[warp][r] = v;
+        }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(FULL_MASK, ss, o);
+    if (lane == 0) red[warp][R] = (float)ss;
+    __syncthreads();
+    if (threadIdx.x <= R) {
+        float v = 0.f;
+        for (int w = 0; w < HC_MIX_THREADS / 32; w++) v += red[w][threadIdx.x];
+        out[threadIdx.x] = v;
+    }
+}
+
+// Split-K projection of the flattened streams (n x d per token) onto the R mix rows: CTA
+// (s, t) covers element i = s*128 + thread of every stream and writes part[t][s] = [R dot
+// products | sum of squares]. hc_pre finishes the sums and applies the RMS scale (the norm is
+// one scalar per token, so fn . RMS0(x) = rms^-1 (fn . x)).
+extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
+    hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
+    const i64 t = blockIdx.y, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    float acc[HC_MIX_MAX];
+#pragma unroll
+    for (int r = 0; r < HC_MIX_MAX; r++) acc[r] = 0.f;
+    double ss = 0.0;
+    if (i < d) {
+        const float* st = (const float*)streams_ + t * n * d;
+        for (int k = 0; k < n; k++) {
+            const float x = st[k * d + i];
+            ss += (double)x * (double)x;
+            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, x, (int)R, acc);
+        }
+    }
+    hc_store_partial(acc, ss, (int)R, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
+}
+
+// hc_post (below) fused with the next hyper-connection's hc_mix_partial: the new stream
+// values are projected while still in registers.
+extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
+    hc_post_mix(u64 maps_, u64 y_, u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
+    const i64 t = blockIdx.y, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    float acc[HC_MIX_MAX];
+#pragma unroll
+    for (int r = 0; r < HC_MIX_MAX; r++) acc[r] = 0.f;
+    double ss = 0.0;
+    if (i < d) {
+        const float* mp = (const float*)maps_ + t * (2 * n + n * n);
+        const float* post = mp + n;
+        const float* comb = mp + 2 * n;
+        float* st = (float*)streams_ + t * n * d;
+        float old[HC_MAX_N];
+        for (int j = 0; j < n; j++) old[j] = st[j * d + i];
+        const float y = ((const float*)y_)[t * d + i];
+        for (int k = 0; k < n; k++) {
+            float v = post[k] * y;
+            for (int j = 0; j < n; j++) v += comb[j * n + k] * old[j];
+            st[k * d + i] = v;
+            ss += (double)v * (double)v;
+            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, v, (int)R, acc);
+        }
+    }
+    hc_store_partial(acc, ss, (int)R, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
+}
+
+// One CTA per token: the token's mix (from `mix` rows of R values, or, when part != 0, from
+// n_part split-K partials of hc_mix_partial / hc_post_mix), the mappings (maps out: n_tok x
+// (2n + n^2) = [pre | post | comb]), and the sublayer input x = sum_j pre_j X_j (n_tok x d).
+extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
+                                  u64 x_, i64 n, i64 d, i64 iters, double eps_d, double rms_eps) {
+    const i64 t = blockIdx.x;
+    const i64 R = (2 + n) * n, M = 2 * n + n * n;
+    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
+    __shared__ float m[2 * HC_MAX_N + HC_MAX_N * HC_MAX_N];
+    if (part_) {
+        const float* part = (const float*)part_ + t * n_part * (R + 1);
+        for (i64 r = threadIdx.x; r <= R; r += blockDim.x) {
+            float v = 0.f;
+            for (i64 s = 0; s < n_part; s++) v += part[s * (R + 1) + r];
+            mix[r] = v;
+        }
+        __syncthreads();
+        const float inv = (float)(1.0 / sqrt((double)mix[R] / (double)(n * d) + rms_eps));
+        __syncthreads();
+        for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] *= inv;
+    } else {
+        for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] = ((const float*)mix_)[t * R + r];
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        hc_maps_warp(mix, (const float*)base_, (const float*)scale_, m, (int)n, iters, (float)eps_d);
         float* maps = (float*)maps_ + t * M;
-        for (int i = 0; i < M; i++) maps[i] = m[i];
+        for (i64 i = threadIdx.x; i < M; i += 32) maps[i] = m[i];
     }
     __syncthreads();
     const float* st = (const float*)streams_ + t * n * d;

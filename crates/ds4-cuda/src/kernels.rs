@@ -172,6 +172,7 @@ impl Gpu {
         &self,
         module: &'static str,
         name: &str,
+        (label, bytes): (&str, usize),
         cfg: LaunchConfig,
         args: &[&A],
     ) -> Result<()> {
@@ -181,7 +182,9 @@ impl Gpu {
             b.arg(*a);
         }
         // SAFETY: forwarded to the caller (see above).
-        unsafe { b.launch(cfg) }.ctx(name)?;
+        self.device
+            .launch_timed(label, bytes, || unsafe { b.launch(cfg) })
+            .ctx(name)?;
         Ok(())
     }
 }

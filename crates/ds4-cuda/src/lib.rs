@@ -33,6 +33,7 @@ pub mod fwd_kernels;
 pub mod gemv;
 pub mod kernels;
 pub mod model;
+mod profile;
 pub mod session;
 pub mod vector_ops;
 pub mod weights;

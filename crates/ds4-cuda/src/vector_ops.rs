@@ -53,7 +53,9 @@ impl Gpu {
         };
         // SAFETY: arguments match rmsnorm_f32(const float*, const float*, float*, i64, float);
         // x and y hold rows × n values and w (when non-null) n values, checked above.
-        unsafe { b.launch(cfg) }.ctx("rmsnorm_f32")?;
+        self.device
+            .launch_timed("rmsnorm_f32", 0, || unsafe { b.launch(cfg) })
+            .ctx("rmsnorm_f32")?;
         Ok(())
     }
 
@@ -108,7 +110,9 @@ impl Gpu {
         };
         // SAFETY: arguments match swiglu_clamp_f32(const float*, const float*, float*,
         // const float*, i64, i64, float); all buffers were length-checked above.
-        unsafe { b.launch(cfg) }.ctx("swiglu_clamp_f32")?;
+        self.device
+            .launch_timed("swiglu_clamp_f32", 0, || unsafe { b.launch(cfg) })
+            .ctx("swiglu_clamp_f32")?;
         Ok(())
     }
 
@@ -162,7 +166,9 @@ impl Gpu {
         };
         // SAFETY: arguments match quantize_*_f32(const float*, i8*, float*, i64); q and d were
         // allocated for exactly `blocks` blocks by alloc_quantized and x holds them (checked).
-        unsafe { b.launch(cfg) }.ctx(name)?;
+        self.device
+            .launch_timed(name, 0, || unsafe { b.launch(cfg) })
+            .ctx(name)?;
         Ok(())
     }
 }
