@@ -1,35 +1,300 @@
-// Per-vector operations of the forward pass: RMS norm, the clamped SwiGLU of the experts, and
-// the activation quantizers that feed the dp4a matrix-vector kernels.
+// Per-vector operations of the forward pass: RMS norm (optionally fused with the activation
+// quantizer of the matvec it feeds), the clamped SwiGLU of the experts, and the activation
+// quantizers that feed the dp4a matrix-vector kernels.
+//
+// Decode runs these on one token, i.e. rows of a few thousand values: they are latency-bound.
+// So every thread owns "segments" of 8 consecutive values, issues all of its loads (two
+// 16-byte loads per segment when the data is aligned) before doing arithmetic on them, and
+// the quantizers reduce inside a warp: a Q8_0 block (32 values) is 4 adjacent lanes, a Q8_K
+// block (256 values) is one warp.
 
-// Sum of a double over the CTA (blockDim.x a multiple of 32, at most 1024).
-__device__ double block_sum_f64(double v) {
-    __shared__ double part[32];
+#define SEG 8
+
+// Which quantizer, if any, follows the norm.
+#define QUANT_NONE 0
+#define QUANT_Q8_0 1
+#define QUANT_Q8_K 2
+
+// Most threads per row of the RMS norm, and the segments a thread keeps in registers between
+// reading a row and writing it back: rows of up to 512 * 4 * 8 = 16384 values are read once,
+// longer rows a second time. (512 threads leave 128 registers per thread for the cache.)
+#define RMS_THREADS 512
+#define RMS_CACHED 4
+
+// ---- segment loads and stores ----
+// V4: the row is 16-byte aligned and n % 8 == 0, so a segment that starts inside the row is
+// whole and two float4 accesses move it. Otherwise scalar accesses guarded by the row end.
+
+template <bool V4>
+__device__ __forceinline__ void load_seg(const float* __restrict__ p, i64 i0, i64 n, float v[SEG]) {
+    if (V4) {
+        const float4 a = *(const float4*)(p + i0);
+        const float4 b = *(const float4*)(p + i0 + 4);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads();  // part[] may still be read by a previous call
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    double s = 0.0;
-    const int nw = blockDim.x >> 5;
-    for (int i = 0; i < nw; i++) s += part[i];
-    return s;
-}
-
-// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w may be null). One CTA per row; the sum of
-// squares is kept in double, as the CPU reference does.
-extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, float* y, i64 n, float eps) {
-    const float* xr = x + (i64)blockIdx.x * n;
-    float* yr = y + (i64)blockIdx.x * n;
-    double s = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) s += (double)xr[i] * (double)xr[i];
-    s = block_sum_f64(s);
-    const float scale = (float)(1.0 / sqrt(s / (double)n + (double)eps));
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = xr[i] * scale;
-        yr[i] = w ? v * w[i] : v;
+        for (int j = 0; j < SEG; j++) v[j] = i0 + j < n ? p[i0 + j] : 0.0f;
     }
 }
+
+template <bool V4>
+__device__ __forceinline__ void store_seg(float* __restrict__ p, i64 i0, i64 n, const float v[SEG]) {
+    if (V4) {
+        *(float4*)(p + i0) = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)(p + i0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < SEG; j++)
+            if (i0 + j < n) p[i0 + j] = v[j];
+    }
+}
+
+// 8 int8 values at p (8-byte aligned when V4).
+template <bool V4>
+__device__ __forceinline__ void store_q_seg(i8* __restrict__ p, const int q[SEG]) {
+    if (V4) {
+        u32 lo = 0, hi = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            lo |= ((u32)q[j] & 0xFFu) << (8 * j);
+            hi |= ((u32)q[j + 4] & 0xFFu) << (8 * j);
+        }
+        *(uint2*)p = make_uint2(lo, hi);
+    } else {
+#pragma unroll
+        for (int j = 0; j < SEG; j++) p[j] = (i8)q[j];
+    }
+}
+
+// ---- activation quantizers, one segment per lane ----
+// All 32 lanes of the warp must call these together (they shuffle); `valid` says whether the
+// lane's segment exists (whole quantization blocks are either valid or not). `seg` is the
+// segment index counted from q (and the block index of d is derived from it); the lanes of a
+// warp hold 32 consecutive segments starting at a multiple of 32.
+
+// Q8_0 as ds4 quantizes activations before a Q8_0 matmul: per 32 values d = amax/127 (kept
+// f32), q = round-half-to-even(x/d) clamped to +-127. The block is 4 adjacent lanes.
+template <bool V4>
+__device__ __forceinline__ void quantize_seg_q8_0(const float v[SEG], bool valid, i64 seg, i8* __restrict__ q,
+                                                  float* __restrict__ d) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 2));
+    const float dd = amax / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    int qv[SEG];
+#pragma unroll
+    for (int j = 0; j < SEG; j++) qv[j] = max(-127, min(127, __float2int_rn(v[j] * id)));
+    if (!valid) return;
+    store_q_seg<V4>(q + seg * SEG, qv);
+    if ((seg & 3) == 0) d[seg >> 2] = dd;
+}
+
+// Q8_K (ggml quantize_row_q8_K): per 256 values, max = the value of largest magnitude (first
+// one on ties), iscale = -127/max, q = min(127, rint(iscale*x)), d = 1/iscale; an all-zero
+// block gives d = 0, q = 0. The block is one warp.
+template <bool V4>
+__device__ __forceinline__ void quantize_seg_q8_k(const float v[SEG], bool valid, i64 seg, i8* __restrict__ q,
+                                                  float* __restrict__ d) {
+    const int lane = threadIdx.x & 31;
+    float amax = 0.0f, mx = 0.0f;
+    int idx = 1 << 30;
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+        const float ax = fabsf(v[j]);
+        if (ax > amax) amax = ax, mx = v[j], idx = lane * SEG + j;
+    }
+    // (amax descending, index ascending) is a total order, so every lane ends on the same max.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float a2 = __shfl_xor_sync(FULL_MASK, amax, o);
+        const float m2 = __shfl_xor_sync(FULL_MASK, mx, o);
+        const int i2 = __shfl_xor_sync(FULL_MASK, idx, o);
+        if (a2 > amax || (a2 == amax && i2 < idx)) amax = a2, mx = m2, idx = i2;
+    }
+    int qv[SEG];
+    float dd = 0.0f;
+    if (amax == 0.0f) {
+#pragma unroll
+        for (int j = 0; j < SEG; j++) qv[j] = 0;
+    } else {
+        const float iscale = -127.0f / mx;
+#pragma unroll
+        for (int j = 0; j < SEG; j++) qv[j] = min(127, __float2int_rn(iscale * v[j]));
+        dd = 1.0f / iscale;
+    }
+    if (!valid) return;
+    store_q_seg<V4>(q + seg * SEG, qv);
+    if (lane == 0) d[seg >> 5] = dd;
+}
+
+template <int QUANT, bool V4>
+__device__ __forceinline__ void quantize_seg(const float v[SEG], bool valid, i64 seg, i8* __restrict__ q,
+                                             float* __restrict__ d) {
+    if (QUANT == QUANT_Q8_0) quantize_seg_q8_0<V4>(v, valid, seg, q, d);
+    if (QUANT == QUANT_Q8_K) quantize_seg_q8_k<V4>(v, valid, seg, q, d);
+}
+
+// ---- RMS norm ----
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024), the same bits in every
+// thread: a xor butterfly adds the same pairs in every lane (a + b == b + a), and every warp
+// reduces the same per-warp partials. One __syncthreads; call it once per kernel (part[] is
+// not protected against reuse).
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double part[32];
+    v = warp_sum_f64(v);
+    const int nw = blockDim.x >> 5;
+    if (nw == 1) return v;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    return warp_sum_f64(lane < nw ? part[lane] : 0.0);
+}
+
+// y[r] = x[r] * scale * w, scale = (float)(1 / sqrt(sum(x[r]^2) / n + eps)), the sum of squares
+// in double (each square of a float is exact in double), as the CPU reference computes it;
+// only the order of the additions differs. w may be null (1). One CTA per row, blockDim.x a
+// multiple of 32. With QUANT, the f32 output is also quantized into q (i8[rows*n]) and d (one
+// scale per block), exactly as the standalone quantizer would from y; n must then be whole
+// blocks (32 or 256).
+template <int QUANT, bool V4>
+__device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const float* __restrict__ w,
+                                            float* __restrict__ y, i8* __restrict__ q, float* __restrict__ d,
+                                            i64 n, float eps) {
+    const i64 row = blockIdx.x;
+    const float* xr = x + row * n;
+    float* yr = y + row * n;
+    // q and d are only touched (and only non-null) with a quantizer.
+    i8* qr = QUANT != QUANT_NONE ? q + row * n : q;
+    float* dr = QUANT != QUANT_NONE ? d + row * (n / (QUANT == QUANT_Q8_K ? 256 : 32)) : d;
+    const i64 nseg = (n + SEG - 1) / SEG;
+    const i64 nthreads = blockDim.x;
+
+    // Every load of the cached segments (x and w) is issued before any arithmetic waits on one.
+    float v[RMS_CACHED][SEG], wv[RMS_CACHED][SEG];
+#pragma unroll
+    for (int k = 0; k < RMS_CACHED; k++) {
+        const i64 s = threadIdx.x + k * nthreads;
+        if (s < nseg) {
+            load_seg<V4>(xr, s * SEG, n, v[k]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < SEG; j++) v[k][j] = 0.0f;
+        }
+        if (w && s < nseg) {
+            load_seg<V4>(w, s * SEG, n, wv[k]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < SEG; j++) wv[k][j] = 1.0f;  // x * scale * 1 == x * scale exactly
+        }
+    }
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < RMS_CACHED; k++) {
+        if (k * nthreads >= nseg) break;  // uniform: short rows skip the unused slots
+#pragma unroll
+        for (int j = 0; j < SEG; j++) ss += (double)v[k][j] * (double)v[k][j];
+    }
+    for (i64 s = threadIdx.x + RMS_CACHED * nthreads; s < nseg; s += nthreads) {
+        float t[SEG];
+        load_seg<V4>(xr, s * SEG, n, t);
+#pragma unroll
+        for (int j = 0; j < SEG; j++) ss += (double)t[j] * (double)t[j];
+    }
+    ss = block_sum_f64(ss);
+    const float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+
+    // Write back. Loop bounds are uniform over the CTA so that whole warps reach the shuffles
+    // of the quantizers; lanes past the row end only skip their stores.
+#pragma unroll
+    for (int k = 0; k < RMS_CACHED; k++) {
+        if (k * nthreads >= nseg) break;
+        const i64 s = threadIdx.x + k * nthreads;
+        float o[SEG];
+#pragma unroll
+        for (int j = 0; j < SEG; j++) o[j] = v[k][j] * scale * wv[k][j];
+        if (s < nseg) store_seg<V4>(yr, s * SEG, n, o);
+        quantize_seg<QUANT, V4>(o, s < nseg, s, qr, dr);
+    }
+    for (i64 base = RMS_CACHED * nthreads; base < nseg; base += nthreads) {
+        const i64 s = base + threadIdx.x;
+        const bool valid = s < nseg;
+        float t[SEG], tw[SEG], o[SEG];
+        if (valid) {
+            load_seg<V4>(xr, s * SEG, n, t);
+        } else {
+#pragma unroll
+            for (int j = 0; j < SEG; j++) t[j] = 0.0f;
+        }
+        if (w && valid) {
+            load_seg<V4>(w, s * SEG, n, tw);
+        } else {
+#pragma unroll
+            for (int j = 0; j < SEG; j++) tw[j] = 1.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < SEG; j++) o[j] = t[j] * scale * tw[j];
+        if (valid) store_seg<V4>(yr, s * SEG, n, o);
+        quantize_seg<QUANT, V4>(o, valid, s, qr, dr);
+    }
+}
+
+// The launchable instances: plain / fused with Q8_0 / fused with Q8_K, each vectorized (_v4:
+// x, w, y 16-byte aligned, q 8-byte aligned, n % 8 == 0) or general. q and d are unused (may
+// be null) without a quantizer.
+#define RMSNORM_KERNEL(NAME, QUANT, V4)                                                                  \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                                   \
+        NAME(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,            \
+             i8* __restrict__ q, float* __restrict__ d, i64 n, float eps) {                              \
+        rmsnorm_row<QUANT, V4>(x, w, y, q, d, n, eps);                                                   \
+    }
+RMSNORM_KERNEL(rmsnorm_f32, QUANT_NONE, false)
+RMSNORM_KERNEL(rmsnorm_f32_v4, QUANT_NONE, true)
+RMSNORM_KERNEL(rmsnorm_q8_0_f32, QUANT_Q8_0, false)
+RMSNORM_KERNEL(rmsnorm_q8_0_f32_v4, QUANT_Q8_0, true)
+RMSNORM_KERNEL(rmsnorm_q8_k_f32, QUANT_Q8_K, false)
+RMSNORM_KERNEL(rmsnorm_q8_k_f32_v4, QUANT_Q8_K, true)
+
+// ---- standalone activation quantizers ----
+// One segment per thread over all vectors at once (the vectors are contiguous whole blocks);
+// q is i8[n_seg*8], d f32[one per block].
+template <int QUANT, bool V4>
+__device__ __forceinline__ void quantize_all(const float* __restrict__ x, i8* __restrict__ q,
+                                             float* __restrict__ d, i64 nseg) {
+    const i64 s = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (s - (threadIdx.x & 31) >= nseg) return;  // the whole warp is past the end
+    const bool valid = s < nseg;
+    float v[SEG];
+    if (valid) {
+        load_seg<V4>(x, s * SEG, nseg * SEG, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < SEG; j++) v[j] = 0.0f;
+    }
+    quantize_seg<QUANT, V4>(v, valid, s, q, d);
+}
+
+#define QUANTIZE_KERNEL(NAME, QUANT, V4)                                                                 \
+    extern "C" __global__ void NAME(const float* __restrict__ x, i8* __restrict__ q, float* __restrict__ d, \
+                                    i64 nseg) {                                                          \
+        quantize_all<QUANT, V4>(x, q, d, nseg);                                                          \
+    }
+QUANTIZE_KERNEL(quantize_q8_0_f32, QUANT_Q8_0, false)
+QUANTIZE_KERNEL(quantize_q8_0_f32_v4, QUANT_Q8_0, true)
+QUANTIZE_KERNEL(quantize_q8_k_f32, QUANT_Q8_K, false)
+QUANTIZE_KERNEL(quantize_q8_k_f32_v4, QUANT_Q8_K, true)
+
+// ---- SwiGLU ----
 
 // out[i] = silu(min(gate, limit)) * clamp(up, -limit, limit) * weight[i / per_slot]
 // (weight may be null: 1). limit = +inf disables the clamp.
@@ -42,56 +307,4 @@ extern "C" __global__ void swiglu_clamp_f32(const float* gate, const float* up, 
         const float v = silu * u;
         out[i] = weight ? v * weight[i / per_slot] : v;
     }
-}
-
-// Q8_0 activations as ds4 quantizes them before a Q8_0 matmul: per 32 values d = amax/127
-// (kept f32), q = round-half-to-even(x/d) clamped to +-127. One warp per block; q is
-// i8[n_blocks*32], d is f32[n_blocks].
-extern "C" __global__ void quantize_q8_0_f32(const float* x, i8* q, float* d, i64 n_blocks) {
-    const i64 b = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (b >= n_blocks) return;  // uniform per warp
-    const int lane = threadIdx.x & 31;
-    const float v = x[b * 32 + lane];
-    const float amax = warp_max(fabsf(v));
-    const float dd = amax / 127.0f;
-    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
-    q[b * 32 + lane] = (i8)max(-127, min(127, __float2int_rn(v * id)));
-    if (lane == 0) d[b] = dd;
-}
-
-// Q8_K activations (ggml quantize_row_q8_K): per 256 values, max = the value of largest
-// magnitude (first one on ties), iscale = -127/max, q = min(127, rint(iscale*x)), d = 1/iscale.
-// One warp per block, 8 consecutive values per lane; q is i8[n_blocks*256], d is f32[n_blocks].
-extern "C" __global__ void quantize_q8_k_f32(const float* x, i8* q, float* d, i64 n_blocks) {
-    const i64 b = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (b >= n_blocks) return;
-    const int lane = threadIdx.x & 31;
-    const float* xb = x + b * 256 + lane * 8;
-    float v[8];
-    float amax = 0.f, mx = 0.f;
-    int idx = 1 << 30;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        v[j] = xb[j];
-        const float ax = fabsf(v[j]);
-        if (ax > amax) { amax = ax; mx = v[j]; idx = lane * 8 + j; }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float a2 = __shfl_xor_sync(FULL_MASK, amax, o);
-        const float m2 = __shfl_xor_sync(FULL_MASK, mx, o);
-        const int i2 = __shfl_xor_sync(FULL_MASK, idx, o);
-        if (a2 > amax || (a2 == amax && i2 < idx)) { amax = a2; mx = m2; idx = i2; }
-    }
-    i8* qb = q + b * 256 + lane * 8;
-    if (amax == 0.f) {
-#pragma unroll
-        for (int j = 0; j < 8; j++) qb[j] = 0;
-        if (lane == 0) d[b] = 0.f;
-        return;
-    }
-    const float iscale = -127.f / mx;
-#pragma unroll
-    for (int j = 0; j < 8; j++) qb[j] = (i8)min(127, __float2int_rn(iscale * v[j]));
-    if (lane == 0) d[b] = 1.f / iscale;
 }

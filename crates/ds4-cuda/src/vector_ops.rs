@@ -22,9 +22,38 @@ fn grid_for(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).clamp(1, 1 << 20) as u32
 }
 
+/// Values per "segment", a thread's unit of work in `vector_ops.cu` (SEG).
+const SEG: usize = 8;
+/// Most threads per row of the RMS norm kernels (RMS_THREADS in `vector_ops.cu`).
+const RMS_THREADS: usize = 512;
+/// Threads per CTA of the standalone quantizers.
+const QUANTIZE_THREADS: usize = 128;
+
+/// Threads for one row of `n` values: one segment each while the row has at most 512, a
+/// multiple of 32 (whole warps; the quantizers shuffle within them).
+fn rms_threads(n: usize) -> u32 {
+    n.div_ceil(SEG).next_multiple_of(32).clamp(32, RMS_THREADS) as u32
+}
+
+/// Whether the `_v4` kernels apply: every float pointer 16-byte aligned, the int8 output
+/// 8-byte aligned, and rows a multiple of 8 values (so a segment is two whole float4).
+fn vectorizable(f32_ptrs: &[u64], q_ptr: Option<u64>, n: usize) -> bool {
+    n.is_multiple_of(SEG)
+        && f32_ptrs.iter().all(|p| p.is_multiple_of(16))
+        && q_ptr.is_none_or(|p| p.is_multiple_of(8))
+}
+
+/// A grid dimension, or an error when the work does not fit one launch.
+fn grid_dim(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| CudaError::InvalidArgument(format!("{what}: {n} CTAs do not fit a grid")))
+}
+
 impl Gpu {
     /// y[r] = x[r] / sqrt(mean(x[r]²) + eps) ⊙ weight for `rows` rows of `n` (weight optional,
-    /// n values). Sums of squares in f64 like the CPU reference.
+    /// n values). Sums of squares in f64 like the CPU reference (only their order differs).
     pub fn rmsnorm(
         &self,
         x: &DeviceBuffer<f32>,
@@ -34,6 +63,57 @@ impl Gpu {
         eps: f32,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
+        self.launch_rmsnorm(x, weight, n, rows, eps, y, None)
+    }
+
+    /// [`Gpu::rmsnorm`] and [`Gpu::quantize_activations`] of its output in one launch: y is
+    /// written as by `rmsnorm`, and `qa` receives exactly what `quantize_activations(y, qa)`
+    /// would produce for the `rows` vectors. `qa.len` must be `n` (whole blocks of its kind)
+    /// and `qa` must have room for `rows` vectors; on success `qa.n_vecs` is set to `rows`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_quantized(
+        &self,
+        x: &DeviceBuffer<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
+        n: usize,
+        rows: usize,
+        eps: f32,
+        y: &mut DeviceBuffer<f32>,
+        qa: &mut QuantizedActivations,
+    ) -> Result<()> {
+        if qa.len != n {
+            return Err(CudaError::InvalidArgument(format!(
+                "rmsnorm_quantized: rows of {n} values into quantized vectors of {}",
+                qa.len
+            )));
+        }
+        let block = qa.kind.block_elems();
+        if !n.is_multiple_of(block) {
+            return Err(CudaError::InvalidArgument(format!(
+                "rmsnorm_quantized: {:?} rows of {n} values are not whole blocks of {block}",
+                qa.kind
+            )));
+        }
+        need("rmsnorm_quantized int8 output", &qa.q, n * rows)?;
+        need("rmsnorm_quantized scales", &qa.d, n * rows / block)?;
+        self.launch_rmsnorm(x, weight, n, rows, eps, y, Some(qa))?;
+        qa.n_vecs = rows;
+        Ok(())
+    }
+
+    /// Launches one of the rmsnorm kernels: one CTA per row, quantizing into `qa` when given
+    /// (its shape already checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rmsnorm(
+        &self,
+        x: &DeviceBuffer<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
+        n: usize,
+        rows: usize,
+        eps: f32,
+        y: &mut DeviceBuffer<f32>,
+        qa: Option<&mut QuantizedActivations>,
+    ) -> Result<()> {
         need("rmsnorm input", x, n * rows)?;
         need("rmsnorm output", y, n * rows)?;
         if let Some(w) = weight {
@@ -42,20 +122,42 @@ impl Gpu {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let f = self.kernels.function("vector_ops", "rmsnorm_f32")?;
-        let (xp, wp, yp, n64) = (x.ptr(), weight.map_or(0, |w| w.ptr()), y.ptr(), n as i64);
+        let (xp, wp, yp) = (x.ptr(), weight.map_or(0, |w| w.ptr()), y.ptr());
+        let (qp, dp) = qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()));
+        let mut f32_ptrs = vec![xp, yp];
+        f32_ptrs.extend(weight.map(|w| w.ptr()));
+        let v4 = vectorizable(&f32_ptrs, qa.as_ref().map(|qa| qa.q.ptr()), n);
+        let name = match (qa.map(|qa| qa.kind), v4) {
+            (None, false) => "rmsnorm_f32",
+            (None, true) => "rmsnorm_f32_v4",
+            (Some(ActQuant::Q8_0), false) => "rmsnorm_q8_0_f32",
+            (Some(ActQuant::Q8_0), true) => "rmsnorm_q8_0_f32_v4",
+            (Some(ActQuant::Q8K), false) => "rmsnorm_q8_k_f32",
+            (Some(ActQuant::Q8K), true) => "rmsnorm_q8_k_f32_v4",
+        };
+        let f = self.kernels.function("vector_ops", name)?;
+        let n64 = n as i64;
         let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&xp).arg(&wp).arg(&yp).arg(&n64).arg(&eps);
+        b.arg(&xp)
+            .arg(&wp)
+            .arg(&yp)
+            .arg(&qp)
+            .arg(&dp)
+            .arg(&n64)
+            .arg(&eps);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (grid_dim(name, rows)?, 1, 1),
+            block_dim: (rms_threads(n), 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: arguments match rmsnorm_f32(const float*, const float*, float*, i64, float);
-        // x and y hold rows × n values and w (when non-null) n values, checked above.
+        // SAFETY: arguments match rmsnorm*_f32(const float*, const float*, float*, i8*, float*,
+        // i64, float); x and y hold rows × n values and w (when non-null) n values (checked
+        // above); with a quantizer q holds rows × n int8 and d one f32 per block (checked by
+        // rmsnorm_quantized), else q and d are null and unused; the _v4 kernels are chosen only
+        // when their alignment conditions hold; blockDim is a multiple of 32, at most 512.
         self.device
-            .launch_timed("rmsnorm_f32", 0, || unsafe { b.launch(cfg) })
-            .ctx("rmsnorm_f32")?;
+            .launch_timed(name, 0, || unsafe { b.launch(cfg) })
+            .ctx(name)?;
         Ok(())
     }
 
@@ -145,27 +247,40 @@ impl Gpu {
         out: &mut QuantizedActivations,
     ) -> Result<()> {
         let total = out.len * out.n_vecs;
+        let block = out.kind.block_elems();
+        if !total.is_multiple_of(block) {
+            return Err(CudaError::InvalidArgument(format!(
+                "{:?} activations of {total} values are not whole blocks of {block}",
+                out.kind
+            )));
+        }
         need("activations", x, total)?;
-        let blocks = total / out.kind.block_elems();
-        if blocks == 0 {
+        need("quantized int8 output", &out.q, total)?;
+        need("quantized scales", &out.d, total / block)?;
+        if total == 0 {
             return Ok(());
         }
-        let name = match out.kind {
-            ActQuant::Q8_0 => "quantize_q8_0_f32",
-            ActQuant::Q8K => "quantize_q8_k_f32",
+        let v4 = vectorizable(&[x.ptr()], Some(out.q.ptr()), total);
+        let name = match (out.kind, v4) {
+            (ActQuant::Q8_0, false) => "quantize_q8_0_f32",
+            (ActQuant::Q8_0, true) => "quantize_q8_0_f32_v4",
+            (ActQuant::Q8K, false) => "quantize_q8_k_f32",
+            (ActQuant::Q8K, true) => "quantize_q8_k_f32_v4",
         };
         let f = self.kernels.function("vector_ops", name)?;
-        let (xp, qp, dp, nb) = (x.ptr(), out.q.ptr(), out.d.ptr(), blocks as i64);
+        let segments = total / SEG;
+        let (xp, qp, dp, nseg) = (x.ptr(), out.q.ptr(), out.d.ptr(), segments as i64);
         let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&xp).arg(&qp).arg(&dp).arg(&nb);
-        // One warp per block, 8 warps per CTA.
+        b.arg(&xp).arg(&qp).arg(&dp).arg(&nseg);
+        // One 8-value segment per thread: a Q8_0 block is 4 lanes, a Q8_K block one warp.
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(blocks, 8), 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (grid_dim(name, segments.div_ceil(QUANTIZE_THREADS))?, 1, 1),
+            block_dim: (QUANTIZE_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: arguments match quantize_*_f32(const float*, i8*, float*, i64); q and d were
-        // allocated for exactly `blocks` blocks by alloc_quantized and x holds them (checked).
+        // SAFETY: arguments match quantize_*_f32(const float*, i8*, float*, i64); x holds the
+        // `total` values, q `total` int8 and d one f32 per block (checked above); total is whole
+        // blocks, so every warp covers whole blocks; _v4 only when its alignment holds.
         self.device
             .launch_timed(name, 0, || unsafe { b.launch(cfg) })
             .ctx(name)?;
