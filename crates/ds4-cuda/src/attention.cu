@@ -19,7 +19,8 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // blocks of 64, then f16 rounding of every channel (forward.rs store_kv_row).
 extern "C" __global__ void kv_round(u64 x_, i64 width, i64 nope) {
     float* row = (float*)x_ + (i64)blockIdx.x * width;
-    for (i64 b = threadIdx.x; b * 64 < nope; b += blockDim.x) fp8_block(row + b * 64, (int)min64(64, nope - b * 64));
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (i64 b = warp; b * 64 < nope; b += warps) fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
     __syncthreads();
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = f16_round(row[i]);
 }
@@ -31,7 +32,8 @@ extern "C" __global__ void index_round(u64 x_, i64 width, i64 store) {
     float* row = (float*)x_ + (i64)blockIdx.x * width;
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) sh[i] = row[i];
     cta_hadamard(sh, (int)width);
-    for (i64 b = threadIdx.x; b * 32 < width; b += blockDim.x) fp4_block(sh + b * 32, (int)min64(32, width - b * 32));
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (i64 b = warp; b * 32 < width; b += warps) fp4_block_warp(sh + b * 32, (int)min64(32, width - b * 32));
     __syncthreads();
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = store ? f16_round(sh[i]) : sh[i];
 }

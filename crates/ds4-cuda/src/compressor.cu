@@ -58,11 +58,13 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
         __syncthreads();
         if (qat == 1) {
             const i64 nope = D - r;
-            for (i64 b = threadIdx.x; b * 64 < nope; b += blockDim.x) fp8_block(row + b * 64, (int)min64(64, nope - b * 64));
+            for (i64 b = threadIdx.x >> 5; b * 64 < nope; b += blockDim.x >> 5)
+                fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
             __syncthreads();
         } else if (qat == 2) {
             cta_hadamard(row, (int)D);
-            for (i64 b = threadIdx.x; b * 32 < D; b += blockDim.x) fp4_block(row + b * 32, (int)min64(32, D - b * 32));
+            for (i64 b = threadIdx.x >> 5; b * 32 < D; b += blockDim.x >> 5)
+                fp4_block_warp(row + b * 32, (int)min64(32, D - b * 32));
             __syncthreads();
         }
         float* out = (float*)rows_ + n_rows * D;

@@ -24,6 +24,10 @@ const CTA: u32 = 256;
 /// the most mix rows it handles (HC_MIX_MAX).
 const HC_MIX_THREADS: usize = 128;
 const HC_MIX_MAX: usize = 40;
+/// Mix rows per CTA of the split-K projection (hc.cu HC_GROUP_ROWS).
+const HC_GROUP_ROWS: usize = 6;
+/// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
+const HC_PRE_SLICE: usize = 1024;
 /// Largest dynamic shared memory used without opting in.
 const MAX_SHARED: usize = 48 * 1024;
 
@@ -39,7 +43,8 @@ pub(crate) struct StageTimes {
 impl StageTimes {
     fn new() -> StageTimes {
         StageTimes {
-            on: std::env::var_os("DS4_CUDA_PROFILE").is_some(),
+            // DS4_CUDA_PROFILE=kernels is the per-kernel profiler (profile.rs), without syncs.
+            on: std::env::var("DS4_CUDA_PROFILE").is_ok_and(|v| v != "kernels"),
             last: std::time::Instant::now(),
             acc: Vec::new(),
         }
@@ -95,6 +100,8 @@ impl Drop for StageTimes {
 pub(crate) struct Scratch {
     pub cap: usize,
     streams: DeviceBuffer<f32>,
+    /// The streams' second buffer: hc_post_mix writes the new streams here, then the two swap.
+    streams_next: DeviceBuffer<f32>,
     flat: DeviceBuffer<f32>,
     mix: DeviceBuffer<f32>,
     maps: DeviceBuffer<f32>,
@@ -124,6 +131,12 @@ pub(crate) struct Scratch {
     rlog: DeviceBuffer<f32>,
     ids: DeviceBuffer<i32>,
     wts: DeviceBuffer<f32>,
+    /// Routed slots sorted by expert (spans of several tokens): order[p] = slot, slot_pos[slot] = p,
+    /// and the sorted slots' ids and weights.
+    slot_order: DeviceBuffer<i32>,
+    slot_pos: DeviceBuffer<i32>,
+    sorted_ids: DeviceBuffer<i32>,
+    sorted_wts: DeviceBuffer<f32>,
     xe: DeviceBuffer<f32>,
     eg: DeviceBuffer<f32>,
     eu: DeviceBuffer<f32>,
@@ -164,6 +177,7 @@ impl Scratch {
         Ok(Scratch {
             cap,
             streams: f(cap * nc * d)?,
+            streams_next: f(cap * nc * d)?,
             flat: f(cap * nc * d)?,
             mix: f(cap * (2 + nc) * nc)?,
             maps: f(cap * (2 * nc + nc * nc))?,
@@ -193,6 +207,10 @@ impl Scratch {
             rlog: f(cap * c.n_experts)?,
             ids: i(cap * k)?,
             wts: f(cap * k)?,
+            slot_order: i(cap * k)?,
+            slot_pos: i(cap * k)?,
+            sorted_ids: i(cap * k)?,
+            sorted_wts: f(cap * k)?,
             xe: f(cap * k * d)?,
             eg: f(cap * k * c.expert_ff)?,
             eu: f(cap * k * c.expert_ff)?,
@@ -397,6 +415,20 @@ impl CudaModel {
             && hc.fn_.cols == nc * self.cfg.hidden
     }
 
+    /// Grid of the split-K projection kernels: (d/128 slices, row groups, tokens).
+    fn hc_split_k_grid(&self, n: usize) -> cudarc::driver::LaunchConfig {
+        let nc = self.cfg.hc_mult;
+        cudarc::driver::LaunchConfig {
+            grid_dim: (
+                self.cfg.hidden.div_ceil(HC_MIX_THREADS) as u32,
+                ((2 + nc) * nc).div_ceil(HC_GROUP_ROWS) as u32,
+                n as u32,
+            ),
+            block_dim: (HC_MIX_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings. The
     /// projection comes from the partials hc_post_mix left (s.hc_part_ready), or is computed
     /// here.
@@ -416,11 +448,7 @@ impl CudaModel {
                 d,
                 (2 + nc) * nc
             ];
-            let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (slices as u32, n as u32, 1),
-                block_dim: (HC_MIX_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = self.hc_split_k_grid(n);
             // SAFETY: hc_mix_partial(streams, fn, f16, part, n, d, R) reads n_tok × n × d
             // streams and the R × n·d projection rows (checked by hc_split_k), and writes
             // n_tok × slices × (R+1) partials: the size of s.hc_part.
@@ -450,18 +478,18 @@ impl CudaModel {
             c.hc_eps,
             c.rms_eps as f64
         ];
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (d.div_ceil(HC_PRE_SLICE) as u32, n as u32, 1),
+            block_dim: (CTA, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, iters, eps,
         // rms_eps) reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n
         // bases, 3 scales and n_tok × n × d streams, writes n_tok maps and n_tok × d inputs:
         // all inside the chunk-sized scratch and the layer's vectors.
         unsafe {
-            self.fk.launch(
-                &self.gpu.device,
-                "fwd_hc",
-                "hc_pre",
-                per_item(n, CTA, 0),
-                &a,
-            )
+            self.fk
+                .launch(&self.gpu.device, "fwd_hc", "hc_pre", cfg, &a)
         }
     }
 
@@ -476,6 +504,7 @@ impl CudaModel {
                 s.maps.ptr(),
                 s.y.ptr(),
                 s.streams.ptr(),
+                s.streams_next.ptr(),
                 fw.ptr,
                 fw.format == WeightFormat::F16,
                 s.hc_part.ptr(),
@@ -483,19 +512,17 @@ impl CudaModel {
                 d,
                 (2 + nc) * nc
             ];
-            let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (d.div_ceil(HC_MIX_THREADS) as u32, n as u32, 1),
-                block_dim: (HC_MIX_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: hc_post_mix(maps, y, streams, fn, f16, part, n, d, R) touches n_tok maps,
-            // n_tok × d outputs and n_tok × n × d streams, reads the R × n·d projection rows
+            let cfg = self.hc_split_k_grid(n);
+            // SAFETY: hc_post_mix(maps, y, streams_in, streams_out, fn, f16, part, n, d, R)
+            // reads n_tok maps, n_tok × d outputs and n_tok × n × d streams, writes as many
+            // into the second stream buffer (same size), reads the R × n·d projection rows
             // (checked by hc_split_k) and writes n_tok × slices × (R+1) partials: all within
             // the scratch.
             unsafe {
                 self.fk
                     .launch(&self.gpu.device, "fwd_hc", "hc_post_mix", cfg, &a)?
             };
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
             s.hc_part_ready = true;
             return Ok(());
         }
@@ -917,19 +944,66 @@ impl CudaModel {
         mm(self, &mut s.quant, &w.down_shexp, &s.sh, n, &mut s.sdown)?;
 
         s.prof.mark(self, "ffn.shared")?;
-        // Routed experts: one slot per (token, choice), ids on the device.
+        // Routed experts: one slot per (token, choice), ids on the device. A span of several
+        // tokens sorts its slots by expert first, so that slots of one expert are neighbours in
+        // the matvec grid and share its rows through L2 (same arithmetic per slot either way).
         let slots = n * k;
-        let a = kargs![s.xn.ptr(), s.xe.ptr(), n, k, d];
-        // SAFETY: replicate writes n × k × d values of s.xe from n × d of s.xn.
-        unsafe {
-            self.fk
-                .launch(dev, "fwd_moe", "replicate", grid_1d(slots * d), &a)?
+        let sorted = n > 1;
+        if sorted {
+            let a = kargs![
+                s.ids.ptr(),
+                s.slot_order.ptr(),
+                s.slot_pos.ptr(),
+                slots,
+                c.n_experts
+            ];
+            // SAFETY: sort_slots reads n·k ids and writes n·k order and position entries (a
+            // permutation of 0..n·k), with E+1 ints of dynamic shared memory.
+            unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_moe",
+                    "sort_slots",
+                    per_item(1, CTA, (c.n_experts + 1) * 4),
+                    &a,
+                )?
+            };
+            let a = kargs![
+                s.xn.ptr(),
+                s.slot_order.ptr(),
+                s.ids.ptr(),
+                s.wts.ptr(),
+                s.xe.ptr(),
+                s.sorted_ids.ptr(),
+                s.sorted_wts.ptr(),
+                slots,
+                k,
+                d
+            ];
+            // SAFETY: gather_slots reads the permutation, n × d inputs and n·k ids/weights,
+            // and writes n·k × d values of s.xe and n·k sorted ids/weights.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_moe", "gather_slots", grid_1d(slots * d), &a)?
+            };
+        } else {
+            let a = kargs![s.xn.ptr(), s.xe.ptr(), n, k, d];
+            // SAFETY: replicate writes n × k × d values of s.xe from n × d of s.xn.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_moe", "replicate", grid_1d(slots * d), &a)?
+            };
+        }
+        let (slot_ids, slot_wts) = if sorted {
+            (&s.sorted_ids, &s.sorted_wts)
+        } else {
+            (&s.ids, &s.wts)
         };
         mm_experts(
             self,
             &mut s.quant,
             &w.gate_exps,
-            &s.ids,
+            slot_ids,
             slots,
             &s.xe,
             1,
@@ -939,28 +1013,30 @@ impl CudaModel {
             self,
             &mut s.quant,
             &w.up_exps,
-            &s.ids,
+            slot_ids,
             slots,
             &s.xe,
             1,
             &mut s.eu,
         )?;
         // ds4 weighs the intermediate before the down projection (C2); the reference after.
-        let weight = if ds4 { Some(&s.wts) } else { None };
+        let weight = if ds4 { Some(slot_wts) } else { None };
         self.gpu
             .swiglu_clamp(&s.eg, &s.eu, slots * ff, ff, limit, weight, &mut s.eh)?;
         mm_experts(
             self,
             &mut s.quant,
             &w.down_exps,
-            &s.ids,
+            slot_ids,
             slots,
             &s.eh,
             1,
             &mut s.edown,
         )?;
+        let slot_pos = if sorted { s.slot_pos.ptr() } else { 0 };
         let a = kargs![
             s.edown.ptr(),
+            slot_pos,
             s.ids.ptr(),
             s.wts.ptr(),
             s.sdown.ptr(),
@@ -970,8 +1046,9 @@ impl CudaModel {
             d,
             !ds4
         ];
-        // SAFETY: moe_combine reads n × k × d expert outputs, n × k ids and weights, n × d
-        // shared outputs, and writes n × d values of s.y.
+        // SAFETY: moe_combine reads n × k × d expert outputs (row slot_pos[slot] when sorted,
+        // a permutation of the slots), n × k ids and weights, n × d shared outputs, and writes
+        // n × d values of s.y.
         unsafe {
             self.fk
                 .launch(dev, "fwd_moe", "moe_combine", grid_1d(n * d), &a)?

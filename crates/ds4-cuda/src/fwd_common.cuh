@@ -51,15 +51,18 @@ __device__ __forceinline__ float fp8_e4m3_nearest(float x) {
     return fminf(fmaxf(q, -FP8_MAX), FP8_MAX);
 }
 
-// FP8 round trip of one block of n values (numerics.rs fp8_e4m3_round_trip_row, one block).
-__device__ void fp8_block(float* v, int n) {
-    float amax = 0.f;
-    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+// FP8 round trip of one block of n <= 64 values by one warp, two values per lane
+// (numerics.rs fp8_e4m3_round_trip_row, one block; its max is order-free, so the block scale
+// equals the CPU's).
+__device__ void fp8_block_warp(float* v, int n) {
+    const int lane = threadIdx.x & 31;
+    const float a = lane < n ? v[lane] : 0.f, b = lane + 32 < n ? v[lane + 32] : 0.f;
+    float amax = fmaxf(fabsf(a), fabsf(b));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
     const float scale = pow2_scale(amax, 1e-4f, FP8_MAX);
-    for (int i = 0; i < n; i++) {
-        const float q = fp8_e4m3_nearest(fminf(fmaxf(v[i] / scale, -FP8_MAX), FP8_MAX));
-        v[i] = q * scale;
-    }
+    if (lane < n) v[lane] = fp8_e4m3_nearest(fminf(fmaxf(a / scale, -FP8_MAX), FP8_MAX)) * scale;
+    if (lane + 32 < n) v[lane + 32] = fp8_e4m3_nearest(fminf(fmaxf(b / scale, -FP8_MAX), FP8_MAX)) * scale;
 }
 
 // Nearest E2M1 value (|x| <= 6), ties to the even code: numerics.rs fp4_e2m1_nearest.
@@ -74,15 +77,16 @@ __device__ __forceinline__ float fp4_e2m1_nearest(float x) {
     return copysignf(grid[best], x);
 }
 
-// FP4 round trip of one block of n values (numerics.rs fp4_e2m1_round_trip, one block).
-__device__ void fp4_block(float* v, int n) {
-    float amax = 0.f;
-    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+// FP4 round trip of one block of n <= 32 values by one warp, one value per lane
+// (numerics.rs fp4_e2m1_round_trip, one block).
+__device__ void fp4_block_warp(float* v, int n) {
+    const int lane = threadIdx.x & 31;
+    const float a = lane < n ? v[lane] : 0.f;
+    float amax = fabsf(a);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
     const float scale = pow2_scale(amax, 7.05e-38f, FP4_MAX);
-    for (int i = 0; i < n; i++) {
-        const float q = fp4_e2m1_nearest(fminf(fmaxf(v[i] / scale, -FP4_MAX), FP4_MAX));
-        v[i] = q * scale;
-    }
+    if (lane < n) v[lane] = fp4_e2m1_nearest(fminf(fmaxf(a / scale, -FP4_MAX), FP4_MAX)) * scale;
 }
 
 // In-CTA Walsh-Hadamard transform of x[0..n) (n a power of two) in shared memory, then

@@ -2,9 +2,11 @@
 // every sublayer, and the final head mixing (cpu/hc.rs, dsv4-arch.md §3.3, §3.11).
 
 #define HC_MAX_N 16
-// Mix rows (2+n)n the split-K projection kernels handle (n <= 5), and their CTA size.
+// Mix rows (2+n)n the split-K projection handles (n <= 5), and its CTA size.
 #define HC_MIX_MAX 40
 #define HC_MIX_THREADS 128
+// Mix rows per CTA of the split-K projection (the row groups are blockIdx.y).
+#define HC_GROUP_ROWS 6
 #define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
 
 // The mappings of one token from its mix (R = (2+n)n values in shared memory), by one warp,
@@ -73,121 +75,143 @@ __device__ void hc_maps_warp(const float* mix, const float* base, const float* s
     }
 }
 
-// Adds x times column c of the R mix rows (F32 or F16, `cols` wide) to acc.
-__device__ __forceinline__ void hc_mix_accumulate(u64 fn_, i64 fn_f16, i64 cols, i64 c, float x, int R,
-                                                  float (&acc)[HC_MIX_MAX]) {
+// Adds x times column c of mix rows r0.. (at most HC_GROUP_ROWS, below R; F32 or F16 rows
+// `cols` wide) to acc.
+__device__ __forceinline__ void hc_mix_accumulate(u64 fn_, i64 fn_f16, i64 cols, i64 c, float x, int r0, int R,
+                                                  float (&acc)[HC_GROUP_ROWS]) {
 #pragma unroll
-    for (int r = 0; r < HC_MIX_MAX; r++)
-        if (r < R) {
-            const float w = fn_f16 ? f16_to_f32(((const u16*)fn_)[r * cols + c]) : ((const float*)fn_)[r * cols + c];
-            acc[r] += w * x;
+    for (int j = 0; j < HC_GROUP_ROWS; j++)
+        if (r0 + j < R) {
+            const i64 at = (i64)(r0 + j) * cols + c;
+            const float w = fn_f16 ? f16_to_f32(((const u16*)fn_)[at]) : ((const float*)fn_)[at];
+            acc[j] += w * x;
         }
 }
 
-// CTA sums of acc[0..R) and ss, stored as R+1 floats at out.
-__device__ __forceinline__ void hc_store_partial(float (&acc)[HC_MIX_MAX], double ss, int R, float* out) {
-    __shared__ float red[HC_MIX_THREADS / 32][HC_MIX_MAX + 1];
+// CTA sums of acc (rows r0..) and, for the row group that owns it (ss_owner), of ss; stored
+// into the token's slice record out[0..R] (R = sum of squares).
+__device__ __forceinline__ void hc_store_partial(float (&acc)[HC_GROUP_ROWS], double ss, int r0, int R, bool ss_owner,
+                                                 float* out) {
+    __shared__ float red[HC_MIX_THREADS / 32][HC_GROUP_ROWS + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
-    for (int r = 0; r < HC_MIX_MAX; r++)
-        if (r < R) {
-            const float v = warp_sum(acc[r]);
-            if (lane == 0) red[warp][r] = v;
-        }
+    for (int j = 0; j < HC_GROUP_ROWS; j++) {
+        const float v = warp_sum(acc[j]);
+        if (lane == 0) red[warp][j] = v;
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(FULL_MASK, ss, o);
-    if (lane == 0) red[warp][R] = (float)ss;
+    if (lane == 0) red[warp][HC_GROUP_ROWS] = (float)ss;
     __syncthreads();
-    if (threadIdx.x <= R) {
+    const int j = threadIdx.x;
+    if (j <= HC_GROUP_ROWS) {
         float v = 0.f;
-        for (int w = 0; w < HC_MIX_THREADS / 32; w++) v += red[w][threadIdx.x];
-        out[threadIdx.x] = v;
+        for (int w = 0; w < HC_MIX_THREADS / 32; w++) v += red[w][j];
+        if (j < HC_GROUP_ROWS && r0 + j < R) out[r0 + j] = v;
+        if (j == HC_GROUP_ROWS && ss_owner) out[R] = v;
     }
 }
 
 // Split-K projection of the flattened streams (n x d per token) onto the R mix rows: CTA
-// (s, t) covers element i = s*128 + thread of every stream and writes part[t][s] = [R dot
-// products | sum of squares]. hc_pre finishes the sums and applies the RMS scale (the norm is
-// one scalar per token, so fn . RMS0(x) = rms^-1 (fn . x)).
+// (s, g, t) covers element i = s*128 + thread of every stream against mix rows 6g..6g+5 and
+// writes them into part[t][s] = [R dot products | sum of squares (row group 0)]. hc_pre
+// finishes the sums and applies the RMS scale (the norm is one scalar per token, so
+// fn . RMS0(x) = rms^-1 (fn . x)).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
-    const i64 t = blockIdx.y, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
-    float acc[HC_MIX_MAX];
+    const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    const int r0 = blockIdx.y * HC_GROUP_ROWS;
+    float acc[HC_GROUP_ROWS];
 #pragma unroll
-    for (int r = 0; r < HC_MIX_MAX; r++) acc[r] = 0.f;
+    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
     double ss = 0.0;
     if (i < d) {
         const float* st = (const float*)streams_ + t * n * d;
         for (int k = 0; k < n; k++) {
             const float x = st[k * d + i];
             ss += (double)x * (double)x;
-            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, x, (int)R, acc);
+            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, x, r0, (int)R, acc);
         }
     }
-    hc_store_partial(acc, ss, (int)R, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
+    hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
 }
 
 // hc_post (below) fused with the next hyper-connection's hc_mix_partial: the new stream
-// values are projected while still in registers.
+// values are projected while still in registers. Every row group computes them from
+// streams_in; group 0 stores them to streams_out (a different buffer, so no CTA can see
+// another's update).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
-    hc_post_mix(u64 maps_, u64 y_, u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
-    const i64 t = blockIdx.y, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
-    float acc[HC_MIX_MAX];
+    hc_post_mix(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d,
+                i64 R) {
+    const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    const int r0 = blockIdx.y * HC_GROUP_ROWS;
+    float acc[HC_GROUP_ROWS];
 #pragma unroll
-    for (int r = 0; r < HC_MIX_MAX; r++) acc[r] = 0.f;
+    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
     double ss = 0.0;
     if (i < d) {
         const float* mp = (const float*)maps_ + t * (2 * n + n * n);
         const float* post = mp + n;
         const float* comb = mp + 2 * n;
-        float* st = (float*)streams_ + t * n * d;
+        const float* st = (const float*)streams_in_ + t * n * d;
+        float* out = (float*)streams_out_ + t * n * d;
         float old[HC_MAX_N];
         for (int j = 0; j < n; j++) old[j] = st[j * d + i];
         const float y = ((const float*)y_)[t * d + i];
         for (int k = 0; k < n; k++) {
             float v = post[k] * y;
             for (int j = 0; j < n; j++) v += comb[j * n + k] * old[j];
-            st[k * d + i] = v;
+            if (blockIdx.y == 0) out[k * d + i] = v;
             ss += (double)v * (double)v;
-            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, v, (int)R, acc);
+            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, v, r0, (int)R, acc);
         }
     }
-    hc_store_partial(acc, ss, (int)R, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
+    hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
 }
 
-// One CTA per token: the token's mix (from `mix` rows of R values, or, when part != 0, from
-// n_part split-K partials of hc_mix_partial / hc_post_mix), the mappings (maps out: n_tok x
-// (2n + n^2) = [pre | post | comb]), and the sublayer input x = sum_j pre_j X_j (n_tok x d).
-extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
-                                  u64 x_, i64 n, i64 d, i64 iters, double eps_d, double rms_eps) {
-    const i64 t = blockIdx.x;
-    const i64 R = (2 + n) * n, M = 2 * n + n * n;
-    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
-    __shared__ float m[2 * HC_MAX_N + HC_MAX_N * HC_MAX_N];
+// The mix of token t: from `mix` rows of R values, or (part != 0) the sum of n_part split-K
+// slice records of hc_mix_partial / hc_post_mix times the RMS scale. Into shared mix[0..R).
+__device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 width, double rms_eps, float* mix) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     if (part_) {
         const float* part = (const float*)part_ + t * n_part * (R + 1);
-        for (i64 r = threadIdx.x; r <= R; r += blockDim.x) {
+        __shared__ float sums[(2 + HC_MAX_N) * HC_MAX_N + 1];
+        for (i64 r = warp; r <= R; r += warps) {
             float v = 0.f;
-            for (i64 s = 0; s < n_part; s++) v += part[s * (R + 1) + r];
-            mix[r] = v;
+            for (i64 s = lane; s < n_part; s += 32) v += part[s * (R + 1) + r];
+            v = warp_sum(v);
+            if (lane == 0) sums[r] = v;
         }
         __syncthreads();
-        const float inv = (float)(1.0 / sqrt((double)mix[R] / (double)(n * d) + rms_eps));
-        __syncthreads();
-        for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] *= inv;
+        const float inv = (float)(1.0 / sqrt((double)sums[R] / (double)width + rms_eps));
+        for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] = sums[r] * inv;
     } else {
         for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] = ((const float*)mix_)[t * R + r];
     }
     __syncthreads();
+}
+
+// CTA (s, t): token t's mix (hc_load_mix), its mappings (hc_maps_warp; CTA s = 0 stores
+// them: maps out n_tok x (2n + n^2) = [pre | post | comb]) and slice s of the sublayer input
+// x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same mappings.
+extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
+                                  u64 x_, i64 n, i64 d, i64 iters, double eps_d, double rms_eps) {
+    const i64 t = blockIdx.y;
+    const i64 R = (2 + n) * n, M = 2 * n + n * n;
+    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
+    __shared__ float m[2 * HC_MAX_N + HC_MAX_N * HC_MAX_N];
+    hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
     if (threadIdx.x < 32) {
         hc_maps_warp(mix, (const float*)base_, (const float*)scale_, m, (int)n, iters, (float)eps_d);
-        float* maps = (float*)maps_ + t * M;
-        for (i64 i = threadIdx.x; i < M; i += 32) maps[i] = m[i];
+        if (blockIdx.x == 0) {
+            float* maps = (float*)maps_ + t * M;
+            for (i64 i = threadIdx.x; i < M; i += 32) maps[i] = m[i];
+        }
     }
     __syncthreads();
     const float* st = (const float*)streams_ + t * n * d;
     float* x = (float*)x_ + t * d;
-    for (i64 i = threadIdx.x; i < d; i += blockDim.x) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j < n; j++) acc += m[j] * st[j * d + i];
         x[i] = acc;

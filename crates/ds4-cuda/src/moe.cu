@@ -75,11 +75,60 @@ extern "C" __global__ void replicate(u64 x_, u64 xe_, i64 n_tok, i64 k, i64 d) {
     }
 }
 
+// The routed slots (slot = token * k + choice) in stable expert order, so that the expert
+// matvec's consecutive CTAs read the same expert's rows (L2 reuse when a prefill chunk sends
+// several tokens to one expert): order[p] = slot, inv[slot] = p. Ids outside [0, E) go last
+// (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints.
+extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, i64 n_slots, i64 E) {
+    extern __shared__ int start[];
+    const int* ids = (const int*)ids_;
+    auto bucket = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (i64)id : E; };
+    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) start[e] = 0;
+    __syncthreads();
+    for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&start[bucket(s)], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (i64 e = 0; e <= E; e++) {
+            const int c = start[e];
+            start[e] = sum;
+            sum += c;
+        }
+    }
+    __syncthreads();
+    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) {
+        int p = start[e];
+        for (i64 s = 0; s < n_slots; s++)
+            if (bucket(s) == e) {
+                ((int*)order_)[p] = (int)s;
+                ((int*)inv_)[s] = p;
+                p++;
+            }
+    }
+}
+
+// The sorted slots' inputs and routing: xe[p] = x[order[p] / k], ids_out[p] = ids[order[p]],
+// wts_out[p] = wts[order[p]].
+extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, u64 xe_, u64 ids_out_, u64 wts_out_,
+                                        i64 n_slots, i64 k, i64 d) {
+    const int* order = (const int*)order_;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_slots * d; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 p = idx / d, i = idx % d, slot = order[p];
+        ((float*)xe_)[idx] = ((const float*)x_)[(slot / k) * d + i];
+        if (i == 0) {
+            ((int*)ids_out_)[p] = ((const int*)ids_)[slot];
+            ((float*)wts_out_)[p] = ((const float*)wts_)[slot];
+        }
+    }
+}
+
 // y[t] = shared[t] + sum over the token's slots in ascending expert order of a * down[slot]
 // (a = the slot's weight when `weighted`, else 1: ds4 numerics weighed before the down
 // projection).
-extern "C" __global__ void moe_combine(u64 down_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k, i64 d,
-                                       i64 weighted) {
+// Row of slot s in `down`: inv[s] when the slots were sorted (inv != 0), else s.
+extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k,
+                                       i64 d, i64 weighted) {
+    const int* inv = (const int*)inv_;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x) {
         const i64 t = idx / d, i = idx % d;
         const int* ids = (const int*)ids_ + t * k;
@@ -96,7 +145,8 @@ extern "C" __global__ void moe_combine(u64 down_, u64 ids_, u64 wts_, u64 shared
                 if (best < 0 || ids[j] < ids[best]) best = j;
             }
             const float a = weighted ? wts[best] : 1.0f;
-            acc += a * ((const float*)down_)[(t * k + best) * d + i];
+            const i64 slot = t * k + best, row = inv ? (i64)inv[slot] : slot;
+            acc += a * ((const float*)down_)[row * d + i];
             last_id = ids[best];
             last_slot = best;
         }
