@@ -10,10 +10,11 @@
 
 #define SEG 8
 
-// Which quantizer, if any, follows the norm.
+// Which quantizers, if any, follow the norm or the SwiGLU (a bit set).
 #define QUANT_NONE 0
 #define QUANT_Q8_0 1
 #define QUANT_Q8_K 2
+#define QUANT_BOTH 3
 
 // Most threads per row of the RMS norm, and the segments a thread keeps in registers between
 // reading a row and writing it back: rows of up to 512 * 4 * 8 = 16384 values are read once,
@@ -131,11 +132,12 @@ __device__ __forceinline__ void quantize_seg_q8_k(const float v[SEG], bool valid
     if (lane == 0) d[seg >> 5] = dd;
 }
 
+// The quantizers selected by QUANT: Q8_0 into (q0, d0), Q8_K into (qk, dk).
 template <int QUANT, bool V4>
-__device__ __forceinline__ void quantize_seg(const float v[SEG], bool valid, i64 seg, i8* __restrict__ q,
-                                             float* __restrict__ d) {
-    if (QUANT == QUANT_Q8_0) quantize_seg_q8_0<V4>(v, valid, seg, q, d);
-    if (QUANT == QUANT_Q8_K) quantize_seg_q8_k<V4>(v, valid, seg, q, d);
+__device__ __forceinline__ void quantize_seg(const float v[SEG], bool valid, i64 seg, i8* q0, float* d0, i8* qk,
+                                             float* dk) {
+    if (QUANT & QUANT_Q8_0) quantize_seg_q8_0<V4>(v, valid, seg, q0, d0);
+    if (QUANT & QUANT_Q8_K) quantize_seg_q8_k<V4>(v, valid, seg, qk, dk);
 }
 
 // ---- RMS norm ----
@@ -164,19 +166,19 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 // y[r] = x[r] * scale * w, scale = (float)(1 / sqrt(sum(x[r]^2) / n + eps)), the sum of squares
 // in double (each square of a float is exact in double), as the CPU reference computes it;
 // only the order of the additions differs. w may be null (1). One CTA per row, blockDim.x a
-// multiple of 32. With QUANT, the f32 output is also quantized into q (i8[rows*n]) and d (one
-// scale per block), exactly as the standalone quantizer would from y; n must then be whole
-// blocks (32 or 256).
+// multiple of 32. With QUANT, the f32 output is also quantized, exactly as the standalone
+// quantizer would from y: Q8_0 into q0 (i8[rows*n]) and d0 (f32 per 32 values), Q8_K into qk
+// and dk (f32 per 256 values); n must then be whole blocks.
 template <int QUANT, bool V4>
 __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const float* __restrict__ w,
-                                            float* __restrict__ y, i8* __restrict__ q, float* __restrict__ d,
-                                            i64 n, float eps) {
+                                            float* __restrict__ y, i8* __restrict__ q0, float* __restrict__ d0,
+                                            i8* __restrict__ qk, float* __restrict__ dk, i64 n, float eps) {
     const i64 row = blockIdx.x;
     const float* xr = x + row * n;
     float* yr = y + row * n;
-    // q and d are only touched (and only non-null) with a quantizer.
-    i8* qr = QUANT != QUANT_NONE ? q + row * n : q;
-    float* dr = QUANT != QUANT_NONE ? d + row * (n / (QUANT == QUANT_Q8_K ? 256 : 32)) : d;
+    // The quantized outputs are only touched (and only non-null) when selected.
+    if (QUANT & QUANT_Q8_0) q0 += row * n, d0 += row * (n / 32);
+    if (QUANT & QUANT_Q8_K) qk += row * n, dk += row * (n / 256);
     const i64 nseg = (n + SEG - 1) / SEG;
     const i64 nthreads = blockDim.x;
 
@@ -224,7 +226,7 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
 #pragma unroll
         for (int j = 0; j < SEG; j++) o[j] = v[k][j] * scale * wv[k][j];
         if (s < nseg) store_seg<V4>(yr, s * SEG, n, o);
-        quantize_seg<QUANT, V4>(o, s < nseg, s, qr, dr);
+        quantize_seg<QUANT, V4>(o, s < nseg, s, q0, d0, qk, dk);
     }
     for (i64 base = RMS_CACHED * nthreads; base < nseg; base += nthreads) {
         const i64 s = base + threadIdx.x;
@@ -245,18 +247,17 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
 #pragma unroll
         for (int j = 0; j < SEG; j++) o[j] = t[j] * scale * tw[j];
         if (valid) store_seg<V4>(yr, s * SEG, n, o);
-        quantize_seg<QUANT, V4>(o, valid, s, qr, dr);
+        quantize_seg<QUANT, V4>(o, valid, s, q0, d0, qk, dk);
     }
 }
 
-// The launchable instances: plain / fused with Q8_0 / fused with Q8_K, each vectorized (_v4:
-// x, w, y 16-byte aligned, q 8-byte aligned, n % 8 == 0) or general. q and d are unused (may
-// be null) without a quantizer.
-#define RMSNORM_KERNEL(NAME, QUANT, V4)                                                                  \
-    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                                   \
-        NAME(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,            \
-             i8* __restrict__ q, float* __restrict__ d, i64 n, float eps) {                              \
-        rmsnorm_row<QUANT, V4>(x, w, y, q, d, n, eps);                                                   \
+// The launchable instances: plain, fused with Q8_0, Q8_K or both, each vectorized (_v4: x, w,
+// y 16-byte aligned, q 8-byte aligned, n % 8 == 0) or general. Unselected q/d may be null.
+#define RMSNORM_KERNEL(NAME, QUANT, V4)                                                               \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                         \
+        NAME(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, i8* q0, \
+             float* d0, i8* qk, float* dk, i64 n, float eps) {                                        \
+        rmsnorm_row<QUANT, V4>(x, w, y, q0, d0, qk, dk, n, eps);                                      \
     }
 RMSNORM_KERNEL(rmsnorm_f32, QUANT_NONE, false)
 RMSNORM_KERNEL(rmsnorm_f32_v4, QUANT_NONE, true)
@@ -264,6 +265,8 @@ RMSNORM_KERNEL(rmsnorm_q8_0_f32, QUANT_Q8_0, false)
 RMSNORM_KERNEL(rmsnorm_q8_0_f32_v4, QUANT_Q8_0, true)
 RMSNORM_KERNEL(rmsnorm_q8_k_f32, QUANT_Q8_K, false)
 RMSNORM_KERNEL(rmsnorm_q8_k_f32_v4, QUANT_Q8_K, true)
+RMSNORM_KERNEL(rmsnorm_q8_0_q8_k_f32, QUANT_BOTH, false)
+RMSNORM_KERNEL(rmsnorm_q8_0_q8_k_f32_v4, QUANT_BOTH, true)
 
 // ---- standalone activation quantizers ----
 // One segment per thread over all vectors at once (the vectors are contiguous whole blocks);
@@ -281,13 +284,12 @@ __device__ __forceinline__ void quantize_all(const float* __restrict__ x, i8* __
 #pragma unroll
         for (int j = 0; j < SEG; j++) v[j] = 0.0f;
     }
-    quantize_seg<QUANT, V4>(v, valid, s, q, d);
+    quantize_seg<QUANT, V4>(v, valid, s, q, d, q, d);
 }
 
-#define QUANTIZE_KERNEL(NAME, QUANT, V4)                                                                 \
-    extern "C" __global__ void NAME(const float* __restrict__ x, i8* __restrict__ q, float* __restrict__ d, \
-                                    i64 nseg) {                                                          \
-        quantize_all<QUANT, V4>(x, q, d, nseg);                                                          \
+#define QUANTIZE_KERNEL(NAME, QUANT, V4)                                                      \
+    extern "C" __global__ void NAME(const float* __restrict__ x, i8* q, float* d, i64 nseg) { \
+        quantize_all<QUANT, V4>(x, q, d, nseg);                                               \
     }
 QUANTIZE_KERNEL(quantize_q8_0_f32, QUANT_Q8_0, false)
 QUANTIZE_KERNEL(quantize_q8_0_f32_v4, QUANT_Q8_0, true)
@@ -296,15 +298,58 @@ QUANTIZE_KERNEL(quantize_q8_k_f32_v4, QUANT_Q8_K, true)
 
 // ---- SwiGLU ----
 
-// out[i] = silu(min(gate, limit)) * clamp(up, -limit, limit) * weight[i / per_slot]
-// (weight may be null: 1). limit = +inf disables the clamp.
-extern "C" __global__ void swiglu_clamp_f32(const float* gate, const float* up, float* out, const float* weight,
-                                            i64 n, i64 per_slot, float limit) {
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const float g = fminf(gate[i], limit);
-        const float u = fminf(fmaxf(up[i], -limit), limit);
-        const float silu = g / (1.0f + expf(-g));
-        const float v = silu * u;
-        out[i] = weight ? v * weight[i / per_slot] : v;
+// out[i] = silu(min(gate, limit)) * clamp(up, -limit, limit) * weight[i / per_slot] over n
+// values (weight may be null: 1; limit = +inf disables the clamp), one segment per thread.
+// With QUANT (Q8_0 or Q8_K), out is also quantized into q (i8[n]) and d (f32 per block),
+// exactly as the standalone quantizer would from out; n must then be whole blocks. _v4 also
+// needs per_slot % 8 == 0 (one weight per segment).
+template <int QUANT, bool V4>
+__device__ __forceinline__ void swiglu_segs(const float* __restrict__ gate, const float* __restrict__ up,
+                                            float* __restrict__ out, const float* __restrict__ weight, i8* q,
+                                            float* d, i64 n, i64 per_slot, float limit) {
+    const i64 s = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 nseg = (n + SEG - 1) / SEG;
+    if (s - (threadIdx.x & 31) >= nseg) return;  // the whole warp is past the end
+    const bool valid = s < nseg;
+    float g[SEG], u[SEG], o[SEG];
+    if (valid) {
+        load_seg<V4>(gate, s * SEG, n, g);
+        load_seg<V4>(up, s * SEG, n, u);
+    } else {
+#pragma unroll
+        for (int j = 0; j < SEG; j++) g[j] = u[j] = 0.0f;
     }
+#pragma unroll
+    for (int j = 0; j < SEG; j++) {
+        const float gc = fminf(g[j], limit);
+        const float uc = fminf(fmaxf(u[j], -limit), limit);
+        const float silu = gc / (1.0f + expf(-gc));
+        o[j] = silu * uc;
+    }
+    if (weight && valid) {
+        if (V4) {
+            const float wt = weight[s * SEG / per_slot];
+#pragma unroll
+            for (int j = 0; j < SEG; j++) o[j] *= wt;
+        } else {
+#pragma unroll
+            for (int j = 0; j < SEG; j++)
+                if (s * SEG + j < n) o[j] *= weight[(s * SEG + j) / per_slot];
+        }
+    }
+    if (valid) store_seg<V4>(out, s * SEG, n, o);
+    quantize_seg<QUANT, V4>(o, valid, s, q, d, q, d);
 }
+
+#define SWIGLU_KERNEL(NAME, QUANT, V4)                                                                   \
+    extern "C" __global__ void NAME(const float* __restrict__ gate, const float* __restrict__ up,        \
+                                    float* __restrict__ out, const float* __restrict__ weight, i8* q,    \
+                                    float* d, i64 n, i64 per_slot, float limit) {                        \
+        swiglu_segs<QUANT, V4>(gate, up, out, weight, q, d, n, per_slot, limit);                         \
+    }
+SWIGLU_KERNEL(swiglu_clamp_f32, QUANT_NONE, false)
+SWIGLU_KERNEL(swiglu_clamp_f32_v4, QUANT_NONE, true)
+SWIGLU_KERNEL(swiglu_clamp_q8_0_f32, QUANT_Q8_0, false)
+SWIGLU_KERNEL(swiglu_clamp_q8_0_f32_v4, QUANT_Q8_0, true)
+SWIGLU_KERNEL(swiglu_clamp_q8_k_f32, QUANT_Q8_K, false)
+SWIGLU_KERNEL(swiglu_clamp_q8_k_f32_v4, QUANT_Q8_K, true)

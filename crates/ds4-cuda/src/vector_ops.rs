@@ -18,16 +18,12 @@ fn need<T: DeviceValue>(what: &str, b: &DeviceBuffer<T>, n: usize) -> Result<()>
     Ok(())
 }
 
-fn grid_for(n: usize, per_block: usize) -> u32 {
-    n.div_ceil(per_block).clamp(1, 1 << 20) as u32
-}
-
 /// Values per "segment", a thread's unit of work in `vector_ops.cu` (SEG).
 const SEG: usize = 8;
 /// Most threads per row of the RMS norm kernels (RMS_THREADS in `vector_ops.cu`).
 const RMS_THREADS: usize = 512;
-/// Threads per CTA of the standalone quantizers.
-const QUANTIZE_THREADS: usize = 128;
+/// Threads per CTA of the standalone quantizers and the SwiGLU.
+const FLAT_THREADS: usize = 128;
 
 /// Threads for one row of `n` values: one segment each while the row has at most 512, a
 /// multiple of 32 (whole warps; the quantizers shuffle within them).
@@ -35,12 +31,27 @@ fn rms_threads(n: usize) -> u32 {
     n.div_ceil(SEG).next_multiple_of(32).clamp(32, RMS_THREADS) as u32
 }
 
-/// Whether the `_v4` kernels apply: every float pointer 16-byte aligned, the int8 output
-/// 8-byte aligned, and rows a multiple of 8 values (so a segment is two whole float4).
-fn vectorizable(f32_ptrs: &[u64], q_ptr: Option<u64>, n: usize) -> bool {
+/// Whether the `_v4` kernels apply: every float pointer 16-byte aligned, every int8 output
+/// 8-byte aligned (0: none), and rows a multiple of 8 values (a segment is two whole float4).
+fn vectorizable(f32_ptrs: &[u64], q_ptrs: &[u64], n: usize) -> bool {
     n.is_multiple_of(SEG)
         && f32_ptrs.iter().all(|p| p.is_multiple_of(16))
-        && q_ptr.is_none_or(|p| p.is_multiple_of(8))
+        && q_ptrs.iter().all(|p| p.is_multiple_of(8))
+}
+
+/// Checks that `qa` can receive `total` values as whole vectors of `qa.len` values (whole
+/// blocks of its kind); returns the number of vectors.
+fn quantized_room(what: &str, qa: &QuantizedActivations, total: usize) -> Result<usize> {
+    let block = qa.kind.block_elems();
+    if qa.len == 0 || !qa.len.is_multiple_of(block) || !total.is_multiple_of(qa.len) {
+        return Err(CudaError::InvalidArgument(format!(
+            "{what}: {total} values are not whole {:?} vectors of {} values (blocks of {block})",
+            qa.kind, qa.len
+        )));
+    }
+    need(&format!("{what} int8 output"), &qa.q, total)?;
+    need(&format!("{what} scales"), &qa.d, total / block)?;
+    Ok(total / qa.len)
 }
 
 /// A grid dimension, or an error when the work does not fit one launch.
@@ -63,7 +74,7 @@ impl Gpu {
         eps: f32,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        self.launch_rmsnorm(x, weight, n, rows, eps, y, None)
+        self.launch_rmsnorm(x, weight, n, rows, eps, y, None, None)
     }
 
     /// [`Gpu::rmsnorm`] and [`Gpu::quantize_activations`] of its output in one launch: y is
@@ -81,28 +92,42 @@ impl Gpu {
         y: &mut DeviceBuffer<f32>,
         qa: &mut QuantizedActivations,
     ) -> Result<()> {
-        if qa.len != n {
-            return Err(CudaError::InvalidArgument(format!(
-                "rmsnorm_quantized: rows of {n} values into quantized vectors of {}",
-                qa.len
-            )));
+        let (mut q8_0, mut q8_k) = (None, None);
+        match qa.kind {
+            ActQuant::Q8_0 => q8_0 = Some(&mut *qa),
+            ActQuant::Q8K => q8_k = Some(&mut *qa),
         }
-        let block = qa.kind.block_elems();
-        if !n.is_multiple_of(block) {
-            return Err(CudaError::InvalidArgument(format!(
-                "rmsnorm_quantized: {:?} rows of {n} values are not whole blocks of {block}",
-                qa.kind
-            )));
-        }
-        need("rmsnorm_quantized int8 output", &qa.q, n * rows)?;
-        need("rmsnorm_quantized scales", &qa.d, n * rows / block)?;
-        self.launch_rmsnorm(x, weight, n, rows, eps, y, Some(qa))?;
-        qa.n_vecs = rows;
-        Ok(())
+        self.launch_rmsnorm(x, weight, n, rows, eps, y, q8_0, q8_k)
     }
 
-    /// Launches one of the rmsnorm kernels: one CTA per row, quantizing into `qa` when given
-    /// (its shape already checked by the caller).
+    /// [`Gpu::rmsnorm_quantized`] into both activation formats at once (a normalized vector
+    /// that feeds Q8_0 matrices and K-quant/IQ ones): `q8_0` (kind Q8_0) and `q8_k` (kind Q8K)
+    /// each receive what `quantize_activations(y, ..)` would produce; n must be a multiple of
+    /// 256. On success both `n_vecs` are set to `rows`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_quantized_both(
+        &self,
+        x: &DeviceBuffer<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
+        n: usize,
+        rows: usize,
+        eps: f32,
+        y: &mut DeviceBuffer<f32>,
+        q8_0: &mut QuantizedActivations,
+        q8_k: &mut QuantizedActivations,
+    ) -> Result<()> {
+        if q8_0.kind != ActQuant::Q8_0 || q8_k.kind != ActQuant::Q8K {
+            return Err(CudaError::InvalidArgument(format!(
+                "rmsnorm_quantized_both: outputs of kinds {:?} and {:?}, expected Q8_0 and Q8K",
+                q8_0.kind, q8_k.kind
+            )));
+        }
+        self.launch_rmsnorm(x, weight, n, rows, eps, y, Some(q8_0), Some(q8_k))
+    }
+
+    /// Launches one of the rmsnorm kernels: one CTA per row, quantizing into the given outputs
+    /// (`q8_0` of kind Q8_0, `q8_k` of kind Q8K, as the callers pass them), whose `n_vecs`
+    /// become `rows`.
     #[allow(clippy::too_many_arguments)]
     fn launch_rmsnorm(
         &self,
@@ -112,52 +137,72 @@ impl Gpu {
         rows: usize,
         eps: f32,
         y: &mut DeviceBuffer<f32>,
-        qa: Option<&mut QuantizedActivations>,
+        q8_0: Option<&mut QuantizedActivations>,
+        q8_k: Option<&mut QuantizedActivations>,
     ) -> Result<()> {
         need("rmsnorm input", x, n * rows)?;
         need("rmsnorm output", y, n * rows)?;
         if let Some(w) = weight {
             need("rmsnorm weight", w, n)?;
         }
-        if rows == 0 || n == 0 {
-            return Ok(());
+        for qa in q8_0.iter().chain(q8_k.iter()) {
+            if qa.len != n {
+                return Err(CudaError::InvalidArgument(format!(
+                    "rmsnorm_quantized: rows of {n} values into {:?} vectors of {}",
+                    qa.kind, qa.len
+                )));
+            }
+            quantized_room("rmsnorm_quantized", qa, n * rows)?;
         }
-        let (xp, wp, yp) = (x.ptr(), weight.map_or(0, |w| w.ptr()), y.ptr());
-        let (qp, dp) = qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()));
-        let mut f32_ptrs = vec![xp, yp];
-        f32_ptrs.extend(weight.map(|w| w.ptr()));
-        let v4 = vectorizable(&f32_ptrs, qa.as_ref().map(|qa| qa.q.ptr()), n);
-        let name = match (qa.map(|qa| qa.kind), v4) {
-            (None, false) => "rmsnorm_f32",
-            (None, true) => "rmsnorm_f32_v4",
-            (Some(ActQuant::Q8_0), false) => "rmsnorm_q8_0_f32",
-            (Some(ActQuant::Q8_0), true) => "rmsnorm_q8_0_f32_v4",
-            (Some(ActQuant::Q8K), false) => "rmsnorm_q8_k_f32",
-            (Some(ActQuant::Q8K), true) => "rmsnorm_q8_k_f32_v4",
+        let ptrs = |qa: &Option<&mut QuantizedActivations>| {
+            qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()))
         };
-        let f = self.kernels.function("vector_ops", name)?;
-        let n64 = n as i64;
-        let mut b = self.device.stream().launch_builder(&f);
-        b.arg(&xp)
-            .arg(&wp)
-            .arg(&yp)
-            .arg(&qp)
-            .arg(&dp)
-            .arg(&n64)
-            .arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (grid_dim(name, rows)?, 1, 1),
-            block_dim: (rms_threads(n), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match rmsnorm*_f32(const float*, const float*, float*, i8*, float*,
-        // i64, float); x and y hold rows × n values and w (when non-null) n values (checked
-        // above); with a quantizer q holds rows × n int8 and d one f32 per block (checked by
-        // rmsnorm_quantized), else q and d are null and unused; the _v4 kernels are chosen only
-        // when their alignment conditions hold; blockDim is a multiple of 32, at most 512.
-        self.device
-            .launch_timed(name, 0, || unsafe { b.launch(cfg) })
-            .ctx(name)?;
+        let ((q0p, d0p), (qkp, dkp)) = (ptrs(&q8_0), ptrs(&q8_k));
+        if rows > 0 && n > 0 {
+            let (xp, wp, yp) = (x.ptr(), weight.map_or(0, |w| w.ptr()), y.ptr());
+            let mut f32_ptrs = vec![xp, yp];
+            f32_ptrs.extend(weight.map(|w| w.ptr()));
+            let v4 = vectorizable(&f32_ptrs, &[q0p, qkp], n);
+            let name = match (q8_0.is_some(), q8_k.is_some(), v4) {
+                (false, false, false) => "rmsnorm_f32",
+                (false, false, true) => "rmsnorm_f32_v4",
+                (true, false, false) => "rmsnorm_q8_0_f32",
+                (true, false, true) => "rmsnorm_q8_0_f32_v4",
+                (false, true, false) => "rmsnorm_q8_k_f32",
+                (false, true, true) => "rmsnorm_q8_k_f32_v4",
+                (true, true, false) => "rmsnorm_q8_0_q8_k_f32",
+                (true, true, true) => "rmsnorm_q8_0_q8_k_f32_v4",
+            };
+            let f = self.kernels.function("vector_ops", name)?;
+            let n64 = n as i64;
+            let mut b = self.device.stream().launch_builder(&f);
+            b.arg(&xp)
+                .arg(&wp)
+                .arg(&yp)
+                .arg(&q0p)
+                .arg(&d0p)
+                .arg(&qkp)
+                .arg(&dkp)
+                .arg(&n64)
+                .arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (grid_dim(name, rows)?, 1, 1),
+                block_dim: (rms_threads(n), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match rmsnorm*_f32(const float* x, const float* w, float* y,
+            // i8* q0, float* d0, i8* qk, float* dk, i64 n, float eps); x and y hold rows × n
+            // values and w (when non-null) n values; each selected quantized output holds
+            // rows × n int8 values and one f32 per block, n being whole blocks (all checked
+            // above); unselected outputs are null and unused; the _v4 kernels are chosen only
+            // when their alignment conditions hold; blockDim is a multiple of 32, at most 512.
+            self.device
+                .launch_timed(name, 0, || unsafe { b.launch(cfg) })
+                .ctx(name)?;
+        }
+        for qa in q8_0.into_iter().chain(q8_k) {
+            qa.n_vecs = rows;
+        }
         Ok(())
     }
 
@@ -175,6 +220,46 @@ impl Gpu {
         weight: Option<&DeviceBuffer<f32>>,
         out: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
+        self.launch_swiglu(gate, up, n, per_slot, limit, weight, out, None)
+    }
+
+    /// [`Gpu::swiglu_clamp`] and [`Gpu::quantize_activations`] of its output in one launch:
+    /// out is written as by `swiglu_clamp`, and `qa` receives exactly what
+    /// `quantize_activations(out, qa)` would produce. The n values are cut into vectors of
+    /// `qa.len` (n must be a multiple of it, e.g. slots × per_slot with `qa.len == per_slot`);
+    /// on success `qa.n_vecs` is set to `n / qa.len`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_clamp_quantized(
+        &self,
+        gate: &DeviceBuffer<f32>,
+        up: &DeviceBuffer<f32>,
+        n: usize,
+        per_slot: usize,
+        limit: Option<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
+        out: &mut DeviceBuffer<f32>,
+        qa: &mut QuantizedActivations,
+    ) -> Result<()> {
+        let n_vecs = quantized_room("swiglu_clamp_quantized", qa, n)?;
+        self.launch_swiglu(gate, up, n, per_slot, limit, weight, out, Some(&mut *qa))?;
+        qa.n_vecs = n_vecs;
+        Ok(())
+    }
+
+    /// Launches one of the SwiGLU kernels, one 8-value segment per thread, quantizing into
+    /// `qa` when given (its room already checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_swiglu(
+        &self,
+        gate: &DeviceBuffer<f32>,
+        up: &DeviceBuffer<f32>,
+        n: usize,
+        per_slot: usize,
+        limit: Option<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
+        out: &mut DeviceBuffer<f32>,
+        qa: Option<&mut QuantizedActivations>,
+    ) -> Result<()> {
         need("swiglu gate", gate, n)?;
         need("swiglu up", up, n)?;
         need("swiglu output", out, n)?;
@@ -189,32 +274,48 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let f = self.kernels.function("vector_ops", "swiglu_clamp_f32")?;
         let (gp, upp, op, wp) = (
             gate.ptr(),
             up.ptr(),
             out.ptr(),
             weight.map_or(0, |w| w.ptr()),
         );
+        let (qp, dp) = qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()));
+        let v4 = per_slot.is_multiple_of(SEG) && vectorizable(&[gp, upp, op], &[qp], n);
+        let name = match (qa.map(|qa| qa.kind), v4) {
+            (None, false) => "swiglu_clamp_f32",
+            (None, true) => "swiglu_clamp_f32_v4",
+            (Some(ActQuant::Q8_0), false) => "swiglu_clamp_q8_0_f32",
+            (Some(ActQuant::Q8_0), true) => "swiglu_clamp_q8_0_f32_v4",
+            (Some(ActQuant::Q8K), false) => "swiglu_clamp_q8_k_f32",
+            (Some(ActQuant::Q8K), true) => "swiglu_clamp_q8_k_f32_v4",
+        };
+        let f = self.kernels.function("vector_ops", name)?;
         let (n64, ps64, lim) = (n as i64, per_slot as i64, limit.unwrap_or(f32::INFINITY));
         let mut b = self.device.stream().launch_builder(&f);
         b.arg(&gp)
             .arg(&upp)
             .arg(&op)
             .arg(&wp)
+            .arg(&qp)
+            .arg(&dp)
             .arg(&n64)
             .arg(&ps64)
             .arg(&lim);
         let cfg = LaunchConfig {
-            grid_dim: (grid_for(n, 256), 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (grid_dim(name, n.div_ceil(SEG * FLAT_THREADS))?, 1, 1),
+            block_dim: (FLAT_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: arguments match swiglu_clamp_f32(const float*, const float*, float*,
-        // const float*, i64, i64, float); all buffers were length-checked above.
+        // SAFETY: arguments match swiglu_clamp*_f32(const float* gate, const float* up,
+        // float* out, const float* weight, i8* q, float* d, i64 n, i64 per_slot, float limit);
+        // gate, up and out hold n values, weight (when non-null) one per slot (checked above);
+        // with a quantizer q holds n int8 values and d one f32 per block, n being whole blocks
+        // (checked by swiglu_clamp_quantized), else q and d are null and unused; _v4 only when
+        // its alignment conditions hold (and per_slot % 8 == 0).
         self.device
-            .launch_timed("swiglu_clamp_f32", 0, || unsafe { b.launch(cfg) })
-            .ctx("swiglu_clamp_f32")?;
+            .launch_timed(name, 0, || unsafe { b.launch(cfg) })
+            .ctx(name)?;
         Ok(())
     }
 
@@ -247,20 +348,12 @@ impl Gpu {
         out: &mut QuantizedActivations,
     ) -> Result<()> {
         let total = out.len * out.n_vecs;
-        let block = out.kind.block_elems();
-        if !total.is_multiple_of(block) {
-            return Err(CudaError::InvalidArgument(format!(
-                "{:?} activations of {total} values are not whole blocks of {block}",
-                out.kind
-            )));
-        }
         need("activations", x, total)?;
-        need("quantized int8 output", &out.q, total)?;
-        need("quantized scales", &out.d, total / block)?;
         if total == 0 {
             return Ok(());
         }
-        let v4 = vectorizable(&[x.ptr()], Some(out.q.ptr()), total);
+        quantized_room("quantize_activations", out, total)?;
+        let v4 = vectorizable(&[x.ptr()], &[out.q.ptr()], total);
         let name = match (out.kind, v4) {
             (ActQuant::Q8_0, false) => "quantize_q8_0_f32",
             (ActQuant::Q8_0, true) => "quantize_q8_0_f32_v4",
@@ -274,8 +367,8 @@ impl Gpu {
         b.arg(&xp).arg(&qp).arg(&dp).arg(&nseg);
         // One 8-value segment per thread: a Q8_0 block is 4 lanes, a Q8_K block one warp.
         let cfg = LaunchConfig {
-            grid_dim: (grid_dim(name, segments.div_ceil(QUANTIZE_THREADS))?, 1, 1),
-            block_dim: (QUANTIZE_THREADS as u32, 1, 1),
+            grid_dim: (grid_dim(name, segments.div_ceil(FLAT_THREADS))?, 1, 1),
+            block_dim: (FLAT_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: arguments match quantize_*_f32(const float*, i8*, float*, i64); x holds the

@@ -326,5 +326,112 @@ fn rmsnorm_quantized_rejects_mismatched_shapes() {
         .rmsnorm_quantized(&dx, None, 100, 1, EPS, &mut dy, &mut qa)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("whole blocks"), "{e}");
+    assert!(e.contains("blocks of 256"), "{e}");
+}
+
+#[test]
+fn rmsnorm_quantized_both_equals_the_two_single_kinds() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(14);
+    for &(n, rows) in &[(4096usize, 1usize), (4096, 3), (1024, 2), (32768, 1)] {
+        let mut x = test_rows(&mut rng, n, rows);
+        add_edge_cases(&mut x);
+        let w: Vec<f32> = rng.f32s(n).iter().map(|v| 1.0 + v).collect();
+        let (dx, dw) = (g.device.upload(&x).unwrap(), g.device.upload(&w).unwrap());
+        let what = format!("rmsnorm_quantized_both n {n} rows {rows}");
+        let mut dy = g.device.alloc_filled::<f32>(n * rows, 0xFF).unwrap();
+        let mut q0 = g.alloc_quantized(ActQuant::Q8_0, n, rows).unwrap();
+        let mut qk = g.alloc_quantized(ActQuant::Q8K, n, rows).unwrap();
+        g.rmsnorm_quantized_both(&dx, Some(&dw), n, rows, EPS, &mut dy, &mut q0, &mut qk)
+            .unwrap();
+        let y = g.device.download(&dy).unwrap();
+        let mut dy1 = g.device.alloc_filled::<f32>(n * rows, 0xFF).unwrap();
+        g.rmsnorm(&dx, Some(&dw), n, rows, EPS, &mut dy1).unwrap();
+        assert!(
+            same_bits(&y, &g.device.download(&dy1).unwrap()),
+            "{what}: f32 output differs from rmsnorm's"
+        );
+        check_quantized(g, &format!("{what} Q8_0"), &q0, &y);
+        check_quantized(g, &format!("{what} Q8_K"), &qk, &y);
+    }
+    // The two outputs must be of the kinds their names say.
+    let n = 256;
+    let dx = g.device.upload(&vec![1f32; n]).unwrap();
+    let mut dy = g.device.alloc::<f32>(n).unwrap();
+    let mut a = g.alloc_quantized(ActQuant::Q8K, n, 1).unwrap();
+    let mut b = g.alloc_quantized(ActQuant::Q8K, n, 1).unwrap();
+    assert!(g
+        .rmsnorm_quantized_both(&dx, None, n, 1, EPS, &mut dy, &mut a, &mut b)
+        .is_err());
+}
+
+/// The CPU formula of the clamped SwiGLU (f32, as ds4-model's swiglu_clamped, times the slot
+/// weight).
+fn cpu_swiglu(gate: f32, up: f32, limit: f32, weight: f32) -> f32 {
+    let g = gate.min(limit);
+    let u = up.clamp(-limit, limit);
+    g / (1.0 + (-g).exp()) * u * weight
+}
+
+#[test]
+fn swiglu_matches_cpu_and_its_quantized_form_is_bit_exact() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    // (per_slot, slots): the routed experts of a decode token, the shared expert, a prefill
+    // span, and slots that are not a multiple of 8 values (scalar path).
+    let shapes: &[(usize, usize, Option<ActQuant>)] = &[
+        (2048, 6, Some(ActQuant::Q8K)),
+        (2048, 1, Some(ActQuant::Q8_0)),
+        (2048, 1, Some(ActQuant::Q8K)),
+        (512, 40, Some(ActQuant::Q8_0)),
+        (256, 3, Some(ActQuant::Q8K)),
+        (100, 3, None),
+        (7, 5, None),
+    ];
+    for &(per_slot, slots, kind) in shapes {
+        let n = per_slot * slots;
+        let gate: Vec<f32> = rng.f32s(n).iter().map(|v| v * 15.0).collect();
+        let up: Vec<f32> = rng.f32s(n).iter().map(|v| v * 15.0).collect();
+        let wts: Vec<f32> = rng.f32s(slots).iter().map(|v| v * 2.0).collect();
+        let (dg, du, dwt) = (
+            g.device.upload(&gate).unwrap(),
+            g.device.upload(&up).unwrap(),
+            g.device.upload(&wts).unwrap(),
+        );
+        for (limit, weighted) in [(Some(10.0f32), true), (None, false)] {
+            let what = format!("swiglu {per_slot}x{slots} limit {limit:?} weighted {weighted}");
+            let weight = weighted.then_some(&dwt);
+            let mut dout = g.device.alloc_filled::<f32>(n, 0xFF).unwrap();
+            g.swiglu_clamp(&dg, &du, n, per_slot, limit, weight, &mut dout)
+                .unwrap();
+            let out = g.device.download(&dout).unwrap();
+            for i in 0..n {
+                let wt = if weighted { wts[i / per_slot] } else { 1.0 };
+                let want = cpu_swiglu(gate[i], up[i], limit.unwrap_or(f32::INFINITY), wt);
+                assert!(
+                    (out[i] - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "{what}: [{i}] {} vs {want}",
+                    out[i]
+                );
+            }
+            let Some(kind) = kind else { continue };
+            let mut dq_out = g.device.alloc_filled::<f32>(n, 0xFF).unwrap();
+            let mut qa = g.alloc_quantized(kind, per_slot, slots + 1).unwrap();
+            g.swiglu_clamp_quantized(&dg, &du, n, per_slot, limit, weight, &mut dq_out, &mut qa)
+                .unwrap();
+            assert_eq!(qa.n_vecs, slots, "{what}: n_vecs");
+            assert!(
+                same_bits(&g.device.download(&dq_out).unwrap(), &out),
+                "{what}: f32 output differs from swiglu_clamp's"
+            );
+            check_quantized(g, &format!("{what} {kind:?}"), &qa, &out);
+        }
+    }
+    // Values that are not whole quantized vectors are an error.
+    let d = g.device.upload(&vec![1f32; 300]).unwrap();
+    let mut o = g.device.alloc::<f32>(300).unwrap();
+    let mut qa = g.alloc_quantized(ActQuant::Q8_0, 64, 8).unwrap();
+    assert!(g
+        .swiglu_clamp_quantized(&d, &d, 300, 100, None, None, &mut o, &mut qa)
+        .is_err());
 }
