@@ -43,6 +43,7 @@ struct GemvParams {
     i64 x_slot_vecs;
     i64 y_slot_vecs;
     i64 aligned16;  // weights and row_bytes are multiples of 16: 16-byte loads allowed
+    i64 split;      // warps per row group (1, 2, 4, 8; divides the CTA's warps)
 };
 
 // Per format: block bytes, block elements, blocks per chunk (chunk bytes % 16 == 0),
@@ -53,9 +54,67 @@ template <> struct Fmt<FMT_Q2_K> { enum { BB = 84, BE = 256, CB = 8, ITEMS = 8, 
 template <> struct Fmt<FMT_Q4_K> { enum { BB = 144, BE = 256, CB = 8, ITEMS = 8, QB = 256 }; };
 template <> struct Fmt<FMT_IQ2_XXS> { enum { BB = 66, BE = 256, CB = 16, ITEMS = 8, QB = 256 }; };
 
+// ---- IQ2_XXS decoding without sign tables ----
+// A grid entry is 8 bytes, each 8, 25 or 43. The kernels keep it as a PRMT selector word
+// (nibble j = 0, 1, 2 for byte j = 8, 25, 43; 1 KB for the codebook, one 32-bit shared load
+// per 8 weights). Setting bit 2 of a nibble selects the negated byte instead, so one PRMT
+// turns selector | sign bits into 4 signed weights.
+#define IQ2_POS 0x002B1908u  // bytes 8, 25, 43
+#define IQ2_NEG 0x00D5E7F8u  // bytes -8, -25, -43
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// Builds the selector table from the u64 codebook at p.grid (every thread of the CTA calls it;
+// the caller synchronizes before use).
+__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p, u32* gsel) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const u64 g = ((const u64*)p.grid)[i];
+        u32 sel = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const u32 b = (u32)(g >> (8 * j)) & 255;
+            sel |= (b == 8 ? 0u : b == 25 ? 1u : 2u) << (4 * j);
+        }
+        gsel[i] = sel;
+    }
+}
+
+// Bit j of an 8-bit value moved to bit 4j + 2 (the "negate" bit of selector nibble j).
+__device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
+    u32 x = (s8 | (s8 << 12)) & 0x000F000Fu;  // bits 0-3 stay, 4-7 -> 16-19
+    x = (x | (x << 6)) & 0x03030303u;         // 2-bit pairs -> bytes
+    x = (x | (x << 3)) & 0x11111111u;         // single bits -> nibbles
+    return x << 2;
+}
+
+// The 8 signed weights of group l (0..3) of an item: a0 holds the 4 grid indices, a1 the four
+// 7-bit sign indices (the eighth sign makes the count of minus signs even). lo = weights 0-3.
+__device__ __forceinline__ void iq2xxs_group(const u32* gsel, u32 a0, u32 a1, int l, u32* lo, u32* hi) {
+    const u32 s7 = (a1 >> (7 * l)) & 127;
+    const u32 sel = gsel[(a0 >> (8 * l)) & 255] | sign_nibbles8(iq2_signs(s7));
+    *lo = prmt(IQ2_POS, IQ2_NEG, sel);
+    *hi = prmt(IQ2_POS, IQ2_NEG, sel >> 16);
+}
+
+// The 8 bytes at p (2-byte aligned) of a shared-memory stage that is readable in whole 4-byte
+// words up to the last of these bytes: two or three 32-bit loads and a funnel shift instead of
+// four 16-bit loads.
+__device__ __forceinline__ void rd64_a2(const u8* p, u32* lo, u32* hi) {
+    const u32* q = (const u32*)((u64)p & ~(u64)3);
+    const u32 sh = (u32)((u64)p & 2) * 8;  // 0 or 16
+    const u32 w0 = q[0], w1 = q[1];
+    const u32 w2 = sh ? q[2] : w1;  // the third word only when the bytes straddle it
+    *lo = __funnelshift_r(w0, w1, sh);
+    *hi = __funnelshift_r(w1, w2, sh);
+}
+
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
 template <int FMT>
-__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u64* grid, const u64* signs, float q[4]) {
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* gsel, float q[4]) {
     if constexpr (FMT == FMT_Q8_0) {
         u32 w = rd32_a2(blk + 2 + 4 * i);
 #pragma unroll
@@ -70,11 +129,10 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u64*
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)((w >> (8 * j)) & 15);
     } else {  // IQ2_XXS
-        const u32 a0 = rd32_a2(blk + 2 + 8 * it), a1 = rd32_a2(blk + 6 + 8 * it);
-        const int l = i >> 1, half = i & 1;
-        const u32 g = (u32)(grid[(a0 >> (8 * l)) & 255] >> (32 * half));
-        const u32 m = (u32)(signs[(a1 >> (7 * l)) & 127] >> (32 * half));
-        const u32 w = apply_signs(g, m);
+        u32 a0, a1, lo, hi;
+        rd64_a2(blk + 2 + 8 * it, &a0, &a1);
+        iq2xxs_group(gsel, a0, a1, i >> 1, &lo, &hi);
+        const u32 w = (i & 1) ? hi : lo;
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
     }
@@ -105,7 +163,7 @@ __device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* 
 // One item (32 elements at e0 of every vector) against R staged rows, f32 activations.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const float* x, i64 xstride,
-                                          i64 e0, const u64* grid, const u64* signs, float (&acc)[R][NB]) {
+                                          i64 e0, const u32* gsel, float (&acc)[R][NB]) {
     constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
     constexpr int GPP = 8 / NP;                       // groups of 4 per part
     constexpr bool HAS_MIN = (FMT == FMT_Q2_K || FMT == FMT_Q4_K);
@@ -129,7 +187,7 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float q[4];
-                item_q4<FMT>(blks[r], it, i, grid, signs, q);
+                item_q4<FMT>(blks[r], it, i, gsel, q);
 #pragma unroll
                 for (int v = 0; v < NB; v++)
                     sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
@@ -149,8 +207,7 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 // vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8* xq, const float* xd,
-                                         i64 xstride, i64 e0, const u64* grid, const u64* signs,
-                                         float (&acc)[R][NB]) {
+                                         i64 xstride, i64 e0, const u32* gsel, float (&acc)[R][NB]) {
     constexpr int QB = Fmt<FMT>::QB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
@@ -191,14 +248,14 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
                     w[j] = (int)((rd32(blk + 16 + 32 * (it >> 1) + 16 * h + 4 * j) >> (4 * (it & 1))) &
                                  0x0F0F0F0Fu);
             } else {  // IQ2_XXS: grid entries 2h, 2h+1 of this item, 8 values each
-                const u32 a0 = rd32_a2(blk + 2 + 8 * it), a1 = rd32_a2(blk + 6 + 8 * it);
+                u32 a0, a1;
+                rd64_a2(blk + 2 + 8 * it, &a0, &a1);
 #pragma unroll
                 for (int l2 = 0; l2 < 2; l2++) {
-                    const int l = 2 * h + l2;
-                    const u64 g = grid[(a0 >> (8 * l)) & 255];
-                    const u64 m = signs[(a1 >> (7 * l)) & 127];
-                    w[2 * l2] = (int)apply_signs((u32)g, (u32)m);
-                    w[2 * l2 + 1] = (int)apply_signs((u32)(g >> 32), (u32)(m >> 32));
+                    u32 lo, hi;
+                    iq2xxs_group(gsel, a0, a1, 2 * h + l2, &lo, &hi);
+                    w[2 * l2] = (int)lo;
+                    w[2 * l2 + 1] = (int)hi;
                 }
             }
 #pragma unroll
@@ -234,7 +291,8 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
                 acc[r][v] += (dx * f16_to_f32(rd16(blk))) * (float)(sc * isum[r][v]) -
                              (dx * f16_to_f32(rd16(blk + 2))) * (float)(m * (bsum[v][0] + bsum[v][1]));
             } else {
-                const u32 a1 = rd32_a2(blk + 6 + 8 * it);
+                u32 a0, a1;
+                rd64_a2(blk + 2 + 8 * it, &a0, &a1);
                 const int ls = 2 * (int)(a1 >> 28) + 1;
                 acc[r][v] += 0.125f * (dx * f16_to_f32(rd16(blk))) * (float)(ls * isum[r][v]);
             }
@@ -257,18 +315,36 @@ __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u
     return false;
 }
 
+// Writes the R x NB sums of a row group owned by `ws` consecutive warps: each warp reduces its
+// lanes (warp_sum), then (ws > 1) the first warp of the group adds the warps' partials in warp
+// order. Every thread of the CTA must call it the same number of times (it may synchronize).
 template <int R, int NB>
-__device__ __forceinline__ void store_rows(const GemvParams& p, i64 row0, float (&acc)[R][NB]) {
+__device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int ws, float (&acc)[R][NB], float* red) {
     float* y = (float*)p.y;
-    const int lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 ybase = (i64)blockIdx.y * p.y_slot_vecs;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int v = 0; v < NB; v++) {
             const float s = warp_sum(acc[r][v]);
-            if (lane == 0 && row0 + r < p.n_rows)
-                y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row0 + r] = s;
+            if (ws == 1) {
+                if (lane == 0 && row0 + r < p.n_rows) y[(ybase + v) * p.n_rows + row0 + r] = s;
+            } else if (lane == 0) {
+                red[(warp * R + r) * NB + v] = s;
+            }
         }
+    if (ws == 1) return;
+    __syncthreads();
+    if (warp % ws == 0) {
+        for (int i = lane; i < R * NB; i += 32) {
+            const int r = i / NB, v = i % NB;
+            float s = red[warp * R * NB + i];
+            for (int w = 1; w < ws; w++) s += red[(warp + w) * R * NB + i];
+            if (row0 + r < p.n_rows) y[(ybase + v) * p.n_rows + row0 + r] = s;
+        }
+    }
+    __syncthreads();
 }
 
 // Block-quantized weights, staged through shared memory.
@@ -279,30 +355,26 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     constexpr int LPL = (CHUNK / 16 + 31) / 32;  // 16-byte loads per lane per row
     // Dynamic shared memory: warps x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 stage_dyn[];
-    // IQ2_XXS tables: the codebook, and each 7-bit sign index as a byte mask (0xFF = minus).
-    __shared__ u64 grid_s[FMT == FMT_IQ2_XXS ? 256 : 1];
-    __shared__ u64 signs_s[FMT == FMT_IQ2_XXS ? 128 : 1];
-    if constexpr (FMT == FMT_IQ2_XXS) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = ((const u64*)p.grid)[i];
-        for (int i = threadIdx.x; i < 128; i += blockDim.x) {
-            const u32 sg = iq2_signs(i);
-            signs_s[i] = (u64)sign_mask4(sg & 15) | ((u64)sign_mask4(sg >> 4) << 32);
-        }
-        __syncthreads();
-    }
+    // IQ2_XXS: the codebook as PRMT selectors (see iq2xxs_tables).
+    __shared__ u32 gsel_s[FMT == FMT_IQ2_XXS ? 256 : 1];
+    __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ws = (int)p.split, wg = warp % ws;  // warps per row group, this warp's rank in it
     u8* const stage = stage_dyn + warp * R * CHUNK;
     const i64 nblocks = p.k / F::BE;
     const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
     const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
 
-    // The warp's row groups form one stream of (group, chunk) steps: the loads of the next step,
-    // also across a group boundary, are in flight while the current chunk is computed.
-    const i64 group_stride = (i64)gridDim.x * warps * R;
-    i64 row0 = ((i64)blockIdx.x * warps + warp) * R;
+    // Row blocks of the CTA (groups x R rows) in grid-stride order, the same count for every
+    // warp (group_store synchronizes). Warp wg of a group takes chunks wg, wg+ws, ... of the
+    // group's rows. A warp's (block, chunk) steps form one stream: the loads of the next step,
+    // also across a block boundary, are in flight while the current chunk is computed.
+    const i64 rows_per_cta = (i64)(blockDim.x / (32 * ws)) * R;
+    const i64 block_stride = (i64)gridDim.x * rows_per_cta;
+    const i64 group_row = (i64)(warp / ws) * R;
     const u8* rows[R];
     uint4 regs[R][LPL];
     auto set_rows = [&](i64 r0) {
@@ -317,18 +389,26 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
             for (int j = 0; j < LPL; j++)
                 if (lane + 32 * j < n16) regs[r][j] = load_stream16(rows[r] + c * CHUNK + 16 * (lane + 32 * j));
     };
-    if (row0 < p.n_rows) {
-        set_rows(row0);
-        if (p.aligned16) fetch(0);
+    {
+        const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
+        if (row0 < p.n_rows && wg < nchunks) {
+            set_rows(row0);
+            if (p.aligned16) fetch(wg);
+        }
     }
-    for (; row0 < p.n_rows; row0 += group_stride) {
+    if constexpr (FMT == FMT_IQ2_XXS) {  // after the first loads are issued: they overlap this
+        iq2xxs_tables(p, gsel_s);
+        __syncthreads();
+    }
+    for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
+        const i64 row0 = blk * rows_per_cta + group_row;
         const u8* blks[R];
         float acc[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
-        for (i64 c = 0; c < nchunks; c++) {
+        for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws) {
             const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
             __syncwarp();
             if (p.aligned16) {
@@ -347,11 +427,11 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
             }
             __syncwarp();
             // Issue the next step's loads (in flight during the math below).
-            if (c + 1 < nchunks) {
-                if (p.aligned16) fetch(c + 1);
-            } else if (row0 + group_stride < p.n_rows) {
-                set_rows(row0 + group_stride);
-                if (p.aligned16) fetch(0);
+            if (c + ws < nchunks) {
+                if (p.aligned16) fetch(c + ws);
+            } else if (row0 + block_stride < p.n_rows) {
+                set_rows(row0 + block_stride);
+                if (p.aligned16) fetch(wg);
             }
             for (int item = lane; item < nbv * F::ITEMS; item += 32) {
                 const int lb = item / F::ITEMS, it = item % F::ITEMS;
@@ -360,74 +440,117 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
                 for (int r = 0; r < R; r++) blks[r] = stage + r * CHUNK + lb * F::BB;
                 if constexpr (QX)
                     item_q8x<FMT, R, NB>(blks, it, (const i8*)p.x + xv0 * p.k, (const float*)p.xd + xv0 * p.k / F::QB,
-                                         p.k, e0, grid_s, signs_s, acc);
+                                         p.k, e0, gsel_s, acc);
                 else
-                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, grid_s, signs_s, acc);
+                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, gsel_s, acc);
             }
         }
-        store_rows<R, NB>(p, row0, acc);
+        group_store<R, NB>(p, row0, ws, acc, red);
     }
 }
 
-// F32 / F16 weights: read straight from global memory, 8 elements per lane per step.
+// F32 / F16 weights, f32 activations, read straight from global memory.
+//
+// Work split: a row group (R rows) belongs to p.split warps (1..8; gemv.rs picks it from the
+// row length alone, so results never depend on the launch shape). Its TPR = 32*split threads
+// cut every row into 16-byte pieces: thread t takes pieces t, t+TPR, t+2*TPR, ... and keeps
+// U pieces x R rows of loads in flight before it does the math. A 4096-column F16 row is 512
+// pieces, so with split = 8 each thread has 2 pieces per row and a 256-row matrix becomes 256
+// (R = 1) CTAs instead of 32 warps each walking 4096 columns.
+//
+// Order of the f32 sums (deterministic): each thread fmas its pieces in order, element by
+// element; lanes are combined by warp_sum; the split warps' partials are added in warp order.
+// R and NB do not change it. Rows that are not 16-byte aligned (or whose length is not whole
+// pieces) take scalar loads of the same elements in the same order.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
+    constexpr int ES = FMT == FMT_F32 ? 4 : 2;  // bytes per weight
+    constexpr int EPP = 16 / ES;                // elements per 16-byte piece
+    constexpr int U = 2;                        // pieces per row in flight per thread
+    __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int ws = (int)p.split, tpr = 32 * ws;
+    const int g = threadIdx.x / tpr, t = threadIdx.x % tpr;
+    const i64 rows_per_cta = (i64)(blockDim.x / tpr) * R;
     const float* x = (const float*)p.x + (i64)blockIdx.y * p.x_slot_vecs * p.k;
-    const bool vec = p.aligned16 && (p.k % 8 == 0);
-    for (i64 row0 = ((i64)blockIdx.x * warps + warp) * R; row0 < p.n_rows; row0 += (i64)gridDim.x * warps * R) {
-        const u8* rows[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+    const bool vec = p.aligned16 && (p.k % EPP == 0);
+    // Uniform trip count in the CTA (group_store synchronizes it).
+    for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
+        const i64 row0 = blk * rows_per_cta + (i64)g * R;
         float acc[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
-        if (vec) {
-            for (i64 e = 8 * lane; e < p.k; e += 256) {
-                float4 xa[NB], xb[NB];
+        if (row0 < p.n_rows) {
+            const u8* rows[R];
 #pragma unroll
-                for (int v = 0; v < NB; v++) {
-                    xa[v] = *(const float4*)(x + v * p.k + e);
-                    xb[v] = *(const float4*)(x + v * p.k + e + 4);
+            for (int r = 0; r < R; r++) rows[r] = W + (row0 + r < p.n_rows ? row0 + r : row0) * p.row_bytes;
+            for (i64 e0 = (i64)EPP * t; e0 < p.k; e0 += (i64)EPP * tpr * U) {
+                uint4 wv[U][R];
+                if (vec) {
+#pragma unroll
+                    for (int u = 0; u < U; u++) {
+                        const i64 e = e0 + (i64)EPP * tpr * u;
+#pragma unroll
+                        for (int r = 0; r < R; r++)
+                            if (e < p.k) wv[u][r] = load_stream16(rows[r] + e * ES);
+                    }
                 }
 #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    float w[8];
-                    if constexpr (FMT == FMT_F32) {
-                        const uint4 a = load_stream16(rows[r] + 4 * e), b = load_stream16(rows[r] + 4 * e + 16);
-                        w[0] = __uint_as_float(a.x); w[1] = __uint_as_float(a.y);
-                        w[2] = __uint_as_float(a.z); w[3] = __uint_as_float(a.w);
-                        w[4] = __uint_as_float(b.x); w[5] = __uint_as_float(b.y);
-                        w[6] = __uint_as_float(b.z); w[7] = __uint_as_float(b.w);
-                    } else {
-                        const uint4 a = load_stream16(rows[r] + 2 * e);
-                        const u32 h[4] = {a.x, a.y, a.z, a.w};
+                for (int u = 0; u < U; u++) {
+                    const i64 e = e0 + (i64)EPP * tpr * u;
+                    if (e >= p.k) break;
+                    // Weights of this piece as floats (0 past the row end; never added).
+                    float w[R][EPP];
 #pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            w[2 * j] = f16_to_f32((u16)(h[j] & 0xffff));
-                            w[2 * j + 1] = f16_to_f32((u16)(h[j] >> 16));
+                    for (int r = 0; r < R; r++) {
+                        if (vec) {
+                            const u32 h[4] = {wv[u][r].x, wv[u][r].y, wv[u][r].z, wv[u][r].w};
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                if constexpr (FMT == FMT_F32) {
+                                    w[r][j] = __uint_as_float(h[j]);
+                                } else {
+                                    w[r][2 * j] = f16_to_f32((u16)(h[j] & 0xffff));
+                                    w[r][2 * j + 1] = f16_to_f32((u16)(h[j] >> 16));
+                                }
+                            }
+                        } else {
+#pragma unroll
+                            for (int j = 0; j < EPP; j++) {
+                                w[r][j] = 0.f;
+                                if (e + j < p.k)
+                                    w[r][j] = FMT == FMT_F32 ? ((const float*)rows[r])[e + j]
+                                                             : f16_to_f32(((const u16*)rows[r])[e + j]);
+                            }
                         }
                     }
 #pragma unroll
-                    for (int v = 0; v < NB; v++)
-                        acc[r][v] += w[0] * xa[v].x + w[1] * xa[v].y + w[2] * xa[v].z + w[3] * xa[v].w +
-                                     w[4] * xb[v].x + w[5] * xb[v].y + w[6] * xb[v].z + w[7] * xb[v].w;
+                    for (int v = 0; v < NB; v++) {
+                        const float* xv = x + v * p.k + e;
+                        float xs[EPP];
+                        if (vec) {
+#pragma unroll
+                            for (int j = 0; j < EPP; j += 4) {
+                                const float4 f = *(const float4*)(xv + j);
+                                xs[j] = f.x; xs[j + 1] = f.y; xs[j + 2] = f.z; xs[j + 3] = f.w;
+                            }
+                        } else {
+#pragma unroll
+                            for (int j = 0; j < EPP; j++) xs[j] = e + j < p.k ? xv[j] : 0.f;
+                        }
+#pragma unroll
+                        for (int r = 0; r < R; r++)
+#pragma unroll
+                            for (int j = 0; j < EPP; j++)
+                                if (vec || e + j < p.k) acc[r][v] = fmaf(w[r][j], xs[j], acc[r][v]);
+                    }
                 }
             }
-        } else {
-            for (i64 e = lane; e < p.k; e += 32)
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const float w = FMT == FMT_F32 ? ((const float*)rows[r])[e] : f16_to_f32(((const u16*)rows[r])[e]);
-#pragma unroll
-                    for (int v = 0; v < NB; v++) acc[r][v] += w * x[v * p.k + e];
-                }
         }
-        store_rows<R, NB>(p, row0, acc);
+        group_store<R, NB>(p, row0, ws, acc, red);
     }
 }
 
@@ -444,8 +567,10 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { gemv_plain<FMT, R, 4>(p); } \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { gemv_plain<FMT, R, 8>(p); }
 
-GEMV_P(gemv_f32_f32x, FMT_F32, 2)
-GEMV_P(gemv_f16_f32x, FMT_F16, 2)
+GEMV_P(gemv_f32_f32x_r1, FMT_F32, 1)
+GEMV_P(gemv_f32_f32x_r4, FMT_F32, 4)
+GEMV_P(gemv_f16_f32x_r1, FMT_F16, 1)
+GEMV_P(gemv_f16_f32x_r4, FMT_F16, 4)
 GEMV_Q(gemv_q8_0_f32x, FMT_Q8_0, 2, false)
 GEMV_Q(gemv_q2_k_f32x, FMT_Q2_K, 2, false)
 GEMV_Q(gemv_q4_k_f32x, FMT_Q4_K, 2, false)

@@ -238,15 +238,18 @@ struct GemvParams {
     x_slot_vecs: i64,
     y_slot_vecs: i64,
     aligned16: i64,
+    split: i64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
 
-/// Rows per warp (R) of every gemv.cu variant (any grid is correct since the kernels loop
-/// grid-stride over row groups; this sizes it to one pass).
-const ROWS_PER_WARP: usize = 2;
+/// Rows per row group (R) of the block-quantized kernels (`GEMV_Q` in gemv.cu).
+const QUANT_ROWS_PER_GROUP: usize = 2;
 /// Most warps per CTA the kernels are compiled for (`__launch_bounds__`).
 pub const GEMV_MAX_WARPS: usize = 8;
+/// Warps that keep an H100 busy (132 SMs × 16): the quantized kernels split rows across up to
+/// 8 warps until a matrix has about this many warps' worth of work.
+const TARGET_WARPS: usize = 2048;
 
 /// Bytes of one row's chunk staged in shared memory (`Fmt<>::CB * Fmt<>::BB` in gemv.cu);
 /// 0 for the formats read straight from global memory.
@@ -259,6 +262,85 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
         WeightFormat::IQ2XXS => 16 * 66,
     }
 }
+
+/// How one matrix is cut into CTAs. The summation order of a row depends only on `split`,
+/// which depends only on the matrix shape (never on the batch, the expert count, the warps
+/// knob or the GPU), so every launch of a matrix gives the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LaunchShape {
+    /// Warps that share one row group (each takes a part of every row).
+    split: usize,
+    /// Warps per CTA (a multiple of `split`).
+    warps: usize,
+    /// Rows per row group (R: which kernel variant).
+    rows_per_group: usize,
+    /// CTAs along the rows (one pass over the row blocks, unless capped).
+    grid_x: usize,
+}
+
+impl LaunchShape {
+    /// `warps_knob`: the requested warps per CTA; `sms`: multiprocessors; `slots`: how many
+    /// copies of the grid run side by side (expert slots).
+    fn choose(
+        w: &DeviceMatrix,
+        nb: usize,
+        warps_knob: usize,
+        sms: usize,
+        slots: usize,
+    ) -> LaunchShape {
+        let split = match w.format {
+            // F16/F32: 16-byte pieces per row; give each thread at least 2 of them per row, with
+            // up to 8 warps on one row (4096 F16 columns = 512 pieces: 8 warps × 32 × 2). Short
+            // rows keep one warp.
+            WeightFormat::F32 | WeightFormat::F16 => {
+                let elem = if w.format == WeightFormat::F32 { 4 } else { 2 };
+                let pieces = (w.cols * elem).div_ceil(16);
+                [8, 4, 2, 1]
+                    .into_iter()
+                    .find(|&s| 64 * s <= pieces)
+                    .unwrap_or(1)
+            }
+            // Quantized: warps of a group take whole staged chunks in turn. Split only as far
+            // as needed to reach TARGET_WARPS for this matrix (a 512 × 4096 Q8_0 matrix has
+            // 256 row pairs: 4 warps each, one chunk per warp), at most one chunk per warp.
+            _ => {
+                let chunks = (w.row_bytes).div_ceil(stage_chunk_bytes(w.format));
+                let groups = w.rows.div_ceil(QUANT_ROWS_PER_GROUP);
+                let fits = |s: usize| s <= chunks;
+                [1, 2, 4, 8]
+                    .into_iter()
+                    .filter(|&s| fits(s))
+                    .find(|&s| groups * s >= TARGET_WARPS)
+                    .unwrap_or_else(|| [8, 4, 2, 1].into_iter().find(|&s| fits(s)).unwrap_or(1))
+            }
+        };
+        let warps = warps_knob.max(split).div_ceil(split) * split;
+        let groups = warps / split;
+        let rows_per_group = match w.format {
+            // R = 4 reuses each activation load on 4 rows (fewer L1/L2 bytes per weight byte,
+            // which matters with 8 vectors); only when that still leaves enough CTAs: 2 per SM
+            // for 1-2 vectors (latency: many independent CTAs), half the SMs for 4-8 vectors
+            // (every CTA reads all activation vectors, so fewer, fuller CTAs).
+            WeightFormat::F32 | WeightFormat::F16 => {
+                let ctas4 = w.rows.div_ceil(4 * groups) * slots;
+                let want = if nb <= 2 { 2 * sms } else { sms / 2 };
+                if ctas4 >= want {
+                    4
+                } else {
+                    1
+                }
+            }
+            _ => QUANT_ROWS_PER_GROUP,
+        };
+        LaunchShape {
+            split,
+            warps,
+            rows_per_group,
+            grid_x: w.rows.div_ceil(groups * rows_per_group),
+        }
+    }
+}
+
 /// Vectors per launch the kernels are instantiated for.
 const BATCH_VARIANTS: [usize; 4] = [8, 4, 2, 1];
 
@@ -352,24 +434,25 @@ impl Gpu {
         let aligned16 = w.ptr.is_multiple_of(16)
             && w.row_bytes.is_multiple_of(16)
             && w.expert_bytes().is_multiple_of(16);
-        let warps = self.gemv_warps();
-        let rows_per_cta = warps * ROWS_PER_WARP;
-        let mut grid_x = w.rows.div_ceil(rows_per_cta);
-        if let Some(cap) = self.gemv_grid_cap() {
-            let sms = self.device.info().multiprocessors as usize;
-            grid_x = grid_x.min((cap * sms / n_slots).max(1));
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid_x as u32, n_slots as u32, 1),
-            block_dim: ((warps * 32) as u32, 1, 1),
-            shared_mem_bytes: (warps * ROWS_PER_WARP * stage_chunk_bytes(w.format)) as u32,
-        };
+        let sms = self.device.info().multiprocessors as usize;
+        let plain = stage_chunk_bytes(w.format) == 0;
         let mut b0 = 0;
         while b0 < n_vecs {
             let nb = *BATCH_VARIANTS
                 .iter()
                 .find(|&&b| b <= n_vecs - b0)
                 .expect("1 always fits");
+            let shape = LaunchShape::choose(w, nb, self.gemv_warps(), sms, n_slots);
+            let mut grid_x = shape.grid_x;
+            if let Some(cap) = self.gemv_grid_cap() {
+                grid_x = grid_x.min((cap * sms / n_slots).max(1));
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x as u32, n_slots as u32, 1),
+                block_dim: ((shape.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: (shape.warps * shape.rows_per_group * stage_chunk_bytes(w.format))
+                    as u32,
+            };
             let params = GemvParams {
                 w: w.ptr,
                 x: x_ptr + (b0 * w.cols * x_elem_bytes) as u64,
@@ -389,10 +472,17 @@ impl Gpu {
                 x_slot_vecs: if x_per_slot { n_vecs as i64 } else { 0 },
                 y_slot_vecs: n_vecs as i64,
                 aligned16: aligned16 as i64,
+                split: shape.split as i64,
             };
-            let name = format!("gemv_{}_{}_nb{}", w.format.tag(), act_tag, nb);
+            let name = if plain {
+                let r = shape.rows_per_group;
+                format!("gemv_{}_{act_tag}_r{r}_nb{nb}", w.format.tag())
+            } else {
+                format!("gemv_{}_{act_tag}_nb{nb}", w.format.tag())
+            };
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // warps × R × chunk bytes, what each warp's staging area needs. The buffer lengths were checked
+            // warps × R × chunk bytes, what each warp's staging area needs; `split` divides the
+            // CTA's warps and is at most 8 (the kernels' reduction buffer). The buffer lengths were checked
             // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
             // inside live device memory by DeviceMatrix's construction contract; expert ids are
             // range-checked on the device.

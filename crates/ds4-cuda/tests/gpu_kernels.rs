@@ -78,6 +78,14 @@ fn gemv_f32_activations_match_cpu() {
         (WeightFormat::F32, 100, 9),
         (WeightFormat::F16, 512, 45),
         (WeightFormat::F16, 100, 7),
+        // Rows split across warps (F16 4096: 8 warps per row; 4104: a last piece that only
+        // some threads have; 1030: rows not 16-byte aligned, scalar loads), few and many rows.
+        (WeightFormat::F16, 4096, 64),
+        (WeightFormat::F16, 4096, 257),
+        (WeightFormat::F16, 4104, 19),
+        (WeightFormat::F16, 1030, 5),
+        (WeightFormat::F16, 1024, 600),
+        (WeightFormat::F32, 4096, 33),
         (WeightFormat::Q8_0, 4096, 67),
         (WeightFormat::Q8_0, 96, 13),
         (WeightFormat::Q8_0, 1088, 33),
@@ -87,6 +95,9 @@ fn gemv_f32_activations_match_cpu() {
         (WeightFormat::Q4K, 1280, 18),
         (WeightFormat::IQ2XXS, 4096, 35),
         (WeightFormat::IQ2XXS, 768, 3),
+        // Several warps per row group (staged chunks dealt out in turn), a ragged last chunk.
+        (WeightFormat::IQ2XXS, 8192, 35),
+        (WeightFormat::Q8_0, 8224, 9),
     ];
     for &(format, cols, rows) in shapes {
         for n_vecs in [1usize, 3, 8, 13] {
@@ -152,6 +163,12 @@ fn gemv_quantized_activations_match_cpu_dot_products() {
         (WeightFormat::Q4K, 4096, 29),
         (WeightFormat::IQ2XXS, 4096, 35),
         (WeightFormat::IQ2XXS, 512, 6),
+        // Several warps per row group; ragged chunks.
+        (WeightFormat::IQ2XXS, 8192, 35),
+        (WeightFormat::IQ2XXS, 4352, 4),
+        (WeightFormat::Q8_0, 8224, 9),
+        (WeightFormat::Q2K, 4096, 300),
+        (WeightFormat::Q4K, 6144, 7),
     ];
     for &(format, cols, rows) in shapes {
         for n_vecs in [1usize, 2, 8, 11] {
@@ -520,6 +537,142 @@ fn capped_grid_walks_many_row_groups_correctly() {
                 2e-5,
             );
             assert_eq!(y, &outs[0], "{format:?}: grid cap changes bits");
+        }
+    }
+}
+
+/// A row's bits do not depend on the batch size (kernel variant and rows per group change with
+/// it), nor on whether the weights are 16-byte aligned (vector or scalar loads).
+#[test]
+fn gemv_rows_do_not_depend_on_batch_or_alignment() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(9);
+    let shapes: &[(WeightFormat, usize, usize)] = &[
+        (WeightFormat::F16, 4096, 300),
+        (WeightFormat::F16, 1024, 700),
+        (WeightFormat::F32, 2048, 77),
+        (WeightFormat::Q8_0, 4096, 50),
+        (WeightFormat::IQ2XXS, 8192, 21),
+        (WeightFormat::Q2K, 4096, 40),
+        (WeightFormat::Q4K, 2048, 9),
+    ];
+    let n_vecs = 8;
+    for &(format, cols, rows) in shapes {
+        let w = random_rows(&mut rng, format, cols, rows);
+        let x = rng.f32s(cols * n_vecs);
+        let dx = g.device.upload(&x).unwrap();
+        // The same bytes 16-byte aligned and at a 2-byte offset.
+        let aligned = upload_matrix(g, &w);
+        let mut shifted = vec![0u8; 2];
+        shifted.extend_from_slice(&w);
+        let shifted = upload_matrix(g, &shifted);
+        let mats = [
+            aligned.matrix(0, format, cols, rows, 1).unwrap(),
+            shifted.matrix(2, format, cols, rows, 1).unwrap(),
+        ];
+        let mut qa = format
+            .activation_quant()
+            .map(|k| g.alloc_quantized(k, cols, n_vecs).unwrap());
+        if let Some(q) = qa.as_mut() {
+            g.quantize_activations(&dx, q).unwrap();
+        }
+        let mut acts = vec![(Activations::F32(&dx), "f32x")];
+        if let Some(q) = &qa {
+            acts.push((Activations::Quantized(q), "q8x"));
+        }
+        for (act, tag) in acts {
+            let mut batched = g.device.alloc_filled::<f32>(rows * n_vecs, 0xFF).unwrap();
+            g.gemv(&mats[0], act, n_vecs, &mut batched).unwrap();
+            let batched = g.device.download(&batched).unwrap();
+            assert!(batched.iter().all(|v| v.is_finite()), "{format:?} {tag}");
+            // One vector at a time: the vector's slice of x (and of its quantized form).
+            for v in [0usize, 5] {
+                let xv = g.device.upload(&x[v * cols..(v + 1) * cols]).unwrap();
+                let mut qv = format
+                    .activation_quant()
+                    .map(|k| g.alloc_quantized(k, cols, 1).unwrap());
+                if let Some(q) = qv.as_mut() {
+                    g.quantize_activations(&xv, q).unwrap();
+                }
+                let one = match (tag, &qv) {
+                    ("q8x", Some(q)) => Activations::Quantized(q),
+                    _ => Activations::F32(&xv),
+                };
+                for (i, m) in mats.iter().enumerate() {
+                    let mut dy = g.device.alloc_filled::<f32>(rows, 0xFF).unwrap();
+                    g.gemv(m, one, 1, &mut dy).unwrap();
+                    let y = g.device.download(&dy).unwrap();
+                    let want = &batched[v * rows..(v + 1) * rows];
+                    for (r, (a, b)) in y.iter().zip(want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{format:?} {tag} {cols}x{rows} vec {v} row {r}: alone ({}) {a} vs batch of 8 {b}",
+                            if i == 0 { "aligned" } else { "2-byte offset" }
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// F16 expert stacks go through the split-row kernel too (ids from the device, NaN for a bad id).
+#[test]
+fn f16_expert_gemv_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(10);
+    let (n_experts, cols, rows) = (3usize, 4096usize, 64usize);
+    let w = random_rows(&mut rng, WeightFormat::F16, cols, rows * n_experts);
+    let ebytes = w.len() / n_experts;
+    let dw = upload_matrix(g, &w);
+    let m = dw
+        .matrix(0, WeightFormat::F16, cols, rows, n_experts)
+        .unwrap();
+    let ids: Vec<i32> = vec![2, 0, 3, 2];
+    let dids = g.device.upload(&ids).unwrap();
+    let slots = ids.len();
+    for n_vecs in [1usize, 3, 8] {
+        for x_per_slot in [false, true] {
+            let xv = if x_per_slot { slots * n_vecs } else { n_vecs };
+            let x = rng.f32s(cols * xv);
+            let dx = g.device.upload(&x).unwrap();
+            let mut dy = g
+                .device
+                .alloc_filled::<f32>(slots * n_vecs * rows, 0xFF)
+                .unwrap();
+            g.expert_gemv(
+                &m,
+                &dids,
+                slots,
+                Activations::F32(&dx),
+                x_per_slot,
+                n_vecs,
+                &mut dy,
+            )
+            .unwrap();
+            let y = g.device.download(&dy).unwrap();
+            for (s, &e) in ids.iter().enumerate() {
+                for v in 0..n_vecs {
+                    let out = &y[(s * n_vecs + v) * rows..(s * n_vecs + v + 1) * rows];
+                    if e as usize >= n_experts {
+                        assert!(out.iter().all(|o| o.is_nan()), "bad id {e}: NaN rows");
+                        continue;
+                    }
+                    let we = &w[e as usize * ebytes..(e as usize + 1) * ebytes];
+                    let xi = if x_per_slot { s * n_vecs + v } else { v };
+                    let (r, mag) = reference_gemv(
+                        WeightFormat::F16,
+                        we,
+                        cols,
+                        rows,
+                        &x[xi * cols..(xi + 1) * cols],
+                    );
+                    let what =
+                        format!("F16 expert {e} slot {s} vec {v}/{n_vecs} per_slot {x_per_slot}");
+                    check_rows(&what, out, &r, &mag, 2e-5);
+                }
+            }
         }
     }
 }
