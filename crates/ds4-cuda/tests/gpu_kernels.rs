@@ -561,14 +561,16 @@ fn gemv_rows_do_not_depend_on_batch_or_alignment() {
         let w = random_rows(&mut rng, format, cols, rows);
         let x = rng.f32s(cols * n_vecs);
         let dx = g.device.upload(&x).unwrap();
-        // The same bytes 16-byte aligned and at a 2-byte offset.
+        // The same bytes 16-byte aligned and at the smallest offset the format allows (F32
+        // rows must stay 4-byte aligned, every other format 2-byte).
+        let offset = if format == WeightFormat::F32 { 4 } else { 2 };
         let aligned = upload_matrix(g, &w);
-        let mut shifted = vec![0u8; 2];
+        let mut shifted = vec![0u8; offset];
         shifted.extend_from_slice(&w);
         let shifted = upload_matrix(g, &shifted);
         let mats = [
             aligned.matrix(0, format, cols, rows, 1).unwrap(),
-            shifted.matrix(2, format, cols, rows, 1).unwrap(),
+            shifted.matrix(offset, format, cols, rows, 1).unwrap(),
         ];
         let mut qa = format
             .activation_quant()
