@@ -307,8 +307,167 @@ fn mm(
     }
 }
 
+/// The activations `w` takes in these numerics: Some(kind) when ds4 numerics quantize its
+/// input (Q8_0 / Q8_K), None for plain f32.
+fn act_quant_of(m: &CudaModel, w: &Mat) -> Option<ActQuant> {
+    match m.numerics {
+        Numerics::Ds4 => w.format.activation_quant(),
+        Numerics::Reference => None,
+    }
+}
+
+/// y = rmsnorm(x) (`width` values per row, `n` rows), and, when `consumer` takes quantized
+/// activations, their quantization in the same launch (left in the quant slot that
+/// [`mm_prequantized`] reads). Returns whether it quantized.
 #[allow(clippy::too_many_arguments)]
-/// Expert products: slot s uses matrix ids[s] of the stack on input vector s (n_slots × cols).
+fn norm_for(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    x: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    width: usize,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+    consumer: &Mat,
+) -> Result<bool> {
+    let eps = m.cfg.rms_eps;
+    match act_quant_of(m, consumer).filter(|_| consumer.cols == width) {
+        Some(kind) => {
+            let qa = quant_slot(m, quant, kind, width, n)?;
+            m.gpu.rmsnorm_quantized(x, weight, width, n, eps, y, qa)?;
+            Ok(true)
+        }
+        None => {
+            m.gpu.rmsnorm(x, weight, width, n, eps, y)?;
+            Ok(false)
+        }
+    }
+}
+
+/// [`norm_for`] for two consumers that take different quantized forms (the FFN input: a
+/// Q8_0 shared expert and K-quant/IQ routed experts): both made in one launch. Returns
+/// whether each consumer's form was made.
+#[allow(clippy::too_many_arguments)]
+fn norm_for_both(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    x: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    width: usize,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+    first: &Mat,
+    second: &Mat,
+) -> Result<(bool, bool)> {
+    let kinds = (act_quant_of(m, first), act_quant_of(m, second));
+    let same_width = first.cols == width && second.cols == width;
+    if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) = (kinds.0, kinds.1, same_width) {
+        quant_slot(m, quant, ActQuant::Q8_0, width, n)?;
+        quant_slot(m, quant, ActQuant::Q8K, width, n)?;
+        let [Some(q8_0), Some(q8_k)] =
+            quant.get_disjoint_mut([&(ActQuant::Q8_0, width), &(ActQuant::Q8K, width)])
+        else {
+            unreachable!("both slots were made above");
+        };
+        m.gpu
+            .rmsnorm_quantized_both(x, weight, width, n, m.cfg.rms_eps, y, q8_0, q8_k)?;
+        return Ok((true, true));
+    }
+    let made = norm_for(m, quant, x, weight, width, n, y, first)?;
+    Ok((made, made && kinds.1 == kinds.0 && second.cols == width))
+}
+
+/// SwiGLU of gate/up into `out` (see [`crate::Gpu::swiglu_clamp`]), with the quantized form
+/// `consumer` takes (vectors of `per_slot` values) made in the same launch; returns whether
+/// it was made.
+#[allow(clippy::too_many_arguments)]
+fn swiglu_for(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    gate: &DeviceBuffer<f32>,
+    up: &DeviceBuffer<f32>,
+    total: usize,
+    per_slot: usize,
+    limit: Option<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    out: &mut DeviceBuffer<f32>,
+    consumer: &Mat,
+) -> Result<bool> {
+    match act_quant_of(m, consumer).filter(|_| consumer.cols == per_slot) {
+        Some(kind) => {
+            let qa = quant_slot(m, quant, kind, per_slot, total / per_slot)?;
+            m.gpu
+                .swiglu_clamp_quantized(gate, up, total, per_slot, limit, weight, out, qa)?;
+            Ok(true)
+        }
+        None => {
+            m.gpu
+                .swiglu_clamp(gate, up, total, per_slot, limit, weight, out)?;
+            Ok(false)
+        }
+    }
+}
+
+/// y = W·x for `n` vectors whose quantized form [`norm_for`] already made (when it returned
+/// true; else plain [`mm`]). Nothing may have used that quant slot in between.
+fn mm_prequantized(
+    m: &CudaModel,
+    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    prequantized: bool,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kind = act_quant_of(m, w);
+    match (prequantized, kind) {
+        (true, Some(kind)) => {
+            let qa = quant
+                .get(&(kind, w.cols))
+                .filter(|qa| qa.n_vecs == n)
+                .ok_or_else(|| {
+                    CudaError::InvalidArgument(format!(
+                        "no quantized activations of {} values for {n} vectors",
+                        w.cols
+                    ))
+                })?;
+            m.gpu.gemv(&m.matrix(w)?, Activations::Quantized(qa), n, y)
+        }
+        _ => mm(m, quant, w, x, n, y),
+    }
+}
+
+/// The quant slot for `n` vectors of `cols` values of `kind`, grown when too small.
+fn quant_slot<'a>(
+    m: &CudaModel,
+    quant: &'a mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    kind: ActQuant,
+    cols: usize,
+    n: usize,
+) -> Result<&'a mut QuantizedActivations> {
+    let key = (kind, cols);
+    let grow = quant.get(&key).is_none_or(|q| q.q.len() < n * cols);
+    if grow {
+        quant.insert(key, m.gpu.alloc_quantized(kind, cols, n)?);
+    }
+    let qa = quant.get_mut(&key).expect("inserted above");
+    qa.n_vecs = n;
+    Ok(qa)
+}
+
+/// Which input vector each routed-expert slot reads, and whether its quantized form exists.
+#[derive(Clone, Copy)]
+struct SlotInput {
+    /// Slot s reads vector s of x (else every slot reads vector 0: one token's k experts).
+    per_slot: bool,
+    /// The quantized form is already in the quant slot (the previous expert product made it
+    /// from the same x).
+    prequantized: bool,
+}
+
+/// Expert products: slot s uses matrix ids[s] of the stack on its `n_vecs` input vectors
+/// (see [`SlotInput`]); y is n_slots × n_vecs × rows.
+#[allow(clippy::too_many_arguments)]
 fn mm_experts(
     m: &CudaModel,
     quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
@@ -317,23 +476,36 @@ fn mm_experts(
     n_slots: usize,
     x: &DeviceBuffer<f32>,
     n_vecs: usize,
+    input: SlotInput,
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let dm = m.matrix(w)?;
-    match quantized(m, quant, w, x, n_slots * n_vecs)? {
-        Some(qa) => m.gpu.expert_gemv(
-            &dm,
-            ids,
-            n_slots,
-            Activations::Quantized(qa),
-            true,
-            n_vecs,
-            y,
+    let x_vecs = if input.per_slot {
+        n_slots * n_vecs
+    } else {
+        n_vecs
+    };
+    let qa = match act_quant_of(m, w) {
+        None => None,
+        Some(kind) if input.prequantized => Some(
+            quant
+                .get(&(kind, w.cols))
+                .filter(|qa| qa.n_vecs == x_vecs)
+                .ok_or_else(|| {
+                    CudaError::InvalidArgument(format!(
+                        "no quantized expert input of {} values for {x_vecs} vectors",
+                        w.cols
+                    ))
+                })?,
         ),
-        None => m
-            .gpu
-            .expert_gemv(&dm, ids, n_slots, Activations::F32(x), true, n_vecs, y),
-    }
+        Some(_) => quantized(m, quant, w, x, x_vecs)?,
+    };
+    let act = match qa {
+        Some(qa) => Activations::Quantized(qa),
+        None => Activations::F32(x),
+    };
+    m.gpu
+        .expert_gemv(&dm, ids, n_slots, act, input.per_slot, n_vecs, y)
 }
 
 /// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
@@ -344,17 +516,10 @@ fn quantized<'a>(
     x: &DeviceBuffer<f32>,
     n: usize,
 ) -> Result<Option<&'a QuantizedActivations>> {
-    let kind = match (m.numerics, w.format.activation_quant()) {
-        (Numerics::Ds4, Some(kind)) => kind,
-        _ => return Ok(None),
+    let Some(kind) = act_quant_of(m, w) else {
+        return Ok(None);
     };
-    let key = (kind, w.cols);
-    let grow = quant.get(&key).is_none_or(|q| q.q.len() < n * w.cols);
-    if grow {
-        quant.insert(key, m.gpu.alloc_quantized(kind, w.cols, n)?);
-    }
-    let qa = quant.get_mut(&key).expect("inserted above");
-    qa.n_vecs = n;
+    let qa = quant_slot(m, quant, kind, w.cols, n)?;
     m.gpu.quantize_activations(x, qa)?;
     Ok(Some(qa))
 }
@@ -606,19 +771,37 @@ impl CudaModel {
         let (d, hd, h) = (c.hidden, c.head_dim, c.n_heads);
         let eps = c.rms_eps;
         let dev = &self.gpu.device;
-        self.gpu
-            .rmsnorm(&s.x, Some(&w.attn_norm), d, n, eps, &mut s.xn)?;
+        // The normalized input, quantized once for both projections that read it.
+        let xq = norm_for(
+            self,
+            &mut s.quant,
+            &s.x,
+            Some(&w.attn_norm),
+            d,
+            n,
+            &mut s.xn,
+            &w.q_a,
+        )?;
+        let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
+        mm_prequantized(self, &mut s.quant, xq, &w.q_a, &s.xn, n, &mut s.qr)?;
+        mm_prequantized(self, &mut s.quant, kv_q, &w.kv, &s.xn, n, &mut s.kv)?;
 
         // Queries: low rank, weighted norm, per-head unweighted norm, RoPE.
-        mm(self, &mut s.quant, &w.q_a, &s.xn, n, &mut s.qr)?;
-        self.gpu
-            .rmsnorm(&s.qr, Some(&w.q_a_norm), c.q_lora_rank, n, eps, &mut s.qrn)?;
-        mm(self, &mut s.quant, &w.q_b, &s.qrn, n, &mut s.q)?;
+        let qrq = norm_for(
+            self,
+            &mut s.quant,
+            &s.qr,
+            Some(&w.q_a_norm),
+            c.q_lora_rank,
+            n,
+            &mut s.qrn,
+            &w.q_b,
+        )?;
+        mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
         self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
         self.rope(l, &s.qn, n * h, hd, h, pos0, false)?;
 
         // The shared K=V row, rounded as stored.
-        mm(self, &mut s.quant, &w.kv, &s.xn, n, &mut s.kv)?;
         self.gpu
             .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
         self.rope(l, &s.kvn, n, hd, 1, pos0, false)?;
@@ -808,33 +991,54 @@ impl CudaModel {
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
         let (g, d_o) = (c.o_groups, c.o_lora_rank);
         let gw = h * hd / g;
-        let a = kargs![s.o.ptr(), s.og.ptr(), n, g, gw];
-        // SAFETY: group_split permutes n × G × gw values of s.o into s.og (same size).
-        unsafe {
-            self.fk
-                .launch(dev, "fwd_attention", "group_split", grid_1d(n * g * gw), &a)?
+        // The matvec wants group-major inputs (G × n × gw) and gives group-major outputs; a
+        // single token's token-major layout is already that, so only spans permute.
+        let slot_input = SlotInput {
+            per_slot: true,
+            prequantized: false,
         };
-        mm_experts(
-            self,
-            &mut s.quant,
-            &w.o_a_groups,
-            &self.group_ids,
-            g,
-            &s.og,
-            n,
-            &mut s.zg,
-        )?;
-        let a = kargs![s.zg.ptr(), s.z.ptr(), n, g, d_o];
-        // SAFETY: group_merge permutes n × G × d_o values of s.zg into s.z (same size).
-        unsafe {
-            self.fk.launch(
-                dev,
-                "fwd_attention",
-                "group_merge",
-                grid_1d(n * g * d_o),
-                &a,
-            )?
-        };
+        if n == 1 {
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.o_a_groups,
+                &self.group_ids,
+                g,
+                &s.o,
+                1,
+                slot_input,
+                &mut s.z,
+            )?;
+        } else {
+            let a = kargs![s.o.ptr(), s.og.ptr(), n, g, gw];
+            // SAFETY: group_split permutes n × G × gw values of s.o into s.og (same size).
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_attention", "group_split", grid_1d(n * g * gw), &a)?
+            };
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.o_a_groups,
+                &self.group_ids,
+                g,
+                &s.og,
+                n,
+                slot_input,
+                &mut s.zg,
+            )?;
+            let a = kargs![s.zg.ptr(), s.z.ptr(), n, g, d_o];
+            // SAFETY: group_merge permutes n × G × d_o values of s.zg into s.z (same size).
+            unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_attention",
+                    "group_merge",
+                    grid_1d(n * g * d_o),
+                    &a,
+                )?
+            };
+        }
         mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)?;
         s.prof.mark(self, "attn.output")
     }
@@ -904,8 +1108,36 @@ impl CudaModel {
         let (d, k, ff) = (c.hidden, c.n_experts_used, c.expert_ff);
         let limit = Some(c.swiglu_clamp[l]);
         let dev = &self.gpu.device;
-        self.gpu
-            .rmsnorm(&s.x, Some(&w.ffn_norm), d, n, c.rms_eps, &mut s.xn)?;
+        // The normalized input, quantized once for the shared expert's gate and up, and for
+        // a single token also for the routed experts (which then read it directly).
+        let (xq, experts_q) = if n == 1 {
+            norm_for_both(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.ffn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.gate_shexp,
+                &w.gate_exps,
+            )?
+        } else {
+            let xq = norm_for(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.ffn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.gate_shexp,
+            )?;
+            (xq, false)
+        };
+        let up_q = xq && act_quant_of(self, &w.up_shexp) == act_quant_of(self, &w.gate_shexp);
+        mm_prequantized(self, &mut s.quant, xq, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
+        mm_prequantized(self, &mut s.quant, up_q, &w.up_shexp, &s.xn, n, &mut s.su)?;
         mm(self, &mut s.quant, &w.router, &s.xn, n, &mut s.rlog)?;
         let hash = c.moe_kind[l] == MoeKind::Hash;
         let tid2eid = match (&w.tid2eid, hash) {
@@ -929,19 +1161,35 @@ impl CudaModel {
         // SAFETY: route reads n × E logits (rewritten in place as scores), E biases, the
         // chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at eval), and
         // writes n × k ids and weights.
-        // One warp per token (moe.cu's route reduces the top-k across the warp's lanes).
+        // One CTA of 256 threads per token (moe.cu ROUTE_THREADS).
         unsafe {
             self.fk
-                .launch(dev, "fwd_moe", "route", grid_1d(n * 32), &a)?
+                .launch(dev, "fwd_moe", "route", per_item(n, 256, 0), &a)?
         };
 
         s.prof.mark(self, "ffn.route")?;
-        // Shared expert.
-        mm(self, &mut s.quant, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
-        mm(self, &mut s.quant, &w.up_shexp, &s.xn, n, &mut s.su)?;
-        self.gpu
-            .swiglu_clamp(&s.sg, &s.su, n * ff, ff, limit, None, &mut s.sh)?;
-        mm(self, &mut s.quant, &w.down_shexp, &s.sh, n, &mut s.sdown)?;
+        // Shared expert (gate and up were projected with the router's input above).
+        let shq = swiglu_for(
+            self,
+            &mut s.quant,
+            &s.sg,
+            &s.su,
+            n * ff,
+            ff,
+            limit,
+            None,
+            &mut s.sh,
+            &w.down_shexp,
+        )?;
+        mm_prequantized(
+            self,
+            &mut s.quant,
+            shq,
+            &w.down_shexp,
+            &s.sh,
+            n,
+            &mut s.sdown,
+        )?;
 
         s.prof.mark(self, "ffn.shared")?;
         // Routed experts: one slot per (token, choice), ids on the device. A span of several
@@ -986,27 +1234,32 @@ impl CudaModel {
                 self.fk
                     .launch(dev, "fwd_moe", "gather_slots", grid_1d(slots * d), &a)?
             };
-        } else {
-            let a = kargs![s.xn.ptr(), s.xe.ptr(), n, k, d];
-            // SAFETY: replicate writes n × k × d values of s.xe from n × d of s.xn.
-            unsafe {
-                self.fk
-                    .launch(dev, "fwd_moe", "replicate", grid_1d(slots * d), &a)?
-            };
         }
         let (slot_ids, slot_wts) = if sorted {
             (&s.sorted_ids, &s.sorted_wts)
         } else {
             (&s.ids, &s.wts)
         };
+        // Gate and up read the same vectors: quantized once when their formats agree.
+        let (x_in, per_slot) = if sorted {
+            (&s.xe, true)
+        } else {
+            (&s.xn, false)
+        };
+        let gate_kind = act_quant_of(self, &w.gate_exps);
+        let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
         mm_experts(
             self,
             &mut s.quant,
             &w.gate_exps,
             slot_ids,
             slots,
-            &s.xe,
+            x_in,
             1,
+            SlotInput {
+                per_slot,
+                prequantized: experts_q,
+            },
             &mut s.eg,
         )?;
         mm_experts(
@@ -1015,14 +1268,28 @@ impl CudaModel {
             &w.up_exps,
             slot_ids,
             slots,
-            &s.xe,
+            x_in,
             1,
+            SlotInput {
+                per_slot,
+                prequantized: up_q,
+            },
             &mut s.eu,
         )?;
         // ds4 weighs the intermediate before the down projection (C2); the reference after.
         let weight = if ds4 { Some(slot_wts) } else { None };
-        self.gpu
-            .swiglu_clamp(&s.eg, &s.eu, slots * ff, ff, limit, weight, &mut s.eh)?;
+        let ehq = swiglu_for(
+            self,
+            &mut s.quant,
+            &s.eg,
+            &s.eu,
+            slots * ff,
+            ff,
+            limit,
+            weight,
+            &mut s.eh,
+            &w.down_exps,
+        )?;
         mm_experts(
             self,
             &mut s.quant,
@@ -1031,6 +1298,10 @@ impl CudaModel {
             slots,
             &s.eh,
             1,
+            SlotInput {
+                per_slot: true,
+                prequantized: ehq,
+            },
             &mut s.edown,
         )?;
         let slot_pos = if sorted { s.slot_pos.ptr() } else { 0 };

@@ -2,36 +2,41 @@
 // §3.10). The expert matvecs themselves are gemv.rs's expert_gemv with device-side ids.
 
 #define ROUTE_MAX_K 16
+#define ROUTE_THREADS 256
 
-// One warp per token. logits (n_tok x E) are turned into scores sqrt(softplus) in place;
-// ids/wts (n_tok x k) receive the experts (top-k of score + bias, lowest index on ties, or the
-// token's tid2eid row) and their weights: score / (sum, floored at 2^-14 in ds4 numerics,
-// + 1e-20 in reference numerics) * routed_scale.
-extern "C" __global__ void route(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E,
-                                 i64 k, double routed_scale, i64 ds4) {
-    const i64 t = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (t >= n_tok) return;  // uniform per warp
-    const int lane = threadIdx.x & 31;
+// One CTA of ROUTE_THREADS per token. logits (n_tok x E) are turned into scores
+// sqrt(softplus) in place; ids/wts (n_tok x k) receive the experts (top-k of score + bias,
+// lowest index on ties, NaN lowest, or the token's tid2eid row) and their weights:
+// score / (sum, floored at 2^-14 in ds4 numerics, + 1e-20 in reference numerics) * routed_scale.
+// Each of the k picks is a CTA-wide arg-max (warp shuffles, then one step over the warps).
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    route(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E, i64 k,
+          double routed_scale, i64 ds4) {
+    const i64 t = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ float wbest[ROUTE_THREADS / 32];
+    __shared__ int wbest_i[ROUTE_THREADS / 32];
+    __shared__ int picked[ROUTE_MAX_K];
     float* s = (float*)logits_ + t * E;
-    for (i64 e = lane; e < E; e += 32) {
+    for (i64 e = threadIdx.x; e < E; e += blockDim.x) {
         const float x = s[e];
         const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
         s[e] = sqrtf(sp);
     }
-    __syncwarp();
-    int ids[ROUTE_MAX_K];
+    __syncthreads();
     if (tid2eid_) {
         const int tok = ((const int*)tokens_)[t];
-        for (i64 j = 0; j < k; j++) ids[j] = ((const int*)tid2eid_)[(i64)tok * k + j];
+        for (i64 j = threadIdx.x; j < k; j += blockDim.x) picked[j] = ((const int*)tid2eid_)[(i64)tok * k + j];
     } else {
         const float* bias = (const float*)bias_;
         for (i64 j = 0; j < k; j++) {
+            // This thread's best remaining expert, then the CTA's.
             bool has = false;
             float bv = 0.f;
             int bi = 0;
-            for (i64 e = lane; e < E; e += 32) {
+            for (i64 e = threadIdx.x; e < E; e += blockDim.x) {
                 bool taken = false;
-                for (i64 p = 0; p < j; p++) taken |= ids[p] == e;
+                for (i64 p = 0; p < j; p++) taken |= picked[p] == e;
                 if (taken) continue;
                 const float v = topk_key(bias ? s[e] + bias[e] : s[e]);
                 if (!has || v > bv) {
@@ -40,38 +45,45 @@ extern "C" __global__ void route(u64 logits_, u64 bias_, u64 tid2eid_, u64 token
                     bi = (int)e;
                 }
             }
+            if (!has) bi = 0x7fffffff;
+            if (!has) bv = -FWD_INF;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
                 const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
                 const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-                const bool oh = __shfl_xor_sync(FULL_MASK, (int)has, o) != 0;
-                if (oh && (!has || ov > bv || (ov == bv && oi < bi))) {
-                    has = true;
+                if (ov > bv || (ov == bv && oi < bi)) {
                     bv = ov;
                     bi = oi;
                 }
             }
-            ids[j] = bi;
+            if (lane == 0) {
+                wbest[warp] = bv;
+                wbest_i[warp] = bi;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float v = wbest[0];
+                int i = wbest_i[0];
+                for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+                    if (wbest[w] > v || (wbest[w] == v && wbest_i[w] < i)) {
+                        v = wbest[w];
+                        i = wbest_i[w];
+                    }
+                picked[j] = i == 0x7fffffff ? 0 : i;  // only when k > E, which the config rejects
+            }
+            __syncthreads();
         }
     }
-    if (lane != 0) return;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
     float sum = 0.f;
-    for (i64 j = 0; j < k; j++) sum += s[ids[j]];
+    for (i64 j = 0; j < k; j++) sum += s[picked[j]];
     const float denom = ds4 ? fmaxf(sum, 6.1035e-5f) : sum + 1e-20f;
     int* out_ids = (int*)ids_ + t * k;
     float* wts = (float*)wts_ + t * k;
     for (i64 j = 0; j < k; j++) {
-        out_ids[j] = ids[j];
-        wts[j] = s[ids[j]] / denom * (float)routed_scale;
-    }
-}
-
-// xe[t*k + j] = x[t]: every routed slot gets its token's input vector.
-extern "C" __global__ void replicate(u64 x_, u64 xe_, i64 n_tok, i64 k, i64 d) {
-    const i64 total = n_tok * k * d;
-    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
-        const i64 t = idx / (k * d), i = idx % d;
-        ((float*)xe_)[idx] = ((const float*)x_)[t * d + i];
+        out_ids[j] = picked[j];
+        wts[j] = s[picked[j]] / denom * (float)routed_scale;
     }
 }
 
