@@ -17,10 +17,11 @@
 #define QUANT_BOTH 3
 
 // Most threads per row of the RMS norm, and the segments a thread keeps in registers between
-// reading a row and writing it back: rows of up to 512 * 4 * 8 = 16384 values are read once,
-// longer rows a second time. (512 threads leave 128 registers per thread for the cache.)
+// reading a row and writing it back: one in the short-row kernels (rows of up to 512 * 8 =
+// 4096 values, few registers), RMS_LONG_CACHED in the _long ones (rows of up to 16384 values
+// are read once, longer rows a second time; 512 threads leave 128 registers per thread).
 #define RMS_THREADS 512
-#define RMS_CACHED 4
+#define RMS_LONG_CACHED 4
 
 // ---- segment loads and stores ----
 // V4: the row is 16-byte aligned and n % 8 == 0, so a segment that starts inside the row is
@@ -169,7 +170,7 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 // multiple of 32. With QUANT, the f32 output is also quantized, exactly as the standalone
 // quantizer would from y: Q8_0 into q0 (i8[rows*n]) and d0 (f32 per 32 values), Q8_K into qk
 // and dk (f32 per 256 values); n must then be whole blocks.
-template <int QUANT, bool V4>
+template <int QUANT, bool V4, int CACHED>
 __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const float* __restrict__ w,
                                             float* __restrict__ y, i8* __restrict__ q0, float* __restrict__ d0,
                                             i8* __restrict__ qk, float* __restrict__ dk, i64 n, float eps) {
@@ -183,9 +184,9 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
     const i64 nthreads = blockDim.x;
 
     // Every load of the cached segments (x and w) is issued before any arithmetic waits on one.
-    float v[RMS_CACHED][SEG], wv[RMS_CACHED][SEG];
+    float v[CACHED][SEG], wv[CACHED][SEG];
 #pragma unroll
-    for (int k = 0; k < RMS_CACHED; k++) {
+    for (int k = 0; k < CACHED; k++) {
         const i64 s = threadIdx.x + k * nthreads;
         if (s < nseg) {
             load_seg<V4>(xr, s * SEG, n, v[k]);
@@ -202,12 +203,12 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
     }
     double ss = 0.0;
 #pragma unroll
-    for (int k = 0; k < RMS_CACHED; k++) {
+    for (int k = 0; k < CACHED; k++) {
         if (k * nthreads >= nseg) break;  // uniform: short rows skip the unused slots
 #pragma unroll
         for (int j = 0; j < SEG; j++) ss += (double)v[k][j] * (double)v[k][j];
     }
-    for (i64 s = threadIdx.x + RMS_CACHED * nthreads; s < nseg; s += nthreads) {
+    for (i64 s = threadIdx.x + CACHED * nthreads; s < nseg; s += nthreads) {
         float t[SEG];
         load_seg<V4>(xr, s * SEG, n, t);
 #pragma unroll
@@ -219,7 +220,7 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
     // Write back. Loop bounds are uniform over the CTA so that whole warps reach the shuffles
     // of the quantizers; lanes past the row end only skip their stores.
 #pragma unroll
-    for (int k = 0; k < RMS_CACHED; k++) {
+    for (int k = 0; k < CACHED; k++) {
         if (k * nthreads >= nseg) break;
         const i64 s = threadIdx.x + k * nthreads;
         float o[SEG];
@@ -228,7 +229,7 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
         if (s < nseg) store_seg<V4>(yr, s * SEG, n, o);
         quantize_seg<QUANT, V4>(o, s < nseg, s, q0, d0, qk, dk);
     }
-    for (i64 base = RMS_CACHED * nthreads; base < nseg; base += nthreads) {
+    for (i64 base = CACHED * nthreads; base < nseg; base += nthreads) {
         const i64 s = base + threadIdx.x;
         const bool valid = s < nseg;
         float t[SEG], tw[SEG], o[SEG];
@@ -251,22 +252,24 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
     }
 }
 
-// The launchable instances: plain, fused with Q8_0, Q8_K or both, each vectorized (_v4: x, w,
-// y 16-byte aligned, q 8-byte aligned, n % 8 == 0) or general. Unselected q/d may be null.
-#define RMSNORM_KERNEL(NAME, QUANT, V4)                                                               \
+// The launchable instances: plain, fused with Q8_0, Q8_K or both; each vectorized (_v4: x, w,
+// y 16-byte aligned, q 8-byte aligned, n % 8 == 0) or general; each for rows of at most 4096
+// values or longer (_long). Unselected q/d may be null.
+#define RMSNORM_KERNEL(NAME, QUANT, V4, CACHED)                                                       \
     extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                         \
         NAME(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, i8* q0, \
              float* d0, i8* qk, float* dk, i64 n, float eps) {                                        \
-        rmsnorm_row<QUANT, V4>(x, w, y, q0, d0, qk, dk, n, eps);                                      \
+        rmsnorm_row<QUANT, V4, CACHED>(x, w, y, q0, d0, qk, dk, n, eps);                              \
     }
-RMSNORM_KERNEL(rmsnorm_f32, QUANT_NONE, false)
-RMSNORM_KERNEL(rmsnorm_f32_v4, QUANT_NONE, true)
-RMSNORM_KERNEL(rmsnorm_q8_0_f32, QUANT_Q8_0, false)
-RMSNORM_KERNEL(rmsnorm_q8_0_f32_v4, QUANT_Q8_0, true)
-RMSNORM_KERNEL(rmsnorm_q8_k_f32, QUANT_Q8_K, false)
-RMSNORM_KERNEL(rmsnorm_q8_k_f32_v4, QUANT_Q8_K, true)
-RMSNORM_KERNEL(rmsnorm_q8_0_q8_k_f32, QUANT_BOTH, false)
-RMSNORM_KERNEL(rmsnorm_q8_0_q8_k_f32_v4, QUANT_BOTH, true)
+#define RMSNORM_KERNELS(NAME, QUANT)                                \
+    RMSNORM_KERNEL(NAME, QUANT, false, 1)                           \
+    RMSNORM_KERNEL(NAME##_v4, QUANT, true, 1)                       \
+    RMSNORM_KERNEL(NAME##_long, QUANT, false, RMS_LONG_CACHED)      \
+    RMSNORM_KERNEL(NAME##_v4_long, QUANT, true, RMS_LONG_CACHED)
+RMSNORM_KERNELS(rmsnorm_f32, QUANT_NONE)
+RMSNORM_KERNELS(rmsnorm_q8_0_f32, QUANT_Q8_0)
+RMSNORM_KERNELS(rmsnorm_q8_k_f32, QUANT_Q8_K)
+RMSNORM_KERNELS(rmsnorm_q8_0_q8_k_f32, QUANT_BOTH)
 
 // ---- standalone activation quantizers ----
 // One segment per thread over all vectors at once (the vectors are contiguous whole blocks);

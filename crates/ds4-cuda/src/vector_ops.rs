@@ -25,6 +25,55 @@ const RMS_THREADS: usize = 512;
 /// Threads per CTA of the standalone quantizers and the SwiGLU.
 const FLAT_THREADS: usize = 128;
 
+/// The rmsnorm kernels by [quantizers: bit 0 Q8_0, bit 1 Q8_K][bit 0 _v4, bit 1 _long].
+const RMSNORM_KERNELS: [[&str; 4]; 4] = [
+    [
+        "rmsnorm_f32",
+        "rmsnorm_f32_v4",
+        "rmsnorm_f32_long",
+        "rmsnorm_f32_v4_long",
+    ],
+    [
+        "rmsnorm_q8_0_f32",
+        "rmsnorm_q8_0_f32_v4",
+        "rmsnorm_q8_0_f32_long",
+        "rmsnorm_q8_0_f32_v4_long",
+    ],
+    [
+        "rmsnorm_q8_k_f32",
+        "rmsnorm_q8_k_f32_v4",
+        "rmsnorm_q8_k_f32_long",
+        "rmsnorm_q8_k_f32_v4_long",
+    ],
+    [
+        "rmsnorm_q8_0_q8_k_f32",
+        "rmsnorm_q8_0_q8_k_f32_v4",
+        "rmsnorm_q8_0_q8_k_f32_long",
+        "rmsnorm_q8_0_q8_k_f32_v4_long",
+    ],
+];
+
+/// The SwiGLU kernels by [quantizer: none, Q8_0, Q8_K][bit 0 _v4].
+const SWIGLU_KERNELS: [[&str; 2]; 3] = [
+    ["swiglu_clamp_f32", "swiglu_clamp_f32_v4"],
+    ["swiglu_clamp_q8_0_f32", "swiglu_clamp_q8_0_f32_v4"],
+    ["swiglu_clamp_q8_k_f32", "swiglu_clamp_q8_k_f32_v4"],
+];
+
+/// The standalone quantizers by [Q8_0, Q8_K][bit 0 _v4].
+const QUANTIZE_KERNELS: [[&str; 2]; 2] = [
+    ["quantize_q8_0_f32", "quantize_q8_0_f32_v4"],
+    ["quantize_q8_k_f32", "quantize_q8_k_f32_v4"],
+];
+
+/// Row of a kernel table for a quantizer kind.
+fn kind_index(kind: ActQuant) -> usize {
+    match kind {
+        ActQuant::Q8_0 => 0,
+        ActQuant::Q8K => 1,
+    }
+}
+
 /// Threads for one row of `n` values: one segment each while the row has at most 512, a
 /// multiple of 32 (whole warps; the quantizers shuffle within them).
 fn rms_threads(n: usize) -> u32 {
@@ -163,16 +212,9 @@ impl Gpu {
             let mut f32_ptrs = vec![xp, yp];
             f32_ptrs.extend(weight.map(|w| w.ptr()));
             let v4 = vectorizable(&f32_ptrs, &[q0p, qkp], n);
-            let name = match (q8_0.is_some(), q8_k.is_some(), v4) {
-                (false, false, false) => "rmsnorm_f32",
-                (false, false, true) => "rmsnorm_f32_v4",
-                (true, false, false) => "rmsnorm_q8_0_f32",
-                (true, false, true) => "rmsnorm_q8_0_f32_v4",
-                (false, true, false) => "rmsnorm_q8_k_f32",
-                (false, true, true) => "rmsnorm_q8_k_f32_v4",
-                (true, true, false) => "rmsnorm_q8_0_q8_k_f32",
-                (true, true, true) => "rmsnorm_q8_0_q8_k_f32_v4",
-            };
+            let quant = q8_0.is_some() as usize | (q8_k.is_some() as usize) << 1;
+            let long = n.div_ceil(SEG) > RMS_THREADS;
+            let name = RMSNORM_KERNELS[quant][v4 as usize | (long as usize) << 1];
             let f = self.kernels.function("vector_ops", name)?;
             let n64 = n as i64;
             let mut b = self.device.stream().launch_builder(&f);
@@ -195,7 +237,9 @@ impl Gpu {
             // values and w (when non-null) n values; each selected quantized output holds
             // rows × n int8 values and one f32 per block, n being whole blocks (all checked
             // above); unselected outputs are null and unused; the _v4 kernels are chosen only
-            // when their alignment conditions hold; blockDim is a multiple of 32, at most 512.
+            // when their alignment conditions hold; blockDim is a multiple of 32, at most 512,
+            // and the short-row kernels (one register-cached segment per thread) get rows of at
+            // most 512 segments, which they also handle correctly beyond that (second read).
             self.device
                 .launch_timed(name, 0, || unsafe { b.launch(cfg) })
                 .ctx(name)?;
@@ -282,14 +326,7 @@ impl Gpu {
         );
         let (qp, dp) = qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()));
         let v4 = per_slot.is_multiple_of(SEG) && vectorizable(&[gp, upp, op], &[qp], n);
-        let name = match (qa.map(|qa| qa.kind), v4) {
-            (None, false) => "swiglu_clamp_f32",
-            (None, true) => "swiglu_clamp_f32_v4",
-            (Some(ActQuant::Q8_0), false) => "swiglu_clamp_q8_0_f32",
-            (Some(ActQuant::Q8_0), true) => "swiglu_clamp_q8_0_f32_v4",
-            (Some(ActQuant::Q8K), false) => "swiglu_clamp_q8_k_f32",
-            (Some(ActQuant::Q8K), true) => "swiglu_clamp_q8_k_f32_v4",
-        };
+        let name = SWIGLU_KERNELS[qa.map_or(0, |qa| 1 + kind_index(qa.kind))][v4 as usize];
         let f = self.kernels.function("vector_ops", name)?;
         let (n64, ps64, lim) = (n as i64, per_slot as i64, limit.unwrap_or(f32::INFINITY));
         let mut b = self.device.stream().launch_builder(&f);
@@ -354,12 +391,7 @@ impl Gpu {
         }
         quantized_room("quantize_activations", out, total)?;
         let v4 = vectorizable(&[x.ptr()], &[out.q.ptr()], total);
-        let name = match (out.kind, v4) {
-            (ActQuant::Q8_0, false) => "quantize_q8_0_f32",
-            (ActQuant::Q8_0, true) => "quantize_q8_0_f32_v4",
-            (ActQuant::Q8K, false) => "quantize_q8_k_f32",
-            (ActQuant::Q8K, true) => "quantize_q8_k_f32_v4",
-        };
+        let name = QUANTIZE_KERNELS[kind_index(out.kind)][v4 as usize];
         let f = self.kernels.function("vector_ops", name)?;
         let segments = total / SEG;
         let (xp, qp, dp, nseg) = (x.ptr(), out.q.ptr(), out.d.ptr(), segments as i64);
@@ -378,5 +410,59 @@ impl Gpu {
             .launch_timed(name, 0, || unsafe { b.launch(cfg) })
             .ctx(name)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_rows_get_one_segment_per_thread_in_whole_warps() {
+        assert_eq!(rms_threads(4096), 512);
+        assert_eq!(rms_threads(1024), 128);
+        assert_eq!(rms_threads(128), 32);
+        assert_eq!(rms_threads(7), 32);
+        assert_eq!(rms_threads(4100), 512);
+        assert_eq!(rms_threads(16384), 512);
+        for n in [1, 100, 333, 4095, 9999] {
+            assert!(rms_threads(n).is_multiple_of(32) && rms_threads(n) as usize <= RMS_THREADS);
+        }
+    }
+
+    #[test]
+    fn vector_kernels_need_alignment_and_whole_segments() {
+        assert!(vectorizable(&[256, 4096], &[0, 1024], 4096));
+        assert!(!vectorizable(&[256, 4100], &[], 4096));
+        assert!(!vectorizable(&[256], &[1028], 4096));
+        assert!(!vectorizable(&[256], &[], 4100));
+    }
+
+    /// Every kernel name the launchers use is a symbol of the compiled module (libnvrtc
+    /// needed, no GPU).
+    #[test]
+    fn every_launched_kernel_exists_in_the_module() {
+        if !crate::device::nvrtc_present() {
+            eprintln!("skipped: no CUDA (libnvrtc.so not found)");
+            return;
+        }
+        let m = crate::kernels::MODULES
+            .iter()
+            .find(|m| m.name == "vector_ops")
+            .expect("vector_ops module");
+        let cubin = crate::compile::compile_cubin(m.name, &m.full_source(), "sm_90a")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names = RMSNORM_KERNELS
+            .iter()
+            .flatten()
+            .chain(SWIGLU_KERNELS.iter().flatten())
+            .chain(QUANTIZE_KERNELS.iter().flatten());
+        for name in names {
+            let sym = format!("\0{name}\0");
+            assert!(
+                cubin.windows(sym.len()).any(|w| w == sym.as_bytes()),
+                "kernel {name} is not in vector_ops.cu"
+            );
+        }
     }
 }
