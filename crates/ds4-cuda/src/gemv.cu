@@ -3,12 +3,11 @@
 // Layout: W has n_rows rows of k elements, each row row_bytes long (ggml blocks, row-major);
 // x holds NB vectors of k values, y receives NB vectors of n_rows values.
 //
-// Work split: a CTA is blockDim.x / 32 warps (1..8, chosen by the host); each warp owns R consecutive rows (grid-stride over row
-// groups) and walks them in chunks of whole blocks. A chunk of every row is copied into shared
-// memory with 16-byte streaming loads (the loads of chunk c+1 are in flight while chunk c is
-// computed), then each lane takes 32-element "items" of the chunk and applies the activation
-// values it loaded once to all R rows. Reusing x across R rows keeps L1 traffic per weight byte
-// low enough that the kernel stays DRAM-bound even for 2-bit formats.
+// Work split (details above each kernel): rows are taken in groups of R; p.split warps share
+// a group, each taking part of every row (16-byte pieces for F16/F32, staged chunks of whole
+// blocks for the quantized formats). Inside a warp, each lane applies the activation values it
+// loaded once to all R rows, which keeps L1 traffic per weight byte low. A row's summation
+// order depends on p.split only, which gemv.rs derives from the matrix shape alone.
 //
 // Activations come either as f32 (FMT x f32) or pre-quantized (Q8_0 blocks of 32 for Q8_0
 // weights, Q8_K blocks of 256 for the k/iq formats) as an int8 array plus one f32 scale per
@@ -54,11 +53,13 @@ template <> struct Fmt<FMT_Q2_K> { enum { BB = 84, BE = 256, CB = 8, ITEMS = 8, 
 template <> struct Fmt<FMT_Q4_K> { enum { BB = 144, BE = 256, CB = 8, ITEMS = 8, QB = 256 }; };
 template <> struct Fmt<FMT_IQ2_XXS> { enum { BB = 66, BE = 256, CB = 16, ITEMS = 8, QB = 256 }; };
 
-// ---- IQ2_XXS decoding without sign tables ----
+// ---- IQ2_XXS decoding with PRMT ----
 // A grid entry is 8 bytes, each 8, 25 or 43. The kernels keep it as a PRMT selector word
-// (nibble j = 0, 1, 2 for byte j = 8, 25, 43; 1 KB for the codebook, one 32-bit shared load
-// per 8 weights). Setting bit 2 of a nibble selects the negated byte instead, so one PRMT
-// turns selector | sign bits into 4 signed weights.
+// (nibble j = 0, 1, 2 for byte j = 8, 25, 43; one 32-bit shared load per 8 weights). Setting
+// bit 2 of a nibble selects the negated byte instead, so one PRMT turns selector | sign bits
+// into 4 signed weights. The sign bits of each 7-bit sign index (with the parity bit that
+// completes it) are kept pre-spread to those bit-2 positions in a second table: 1.5 KB in all
+// (IQ2_TAB words), two 32-bit loads and an OR per 8 weights instead of ~12 integer ops.
 #define IQ2_POS 0x002B1908u  // bytes 8, 25, 43
 #define IQ2_NEG 0x00D5E7F8u  // bytes -8, -25, -43
 
@@ -68,20 +69,17 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
-// Builds the selector table from the u64 codebook at p.grid (every thread of the CTA calls it;
-// the caller synchronizes before use).
-__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p, u32* gsel) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        const u64 g = ((const u64*)p.grid)[i];
-        u32 sel = 0;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const u32 b = (u32)(g >> (8 * j)) & 255;
-            sel |= (b == 8 ? 0u : b == 25 ? 1u : 2u) << (4 * j);
-        }
-        gsel[i] = sel;
-    }
+// Selector nibbles of 4 grid bytes (each 8, 25 or 43): code = bit 0 + bit 5 of the byte
+// (8 -> 0, 25 -> 1, 43 -> 2), bytes packed into the low 4 nibbles.
+__device__ __forceinline__ u32 iq2_codes4(u32 w) {
+    u32 c = (w & 0x01010101u) + ((w >> 5) & 0x01010101u);  // one code per byte
+    c = (c | (c >> 4)) & 0x00FF00FFu;                        // byte pairs -> nibble pairs
+    return (c | (c >> 8)) & 0xFFFFu;
 }
+
+// Table layout: [0, 256) grid selectors, [256, 384) spread sign bits per 7-bit index.
+#define IQ2_TAB 384
+#define IQ2_SIGNS 256
 
 // Bit j of an 8-bit value moved to bit 4j + 2 (the "negate" bit of selector nibble j).
 __device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
@@ -91,30 +89,54 @@ __device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
     return x << 2;
 }
 
+// Builds both tables from the u64 codebook at p.grid (every thread of the CTA calls it; the
+// caller synchronizes before use).
+__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p, u32* tab) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const u64 g = ((const u64*)p.grid)[i];
+        tab[i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
+        if (i < 128) tab[IQ2_SIGNS + i] = sign_nibbles8(iq2_signs(i));
+    }
+}
+
 // The 8 signed weights of group l (0..3) of an item: a0 holds the 4 grid indices, a1 the four
 // 7-bit sign indices (the eighth sign makes the count of minus signs even). lo = weights 0-3.
-__device__ __forceinline__ void iq2xxs_group(const u32* gsel, u32 a0, u32 a1, int l, u32* lo, u32* hi) {
-    const u32 s7 = (a1 >> (7 * l)) & 127;
-    const u32 sel = gsel[(a0 >> (8 * l)) & 255] | sign_nibbles8(iq2_signs(s7));
+__device__ __forceinline__ void iq2xxs_group(const u32* tab, u32 a0, u32 a1, int l, u32* lo, u32* hi) {
+    const u32 sel = tab[(a0 >> (8 * l)) & 255] | tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
     *lo = prmt(IQ2_POS, IQ2_NEG, sel);
     *hi = prmt(IQ2_POS, IQ2_NEG, sel >> 16);
 }
 
-// The 8 bytes at p (2-byte aligned) of a shared-memory stage that is readable in whole 4-byte
-// words up to the last of these bytes: two or three 32-bit loads and a funnel shift instead of
-// four 16-bit loads.
-__device__ __forceinline__ void rd64_a2(const u8* p, u32* lo, u32* hi) {
-    const u32* q = (const u32*)((u64)p & ~(u64)3);
-    const u32 sh = (u32)((u64)p & 2) * 8;  // 0 or 16
+// The 8 bytes at p (2-byte aligned; mis = p & 2, which the caller knows once per lane) of a
+// shared-memory stage that is readable in whole 4-byte words up to the last of these bytes:
+// two or three 32-bit loads and a funnel shift instead of four 16-bit loads.
+__device__ __forceinline__ void rd64_a2(const u8* p, u32 mis, u32* lo, u32* hi) {
+    // Step back with pointer arithmetic (not through an integer) so the compiler still knows
+    // this is shared memory and emits LDS.
+    const u32* q = (const u32*)(p - mis);
+    const u32 sh = mis * 8;
     const u32 w0 = q[0], w1 = q[1];
     const u32 w2 = sh ? q[2] : w1;  // the third word only when the bytes straddle it
     *lo = __funnelshift_r(w0, w1, sh);
     *hi = __funnelshift_r(w1, w2, sh);
 }
 
+// The 16 bytes at p (2-byte aligned, mis = p & 2) of a shared-memory stage, as 4 words; like
+// rd64_a2, four or five 32-bit loads instead of eight 16-bit loads.
+__device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
+    const u32* q = (const u32*)(p - mis);
+    const u32 sh = mis * 8;
+    u32 v[5];
+#pragma unroll
+    for (int j = 0; j < 4; j++) v[j] = q[j];
+    v[4] = sh ? q[4] : v[3];
+#pragma unroll
+    for (int j = 0; j < 4; j++) w[j] = __funnelshift_r(v[j], v[j + 1], sh);
+}
+
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
 template <int FMT>
-__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* gsel, float q[4]) {
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* tab, u32 mis, float q[4]) {
     if constexpr (FMT == FMT_Q8_0) {
         u32 w = rd32_a2(blk + 2 + 4 * i);
 #pragma unroll
@@ -130,8 +152,8 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32*
         for (int j = 0; j < 4; j++) q[j] = (float)((w >> (8 * j)) & 15);
     } else {  // IQ2_XXS
         u32 a0, a1, lo, hi;
-        rd64_a2(blk + 2 + 8 * it, &a0, &a1);
-        iq2xxs_group(gsel, a0, a1, i >> 1, &lo, &hi);
+        rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
+        iq2xxs_group(tab, a0, a1, i >> 1, &lo, &hi);
         const u32 w = (i & 1) ? hi : lo;
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
@@ -160,10 +182,12 @@ __device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* 
     }
 }
 
-// One item (32 elements at e0 of every vector) against R staged rows, f32 activations.
+// One item (32 elements at x of every vector, vectors xstride apart) against R staged rows
+// (row r's block at blk0 + r * CHUNK), f32 activations.
 template <int FMT, int R, int NB>
-__device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const float* x, i64 xstride,
-                                          i64 e0, const u32* gsel, float (&acc)[R][NB]) {
+__device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x, i64 xstride, const u32* tab,
+                                          u32 mis, float (&acc)[R][NB]) {
+    constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
     constexpr int GPP = 8 / NP;                       // groups of 4 per part
     constexpr bool HAS_MIN = (FMT == FMT_Q2_K || FMT == FMT_Q4_K);
@@ -181,13 +205,13 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
             float4 xv[NB];
 #pragma unroll
             for (int v = 0; v < NB; v++) {
-                xv[v] = *(const float4*)(x + v * xstride + e0 + 4 * i);
+                xv[v] = *(const float4*)(x + v * xstride + 4 * i);
                 if (HAS_MIN) sx[v] += (xv[v].x + xv[v].y) + (xv[v].z + xv[v].w);
             }
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float q[4];
-                item_q4<FMT>(blks[r], it, i, gsel, q);
+                item_q4<FMT>(blk0 + r * CHUNK, it, i, tab, mis, q);
 #pragma unroll
                 for (int v = 0; v < NB; v++)
                     sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
@@ -196,7 +220,7 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float a, b;
-            item_scale<FMT>(blks[r], it, p, &a, &b);
+            item_scale<FMT>(blk0 + r * CHUNK, it, p, &a, &b);
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] += a * sqx[r][v] + (HAS_MIN ? b * sx[v] : 0.f);
         }
@@ -204,11 +228,12 @@ __device__ __forceinline__ void item_f32x(const u8* const* blks, int it, const f
 }
 
 // One item against R staged rows, int8 activations (Q8_0 / Q8_K), dp4a; mirrors ggml's
-// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums.
+// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums. xq: the item's 32
+// values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride apart).
 template <int FMT, int R, int NB>
-__device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8* xq, const float* xd,
-                                         i64 xstride, i64 e0, const u32* gsel, float (&acc)[R][NB]) {
-    constexpr int QB = Fmt<FMT>::QB;
+__device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
+                                         i64 dstride, const u32* tab, u32 mis, float (&acc)[R][NB]) {
+    constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
 #pragma unroll
@@ -222,7 +247,7 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
         int4 xw[NB];
 #pragma unroll
         for (int v = 0; v < NB; v++) {
-            xw[v] = *(const int4*)(xq + v * xstride + e0 + 16 * h);
+            xw[v] = *(const int4*)(xq + v * xstride + 16 * h);
             if (FMT == FMT_Q2_K || FMT == FMT_Q4_K) {
                 int s = dp4a(0x01010101, xw[v].x, 0);
                 s = dp4a(0x01010101, xw[v].y, s);
@@ -232,11 +257,13 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
         }
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const u8* blk = blks[r];
+            const u8* blk = blk0 + r * CHUNK;
             int w[4];
             if constexpr (FMT == FMT_Q8_0) {
+                u32 q[4];
+                rd128_a2(blk + 2 + 16 * h, mis, q);
 #pragma unroll
-                for (int j = 0; j < 4; j++) w[j] = (int)rd32_a2(blk + 2 + 16 * h + 4 * j);
+                for (int j = 0; j < 4; j++) w[j] = (int)q[j];
             } else if constexpr (FMT == FMT_Q2_K) {
                 const int hh = it >> 2, s = it & 3;
 #pragma unroll
@@ -249,11 +276,11 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
                                  0x0F0F0F0Fu);
             } else {  // IQ2_XXS: grid entries 2h, 2h+1 of this item, 8 values each
                 u32 a0, a1;
-                rd64_a2(blk + 2 + 8 * it, &a0, &a1);
+                rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
 #pragma unroll
                 for (int l2 = 0; l2 < 2; l2++) {
                     u32 lo, hi;
-                    iq2xxs_group(gsel, a0, a1, 2 * h + l2, &lo, &hi);
+                    iq2xxs_group(tab, a0, a1, 2 * h + l2, &lo, &hi);
                     w[2 * l2] = (int)lo;
                     w[2 * l2 + 1] = (int)hi;
                 }
@@ -276,10 +303,10 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        const u8* blk = blks[r];
+        const u8* blk = blk0 + r * CHUNK;
 #pragma unroll
         for (int v = 0; v < NB; v++) {
-            const float dx = xd[(v * xstride + e0) / QB];
+            const float dx = xd[v * dstride];
             if constexpr (FMT == FMT_Q8_0) {
                 acc[r][v] += (float)isum[r][v] * (f16_to_f32(rd16(blk)) * dx);
             } else if constexpr (FMT == FMT_Q2_K) {
@@ -292,7 +319,7 @@ __device__ __forceinline__ void item_q8x(const u8* const* blks, int it, const i8
                              (dx * f16_to_f32(rd16(blk + 2))) * (float)(m * (bsum[v][0] + bsum[v][1]));
             } else {
                 u32 a0, a1;
-                rd64_a2(blk + 2 + 8 * it, &a0, &a1);
+                rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
                 const int ls = 2 * (int)(a1 >> 28) + 1;
                 acc[r][v] += 0.125f * (dx * f16_to_f32(rd16(blk))) * (float)(ls * isum[r][v]);
             }
@@ -347,102 +374,127 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
     __syncthreads();
 }
 
+// ---- asynchronous global -> shared copies (sm_80+) ----
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+// 16 bytes from global (L2 only, 256-byte L2 prefetch: the rest of the row comes next) to
+// shared, without passing through registers; both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
 // Block-quantized weights, staged through shared memory.
+//
+// Work split: a row group (R rows) belongs to p.split warps (gemv.rs picks it from the matrix
+// shape alone); warp wg of the group takes chunks wg, wg+ws, ... of the group's rows. Each warp
+// has two stage buffers of R chunks: while it computes on one, the next step's chunk (the
+// next chunk of its rows, or the first one of its next row group) is copied into the other
+// with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
+// copied with 2-byte loads when their step starts (same stage contents, same bits).
 template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    constexpr int LPL = (CHUNK / 16 + 31) / 32;  // 16-byte loads per lane per row
-    // Dynamic shared memory: warps x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
+    constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
+    // Dynamic shared memory: warps x 2 x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 stage_dyn[];
-    // IQ2_XXS: the codebook as PRMT selectors (see iq2xxs_tables).
-    __shared__ u32 gsel_s[FMT == FMT_IQ2_XXS ? 256 : 1];
+    // IQ2_XXS: codebook selectors and spread sign bits (see iq2xxs_tables).
+    __shared__ u32 iq2_tab[FMT == FMT_IQ2_XXS ? IQ2_TAB : 1];
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int ws = (int)p.split, wg = warp % ws;  // warps per row group, this warp's rank in it
-    u8* const stage = stage_dyn + warp * R * CHUNK;
+    u8* const stage = stage_dyn + warp * 2 * R * CHUNK;
     const i64 nblocks = p.k / F::BE;
     const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
     const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
+    const i64 dstride = p.k / F::QB;                  // activation scales per vector
 
     // Row blocks of the CTA (groups x R rows) in grid-stride order, the same count for every
-    // warp (group_store synchronizes). Warp wg of a group takes chunks wg, wg+ws, ... of the
-    // group's rows. A warp's (block, chunk) steps form one stream: the loads of the next step,
-    // also across a block boundary, are in flight while the current chunk is computed.
+    // warp (group_store synchronizes). A warp's (block, chunk) steps alternate buffers.
     const i64 rows_per_cta = (i64)(blockDim.x / (32 * ws)) * R;
     const i64 block_stride = (i64)gridDim.x * rows_per_cta;
     const i64 group_row = (i64)(warp / ws) * R;
-    const u8* rows[R];
-    uint4 regs[R][LPL];
-    auto set_rows = [&](i64 r0) {
-#pragma unroll
-        for (int r = 0; r < R; r++) rows[r] = W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes;
-    };
-    auto fetch = [&](i64 c) {  // issue the 16-byte loads of chunk c of every row
+    auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
+    // Starts the copy of chunk c of rows r0.. into buf (aligned rows only).
+    auto issue = [&](i64 r0, i64 c, u8* buf) {
+        if (!p.aligned16) return;
         const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
 #pragma unroll
-        for (int r = 0; r < R; r++)
+        for (int r = 0; r < R; r++) {
+            const u8* src = row_ptr(r0, r) + c * CHUNK;
+            for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
+        }
+        cp_async_commit();
+    };
+    // Makes chunk c of rows r0.. visible to the whole warp in buf.
+    auto land = [&](i64 r0, i64 c, u8* buf) {
+        if (p.aligned16) {
+            cp_async_wait_all();
+        } else {  // every block size is even: 2-byte copies always work
+            const int n2 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 2);
 #pragma unroll
-            for (int j = 0; j < LPL; j++)
-                if (lane + 32 * j < n16) regs[r][j] = load_stream16(rows[r] + c * CHUNK + 16 * (lane + 32 * j));
+            for (int r = 0; r < R; r++) {
+                const u16* src = (const u16*)(row_ptr(r0, r) + c * CHUNK);
+                for (int j = lane; j < n2; j += 32) ((u16*)(buf + r * CHUNK))[j] = src[j];
+            }
+        }
+        __syncwarp();
     };
     {
         const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
-        if (row0 < p.n_rows && wg < nchunks) {
-            set_rows(row0);
-            if (p.aligned16) fetch(wg);
-        }
+        if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
-    if constexpr (FMT == FMT_IQ2_XXS) {  // after the first loads are issued: they overlap this
-        iq2xxs_tables(p, gsel_s);
+    if constexpr (FMT == FMT_IQ2_XXS) {  // after the first copies are issued: they overlap this
+        iq2xxs_tables(p, iq2_tab);
         __syncthreads();
     }
+    int buf = 0;
     for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
         const i64 row0 = blk * rows_per_cta + group_row;
-        const u8* blks[R];
         float acc[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
-        for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws) {
+        for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws, buf ^= 1) {
+            u8* const cur = stage + buf * R * CHUNK;
+            // After land's __syncwarp every lane is done with the previous step, so the other
+            // buffer (read by that step) may be refilled.
+            land(row0, c, cur);
+            {
+                i64 nr = row0, nc = c + ws;
+                if (nc >= nchunks) {
+                    nr = row0 + block_stride;
+                    nc = wg;
+                }
+                if (nr < p.n_rows) issue(nr, nc, stage + (buf ^ 1) * R * CHUNK);
+            }
             const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
-            __syncwarp();
-            if (p.aligned16) {
-                const int n16 = nbv * F::BB / 16;
-#pragma unroll
-                for (int r = 0; r < R; r++)
-#pragma unroll
-                    for (int j = 0; j < LPL; j++)
-                        if (lane + 32 * j < n16) *(uint4*)(stage + r * CHUNK + 16 * (lane + 32 * j)) = regs[r][j];
-            } else {  // every block size is even: 2-byte copies always work
-                const int n2 = nbv * F::BB / 2;
-#pragma unroll
-                for (int r = 0; r < R; r++)
-                    for (int j = lane; j < n2; j += 32)
-                        ((u16*)(stage + r * CHUNK))[j] = ((const u16*)(rows[r] + c * CHUNK))[j];
-            }
-            __syncwarp();
-            // Issue the next step's loads (in flight during the math below).
-            if (c + ws < nchunks) {
-                if (p.aligned16) fetch(c + ws);
-            } else if (row0 + block_stride < p.n_rows) {
-                set_rows(row0 + block_stride);
-                if (p.aligned16) fetch(wg);
-            }
-            for (int item = lane; item < nbv * F::ITEMS; item += 32) {
-                const int lb = item / F::ITEMS, it = item % F::ITEMS;
-                const i64 e0 = (c * F::CB + lb) * F::BE + 32 * it;
-#pragma unroll
-                for (int r = 0; r < R; r++) blks[r] = stage + r * CHUNK + lb * F::BB;
-                if constexpr (QX)
-                    item_q8x<FMT, R, NB>(blks, it, (const i8*)p.x + xv0 * p.k, (const float*)p.xd + xv0 * p.k / F::QB,
-                                         p.k, e0, gsel_s, acc);
-                else
-                    item_f32x<FMT, R, NB>(blks, it, (const float*)p.x + xv0 * p.k, p.k, e0, gsel_s, acc);
+            const int it = lane % F::ITEMS;
+            int lb = lane / F::ITEMS;                   // block of the lane's first item
+            const i64 b0 = c * F::CB + lb;              // its index in the row
+            const u8* sb = cur + lb * F::BB;
+            // Q8_0 / IQ2_XXS: alignment of the lane's quants in the stage (the same for every item
+            // of the lane: it advances by STEP blocks of 34 or 66 bytes, 4-byte multiples, and
+            // chunks are 16-byte multiples).
+            const u32 mis = (u32)(lb * F::BB + 2 + 8 * it) & 2;
+            if constexpr (QX) {
+                const i8* xq = (const i8*)p.x + xv0 * p.k + b0 * F::BE + 32 * it;
+                const float* xd = (const float*)p.xd + xv0 * dstride + b0 * (F::BE / F::QB);
+                for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
+                    item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, iq2_tab, mis, acc);
+            } else {
+                const float* x = (const float*)p.x + xv0 * p.k + b0 * F::BE + 32 * it;
+                for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
+                    item_f32x<FMT, R, NB>(sb, it, x, p.k, iq2_tab, mis, acc);
             }
         }
         group_store<R, NB>(p, row0, ws, acc, red);

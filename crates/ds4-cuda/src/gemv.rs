@@ -450,8 +450,11 @@ impl Gpu {
             let cfg = LaunchConfig {
                 grid_dim: (grid_x as u32, n_slots as u32, 1),
                 block_dim: ((shape.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: (shape.warps * shape.rows_per_group * stage_chunk_bytes(w.format))
-                    as u32,
+                // Two stage buffers of R chunks per warp (quantized formats; 0 otherwise).
+                shared_mem_bytes: (shape.warps
+                    * 2
+                    * shape.rows_per_group
+                    * stage_chunk_bytes(w.format)) as u32,
             };
             let params = GemvParams {
                 w: w.ptr,
@@ -481,7 +484,7 @@ impl Gpu {
                 format!("gemv_{}_{act_tag}_nb{nb}", w.format.tag())
             };
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // warps × R × chunk bytes, what each warp's staging area needs; `split` divides the
+            // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
             // CTA's warps and is at most 8 (the kernels' reduction buffer). The buffer lengths were checked
             // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
             // inside live device memory by DeviceMatrix's construction contract; expert ids are

@@ -491,14 +491,18 @@ fn every_gemv_block_size_gives_the_same_rows() {
 fn capped_grid_walks_many_row_groups_correctly() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(8);
-    for format in [
-        WeightFormat::Q8_0,
-        WeightFormat::IQ2XXS,
-        WeightFormat::Q2K,
-        WeightFormat::Q4K,
-        WeightFormat::F16,
+    // 512 columns: one chunk per row, one warp per row group. The long rows: several chunks
+    // per row shared by 2 warps, so each warp's stream alternates chunks and row groups.
+    for (format, cols, rows) in [
+        (WeightFormat::Q8_0, 512usize, 20011usize),
+        (WeightFormat::IQ2XXS, 512, 20011),
+        (WeightFormat::Q2K, 512, 20011),
+        (WeightFormat::Q4K, 512, 20011),
+        (WeightFormat::F16, 512, 20011),
+        (WeightFormat::Q8_0, 4096, 3001),
+        (WeightFormat::IQ2XXS, 8192, 1500),
+        (WeightFormat::F16, 4096, 3001),
     ] {
-        let (cols, rows) = (512usize, 20011usize);
         let w = random_rows(&mut rng, format, cols, rows);
         let x = rng.f32s(cols);
         let dw = upload_matrix(g, &w);
