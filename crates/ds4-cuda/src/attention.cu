@@ -3,9 +3,11 @@
 // attention path, cpu/attention.rs, cpu/rope.rs, numerics.rs; dsv4-arch.md §3.4-3.9).
 
 // Rotates the last r channels of n_rows vectors of `width` (row i belongs to token
-// i / rows_per_tok, at position pos0 + token). One thread per pair.
-extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per_tok, i64 pos0, u64 inv_freq_, i64 r,
+// i / rows_per_tok, at position pos0 + token; pos0 = *pos_, device memory so that a captured
+// decode graph replays at every position). One thread per pair.
+extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per_tok, u64 pos_, u64 inv_freq_, i64 r,
                                      i64 inverse) {
+    const i64 pos0 = *(const i64*)pos_;
     const i64 half = r / 2;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_rows * half; idx += (i64)gridDim.x * blockDim.x) {
         const i64 row = idx / half;
@@ -45,7 +47,8 @@ extern "C" __global__ void scale_f32(u64 x_, i64 n, double s) {
 }
 
 // Stores the span's last min(n_tok, cap) K=V rows into the ring (slot = position % cap).
-extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, i64 pos0, i64 hd, i64 cap) {
+extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i64 hd, i64 cap) {
+    const i64 pos0 = *(const i64*)pos_;
     const i64 start = n_tok > cap ? n_tok - cap : 0;
     const i64 total = (n_tok - start) * hd;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
@@ -61,7 +64,7 @@ extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, i64 pos0, i
 // tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats, then max rows
 // row pointers.
 extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
-                                  i64 H, i64 hd, i64 pos0, i64 window, i64 ring_cap, i64 kind, i64 ratio,
+                                  i64 H, i64 hd, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
                                   i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows) {
     extern __shared__ float sh[];
     float* qs = sh;
@@ -70,6 +73,7 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
     const float** rp = (const float**)(sh + ((2 * hd + max_rows + 1) & ~(i64)1));
     __shared__ float red[32];
     __shared__ float mx_s, den_s;
+    const i64 pos0 = *(const i64*)pos_;
     const i64 t = blockIdx.x / H, h = blockIdx.x % H;
     const i64 pos = pos0 + t;
     const i64 first = pos + 1 > window ? pos + 1 - window : 0;

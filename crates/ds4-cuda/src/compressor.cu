@@ -4,14 +4,15 @@
 // Frontier layout as the CPU's (ds4's): kv and score are coff*m rows of coff*D (coff = 2 with
 // overlap). With overlap, rows [0, m) hold the previous window, [m, 2m) the current one.
 
-// Feeds n_tok tokens (their projections kv_in/gate_in, each coff*D wide) to one compressor in
-// token order, on one CTA. Each token that closes a window pools a row, which is normalized
+// Feeds n_tok tokens at positions *pos_.. (their projections kv_in/gate_in, each coff*D wide)
+// to one compressor in token order, on one CTA. Each token that closes a window pools a row, which is normalized
 // (weight `norm`), RoPE'd at its window start, rounded (qat 1: FP8 nope + f16, as KV rows;
 // qat 2: Hadamard + FP4 + f16, as indexer keys; 0: none) and appended at row n_rows0, n_rows0+1...
 // Dynamic shared: D floats.
 extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
-                                         i64 n_rows0, i64 n_tok, i64 pos0, i64 m, i64 D, i64 overlap, double eps,
-                                         u64 inv_freq_, i64 r, i64 qat) {
+                                         i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
+                                         i64 r, i64 qat) {
+    const i64 pos0 = *(const i64*)pos_, n_rows0 = pos0 / m;
     extern __shared__ float row[];
     const i64 coff = overlap ? 2 : 1, w = coff * D;
     float* skv = (float*)skv_;
@@ -95,12 +96,12 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
 // with at most topk visible rows ((pos+1)/ratio) all are kept; otherwise every visible key is
 // scored, score = sum_h w_h max(0, q_h . k), and the topk best are kept (ties: the lowest
 // index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (already scaled), keys:
-// rows x di; scores/flags: n_tok x max_rows scratch.
+// rows x di; scores/flags: n_tok x max_rows scratch. The span starts at position *pos_.
 
 // Scores: grid (rows / 8, n_tok), one warp per key row, lanes over heads.
-extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, i64 pos0, i64 ratio, i64 ni, i64 di,
+extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
                                         i64 topk, i64 max_rows) {
-    const i64 t = blockIdx.y, nv = (pos0 + t + 1) / ratio;
+    const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (nv <= topk || row >= nv) return;  // uniform per warp
     const int lane = threadIdx.x & 31;
@@ -119,8 +120,8 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, 
 }
 
 // Ranks: grid (rows / 256, n_tok), one thread per row: kept when fewer than topk rows beat it.
-extern "C" __global__ void index_rank(u64 scores_, u64 flags_, i64 pos0, i64 ratio, i64 topk, i64 max_rows) {
-    const i64 t = blockIdx.y, nv = (pos0 + t + 1) / ratio;
+extern "C" __global__ void index_rank(u64 scores_, u64 flags_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (nv <= topk || i >= nv) return;
     const float* sc = (const float*)scores_ + t * max_rows;
@@ -134,8 +135,8 @@ extern "C" __global__ void index_rank(u64 scores_, u64 flags_, i64 pos0, i64 rat
 }
 
 // Selection lists: one warp per token writes the kept rows in ascending order and their count.
-extern "C" __global__ void index_compact(u64 flags_, u64 sel_, u64 selc_, i64 pos0, i64 ratio, i64 topk, i64 max_rows) {
-    const i64 t = blockIdx.x, nv = (pos0 + t + 1) / ratio;
+extern "C" __global__ void index_compact(u64 flags_, u64 sel_, u64 selc_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const int lane = threadIdx.x & 31;
     int* sel = (int*)sel_ + t * topk;
     if (nv <= topk) {

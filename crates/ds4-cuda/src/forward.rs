@@ -96,6 +96,27 @@ impl Drop for StageTimes {
     }
 }
 
+/// Quantized-activation buffers by (kind, vector length), grown on demand. `generation`
+/// counts the reallocations: a captured graph holds the buffers' addresses, so it is only
+/// replayed while the generation it was captured at is current.
+#[derive(Default)]
+pub(crate) struct QuantSlots {
+    slots: HashMap<(ActQuant, usize), QuantizedActivations>,
+    generation: u64,
+}
+
+/// A captured decode step and the quant-slot generation whose buffers it uses.
+struct DecodeGraph {
+    graph: cudarc::driver::CudaGraph,
+    generation: u64,
+}
+
+// SAFETY: CUDA graph objects are not internally synchronized but may be used from any thread
+// when calls are serialized. A DecodeGraph lives in one session's Scratch and is only touched
+// through `&mut Scratch` (launch, drop), so no two threads use it at once; cudarc's launch
+// binds the context to the calling thread first.
+unsafe impl Send for DecodeGraph {}
+
 /// Device scratch for one chunk of up to `cap` tokens (allocated once per session).
 pub(crate) struct Scratch {
     pub cap: usize,
@@ -158,7 +179,22 @@ pub(crate) struct Scratch {
     hc_part_ready: bool,
     logits: DeviceBuffer<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length).
-    quant: HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: QuantSlots,
+    /// The span's first position on the device (kernels read it there, so that a captured
+    /// decode graph replays at any position).
+    pos: DeviceBuffer<i64>,
+    /// Whether `streams` and `streams_next` are exchanged (an odd number of hc_post_mix swaps).
+    streams_swapped: bool,
+    /// While a decode graph is being captured: grids cover the whole session.
+    capturing: bool,
+    /// The captured single-token forward (kernels only; uploads and the logits download are
+    /// outside), replayed for every decode step.
+    decode_graph: Option<DecodeGraph>,
+    /// Graphs are used unless profiling (whose timing events cannot be captured) or a
+    /// capture failed.
+    graphs_enabled: bool,
+    /// A single-token forward ran uncaptured (so every buffer it needs exists).
+    decode_warm: bool,
     /// Indexer score rows per token (the most compressed rows a CSA layer can have).
     max_index_rows: usize,
     prof: StageTimes,
@@ -229,7 +265,14 @@ impl Scratch {
             hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
             hc_part_ready: false,
             logits: f(cap * c.vocab_size)?,
-            quant: HashMap::new(),
+            quant: QuantSlots::default(),
+            pos: dev.alloc::<i64>(1)?,
+            streams_swapped: false,
+            capturing: false,
+            decode_graph: None,
+            graphs_enabled: std::env::var_os("DS4_CUDA_PROFILE").is_none()
+                && std::env::var_os("DS4_CUDA_NO_GRAPH").is_none(),
+            decode_warm: false,
             max_index_rows,
             prof: StageTimes::new(),
         })
@@ -294,7 +337,7 @@ pub(crate) fn download_prefix(
 /// (Q8_0 input for Q8_0 rows, Q8_K for the K/IQ formats; plain f32 otherwise).
 fn mm(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     w: &Mat,
     x: &DeviceBuffer<f32>,
     n: usize,
@@ -322,7 +365,7 @@ fn act_quant_of(m: &CudaModel, w: &Mat) -> Option<ActQuant> {
 #[allow(clippy::too_many_arguments)]
 fn norm_for(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     x: &DeviceBuffer<f32>,
     weight: Option<&DeviceBuffer<f32>>,
     width: usize,
@@ -350,7 +393,7 @@ fn norm_for(
 #[allow(clippy::too_many_arguments)]
 fn norm_for_both(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     x: &DeviceBuffer<f32>,
     weight: Option<&DeviceBuffer<f32>>,
     width: usize,
@@ -364,8 +407,9 @@ fn norm_for_both(
     if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) = (kinds.0, kinds.1, same_width) {
         quant_slot(m, quant, ActQuant::Q8_0, width, n)?;
         quant_slot(m, quant, ActQuant::Q8K, width, n)?;
-        let [Some(q8_0), Some(q8_k)] =
-            quant.get_disjoint_mut([&(ActQuant::Q8_0, width), &(ActQuant::Q8K, width)])
+        let [Some(q8_0), Some(q8_k)] = quant
+            .slots
+            .get_disjoint_mut([&(ActQuant::Q8_0, width), &(ActQuant::Q8K, width)])
         else {
             unreachable!("both slots were made above");
         };
@@ -383,7 +427,7 @@ fn norm_for_both(
 #[allow(clippy::too_many_arguments)]
 fn swiglu_for(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     gate: &DeviceBuffer<f32>,
     up: &DeviceBuffer<f32>,
     total: usize,
@@ -412,7 +456,7 @@ fn swiglu_for(
 /// true; else plain [`mm`]). Nothing may have used that quant slot in between.
 fn mm_prequantized(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     prequantized: bool,
     w: &Mat,
     x: &DeviceBuffer<f32>,
@@ -423,6 +467,7 @@ fn mm_prequantized(
     match (prequantized, kind) {
         (true, Some(kind)) => {
             let qa = quant
+                .slots
                 .get(&(kind, w.cols))
                 .filter(|qa| qa.n_vecs == n)
                 .ok_or_else(|| {
@@ -440,17 +485,20 @@ fn mm_prequantized(
 /// The quant slot for `n` vectors of `cols` values of `kind`, grown when too small.
 fn quant_slot<'a>(
     m: &CudaModel,
-    quant: &'a mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &'a mut QuantSlots,
     kind: ActQuant,
     cols: usize,
     n: usize,
 ) -> Result<&'a mut QuantizedActivations> {
     let key = (kind, cols);
-    let grow = quant.get(&key).is_none_or(|q| q.q.len() < n * cols);
+    let grow = quant.slots.get(&key).is_none_or(|q| q.q.len() < n * cols);
     if grow {
-        quant.insert(key, m.gpu.alloc_quantized(kind, cols, n)?);
+        quant
+            .slots
+            .insert(key, m.gpu.alloc_quantized(kind, cols, n)?);
+        quant.generation += 1;
     }
-    let qa = quant.get_mut(&key).expect("inserted above");
+    let qa = quant.slots.get_mut(&key).expect("inserted above");
     qa.n_vecs = n;
     Ok(qa)
 }
@@ -470,7 +518,7 @@ struct SlotInput {
 #[allow(clippy::too_many_arguments)]
 fn mm_experts(
     m: &CudaModel,
-    quant: &mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &mut QuantSlots,
     w: &Mat,
     ids: &DeviceBuffer<i32>,
     n_slots: usize,
@@ -489,6 +537,7 @@ fn mm_experts(
         None => None,
         Some(kind) if input.prequantized => Some(
             quant
+                .slots
                 .get(&(kind, w.cols))
                 .filter(|qa| qa.n_vecs == x_vecs)
                 .ok_or_else(|| {
@@ -511,7 +560,7 @@ fn mm_experts(
 /// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
 fn quantized<'a>(
     m: &CudaModel,
-    quant: &'a mut HashMap<(ActQuant, usize), QuantizedActivations>,
+    quant: &'a mut QuantSlots,
     w: &Mat,
     x: &DeviceBuffer<f32>,
     n: usize,
@@ -556,18 +605,91 @@ impl CudaModel {
                 st.copy_within(0..d, j * d);
             }
         }
+        // Every chunk starts from the same stream buffer (a captured graph reads that one).
+        if s.streams_swapped {
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = false;
+        }
         self.gpu.device.copy_to(&streams, &mut s.streams, 0)?;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
-
+        self.gpu.device.copy_to(&[pos0 as i64], &mut s.pos, 0)?;
         s.prof.mark(self, "embed")?;
+
+        let rows = head_rows.len();
+        let graph_step = n == 1 && head_rows == (0..1) && s.graphs_enabled;
+        if s.decode_graph
+            .as_ref()
+            .is_some_and(|g| g.generation != s.quant.generation)
+        {
+            s.decode_graph = None;
+        }
+        if graph_step && s.decode_graph.is_none() && s.decode_warm {
+            self.capture_decode(s, layers, pos0)?;
+        }
+        match (&s.decode_graph, graph_step) {
+            (Some(g), true) => g.graph.launch().ctx("cuGraphLaunch (decode step)")?,
+            _ => {
+                self.layers_and_head(s, layers, n, pos0, head_rows)?;
+                s.decode_warm |= graph_step;
+            }
+        }
+        s.prof.mark(self, "head")?;
+        download_prefix(self, &s.logits, rows * c.vocab_size)
+    }
+
+    /// Every layer, then the head kernels for chunk rows `head_rows` (logits left in
+    /// s.logits).
+    fn layers_and_head(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        n: usize,
+        pos0: usize,
+        head_rows: std::ops::Range<usize>,
+    ) -> Result<()> {
         s.hc_part_ready = false;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
-        let logits = self.head(s, head_rows)?;
-        s.prof.mark(self, "head")?;
-        Ok(logits)
+        self.head(s, head_rows)
+    }
+
+    /// Captures the single-token forward into s.decode_graph. A capture that fails turns
+    /// graphs off for the session (the caller then runs the step uncaptured).
+    fn capture_decode(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        pos0: usize,
+    ) -> Result<()> {
+        let stream = self.gpu.device.stream();
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .ctx("cuStreamBeginCapture")?;
+        s.capturing = true;
+        let ran = self.layers_and_head(s, layers, 1, pos0, 0..1);
+        s.capturing = false;
+        let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        // The kernels issued during a capture did not run: undo the host-side stream swaps.
+        if s.streams_swapped {
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = false;
+        }
+        match (ran, captured) {
+            (Ok(()), Ok(Some(graph))) => {
+                s.decode_graph = Some(DecodeGraph {
+                    graph,
+                    generation: s.quant.generation,
+                });
+            }
+            // Anything else (an operation that cannot be captured, an error the uncaptured
+            // step will report again): no graphs for this session.
+            _ => s.graphs_enabled = false,
+        }
+        Ok(())
     }
 
     /// Whether the split-K projection kernels take this hyper-connection (F32/F16 rows, at
@@ -688,6 +810,7 @@ impl CudaModel {
                     .launch(&self.gpu.device, "fwd_hc", "hc_post_mix", cfg, &a)?
             };
             std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = !s.streams_swapped;
             s.hc_part_ready = true;
             return Ok(());
         }
@@ -700,7 +823,8 @@ impl CudaModel {
         }
     }
 
-    /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token).
+    /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
+    /// is the device address of the span's first position.
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
@@ -709,7 +833,7 @@ impl CudaModel {
         rows: usize,
         width: usize,
         rows_per_tok: usize,
-        pos0: usize,
+        pos: u64,
         inverse: bool,
     ) -> Result<()> {
         let r = self.cfg.rope_dim;
@@ -718,7 +842,7 @@ impl CudaModel {
             rows,
             width,
             rows_per_tok,
-            pos0,
+            pos,
             self.rope_for(l).ptr(),
             r,
             inverse
@@ -799,12 +923,12 @@ impl CudaModel {
         )?;
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
         self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
-        self.rope(l, &s.qn, n * h, hd, h, pos0, false)?;
+        self.rope(l, &s.qn, n * h, hd, h, s.pos.ptr(), false)?;
 
         // The shared K=V row, rounded as stored.
         self.gpu
             .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
-        self.rope(l, &s.kvn, n, hd, 1, pos0, false)?;
+        self.rope(l, &s.kvn, n, hd, 1, s.pos.ptr(), false)?;
         if ds4 {
             let a = kargs![s.kvn.ptr(), hd, hd - c.rope_dim];
             // SAFETY: kv_round(x, width, nope) rounds n rows of hd values of s.kvn in place.
@@ -820,17 +944,37 @@ impl CudaModel {
         if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
             mm(self, &mut s.quant, &cw.kv, &s.xn, n, &mut s.ckv)?;
             mm(self, &mut s.quant, &cw.gate, &s.xn, n, &mut s.cg)?;
-            self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, if ds4 { 1 } else { 0 })?;
+            self.compress(
+                l,
+                cw,
+                cs,
+                &s.ckv,
+                &s.cg,
+                n,
+                pos0,
+                s.pos.ptr(),
+                if ds4 { 1 } else { 0 },
+            )?;
         }
         s.prof.mark(self, "attn.compress")?;
         if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_mut()) {
             let icw = &iw.compressor;
             mm(self, &mut s.quant, &icw.kv, &s.xn, n, &mut s.ikv)?;
             mm(self, &mut s.quant, &icw.gate, &s.xn, n, &mut s.ig)?;
-            self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, if ds4 { 2 } else { 0 })?;
+            self.compress(
+                l,
+                icw,
+                is,
+                &s.ikv,
+                &s.ig,
+                n,
+                pos0,
+                s.pos.ptr(),
+                if ds4 { 2 } else { 0 },
+            )?;
             let (ni, di) = (c.index_heads, c.index_head_dim);
             mm(self, &mut s.quant, &iw.q_b, &s.qrn, n, &mut s.iq)?;
-            self.rope(l, &s.iq, n * ni, di, ni, pos0, false)?;
+            self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
             if ds4 {
                 let a = kargs![s.iq.ptr(), di, false];
                 // SAFETY: index_round(x, width, store) rewrites n·ni vectors of di values of
@@ -863,14 +1007,21 @@ impl CudaModel {
                 s.iw.ptr(),
                 is.rows.ptr(),
                 s.iscores.ptr(),
-                pos0,
+                s.pos.ptr(),
                 ratio,
                 ni,
                 di,
                 c.index_topk,
                 max_rows
             ];
-            let rows_now = (pos0 + n) / ratio;
+            // Grids cover the rows visible at the span's end; a captured decode graph replays at
+            // later positions, so it covers every row the session can hold (the kernels skip
+            // rows not yet visible).
+            let rows_now = if s.capturing {
+                max_rows
+            } else {
+                (pos0 + n) / ratio
+            };
             let scores_cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (rows_now.div_ceil(8).max(1) as u32, n as u32, 1),
                 block_dim: (256, 1, 1),
@@ -886,7 +1037,7 @@ impl CudaModel {
             let a = kargs![
                 s.iscores.ptr(),
                 s.iflags.ptr(),
-                pos0,
+                s.pos.ptr(),
                 ratio,
                 c.index_topk,
                 max_rows
@@ -906,7 +1057,7 @@ impl CudaModel {
                 s.iflags.ptr(),
                 s.sel.ptr(),
                 s.selc.ptr(),
-                pos0,
+                s.pos.ptr(),
                 ratio,
                 c.index_topk,
                 max_rows
@@ -951,7 +1102,7 @@ impl CudaModel {
             s.o.ptr(),
             h,
             hd,
-            pos0,
+            s.pos.ptr(),
             window,
             state.ring_cap,
             kind,
@@ -975,7 +1126,14 @@ impl CudaModel {
                 &a,
             )?
         };
-        let a = kargs![s.kvn.ptr(), state.ring.ptr(), n, pos0, hd, state.ring_cap];
+        let a = kargs![
+            s.kvn.ptr(),
+            state.ring.ptr(),
+            n,
+            s.pos.ptr(),
+            hd,
+            state.ring_cap
+        ];
         // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
         unsafe {
             self.fk.launch(
@@ -1044,7 +1202,7 @@ impl CudaModel {
     }
 
     /// Feeds the chunk's projections to one compressor (rows appended after the
-    /// pos0/ratio rows written before the chunk).
+    /// pos0/ratio rows written before the chunk; `pos` holds pos0 on the device).
     #[allow(clippy::too_many_arguments)]
     fn compress(
         &self,
@@ -1055,11 +1213,11 @@ impl CudaModel {
         gate_in: &DeviceBuffer<f32>,
         n: usize,
         pos0: usize,
+        pos: u64,
         qat: i64,
     ) -> Result<()> {
         let c = &self.cfg;
         let ratio = c.compress_ratio[l] as usize;
-        let n_rows0 = pos0 / ratio;
         if (pos0 + n) / ratio > cs.capacity {
             return Err(CudaError::InvalidArgument(format!(
                 "layer {l}: the compressed-row capacity {} is exhausted",
@@ -1074,9 +1232,8 @@ impl CudaModel {
             cs.kv.ptr(),
             cs.score.ptr(),
             cs.rows.ptr(),
-            n_rows0,
             n,
-            pos0,
+            pos,
             ratio,
             cs.width,
             cs.overlap,
@@ -1328,12 +1485,12 @@ impl CudaModel {
     }
 
     /// HC head, final norm and LM head for chunk rows `rows`; rows.len() × vocab.
-    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>) -> Result<()> {
         let c = &self.cfg;
-        let (d, nc, v) = (c.hidden, c.hc_mult, c.vocab_size);
+        let (d, nc) = (c.hidden, c.hc_mult);
         let nr = rows.len();
         if nr == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         copy_f32(
             self,
@@ -1376,7 +1533,6 @@ impl CudaModel {
         };
         self.gpu
             .rmsnorm(&s.hu, Some(&self.output_norm), d, nr, c.rms_eps, &mut s.hun)?;
-        mm(self, &mut s.quant, &self.output, &s.hun, nr, &mut s.logits)?;
-        download_prefix(self, &s.logits, nr * v)
+        mm(self, &mut s.quant, &self.output, &s.hun, nr, &mut s.logits)
     }
 }

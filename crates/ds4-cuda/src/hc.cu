@@ -21,6 +21,33 @@ __device__ void hc_maps_warp(const float* mix, const float* base, const float* s
         pre[i] = sigmoidf_ref(mix[i] * scale[0] + base[i]) + eps;
         post[i] = 2.0f * sigmoidf_ref(mix[n + i] * scale[1] + base[n + i]);
     }
+    if (nn <= 32) {
+        // Lane j*n + k holds comb[j][k] in a register; a row's or column's values are gathered
+        // with shuffles and summed in index order, as the CPU does (no tree reduction).
+        const bool act = lane < nn;
+        const int row = act ? lane / n : 0, col = act ? lane % n : 0;
+        float c = act ? mix[2 * n + lane] * scale[2] + base[2 * n + lane] : 0.f;
+        float mx = -FWD_INF;
+        for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(FULL_MASK, c, row * n + k));
+        const float e = expf(c - mx);
+        float s = 0.f;
+        for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, e, row * n + k);
+        c = e / s + eps;
+        const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
+        for (i64 it = 0; it < passes; it++) {
+            if (it > 0) {
+                s = 0.f;
+                for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, c, row * n + k);
+                c = c / (s + eps);
+            }
+            s = 0.f;
+            for (int j = 0; j < n; j++) s += __shfl_sync(FULL_MASK, c, j * n + col);
+            c = c / (s + eps);
+        }
+        if (act) comb[lane] = c;
+        __syncwarp();
+        return;
+    }
     for (int e = lane; e < nn; e += 32) comb[e] = mix[2 * n + e] * scale[2] + base[2 * n + e];
     __syncwarp();
     float v[HC_PER_LANE];
