@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
 
+# NVRTC (the nvidia-cuda-nvrtc wheel, CUDA 13): with it every CUDA kernel module is compiled
+# for sm_90a here too, so a kernel that does not compile fails CI without a GPU (the compile
+# tests skip when the library is missing; the GPU tests still skip without a driver).
+NVRTC_LIB=$(python3 -c "
+import importlib.util, os
+spec = importlib.util.find_spec('nvidia')
+dirs = [os.path.join(p, 'cu13', 'lib') for p in (spec.submodule_search_locations if spec else [])]
+print(next((d for d in dirs if os.path.isdir(d)), ''))")
+if [ -n "$NVRTC_LIB" ]; then
+    export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 cargo build --workspace
 cargo test --workspace
 
