@@ -42,7 +42,8 @@ struct GemvParams {
     i64 x_slot_vecs;
     i64 y_slot_vecs;
     i64 aligned16;  // weights and row_bytes are multiples of 16: 16-byte loads allowed
-    i64 split;      // warps per row group (1, 2, 4, 8; divides the CTA's warps)
+    i64 split;      // warps per row group (1..8; divides the CTA's warps)
+    i64 n_batches;  // quantized kernels: batches of NB vectors per launch (> 1: split >= chunks)
 };
 
 // Per format: block bytes, block elements, blocks per chunk (chunk bytes % 16 == 0),
@@ -327,7 +328,8 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
     }
 }
 
-// Resolves the expert of this CTA's slot; false (after writing NaN rows) for a bad id.
+// Resolves the expert of this CTA's slot; false (after writing NaN rows for all nb x n_batches
+// vectors of the launch) for a bad id.
 __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u8** W) {
     *W = (const u8*)p.w;
     if (p.ids == 0) return true;
@@ -338,18 +340,20 @@ __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u
     }
     float* y = (float*)p.y;
     for (i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += (i64)gridDim.x * blockDim.x)
-        for (int v = 0; v < nb; v++) y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row] = __int_as_float(0x7fc00000);
+        for (i64 v = 0; v < nb * p.n_batches; v++)
+            y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row] = __int_as_float(0x7fc00000);
     return false;
 }
 
-// Writes the R x NB sums of a row group owned by `ws` consecutive warps: each warp reduces its
+// Writes the R x NB sums (vectors v0..) of a row group owned by `ws` consecutive warps: each warp reduces its
 // lanes (warp_sum), then (ws > 1) the first warp of the group adds the warps' partials in warp
 // order. Every thread of the CTA must call it the same number of times (it may synchronize).
 template <int R, int NB>
-__device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int ws, float (&acc)[R][NB], float* red) {
+__device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int ws, float (&acc)[R][NB], float* red,
+                                            i64 v0) {
     float* y = (float*)p.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 ybase = (i64)blockIdx.y * p.y_slot_vecs;
+    const i64 ybase = (i64)blockIdx.y * p.y_slot_vecs + v0;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -456,48 +460,74 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
         iq2xxs_tables(p, iq2_tab);
         __syncthreads();
     }
+    // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
+    auto compute = [&](const u8* cur, i64 c, i64 v0, float (&acc)[R][NB]) {
+        const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
+        const int it = lane % F::ITEMS;
+        int lb = lane / F::ITEMS;       // block of the lane's first item
+        const i64 b0 = c * F::CB + lb;  // its index in the row
+        const u8* sb = cur + lb * F::BB;
+        // Q8_0 / IQ2_XXS: alignment of the lane's quants in the stage (the same for every item
+        // of the lane: it advances by STEP blocks of 34 or 66 bytes, 4-byte multiples, and
+        // chunks are 16-byte multiples).
+        const u32 mis = (u32)(lb * F::BB + 2 + 8 * it) & 2;
+        const i64 xv = xv0 + v0;  // first activation vector
+        if constexpr (QX) {
+            const i8* xq = (const i8*)p.x + xv * p.k + b0 * F::BE + 32 * it;
+            const float* xd = (const float*)p.xd + xv * dstride + b0 * (F::BE / F::QB);
+            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
+                item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, iq2_tab, mis, acc);
+        } else {
+            const float* x = (const float*)p.x + xv * p.k + b0 * F::BE + 32 * it;
+            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
+                item_f32x<FMT, R, NB>(sb, it, x, p.k, iq2_tab, mis, acc);
+        }
+    };
     int buf = 0;
     for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
         const i64 row0 = blk * rows_per_cta + group_row;
         float acc[R][NB];
+        if constexpr (NB == 8) {  // only the 8-vector kernels are launched with batches
+            if (p.n_batches > 1) {
+                // n_batches batches of NB vectors against the same staged weights (gemv.rs only
+                // asks for this when every warp has at most one chunk per row group, c = wg): the
+                // weights are read once for all batches. Per vector, the same sums as one batch.
+                const bool mine = row0 < p.n_rows && wg < nchunks;
+                u8* const cur = stage + buf * R * CHUNK;
+                if (mine) {
+                    land(row0, wg, cur);
+                    if (row0 + block_stride < p.n_rows) issue(row0 + block_stride, wg, stage + (buf ^ 1) * R * CHUNK);
+                    buf ^= 1;
+                }
+                for (i64 b = 0; b < p.n_batches; b++) {
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+#pragma unroll
+                        for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
+                    if (mine) compute(cur, wg, b * NB, acc);
+                    group_store<R, NB>(p, row0, ws, acc, red, b * NB);
+                }
+                continue;
+            }
+        }
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
         for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws, buf ^= 1) {
             u8* const cur = stage + buf * R * CHUNK;
-            // After land's __syncwarp every lane is done with the previous step, so the other
-            // buffer (read by that step) may be refilled.
+            // After land's __syncwarp every lane is done with the previous step, so the
+            // other buffer (read by that step) may be refilled.
             land(row0, c, cur);
-            {
-                i64 nr = row0, nc = c + ws;
-                if (nc >= nchunks) {
-                    nr = row0 + block_stride;
-                    nc = wg;
-                }
-                if (nr < p.n_rows) issue(nr, nc, stage + (buf ^ 1) * R * CHUNK);
+            i64 nr = row0, nc = c + ws;
+            if (nc >= nchunks) {
+                nr = row0 + block_stride;
+                nc = wg;
             }
-            const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
-            const int it = lane % F::ITEMS;
-            int lb = lane / F::ITEMS;                   // block of the lane's first item
-            const i64 b0 = c * F::CB + lb;              // its index in the row
-            const u8* sb = cur + lb * F::BB;
-            // Q8_0 / IQ2_XXS: alignment of the lane's quants in the stage (the same for every item
-            // of the lane: it advances by STEP blocks of 34 or 66 bytes, 4-byte multiples, and
-            // chunks are 16-byte multiples).
-            const u32 mis = (u32)(lb * F::BB + 2 + 8 * it) & 2;
-            if constexpr (QX) {
-                const i8* xq = (const i8*)p.x + xv0 * p.k + b0 * F::BE + 32 * it;
-                const float* xd = (const float*)p.xd + xv0 * dstride + b0 * (F::BE / F::QB);
-                for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
-                    item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, iq2_tab, mis, acc);
-            } else {
-                const float* x = (const float*)p.x + xv0 * p.k + b0 * F::BE + 32 * it;
-                for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
-                    item_f32x<FMT, R, NB>(sb, it, x, p.k, iq2_tab, mis, acc);
-            }
+            if (nr < p.n_rows) issue(nr, nc, stage + (buf ^ 1) * R * CHUNK);
+            compute(cur, c, 0, acc);
         }
-        group_store<R, NB>(p, row0, ws, acc, red);
+        group_store<R, NB>(p, row0, ws, acc, red, 0);
     }
 }
 
@@ -602,7 +632,7 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
                 }
             }
         }
-        group_store<R, NB>(p, row0, ws, acc, red);
+        group_store<R, NB>(p, row0, ws, acc, red, 0);
     }
 }
 

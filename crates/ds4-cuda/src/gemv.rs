@@ -12,6 +12,15 @@
 //!
 //! Experts: [`Gpu::expert_gemv`] takes the selected expert ids from a device buffer, so the
 //! router's choice never goes through the host.
+//!
+//! Launch shape (`LaunchShape::choose`): rows are taken in groups of R (1 or 4 for F16/F32,
+//! 2 for the quantized formats), and `split` warps share each group, each taking a part of
+//! every row, so that matrices with few rows still fill the GPU (256 × 4096 F16: 256 CTAs of
+//! 8 warps instead of 32 CTAs whose warps walk 4096 columns each). `split` comes from the
+//! matrix shape alone, so a row's bits never depend on the batch, the expert count, the warps
+//! knob or the GPU. Up to 8 vectors run per launch; for prefill, when every warp's stage holds
+//! all of its part of a row group, one launch runs all whole batches of 8 vectors against the
+//! staged weights.
 
 use std::marker::PhantomData;
 
@@ -239,6 +248,7 @@ struct GemvParams {
     y_slot_vecs: i64,
     aligned16: i64,
     split: i64,
+    n_batches: i64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
@@ -247,8 +257,8 @@ unsafe impl DeviceRepr for GemvParams {}
 const QUANT_ROWS_PER_GROUP: usize = 2;
 /// Most warps per CTA the kernels are compiled for (`__launch_bounds__`).
 pub const GEMV_MAX_WARPS: usize = 8;
-/// Warps that keep an H100 busy (132 SMs × 16): the quantized kernels split rows across up to
-/// 8 warps until a matrix has about this many warps' worth of work.
+/// Warps that keep an H100 busy (132 SMs × 16): quantized rows longer than 8 chunks are split
+/// across up to 8 warps until a matrix has about this many warps' worth of work.
 const TARGET_WARPS: usize = 2048;
 
 /// Bytes of one row's chunk staged in shared memory (`Fmt<>::CB * Fmt<>::BB` in gemv.cu);
@@ -261,6 +271,11 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
         WeightFormat::Q4K => 8 * 144,
         WeightFormat::IQ2XXS => 16 * 66,
     }
+}
+
+/// Staged chunks per row of a quantized matrix.
+fn quant_chunks(w: &DeviceMatrix) -> usize {
+    w.row_bytes.div_ceil(stage_chunk_bytes(w.format))
 }
 
 /// How one matrix is cut into CTAs. The summation order of a row depends only on `split`,
@@ -300,30 +315,36 @@ impl LaunchShape {
                     .find(|&s| 64 * s <= pieces)
                     .unwrap_or(1)
             }
-            // Quantized: warps of a group take whole staged chunks in turn. Split only as far
-            // as needed to reach TARGET_WARPS for this matrix (a 512 × 4096 Q8_0 matrix has
-            // 256 row pairs: 4 warps each, one chunk per warp), at most one chunk per warp.
+            // Quantized: warps of a group take whole staged chunks in turn. Rows of up to 8
+            // chunks get one warp per chunk (a 4096-column Q8_0 row is 4 chunks: 512 rows make
+            // 1024 warps instead of 256, and a warp's stage then holds its whole share of the
+            // rows, so batches of vectors can reuse it). Longer rows split only as far as needed
+            // to reach TARGET_WARPS; each warp then streams several chunks per row.
             _ => {
-                let chunks = (w.row_bytes).div_ceil(stage_chunk_bytes(w.format));
-                let groups = w.rows.div_ceil(QUANT_ROWS_PER_GROUP);
-                let fits = |s: usize| s <= chunks;
-                [1, 2, 4, 8]
-                    .into_iter()
-                    .filter(|&s| fits(s))
-                    .find(|&s| groups * s >= TARGET_WARPS)
-                    .unwrap_or_else(|| [8, 4, 2, 1].into_iter().find(|&s| fits(s)).unwrap_or(1))
+                let chunks = quant_chunks(w);
+                if chunks <= GEMV_MAX_WARPS {
+                    chunks
+                } else {
+                    let groups = w.rows.div_ceil(QUANT_ROWS_PER_GROUP);
+                    [1, 2, 4, 8]
+                        .into_iter()
+                        .find(|&s| groups * s >= TARGET_WARPS)
+                        .unwrap_or(8)
+                }
             }
         };
-        let warps = warps_knob.max(split).div_ceil(split) * split;
+        // As many whole groups as fit in the requested warps (at least one group).
+        let warps = split * (warps_knob / split).max(1);
         let groups = warps / split;
         let rows_per_group = match w.format {
             // R = 4 reuses each activation load on 4 rows (fewer L1/L2 bytes per weight byte,
             // which matters with 8 vectors); only when that still leaves enough CTAs: 2 per SM
-            // for 1-2 vectors (latency: many independent CTAs), half the SMs for 4-8 vectors
-            // (every CTA reads all activation vectors, so fewer, fuller CTAs).
+            // for 1-2 vectors (latency: many independent CTAs), a quarter of the SMs for 4-8
+            // vectors (every CTA reads all activation vectors, 128 KiB for 8 × 4096, so fewer,
+            // fuller CTAs: 256 × 4096 F16 runs as 64 CTAs of 4 rows).
             WeightFormat::F32 | WeightFormat::F16 => {
                 let ctas4 = w.rows.div_ceil(4 * groups) * slots;
-                let want = if nb <= 2 { 2 * sms } else { sms / 2 };
+                let want = if nb <= 2 { 2 * sms } else { sms / 4 };
                 if ctas4 >= want {
                     4
                 } else {
@@ -372,9 +393,9 @@ impl Gpu {
     }
 
     /// Expert matvecs with the expert ids on the device: for each slot s < n_slots, expert
-    /// e = ids[s] computes y[s][v] = W_e · x[v] (x shared by all slots: gate/up) or
-    /// W_e · x[s][v] (`x_per_slot`: the down projection). x is (n_slots ×) n_vecs × cols,
-    /// y is n_slots × n_vecs × rows. An id outside [0, experts) yields NaN outputs.
+    /// `e = ids[s]` computes `y[s][v] = W_e · x[v]` (x shared by all slots: gate/up) or
+    /// `W_e · x[s][v]` (`x_per_slot`: the down projection). x is (n_slots ×) n_vecs × cols,
+    /// y is n_slots × n_vecs × rows. An id outside `[0, experts)` yields NaN outputs.
     #[allow(clippy::too_many_arguments)]
     pub fn expert_gemv(
         &self,
@@ -438,11 +459,20 @@ impl Gpu {
         let plain = stage_chunk_bytes(w.format) == 0;
         let mut b0 = 0;
         while b0 < n_vecs {
+            let left = n_vecs - b0;
             let nb = *BATCH_VARIANTS
                 .iter()
-                .find(|&&b| b <= n_vecs - b0)
+                .find(|&&b| b <= left)
                 .expect("1 always fits");
             let shape = LaunchShape::choose(w, nb, self.gemv_warps(), sms, n_slots);
+            // Prefill: when each warp's stage holds all of its chunks of a row group, one launch
+            // runs every whole batch of 8 vectors against the staged weights (read once instead
+            // of once per batch). Same sums per vector as separate launches.
+            let n_batches = if !plain && nb == 8 && shape.split >= quant_chunks(w) {
+                left / 8
+            } else {
+                1
+            };
             let mut grid_x = shape.grid_x;
             if let Some(cap) = self.gemv_grid_cap() {
                 grid_x = grid_x.min((cap * sms / n_slots).max(1));
@@ -476,6 +506,7 @@ impl Gpu {
                 y_slot_vecs: n_vecs as i64,
                 aligned16: aligned16 as i64,
                 split: shape.split as i64,
+                n_batches: n_batches as i64,
             };
             let name = if plain {
                 let r = shape.rows_per_group;
@@ -485,15 +516,20 @@ impl Gpu {
             };
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
             // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
-            // CTA's warps and is at most 8 (the kernels' reduction buffer). The buffer lengths were checked
+            // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
+            // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
+            // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
             // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
             // inside live device memory by DeviceMatrix's construction contract; expert ids are
             // range-checked on the device.
             // Profile label: kernel and shape; bytes: the weight rows read (each slot's expert).
-            let label = format!("{name} {}x{}", w.rows, w.cols);
+            let label = match n_batches {
+                1 => format!("{name} {}x{}", w.rows, w.cols),
+                n => format!("{name} {}x{} x{n} batches", w.rows, w.cols),
+            };
             let bytes = w.rows * w.row_bytes * n_slots;
             unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
-            b0 += nb;
+            b0 += nb * n_batches;
         }
         Ok(())
     }

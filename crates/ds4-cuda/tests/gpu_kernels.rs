@@ -100,7 +100,7 @@ fn gemv_f32_activations_match_cpu() {
         (WeightFormat::Q8_0, 8224, 9),
     ];
     for &(format, cols, rows) in shapes {
-        for n_vecs in [1usize, 3, 8, 13] {
+        for n_vecs in [1usize, 3, 8, 13, 25] {
             let w = random_rows(&mut rng, format, cols, rows);
             let x = rng.f32s(cols * n_vecs);
             let dw = upload_matrix(g, &w);
@@ -169,9 +169,13 @@ fn gemv_quantized_activations_match_cpu_dot_products() {
         (WeightFormat::Q8_0, 8224, 9),
         (WeightFormat::Q2K, 4096, 300),
         (WeightFormat::Q4K, 6144, 7),
+        // 3 and 5 chunks per row: as many warps per row group (not a power of two).
+        (WeightFormat::Q8_0, 3072, 50),
+        (WeightFormat::Q2K, 10240, 12),
     ];
     for &(format, cols, rows) in shapes {
-        for n_vecs in [1usize, 2, 8, 11] {
+        // 27 = 3 batches of 8 in one launch (weights staged once), then 2 and 1.
+        for n_vecs in [1usize, 2, 8, 11, 27] {
             let w = random_rows(&mut rng, format, cols, rows);
             let x = rng.f32s(cols * n_vecs);
             let dw = upload_matrix(g, &w);
@@ -254,12 +258,15 @@ fn activation_quantizers_match_cpu_bit_for_bit() {
 fn expert_gemv_reads_ids_from_the_device() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(4);
-    let (n_experts, cols, rows, n_vecs) = (9usize, 1024usize, 24usize, 2usize);
-    for format in [
-        WeightFormat::IQ2XXS,
-        WeightFormat::Q2K,
-        WeightFormat::Q4K,
-        WeightFormat::Q8_0,
+    let (n_experts, cols, rows) = (9usize, 1024usize, 24usize);
+    // 18 vectors: two batches of 8 in one launch (per slot), then 2.
+    for (format, n_vecs) in [
+        (WeightFormat::IQ2XXS, 2usize),
+        (WeightFormat::Q2K, 2),
+        (WeightFormat::Q4K, 2),
+        (WeightFormat::Q8_0, 2),
+        (WeightFormat::IQ2XXS, 18),
+        (WeightFormat::Q8_0, 18),
     ] {
         let w = random_rows(&mut rng, format, cols, rows * n_experts);
         let ebytes = w.len() / n_experts;
@@ -282,9 +289,10 @@ fn expert_gemv_reads_ids_from_the_device() {
                 } else {
                     Activations::F32(&dx)
                 };
+                // Zero-filled: rows of a bad id must be written (NaN), not left alone.
                 let mut dy = g
                     .device
-                    .alloc_filled::<f32>(slots * n_vecs * rows, 0xFF)
+                    .alloc_filled::<f32>(slots * n_vecs * rows, 0x00)
                     .unwrap();
                 g.expert_gemv(&m, &dids, slots, act, x_per_slot, n_vecs, &mut dy)
                     .unwrap();
@@ -443,8 +451,13 @@ fn every_gemv_block_size_gives_the_same_rows() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(7);
     let before = g.gemv_warps();
-    for format in WeightFormat::ALL {
-        let (cols, rows, n_vecs) = (1024usize, 77usize, 3usize);
+    // 3072 columns: Q8_0 rows of 3 chunks (3 warps per row group: CTAs of 3 or 6 warps),
+    // Q2_K/Q4_K of 2, F16 split over 4 warps.
+    let cases = WeightFormat::ALL
+        .into_iter()
+        .flat_map(|f| [(f, 1024usize), (f, 3072)]);
+    for (format, cols) in cases {
+        let (rows, n_vecs) = (77usize, 3usize);
         let w = random_rows(&mut rng, format, cols, rows);
         let x = rng.f32s(cols * n_vecs);
         let dw = upload_matrix(g, &w);
@@ -468,7 +481,7 @@ fn every_gemv_block_size_gives_the_same_rows() {
             let y = g.device.download(&dy).unwrap();
             assert!(
                 y.iter().all(|v| v.is_finite()),
-                "{format:?} warps {warps}: unwritten rows"
+                "{format:?} {cols} cols warps {warps}: unwritten rows"
             );
             results.push(y);
         }
@@ -477,7 +490,7 @@ fn every_gemv_block_size_gives_the_same_rows() {
             assert_eq!(
                 r,
                 &results[0],
-                "{format:?}: warps {} differs from warps 1",
+                "{format:?} {cols} cols: warps {} differs from warps 1",
                 i + 1
             );
         }
@@ -545,8 +558,9 @@ fn capped_grid_walks_many_row_groups_correctly() {
     }
 }
 
-/// A row's bits do not depend on the batch size (kernel variant and rows per group change with
-/// it), nor on whether the weights are 16-byte aligned (vector or scalar loads).
+/// A row's bits do not depend on the batch size (kernel variant, rows per group and batches per
+/// launch change with it), nor on whether the weights are 16-byte aligned (vector or scalar
+/// loads, cp.async or 2-byte copies).
 #[test]
 fn gemv_rows_do_not_depend_on_batch_or_alignment() {
     let Some(g) = gpu() else { return };
@@ -559,8 +573,11 @@ fn gemv_rows_do_not_depend_on_batch_or_alignment() {
         (WeightFormat::IQ2XXS, 8192, 21),
         (WeightFormat::Q2K, 4096, 40),
         (WeightFormat::Q4K, 2048, 9),
+        (WeightFormat::Q8_0, 3072, 50),
+        (WeightFormat::IQ2XXS, 12288, 6),
     ];
-    let n_vecs = 8;
+    // 19 vectors: two batches of 8 in one launch, then 2 and 1.
+    let n_vecs = 19;
     for &(format, cols, rows) in shapes {
         let w = random_rows(&mut rng, format, cols, rows);
         let x = rng.f32s(cols * n_vecs);
@@ -592,7 +609,7 @@ fn gemv_rows_do_not_depend_on_batch_or_alignment() {
             let batched = g.device.download(&batched).unwrap();
             assert!(batched.iter().all(|v| v.is_finite()), "{format:?} {tag}");
             // One vector at a time: the vector's slice of x (and of its quantized form).
-            for v in [0usize, 5] {
+            for v in [0usize, 5, 9, 16, 18] {
                 let xv = g.device.upload(&x[v * cols..(v + 1) * cols]).unwrap();
                 let mut qv = format
                     .activation_quant()
@@ -613,7 +630,7 @@ fn gemv_rows_do_not_depend_on_batch_or_alignment() {
                         assert_eq!(
                             a.to_bits(),
                             b.to_bits(),
-                            "{format:?} {tag} {cols}x{rows} vec {v} row {r}: alone ({}) {a} vs batch of 8 {b}",
+                            "{format:?} {tag} {cols}x{rows} vec {v} row {r}: alone ({}) {a} vs batch of {n_vecs} {b}",
                             if i == 0 { "aligned" } else { "2-byte offset" }
                         );
                     }
@@ -645,7 +662,7 @@ fn f16_expert_gemv_matches_cpu() {
             let dx = g.device.upload(&x).unwrap();
             let mut dy = g
                 .device
-                .alloc_filled::<f32>(slots * n_vecs * rows, 0xFF)
+                .alloc_filled::<f32>(slots * n_vecs * rows, 0x00)
                 .unwrap();
             g.expert_gemv(
                 &m,
