@@ -78,9 +78,12 @@ __device__ __forceinline__ u32 iq2_codes4(u32 w) {
     return (c | (c >> 8)) & 0xFFFFu;
 }
 
-// Table layout: [0, 256) grid selectors, [256, 384) spread sign bits per 7-bit index.
+// Table layout: [0, 256) grid selectors, [256, 384) spread sign bits per 7-bit index. A
+// module-scope shared array (only kernels that use it get it): its address is a constant, so
+// each lookup is a shift, a mask and an LDS with an immediate offset.
 #define IQ2_TAB 384
 #define IQ2_SIGNS 256
+__shared__ u32 iq2_tab[IQ2_TAB];
 
 // Bit j of an 8-bit value moved to bit 4j + 2 (the "negate" bit of selector nibble j).
 __device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
@@ -92,18 +95,18 @@ __device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
 
 // Builds both tables from the u64 codebook at p.grid (every thread of the CTA calls it; the
 // caller synchronizes before use).
-__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p, u32* tab) {
+__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         const u64 g = ((const u64*)p.grid)[i];
-        tab[i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
-        if (i < 128) tab[IQ2_SIGNS + i] = sign_nibbles8(iq2_signs(i));
+        iq2_tab[i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
+        if (i < 128) iq2_tab[IQ2_SIGNS + i] = sign_nibbles8(iq2_signs(i));
     }
 }
 
 // The 8 signed weights of group l (0..3) of an item: a0 holds the 4 grid indices, a1 the four
 // 7-bit sign indices (the eighth sign makes the count of minus signs even). lo = weights 0-3.
-__device__ __forceinline__ void iq2xxs_group(const u32* tab, u32 a0, u32 a1, int l, u32* lo, u32* hi) {
-    const u32 sel = tab[(a0 >> (8 * l)) & 255] | tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
+__device__ __forceinline__ void iq2xxs_group(u32 a0, u32 a1, int l, u32* lo, u32* hi) {
+    const u32 sel = iq2_tab[(a0 >> (8 * l)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
     *lo = prmt(IQ2_POS, IQ2_NEG, sel);
     *hi = prmt(IQ2_POS, IQ2_NEG, sel >> 16);
 }
@@ -137,7 +140,7 @@ __device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
 
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
 template <int FMT>
-__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32* tab, u32 mis, float q[4]) {
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, u32 mis, float q[4]) {
     if constexpr (FMT == FMT_Q8_0) {
         u32 w = rd32_a2(blk + 2 + 4 * i);
 #pragma unroll
@@ -154,7 +157,7 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, const u32*
     } else {  // IQ2_XXS
         u32 a0, a1, lo, hi;
         rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
-        iq2xxs_group(tab, a0, a1, i >> 1, &lo, &hi);
+        iq2xxs_group(a0, a1, i >> 1, &lo, &hi);
         const u32 w = (i & 1) ? hi : lo;
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
@@ -186,8 +189,8 @@ __device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* 
 // One item (32 elements at x of every vector, vectors xstride apart) against R staged rows
 // (row r's block at blk0 + r * CHUNK), f32 activations.
 template <int FMT, int R, int NB>
-__device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x, i64 xstride, const u32* tab,
-                                          u32 mis, float (&acc)[R][NB]) {
+__device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x, i64 xstride, u32 mis,
+                                          float (&acc)[R][NB]) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
     constexpr int GPP = 8 / NP;                       // groups of 4 per part
@@ -212,7 +215,7 @@ __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float q[4];
-                item_q4<FMT>(blk0 + r * CHUNK, it, i, tab, mis, q);
+                item_q4<FMT>(blk0 + r * CHUNK, it, i, mis, q);
 #pragma unroll
                 for (int v = 0; v < NB; v++)
                     sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
@@ -233,7 +236,7 @@ __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x
 // values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride apart).
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
-                                         i64 dstride, const u32* tab, u32 mis, float (&acc)[R][NB]) {
+                                         i64 dstride, u32 mis, float (&acc)[R][NB]) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
@@ -281,7 +284,7 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
 #pragma unroll
                 for (int l2 = 0; l2 < 2; l2++) {
                     u32 lo, hi;
-                    iq2xxs_group(tab, a0, a1, 2 * h + l2, &lo, &hi);
+                    iq2xxs_group(a0, a1, 2 * h + l2, &lo, &hi);
                     w[2 * l2] = (int)lo;
                     w[2 * l2 + 1] = (int)hi;
                 }
@@ -407,8 +410,6 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
     // Dynamic shared memory: warps x 2 x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 stage_dyn[];
-    // IQ2_XXS: codebook selectors and spread sign bits (see iq2xxs_tables).
-    __shared__ u32 iq2_tab[FMT == FMT_IQ2_XXS ? IQ2_TAB : 1];
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
@@ -457,7 +458,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
     if constexpr (FMT == FMT_IQ2_XXS) {  // after the first copies are issued: they overlap this
-        iq2xxs_tables(p, iq2_tab);
+        iq2xxs_tables(p);
         __syncthreads();
     }
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
@@ -476,11 +477,11 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
             const i8* xq = (const i8*)p.x + xv * p.k + b0 * F::BE + 32 * it;
             const float* xd = (const float*)p.xd + xv * dstride + b0 * (F::BE / F::QB);
             for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
-                item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, iq2_tab, mis, acc);
+                item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
         } else {
             const float* x = (const float*)p.x + xv * p.k + b0 * F::BE + 32 * it;
             for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
-                item_f32x<FMT, R, NB>(sb, it, x, p.k, iq2_tab, mis, acc);
+                item_f32x<FMT, R, NB>(sb, it, x, p.k, mis, acc);
         }
     };
     int buf = 0;
