@@ -44,6 +44,10 @@ pub const MODULES: &[ModuleSource] = &[
         name: "dequant",
         source: include_str!("dequant.cu"),
     },
+    ModuleSource {
+        name: "gemm_q8",
+        source: include_str!("gemm_q8.cu"),
+    },
 ];
 
 /// Compiled modules of one device, each loaded from the disk cache (or compiled) once, and the

@@ -30,6 +30,7 @@ pub mod device;
 pub mod error;
 pub mod forward;
 pub mod fwd_kernels;
+pub mod gemm;
 pub mod gemv;
 pub mod kernels;
 pub mod model;

@@ -1,0 +1,254 @@
+//! Tensor-core GEMM for prefill: Y = W·X with Q8_0 weights and Q8_0-quantized activations
+//! (many vectors at once); kernel in `gemm_q8.cu`.
+//!
+//! Same conventions as [`Gpu::gemv`]: x is `n_vecs` vectors of `cols` values (as
+//! [`QuantizedActivations`] of kind [`ActQuant::Q8_0`]), y is `n_vecs` vectors of `rows` f32
+//! values (`y[v·rows + r]`). Each output is ds4's Q8_0 dot product, bit for bit equal to
+//! ds4-gguf's scalar `vec_dot_q8_0`: per 32-element block the exact integer sum, times
+//! (d_w · d_x), added to an f32 sum in ascending block order, every operation rounded on its
+//! own.
+//!
+//! What bounds it: one `mma.m16n8k32` (s8) gives the integer sums of one block for a 16 × 8
+//! tile, but each of those 128 sums then needs four f32 instructions (int → float, d_w·d_x,
+//! the product, the add) to keep ds4's per-block rounding, so the CUDA cores, not the tensor
+//! cores, set the pace: about 4 issue cycles per MMA per SM, ~1,000 int8 MACs per cycle per SM,
+//! roughly 450 TOPS-equivalent on an H100 SXM (the int8 tensor peak is ~2,000). Weights are
+//! read once per 64 vectors (34/32 bytes per element), so below ~64 vectors the kernel is
+//! bandwidth-bound instead: e.g. 4096 × 8192 weights are 35.7 MB, ~11 µs at 3.3 TB/s, while 256
+//! vectors are 17.2 G integer ops, ~40 µs at that compute ceiling.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+use crate::device::{DeviceBuffer, DeviceValue};
+use crate::error::{CudaError, DriverContext, Result};
+use crate::gemv::{ActQuant, DeviceMatrix, QuantizedActivations, WeightFormat};
+use crate::kernels::Gpu;
+
+/// Weight rows per CTA (`GQ_BM` in gemm_q8.cu).
+pub const GEMM_TILE_ROWS: usize = 128;
+/// Activation vectors per CTA (`GQ_BN`).
+pub const GEMM_TILE_VECS: usize = 64;
+/// Threads per CTA (`GQ_THREADS`).
+const GEMM_THREADS: u32 = 256;
+/// Bytes of one shared-memory stage (`GQ_STAGE`): 128 weight rows and 64 vectors of one K tile
+/// (8 blocks) plus the vectors' block scales.
+const GEMM_STAGE_BYTES: usize = 128 * 272 + 64 * 272 + 8 * 64 * 4;
+/// Stages per CTA (double buffering).
+const GEMM_STAGES: usize = 2;
+// Two CTAs of two stages fit in Hopper's 228 KiB of shared memory per SM (1 KiB of it
+// reserved per CTA), so one CTA's copies overlap the other's math.
+const _: () = assert!(2 * (GEMM_STAGES * GEMM_STAGE_BYTES + 1024) <= 228 * 1024);
+/// Most slots per launch (the grid's z dimension).
+const MAX_SLOTS: usize = 65535;
+
+const MODULE: &str = "gemm_q8";
+const KERNEL: &str = "gemm_q8_0_q8x";
+
+/// Kernel parameters; layout identical to `struct GemmQ8Params` in gemm_q8.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmQ8Params {
+    w: u64,
+    x: u64,
+    xd: u64,
+    y: u64,
+    ids: u64,
+    row_bytes: i64,
+    expert_stride: i64,
+    n_experts: i64,
+    n_rows: i64,
+    n_blocks: i64,
+    n_vecs: i64,
+    x_slot_vecs: i64,
+    aligned16: i64,
+}
+// SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
+unsafe impl DeviceRepr for GemmQ8Params {}
+
+fn invalid(msg: String) -> CudaError {
+    CudaError::InvalidArgument(msg)
+}
+
+fn check_len<T: DeviceValue>(what: &str, buf: &DeviceBuffer<T>, need: usize) -> Result<()> {
+    if buf.len() < need {
+        return Err(invalid(format!(
+            "gemm_q8_0: {what} has {} elements, needs {need}",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// y = W·x for `n_vecs` vectors on the tensor cores: W a Q8_0 matrix (`experts == 1`),
+    /// x Q8_0 activations of `W.cols` values (at least `n_vecs` vectors), y at least
+    /// `n_vecs × W.rows` values. Results equal [`Gpu::gemv`] with quantized activations up to
+    /// the f32 summation order, and ds4-gguf's scalar `vec_dot_q8_0` exactly.
+    pub fn gemm_q8_0(
+        &self,
+        w: &DeviceMatrix,
+        x: &QuantizedActivations,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if w.experts != 1 {
+            return Err(invalid(format!(
+                "gemm_q8_0 on a stack of {} experts: use expert_gemm_q8_0",
+                w.experts
+            )));
+        }
+        self.gemm_q8_0_launch(w, x, n_vecs, None, false, y)
+    }
+
+    /// The expert form, with the expert ids on the device: for each slot s < n_slots, matrix
+    /// e = ids[s] of the stack computes y vector s·n_vecs + v from x vector s·n_vecs + v
+    /// (`x_per_slot`, e.g. the grouped output projection) or x vector v (all slots share the
+    /// input). x holds (n_slots ×) n_vecs vectors, y n_slots × n_vecs × rows values. An id
+    /// outside [0, experts) yields NaN outputs for its slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_gemm_q8_0(
+        &self,
+        w: &DeviceMatrix,
+        ids: &DeviceBuffer<i32>,
+        n_slots: usize,
+        x: &QuantizedActivations,
+        x_per_slot: bool,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if n_slots == 0 || n_slots > MAX_SLOTS {
+            return Err(invalid(format!(
+                "expert_gemm_q8_0: {n_slots} expert slots (1..={MAX_SLOTS})"
+            )));
+        }
+        check_len("expert id buffer", ids, n_slots)?;
+        self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), x_per_slot, y)
+    }
+
+    fn gemm_q8_0_launch(
+        &self,
+        w: &DeviceMatrix,
+        x: &QuantizedActivations,
+        n_vecs: usize,
+        ids: Option<(&DeviceBuffer<i32>, usize)>,
+        x_per_slot: bool,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if w.format != WeightFormat::Q8_0 {
+            return Err(invalid(format!(
+                "gemm_q8_0 needs Q8_0 weights, got {:?}",
+                w.format
+            )));
+        }
+        if x.kind != ActQuant::Q8_0 || x.len != w.cols {
+            return Err(invalid(format!(
+                "gemm_q8_0: weights of {} columns need Q8_0 activations of that length, got {:?} of length {}",
+                w.cols, x.kind, x.len
+            )));
+        }
+        let n_slots = ids.map_or(1, |(_, n)| n);
+        let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
+        if x.n_vecs < x_vecs {
+            return Err(invalid(format!(
+                "gemm_q8_0: {x_vecs} activation vectors needed, the buffer describes {}",
+                x.n_vecs
+            )));
+        }
+        let n_blocks = w.cols / 32;
+        check_len("activation quants", &x.q, x_vecs * w.cols)?;
+        check_len("activation scales", &x.d, x_vecs * n_blocks)?;
+        check_len("output", y, n_slots * n_vecs * w.rows)?;
+        // cp.async copies 16-byte pieces of the activation rows (each a multiple of 32 bytes
+        // long) and 4-byte scales; weight rows are copied in 16-byte pieces when aligned.
+        if !x.q.ptr().is_multiple_of(16) || !x.d.ptr().is_multiple_of(4) {
+            return Err(invalid(format!(
+                "gemm_q8_0: activation buffers at {:#x} / {:#x} are not 16 / 4-byte aligned",
+                x.q.ptr(),
+                x.d.ptr()
+            )));
+        }
+        if n_vecs == 0 {
+            return Ok(());
+        }
+        let vec_tiles = n_vecs.div_ceil(GEMM_TILE_VECS);
+        let row_tiles = w.rows.div_ceil(GEMM_TILE_ROWS);
+        if vec_tiles > i32::MAX as usize || row_tiles > 65535 {
+            return Err(invalid(format!(
+                "gemm_q8_0: {} rows x {n_vecs} vectors exceed the launch grid",
+                w.rows
+            )));
+        }
+        let aligned16 = w.ptr.is_multiple_of(16)
+            && w.row_bytes.is_multiple_of(16)
+            && w.expert_bytes().is_multiple_of(16);
+        let shared = GEMM_STAGES * GEMM_STAGE_BYTES;
+        // More than the default 48 KiB of dynamic shared memory must be opted into per kernel.
+        self.kernels
+            .function(MODULE, KERNEL)?
+            .set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )
+            .ctx("allowing gemm_q8_0 its shared memory")?;
+        let cfg = LaunchConfig {
+            grid_dim: (vec_tiles as u32, row_tiles as u32, n_slots as u32),
+            block_dim: (GEMM_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let params = GemmQ8Params {
+            w: w.ptr,
+            x: x.q.ptr(),
+            xd: x.d.ptr(),
+            y: y.ptr(),
+            ids: ids.map_or(0, |(b, _)| b.ptr()),
+            row_bytes: w.row_bytes as i64,
+            expert_stride: w.expert_bytes() as i64,
+            n_experts: w.experts as i64,
+            n_rows: w.rows as i64,
+            n_blocks: n_blocks as i64,
+            n_vecs: n_vecs as i64,
+            x_slot_vecs: if x_per_slot { n_vecs as i64 } else { 0 },
+            aligned16: aligned16 as i64,
+        };
+        let label = format!("{KERNEL} {}x{} x{n_vecs}", w.rows, w.cols);
+        let bytes = w.rows * w.row_bytes * n_slots * vec_tiles;
+        // SAFETY: the kernel takes one GemmQ8Params by value. It reads weight rows < rows of
+        // matrix ids[s] (range-checked on the device; slot 0's matrix otherwise), inside
+        // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
+        // with aligned16 every 16-byte copy is aligned (ptr, row_bytes and the expert stride are
+        // multiples of 16, so n_blocks is a multiple of 8 and each 272-byte K tile too). It
+        // reads activation vectors < x_vecs and writes y vectors < n_slots × n_vecs, all within
+        // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
+        // (checked above). The dynamic shared memory is the kernel's 2 stages of GQ_STAGE bytes,
+        // and the attribute set above allows it.
+        unsafe { self.launch(MODULE, KERNEL, (&label, bytes), cfg, &[&params]) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tile constants here must be the kernel's: the launch sizes its grid and shared
+    /// memory from them.
+    #[test]
+    fn tile_constants_match_the_kernel_source() {
+        let src = include_str!("gemm_q8.cu");
+        let define = |name: &str| -> usize {
+            let line = src
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("no #define {name} in gemm_q8.cu"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("GQ_BM"), GEMM_TILE_ROWS);
+        assert_eq!(define("GQ_BN"), GEMM_TILE_VECS);
+        assert_eq!(define("GQ_THREADS"), GEMM_THREADS as usize);
+        let (bm, bn, kb) = (define("GQ_BM"), define("GQ_BN"), define("GQ_KB"));
+        assert_eq!(
+            GEMM_STAGE_BYTES,
+            bm * kb * 34 + bn * (kb * 32 + 16) + kb * bn * 4
+        );
+    }
+}

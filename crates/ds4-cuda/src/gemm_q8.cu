@@ -1,0 +1,280 @@
+// Tensor-core GEMM for prefill: Y = W X with Q8_0 weights and Q8_0-quantized activations.
+//
+// Numerics (ds4's Q8_0 dot product, block by block): for each 32-element block b the exact
+// int32 sum isum_b = sum_i w_q[i] * x_q[i], then acc = acc + (d_w[b] * d_x[b]) * isum_b in f32,
+// blocks in ascending order, acc starting at 0. Every multiply and add is rounded on its own
+// (__fmul_rn / __fadd_rn: no FMA contraction), so each output equals ds4-gguf's scalar
+// vec_dot_q8_0 bit for bit.
+//
+// One mma.m16n8k32 (s8 x s8 -> s32) covers exactly one block (k = 32) of a 16-row x 8-vector
+// tile, so its outputs are the per-block integer sums. The accumulator input C is the bit
+// pattern of 1.5 * 2^23: D = C + isum is then the float 12582912 + isum exactly (|isum| <=
+// 32 * 128 * 127 < 2^22), and one f32 subtraction gives isum as a float without an I2F
+// conversion (a quarter-rate instruction on sm_90).
+//
+// Tiles: a CTA computes GQ_BM = 128 rows x GQ_BN = 64 vectors with 8 warps (4 along the rows x 2
+// along the vectors), each warp a 32 x 32 tile = 2 x 4 MMAs per block. The K loop walks tiles of
+// GQ_KB = 8 blocks (256 elements: 272 weight bytes per row, 17 x 16 bytes, so a 16-byte aligned
+// row stays aligned tile after tile); two shared-memory stages filled with cp.async overlap
+// the next tile's copy with this tile's math.
+//
+// Shared stage layout (bytes):
+//   w  [GQ_BM][272]        the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
+//   xq [GQ_BN][272]        each vector's 256 int8 values, rows padded by 16 bytes
+//   xd [GQ_KB][GQ_BN] f32  the vectors' block scales, block-major (two vectors per float2)
+// Row strides of 272 bytes (68 words, 4 banks apart) make the fragment loads of 8 rows x 4
+// lanes and the ldmatrix row reads conflict-free. The raw weight rows leave each block's
+// quants 2-byte aligned: odd blocks start their quants 4-byte aligned (34 b + 2), even blocks
+// 2 bytes off, read as two aligned words and a funnel shift.
+//
+// Weights that are not 16-byte aligned (matrix address or row length; rows of a block count
+// that is not a multiple of 8) are copied with synchronous 2-byte loads instead, and the last
+// K tile may then hold fewer than 8 blocks. Rows past n_rows and vectors past n_vecs read the
+// last valid row / vector and are not stored.
+//
+// Experts: with ids != 0, blockIdx.z is the expert slot s: the weights move to matrix ids[s]
+// (expert_stride bytes apart), x vector v is s * x_slot_vecs + v, y vector v is s * n_vecs + v.
+// An id outside [0, n_experts) writes NaN outputs for the slot.
+
+#define GQ_BM 128
+#define GQ_BN 64
+#define GQ_KB 8
+#define GQ_THREADS 256
+#define GQ_WROW (GQ_KB * Q8_0_BYTES)  // 272
+#define GQ_XROW (GQ_KB * QK8_0 + 16)  // 272
+#define GQ_STAGE_W (GQ_BM * GQ_WROW)
+#define GQ_STAGE_X (GQ_BN * GQ_XROW)
+#define GQ_STAGE_D (GQ_KB * GQ_BN * 4)
+#define GQ_STAGE (GQ_STAGE_W + GQ_STAGE_X + GQ_STAGE_D)  // 54272 bytes; 2 stages per CTA
+
+// 1.5 * 2^23 as float bits: adding an integer |i| < 2^22 to them gives the float 12582912 + i.
+#define GQ_MAGIC_BITS 0x4B400000
+#define GQ_MAGIC_F 12582912.0f
+
+// Must match the #[repr(C)] GemmQ8Params in gemm.rs: 8-byte fields only, so no padding.
+struct GemmQ8Params {
+    u64 w;    // Q8_0 weights (first expert when ids != 0)
+    u64 x;    // int8 activations, n_blocks * 32 per vector
+    u64 xd;   // f32 scale per activation block
+    u64 y;    // f32 output, vector-major: y[v * n_rows + r]
+    u64 ids;  // i32 expert id per slot, or 0
+    i64 row_bytes;
+    i64 expert_stride;
+    i64 n_experts;
+    i64 n_rows;
+    i64 n_blocks;     // Q8_0 blocks per row (cols / 32)
+    i64 n_vecs;       // vectors per slot
+    i64 x_slot_vecs;  // x vectors between slots (0: all slots read the same vectors)
+    i64 aligned16;    // weights 16-byte aligned: w, row_bytes and expert_stride
+};
+
+__device__ __forceinline__ u32 gq_smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+__device__ __forceinline__ void gq_cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(gq_smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gq_cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(gq_smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gq_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Four 8x8 b16 matrices from shared memory: lanes 8m..8m+7 give the row addresses of matrix m;
+// register m receives, in lane l, bytes 4(l%4)..4(l%4)+3 of row l/4 of matrix m.
+__device__ __forceinline__ void gq_ldmatrix_x4(const void* row_addr, u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(gq_smem_addr(row_addr)));
+}
+
+// D = A B + C for a 16x32 s8 A (row-major) and a 32x8 s8 B (column-major), s32 C/D.
+// Lane l, g = l/4, t = l%4 holds:
+//   a[0]: A[g][4t..4t+3]    a[1]: A[g+8][4t..4t+3]   a[2]: A[g][16+4t..]   a[3]: A[g+8][16+4t..]
+//   b[0]: B[4t..4t+3][g]    b[1]: B[16+4t..16+4t+3][g]
+//   d[0]: D[g][2t]  d[1]: D[g][2t+1]  d[2]: D[g+8][2t]  d[3]: D[g+8][2t+1]
+__device__ __forceinline__ void gq_mma(const u32 (&a)[4], u32 b0, u32 b1, int c, int (&d)[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c));
+}
+
+// Four quant bytes at p (shared memory): 4-byte aligned when ALIGNED, else 2 bytes past a
+// 4-byte boundary (two aligned words and a funnel shift).
+template <bool ALIGNED>
+__device__ __forceinline__ u32 gq_quads(const u8* p) {
+    if constexpr (ALIGNED) {
+        return *(const u32*)p;
+    } else {
+        const u32 lo = *(const u32*)(p - 2), hi = *(const u32*)(p + 2);
+        return __funnelshift_r(lo, hi, 16);
+    }
+}
+
+// Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
+// one stage. Clamped rows/vectors read valid memory; their results are never stored.
+__device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, const u8* w, const i8* xq,
+                                             const float* xd, i64 row0, i64 vec0, i64 kt) {
+    const int tid = threadIdx.x;
+    const i64 kblk0 = kt * GQ_KB;
+    const int nbt = (int)min64(GQ_KB, p.n_blocks - kblk0);
+    u8* sw = stage;
+    u8* sx = stage + GQ_STAGE_W;
+    float* sd = (float*)(stage + GQ_STAGE_W + GQ_STAGE_X);
+    if (p.aligned16) {
+        // n_blocks is a multiple of 8 here (row_bytes % 16 == 0): every tile is 17 x 16 bytes.
+        for (int i = tid; i < GQ_BM * 17; i += GQ_THREADS) {
+            const int r = i / 17, c = i - 17 * (i / 17);
+            const i64 row = min64(row0 + r, p.n_rows - 1);
+            gq_cp16(sw + r * GQ_WROW + 16 * c, w + row * p.row_bytes + kblk0 * Q8_0_BYTES + 16 * c);
+        }
+    } else {
+        // 2-byte units of the tile's valid blocks (17 per block), plain loads and stores.
+        const int units = nbt * (Q8_0_BYTES / 2);
+        for (int i = tid; i < GQ_BM * (GQ_WROW / 2); i += GQ_THREADS) {
+            const int r = i / (GQ_WROW / 2), c = i - (GQ_WROW / 2) * r;
+            if (c < units) {
+                const i64 row = min64(row0 + r, p.n_rows - 1);
+                const u16* src = (const u16*)(w + row * p.row_bytes + kblk0 * Q8_0_BYTES) + c;
+                ((u16*)(sw + r * GQ_WROW))[c] = *src;
+            }
+        }
+    }
+    // Activations: 16 pieces of 16 bytes per vector (those of valid blocks: 2 per block).
+    for (int i = tid; i < GQ_BN * 16; i += GQ_THREADS) {
+        const int v = i >> 4, c = i & 15;
+        if (c < 2 * nbt) {
+            const i64 vec = min64(vec0 + v, p.n_vecs - 1);
+            const i8* src = xq + (vec * p.n_blocks + kblk0) * QK8_0 + 16 * c;
+            gq_cp16(sx + v * GQ_XROW + 16 * c, src);
+        }
+    }
+    for (int i = tid; i < GQ_BN * GQ_KB; i += GQ_THREADS) {
+        const int v = i >> 3, b = i & 7;
+        if (b < nbt) {
+            const i64 vec = min64(vec0 + v, p.n_vecs - 1);
+            gq_cp4(sd + b * GQ_BN + v, xd + vec * p.n_blocks + kblk0 + b);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(GQ_THREADS, 2) gemm_q8_0_q8x(const GemmQ8Params p) {
+    extern __shared__ __align__(16) u8 gq_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp & 3, wn = warp >> 2;  // warp tile: rows 32 wm.., vectors 32 wn..
+    const int g = lane >> 2, t = lane & 3;
+    const i64 vec0 = (i64)blockIdx.x * GQ_BN;
+    const i64 row0 = (i64)blockIdx.y * GQ_BM;
+    const i64 slot = blockIdx.z;
+
+    const u8* w = (const u8*)p.w;
+    bool bad_id = false;
+    if (p.ids != 0) {
+        const int e = ((const int*)p.ids)[slot];
+        bad_id = e < 0 || e >= p.n_experts;
+        w += (i64)(bad_id ? 0 : e) * p.expert_stride;
+    }
+    const i8* xq = (const i8*)p.x + slot * p.x_slot_vecs * p.n_blocks * QK8_0;
+    const float* xd = (const float*)p.xd + slot * p.x_slot_vecs * p.n_blocks;
+
+    // acc[mi][nj][i]: row 32 wm + 16 mi + g + 8 (i >> 1), vector 32 wn + 8 nj + 2t + (i & 1).
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[mi][nj][i] = 0.0f;
+
+    const i64 n_tiles = (p.n_blocks + GQ_KB - 1) / GQ_KB;
+    if (!bad_id) {
+        gq_load_tile(gq_smem, p, w, xq, xd, row0, vec0, 0);
+        gq_commit();
+    }
+    for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
+        // Prefetch the next tile into the other stage (its last readers passed the barrier at
+        // the end of the previous iteration); an empty group keeps the wait count uniform.
+        if (kt + 1 < n_tiles) gq_load_tile(gq_smem + ((kt + 1) & 1) * GQ_STAGE, p, w, xq, xd, row0, vec0, kt + 1);
+        gq_commit();
+        gq_wait_newest_pending();
+        __syncthreads();
+
+        const u8* stage = gq_smem + (kt & 1) * GQ_STAGE;
+        const u8* sw = stage + (32 * wm + g) * GQ_WROW;
+        const u8* sx = stage + GQ_STAGE_W;
+        const float* sd = (const float*)(stage + GQ_STAGE_W + GQ_STAGE_X);
+        // ldmatrix rows: lanes 8m..8m+7 address matrix m = (vectors 8(m/2)..+7, bytes 16(m%2)..+15)
+        // of a 16-vector pair of n-tiles.
+        const u8* sx_lane = sx + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * GQ_XROW + 16 * ((lane >> 3) & 1);
+        const int nbt = (int)min64(GQ_KB, p.n_blocks - kt * GQ_KB);
+#pragma unroll
+        for (int b = 0; b < GQ_KB; b++) {
+            if (b >= nbt) break;
+            // A fragments and weight scales of the warp's 2 m-tiles (rows g, g + 8 of each).
+            u32 a[2][4];
+            float dw[2][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                const u8* r0 = sw + (16 * mi) * GQ_WROW + b * Q8_0_BYTES;
+                const u8* r1 = r0 + 8 * GQ_WROW;
+                if (b & 1) {
+                    a[mi][0] = gq_quads<true>(r0 + 2 + 4 * t);
+                    a[mi][1] = gq_quads<true>(r1 + 2 + 4 * t);
+                    a[mi][2] = gq_quads<true>(r0 + 18 + 4 * t);
+                    a[mi][3] = gq_quads<true>(r1 + 18 + 4 * t);
+                } else {
+                    a[mi][0] = gq_quads<false>(r0 + 2 + 4 * t);
+                    a[mi][1] = gq_quads<false>(r1 + 2 + 4 * t);
+                    a[mi][2] = gq_quads<false>(r0 + 18 + 4 * t);
+                    a[mi][3] = gq_quads<false>(r1 + 18 + 4 * t);
+                }
+                dw[mi][0] = f16_to_f32(rd16(r0));
+                dw[mi][1] = f16_to_f32(rd16(r1));
+            }
+            // B fragments of the warp's 4 n-tiles: two ldmatrix.x4, each two n-tiles.
+            u32 bq[4][2];
+#pragma unroll
+            for (int pair = 0; pair < 2; pair++) {
+                u32 r[4];
+                gq_ldmatrix_x4(sx_lane + pair * 16 * GQ_XROW + b * QK8_0, r);
+                bq[2 * pair][0] = r[0];
+                bq[2 * pair][1] = r[1];
+                bq[2 * pair + 1][0] = r[2];
+                bq[2 * pair + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int nj = 0; nj < 4; nj++) {
+                const float2 dx = *(const float2*)(sd + b * GQ_BN + 32 * wn + 8 * nj + 2 * t);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    int d[4];
+                    gq_mma(a[mi], bq[nj][0], bq[nj][1], GQ_MAGIC_BITS, d);
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const float isum = __fsub_rn(__int_as_float(d[i]), GQ_MAGIC_F);  // exact
+                        const float scale = __fmul_rn(dw[mi][i >> 1], (i & 1) ? dx.y : dx.x);
+                        acc[mi][nj][i] = __fadd_rn(acc[mi][nj][i], __fmul_rn(scale, isum));
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    const float nan = __int_as_float(0x7fc00000);
+    float* y = (float*)p.y + slot * p.n_vecs * p.n_rows;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const i64 row = row0 + 32 * wm + 16 * mi + g + 8 * (i >> 1);
+                const i64 vec = vec0 + 32 * wn + 8 * nj + 2 * t + (i & 1);
+                if (row < p.n_rows && vec < p.n_vecs) y[vec * p.n_rows + row] = bad_id ? nan : acc[mi][nj][i];
+            }
+}
