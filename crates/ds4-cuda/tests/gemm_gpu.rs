@@ -1,0 +1,319 @@
+//! The tensor-core Q8_0 GEMM ([`Gpu::gemm_q8_0`], [`Gpu::expert_gemm_q8_0`]) against ds4-gguf's
+//! scalar `vec_dot_q8_0`, bit for bit, on random weights and activations. On a machine without
+//! CUDA each GPU test prints "skipped: no CUDA" and passes.
+//!
+//! Timing (on the GPU machine): `cargo test -p ds4-cuda --release --test gemm_gpu --
+//! --ignored --nocapture gemm_q8_0_throughput`.
+
+mod common;
+
+use common::{gpu, random_rows, Rng};
+use ds4_cuda::{ActQuant, CudaError, DeviceWeights, Gpu, QuantizedActivations, WeightFormat};
+use ds4_gguf::quant::{self, BlockQ8_0};
+
+const Q8: WeightFormat = WeightFormat::Q8_0;
+
+/// CPU Q8_0 activations of `n_vecs` random vectors of `cols` values.
+fn cpu_activations(rng: &mut Rng, cols: usize, n_vecs: usize) -> Vec<Vec<BlockQ8_0>> {
+    (0..n_vecs)
+        .map(|_| quant::quantize_q8_0_activation(&rng.f32s(cols)))
+        .collect()
+}
+
+/// The CPU activations in the device layout: all quants, then one scale per block.
+fn upload_activations(g: &Gpu, acts: &[Vec<BlockQ8_0>], cols: usize) -> QuantizedActivations {
+    let q: Vec<i8> = acts.iter().flatten().flat_map(|b| b.qs).collect();
+    let d: Vec<f32> = acts.iter().flatten().map(|b| b.d).collect();
+    QuantizedActivations {
+        kind: ActQuant::Q8_0,
+        len: cols,
+        n_vecs: acts.len(),
+        q: g.device.upload(&q).unwrap(),
+        d: g.device.upload(&d).unwrap(),
+    }
+}
+
+/// Rows to check: all of them for small products, otherwise every 7th row (7 is prime to the
+/// 128-row tile, so every position inside a tile is covered) and the last 130 rows.
+fn rows_to_check(rows: usize, cols: usize, n_vecs: usize) -> Vec<usize> {
+    if rows * cols * n_vecs <= 1 << 27 {
+        return (0..rows).collect();
+    }
+    (0..rows)
+        .filter(|&r| r % 7 == 3 || r + 130 >= rows)
+        .collect()
+}
+
+/// Asserts y (vector-major, `rows` per vector) equals the scalar CPU dot product of each
+/// checked row of `w` with each activation vector, bit for bit. Vectors are checked on all
+/// cores.
+fn assert_bit_exact(what: &str, y: &[f32], w: &[u8], rows: usize, acts: &[&[BlockQ8_0]]) {
+    let row_bytes = w.len() / rows;
+    let cols = row_bytes / 34 * 32;
+    let check = rows_to_check(rows, cols, acts.len());
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let per = acts.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, chunk) in acts.chunks(per).enumerate() {
+            let check = &check;
+            s.spawn(move || {
+                for (i, act) in chunk.iter().enumerate() {
+                    let v = t * per + i;
+                    for &r in check {
+                        let want =
+                            quant::scalar::vec_dot_q8_0(&w[r * row_bytes..(r + 1) * row_bytes], act);
+                        let got = y[v * rows + r];
+                        assert!(
+                            got.to_bits() == want.to_bits(),
+                            "{what}: vector {v} row {r}: gpu {got:e} ({:#x}) vs cpu {want:e} ({:#x})",
+                            got.to_bits(),
+                            want.to_bits()
+                        );
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn upload_weights(g: &Gpu, bytes: &[u8]) -> DeviceWeights {
+    DeviceWeights::upload(&g.device, bytes, 0, &mut |_, _| {}).unwrap()
+}
+
+/// Runs gemm_q8_0 on `rows × cols` random weights (placed `offset` bytes into the buffer) for
+/// each vector count and checks every result against the CPU.
+fn check_shape(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, offset: usize, counts: &[usize]) {
+    let w = random_rows(rng, Q8, cols, rows);
+    let mut region = vec![0u8; offset];
+    region.extend_from_slice(&w);
+    let dw = upload_weights(g, &region);
+    let m = dw.matrix(offset, Q8, cols, rows, 1).unwrap();
+    let max_vecs = *counts.iter().max().unwrap();
+    let acts = cpu_activations(rng, cols, max_vecs);
+    let qa = upload_activations(g, &acts, cols);
+    for &n_vecs in counts {
+        // NaN-filled, so an unwritten output fails the comparison.
+        let mut dy = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+        g.gemm_q8_0(&m, &qa, n_vecs, &mut dy).unwrap();
+        let y = g.device.download(&dy).unwrap();
+        let refs: Vec<&[BlockQ8_0]> = acts[..n_vecs].iter().map(|a| a.as_slice()).collect();
+        let what = format!("{rows}x{cols} (offset {offset}) x{n_vecs}");
+        assert_bit_exact(&what, &y, &w, rows, &refs);
+        eprintln!("{what}: bit-exact");
+    }
+}
+
+#[test]
+fn gemm_q8_0_real_shapes_match_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(71);
+    // (rows, cols) of the model's Q8_0 projections, both orientations of the 4096 × 8192 one.
+    for (rows, cols) in [(1024, 4096), (4096, 8192), (8192, 4096), (32768, 1024)] {
+        check_shape(g, &mut rng, rows, cols, 0, &[1, 7, 8, 64, 200, 256]);
+    }
+}
+
+#[test]
+fn gemm_q8_0_ragged_shapes_match_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(72);
+    // Rows not a multiple of the 128-row tile (1, 77, 129, 300), vectors not a multiple of 64.
+    for rows in [1, 77, 129, 300] {
+        check_shape(g, &mut rng, rows, 4096, 0, &[1, 7, 8, 64, 65, 200, 256]);
+    }
+    // Weights that are not 16-byte aligned (2-byte copy path): a buffer offset of 2, rows of a
+    // block count that is not a multiple of 8 (96 = 3 blocks: one short K tile; 4128 = 129
+    // blocks: 16 full tiles and one block; 1088 = 34 blocks at a buffer offset of 34).
+    check_shape(g, &mut rng, 77, 4096, 2, &[1, 8, 70]);
+    check_shape(g, &mut rng, 130, 96, 0, &[1, 9, 64]);
+    check_shape(g, &mut rng, 45, 4128, 0, &[3, 66]);
+    check_shape(g, &mut rng, 200, 1088, 34, &[5, 128]);
+}
+
+#[test]
+fn gemm_q8_0_takes_activations_from_the_gpu_quantizer() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(73);
+    let (rows, cols, n_vecs) = (300usize, 2048usize, 100usize);
+    let w = random_rows(&mut rng, Q8, cols, rows);
+    let dw = upload_weights(g, &w);
+    let m = dw.matrix(0, Q8, cols, rows, 1).unwrap();
+    let x = g.device.upload(&rng.f32s(cols * n_vecs)).unwrap();
+    let mut qa = g.alloc_quantized(ActQuant::Q8_0, cols, n_vecs).unwrap();
+    g.quantize_activations(&x, &mut qa).unwrap();
+    let mut dy = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+    g.gemm_q8_0(&m, &qa, n_vecs, &mut dy).unwrap();
+    let y = g.device.download(&dy).unwrap();
+    // The reference reads back exactly what the GPU quantizer wrote.
+    let (q, d) = (
+        g.device.download(&qa.q).unwrap(),
+        g.device.download(&qa.d).unwrap(),
+    );
+    let acts: Vec<Vec<BlockQ8_0>> = (0..n_vecs)
+        .map(|v| {
+            (0..cols / 32)
+                .map(|b| {
+                    let at = v * cols + 32 * b;
+                    let mut qs = [0i8; 32];
+                    qs.copy_from_slice(&q[at..at + 32]);
+                    BlockQ8_0 { d: d[at / 32], qs }
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[BlockQ8_0]> = acts.iter().map(|a| a.as_slice()).collect();
+    assert_bit_exact("gpu-quantized", &y, &w, rows, &refs);
+    // And the same sums as the dp4a GEMV, up to its f32 summation order.
+    let mut dg = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+    g.gemv(&m, ds4_cuda::Activations::Quantized(&qa), n_vecs, &mut dg)
+        .unwrap();
+    let yg = g.device.download(&dg).unwrap();
+    for (i, (&a, &b)) in y.iter().zip(&yg).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+            "output {i}: gemm {a} vs gemv {b}"
+        );
+    }
+}
+
+#[test]
+fn expert_gemm_q8_0_reads_ids_from_the_device() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(74);
+    let (n_experts, rows, cols) = (5usize, 200usize, 1024usize);
+    let w = random_rows(&mut rng, Q8, cols, rows * n_experts);
+    let ebytes = w.len() / n_experts;
+    let dw = upload_weights(g, &w);
+    let m = dw.matrix(0, Q8, cols, rows, n_experts).unwrap();
+    // A repeated id, the last expert, and ids out of range (NaN slots).
+    let ids: Vec<i32> = vec![3, 0, 3, 4, -1, 5, 1];
+    let dids = g.device.upload(&ids).unwrap();
+    let slots = ids.len();
+    for n_vecs in [1usize, 9, 70] {
+        for x_per_slot in [false, true] {
+            let xv = if x_per_slot { slots * n_vecs } else { n_vecs };
+            let acts = cpu_activations(&mut rng, cols, xv);
+            let qa = upload_activations(g, &acts, cols);
+            // Zero-filled: a bad id's outputs must be written (NaN), not left alone.
+            let mut dy = g
+                .device
+                .alloc_filled::<f32>(slots * n_vecs * rows, 0x00)
+                .unwrap();
+            g.expert_gemm_q8_0(&m, &dids, slots, &qa, x_per_slot, n_vecs, &mut dy)
+                .unwrap();
+            let y = g.device.download(&dy).unwrap();
+            for (s, &e) in ids.iter().enumerate() {
+                let out = &y[s * n_vecs * rows..(s + 1) * n_vecs * rows];
+                if e < 0 || e as usize >= n_experts {
+                    assert!(out.iter().all(|o| o.is_nan()), "bad id {e}: NaN outputs");
+                    continue;
+                }
+                let we = &w[e as usize * ebytes..(e as usize + 1) * ebytes];
+                let refs: Vec<&[BlockQ8_0]> = (0..n_vecs)
+                    .map(|v| acts[if x_per_slot { s * n_vecs + v } else { v }].as_slice())
+                    .collect();
+                let what = format!("slot {s} expert {e} x{n_vecs} per_slot {x_per_slot}");
+                assert_bit_exact(&what, out, we, rows, &refs);
+            }
+        }
+    }
+}
+
+fn invalid_message(r: Result<(), CudaError>) -> String {
+    match r {
+        Err(CudaError::InvalidArgument(m)) => m,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[test]
+fn gemm_q8_0_rejects_bad_arguments() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(75);
+    let (rows, cols) = (64usize, 512usize);
+    let w = random_rows(&mut rng, Q8, cols, rows * 2);
+    let dw = upload_weights(g, &w);
+    let m = dw.matrix(0, Q8, cols, rows, 1).unwrap();
+    let stack = dw.matrix(0, Q8, cols, rows, 2).unwrap();
+    let f16 = dw.matrix(0, WeightFormat::F16, cols, rows, 1).unwrap();
+    let qa = g.alloc_quantized(ActQuant::Q8_0, cols, 4).unwrap();
+    let qk = g.alloc_quantized(ActQuant::Q8K, cols, 4).unwrap();
+    let short = g.alloc_quantized(ActQuant::Q8_0, cols - 32, 4).unwrap();
+    let mut y = g.device.alloc::<f32>(rows * 4).unwrap();
+    let mut y_short = g.device.alloc::<f32>(rows * 4 - 1).unwrap();
+
+    let e = invalid_message(g.gemm_q8_0(&f16, &qa, 4, &mut y));
+    assert!(e.contains("Q8_0 weights") && e.contains("F16"), "{e}");
+    let e = invalid_message(g.gemm_q8_0(&m, &qk, 4, &mut y));
+    assert!(e.contains("Q8K"), "{e}");
+    let e = invalid_message(g.gemm_q8_0(&m, &short, 4, &mut y));
+    assert!(e.contains("512 columns") && e.contains("480"), "{e}");
+    let e = invalid_message(g.gemm_q8_0(&m, &qa, 5, &mut y));
+    assert!(e.contains("5 activation vectors"), "{e}");
+    let e = invalid_message(g.gemm_q8_0(&m, &qa, 4, &mut y_short));
+    assert!(e.contains("output"), "{e}");
+    let e = invalid_message(g.gemm_q8_0(&stack, &qa, 4, &mut y));
+    assert!(e.contains("expert_gemm_q8_0"), "{e}");
+
+    let ids = g.device.upload(&[0i32, 1]).unwrap();
+    let e = invalid_message(g.expert_gemm_q8_0(&stack, &ids, 0, &qa, false, 1, &mut y));
+    assert!(e.contains("0 expert slots"), "{e}");
+    let e = invalid_message(g.expert_gemm_q8_0(&stack, &ids, 3, &qa, false, 1, &mut y));
+    assert!(e.contains("expert id buffer"), "{e}");
+    // Per-slot inputs: 2 slots × 4 vectors need 8 activation vectors.
+    let e = invalid_message(g.expert_gemm_q8_0(&stack, &ids, 2, &qa, true, 4, &mut y));
+    assert!(e.contains("8 activation vectors"), "{e}");
+    // Zero vectors is a valid no-op.
+    g.gemm_q8_0(&m, &qa, 0, &mut y).unwrap();
+}
+
+/// Not a correctness test: prints the GEMM's time, weight bandwidth and integer throughput on
+/// the model's Q8_0 shapes, beside the dp4a GEMV on the same inputs.
+#[test]
+#[ignore]
+fn gemm_q8_0_throughput() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(76);
+    let iters = 20;
+    for (rows, cols) in [
+        (4096usize, 8192usize),
+        (8192, 4096),
+        (1024, 4096),
+        (32768, 1024),
+    ] {
+        let w = random_rows(&mut rng, Q8, cols, rows);
+        let dw = upload_weights(g, &w);
+        let m = dw.matrix(0, Q8, cols, rows, 1).unwrap();
+        for n_vecs in [256usize, 2048] {
+            let x = g.device.upload(&rng.f32s(cols * n_vecs)).unwrap();
+            let mut qa = g.alloc_quantized(ActQuant::Q8_0, cols, n_vecs).unwrap();
+            g.quantize_activations(&x, &mut qa).unwrap();
+            let mut y = g.device.alloc::<f32>(rows * n_vecs).unwrap();
+            let mut time = |f: &mut dyn FnMut(&mut ds4_cuda::DeviceBuffer<f32>)| -> f64 {
+                f(&mut y); // warm-up (and the kernel lookup)
+                let start = g.device.record_event().unwrap();
+                for _ in 0..iters {
+                    f(&mut y);
+                }
+                let end = g.device.record_event().unwrap();
+                g.device.elapsed_ms(&start, &end).unwrap() as f64 / iters as f64 * 1e-3
+            };
+            let t_gemm = time(&mut |y| g.gemm_q8_0(&m, &qa, n_vecs, y).unwrap());
+            let t_gemv = time(&mut |y| {
+                g.gemv(&m, ds4_cuda::Activations::Quantized(&qa), n_vecs, y)
+                    .unwrap()
+            });
+            // Weights, activations (1 byte + a 4-byte scale per 32) and outputs, each once.
+            let bytes = (w.len() + n_vecs * cols * 36 / 32 + n_vecs * rows * 4) as f64;
+            let ops = 2.0 * (rows * cols * n_vecs) as f64;
+            eprintln!(
+                "gemm_q8_0 {rows}x{cols} x{n_vecs}: {:.1} us, {:.0} GB/s (each operand once), {:.1} TOPS; gemv {:.1} us ({:.1}x)",
+                t_gemm * 1e6,
+                bytes / t_gemm * 1e-9,
+                ops / t_gemm * 1e-12,
+                t_gemv * 1e6,
+                t_gemv / t_gemm
+            );
+        }
+    }
+}
