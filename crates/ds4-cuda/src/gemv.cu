@@ -13,6 +13,9 @@
 // weights, Q8_K blocks of 256 for the k/iq formats) as an int8 array plus one f32 scale per
 // block; the quantized variants use dp4a and reproduce ggml's integer dot products exactly.
 //
+// Pairs: with gridDim.z == 2, CTAs with blockIdx.z == 1 compute a second matrix (w_pair, same
+// shape and format, same activations) into y_pair: two projections of one input per launch.
+//
 // Experts: with ids != 0, blockIdx.y is the expert slot; the weight base moves to expert
 // ids[slot] (expert_stride bytes apart) without a host round trip, x vector = slot*x_slot_vecs+b
 // and y vector = slot*y_slot_vecs+b. An id outside [0, n_experts) writes NaN rows.
@@ -44,7 +47,13 @@ struct GemvParams {
     i64 aligned16;  // weights and row_bytes are multiples of 16: 16-byte loads allowed
     i64 split;      // warps per row group (1..8; divides the CTA's warps)
     i64 n_batches;  // quantized kernels: batches of NB vectors per launch (> 1: split >= chunks)
+    u64 w_pair;     // blockIdx.z == 1: a second matrix of the same shape and format ...
+    u64 y_pair;     // ... and its output (gate and up projections in one launch)
 };
+
+// The matrix and output of this CTA (blockIdx.z picks one of a pair).
+__device__ __forceinline__ const u8* gemv_w(const GemvParams& p) { return (const u8*)(blockIdx.z ? p.w_pair : p.w); }
+__device__ __forceinline__ float* gemv_y(const GemvParams& p) { return (float*)(blockIdx.z ? p.y_pair : p.y); }
 
 // Per format: block bytes, block elements, blocks per chunk (chunk bytes % 16 == 0),
 // 32-element items per block, parts (scale groups) per item.
@@ -334,14 +343,14 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
 // Resolves the expert of this CTA's slot; false (after writing NaN rows for all nb x n_batches
 // vectors of the launch) for a bad id.
 __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u8** W) {
-    *W = (const u8*)p.w;
+    *W = gemv_w(p);
     if (p.ids == 0) return true;
     const int e = ((const int*)p.ids)[blockIdx.y];
     if (e >= 0 && e < p.n_experts) {
         *W += (i64)e * p.expert_stride;
         return true;
     }
-    float* y = (float*)p.y;
+    float* y = gemv_y(p);
     for (i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += (i64)gridDim.x * blockDim.x)
         for (i64 v = 0; v < nb * p.n_batches; v++)
             y[((i64)blockIdx.y * p.y_slot_vecs + v) * p.n_rows + row] = __int_as_float(0x7fc00000);
@@ -354,7 +363,7 @@ __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u
 template <int R, int NB>
 __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int ws, float (&acc)[R][NB], float* red,
                                             i64 v0) {
-    float* y = (float*)p.y;
+    float* y = gemv_y(p);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const i64 ybase = (i64)blockIdx.y * p.y_slot_vecs + v0;
 #pragma unroll

@@ -249,6 +249,8 @@ struct GemvParams {
     aligned16: i64,
     split: i64,
     n_batches: i64,
+    w_pair: u64,
+    y_pair: u64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
@@ -389,7 +391,26 @@ impl Gpu {
                 "gemv on an expert stack: use expert_gemv".into(),
             ));
         }
-        self.gemv_launch(w, x, n_vecs, None, false, y)
+        self.gemv_launch(w, None, x, n_vecs, None, false, y, None)
+    }
+
+    /// Two matrices of the same format and shape applied to the same activations in one
+    /// launch (e.g. a gate and an up projection): `y[i] = w[i]·x`. Bit-identical to two
+    /// [`Gpu::gemv`] calls; one launch instead of two, and one fuller grid.
+    pub fn gemv_pair(
+        &self,
+        w: [&DeviceMatrix; 2],
+        x: Activations<'_>,
+        n_vecs: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+    ) -> Result<()> {
+        if w[0].experts != 1 {
+            return Err(CudaError::InvalidArgument(
+                "gemv_pair on expert stacks: use expert_gemv_pair".into(),
+            ));
+        }
+        let [y0, y1] = y;
+        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1))
     }
 
     /// Expert matvecs with the expert ids on the device: for each slot s < n_slots, expert
@@ -413,21 +434,84 @@ impl Gpu {
                 "{n_slots} expert slots (1..=65535)"
             )));
         }
-        self.gemv_launch(w, x, n_vecs, Some((ids, n_slots)), x_per_slot, y)
+        self.gemv_launch(
+            w,
+            None,
+            x,
+            n_vecs,
+            Some((ids, n_slots)),
+            x_per_slot,
+            y,
+            None,
+        )
     }
 
+    /// [`Gpu::expert_gemv`] for two expert stacks of the same format and shape with the same
+    /// ids and activations (the MoE gate and up projections) in one launch: `y[i]` gets stack
+    /// `w[i]`. Bit-identical to two `expert_gemv` calls.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_gemv_pair(
+        &self,
+        w: [&DeviceMatrix; 2],
+        ids: &DeviceBuffer<i32>,
+        n_slots: usize,
+        x: Activations<'_>,
+        x_per_slot: bool,
+        n_vecs: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+    ) -> Result<()> {
+        check_len("expert id buffer", ids, n_slots)?;
+        if n_slots == 0 || n_slots > 65535 {
+            return Err(CudaError::InvalidArgument(format!(
+                "{n_slots} expert slots (1..=65535)"
+            )));
+        }
+        let [y0, y1] = y;
+        self.gemv_launch(
+            w[0],
+            Some(w[1]),
+            x,
+            n_vecs,
+            Some((ids, n_slots)),
+            x_per_slot,
+            y0,
+            Some(y1),
+        )
+    }
+
+    /// One matrix (or expert stack) `w`, or a pair `w`, `w2` of the same format and shape
+    /// (outputs `y`, `y2`), against the same activations.
+    #[allow(clippy::too_many_arguments)]
     fn gemv_launch(
         &self,
         w: &DeviceMatrix,
+        w2: Option<&DeviceMatrix>,
         x: Activations<'_>,
         n_vecs: usize,
         ids: Option<(&DeviceBuffer<i32>, usize)>,
         x_per_slot: bool,
         y: &mut DeviceBuffer<f32>,
+        y2: Option<&mut DeviceBuffer<f32>>,
     ) -> Result<()> {
         let n_slots = ids.map_or(1, |(_, n)| n);
         let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
         check_len("output", y, n_slots * n_vecs * w.rows)?;
+        if let Some(w2) = w2 {
+            if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
+                return Err(CudaError::InvalidArgument(format!(
+                    "matrix pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
+                    w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
+                )));
+            }
+        }
+        let y2_ptr = match y2 {
+            Some(b) => {
+                check_len("second output", b, n_slots * n_vecs * w.rows)?;
+                b.ptr()
+            }
+            None => 0,
+        };
+        let n_mats = if w2.is_some() { 2 } else { 1 };
         let (act_tag, x_ptr, xd_ptr, x_elem_bytes, xd_block) = match x {
             Activations::F32(b) => {
                 check_len("activations", b, x_vecs * w.cols)?;
@@ -452,9 +536,10 @@ impl Gpu {
         if n_vecs == 0 {
             return Ok(());
         }
-        let aligned16 = w.ptr.is_multiple_of(16)
-            && w.row_bytes.is_multiple_of(16)
-            && w.expert_bytes().is_multiple_of(16);
+        let aligned16 = w.row_bytes.is_multiple_of(16)
+            && w.expert_bytes().is_multiple_of(16)
+            && w.ptr.is_multiple_of(16)
+            && w2.is_none_or(|w2| w2.ptr.is_multiple_of(16));
         let sms = self.device.info().multiprocessors as usize;
         let plain = stage_chunk_bytes(w.format) == 0;
         let mut b0 = 0;
@@ -478,7 +563,7 @@ impl Gpu {
                 grid_x = grid_x.min((cap * sms / n_slots).max(1));
             }
             let cfg = LaunchConfig {
-                grid_dim: (grid_x as u32, n_slots as u32, 1),
+                grid_dim: (grid_x as u32, n_slots as u32, n_mats),
                 block_dim: ((shape.warps * 32) as u32, 1, 1),
                 // Two stage buffers of R chunks per warp (quantized formats; 0 otherwise).
                 shared_mem_bytes: (shape.warps
@@ -507,6 +592,12 @@ impl Gpu {
                 aligned16: aligned16 as i64,
                 split: shape.split as i64,
                 n_batches: n_batches as i64,
+                w_pair: w2.map_or(0, |w2| w2.ptr),
+                y_pair: if y2_ptr == 0 {
+                    0
+                } else {
+                    y2_ptr + (b0 * w.rows * 4) as u64
+                },
             };
             let name = if plain {
                 let r = shape.rows_per_group;
@@ -519,15 +610,21 @@ impl Gpu {
             // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
             // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
             // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
-            // above for n_slots × n_vecs vectors; the weight range [ptr, ptr + total_bytes) is
-            // inside live device memory by DeviceMatrix's construction contract; expert ids are
+            // above for n_slots × n_vecs vectors (y2 too); the weight range
+            // [ptr, ptr + total_bytes) of w (and of w2, whose shape equals w's) is inside live
+            // device memory by DeviceMatrix's construction contract; expert ids are
             // range-checked on the device.
             // Profile label: kernel and shape; bytes: the weight rows read (each slot's expert).
             let label = match n_batches {
                 1 => format!("{name} {}x{}", w.rows, w.cols),
                 n => format!("{name} {}x{} x{n} batches", w.rows, w.cols),
             };
-            let bytes = w.rows * w.row_bytes * n_slots;
+            let label = if n_mats == 2 {
+                format!("{label} pair")
+            } else {
+                label
+            };
+            let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
             b0 += nb * n_batches;
         }

@@ -699,3 +699,96 @@ fn f16_expert_gemv_matches_cpu() {
         }
     }
 }
+
+/// A pair launch (two matrices, one input) gives exactly the rows of two single launches, for
+/// dense matrices and expert stacks; a pair of different shapes is an error.
+#[test]
+fn gemv_pairs_equal_two_calls() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    // (format, cols, rows, experts, vectors)
+    let cases: &[(WeightFormat, usize, usize, usize, usize)] = &[
+        (WeightFormat::F16, 4096, 256, 1, 1),
+        (WeightFormat::F16, 4096, 256, 1, 9),
+        (WeightFormat::Q8_0, 4096, 100, 1, 11),
+        (WeightFormat::IQ2XXS, 4096, 64, 5, 1),
+        (WeightFormat::IQ2XXS, 4096, 64, 5, 18),
+        (WeightFormat::Q4K, 2048, 40, 5, 3),
+    ];
+    for &(format, cols, rows, experts, n_vecs) in cases {
+        let wa = random_rows(&mut rng, format, cols, rows * experts);
+        let wb = random_rows(&mut rng, format, cols, rows * experts);
+        let (da, db) = (upload_matrix(g, &wa), upload_matrix(g, &wb));
+        let ma = da.matrix(0, format, cols, rows, experts).unwrap();
+        let mb = db.matrix(0, format, cols, rows, experts).unwrap();
+        let x = rng.f32s(cols * n_vecs);
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = format
+            .activation_quant()
+            .map(|k| g.alloc_quantized(k, cols, n_vecs).unwrap());
+        if let Some(q) = qa.as_mut() {
+            g.quantize_activations(&dx, q).unwrap();
+        }
+        let act = match &qa {
+            Some(q) => Activations::Quantized(q),
+            None => Activations::F32(&dx),
+        };
+        let ids: Vec<i32> = vec![4, 1, -1, 4];
+        let dids = g.device.upload(&ids).unwrap();
+        let slots = if experts > 1 { ids.len() } else { 1 };
+        let len = slots * n_vecs * rows;
+        let alloc = || g.device.alloc_filled::<f32>(len, 0x00).unwrap();
+        let (mut ya, mut yb, mut pa, mut pb) = (alloc(), alloc(), alloc(), alloc());
+        if experts > 1 {
+            g.expert_gemv(&ma, &dids, slots, act, false, n_vecs, &mut ya)
+                .unwrap();
+            g.expert_gemv(&mb, &dids, slots, act, false, n_vecs, &mut yb)
+                .unwrap();
+            g.expert_gemv_pair(
+                [&ma, &mb],
+                &dids,
+                slots,
+                act,
+                false,
+                n_vecs,
+                [&mut pa, &mut pb],
+            )
+            .unwrap();
+        } else {
+            g.gemv(&ma, act, n_vecs, &mut ya).unwrap();
+            g.gemv(&mb, act, n_vecs, &mut yb).unwrap();
+            g.gemv_pair([&ma, &mb], act, n_vecs, [&mut pa, &mut pb])
+                .unwrap();
+        }
+        for (single, pair, which) in [(&ya, &pa, "first"), (&yb, &pb, "second")] {
+            let s = g.device.download(single).unwrap();
+            let p = g.device.download(pair).unwrap();
+            assert!(
+                s.iter().any(|v| *v != 0.0),
+                "{format:?}: single launch wrote nothing"
+            );
+            for (i, (a, b)) in s.iter().zip(&p).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{format:?} {cols}x{rows}x{experts} nb{n_vecs} {which} matrix, output {i}: single {a} vs pair {b}"
+                );
+            }
+        }
+    }
+    // Different shapes cannot share a launch.
+    let w = random_rows(&mut rng, WeightFormat::F16, 512, 8);
+    let dw = upload_matrix(g, &w);
+    let m8 = dw.matrix(0, WeightFormat::F16, 512, 8, 1).unwrap();
+    let m4 = dw.matrix(0, WeightFormat::F16, 512, 4, 1).unwrap();
+    let dx = g.device.upload(&rng.f32s(512)).unwrap();
+    let (mut y0, mut y1) = (
+        g.device.alloc_filled::<f32>(8, 0).unwrap(),
+        g.device.alloc_filled::<f32>(8, 0).unwrap(),
+    );
+    let e = g
+        .gemv_pair([&m8, &m4], Activations::F32(&dx), 1, [&mut y0, &mut y1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different shapes"), "{e}");
+}
