@@ -646,8 +646,9 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
     }
 }
 
-// Rows per warp (R) per variant. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
-// grid (any grid is correct: the row loop is grid-stride) and the dynamic shared memory.
+// Rows per row group (R) per variant: F16/F32 come as _r1 and _r4 (gemv.rs picks one per launch),
+// the quantized kernels have R = 2. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
+// grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { gemv_quant<FMT, R, 1, QX>(p); } \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { gemv_quant<FMT, R, 2, QX>(p); } \
