@@ -25,25 +25,64 @@ use crate::error::{CudaError, DriverContext, Result};
 use crate::gemv::{ActQuant, DeviceMatrix, QuantizedActivations, WeightFormat};
 use crate::kernels::Gpu;
 
-/// Weight rows per CTA (`GQ_BM` in gemm_q8.cu).
-pub const GEMM_TILE_ROWS: usize = 128;
-/// Activation vectors per CTA (`GQ_BN`).
+/// Activation vectors per CTA (`GQ_BN` in gemm_q8.cu).
 pub const GEMM_TILE_VECS: usize = 64;
-/// Threads per CTA (`GQ_THREADS`).
-const GEMM_THREADS: u32 = 256;
-/// Bytes of one shared-memory stage (`GQ_STAGE`): 128 weight rows and 64 vectors of one K tile
-/// (8 blocks) plus the vectors' block scales.
-const GEMM_STAGE_BYTES: usize = 128 * 272 + 64 * 272 + 8 * 64 * 4;
+/// Q8_0 blocks per K tile (`GQ_KB`).
+const GEMM_TILE_BLOCKS: usize = 8;
 /// Stages per CTA (double buffering).
 const GEMM_STAGES: usize = 2;
-// Two CTAs of two stages fit in Hopper's 228 KiB of shared memory per SM (1 KiB of it
-// reserved per CTA), so one CTA's copies overlap the other's math.
-const _: () = assert!(2 * (GEMM_STAGES * GEMM_STAGE_BYTES + 1024) <= 228 * 1024);
+
+/// One kernel variant: the CTA's row tile (32 rows per row warp; two vector warps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Variant {
+    name: &'static str,
+    /// Weight rows per CTA (32 · WM in gemm_q8.cu).
+    tile_rows: usize,
+    /// CTAs that fit on one multiprocessor (shared memory and the launch bounds).
+    ctas_per_sm: usize,
+}
+
+impl Variant {
+    fn threads(self) -> u32 {
+        2 * self.tile_rows as u32
+    }
+
+    /// Bytes of one shared-memory stage (`GQ_STAGE(WM)`): the tile's weight rows and 64
+    /// vectors of one K tile (8 blocks: 272 bytes each) and the vectors' block scales.
+    const fn stage_bytes(self) -> usize {
+        // Raw weight blocks; activation rows padded by 16 bytes (conflict-free reads).
+        let weight_row = GEMM_TILE_BLOCKS * 34;
+        let vector_row = GEMM_TILE_BLOCKS * 32 + 16;
+        self.tile_rows * weight_row
+            + GEMM_TILE_VECS * vector_row
+            + GEMM_TILE_BLOCKS * GEMM_TILE_VECS * 4
+    }
+
+    const fn shared_bytes(self) -> usize {
+        GEMM_STAGES * self.stage_bytes()
+    }
+}
+
+/// 128 × 64 tiles, 8 warps: the default.
+const WIDE: Variant = Variant {
+    name: "gemm_q8_0_q8x_m128",
+    tile_rows: 128,
+    ctas_per_sm: 2,
+};
+/// 64 × 64 tiles, 4 warps: twice the CTAs, for grids that would leave SMs idle.
+const NARROW: Variant = Variant {
+    name: "gemm_q8_0_q8x_m64",
+    tile_rows: 64,
+    ctas_per_sm: 3,
+};
+// The resident CTAs' stages fit in Hopper's 228 KiB of shared memory per SM (1 KiB reserved
+// per CTA), so one CTA's copies overlap the others' math.
+const _: () = assert!(WIDE.ctas_per_sm * (WIDE.shared_bytes() + 1024) <= 228 * 1024);
+const _: () = assert!(NARROW.ctas_per_sm * (NARROW.shared_bytes() + 1024) <= 228 * 1024);
 /// Most slots per launch (the grid's z dimension).
 const MAX_SLOTS: usize = 65535;
 
 const MODULE: &str = "gemm_q8";
-const KERNEL: &str = "gemm_q8_0_q8x";
 
 /// Kernel parameters; layout identical to `struct GemmQ8Params` in gemm_q8.cu.
 #[repr(C)]
@@ -126,6 +165,23 @@ impl Gpu {
         self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), x_per_slot, y)
     }
 
+    /// Weight rows per CTA that [`Gpu::gemm_q8_0`] / [`Gpu::expert_gemm_q8_0`] use for this
+    /// shape: 128, or 64 when 128-row tiles would not give every multiprocessor a CTA. Both
+    /// give the same bits; tests use this to cover each.
+    pub fn gemm_q8_0_tile_rows(&self, rows: usize, n_vecs: usize, n_slots: usize) -> usize {
+        self.gemm_variant(rows, n_vecs, n_slots).tile_rows
+    }
+
+    fn gemm_variant(&self, rows: usize, n_vecs: usize, n_slots: usize) -> Variant {
+        let sms = self.device.info().multiprocessors as usize;
+        let wide_ctas = rows.div_ceil(WIDE.tile_rows) * n_vecs.div_ceil(GEMM_TILE_VECS) * n_slots;
+        if wide_ctas >= sms {
+            WIDE
+        } else {
+            NARROW
+        }
+    }
+
     fn gemm_q8_0_launch(
         &self,
         w: &DeviceMatrix,
@@ -172,7 +228,8 @@ impl Gpu {
             return Ok(());
         }
         let vec_tiles = n_vecs.div_ceil(GEMM_TILE_VECS);
-        let row_tiles = w.rows.div_ceil(GEMM_TILE_ROWS);
+        let variant = self.gemm_variant(w.rows, n_vecs, n_slots);
+        let row_tiles = w.rows.div_ceil(variant.tile_rows);
         if vec_tiles > i32::MAX as usize || row_tiles > 65535 {
             return Err(invalid(format!(
                 "gemm_q8_0: {} rows x {n_vecs} vectors exceed the launch grid",
@@ -182,10 +239,10 @@ impl Gpu {
         let aligned16 = w.ptr.is_multiple_of(16)
             && w.row_bytes.is_multiple_of(16)
             && w.expert_bytes().is_multiple_of(16);
-        let shared = GEMM_STAGES * GEMM_STAGE_BYTES;
+        let shared = variant.shared_bytes();
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel.
         self.kernels
-            .function(MODULE, KERNEL)?
+            .function(MODULE, variant.name)?
             .set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 shared as i32,
@@ -193,7 +250,7 @@ impl Gpu {
             .ctx("allowing gemm_q8_0 its shared memory")?;
         let cfg = LaunchConfig {
             grid_dim: (vec_tiles as u32, row_tiles as u32, n_slots as u32),
-            block_dim: (GEMM_THREADS, 1, 1),
+            block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let params = GemmQ8Params {
@@ -211,8 +268,11 @@ impl Gpu {
             x_slot_vecs: if x_per_slot { n_vecs as i64 } else { 0 },
             aligned16: aligned16 as i64,
         };
-        let label = format!("{KERNEL} {}x{} x{n_vecs}", w.rows, w.cols);
-        let bytes = w.rows * w.row_bytes * n_slots * vec_tiles;
+        let label = format!("{} {}x{} x{n_vecs}", variant.name, w.rows, w.cols);
+        // Profile bytes: each slot's weights, the activations and the outputs, once each.
+        let bytes = w.rows * w.row_bytes * n_slots
+            + x_vecs * (w.cols + 4 * n_blocks)
+            + n_slots * n_vecs * w.rows * 4;
         // SAFETY: the kernel takes one GemmQ8Params by value. It reads weight rows < rows of
         // matrix ids[s] (range-checked on the device; slot 0's matrix otherwise), inside
         // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
@@ -220,9 +280,9 @@ impl Gpu {
         // multiples of 16, so n_blocks is a multiple of 8 and each 272-byte K tile too). It
         // reads activation vectors < x_vecs and writes y vectors < n_slots × n_vecs, all within
         // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
-        // (checked above). The dynamic shared memory is the kernel's 2 stages of GQ_STAGE bytes,
-        // and the attribute set above allows it.
-        unsafe { self.launch(MODULE, KERNEL, (&label, bytes), cfg, &[&params]) }
+        // (checked above). The CTA has the variant's 2·WM warps and its dynamic shared memory
+        // is the kernel's 2 stages of GQ_STAGE(WM) bytes, which the attribute set above allows.
+        unsafe { self.launch(MODULE, variant.name, (&label, bytes), cfg, &[&params]) }
     }
 }
 
@@ -230,7 +290,7 @@ impl Gpu {
 mod tests {
     use super::*;
 
-    /// The tile constants here must be the kernel's: the launch sizes its grid and shared
+    /// The tile constants here must be the kernel's: the launch sizes its grid, CTA and shared
     /// memory from them.
     #[test]
     fn tile_constants_match_the_kernel_source() {
@@ -242,13 +302,21 @@ mod tests {
                 .unwrap_or_else(|| panic!("no #define {name} in gemm_q8.cu"));
             line.split_whitespace().nth(2).unwrap().parse().unwrap()
         };
-        assert_eq!(define("GQ_BM"), GEMM_TILE_ROWS);
         assert_eq!(define("GQ_BN"), GEMM_TILE_VECS);
-        assert_eq!(define("GQ_THREADS"), GEMM_THREADS as usize);
-        let (bm, bn, kb) = (define("GQ_BM"), define("GQ_BN"), define("GQ_KB"));
-        assert_eq!(
-            GEMM_STAGE_BYTES,
-            bm * kb * 34 + bn * (kb * 32 + 16) + kb * bn * 4
-        );
+        assert_eq!(define("GQ_KB"), GEMM_TILE_BLOCKS);
+        for v in [WIDE, NARROW] {
+            // The wrapper instantiates the tile with WM = tile_rows / 32 row warps under
+            // launch bounds of (64·WM threads, ctas_per_sm).
+            let wm = v.tile_rows / 32;
+            let wrapper = format!(
+                "__launch_bounds__({}, {}) {}(const GemmQ8Params p) {{\n    gemm_q8_0_tile<{wm}>(p);",
+                v.threads(),
+                v.ctas_per_sm,
+                v.name
+            );
+            assert!(src.contains(&wrapper), "gemm_q8.cu lacks `{wrapper}`");
+        }
+        assert_eq!(WIDE.stage_bytes(), 54272);
+        assert_eq!(NARROW.stage_bytes(), 36864);
     }
 }

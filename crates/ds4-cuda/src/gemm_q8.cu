@@ -12,14 +12,16 @@
 // 32 * 128 * 127 < 2^22), and one f32 subtraction gives isum as a float without an I2F
 // conversion (a quarter-rate instruction on sm_90).
 //
-// Tiles: a CTA computes GQ_BM = 128 rows x GQ_BN = 64 vectors with 8 warps (4 along the rows x 2
-// along the vectors), each warp a 32 x 32 tile = 2 x 4 MMAs per block. The K loop walks tiles of
+// Tiles: a CTA computes BM = 32 WM rows x GQ_BN = 64 vectors with 2 WM warps (WM along the rows
+// x 2 along the vectors), each warp a 32 x 32 tile = 2 x 4 MMAs per block; WM = 4 (128 rows, 8
+// warps) normally, WM = 2 (64 rows) when 128-row tiles would leave multiprocessors idle. Every
+// output's arithmetic is the same in both. The K loop walks tiles of
 // GQ_KB = 8 blocks (256 elements: 272 weight bytes per row, 17 x 16 bytes, so a 16-byte aligned
 // row stays aligned tile after tile); two shared-memory stages filled with cp.async overlap
 // the next tile's copy with this tile's math.
 //
 // Shared stage layout (bytes):
-//   w  [GQ_BM][272]        the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
+//   w  [BM][272]           the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
 //   xq [GQ_BN][272]        each vector's 256 int8 values, rows padded by 16 bytes
 //   xd [GQ_KB][GQ_BN] f32  the vectors' block scales, block-major (two vectors per float2)
 // Row strides of 272 bytes (68 words, 4 banks apart) make the fragment loads of 8 rows x 4
@@ -36,16 +38,15 @@
 // (expert_stride bytes apart), x vector v is s * x_slot_vecs + v, y vector v is s * n_vecs + v.
 // An id outside [0, n_experts) writes NaN outputs for the slot.
 
-#define GQ_BM 128
 #define GQ_BN 64
 #define GQ_KB 8
-#define GQ_THREADS 256
 #define GQ_WROW (GQ_KB * Q8_0_BYTES)  // 272
 #define GQ_XROW (GQ_KB * QK8_0 + 16)  // 272
-#define GQ_STAGE_W (GQ_BM * GQ_WROW)
 #define GQ_STAGE_X (GQ_BN * GQ_XROW)
 #define GQ_STAGE_D (GQ_KB * GQ_BN * 4)
-#define GQ_STAGE (GQ_STAGE_W + GQ_STAGE_X + GQ_STAGE_D)  // 54272 bytes; 2 stages per CTA
+// One stage of a CTA with WM row warps: 54272 bytes for WM = 4, 36864 for WM = 2.
+#define GQ_STAGE_W(WM) (32 * (WM) * GQ_WROW)
+#define GQ_STAGE(WM) (GQ_STAGE_W(WM) + GQ_STAGE_X + GQ_STAGE_D)
 
 // 1.5 * 2^23 as float bits: adding an integer |i| < 2^22 to them gives the float 12582912 + i.
 #define GQ_MAGIC_BITS 0x4B400000
@@ -117,17 +118,19 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 
 // Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
 // one stage. Clamped rows/vectors read valid memory; their results are never stored.
+template <int WM>
 __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, const u8* w, const i8* xq,
                                              const float* xd, i64 row0, i64 vec0, i64 kt) {
+    constexpr int BM = 32 * WM, THREADS = 64 * WM;
     const int tid = threadIdx.x;
     const i64 kblk0 = kt * GQ_KB;
     const int nbt = (int)min64(GQ_KB, p.n_blocks - kblk0);
     u8* sw = stage;
-    u8* sx = stage + GQ_STAGE_W;
-    float* sd = (float*)(stage + GQ_STAGE_W + GQ_STAGE_X);
+    u8* sx = stage + GQ_STAGE_W(WM);
+    float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
     if (p.aligned16) {
         // n_blocks is a multiple of 8 here (row_bytes % 16 == 0): every tile is 17 x 16 bytes.
-        for (int i = tid; i < GQ_BM * 17; i += GQ_THREADS) {
+        for (int i = tid; i < BM * 17; i += THREADS) {
             const int r = i / 17, c = i - 17 * (i / 17);
             const i64 row = min64(row0 + r, p.n_rows - 1);
             gq_cp16(sw + r * GQ_WROW + 16 * c, w + row * p.row_bytes + kblk0 * Q8_0_BYTES + 16 * c);
@@ -135,7 +138,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
     } else {
         // 2-byte units of the tile's valid blocks (17 per block), plain loads and stores.
         const int units = nbt * (Q8_0_BYTES / 2);
-        for (int i = tid; i < GQ_BM * (GQ_WROW / 2); i += GQ_THREADS) {
+        for (int i = tid; i < BM * (GQ_WROW / 2); i += THREADS) {
             const int r = i / (GQ_WROW / 2), c = i - (GQ_WROW / 2) * r;
             if (c < units) {
                 const i64 row = min64(row0 + r, p.n_rows - 1);
@@ -145,7 +148,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
         }
     }
     // Activations: 16 pieces of 16 bytes per vector (those of valid blocks: 2 per block).
-    for (int i = tid; i < GQ_BN * 16; i += GQ_THREADS) {
+    for (int i = tid; i < GQ_BN * 16; i += THREADS) {
         const int v = i >> 4, c = i & 15;
         if (c < 2 * nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
@@ -153,7 +156,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
             gq_cp16(sx + v * GQ_XROW + 16 * c, src);
         }
     }
-    for (int i = tid; i < GQ_BN * GQ_KB; i += GQ_THREADS) {
+    for (int i = tid; i < GQ_BN * GQ_KB; i += THREADS) {
         const int v = i >> 3, b = i & 7;
         if (b < nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
@@ -162,13 +165,15 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GQ_THREADS, 2) gemm_q8_0_q8x(const GemmQ8Params p) {
+template <int WM>
+__device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
+    constexpr int BM = 32 * WM, STAGE = GQ_STAGE(WM), STAGE_W = GQ_STAGE_W(WM);
     extern __shared__ __align__(16) u8 gq_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wm = warp & 3, wn = warp >> 2;  // warp tile: rows 32 wm.., vectors 32 wn..
+    const int wm = warp % WM, wn = warp / WM;  // warp tile: rows 32 wm.., vectors 32 wn..
     const int g = lane >> 2, t = lane & 3;
     const i64 vec0 = (i64)blockIdx.x * GQ_BN;
-    const i64 row0 = (i64)blockIdx.y * GQ_BM;
+    const i64 row0 = (i64)blockIdx.y * BM;
     const i64 slot = blockIdx.z;
 
     const u8* w = (const u8*)p.w;
@@ -192,21 +197,21 @@ extern "C" __global__ void __launch_bounds__(GQ_THREADS, 2) gemm_q8_0_q8x(const 
 
     const i64 n_tiles = (p.n_blocks + GQ_KB - 1) / GQ_KB;
     if (!bad_id) {
-        gq_load_tile(gq_smem, p, w, xq, xd, row0, vec0, 0);
+        gq_load_tile<WM>(gq_smem, p, w, xq, xd, row0, vec0, 0);
         gq_commit();
     }
     for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
         // Prefetch the next tile into the other stage (its last readers passed the barrier at
         // the end of the previous iteration); an empty group keeps the wait count uniform.
-        if (kt + 1 < n_tiles) gq_load_tile(gq_smem + ((kt + 1) & 1) * GQ_STAGE, p, w, xq, xd, row0, vec0, kt + 1);
+        if (kt + 1 < n_tiles) gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, p, w, xq, xd, row0, vec0, kt + 1);
         gq_commit();
         gq_wait_newest_pending();
         __syncthreads();
 
-        const u8* stage = gq_smem + (kt & 1) * GQ_STAGE;
+        const u8* stage = gq_smem + (kt & 1) * STAGE;
         const u8* sw = stage + (32 * wm + g) * GQ_WROW;
-        const u8* sx = stage + GQ_STAGE_W;
-        const float* sd = (const float*)(stage + GQ_STAGE_W + GQ_STAGE_X);
+        const u8* sx = stage + STAGE_W;
+        const float* sd = (const float*)(stage + STAGE_W + GQ_STAGE_X);
         // ldmatrix rows: lanes 8m..8m+7 address matrix m = (vectors 8(m/2)..+7, bytes 16(m%2)..+15)
         // of a 16-vector pair of n-tiles.
         const u8* sx_lane = sx + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * GQ_XROW + 16 * ((lane >> 3) & 1);
@@ -277,4 +282,13 @@ extern "C" __global__ void __launch_bounds__(GQ_THREADS, 2) gemm_q8_0_q8x(const 
                 const i64 vec = vec0 + 32 * wn + 8 * nj + 2 * t + (i & 1);
                 if (row < p.n_rows && vec < p.n_vecs) y[vec * p.n_rows + row] = bad_id ? nan : acc[mi][nj][i];
             }
+}
+
+// 128 rows x 64 vectors, 8 warps; 2 stages of 54272 bytes, two CTAs per SM.
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_q8_0_q8x_m128(const GemmQ8Params p) {
+    gemm_q8_0_tile<4>(p);
+}
+// 64 rows x 64 vectors, 4 warps; 2 stages of 36864 bytes, three CTAs per SM.
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_q8_0_q8x_m64(const GemmQ8Params p) {
+    gemm_q8_0_tile<2>(p);
 }

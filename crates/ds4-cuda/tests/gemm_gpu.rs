@@ -81,8 +81,15 @@ fn upload_weights(g: &Gpu, bytes: &[u8]) -> DeviceWeights {
 }
 
 /// Runs gemm_q8_0 on `rows × cols` random weights (placed `offset` bytes into the buffer) for
-/// each vector count and checks every result against the CPU.
-fn check_shape(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, offset: usize, counts: &[usize]) {
+/// each vector count and checks every result against the CPU. Returns the row tiles used.
+fn check_shape(
+    g: &Gpu,
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    counts: &[usize],
+) -> Vec<usize> {
     let w = random_rows(rng, Q8, cols, rows);
     let mut region = vec![0u8; offset];
     region.extend_from_slice(&w);
@@ -91,16 +98,20 @@ fn check_shape(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, offset: usize, 
     let max_vecs = *counts.iter().max().unwrap();
     let acts = cpu_activations(rng, cols, max_vecs);
     let qa = upload_activations(g, &acts, cols);
+    let mut tiles = Vec::new();
     for &n_vecs in counts {
         // NaN-filled, so an unwritten output fails the comparison.
         let mut dy = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
         g.gemm_q8_0(&m, &qa, n_vecs, &mut dy).unwrap();
         let y = g.device.download(&dy).unwrap();
         let refs: Vec<&[BlockQ8_0]> = acts[..n_vecs].iter().map(|a| a.as_slice()).collect();
-        let what = format!("{rows}x{cols} (offset {offset}) x{n_vecs}");
+        let tile = g.gemm_q8_0_tile_rows(rows, n_vecs, 1);
+        let what = format!("{rows}x{cols} (offset {offset}) x{n_vecs}, {tile}-row tiles");
         assert_bit_exact(&what, &y, &w, rows, &refs);
         eprintln!("{what}: bit-exact");
+        tiles.push(tile);
     }
+    tiles
 }
 
 #[test]
@@ -108,19 +119,38 @@ fn gemm_q8_0_real_shapes_match_cpu_bit_for_bit() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(71);
     // (rows, cols) of the model's Q8_0 projections, both orientations of the 4096 × 8192 one.
+    let mut tiles = Vec::new();
     for (rows, cols) in [(1024, 4096), (4096, 8192), (8192, 4096), (32768, 1024)] {
-        check_shape(g, &mut rng, rows, cols, 0, &[1, 7, 8, 64, 200, 256]);
+        tiles.extend(check_shape(
+            g,
+            &mut rng,
+            rows,
+            cols,
+            0,
+            &[1, 7, 8, 64, 200, 256],
+        ));
     }
+    assert!(tiles.contains(&64) && tiles.contains(&128), "{tiles:?}");
 }
 
 #[test]
 fn gemm_q8_0_ragged_shapes_match_cpu_bit_for_bit() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(72);
-    // Rows not a multiple of the 128-row tile (1, 77, 129, 300), vectors not a multiple of 64.
+    let mut tiles = Vec::new();
+    // Rows not a multiple of the row tile (1, 77, 129, 300: 64-row tiles; 4100: 128-row tiles
+    // on a GPU of up to 132 SMs), vectors not a multiple of 64.
     for rows in [1, 77, 129, 300] {
-        check_shape(g, &mut rng, rows, 4096, 0, &[1, 7, 8, 64, 65, 200, 256]);
+        tiles.extend(check_shape(
+            g,
+            &mut rng,
+            rows,
+            4096,
+            0,
+            &[1, 7, 8, 64, 65, 200, 256],
+        ));
     }
+    tiles.extend(check_shape(g, &mut rng, 4100, 1024, 0, &[200, 256]));
     // Weights that are not 16-byte aligned (2-byte copy path): a buffer offset of 2, rows of a
     // block count that is not a multiple of 8 (96 = 3 blocks: one short K tile; 4128 = 129
     // blocks: 16 full tiles and one block; 1088 = 34 blocks at a buffer offset of 34).
@@ -128,6 +158,8 @@ fn gemm_q8_0_ragged_shapes_match_cpu_bit_for_bit() {
     check_shape(g, &mut rng, 130, 96, 0, &[1, 9, 64]);
     check_shape(g, &mut rng, 45, 4128, 0, &[3, 66]);
     check_shape(g, &mut rng, 200, 1088, 34, &[5, 128]);
+    tiles.extend(check_shape(g, &mut rng, 4100, 1088, 2, &[200]));
+    assert!(tiles.contains(&64) && tiles.contains(&128), "{tiles:?}");
 }
 
 #[test]
