@@ -9,13 +9,15 @@
 //! own.
 //!
 //! What bounds it: one `mma.m16n8k32` (s8) gives the integer sums of one block for a 16 × 8
-//! tile, but each of those 128 sums then needs four f32 instructions (int → float, d_w·d_x,
-//! the product, the add) to keep ds4's per-block rounding, so the CUDA cores, not the tensor
-//! cores, set the pace: about 4 issue cycles per MMA per SM, ~1,000 int8 MACs per cycle per SM,
-//! roughly 450 TOPS-equivalent on an H100 SXM (the int8 tensor peak is ~2,000). Weights are
-//! read once per 64 vectors (34/32 bytes per element), so below ~64 vectors the kernel is
-//! bandwidth-bound instead: e.g. 4096 × 8192 weights are 35.7 MB, ~11 µs at 3.3 TB/s, while 256
-//! vectors are 17.2 G integer ops, ~40 µs at that compute ceiling.
+//! tile, but each of those 128 sums then needs four f32 instructions (to float, d_w·d_x, the
+//! product, the add) to keep ds4's per-block rounding. With the fragment loads that is ~4.4
+//! issue cycles per MMA on an SM (4 warp instructions per cycle), ~930 int8 MACs per cycle per
+//! SM: about 430 TOPS-equivalent on an H100 SXM at 1.75 GHz, a fifth of the int8 tensor peak.
+//! The CUDA cores, not the tensor cores, set the pace. Weights are read from memory once per
+//! launch (34/32 bytes per element; the 64-vector tiles of one row tile run side by side and
+//! share them through L2), so small batches are bandwidth-bound instead: 4096 × 8192 weights
+//! are 35.7 MB, ~11 µs at 3.3 TB/s, while 256 vectors are 17.2 G integer ops, ~40 µs at the
+//! compute ceiling (crossover near 64 vectors).
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{DeviceRepr, LaunchConfig};

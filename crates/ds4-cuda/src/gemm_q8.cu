@@ -10,15 +10,15 @@
 // tile, so its outputs are the per-block integer sums. The accumulator input C is the bit
 // pattern of 1.5 * 2^23: D = C + isum is then the float 12582912 + isum exactly (|isum| <=
 // 32 * 128 * 127 < 2^22), and one f32 subtraction gives isum as a float without an I2F
-// conversion (a quarter-rate instruction on sm_90).
+// conversion (which issues at a fraction of the f32 add rate).
 //
 // Tiles: a CTA computes BM = 32 WM rows x GQ_BN = 64 vectors with 2 WM warps (WM along the rows
 // x 2 along the vectors), each warp a 32 x 32 tile = 2 x 4 MMAs per block; WM = 4 (128 rows, 8
 // warps) normally, WM = 2 (64 rows) when 128-row tiles would leave multiprocessors idle. Every
-// output's arithmetic is the same in both. The K loop walks tiles of
-// GQ_KB = 8 blocks (256 elements: 272 weight bytes per row, 17 x 16 bytes, so a 16-byte aligned
-// row stays aligned tile after tile); two shared-memory stages filled with cp.async overlap
-// the next tile's copy with this tile's math.
+// output's arithmetic is the same in both. The K loop walks tiles of GQ_KB = 8 blocks (256
+// elements: 272 weight bytes per row, 17 x 16 bytes, so a 16-byte aligned row stays aligned
+// tile after tile); two shared-memory stages filled with cp.async overlap the next tile's copy
+// with this tile's math.
 //
 // Shared stage layout (bytes):
 //   w  [BM][272]           the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
