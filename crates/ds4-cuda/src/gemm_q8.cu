@@ -96,8 +96,9 @@ __device__ __forceinline__ void gq_ldmatrix_x4(const void* row_addr, u32 (&r)[4]
 //   a[0]: A[g][4t..4t+3]    a[1]: A[g+8][4t..4t+3]   a[2]: A[g][16+4t..]   a[3]: A[g+8][16+4t..]
 //   b[0]: B[4t..4t+3][g]    b[1]: B[16+4t..16+4t+3][g]
 //   d[0]: D[g][2t]  d[1]: D[g][2t+1]  d[2]: D[g+8][2t]  d[3]: D[g+8][2t+1]
+// (A pure function of its registers: not volatile, so the compiler may schedule it freely.)
 __device__ __forceinline__ void gq_mma(const u32 (&a)[4], u32 b0, u32 b1, int c, int (&d)[4]) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%10,%10,%10,%10};"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
