@@ -242,14 +242,20 @@ impl Gpu {
             && w.row_bytes.is_multiple_of(16)
             && w.expert_bytes().is_multiple_of(16);
         let shared = variant.shared_bytes();
-        // More than the default 48 KiB of dynamic shared memory must be opted into per kernel.
-        self.kernels
-            .function(MODULE, variant.name)?
-            .set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared as i32,
-            )
-            .ctx("allowing gemm_q8_0 its shared memory")?;
+        // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
+        // the largest shared-memory carveout lets ctas_per_sm CTAs reside on each SM (the
+        // kernel reads nothing through L1 but a few activation scales).
+        let f = self.kernels.function(MODULE, variant.name)?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .ctx("allowing gemm_q8_0 its shared memory")?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .ctx("setting gemm_q8_0's shared memory carveout")?;
         let cfg = LaunchConfig {
             grid_dim: (vec_tiles as u32, row_tiles as u32, n_slots as u32),
             block_dim: (variant.threads(), 1, 1),
