@@ -206,7 +206,12 @@ impl Gpu {
             )));
         }
         let n_slots = ids.map_or(1, |(_, n)| n);
-        let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
+        // Saturating products: an absurd count then fails the length checks below.
+        let x_vecs = if x_per_slot {
+            n_slots.saturating_mul(n_vecs)
+        } else {
+            n_vecs
+        };
         if x.n_vecs < x_vecs {
             return Err(invalid(format!(
                 "gemm_q8_0: {x_vecs} activation vectors needed, the buffer describes {}",
@@ -214,9 +219,10 @@ impl Gpu {
             )));
         }
         let n_blocks = w.cols / 32;
-        check_len("activation quants", &x.q, x_vecs * w.cols)?;
-        check_len("activation scales", &x.d, x_vecs * n_blocks)?;
-        check_len("output", y, n_slots * n_vecs * w.rows)?;
+        check_len("activation quants", &x.q, x_vecs.saturating_mul(w.cols))?;
+        check_len("activation scales", &x.d, x_vecs.saturating_mul(n_blocks))?;
+        let y_len = n_slots.saturating_mul(n_vecs).saturating_mul(w.rows);
+        check_len("output", y, y_len)?;
         // cp.async copies 16-byte pieces of the activation rows (each a multiple of 32 bytes
         // long) and 4-byte scales; weight rows are copied in 16-byte pieces when aligned.
         if !x.q.ptr().is_multiple_of(16) || !x.d.ptr().is_multiple_of(4) {
@@ -282,7 +288,8 @@ impl Gpu {
             + x_vecs * (w.cols + 4 * n_blocks)
             + n_slots * n_vecs * w.rows * 4;
         // SAFETY: the kernel takes one GemmQ8Params by value. It reads weight rows < rows of
-        // matrix ids[s] (range-checked on the device; slot 0's matrix otherwise), inside
+        // the only matrix, or of matrix ids[s] when 0 <= ids[s] < experts (checked on the
+        // device; a slot with another id reads no weights and writes NaN), all inside
         // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
         // with aligned16 every 16-byte copy is aligned (ptr, row_bytes and the expert stride are
         // multiples of 16, so n_blocks is a multiple of 8 and each 272-byte K tile too). It
