@@ -4,6 +4,33 @@
 // Frontier layout as the CPU's (ds4's): kv and score are coff*m rows of coff*D (coff = 2 with
 // overlap). With overlap, rows [0, m) hold the previous window, [m, 2m) the current one.
 
+// A pooled row (D values in shared `row`, complete for the CTA) normalized (weight `norm`),
+// RoPE'd at row_pos, rounded (qat 1: FP8 nope + f16, as KV rows; qat 2: Hadamard + FP4 + f16,
+// as indexer keys; 0: none) and stored at out. Every thread of the CTA must call it.
+__device__ void compress_finish_row(float* row, const float* norm, i64 D, double eps, const double* inv_freq, i64 r,
+                                    i64 row_pos, i64 qat, float* out) {
+    double ss = 0.0;
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) ss += (double)row[c] * (double)row[c];
+    ss = cta_sum_f64(ss);
+    const float inv = (float)(1.0 / sqrt(ss / (double)D + eps));
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) row[c] = row[c] * inv * norm[c];
+    __syncthreads();
+    for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(row, D, r, l, row_pos, inv_freq, false);
+    __syncthreads();
+    if (qat == 1) {
+        const i64 nope = D - r;
+        for (i64 b = threadIdx.x >> 5; b * 64 < nope; b += blockDim.x >> 5)
+            fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
+        __syncthreads();
+    } else if (qat == 2) {
+        cta_hadamard(row, (int)D);
+        for (i64 b = threadIdx.x >> 5; b * 32 < D; b += blockDim.x >> 5)
+            fp4_block_warp(row + b * 32, (int)min64(32, D - b * 32));
+        __syncthreads();
+    }
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) out[c] = qat ? f16_round(row[c]) : row[c];
+}
+
 // Feeds n_tok tokens at positions *pos_.. (their projections kv_in/gate_in, each coff*D wide)
 // to one compressor in token order, on one CTA. Each token that closes a window pools a row, which is normalized
 // (weight `norm`), RoPE'd at its window start, rounded (qat 1: FP8 nope + f16, as KV rows;
@@ -48,28 +75,7 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
             row[c] = acc / sum;
         }
         __syncthreads();
-        double ss = 0.0;
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) ss += (double)row[c] * (double)row[c];
-        ss = cta_sum_f64(ss);
-        const float inv = (float)(1.0 / sqrt(ss / (double)D + eps));
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) row[c] = row[c] * inv * norm[c];
-        __syncthreads();
-        const i64 row_pos = pos + 1 - m;
-        for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(row, D, r, l, row_pos, (const double*)inv_freq_, false);
-        __syncthreads();
-        if (qat == 1) {
-            const i64 nope = D - r;
-            for (i64 b = threadIdx.x >> 5; b * 64 < nope; b += blockDim.x >> 5)
-                fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
-            __syncthreads();
-        } else if (qat == 2) {
-            cta_hadamard(row, (int)D);
-            for (i64 b = threadIdx.x >> 5; b * 32 < D; b += blockDim.x >> 5)
-                fp4_block_warp(row + b * 32, (int)min64(32, D - b * 32));
-            __syncthreads();
-        }
-        float* out = (float*)rows_ + n_rows * D;
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) out[c] = qat ? f16_round(row[c]) : row[c];
+        compress_finish_row(row, norm, D, eps, (const double*)inv_freq_, r, pos + 1 - m, qat, (float*)rows_ + n_rows * D);
         n_rows++;
         // Advance: the current window becomes the previous one (overlap); the current slots empty.
         if (overlap) {
@@ -89,6 +95,108 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
             }
         }
         __syncthreads();
+    }
+}
+
+// compress_span for a span of several tokens in two parallel steps (same values bit for bit):
+// compress_rows pools every window that closes in the span, one CTA per window, reading each
+// slot from the span's projections or, for positions before the span, from the frontier as it
+// was at the span's start; then compress_frontier rebuilds the frontier as compress_span
+// leaves it. Positions: W0 = pos0 / m (window at the start), W1 = (pos0 + n_tok) / m.
+
+// The w-wide kv and score rows of position q (score = gate + slot bias), from the span
+// (q >= pos0) or the frontier at the span's start; q < 0 (before the first window) is empty.
+__device__ __forceinline__ void compress_slot(const float* kv_in, const float* gate_in, const float* ape,
+                                              const float* skv, const float* ssc, i64 q, i64 pos0, i64 m, i64 w,
+                                              i64 coff, i64 c, float* kv, float* sc) {
+    if (q >= pos0) {
+        const i64 t = q - pos0;
+        *kv = kv_in[t * w + c];
+        *sc = gate_in[t * w + c] + ape[(q % m) * w + c];
+    } else if (q < 0) {
+        *kv = 0.f;
+        *sc = EMPTY_SCORE;
+    } else {
+        // In the start's current window (rows (coff-1)m..) or, with overlap, its previous one.
+        const i64 row = (q >= (pos0 / m) * m ? (coff - 1) * m : 0) + q % m;
+        *kv = skv[row * w + c];
+        *sc = ssc[row * w + c];
+    }
+}
+
+// CTA k pools the window closing at p = (W0 + 1 + k) m - 1 (when p < pos0 + n_tok) into row
+// p / m ... as compress_span does. Grid: at least W1 - W0 CTAs (n_tok / m + 1 always is).
+// Dynamic shared: D floats.
+extern "C" __global__ void compress_rows(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
+                                         i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
+                                         i64 r, i64 qat) {
+    extern __shared__ float row[];
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 W0 = pos0 / m, W1 = (pos0 + n_tok) / m, k = blockIdx.x;
+    if (W0 + k >= W1) return;  // uniform over the CTA
+    const i64 p = (W0 + 1 + k) * m - 1, coff = overlap ? 2 : 1, w = coff * D;
+    const float* kv_in = (const float*)kv_in_;
+    const float* gate_in = (const float*)gate_in_;
+    const float* ape = (const float*)ape_;
+    const float* skv = (const float*)skv_;
+    const float* ssc = (const float*)ssc_;
+    const i64 nslots = coff * m, first = p + 1 - nslots;  // slot s holds position first + s
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+        float mx = -FWD_INF;
+        for (i64 s = 0; s < nslots; s++) {
+            const i64 off = (overlap && s >= m) ? D : 0;
+            float kv, sc;
+            compress_slot(kv_in, gate_in, ape, skv, ssc, first + s, pos0, m, w, coff, off + c, &kv, &sc);
+            mx = fmaxf(mx, sc);
+        }
+        float sum = 0.f, acc = 0.f;
+        for (i64 s = 0; s < nslots; s++) {
+            const i64 off = (overlap && s >= m) ? D : 0;
+            float kv, sc;
+            compress_slot(kv_in, gate_in, ape, skv, ssc, first + s, pos0, m, w, coff, off + c, &kv, &sc);
+            const float e = expf(sc - mx);
+            sum += e;
+            acc += e * kv;
+        }
+        row[c] = acc / sum;
+    }
+    __syncthreads();
+    compress_finish_row(row, (const float*)norm_, D, eps, (const double*)inv_freq_, r, p + 1 - m, qat,
+                        (float*)rows_ + (W0 + k) * D);
+}
+
+// The frontier after the span, element (slot i, channel c) per thread: the current window's
+// slots of positions before pos0 + n_tok (from the span or, when no window closed, unchanged),
+// the later ones empty once a window closed; with overlap, the previous window's rows.
+extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_, u64 skv_, u64 ssc_, i64 n_tok,
+                                             u64 pos_, i64 m, i64 D, i64 overlap) {
+    const i64 pos0 = *(const i64*)pos_, coff = overlap ? 2 : 1, w = coff * D;
+    const i64 W0 = pos0 / m, W1 = (pos0 + n_tok) / m, P = pos0 + n_tok;
+    const float* kv_in = (const float*)kv_in_;
+    const float* gate_in = (const float*)gate_in_;
+    const float* ape = (const float*)ape_;
+    float* skv = (float*)skv_;
+    float* ssc = (float*)ssc_;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < m * w; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 i = idx / w, c = idx % w, cur = ((coff - 1) * m + i) * w + c;
+        // The previous window (read the start's current slot i before overwriting it).
+        if (overlap && W1 > W0) {
+            const i64 q = (W1 - 1) * m + i;
+            float kv, sc;
+            compress_slot(kv_in, gate_in, ape, skv, ssc, q, pos0, m, w, coff, c, &kv, &sc);
+            skv[i * w + c] = kv;
+            ssc[i * w + c] = sc;
+        }
+        const i64 q = W1 * m + i;
+        if (q < P) {
+            if (q >= pos0) {
+                skv[cur] = kv_in[(q - pos0) * w + c];
+                ssc[cur] = gate_in[(q - pos0) * w + c] + ape[i * w + c];
+            }  // else: q < pos0, so no window closed and the slot keeps its value
+        } else if (W1 > W0) {
+            skv[cur] = 0.f;
+            ssc[cur] = EMPTY_SCORE;
+        }
     }
 }
 

@@ -345,8 +345,27 @@ fn mm(
 ) -> Result<()> {
     let dm = m.matrix(w)?;
     match quantized(m, quant, w, x, n)? {
-        Some(qa) => m.gpu.gemv(&dm, Activations::Quantized(qa), n, y),
+        Some(qa) => product(m, &dm, qa, n, y),
         None => m.gpu.gemv(&dm, Activations::F32(x), n, y),
+    }
+}
+
+/// Vectors from which a Q8_0 product runs on the tensor cores ([`crate::Gpu::gemm_q8_0`],
+/// same bits as the CPU's per-block dot product) instead of the matvec kernels.
+const GEMM_MIN_VECS: usize = 16;
+
+/// y = W·x for `n` quantized vectors: the tensor-core GEMM for Q8_0 spans, else the matvec.
+fn product(
+    m: &CudaModel,
+    w: &crate::gemv::DeviceMatrix,
+    qa: &QuantizedActivations,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    if n >= GEMM_MIN_VECS && w.format == WeightFormat::Q8_0 {
+        m.gpu.gemm_q8_0(w, qa, n, y)
+    } else {
+        m.gpu.gemv(w, Activations::Quantized(qa), n, y)
     }
 }
 
@@ -476,7 +495,7 @@ fn mm_prequantized(
                         w.cols
                     ))
                 })?;
-            m.gpu.gemv(&m.matrix(w)?, Activations::Quantized(qa), n, y)
+            product(m, &m.matrix(w)?, qa, n, y)
         }
         _ => mm(m, quant, w, x, n, y),
     }
@@ -533,28 +552,86 @@ fn mm_experts(
     } else {
         n_vecs
     };
-    let qa = match act_quant_of(m, w) {
-        None => None,
-        Some(kind) if input.prequantized => Some(
-            quant
-                .slots
-                .get(&(kind, w.cols))
-                .filter(|qa| qa.n_vecs == x_vecs)
-                .ok_or_else(|| {
-                    CudaError::InvalidArgument(format!(
-                        "no quantized expert input of {} values for {x_vecs} vectors",
-                        w.cols
-                    ))
-                })?,
+    let qa = expert_input(m, quant, w, x, x_vecs, input)?;
+    match qa {
+        Some(qa) if n_vecs >= GEMM_MIN_VECS && dm.format == WeightFormat::Q8_0 => m
+            .gpu
+            .expert_gemm_q8_0(&dm, ids, n_slots, qa, input.per_slot, n_vecs, y),
+        Some(qa) => m.gpu.expert_gemv(
+            &dm,
+            ids,
+            n_slots,
+            Activations::Quantized(qa),
+            input.per_slot,
+            n_vecs,
+            y,
         ),
-        Some(_) => quantized(m, quant, w, x, x_vecs)?,
-    };
+        None => m.gpu.expert_gemv(
+            &dm,
+            ids,
+            n_slots,
+            Activations::F32(x),
+            input.per_slot,
+            n_vecs,
+            y,
+        ),
+    }
+}
+
+/// The quantized form of an expert product's `x_vecs` input vectors (None: f32 input): the
+/// one already in the quant slot when `input.prequantized`, else made now.
+fn expert_input<'a>(
+    m: &CudaModel,
+    quant: &'a mut QuantSlots,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    x_vecs: usize,
+    input: SlotInput,
+) -> Result<Option<&'a QuantizedActivations>> {
+    match act_quant_of(m, w) {
+        None => Ok(None),
+        Some(kind) if input.prequantized => quant
+            .slots
+            .get(&(kind, w.cols))
+            .filter(|qa| qa.n_vecs == x_vecs)
+            .map(Some)
+            .ok_or_else(|| {
+                CudaError::InvalidArgument(format!(
+                    "no quantized expert input of {} values for {x_vecs} vectors",
+                    w.cols
+                ))
+            }),
+        Some(_) => quantized(m, quant, w, x, x_vecs),
+    }
+}
+
+/// Whether two weights have the same format and shape (so one paired launch takes both).
+fn same_shape(a: &Mat, b: &Mat) -> bool {
+    a.format == b.format && a.rows == b.rows && a.cols == b.cols && a.experts == b.experts
+}
+
+/// [`mm_experts`] of two same-shaped stacks on the same one-vector-per-slot input, in one
+/// launch (the MoE gate and up projections).
+#[allow(clippy::too_many_arguments)]
+fn mm_experts_pair(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: [&Mat; 2],
+    ids: &DeviceBuffer<i32>,
+    n_slots: usize,
+    x: &DeviceBuffer<f32>,
+    input: SlotInput,
+    y: [&mut DeviceBuffer<f32>; 2],
+) -> Result<()> {
+    let dm = [m.matrix(w[0])?, m.matrix(w[1])?];
+    let x_vecs = if input.per_slot { n_slots } else { 1 };
+    let qa = expert_input(m, quant, w[0], x, x_vecs, input)?;
     let act = match qa {
         Some(qa) => Activations::Quantized(qa),
         None => Activations::F32(x),
     };
     m.gpu
-        .expert_gemv(&dm, ids, n_slots, act, input.per_slot, n_vecs, y)
+        .expert_gemv_pair([&dm[0], &dm[1]], ids, n_slots, act, input.per_slot, 1, y)
 }
 
 /// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
@@ -1242,16 +1319,57 @@ impl CudaModel {
             c.rope_dim,
             qat
         ];
-        // SAFETY: compress_span reads n × coff·D projections, the m × coff·D slot bias and D
-        // norm weights, updates the coff·m × coff·D frontier, and appends at most
-        // (pos0+n)/ratio − pos0/ratio rows after row pos0/ratio, within the capacity checked
-        // above. Dynamic shared memory: D floats.
+        let dev = &self.gpu.device;
+        if n == 1 {
+            // SAFETY: compress_span reads n × coff·D projections, the m × coff·D slot bias and
+            // D norm weights, updates the coff·m × coff·D frontier, and appends at most
+            // (pos0+n)/ratio − pos0/ratio rows after row pos0/ratio, within the capacity
+            // checked above. Dynamic shared memory: D floats.
+            return unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_compressor",
+                    "compress_span",
+                    per_item(1, CTA, cs.width * 4),
+                    &a,
+                )
+            };
+        }
+        // A span: every closing window pooled in parallel, then the frontier rebuilt.
+        // SAFETY: compress_rows takes compress_span's arguments and reads the same inputs
+        // (the frontier only), writing the same rows; its grid of n/ratio + 1 CTAs covers every
+        // window that can close in n tokens (CTAs beyond them return). Dynamic shared: D floats.
         unsafe {
             self.fk.launch(
-                &self.gpu.device,
+                dev,
                 "fwd_compressor",
-                "compress_span",
-                per_item(1, CTA, cs.width * 4),
+                "compress_rows",
+                per_item(n / ratio + 1, CTA, cs.width * 4),
+                &a,
+            )?
+        };
+        let coff = if cs.overlap { 2 } else { 1 };
+        let a = kargs![
+            kv_in.ptr(),
+            gate_in.ptr(),
+            cw.ape.ptr(),
+            cs.kv.ptr(),
+            cs.score.ptr(),
+            n,
+            pos,
+            ratio,
+            cs.width,
+            cs.overlap
+        ];
+        // SAFETY: compress_frontier reads n × coff·D projections and the m × coff·D slot bias,
+        // and rewrites the coff·m × coff·D frontier element by element (each thread reads and
+        // writes only its own slot and channel).
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "compress_frontier",
+                grid_1d(ratio * coff * cs.width),
                 &a,
             )
         }
@@ -1405,34 +1523,49 @@ impl CudaModel {
         };
         let gate_kind = act_quant_of(self, &w.gate_exps);
         let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
-        mm_experts(
-            self,
-            &mut s.quant,
-            &w.gate_exps,
-            slot_ids,
-            slots,
-            x_in,
-            1,
-            SlotInput {
-                per_slot,
-                prequantized: experts_q,
-            },
-            &mut s.eg,
-        )?;
-        mm_experts(
-            self,
-            &mut s.quant,
-            &w.up_exps,
-            slot_ids,
-            slots,
-            x_in,
-            1,
-            SlotInput {
-                per_slot,
-                prequantized: up_q,
-            },
-            &mut s.eu,
-        )?;
+        let input = SlotInput {
+            per_slot,
+            prequantized: experts_q,
+        };
+        if same_shape(&w.gate_exps, &w.up_exps) {
+            // One launch for both stacks (bit-identical to two).
+            mm_experts_pair(
+                self,
+                &mut s.quant,
+                [&w.gate_exps, &w.up_exps],
+                slot_ids,
+                slots,
+                x_in,
+                input,
+                [&mut s.eg, &mut s.eu],
+            )?;
+        } else {
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.gate_exps,
+                slot_ids,
+                slots,
+                x_in,
+                1,
+                input,
+                &mut s.eg,
+            )?;
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.up_exps,
+                slot_ids,
+                slots,
+                x_in,
+                1,
+                SlotInput {
+                    per_slot,
+                    prequantized: up_q,
+                },
+                &mut s.eu,
+            )?;
+        }
         // ds4 weighs the intermediate before the down projection (C2); the reference after.
         let weight = if ds4 { Some(slot_wts) } else { None };
         let ehq = swiglu_for(
