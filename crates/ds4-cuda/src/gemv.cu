@@ -49,6 +49,8 @@ struct GemvParams {
     i64 n_batches;  // quantized kernels: batches of NB vectors per launch (> 1: split >= chunks)
     u64 w_pair;     // blockIdx.z == 1: a second matrix of the same shape and format ...
     u64 y_pair;     // ... and its output (gate and up projections in one launch)
+    u64 groups;     // grouped experts: i32 vector offsets per expert (n_experts + 1), or 0
+    i64 n_vecs_total;  // grouped experts: vectors in x and y
 };
 
 // The matrix and output of this CTA (blockIdx.z picks one of a pair).
@@ -404,6 +406,35 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
+// The items of staged chunk c (R rows at `cur`, CHUNK bytes apart) against activation vectors
+// xv .. xv+NB-1: lane l takes item l % ITEMS of the chunk's blocks l / ITEMS, + STEP, ...
+// (nblocks: blocks per row; dstride: activation scales per vector.)
+template <int FMT, int R, int NB, bool QX>
+__device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i64 c, i64 xv, i64 nblocks,
+                                          i64 dstride, int lane, float (&acc)[R][NB]) {
+    typedef Fmt<FMT> F;
+    constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
+    const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
+    const int it = lane % F::ITEMS;
+    int lb = lane / F::ITEMS;       // block of the lane's first item
+    const i64 b0 = c * F::CB + lb;  // its index in the row
+    const u8* sb = cur + lb * F::BB;
+    // Q8_0 / IQ2_XXS: alignment of the lane's quants in the stage (the same for every item
+    // of the lane: it advances by STEP blocks of 34 or 66 bytes, 4-byte multiples, and
+    // chunks are 16-byte multiples).
+    const u32 mis = (u32)(lb * F::BB + 2 + 8 * it) & 2;
+    if constexpr (QX) {
+        const i8* xq = (const i8*)p.x + xv * p.k + b0 * F::BE + 32 * it;
+        const float* xd = (const float*)p.xd + xv * dstride + b0 * (F::BE / F::QB);
+        for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
+            item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
+    } else {
+        const float* x = (const float*)p.x + xv * p.k + b0 * F::BE + 32 * it;
+        for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
+            item_f32x<FMT, R, NB>(sb, it, x, p.k, mis, acc);
+    }
+}
+
 // Block-quantized weights, staged through shared memory.
 //
 // Work split: a row group (R rows) belongs to p.split warps (gemv.rs picks it from the matrix
@@ -416,7 +447,6 @@ template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
     // Dynamic shared memory: warps x 2 x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 stage_dyn[];
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
@@ -472,26 +502,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
     }
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
     auto compute = [&](const u8* cur, i64 c, i64 v0, float (&acc)[R][NB]) {
-        const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
-        const int it = lane % F::ITEMS;
-        int lb = lane / F::ITEMS;       // block of the lane's first item
-        const i64 b0 = c * F::CB + lb;  // its index in the row
-        const u8* sb = cur + lb * F::BB;
-        // Q8_0 / IQ2_XXS: alignment of the lane's quants in the stage (the same for every item
-        // of the lane: it advances by STEP blocks of 34 or 66 bytes, 4-byte multiples, and
-        // chunks are 16-byte multiples).
-        const u32 mis = (u32)(lb * F::BB + 2 + 8 * it) & 2;
-        const i64 xv = xv0 + v0;  // first activation vector
-        if constexpr (QX) {
-            const i8* xq = (const i8*)p.x + xv * p.k + b0 * F::BE + 32 * it;
-            const float* xd = (const float*)p.xd + xv * dstride + b0 * (F::BE / F::QB);
-            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
-                item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
-        } else {
-            const float* x = (const float*)p.x + xv * p.k + b0 * F::BE + 32 * it;
-            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
-                item_f32x<FMT, R, NB>(sb, it, x, p.k, mis, acc);
-        }
+        chunk_dot<FMT, R, NB, QX>(p, cur, c, xv0 + v0, nblocks, dstride, lane, acc);
     };
     int buf = 0;
     for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
@@ -538,6 +549,158 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
             compute(cur, c, 0, acc);
         }
         group_store<R, NB>(p, row0, ws, acc, red, 0);
+    }
+}
+
+// A compile-time vector count (selects a kernel body inside one launch).
+template <int N> struct Nb { static constexpr int value = N; };
+
+// Grouped experts: the vectors of this CTA's expert e = blockIdx.y, [v_begin, v_end) of x and y.
+// Offsets are clamped to [0, p.n_vecs_total] and an end below its start counts as empty, so no
+// device data can send a CTA outside x or y. The extra row of CTAs blockIdx.y == n_experts writes
+// NaN rows for the vectors no expert covers: before groups[0] and from groups[n_experts] on (the
+// slots of out-of-range expert ids, which sorting puts last), as expert_base does for a bad id.
+// Returns false (the CTA has nothing more to do) for that row and for an expert without vectors.
+__device__ __forceinline__ bool group_range(const GemvParams& p, i64* v_begin, i64* v_end) {
+    const int* groups = (const int*)p.groups;
+    const i64 n = p.n_vecs_total;
+    auto offset = [&](i64 e) {
+        const i64 v = groups[e];
+        return v < 0 ? (i64)0 : (v > n ? n : v);
+    };
+    if ((i64)blockIdx.y == p.n_experts) {
+        const i64 head = offset(0), last = offset(p.n_experts), tail = last > head ? last : head;
+        float* y = gemv_y(p);
+        for (i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x; row < p.n_rows; row += (i64)gridDim.x * blockDim.x) {
+            for (i64 v = 0; v < head; v++) y[v * p.n_rows + row] = __int_as_float(0x7fc00000);
+            for (i64 v = tail; v < n; v++) y[v * p.n_rows + row] = __int_as_float(0x7fc00000);
+        }
+        return false;
+    }
+    const i64 b = offset(blockIdx.y), e = offset((i64)blockIdx.y + 1);
+    *v_begin = b;
+    *v_end = e > b ? e : b;
+    return *v_end > *v_begin;
+}
+
+// Grouped experts (prefill MoE): expert blockIdx.y against all of its vectors, which are
+// contiguous in x and y (sorted by expert; p.groups holds the offsets). The work split, staging
+// and per-vector sums are those of gemv_quant; only the vector loop differs. Each row group runs
+// the expert's vectors in batches of 8, then a 4, 2, 1 tail: every vector gets exactly the bits
+// gemv_quant gives it (the NB variants differ only in how many vectors share a weight decode).
+// When every warp holds all of its part of a row group in its stage (p.split >= chunks, the
+// model's expert shapes), the weights are staged once for all batches; otherwise every batch
+// streams the row group's chunks again (same double-buffered steps, batch after batch).
+template <int FMT, int R, bool QX>
+__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
+    typedef Fmt<FMT> F;
+    constexpr int CHUNK = F::CB * F::BB;
+    // Dynamic shared memory: warps x 2 x R x CHUNK bytes, as gemv_quant.
+    extern __shared__ __align__(16) u8 stage_dyn[];
+    __shared__ float red[GEMV_MAX_WARPS * R * 8];
+    i64 v_begin, v_end;
+    if (!group_range(p, &v_begin, &v_end)) return;  // uniform in the CTA
+    const u8* const W = gemv_w(p) + (i64)blockIdx.y * p.expert_stride;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ws = (int)p.split, wg = warp % ws;
+    u8* const stage = stage_dyn + warp * 2 * R * CHUNK;
+    const i64 nblocks = p.k / F::BE;
+    const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
+    const i64 dstride = p.k / F::QB;
+    const bool resident = nchunks <= ws;  // at most one chunk per warp and row group
+
+    const i64 rows_per_cta = (i64)(blockDim.x / (32 * ws)) * R;
+    const i64 block_stride = (i64)gridDim.x * rows_per_cta;
+    const i64 group_row = (i64)(warp / ws) * R;
+    auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
+    // issue / land: as in gemv_quant.
+    auto issue = [&](i64 r0, i64 c, u8* buf) {
+        if (!p.aligned16) return;
+        const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const u8* src = row_ptr(r0, r) + c * CHUNK;
+            for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
+        }
+        cp_async_commit();
+    };
+    auto land = [&](i64 r0, i64 c, u8* buf) {
+        if (p.aligned16) {
+            cp_async_wait_all();
+        } else {
+            const int n2 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 2);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const u16* src = (const u16*)(row_ptr(r0, r) + c * CHUNK);
+                for (int j = lane; j < n2; j += 32) ((u16*)(buf + r * CHUNK))[j] = src[j];
+            }
+        }
+        __syncwarp();
+    };
+    {
+        const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
+        if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
+    }
+    if constexpr (FMT == FMT_IQ2_XXS) {
+        iq2xxs_tables(p);
+        __syncthreads();
+    }
+    int buf = 0;
+    // One batch of NB vectors from v0 against the row group at row0. Resident: its chunk is in
+    // `staged`. Streaming: its chunks are landed step by step; the step after the last chunk is
+    // the first chunk of the same rows for the next batch, or of the next row group after the
+    // `last` batch.
+    auto batch = [&](auto nb, i64 row0, i64 v0, const u8* staged, bool last) {
+        constexpr int NB = decltype(nb)::value;
+        float acc[R][NB];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
+        if (resident) {
+            if (row0 < p.n_rows && wg < nchunks) chunk_dot<FMT, R, NB, QX>(p, staged, wg, v0, nblocks, dstride, lane, acc);
+        } else {
+            for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws, buf ^= 1) {
+                u8* const cur = stage + buf * R * CHUNK;
+                land(row0, c, cur);
+                i64 nr = row0, nc = c + ws;
+                if (nc >= nchunks) {
+                    nc = wg;
+                    if (last) nr = row0 + block_stride;
+                }
+                if (nr < p.n_rows) issue(nr, nc, stage + (buf ^ 1) * R * CHUNK);
+                chunk_dot<FMT, R, NB, QX>(p, cur, c, v0, nblocks, dstride, lane, acc);
+            }
+        }
+        group_store<R, NB>(p, row0, ws, acc, red, v0);
+    };
+    // Row blocks in grid-stride order; the batch sequence depends on the CTA's expert only, so
+    // every warp makes the same group_store calls.
+    for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
+        const i64 row0 = blk * rows_per_cta + group_row;
+        const u8* staged = stage + buf * R * CHUNK;
+        if (resident && row0 < p.n_rows && wg < nchunks) {
+            land(row0, wg, stage + buf * R * CHUNK);
+            if (row0 + block_stride < p.n_rows) issue(row0 + block_stride, wg, stage + (buf ^ 1) * R * CHUNK);
+            buf ^= 1;
+        }
+        for (i64 v0 = v_begin; v0 < v_end;) {
+            const i64 left = v_end - v0;
+            if (left >= 8) {
+                batch(Nb<8>(), row0, v0, staged, left == 8);
+                v0 += 8;
+            } else if (left >= 4) {
+                batch(Nb<4>(), row0, v0, staged, left == 4);
+                v0 += 4;
+            } else if (left >= 2) {
+                batch(Nb<2>(), row0, v0, staged, left == 2);
+                v0 += 2;
+            } else {
+                batch(Nb<1>(), row0, v0, staged, true);
+                v0 += 1;
+            }
+        }
     }
 }
 
@@ -672,3 +835,11 @@ GEMV_Q(gemv_q8_0_q8x, FMT_Q8_0, 2, true)
 GEMV_Q(gemv_q2_k_q8x, FMT_Q2_K, 2, true)
 GEMV_Q(gemv_q4_k_q8x, FMT_Q4_K, 2, true)
 GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)
+
+// Grouped expert products (quantized activations only: ds4's expert numerics), R = 2.
+#define GEMV_G(name, FMT)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { gemv_quant_grouped<FMT, 2, true>(p); }
+GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
+GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
+GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)
+GEMV_G(gemv_iq2_xxs_q8x, FMT_IQ2_XXS)

@@ -251,6 +251,8 @@ struct GemvParams {
     n_batches: i64,
     w_pair: u64,
     y_pair: u64,
+    groups: u64,
+    n_vecs_total: i64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
@@ -479,6 +481,182 @@ impl Gpu {
         )
     }
 
+    /// Grouped expert products (prefill MoE): the `n_vecs_total` vectors of `x` are sorted by
+    /// expert, those of expert `e` being `[group_start[e], group_start[e + 1])`, and vector `v`
+    /// gets `y[v] = W_e · x[v]` (y is n_vecs_total × rows, vector v at `y[v * rows..]`). One
+    /// launch, one CTA row per expert: each expert's weights are read once for all of its
+    /// vectors (8 at a time against the staged rows) instead of once per vector. Every output
+    /// is bit-identical to [`Gpu::expert_gemv`] of that vector alone.
+    ///
+    /// `group_start` holds `w.experts + 1` non-decreasing offsets in `[0, n_vecs_total]` (only
+    /// those entries are read). Vectors before `group_start[0]` or from
+    /// `group_start[w.experts]` on belong to no expert and get NaN rows, as a slot with an
+    /// out-of-range id does in `expert_gemv` (sorting puts such slots last). The offsets are
+    /// read on the device and not trusted: out-of-range ones are clamped and a group that ends
+    /// before it starts is empty, so bad offsets give wrong rows, never an access outside x or
+    /// y. Block-quantized stacks (Q8_0, Q2_K, Q4_K, IQ2_XXS) with [`Activations::Quantized`]
+    /// only: ds4's expert numerics.
+    pub fn expert_gemv_grouped(
+        &self,
+        w: &DeviceMatrix,
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        self.grouped_launch(w, None, group_start, x, n_vecs_total, y, None)
+    }
+
+    /// [`Gpu::expert_gemv_grouped`] for two expert stacks of the same format and shape with the
+    /// same groups and activations (the MoE gate and up projections) in one launch: `y[i]` gets
+    /// stack `w[i]`. Bit-identical to two `expert_gemv_grouped` calls.
+    pub fn expert_gemv_grouped_pair(
+        &self,
+        w: [&DeviceMatrix; 2],
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+    ) -> Result<()> {
+        let [y0, y1] = y;
+        self.grouped_launch(w[0], Some(w[1]), group_start, x, n_vecs_total, y0, Some(y1))
+    }
+
+    /// The grouped launch of one expert stack `w` (or a pair `w`, `w2`, outputs `y`, `y2`).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_launch(
+        &self,
+        w: &DeviceMatrix,
+        w2: Option<&DeviceMatrix>,
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: &mut DeviceBuffer<f32>,
+        y2: Option<&mut DeviceBuffer<f32>>,
+    ) -> Result<()> {
+        if stage_chunk_bytes(w.format) == 0 {
+            return Err(CudaError::InvalidArgument(format!(
+                "grouped expert product of a {:?} stack: only block-quantized formats (Q8_0, Q2_K, Q4_K, IQ2_XXS) have a grouped kernel",
+                w.format
+            )));
+        }
+        if let Some(w2) = w2 {
+            if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
+                return Err(CudaError::InvalidArgument(format!(
+                    "expert stack pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
+                    w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
+                )));
+            }
+        }
+        // Grid rows: one per expert plus the row that writes the NaN rows of ungrouped vectors.
+        if w.experts + 1 > 65535 {
+            return Err(CudaError::InvalidArgument(format!(
+                "grouped expert product of {} experts (at most 65534)",
+                w.experts
+            )));
+        }
+        check_len("group offset buffer", group_start, w.experts + 1)?;
+        // Offsets are i32 on the device.
+        if n_vecs_total > i32::MAX as usize {
+            return Err(CudaError::InvalidArgument(format!(
+                "{n_vecs_total} vectors in a grouped expert product (offsets are i32)"
+            )));
+        }
+        let Activations::Quantized(qa) = x else {
+            return Err(CudaError::InvalidArgument(
+                "grouped expert products take quantized activations (Gpu::quantize_activations)"
+                    .into(),
+            ));
+        };
+        let want = w.format.activation_quant().ok_or_else(|| {
+            CudaError::InvalidArgument(format!("{:?} weights take f32 activations only", w.format))
+        })?;
+        if qa.kind != want || qa.len != w.cols || qa.n_vecs < n_vecs_total {
+            return Err(CudaError::InvalidArgument(format!(
+                "{:?} experts of {} columns need {:?} activations of that length for {n_vecs_total} vectors, got {:?} × {} × {}",
+                w.format, w.cols, want, qa.kind, qa.len, qa.n_vecs
+            )));
+        }
+        let out_len = n_vecs_total.checked_mul(w.rows).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("{n_vecs_total} vectors × {} rows overflow", w.rows))
+        })?;
+        check_len("output", y, out_len)?;
+        let y2_ptr = match y2 {
+            Some(b) => {
+                check_len("second output", b, out_len)?;
+                b.ptr()
+            }
+            None => 0,
+        };
+        if n_vecs_total == 0 {
+            return Ok(());
+        }
+        let aligned16 = w.row_bytes.is_multiple_of(16)
+            && w.expert_bytes().is_multiple_of(16)
+            && w.ptr.is_multiple_of(16)
+            && w2.is_none_or(|w2| w2.ptr.is_multiple_of(16));
+        let sms = self.device.info().multiprocessors as usize;
+        // The shape of an 8-vector expert_gemv launch: same split, hence the same bits.
+        let shape = LaunchShape::choose(w, 8, self.gemv_warps(), sms, w.experts);
+        let mut grid_x = shape.grid_x;
+        if let Some(cap) = self.gemv_grid_cap() {
+            grid_x = grid_x.min((cap * sms / w.experts).max(1));
+        }
+        let n_mats = if w2.is_some() { 2 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x as u32, (w.experts + 1) as u32, n_mats),
+            block_dim: ((shape.warps * 32) as u32, 1, 1),
+            shared_mem_bytes: (shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
+                as u32,
+        };
+        let params = GemvParams {
+            w: w.ptr,
+            x: qa.q.ptr(),
+            xd: qa.d.ptr(),
+            y: y.ptr(),
+            ids: 0,
+            grid: self.kernels.iq2xxs_grid.ptr(),
+            row_bytes: w.row_bytes as i64,
+            expert_stride: w.expert_bytes() as i64,
+            n_experts: w.experts as i64,
+            n_rows: w.rows as i64,
+            k: w.cols as i64,
+            // Vector indices are absolute (the groups' offsets), not per grid row.
+            x_slot_vecs: 0,
+            y_slot_vecs: 0,
+            aligned16: aligned16 as i64,
+            split: shape.split as i64,
+            n_batches: 1,
+            w_pair: w2.map_or(0, |w2| w2.ptr),
+            y_pair: y2_ptr,
+            groups: group_start.ptr(),
+            n_vecs_total: n_vecs_total as i64,
+        };
+        let name = format!("gemv_{}_q8x_grouped", w.format.tag());
+        let label = format!(
+            "{name} {}x{} x{} experts {n_vecs_total} vecs{}",
+            w.rows,
+            w.cols,
+            w.experts,
+            if n_mats == 2 { " pair" } else { "" }
+        );
+        // Profile bytes: an upper bound (every expert's rows once; experts without vectors
+        // read nothing).
+        let bytes = w.total_bytes() * n_mats as usize;
+        // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers
+        // warps × 2 × R × chunk bytes (each warp's two stage buffers); `split` divides the CTA's
+        // warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
+        // (the buffer has at least experts + 1 entries, checked above) and clamps every offset
+        // to [0, n_vecs_total], so it reads activation vectors and writes output vectors only in
+        // [0, n_vecs_total): the activations hold at least n_vecs_total vectors of `cols` (with
+        // their scales), y and y2 at least n_vecs_total × rows floats (checked above). Grid row
+        // e < experts reads expert e of w (and w2, same shape) inside [ptr, ptr + total_bytes),
+        // live device memory by DeviceMatrix's construction contract; grid row `experts` reads
+        // no weights.
+        unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
+        Ok(())
+    }
+
     /// One matrix (or expert stack) `w`, or a pair `w`, `w2` of the same format and shape
     /// (outputs `y`, `y2`), against the same activations.
     #[allow(clippy::too_many_arguments)]
@@ -598,6 +776,8 @@ impl Gpu {
                 } else {
                     y2_ptr + (b0 * w.rows * 4) as u64
                 },
+                groups: 0,
+                n_vecs_total: 0,
             };
             let name = if plain {
                 let r = shape.rows_per_group;

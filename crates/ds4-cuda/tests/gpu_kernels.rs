@@ -792,3 +792,243 @@ fn gemv_pairs_equal_two_calls() {
         .to_string();
     assert!(e.contains("different shapes"), "{e}");
 }
+
+/// Expert ids per vector for `group_start` (vectors outside every group: -1), the slots
+/// expert_gemv would be given for the same sorted vectors.
+fn ids_of_groups(group_start: &[i32], n_vecs: usize) -> Vec<i32> {
+    let mut ids = vec![-1i32; n_vecs];
+    for (e, w) in group_start.windows(2).enumerate() {
+        for id in &mut ids[w[0] as usize..w[1] as usize] {
+            *id = e as i32;
+        }
+    }
+    ids
+}
+
+/// Grouped expert products (prefill MoE: vectors sorted by expert, one launch, weights staged
+/// once per expert) give every vector exactly the bits of expert_gemv on that vector as its own
+/// slot, agree with the CPU dot products, write NaN rows for vectors outside every group, and a
+/// pair launch equals two single ones.
+#[test]
+fn grouped_expert_gemv_equals_per_vector_expert_gemv() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(12);
+    // (format, cols, rows, experts, byte offset of the stack, vectors before the first group)
+    let cases: &[(WeightFormat, usize, usize, usize, usize, usize)] = &[
+        // The model's gate/up (IQ2_XXS 4096 -> 2048) and down (Q2_K / Q4_K 2048 -> 4096).
+        (WeightFormat::IQ2XXS, 4096, 2048, 8, 0, 0),
+        (WeightFormat::Q2K, 2048, 4096, 6, 0, 0),
+        (WeightFormat::Q4K, 2048, 4096, 6, 0, 0),
+        // 4 and 5 warps per row group (partials combined through shared memory).
+        (WeightFormat::Q8_0, 4096, 100, 7, 0, 0),
+        (WeightFormat::Q2K, 10240, 12, 4, 0, 1),
+        // Rows not 16-byte aligned (2-byte copies into the stage).
+        (WeightFormat::IQ2XXS, 4096, 96, 5, 2, 0),
+        // 9 chunks per row on 8 warps: each batch streams the row group's chunks again.
+        (WeightFormat::Q8_0, 9216, 20, 4, 0, 2),
+        (WeightFormat::IQ2XXS, 36864, 6, 3, 0, 0),
+    ];
+    for &(format, cols, rows, experts, offset, head) in cases {
+        // Expert 0 and the last expert have no vectors; expert 1 has 37 (4 batches of 8, then
+        // 4 and 1); the others 0..11. Two vectors after the last group belong to no expert.
+        let sizes: Vec<usize> = (0..experts)
+            .map(|e| match e {
+                0 => 0,
+                1 => 37,
+                _ if e == experts - 1 => 0,
+                _ => rng.below(12) as usize,
+            })
+            .collect();
+        let mut group_start = vec![head as i32];
+        for s in &sizes {
+            group_start.push(group_start.last().unwrap() + *s as i32);
+        }
+        let n_vecs = *group_start.last().unwrap() as usize + 2;
+        let ids = ids_of_groups(&group_start, n_vecs);
+
+        let stacks: Vec<Vec<u8>> = (0..2)
+            .map(|_| random_rows(&mut rng, format, cols, rows * experts))
+            .collect();
+        let ebytes = stacks[0].len() / experts;
+        let uploads: Vec<DeviceWeights> = stacks
+            .iter()
+            .map(|w| {
+                let mut bytes = vec![0u8; offset];
+                bytes.extend_from_slice(w);
+                upload_matrix(g, &bytes)
+            })
+            .collect();
+        let mats: Vec<DeviceMatrix> = uploads
+            .iter()
+            .map(|u| u.matrix(offset, format, cols, rows, experts).unwrap())
+            .collect();
+        let x = rng.f32s(cols * n_vecs);
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = g
+            .alloc_quantized(format.activation_quant().unwrap(), cols, n_vecs)
+            .unwrap();
+        g.quantize_activations(&dx, &mut qa).unwrap();
+        let act = Activations::Quantized(&qa);
+        let dgroups = g.device.upload(&group_start).unwrap();
+        let dids = g.device.upload(&ids).unwrap();
+        let what =
+            format!("{format:?} {cols}x{rows}x{experts} offset {offset} groups {group_start:?}");
+
+        // Reference: one slot per vector (its expert's id), as prefill did before grouping.
+        // NaN-filled, the grouped outputs zero-filled: equal bits mean both wrote every row.
+        let mut per_slot = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+        g.expert_gemv(&mats[0], &dids, n_vecs, act, true, 1, &mut per_slot)
+            .unwrap();
+        let per_slot = g.device.download(&per_slot).unwrap();
+        let mut grouped = g.device.alloc_filled::<f32>(n_vecs * rows, 0x00).unwrap();
+        g.expert_gemv_grouped(&mats[0], &dgroups, act, n_vecs, &mut grouped)
+            .unwrap();
+        let grouped = g.device.download(&grouped).unwrap();
+        for (i, (a, b)) in per_slot.iter().zip(&grouped).enumerate() {
+            let (v, r) = (i / rows, i % rows);
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{what}: vector {v} (expert {}) row {r}: expert_gemv {a} vs grouped {b}",
+                ids[v]
+            );
+        }
+
+        // Against the CPU: the ds4 dot products of each vector with its expert's rows.
+        let mut worst = 0f64;
+        for (v, &e) in ids.iter().enumerate() {
+            let out = &grouped[v * rows..(v + 1) * rows];
+            if e < 0 {
+                assert!(
+                    out.iter().all(|o| o.is_nan()),
+                    "{what}: vector {v} is in no group: NaN rows"
+                );
+                continue;
+            }
+            let we = &stacks[0][e as usize * ebytes..(e as usize + 1) * ebytes];
+            let xs = &x[v * cols..(v + 1) * cols];
+            let r = reference_quantized(format, we, cols, rows, xs);
+            let (_, mag) = reference_gemv(format, we, cols, rows, xs);
+            worst = worst.max(check_rows(
+                &format!("{what} vector {v} expert {e}"),
+                out,
+                &r,
+                &mag,
+                1e-5,
+            ));
+        }
+        eprintln!(
+            "{what}: {n_vecs} vectors bit-equal to expert_gemv; max rel err vs CPU {worst:.2e}"
+        );
+
+        // The pair launch (gate and up at once) equals two single launches.
+        let mut second = g.device.alloc_filled::<f32>(n_vecs * rows, 0x00).unwrap();
+        g.expert_gemv_grouped(&mats[1], &dgroups, act, n_vecs, &mut second)
+            .unwrap();
+        let second = g.device.download(&second).unwrap();
+        let (mut p0, mut p1) = (
+            g.device.alloc_filled::<f32>(n_vecs * rows, 0x00).unwrap(),
+            g.device.alloc_filled::<f32>(n_vecs * rows, 0x00).unwrap(),
+        );
+        g.expert_gemv_grouped_pair(
+            [&mats[0], &mats[1]],
+            &dgroups,
+            act,
+            n_vecs,
+            [&mut p0, &mut p1],
+        )
+        .unwrap();
+        for (single, pair, which) in [(&grouped, &p0, "first"), (&second, &p1, "second")] {
+            let pair = g.device.download(pair).unwrap();
+            for (i, (a, b)) in single.iter().zip(&pair).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{what}: {which} stack output {i}: single {a} vs pair {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Argument errors name the problem; offsets on the device that are out of range or
+/// decreasing are clamped (never an access outside x or y).
+#[test]
+fn grouped_expert_gemv_checks_arguments_and_clamps_offsets() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(13);
+    let (format, cols, rows, experts, n_vecs) =
+        (WeightFormat::Q8_0, 1024usize, 16usize, 3usize, 6usize);
+    let w = random_rows(&mut rng, format, cols, rows * experts);
+    let dw = upload_matrix(g, &w);
+    let m = dw.matrix(0, format, cols, rows, experts).unwrap();
+    let x = rng.f32s(cols * n_vecs);
+    let dx = g.device.upload(&x).unwrap();
+    let mut qa = g.alloc_quantized(ActQuant::Q8_0, cols, n_vecs).unwrap();
+    g.quantize_activations(&dx, &mut qa).unwrap();
+    let mut qk = g.alloc_quantized(ActQuant::Q8K, cols, n_vecs).unwrap();
+    g.quantize_activations(&dx, &mut qk).unwrap();
+    let act = Activations::Quantized(&qa);
+    let groups = g.device.upload(&[0i32, 2, 4, 6]).unwrap();
+    let mut y = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+    let err = |r: ds4_cuda::error::Result<()>| r.unwrap_err().to_string();
+
+    let short = g.device.upload(&[0i32, 2, 4]).unwrap();
+    let e = err(g.expert_gemv_grouped(&m, &short, act, n_vecs, &mut y));
+    assert!(
+        e.contains("group offset buffer") && e.contains("needs 4"),
+        "{e}"
+    );
+    let e = err(g.expert_gemv_grouped(&m, &groups, Activations::F32(&dx), n_vecs, &mut y));
+    assert!(e.contains("quantized activations"), "{e}");
+    let e = err(g.expert_gemv_grouped(&m, &groups, Activations::Quantized(&qk), n_vecs, &mut y));
+    assert!(e.contains("Q8_0 experts"), "{e}");
+    let e = err(g.expert_gemv_grouped(&m, &groups, act, n_vecs + 1, &mut y));
+    assert!(e.contains("7 vectors"), "{e}");
+    let mut small = g.device.alloc_filled::<f32>(n_vecs * rows - 1, 0).unwrap();
+    let e = err(g.expert_gemv_grouped(&m, &groups, act, n_vecs, &mut small));
+    assert!(e.contains("output"), "{e}");
+    let f16 = random_rows(&mut rng, WeightFormat::F16, cols, rows * experts);
+    let df16 = upload_matrix(g, &f16);
+    let mf16 = df16
+        .matrix(0, WeightFormat::F16, cols, rows, experts)
+        .unwrap();
+    let e = err(g.expert_gemv_grouped(&mf16, &groups, Activations::F32(&dx), n_vecs, &mut y));
+    assert!(e.contains("block-quantized"), "{e}");
+    let m2 = dw.matrix(0, format, cols, rows / 2, experts).unwrap();
+    let mut y2 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+    let e = err(g.expert_gemv_grouped_pair([&m, &m2], &groups, act, n_vecs, [&mut y, &mut y2]));
+    assert!(e.contains("different shapes"), "{e}");
+
+    // Every vector alone through each expert: the candidates for each output row.
+    let mut alone = Vec::new();
+    for e in 0..experts as i32 {
+        let ids = g.device.upload(&vec![e; n_vecs]).unwrap();
+        let mut out = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+        g.expert_gemv(&m, &ids, n_vecs, act, true, 1, &mut out)
+            .unwrap();
+        alone.push(g.device.download(&out).unwrap());
+    }
+    // Clamped to [0, 3, 1, 6]: expert 0 takes vectors 0..3, expert 1 none (its end is below
+    // its start), expert 2 vectors 1..6, so vectors 1 and 2 are written by two experts (either
+    // expert's row may land; both are checked as candidates).
+    let bad = g.device.upload(&[-5i32, 3, 1, 99]).unwrap();
+    let mut yb = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+    g.expert_gemv_grouped(&m, &bad, act, n_vecs, &mut yb)
+        .unwrap();
+    let yb = g.device.download(&yb).unwrap();
+    for (i, b) in yb.iter().enumerate() {
+        let v = i / rows;
+        let experts_of_v: &[usize] = match v {
+            0 => &[0],
+            1 | 2 => &[0, 2],
+            _ => &[2],
+        };
+        assert!(
+            experts_of_v
+                .iter()
+                .any(|&e| alone[e][i].to_bits() == b.to_bits()),
+            "vector {v} output {i}: {b} is no expert's row ({experts_of_v:?})"
+        );
+    }
+}
