@@ -19,6 +19,11 @@
 // Experts: with ids != 0, blockIdx.y is the expert slot; the weight base moves to expert
 // ids[slot] (expert_stride bytes apart) without a host round trip, x vector = slot*x_slot_vecs+b
 // and y vector = slot*y_slot_vecs+b. An id outside [0, n_experts) writes NaN rows.
+//
+// Grouped experts (prefill MoE, the *_grouped kernels): with groups != 0, x holds n_vecs_total
+// vectors sorted by expert and blockIdx.y = e runs expert e against its vectors
+// [groups[e], groups[e+1]) (absolute indices into x and y), staging its rows once for all of
+// them; see gemv_quant_grouped.
 
 #define FMT_F32 0
 #define FMT_F16 1

@@ -11,7 +11,9 @@
 //!   `vec_dot_*` exactly.
 //!
 //! Experts: [`Gpu::expert_gemv`] takes the selected expert ids from a device buffer, so the
-//! router's choice never goes through the host.
+//! router's choice never goes through the host. For prefill, [`Gpu::expert_gemv_grouped`] takes
+//! the vectors sorted by expert with each expert's range on the device, and reads each expert's
+//! weights once for all of its vectors (same bits per vector as `expert_gemv`).
 //!
 //! Launch shape (`LaunchShape::choose`): rows are taken in groups of R (1 or 4 for F16/F32,
 //! 2 for the quantized formats), and `split` warps share each group, each taking a part of
