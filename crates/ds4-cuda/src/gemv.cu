@@ -591,8 +591,10 @@ __device__ __forceinline__ bool group_range(const GemvParams& p, i64* v_begin, i
 // Grouped experts (prefill MoE): expert blockIdx.y against all of its vectors, which are
 // contiguous in x and y (sorted by expert; p.groups holds the offsets). The work split, staging
 // and per-vector sums are those of gemv_quant; only the vector loop differs. Each row group runs
-// the expert's vectors in batches of 8, then a 4, 2, 1 tail: every vector gets exactly the bits
-// gemv_quant gives it (the NB variants differ only in how many vectors share a weight decode).
+// the expert's vectors in batches of 8 and one batch of the 1..7 left (an NB instance per size,
+// so the tail decodes the weights once and computes no padding vectors): every vector gets
+// exactly the bits gemv_quant gives it (the NB variants differ only in how many vectors share a
+// weight decode).
 // When every warp holds all of its part of a row group in its stage (p.split >= chunks, the
 // model's expert shapes), the weights are staged once for all batches; otherwise every batch
 // streams the row group's chunks again (same double-buffered steps, batch after batch).
@@ -690,20 +692,18 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
             if (row0 + block_stride < p.n_rows) issue(row0 + block_stride, wg, stage + (buf ^ 1) * R * CHUNK);
             buf ^= 1;
         }
-        for (i64 v0 = v_begin; v0 < v_end;) {
+        // Batches of 8, then one batch of the 1..7 left: one weight decode per batch.
+        for (i64 v0 = v_begin; v0 < v_end; v0 += 8) {
             const i64 left = v_end - v0;
-            if (left >= 8) {
-                batch(Nb<8>(), row0, v0, staged, left == 8);
-                v0 += 8;
-            } else if (left >= 4) {
-                batch(Nb<4>(), row0, v0, staged, left == 4);
-                v0 += 4;
-            } else if (left >= 2) {
-                batch(Nb<2>(), row0, v0, staged, left == 2);
-                v0 += 2;
-            } else {
-                batch(Nb<1>(), row0, v0, staged, true);
-                v0 += 1;
+            switch (left < 8 ? (int)left : 8) {
+            case 1: batch(Nb<1>(), row0, v0, staged, true); break;
+            case 2: batch(Nb<2>(), row0, v0, staged, true); break;
+            case 3: batch(Nb<3>(), row0, v0, staged, true); break;
+            case 4: batch(Nb<4>(), row0, v0, staged, true); break;
+            case 5: batch(Nb<5>(), row0, v0, staged, true); break;
+            case 6: batch(Nb<6>(), row0, v0, staged, true); break;
+            case 7: batch(Nb<7>(), row0, v0, staged, true); break;
+            default: batch(Nb<8>(), row0, v0, staged, left == 8); break;
             }
         }
     }

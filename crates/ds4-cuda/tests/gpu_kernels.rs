@@ -828,15 +828,16 @@ fn grouped_expert_gemv_equals_per_vector_expert_gemv() {
         (WeightFormat::Q8_0, 9216, 20, 4, 0, 2),
         (WeightFormat::IQ2XXS, 36864, 6, 3, 0, 0),
     ];
-    for &(format, cols, rows, experts, offset, head) in cases {
-        // Expert 0 and the last expert have no vectors; expert 1 has 37 (4 batches of 8, then
-        // 4 and 1); the others 0..11. Two vectors after the last group belong to no expert.
+    for (ci, &(format, cols, rows, experts, offset, head)) in cases.iter().enumerate() {
+        // Expert 0 and the last expert have no vectors; expert 1 has 37 (4 batches of 8 and a
+        // batch of 5); the others 1..=11 (every tail batch size across the cases). Two vectors
+        // after the last group belong to no expert.
         let sizes: Vec<usize> = (0..experts)
             .map(|e| match e {
                 0 => 0,
                 1 => 37,
                 _ if e == experts - 1 => 0,
-                _ => rng.below(12) as usize,
+                _ => 1 + (7 * e + 3 * ci) % 11,
             })
             .collect();
         let mut group_start = vec![head as i32];
