@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
 
-# NVRTC (the nvidia-cuda-nvrtc wheel, CUDA 13): with it every CUDA kernel module is compiled
-# for sm_90a here too, so a kernel that does not compile fails CI without a GPU (the compile
-# tests skip when the library is missing; the GPU tests still skip without a driver).
+# NVRTC (the nvidia-cuda-nvrtc wheel, pinned to CUDA 13.0 like the GPU machines' toolkit:
+# later NVRTCs accept constructs 13.0 rejects, e.g. generic lambdas): with it every CUDA kernel
+# module is compiled for sm_90a here too, so a kernel that does not compile fails CI without a
+# GPU (the compile tests skip when the library is missing; GPU tests skip without a driver).
 NVRTC_LIB=$(python3 -c "
 import importlib.util, os
 spec = importlib.util.find_spec('nvidia')
