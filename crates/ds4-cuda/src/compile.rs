@@ -20,8 +20,14 @@ use crate::error::{CudaError, Result};
 /// Device helpers prepended to every module.
 pub const COMMON_CUH: &str = include_str!("common.cuh");
 
-/// NVRTC options used for every module (part of the cache key).
-pub const NVRTC_OPTIONS: &[&str] = &["--std=c++17", "-lineinfo"];
+/// NVRTC options used for every module (part of the cache key). `--device-as-default-execution-space`:
+/// every function here is device code, and NVRTC 13.0 otherwise treats an unannotated
+/// function (the call operator of a generic lambda) as host code and rejects it.
+pub const NVRTC_OPTIONS: &[&str] = &[
+    "--std=c++17",
+    "-lineinfo",
+    "--device-as-default-execution-space",
+];
 
 /// The NVRTC target for a compute capability: Hopper gets the arch-specific `sm_90a`.
 pub fn arch_for((major, minor): (i32, i32)) -> String {
