@@ -156,6 +156,8 @@ pub(crate) struct Scratch {
     /// and the sorted slots' ids and weights.
     slot_order: DeviceBuffer<i32>,
     slot_pos: DeviceBuffer<i32>,
+    /// Each expert's first position among the sorted slots (E + 1 entries).
+    group_start: DeviceBuffer<i32>,
     sorted_ids: DeviceBuffer<i32>,
     sorted_wts: DeviceBuffer<f32>,
     xe: DeviceBuffer<f32>,
@@ -245,6 +247,7 @@ impl Scratch {
             wts: f(cap * k)?,
             slot_order: i(cap * k)?,
             slot_pos: i(cap * k)?,
+            group_start: i(c.n_experts + 1)?,
             sorted_ids: i(cap * k)?,
             sorted_wts: f(cap * k)?,
             xe: f(cap * k * d)?,
@@ -346,12 +349,20 @@ fn mm(
     let dm = m.matrix(w)?;
     match quantized(m, quant, w, x, n)? {
         Some(qa) => product(m, &dm, qa, n, y),
+        None if n >= GEMM_MIN_VECS && crate::Gpu::gemm_f16_fits(&dm) => {
+            m.gpu.gemm_f16(&dm, x, n, y)
+        }
         None => m.gpu.gemv(&dm, Activations::F32(x), n, y),
     }
 }
 
-/// Vectors from which a Q8_0 product runs on the tensor cores ([`crate::Gpu::gemm_q8_0`],
-/// same bits as the CPU's per-block dot product) instead of the matvec kernels.
+/// Tokens from which a span's routed experts run grouped (about 6 × 256 / 256 slots per
+/// expert at 256 tokens; below ~16 most experts have none and per-slot launches do as well).
+const GROUPED_MIN_TOKENS: usize = 16;
+
+/// Vectors from which a product runs as a GEMM instead of the matvec kernels: Q8_0 on the
+/// tensor cores ([`crate::Gpu::gemm_q8_0`], same bits as the CPU's per-block dot product),
+/// F16 with f32 activations on the CUDA cores ([`crate::Gpu::gemm_f16`]).
 const GEMM_MIN_VECS: usize = 16;
 
 /// y = W·x for `n` quantized vectors: the tensor-core GEMM for Q8_0 spans, else the matvec.
@@ -524,12 +535,15 @@ fn quant_slot<'a>(
 
 /// Which input vector each routed-expert slot reads, and whether its quantized form exists.
 #[derive(Clone, Copy)]
-struct SlotInput {
+struct SlotInput<'a> {
     /// Slot s reads vector s of x (else every slot reads vector 0: one token's k experts).
     per_slot: bool,
     /// The quantized form is already in the quant slot (the previous expert product made it
     /// from the same x).
     prequantized: bool,
+    /// The slots are sorted by expert with these E+1 group starts: quantized products then run
+    /// grouped (each expert's rows decoded once for all of its slots, same bits per slot).
+    groups: Option<&'a DeviceBuffer<i32>>,
 }
 
 /// Expert products: slot s uses matrix ids[s] of the stack on its `n_vecs` input vectors
@@ -554,6 +568,11 @@ fn mm_experts(
     };
     let qa = expert_input(m, quant, w, x, x_vecs, input)?;
     match qa {
+        Some(qa) if input.groups.is_some() && input.per_slot && n_vecs == 1 => {
+            let groups = input.groups.expect("checked by the guard");
+            m.gpu
+                .expert_gemv_grouped(&dm, groups, Activations::Quantized(qa), n_slots, y)
+        }
         Some(qa) if n_vecs >= GEMM_MIN_VECS && dm.format == WeightFormat::Q8_0 => m
             .gpu
             .expert_gemm_q8_0(&dm, ids, n_slots, qa, input.per_slot, n_vecs, y),
@@ -626,12 +645,33 @@ fn mm_experts_pair(
     let dm = [m.matrix(w[0])?, m.matrix(w[1])?];
     let x_vecs = if input.per_slot { n_slots } else { 1 };
     let qa = expert_input(m, quant, w[0], x, x_vecs, input)?;
-    let act = match qa {
-        Some(qa) => Activations::Quantized(qa),
-        None => Activations::F32(x),
-    };
-    m.gpu
-        .expert_gemv_pair([&dm[0], &dm[1]], ids, n_slots, act, input.per_slot, 1, y)
+    match (qa, input.groups) {
+        (Some(qa), Some(groups)) if input.per_slot => m.gpu.expert_gemv_grouped_pair(
+            [&dm[0], &dm[1]],
+            groups,
+            Activations::Quantized(qa),
+            n_slots,
+            y,
+        ),
+        (Some(qa), _) => m.gpu.expert_gemv_pair(
+            [&dm[0], &dm[1]],
+            ids,
+            n_slots,
+            Activations::Quantized(qa),
+            input.per_slot,
+            1,
+            y,
+        ),
+        (None, _) => m.gpu.expert_gemv_pair(
+            [&dm[0], &dm[1]],
+            ids,
+            n_slots,
+            Activations::F32(x),
+            input.per_slot,
+            1,
+            y,
+        ),
+    }
 }
 
 /// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
@@ -1231,6 +1271,7 @@ impl CudaModel {
         let slot_input = SlotInput {
             per_slot: true,
             prequantized: false,
+            groups: None,
         };
         if n == 1 {
             mm_experts(
@@ -1477,17 +1518,19 @@ impl CudaModel {
                 s.ids.ptr(),
                 s.slot_order.ptr(),
                 s.slot_pos.ptr(),
+                s.group_start.ptr(),
                 slots,
                 c.n_experts
             ];
             // SAFETY: sort_slots reads n·k ids and writes n·k order and position entries (a
-            // permutation of 0..n·k), with E+1 ints of dynamic shared memory.
+            // permutation of 0..n·k) and E+1 group starts, with E+1 ints of dynamic shared
+            // memory.
             unsafe {
                 self.fk.launch(
                     dev,
                     "fwd_moe",
                     "sort_slots",
-                    per_item(1, CTA, (c.n_experts + 1) * 4),
+                    per_item(1, 1024, (c.n_experts + 1) * 4),
                     &a,
                 )?
             };
@@ -1523,9 +1566,12 @@ impl CudaModel {
         };
         let gate_kind = act_quant_of(self, &w.gate_exps);
         let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
+        // Spans long enough to give experts several slots each run grouped.
+        let groups = (sorted && n >= GROUPED_MIN_TOKENS).then_some(&s.group_start);
         let input = SlotInput {
             per_slot,
             prequantized: experts_q,
+            groups,
         };
         if same_shape(&w.gate_exps, &w.up_exps) {
             // One launch for both stacks (bit-identical to two).
@@ -1562,6 +1608,7 @@ impl CudaModel {
                 SlotInput {
                     per_slot,
                     prequantized: up_q,
+                    groups,
                 },
                 &mut s.eu,
             )?;
@@ -1591,6 +1638,7 @@ impl CudaModel {
             SlotInput {
                 per_slot: true,
                 prequantized: ehq,
+                groups,
             },
             &mut s.edown,
         )?;

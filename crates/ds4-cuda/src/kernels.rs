@@ -41,6 +41,10 @@ pub const MODULES: &[ModuleSource] = &[
         source: include_str!("vector_ops.cu"),
     },
     ModuleSource {
+        name: "gemm_f16",
+        source: include_str!("gemm_f16.cu"),
+    },
+    ModuleSource {
         name: "dequant",
         source: include_str!("dequant.cu"),
     },

@@ -31,6 +31,7 @@ pub mod error;
 pub mod forward;
 pub mod fwd_kernels;
 pub mod gemm;
+pub mod gemm_f16;
 pub mod gemv;
 pub mod kernels;
 pub mod model;

@@ -91,7 +91,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // matvec's consecutive CTAs read the same expert's rows (L2 reuse when a prefill chunk sends
 // several tokens to one expert): order[p] = slot, inv[slot] = p. Ids outside [0, E) go last
 // (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints.
-extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, i64 n_slots, i64 E) {
+// group_start (E + 1 ints) receives each expert's first sorted position; [E] = valid slots.
+extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E) {
     extern __shared__ int start[];
     const int* ids = (const int*)ids_;
     auto bucket = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (i64)id : E; };
@@ -108,14 +109,14 @@ extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, i64 n_slot
         }
     }
     __syncthreads();
-    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) {
+    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) ((int*)group_start_)[e] = start[e];
+    // Stable: a slot's place among its expert's slots is the number of earlier ones.
+    for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) {
+        const i64 e = bucket(s);
         int p = start[e];
-        for (i64 s = 0; s < n_slots; s++)
-            if (bucket(s) == e) {
-                ((int*)order_)[p] = (int)s;
-                ((int*)inv_)[s] = p;
-                p++;
-            }
+        for (i64 q = 0; q < s; q++) p += bucket(q) == e;
+        ((int*)order_)[p] = (int)s;
+        ((int*)inv_)[s] = p;
     }
 }
 
