@@ -200,7 +200,8 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
     }
 }
 
-// The indexer's choice (cpu/indexer.rs select_rows) in three steps over the chunk's tokens:
+// The indexer's choice (cpu/indexer.rs select_rows) in three steps over the chunk's tokens
+// (scores, threshold by radix selection, ordered compaction):
 // with at most topk visible rows ((pos+1)/ratio) all are kept; otherwise every visible key is
 // scored, score = sum_h w_h max(0, q_h . k), and the topk best are kept (ties: the lowest
 // index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (already scaled), keys:
@@ -227,23 +228,63 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, 
     if (lane == 0) ((float*)scores_)[t * max_rows + row] = s;
 }
 
-// Ranks: grid (rows / 256, n_tok), one thread per row: kept when fewer than topk rows beat it.
-extern "C" __global__ void index_rank(u64 scores_, u64 flags_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
-    const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (nv <= topk || i >= nv) return;
-    const float* sc = (const float*)scores_ + t * max_rows;
-    const float ki = topk_key(sc[i]);
-    i64 rank = 0;
-    for (i64 j = 0; j < nv && rank < topk; j++) {
-        const float kj = topk_key(sc[j]);
-        rank += (kj > ki || (kj == ki && j < i)) ? 1 : 0;
-    }
-    ((int*)flags_)[t * max_rows + i] = rank < topk;
+// Scores as unsigned keys in the same order (NaN lowest, as topk_key): larger float, larger key.
+__device__ __forceinline__ u32 score_key(float v) {
+    const u32 u = __float_as_uint(topk_key(v) + 0.0f);  // + 0: -0 and +0 compare equal
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Selection lists: one warp per token writes the kept rows in ascending order and their count.
-extern "C" __global__ void index_compact(u64 flags_, u64 sel_, u64 selc_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
+#define SELECT_THREADS 1024
+
+// The topk-th largest key among a token's visible rows, by radix selection (4 passes of 8
+// bits over the keys, a 256-bin histogram each): sel_key[t] = that key, sel_eq[t] = how many
+// rows with exactly that key are kept (the rest of the topk are the rows above it). One CTA
+// per token; tokens with at most topk visible rows keep all and skip this.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+    index_threshold(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
+    const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
+    if (nv <= topk) return;  // uniform over the CTA
+    const float* sc = (const float*)scores_ + t * max_rows;
+    __shared__ u32 hist[256];
+    __shared__ u32 prefix_s, remaining_s;
+    if (threadIdx.x == 0) {
+        prefix_s = 0;
+        remaining_s = (u32)topk;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        const u32 prefix = prefix_s;
+        const u32 mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
+            const u32 key = score_key(sc[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // The digit holding the remaining-th largest key: skip the counts above it.
+            u32 remaining = remaining_s;
+            int d = 255;
+            for (; d > 0; d--) {
+                if (hist[d] >= remaining) break;
+                remaining -= hist[d];
+            }
+            prefix_s = prefix | ((u32)d << shift);
+            remaining_s = remaining;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        ((u32*)sel_key_)[t] = prefix_s;
+        ((int*)sel_eq_)[t] = (int)remaining_s;
+    }
+}
+
+// Selection lists: one warp per token writes the kept rows in ascending order and their count:
+// the rows whose key is above the token's threshold, and the first sel_eq of those equal to it
+// (ties go to the lowest index, as the CPU's rank order).
+extern "C" __global__ void index_compact(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 sel_, u64 selc_, u64 pos_,
+                                         i64 ratio, i64 topk, i64 max_rows) {
     const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const int lane = threadIdx.x & 31;
     int* sel = (int*)sel_ + t * topk;
@@ -252,11 +293,17 @@ extern "C" __global__ void index_compact(u64 flags_, u64 sel_, u64 selc_, u64 po
         if (lane == 0) ((int*)selc_)[t] = (int)nv;
         return;
     }
-    const int* flag = (const int*)flags_ + t * max_rows;
+    const float* sc = (const float*)scores_ + t * max_rows;
+    const u32 thr = ((const u32*)sel_key_)[t];
+    int eq_left = ((const int*)sel_eq_)[t];
     int base = 0;
     for (i64 i0 = 0; i0 < nv; i0 += 32) {
         const i64 i = i0 + lane;
-        const bool f = i < nv && flag[i];
+        const u32 key = i < nv ? score_key(sc[i]) : 0u;
+        const bool above = i < nv && key > thr, equal = i < nv && key == thr;
+        const unsigned eq_mask = __ballot_sync(FULL_MASK, equal);
+        const bool f = above || (equal && __popc(eq_mask & ((1u << lane) - 1u)) < eq_left);
+        eq_left -= min(eq_left, __popc(eq_mask));
         const unsigned mask = __ballot_sync(FULL_MASK, f);
         if (f) sel[base + __popc(mask & ((1u << lane) - 1u))] = (int)i;
         base += __popc(mask);

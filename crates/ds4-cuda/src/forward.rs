@@ -143,7 +143,9 @@ pub(crate) struct Scratch {
     sel: DeviceBuffer<i32>,
     selc: DeviceBuffer<i32>,
     iscores: DeviceBuffer<f32>,
-    iflags: DeviceBuffer<i32>,
+    /// Per token: the indexer's selection threshold key and how many rows equal to it are kept.
+    sel_key: DeviceBuffer<i32>,
+    sel_eq: DeviceBuffer<i32>,
     o: DeviceBuffer<f32>,
     og: DeviceBuffer<f32>,
     zg: DeviceBuffer<f32>,
@@ -236,7 +238,8 @@ impl Scratch {
             sel: i(cap * c.index_topk)?,
             selc: i(cap)?,
             iscores: f(cap * max_index_rows)?,
-            iflags: i(cap * max_index_rows)?,
+            sel_key: i(cap)?,
+            sel_eq: i(cap)?,
             o: f(cap * hhd)?,
             og: f(cap * hhd)?,
             zg: f(cap * god)?,
@@ -1153,25 +1156,29 @@ impl CudaModel {
             };
             let a = kargs![
                 s.iscores.ptr(),
-                s.iflags.ptr(),
+                s.sel_key.ptr(),
+                s.sel_eq.ptr(),
                 s.pos.ptr(),
                 ratio,
                 c.index_topk,
                 max_rows
             ];
-            let rank_cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (rows_now.div_ceil(256).max(1) as u32, n as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: index_rank reads the visible rows' scores and writes their flags, both
-            // within each token's max_index_rows-long scratch row.
+            // SAFETY: index_threshold reads each token's visible scores (within its
+            // max_index_rows-long scratch row) and writes one threshold key and tie count per
+            // token.
             unsafe {
-                self.fk
-                    .launch(dev, "fwd_compressor", "index_rank", rank_cfg, &a)?
+                self.fk.launch(
+                    dev,
+                    "fwd_compressor",
+                    "index_threshold",
+                    per_item(n, 1024, 0),
+                    &a,
+                )?
             };
             let a = kargs![
-                s.iflags.ptr(),
+                s.iscores.ptr(),
+                s.sel_key.ptr(),
+                s.sel_eq.ptr(),
                 s.sel.ptr(),
                 s.selc.ptr(),
                 s.pos.ptr(),
@@ -1179,8 +1186,9 @@ impl CudaModel {
                 c.index_topk,
                 max_rows
             ];
-            // SAFETY: index_compact reads the visible rows' flags and writes at most topk
-            // indices per token (topk kept when more rows are visible) and the count.
+            // SAFETY: index_compact reads the visible rows' scores and the token's threshold,
+            // and writes at most topk indices per token (exactly topk when more rows are
+            // visible) and the count.
             unsafe {
                 self.fk.launch(
                     dev,

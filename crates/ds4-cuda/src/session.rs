@@ -258,7 +258,7 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .map(|(&r, _)| compressed_capacity(ctx, r as usize))
         .max()
         .unwrap_or(1);
-    state + crate::model::working_memory_estimate(cfg) + chunk_tokens() * max_index_rows * 8
+    state + crate::model::working_memory_estimate(cfg) + chunk_tokens() * max_index_rows * 4
 }
 
 impl Session for CudaSession {
