@@ -207,25 +207,46 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
 // index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (already scaled), keys:
 // rows x di; scores/flags: n_tok x max_rows scratch. The span starts at position *pos_.
 
-// Scores: grid (rows / 8, n_tok), one warp per key row, lanes over heads.
+// Scores: grid (rows / INDEX_TILE_ROWS / INDEX_TILES, n_tok), 256 threads. A CTA keeps its
+// token's ni x di query in shared memory (row stride di + 1: lanes reading different heads hit
+// different banks) and walks INDEX_TILES tiles of INDEX_TILE_ROWS keys, one warp per key row,
+// lanes over heads; each head's dot product runs over the channels in order. Dynamic shared:
+// (ni + INDEX_TILE_ROWS) x (di + 1) floats.
+#define INDEX_TILE_ROWS 16
+#define INDEX_TILES 8
 extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
                                         i64 topk, i64 max_rows) {
+    extern __shared__ float qsh[];
     const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
-    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (nv <= topk || row >= nv) return;  // uniform per warp
-    const int lane = threadIdx.x & 31;
-    const float* k = (const float*)keys_ + row * di;
+    const i64 first = (i64)blockIdx.x * INDEX_TILE_ROWS * INDEX_TILES;
+    if (nv <= topk || first >= nv) return;  // uniform over the CTA
+    const i64 stride = di + 1;
+    float* ksh = qsh + ni * stride;
     const float* q = (const float*)q_ + t * ni * di;
     const float* wt = (const float*)w_ + t * ni;
-    float s = 0.f;
-    for (i64 h = lane; h < ni; h += 32) {
-        const float* qh = q + h * di;
-        float d = 0.f;
-        for (i64 c = 0; c < di; c++) d += qh[c] * k[c];
-        s += wt[h] * fmaxf(d, 0.0f);
+    for (i64 i = threadIdx.x; i < ni * di; i += blockDim.x) qsh[(i / di) * stride + i % di] = q[i];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int tile = 0; tile < INDEX_TILES; tile++) {
+        const i64 r0 = first + (i64)tile * INDEX_TILE_ROWS;
+        if (r0 >= nv) break;  // uniform
+        const i64 nr = min64(INDEX_TILE_ROWS, nv - r0);
+        __syncthreads();  // the previous tile's keys are used up (and the query is stored)
+        const float* keys = (const float*)keys_ + r0 * di;
+        for (i64 i = threadIdx.x; i < nr * di; i += blockDim.x) ksh[(i / di) * stride + i % di] = keys[i];
+        __syncthreads();
+        for (i64 r = warp; r < nr; r += warps) {
+            const float* k = ksh + r * stride;
+            float s = 0.f;
+            for (i64 h = lane; h < ni; h += 32) {
+                const float* qh = qsh + h * stride;
+                float d = 0.f;
+                for (i64 c = 0; c < di; c++) d += qh[c] * k[c];
+                s += wt[h] * fmaxf(d, 0.0f);
+            }
+            s = warp_sum(s);
+            if (lane == 0) ((float*)scores_)[t * max_rows + r0 + r] = s;
+        }
     }
-    s = warp_sum(s);
-    if (lane == 0) ((float*)scores_)[t * max_rows + row] = s;
 }
 
 // Scores as unsigned keys in the same order (NaN lowest, as topk_key): larger float, larger key.

@@ -28,6 +28,10 @@ const HC_MIX_MAX: usize = 40;
 const HC_GROUP_ROWS: usize = 6;
 /// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
 const HC_PRE_SLICE: usize = 1024;
+/// Key rows per tile and tiles per CTA of the indexer's scoring (compressor.cu
+/// INDEX_TILE_ROWS, INDEX_TILES).
+const INDEX_TILE_ROWS: usize = 16;
+const INDEX_TILES: usize = 8;
 /// Largest dynamic shared memory used without opting in.
 const MAX_SHARED: usize = 48 * 1024;
 
@@ -1142,14 +1146,25 @@ impl CudaModel {
             } else {
                 (pos0 + n) / ratio
             };
+            let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
+            if scores_shared > MAX_SHARED {
+                return Err(CudaError::InvalidArgument(format!(
+                    "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
+                )));
+            }
             let scores_cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (rows_now.div_ceil(8).max(1) as u32, n as u32, 1),
+                grid_dim: (
+                    rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
+                    n as u32,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: scores_shared as u32,
             };
             // SAFETY: index_scores reads each token's ni × di query and ni weights and the
             // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
-            // visible row into the token's max_index_rows-long scratch row.
+            // visible row into the token's max_index_rows-long scratch row; its dynamic
+            // shared memory holds the query and one tile of keys, (ni + 16) × (di + 1) floats.
             unsafe {
                 self.fk
                     .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
