@@ -787,15 +787,6 @@ impl Gpu {
             } else {
                 format!("gemv_{}_{act_tag}_nb{nb}", w.format.tag())
             };
-            // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
-            // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
-            // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
-            // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
-            // above for n_slots × n_vecs vectors (y2 too); the weight range
-            // [ptr, ptr + total_bytes) of w (and of w2, whose shape equals w's) is inside live
-            // device memory by DeviceMatrix's construction contract; expert ids are
-            // range-checked on the device.
             // Profile label: kernel and shape; bytes: the weight rows read (each slot's expert).
             let label = match n_batches {
                 1 => format!("{name} {}x{}", w.rows, w.cols),
@@ -807,6 +798,15 @@ impl Gpu {
                 label
             };
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
+            // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
+            // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
+            // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
+            // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
+            // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
+            // above for n_slots × n_vecs vectors (y2 too); the weight range
+            // [ptr, ptr + total_bytes) of w (and of w2, whose shape equals w's) is inside live
+            // device memory by DeviceMatrix's construction contract; expert ids are
+            // range-checked on the device.
             unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
             b0 += nb * n_batches;
         }
