@@ -1,6 +1,7 @@
-//! ds4-cuda: the CUDA backend's foundation — device, run-time compiled kernels, resident
-//! weights, and the decode-path kernels (GEMV per ggml format, norms, SwiGLU, activation
-//! quantization, f16 dequantization).
+//! ds4-cuda: the CUDA backend — device, run-time compiled kernels, resident weights, the
+//! matrix kernels (GEMV per ggml format for decode, tensor-core Q8_0 and CUDA-core F16 GEMMs and
+//! grouped expert products for prefill), norms, SwiGLU, activation quantization, and the
+//! DeepSeek V4 forward pass ([`forward`], with its own kernel modules) behind [`CudaBackend`].
 //!
 //! Everything loads libcuda/libnvrtc at run time (cudarc `dynamic-loading`): the crate builds
 //! and its CPU-side tests run on machines without CUDA, and [`Gpu::open`] returns
@@ -20,8 +21,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`device`] (open, buffers, events), [`compile`] (NVRTC + disk cache), [`kernels`]
-//! (module registry, [`Gpu`]), [`weights`], [`gemv`], [`vector_ops`], [`dequant`].
+//! Modules: [`device`] (open, buffers, events, per-kernel timing), [`compile`] (NVRTC + disk
+//! cache), [`kernels`] (module registry, [`Gpu`]), [`weights`], [`gemv`], [`gemm`] (Q8_0 on
+//! tensor cores), [`gemm_f16`], [`vector_ops`], [`dequant`]; the model on the GPU: [`model`]
+//! (weights as matrices), [`session`] (KV state, snapshots), [`forward`] + [`fwd_kernels`]
+//! (hc.cu, attention.cu, compressor.cu, moe.cu), [`backend`].
 
 pub mod backend;
 pub mod compile;
