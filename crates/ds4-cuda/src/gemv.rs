@@ -279,6 +279,15 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
     }
 }
 
+/// Whether the kernels may use 16-byte loads on `w` (and the paired `w2`, same shape): base,
+/// rows and the expert stride all multiples of 16 bytes.
+fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
+    w.row_bytes.is_multiple_of(16)
+        && w.expert_bytes().is_multiple_of(16)
+        && w.ptr.is_multiple_of(16)
+        && w2.is_none_or(|w2| w2.ptr.is_multiple_of(16))
+}
+
 /// Staged chunks per row of a quantized matrix.
 fn quant_chunks(w: &DeviceMatrix) -> usize {
     w.row_bytes.div_ceil(stage_chunk_bytes(w.format))
@@ -593,10 +602,7 @@ impl Gpu {
         if n_vecs_total == 0 {
             return Ok(());
         }
-        let aligned16 = w.row_bytes.is_multiple_of(16)
-            && w.expert_bytes().is_multiple_of(16)
-            && w.ptr.is_multiple_of(16)
-            && w2.is_none_or(|w2| w2.ptr.is_multiple_of(16));
+        let aligned16 = aligned16(w, w2);
         let sms = self.device.info().multiprocessors as usize;
         // The shape of an 8-vector expert_gemv launch: same split, hence the same bits.
         let shape = LaunchShape::choose(w, 8, self.gemv_warps(), sms, w.experts);
@@ -716,10 +722,7 @@ impl Gpu {
         if n_vecs == 0 {
             return Ok(());
         }
-        let aligned16 = w.row_bytes.is_multiple_of(16)
-            && w.expert_bytes().is_multiple_of(16)
-            && w.ptr.is_multiple_of(16)
-            && w2.is_none_or(|w2| w2.ptr.is_multiple_of(16));
+        let aligned16 = aligned16(w, w2);
         let sms = self.device.info().multiprocessors as usize;
         let plain = stage_chunk_bytes(w.format) == 0;
         let mut b0 = 0;
