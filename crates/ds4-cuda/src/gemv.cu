@@ -70,77 +70,6 @@ template <> struct Fmt<FMT_Q2_K> { enum { BB = 84, BE = 256, CB = 8, ITEMS = 8, 
 template <> struct Fmt<FMT_Q4_K> { enum { BB = 144, BE = 256, CB = 8, ITEMS = 8, QB = 256 }; };
 template <> struct Fmt<FMT_IQ2_XXS> { enum { BB = 66, BE = 256, CB = 16, ITEMS = 8, QB = 256 }; };
 
-// ---- IQ2_XXS decoding with PRMT ----
-// A grid entry is 8 bytes, each 8, 25 or 43. The kernels keep it as a PRMT selector word
-// (nibble j = 0, 1, 2 for byte j = 8, 25, 43; one 32-bit shared load per 8 weights). Setting
-// bit 2 of a nibble selects the negated byte instead, so one PRMT turns selector | sign bits
-// into 4 signed weights. The sign bits of each 7-bit sign index (with the parity bit that
-// completes it) are kept pre-spread to those bit-2 positions in a second table: 1.5 KB in all
-// (IQ2_TAB words), two 32-bit loads and an OR per 8 weights instead of ~12 integer ops.
-#define IQ2_POS 0x002B1908u  // bytes 8, 25, 43
-#define IQ2_NEG 0x00D5E7F8u  // bytes -8, -25, -43
-
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-
-// Selector nibbles of 4 grid bytes (each 8, 25 or 43): code = bit 0 + bit 5 of the byte
-// (8 -> 0, 25 -> 1, 43 -> 2), bytes packed into the low 4 nibbles.
-__device__ __forceinline__ u32 iq2_codes4(u32 w) {
-    u32 c = (w & 0x01010101u) + ((w >> 5) & 0x01010101u);  // one code per byte
-    c = (c | (c >> 4)) & 0x00FF00FFu;                        // byte pairs -> nibble pairs
-    return (c | (c >> 8)) & 0xFFFFu;
-}
-
-// Table layout: [0, 256) grid selectors, [256, 384) spread sign bits per 7-bit index. A
-// module-scope shared array (only kernels that use it get it): its address is a constant, so
-// each lookup is a shift, a mask and an LDS with an immediate offset.
-#define IQ2_TAB 384
-#define IQ2_SIGNS 256
-__shared__ u32 iq2_tab[IQ2_TAB];
-
-// Bit j of an 8-bit value moved to bit 4j + 2 (the "negate" bit of selector nibble j).
-__device__ __forceinline__ u32 sign_nibbles8(u32 s8) {
-    u32 x = (s8 | (s8 << 12)) & 0x000F000Fu;  // bits 0-3 stay, 4-7 -> 16-19
-    x = (x | (x << 6)) & 0x03030303u;         // 2-bit pairs -> bytes
-    x = (x | (x << 3)) & 0x11111111u;         // single bits -> nibbles
-    return x << 2;
-}
-
-// Builds both tables from the u64 codebook at p.grid (every thread of the CTA calls it; the
-// caller synchronizes before use).
-__device__ __forceinline__ void iq2xxs_tables(const GemvParams& p) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        const u64 g = ((const u64*)p.grid)[i];
-        iq2_tab[i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
-        if (i < 128) iq2_tab[IQ2_SIGNS + i] = sign_nibbles8(iq2_signs(i));
-    }
-}
-
-// The 8 signed weights of group l (0..3) of an item: a0 holds the 4 grid indices, a1 the four
-// 7-bit sign indices (the eighth sign makes the count of minus signs even). lo = weights 0-3.
-__device__ __forceinline__ void iq2xxs_group(u32 a0, u32 a1, int l, u32* lo, u32* hi) {
-    const u32 sel = iq2_tab[(a0 >> (8 * l)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
-    *lo = prmt(IQ2_POS, IQ2_NEG, sel);
-    *hi = prmt(IQ2_POS, IQ2_NEG, sel >> 16);
-}
-
-// The 8 bytes at p (2-byte aligned; mis = p & 2, which the caller knows once per lane) of a
-// shared-memory stage that is readable in whole 4-byte words up to the last of these bytes:
-// two or three 32-bit loads and a funnel shift instead of four 16-bit loads.
-__device__ __forceinline__ void rd64_a2(const u8* p, u32 mis, u32* lo, u32* hi) {
-    // Step back with pointer arithmetic (not through an integer) so the compiler still knows
-    // this is shared memory and emits LDS.
-    const u32* q = (const u32*)(p - mis);
-    const u32 sh = mis * 8;
-    const u32 w0 = q[0], w1 = q[1];
-    const u32 w2 = sh ? q[2] : w1;  // the third word only when the bytes straddle it
-    *lo = __funnelshift_r(w0, w1, sh);
-    *hi = __funnelshift_r(w1, w2, sh);
-}
-
 // The 16 bytes at p (2-byte aligned, mis = p & 2) of a shared-memory stage, as 4 words; like
 // rd64_a2, four or five 32-bit loads instead of eight 16-bit loads.
 __device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
@@ -397,19 +326,6 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
     __syncthreads();
 }
 
-// ---- asynchronous global -> shared copies (sm_80+) ----
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-// 16 bytes from global (L2 only, 256-byte L2 prefetch: the rest of the row comes next) to
-// shared, without passing through registers; both addresses 16-byte aligned.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // The items of staged chunk c (R rows at `cur`, CHUNK bytes apart) against activation vectors
 // xv .. xv+NB-1: lane l takes item l % ITEMS of the chunk's blocks l / ITEMS, + STEP, ...
@@ -502,7 +418,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
     if constexpr (FMT == FMT_IQ2_XXS) {  // after the first copies are issued: they overlap this
-        iq2xxs_tables(p);
+        iq2xxs_tables(p.grid);
         __syncthreads();
     }
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
@@ -650,7 +566,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
     if constexpr (FMT == FMT_IQ2_XXS) {
-        iq2xxs_tables(p);
+        iq2xxs_tables(p.grid);
         __syncthreads();
     }
     int buf = 0;
