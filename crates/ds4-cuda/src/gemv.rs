@@ -281,7 +281,7 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
 
 /// Whether the kernels may use 16-byte loads on `w` (and the paired `w2`, same shape): base,
 /// rows and the expert stride all multiples of 16 bytes.
-fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
+pub(crate) fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
     w.row_bytes.is_multiple_of(16)
         && w.expert_bytes().is_multiple_of(16)
         && w.ptr.is_multiple_of(16)
@@ -380,7 +380,11 @@ impl LaunchShape {
 /// Vectors per launch the kernels are instantiated for.
 const BATCH_VARIANTS: [usize; 4] = [8, 4, 2, 1];
 
-fn check_len<T: DeviceValue>(what: &str, buf: &DeviceBuffer<T>, need: usize) -> Result<()> {
+pub(crate) fn check_len<T: DeviceValue>(
+    what: &str,
+    buf: &DeviceBuffer<T>,
+    need: usize,
+) -> Result<()> {
     if buf.len() < need {
         return Err(CudaError::InvalidArgument(format!(
             "{what} has {} elements, needs {need}",

@@ -52,6 +52,10 @@ pub const MODULES: &[ModuleSource] = &[
         name: "gemm_q8",
         source: include_str!("gemm_q8.cu"),
     },
+    ModuleSource {
+        name: "gemm_experts",
+        source: include_str!("gemm_experts.cu"),
+    },
 ];
 
 /// Compiled modules of one device, each loaded from the disk cache (or compiled) once, and the

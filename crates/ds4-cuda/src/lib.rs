@@ -23,8 +23,9 @@
 //!
 //! Modules: [`device`] (open, buffers, events, per-kernel timing), [`compile`] (NVRTC + disk
 //! cache), [`kernels`] (module registry, [`Gpu`]), [`weights`], [`gemv`], [`gemm`] (Q8_0 on
-//! tensor cores), [`gemm_f16`], [`vector_ops`], [`dequant`]; the model on the GPU: [`model`]
-//! (weights as matrices), [`session`] (KV state, snapshots), [`forward`] + [`fwd_kernels`]
+//! tensor cores), [`gemm_experts`] (grouped IQ2_XXS / Q2_K / Q4_K experts on tensor cores),
+//! [`gemm_f16`], [`vector_ops`], [`dequant`]; the model on the GPU: [`model`] (weights as
+//! matrices), [`session`] (KV state, snapshots), [`forward`] + [`fwd_kernels`]
 //! (hc.cu, attention.cu, compressor.cu, moe.cu), [`backend`].
 
 pub mod backend;
@@ -35,6 +36,7 @@ pub mod error;
 pub mod forward;
 pub mod fwd_kernels;
 pub mod gemm;
+pub mod gemm_experts;
 pub mod gemm_f16;
 pub mod gemv;
 pub mod kernels;

@@ -1,0 +1,391 @@
+// Tensor-core grouped expert products for prefill (the routed MoE experts): for each expert e,
+// Y[v] = W_e X[v] for its vectors v in [groups[e], groups[e+1]) (sorted by expert), with
+// IQ2_XXS, Q2_K or Q4_K weights and Q8_K activations (int8 values, one f32 scale per 256).
+//
+// Numerics (bit-equal to ds4-gguf's scalar vec_dot_{iq2_xxs,q2_k,q4_k}): per 256-element block
+// an exact int32 sum with the integer sub-block scales applied inside it, then one f32 update
+// per block, blocks in ascending order, acc starting at 0, every operation rounded on its own
+// (__fmul_rn / __fadd_rn / __fsub_rn, no FMA contraction; int -> f32 rounds to nearest even as
+// Rust's `as f32`):
+//   IQ2_XXS: isum = sum_items (2 s + 1) * sum_32 w_grid*sign * x_q
+//            acc = acc + (f16(d) * d_x) * (f32)isum; the output is 0.125 * acc.
+//   Q2_K:    isum = sum_16 (sc & 15) * sum_16 q * x_q,  msum = sum_16 (sc >> 4) * sum_16 x_q
+//   Q4_K:    isum = sum_32 sc * sum_32 q * x_q,          msum = sum_32 m * sum_32 x_q
+//            acc = acc + ((d_x * f16(d)) * (f32)isum - (d_x * f16(dmin)) * (f32)msum).
+//
+// Integer sums on the tensor cores: one mma.m16n8k32 (s8 x s8 -> s32) covers one 32-element
+// item of a block for 16 rows x 8 vectors. The A fragments are decoded in registers straight
+// from the raw blocks staged in shared memory:
+//   IQ2_XXS: the signed grid values (|w| <= 43) through the PRMT tables of common.cuh; the item
+//            sum is multiplied by the item's odd scale 2 s + 1 and added to isum.
+//   Q2_K:    sc * q (<= 15 * 3 = 45, fits int8), so the accumulator chain C = isum of the mma
+//            sums the whole block; the min term is a second chained mma whose A holds the
+//            sub-block's min (sc >> 4) in every element: sum_16 m * x_q = m * bsum_16, so the
+//            16-value activation sums are never formed.
+//   Q4_K:    q (0..15); the item sum is multiplied by the 6-bit scale (sc * q up to 945 does
+//            not fit int8); the min term is a chained mma with m (<= 63) in every element.
+// All of it is exact int32 arithmetic (|isum| < 2^26), so the order of the integer sums is free.
+//
+// Tiles: a CTA owns GE_BM = 64 rows of one expert (4 warps x 16 rows: one m16 tile each) and
+// runs the expert's vectors in passes of up to GE_NV = 32 (four n8 tiles; only the tiles that
+// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (all
+// but the busiest at 256 tokens x 6 slots / 256 experts ~ 6 vectors each) reads and decodes
+// its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
+// tiles, experts + 1, matrices): consecutive CTAs are row tiles of one expert, sharing its
+// activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
+// group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
+//
+// The K loop walks tiles of GE_KT = 2 blocks (512 elements) with two shared-memory stages
+// filled by cp.async: the weight bytes of the tile for 64 rows (16-byte pieces covering the
+// tile's bytes, so the stage row starts `boff` = tile start & 15 bytes early), the active
+// vectors' 512 int8 values and their 2 block scales.
+//
+// Shared stage layout (bytes):
+//   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
+//   xq [GE_NV][GE_XROW]     each vector's 512 int8 values, rows padded by 16 bytes
+//   xd [GE_KT][GE_NV] f32   the vectors' block scales, block-major (two vectors per float2)
+// Row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint banks.
+//
+// Weights that are not 16-byte aligned (matrix address, row length or expert stride) are
+// copied with synchronous 2-byte loads into the same stage positions (same bits, slower).
+// Rows past n_rows read the last row and vectors past the group's end read its last vector;
+// neither is stored.
+//
+// What bounds it (H100 SXM, q2 model, 256 tokens): each expert's weights are read from memory
+// once, 1.81 GB per layer for gate + up + down (~0.55 ms at 3.3 TB/s), while the integer work
+// of ~6 vectors per expert is far below the tensor cores' rate. The CUDA cores are the other
+// limit: decoding an IQ2_XXS item for 16 rows costs a warp ~40 instructions (word loads, four
+// table lookups and two PRMT per row), ~0.4 ms for gate + up at four warp instructions per
+// cycle per SM, overlapped with the copies; Q2_K / Q4_K decode with a shift, a mask and a
+// multiply per 4 weights. The per-block f32 epilogue (3-6 ops per output per 256 MACs) and the
+// B fragment loads are minor at these batch sizes.
+
+#define GE_WARPS 4
+#define GE_THREADS (32 * GE_WARPS)
+#define GE_BM 64
+#define GE_NV 32
+#define GE_KT 2
+#define GE_XROW (GE_KT * QK_K + 16)  // 528
+#define GE_STAGE_X (GE_NV * GE_XROW)
+#define GE_STAGE_D (GE_KT * GE_NV * 4)
+// Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
+// past a 16-byte boundary, rounded up to 16, and 16 more where that is a multiple of 32.
+#define GE_WROW_IQ2_XXS 176
+#define GE_WROW_Q2_K 208
+#define GE_WROW_Q4_K 304
+
+#define GE_IQ2_XXS 0
+#define GE_Q2_K 1
+#define GE_Q4_K 2
+
+template <int FMT> struct GeFmt;
+template <> struct GeFmt<GE_IQ2_XXS> { enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW_IQ2_XXS }; };
+template <> struct GeFmt<GE_Q2_K> { enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K }; };
+template <> struct GeFmt<GE_Q4_K> { enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K }; };
+
+// Must match the #[repr(C)] GemmExpertsParams in gemm_experts.rs: 8-byte fields only.
+struct GemmExpertsParams {
+    u64 w;       // expert stack (blockIdx.z == 0)
+    u64 w_pair;  // second stack of the same shape (blockIdx.z == 1), or 0
+    u64 x;       // int8 activations, n_vecs_total x n_blocks x 256
+    u64 xd;      // f32 scale per activation block
+    u64 y;       // f32 output, vector-major: y[v * n_rows + r]
+    u64 y_pair;  // output of the second stack
+    u64 groups;  // i32 vector offsets per expert (n_experts + 1)
+    u64 grid;    // IQ2_XXS codebook: 256 x u64
+    i64 row_bytes;
+    i64 expert_stride;
+    i64 n_experts;
+    i64 n_rows;
+    i64 n_blocks;      // 256-element blocks per row
+    i64 n_vecs_total;  // vectors in x and y
+    i64 aligned16;     // w, w_pair, row_bytes and expert_stride are multiples of 16
+};
+
+// D = A B + C for a 16x32 s8 A (row-major) and a 32x8 s8 B (column-major), s32 C/D.
+// Lane l, g = l/4, t = l%4 holds:
+//   a[0]: A[g][4t..4t+3]    a[1]: A[g+8][4t..4t+3]   a[2]: A[g][16+4t..]   a[3]: A[g+8][16+4t..]
+//   b0: B[4t..4t+3][g]      b1: B[16+4t..16+4t+3][g]
+//   c[0]: C[g][2t]  c[1]: C[g][2t+1]  c[2]: C[g+8][2t]  c[3]: C[g+8][2t+1]
+// c is updated in place (D = C).
+__device__ __forceinline__ void ge_mma(const u32 (&a)[4], u32 b0, u32 b1, int (&c)[4]) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four signed IQ2_XXS weights: elements 4 h .. 4 h + 3 of group l of an item (a0: grid indices,
+// a1: sign indices), one PRMT on the selector of common.cuh's tables.
+__device__ __forceinline__ u32 iq2xxs_quad(u32 a0, u32 a1, int l, int h) {
+    const u32 sel = iq2_tab[(a0 >> (8 * l)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
+    return prmt(IQ2_POS, IQ2_NEG, sel >> (16 * h));
+}
+
+// Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
+// 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
+// last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
+template <int FMT>
+__device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
+                                             int nvr, i64 v_last, i64 kt) {
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW;
+    const int tid = threadIdx.x;
+    const i64 kb0 = kt * GE_KT;
+    const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
+    const i64 t0 = kb0 * BB;  // the tile's first byte in a row
+    const int boff = (int)(t0 & 15);
+    u8* sw = stage;
+    u8* sx = stage + GE_BM * WROW;
+    float* sd = (float*)(sx + GE_STAGE_X);
+    if (p.aligned16) {
+        // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
+        // end at or before the row's end, a multiple of 16 bytes.
+        const i64 s0 = t0 - boff;
+        const int n16 = (boff + nbt * BB + 15) >> 4;
+        for (int i = tid; i < GE_BM * (WROW / 16); i += GE_THREADS) {
+            const int r = i / (WROW / 16), c = i - r * (WROW / 16);
+            if (c < n16) {
+                const i64 row = min64(row0 + r, p.n_rows - 1);
+                cp_async16(sw + r * WROW + 16 * c, W + row * p.row_bytes + s0 + 16 * c);
+            }
+        }
+    } else {
+        // The tile's bytes only, 2 at a time (every block size is even: 2-byte aligned).
+        const int n2 = nbt * BB / 2;
+        for (int i = tid; i < GE_BM * n2; i += GE_THREADS) {
+            const int r = i / n2, c = i - r * n2;
+            const i64 row = min64(row0 + r, p.n_rows - 1);
+            ((u16*)(sw + r * WROW + boff))[c] = ((const u16*)(W + row * p.row_bytes + t0))[c];
+        }
+    }
+    // Activations: 16 pieces of 16 bytes per block and vector, then the block scales.
+    const i8* xq = (const i8*)p.x;
+    const float* xd = (const float*)p.xd;
+    for (int i = tid; i < nvr * (GE_KT * 16); i += GE_THREADS) {
+        const int v = i / (GE_KT * 16), c = i - v * (GE_KT * 16);
+        if (c < nbt * 16) {
+            const i64 vec = min64(v0 + v, v_last);
+            cp_async16(sx + v * GE_XROW + 16 * c, xq + (vec * p.n_blocks + kb0) * QK_K + 16 * c);
+        }
+    }
+    for (int i = tid; i < nvr * GE_KT; i += GE_THREADS) {
+        const int v = i / GE_KT, b = i - v * GE_KT;
+        if (b < nbt) {
+            const i64 vec = min64(v0 + v, v_last);
+            cp_async4(sd + b * GE_NV + v, xd + vec * p.n_blocks + kb0 + b);
+        }
+    }
+}
+
+// The blocks of one staged K tile for the warp's 16 rows against the pass's first nt n8 tiles
+// of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
+template <int FMT>
+__device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
+                                             float (&acc)[4][4]) {
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const i64 kb0 = kt * GE_KT;
+    const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
+    const int boff = (int)((kb0 * BB) & 15);
+    const u8* wrow[2];  // rows g and g + 8 of the warp's m tile
+    wrow[0] = stage + (16 * warp + g) * WROW + boff;
+    wrow[1] = wrow[0] + 8 * WROW;
+    // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 GE_XROW per n tile).
+    const u8* xs = stage + GE_BM * WROW + g * GE_XROW + 4 * t;
+    const float* sd = (const float*)(stage + GE_BM * WROW + GE_STAGE_X);
+#pragma unroll
+    for (int b = 0; b < GE_KT; b++) {
+        if (b >= nbt) break;
+        const u8* blk[2] = {wrow[0] + b * BB, wrow[1] + b * BB};
+        int isum[4][4], msum[4][4];
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) isum[nj][i] = msum[nj][i] = 0;
+#pragma unroll
+        for (int it = 0; it < 8; it++) {
+            u32 a[4], am[4];  // the item's weights (A) and, for the K formats, its mins (A')
+            int scale[2];     // integer factor of the item sum per row (IQ2_XXS, Q4_K)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if constexpr (FMT == GE_IQ2_XXS) {
+                    // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
+                    // 132-byte steps) and the row stride is a multiple of 16, so the words are
+                    // 2 bytes off a 4-byte boundary exactly for even blocks.
+                    u32 a0, a1;
+                    rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
+                    scale[r] = 2 * (int)(a1 >> 28) + 1;
+                    a[r] = iq2xxs_quad(a0, a1, t >> 1, t & 1);          // elements 4t..4t+3
+                    a[2 + r] = iq2xxs_quad(a0, a1, 2 + (t >> 1), t & 1);  // elements 16+4t..
+                } else if constexpr (FMT == GE_Q2_K) {
+                    // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
+                    // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
+                    const int h = it >> 2, j = it & 3;
+                    const u32 sc2 = rd16(blk[r] + 2 * it);
+                    const u32 sc_lo = sc2 & 15, sc_hi = (sc2 >> 8) & 15;
+                    a[r] = ((rd32(blk[r] + 16 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_lo;
+                    a[2 + r] = ((rd32(blk[r] + 32 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_hi;
+                    am[r] = ((sc2 >> 4) & 15) * 0x01010101u;
+                    am[2 + r] = ((sc2 >> 12) & 15) * 0x01010101u;
+                } else {
+                    // Elements 32 it + l: level (qs[32 c + l] >> 4 (it % 2)) & 15, c = it / 2.
+                    const int c = it >> 1, sh = 4 * (it & 1);
+                    int sc, m;
+                    q4k_scale_min(blk[r] + 4, it, &sc, &m);
+                    scale[r] = sc;
+                    a[r] = (rd32(blk[r] + 16 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                    a[2 + r] = (rd32(blk[r] + 32 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                    am[r] = am[2 + r] = (u32)m * 0x01010101u;
+                }
+            }
+#pragma unroll
+            for (int nj = 0; nj < 4; nj++) {
+                if (nj >= nt) break;
+                const u8* xb = xs + nj * 8 * GE_XROW + b * QK_K + 32 * it;
+                const u32 b0 = *(const u32*)xb, b1 = *(const u32*)(xb + 16);
+                if constexpr (FMT == GE_Q2_K) {
+                    ge_mma(a, b0, b1, isum[nj]);
+                    ge_mma(am, b0, b1, msum[nj]);
+                } else {
+                    int d[4] = {0, 0, 0, 0};
+                    ge_mma(a, b0, b1, d);
+#pragma unroll
+                    for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
+                    if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+                }
+            }
+        }
+        // One f32 update per block and output, in the scalar reference's operation order.
+        float dw[2], dm[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if constexpr (FMT == GE_IQ2_XXS) {
+                dw[r] = f16_to_f32(rd16(blk[r]));
+                dm[r] = 0.f;
+            } else if constexpr (FMT == GE_Q2_K) {
+                dw[r] = f16_to_f32(rd16(blk[r] + 80));
+                dm[r] = f16_to_f32(rd16(blk[r] + 82));
+            } else {
+                dw[r] = f16_to_f32(rd16(blk[r]));
+                dm[r] = f16_to_f32(rd16(blk[r] + 2));
+            }
+        }
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++) {
+            if (nj >= nt) break;
+            const float2 dx2 = *(const float2*)(sd + b * GE_NV + 8 * nj + 2 * t);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float dx = (i & 1) ? dx2.y : dx2.x;
+                const float fi = __int2float_rn(isum[nj][i]);
+                if constexpr (FMT == GE_IQ2_XXS) {
+                    acc[nj][i] = __fadd_rn(acc[nj][i], __fmul_rn(__fmul_rn(dw[i >> 1], dx), fi));
+                } else {
+                    const float d = __fmul_rn(dx, dw[i >> 1]), dmin = __fmul_rn(dx, dm[i >> 1]);
+                    const float fm = __int2float_rn(msum[nj][i]);
+                    acc[nj][i] = __fadd_rn(acc[nj][i], __fsub_rn(__fmul_rn(d, fi), __fmul_rn(dmin, fm)));
+                }
+            }
+        }
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
+    constexpr int WROW = GeFmt<FMT>::WROW;
+    constexpr int STAGE = GE_BM * WROW + GE_STAGE_X + GE_STAGE_D;
+    static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
+    static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
+    // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
+    // GE_KT BB is a multiple of 16, else at most 12 (tiles start 4-byte aligned). IQ2_XXS's
+    // word reads may touch 2 bytes past the tile (rd64_a2's third word).
+    constexpr int BOFF_MAX = (GE_KT * GeFmt<FMT>::BB) % 16 == 0 ? 0 : 12;
+    constexpr int OVER_READ = FMT == GE_IQ2_XXS ? 4 : 0;
+    static_assert(WROW >= ((BOFF_MAX + GE_KT * GeFmt<FMT>::BB + 15) / 16) * 16 + OVER_READ,
+                  "a stage row holds the tile's 16-byte pieces and the IQ2_XXS over-read");
+    static_assert((GE_KT * GeFmt<FMT>::BB) % 4 == 0, "tiles start 4-byte aligned");
+    static_assert(STAGE % 16 == 0, "stages keep 16-byte alignment");
+    extern __shared__ __align__(16) u8 ge_smem[];
+    const u8* W = (const u8*)(blockIdx.z ? p.w_pair : p.w);
+    float* Y = (float*)(blockIdx.z ? p.y_pair : p.y);
+    const i64 row0 = (i64)blockIdx.x * GE_BM;
+    const float nan = __int_as_float(0x7fc00000);
+
+    // Group offsets come from the device and are not trusted: clamped to [0, n_vecs_total],
+    // and a group that ends before it starts is empty.
+    const int* groups = (const int*)p.groups;
+    const i64 n = p.n_vecs_total;
+    auto offset = [&](i64 e) {
+        const i64 v = groups[e];
+        return v < 0 ? (i64)0 : (v > n ? n : v);
+    };
+    if ((i64)blockIdx.y == p.n_experts) {
+        // NaN rows (this CTA's row tile) for the vectors before the first group and from the
+        // end of the last one on.
+        const i64 head = offset(0), last = offset(p.n_experts), tail = last > head ? last : head;
+        const i64 count = head + (n - tail);
+        for (i64 i = threadIdx.x; i < count * GE_BM; i += GE_THREADS) {
+            const i64 k = i / GE_BM, row = row0 + (i - k * GE_BM);
+            const i64 v = k < head ? k : tail + (k - head);
+            if (row < p.n_rows) Y[v * p.n_rows + row] = nan;
+        }
+        return;
+    }
+    const i64 v_begin = offset(blockIdx.y), e_end = offset((i64)blockIdx.y + 1);
+    const i64 v_end = e_end > v_begin ? e_end : v_begin;
+    if (v_end == v_begin) return;  // uniform in the CTA
+    W += (i64)blockIdx.y * p.expert_stride;
+
+    if constexpr (FMT == GE_IQ2_XXS) iq2xxs_tables(p.grid);  // read after the loop's first barrier
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
+    for (i64 v0 = v_begin; v0 < v_end; v0 += GE_NV) {
+        const int nv = (int)min64(GE_NV, v_end - v0), nt = (nv + 7) >> 3;
+        float acc[4][4];
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
+        // Both stages are free here: the previous pass ended with a barrier after its last
+        // reads.
+        ge_load_tile<FMT>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        cp_async_commit();
+        for (i64 kt = 0; kt < n_tiles; kt++) {
+            // Prefetch the next tile into the other stage (its last readers passed the barrier
+            // at the end of the previous iteration); an empty group keeps the wait uniform.
+            if (kt + 1 < n_tiles)
+                ge_load_tile<FMT>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
+            cp_async_commit();
+            cp_async_wait_all_but_newest();
+            __syncthreads();
+            ge_tile_math<FMT>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
+            __syncthreads();
+        }
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const i64 row = row0 + 16 * warp + g + 8 * (i >> 1);
+                const int vi = 8 * nj + 2 * t + (i & 1);
+                if (row < p.n_rows && vi < nv) {
+                    const float out = FMT == GE_IQ2_XXS ? __fmul_rn(0.125f, acc[nj][i]) : acc[nj][i];
+                    Y[(v0 + vi) * p.n_rows + row] = out;
+                }
+            }
+    }
+}
+
+// 64 rows of one expert per CTA, 4 warps; two stages of 28416 (IQ2_XXS), 30464 (Q2_K) or
+// 36608 (Q4_K) bytes: three CTAs per SM.
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
+    gemm_experts_tile<GE_IQ2_XXS>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
+    gemm_experts_tile<GE_Q2_K>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
+    gemm_experts_tile<GE_Q4_K>(p);
+}

@@ -1,0 +1,358 @@
+//! Tensor-core grouped expert products for prefill (the routed MoE experts); kernel in
+//! `gemm_experts.cu`.
+//!
+//! Same contract as [`Gpu::expert_gemv_grouped`] / [`Gpu::expert_gemv_grouped_pair`]: x holds
+//! `n_vecs_total` Q8_K activation vectors sorted by expert, `group_start[e]..group_start[e+1]`
+//! are expert e's vectors (read on the device, clamped, never trusted), y receives
+//! `n_vecs_total × rows` values (`y[v·rows + r]`), and vectors outside every group get NaN
+//! rows. The difference is the arithmetic: the integer sums run on the tensor cores
+//! (`mma.m16n8k32` s8) and each output is bit-equal to ds4-gguf's scalar
+//! `vec_dot_{iq2_xxs,q2_k,q4_k}` (one exact int32 sum and one f32 update per 256-element
+//! block, blocks in order, each operation rounded on its own), whereas the dp4a kernels add
+//! per 32-element item and agree with it only up to f32 rounding.
+//!
+//! Formats: IQ2_XXS, Q2_K and Q4_K (the q2 and q4 models' expert stacks); Q8_0 stacks keep
+//! [`Gpu::expert_gemv_grouped`]. Tiles, pipeline and what bounds the kernel: see the header
+//! of gemm_experts.cu.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+use crate::device::DeviceBuffer;
+use crate::error::{CudaError, DriverContext, Result};
+use crate::gemv::{aligned16, check_len, ActQuant, Activations, DeviceMatrix, WeightFormat};
+use crate::kernels::Gpu;
+
+/// Weight rows per CTA (`GE_BM` in gemm_experts.cu): 4 warps of one m16 tile each.
+const TILE_ROWS: usize = 64;
+/// Threads per CTA (`GE_THREADS`).
+const THREADS: usize = 128;
+/// Vectors per pass of a CTA over its expert's rows (`GE_NV`).
+const PASS_VECS: usize = 32;
+/// 256-element blocks per K tile (`GE_KT`).
+const TILE_BLOCKS: usize = 2;
+/// Stages per CTA (double buffering).
+const STAGES: usize = 2;
+/// CTAs per multiprocessor the kernels are built for (`__launch_bounds__(128, 3)`).
+const CTAS_PER_SM: usize = 3;
+/// Most experts: the grid's y dimension holds one row per expert and the NaN row.
+const MAX_EXPERTS: usize = 65534;
+
+const MODULE: &str = "gemm_experts";
+
+/// Stride of a weight row in a stage (`GE_WROW_*`): a K tile's bytes from the 16-byte boundary
+/// at or before it, rounded up to 16, plus 16 where that is a multiple of 32 (bank spread).
+const fn weight_row_bytes(format: WeightFormat) -> usize {
+    match format {
+        WeightFormat::IQ2XXS => 176,
+        WeightFormat::Q2K => 208,
+        WeightFormat::Q4K => 304,
+        _ => 0,
+    }
+}
+
+/// Bytes of one shared-memory stage: the tile's weight rows, the pass's vectors' int8 values
+/// (rows padded by 16 bytes) and their block scales.
+const fn stage_bytes(format: WeightFormat) -> usize {
+    TILE_ROWS * weight_row_bytes(format)
+        + PASS_VECS * (TILE_BLOCKS * 256 + 16)
+        + TILE_BLOCKS * PASS_VECS * 4
+}
+
+/// Dynamic shared memory per CTA.
+const fn shared_bytes(format: WeightFormat) -> usize {
+    STAGES * stage_bytes(format)
+}
+
+// The resident CTAs' stages (and IQ2_XXS's 1.5 KB of static tables) fit in Hopper's 228 KiB of
+// shared memory per SM, 1 KiB reserved per CTA.
+const _: () =
+    assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::IQ2XXS) + 1536 + 1024) <= 228 * 1024);
+const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q2K) + 1024) <= 228 * 1024);
+const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q4K) + 1024) <= 228 * 1024);
+
+/// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmExpertsParams {
+    w: u64,
+    w_pair: u64,
+    x: u64,
+    xd: u64,
+    y: u64,
+    y_pair: u64,
+    groups: u64,
+    grid: u64,
+    row_bytes: i64,
+    expert_stride: i64,
+    n_experts: i64,
+    n_rows: i64,
+    n_blocks: i64,
+    n_vecs_total: i64,
+    aligned16: i64,
+}
+// SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
+unsafe impl DeviceRepr for GemmExpertsParams {}
+
+fn invalid(msg: String) -> CudaError {
+    CudaError::InvalidArgument(msg)
+}
+
+impl Gpu {
+    /// Whether [`Gpu::expert_gemm_grouped`] has a kernel for expert stacks of `format`
+    /// (IQ2_XXS, Q2_K, Q4_K).
+    pub fn expert_gemm_grouped_supports(format: WeightFormat) -> bool {
+        weight_row_bytes(format) != 0
+    }
+
+    /// Prefill MoE on the tensor cores: expert e of the stack `w` against its vectors
+    /// `group_start[e]..group_start[e+1]` of x, one launch for all experts; each expert's
+    /// weights are read once per 64-row tile for up to 32 of its vectors.
+    ///
+    /// Arguments as [`Gpu::expert_gemv_grouped`]: `group_start` holds `w.experts + 1`
+    /// offsets (only those are read; on the device, clamped to `[0, n_vecs_total]`, a group
+    /// that ends before it starts is empty, so bad offsets give wrong rows, never an access
+    /// outside x or y); vectors before `group_start[0]` or from `group_start[w.experts]` on
+    /// get NaN rows; x must be [`Activations::Quantized`] Q8_K of `w.cols` values (at least
+    /// `n_vecs_total` vectors), y at least `n_vecs_total × w.rows` values. Every output equals
+    /// ds4-gguf's scalar `vec_dot_*` of its row and vector bit for bit.
+    pub fn expert_gemm_grouped(
+        &self,
+        w: &DeviceMatrix,
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        self.expert_gemm_launch(w, None, group_start, x, n_vecs_total, y, None)
+    }
+
+    /// [`Gpu::expert_gemm_grouped`] for two expert stacks of the same format and shape with the
+    /// same groups and activations (the MoE gate and up projections) in one launch: `y[i]` gets
+    /// stack `w[i]`. Bit-identical to two `expert_gemm_grouped` calls.
+    pub fn expert_gemm_grouped_pair(
+        &self,
+        w: [&DeviceMatrix; 2],
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+    ) -> Result<()> {
+        let [y0, y1] = y;
+        self.expert_gemm_launch(w[0], Some(w[1]), group_start, x, n_vecs_total, y0, Some(y1))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn expert_gemm_launch(
+        &self,
+        w: &DeviceMatrix,
+        w2: Option<&DeviceMatrix>,
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: &mut DeviceBuffer<f32>,
+        y2: Option<&mut DeviceBuffer<f32>>,
+    ) -> Result<()> {
+        if !Gpu::expert_gemm_grouped_supports(w.format) {
+            return Err(invalid(format!(
+                "tensor-core grouped expert product of a {:?} stack: only IQ2_XXS, Q2_K and Q4_K have one (use expert_gemv_grouped)",
+                w.format
+            )));
+        }
+        if let Some(w2) = w2 {
+            if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
+                return Err(invalid(format!(
+                    "expert stack pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
+                    w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
+                )));
+            }
+        }
+        if w.experts > MAX_EXPERTS {
+            return Err(invalid(format!(
+                "grouped expert product of {} experts (at most {MAX_EXPERTS})",
+                w.experts
+            )));
+        }
+        check_len("group offset buffer", group_start, w.experts + 1)?;
+        // Offsets are i32 on the device.
+        if n_vecs_total > i32::MAX as usize {
+            return Err(invalid(format!(
+                "{n_vecs_total} vectors in a grouped expert product (offsets are i32)"
+            )));
+        }
+        let Activations::Quantized(qa) = x else {
+            return Err(invalid(
+                "grouped expert products take quantized activations (Gpu::quantize_activations)"
+                    .into(),
+            ));
+        };
+        if qa.kind != ActQuant::Q8K || qa.len != w.cols || qa.n_vecs < n_vecs_total {
+            return Err(invalid(format!(
+                "{:?} experts of {} columns need Q8K activations of that length for {n_vecs_total} vectors, got {:?} × {} × {}",
+                w.format, w.cols, qa.kind, qa.len, qa.n_vecs
+            )));
+        }
+        // Whole blocks: DeviceMatrix guarantees cols is a multiple of 256 for these formats.
+        let n_blocks = w.cols / 256;
+        let out_len = n_vecs_total
+            .checked_mul(w.rows)
+            .ok_or_else(|| invalid(format!("{n_vecs_total} vectors × {} rows overflow", w.rows)))?;
+        // Saturating products: an absurd count then fails the length checks.
+        check_len(
+            "activation quants",
+            &qa.q,
+            n_vecs_total.saturating_mul(w.cols),
+        )?;
+        check_len(
+            "activation scales",
+            &qa.d,
+            n_vecs_total.saturating_mul(n_blocks),
+        )?;
+        check_len("output", y, out_len)?;
+        let y2_ptr = match y2 {
+            Some(b) => {
+                check_len("second output", b, out_len)?;
+                b.ptr()
+            }
+            None => 0,
+        };
+        // cp.async copies 16-byte pieces of the activation rows (each a multiple of 256 bytes
+        // long) and 4-byte scales.
+        if !qa.q.ptr().is_multiple_of(16) || !qa.d.ptr().is_multiple_of(4) {
+            return Err(invalid(format!(
+                "grouped expert product: activation buffers at {:#x} / {:#x} are not 16 / 4-byte aligned",
+                qa.q.ptr(),
+                qa.d.ptr()
+            )));
+        }
+        if n_vecs_total == 0 {
+            return Ok(());
+        }
+        let row_tiles = w.rows.div_ceil(TILE_ROWS);
+        if row_tiles > i32::MAX as usize {
+            return Err(invalid(format!(
+                "grouped expert product of {} rows exceeds the launch grid",
+                w.rows
+            )));
+        }
+        let name = format!("gemm_experts_{}", w.format.tag());
+        let shared = shared_bytes(w.format);
+        // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
+        // the largest carveout lets CTAS_PER_SM CTAs reside on each SM.
+        let f = self.kernels.function(MODULE, &name)?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .ctx("allowing gemm_experts its shared memory")?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .ctx("setting gemm_experts's shared memory carveout")?;
+        let n_mats = if w2.is_some() { 2 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (row_tiles as u32, (w.experts + 1) as u32, n_mats),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let params = GemmExpertsParams {
+            w: w.ptr,
+            w_pair: w2.map_or(0, |w2| w2.ptr),
+            x: qa.q.ptr(),
+            xd: qa.d.ptr(),
+            y: y.ptr(),
+            y_pair: y2_ptr,
+            groups: group_start.ptr(),
+            grid: self.kernels.iq2xxs_grid.ptr(),
+            row_bytes: w.row_bytes as i64,
+            expert_stride: w.expert_bytes() as i64,
+            n_experts: w.experts as i64,
+            n_rows: w.rows as i64,
+            n_blocks: n_blocks as i64,
+            n_vecs_total: n_vecs_total as i64,
+            aligned16: aligned16(w, w2) as i64,
+        };
+        let label = format!(
+            "{name} {}x{} x{} experts {n_vecs_total} vecs{}",
+            w.rows,
+            w.cols,
+            w.experts,
+            if n_mats == 2 { " pair" } else { "" }
+        );
+        // Profile bytes: an upper bound (every expert's rows once; experts without vectors read
+        // nothing), the activations and the outputs.
+        let bytes = w.total_bytes() * n_mats as usize
+            + n_vecs_total * (w.cols + 4 * n_blocks)
+            + out_len * 4 * n_mats as usize;
+        // SAFETY: the kernel takes one GemmExpertsParams by value. Its CTA has THREADS threads
+        // and STAGES stages of stage_bytes(format) of dynamic shared memory, which the attribute
+        // set above allows. It reads group_start[0..=experts] (the buffer has at least
+        // experts + 1 entries, checked above) and clamps every offset to [0, n_vecs_total], so it
+        // reads activation vectors and writes output vectors only in [0, n_vecs_total): the
+        // quants hold at least n_vecs_total × cols values and the scales n_vecs_total × cols/256
+        // (checked above), y and y2 at least n_vecs_total × rows floats. Grid row e < experts
+        // reads rows < rows of expert e of w (and of w2, same shape) inside
+        // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
+        // grid row `experts` reads no weights. 16-byte copies are used only when aligned16 says
+        // w, w2, the rows and the expert stride are multiples of 16 (each K tile's pieces then
+        // lie inside its row); the activation buffers are 16 / 4-byte aligned (checked above)
+        // and each vector's row (cols bytes, a multiple of 256) keeps that alignment. The
+        // IQ2_XXS kernel reads the 256-entry codebook at `grid`, which Kernels keeps alive.
+        unsafe { self.launch(MODULE, &name, (&label, bytes), cfg, &[&params]) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn define(src: &str, name: &str) -> usize {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name} in gemm_experts.cu"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    /// The tile constants here must be the kernel's: the launch sizes its grid, CTA and shared
+    /// memory from them.
+    #[test]
+    fn tile_constants_match_the_kernel_source() {
+        let src = include_str!("gemm_experts.cu");
+        assert_eq!(define(src, "GE_BM"), TILE_ROWS);
+        assert_eq!(32 * define(src, "GE_WARPS"), THREADS);
+        assert_eq!(16 * define(src, "GE_WARPS"), TILE_ROWS);
+        assert_eq!(define(src, "GE_NV"), PASS_VECS);
+        assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
+        for (format, tag) in [
+            (WeightFormat::IQ2XXS, "IQ2_XXS"),
+            (WeightFormat::Q2K, "Q2_K"),
+            (WeightFormat::Q4K, "Q4_K"),
+        ] {
+            assert_eq!(
+                define(src, &format!("GE_WROW_{tag}")),
+                weight_row_bytes(format)
+            );
+            let wrapper = format!(
+                "__launch_bounds__({THREADS}, {CTAS_PER_SM}) gemm_experts_{}(const GemmExpertsParams p)",
+                format.tag()
+            );
+            assert!(src.contains(&wrapper), "gemm_experts.cu lacks `{wrapper}`");
+        }
+        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 28416);
+        assert_eq!(stage_bytes(WeightFormat::Q2K), 30464);
+        assert_eq!(stage_bytes(WeightFormat::Q4K), 36608);
+    }
+
+    #[test]
+    fn only_the_expert_formats_have_a_kernel() {
+        for f in WeightFormat::ALL {
+            let want = matches!(
+                f,
+                WeightFormat::IQ2XXS | WeightFormat::Q2K | WeightFormat::Q4K
+            );
+            assert_eq!(Gpu::expert_gemm_grouped_supports(f), want, "{f:?}");
+        }
+    }
+}
