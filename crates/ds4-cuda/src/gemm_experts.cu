@@ -17,7 +17,10 @@
 // item of a block for 16 rows x 8 vectors. The A fragments are decoded in registers straight
 // from the raw blocks staged in shared memory:
 //   IQ2_XXS: the signed grid values (|w| <= 43) through the PRMT tables of common.cuh; the item
-//            sum is multiplied by the item's odd scale 2 s + 1 and added to isum.
+//            sum is multiplied by the item's odd scale 2 s + 1 and added to isum. The K order
+//            inside the item is permuted (in A and B alike, which leaves the sum unchanged) so
+//            that each lane's registers hold one whole 8-weight group: one selector lookup per
+//            row and item, and an 8-byte B load.
 //   Q2_K:    sc * q (<= 15 * 3 = 45, fits int8), so the accumulator chain C = isum of the mma
 //            sums the whole block; the min term is a second chained mma whose A holds the
 //            sub-block's min (sc >> 4) in every element: sum_16 m * x_q = m * bsum_16, so the
@@ -116,13 +119,6 @@ __device__ __forceinline__ void ge_mma(const u32 (&a)[4], u32 b0, u32 b1, int (&
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four signed IQ2_XXS weights: elements 4 h .. 4 h + 3 of group l of an item (a0: grid indices,
-// a1: sign indices), one PRMT on the selector of common.cuh's tables.
-__device__ __forceinline__ u32 iq2xxs_quad(u32 a0, u32 a1, int l, int h) {
-    const u32 sel = iq2_tab[(a0 >> (8 * l)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * l)) & 127)];
-    return prmt(IQ2_POS, IQ2_NEG, sel >> (16 * h));
-}
-
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
 // 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
 // last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
@@ -214,11 +210,15 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                     // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
                     // 132-byte steps) and the row stride is a multiple of 16, so the words are
                     // 2 bytes off a 4-byte boundary exactly for even blocks.
+                    // K order: the lane's k positions 4t..4t+3 and 16+4t..16+4t+3 carry the
+                    // item's group t (elements 8t..8t+7) here and in the B fragments, so one
+                    // selector lookup gives both registers (the item sum is the same).
                     u32 a0, a1;
                     rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
                     scale[r] = 2 * (int)(a1 >> 28) + 1;
-                    a[r] = iq2xxs_quad(a0, a1, t >> 1, t & 1);          // elements 4t..4t+3
-                    a[2 + r] = iq2xxs_quad(a0, a1, 2 + (t >> 1), t & 1);  // elements 16+4t..
+                    const u32 sel = iq2_tab[(a0 >> (8 * t)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * t)) & 127)];
+                    a[r] = prmt(IQ2_POS, IQ2_NEG, sel);            // elements 8t..8t+3
+                    a[2 + r] = prmt(IQ2_POS, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
                 } else if constexpr (FMT == GE_Q2_K) {
                     // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
                     // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
@@ -243,8 +243,18 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
 #pragma unroll
             for (int nj = 0; nj < 4; nj++) {
                 if (nj >= nt) break;
-                const u8* xb = xs + nj * 8 * GE_XROW + b * QK_K + 32 * it;
-                const u32 b0 = *(const u32*)xb, b1 = *(const u32*)(xb + 16);
+                // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
+                // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
+                u32 b0, b1;
+                if constexpr (FMT == GE_IQ2_XXS) {
+                    const uint2 bb = *(const uint2*)(xs + nj * 8 * GE_XROW + b * QK_K + 32 * it + 4 * t);
+                    b0 = bb.x;
+                    b1 = bb.y;
+                } else {
+                    const u8* xb = xs + nj * 8 * GE_XROW + b * QK_K + 32 * it;
+                    b0 = *(const u32*)xb;
+                    b1 = *(const u32*)(xb + 16);
+                }
                 if constexpr (FMT == GE_Q2_K) {
                     ge_mma(a, b0, b1, isum[nj]);
                     ge_mma(am, b0, b1, msum[nj]);
