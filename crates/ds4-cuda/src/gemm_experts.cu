@@ -57,12 +57,13 @@
 // What bounds it (H100 SXM, q2 model, 256 tokens): each expert's weights are read from memory
 // once, 1.81 GB per layer for gate + up + down (~0.55 ms at 3.3 TB/s), while the integer work
 // of ~6 vectors per expert is far below the tensor cores' rate. The CUDA cores are the other
-// limit: decoding an IQ2_XXS item for 16 rows costs a warp ~50 instructions (three word loads,
-// four table lookups and two PRMT per row; counted in the SASS), ~0.45 ms for gate + up at four
-// warp instructions per cycle per SM, so IQ2_XXS is issue-bound rather than bandwidth-bound
-// (overlapped with the copies); Q2_K / Q4_K decode with a load, a shift, a mask and a multiply
-// per 4 weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output per 256 MACs) and the
-// B fragment loads are minor at these batch sizes.
+// limit: an IQ2_XXS item for 16 rows and one n8 tile costs a warp ~50 instructions (per row
+// three word loads, two table lookups, two PRMT and the index arithmetic; counted in the SASS),
+// ~0.45 ms for gate + up at four warp instructions per cycle per SM, so IQ2_XXS is issue-bound
+// rather than bandwidth-bound (overlapped with the copies); Q2_K / Q4_K decode with a load, a
+// shift, a mask and a multiply per 4 weights and stay near the bandwidth bound. The per-block
+// f32 epilogue (3-6 ops per output per 256 MACs) and the B fragment loads are minor at these
+// batch sizes.
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
