@@ -45,9 +45,11 @@
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
-//   xq [GE_NV][GE_XROW]     each vector's 512 int8 values, rows padded by 16 bytes
+//   xq [GE_NV][XROW]        each vector's 512 int8 values, rows padded by 16 or 32 bytes
 //   xd [GE_KT][GE_NV] f32   the vectors' block scales, block-major (two vectors per float2)
-// Row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint banks.
+// Weight row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint
+// banks; so do activation rows 16 mod 128 bytes apart for the 4-byte B loads of the K formats,
+// and 32 mod 128 for IQ2_XXS's 8-byte B loads (16 lanes a wavefront: 4 rows x 32 bytes).
 //
 // Weights that are not 16-byte aligned (matrix address, row length or expert stride) are
 // copied with synchronous 2-byte loads into the same stage positions (same bits, slower).
@@ -70,8 +72,8 @@
 #define GE_BM 64
 #define GE_NV 32
 #define GE_KT 2
-#define GE_XROW (GE_KT * QK_K + 16)  // 528
-#define GE_STAGE_X (GE_NV * GE_XROW)
+#define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
+#define GE_XROW_K (GE_KT * QK_K + 16)        // 528
 #define GE_STAGE_D (GE_KT * GE_NV * 4)
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
 // past a 16-byte boundary, rounded up to 16, and 16 more where that is a multiple of 32.
@@ -84,9 +86,10 @@
 #define GE_Q4_K 2
 
 template <int FMT> struct GeFmt;
-template <> struct GeFmt<GE_IQ2_XXS> { enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW_IQ2_XXS }; };
-template <> struct GeFmt<GE_Q2_K> { enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K }; };
-template <> struct GeFmt<GE_Q4_K> { enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K }; };
+// Per format: block bytes, weight and activation stage row strides.
+template <> struct GeFmt<GE_IQ2_XXS> { enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW_IQ2_XXS, XROW = GE_XROW_IQ2_XXS }; };
+template <> struct GeFmt<GE_Q2_K> { enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K, XROW = GE_XROW_K }; };
+template <> struct GeFmt<GE_Q4_K> { enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K, XROW = GE_XROW_K }; };
 
 // Must match the #[repr(C)] GemmExpertsParams in gemm_experts.rs: 8-byte fields only.
 struct GemmExpertsParams {
@@ -126,7 +129,7 @@ __device__ __forceinline__ void ge_mma(const u32 (&a)[4], u32 b0, u32 b1, int (&
 template <int FMT>
 __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
                                              int nvr, i64 v_last, i64 kt) {
-    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW;
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int tid = threadIdx.x;
     const i64 kb0 = kt * GE_KT;
     const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
@@ -134,7 +137,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     const int boff = (int)(t0 & 15);
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
-    float* sd = (float*)(sx + GE_STAGE_X);
+    float* sd = (float*)(sx + GE_NV * XROW);
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
         // end at or before the row's end, a multiple of 16 bytes.
@@ -163,7 +166,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
         const int v = i / (GE_KT * 16), c = i - v * (GE_KT * 16);
         if (c < nbt * 16) {
             const i64 vec = min64(v0 + v, v_last);
-            cp_async16(sx + v * GE_XROW + 16 * c, xq + (vec * p.n_blocks + kb0) * QK_K + 16 * c);
+            cp_async16(sx + v * XROW + 16 * c, xq + (vec * p.n_blocks + kb0) * QK_K + 16 * c);
         }
     }
     for (int i = tid; i < nvr * GE_KT; i += GE_THREADS) {
@@ -180,7 +183,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
 template <int FMT>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
                                              float (&acc)[4][4]) {
-    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW;
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const i64 kb0 = kt * GE_KT;
@@ -189,9 +192,9 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     const u8* wrow[2];  // rows g and g + 8 of the warp's m tile
     wrow[0] = stage + (16 * warp + g) * WROW + boff;
     wrow[1] = wrow[0] + 8 * WROW;
-    // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 GE_XROW per n tile).
-    const u8* xs = stage + GE_BM * WROW + g * GE_XROW + 4 * t;
-    const float* sd = (const float*)(stage + GE_BM * WROW + GE_STAGE_X);
+    // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 XROW per n tile).
+    const u8* xs = stage + GE_BM * WROW + g * XROW + 4 * t;
+    const float* sd = (const float*)(stage + GE_BM * WROW + GE_NV * XROW);
 #pragma unroll
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
@@ -248,11 +251,11 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                 // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
                 u32 b0, b1;
                 if constexpr (FMT == GE_IQ2_XXS) {
-                    const uint2 bb = *(const uint2*)(xs + nj * 8 * GE_XROW + b * QK_K + 32 * it + 4 * t);
+                    const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
                     b0 = bb.x;
                     b1 = bb.y;
                 } else {
-                    const u8* xb = xs + nj * 8 * GE_XROW + b * QK_K + 32 * it;
+                    const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
                     b0 = *(const u32*)xb;
                     b1 = *(const u32*)(xb + 16);
                 }
@@ -306,7 +309,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
 template <int FMT>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     constexpr int WROW = GeFmt<FMT>::WROW;
-    constexpr int STAGE = GE_BM * WROW + GE_STAGE_X + GE_STAGE_D;
+    constexpr int STAGE = GE_BM * WROW + GE_NV * GeFmt<FMT>::XROW + GE_STAGE_D;
     static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
     static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
     // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
@@ -318,6 +321,8 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
                   "a stage row holds the tile's 16-byte pieces and the IQ2_XXS over-read");
     static_assert((GE_KT * GeFmt<FMT>::BB) % 4 == 0, "tiles start 4-byte aligned");
     static_assert(STAGE % 16 == 0, "stages keep 16-byte alignment");
+    static_assert(GeFmt<FMT>::XROW >= GE_KT * QK_K && GeFmt<FMT>::XROW % 128 == (FMT == GE_IQ2_XXS ? 32 : 16),
+                  "activation rows hold a K tile, spread over the banks for the B loads");
     extern __shared__ __align__(16) u8 ge_smem[];
     const u8* W = (const u8*)(blockIdx.z ? p.w_pair : p.w);
     float* Y = (float*)(blockIdx.z ? p.y_pair : p.y);
@@ -390,7 +395,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     }
 }
 
-// 64 rows of one expert per CTA, 4 warps; two stages of 28416 (IQ2_XXS), 30464 (Q2_K) or
+// 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
 // 36608 (Q4_K) bytes: three CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     gemm_experts_tile<GE_IQ2_XXS>(p);

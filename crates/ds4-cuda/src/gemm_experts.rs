@@ -51,11 +51,21 @@ const fn weight_row_bytes(format: WeightFormat) -> usize {
     }
 }
 
+/// Stride of an activation row in a stage (`GE_XROW_*`): a K tile's int8 values and 16 bytes
+/// (32 for IQ2_XXS's 8-byte B loads), so the rows a fragment load touches spread over the banks.
+const fn activation_row_bytes(format: WeightFormat) -> usize {
+    TILE_BLOCKS * 256
+        + match format {
+            WeightFormat::IQ2XXS => 32,
+            _ => 16,
+        }
+}
+
 /// Bytes of one shared-memory stage: the tile's weight rows, the pass's vectors' int8 values
-/// (rows padded by 16 bytes) and their block scales.
+/// and their block scales.
 const fn stage_bytes(format: WeightFormat) -> usize {
     TILE_ROWS * weight_row_bytes(format)
-        + PASS_VECS * (TILE_BLOCKS * 256 + 16)
+        + PASS_VECS * activation_row_bytes(format)
         + TILE_BLOCKS * PASS_VECS * 4
 }
 
@@ -340,7 +350,16 @@ mod tests {
             );
             assert!(src.contains(&wrapper), "gemm_experts.cu lacks `{wrapper}`");
         }
-        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 28416);
+        for (format, tag) in [(WeightFormat::IQ2XXS, "IQ2_XXS"), (WeightFormat::Q4K, "K")] {
+            let pad = activation_row_bytes(format) - TILE_BLOCKS * 256;
+            let define = format!("#define GE_XROW_{tag} (GE_KT * QK_K + {pad})");
+            assert!(src.contains(&define), "gemm_experts.cu lacks `{define}`");
+        }
+        assert_eq!(
+            activation_row_bytes(WeightFormat::Q2K),
+            activation_row_bytes(WeightFormat::Q4K)
+        );
+        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 28928);
         assert_eq!(stage_bytes(WeightFormat::Q2K), 30464);
         assert_eq!(stage_bytes(WeightFormat::Q4K), 36608);
     }
