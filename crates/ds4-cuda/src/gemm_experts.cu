@@ -398,11 +398,14 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
 // 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
 // 36608 (Q4_K) bytes: three CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
+    PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
+    PDL_ENTRY();
     gemm_experts_tile<GE_Q2_K>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
+    PDL_ENTRY();
     gemm_experts_tile<GE_Q4_K>(p);
 }
