@@ -7,6 +7,7 @@
 // decode graph replays at every position). One thread per pair.
 extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per_tok, u64 pos_, u64 inv_freq_, i64 r,
                                      i64 inverse) {
+    PDL_ENTRY();
     const i64 pos0 = *(const i64*)pos_;
     const i64 half = r / 2;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_rows * half; idx += (i64)gridDim.x * blockDim.x) {
@@ -20,6 +21,7 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // ds4's stored-KV rounding of one row per CTA: FP8 round trip of the first `nope` channels in
 // blocks of 64, then f16 rounding of every channel (forward.rs store_kv_row).
 extern "C" __global__ void kv_round(u64 x_, i64 width, i64 nope) {
+    PDL_ENTRY();
     float* row = (float*)x_ + (i64)blockIdx.x * width;
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (i64 b = warp; b * 64 < nope; b += warps) fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
@@ -30,6 +32,7 @@ extern "C" __global__ void kv_round(u64 x_, i64 width, i64 nope) {
 // ds4's indexer rounding of one vector per CTA: Hadamard rotation, FP4 round trip in blocks
 // of 32, and (store != 0) f16 rounding (forward.rs index_qat). Dynamic shared: width floats.
 extern "C" __global__ void index_round(u64 x_, i64 width, i64 store) {
+    PDL_ENTRY();
     extern __shared__ float sh[];
     float* row = (float*)x_ + (i64)blockIdx.x * width;
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) sh[i] = row[i];
@@ -42,12 +45,14 @@ extern "C" __global__ void index_round(u64 x_, i64 width, i64 store) {
 
 // x[i] *= s
 extern "C" __global__ void scale_f32(u64 x_, i64 n, double s) {
+    PDL_ENTRY();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         ((float*)x_)[i] *= (float)s;
 }
 
 // Stores the span's last min(n_tok, cap) K=V rows into the ring (slot = position % cap).
 extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i64 hd, i64 cap) {
+    PDL_ENTRY();
     const i64 pos0 = *(const i64*)pos_;
     const i64 start = n_tok > cap ? n_tok - cap : 0;
     const i64 total = (n_tok - start) * hd;
@@ -66,6 +71,7 @@ extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i
 extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                                   i64 H, i64 hd, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
                                   i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows) {
+    PDL_ENTRY();
     extern __shared__ float sh[];
     float* qs = sh;
     float* os = sh + hd;
@@ -162,6 +168,7 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
 
 // og[g][t][c] = o[t][g*gw + c]: each output group's heads as one vector per token.
 extern "C" __global__ void group_split(u64 o_, u64 og_, i64 n_tok, i64 G, i64 gw) {
+    PDL_ENTRY();
     const i64 total = n_tok * G * gw;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 g = idx / (n_tok * gw), rem = idx % (n_tok * gw), t = rem / gw, c = rem % gw;
@@ -171,6 +178,7 @@ extern "C" __global__ void group_split(u64 o_, u64 og_, i64 n_tok, i64 G, i64 gw
 
 // z[t][g*dg + c] = zg[g][t][c]: the groups' projections back in token-major order.
 extern "C" __global__ void group_merge(u64 zg_, u64 z_, i64 n_tok, i64 G, i64 dg) {
+    PDL_ENTRY();
     const i64 total = n_tok * G * dg;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
         const i64 g = idx / (n_tok * dg), rem = idx % (n_tok * dg), t = rem / dg, c = rem % dg;

@@ -12,6 +12,20 @@ typedef long long i64;
 
 #define FULL_MASK 0xffffffffu
 
+// Every kernel begins with PDL_ENTRY(). Kernels are launched with programmatic dependent
+// launch (device.rs, KernelArgs::launch): the GPU may schedule a kernel's CTAs while the
+// previous kernel of the stream still runs. griddepcontrol.wait blocks until that kernel has
+// completed and its memory writes are visible, so nothing is read or written early;
+// launch_dependents then lets the next kernel be scheduled the same way once every CTA of
+// this one has started. The next kernel's launch latency hides behind this one's run.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY() \
+    do {           \
+    } while (0)
+#endif
+
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 
 // IEEE half <-> float with the hardware conversion instructions (round to nearest even).

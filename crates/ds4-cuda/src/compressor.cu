@@ -39,6 +39,7 @@ __device__ void compress_finish_row(float* row, const float* norm, i64 D, double
 extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
                                          i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
                                          i64 r, i64 qat) {
+    PDL_ENTRY();
     const i64 pos0 = *(const i64*)pos_, n_rows0 = pos0 / m;
     extern __shared__ float row[];
     const i64 coff = overlap ? 2 : 1, w = coff * D;
@@ -130,6 +131,7 @@ __device__ __forceinline__ void compress_slot(const float* kv_in, const float* g
 extern "C" __global__ void compress_rows(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
                                          i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
                                          i64 r, i64 qat) {
+    PDL_ENTRY();
     extern __shared__ float row[];
     const i64 pos0 = *(const i64*)pos_;
     const i64 W0 = pos0 / m, W1 = (pos0 + n_tok) / m, k = blockIdx.x;
@@ -170,6 +172,7 @@ extern "C" __global__ void compress_rows(u64 kv_in_, u64 gate_in_, u64 ape_, u64
 // the later ones empty once a window closed; with overlap, the previous window's rows.
 extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_, u64 skv_, u64 ssc_, i64 n_tok,
                                              u64 pos_, i64 m, i64 D, i64 overlap) {
+    PDL_ENTRY();
     const i64 pos0 = *(const i64*)pos_, coff = overlap ? 2 : 1, w = coff * D;
     const i64 W0 = pos0 / m, W1 = (pos0 + n_tok) / m, P = pos0 + n_tok;
     const float* kv_in = (const float*)kv_in_;
@@ -216,6 +219,7 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
 #define INDEX_TILES 8
 extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
                                         i64 topk, i64 max_rows) {
+    PDL_ENTRY();
     extern __shared__ float qsh[];
     const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const i64 first = (i64)blockIdx.x * INDEX_TILE_ROWS * INDEX_TILES;
@@ -263,6 +267,7 @@ __device__ __forceinline__ u32 score_key(float v) {
 // per token; tokens with at most topk visible rows keep all and skip this.
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     index_threshold(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
+    PDL_ENTRY();
     const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
     if (nv <= topk) return;  // uniform over the CTA
     const float* sc = (const float*)scores_ + t * max_rows;
@@ -306,6 +311,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 // (ties go to the lowest index, as the CPU's rank order).
 extern "C" __global__ void index_compact(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 sel_, u64 selc_, u64 pos_,
                                          i64 ratio, i64 topk, i64 max_rows) {
+    PDL_ENTRY();
     const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const int lane = threadIdx.x & 31;
     int* sel = (int*)sel_ + t * topk;

@@ -64,19 +64,24 @@ __device__ __forceinline__ void dequant_rows(const u8* w, i64 row_bytes, i64 row
 }
 
 extern "C" __global__ void dequant_q8_0_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
+    PDL_ENTRY();
     dequant_rows<FMT_Q8_0>(w, row_bytes, rows, k, grid, out);
 }
 extern "C" __global__ void dequant_q2_k_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
+    PDL_ENTRY();
     dequant_rows<FMT_Q2_K>(w, row_bytes, rows, k, grid, out);
 }
 extern "C" __global__ void dequant_q4_k_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
+    PDL_ENTRY();
     dequant_rows<FMT_Q4_K>(w, row_bytes, rows, k, grid, out);
 }
 extern "C" __global__ void dequant_iq2_xxs_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
+    PDL_ENTRY();
     dequant_rows<FMT_IQ2_XXS>(w, row_bytes, rows, k, grid, out);
 }
 // F32 rows -> f16 (round to nearest even); F16 weights need no conversion.
 extern "C" __global__ void dequant_f32_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
+    PDL_ENTRY();
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < rows * k; t += (i64)gridDim.x * blockDim.x) {
         const i64 row = t / k, e = t % k;
         out[t] = f32_to_f16(((const float*)(w + row * row_bytes))[e]);

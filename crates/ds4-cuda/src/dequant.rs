@@ -1,7 +1,7 @@
 //! Weights dequantized to f16 (for tensor-core GEMMs in prefill); kernels in `dequant.cu`.
 //! The values equal the CPU reference's dequantization rounded to f16, bit for bit.
 
-use cudarc::driver::{result, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result, LaunchConfig};
 
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, DriverContext, Result};
@@ -43,7 +43,7 @@ impl Gpu {
             self.kernels.iq2xxs_grid.ptr(),
             out.ptr(),
         );
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch_args(&f);
         b.arg(&wp).arg(&rb).arg(&r64).arg(&k64).arg(&gp).arg(&op);
         let threads = if w.format == WeightFormat::F32 {
             n

@@ -2,15 +2,20 @@
 //!
 //! cudarc loads libcuda and libnvrtc at run time, so this crate builds and its non-GPU code
 //! runs on machines without CUDA; [`CudaDevice::open`] then fails with a clear error instead
-//! of panicking. All work goes to one non-blocking stream per device (in issue order), which a
-//! later phase can capture into a CUDA graph.
+//! of panicking. Work goes to one non-blocking main stream per device (in issue order, captured
+//! into a CUDA graph for decode); [`CudaDevice::fork`] and [`CudaDevice::join`] let independent
+//! parts of a layer run on side streams in between (branches of that graph), so that small,
+//! latency-bound kernels overlap instead of queueing.
 
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUdevice_attribute};
-use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{
+    result, CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+};
 
 use crate::error::{CudaError, DriverContext, Result};
 
@@ -67,12 +72,26 @@ pub struct DeviceInfo {
     pub max_shared_per_block_optin: usize,
 }
 
-/// One GPU: its primary context and the stream all work is issued on.
+/// Side streams a layer may fork work onto (see [`CudaDevice::fork`]).
+pub const SIDE_STREAMS: usize = 3;
+
+/// One GPU: its primary context, the main stream and the side streams.
 pub struct CudaDevice {
     /// Per-kernel timing (DS4_CUDA_PROFILE=kernels); first, so it reports before the rest drops.
     profile: Option<crate::profile::KernelProfile>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    side: Vec<Arc<CudaStream>>,
+    /// Which stream launches go to: 0 the main stream, i > 0 side stream i − 1.
+    current: AtomicUsize,
+    /// Whether kernels can be launched with programmatic dependent launch (Hopper and
+    /// later, unless DS4_CUDA_NO_PDL is set; see [`KernelArgs::launch`]) ...
+    pdl: bool,
+    /// ... and whether they are now ([`CudaDevice::set_dependent_launch`]).
+    pdl_now: std::sync::atomic::AtomicBool,
+    /// Whether fork() uses the side streams (DS4_CUDA_NO_BRANCHES turns them off: every
+    /// branch then runs in line on the main stream).
+    branches: bool,
     info: DeviceInfo,
 }
 
@@ -101,6 +120,9 @@ impl CudaDevice {
         // synchronize), so cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().ctx("creating a stream")?;
+        let side = (0..SIDE_STREAMS)
+            .map(|_| ctx.new_stream().ctx("creating a side stream"))
+            .collect::<Result<Vec<_>>>()?;
         let attr = |a: CUdevice_attribute| ctx.attribute(a).ctx("cuDeviceGetAttribute");
         let info = DeviceInfo {
             ordinal,
@@ -114,10 +136,16 @@ impl CudaDevice {
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as usize,
         };
+        let pdl = info.compute_capability.0 >= 9 && std::env::var_os("DS4_CUDA_NO_PDL").is_none();
         Ok(CudaDevice {
             profile: crate::profile::KernelProfile::from_env(),
             ctx,
             stream,
+            side,
+            current: AtomicUsize::new(0),
+            branches: std::env::var_os("DS4_CUDA_NO_BRANCHES").is_none(),
+            pdl,
+            pdl_now: std::sync::atomic::AtomicBool::new(pdl),
             info,
         })
     }
@@ -135,8 +163,53 @@ impl CudaDevice {
         &self.ctx
     }
 
+    /// The stream launches go to now: the main stream, or a side stream between
+    /// [`CudaDevice::fork`] and [`CudaDevice::to_main`].
     pub fn stream(&self) -> &Arc<CudaStream> {
+        match self.current.load(Ordering::Relaxed) {
+            0 => &self.stream,
+            i => &self.side[i - 1],
+        }
+    }
+
+    /// The main stream (copies, synchronization, graph capture).
+    pub fn main_stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Starts a branch: side stream `lane` waits for the work issued on the main stream so
+    /// far, and launches go to it until [`CudaDevice::to_main`]. Work on the side stream
+    /// must only touch buffers that nothing on the main stream touches until
+    /// [`CudaDevice::join`]. Inside a graph capture the branch becomes a parallel path of
+    /// the graph.
+    pub fn fork(&self, lane: usize) -> Result<()> {
+        let side = self.side.get(lane).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("side stream {lane} (there are {SIDE_STREAMS})"))
+        })?;
+        if !self.branches {
+            return Ok(());
+        }
+        side.join(&self.stream).ctx("forking a side stream")?;
+        self.current.store(lane + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Launches go to the main stream again (a forked branch stays pending until joined).
+    pub fn to_main(&self) {
+        self.current.store(0, Ordering::Relaxed);
+    }
+
+    /// Ends a branch: the main stream waits for everything issued on side stream `lane`;
+    /// launches go to the main stream.
+    pub fn join(&self, lane: usize) -> Result<()> {
+        let side = self.side.get(lane).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("side stream {lane} (there are {SIDE_STREAMS})"))
+        })?;
+        if self.branches {
+            self.stream.join(side).ctx("joining a side stream")?;
+        }
+        self.to_main();
+        Ok(())
     }
 
     /// (free, total) device memory in bytes.
@@ -151,9 +224,13 @@ impl CudaDevice {
         self.ctx.bind_to_thread().ctx("binding the context")
     }
 
-    /// Waits until all work issued so far has finished.
+    /// Waits until all work issued so far, on every stream, has finished.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().ctx("synchronizing the stream")
+        self.stream.synchronize().ctx("synchronizing the stream")?;
+        for side in &self.side {
+            side.synchronize().ctx("synchronizing a side stream")?;
+        }
+        Ok(())
     }
 
     /// An uninitialized buffer of `len` elements.
@@ -177,7 +254,6 @@ impl CudaDevice {
             ptr,
             len,
             ctx: self.ctx.clone(),
-            stream: self.stream.clone(),
             _t: PhantomData,
         })
     }
@@ -256,9 +332,28 @@ impl CudaDevice {
         launch: impl FnOnce() -> R,
     ) -> R {
         match &self.profile {
-            Some(p) => p.time(&self.stream, name, bytes as f64, launch),
+            Some(p) => p.time(self.stream(), name, bytes as f64, launch),
             None => launch(),
         }
+    }
+
+    /// The argument list of one launch of `func` on the current stream (see
+    /// [`KernelArgs::launch`]).
+    pub(crate) fn launch_args<'a>(&'a self, func: &'a CudaFunction) -> KernelArgs<'a> {
+        KernelArgs {
+            device: self,
+            func,
+            params: Vec::new(),
+        }
+    }
+
+    /// Turns programmatic dependent launch on or off for the launches that follow (where the
+    /// GPU supports it). It pays off for chains of small kernels (a decode step: the next
+    /// kernel's launch hides behind the running one); for spans of many tokens, whose kernels
+    /// run several waves, the early-resident CTAs of the next kernel take SM room from the
+    /// running one's later waves, and prefill measured ~8 % slower with it.
+    pub fn set_dependent_launch(&self, on: bool) {
+        self.pdl_now.store(on && self.pdl, Ordering::Relaxed);
     }
 
     /// Records a timing event on the stream.
@@ -272,6 +367,80 @@ impl CudaDevice {
     pub fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
         end.synchronize().ctx("waiting for an event")?;
         start.elapsed_ms(end).ctx("cuEventElapsedTime")
+    }
+}
+
+/// One kernel launch being put together: the function and pointers to its arguments.
+pub(crate) struct KernelArgs<'a> {
+    device: &'a CudaDevice,
+    func: &'a CudaFunction,
+    params: Vec<*mut std::ffi::c_void>,
+}
+
+impl<'a> KernelArgs<'a> {
+    /// Appends an argument (passed to the kernel by value; it must outlive the launch).
+    pub fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        self.params.push(value as *const T as *mut std::ffi::c_void);
+        self
+    }
+
+    /// Launches the kernel on the device's current stream.
+    ///
+    /// On Hopper and later every launch allows programmatic dependent launch: the GPU may
+    /// schedule this kernel's CTAs while the previous kernel of the stream still runs, which
+    /// hides the launch latency between the ~1 700 small kernels of a decode step. Every
+    /// kernel of this crate begins with `PDL_ENTRY()` (common.cuh; a unit test checks the
+    /// sources), whose `griddepcontrol.wait` blocks until the previous kernel has completed
+    /// and its writes are visible, so the kernels still see the stream's order.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameter list in number, order and type, every
+    /// device address in them must be valid for the accesses the kernel makes with `cfg`, and
+    /// the kernel must begin with `PDL_ENTRY()`.
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> std::result::Result<(), DriverError> {
+        let dev = self.device;
+        dev.ctx.bind_to_thread()?;
+        let stream = dev.stream().cu_stream();
+        if !dev.pdl_now.load(Ordering::Relaxed) {
+            // SAFETY: forwarded to the caller (arguments and accesses).
+            return unsafe {
+                result::launch_kernel(
+                    self.func.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    stream,
+                    &mut self.params,
+                )
+            };
+        }
+        // SAFETY: an all-zero CUlaunchAttribute is a valid value (a plain C struct and union).
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `config` and `attr` live until the call returns; params point to the
+        // caller's arguments (alive for 'a); the rest is forwarded to the caller.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                self.params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
     }
 }
 
@@ -304,9 +473,8 @@ device_value!(
 pub struct DeviceBuffer<T: DeviceValue> {
     ptr: sys::CUdeviceptr,
     len: usize,
+    /// Its context: every stream of it is drained before the memory is freed.
     ctx: Arc<CudaContext>,
-    /// The stream its users run on: drained before the memory is freed.
-    stream: Arc<CudaStream>,
     _t: PhantomData<T>,
 }
 
@@ -335,10 +503,11 @@ impl<T: DeviceValue> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // Errors cannot be returned from drop; cudarc records them on the context.
         self.ctx.record_err(self.ctx.bind_to_thread());
-        // Work still queued on the stream may use this memory: let it finish first.
-        self.ctx.record_err(self.stream.synchronize());
+        // Work still queued on any stream may use this memory: let it finish first.
+        self.ctx.record_err(self.ctx.synchronize());
         // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here, after
-        // the stream that every kernel using it runs on has drained.
+        // every stream of the context (the main and side streams its kernels run on) has
+        // drained.
         self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
     }
 }

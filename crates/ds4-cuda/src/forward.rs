@@ -11,7 +11,7 @@ use cudarc::driver::result;
 use ds4_model::config::{AttnKind, MoeKind};
 use ds4_model::numerics::Numerics;
 
-use crate::device::DeviceBuffer;
+use crate::device::{DeviceBuffer, SIDE_STREAMS};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::fwd_kernels::{grid_1d, kargs, per_item};
 use crate::gemv::{ActQuant, Activations, QuantizedActivations, WeightFormat};
@@ -28,6 +28,13 @@ const HC_MIX_MAX: usize = 40;
 const HC_GROUP_ROWS: usize = 6;
 /// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
 const HC_PRE_SLICE: usize = 1024;
+
+// Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
+// hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
+// FFN: the shared expert); the indexer.
+const LANE_SINKHORN: usize = 0;
+const LANE_KV: usize = 1;
+const LANE_INDEXER: usize = 2;
 /// Key rows per tile and tiles per CTA of the indexer's scoring (compressor.cu
 /// INDEX_TILE_ROWS, INDEX_TILES).
 const INDEX_TILE_ROWS: usize = 16;
@@ -100,13 +107,37 @@ impl Drop for StageTimes {
     }
 }
 
-/// Quantized-activation buffers by (kind, vector length), grown on demand. `generation`
+/// Quantized-activation buffers by (kind, vector length, the f32 buffer they are the
+/// quantized form of), grown on demand: one input's quantized form is never overwritten by
+/// another input's, whatever the shapes (side streams read forms made before they forked).
+/// `generation`
 /// counts the reallocations: a captured graph holds the buffers' addresses, so it is only
 /// replayed while the generation it was captured at is current.
 #[derive(Default)]
 pub(crate) struct QuantSlots {
-    slots: HashMap<(ActQuant, usize), QuantizedActivations>,
+    slots: HashMap<(ActQuant, usize, u64), QuantizedActivations>,
     generation: u64,
+}
+
+impl QuantSlots {
+    /// The quantized form (`kind`, `n` vectors of `cols` values) of the f32 buffer at device
+    /// address `src`, made earlier.
+    fn get(
+        &self,
+        kind: ActQuant,
+        cols: usize,
+        n: usize,
+        src: u64,
+    ) -> Result<&QuantizedActivations> {
+        self.slots
+            .get(&(kind, cols, src))
+            .filter(|qa| qa.n_vecs == n)
+            .ok_or_else(|| {
+                CudaError::InvalidArgument(format!(
+                    "no quantized activations of {cols} values for {n} vectors"
+                ))
+            })
+    }
 }
 
 /// A captured decode step and the quant-slot generation whose buffers it uses.
@@ -186,8 +217,10 @@ pub(crate) struct Scratch {
     /// Whether hc_part holds the partials of the hyper-connection about to run.
     hc_part_ready: bool,
     logits: DeviceBuffer<f32>,
-    /// Quantized activations (ds4 numerics) by (kind, vector length).
+    /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
     quant: QuantSlots,
+    /// The side streams' own quantized activations (by lane).
+    lane_quant: [QuantSlots; SIDE_STREAMS],
     /// The span's first position on the device (kernels read it there, so that a captured
     /// decode graph replays at any position).
     pos: DeviceBuffer<i64>,
@@ -209,6 +242,11 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// Reallocations of any stream's quant slots so far (a graph is bound to their buffers).
+    fn quant_generation(&self) -> u64 {
+        self.quant.generation + self.lane_quant.iter().map(|q| q.generation).sum::<u64>()
+    }
+
     pub fn new(m: &CudaModel, cap: usize, max_index_rows: usize) -> Result<Scratch> {
         let c = &m.cfg;
         let dev = &m.gpu.device;
@@ -276,6 +314,7 @@ impl Scratch {
             hc_part_ready: false,
             logits: f(cap * c.vocab_size)?,
             quant: QuantSlots::default(),
+            lane_quant: Default::default(),
             pos: dev.alloc::<i64>(1)?,
             streams_swapped: false,
             capturing: false,
@@ -335,7 +374,7 @@ pub(crate) fn download_prefix(
         // SAFETY: `out` holds n values, the source range lies in `buf`; `out` is not touched
         // until the stream is synchronized below.
         unsafe {
-            result::memcpy_dtoh_async(&mut out, buf.ptr(), m.gpu.device.stream().cu_stream())
+            result::memcpy_dtoh_async(&mut out, buf.ptr(), m.gpu.device.main_stream().cu_stream())
         }
         .ctx("cuMemcpyDtoHAsync")?;
     }
@@ -413,7 +452,7 @@ fn norm_for(
     let eps = m.cfg.rms_eps;
     match act_quant_of(m, consumer).filter(|_| consumer.cols == width) {
         Some(kind) => {
-            let qa = quant_slot(m, quant, kind, width, n)?;
+            let qa = quant_slot(m, quant, kind, width, n, y.ptr())?;
             m.gpu.rmsnorm_quantized(x, weight, width, n, eps, y, qa)?;
             Ok(true)
         }
@@ -442,12 +481,12 @@ fn norm_for_both(
     let kinds = (act_quant_of(m, first), act_quant_of(m, second));
     let same_width = first.cols == width && second.cols == width;
     if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) = (kinds.0, kinds.1, same_width) {
-        quant_slot(m, quant, ActQuant::Q8_0, width, n)?;
-        quant_slot(m, quant, ActQuant::Q8K, width, n)?;
-        let [Some(q8_0), Some(q8_k)] = quant
-            .slots
-            .get_disjoint_mut([&(ActQuant::Q8_0, width), &(ActQuant::Q8K, width)])
-        else {
+        quant_slot(m, quant, ActQuant::Q8_0, width, n, y.ptr())?;
+        quant_slot(m, quant, ActQuant::Q8K, width, n, y.ptr())?;
+        let [Some(q8_0), Some(q8_k)] = quant.slots.get_disjoint_mut([
+            &(ActQuant::Q8_0, width, y.ptr()),
+            &(ActQuant::Q8K, width, y.ptr()),
+        ]) else {
             unreachable!("both slots were made above");
         };
         m.gpu
@@ -476,7 +515,7 @@ fn swiglu_for(
 ) -> Result<bool> {
     match act_quant_of(m, consumer).filter(|_| consumer.cols == per_slot) {
         Some(kind) => {
-            let qa = quant_slot(m, quant, kind, per_slot, total / per_slot)?;
+            let qa = quant_slot(m, quant, kind, per_slot, total / per_slot, out.ptr())?;
             m.gpu
                 .swiglu_clamp_quantized(gate, up, total, per_slot, limit, weight, out, qa)?;
             Ok(true)
@@ -502,32 +541,42 @@ fn mm_prequantized(
 ) -> Result<()> {
     let kind = act_quant_of(m, w);
     match (prequantized, kind) {
-        (true, Some(kind)) => {
-            let qa = quant
-                .slots
-                .get(&(kind, w.cols))
-                .filter(|qa| qa.n_vecs == n)
-                .ok_or_else(|| {
-                    CudaError::InvalidArgument(format!(
-                        "no quantized activations of {} values for {n} vectors",
-                        w.cols
-                    ))
-                })?;
-            product(m, &m.matrix(w)?, qa, n, y)
-        }
+        (true, Some(kind)) => product(m, &m.matrix(w)?, quant.get(kind, w.cols, n, x.ptr())?, n, y),
         _ => mm(m, quant, w, x, n, y),
     }
 }
 
-/// The quant slot for `n` vectors of `cols` values of `kind`, grown when too small.
+/// [`mm_prequantized`] on a side stream: the prequantized form is read from `made` (the
+/// main stream's slots, filled before the fork), anything quantized here goes into the
+/// branch's own slots `own`, so that no two streams write one buffer.
+#[allow(clippy::too_many_arguments)]
+fn mm_branch(
+    m: &CudaModel,
+    made: &QuantSlots,
+    own: &mut QuantSlots,
+    prequantized: bool,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    match (prequantized, act_quant_of(m, w)) {
+        (true, Some(kind)) => product(m, &m.matrix(w)?, made.get(kind, w.cols, n, x.ptr())?, n, y),
+        _ => mm(m, own, w, x, n, y),
+    }
+}
+
+/// The quant slot for the quantized form of `n` vectors of `cols` values of `kind` of the
+/// f32 buffer at `src`, grown when too small.
 fn quant_slot<'a>(
     m: &CudaModel,
     quant: &'a mut QuantSlots,
     kind: ActQuant,
     cols: usize,
     n: usize,
+    src: u64,
 ) -> Result<&'a mut QuantizedActivations> {
-    let key = (kind, cols);
+    let key = (kind, cols, src);
     let grow = quant.slots.get(&key).is_none_or(|q| q.q.len() < n * cols);
     if grow {
         quant
@@ -577,8 +626,12 @@ fn mm_experts(
     match qa {
         Some(qa) if input.groups.is_some() && input.per_slot && n_vecs == 1 => {
             let groups = input.groups.expect("checked by the guard");
-            m.gpu
-                .expert_gemv_grouped(&dm, groups, Activations::Quantized(qa), n_slots, y)
+            let x = Activations::Quantized(qa);
+            if crate::Gpu::expert_gemm_grouped_supports(dm.format) {
+                m.gpu.expert_gemm_grouped(&dm, groups, x, n_slots, y)
+            } else {
+                m.gpu.expert_gemv_grouped(&dm, groups, x, n_slots, y)
+            }
         }
         Some(qa) if n_vecs >= GEMM_MIN_VECS && dm.format == WeightFormat::Q8_0 => m
             .gpu
@@ -616,17 +669,7 @@ fn expert_input<'a>(
 ) -> Result<Option<&'a QuantizedActivations>> {
     match act_quant_of(m, w) {
         None => Ok(None),
-        Some(kind) if input.prequantized => quant
-            .slots
-            .get(&(kind, w.cols))
-            .filter(|qa| qa.n_vecs == x_vecs)
-            .map(Some)
-            .ok_or_else(|| {
-                CudaError::InvalidArgument(format!(
-                    "no quantized expert input of {} values for {x_vecs} vectors",
-                    w.cols
-                ))
-            }),
+        Some(kind) if input.prequantized => quant.get(kind, w.cols, x_vecs, x.ptr()).map(Some),
         Some(_) => quantized(m, quant, w, x, x_vecs),
     }
 }
@@ -653,13 +696,14 @@ fn mm_experts_pair(
     let x_vecs = if input.per_slot { n_slots } else { 1 };
     let qa = expert_input(m, quant, w[0], x, x_vecs, input)?;
     match (qa, input.groups) {
-        (Some(qa), Some(groups)) if input.per_slot => m.gpu.expert_gemv_grouped_pair(
-            [&dm[0], &dm[1]],
-            groups,
-            Activations::Quantized(qa),
-            n_slots,
-            y,
-        ),
+        (Some(qa), Some(groups)) if input.per_slot => {
+            let (w, x) = ([&dm[0], &dm[1]], Activations::Quantized(qa));
+            if crate::Gpu::expert_gemm_grouped_supports(dm[0].format) {
+                m.gpu.expert_gemm_grouped_pair(w, groups, x, n_slots, y)
+            } else {
+                m.gpu.expert_gemv_grouped_pair(w, groups, x, n_slots, y)
+            }
+        }
         (Some(qa), _) => m.gpu.expert_gemv_pair(
             [&dm[0], &dm[1]],
             ids,
@@ -692,7 +736,7 @@ fn quantized<'a>(
     let Some(kind) = act_quant_of(m, w) else {
         return Ok(None);
     };
-    let qa = quant_slot(m, quant, kind, w.cols, n)?;
+    let qa = quant_slot(m, quant, kind, w.cols, n, x.ptr())?;
     m.gpu.quantize_activations(x, qa)?;
     Ok(Some(qa))
 }
@@ -719,6 +763,8 @@ impl CudaModel {
             )));
         }
         s.prof.start(self)?;
+        // Dependent launches for single-token steps only (see set_dependent_launch).
+        self.gpu.device.set_dependent_launch(n == 1);
         // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
         let mut streams = vec![0f32; n * nc * d];
         for (t, &tok) in tokens.iter().enumerate() {
@@ -744,7 +790,7 @@ impl CudaModel {
         let graph_step = n == 1 && head_rows == (0..1) && s.graphs_enabled;
         if s.decode_graph
             .as_ref()
-            .is_some_and(|g| g.generation != s.quant.generation)
+            .is_some_and(|g| g.generation != s.quant_generation())
         {
             s.decode_graph = None;
         }
@@ -787,7 +833,7 @@ impl CudaModel {
         layers: &mut [GpuLayerState],
         pos0: usize,
     ) -> Result<()> {
-        let stream = self.gpu.device.stream();
+        let stream = self.gpu.device.main_stream();
         stream
             .begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
@@ -806,7 +852,7 @@ impl CudaModel {
             (Ok(()), Ok(Some(graph))) => {
                 s.decode_graph = Some(DecodeGraph {
                     graph,
-                    generation: s.quant.generation,
+                    generation: s.quant_generation(),
                 });
             }
             // Anything else (an operation that cannot be captured, an error the uncaptured
@@ -885,7 +931,6 @@ impl CudaModel {
             s.x.ptr(),
             nc,
             d,
-            c.hc_sinkhorn_iters,
             c.hc_eps,
             c.rms_eps as f64
         ];
@@ -894,14 +939,38 @@ impl CudaModel {
             block_dim: (CTA, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, iters, eps,
-        // rms_eps) reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n
-        // bases, 3 scales and n_tok × n × d streams, writes n_tok maps and n_tok × d inputs:
-        // all inside the chunk-sized scratch and the layer's vectors.
-        unsafe {
+        let dev = &self.gpu.device;
+        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps)
+        // reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3
+        // scales and n_tok × n × d streams, writes the first 2n values of n_tok maps and
+        // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
+        // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
+        // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only
+        // the comb part of the maps, which nothing reads before hc_post.
+        let a = kargs![
+            s.mix.ptr(),
+            part,
+            slices,
+            hc.base.ptr(),
+            hc.scale.ptr(),
+            s.maps.ptr(),
+            nc,
+            d,
+            c.hc_sinkhorn_iters,
+            c.hc_eps,
+            c.rms_eps as f64
+        ];
+        dev.fork(LANE_SINKHORN)?;
+        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps)
+        // reads what hc_pre reads (but the streams) and writes the last n² values of n_tok
+        // maps.
+        let launched = unsafe {
             self.fk
-                .launch(&self.gpu.device, "fwd_hc", "hc_pre", cfg, &a)
-        }
+                .launch(dev, "fwd_hc", "hc_comb", per_item(n, 128, 0), &a)
+        };
+        dev.to_main();
+        launched
     }
 
     /// HC post of the chunk (s.y into the streams); when `next` (the hyper-connection that
@@ -909,6 +978,8 @@ impl CudaModel {
     fn hc_post(&self, s: &mut Scratch, n: usize, next: Option<&DevHc>) -> Result<()> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
+        // The comb mappings hc_pre's side branch computed.
+        self.gpu.device.join(LANE_SINKHORN)?;
         if let Some(hc) = next.filter(|hc| self.hc_split_k(hc)) {
             let fw = self.matrix(&hc.fn_)?;
             let a = kargs![
@@ -1030,11 +1101,63 @@ impl CudaModel {
             &mut s.xn,
             &w.q_a,
         )?;
-        let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
-        mm_prequantized(self, &mut s.quant, xq, &w.q_a, &s.xn, n, &mut s.qr)?;
-        mm_prequantized(self, &mut s.quant, kv_q, &w.kv, &s.xn, n, &mut s.kv)?;
+        let ratio = c.compress_ratio[l] as usize;
+
+        // Branch: the shared K=V row (rounded as stored) and the attention compressor. They
+        // read xn (and its quantized form) and write kv, kvn, ckv, cg and the compressor state.
+        self.branch(LANE_KV, || {
+            let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
+            mm_branch(
+                self,
+                &s.quant,
+                &mut s.lane_quant[LANE_KV],
+                kv_q,
+                &w.kv,
+                &s.xn,
+                n,
+                &mut s.kv,
+            )?;
+            self.gpu
+                .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
+            self.rope(l, &s.kvn, n, hd, 1, s.pos.ptr(), false)?;
+            if ds4 {
+                let a = kargs![s.kvn.ptr(), hd, hd - c.rope_dim];
+                // SAFETY: kv_round(x, width, nope) rounds n rows of hd values of s.kvn in place.
+                unsafe {
+                    self.fk
+                        .launch(dev, "fwd_attention", "kv_round", per_item(n, CTA, 0), &a)?
+                };
+            }
+            if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
+                let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_KV],
+                    pre,
+                    &cw.kv,
+                    &s.xn,
+                    n,
+                    &mut s.ckv,
+                )?;
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_KV],
+                    pre,
+                    &cw.gate,
+                    &s.xn,
+                    n,
+                    &mut s.cg,
+                )?;
+                let qat = if ds4 { 1 } else { 0 };
+                self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)?;
+            }
+            Ok(())
+        })?;
 
         // Queries: low rank, weighted norm, per-head unweighted norm, RoPE.
+        mm_prequantized(self, &mut s.quant, xq, &w.q_a, &s.xn, n, &mut s.qr)?;
         let qrq = norm_for(
             self,
             &mut s.quant,
@@ -1045,177 +1168,95 @@ impl CudaModel {
             &mut s.qrn,
             &w.q_b,
         )?;
-        mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
-        self.rope(l, &s.qn, n * h, hd, h, s.pos.ptr(), false)?;
 
-        // The shared K=V row, rounded as stored.
-        self.gpu
-            .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
-        self.rope(l, &s.kvn, n, hd, 1, s.pos.ptr(), false)?;
-        if ds4 {
-            let a = kargs![s.kvn.ptr(), hd, hd - c.rope_dim];
-            // SAFETY: kv_round(x, width, nope) rounds n rows of hd values of s.kvn in place.
-            unsafe {
-                self.fk
-                    .launch(dev, "fwd_attention", "kv_round", per_item(n, CTA, 0), &a)?
-            };
-        }
-
-        s.prof.mark(self, "attn.qkv")?;
-        // Compressors (attention rows and indexer keys), then the indexer's selection.
-        let ratio = c.compress_ratio[l] as usize;
-        if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
-            mm(self, &mut s.quant, &cw.kv, &s.xn, n, &mut s.ckv)?;
-            mm(self, &mut s.quant, &cw.gate, &s.xn, n, &mut s.cg)?;
-            self.compress(
-                l,
-                cw,
-                cs,
-                &s.ckv,
-                &s.cg,
-                n,
-                pos0,
-                s.pos.ptr(),
-                if ds4 { 1 } else { 0 },
-            )?;
-        }
-        s.prof.mark(self, "attn.compress")?;
+        // Branch: the indexer (its compressor reads xn, its queries qrn) selects the
+        // compressed rows of CSA layers; it writes ikv, ig, iq, iw, iscores, sel and its state.
         if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_mut()) {
-            let icw = &iw.compressor;
-            mm(self, &mut s.quant, &icw.kv, &s.xn, n, &mut s.ikv)?;
-            mm(self, &mut s.quant, &icw.gate, &s.xn, n, &mut s.ig)?;
-            self.compress(
-                l,
-                icw,
-                is,
-                &s.ikv,
-                &s.ig,
-                n,
-                pos0,
-                s.pos.ptr(),
-                if ds4 { 2 } else { 0 },
-            )?;
-            let (ni, di) = (c.index_heads, c.index_head_dim);
-            mm(self, &mut s.quant, &iw.q_b, &s.qrn, n, &mut s.iq)?;
-            self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
-            if ds4 {
-                let a = kargs![s.iq.ptr(), di, false];
-                // SAFETY: index_round(x, width, store) rewrites n·ni vectors of di values of
-                // s.iq in place, with di floats of dynamic shared memory.
-                unsafe {
-                    self.fk.launch(
-                        dev,
-                        "fwd_attention",
-                        "index_round",
-                        per_item(n * ni, CTA, di * 4),
-                        &a,
-                    )?
-                };
-            }
-            mm(self, &mut s.quant, &iw.proj, &s.xn, n, &mut s.iw)?;
-            let a = kargs![s.iw.ptr(), n * ni, 1.0 / ((ni * di) as f64).sqrt() as f32];
-            // SAFETY: scale_f32(x, n, s) scales n·ni values of s.iw.
-            unsafe {
-                self.fk
-                    .launch(dev, "fwd_attention", "scale_f32", grid_1d(n * ni), &a)?
-            };
             if pos0 + n > 0 && (pos0 + n) / ratio > s.max_index_rows {
                 return Err(CudaError::InvalidArgument(
                     "indexer rows exceed the session's scratch".into(),
                 ));
             }
-            let max_rows = s.max_index_rows;
-            let a = kargs![
-                s.iq.ptr(),
-                s.iw.ptr(),
-                is.rows.ptr(),
-                s.iscores.ptr(),
-                s.pos.ptr(),
-                ratio,
-                ni,
-                di,
-                c.index_topk,
-                max_rows
-            ];
-            // Grids cover the rows visible at the span's end; a captured decode graph replays at
-            // later positions, so it covers every row the session can hold (the kernels skip
-            // rows not yet visible).
-            let rows_now = if s.capturing {
-                max_rows
-            } else {
-                (pos0 + n) / ratio
-            };
-            let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
-            if scores_shared > MAX_SHARED {
-                return Err(CudaError::InvalidArgument(format!(
-                    "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
-                )));
-            }
-            let scores_cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (
-                    rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
-                    n as u32,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: scores_shared as u32,
-            };
-            // SAFETY: index_scores reads each token's ni × di query and ni weights and the
-            // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
-            // visible row into the token's max_index_rows-long scratch row; its dynamic
-            // shared memory holds the query and one tile of keys, (ni + 16) × (di + 1) floats.
-            unsafe {
-                self.fk
-                    .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
-            };
-            let a = kargs![
-                s.iscores.ptr(),
-                s.sel_key.ptr(),
-                s.sel_eq.ptr(),
-                s.pos.ptr(),
-                ratio,
-                c.index_topk,
-                max_rows
-            ];
-            // SAFETY: index_threshold reads each token's visible scores (within its
-            // max_index_rows-long scratch row) and writes one threshold key and tie count per
-            // token.
-            unsafe {
-                self.fk.launch(
-                    dev,
-                    "fwd_compressor",
-                    "index_threshold",
-                    per_item(n, 1024, 0),
-                    &a,
-                )?
-            };
-            let a = kargs![
-                s.iscores.ptr(),
-                s.sel_key.ptr(),
-                s.sel_eq.ptr(),
-                s.sel.ptr(),
-                s.selc.ptr(),
-                s.pos.ptr(),
-                ratio,
-                c.index_topk,
-                max_rows
-            ];
-            // SAFETY: index_compact reads the visible rows' scores and the token's threshold,
-            // and writes at most topk indices per token (exactly topk when more rows are
-            // visible) and the count.
-            unsafe {
-                self.fk.launch(
-                    dev,
-                    "fwd_compressor",
-                    "index_compact",
-                    per_item(n, 32, 0),
-                    &a,
-                )?
-            };
+            self.branch(LANE_INDEXER, || {
+                let icw = &iw.compressor;
+                let pre = xq && act_quant_of(self, &icw.kv) == act_quant_of(self, &w.q_a);
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_INDEXER],
+                    pre,
+                    &icw.kv,
+                    &s.xn,
+                    n,
+                    &mut s.ikv,
+                )?;
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_INDEXER],
+                    pre,
+                    &icw.gate,
+                    &s.xn,
+                    n,
+                    &mut s.ig,
+                )?;
+                let qat = if ds4 { 2 } else { 0 };
+                self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, s.pos.ptr(), qat)?;
+                let (ni, di) = (c.index_heads, c.index_head_dim);
+                let pre = qrq && act_quant_of(self, &iw.q_b) == act_quant_of(self, &w.q_b);
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_INDEXER],
+                    pre,
+                    &iw.q_b,
+                    &s.qrn,
+                    n,
+                    &mut s.iq,
+                )?;
+                self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
+                if ds4 {
+                    let a = kargs![s.iq.ptr(), di, false];
+                    // SAFETY: index_round(x, width, store) rewrites n·ni vectors of di values
+                    // of s.iq in place, with di floats of dynamic shared memory.
+                    unsafe {
+                        self.fk.launch(
+                            dev,
+                            "fwd_attention",
+                            "index_round",
+                            per_item(n * ni, CTA, di * 4),
+                            &a,
+                        )?
+                    };
+                }
+                let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);
+                mm_branch(
+                    self,
+                    &s.quant,
+                    &mut s.lane_quant[LANE_INDEXER],
+                    pre,
+                    &iw.proj,
+                    &s.xn,
+                    n,
+                    &mut s.iw,
+                )?;
+                let a = kargs![s.iw.ptr(), n * ni, 1.0 / ((ni * di) as f64).sqrt() as f32];
+                // SAFETY: scale_f32(x, n, s) scales n·ni values of s.iw.
+                unsafe {
+                    self.fk
+                        .launch(dev, "fwd_attention", "scale_f32", grid_1d(n * ni), &a)?
+                };
+                self.index_select(s, is, ratio, n, pos0)
+            })?;
         }
 
-        s.prof.mark(self, "attn.indexer")?;
+        mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
+        self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
+        self.rope(l, &s.qn, n * h, hd, h, s.pos.ptr(), false)?;
+        dev.join(LANE_KV)?;
+        dev.join(LANE_INDEXER)?;
+        s.prof.mark(self, "attn.qkv")?;
+
         // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
         let window = c.sliding_window.min(state.ring_cap);
         let (kind, comp_ptr, max_comp) = match (c.attn_kind[l], state.attn.as_ref()) {
@@ -1340,6 +1381,120 @@ impl CudaModel {
         }
         mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)?;
         s.prof.mark(self, "attn.output")
+    }
+
+    /// Runs `issue` with launches going to side stream `lane` (forked from the main stream's
+    /// current point); launches go to the main stream again afterwards, error or not. The
+    /// caller joins the lane before anything on the main stream reads what the branch wrote.
+    fn branch(&self, lane: usize, issue: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.gpu.device.fork(lane)?;
+        let issued = issue();
+        self.gpu.device.to_main();
+        issued
+    }
+
+    /// The indexer's selection for a CSA layer: scores of every visible compressed row
+    /// (queries s.iq, weights s.iw), the top-k threshold, and the chosen rows into s.sel /
+    /// s.selc.
+    fn index_select(
+        &self,
+        s: &mut Scratch,
+        is: &crate::session::GpuCompressor,
+        ratio: usize,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let dev = &self.gpu.device;
+        let (ni, di) = (c.index_heads, c.index_head_dim);
+        let max_rows = s.max_index_rows;
+        let a = kargs![
+            s.iq.ptr(),
+            s.iw.ptr(),
+            is.rows.ptr(),
+            s.iscores.ptr(),
+            s.pos.ptr(),
+            ratio,
+            ni,
+            di,
+            c.index_topk,
+            max_rows
+        ];
+        // Grids cover the rows visible at the span's end; a captured decode graph replays at
+        // later positions, so it covers every row the session can hold (the kernels skip
+        // rows not yet visible).
+        let rows_now = if s.capturing {
+            max_rows
+        } else {
+            (pos0 + n) / ratio
+        };
+        let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
+        if scores_shared > MAX_SHARED {
+            return Err(CudaError::InvalidArgument(format!(
+                "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
+            )));
+        }
+        let scores_cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (
+                rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
+                n as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: scores_shared as u32,
+        };
+        // SAFETY: index_scores reads each token's ni × di query and ni weights and the
+        // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
+        // visible row into the token's max_index_rows-long scratch row; its dynamic
+        // shared memory holds the query and one tile of keys, (ni + 16) × (di + 1) floats.
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
+        };
+        let a = kargs![
+            s.iscores.ptr(),
+            s.sel_key.ptr(),
+            s.sel_eq.ptr(),
+            s.pos.ptr(),
+            ratio,
+            c.index_topk,
+            max_rows
+        ];
+        // SAFETY: index_threshold reads each token's visible scores (within its
+        // max_index_rows-long scratch row) and writes one threshold key and tie count per
+        // token.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "index_threshold",
+                per_item(n, 1024, 0),
+                &a,
+            )?
+        };
+        let a = kargs![
+            s.iscores.ptr(),
+            s.sel_key.ptr(),
+            s.sel_eq.ptr(),
+            s.sel.ptr(),
+            s.selc.ptr(),
+            s.pos.ptr(),
+            ratio,
+            c.index_topk,
+            max_rows
+        ];
+        // SAFETY: index_compact reads the visible rows' scores and the token's threshold,
+        // and writes at most topk indices per token (exactly topk when more rows are
+        // visible) and the count.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "index_compact",
+                per_item(n, 32, 0),
+                &a,
+            )
+        }
     }
 
     /// Feeds the chunk's projections to one compressor (rows appended after the
@@ -1474,10 +1629,54 @@ impl CudaModel {
             )?;
             (xq, false)
         };
-        let up_q = xq && act_quant_of(self, &w.up_shexp) == act_quant_of(self, &w.gate_shexp);
-        mm_prequantized(self, &mut s.quant, xq, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
-        mm_prequantized(self, &mut s.quant, up_q, &w.up_shexp, &s.xn, n, &mut s.su)?;
-        mm(self, &mut s.quant, &w.router, &s.xn, n, &mut s.rlog)?;
+        // Branch: the shared expert (reads xn and its quantized form; writes sg, su, sh and
+        // sdown, which moe_combine reads after the join).
+        self.branch(LANE_KV, || {
+            let own = &mut s.lane_quant[LANE_KV];
+            let up_q = xq && act_quant_of(self, &w.up_shexp) == act_quant_of(self, &w.gate_shexp);
+            match act_quant_of(self, &w.gate_shexp) {
+                // A single token's gate and up in one launch (bit-identical to two).
+                Some(kind) if n == 1 && up_q && same_shape(&w.gate_shexp, &w.up_shexp) => {
+                    let qa = s.quant.get(kind, w.gate_shexp.cols, n, s.xn.ptr())?;
+                    let pair = [&self.matrix(&w.gate_shexp)?, &self.matrix(&w.up_shexp)?];
+                    self.gpu.gemv_pair(
+                        pair,
+                        Activations::Quantized(qa),
+                        n,
+                        [&mut s.sg, &mut s.su],
+                    )?;
+                }
+                _ => {
+                    mm_branch(self, &s.quant, own, xq, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
+                    mm_branch(self, &s.quant, own, up_q, &w.up_shexp, &s.xn, n, &mut s.su)?;
+                }
+            }
+            let shq = swiglu_for(
+                self,
+                own,
+                &s.sg,
+                &s.su,
+                n * ff,
+                ff,
+                limit,
+                None,
+                &mut s.sh,
+                &w.down_shexp,
+            )?;
+            mm_prequantized(self, own, shq, &w.down_shexp, &s.sh, n, &mut s.sdown)
+        })?;
+        // The router reads xn's quantized form when it takes the shared expert's (never
+        // re-quantizing it while the branch reads it).
+        let router_q = xq && act_quant_of(self, &w.router) == act_quant_of(self, &w.gate_shexp);
+        mm_prequantized(
+            self,
+            &mut s.quant,
+            router_q,
+            &w.router,
+            &s.xn,
+            n,
+            &mut s.rlog,
+        )?;
         let hash = c.moe_kind[l] == MoeKind::Hash;
         let tid2eid = match (&w.tid2eid, hash) {
             (Some(t), true) => t.ptr(),
@@ -1507,30 +1706,6 @@ impl CudaModel {
         };
 
         s.prof.mark(self, "ffn.route")?;
-        // Shared expert (gate and up were projected with the router's input above).
-        let shq = swiglu_for(
-            self,
-            &mut s.quant,
-            &s.sg,
-            &s.su,
-            n * ff,
-            ff,
-            limit,
-            None,
-            &mut s.sh,
-            &w.down_shexp,
-        )?;
-        mm_prequantized(
-            self,
-            &mut s.quant,
-            shq,
-            &w.down_shexp,
-            &s.sh,
-            n,
-            &mut s.sdown,
-        )?;
-
-        s.prof.mark(self, "ffn.shared")?;
         // Routed experts: one slot per (token, choice), ids on the device. A span of several
         // tokens sorts its slots by expert first, so that slots of one expert are neighbours in
         // the matvec grid and share its rows through L2 (same arithmetic per slot either way).
@@ -1665,6 +1840,8 @@ impl CudaModel {
             },
             &mut s.edown,
         )?;
+        // The shared expert's output.
+        dev.join(LANE_KV)?;
         let slot_pos = if sorted { s.slot_pos.ptr() } else { 0 };
         let a = kargs![
             s.edown.ptr(),

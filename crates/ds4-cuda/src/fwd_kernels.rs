@@ -4,7 +4,7 @@
 //! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
 //! counts, double scalars), so a launch is a list of u64 bit patterns ([`arg`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::compile::{KernelCache, COMMON_CUH};
 use crate::device::CudaDevice;
@@ -14,7 +14,7 @@ use crate::kernels::ModuleSet;
 const FWD_COMMON: &str = include_str!("fwd_common.cuh");
 
 /// The forward pass's modules: name and source.
-const FORWARD_MODULES: &[(&str, &str)] = &[
+pub(crate) const FORWARD_MODULES: &[(&str, &str)] = &[
     ("fwd_hc", include_str!("hc.cu")),
     ("fwd_attention", include_str!("attention.cu")),
     ("fwd_compressor", include_str!("compressor.cu")),
@@ -94,7 +94,7 @@ impl ForwardKernels {
         args: &[KArg],
     ) -> Result<()> {
         let f = self.modules.function(module, name)?;
-        let mut b = device.stream().launch_builder(&f);
+        let mut b = device.launch_args(&f);
         for a in args {
             b.arg(&a.0);
         }
@@ -131,5 +131,55 @@ pub(crate) fn per_item(items: usize, threads: u32, shared: usize) -> LaunchConfi
         grid_dim: (items as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FORWARD_MODULES;
+    use crate::kernels::MODULES;
+
+    /// The bodies of the `__global__` functions of `src` that do not begin with PDL_ENTRY().
+    fn kernels_without_pdl_entry(src: &str) -> Vec<String> {
+        let mut missing = Vec::new();
+        let mut at = 0;
+        while let Some(i) = src[at..].find("__global__").map(|i| at + i) {
+            let open = src[i..].find('{').map(|j| i + j);
+            at = i + "__global__".len();
+            let Some(open) = open else { break };
+            let head = &src[i..open];
+            if head.contains(';') {
+                continue; // a declaration, not a definition
+            }
+            let body = src[open + 1..].trim_start();
+            if !body.starts_with("PDL_ENTRY();") {
+                missing.push(head.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+        }
+        missing
+    }
+
+    /// Every kernel is launched with programmatic dependent launch (device.rs), which is only
+    /// correct when it waits for its predecessor before touching memory: PDL_ENTRY() first.
+    #[test]
+    fn every_kernel_begins_with_pdl_entry() {
+        let sources = MODULES
+            .iter()
+            .map(|m| (m.name, m.source))
+            .chain(FORWARD_MODULES.iter().copied());
+        let mut checked = 0;
+        for (name, src) in sources {
+            checked += src.matches("__global__").count();
+            let missing = kernels_without_pdl_entry(src);
+            assert!(
+                missing.is_empty(),
+                "{name}: kernels without PDL_ENTRY(): {missing:?}"
+            );
+        }
+        assert!(checked > 40, "only {checked} kernels found");
+        assert_eq!(
+            kernels_without_pdl_entry("__global__ void k(int* p) { p[0] = 1; }").len(),
+            1
+        );
     }
 }

@@ -324,7 +324,7 @@ mod tests {
             // launch bounds of (64·WM threads, ctas_per_sm).
             let wm = v.tile_rows / 32;
             let wrapper = format!(
-                "__launch_bounds__({}, {}) {}(const GemmQ8Params p) {{\n    gemm_q8_0_tile<{wm}>(p);",
+                "__launch_bounds__({}, {}) {}(const GemmQ8Params p) {{\n    PDL_ENTRY();\n    gemm_q8_0_tile<{wm}>(p);",
                 v.threads(),
                 v.ctas_per_sm,
                 v.name

@@ -16,6 +16,7 @@
 extern "C" __global__ void __launch_bounds__(GF_THREADS)
     gemm_f16_f32(const u8* __restrict__ w, i64 row_bytes, const float* __restrict__ x, float* __restrict__ y,
                  i64 rows, i64 n, i64 k) {
+    PDL_ENTRY();
     __shared__ __align__(16) float ws[GF_BK][GF_BM + 4];
     __shared__ __align__(16) float xs[GF_BK][GF_BN + 4];
     const int tid = threadIdx.x;

@@ -7,7 +7,7 @@
 //! Bound: 2·rows·cols·n FLOPs at the FP32 rate (the weights are re-read per 64-vector tile,
 //! from L2), several times the matvec kernels' rate once a span has 16+ vectors.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, DriverContext, Result};
@@ -75,7 +75,7 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let label = format!("gemm_f16_f32 {}x{} x{n_vecs}", w.rows, w.cols);
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch_args(&f);
         b.arg(&wp)
             .arg(&row_bytes)
             .arg(&xp)

@@ -287,9 +287,11 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 
 // 128 rows x 64 vectors, 8 warps; 2 stages of 54272 bytes, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_q8_0_q8x_m128(const GemmQ8Params p) {
+    PDL_ENTRY();
     gemm_q8_0_tile<4>(p);
 }
 // 64 rows x 64 vectors, 4 warps; 2 stages of 36864 bytes, three CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_q8_0_q8x_m64(const GemmQ8Params p) {
+    PDL_ENTRY();
     gemm_q8_0_tile<2>(p);
 }

@@ -734,15 +734,15 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // the quantized kernels have R = 2. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
 // grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { gemv_quant<FMT, R, 1, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { gemv_quant<FMT, R, 2, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { gemv_quant<FMT, R, 4, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { gemv_quant<FMT, R, 8, QX>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 1, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 2, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 4, QX>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 8, QX>(p); }
 #define GEMV_P(name, FMT, R)                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { gemv_plain<FMT, R, 1>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { gemv_plain<FMT, R, 2>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { gemv_plain<FMT, R, 4>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { gemv_plain<FMT, R, 8>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 2>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 4>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 8>(p); }
 
 GEMV_P(gemv_f32_f32x_r1, FMT_F32, 1)
 GEMV_P(gemv_f32_f32x_r4, FMT_F32, 4)
@@ -759,7 +759,7 @@ GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)
 
 // Grouped expert products (quantized activations only: ds4's expert numerics), R = 2.
 #define GEMV_G(name, FMT)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { gemv_quant_grouped<FMT, 2, true>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY(); gemv_quant_grouped<FMT, 2, true>(p); }
 GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
 GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)

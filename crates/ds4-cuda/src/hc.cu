@@ -9,18 +9,24 @@
 #define HC_GROUP_ROWS 6
 #define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
 
-// The mappings of one token from its mix (R = (2+n)n values in shared memory), by one warp,
-// in the CPU's operation order (split_sinkhorn in cpu/hc.rs): m = [pre | post | comb].
-__device__ void hc_maps_warp(const float* mix, const float* base, const float* scale, float* m, int n, i64 iters,
-                             float eps) {
-    const int lane = threadIdx.x & 31, nn = n * n;
+// The mappings of one token from its mix (R = (2+n)n values in shared memory), in the CPU's
+// operation order (split_sinkhorn in cpu/hc.rs): m = [pre | post | comb]. pre and post are
+// plain sigmoids (hc_pre_post, any threads); comb is the Sinkhorn projection (hc_comb_warp,
+// one warp), which only the post mixing after the sublayer needs: hc_comb runs it beside the
+// sublayer, off the decode's critical path.
+__device__ __forceinline__ void hc_pre_post(const float* mix, const float* base, const float* scale, float* m, int n,
+                                            float eps) {
     float* pre = m;
     float* post = m + n;
-    float* comb = m + 2 * n;
-    for (int i = lane; i < n; i += 32) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
         pre[i] = sigmoidf_ref(mix[i] * scale[0] + base[i]) + eps;
         post[i] = 2.0f * sigmoidf_ref(mix[n + i] * scale[1] + base[n + i]);
     }
+}
+
+__device__ void hc_comb_warp(const float* mix, const float* base, const float* scale, float* comb, int n, i64 iters,
+                             float eps) {
+    const int lane = threadIdx.x & 31, nn = n * n;
     if (nn <= 32) {
         // Lane j*n + k holds comb[j][k] in a register; a row's or column's values are gathered
         // with shuffles and summed in index order, as the CPU does (no tree reduction).
@@ -146,6 +152,7 @@ __device__ __forceinline__ void hc_store_partial(float (&acc)[HC_GROUP_ROWS], do
 // fn . RMS0(x) = rms^-1 (fn . x)).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
+    PDL_ENTRY();
     const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
     float acc[HC_GROUP_ROWS];
@@ -170,6 +177,7 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_post_mix(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d,
                 i64 R) {
+    PDL_ENTRY();
     const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
     float acc[HC_GROUP_ROWS];
@@ -218,24 +226,21 @@ __device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 w
     __syncthreads();
 }
 
-// CTA (s, t): token t's mix (hc_load_mix), its mappings (hc_maps_warp; CTA s = 0 stores
-// them: maps out n_tok x (2n + n^2) = [pre | post | comb]) and slice s of the sublayer input
-// x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same mappings.
+// CTA (s, t): token t's mix (hc_load_mix), its pre and post mappings (CTA s = 0 stores them
+// into maps, n_tok x (2n + n^2) = [pre | post | comb]; comb is hc_comb's) and slice s of the
+// sublayer input x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same pre.
 extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
-                                  u64 x_, i64 n, i64 d, i64 iters, double eps_d, double rms_eps) {
+                                  u64 x_, i64 n, i64 d, double eps_d, double rms_eps) {
+    PDL_ENTRY();
     const i64 t = blockIdx.y;
     const i64 R = (2 + n) * n, M = 2 * n + n * n;
     __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
-    __shared__ float m[2 * HC_MAX_N + HC_MAX_N * HC_MAX_N];
+    __shared__ float m[2 * HC_MAX_N];
     hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
-    if (threadIdx.x < 32) {
-        hc_maps_warp(mix, (const float*)base_, (const float*)scale_, m, (int)n, iters, (float)eps_d);
-        if (blockIdx.x == 0) {
-            float* maps = (float*)maps_ + t * M;
-            for (i64 i = threadIdx.x; i < M; i += 32) maps[i] = m[i];
-        }
-    }
+    hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, (int)n, (float)eps_d);
     __syncthreads();
+    if (blockIdx.x == 0)
+        for (i64 i = threadIdx.x; i < 2 * n; i += blockDim.x) ((float*)maps_)[t * M + i] = m[i];
     const float* st = (const float*)streams_ + t * n * d;
     float* x = (float*)x_ + t * d;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x) {
@@ -245,8 +250,25 @@ extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u6
     }
 }
 
+// CTA t: token t's comb mapping (the Sinkhorn projection of its mix, hc_load_mix's inputs as
+// for hc_pre) into maps[t][2n ..).
+extern "C" __global__ void hc_comb(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 maps_, i64 n, i64 d,
+                                   i64 iters, double eps_d, double rms_eps) {
+    PDL_ENTRY();
+    const i64 t = blockIdx.x;
+    const i64 R = (2 + n) * n, M = 2 * n + n * n;
+    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
+    __shared__ float comb[HC_MAX_N * HC_MAX_N];
+    hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
+    if (threadIdx.x < 32) {
+        hc_comb_warp(mix, (const float*)base_, (const float*)scale_, comb, (int)n, iters, (float)eps_d);
+        for (i64 i = threadIdx.x; i < n * n; i += 32) ((float*)maps_)[t * M + 2 * n + i] = comb[i];
+    }
+}
+
 // X'_k = post_k y + sum_j comb[j,k] X_j, in place on the streams (n_tok x n x d).
 extern "C" __global__ void hc_post(u64 maps_, u64 y_, u64 streams_, i64 n_tok, i64 n, i64 d) {
+    PDL_ENTRY();
     const i64 M = 2 * n + n * n;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x) {
         const i64 t = idx / d, i = idx % d;
@@ -268,6 +290,7 @@ extern "C" __global__ void hc_post(u64 maps_, u64 y_, u64 streams_, i64 n_tok, i
 // The head: a_j = sigmoid(scale mix_j + base_j) + eps, u = sum_j a_j X_j. One CTA per row;
 // streams: rows x n x d, mix: rows x n, u: rows x d.
 extern "C" __global__ void hc_head(u64 mix_, u64 base_, u64 scale_, u64 streams_, u64 u_, i64 n, i64 d, double eps_d) {
+    PDL_ENTRY();
     const i64 r = blockIdx.x;
     __shared__ float a[HC_MAX_N];
     if (threadIdx.x == 0) {

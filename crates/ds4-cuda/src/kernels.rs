@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use ds4_gguf::quant::dequantize;
 use ds4_gguf::GgmlType;
@@ -189,7 +189,7 @@ impl Gpu {
         args: &[&A],
     ) -> Result<()> {
         let f = self.kernels.function(module, name)?;
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch_args(&f);
         for a in args {
             b.arg(*a);
         }

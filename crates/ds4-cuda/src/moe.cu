@@ -12,6 +12,7 @@
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     route(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E, i64 k,
           double routed_scale, i64 ds4) {
+    PDL_ENTRY();
     const i64 t = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __shared__ float wbest[ROUTE_THREADS / 32];
@@ -93,6 +94,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints.
 // group_start (E + 1 ints) receives each expert's first sorted position; [E] = valid slots.
 extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E) {
+    PDL_ENTRY();
     extern __shared__ int start[];
     const int* ids = (const int*)ids_;
     auto bucket = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (i64)id : E; };
@@ -124,6 +126,7 @@ extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_
 // wts_out[p] = wts[order[p]].
 extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, u64 xe_, u64 ids_out_, u64 wts_out_,
                                         i64 n_slots, i64 k, i64 d) {
+    PDL_ENTRY();
     const int* order = (const int*)order_;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_slots * d; idx += (i64)gridDim.x * blockDim.x) {
         const i64 p = idx / d, i = idx % d, slot = order[p];
@@ -141,6 +144,7 @@ extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, 
 // Row of slot s in `down`: inv[s] when the slots were sorted (inv != 0), else s.
 extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k,
                                        i64 d, i64 weighted) {
+    PDL_ENTRY();
     const int* inv = (const int*)inv_;
     for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x) {
         const i64 t = idx / d, i = idx % d;

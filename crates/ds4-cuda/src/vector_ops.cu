@@ -258,7 +258,7 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ x, const f
 #define RMSNORM_KERNEL(NAME, QUANT, V4, CACHED)                                                       \
     extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                         \
         NAME(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, i8* q0, \
-             float* d0, i8* qk, float* dk, i64 n, float eps) {                                        \
+             float* d0, i8* qk, float* dk, i64 n, float eps) { PDL_ENTRY();                                        \
         rmsnorm_row<QUANT, V4, CACHED>(x, w, y, q0, d0, qk, dk, n, eps);                              \
     }
 #define RMSNORM_KERNELS(NAME, QUANT)                                \
@@ -291,7 +291,7 @@ __device__ __forceinline__ void quantize_all(const float* __restrict__ x, i8* __
 }
 
 #define QUANTIZE_KERNEL(NAME, QUANT, V4)                                                      \
-    extern "C" __global__ void NAME(const float* __restrict__ x, i8* q, float* d, i64 nseg) { \
+    extern "C" __global__ void NAME(const float* __restrict__ x, i8* q, float* d, i64 nseg) { PDL_ENTRY(); \
         quantize_all<QUANT, V4>(x, q, d, nseg);                                               \
     }
 QUANTIZE_KERNEL(quantize_q8_0_f32, QUANT_Q8_0, false)
@@ -347,7 +347,7 @@ __device__ __forceinline__ void swiglu_segs(const float* __restrict__ gate, cons
 #define SWIGLU_KERNEL(NAME, QUANT, V4)                                                                   \
     extern "C" __global__ void NAME(const float* __restrict__ gate, const float* __restrict__ up,        \
                                     float* __restrict__ out, const float* __restrict__ weight, i8* q,    \
-                                    float* d, i64 n, i64 per_slot, float limit) {                        \
+                                    float* d, i64 n, i64 per_slot, float limit) { PDL_ENTRY();                        \
         swiglu_segs<QUANT, V4>(gate, up, out, weight, q, d, n, per_slot, limit);                         \
     }
 SWIGLU_KERNEL(swiglu_clamp_f32, QUANT_NONE, false)

@@ -1,7 +1,7 @@
 //! Per-vector operations: RMS norm, clamped SwiGLU, activation quantization; kernels in
 //! `vector_ops.cu`.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, DriverContext, Result};
@@ -217,7 +217,7 @@ impl Gpu {
             let name = RMSNORM_KERNELS[quant][v4 as usize | (long as usize) << 1];
             let f = self.kernels.function("vector_ops", name)?;
             let n64 = n as i64;
-            let mut b = self.device.stream().launch_builder(&f);
+            let mut b = self.device.launch_args(&f);
             b.arg(&xp)
                 .arg(&wp)
                 .arg(&yp)
@@ -329,7 +329,7 @@ impl Gpu {
         let name = SWIGLU_KERNELS[qa.map_or(0, |qa| 1 + kind_index(qa.kind))][v4 as usize];
         let f = self.kernels.function("vector_ops", name)?;
         let (n64, ps64, lim) = (n as i64, per_slot as i64, limit.unwrap_or(f32::INFINITY));
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch_args(&f);
         b.arg(&gp)
             .arg(&upp)
             .arg(&op)
@@ -395,7 +395,7 @@ impl Gpu {
         let f = self.kernels.function("vector_ops", name)?;
         let segments = total / SEG;
         let (xp, qp, dp, nseg) = (x.ptr(), out.q.ptr(), out.d.ptr(), segments as i64);
-        let mut b = self.device.stream().launch_builder(&f);
+        let mut b = self.device.launch_args(&f);
         b.arg(&xp).arg(&qp).arg(&dp).arg(&nseg);
         // One 8-value segment per thread: a Q8_0 block is 4 lanes, a Q8_K block one warp.
         let cfg = LaunchConfig {
