@@ -26,12 +26,16 @@ const HC_MIX_THREADS: usize = 128;
 const HC_MIX_MAX: usize = 40;
 /// Mix rows per CTA of the split-K projection (hc.cu HC_GROUP_ROWS).
 const HC_GROUP_ROWS: usize = 6;
+/// Tokens per CTA of the split-K projection (hc.cu HC_TOKENS).
+const HC_TOKENS: usize = 8;
 /// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
 const HC_PRE_SLICE: usize = 1024;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
-// FFN: the shared expert); the indexer.
+// FFN: the shared expert); the indexer. (A fourth branch, the indexer's keys apart from its
+// queries, measured slower in the decode graph: every join is an edge the dependent launch
+// cannot cross.)
 const LANE_SINKHORN: usize = 0;
 const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
@@ -872,14 +876,15 @@ impl CudaModel {
             && hc.fn_.cols == nc * self.cfg.hidden
     }
 
-    /// Grid of the split-K projection kernels: (d/128 slices, row groups, tokens).
+    /// Grid of the split-K projection kernels: (d/128 slices, row groups, groups of
+    /// HC_TOKENS tokens).
     fn hc_split_k_grid(&self, n: usize) -> cudarc::driver::LaunchConfig {
         let nc = self.cfg.hc_mult;
         cudarc::driver::LaunchConfig {
             grid_dim: (
                 self.cfg.hidden.div_ceil(HC_MIX_THREADS) as u32,
                 ((2 + nc) * nc).div_ceil(HC_GROUP_ROWS) as u32,
-                n as u32,
+                n.div_ceil(HC_TOKENS) as u32,
             ),
             block_dim: (HC_MIX_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
@@ -903,10 +908,11 @@ impl CudaModel {
                 s.hc_part.ptr(),
                 nc,
                 d,
-                (2 + nc) * nc
+                (2 + nc) * nc,
+                n
             ];
             let cfg = self.hc_split_k_grid(n);
-            // SAFETY: hc_mix_partial(streams, fn, f16, part, n, d, R) reads n_tok × n × d
+            // SAFETY: hc_mix_partial(streams, fn, f16, part, n, d, R, n_tok) reads n_tok × n × d
             // streams and the R × n·d projection rows (checked by hc_split_k), and writes
             // n_tok × slices × (R+1) partials: the size of s.hc_part.
             unsafe {
@@ -992,10 +998,11 @@ impl CudaModel {
                 s.hc_part.ptr(),
                 nc,
                 d,
-                (2 + nc) * nc
+                (2 + nc) * nc,
+                n
             ];
             let cfg = self.hc_split_k_grid(n);
-            // SAFETY: hc_post_mix(maps, y, streams_in, streams_out, fn, f16, part, n, d, R)
+            // SAFETY: hc_post_mix(maps, y, streams_in, streams_out, fn, f16, part, n, d, R, n_tok)
             // reads n_tok maps, n_tok × d outputs and n_tok × n × d streams, writes as many
             // into the second stream buffer (same size), reads the R × n·d projection rows
             // (checked by hc_split_k) and writes n_tok × slices × (R+1) partials: all within
@@ -1712,25 +1719,24 @@ impl CudaModel {
         let slots = n * k;
         let sorted = n > 1;
         if sorted {
+            // The slots' buckets are kept in shared memory when they fit the default 48 KB.
+            let cached = (c.n_experts + 1 + slots) * 4 <= 48 << 10;
+            let shared = (c.n_experts + 1 + if cached { slots } else { 0 }) * 4;
             let a = kargs![
                 s.ids.ptr(),
                 s.slot_order.ptr(),
                 s.slot_pos.ptr(),
                 s.group_start.ptr(),
                 slots,
-                c.n_experts
+                c.n_experts,
+                cached
             ];
             // SAFETY: sort_slots reads n·k ids and writes n·k order and position entries (a
             // permutation of 0..n·k) and E+1 group starts, with E+1 ints of dynamic shared
-            // memory.
+            // memory (+ n·k when cached).
             unsafe {
-                self.fk.launch(
-                    dev,
-                    "fwd_moe",
-                    "sort_slots",
-                    per_item(1, 1024, (c.n_experts + 1) * 4),
-                    &a,
-                )?
+                self.fk
+                    .launch(dev, "fwd_moe", "sort_slots", per_item(1, 1024, shared), &a)?
             };
             let a = kargs![
                 s.xn.ptr(),

@@ -108,21 +108,31 @@ __device__ void hc_comb_warp(const float* mix, const float* base, const float* s
     }
 }
 
-// Adds x times column c of mix rows r0.. (at most HC_GROUP_ROWS, below R; F32 or F16 rows
-// `cols` wide) to acc.
-__device__ __forceinline__ void hc_mix_accumulate(u64 fn_, i64 fn_f16, i64 cols, i64 c, float x, int r0, int R,
-                                                  float (&acc)[HC_GROUP_ROWS]) {
+// Streams the split-K kernels take ((2+n)n <= HC_MIX_MAX), and tokens per CTA: the CTA loads
+// its projection weights once into registers and applies them to each of its tokens.
+#define HC_SPLIT_N 5
+#define HC_TOKENS 8
+
+// Column c = k*d + i (stream k, element i) of mix rows r0.. (at most HC_GROUP_ROWS, below R;
+// F32 or F16 rows n*d wide) for every stream k, into w (0 outside the rows / elements).
+__device__ __forceinline__ void hc_mix_weights(u64 fn_, i64 fn_f16, i64 n, i64 d, i64 i, int r0, int R,
+                                               float (&w)[HC_GROUP_ROWS][HC_SPLIT_N]) {
 #pragma unroll
     for (int j = 0; j < HC_GROUP_ROWS; j++)
-        if (r0 + j < R) {
-            const i64 at = (i64)(r0 + j) * cols + c;
-            const float w = fn_f16 ? f16_to_f32(((const u16*)fn_)[at]) : ((const float*)fn_)[at];
-            acc[j] += w * x;
+#pragma unroll
+        for (int k = 0; k < HC_SPLIT_N; k++) {
+            float v = 0.f;
+            if (k < n && i < d && r0 + j < R) {
+                const i64 at = (i64)(r0 + j) * n * d + k * d + i;
+                v = fn_f16 ? f16_to_f32(((const u16*)fn_)[at]) : ((const float*)fn_)[at];
+            }
+            w[j][k] = v;
         }
 }
 
 // CTA sums of acc (rows r0..) and, for the row group that owns it (ss_owner), of ss; stored
-// into the token's slice record out[0..R] (R = sum of squares).
+// into the token's slice record out[0..R] (R = sum of squares). Every thread of the CTA calls
+// it (it synchronizes, also before returning, so it can be called once per token).
 __device__ __forceinline__ void hc_store_partial(float (&acc)[HC_GROUP_ROWS], double ss, int r0, int R, bool ss_owner,
                                                  float* out) {
     __shared__ float red[HC_MIX_THREADS / 32][HC_GROUP_ROWS + 1];
@@ -143,31 +153,40 @@ __device__ __forceinline__ void hc_store_partial(float (&acc)[HC_GROUP_ROWS], do
         if (j < HC_GROUP_ROWS && r0 + j < R) out[r0 + j] = v;
         if (j == HC_GROUP_ROWS && ss_owner) out[R] = v;
     }
+    __syncthreads();
 }
 
 // Split-K projection of the flattened streams (n x d per token) onto the R mix rows: CTA
-// (s, g, t) covers element i = s*128 + thread of every stream against mix rows 6g..6g+5 and
-// writes them into part[t][s] = [R dot products | sum of squares (row group 0)]. hc_pre
-// finishes the sums and applies the RMS scale (the norm is one scalar per token, so
-// fn . RMS0(x) = rms^-1 (fn . x)).
+// (s, g, z) covers element i = s*128 + thread of every stream against mix rows 6g..6g+5 for
+// tokens z*HC_TOKENS.. and writes them into part[t][s] = [R dot products | sum of squares
+// (row group 0)]. hc_pre finishes the sums and applies the RMS scale (the norm is one scalar
+// per token, so fn . RMS0(x) = rms^-1 (fn . x)).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
-    hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R) {
+    hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R, i64 n_tok) {
     PDL_ENTRY();
-    const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
-    float acc[HC_GROUP_ROWS];
+    float w[HC_GROUP_ROWS][HC_SPLIT_N];
+    hc_mix_weights(fn_, fn_f16, n, d, i, r0, (int)R, w);
+    for (i64 t = (i64)blockIdx.z * HC_TOKENS; t < n_tok && t < ((i64)blockIdx.z + 1) * HC_TOKENS; t++) {
+        float acc[HC_GROUP_ROWS];
 #pragma unroll
-    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
-    double ss = 0.0;
-    if (i < d) {
-        const float* st = (const float*)streams_ + t * n * d;
-        for (int k = 0; k < n; k++) {
-            const float x = st[k * d + i];
-            ss += (double)x * (double)x;
-            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, x, r0, (int)R, acc);
+        for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
+        double ss = 0.0;
+        if (i < d) {
+            const float* st = (const float*)streams_ + t * n * d;
+#pragma unroll
+            for (int k = 0; k < HC_SPLIT_N; k++)
+                if (k < n) {
+                    const float x = st[k * d + i];
+                    ss += (double)x * (double)x;
+#pragma unroll
+                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += w[j][k] * x;
+                }
         }
+        hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0,
+                         (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
     }
-    hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
 }
 
 // hc_post (below) fused with the next hyper-connection's hc_mix_partial: the new stream
@@ -176,32 +195,41 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 // another's update).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_post_mix(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d,
-                i64 R) {
+                i64 R, i64 n_tok) {
     PDL_ENTRY();
-    const i64 t = blockIdx.z, i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
-    float acc[HC_GROUP_ROWS];
+    float w[HC_GROUP_ROWS][HC_SPLIT_N];
+    hc_mix_weights(fn_, fn_f16, n, d, i, r0, (int)R, w);
+    for (i64 t = (i64)blockIdx.z * HC_TOKENS; t < n_tok && t < ((i64)blockIdx.z + 1) * HC_TOKENS; t++) {
+        float acc[HC_GROUP_ROWS];
 #pragma unroll
-    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
-    double ss = 0.0;
-    if (i < d) {
-        const float* mp = (const float*)maps_ + t * (2 * n + n * n);
-        const float* post = mp + n;
-        const float* comb = mp + 2 * n;
-        const float* st = (const float*)streams_in_ + t * n * d;
-        float* out = (float*)streams_out_ + t * n * d;
-        float old[HC_MAX_N];
-        for (int j = 0; j < n; j++) old[j] = st[j * d + i];
-        const float y = ((const float*)y_)[t * d + i];
-        for (int k = 0; k < n; k++) {
-            float v = post[k] * y;
-            for (int j = 0; j < n; j++) v += comb[j * n + k] * old[j];
-            if (blockIdx.y == 0) out[k * d + i] = v;
-            ss += (double)v * (double)v;
-            hc_mix_accumulate(fn_, fn_f16, n * d, k * d + i, v, r0, (int)R, acc);
+        for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] = 0.f;
+        double ss = 0.0;
+        if (i < d) {
+            const float* mp = (const float*)maps_ + t * (2 * n + n * n);
+            const float* post = mp + n;
+            const float* comb = mp + 2 * n;
+            const float* st = (const float*)streams_in_ + t * n * d;
+            float* out = (float*)streams_out_ + t * n * d;
+            float old[HC_SPLIT_N];
+#pragma unroll
+            for (int j = 0; j < HC_SPLIT_N; j++) old[j] = j < n ? st[j * d + i] : 0.f;
+            const float y = ((const float*)y_)[t * d + i];
+#pragma unroll
+            for (int k = 0; k < HC_SPLIT_N; k++)
+                if (k < n) {
+                    float v = post[k] * y;
+                    for (int j = 0; j < n; j++) v += comb[j * n + k] * old[j];
+                    if (blockIdx.y == 0) out[k * d + i] = v;
+                    ss += (double)v * (double)v;
+#pragma unroll
+                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += w[j][k] * v;
+                }
         }
+        hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0,
+                         (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
     }
-    hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0, (float*)part_ + (t * gridDim.x + blockIdx.x) * (R + 1));
 }
 
 // The mix of token t: from `mix` rows of R values, or (part != 0) the sum of n_part split-K

@@ -91,15 +91,21 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // The routed slots (slot = token * k + choice) in stable expert order, so that the expert
 // matvec's consecutive CTAs read the same expert's rows (L2 reuse when a prefill chunk sends
 // several tokens to one expert): order[p] = slot, inv[slot] = p. Ids outside [0, E) go last
-// (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints.
+// (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints, then (when
+// `cached`) the n_slots buckets, which the stable ranking below reads n_slots times each.
 // group_start (E + 1 ints) receives each expert's first sorted position; [E] = valid slots.
-extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E) {
+extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E,
+                                      i64 cached) {
     PDL_ENTRY();
     extern __shared__ int start[];
+    int* cache = start + E + 1;
     const int* ids = (const int*)ids_;
-    auto bucket = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (i64)id : E; };
+    auto bucket_of = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (int)id : (int)E; };
     for (i64 e = threadIdx.x; e <= E; e += blockDim.x) start[e] = 0;
+    if (cached)
+        for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) cache[s] = bucket_of(s);
     __syncthreads();
+    auto bucket = [&](i64 s) { return cached ? cache[s] : bucket_of(s); };
     for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&start[bucket(s)], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -114,7 +120,7 @@ extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_
     for (i64 e = threadIdx.x; e <= E; e += blockDim.x) ((int*)group_start_)[e] = start[e];
     // Stable: a slot's place among its expert's slots is the number of earlier ones.
     for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) {
-        const i64 e = bucket(s);
+        const int e = bucket(s);
         int p = start[e];
         for (i64 q = 0; q < s; q++) p += bucket(q) == e;
         ((int*)order_)[p] = (int)s;
