@@ -185,3 +185,259 @@ extern "C" __global__ void group_merge(u64 zg_, u64 z_, i64 n_tok, i64 G, i64 dg
         ((float*)z_)[t * G * dg + g * dg + c] = ((const float*)zg_)[idx];
     }
 }
+
+// ---- attend_heads: prefill attention of one token and ATTN_HG heads per CTA ----
+//
+// All heads of a token attend over the same K=V rows, so one CTA stages the token's rows in
+// shared memory once (ATTN_TR rows per tile, two tiles in flight through cp.async) and
+// computes ATTN_HG heads from them, instead of attend's one CTA per head re-reading every row
+// from L2. Two passes over the rows keep attend's arithmetic operation for operation, so the
+// outputs are bit-identical to attend launched with the same ATTN_THREADS threads:
+//  1. scores: lane l of a warp owns channels l, l+32, ... of 4 heads (q kept in registers) and
+//     sums q·k over them for 8 rows, in attend's channel order; a butterfly over the warp then
+//     adds the 32 lane partials of each (head, row) in warp_sum's pairing (16, 8, 4, 2, 1),
+//     trading halves instead of whole registers so that 32 sums cost 31 shuffles, not 160;
+//  2. softmax with the sink per head, with attend's thread/warp split of the max and the sum;
+//  3. outputs: each thread accumulates 8 heads x 4 channels over the rows in ascending order,
+//     then the inverse RoPE of the tails and the store (out[(t*H + h)*hd + c], as attend).
+// Dynamic shared memory: 2 tiles of ATTN_TR x ATTN_HD floats (reused for the outputs), then
+// max_rows x ATTN_HG scores (row-major: the ATTN_HG heads of a row side by side).
+#define ATTN_HD 512      // head width the kernel is built for
+#define ATTN_HG 16       // heads per CTA
+#define ATTN_TR 16       // K=V rows per shared-memory tile
+#define ATTN_THREADS 256 // 8 warps; the softmax split is attend's at its 256 threads
+#define ATTN_CPL (ATTN_HD / 32)
+
+// Row j of a token's attention rows, in attend's order: the window from its oldest position
+// (earlier positions from the ring, the span's own from kv), then the compressed rows.
+__device__ __forceinline__ const float* attn_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
+                                                 const float* ring, i64 ring_cap, const float* comp, i64 kind,
+                                                 const int* sel) {
+    if (j < nw) {
+        const i64 ps = first + j;
+        return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
+    }
+    return comp + (kind == 1 ? j - nw : (i64)sel[j - nw]) * ATTN_HD;
+}
+
+// Starts copying rows row0 .. row0 + ATTN_TR of the token into `tile` (one cp.async group):
+// warp w copies rows w and w + 8, 16 bytes per lane per step. Rows at or past nr are zeros.
+__device__ __forceinline__ void attn_stage(float* tile, i64 row0, i64 nr, i64 nw, i64 first, i64 pos0,
+                                           const float* kv, const float* ring, i64 ring_cap, const float* comp,
+                                           i64 kind, const int* sel) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = warp; r < ATTN_TR; r += ATTN_THREADS / 32) {
+        float* dst = tile + r * ATTN_HD;
+        const i64 j = row0 + r;
+        if (j < nr) {
+            const float* src = attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+            for (int c = 4 * lane; c < ATTN_HD; c += 128) cp_async16(dst + c, src + c);
+        } else {
+            for (int c = 4 * lane; c < ATTN_HD; c += 128) *(float4*)(dst + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+    cp_async_commit();
+}
+
+// Sums 32 values across the warp at once: v[k] of every lane, for k = 0..31, reduced with
+// warp_sum's pairing (lane ^ 16, then ^ 8, 4, 2, 1). At each step a lane keeps one half of
+// its values and trades the other half with its partner, so lane l ends with the sum of
+// index l (float addition commutes, so every pairwise sum equals warp_sum's).
+template <int O>
+__device__ __forceinline__ void warp_sum_transposed_step(float (&v)[32], int lane) {
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int k = 0; k < O; k++) {
+        const float send = up ? v[k] : v[k + O];
+        const float keep = up ? v[k + O] : v[k];
+        v[k] = keep + __shfl_xor_sync(FULL_MASK, send, O);
+    }
+}
+__device__ __forceinline__ float warp_sum_transposed32(float (&v)[32]) {
+    const int lane = threadIdx.x & 31;
+    warp_sum_transposed_step<16>(v, lane);
+    warp_sum_transposed_step<8>(v, lane);
+    warp_sum_transposed_step<4>(v, lane);
+    warp_sum_transposed_step<2>(v, lane);
+    warp_sum_transposed_step<1>(v, lane);
+    return v[0];
+}
+
+// Same parameters and meaning as attend, for spans: grid n_tok x (H / ATTN_HG), ATTN_THREADS
+// threads, hd == ATTN_HD, H a multiple of ATTN_HG, kv / ring / comp 16-byte aligned (the
+// launcher, attend.rs, checks all of this).
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
+    attend_heads(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_, i64 H, i64 hd,
+                 u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride, double scale_d,
+                 u64 inv_freq_, i64 r, i64 max_rows) {
+    PDL_ENTRY();
+    extern __shared__ __align__(16) float sh[];
+    float* tiles = sh;                             // 2 x ATTN_TR x ATTN_HD; later the outputs
+    float* sc = sh + 2 * ATTN_TR * ATTN_HD;         // max_rows x ATTN_HG scores, then weights
+    __shared__ float red[ATTN_HG][ATTN_THREADS / 32];
+    __shared__ float mx_s[ATTN_HG], den_s[ATTN_HG];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 groups = H / ATTN_HG;
+    const i64 t = blockIdx.x / groups, h0 = (blockIdx.x % groups) * ATTN_HG;
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 pos = pos0 + t;
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nr = nw + nc;
+    const float* kv = (const float*)kv_;
+    const float* ring = (const float*)ring_;
+    const float* comp = (const float*)comp_;
+    const int* sel = (const int*)sel_ + t * sel_stride;
+    float* out = (float*)out_ + (t * H + h0) * ATTN_HD;
+    if (hd != ATTN_HD) return;  // the launcher never does this: the layout is ATTN_HD wide
+    if (nr > max_rows) {
+        // More rows than the launch sized shared memory for: NaN outputs instead of overflowing.
+        for (int c = tid; c < ATTN_HG * ATTN_HD; c += ATTN_THREADS) out[c] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const i64 ntiles = (nr + ATTN_TR - 1) / ATTN_TR;
+    const float scale = (float)scale_d;
+
+    // Pass 1: scores. Warp w: heads 4*(w & 3) .. +4, rows 8*(w >> 2) .. +8 of each tile.
+    {
+        const int hq = warp & 3, rs = (warp >> 2) * 8;
+        float q[4][ATTN_CPL];
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            const float* qh = (const float*)q_ + (t * H + h0 + 4 * hq + g) * ATTN_HD + lane;
+#pragma unroll
+            for (int i = 0; i < ATTN_CPL; i++) q[g][i] = qh[32 * i];
+        }
+        attn_stage(tiles, 0, nr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+        for (i64 tl = 0; tl < ntiles; tl++) {
+            if (tl + 1 < ntiles) {
+                attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, nw, first, pos0, kv,
+                           ring, ring_cap, comp, kind, sel);
+                cp_async_wait_all_but_newest();
+            } else {
+                cp_async_wait_all();
+            }
+            __syncthreads();
+            const i64 row0 = tl * ATTN_TR + rs;
+            if (row0 < nr) {
+                const float* kb = tiles + (tl & 1) * ATTN_TR * ATTN_HD + rs * ATTN_HD + lane;
+                float acc[32];
+#pragma unroll
+                for (int k = 0; k < 32; k++) acc[k] = 0.f;
+#pragma unroll
+                for (int i = 0; i < ATTN_CPL; i++) {
+                    float kr[8];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) kr[j] = kb[j * ATTN_HD + 32 * i];
+#pragma unroll
+                    for (int g = 0; g < 4; g++) {
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[g * 8 + j] += q[g][i] * kr[j];
+                    }
+                }
+                // Lane l now holds head 4*hq + (l >> 3), row row0 + (l & 7).
+                const float s = warp_sum_transposed32(acc);
+                const i64 j = row0 + (lane & 7);
+                if (j < nr) sc[j * ATTN_HG + 4 * hq + (lane >> 3)] = s * scale;
+            }
+            __syncthreads();
+        }
+    }
+
+    // Pass 2: softmax with the sink, per head: attend's split over 256 threads and 8 warps.
+    {
+        float m[ATTN_HG];
+#pragma unroll
+        for (int h = 0; h < ATTN_HG; h++) m[h] = -FWD_INF;
+        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ATTN_HG; h++) m[h] = fmaxf(m[h], sc[j * ATTN_HG + h]);
+        }
+#pragma unroll
+        for (int h = 0; h < ATTN_HG; h++) {
+            const float v = warp_max(m[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+        __syncthreads();
+        if (tid < ATTN_HG) {
+            float mm = ((const float*)sinks_)[h0 + tid];
+            for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
+            mx_s[tid] = mm;
+        }
+        __syncthreads();
+        float part[ATTN_HG];
+#pragma unroll
+        for (int h = 0; h < ATTN_HG; h++) part[h] = 0.f;
+        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ATTN_HG; h++) {
+                const float e = expf(sc[j * ATTN_HG + h] - mx_s[h]);
+                sc[j * ATTN_HG + h] = e;
+                part[h] += e;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < ATTN_HG; h++) {
+            const float v = warp_sum(part[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+        __syncthreads();
+        if (tid < ATTN_HG) {
+            float den = expf(((const float*)sinks_)[h0 + tid] - mx_s[tid]);
+            for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
+            den_s[tid] = den;
+        }
+        __syncthreads();
+        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ATTN_HG; h++) sc[j * ATTN_HG + h] = sc[j * ATTN_HG + h] / den_s[h];
+        }
+        __syncthreads();
+    }
+
+    // Pass 3: outputs. Thread: heads 8*(w >> 2) .. +8, channels 4*cq .. +4, rows ascending.
+    const int hh = (warp >> 2) * 8, cq = (warp & 3) * 32 + lane;
+    float acc[8][4];
+#pragma unroll
+    for (int g = 0; g < 8; g++) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
+    attn_stage(tiles, 0, nr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        if (tl + 1 < ntiles) {
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, nw, first, pos0, kv, ring,
+                       ring_cap, comp, kind, sel);
+            cp_async_wait_all_but_newest();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        const float* kb = tiles + (tl & 1) * ATTN_TR * ATTN_HD + 4 * cq;
+        const float* pb = sc + tl * ATTN_TR * ATTN_HG + hh;
+        const int rows = (int)min64(ATTN_TR, nr - tl * ATTN_TR);
+        for (int j = 0; j < rows; j++) {
+            const float4 pa = *(const float4*)(pb + j * ATTN_HG);
+            const float4 pz = *(const float4*)(pb + j * ATTN_HG + 4);
+            const float4 k = *(const float4*)(kb + j * ATTN_HD);
+            const float p[8] = {pa.x, pa.y, pa.z, pa.w, pz.x, pz.y, pz.z, pz.w};
+#pragma unroll
+            for (int g = 0; g < 8; g++) {
+                acc[g][0] += p[g] * k.x;
+                acc[g][1] += p[g] * k.y;
+                acc[g][2] += p[g] * k.z;
+                acc[g][3] += p[g] * k.w;
+            }
+        }
+        __syncthreads();
+    }
+    // The tiles are free: the outputs go there for the inverse RoPE, then out.
+    float* os = tiles;
+#pragma unroll
+    for (int g = 0; g < 8; g++)
+        *(float4*)(os + (hh + g) * ATTN_HD + 4 * cq) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    __syncthreads();
+    const int half = (int)(r / 2);
+    for (int idx = tid; idx < ATTN_HG * half; idx += ATTN_THREADS)
+        rope_pair(os + (idx / half) * ATTN_HD, ATTN_HD, r, idx % half, pos, (const double*)inv_freq_, true);
+    __syncthreads();
+    for (int c = 4 * tid; c < ATTN_HG * ATTN_HD; c += 4 * ATTN_THREADS) *(float4*)(out + c) = *(const float4*)(os + c);
+}

@@ -4,7 +4,7 @@
 //! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
 //! counts, double scalars), so a launch is a list of u64 bit patterns ([`arg`]).
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
 use crate::compile::{KernelCache, COMMON_CUH};
 use crate::device::CudaDevice;
@@ -78,6 +78,12 @@ impl ForwardKernels {
             .map(|(name, src)| (*name, format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}")));
         let (modules, _stats) = ModuleSet::load(device, cache, sources)?;
         Ok(ForwardKernels { modules })
+    }
+
+    /// A kernel of these modules, e.g. to set a launch attribute (more than 48 KiB of dynamic
+    /// shared memory) before [`ForwardKernels::launch`].
+    pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        self.modules.function(module, name)
     }
 
     /// Launches `module::name` on the device's stream.

@@ -1,0 +1,653 @@
+//! Launchers of the two attention kernels of attention.cu over one span of tokens:
+//! `attend` (one CTA per token and head) and `attend_heads` (one CTA per token and
+//! [`HEADS_PER_CTA`] heads, which stages the token's K=V rows in shared memory once for all of
+//! them instead of every head re-reading them from L2). Both take the same [`AttendArgs`] and
+//! give bit-identical outputs: attend_heads keeps attend's order of every float operation.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+
+use crate::device::CudaDevice;
+use crate::error::{CudaError, DriverContext, Result};
+use crate::fwd_kernels::{kargs, per_item, ForwardKernels};
+
+const MODULE: &str = "fwd_attention";
+/// Heads per CTA of attend_heads (attention.cu ATTN_HG).
+pub(crate) const HEADS_PER_CTA: usize = 16;
+/// The only head width attend_heads is built for (ATTN_HD): 16 channels per lane.
+pub(crate) const HEAD_DIM: usize = 512;
+/// K=V rows per shared-memory tile of attend_heads (ATTN_TR); two tiles are in flight.
+const TILE_ROWS: usize = 16;
+/// Threads per CTA of both kernels (attend_heads' ATTN_THREADS). The softmax sums of
+/// attend_heads split the rows over threads and warps as attend does at this block size, which
+/// is what makes the two bit-identical.
+const THREADS: u32 = 256;
+/// Dynamic shared memory attend may use without opting in (the launch default).
+const ATTEND_MAX_SHARED: usize = 48 * 1024;
+
+/// The arguments of one attention launch over a span of tokens (attention.cu `attend`).
+/// Buffers are device addresses; every count is in elements.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttendArgs {
+    /// Queries: n_tok × heads × head_dim f32, already RoPE'd.
+    pub q: u64,
+    /// The span's own K=V rows: n_tok × head_dim f32 (position pos0 + t in row t).
+    pub kv: u64,
+    /// The window ring: ring_cap × head_dim f32 (position p in slot p % ring_cap).
+    pub ring: u64,
+    /// Compressed rows × head_dim f32 (0 when kind is 0).
+    pub comp: u64,
+    /// CSA: per token `sel_stride` i32 row indices into comp, of which the first selc[t] count.
+    pub sel: u64,
+    /// CSA: n_tok i32 selection counts.
+    pub selc: u64,
+    /// heads f32 sink logits.
+    pub sinks: u64,
+    /// Outputs: n_tok × heads × head_dim f32, out[(t·heads + h)·head_dim + c].
+    pub out: u64,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Device address of the span's first position (one i64).
+    pub pos: u64,
+    /// Window rows per token (at most ring_cap).
+    pub window: usize,
+    pub ring_cap: usize,
+    /// Compressed rows: 0 none, 1 HCA (rows 0 .. (pos+1)/ratio), 2 CSA (the selection).
+    pub kind: i64,
+    /// HCA compression ratio (at least 1).
+    pub ratio: usize,
+    /// CSA: i32 entries per token of `sel`.
+    pub sel_stride: usize,
+    /// Logit scale, 1/sqrt(head_dim).
+    pub scale: f32,
+    /// r/2 f64 inverse frequencies (as u64 bit patterns) for the output's inverse RoPE.
+    pub inv_freq: u64,
+    /// RoPE'd tail width r (even, at most head_dim).
+    pub rope_dim: usize,
+    /// The most rows any token of the span attends over: window + the compressed rows it can
+    /// see (HCA: the row capacity; CSA: the top-k). Sizes the shared memory.
+    pub max_rows: usize,
+}
+
+impl AttendArgs {
+    /// The kernels' parameter list (the same for both).
+    fn kernel_args(&self) -> [crate::fwd_kernels::KArg; 20] {
+        kargs![
+            self.q,
+            self.kv,
+            self.ring,
+            self.comp,
+            self.sel,
+            self.selc,
+            self.sinks,
+            self.out,
+            self.heads,
+            self.head_dim,
+            self.pos,
+            self.window,
+            self.ring_cap,
+            self.kind,
+            self.ratio,
+            self.sel_stride,
+            self.scale,
+            self.inv_freq,
+            self.rope_dim,
+            self.max_rows
+        ]
+    }
+
+    /// Checks shared by both kernels.
+    fn check_common(&self) -> Result<()> {
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attention: {what}")));
+        if !(0..=2).contains(&self.kind) {
+            return bad(format!("compressed-row kind {} (0, 1 or 2)", self.kind));
+        }
+        if self.ratio == 0 || self.ring_cap == 0 || self.window > self.ring_cap {
+            return bad(format!(
+                "ratio {}, window {} and ring capacity {} (ratio and capacity at least 1, window at most the capacity)",
+                self.ratio, self.window, self.ring_cap
+            ));
+        }
+        if !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
+            return bad(format!(
+                "RoPE tail {} of a {}-wide head (even, at most the head)",
+                self.rope_dim, self.head_dim
+            ));
+        }
+        if self.max_rows < self.window {
+            return bad(format!(
+                "max_rows {} below the window {}",
+                self.max_rows, self.window
+            ));
+        }
+        Ok(())
+    }
+
+    /// attend_heads' dynamic shared memory: two row tiles and max_rows × HEADS_PER_CTA scores.
+    pub(crate) fn heads_shared_bytes(&self) -> usize {
+        (2 * TILE_ROWS * HEAD_DIM + self.max_rows * HEADS_PER_CTA) * 4
+    }
+
+    /// Whether attend_heads can run these arguments on a device allowing `optin_shared` bytes
+    /// of dynamic shared memory per CTA; Ok(bytes it needs), or an error saying why not (then
+    /// [`launch_attend`] may still fit).
+    pub(crate) fn heads_plan(&self, optin_shared: usize) -> Result<usize> {
+        self.check_common()?;
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_heads: {what}")));
+        if self.head_dim != HEAD_DIM {
+            return bad(format!(
+                "head width {} (built for {HEAD_DIM})",
+                self.head_dim
+            ));
+        }
+        if self.heads == 0 || !self.heads.is_multiple_of(HEADS_PER_CTA) {
+            return bad(format!(
+                "{} heads (a multiple of {HEADS_PER_CTA})",
+                self.heads
+            ));
+        }
+        // The rows are copied in 16-byte pieces and the outputs stored as float4.
+        for (name, ptr) in [
+            ("kv", self.kv),
+            ("ring", self.ring),
+            ("comp", self.comp),
+            ("out", self.out),
+        ] {
+            if !ptr.is_multiple_of(16) {
+                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
+            }
+        }
+        let shared = self.heads_shared_bytes();
+        if shared > optin_shared {
+            return bad(format!(
+                "attention over up to {} rows needs {shared} bytes of shared memory per CTA (the device allows {optin_shared}); use a smaller context",
+                self.max_rows
+            ));
+        }
+        Ok(shared)
+    }
+
+    /// attend's dynamic shared memory: q and output (2·head_dim floats) and the scores,
+    /// rounded up to an even float count, then one row pointer per row.
+    fn attend_shared_bytes(&self) -> usize {
+        (2 * self.head_dim + self.max_rows).div_ceil(2) * 2 * 4 + self.max_rows * 8
+    }
+}
+
+/// Attention of `n_tok` tokens (positions *pos ..) with attend_heads: one CTA per token and
+/// [`HEADS_PER_CTA`] heads. Errors (launching nothing) when [`AttendArgs::heads_plan`] does.
+///
+/// # Safety
+/// Every address in `args` must be live device memory of the layout [`AttendArgs`] states for
+/// `n_tok` tokens: *pos + t + 1 rows visible to token t, ring slots for the window positions
+/// before *pos, the compressed rows each token sees (HCA: rows 0 .. (pos+1)/ratio; CSA:
+/// selc[t] ≤ sel_stride indices, each a written row), and window + those rows ≤ max_rows.
+pub(crate) unsafe fn launch_attend_heads(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+) -> Result<()> {
+    let shared = args.heads_plan(dev.info().max_shared_per_block_optin)?;
+    if n_tok == 0 {
+        return Ok(());
+    }
+    let ctas = n_tok * (args.heads / HEADS_PER_CTA);
+    if ctas > i32::MAX as usize {
+        return Err(CudaError::InvalidArgument(format!(
+            "attend_heads: {n_tok} tokens exceed the launch grid"
+        )));
+    }
+    // More than 48 KiB of dynamic shared memory must be opted into; the largest carveout
+    // lets two CTAs (two rows of heads at up to ~640 rows each) share an SM.
+    let f = fk.function(MODULE, "attend_heads")?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .ctx("allowing attend_heads its shared memory")?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .ctx("setting attend_heads' shared memory carveout")?;
+    let a = args.kernel_args();
+    // SAFETY: the caller guarantees the buffers (see above); heads_plan checked the shapes the
+    // kernel is built for (head_dim 512, heads a multiple of 16, 16-byte aligned rows and
+    // outputs), and the shared memory, which the attribute above allows. The CTA has the
+    // kernel's 256 threads; the grid has one CTA per token and group of 16 heads.
+    unsafe {
+        fk.launch(
+            dev,
+            MODULE,
+            "attend_heads",
+            per_item(ctas, THREADS, shared),
+            &a,
+        )
+    }
+}
+
+/// Attention of `n_tok` tokens with attend: one CTA per token and head (the decode kernel;
+/// here for spans that attend_heads cannot take, and to compare the two).
+///
+/// # Safety
+/// As [`launch_attend_heads`].
+pub(crate) unsafe fn launch_attend(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+) -> Result<()> {
+    args.check_common()?;
+    let shared = args.attend_shared_bytes();
+    if shared > ATTEND_MAX_SHARED {
+        return Err(CudaError::InvalidArgument(format!(
+            "attend: attention over up to {} rows needs {shared} bytes of shared memory (at most {ATTEND_MAX_SHARED}); use a smaller context",
+            args.max_rows
+        )));
+    }
+    if n_tok == 0 {
+        return Ok(());
+    }
+    let a = args.kernel_args();
+    // SAFETY: the caller guarantees the buffers; the shared memory covers 2·head_dim floats
+    // and the scores and row pointers of max_rows rows, within the launch default.
+    unsafe {
+        fk.launch(
+            dev,
+            MODULE,
+            "attend",
+            per_item(n_tok * args.heads, THREADS, shared),
+            &a,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::KernelCache;
+    use crate::device::DeviceBuffer;
+
+    fn define(src: &str, name: &str) -> usize {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name} in attention.cu"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    /// The launcher sizes grid, CTA and shared memory from these constants: they must be the
+    /// kernel's.
+    #[test]
+    fn constants_match_the_kernel_source() {
+        let src = include_str!("attention.cu");
+        assert_eq!(define(src, "ATTN_HD"), HEAD_DIM);
+        assert_eq!(define(src, "ATTN_HG"), HEADS_PER_CTA);
+        assert_eq!(define(src, "ATTN_TR"), TILE_ROWS);
+        assert_eq!(define(src, "ATTN_THREADS"), THREADS as usize);
+        assert!(src.contains("__launch_bounds__(ATTN_THREADS, 2)\n    attend_heads("));
+    }
+
+    fn model_args(max_rows: usize) -> AttendArgs {
+        AttendArgs {
+            q: 0,
+            kv: 0,
+            ring: 0,
+            comp: 0,
+            sel: 0,
+            selc: 0,
+            sinks: 0,
+            out: 0,
+            heads: 64,
+            head_dim: 512,
+            pos: 0,
+            window: 128,
+            ring_cap: 128,
+            kind: 2,
+            ratio: 4,
+            sel_stride: 512,
+            scale: 1.0 / (512f32).sqrt(),
+            inv_freq: 0,
+            rope_dim: 64,
+            max_rows,
+        }
+    }
+
+    #[test]
+    fn shared_memory_plan() {
+        // H100 / H200 allow 227 KiB per CTA: the model's 640 rows fit (two CTAs per SM),
+        // a 1M-token HCA layer's 8320 rows do not, and say so.
+        let optin = 232_448;
+        assert_eq!(model_args(640).heads_plan(optin).unwrap(), 106_496);
+        let e = model_args(8320).heads_plan(optin).unwrap_err().to_string();
+        assert!(e.contains("8320 rows") && e.contains("232448"), "{e}");
+        let mut a = model_args(640);
+        a.head_dim = 128;
+        assert!(a.heads_plan(optin).is_err());
+        let mut a = model_args(640);
+        a.heads = 8;
+        assert!(a.heads_plan(optin).is_err());
+        let mut a = model_args(640);
+        a.out = 8;
+        assert!(a.heads_plan(optin).is_err());
+        let mut a = model_args(640);
+        a.kind = 3;
+        assert!(a.heads_plan(optin).is_err());
+        let mut a = model_args(640);
+        a.window = 256;
+        assert!(a.heads_plan(optin).is_err());
+    }
+
+    /// xorshift64*: deterministic test data.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545F4914F6CDD1D)
+        }
+        /// Uniform in [-1, 1).
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| scale * self.f32()).collect()
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// One attention problem on the device: random inputs and both kernels' outputs.
+    struct Case {
+        name: &'static str,
+        n_tok: usize,
+        pos0: i64,
+        kind: i64,
+        ratio: usize,
+        comp_rows: usize,
+    }
+
+    struct Buffers {
+        _keep: Vec<DeviceBuffer<f32>>,
+        _keep_i: Vec<DeviceBuffer<i32>>,
+        _keep_u: Vec<DeviceBuffer<u64>>,
+        _pos: DeviceBuffer<i64>,
+        args: AttendArgs,
+    }
+
+    const H: usize = 64;
+    const HD: usize = 512;
+    const WINDOW: usize = 128;
+    const TOPK: usize = 512;
+    const ROPE: usize = 64;
+
+    /// Uploads random inputs for `c`: q, kv, ring and comp rows of ~unit size, logits that
+    /// spread the softmax, sinks of either sign, and for CSA uneven selection counts (0, 1,
+    /// the whole top-k and random ones) of distinct random rows.
+    fn upload_case(dev: &CudaDevice, c: &Case, seed: u64) -> Buffers {
+        let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+        let q = dev.upload(&rng.f32s(c.n_tok * H * HD, 0.5)).unwrap();
+        let kv = dev.upload(&rng.f32s(c.n_tok * HD, 1.0)).unwrap();
+        let ring = dev.upload(&rng.f32s(WINDOW * HD, 1.0)).unwrap();
+        let comp = dev.upload(&rng.f32s(c.comp_rows.max(1) * HD, 1.0)).unwrap();
+        let sinks = dev.upload(&rng.f32s(H, 3.0)).unwrap();
+        let mut sel = vec![0i32; c.n_tok * TOPK];
+        let mut selc = vec![0i32; c.n_tok];
+        if c.kind == 2 {
+            for t in 0..c.n_tok {
+                let visible = ((c.pos0 as usize + t + 1) / c.ratio).min(c.comp_rows);
+                let want = match t % 5 {
+                    0 => 0,
+                    1 => 1,
+                    2 => TOPK,
+                    _ => rng.below(TOPK + 1),
+                }
+                .min(visible);
+                // A random subset of the visible rows, in random order.
+                let mut rows: Vec<i32> = (0..visible as i32).collect();
+                for i in 0..want {
+                    let k = i + rng.below(visible - i);
+                    rows.swap(i, k);
+                }
+                sel[t * TOPK..t * TOPK + want].copy_from_slice(&rows[..want]);
+                selc[t] = want as i32;
+            }
+        }
+        let sel_b = dev.upload(&sel).unwrap();
+        let selc_b = dev.upload(&selc).unwrap();
+        let inv: Vec<u64> = (0..ROPE / 2)
+            .map(|l| (10000f64.powf(-(2.0 * l as f64) / ROPE as f64)).to_bits())
+            .collect();
+        let inv_b = dev.upload(&inv).unwrap();
+        let pos = dev.upload(&[c.pos0]).unwrap();
+        let out = dev.alloc_filled::<f32>(c.n_tok * H * HD, 0xFF).unwrap();
+        let max_rows = WINDOW
+            + match c.kind {
+                1 => c.comp_rows,
+                2 => TOPK,
+                _ => 0,
+            };
+        let args = AttendArgs {
+            q: q.ptr(),
+            kv: kv.ptr(),
+            ring: ring.ptr(),
+            comp: if c.kind == 0 { 0 } else { comp.ptr() },
+            sel: sel_b.ptr(),
+            selc: selc_b.ptr(),
+            sinks: sinks.ptr(),
+            out: out.ptr(),
+            heads: H,
+            head_dim: HD,
+            pos: pos.ptr(),
+            window: WINDOW,
+            ring_cap: WINDOW,
+            kind: c.kind,
+            ratio: c.ratio,
+            sel_stride: TOPK,
+            scale: 1.0 / (HD as f32).sqrt(),
+            inv_freq: inv_b.ptr(),
+            rope_dim: ROPE,
+            max_rows,
+        };
+        Buffers {
+            _keep: vec![q, kv, ring, comp, sinks, out],
+            _keep_i: vec![sel_b, selc_b],
+            _keep_u: vec![inv_b],
+            _pos: pos,
+            args,
+        }
+    }
+
+    fn open() -> Option<(CudaDevice, ForwardKernels)> {
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return None;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
+        Some((dev, fk))
+    }
+
+    /// Runs `launch` into a fresh NaN-filled output and returns it.
+    fn run(
+        dev: &CudaDevice,
+        b: &Buffers,
+        n_tok: usize,
+        launch: unsafe fn(&ForwardKernels, &CudaDevice, &AttendArgs, usize) -> Result<()>,
+        fk: &ForwardKernels,
+    ) -> Vec<f32> {
+        let out = dev.alloc_filled::<f32>(n_tok * H * HD, 0xFF).unwrap();
+        let args = AttendArgs {
+            out: out.ptr(),
+            ..b.args
+        };
+        // SAFETY: upload_case sized every buffer for n_tok tokens at these positions: the ring
+        // holds WINDOW slots, comp the rows any token sees, sel only visible rows, and
+        // max_rows covers the window plus the compressed rows.
+        unsafe { launch(fk, dev, &args, n_tok).unwrap() };
+        dev.synchronize().unwrap();
+        dev.download(&out).unwrap()
+    }
+
+    #[test]
+    fn attend_heads_is_bit_identical_to_attend() {
+        let Some((dev, fk)) = open() else { return };
+        let cases = [
+            // Window only, from position 0: fewer rows than the window, all from the span.
+            Case {
+                name: "window, pos 0",
+                n_tok: 40,
+                pos0: 0,
+                kind: 0,
+                ratio: 1,
+                comp_rows: 0,
+            },
+            // Window only, far: the window straddles the ring and the span.
+            Case {
+                name: "window, pos 1000",
+                n_tok: 70,
+                pos0: 1000,
+                kind: 0,
+                ratio: 1,
+                comp_rows: 0,
+            },
+            // HCA: 62..66 compressed rows per token plus a full window.
+            Case {
+                name: "HCA, pos 1000",
+                n_tok: 64,
+                pos0: 1000,
+                kind: 1,
+                ratio: 16,
+                comp_rows: 67,
+            },
+            // HCA near 0: tokens with no compressed row yet, then a few.
+            Case {
+                name: "HCA, pos 3",
+                n_tok: 37,
+                pos0: 3,
+                kind: 1,
+                ratio: 8,
+                comp_rows: 5,
+            },
+            // CSA near 0: the window partly in the ring; selections of 0 .. 16 rows.
+            Case {
+                name: "CSA, pos 60",
+                n_tok: 50,
+                pos0: 60,
+                kind: 2,
+                ratio: 4,
+                comp_rows: 28,
+            },
+            // CSA far: up to the whole top-k of 512, 640 rows per token.
+            Case {
+                name: "CSA, pos 5000",
+                n_tok: 33,
+                pos0: 5000,
+                kind: 2,
+                ratio: 4,
+                comp_rows: 1258,
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let b = upload_case(&dev, c, 17 + i as u64);
+            let want = run(&dev, &b, c.n_tok, launch_attend, &fk);
+            let got = run(&dev, &b, c.n_tok, launch_attend_heads, &fk);
+            let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut mismatches = 0usize;
+            let mut first = None;
+            let mut worst = 0f32;
+            for (k, (&w, &g)) in want.iter().zip(&got).enumerate() {
+                assert!(w.is_finite(), "{}: attend output {k} is {w}", c.name);
+                if w.to_bits() != g.to_bits() {
+                    mismatches += 1;
+                    worst = worst.max((w - g).abs());
+                    first.get_or_insert((k / (H * HD), k / HD % H, k % HD, w, g));
+                }
+            }
+            if let Some((t, h, ch, w, g)) = first {
+                panic!(
+                    "{}: {mismatches} of {} outputs differ (max |diff| {worst:e}, max |out| {amax}); first: token {t}, head {h}, channel {ch}: attend {w:e}, attend_heads {g:e}",
+                    c.name,
+                    want.len()
+                );
+            }
+            eprintln!(
+                "{}: {} outputs bit-identical (max |out| {amax})",
+                c.name,
+                want.len()
+            );
+        }
+    }
+
+    /// The arguments check runs before anything launches: an unsupported shape is an error.
+    #[test]
+    fn attend_heads_rejects_what_it_cannot_run() {
+        let Some((dev, fk)) = open() else { return };
+        let c = Case {
+            name: "CSA",
+            n_tok: 4,
+            pos0: 0,
+            kind: 2,
+            ratio: 4,
+            comp_rows: 1,
+        };
+        let b = upload_case(&dev, &c, 5);
+        let args = AttendArgs {
+            max_rows: 1 << 20,
+            ..b.args
+        };
+        // SAFETY: the shared-memory check fails before any launch.
+        let e = unsafe { launch_attend_heads(&fk, &dev, &args, c.n_tok) }.unwrap_err();
+        assert!(e.to_string().contains("shared memory"), "{e}");
+    }
+
+    /// Milliseconds of each kernel on the model's prefill shape: 256 tokens, 64 heads of 512,
+    /// a CSA layer with 128 window rows and 512 selected rows per token (640 rows).
+    #[test]
+    #[ignore]
+    fn attend_heads_timing() {
+        let Some((dev, fk)) = open() else { return };
+        let c = Case {
+            name: "CSA, 256 tokens",
+            n_tok: 256,
+            pos0: 8192,
+            kind: 2,
+            ratio: 4,
+            comp_rows: 2100,
+        };
+        let b = upload_case(&dev, &c, 99);
+        // Every token selects the whole top-k.
+        let selc = dev.upload(&vec![TOPK as i32; c.n_tok]).unwrap();
+        let mut sel = vec![0i32; c.n_tok * TOPK];
+        let mut rng = Rng(7);
+        for s in sel.iter_mut() {
+            *s = rng.below(2048) as i32;
+        }
+        let sel = dev.upload(&sel).unwrap();
+        let args = AttendArgs {
+            sel: sel.ptr(),
+            selc: selc.ptr(),
+            ..b.args
+        };
+        type Launch = unsafe fn(&ForwardKernels, &CudaDevice, &AttendArgs, usize) -> Result<()>;
+        let kernels: [(&str, Launch); 2] = [
+            ("attend", launch_attend),
+            ("attend_heads", launch_attend_heads),
+        ];
+        for (name, launch) in kernels {
+            let iters = 20;
+            // SAFETY: as in `run`; the selection indices are below the 2100 comp rows.
+            unsafe { launch(&fk, &dev, &args, c.n_tok).unwrap() };
+            let start = dev.record_event().unwrap();
+            for _ in 0..iters {
+                // SAFETY: as above.
+                unsafe { launch(&fk, &dev, &args, c.n_tok).unwrap() };
+            }
+            let end = dev.record_event().unwrap();
+            let ms = dev.elapsed_ms(&start, &end).unwrap() / iters as f32;
+            eprintln!("{name}: {ms:.3} ms per launch (256 tokens x 64 heads x 640 rows)");
+        }
+    }
+}
