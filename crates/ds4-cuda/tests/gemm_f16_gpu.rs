@@ -1,79 +1,187 @@
-//! The F16 × f32 GEMM of spans ([`Gpu::gemm_f16`]) against the CPU's f16 dot products and
-//! the matvec kernel, on the model's F16 shapes and ragged ones; and a token's result does not
-//! depend on the batch it is computed in. Without CUDA each test prints "skipped: no CUDA".
+//! The F16 × f32 GEMM of spans ([`Gpu::gemm_f16`]) against an f64 reference, on the model's
+//! F16 shapes and ragged ones (rows and vectors off the tiles, k = 32, K chunks of unequal
+//! length); and a vector's result has the same bits whatever its batch, its place in the batch
+//! and the tile shape. Without CUDA each test prints "skipped: no CUDA".
+//! Throughput: `cargo test -p ds4-cuda --release --test gemm_f16_gpu -- --ignored --nocapture`.
 
 mod common;
 
 use common::{gpu, random_rows, Rng};
-use ds4_cuda::{Activations, DeviceWeights, Gpu, WeightFormat};
-use ds4_gguf::quant;
+use ds4_cuda::gemm_f16::{gemm_f16_split, F16Tile};
+use ds4_cuda::{DeviceBuffer, DeviceWeights, Gpu, WeightFormat};
 
-/// Largest |gpu − cpu| relative to the sum of |terms| of that output, over all outputs.
-fn worst_rel(y: &[f32], w: &[u8], rows: usize, cols: usize, x: &[f32]) -> f64 {
-    let row_bytes = w.len() / rows;
+/// Every output is within this fraction of Σ|w·x| (its terms' magnitudes) of the exact f64
+/// sum: an f32 chain of at most 512 fused multiply-adds per chunk plus at most 7 chunk
+/// additions stays near 1e-6 for random data (worst case ~3e-5 only with adversarial signs).
+const REL_BOUND: f64 = 1e-5;
+
+/// One problem: random F16 weights (and their f32 values), random activations.
+struct Problem {
+    rows: usize,
+    cols: usize,
+    n: usize,
+    w: Vec<u8>,
+    w32: Vec<f32>,
+    x: Vec<f32>,
+}
+
+impl Problem {
+    fn new(rng: &mut Rng, rows: usize, cols: usize, n: usize) -> Problem {
+        let w = random_rows(rng, WeightFormat::F16, cols, rows);
+        let w32 = w
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        let x = rng.f32s(cols * n);
+        Problem {
+            rows,
+            cols,
+            n,
+            w,
+            w32,
+            x,
+        }
+    }
+}
+
+/// The problem's weights on the GPU.
+fn upload(g: &Gpu, p: &Problem) -> DeviceWeights {
+    DeviceWeights::upload(&g.device, &p.w, 0, &mut |_, _| {}).unwrap()
+}
+
+/// y for vectors [v0, v0 + n) of `p`, with `tile` (None: the automatic choice), from a
+/// buffer pre-filled with NaNs so an unwritten output cannot pass.
+fn run(
+    g: &Gpu,
+    dw: &DeviceWeights,
+    p: &Problem,
+    v0: usize,
+    n: usize,
+    tile: Option<F16Tile>,
+) -> Vec<f32> {
+    let m = dw.matrix(0, WeightFormat::F16, p.cols, p.rows, 1).unwrap();
+    assert!(Gpu::gemm_f16_fits(&m));
+    let x: DeviceBuffer<f32> = g
+        .device
+        .upload(&p.x[v0 * p.cols..(v0 + n) * p.cols])
+        .unwrap();
+    let mut y = g.device.alloc_filled::<f32>(n * p.rows, 0xFF).unwrap();
+    match tile {
+        None => g.gemm_f16(&m, &x, n, &mut y).unwrap(),
+        Some(t) => g.gemm_f16_with_tile(&m, &x, n, &mut y, t).unwrap(),
+    }
+    g.device.download(&y).unwrap()
+}
+
+/// Rows to check against f64: all of them for small products, otherwise every 7th row (7 is
+/// prime to the 64- and 128-row tiles, so every position inside a tile is covered) and the
+/// last 130 rows.
+fn rows_to_check(rows: usize, cols: usize, n: usize) -> Vec<usize> {
+    if rows * cols * n <= 1 << 26 {
+        return (0..rows).collect();
+    }
+    (0..rows)
+        .filter(|&r| r % 7 == 3 || r + 130 >= rows)
+        .collect()
+}
+
+/// Checks the outputs against exact f64 sums; panics at the first one out of bounds. Returns
+/// the worst |gpu − exact| / Σ|w·x|.
+fn check_against_f64(y: &[f32], p: &Problem, what: &str) -> f64 {
     let mut worst = 0f64;
-    for (v, xv) in x.chunks_exact(cols).enumerate() {
-        for r in 0..rows {
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            let want = quant::dot_f16(row, xv) as f64;
-            let mut abs = 0f64;
-            for (i, xi) in xv.iter().enumerate() {
-                let wi = half::f16::from_le_bytes([row[2 * i], row[2 * i + 1]]).to_f32();
-                abs += (wi as f64 * *xi as f64).abs();
+    let rows = rows_to_check(p.rows, p.cols, p.n);
+    for v in 0..p.n {
+        let xv = &p.x[v * p.cols..(v + 1) * p.cols];
+        for &r in &rows {
+            let wr = &p.w32[r * p.cols..(r + 1) * p.cols];
+            let (mut exact, mut mag) = (0f64, 0f64);
+            for (a, b) in wr.iter().zip(xv) {
+                let t = *a as f64 * *b as f64;
+                exact += t;
+                mag += t.abs();
             }
-            let err = (y[v * rows + r] as f64 - want).abs() / abs.max(1e-30);
+            let got = y[v * p.rows + r] as f64;
+            let err = (got - exact).abs() / mag.max(f64::MIN_POSITIVE);
+            assert!(
+                err <= REL_BOUND,
+                "{what}: first bad output: row {r}, vector {v}: expected {exact:.9e}, got {got:.9e} (|err| / sum|w*x| = {err:.3e} > {REL_BOUND:e})"
+            );
             worst = worst.max(err);
         }
     }
     worst
 }
 
+/// Panics at the first output whose bits differ: `got` holds vectors [v0, ..) of `want`'s
+/// batch (which starts at vector 0).
+fn assert_same_bits(got: &[f32], want: &[f32], rows: usize, v0: usize, what: &str) {
+    let want = &want[v0 * rows..v0 * rows + got.len()];
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: row {}, vector {}: expected {:e} ({:#010x}), got {:e} ({:#010x})",
+            i % rows,
+            v0 + i / rows,
+            want[i],
+            want[i].to_bits(),
+            got[i],
+            got[i].to_bits()
+        );
+    }
+}
+
 #[test]
-fn gemm_f16_matches_cpu_dot_products_and_does_not_depend_on_the_batch() {
+fn gemm_f16_matches_f64_and_does_not_depend_on_batch_or_tile() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(31);
-    // (rows, cols, vectors): the router, compressor, indexer shapes, and ragged tails.
+    // (rows, cols, vectors): the model's shapes (router 256 x 4096, compressors 1024 and 512
+    // x 4096, indexer 8192 x 1024 and 64 x 4096), then ragged ones: rows and vectors off both
+    // tiles, k = 32 (one K tile), 544 and 4128 columns (chunks of 8 and 9, 16 and 17 K tiles),
+    // a single row, and 2048 columns (4 chunks).
     for &(rows, cols, n) in &[
         (256usize, 4096usize, 256usize),
         (1024, 4096, 64),
-        (8192, 1024, 16),
-        (64, 4096, 100),
+        (512, 4096, 48),
+        (8192, 1024, 32),
+        (64, 4096, 256),
         (77, 96, 65),
         (33, 32, 17),
+        (200, 544, 19),
+        (130, 4128, 40),
+        (1, 1056, 16),
+        (129, 2048, 100),
     ] {
-        let w = random_rows(&mut rng, WeightFormat::F16, cols, rows);
-        let x = rng.f32s(cols * n);
-        let dw = DeviceWeights::upload(&g.device, &w, 0, &mut |_, _| {}).unwrap();
-        let m = dw.matrix(0, WeightFormat::F16, cols, rows, 1).unwrap();
-        assert!(Gpu::gemm_f16_fits(&m));
-        let dx = g.device.upload(&x).unwrap();
-        let mut y = g.device.alloc_filled::<f32>(n * rows, 0xFF).unwrap();
-        g.gemm_f16(&m, &dx, n, &mut y).unwrap();
-        let y = g.device.download(&y).unwrap();
-        let err = worst_rel(&y, &w, rows, cols, &x);
-        println!("gemm_f16 {rows}x{cols} x{n}: worst |gpu-cpu| / sum|terms| = {err:.3e}");
-        assert!(err < 1e-5, "{rows}x{cols} x{n}: {err:.3e}");
-        // The same vector alone gives the same bits (the sum order is the tile's, not the batch's).
-        let v = n - 1;
-        let xv = g.device.upload(&x[v * cols..(v + 1) * cols]).unwrap();
-        let mut one = g.device.alloc::<f32>(rows).unwrap();
-        g.gemm_f16(&m, &xv, 1, &mut one).unwrap();
-        let one = g.device.download(&one).unwrap();
-        assert_eq!(
-            one,
-            y[v * rows..(v + 1) * rows],
-            "{rows}x{cols}: batch-dependent bits"
-        );
-        // And agrees with the matvec kernel to rounding.
-        let mut gv = g.device.alloc::<f32>(rows).unwrap();
-        g.gemv(&m, Activations::F32(&xv), 1, &mut gv).unwrap();
-        let gv = g.device.download(&gv).unwrap();
-        for (a, b) in one.iter().zip(&gv) {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{rows}x{cols}: {a} vs {b}"
-            );
+        let p = Problem::new(&mut rng, rows, cols, n);
+        let dw = upload(g, &p);
+        let split = gemm_f16_split(cols);
+        let tile = g.gemm_f16_tile(rows, cols, n);
+        let what = format!("{rows}x{cols} x{n} (split {split}, {tile:?})");
+        let y = run(g, &dw, &p, 0, n, None);
+        let worst = check_against_f64(&y, &p, &what);
+        println!("gemm_f16 {what}: worst |gpu - f64| / sum|w*x| = {worst:.3e}");
+        // The other tile shapes give the same bits (the order is the K split's, not the tile's).
+        for t in [F16Tile::Wide, F16Tile::Narrow] {
+            let yt = run(g, &dw, &p, 0, n, Some(t));
+            assert_same_bits(&yt, &y, rows, 0, &format!("{what} with {t:?} tiles"));
         }
+        // A slice of the batch at an offset off the vector tiles, and the last vector alone,
+        // give the same bits as in the whole batch.
+        let (v0, len) = (n / 3, (n - n / 3).min(17));
+        let part = run(g, &dw, &p, v0, len, None);
+        assert_same_bits(
+            &part,
+            &y,
+            rows,
+            v0,
+            &format!("{what}: vectors {v0}.. as a batch of {len}"),
+        );
+        let one = run(g, &dw, &p, n - 1, 1, None);
+        assert_same_bits(
+            &one,
+            &y,
+            rows,
+            n - 1,
+            &format!("{what}: the last vector alone"),
+        );
     }
 }
 
@@ -95,4 +203,44 @@ fn gemm_f16_rejects_what_it_cannot_take() {
     let short = g.device.upload(&rng.f32s(64)).unwrap();
     let e = g.gemm_f16(&m, &short, 2, &mut y).unwrap_err();
     assert!(e.to_string().contains("2 vectors"), "{e}");
+}
+
+/// Microseconds per call of the prefill shapes at 256 vectors, with the automatic tile and
+/// each tile shape forced (`--ignored --nocapture`; run with --release).
+#[test]
+#[ignore]
+fn gemm_f16_throughput() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(77);
+    let (n, iters) = (256usize, 50);
+    for (rows, cols) in [
+        (256usize, 4096usize),
+        (1024, 4096),
+        (512, 4096),
+        (8192, 1024),
+        (64, 4096),
+    ] {
+        let p = Problem::new(&mut rng, rows, cols, n);
+        let dw = upload(g, &p);
+        let m = dw.matrix(0, WeightFormat::F16, cols, rows, 1).unwrap();
+        let x = g.device.upload(&p.x).unwrap();
+        let mut y = g.device.alloc::<f32>(rows * n).unwrap();
+        let mut time = |tile: F16Tile| -> f64 {
+            g.gemm_f16_with_tile(&m, &x, n, &mut y, tile).unwrap(); // warm-up and lookup
+            let start = g.device.record_event().unwrap();
+            for _ in 0..iters {
+                g.gemm_f16_with_tile(&m, &x, n, &mut y, tile).unwrap();
+            }
+            let end = g.device.record_event().unwrap();
+            g.device.elapsed_ms(&start, &end).unwrap() as f64 / iters as f64 * 1e3
+        };
+        let auto = g.gemm_f16_tile(rows, cols, n);
+        let (wide, narrow) = (time(F16Tile::Wide), time(F16Tile::Narrow));
+        let us = if auto == F16Tile::Wide { wide } else { narrow };
+        let tflops = 2.0 * (rows * cols * n) as f64 / us * 1e-6;
+        eprintln!(
+            "gemm_f16 {rows}x{cols} x{n} (split {}): {us:.1} us ({auto:?}), {tflops:.1} TFLOPS; wide {wide:.1} us, narrow {narrow:.1} us",
+            gemm_f16_split(cols)
+        );
+    }
 }
