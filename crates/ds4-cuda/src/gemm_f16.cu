@@ -22,13 +22,15 @@
 // 64 FMAs: FMA-bound); "narrow" 64 rows x 32 vectors, 4 x 4 per thread, for matrices whose
 // wide grid would not fill the GPU (router, small indexer projection). K advances 16 columns
 // per stage through two shared-memory stages: the next stage's weights (converted to f32 once,
-// on the store) and activations are loaded into registers while the current one is computed,
-// so the global latency hides behind 1024 (wide) or 256 (narrow) FMAs per thread.
+// on the store) and activations are loaded into registers while the current one is computed
+// (1024 FMAs per thread wide, 256 narrow; ptxas issues the activation loads part-way through).
 //
-// Bound: 2*rows*k*n FLOPs at the FP32 rate (~60 TFLOPS on an H100 SXM; e.g. 8192 x 1024 x 256:
-// 4.3 GFLOP = ~70 us), far above the bytes (weights once from HBM, re-read per vector tile
-// from L2; activations per row tile from L2): 256 x 4096 x 256 is 0.54 GFLOP (~9 us) for
-// 2 MiB of weights and 4 MiB of activations.
+// Bound: 2*rows*k*n FLOPs at the FP32 rate (~67 TFLOPS peak on an H100 SXM, ~50 reachable),
+// far above the bytes (weights once from HBM and re-read per vector tile from L2, activations
+// per row tile from L2). At n = 256: 256 x 4096 (router) 0.54 GFLOP = ~11 us at 50 TFLOPS;
+// 512 x 4096 ~21 us; 1024 x 4096 ~43 us; 8192 x 1024 (indexer) 4.3 GFLOP ~86 us; 64 x 4096
+// 0.13 GFLOP ~3 us, where too few CTAs (64 narrow ones) make latency the limit instead.
+// Registers (ptxas, sm_90a): wide 157 (3 CTAs per SM, no spills), narrow 63.
 
 #define GF_BK 16        // K columns per pipeline stage
 #define GF_KTILE 32     // granularity of the chunk boundaries (k is a multiple of it)
