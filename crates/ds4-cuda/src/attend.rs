@@ -21,6 +21,9 @@ const TILE_ROWS: usize = 16;
 /// attend_heads split the rows over threads and warps as attend does at this block size, which
 /// is what makes the two bit-identical.
 const THREADS: u32 = 256;
+/// attend_heads' static shared memory (the softmax's per-warp partials and per-head max and
+/// sum: ATTN_HG × (8 + 2) floats), which counts against the device's per-CTA limit too.
+const HEADS_STATIC_SHARED: usize = HEADS_PER_CTA * (THREADS as usize / 32 + 2) * 4;
 /// Dynamic shared memory attend may use without opting in (the launch default).
 const ATTEND_MAX_SHARED: usize = 48 * 1024;
 
@@ -157,9 +160,10 @@ impl AttendArgs {
             }
         }
         let shared = self.heads_shared_bytes();
-        if shared > optin_shared {
+        let allowed = optin_shared.saturating_sub(HEADS_STATIC_SHARED);
+        if shared > allowed {
             return bad(format!(
-                "attention over up to {} rows needs {shared} bytes of shared memory per CTA (the device allows {optin_shared}); use a smaller context",
+                "attention over up to {} rows needs {shared} bytes of dynamic shared memory per CTA (the device allows {allowed}); use a smaller context",
                 self.max_rows
             ));
         }
@@ -223,6 +227,31 @@ pub(crate) unsafe fn launch_attend_heads(
             per_item(ctas, THREADS, shared),
             &a,
         )
+    }
+}
+
+/// Attention of a span of `n_tok` tokens with attend_heads where it can run these arguments
+/// ([`AttendArgs::heads_plan`]), else with attend. The two give bit-identical outputs, so the
+/// choice changes only the speed.
+///
+/// # Safety
+/// As [`launch_attend_heads`].
+pub(crate) unsafe fn launch_attend_span(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        if args
+            .heads_plan(dev.info().max_shared_per_block_optin)
+            .is_ok()
+        {
+            launch_attend_heads(fk, dev, args, n_tok)
+        } else {
+            launch_attend(fk, dev, args, n_tok)
+        }
     }
 }
 
@@ -320,7 +349,10 @@ mod tests {
         let optin = 232_448;
         assert_eq!(model_args(640).heads_plan(optin).unwrap(), 106_496);
         let e = model_args(8320).heads_plan(optin).unwrap_err().to_string();
-        assert!(e.contains("8320 rows") && e.contains("232448"), "{e}");
+        assert!(e.contains("8320 rows") && e.contains("231808"), "{e}");
+        // The largest that fits: (232448 - 640 static - 65536 tiles) / 64 bytes per row.
+        assert!(model_args(2598).heads_plan(optin).is_ok());
+        assert!(model_args(2599).heads_plan(optin).is_err());
         let mut a = model_args(640);
         a.head_dim = 128;
         assert!(a.heads_plan(optin).is_err());
@@ -581,7 +613,8 @@ mod tests {
         }
     }
 
-    /// The arguments check runs before anything launches: an unsupported shape is an error.
+    /// The arguments check runs before anything launches: an unsupported shape is an error,
+    /// and the span launcher then runs attend instead (same outputs).
     #[test]
     fn attend_heads_rejects_what_it_cannot_run() {
         let Some((dev, fk)) = open() else { return };
@@ -601,6 +634,21 @@ mod tests {
         // SAFETY: the shared-memory check fails before any launch.
         let e = unsafe { launch_attend_heads(&fk, &dev, &args, c.n_tok) }.unwrap_err();
         assert!(e.to_string().contains("shared memory"), "{e}");
+        // 3000 rows: too many for attend_heads on an H100 / H200, within attend's 48 KiB.
+        let b = Buffers {
+            args: AttendArgs {
+                max_rows: 3000,
+                ..b.args
+            },
+            ..b
+        };
+        let want = run(&dev, &b, c.n_tok, launch_attend, &fk);
+        let got = run(&dev, &b, c.n_tok, launch_attend_span, &fk);
+        assert!(want.iter().all(|v| v.is_finite()));
+        assert!(want
+            .iter()
+            .zip(&got)
+            .all(|(w, g)| w.to_bits() == g.to_bits()));
     }
 
     /// Milliseconds of each kernel on the model's prefill shape: 256 tokens, 64 heads of 512,
