@@ -21,16 +21,17 @@
 // Tiles: "wide" 128 rows x 64 vectors, 8 x 8 outputs per thread (4 shared 16-byte loads per
 // 64 FMAs: FMA-bound); "narrow" 64 rows x 32 vectors, 4 x 4 per thread, for matrices whose
 // wide grid would not fill the GPU (router, small indexer projection). K advances 16 columns
-// per stage through two shared-memory stages: the next stage's weights (converted to f32 once,
-// on the store) and activations are loaded into registers while the current one is computed
-// (1024 FMAs per thread wide, 256 narrow; ptxas issues the activation loads part-way through).
+// per stage through two shared-memory stages; a stage's weights and activations are loaded
+// into registers two stages ahead (before the barrier that ends a stage, so the loads stay in
+// flight through the next stage's 1024 FMAs per thread wide, 256 narrow) and stored to shared
+// memory (weights converted to f32 once, there) after the FMAs of the stage before it.
 //
 // Bound: 2*rows*k*n FLOPs at the FP32 rate (~67 TFLOPS peak on an H100 SXM, ~50 reachable),
 // far above the bytes (weights once from HBM and re-read per vector tile from L2, activations
 // per row tile from L2). At n = 256: 256 x 4096 (router) 0.54 GFLOP = ~11 us at 50 TFLOPS;
 // 512 x 4096 ~21 us; 1024 x 4096 ~43 us; 8192 x 1024 (indexer) 4.3 GFLOP ~86 us; 64 x 4096
 // 0.13 GFLOP ~3 us, where too few CTAs (64 narrow ones) make latency the limit instead.
-// Registers (ptxas, sm_90a): wide 157 (3 CTAs per SM, no spills), narrow 63.
+// Registers (ptxas, sm_90a): wide 153 (3 CTAs per SM, no spills), narrow 64.
 
 #define GF_BK 16        // K columns per pipeline stage
 #define GF_KTILE 32     // granularity of the chunk boundaries (k is a multiple of it)
@@ -147,14 +148,16 @@ __device__ __forceinline__ void gemm_f16_tile(const u8* __restrict__ w, i64 row_
 #pragma unroll
         for (int j = 0; j < TN; j++) acc[i][j] = 0.f;
 
+    // Stage s is loaded into registers during stage s-2's FMAs (issued before the barrier
+    // that ends stage s-2, which keeps the compiler from sinking the loads into the next
+    // stage), stored to shared memory after stage s-1's FMAs and computed in stage s.
     if (steps > 0) {
         load(0);
         store(0);
     }
+    if (steps > 1) load(1);
     __syncthreads();
     for (int s = 0; s < steps; s++) {
-        const bool more = s + 1 < steps;
-        if (more) load(s + 1);  // in flight during this stage's FMAs
         const float* ws = smem + (s & 1) * S::STAGE;
         const float* xs = ws + GF_BK * S::WS;
 #pragma unroll
@@ -176,8 +179,9 @@ __device__ __forceinline__ void gemm_f16_tile(const u8* __restrict__ w, i64 row_
                 for (int j = 0; j < TN; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
         // Stage (s+1)&1 was last read in stage s-1, which every thread has left (the barrier
-        // below it); stage s&1 is rewritten only after the barrier below.
-        if (more) store((s + 1) & 1);
+        // that ended it); stage s&1 is rewritten only after the barrier below.
+        if (s + 1 < steps) store((s + 1) & 1);
+        if (s + 2 < steps) load(s + 2);
         __syncthreads();
     }
 
