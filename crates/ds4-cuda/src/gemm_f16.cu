@@ -148,9 +148,9 @@ __device__ __forceinline__ void gemm_f16_tile(const u8* __restrict__ w, i64 row_
 #pragma unroll
         for (int j = 0; j < TN; j++) acc[i][j] = 0.f;
 
-    // Stage s is loaded into registers during stage s-2's FMAs (issued before the barrier
-    // that ends stage s-2, which keeps the compiler from sinking the loads into the next
-    // stage), stored to shared memory after stage s-1's FMAs and computed in stage s.
+    // Stage s's loads are issued after stage s-2's FMAs, before the barrier that ends it
+    // (which keeps ptxas from sinking them to their use), are in flight during stage s-1's
+    // FMAs, go to shared memory after those, and stage s computes from there.
     if (steps > 0) {
         load(0);
         store(0);
