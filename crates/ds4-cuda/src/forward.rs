@@ -31,13 +31,14 @@ const HC_TOKENS: usize = 8;
 /// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
 const HC_PRE_SLICE: usize = 1024;
 
-// Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the K=V
-// row and the attention compressor (in the FFN: the shared expert); the indexer. (More
-// branches measured slower in the decode graph: every join is an edge the dependent launch
-// cannot cross — the indexer's keys apart from its queries, the Sinkhorn projection beside
-// the sublayer before hc_pre did it in registers.)
-const LANE_KV: usize = 0;
-const LANE_INDEXER: usize = 1;
+// Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
+// hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
+// FFN: the shared expert); the indexer. (A fourth branch, the indexer's keys apart from its
+// queries, measured slower in the decode graph: every join is an edge the dependent launch
+// cannot cross.)
+const LANE_SINKHORN: usize = 0;
+const LANE_KV: usize = 1;
+const LANE_INDEXER: usize = 2;
 /// Key rows per tile and tiles per CTA of the indexer's scoring (compressor.cu
 /// INDEX_TILE_ROWS, INDEX_TILES).
 const INDEX_TILE_ROWS: usize = 16;
@@ -936,7 +937,6 @@ impl CudaModel {
             s.x.ptr(),
             nc,
             d,
-            c.hc_sinkhorn_iters,
             c.hc_eps,
             c.rms_eps as f64
         ];
@@ -945,14 +945,38 @@ impl CudaModel {
             block_dim: (CTA, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, iters, eps,
-        // rms_eps) reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n
-        // bases, 3 scales and n_tok × n × d streams, writes n_tok maps and n_tok × d inputs:
-        // all inside the chunk-sized scratch and the layer's vectors.
-        unsafe {
+        let dev = &self.gpu.device;
+        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps)
+        // reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3
+        // scales and n_tok × n × d streams, writes the first 2n values of n_tok maps and
+        // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
+        // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
+        // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only
+        // the comb part of the maps, which nothing reads before hc_post.
+        let a = kargs![
+            s.mix.ptr(),
+            part,
+            slices,
+            hc.base.ptr(),
+            hc.scale.ptr(),
+            s.maps.ptr(),
+            nc,
+            d,
+            c.hc_sinkhorn_iters,
+            c.hc_eps,
+            c.rms_eps as f64
+        ];
+        dev.fork(LANE_SINKHORN)?;
+        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps)
+        // reads what hc_pre reads (but the streams) and writes the last n² values of n_tok
+        // maps.
+        let launched = unsafe {
             self.fk
-                .launch(&self.gpu.device, "fwd_hc", "hc_pre", cfg, &a)
-        }
+                .launch(dev, "fwd_hc", "hc_comb", per_item(n, 128, 0), &a)
+        };
+        dev.to_main();
+        launched
     }
 
     /// HC post of the chunk (s.y into the streams); when `next` (the hyper-connection that
@@ -960,6 +984,8 @@ impl CudaModel {
     fn hc_post(&self, s: &mut Scratch, n: usize, next: Option<&DevHc>) -> Result<()> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
+        // The comb mappings hc_pre's side branch computed.
+        self.gpu.device.join(LANE_SINKHORN)?;
         if let Some(hc) = next.filter(|hc| self.hc_split_k(hc)) {
             let fw = self.matrix(&hc.fn_)?;
             let a = kargs![

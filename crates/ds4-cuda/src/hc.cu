@@ -12,7 +12,8 @@
 // The mappings of one token from its mix (R = (2+n)n values in shared memory), in the CPU's
 // operation order (split_sinkhorn in cpu/hc.rs): m = [pre | post | comb]. pre and post are
 // plain sigmoids (hc_pre_post, any threads); comb is the Sinkhorn projection (hc_comb_warp,
-// one warp; hc_comb_regs below for 4 streams).
+// one warp), which only the post mixing after the sublayer needs: hc_comb runs it beside the
+// sublayer, off the decode's critical path.
 __device__ __forceinline__ void hc_pre_post(const float* mix, const float* base, const float* scale, float* m, int n,
                                             float eps) {
     float* pre = m;
@@ -106,54 +107,6 @@ __device__ void hc_comb_warp(const float* mix, const float* base, const float* s
         }
     }
 }
-
-// hc_comb_warp for n = N streams with the whole matrix in each thread's registers: every row
-// or column sum is N register adds (no shuffles), so the 20 Sinkhorn passes take ~1 µs instead
-// of a warp's ~12 µs of shuffle round trips. Same operations in the same order, same bits.
-template <int N>
-__device__ __forceinline__ void hc_comb_regs(const float* mix, const float* base, const float* scale,
-                                             float (&c)[N * N], i64 iters, float eps) {
-#pragma unroll
-    for (int e = 0; e < N * N; e++) c[e] = mix[2 * N + e] * scale[2] + base[2 * N + e];
-#pragma unroll
-    for (int row = 0; row < N; row++) {
-        float mx = -FWD_INF;
-#pragma unroll
-        for (int k = 0; k < N; k++) mx = fmaxf(mx, c[row * N + k]);
-        float ex[N];
-#pragma unroll
-        for (int k = 0; k < N; k++) ex[k] = expf(c[row * N + k] - mx);
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < N; k++) s += ex[k];
-#pragma unroll
-        for (int k = 0; k < N; k++) c[row * N + k] = ex[k] / s + eps;
-    }
-    const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
-    for (i64 it = 0; it < passes; it++) {
-        if (it > 0) {
-#pragma unroll
-            for (int row = 0; row < N; row++) {
-                float s = 0.f;
-#pragma unroll
-                for (int k = 0; k < N; k++) s += c[row * N + k];
-#pragma unroll
-                for (int k = 0; k < N; k++) c[row * N + k] = c[row * N + k] / (s + eps);
-            }
-        }
-#pragma unroll
-        for (int col = 0; col < N; col++) {
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < N; j++) s += c[j * N + col];
-#pragma unroll
-            for (int j = 0; j < N; j++) c[j * N + col] = c[j * N + col] / (s + eps);
-        }
-    }
-}
-
-// Streams for which the comb mapping is computed in registers (DeepSeek V4's hc_mult).
-#define HC_COMB_REGS 4
 
 // Streams the split-K kernels take ((2+n)n <= HC_MIX_MAX), and tokens per CTA: the CTA loads
 // its projection weights once into registers and applies them to each of its tokens.
@@ -301,43 +254,43 @@ __device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 w
     __syncthreads();
 }
 
-// CTA (s, t): token t's mix (hc_load_mix), its mappings (CTA s = 0 stores them: maps out
-// n_tok x (2n + n^2) = [pre | post | comb]) and slice s of the sublayer input
-// x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same pre; CTA 0 the comb
-// (in one thread's registers for n = HC_COMB_REGS, else by one warp).
+// CTA (s, t): token t's mix (hc_load_mix), its pre and post mappings (CTA s = 0 stores them
+// into maps, n_tok x (2n + n^2) = [pre | post | comb]; comb is hc_comb's) and slice s of the
+// sublayer input x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same pre.
 extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
-                                  u64 x_, i64 n, i64 d, i64 iters, double eps_d, double rms_eps) {
+                                  u64 x_, i64 n, i64 d, double eps_d, double rms_eps) {
     PDL_ENTRY();
     const i64 t = blockIdx.y;
     const i64 R = (2 + n) * n, M = 2 * n + n * n;
     __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
     __shared__ float m[2 * HC_MAX_N];
-    __shared__ float comb[HC_MAX_N * HC_MAX_N];
     hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
     hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, (int)n, (float)eps_d);
-    float* maps = (float*)maps_ + t * M;
-    if (blockIdx.x == 0) {
-        if (n == HC_COMB_REGS) {
-            if (threadIdx.x == 0) {
-                float c[HC_COMB_REGS * HC_COMB_REGS];
-                hc_comb_regs<HC_COMB_REGS>(mix, (const float*)base_, (const float*)scale_, c, iters, (float)eps_d);
-#pragma unroll
-                for (int e = 0; e < HC_COMB_REGS * HC_COMB_REGS; e++) maps[2 * n + e] = c[e];
-            }
-        } else if (threadIdx.x < 32) {
-            hc_comb_warp(mix, (const float*)base_, (const float*)scale_, comb, (int)n, iters, (float)eps_d);
-            for (i64 i = threadIdx.x; i < n * n; i += 32) maps[2 * n + i] = comb[i];
-        }
-    }
     __syncthreads();
     if (blockIdx.x == 0)
-        for (i64 i = threadIdx.x; i < 2 * n; i += blockDim.x) maps[i] = m[i];
+        for (i64 i = threadIdx.x; i < 2 * n; i += blockDim.x) ((float*)maps_)[t * M + i] = m[i];
     const float* st = (const float*)streams_ + t * n * d;
     float* x = (float*)x_ + t * d;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j < n; j++) acc += m[j] * st[j * d + i];
         x[i] = acc;
+    }
+}
+
+// CTA t: token t's comb mapping (the Sinkhorn projection of its mix, hc_load_mix's inputs as
+// for hc_pre) into maps[t][2n ..).
+extern "C" __global__ void hc_comb(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 maps_, i64 n, i64 d,
+                                   i64 iters, double eps_d, double rms_eps) {
+    PDL_ENTRY();
+    const i64 t = blockIdx.x;
+    const i64 R = (2 + n) * n, M = 2 * n + n * n;
+    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
+    __shared__ float comb[HC_MAX_N * HC_MAX_N];
+    hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
+    if (threadIdx.x < 32) {
+        hc_comb_warp(mix, (const float*)base_, (const float*)scale_, comb, (int)n, iters, (float)eps_d);
+        for (i64 i = threadIdx.x; i < n * n; i += 32) ((float*)maps_)[t * M + 2 * n + i] = comb[i];
     }
 }
 
