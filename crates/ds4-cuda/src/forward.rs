@@ -1271,49 +1271,46 @@ impl CudaModel {
             (AttnKind::Csa, Some(cs)) => (2i64, cs.rows.ptr(), c.index_topk),
             _ => (0i64, 0u64, 0usize),
         };
-        let max_rows = window + max_comp;
-        // Scores (rounded up to an even float count) then one row pointer per row.
-        let shared = (2 * hd + max_rows).div_ceil(2) * 2 * 4 + max_rows * 8;
-        if shared > MAX_SHARED {
-            return Err(CudaError::InvalidArgument(format!(
-                "layer {l}: attention over {max_rows} rows needs {shared} bytes of shared memory (at most {MAX_SHARED}); use a smaller context"
-            )));
-        }
-        let a = kargs![
-            s.qn.ptr(),
-            s.kvn.ptr(),
-            state.ring.ptr(),
-            comp_ptr,
-            s.sel.ptr(),
-            s.selc.ptr(),
-            w.sinks.ptr(),
-            s.o.ptr(),
-            h,
-            hd,
-            s.pos.ptr(),
+        let args = crate::attend::AttendArgs {
+            q: s.qn.ptr(),
+            kv: s.kvn.ptr(),
+            ring: state.ring.ptr(),
+            comp: comp_ptr,
+            sel: s.sel.ptr(),
+            selc: s.selc.ptr(),
+            sinks: w.sinks.ptr(),
+            out: s.o.ptr(),
+            heads: h,
+            head_dim: hd,
+            pos: s.pos.ptr(),
             window,
-            state.ring_cap,
+            ring_cap: state.ring_cap,
             kind,
-            ratio.max(1),
-            c.index_topk,
-            1.0 / (hd as f64).sqrt() as f32,
-            self.rope_for(l).ptr(),
-            c.rope_dim,
-            max_rows
-        ];
-        // SAFETY: attend reads n × H query heads, the chunk's n K=V rows, the ring's cap rows,
-        // the compressed rows visible at each position (rows written so far; CSA: the indices
-        // index_select produced, all below the row count) and H sinks; writes n × H × hd
-        // outputs. Dynamic shared memory covers 2·hd + the most rows one query sees.
-        unsafe {
-            self.fk.launch(
-                dev,
-                "fwd_attention",
-                "attend",
-                per_item(n * h, CTA, shared),
-                &a,
-            )?
+            ratio: ratio.max(1),
+            sel_stride: c.index_topk,
+            scale: 1.0 / (hd as f64).sqrt() as f32,
+            inv_freq: self.rope_for(l).ptr(),
+            rope_dim: c.rope_dim,
+            max_rows: window + max_comp,
         };
+        // SAFETY: the attention kernels read n × H query heads, the chunk's n K=V rows, the
+        // ring's cap rows, the compressed rows visible at each position (rows written so far;
+        // CSA: the indices index_select produced, all below the row count) and H sinks, and
+        // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
+        // each token's rows across heads (attend_heads, bit-identical to attend).
+        unsafe {
+            if n > 1 {
+                crate::attend::launch_attend_span(&self.fk, dev, &args, n)
+            } else {
+                crate::attend::launch_attend(&self.fk, dev, &args, n)
+            }
+        }
+        .map_err(|e| match e {
+            CudaError::InvalidArgument(msg) => {
+                CudaError::InvalidArgument(format!("layer {l}: {msg}"))
+            }
+            other => other,
+        })?;
         let a = kargs![
             s.kvn.ptr(),
             state.ring.ptr(),
