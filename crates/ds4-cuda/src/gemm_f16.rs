@@ -84,11 +84,14 @@ impl Gpu {
             && w.ptr.is_multiple_of(16)
     }
 
-    /// The tile shape [`Gpu::gemm_f16`] uses: wide when its grid gives every multiprocessor
-    /// a CTA, else narrow (4× the CTAs, shorter per-thread chains).
+    /// The tile shape [`Gpu::gemm_f16`] uses: wide when its grid gives at least half of the
+    /// multiprocessors a CTA, else narrow (4× the CTAs, shorter per-thread chains).
     pub fn gemm_f16_tile(&self, rows: usize, cols: usize, n_vecs: usize) -> F16Tile {
         let sms = self.device.info().multiprocessors as usize;
-        if F16Tile::Wide.ctas(rows, n_vecs, gemm_f16_split(cols)) >= sms {
+        // H100, n = 256 (gemm_f16_gpu's throughput test): 512x4096 ran 62 us wide (128 CTAs)
+        // against 83 narrow; 256x4096 39 wide (64 CTAs) against 33 narrow: wide from about
+        // half a wave on.
+        if F16Tile::Wide.ctas(rows, n_vecs, gemm_f16_split(cols)) >= sms / 2 {
             F16Tile::Wide
         } else {
             F16Tile::Narrow

@@ -212,6 +212,7 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
             const float* comb = mp + 2 * n;
             const float* st = (const float*)streams_in_ + t * n * d;
             float* out = (float*)streams_out_ + t * n * d;
+            // Fully unrolled (guards instead of loop bounds) so old[] stays in registers.
             float old[HC_SPLIT_N];
 #pragma unroll
             for (int j = 0; j < HC_SPLIT_N; j++) old[j] = j < n ? st[j * d + i] : 0.f;
@@ -220,7 +221,9 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
             for (int k = 0; k < HC_SPLIT_N; k++)
                 if (k < n) {
                     float v = post[k] * y;
-                    for (int j = 0; j < n; j++) v += comb[j * n + k] * old[j];
+#pragma unroll
+                    for (int j = 0; j < HC_SPLIT_N; j++)
+                        if (j < n) v += comb[j * n + k] * old[j];
                     if (blockIdx.y == 0) out[k * d + i] = v;
                     ss += (double)v * (double)v;
 #pragma unroll
