@@ -18,6 +18,42 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
     }
 }
 
+// One row of `width` values per CTA (row i of token i / rows_per_tok, at position pos0 +
+// token): RMS norm (times w when w_ != 0), RoPE of the last r channels, and when nope >= 0
+// ds4's stored-KV rounding (kv_round below) — the per-head query norm + rope_tail, or the K=V
+// row's rmsnorm + rope_tail + kv_round, in one launch instead of two or three (the same
+// element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
+// floats.
+extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
+                                          u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
+    PDL_ENTRY();
+    extern __shared__ float row[];
+    const i64 ri = blockIdx.x;
+    const float* x = (const float*)x_ + ri * width;
+    const float* w = (const float*)w_;
+    double ss = 0.0;
+    for (i64 i = threadIdx.x; i < width; i += blockDim.x) {
+        const float v = x[i];
+        row[i] = v;
+        ss += (double)v * (double)v;
+    }
+    ss = cta_sum_f64(ss);
+    const float scale = (float)(1.0 / sqrt(ss / (double)width + eps));
+    for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * scale * (w ? w[i] : 1.0f);
+    __syncthreads();
+    const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
+    for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(row, width, r, l, pos, (const double*)inv_freq_, false);
+    __syncthreads();
+    if (nope >= 0) {
+        const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+        for (i64 b = warp; b * 64 < nope; b += warps) fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
+        __syncthreads();
+        for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = f16_round(row[i]);
+    }
+    float* y = (float*)y_ + ri * width;
+    for (i64 i = threadIdx.x; i < width; i += blockDim.x) y[i] = row[i];
+}
+
 // ds4's stored-KV rounding of one row per CTA: FP8 round trip of the first `nope` channels in
 // blocks of 64, then f16 rounding of every channel (forward.rs store_kv_row).
 extern "C" __global__ void kv_round(u64 x_, i64 width, i64 nope) {

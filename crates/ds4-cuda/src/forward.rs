@@ -1062,6 +1062,73 @@ impl CudaModel {
         }
     }
 
+    /// Per-row RMS norm (weight `w` or none) + RoPE of the last rope_dim channels (+ ds4's
+    /// stored-KV rounding of the first `nope` channels when given) of `rows` vectors of
+    /// head_dim values (rows_per_tok per token; `pos`: the device address of the span's first
+    /// position), x → y, in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn head_norm_rope(
+        &self,
+        l: usize,
+        x: &DeviceBuffer<f32>,
+        w: Option<&DeviceBuffer<f32>>,
+        y: &DeviceBuffer<f32>,
+        rows: usize,
+        rows_per_tok: usize,
+        pos: u64,
+        nope: Option<usize>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        let a = kargs![
+            x.ptr(),
+            w.map_or(0, |w| w.ptr()),
+            y.ptr(),
+            hd,
+            c.rms_eps as f64,
+            rows_per_tok,
+            pos,
+            self.rope_for(l).ptr(),
+            c.rope_dim,
+            nope.map_or(-1, |n| n as i64)
+        ];
+        // SAFETY: head_norm_rope reads `rows` vectors of hd values of x (and hd weights),
+        // r/2 frequencies and the span position, and writes `rows` vectors of y; x and y hold
+        // the chunk's rows (the caller's scratch). Dynamic shared: hd floats.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "head_norm_rope",
+                per_item(rows, 128, hd * 4),
+                &a,
+            )
+        }
+    }
+
+    /// Stores the chunk's last min(n, cap) K=V rows (s.kvn) into the layer's ring.
+    fn ring_store(&self, s: &Scratch, state: &GpuLayerState, n: usize) -> Result<()> {
+        let hd = self.cfg.head_dim;
+        let a = kargs![
+            s.kvn.ptr(),
+            state.ring.ptr(),
+            n,
+            s.pos.ptr(),
+            hd,
+            state.ring_cap
+        ];
+        // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "ring_store",
+                grid_1d(n.min(state.ring_cap) * hd),
+                &a,
+            )
+        }
+    }
+
     fn layer(
         &self,
         l: usize,
@@ -1095,7 +1162,6 @@ impl CudaModel {
         let w = &self.layers[l];
         let ds4 = self.numerics == Numerics::Ds4;
         let (d, hd, h) = (c.hidden, c.head_dim, c.n_heads);
-        let eps = c.rms_eps;
         let dev = &self.gpu.device;
         // The normalized input, quantized once for both projections that read it.
         let xq = norm_for(
@@ -1124,16 +1190,13 @@ impl CudaModel {
                 n,
                 &mut s.kv,
             )?;
-            self.gpu
-                .rmsnorm(&s.kv, Some(&w.kv_norm), hd, n, eps, &mut s.kvn)?;
-            self.rope(l, &s.kvn, n, hd, 1, s.pos.ptr(), false)?;
-            if ds4 {
-                let a = kargs![s.kvn.ptr(), hd, hd - c.rope_dim];
-                // SAFETY: kv_round(x, width, nope) rounds n rows of hd values of s.kvn in place.
-                unsafe {
-                    self.fk
-                        .launch(dev, "fwd_attention", "kv_round", per_item(n, CTA, 0), &a)?
-                };
+            let nope = ds4.then(|| hd - c.rope_dim);
+            self.head_norm_rope(l, &s.kv, Some(&w.kv_norm), &s.kvn, n, 1, s.pos.ptr(), nope)?;
+            if n == 1 {
+                // A single token's row goes into the ring before attend: its slot (pos % cap)
+                // holds position pos − cap, outside the window (≤ cap), and attend reads the
+                // token's own row from kvn. Off the critical path here.
+                self.ring_store(s, state, n)?;
             }
             if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
                 let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
@@ -1258,8 +1321,7 @@ impl CudaModel {
         }
 
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        self.gpu.rmsnorm(&s.q, None, hd, n * h, eps, &mut s.qn)?;
-        self.rope(l, &s.qn, n * h, hd, h, s.pos.ptr(), false)?;
+        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
         dev.join(LANE_KV)?;
         dev.join(LANE_INDEXER)?;
         s.prof.mark(self, "attn.qkv")?;
@@ -1311,24 +1373,10 @@ impl CudaModel {
             }
             other => other,
         })?;
-        let a = kargs![
-            s.kvn.ptr(),
-            state.ring.ptr(),
-            n,
-            s.pos.ptr(),
-            hd,
-            state.ring_cap
-        ];
-        // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
-        unsafe {
-            self.fk.launch(
-                dev,
-                "fwd_attention",
-                "ring_store",
-                grid_1d(n.min(state.ring_cap) * hd),
-                &a,
-            )?
-        };
+        if n > 1 {
+            // A span's rows replace ring slots that its earlier tokens still see: after attend.
+            self.ring_store(s, state, n)?;
+        }
 
         s.prof.mark(self, "attn.attend")?;
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
