@@ -144,6 +144,16 @@ impl QuantSlots {
     }
 }
 
+/// How to combine a layer's MoE output (moe_combine's arguments besides the buffers).
+#[derive(Clone, Copy)]
+struct MoePending {
+    /// Row of each slot in edown (slot_pos when the slots were sorted), or 0.
+    slot_pos: u64,
+    /// Whether the slot weights are applied here (reference numerics) rather than before
+    /// the down projection (ds4).
+    weighted: bool,
+}
+
 /// A captured decode step and the quant-slot generation whose buffers it uses.
 struct DecodeGraph {
     graph: cudarc::driver::CudaGraph,
@@ -220,6 +230,9 @@ pub(crate) struct Scratch {
     hc_part: DeviceBuffer<f32>,
     /// Whether hc_part holds the partials of the hyper-connection about to run.
     hc_part_ready: bool,
+    /// The MoE output is not combined yet (the expert outputs in edown, the shared expert's
+    /// in sdown): hc_post combines it, inside hc_post_mix when it can.
+    moe_pending: Option<MoePending>,
     logits: DeviceBuffer<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
     quant: QuantSlots,
@@ -316,6 +329,7 @@ impl Scratch {
             hun: f(cap * d)?,
             hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
             hc_part_ready: false,
+            moe_pending: None,
             logits: f(cap * c.vocab_size)?,
             quant: QuantSlots::default(),
             lane_quant: Default::default(),
@@ -979,18 +993,27 @@ impl CudaModel {
         launched
     }
 
-    /// HC post of the chunk (s.y into the streams); when `next` (the hyper-connection that
-    /// runs next) takes the split-K projection, its partials are computed in the same pass.
+    /// HC post of the chunk (s.y into the streams; after the MoE, its pending combination);
+    /// when `next` (the hyper-connection that runs next) takes the split-K projection, its
+    /// partials are computed in the same pass, and a pending MoE output is combined there too.
     fn hc_post(&self, s: &mut Scratch, n: usize, next: Option<&DevHc>) -> Result<()> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
         // The comb mappings hc_pre's side branch computed.
         self.gpu.device.join(LANE_SINKHORN)?;
+        let moe = s.moe_pending.take();
         if let Some(hc) = next.filter(|hc| self.hc_split_k(hc)) {
             let fw = self.matrix(&hc.fn_)?;
+            let (y, moe_args) = match moe {
+                Some(p) => (
+                    s.sdown.ptr(),
+                    [s.edown.ptr(), p.slot_pos, s.ids.ptr(), s.wts.ptr()],
+                ),
+                None => (s.y.ptr(), [0; 4]),
+            };
             let a = kargs![
                 s.maps.ptr(),
-                s.y.ptr(),
+                y,
                 s.streams.ptr(),
                 s.streams_next.ptr(),
                 fw.ptr,
@@ -999,14 +1022,22 @@ impl CudaModel {
                 nc,
                 d,
                 (2 + nc) * nc,
-                n
+                n,
+                moe_args[0],
+                moe_args[1],
+                moe_args[2],
+                moe_args[3],
+                c.n_experts_used,
+                moe.is_some_and(|p| p.weighted)
             ];
             let cfg = self.hc_split_k_grid(n);
-            // SAFETY: hc_post_mix(maps, y, streams_in, streams_out, fn, f16, part, n, d, R, n_tok)
-            // reads n_tok maps, n_tok × d outputs and n_tok × n × d streams, writes as many
-            // into the second stream buffer (same size), reads the R × n·d projection rows
-            // (checked by hc_split_k) and writes n_tok × slices × (R+1) partials: all within
-            // the scratch.
+            // SAFETY: hc_post_mix(maps, y, streams_in, streams_out, fn, f16, part, n, d, R,
+            // n_tok, moe_down, moe_inv, moe_ids, moe_wts, k, weighted) reads n_tok maps, n_tok
+            // × d outputs (or shared-expert outputs plus n_tok × k expert rows — rows given by
+            // slot_pos, a permutation of the slots, when sorted — with their ids and weights)
+            // and n_tok × n × d streams, writes as many into the second stream buffer (same
+            // size), reads the R × n·d projection rows (checked by hc_split_k) and writes n_tok
+            // × slices × (R+1) partials: all within the scratch.
             unsafe {
                 self.fk
                     .launch(&self.gpu.device, "fwd_hc", "hc_post_mix", cfg, &a)?
@@ -1016,12 +1047,45 @@ impl CudaModel {
             s.hc_part_ready = true;
             return Ok(());
         }
+        if let Some(p) = moe {
+            self.moe_combine(s, n, p)?;
+        }
         let a = kargs![s.maps.ptr(), s.y.ptr(), s.streams.ptr(), n, nc, d];
         // SAFETY: hc_post(maps, y, streams, n_tok, n, d) touches n_tok maps, n_tok × d outputs
         // and n_tok × n × d streams, all within the scratch.
         unsafe {
             self.fk
                 .launch(&self.gpu.device, "fwd_hc", "hc_post", grid_1d(n * d), &a)
+        }
+    }
+
+    /// s.y = the MoE output of the chunk (moe_combine).
+    fn moe_combine(&self, s: &Scratch, n: usize, p: MoePending) -> Result<()> {
+        let c = &self.cfg;
+        let (d, k) = (c.hidden, c.n_experts_used);
+        let a = kargs![
+            s.edown.ptr(),
+            p.slot_pos,
+            s.ids.ptr(),
+            s.wts.ptr(),
+            s.sdown.ptr(),
+            s.y.ptr(),
+            n,
+            k,
+            d,
+            p.weighted
+        ];
+        // SAFETY: moe_combine reads n × k × d expert outputs (row slot_pos[slot] when sorted,
+        // a permutation of the slots), n × k ids and weights, n × d shared outputs, and writes
+        // n × d values of s.y.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_moe",
+                "moe_combine",
+                grid_1d(n * d),
+                &a,
+            )
         }
     }
 
@@ -1893,26 +1957,11 @@ impl CudaModel {
         )?;
         // The shared expert's output.
         dev.join(LANE_KV)?;
-        let slot_pos = if sorted { s.slot_pos.ptr() } else { 0 };
-        let a = kargs![
-            s.edown.ptr(),
-            slot_pos,
-            s.ids.ptr(),
-            s.wts.ptr(),
-            s.sdown.ptr(),
-            s.y.ptr(),
-            n,
-            k,
-            d,
-            !ds4
-        ];
-        // SAFETY: moe_combine reads n × k × d expert outputs (row slot_pos[slot] when sorted,
-        // a permutation of the slots), n × k ids and weights, n × d shared outputs, and writes
-        // n × d values of s.y.
-        unsafe {
-            self.fk
-                .launch(dev, "fwd_moe", "moe_combine", grid_1d(n * d), &a)?
-        };
+        // Combined by the hc_post that follows (inside hc_post_mix when it can).
+        s.moe_pending = Some(MoePending {
+            slot_pos: if sorted { s.slot_pos.ptr() } else { 0 },
+            weighted: !ds4,
+        });
         s.prof.mark(self, "ffn.experts")
     }
 

@@ -122,3 +122,31 @@ __device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64
 }
 
 __device__ __forceinline__ float f16_round(float x) { return f16_to_f32(f32_to_f16(x)); }
+
+// Element i of token t's MoE output: shared[t][i] + the sum over the token's k slots, in
+// ascending (expert id, slot) order, of a * down[row][i] (a = the slot's weight when
+// `weighted`, else 1; row = inv[slot] when the slots were sorted, inv != 0, else the slot).
+// moe_combine writes it; hc_post_mix computes it in place of reading y.
+__device__ __forceinline__ float moe_combined(const float* down, const int* inv, const int* ids_, const float* wts_,
+                                              const float* shared, i64 t, i64 i, i64 k, i64 d, i64 weighted) {
+    const int* ids = ids_ + t * k;
+    const float* wts = wts_ + t * k;
+    float acc = 0.f;
+    int last_id = -1;
+    i64 last_slot = -1;
+    for (i64 n = 0; n < k; n++) {
+        // next slot in (expert id, slot) order
+        i64 best = -1;
+        for (i64 j = 0; j < k; j++) {
+            const bool after = ids[j] > last_id || (ids[j] == last_id && j > last_slot);
+            if (!after) continue;
+            if (best < 0 || ids[j] < ids[best]) best = j;
+        }
+        const float a = weighted ? wts[best] : 1.0f;
+        const i64 slot = t * k + best, row = inv ? (i64)inv[slot] : slot;
+        acc += a * down[row * d + i];
+        last_id = ids[best];
+        last_slot = best;
+    }
+    return shared[t * d + i] + acc;
+}

@@ -192,10 +192,13 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 // hc_post (below) fused with the next hyper-connection's hc_mix_partial: the new stream
 // values are projected while still in registers. Every row group computes them from
 // streams_in; group 0 stores them to streams_out (a different buffer, so no CTA can see
-// another's update).
+// another's update). With moe_down != 0 the sublayer output is combined here from the
+// experts' outputs, slot rows and routing (moe_combined; y_ then holds the shared expert's
+// output), saving moe_combine's launch.
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_post_mix(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d,
-                i64 R, i64 n_tok) {
+                i64 R, i64 n_tok, u64 moe_down, u64 moe_inv, u64 moe_ids, u64 moe_wts, i64 moe_k,
+                i64 moe_weighted) {
     PDL_ENTRY();
     const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
@@ -216,7 +219,10 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
             float old[HC_SPLIT_N];
 #pragma unroll
             for (int j = 0; j < HC_SPLIT_N; j++) old[j] = j < n ? st[j * d + i] : 0.f;
-            const float y = ((const float*)y_)[t * d + i];
+            const float y = moe_down ? moe_combined((const float*)moe_down, (const int*)moe_inv, (const int*)moe_ids,
+                                                    (const float*)moe_wts, (const float*)y_, t, i, moe_k, d,
+                                                    moe_weighted)
+                                     : ((const float*)y_)[t * d + i];
 #pragma unroll
             for (int k = 0; k < HC_SPLIT_N; k++)
                 if (k < n) {

@@ -144,35 +144,12 @@ extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, 
     }
 }
 
-// y[t] = shared[t] + sum over the token's slots in ascending expert order of a * down[slot]
-// (a = the slot's weight when `weighted`, else 1: ds4 numerics weighed before the down
-// projection).
-// Row of slot s in `down`: inv[s] when the slots were sorted (inv != 0), else s.
+// y[t] = moe_combined(...) (fwd_common.cuh): the shared expert's output plus the routed
+// experts' in ascending expert order.
 extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k,
                                        i64 d, i64 weighted) {
     PDL_ENTRY();
-    const int* inv = (const int*)inv_;
-    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x) {
-        const i64 t = idx / d, i = idx % d;
-        const int* ids = (const int*)ids_ + t * k;
-        const float* wts = (const float*)wts_ + t * k;
-        float acc = 0.f;
-        int last_id = -1;
-        i64 last_slot = -1;
-        for (i64 n = 0; n < k; n++) {
-            // next slot in (expert id, slot) order
-            i64 best = -1;
-            for (i64 j = 0; j < k; j++) {
-                const bool after = ids[j] > last_id || (ids[j] == last_id && j > last_slot);
-                if (!after) continue;
-                if (best < 0 || ids[j] < ids[best]) best = j;
-            }
-            const float a = weighted ? wts[best] : 1.0f;
-            const i64 slot = t * k + best, row = inv ? (i64)inv[slot] : slot;
-            acc += a * ((const float*)down_)[row * d + i];
-            last_id = ids[best];
-            last_slot = best;
-        }
-        ((float*)y_)[idx] = ((const float*)shared_)[idx] + acc;
-    }
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x)
+        ((float*)y_)[idx] = moe_combined((const float*)down_, (const int*)inv_, (const int*)ids_, (const float*)wts_,
+                                         (const float*)shared_, idx / d, idx % d, k, d, weighted);
 }
