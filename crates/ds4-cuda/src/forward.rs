@@ -1957,11 +1957,18 @@ impl CudaModel {
         )?;
         // The shared expert's output.
         dev.join(LANE_KV)?;
-        // Combined by the hc_post that follows (inside hc_post_mix when it can).
-        s.moe_pending = Some(MoePending {
+        let moe = MoePending {
             slot_pos: if sorted { s.slot_pos.ptr() } else { 0 },
             weighted: !ds4,
-        });
+        };
+        if n == 1 {
+            // Combined by the hc_post that follows (inside hc_post_mix when it can): one
+            // launch less on the decode's critical path.
+            s.moe_pending = Some(moe);
+        } else {
+            // Spans combine once here: hc_post_mix's row groups would each redo it.
+            self.moe_combine(s, n, moe)?;
+        }
         s.prof.mark(self, "ffn.experts")
     }
 
