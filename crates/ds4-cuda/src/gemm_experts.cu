@@ -16,7 +16,8 @@
 // Integer sums on the tensor cores: one mma.m16n8k32 (s8 x s8 -> s32) covers one 32-element
 // item of a block for 16 rows x 8 vectors. The A fragments are decoded in registers straight
 // from the raw blocks staged in shared memory:
-//   IQ2_XXS: the signed grid values (|w| <= 43) through the PRMT tables of common.cuh; the item
+//   IQ2_XXS: the signed grid values (|w| <= 43) by PRMT (common.cuh's selector words, here in a
+//            bank-spread copy, with the sign bits computed from the 7-bit index); the item
 //            sum is multiplied by the item's odd scale 2 s + 1 and added to isum. The K order
 //            inside the item is permuted (in A and B alike, which leaves the sum unchanged) so
 //            that each lane's registers hold one whole 8-weight group: one selector lookup per
@@ -58,14 +59,17 @@
 //
 // What bounds it (H100 SXM, q2 model, 256 tokens): each expert's weights are read from memory
 // once, 1.81 GB per layer for gate + up + down (~0.55 ms at 3.3 TB/s), while the integer work
-// of ~6 vectors per expert is far below the tensor cores' rate. The CUDA cores are the other
-// limit: an IQ2_XXS item for 16 rows and one n8 tile costs a warp ~50 instructions (per row
-// three word loads, two table lookups, two PRMT and the index arithmetic; counted in the SASS),
-// ~0.45 ms for gate + up at four warp instructions per cycle per SM, so IQ2_XXS is issue-bound
-// rather than bandwidth-bound (overlapped with the copies); Q2_K / Q4_K decode with a load, a
-// shift, a mask and a multiply per 4 weights and stay near the bandwidth bound. The per-block
-// f32 epilogue (3-6 ops per output per 256 MACs) and the B fragment loads are minor at these
-// batch sizes.
+// of ~6 vectors per expert is far below the tensor cores' rate. The IQ2_XXS decode is the other
+// limit: an item for 16 rows and one n8 tile costs a warp ~52 instructions (per row two word
+// loads, a funnel shift for even blocks, the grid index PRMT and address, one selector load,
+// ~10 integer ops for the sign bits, two PRMT, the scale; counted in the SASS) and ~10
+// shared-memory wavefronts (the word loads, two per selector lookup, two per B load). The
+// selector lookups used to go to one 256-word table and the sign bits to a 128-word one, ~3
+// wavefronts each for 32 random indices (~18 per item): shared-memory bound. The 16-copy grid
+// table and the arithmetic signs leave the instruction issue as the limit (about the same
+// count as before). Q2_K / Q4_K decode with a load, a shift, a mask and a multiply per 4
+// weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output
+// per 256 MACs) and the B fragment loads are minor at these batch sizes.
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
@@ -121,6 +125,51 @@ __device__ __forceinline__ void ge_mma(const u32 (&a)[4], u32 b0, u32 b1, int (&
         "{%0,%1,%2,%3};"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// IQ2_XXS decoding without bank conflicts. The grid selector words of common.cuh
+// (iq2xxs_tables) kept in 16 copies, copy c of entry i at word 16 i + c: lane l reads copy
+// l % 16, so its word is on bank l % 16 + 16 (i % 2) and the 32 lookups of a warp take at
+// most two wavefronts, where one 256-word table averages ~3.2 (random indices over 32 banks).
+#define GE_IQ2_COPIES 16
+__shared__ u32 ge_iq2_grid[256 * GE_IQ2_COPIES];
+// IQ2_POS, read from shared memory once per tile so that it stays in a register (PRMT's first
+// source) instead of being moved in before every PRMT.
+__shared__ u32 ge_iq2_pos;
+
+// Fills ge_iq2_grid from the u64 codebook at device address grid; needs GE_WARPS = 4 (warp w
+// owns entries 64 w .. 64 w + 63). The caller synchronizes before the first lookup.
+__device__ __forceinline__ void ge_iq2_grid_table(u64 grid) {
+    static_assert(GE_WARPS == 4, "four warps of 64 grid entries each");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u64* g = (const u64*)grid + 64 * warp;
+    const u64 ga = g[lane], gb = g[32 + lane];
+    const u32 sa = iq2_codes4((u32)ga) | (iq2_codes4((u32)(ga >> 32)) << 16);
+    const u32 sb = iq2_codes4((u32)gb) | (iq2_codes4((u32)(gb >> 32)) << 16);
+    if (threadIdx.x == 0) ge_iq2_pos = IQ2_POS;
+    // Word 1024 w + 32 j + lane (consecutive words: conflict-free stores) is copy lane % 16 of
+    // entry 64 w + 2 j + lane / 16, whose selector lane (2 j + lane / 16) % 32 holds in sa
+    // (j < 16) or sb.
+    u32* dst = ge_iq2_grid + 1024 * warp + lane;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const int src = (2 * j + (lane >> 4)) & 31;
+        dst[32 * j] = __shfl_sync(0xffffffffu, j < 16 ? sa : sb, src);
+    }
+}
+
+// The sign bits of an IQ2_XXS sign index (the low 7 bits of x; the rest is ignored),
+// completed by the parity bit, at the negate bits 4 j + 2 of selector nibble j: the same word
+// as sign_nibbles8(iq2_signs(x & 127)) (checked for all 128 indices), computed instead of
+// looked up. Each product adds two copies of bit groups that do not overlap (an OR): 4-bit
+// halves to bits 0 and 16, 2-bit quarters to bytes, single bits to nibbles (bit 2).
+__device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
+    const u32 s7 = x & 127;
+    u32 s;  // s7 + 128 popc(s7) < 2^10 in one IMAD: bit 7 is the parity; bits 8-9 fall out below
+    asm("mad.lo.u32 %0, %1, 128, %2;" : "=r"(s) : "r"((u32)__popc(s7)), "r"(s7));
+    u32 y = (s * 0x1001u) & 0x000F000Fu;    // bits 0-3 stay, 4-7 -> 16-19
+    y = (y * 0x41u) & 0x03030303u;          // bit pairs -> bytes
+    return (y * 0x24u) & 0x44444444u;       // (y << 2) | (y << 5): bits -> bit 2 of nibbles
 }
 
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
@@ -195,6 +244,11 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 XROW per n tile).
     const u8* xs = stage + GE_BM * WROW + g * XROW + 4 * t;
     const float* sd = (const float*)(stage + GE_BM * WROW + GE_NV * XROW);
+    // IQ2_XXS: the lane's copy of the grid selectors, the PRMT selector that extracts byte t,
+    // and the positive grid bytes in a register (PRMT's first source).
+    const u8* grid_copy = FMT == GE_IQ2_XXS ? (const u8*)(ge_iq2_grid + lane % GE_IQ2_COPIES) : nullptr;
+    const u32 byte_t = 0x4440u | (u32)t;
+    const u32 pos = FMT == GE_IQ2_XXS ? *(volatile u32*)&ge_iq2_pos : 0;
 #pragma unroll
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
@@ -220,9 +274,11 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                     u32 a0, a1;
                     rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
                     scale[r] = 2 * (int)(a1 >> 28) + 1;
-                    const u32 sel = iq2_tab[(a0 >> (8 * t)) & 255] | iq2_tab[IQ2_SIGNS + ((a1 >> (7 * t)) & 127)];
-                    a[r] = prmt(IQ2_POS, IQ2_NEG, sel);            // elements 8t..8t+3
-                    a[2 + r] = prmt(IQ2_POS, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
+                    const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
+                    const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
+                    const u32 sel = gsel | ge_iq2_sign_bits(a1 >> (7 * t));
+                    a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
+                    a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
                 } else if constexpr (FMT == GE_Q2_K) {
                     // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
                     // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
@@ -354,7 +410,6 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     if (v_end == v_begin) return;  // uniform in the CTA
     W += (i64)blockIdx.y * p.expert_stride;
 
-    if constexpr (FMT == GE_IQ2_XXS) iq2xxs_tables(p.grid);  // read after the loop's first barrier
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -370,6 +425,10 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
         // reads.
         ge_load_tile<FMT>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
         cp_async_commit();
+        // The grid table is built once, while the first tile is in flight, and read after the
+        // K loop's first barrier.
+        if constexpr (FMT == GE_IQ2_XXS)
+            if (v0 == v_begin) ge_iq2_grid_table(p.grid);
         for (i64 kt = 0; kt < n_tiles; kt++) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
@@ -396,7 +455,8 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
 }
 
 // 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
-// 36608 (Q4_K) bytes: three CTAs per SM.
+// 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes: grid table and ge_iq2_pos): three
+// CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS>(p);

@@ -74,10 +74,15 @@ const fn shared_bytes(format: WeightFormat) -> usize {
     STAGES * stage_bytes(format)
 }
 
-// The resident CTAs' stages (and IQ2_XXS's 1.5 KB of static tables) fit in Hopper's 228 KiB of
-// shared memory per SM, 1 KiB reserved per CTA.
-const _: () =
-    assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::IQ2XXS) + 1536 + 1024) <= 228 * 1024);
+/// Static shared memory of the IQ2_XXS kernel: `GE_IQ2_COPIES` (16) copies of the 256 grid
+/// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes.
+const IQ2XXS_STATIC_SHARED: usize = 16 * 256 * 4 + 16;
+
+// The resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of shared
+// memory per SM, 1 KiB reserved per CTA.
+const _: () = assert!(
+    CTAS_PER_SM * (shared_bytes(WeightFormat::IQ2XXS) + IQ2XXS_STATIC_SHARED + 1024) <= 228 * 1024
+);
 const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q2K) + 1024) <= 228 * 1024);
 const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q4K) + 1024) <= 228 * 1024);
 
@@ -335,6 +340,10 @@ mod tests {
         assert_eq!(16 * define(src, "GE_WARPS"), TILE_ROWS);
         assert_eq!(define(src, "GE_NV"), PASS_VECS);
         assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
+        assert_eq!(
+            define(src, "GE_IQ2_COPIES") * 256 * 4 + 16,
+            IQ2XXS_STATIC_SHARED
+        );
         for (format, tag) in [
             (WeightFormat::IQ2XXS, "IQ2_XXS"),
             (WeightFormat::Q2K, "Q2_K"),
