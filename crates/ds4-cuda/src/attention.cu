@@ -20,8 +20,9 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 
 // One row of `width` values per CTA (row i of token i / rows_per_tok, at position pos0 +
 // token): RMS norm (times w when w_ != 0), RoPE of the last r channels, and when nope >= 0
-// ds4's stored-KV rounding (kv_round below) — the per-head query norm + rope_tail, or the K=V
-// row's rmsnorm + rope_tail + kv_round, in one launch instead of two or three (the same
+// ds4's stored-KV rounding (FP8 round trip of the first `nope` channels in blocks of 64, then
+// f16 rounding of every channel: forward.rs store_kv_row) — the per-head query norm + RoPE,
+// or the K=V row's norm + RoPE + rounding, in one launch (the same
 // element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
 // floats.
 extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
@@ -54,36 +55,28 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) y[i] = row[i];
 }
 
-// ds4's stored-KV rounding of one row per CTA: FP8 round trip of the first `nope` channels in
-// blocks of 64, then f16 rounding of every channel (forward.rs store_kv_row).
-extern "C" __global__ void kv_round(u64 x_, i64 width, i64 nope) {
-    PDL_ENTRY();
-    float* row = (float*)x_ + (i64)blockIdx.x * width;
-    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (i64 b = warp; b * 64 < nope; b += warps) fp8_block_warp(row + b * 64, (int)min64(64, nope - b * 64));
-    __syncthreads();
-    for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = f16_round(row[i]);
-}
-
 // ds4's indexer rounding of one vector per CTA: Hadamard rotation, FP4 round trip in blocks
-// of 32, and (store != 0) f16 rounding (forward.rs index_qat). Dynamic shared: width floats.
-extern "C" __global__ void index_round(u64 x_, i64 width, i64 store) {
+// of 32, and (store != 0) f16 rounding (forward.rs index_qat). With r > 0 the vector's RoPE
+// comes first (rope_tail's: the last r channels, row i of token i / rows_per_tok at position
+// pos0 + token), one launch for the indexer queries' rope + rounding. Dynamic shared: width
+// floats.
+extern "C" __global__ void index_round(u64 x_, i64 width, i64 store, i64 rows_per_tok, u64 pos_, u64 inv_freq_,
+                                       i64 r) {
     PDL_ENTRY();
     extern __shared__ float sh[];
     float* row = (float*)x_ + (i64)blockIdx.x * width;
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) sh[i] = row[i];
+    if (r > 0) {
+        __syncthreads();
+        const i64 pos = *(const i64*)pos_ + (i64)blockIdx.x / rows_per_tok;
+        for (int l = threadIdx.x; l < r / 2; l += blockDim.x)
+            rope_pair(sh, width, r, l, pos, (const double*)inv_freq_, false);
+    }
     cta_hadamard(sh, (int)width);
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (i64 b = warp; b * 32 < width; b += warps) fp4_block_warp(sh + b * 32, (int)min64(32, width - b * 32));
     __syncthreads();
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = store ? f16_round(sh[i]) : sh[i];
-}
-
-// x[i] *= s
-extern "C" __global__ void scale_f32(u64 x_, i64 n, double s) {
-    PDL_ENTRY();
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        ((float*)x_)[i] *= (float)s;
 }
 
 // Stores the span's last min(n_tok, cap) K=V rows into the ring (slot = position % cap).

@@ -207,7 +207,7 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
 // (scores, threshold by radix selection, ordered compaction):
 // with at most topk visible rows ((pos+1)/ratio) all are kept; otherwise every visible key is
 // scored, score = sum_h w_h max(0, q_h . k), and the topk best are kept (ties: the lowest
-// index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (already scaled), keys:
+// index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (times w_scale here), keys:
 // rows x di; scores/flags: n_tok x max_rows scratch. The span starts at position *pos_.
 
 // Scores: grid (rows / INDEX_TILE_ROWS / INDEX_TILES, n_tok), 256 threads. A CTA keeps its
@@ -217,9 +217,10 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
 // (ni + INDEX_TILE_ROWS) x (di + 1) floats.
 #define INDEX_TILE_ROWS 16
 #define INDEX_TILES 8
-extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
-                                        i64 topk, i64 max_rows) {
+extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 keys_, u64 scores_, u64 pos_, i64 ratio,
+                                        i64 ni, i64 di, i64 topk, i64 max_rows) {
     PDL_ENTRY();
+    const float w_scale = (float)w_scale_d;
     extern __shared__ float qsh[];
     const i64 t = blockIdx.y, nv = (*(const i64*)pos_ + t + 1) / ratio;
     const i64 first = (i64)blockIdx.x * INDEX_TILE_ROWS * INDEX_TILES;
@@ -245,7 +246,7 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, u64 keys_, u64 scores_, 
                 const float* qh = qsh + h * stride;
                 float d = 0.f;
                 for (i64 c = 0; c < di; c++) d += qh[c] * k[c];
-                s += wt[h] * fmaxf(d, 0.0f);
+                s += (wt[h] * w_scale) * fmaxf(d, 0.0f);
             }
             s = warp_sum(s);
             if (lane == 0) ((float*)scores_)[t * max_rows + r0 + r] = s;

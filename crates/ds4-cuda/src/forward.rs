@@ -1348,11 +1348,19 @@ impl CudaModel {
                     n,
                     &mut s.iq,
                 )?;
-                self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
                 if ds4 {
-                    let a = kargs![s.iq.ptr(), di, false];
-                    // SAFETY: index_round(x, width, store) rewrites n·ni vectors of di values
-                    // of s.iq in place, with di floats of dynamic shared memory.
+                    let a = kargs![
+                        s.iq.ptr(),
+                        di,
+                        false,
+                        ni,
+                        s.pos.ptr(),
+                        self.rope_for(l).ptr(),
+                        c.rope_dim
+                    ];
+                    // SAFETY: index_round(x, width, store, rows_per_tok, pos, inv_freq, r)
+                    // ropes and rounds n·ni vectors of di values of s.iq in place (r/2
+                    // frequencies, the span position), with di floats of dynamic shared memory.
                     unsafe {
                         self.fk.launch(
                             dev,
@@ -1362,6 +1370,8 @@ impl CudaModel {
                             &a,
                         )?
                     };
+                } else {
+                    self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
                 }
                 let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);
                 mm_branch(
@@ -1374,12 +1384,7 @@ impl CudaModel {
                     n,
                     &mut s.iw,
                 )?;
-                let a = kargs![s.iw.ptr(), n * ni, 1.0 / ((ni * di) as f64).sqrt() as f32];
-                // SAFETY: scale_f32(x, n, s) scales n·ni values of s.iw.
-                unsafe {
-                    self.fk
-                        .launch(dev, "fwd_attention", "scale_f32", grid_1d(n * ni), &a)?
-                };
+                // (index_scores applies the weights' 1/sqrt(ni·di) scale.)
                 self.index_select(s, is, ratio, n, pos0)
             })?;
         }
@@ -1527,6 +1532,7 @@ impl CudaModel {
         let a = kargs![
             s.iq.ptr(),
             s.iw.ptr(),
+            1.0 / ((ni * di) as f64).sqrt() as f32,
             is.rows.ptr(),
             s.iscores.ptr(),
             s.pos.ptr(),
@@ -1559,7 +1565,8 @@ impl CudaModel {
             block_dim: (256, 1, 1),
             shared_mem_bytes: scores_shared as u32,
         };
-        // SAFETY: index_scores reads each token's ni × di query and ni weights and the
+        // SAFETY: index_scores reads each token's ni × di query and ni weights (scaled by the
+        // third argument) and the
         // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
         // visible row into the token's max_index_rows-long scratch row; its dynamic
         // shared memory holds the query and one tile of keys, (ni + 16) × (di + 1) floats.
