@@ -135,7 +135,8 @@ impl Gpu {
 
     /// Prefill MoE on the tensor cores: expert e of the stack `w` against its vectors
     /// `group_start[e]..group_start[e+1]` of x, one launch for all experts; each expert's
-    /// weights are read once per 64-row tile for up to 32 of its vectors.
+    /// weights are read once per 64-row tile for up to 16 (IQ2_XXS, Q2_K) or 32 (Q4_K) of its
+    /// vectors.
     ///
     /// Arguments as [`Gpu::expert_gemv_grouped`]: `group_start` holds `w.experts + 1`
     /// offsets (only those are read; on the device, clamped to `[0, n_vecs_total]`, a group
