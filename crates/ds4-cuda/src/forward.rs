@@ -1290,6 +1290,35 @@ impl CudaModel {
             Ok(())
         })?;
 
+        // Branch: the indexer selects the compressed rows of CSA layers. Its keys (its
+        // compressor) and head weights read xn: issued now, beside the query projection; its
+        // queries read qrn: the same side stream takes them once qrn is made (a second fork,
+        // so the main stream still joins the lane only once). It writes ikv, ig, iw, iq,
+        // iscores, sel and the indexer state.
+        let indexer = match (&w.indexer, state.index.as_mut()) {
+            (Some(iw), Some(is)) => Some((iw, is)),
+            _ => None,
+        };
+        if let Some((iw, is)) = indexer {
+            if pos0 + n > 0 && (pos0 + n) / ratio > s.max_index_rows {
+                return Err(CudaError::InvalidArgument(
+                    "indexer rows exceed the session's scratch".into(),
+                ));
+            }
+            self.branch(LANE_INDEXER, || {
+                let icw = &iw.compressor;
+                let own = &mut s.lane_quant[LANE_INDEXER];
+                let pre = xq && act_quant_of(self, &icw.kv) == act_quant_of(self, &w.q_a);
+                mm_branch(self, &s.quant, own, pre, &icw.kv, &s.xn, n, &mut s.ikv)?;
+                mm_branch(self, &s.quant, own, pre, &icw.gate, &s.xn, n, &mut s.ig)?;
+                let qat = if ds4 { 2 } else { 0 };
+                self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, s.pos.ptr(), qat)?;
+                let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);
+                // (index_scores applies the weights' 1/sqrt(ni·di) scale.)
+                mm_branch(self, &s.quant, own, pre, &iw.proj, &s.xn, n, &mut s.iw)
+            })?;
+        }
+
         // Queries: low rank, weighted norm, per-head unweighted norm, RoPE.
         mm_prequantized(self, &mut s.quant, xq, &w.q_a, &s.xn, n, &mut s.qr)?;
         let qrq = norm_for(
@@ -1303,51 +1332,12 @@ impl CudaModel {
             &w.q_b,
         )?;
 
-        // Branch: the indexer (its compressor reads xn, its queries qrn) selects the
-        // compressed rows of CSA layers; it writes ikv, ig, iq, iw, iscores, sel and its state.
-        if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_mut()) {
-            if pos0 + n > 0 && (pos0 + n) / ratio > s.max_index_rows {
-                return Err(CudaError::InvalidArgument(
-                    "indexer rows exceed the session's scratch".into(),
-                ));
-            }
+        if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_ref()) {
             self.branch(LANE_INDEXER, || {
-                let icw = &iw.compressor;
-                let pre = xq && act_quant_of(self, &icw.kv) == act_quant_of(self, &w.q_a);
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_INDEXER],
-                    pre,
-                    &icw.kv,
-                    &s.xn,
-                    n,
-                    &mut s.ikv,
-                )?;
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_INDEXER],
-                    pre,
-                    &icw.gate,
-                    &s.xn,
-                    n,
-                    &mut s.ig,
-                )?;
-                let qat = if ds4 { 2 } else { 0 };
-                self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, s.pos.ptr(), qat)?;
                 let (ni, di) = (c.index_heads, c.index_head_dim);
+                let own = &mut s.lane_quant[LANE_INDEXER];
                 let pre = qrq && act_quant_of(self, &iw.q_b) == act_quant_of(self, &w.q_b);
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_INDEXER],
-                    pre,
-                    &iw.q_b,
-                    &s.qrn,
-                    n,
-                    &mut s.iq,
-                )?;
+                mm_branch(self, &s.quant, own, pre, &iw.q_b, &s.qrn, n, &mut s.iq)?;
                 if ds4 {
                     let a = kargs![
                         s.iq.ptr(),
@@ -1373,18 +1363,6 @@ impl CudaModel {
                 } else {
                     self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
                 }
-                let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_INDEXER],
-                    pre,
-                    &iw.proj,
-                    &s.xn,
-                    n,
-                    &mut s.iw,
-                )?;
-                // (index_scores applies the weights' 1/sqrt(ni·di) scale.)
                 self.index_select(s, is, ratio, n, pos0)
             })?;
         }
