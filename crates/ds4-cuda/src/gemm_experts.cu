@@ -31,29 +31,23 @@
 // All of it is exact int32 arithmetic (|isum| < 2^26), so the order of the integer sums is free.
 //
 // Tiles: a CTA owns GE_BM = 64 rows of one expert (4 warps x 16 rows: one m16 tile each) and
-// runs the expert's vectors in passes of up to NV (GE_NV_*: 16 for IQ2_XXS and Q2_K, 32 for
-// Q4_K; NV / 8 n8 tiles, only the tiles that hold vectors are computed), the K loop inside
-// each pass: an expert with <= NV vectors (all but the busiest at 256 tokens x 6 slots / 256
-// experts ~ 6 vectors each) reads and decodes its rows once per CTA; larger groups re-read
-// them per pass (from L2 mostly). Grid: (row tiles, experts + 1, matrices): consecutive CTAs
-// are row tiles of one expert, sharing its activations through L2; grid row `n_experts`
-// writes NaN rows for the vectors outside every group; blockIdx.z = 1 runs the second matrix
-// of a pair (gate and up in one launch).
+// runs the expert's vectors in passes of up to GE_NV = 32 (four n8 tiles; only the tiles that
+// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (all
+// but the busiest at 256 tokens x 6 slots / 256 experts ~ 6 vectors each) reads and decodes
+// its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
+// tiles, experts + 1, matrices): consecutive CTAs are row tiles of one expert, sharing its
+// activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
+// group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
 //
-// The K loop walks tiles of GE_KT = 2 blocks (512 elements) through STAGES shared-memory
-// stages (GE_STAGES_*) filled by cp.async STAGES - 1 tiles ahead: the weight bytes of the tile
-// for 64 rows (16-byte pieces covering the tile's bytes, so the stage row starts `boff` = tile
-// start & 15 bytes early), the active vectors' 512 int8 values and their 2 block scales.
-// Three stages (two tiles in flight per CTA while one is computed) where three CTAs per SM
-// still fit, which takes the 16-vector passes: with two stages and 32-vector passes the
-// measured times (H100, 256 tokens) came to ~3-4 us per K tile and CTA for all three formats
-// alike, IQ2_XXS's heavy decode included, as if each iteration waited on its one tile in
-// flight. Q4_K's larger stage keeps two stages and 32 vectors.
+// The K loop walks tiles of GE_KT = 2 blocks (512 elements) with two shared-memory stages
+// filled by cp.async: the weight bytes of the tile for 64 rows (16-byte pieces covering the
+// tile's bytes, so the stage row starts `boff` = tile start & 15 bytes early), the active
+// vectors' 512 int8 values and their 2 block scales.
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
-//   xq [NV][XROW]           each vector's 512 int8 values, rows padded by 16 or 32 bytes
-//   xd [GE_KT][NV] f32      the vectors' block scales, block-major (two vectors per float2)
+//   xq [GE_NV][XROW]        each vector's 512 int8 values, rows padded by 16 or 32 bytes
+//   xd [GE_KT][GE_NV] f32   the vectors' block scales, block-major (two vectors per float2)
 // Weight row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint
 // banks; so do activation rows 16 mod 128 bytes apart for the 4-byte B loads of the K formats,
 // and 32 mod 128 for IQ2_XXS's 8-byte B loads (16 lanes a wavefront: 4 rows x 32 bytes).
@@ -65,61 +59,41 @@
 //
 // What bounds it (H100 SXM, q2 model, 256 tokens): each expert's weights are read from memory
 // once, 1.81 GB per layer for gate + up + down (~0.55 ms at 3.3 TB/s), while the integer work
-// of ~6 vectors per expert is far below the tensor cores' rate. With one tile in flight per
-// CTA the loads' latency was the main limit (above); the other is IQ2_XXS's decode: an item
-// for 16 rows and one n8 tile costs a warp ~52 instructions (per row two word loads, a funnel
-// shift for even blocks, the grid index PRMT and address, one selector load, ~10 integer ops
-// for the sign bits, two PRMT, the scale; counted in the SASS) and ~10 shared-memory
-// wavefronts (the word loads, two per selector lookup, two per B load). With one 256-word
-// selector table and a 128-word sign table, 32 random indices cost ~3 wavefronts a lookup
-// (~18 per item, more than the issue slots); the 16-copy grid table and the arithmetic signs
-// leave the issue slots as its limit. Q2_K / Q4_K decode with a load, a shift, a mask and a
-// multiply per 4 weights. The per-block f32 epilogue (3-6 ops per output per 256 MACs) and the
-// B fragment loads are minor at these batch sizes.
+// of ~6 vectors per expert is far below the tensor cores' rate. The IQ2_XXS decode is the other
+// limit: an item for 16 rows and one n8 tile costs a warp ~52 instructions (per row two word
+// loads, a funnel shift for even blocks, the grid index PRMT and address, one selector load,
+// ~10 integer ops for the sign bits, two PRMT, the scale; counted in the SASS) and ~10
+// shared-memory wavefronts (the word loads, two per selector lookup, two per B load). The
+// selector lookups used to go to one 256-word table and the sign bits to a 128-word one, ~3
+// wavefronts each for 32 random indices (~18 per item): shared-memory bound. The 16-copy grid
+// table and the arithmetic signs leave the instruction issue as the limit (about the same
+// count as before). Q2_K / Q4_K decode with a load, a shift, a mask and a multiply per 4
+// weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output
+// per 256 MACs) and the B fragment loads are minor at these batch sizes.
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
 #define GE_BM 64
+#define GE_NV 32
 #define GE_KT 2
 #define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
 #define GE_XROW_K (GE_KT * QK_K + 16)        // 528
+#define GE_STAGE_D (GE_KT * GE_NV * 4)
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
 // past a 16-byte boundary, rounded up to 16, and 16 more where that is a multiple of 32.
 #define GE_WROW_IQ2_XXS 176
 #define GE_WROW_Q2_K 208
 #define GE_WROW_Q4_K 304
-// Vectors per pass and pipeline stages.
-#define GE_NV_IQ2_XXS 16
-#define GE_NV_Q2_K 16
-#define GE_NV_Q4_K 32
-#define GE_STAGES_IQ2_XXS 3
-#define GE_STAGES_Q2_K 3
-#define GE_STAGES_Q4_K 2
 
 #define GE_IQ2_XXS 0
 #define GE_Q2_K 1
 #define GE_Q4_K 2
 
 template <int FMT> struct GeFmt;
-// Per format: block bytes, weight and activation stage row strides, vectors per pass, stages.
-template <> struct GeFmt<GE_IQ2_XXS> {
-    enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW_IQ2_XXS, XROW = GE_XROW_IQ2_XXS, NV = GE_NV_IQ2_XXS, STAGES = GE_STAGES_IQ2_XXS };
-};
-template <> struct GeFmt<GE_Q2_K> {
-    enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K, XROW = GE_XROW_K, NV = GE_NV_Q2_K, STAGES = GE_STAGES_Q2_K };
-};
-template <> struct GeFmt<GE_Q4_K> {
-    enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K, XROW = GE_XROW_K, NV = GE_NV_Q4_K, STAGES = GE_STAGES_Q4_K };
-};
-// Bytes of one stage: weight rows, activation rows, block scales.
-template <int FMT> constexpr int ge_stage_bytes() {
-    return GE_BM * GeFmt<FMT>::WROW + GeFmt<FMT>::NV * GeFmt<FMT>::XROW + GE_KT * GeFmt<FMT>::NV * 4;
-}
-
-// Waits until at most the newest n committed cp.async groups are still in flight.
-template <int N> __device__ __forceinline__ void ge_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
+// Per format: block bytes, weight and activation stage row strides.
+template <> struct GeFmt<GE_IQ2_XXS> { enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW_IQ2_XXS, XROW = GE_XROW_IQ2_XXS }; };
+template <> struct GeFmt<GE_Q2_K> { enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K, XROW = GE_XROW_K }; };
+template <> struct GeFmt<GE_Q4_K> { enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K, XROW = GE_XROW_K }; };
 
 // Must match the #[repr(C)] GemmExpertsParams in gemm_experts.rs: 8-byte fields only.
 struct GemmExpertsParams {
@@ -204,7 +178,7 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 template <int FMT>
 __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
                                              int nvr, i64 v_last, i64 kt) {
-    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW, NV = GeFmt<FMT>::NV;
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int tid = threadIdx.x;
     const i64 kb0 = kt * GE_KT;
     const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
@@ -212,7 +186,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     const int boff = (int)(t0 & 15);
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
-    float* sd = (float*)(sx + NV * XROW);
+    float* sd = (float*)(sx + GE_NV * XROW);
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
         // end at or before the row's end, a multiple of 16 bytes.
@@ -248,7 +222,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
         const int v = i / GE_KT, b = i - v * GE_KT;
         if (b < nbt) {
             const i64 vec = min64(v0 + v, v_last);
-            cp_async4(sd + b * NV + v, xd + vec * p.n_blocks + kb0 + b);
+            cp_async4(sd + b * GE_NV + v, xd + vec * p.n_blocks + kb0 + b);
         }
     }
 }
@@ -257,9 +231,8 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
 // of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
 template <int FMT>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
-                                             float (&acc)[GeFmt<FMT>::NV / 8][4]) {
-    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW, NV = GeFmt<FMT>::NV;
-    constexpr int NT = NV / 8;
+                                             float (&acc)[4][4]) {
+    constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const i64 kb0 = kt * GE_KT;
@@ -270,7 +243,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     wrow[1] = wrow[0] + 8 * WROW;
     // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 XROW per n tile).
     const u8* xs = stage + GE_BM * WROW + g * XROW + 4 * t;
-    const float* sd = (const float*)(stage + GE_BM * WROW + NV * XROW);
+    const float* sd = (const float*)(stage + GE_BM * WROW + GE_NV * XROW);
     // IQ2_XXS: the lane's copy of the grid selectors, the PRMT selector that extracts byte t,
     // and the positive grid bytes in a register (PRMT's first source).
     const u8* grid_copy = FMT == GE_IQ2_XXS ? (const u8*)(ge_iq2_grid + lane % GE_IQ2_COPIES) : nullptr;
@@ -280,9 +253,9 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
         const u8* blk[2] = {wrow[0] + b * BB, wrow[1] + b * BB};
-        int isum[NT][4], msum[NT][4];
+        int isum[4][4], msum[4][4];
 #pragma unroll
-        for (int nj = 0; nj < NT; nj++)
+        for (int nj = 0; nj < 4; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) isum[nj][i] = msum[nj][i] = 0;
 #pragma unroll
@@ -328,7 +301,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                 }
             }
 #pragma unroll
-            for (int nj = 0; nj < NT; nj++) {
+            for (int nj = 0; nj < 4; nj++) {
                 if (nj >= nt) break;
                 // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
                 // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
@@ -370,9 +343,9 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
             }
         }
 #pragma unroll
-        for (int nj = 0; nj < NT; nj++) {
+        for (int nj = 0; nj < 4; nj++) {
             if (nj >= nt) break;
-            const float2 dx2 = *(const float2*)(sd + b * NV + 8 * nj + 2 * t);
+            const float2 dx2 = *(const float2*)(sd + b * GE_NV + 8 * nj + 2 * t);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const float dx = (i & 1) ? dx2.y : dx2.x;
@@ -391,10 +364,8 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
 
 template <int FMT>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
-    constexpr int WROW = GeFmt<FMT>::WROW, NV = GeFmt<FMT>::NV, NT = NV / 8, STAGES = GeFmt<FMT>::STAGES;
-    constexpr int STAGE = ge_stage_bytes<FMT>();
-    static_assert(NV % 8 == 0 && NV <= 32, "passes of whole n8 tiles");
-    static_assert(STAGES >= 2, "at least double buffering");
+    constexpr int WROW = GeFmt<FMT>::WROW;
+    constexpr int STAGE = GE_BM * WROW + GE_NV * GeFmt<FMT>::XROW + GE_STAGE_D;
     static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
     static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
     // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
@@ -443,41 +414,34 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
-    for (i64 v0 = v_begin; v0 < v_end; v0 += NV) {
-        const int nv = (int)min64(NV, v_end - v0), nt = (nv + 7) >> 3;
-        float acc[NT][4];
+    for (i64 v0 = v_begin; v0 < v_end; v0 += GE_NV) {
+        const int nv = (int)min64(GE_NV, v_end - v0), nt = (nv + 7) >> 3;
+        float acc[4][4];
 #pragma unroll
-        for (int nj = 0; nj < NT; nj++)
+        for (int nj = 0; nj < 4; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
-        // All stages are free here: the previous pass ended with a barrier after its last
-        // reads. Tiles 0 .. STAGES - 2 go in flight, one commit group each (empty past the last
-        // tile, so that the group count stays uniform).
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; s++) {
-            if (s < n_tiles) ge_load_tile<FMT>(ge_smem + s * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, s);
-            cp_async_commit();
-        }
-        // The grid table is built once, while the first tiles are in flight, and read after the
+        // Both stages are free here: the previous pass ended with a barrier after its last
+        // reads.
+        ge_load_tile<FMT>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        cp_async_commit();
+        // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
         if constexpr (FMT == GE_IQ2_XXS)
             if (v0 == v_begin) ge_iq2_grid_table(p.grid);
         for (i64 kt = 0; kt < n_tiles; kt++) {
-            // Prefetch tile kt + STAGES - 1 into the stage of tile kt - 1 (its last readers
-            // passed the barrier at the end of the previous iteration), then wait for tile kt:
-            // groups 0 .. kt + STAGES - 1 are committed, at most the STAGES - 1 newest may
-            // still be in flight.
-            if (kt + STAGES - 1 < n_tiles)
-                ge_load_tile<FMT>(ge_smem + ((kt + STAGES - 1) % STAGES) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1,
-                                  kt + STAGES - 1);
+            // Prefetch the next tile into the other stage (its last readers passed the barrier
+            // at the end of the previous iteration); an empty group keeps the wait uniform.
+            if (kt + 1 < n_tiles)
+                ge_load_tile<FMT>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
             cp_async_commit();
-            ge_cp_async_wait<STAGES - 1>();
+            cp_async_wait_all_but_newest();
             __syncthreads();
-            ge_tile_math<FMT>(ge_smem + (kt % STAGES) * STAGE, p, kt, nt, acc);
+            ge_tile_math<FMT>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
         }
 #pragma unroll
-        for (int nj = 0; nj < NT; nj++)
+        for (int nj = 0; nj < 4; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const i64 row = row0 + 16 * warp + g + 8 * (i >> 1);
@@ -490,9 +454,9 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     }
 }
 
-// 64 rows of one expert per CTA, 4 warps; three stages of 20096 (IQ2_XXS) or 21888 (Q2_K)
-// bytes, two of 36608 (Q4_K), and IQ2_XXS's 16400 static bytes (grid table and ge_iq2_pos):
-// three CTAs per SM.
+// 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
+// 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes: grid table and ge_iq2_pos): three
+// CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS>(p);

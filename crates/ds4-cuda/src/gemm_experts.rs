@@ -27,8 +27,12 @@ use crate::kernels::Gpu;
 const TILE_ROWS: usize = 64;
 /// Threads per CTA (`GE_THREADS`).
 const THREADS: usize = 128;
+/// Vectors per pass of a CTA over its expert's rows (`GE_NV`).
+const PASS_VECS: usize = 32;
 /// 256-element blocks per K tile (`GE_KT`).
 const TILE_BLOCKS: usize = 2;
+/// Stages per CTA (double buffering).
+const STAGES: usize = 2;
 /// CTAs per multiprocessor the kernels are built for (`__launch_bounds__(128, 3)`).
 const CTAS_PER_SM: usize = 3;
 /// Most experts: the grid's y dimension holds one row per expert and the NaN row.
@@ -57,34 +61,17 @@ const fn activation_row_bytes(format: WeightFormat) -> usize {
         }
 }
 
-/// Vectors per pass of a CTA over its expert's rows (`GE_NV_*`).
-const fn pass_vecs(format: WeightFormat) -> usize {
-    match format {
-        WeightFormat::Q4K => 32,
-        _ => 16,
-    }
-}
-
-/// Shared-memory stages of the K-tile pipeline (`GE_STAGES_*`): three where three CTAs per
-/// SM still fit, two for Q4_K's larger tiles.
-const fn stages(format: WeightFormat) -> usize {
-    match format {
-        WeightFormat::Q4K => 2,
-        _ => 3,
-    }
-}
-
 /// Bytes of one shared-memory stage: the tile's weight rows, the pass's vectors' int8 values
 /// and their block scales.
 const fn stage_bytes(format: WeightFormat) -> usize {
     TILE_ROWS * weight_row_bytes(format)
-        + pass_vecs(format) * activation_row_bytes(format)
-        + TILE_BLOCKS * pass_vecs(format) * 4
+        + PASS_VECS * activation_row_bytes(format)
+        + TILE_BLOCKS * PASS_VECS * 4
 }
 
 /// Dynamic shared memory per CTA.
 const fn shared_bytes(format: WeightFormat) -> usize {
-    stages(format) * stage_bytes(format)
+    STAGES * stage_bytes(format)
 }
 
 /// Static shared memory of the IQ2_XXS kernel: `GE_IQ2_COPIES` (16) copies of the 256 grid
@@ -135,8 +122,7 @@ impl Gpu {
 
     /// Prefill MoE on the tensor cores: expert e of the stack `w` against its vectors
     /// `group_start[e]..group_start[e+1]` of x, one launch for all experts; each expert's
-    /// weights are read once per 64-row tile for up to 16 (IQ2_XXS, Q2_K) or 32 (Q4_K) of its
-    /// vectors.
+    /// weights are read once per 64-row tile for up to 32 of its vectors.
     ///
     /// Arguments as [`Gpu::expert_gemv_grouped`]: `group_start` holds `w.experts + 1`
     /// offsets (only those are read; on the device, clamped to `[0, n_vecs_total]`, a group
@@ -315,7 +301,7 @@ impl Gpu {
             + n_vecs_total * (w.cols + 4 * n_blocks)
             + out_len * 4 * n_mats as usize;
         // SAFETY: the kernel takes one GemmExpertsParams by value. Its CTA has THREADS threads
-        // and stages(format) stages of stage_bytes(format) of dynamic shared memory, which the attribute
+        // and STAGES stages of stage_bytes(format) of dynamic shared memory, which the attribute
         // set above allows. It reads group_start[0..=experts] (the buffer has at least
         // experts + 1 entries, checked above) and clamps every offset to [0, n_vecs_total], so it
         // reads activation vectors and writes output vectors only in [0, n_vecs_total): the
@@ -352,6 +338,7 @@ mod tests {
         assert_eq!(define(src, "GE_BM"), TILE_ROWS);
         assert_eq!(32 * define(src, "GE_WARPS"), THREADS);
         assert_eq!(16 * define(src, "GE_WARPS"), TILE_ROWS);
+        assert_eq!(define(src, "GE_NV"), PASS_VECS);
         assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
         assert_eq!(
             define(src, "GE_IQ2_COPIES") * 256 * 4 + 16,
@@ -366,8 +353,6 @@ mod tests {
                 define(src, &format!("GE_WROW_{tag}")),
                 weight_row_bytes(format)
             );
-            assert_eq!(define(src, &format!("GE_NV_{tag}")), pass_vecs(format));
-            assert_eq!(define(src, &format!("GE_STAGES_{tag}")), stages(format));
             let wrapper = format!(
                 "__launch_bounds__({THREADS}, {CTAS_PER_SM}) gemm_experts_{}(const GemmExpertsParams p)",
                 format.tag()
@@ -383,8 +368,8 @@ mod tests {
             activation_row_bytes(WeightFormat::Q2K),
             activation_row_bytes(WeightFormat::Q4K)
         );
-        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 20096);
-        assert_eq!(stage_bytes(WeightFormat::Q2K), 21888);
+        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 28928);
+        assert_eq!(stage_bytes(WeightFormat::Q2K), 30464);
         assert_eq!(stage_bytes(WeightFormat::Q4K), 36608);
     }
 

@@ -200,12 +200,6 @@ fn check_outputs(
         "{what}: {} outputs differ from the scalar vec_dot; first ones:\n",
         bad.len()
     );
-    // Vectors per pass of a CTA (GE_NV_* in gemm_experts.cu), for the diagnosis only.
-    let pass_vecs = if matches!(format, WeightFormat::Q4K) {
-        32
-    } else {
-        16
-    };
     for b in bad.iter().take(12) {
         let first = if b.expert >= 0 {
             group_start[b.expert as usize] as usize
@@ -223,8 +217,8 @@ fn check_outputs(
             b.vector,
             b.expert,
             b.vector.wrapping_sub(first),
-            b.vector.wrapping_sub(first) / pass_vecs,
-            b.vector.wrapping_sub(first) % pass_vecs,
+            b.vector.wrapping_sub(first) / 32,
+            b.vector.wrapping_sub(first) % 32,
             b.row,
             b.row % 64,
             (b.row % 64) / 16,
@@ -246,9 +240,8 @@ fn check_outputs(
     panic!("{msg}");
 }
 
-/// Group sizes for `experts` experts: empty first and last experts, one of 37 (several passes
-/// of a CTA), 1, 32 and 33 vectors where there is room, the rest 1..=17 (16 and 17: one and two
-/// 16-vector passes).
+/// Group sizes for `experts` experts: empty first and last experts, one of 37 (two passes of
+/// a CTA), 1, 32 and 33 vectors where there is room, the rest 1..=17.
 fn ragged_sizes(experts: usize, salt: usize) -> Vec<usize> {
     (0..experts)
         .map(|e| match e {
