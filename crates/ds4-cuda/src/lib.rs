@@ -26,7 +26,14 @@
 //! tensor cores), [`gemm_experts`] (grouped IQ2_XXS / Q2_K / Q4_K experts on tensor cores),
 //! [`gemm_f16`], [`vector_ops`], [`dequant`]; the model on the GPU: [`model`] (weights as
 //! matrices), [`session`] (KV state, snapshots), [`forward`] + [`fwd_kernels`]
-//! (hc.cu, attention.cu, compressor.cu, moe.cu), [`backend`].
+//! (hc.cu, attention.cu, compressor.cu, moe.cu) + `attend` (span attention launchers),
+//! [`backend`].
+//!
+//! Environment knobs (for measurement; the defaults are the fast path):
+//! `DS4_CUDA_PROFILE=kernels` prints per-kernel GPU time (turns graphs off);
+//! `DS4_CUDA_NO_GRAPH` decodes without the captured graph; `DS4_CUDA_NO_PDL` launches without
+//! programmatic dependent launch; `DS4_CUDA_NO_BRANCHES` runs the side-stream branches in
+//! line; `DS4_CUDA_CHUNK` sets the prefill span (256); `DS4_KERNEL_CACHE` the cubin cache.
 
 // The attention launchers (one CTA per token and head; one per token and 16 heads for spans).
 mod attend;
