@@ -297,13 +297,7 @@ mod tests {
     use crate::compile::KernelCache;
     use crate::device::DeviceBuffer;
 
-    fn define(src: &str, name: &str) -> usize {
-        let line = src
-            .lines()
-            .find(|l| l.starts_with(&format!("#define {name} ")))
-            .unwrap_or_else(|| panic!("no #define {name} in attention.cu"));
-        line.split_whitespace().nth(2).unwrap().parse().unwrap()
-    }
+    use crate::compile::source_define as define;
 
     /// The launcher sizes grid, CTA and shared memory from these constants: they must be the
     /// kernel's.

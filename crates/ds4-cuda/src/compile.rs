@@ -232,6 +232,20 @@ fn store_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// The integer value of `#define NAME value` in a kernel source (tests check that the Rust
+/// launch constants are the kernel's).
+#[cfg(test)]
+pub(crate) fn source_define(src: &str, name: &str) -> usize {
+    let line = src
+        .lines()
+        .find(|l| l.starts_with(&format!("#define {name} ")))
+        .unwrap_or_else(|| panic!("no #define {name} in the kernel source"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("#define {name} is not an integer: {line}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -310,13 +310,7 @@ mod tests {
     #[test]
     fn tile_constants_match_the_kernel_source() {
         let src = include_str!("gemm_q8.cu");
-        let define = |name: &str| -> usize {
-            let line = src
-                .lines()
-                .find(|l| l.starts_with(&format!("#define {name} ")))
-                .unwrap_or_else(|| panic!("no #define {name} in gemm_q8.cu"));
-            line.split_whitespace().nth(2).unwrap().parse().unwrap()
-        };
+        let define = |name: &str| crate::compile::source_define(src, name);
         assert_eq!(define("GQ_BN"), GEMM_TILE_VECS);
         assert_eq!(define("GQ_KB"), GEMM_TILE_BLOCKS);
         for v in [WIDE, NARROW] {

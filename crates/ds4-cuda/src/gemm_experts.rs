@@ -20,7 +20,9 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, DriverContext, Result};
-use crate::gemv::{aligned16, check_len, ActQuant, Activations, DeviceMatrix, WeightFormat};
+use crate::gemv::{
+    aligned16, check_grouped, check_len, Activations, DeviceMatrix, GroupedArgs, WeightFormat,
+};
 use crate::kernels::Gpu;
 
 /// Weight rows per CTA (`GE_BM` in gemm_experts.cu): 4 warps of one m16 tile each.
@@ -35,8 +37,6 @@ const TILE_BLOCKS: usize = 2;
 const STAGES: usize = 2;
 /// CTAs per multiprocessor the kernels are built for (`__launch_bounds__(128, 3)`).
 const CTAS_PER_SM: usize = 3;
-/// Most experts: the grid's y dimension holds one row per expert and the NaN row.
-const MAX_EXPERTS: usize = 65534;
 
 const MODULE: &str = "gemm_experts";
 
@@ -174,44 +174,10 @@ impl Gpu {
                 w.format
             )));
         }
-        if let Some(w2) = w2 {
-            if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
-                return Err(invalid(format!(
-                    "expert stack pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
-                    w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
-                )));
-            }
-        }
-        if w.experts > MAX_EXPERTS {
-            return Err(invalid(format!(
-                "grouped expert product of {} experts (at most {MAX_EXPERTS})",
-                w.experts
-            )));
-        }
-        check_len("group offset buffer", group_start, w.experts + 1)?;
-        // Offsets are i32 on the device.
-        if n_vecs_total > i32::MAX as usize {
-            return Err(invalid(format!(
-                "{n_vecs_total} vectors in a grouped expert product (offsets are i32)"
-            )));
-        }
-        let Activations::Quantized(qa) = x else {
-            return Err(invalid(
-                "grouped expert products take quantized activations (Gpu::quantize_activations)"
-                    .into(),
-            ));
-        };
-        if qa.kind != ActQuant::Q8K || qa.len != w.cols || qa.n_vecs < n_vecs_total {
-            return Err(invalid(format!(
-                "{:?} experts of {} columns need Q8K activations of that length for {n_vecs_total} vectors, got {:?} × {} × {}",
-                w.format, w.cols, qa.kind, qa.len, qa.n_vecs
-            )));
-        }
+        let GroupedArgs { qa, y2_ptr } =
+            check_grouped(w, w2, group_start, x, n_vecs_total, y, y2.as_deref())?;
         // Whole blocks: DeviceMatrix guarantees cols is a multiple of 256 for these formats.
         let n_blocks = w.cols / 256;
-        let out_len = n_vecs_total
-            .checked_mul(w.rows)
-            .ok_or_else(|| invalid(format!("{n_vecs_total} vectors × {} rows overflow", w.rows)))?;
         // Saturating products: an absurd count then fails the length checks.
         check_len(
             "activation quants",
@@ -223,14 +189,6 @@ impl Gpu {
             &qa.d,
             n_vecs_total.saturating_mul(n_blocks),
         )?;
-        check_len("output", y, out_len)?;
-        let y2_ptr = match y2 {
-            Some(b) => {
-                check_len("second output", b, out_len)?;
-                b.ptr()
-            }
-            None => 0,
-        };
         // cp.async copies 16-byte pieces of the activation rows (each a multiple of 256 bytes
         // long) and 4-byte scales.
         if !qa.q.ptr().is_multiple_of(16) || !qa.d.ptr().is_multiple_of(4) {
@@ -299,7 +257,7 @@ impl Gpu {
         // nothing), the activations and the outputs.
         let bytes = w.total_bytes() * n_mats as usize
             + n_vecs_total * (w.cols + 4 * n_blocks)
-            + out_len * 4 * n_mats as usize;
+            + n_vecs_total * w.rows * 4 * n_mats as usize;
         // SAFETY: the kernel takes one GemmExpertsParams by value. Its CTA has THREADS threads
         // and STAGES stages of stage_bytes(format) of dynamic shared memory, which the attribute
         // set above allows. It reads group_start[0..=experts] (the buffer has at least
@@ -322,13 +280,7 @@ impl Gpu {
 mod tests {
     use super::*;
 
-    fn define(src: &str, name: &str) -> usize {
-        let line = src
-            .lines()
-            .find(|l| l.starts_with(&format!("#define {name} ")))
-            .unwrap_or_else(|| panic!("no #define {name} in gemm_experts.cu"));
-        line.split_whitespace().nth(2).unwrap().parse().unwrap()
-    }
+    use crate::compile::source_define as define;
 
     /// The tile constants here must be the kernel's: the launch sizes its grid, CTA and shared
     /// memory from them.

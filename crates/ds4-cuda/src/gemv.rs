@@ -394,6 +394,82 @@ pub(crate) fn check_len<T: DeviceValue>(
     Ok(())
 }
 
+/// Most experts a grouped expert product takes: its grid has one row per expert plus the row
+/// that writes the NaN rows of ungrouped vectors (at most 65 535).
+pub(crate) const MAX_GROUPED_EXPERTS: usize = 65534;
+
+/// The checked arguments of a grouped expert product.
+pub(crate) struct GroupedArgs<'a> {
+    pub qa: &'a QuantizedActivations,
+    /// The second output's address (pairs), or 0.
+    pub y2_ptr: u64,
+}
+
+/// The argument checks shared by the grouped expert products (the matvec here and the
+/// tensor-core kernel of gemm_experts.rs): a pair of the same shape, at most
+/// [`MAX_GROUPED_EXPERTS`] experts, `experts + 1` group offsets, i32 vector offsets, quantized
+/// activations of the weights' kind and length for `n_vecs_total` vectors, and outputs of
+/// `n_vecs_total × rows` values.
+pub(crate) fn check_grouped<'a>(
+    w: &DeviceMatrix,
+    w2: Option<&DeviceMatrix>,
+    group_start: &DeviceBuffer<i32>,
+    x: Activations<'a>,
+    n_vecs_total: usize,
+    y: &DeviceBuffer<f32>,
+    y2: Option<&DeviceBuffer<f32>>,
+) -> Result<GroupedArgs<'a>> {
+    let invalid = |msg: String| CudaError::InvalidArgument(msg);
+    if let Some(w2) = w2 {
+        if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
+            return Err(invalid(format!(
+                "expert stack pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
+                w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
+            )));
+        }
+    }
+    if w.experts > MAX_GROUPED_EXPERTS {
+        return Err(invalid(format!(
+            "grouped expert product of {} experts (at most {MAX_GROUPED_EXPERTS})",
+            w.experts
+        )));
+    }
+    check_len("group offset buffer", group_start, w.experts + 1)?;
+    // Offsets are i32 on the device.
+    if n_vecs_total > i32::MAX as usize {
+        return Err(invalid(format!(
+            "{n_vecs_total} vectors in a grouped expert product (offsets are i32)"
+        )));
+    }
+    let Activations::Quantized(qa) = x else {
+        return Err(invalid(
+            "grouped expert products take quantized activations (Gpu::quantize_activations)".into(),
+        ));
+    };
+    let want = w
+        .format
+        .activation_quant()
+        .ok_or_else(|| invalid(format!("{:?} weights take f32 activations only", w.format)))?;
+    if qa.kind != want || qa.len != w.cols || qa.n_vecs < n_vecs_total {
+        return Err(invalid(format!(
+            "{:?} experts of {} columns need {:?} activations of that length for {n_vecs_total} vectors, got {:?} × {} × {}",
+            w.format, w.cols, want, qa.kind, qa.len, qa.n_vecs
+        )));
+    }
+    let out_len = n_vecs_total
+        .checked_mul(w.rows)
+        .ok_or_else(|| invalid(format!("{n_vecs_total} vectors × {} rows overflow", w.rows)))?;
+    check_len("output", y, out_len)?;
+    let y2_ptr = match y2 {
+        Some(b) => {
+            check_len("second output", b, out_len)?;
+            b.ptr()
+        }
+        None => 0,
+    };
+    Ok(GroupedArgs { qa, y2_ptr })
+}
+
 impl Gpu {
     /// y = W·x for `n_vecs` vectors: x is n_vecs × cols, y is n_vecs × rows.
     pub fn gemv(
@@ -555,54 +631,8 @@ impl Gpu {
                 w.format
             )));
         }
-        if let Some(w2) = w2 {
-            if (w2.format, w2.cols, w2.rows, w2.experts) != (w.format, w.cols, w.rows, w.experts) {
-                return Err(CudaError::InvalidArgument(format!(
-                    "expert stack pair of different shapes: {:?} {}x{}x{} and {:?} {}x{}x{}",
-                    w.format, w.cols, w.rows, w.experts, w2.format, w2.cols, w2.rows, w2.experts
-                )));
-            }
-        }
-        // Grid rows: one per expert plus the row that writes the NaN rows of ungrouped vectors.
-        if w.experts + 1 > 65535 {
-            return Err(CudaError::InvalidArgument(format!(
-                "grouped expert product of {} experts (at most 65534)",
-                w.experts
-            )));
-        }
-        check_len("group offset buffer", group_start, w.experts + 1)?;
-        // Offsets are i32 on the device.
-        if n_vecs_total > i32::MAX as usize {
-            return Err(CudaError::InvalidArgument(format!(
-                "{n_vecs_total} vectors in a grouped expert product (offsets are i32)"
-            )));
-        }
-        let Activations::Quantized(qa) = x else {
-            return Err(CudaError::InvalidArgument(
-                "grouped expert products take quantized activations (Gpu::quantize_activations)"
-                    .into(),
-            ));
-        };
-        let want = w.format.activation_quant().ok_or_else(|| {
-            CudaError::InvalidArgument(format!("{:?} weights take f32 activations only", w.format))
-        })?;
-        if qa.kind != want || qa.len != w.cols || qa.n_vecs < n_vecs_total {
-            return Err(CudaError::InvalidArgument(format!(
-                "{:?} experts of {} columns need {:?} activations of that length for {n_vecs_total} vectors, got {:?} × {} × {}",
-                w.format, w.cols, want, qa.kind, qa.len, qa.n_vecs
-            )));
-        }
-        let out_len = n_vecs_total.checked_mul(w.rows).ok_or_else(|| {
-            CudaError::InvalidArgument(format!("{n_vecs_total} vectors × {} rows overflow", w.rows))
-        })?;
-        check_len("output", y, out_len)?;
-        let y2_ptr = match y2 {
-            Some(b) => {
-                check_len("second output", b, out_len)?;
-                b.ptr()
-            }
-            None => 0,
-        };
+        let GroupedArgs { qa, y2_ptr } =
+            check_grouped(w, w2, group_start, x, n_vecs_total, y, y2.as_deref())?;
         if n_vecs_total == 0 {
             return Ok(());
         }
