@@ -34,8 +34,8 @@ const HC_PRE_SLICE: usize = 1024;
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
 // FFN: the shared expert); the indexer. (A fourth branch, the indexer's keys apart from its
-// queries, measured slower in the decode graph: every join is an edge the dependent launch
-// cannot cross.)
+// queries joined into them, measured slower in the decode graph, presumably because a join is
+// an edge the dependent launch cannot cross.)
 const LANE_SINKHORN: usize = 0;
 const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
