@@ -1170,17 +1170,17 @@ impl CudaModel {
         }
     }
 
-    /// Stores the chunk's last min(n, cap) K=V rows (s.kvn) into the layer's ring.
-    fn ring_store(&self, s: &Scratch, state: &GpuLayerState, n: usize) -> Result<()> {
+    /// Stores the chunk's last min(n, cap) K=V rows (`kvn`; `pos`: the device address of the
+    /// span's first position) into the layer's ring.
+    fn ring_store(
+        &self,
+        kvn: &DeviceBuffer<f32>,
+        pos: u64,
+        state: &GpuLayerState,
+        n: usize,
+    ) -> Result<()> {
         let hd = self.cfg.head_dim;
-        let a = kargs![
-            s.kvn.ptr(),
-            state.ring.ptr(),
-            n,
-            s.pos.ptr(),
-            hd,
-            state.ring_cap
-        ];
+        let a = kargs![kvn.ptr(), state.ring.ptr(), n, pos, hd, state.ring_cap];
         // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
         unsafe {
             self.fk.launch(
@@ -1243,47 +1243,21 @@ impl CudaModel {
         // Branch: the shared K=V row (rounded as stored) and the attention compressor. They
         // read xn (and its quantized form) and write kv, kvn, ckv, cg and the compressor state.
         self.branch(LANE_KV, || {
+            let own = &mut s.lane_quant[LANE_KV];
             let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
-            mm_branch(
-                self,
-                &s.quant,
-                &mut s.lane_quant[LANE_KV],
-                kv_q,
-                &w.kv,
-                &s.xn,
-                n,
-                &mut s.kv,
-            )?;
+            mm_branch(self, &s.quant, own, kv_q, &w.kv, &s.xn, n, &mut s.kv)?;
             let nope = ds4.then(|| hd - c.rope_dim);
             self.head_norm_rope(l, &s.kv, Some(&w.kv_norm), &s.kvn, n, 1, s.pos.ptr(), nope)?;
             if n == 1 {
                 // A single token's row goes into the ring before attend: its slot (pos % cap)
                 // holds position pos − cap, outside the window (≤ cap), and attend reads the
                 // token's own row from kvn. Off the critical path here.
-                self.ring_store(s, state, n)?;
+                self.ring_store(&s.kvn, s.pos.ptr(), state, n)?;
             }
             if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
                 let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_KV],
-                    pre,
-                    &cw.kv,
-                    &s.xn,
-                    n,
-                    &mut s.ckv,
-                )?;
-                mm_branch(
-                    self,
-                    &s.quant,
-                    &mut s.lane_quant[LANE_KV],
-                    pre,
-                    &cw.gate,
-                    &s.xn,
-                    n,
-                    &mut s.cg,
-                )?;
+                mm_branch(self, &s.quant, own, pre, &cw.kv, &s.xn, n, &mut s.ckv)?;
+                mm_branch(self, &s.quant, own, pre, &cw.gate, &s.xn, n, &mut s.cg)?;
                 let qat = if ds4 { 1 } else { 0 };
                 self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)?;
             }
@@ -1422,7 +1396,7 @@ impl CudaModel {
         })?;
         if n > 1 {
             // A span's rows replace ring slots that its earlier tokens still see: after attend.
-            self.ring_store(s, state, n)?;
+            self.ring_store(&s.kvn, s.pos.ptr(), state, n)?;
         }
 
         s.prof.mark(self, "attn.attend")?;
