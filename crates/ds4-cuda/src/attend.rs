@@ -24,6 +24,9 @@ const THREADS: u32 = 256;
 /// attend_heads' static shared memory (the softmax's per-warp partials and per-head max and
 /// sum: ATTN_HG × (8 + 2) floats), which counts against the device's per-CTA limit too.
 const HEADS_STATIC_SHARED: usize = HEADS_PER_CTA * (THREADS as usize / 32 + 2) * 4;
+/// Threads per row of head_norm_rope (attention.cu HEAD_NORM_THREADS): attend's fused query
+/// norm repeats its split of the sum of squares, so the launch must use exactly this many.
+pub(crate) const HEAD_NORM_THREADS: u32 = 128;
 /// Dynamic shared memory attend may use without opting in (the launch default).
 const ATTEND_MAX_SHARED: usize = 48 * 1024;
 
@@ -255,6 +258,18 @@ pub(crate) unsafe fn launch_attend_span(
     }
 }
 
+/// What the decode step folds into attend besides the attention itself (attention.cu
+/// `attend`): each saves one dependent launch on the critical path.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AttendFusion {
+    /// The queries are the raw projection: attend applies each head's unweighted RMS norm
+    /// (this epsilon) and RoPE as head_norm_rope would, bit for bit.
+    pub q_norm_eps: Option<f64>,
+    /// Also quantize the outputs to Q8_0: int8 values and f32 block scales (one per 32
+    /// channels, flat over token × head × channel), as the activation quantizer would.
+    pub out_q8: Option<(u64, u64)>,
+}
+
 /// Attention of `n_tok` tokens with attend: one CTA per token and head (the decode kernel;
 /// here for spans that attend_heads cannot take, and to compare the two).
 ///
@@ -266,6 +281,22 @@ pub(crate) unsafe fn launch_attend(
     args: &AttendArgs,
     n_tok: usize,
 ) -> Result<()> {
+    // SAFETY: forwarded to the caller; no fusion adds buffers.
+    unsafe { launch_attend_fused(fk, dev, args, n_tok, AttendFusion::default()) }
+}
+
+/// [`launch_attend`] with the decode step's fused neighbours ([`AttendFusion`]).
+///
+/// # Safety
+/// As [`launch_attend_heads`]; with `out_q8` the two addresses hold n_tok × heads × head_dim
+/// int8 values and n_tok × heads × head_dim / 32 f32 scales.
+pub(crate) unsafe fn launch_attend_fused(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+    fusion: AttendFusion,
+) -> Result<()> {
     args.check_common()?;
     let shared = args.attend_shared_bytes();
     if shared > ATTEND_MAX_SHARED {
@@ -274,10 +305,24 @@ pub(crate) unsafe fn launch_attend(
             args.max_rows
         )));
     }
+    if fusion.out_q8.is_some() && !args.head_dim.is_multiple_of(32) {
+        return Err(CudaError::InvalidArgument(format!(
+            "attend: Q8_0 outputs need whole 32-channel blocks per head, not {}",
+            args.head_dim
+        )));
+    }
+    if fusion.q_norm_eps.is_some_and(|e| e.is_nan() || e < 0.0) {
+        return Err(CudaError::InvalidArgument(
+            "attend: the query norm's epsilon must be a non-negative number".into(),
+        ));
+    }
     if n_tok == 0 {
         return Ok(());
     }
-    let a = args.kernel_args();
+    let (oq, od) = fusion.out_q8.unwrap_or((0, 0));
+    let common = args.kernel_args();
+    let fused = kargs![fusion.q_norm_eps.unwrap_or(-1.0), oq, od];
+    let a: Vec<_> = common.iter().chain(fused.iter()).cloned().collect();
     // SAFETY: the caller guarantees the buffers; the shared memory covers 2·head_dim floats
     // and the scores and row pointers of max_rows rows, within the launch default.
     unsafe {
@@ -308,6 +353,7 @@ mod tests {
         assert_eq!(define(src, "ATTN_HG"), HEADS_PER_CTA);
         assert_eq!(define(src, "ATTN_TR"), TILE_ROWS);
         assert_eq!(define(src, "ATTN_THREADS"), THREADS as usize);
+        assert_eq!(define(src, "HEAD_NORM_THREADS"), HEAD_NORM_THREADS as usize);
         assert!(src.contains("__launch_bounds__(ATTN_THREADS, 2)\n    attend_heads("));
     }
 

@@ -1164,7 +1164,7 @@ impl CudaModel {
                 &self.gpu.device,
                 "fwd_attention",
                 "head_norm_rope",
-                per_item(rows, 128, hd * 4),
+                per_item(rows, crate::attend::HEAD_NORM_THREADS, hd * 4),
                 &a,
             )
         }
@@ -1342,7 +1342,10 @@ impl CudaModel {
         }
 
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
+        // A single token's heads are normalized and RoPE'd inside attend (same bits).
+        if n > 1 {
+            self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
+        }
         dev.join(LANE_KV)?;
         dev.join(LANE_INDEXER)?;
         s.prof.mark(self, "attn.qkv")?;
@@ -1355,7 +1358,7 @@ impl CudaModel {
             _ => (0i64, 0u64, 0usize),
         };
         let args = crate::attend::AttendArgs {
-            q: s.qn.ptr(),
+            q: if n > 1 { s.qn.ptr() } else { s.q.ptr() },
             kv: s.kvn.ptr(),
             ring: state.ring.ptr(),
             comp: comp_ptr,
@@ -1381,11 +1384,29 @@ impl CudaModel {
         // CSA: the indices index_select produced, all below the row count) and H sinks, and
         // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
         // each token's rows across heads (attend_heads, bit-identical to attend).
+        let (g, d_o) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
+        // A single token's output goes to the output projection quantized by attend itself
+        // (its token-major layout is the projection's group-major input).
+        let o_prequantized = n == 1
+            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == gw;
+        let fusion = crate::attend::AttendFusion {
+            q_norm_eps: Some(c.rms_eps as f64),
+            out_q8: if o_prequantized {
+                let qa = quant_slot(self, &mut s.quant, ActQuant::Q8_0, gw, g, s.o.ptr())?;
+                Some((qa.q.ptr(), qa.d.ptr()))
+            } else {
+                None
+            },
+        };
+        // SAFETY (continued): with out_q8 the quant slot holds g vectors of gw = H·hd / g
+        // values: the token's H·hd outputs, as the fused quantization writes them.
         unsafe {
             if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
             } else {
-                crate::attend::launch_attend(&self.fk, dev, &args, n)
+                crate::attend::launch_attend_fused(&self.fk, dev, &args, n, fusion)
             }
         }
         .map_err(|e| match e {
@@ -1401,13 +1422,11 @@ impl CudaModel {
 
         s.prof.mark(self, "attn.attend")?;
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
-        let (g, d_o) = (c.o_groups, c.o_lora_rank);
-        let gw = h * hd / g;
         // The matvec wants group-major inputs (G × n × gw) and gives group-major outputs; a
         // single token's token-major layout is already that, so only spans permute.
         let slot_input = SlotInput {
             per_slot: true,
-            prequantized: false,
+            prequantized: o_prequantized,
             groups: None,
         };
         if n == 1 {
@@ -1422,6 +1441,17 @@ impl CudaModel {
                 slot_input,
                 &mut s.z,
             )?;
+        } else if n >= GEMM_MIN_VECS
+            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == gw
+        {
+            // Tensor cores straight on the token-major layout: vector t·G + g of s.o (and of
+            // s.z) is token t's group g, so no permutation is needed around the product.
+            let dm = self.matrix(&w.o_a_groups)?;
+            let qa = quantized(self, &mut s.quant, &w.o_a_groups, &s.o, n * g)?
+                .ok_or_else(|| CudaError::InvalidArgument("o_a activations".into()))?;
+            self.gpu
+                .expert_gemm_q8_0_interleaved(&dm, &self.group_ids, g, qa, n, &mut s.z)?;
         } else {
             let a = kargs![s.o.ptr(), s.og.ptr(), n, g, gw];
             // SAFETY: group_split permutes n × G × gw values of s.o into s.og (same size).
@@ -1787,24 +1817,38 @@ impl CudaModel {
         let slots = n * k;
         let sorted = n > 1;
         if sorted {
-            // The slots' buckets are kept in shared memory when they fit the default 48 KB.
-            let cached = (c.n_experts + 1 + slots) * 4 <= 48 << 10;
-            let shared = (c.n_experts + 1 + if cached { slots } else { 0 }) * 4;
+            // The most threads (whole warps) whose tile offsets, (E + 1) × (1 + warps) ints,
+            // fit the default 48 KB of shared memory.
+            let buckets = c.n_experts + 1;
+            let threads = [1024usize, 512, 256, 128, 64, 32]
+                .into_iter()
+                .find(|t| buckets * (1 + t / 32) * 4 <= 48 << 10)
+                .ok_or_else(|| {
+                    CudaError::InvalidArgument(format!(
+                        "{} experts: too many to sort the routed slots in one CTA",
+                        c.n_experts
+                    ))
+                })?;
+            let shared = buckets * (1 + threads / 32) * 4;
             let a = kargs![
                 s.ids.ptr(),
                 s.slot_order.ptr(),
                 s.slot_pos.ptr(),
                 s.group_start.ptr(),
                 slots,
-                c.n_experts,
-                cached
+                c.n_experts
             ];
             // SAFETY: sort_slots reads n·k ids and writes n·k order and position entries (a
-            // permutation of 0..n·k) and E+1 group starts, with E+1 ints of dynamic shared
-            // memory (+ n·k when cached).
+            // permutation of 0..n·k) and E+1 group starts, with (E+1)·(1 + warps) ints of
+            // dynamic shared memory for its whole-warp CTA.
             unsafe {
-                self.fk
-                    .launch(dev, "fwd_moe", "sort_slots", per_item(1, 1024, shared), &a)?
+                self.fk.launch(
+                    dev,
+                    "fwd_moe",
+                    "sort_slots",
+                    per_item(1, threads as u32, shared),
+                    &a,
+                )?
             };
             let a = kargs![
                 s.xn.ptr(),

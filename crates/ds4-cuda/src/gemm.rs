@@ -103,6 +103,19 @@ struct GemmQ8Params {
     n_vecs: i64,
     x_slot_vecs: i64,
     aligned16: i64,
+    x_vec_stride: i64,
+    y_slot_vecs: i64,
+    y_vec_stride: i64,
+}
+
+/// Where the expert form's slot s, vector v sits in x and y.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotLayout {
+    /// y vector s·n_vecs + v; x vector s·n_vecs + v when `x_per_slot`, else v.
+    SlotMajor { x_per_slot: bool },
+    /// x and y vector v·n_slots + s: each vector's slots side by side (a token's output
+    /// groups of the attention, which needs no permutation then).
+    Interleaved,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemmQ8Params {}
@@ -139,7 +152,8 @@ impl Gpu {
                 w.experts
             )));
         }
-        self.gemm_q8_0_launch(w, x, n_vecs, None, false, y)
+        let layout = SlotLayout::SlotMajor { x_per_slot: false };
+        self.gemm_q8_0_launch(w, x, n_vecs, None, layout, y)
     }
 
     /// The expert form, with the expert ids on the device: for each slot s < n_slots, matrix
@@ -164,7 +178,31 @@ impl Gpu {
             )));
         }
         check_len("expert id buffer", ids, n_slots)?;
-        self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), x_per_slot, y)
+        let layout = SlotLayout::SlotMajor { x_per_slot };
+        self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), layout, y)
+    }
+
+    /// [`Gpu::expert_gemm_q8_0`] with every slot's own input, x and y interleaved: slot s of
+    /// vector v is vector v·n_slots + s of both (the attention's grouped output projection
+    /// reads each token's head groups where the attention left them and writes the groups'
+    /// outputs token-major, with no permutation kernels). Same bits per output.
+    pub fn expert_gemm_q8_0_interleaved(
+        &self,
+        w: &DeviceMatrix,
+        ids: &DeviceBuffer<i32>,
+        n_slots: usize,
+        x: &QuantizedActivations,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if n_slots == 0 || n_slots > MAX_SLOTS {
+            return Err(invalid(format!(
+                "expert_gemm_q8_0: {n_slots} expert slots (1..={MAX_SLOTS})"
+            )));
+        }
+        check_len("expert id buffer", ids, n_slots)?;
+        let layout = SlotLayout::Interleaved;
+        self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), layout, y)
     }
 
     /// Weight rows per CTA that [`Gpu::gemm_q8_0`] / [`Gpu::expert_gemm_q8_0`] use for this
@@ -190,7 +228,7 @@ impl Gpu {
         x: &QuantizedActivations,
         n_vecs: usize,
         ids: Option<(&DeviceBuffer<i32>, usize)>,
-        x_per_slot: bool,
+        layout: SlotLayout,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
         if w.format != WeightFormat::Q8_0 {
@@ -207,10 +245,16 @@ impl Gpu {
         }
         let n_slots = ids.map_or(1, |(_, n)| n);
         // Saturating products: an absurd count then fails the length checks below.
-        let x_vecs = if x_per_slot {
-            n_slots.saturating_mul(n_vecs)
-        } else {
-            n_vecs
+        let x_vecs = match layout {
+            SlotLayout::SlotMajor { x_per_slot: false } => n_vecs,
+            _ => n_slots.saturating_mul(n_vecs),
+        };
+        // (x slot stride, x vector stride, y slot stride, y vector stride), in vectors.
+        let (xs, xv, ys, yv) = match layout {
+            SlotLayout::SlotMajor { x_per_slot } => {
+                (if x_per_slot { n_vecs } else { 0 }, 1, n_vecs, 1)
+            }
+            SlotLayout::Interleaved => (1, n_slots, 1, n_slots),
         };
         if x.n_vecs < x_vecs {
             return Err(invalid(format!(
@@ -279,8 +323,11 @@ impl Gpu {
             n_rows: w.rows as i64,
             n_blocks: n_blocks as i64,
             n_vecs: n_vecs as i64,
-            x_slot_vecs: if x_per_slot { n_vecs as i64 } else { 0 },
+            x_slot_vecs: xs as i64,
             aligned16: aligned16 as i64,
+            x_vec_stride: xv as i64,
+            y_slot_vecs: ys as i64,
+            y_vec_stride: yv as i64,
         };
         let label = format!("{} {}x{} x{n_vecs}", variant.name, w.rows, w.cols);
         // Profile bytes: each slot's weights, the activations and the outputs, once each.
@@ -293,7 +340,8 @@ impl Gpu {
         // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
         // with aligned16 every 16-byte copy is aligned (ptr, row_bytes and the expert stride are
         // multiples of 16, so n_blocks is a multiple of 8 and each 272-byte K tile too). It
-        // reads activation vectors < x_vecs and writes y vectors < n_slots × n_vecs, all within
+        // reads activation vectors < x_vecs and writes y vectors < n_slots × n_vecs (either
+        // layout maps (slot, vector) one to one into these ranges), all within
         // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
         // (checked above). The CTA has the variant's 2·WM warps and its dynamic shared memory
         // is the kernel's 2 stages of GQ_STAGE(WM) bytes, which the attribute set above allows.

@@ -35,8 +35,10 @@
 // last valid row / vector and are not stored.
 //
 // Experts: with ids != 0, blockIdx.z is the expert slot s: the weights move to matrix ids[s]
-// (expert_stride bytes apart), x vector v is s * x_slot_vecs + v, y vector v is s * n_vecs + v.
-// An id outside [0, n_experts) writes NaN outputs for the slot.
+// (expert_stride bytes apart), x vector v is s * x_slot_vecs + v * x_vec_stride, y vector v is
+// s * y_slot_vecs + v * y_vec_stride (slot-major: strides 1, y_slot_vecs = n_vecs; interleaved,
+// the attention output's token-major groups: slot strides 1, vector strides = slots). An id
+// outside [0, n_experts) writes NaN outputs for the slot.
 
 #define GQ_BN 64
 #define GQ_KB 8
@@ -67,6 +69,9 @@ struct GemmQ8Params {
     i64 n_vecs;       // vectors per slot
     i64 x_slot_vecs;  // x vectors between slots (0: all slots read the same vectors)
     i64 aligned16;    // weights 16-byte aligned: w, row_bytes and expert_stride
+    i64 x_vec_stride;  // x vectors between a slot's consecutive vectors
+    i64 y_slot_vecs;   // y vectors between slots
+    i64 y_vec_stride;  // y vectors between a slot's consecutive vectors
 };
 
 __device__ __forceinline__ u32 gq_smem_addr(const void* p) {
@@ -153,7 +158,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
         const int v = i >> 4, c = i & 15;
         if (c < 2 * nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
-            const i8* src = xq + (vec * p.n_blocks + kblk0) * QK8_0 + 16 * c;
+            const i8* src = xq + (vec * p.x_vec_stride * p.n_blocks + kblk0) * QK8_0 + 16 * c;
             gq_cp16(sx + v * GQ_XROW + 16 * c, src);
         }
     }
@@ -161,7 +166,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
         const int v = i >> 3, b = i & 7;
         if (b < nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
-            gq_cp4(sd + b * GQ_BN + v, xd + vec * p.n_blocks + kblk0 + b);
+            gq_cp4(sd + b * GQ_BN + v, xd + vec * p.x_vec_stride * p.n_blocks + kblk0 + b);
         }
     }
 }
@@ -272,7 +277,7 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
     }
 
     const float nan = __int_as_float(0x7fc00000);
-    float* y = (float*)p.y + slot * p.n_vecs * p.n_rows;
+    float* y = (float*)p.y + slot * p.y_slot_vecs * p.n_rows;
 #pragma unroll
     for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -281,7 +286,7 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
             for (int i = 0; i < 4; i++) {
                 const i64 row = row0 + 32 * wm + 16 * mi + g + 8 * (i >> 1);
                 const i64 vec = vec0 + 32 * wn + 8 * nj + 2 * t + (i & 1);
-                if (row < p.n_rows && vec < p.n_vecs) y[vec * p.n_rows + row] = bad_id ? nan : acc[mi][nj][i];
+                if (row < p.n_rows && vec < p.n_vecs) y[vec * p.y_vec_stride * p.n_rows + row] = bad_id ? nan : acc[mi][nj][i];
             }
 }
 

@@ -91,40 +91,62 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // The routed slots (slot = token * k + choice) in stable expert order, so that the expert
 // matvec's consecutive CTAs read the same expert's rows (L2 reuse when a prefill chunk sends
 // several tokens to one expert): order[p] = slot, inv[slot] = p. Ids outside [0, E) go last
-// (their rows come out NaN from the matvec). One CTA; dynamic shared: E + 1 ints, then (when
-// `cached`) the n_slots buckets, which the stable ranking below reads n_slots times each.
-// group_start (E + 1 ints) receives each expert's first sorted position; [E] = valid slots.
-extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E,
-                                      i64 cached) {
+// (their rows come out NaN from the matvec). group_start (E + 1 ints) receives each expert's
+// first sorted position; [E] = valid slots.
+//
+// One CTA of whole warps, O(n_slots): after the bucket counts, the slots are placed a tile of
+// blockDim slots at a time, in slot order: a slot's place is its bucket's next free position,
+// plus the same bucket's slots in earlier warps of the tile, plus those in earlier lanes of its
+// warp (__match_any_sync). Dynamic shared memory: (E + 1) * (1 + warps) ints.
+extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_start_, i64 n_slots, i64 E) {
     PDL_ENTRY();
-    extern __shared__ int start[];
-    int* cache = start + E + 1;
+    extern __shared__ int next_free[];  // per bucket; then [warps][E + 1] tile offsets
+    const int nb = (int)E + 1, warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int* tile_off = next_free + nb;
     const int* ids = (const int*)ids_;
     auto bucket_of = [&](i64 s) { const int id = ids[s]; return (id >= 0 && id < E) ? (int)id : (int)E; };
-    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) start[e] = 0;
-    if (cached)
-        for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) cache[s] = bucket_of(s);
+    for (int e = threadIdx.x; e < nb; e += blockDim.x) next_free[e] = 0;
     __syncthreads();
-    auto bucket = [&](i64 s) { return cached ? cache[s] : bucket_of(s); };
-    for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&start[bucket(s)], 1);
+    for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) atomicAdd(&next_free[bucket_of(s)], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int sum = 0;
-        for (i64 e = 0; e <= E; e++) {
-            const int c = start[e];
-            start[e] = sum;
+        for (int e = 0; e < nb; e++) {
+            const int c = next_free[e];
+            next_free[e] = sum;
             sum += c;
         }
     }
     __syncthreads();
-    for (i64 e = threadIdx.x; e <= E; e += blockDim.x) ((int*)group_start_)[e] = start[e];
-    // Stable: a slot's place among its expert's slots is the number of earlier ones.
-    for (i64 s = threadIdx.x; s < n_slots; s += blockDim.x) {
-        const int e = bucket(s);
-        int p = start[e];
-        for (i64 q = 0; q < s; q++) p += bucket(q) == e;
-        ((int*)order_)[p] = (int)s;
-        ((int*)inv_)[s] = p;
+    for (int e = threadIdx.x; e < nb; e += blockDim.x) ((int*)group_start_)[e] = next_free[e];
+    const unsigned lanes_before = (1u << lane) - 1u;
+    for (i64 tile = 0; tile < n_slots; tile += blockDim.x) {
+        for (int i = threadIdx.x; i < warps * nb; i += blockDim.x) tile_off[i] = 0;
+        __syncthreads();
+        const i64 s = tile + threadIdx.x;
+        const bool valid = s < n_slots;
+        const int e = valid ? bucket_of(s) : -1;
+        const unsigned same = __match_any_sync(FULL_MASK, e);
+        const int rank = __popc(same & lanes_before);
+        if (valid && rank == 0) tile_off[warp * nb + e] = __popc(same);
+        __syncthreads();
+        // Per bucket: counts of the tile's warps -> their first positions; advance next_free.
+        for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+            int at = next_free[b];
+            for (int w = 0; w < warps; w++) {
+                const int c = tile_off[w * nb + b];
+                tile_off[w * nb + b] = at;
+                at += c;
+            }
+            next_free[b] = at;
+        }
+        __syncthreads();
+        if (valid) {
+            const int p = tile_off[warp * nb + e] + rank;
+            ((int*)order_)[p] = (int)s;
+            ((int*)inv_)[s] = p;
+        }
+        __syncthreads();
     }
 }
 

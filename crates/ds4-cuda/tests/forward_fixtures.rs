@@ -53,6 +53,10 @@ fn load_fixture(name: &str) -> Fixture {
 }
 
 fn converted(name: &str, mode: WeightsMode) -> PathBuf {
+    // The tests run in parallel and may want the same file: one conversion at a time, so no
+    // test opens a file another is still writing.
+    static CONVERTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CONVERTING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("ds4-cuda-fwd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("{name}-{}.gguf", mode.name()));

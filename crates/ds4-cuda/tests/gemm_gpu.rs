@@ -269,6 +269,54 @@ fn expert_gemm_q8_0_reads_ids_from_the_device() {
     }
 }
 
+/// The interleaved layout (slot s of vector v is vector v·slots + s of x and y, as the
+/// attention's token-major head groups) gives each output the scalar dot product, bit for bit.
+#[test]
+fn expert_gemm_q8_0_interleaved_matches_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(75);
+    let (n_experts, rows, cols) = (8usize, 136usize, 512usize);
+    let w = random_rows(&mut rng, Q8, cols, rows * n_experts);
+    let ebytes = w.len() / n_experts;
+    let dw = upload_weights(g, &w);
+    let m = dw.matrix(0, Q8, cols, rows, n_experts).unwrap();
+    let ids: Vec<i32> = (0..n_experts as i32).collect();
+    let dids = g.device.upload(&ids).unwrap();
+    let slots = ids.len();
+    for n_vecs in [16usize, 67] {
+        let acts = cpu_activations(&mut rng, cols, slots * n_vecs);
+        let qa = upload_activations(g, &acts, cols);
+        let mut dy = g
+            .device
+            .alloc_filled::<f32>(slots * n_vecs * rows, 0x00)
+            .unwrap();
+        g.expert_gemm_q8_0_interleaved(&m, &dids, slots, &qa, n_vecs, &mut dy)
+            .unwrap();
+        let y = g.device.download(&dy).unwrap();
+        for (s, &e) in ids.iter().enumerate() {
+            let we = &w[e as usize * ebytes..(e as usize + 1) * ebytes];
+            // Slot s's outputs, gathered vector-major for the checker.
+            let out: Vec<f32> = (0..n_vecs)
+                .flat_map(|v| {
+                    y[(v * slots + s) * rows..(v * slots + s + 1) * rows]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let refs: Vec<&[BlockQ8_0]> = (0..n_vecs)
+                .map(|v| acts[v * slots + s].as_slice())
+                .collect();
+            assert_bit_exact(
+                &format!("interleaved slot {s} x{n_vecs}"),
+                &out,
+                we,
+                rows,
+                &refs,
+            );
+        }
+    }
+}
+
 fn invalid_message(r: Result<(), CudaError>) -> String {
     match r {
         Err(CudaError::InvalidArgument(m)) => m,
