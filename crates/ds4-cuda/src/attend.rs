@@ -24,9 +24,6 @@ const THREADS: u32 = 256;
 /// attend_heads' static shared memory (the softmax's per-warp partials and per-head max and
 /// sum: ATTN_HG × (8 + 2) floats), which counts against the device's per-CTA limit too.
 const HEADS_STATIC_SHARED: usize = HEADS_PER_CTA * (THREADS as usize / 32 + 2) * 4;
-/// Threads per row of head_norm_rope (attention.cu HEAD_NORM_THREADS): attend's fused query
-/// norm repeats its split of the sum of squares, so the launch must use exactly this many.
-pub(crate) const HEAD_NORM_THREADS: u32 = 128;
 /// Dynamic shared memory attend may use without opting in (the launch default).
 const ATTEND_MAX_SHARED: usize = 48 * 1024;
 
@@ -259,12 +256,9 @@ pub(crate) unsafe fn launch_attend_span(
 }
 
 /// What the decode step folds into attend besides the attention itself (attention.cu
-/// `attend`): each saves one dependent launch on the critical path.
+/// `attend`): one dependent launch less on the critical path.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct AttendFusion {
-    /// The queries are the raw projection: attend applies each head's unweighted RMS norm
-    /// (this epsilon) and RoPE as head_norm_rope would, bit for bit.
-    pub q_norm_eps: Option<f64>,
     /// Also quantize the outputs to Q8_0: int8 values and f32 block scales (one per 32
     /// channels, flat over token × head × channel), as the activation quantizer would.
     pub out_q8: Option<(u64, u64)>,
@@ -311,17 +305,12 @@ pub(crate) unsafe fn launch_attend_fused(
             args.head_dim
         )));
     }
-    if fusion.q_norm_eps.is_some_and(|e| e.is_nan() || e < 0.0) {
-        return Err(CudaError::InvalidArgument(
-            "attend: the query norm's epsilon must be a non-negative number".into(),
-        ));
-    }
     if n_tok == 0 {
         return Ok(());
     }
     let (oq, od) = fusion.out_q8.unwrap_or((0, 0));
     let common = args.kernel_args();
-    let fused = kargs![fusion.q_norm_eps.unwrap_or(-1.0), oq, od];
+    let fused = kargs![oq, od];
     let a: Vec<_> = common.iter().chain(fused.iter()).cloned().collect();
     // SAFETY: the caller guarantees the buffers; the shared memory covers 2·head_dim floats
     // and the scores and row pointers of max_rows rows, within the launch default.
@@ -353,7 +342,6 @@ mod tests {
         assert_eq!(define(src, "ATTN_HG"), HEADS_PER_CTA);
         assert_eq!(define(src, "ATTN_TR"), TILE_ROWS);
         assert_eq!(define(src, "ATTN_THREADS"), THREADS as usize);
-        assert_eq!(define(src, "HEAD_NORM_THREADS"), HEAD_NORM_THREADS as usize);
         assert!(src.contains("__launch_bounds__(ATTN_THREADS, 2)\n    attend_heads("));
     }
 

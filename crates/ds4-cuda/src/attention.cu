@@ -25,10 +25,6 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // or the K=V row's norm + RoPE + rounding, in one launch (the same
 // element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
 // floats.
-// Threads per row of head_norm_rope (forward.rs launches it with HEAD_NORM_THREADS): attend
-// repeats its sum of squares for a query head thread for thread, so the same bits come out.
-#define HEAD_NORM_THREADS 128
-
 extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
                                           u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
     PDL_ENTRY();
@@ -102,16 +98,13 @@ extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i
 // tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats, then max rows
 // row pointers.
 //
-// Decode fuses its neighbours into this kernel (one launch less each on the critical path):
-//  - q_norm_eps >= 0: q holds the raw projection; the head's unweighted RMS norm and RoPE are
-//    applied here, as head_norm_rope does them (same thread split of the f64 sum of squares:
-//    threads below HEAD_NORM_THREADS take its elements, the others add zeros);
-//  - oq_ != 0: the output is also quantized to Q8_0 (int8 in oq_, one f32 scale per 32
-//    channels in od_, flat over t·H·hd) as quantize_seg_q8_0 would, for the output projection.
+// With oq_ != 0 (decode) the output is also quantized to Q8_0 for the output projection, as
+// quantize_seg_q8_0 would (int8 in oq_, one f32 scale per 32 channels in od_, flat over
+// t·H·hd): one launch less on the critical path.
 extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                                   i64 H, i64 hd, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
                                   i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows,
-                                  double q_norm_eps, u64 oq_, u64 od_) {
+                                  u64 oq_, u64 od_) {
     PDL_ENTRY();
     extern __shared__ float sh[];
     float* qs = sh;
@@ -132,21 +125,7 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
     const float* comp = (const float*)comp_;
     const int* sel = (const int*)sel_ + t * sel_stride;
     const float* q = (const float*)q_ + (t * H + h) * hd;
-    if (q_norm_eps >= 0.0) {
-        double ss = 0.0;
-        if (threadIdx.x < HEAD_NORM_THREADS)
-            for (i64 i = threadIdx.x; i < hd; i += HEAD_NORM_THREADS) {
-                const float v = q[i];
-                ss += (double)v * (double)v;
-            }
-        ss = cta_sum_f64(ss);  // the extra warps' zeros leave the sum's bits unchanged
-        const float qscale = (float)(1.0 / sqrt(ss / (double)hd + q_norm_eps));
-        for (i64 c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[c] * qscale * 1.0f;
-        __syncthreads();
-        for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(qs, hd, r, l, pos, (const double*)inv_freq_, false);
-    } else {
-        for (i64 c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[c];
-    }
+    for (i64 c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[c];
     for (i64 j = threadIdx.x; j < nr; j += blockDim.x) {
         const float* p;
         if (j < nw) {

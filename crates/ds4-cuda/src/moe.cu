@@ -166,12 +166,25 @@ extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, 
     }
 }
 
-// y[t] = moe_combined(...) (fwd_common.cuh): the shared expert's output plus the routed
-// experts' in ascending expert order.
+// y[t] = the MoE output (fwd_common.cuh moe_sum): the shared expert's output plus the routed
+// experts' in ascending expert order. Grid (slices of d, tokens): each CTA orders its token's
+// slots once (moe_slot_order) instead of every element doing it.
 extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k,
                                        i64 d, i64 weighted) {
     PDL_ENTRY();
-    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_tok * d; idx += (i64)gridDim.x * blockDim.x)
-        ((float*)y_)[idx] = moe_combined((const float*)down_, (const int*)inv_, (const int*)ids_, (const float*)wts_,
-                                         (const float*)shared_, idx / d, idx % d, k, d, weighted);
+    __shared__ i64 rows_s[16];
+    __shared__ float factors_s[16];
+    const i64 t = blockIdx.y;
+    if (threadIdx.x == 0) {
+        i64 rows[16];
+        float factors[16];
+        moe_slot_order((const int*)inv_, (const int*)ids_, (const float*)wts_, t, k, weighted, rows, factors);
+        for (i64 n = 0; n < k; n++) rows_s[n] = rows[n], factors_s[n] = factors[n];
+    }
+    __syncthreads();
+    i64 rows[16];
+    float factors[16];
+    for (i64 n = 0; n < k; n++) rows[n] = rows_s[n], factors[n] = factors_s[n];
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x)
+        ((float*)y_)[t * d + i] = moe_sum((const float*)down_, (const float*)shared_, rows, factors, t, i, k, d);
 }
