@@ -123,44 +123,37 @@ __device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64
 
 __device__ __forceinline__ float f16_round(float x) { return f16_to_f32(f32_to_f16(x)); }
 
-// Token t's k expert-output rows in ascending (expert id, slot) order, the order its MoE
-// output sums them in, with their factors (the slot's weight when `weighted`, else 1; row =
-// inv[slot] when the slots were sorted, inv != 0, else the slot). k <= 16 (model.rs checks).
-__device__ __forceinline__ void moe_slot_order(const int* inv, const int* ids_, const float* wts_, i64 t, i64 k,
-                                               i64 weighted, i64 rows[16], float factors[16]) {
-    const int* ids = ids_ + t * k;
-    const float* wts = wts_ + t * k;
-    int last_id = -1;
-    i64 last_slot = -1;
-    for (i64 n = 0; n < k; n++) {
-        i64 best = -1;
-        for (i64 j = 0; j < k; j++) {
-            const bool after = ids[j] > last_id || (ids[j] == last_id && j > last_slot);
-            if (!after) continue;
-            if (best < 0 || ids[j] < ids[best]) best = j;
-        }
-        const i64 slot = t * k + best;
-        factors[n] = weighted ? wts[best] : 1.0f;
-        rows[n] = inv ? (i64)inv[slot] : slot;
-        last_id = ids[best];
-        last_slot = best;
+// The MoE output sums a token's k expert-output rows in ascending (expert id, slot) order:
+// the slot after (last_id, last_slot) in that order (start from -1, -1).
+__device__ __forceinline__ i64 moe_next_slot(const int* ids, i64 k, int last_id, i64 last_slot) {
+    i64 best = -1;
+    for (i64 j = 0; j < k; j++) {
+        const bool after = ids[j] > last_id || (ids[j] == last_id && j > last_slot);
+        if (!after) continue;
+        if (best < 0 || ids[j] < ids[best]) best = j;
     }
+    return best;
 }
 
 // Element i of token t's MoE output: shared[t][i] + the sum over the token's k slots, in
-// moe_slot_order, of factor * down[row][i]. moe_combine writes it; hc_post_mix computes it in
-// place of reading y.
-__device__ __forceinline__ float moe_sum(const float* down, const float* shared, const i64 rows[16],
-                                         const float factors[16], i64 t, i64 i, i64 k, i64 d) {
-    float acc = 0.f;
-    for (i64 n = 0; n < k; n++) acc += factors[n] * down[rows[n] * d + i];
-    return shared[t * d + i] + acc;
-}
-
+// moe_next_slot's order, of a * down[row][i] (a = the slot's weight when `weighted`, else 1;
+// row = inv[slot] when the slots were sorted, inv != 0, else the slot). hc_post_mix computes
+// it per element in place of reading y (registers only: decode's critical path); moe_combine
+// orders the slots once per CTA and sums the same way.
 __device__ __forceinline__ float moe_combined(const float* down, const int* inv, const int* ids_, const float* wts_,
                                               const float* shared, i64 t, i64 i, i64 k, i64 d, i64 weighted) {
-    i64 rows[16];
-    float factors[16];
-    moe_slot_order(inv, ids_, wts_, t, k, weighted, rows, factors);
-    return moe_sum(down, shared, rows, factors, t, i, k, d);
+    const int* ids = ids_ + t * k;
+    const float* wts = wts_ + t * k;
+    float acc = 0.f;
+    int last_id = -1;
+    i64 last_slot = -1;
+    for (i64 n = 0; n < k; n++) {
+        const i64 best = moe_next_slot(ids, k, last_id, last_slot);
+        const float a = weighted ? wts[best] : 1.0f;
+        const i64 slot = t * k + best, row = inv ? (i64)inv[slot] : slot;
+        acc += a * down[row * d + i];
+        last_id = ids[best];
+        last_slot = best;
+    }
+    return shared[t * d + i] + acc;
 }

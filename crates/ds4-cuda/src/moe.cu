@@ -166,25 +166,34 @@ extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, 
     }
 }
 
-// y[t] = the MoE output (fwd_common.cuh moe_sum): the shared expert's output plus the routed
-// experts' in ascending expert order. Grid (slices of d, tokens): each CTA orders its token's
-// slots once (moe_slot_order) instead of every element doing it.
+// y[t] = the MoE output (fwd_common.cuh moe_combined's sums): the shared expert's output plus
+// the routed experts' in ascending expert order. Grid (slices of d, tokens): thread 0 orders
+// the token's slots once (moe_next_slot) instead of every element doing it.
 extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, u64 shared_, u64 y_, i64 n_tok, i64 k,
                                        i64 d, i64 weighted) {
     PDL_ENTRY();
-    __shared__ i64 rows_s[16];
-    __shared__ float factors_s[16];
+    __shared__ i64 rows[16];  // k <= 16 (model.rs checks)
+    __shared__ float factors[16];
     const i64 t = blockIdx.y;
     if (threadIdx.x == 0) {
-        i64 rows[16];
-        float factors[16];
-        moe_slot_order((const int*)inv_, (const int*)ids_, (const float*)wts_, t, k, weighted, rows, factors);
-        for (i64 n = 0; n < k; n++) rows_s[n] = rows[n], factors_s[n] = factors[n];
+        const int* ids = (const int*)ids_ + t * k;
+        const int* inv = (const int*)inv_;
+        int last_id = -1;
+        i64 last_slot = -1;
+        for (i64 n = 0; n < k; n++) {
+            const i64 best = moe_next_slot(ids, k, last_id, last_slot);
+            const i64 slot = t * k + best;
+            factors[n] = weighted ? ((const float*)wts_)[slot] : 1.0f;
+            rows[n] = inv ? (i64)inv[slot] : slot;
+            last_id = ids[best];
+            last_slot = best;
+        }
     }
     __syncthreads();
-    i64 rows[16];
-    float factors[16];
-    for (i64 n = 0; n < k; n++) rows[n] = rows_s[n], factors[n] = factors_s[n];
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x)
-        ((float*)y_)[t * d + i] = moe_sum((const float*)down_, (const float*)shared_, rows, factors, t, i, k, d);
+    const float* down = (const float*)down_;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x) {
+        float acc = 0.f;
+        for (i64 n = 0; n < k; n++) acc += factors[n] * down[rows[n] * d + i];
+        ((float*)y_)[t * d + i] = ((const float*)shared_)[t * d + i] + acc;
+    }
 }
