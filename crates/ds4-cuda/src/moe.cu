@@ -3,23 +3,44 @@
 
 #define ROUTE_MAX_K 16
 #define ROUTE_THREADS 256
+// Experts per thread whose selection keys stay in registers across the k picks (E <= 1024);
+// any further ones are re-read every pick.
+#define ROUTE_CACHED 4
 
 // One CTA of ROUTE_THREADS per token. logits (n_tok x E) are turned into scores
 // sqrt(softplus) in place; ids/wts (n_tok x k) receive the experts (top-k of score + bias,
 // lowest index on ties, NaN lowest, or the token's tid2eid row) and their weights:
 // score / (sum, floored at 2^-14 in ds4 numerics, + 1e-20 in reference numerics) * routed_scale.
-// Each of the k picks is a CTA-wide arg-max (warp shuffles, then one step over the warps).
+// Each of the k picks is a CTA-wide arg-max in the total order (key descending, index
+// ascending): each thread's best live candidate, warp shuffles, then every thread reduces the
+// warps' bests itself (one barrier per pick) and the owner retires the winner.
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     route(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E, i64 k,
           double routed_scale, i64 ds4) {
     PDL_ENTRY();
     const i64 t = blockIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __shared__ float wbest[ROUTE_THREADS / 32];
-    __shared__ int wbest_i[ROUTE_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __shared__ float wbest[2][ROUTE_THREADS / 32];
+    __shared__ int wbest_i[2][ROUTE_THREADS / 32];
     __shared__ int picked[ROUTE_MAX_K];
     float* s = (float*)logits_ + t * E;
-    for (i64 e = threadIdx.x; e < E; e += blockDim.x) {
+    const float* bias = (const float*)bias_;
+    float key[ROUTE_CACHED];
+    bool live[ROUTE_CACHED];
+#pragma unroll
+    for (int c = 0; c < ROUTE_CACHED; c++) {
+        const i64 e = threadIdx.x + (i64)c * blockDim.x;
+        live[c] = e < E;
+        key[c] = 0.f;
+        if (live[c]) {
+            const float x = s[e];
+            const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
+            s[e] = sqrtf(sp);
+            key[c] = topk_key(bias ? s[e] + bias[e] : s[e]);
+        }
+    }
+    const i64 uncached = (i64)ROUTE_CACHED * blockDim.x;
+    for (i64 e = threadIdx.x + uncached; e < E; e += blockDim.x) {
         const float x = s[e];
         const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
         s[e] = sqrtf(sp);
@@ -29,13 +50,19 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         const int tok = ((const int*)tokens_)[t];
         for (i64 j = threadIdx.x; j < k; j += blockDim.x) picked[j] = ((const int*)tid2eid_)[(i64)tok * k + j];
     } else {
-        const float* bias = (const float*)bias_;
         for (i64 j = 0; j < k; j++) {
-            // This thread's best remaining expert, then the CTA's.
+            // This thread's best live expert (ascending index, strict >: lowest index on ties).
             bool has = false;
-            float bv = 0.f;
-            int bi = 0;
-            for (i64 e = threadIdx.x; e < E; e += blockDim.x) {
+            float bv = -FWD_INF;
+            int bi = 0x7fffffff;
+#pragma unroll
+            for (int c = 0; c < ROUTE_CACHED; c++)
+                if (live[c] && (!has || key[c] > bv)) {
+                    has = true;
+                    bv = key[c];
+                    bi = (int)(threadIdx.x + c * blockDim.x);
+                }
+            for (i64 e = threadIdx.x + uncached; e < E; e += blockDim.x) {
                 bool taken = false;
                 for (i64 p = 0; p < j; p++) taken |= picked[p] == e;
                 if (taken) continue;
@@ -46,8 +73,6 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
                     bi = (int)e;
                 }
             }
-            if (!has) bi = 0x7fffffff;
-            if (!has) bv = -FWD_INF;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
                 const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
@@ -57,22 +82,24 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
                     bi = oi;
                 }
             }
+            const int buf = (int)(j & 1);  // alternate buffers: one barrier per pick suffices
             if (lane == 0) {
-                wbest[warp] = bv;
-                wbest_i[warp] = bi;
+                wbest[buf][warp] = bv;
+                wbest_i[buf][warp] = bi;
             }
             __syncthreads();
-            if (threadIdx.x == 0) {
-                float v = wbest[0];
-                int i = wbest_i[0];
-                for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-                    if (wbest[w] > v || (wbest[w] == v && wbest_i[w] < i)) {
-                        v = wbest[w];
-                        i = wbest_i[w];
-                    }
-                picked[j] = i == 0x7fffffff ? 0 : i;  // only when k > E, which the config rejects
-            }
-            __syncthreads();
+            float v = wbest[buf][0];
+            int win = wbest_i[buf][0];
+            for (int w = 1; w < nwarps; w++)
+                if (wbest[buf][w] > v || (wbest[buf][w] == v && wbest_i[buf][w] < win)) {
+                    v = wbest[buf][w];
+                    win = wbest_i[buf][w];
+                }
+#pragma unroll
+            for (int c = 0; c < ROUTE_CACHED; c++)
+                if (win == (int)(threadIdx.x + c * blockDim.x)) live[c] = false;
+            if (threadIdx.x == 0) picked[j] = win == 0x7fffffff ? 0 : win;  // only when k > E, which the config rejects
+            if (E > uncached) __syncthreads();  // the re-read experts' taken checks read picked
         }
     }
     __syncthreads();
