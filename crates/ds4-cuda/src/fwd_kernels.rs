@@ -165,6 +165,111 @@ mod tests {
         missing
     }
 
+    /// route's picks and weights against a host selection over the scores it left in place:
+    /// top-k by (score + bias, NaN lowest) descending, lowest index on ties, for expert counts
+    /// inside and beyond the experts it keeps in registers (1 024).
+    #[test]
+    fn route_picks_the_top_k_with_ties_by_lowest_index() {
+        use super::{per_item, ForwardKernels};
+        use crate::compile::KernelCache;
+        use crate::device::CudaDevice;
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (e_count, k, with_bias) in [
+            (7usize, 6usize, false),
+            (256, 6, true),
+            (256, 8, false),
+            (1300, 6, true),
+        ] {
+            let n_tok = 5;
+            // Few distinct logits, so that many experts tie; one NaN per token.
+            let logits: Vec<f32> = (0..n_tok * e_count)
+                .map(|i| {
+                    if i % e_count == 3 {
+                        f32::NAN
+                    } else {
+                        (next() % 9) as f32 * 0.75 - 3.0
+                    }
+                })
+                .collect();
+            let bias: Vec<f32> = (0..e_count)
+                .map(|_| {
+                    if with_bias {
+                        (next() % 4) as f32 * 0.25
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let dl = dev.upload(&logits).unwrap();
+            let db = dev.upload(&bias).unwrap();
+            let ids = dev.alloc_filled::<i32>(n_tok * k, 0xFF).unwrap();
+            let wts = dev.alloc_filled::<f32>(n_tok * k, 0xFF).unwrap();
+            let routed_scale = 1.5f64;
+            let a = kargs![
+                dl.ptr(),
+                if with_bias { db.ptr() } else { 0 },
+                0u64,
+                0u64,
+                ids.ptr(),
+                wts.ptr(),
+                n_tok,
+                e_count,
+                k,
+                routed_scale,
+                true
+            ];
+            // SAFETY: route reads n_tok × E logits (rewritten as scores) and E biases, writes
+            // n_tok × k ids and weights: the buffers above; no tid2eid table.
+            unsafe {
+                fk.launch(&dev, "fwd_moe", "route", per_item(n_tok, 256, 0), &a)
+                    .unwrap()
+            };
+            let scores = dev.download(&dl).unwrap();
+            let got_ids = dev.download(&ids).unwrap();
+            let got_wts = dev.download(&wts).unwrap();
+            for t in 0..n_tok {
+                let s = &scores[t * e_count..(t + 1) * e_count];
+                let key = |e: usize| {
+                    let v = if with_bias { s[e] + bias[e] } else { s[e] };
+                    if v.is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        v
+                    }
+                };
+                let mut order: Vec<usize> = (0..e_count).collect();
+                order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+                let want: Vec<i32> = order[..k].iter().map(|&e| e as i32).collect();
+                assert_eq!(
+                    &got_ids[t * k..(t + 1) * k],
+                    &want[..],
+                    "E {e_count} k {k} token {t}"
+                );
+                let mut sum = 0f32;
+                for &e in &want {
+                    sum += s[e as usize];
+                }
+                let denom = sum.max(6.1035e-5);
+                for (j, &e) in want.iter().enumerate() {
+                    let w = s[e as usize] / denom * routed_scale as f32;
+                    assert_eq!(got_wts[t * k + j].to_bits(), w.to_bits(), "weight {j}");
+                }
+            }
+        }
+    }
+
     /// Every kernel is launched with programmatic dependent launch (device.rs), which is only
     /// correct when it waits for its predecessor before touching memory: PDL_ENTRY() first.
     #[test]
