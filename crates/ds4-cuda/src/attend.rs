@@ -255,15 +255,6 @@ pub(crate) unsafe fn launch_attend_span(
     }
 }
 
-/// What the decode step folds into attend besides the attention itself (attention.cu
-/// `attend`): one dependent launch less on the critical path.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct AttendFusion {
-    /// Also quantize the outputs to Q8_0: int8 values and f32 block scales (one per 32
-    /// channels, flat over token × head × channel), as the activation quantizer would.
-    pub out_q8: Option<(u64, u64)>,
-}
-
 /// Attention of `n_tok` tokens with attend: one CTA per token and head (the decode kernel;
 /// here for spans that attend_heads cannot take, and to compare the two).
 ///
@@ -275,22 +266,6 @@ pub(crate) unsafe fn launch_attend(
     args: &AttendArgs,
     n_tok: usize,
 ) -> Result<()> {
-    // SAFETY: forwarded to the caller; no fusion adds buffers.
-    unsafe { launch_attend_fused(fk, dev, args, n_tok, AttendFusion::default()) }
-}
-
-/// [`launch_attend`] with the decode step's fused neighbours ([`AttendFusion`]).
-///
-/// # Safety
-/// As [`launch_attend_heads`]; with `out_q8` the two addresses hold n_tok × heads × head_dim
-/// int8 values and n_tok × heads × head_dim / 32 f32 scales.
-pub(crate) unsafe fn launch_attend_fused(
-    fk: &ForwardKernels,
-    dev: &CudaDevice,
-    args: &AttendArgs,
-    n_tok: usize,
-    fusion: AttendFusion,
-) -> Result<()> {
     args.check_common()?;
     let shared = args.attend_shared_bytes();
     if shared > ATTEND_MAX_SHARED {
@@ -299,19 +274,10 @@ pub(crate) unsafe fn launch_attend_fused(
             args.max_rows
         )));
     }
-    if fusion.out_q8.is_some() && !args.head_dim.is_multiple_of(32) {
-        return Err(CudaError::InvalidArgument(format!(
-            "attend: Q8_0 outputs need whole 32-channel blocks per head, not {}",
-            args.head_dim
-        )));
-    }
     if n_tok == 0 {
         return Ok(());
     }
-    let (oq, od) = fusion.out_q8.unwrap_or((0, 0));
-    let common = args.kernel_args();
-    let fused = kargs![oq, od];
-    let a: Vec<_> = common.iter().chain(fused.iter()).cloned().collect();
+    let a = args.kernel_args();
     // SAFETY: the caller guarantees the buffers; the shared memory covers 2·head_dim floats
     // and the scores and row pointers of max_rows rows, within the launch default.
     unsafe {

@@ -97,14 +97,9 @@ extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i
 // selection; kind 0: none), with the head's sink logit; then the inverse RoPE of the output
 // tail (cpu/attention.rs attend_head). Dynamic shared: 2*hd + max rows floats, then max rows
 // row pointers.
-//
-// With oq_ != 0 (decode) the output is also quantized to Q8_0 for the output projection, as
-// quantize_seg_q8_0 would (int8 in oq_, one f32 scale per 32 channels in od_, flat over
-// t·H·hd): one launch less on the critical path.
 extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                                   i64 H, i64 hd, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
-                                  i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows,
-                                  u64 oq_, u64 od_) {
+                                  i64 sel_stride, double scale_d, u64 inv_freq_, i64 r, i64 max_rows) {
     PDL_ENTRY();
     extern __shared__ float sh[];
     float* qs = sh;
@@ -198,18 +193,6 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
     __syncthreads();
     float* out = (float*)out_ + (t * H + h) * hd;
     for (i64 c = threadIdx.x; c < hd; c += blockDim.x) out[c] = os[c];
-    if (oq_) {
-        // One Q8_0 block (32 channels) per warp step: d = amax / 127, q = rint(x / d).
-        const i64 base = (t * H + h) * hd;
-        for (i64 b = warp; b * 32 < hd; b += nwarps) {
-            const float v = os[b * 32 + lane];
-            const float amax = warp_max(fabsf(v));
-            const float dd = amax / 127.0f;
-            const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
-            ((i8*)oq_)[base + b * 32 + lane] = (i8)max(-127, min(127, __float2int_rn(v * id)));
-            if (lane == 0) ((float*)od_)[base / 32 + b] = dd;
-        }
-    }
 }
 
 // og[g][t][c] = o[t][g*gw + c]: each output group's heads as one vector per token.

@@ -1343,8 +1343,6 @@ impl CudaModel {
         }
 
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        // (Not folded into attend for decode: here it runs while the side branches finish;
-        // inside attend it waited for their joins: 59.6 vs 63.0 t/s on an H200.)
         self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
         dev.join(LANE_KV)?;
         dev.join(LANE_INDEXER)?;
@@ -1384,28 +1382,11 @@ impl CudaModel {
         // CSA: the indices index_select produced, all below the row count) and H sinks, and
         // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
         // each token's rows across heads (attend_heads, bit-identical to attend).
-        let (g, d_o) = (c.o_groups, c.o_lora_rank);
-        let gw = h * hd / g;
-        // A single token's output goes to the output projection quantized by attend itself
-        // (its token-major layout is the projection's group-major input).
-        let o_prequantized = n == 1
-            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
-            && w.o_a_groups.cols == gw;
-        let fusion = crate::attend::AttendFusion {
-            out_q8: if o_prequantized {
-                let qa = quant_slot(self, &mut s.quant, ActQuant::Q8_0, gw, g, s.o.ptr())?;
-                Some((qa.q.ptr(), qa.d.ptr()))
-            } else {
-                None
-            },
-        };
-        // SAFETY (continued): with out_q8 the quant slot holds g vectors of gw = H·hd / g
-        // values: the token's H·hd outputs, as the fused quantization writes them.
         unsafe {
             if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
             } else {
-                crate::attend::launch_attend_fused(&self.fk, dev, &args, n, fusion)
+                crate::attend::launch_attend(&self.fk, dev, &args, n)
             }
         }
         .map_err(|e| match e {
@@ -1421,11 +1402,13 @@ impl CudaModel {
 
         s.prof.mark(self, "attn.attend")?;
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
+        let (g, d_o) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
         // The matvec wants group-major inputs (G × n × gw) and gives group-major outputs; a
         // single token's token-major layout is already that, so only spans permute.
         let slot_input = SlotInput {
             per_slot: true,
-            prequantized: o_prequantized,
+            prequantized: false,
             groups: None,
         };
         if n == 1 {
