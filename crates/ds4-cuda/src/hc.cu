@@ -241,6 +241,201 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     }
 }
 
+// Span versions of hc_mix_partial / hc_post_mix for n = 4 streams (R = 24 mix rows). The
+// split-K kernels above give each CTA 6 of the rows, so each of their four row groups re-reads
+// (and hc_post_mix re-mixes) the token's streams, and every token pays two barriers and
+// 40 shuffles per warp per row group. Here one CTA takes all 24 rows of slice s (elements
+// s*128 + thread, as there) for a range of tokens: the weights stay in registers across the
+// range, the streams are copied ahead into shared memory (cp.async, HC_SPAN_STAGES tokens in
+// flight per thread), and a warp's 24 row sums are reduced with 24 shuffles instead of 120.
+// The arithmetic of every value is the split-K kernels': the same per-thread FMA chains, the
+// same 32-lane tree (warp_sum's pairing: lane ^ 16, then ^ 8, 4, 2, 1), the four warps summed
+// in order into the same slice record part[t][s].
+#define HC_SPAN_N 4
+#define HC_SPAN_R 24
+#define HC_SPAN_STAGES 6
+// Tokens per barrier (the warps' row sums are combined across the CTA once per batch).
+#define HC_SPAN_BATCH 4
+// Most tokens per CTA (its maps are staged in shared memory).
+#define HC_SPAN_MAX_TOKENS 256
+
+template <int N>
+__device__ __forceinline__ void hc_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Register slot m of a lane holds mix row hc_span_row(m, lane): the halves 12/6/3 of the 24
+// rows are swapped where lane bit 16/8/4 is set, so that at each of those reduction steps
+// every lane keeps its lower half and sends its upper half, which its partner holds for the
+// very rows the lane keeps (no per-lane selects).
+__device__ __forceinline__ int hc_span_row(int m, int lane) {
+    return (((m / 12) ^ ((lane >> 4) & 1)) * 12) + ((((m / 6) & 1) ^ ((lane >> 3) & 1)) * 6) +
+           ((((m / 3) & 1) ^ ((lane >> 2) & 1)) * 3) + m % 3;
+}
+
+// The warp sums of a lane's 24 row partials (slots as hc_span_row) into the value of row
+// *row: the tree of warp_sum for every row, with 24 shuffles. Two lanes end up with the
+// total of the same row (lanes 3 and 2 mod 4); *row is -1 in the second of them.
+__device__ __forceinline__ float hc_span_reduce(float (&acc)[HC_SPAN_R], int lane, int* row) {
+#pragma unroll
+    for (int m = 0; m < 12; m++) acc[m] += __shfl_xor_sync(FULL_MASK, acc[m + 12], 16);
+#pragma unroll
+    for (int m = 0; m < 6; m++) acc[m] += __shfl_xor_sync(FULL_MASK, acc[m + 6], 8);
+#pragma unroll
+    for (int m = 0; m < 3; m++) acc[m] += __shfl_xor_sync(FULL_MASK, acc[m + 3], 4);
+    // Rows base + 0, 1, 2 over the four lanes of a quad: lanes with bit 2 clear end with rows
+    // base + 0 (bit 1 clear) and base + 1, lanes with it set both with base + 2.
+    const bool hi2 = (lane & 2) != 0, hi1 = (lane & 1) != 0;
+    const float sa = (hi2 ? acc[2] : acc[0]) + __shfl_xor_sync(FULL_MASK, hi2 ? acc[0] : acc[2], 2);
+    const float sb = acc[1] + __shfl_xor_sync(FULL_MASK, acc[1], 2);
+    const float keep = (hi2 || !hi1) ? sa : sb;
+    const float send = (hi2 || hi1) ? sa : sb;
+    const float tot = keep + __shfl_xor_sync(FULL_MASK, send, 1);
+    const int base = ((lane >> 4) & 1) * 12 + ((lane >> 3) & 1) * 6 + ((lane >> 2) & 1) * 3;
+    *row = hi2 ? (hi1 ? -1 : base + 2) : base + (hi1 ? 1 : 0);
+    return tot;
+}
+
+// CTA (s, g): slice s of tokens g*tpc .. (at most HC_SPAN_MAX_TOKENS), n = 4 streams, R = 24.
+// POST: hc_post_mix's work (the new streams into streams_out, their projection into part);
+// else hc_mix_partial's (the projection of streams_in).
+template <bool POST>
+__device__ __forceinline__ void hc_span_body(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_,
+                                             i64 fn_f16, u64 part_, i64 d, i64 n_tok, i64 tpc) {
+    constexpr int N = HC_SPAN_N, R = HC_SPAN_R, NV = POST ? N + 1 : N, M = 2 * N + N * N;
+    // Per-thread copies of the streams (and y) of the tokens ahead: a thread reads back only
+    // what it copied, so the stages need no barrier.
+    __shared__ float stage[HC_SPAN_STAGES][NV][HC_MIX_THREADS];
+    // post and comb of each token of the range: 5 float4 (maps[t][n ..]).
+    __shared__ float4 smaps[POST ? HC_SPAN_MAX_TOKENS * 5 : 1];
+    __shared__ float red[2][HC_SPAN_BATCH][HC_MIX_THREADS / 32][R + 1];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + tid;
+    const i64 t0 = (i64)blockIdx.y * tpc, t1 = min64(n_tok, t0 + tpc);
+    if (t0 >= t1) return;
+    const int cnt = (int)(t1 - t0);
+    const bool in = i < d;
+    const float* st = (const float*)streams_in_;
+    // Stage u's copies into slot u % HC_SPAN_STAGES (one cp.async group per token, empty past
+    // the range, so that the group count stays in step with the tokens).
+    auto issue = [&](int u) {
+        if (u < cnt && in) {
+            const int slot = u % HC_SPAN_STAGES;
+            const float* src = st + (t0 + u) * N * d + i;
+#pragma unroll
+            for (int k = 0; k < N; k++) cp_async4(&stage[slot][k][tid], src + k * d);
+            if (POST) cp_async4(&stage[slot][N][tid], (const float*)y_ + (t0 + u) * d + i);
+        }
+    };
+    if (POST) {
+        const float4* mp = (const float4*)maps_;
+        for (int e = tid; e < cnt * 5; e += HC_MIX_THREADS) cp_async16(&smaps[e], mp + (t0 + e / 5) * (M / 4) + 1 + e % 5);
+    }
+    issue(0);
+    cp_async_commit();
+#pragma unroll
+    for (int u = 1; u < HC_SPAN_STAGES - 1; u++) {
+        issue(u);
+        cp_async_commit();
+    }
+    float w[R][N];
+#pragma unroll
+    for (int m = 0; m < R; m++) {
+        const i64 row = hc_span_row(m, lane);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            const i64 at = row * N * d + k * d + i;
+            w[m][k] = !in ? 0.f : fn_f16 ? f16_to_f32(((const u16*)fn_)[at]) : ((const float*)fn_)[at];
+        }
+    }
+    float* out = (float*)streams_out_;
+    float* part = (float*)part_;
+    for (int u = 0; u < cnt; u++) {
+        issue(u + HC_SPAN_STAGES - 1);
+        cp_async_commit();
+        hc_cp_async_wait<HC_SPAN_STAGES - 1>();
+        if (POST && u == 0) __syncthreads();  // every thread's map copies (group 0) landed
+        const i64 t = t0 + u;
+        const int slot = u % HC_SPAN_STAGES, b = u % HC_SPAN_BATCH, buf = (u / HC_SPAN_BATCH) & 1;
+        float acc[R];
+#pragma unroll
+        for (int m = 0; m < R; m++) acc[m] = 0.f;
+        double ss = 0.0;
+        if (in) {
+            if (POST) {
+                float old[N];
+#pragma unroll
+                for (int j = 0; j < N; j++) old[j] = stage[slot][j][tid];
+                const float y = stage[slot][N][tid];
+                const float4 p4 = smaps[u * 5];
+                const float post[N] = {p4.x, p4.y, p4.z, p4.w};
+                float comb[N * N];
+#pragma unroll
+                for (int j = 0; j < N; j++) {
+                    const float4 c4 = smaps[u * 5 + 1 + j];
+                    comb[j * N] = c4.x;
+                    comb[j * N + 1] = c4.y;
+                    comb[j * N + 2] = c4.z;
+                    comb[j * N + 3] = c4.w;
+                }
+                float* o = out + t * N * d + i;
+#pragma unroll
+                for (int k = 0; k < N; k++) {
+                    float v = post[k] * y;
+#pragma unroll
+                    for (int j = 0; j < N; j++) v += comb[j * N + k] * old[j];
+                    o[k * d] = v;
+                    ss += (double)v * (double)v;
+#pragma unroll
+                    for (int m = 0; m < R; m++) acc[m] += w[m][k] * v;
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < N; k++) {
+                    const float x = stage[slot][k][tid];
+                    ss += (double)x * (double)x;
+#pragma unroll
+                    for (int m = 0; m < R; m++) acc[m] += w[m][k] * x;
+                }
+            }
+        }
+        int row;
+        const float tot = hc_span_reduce(acc, lane, &row);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(FULL_MASK, ss, o);
+        if (row >= 0) red[buf][b][warp][row] = tot;
+        if (lane == 0) red[buf][b][warp][R] = (float)ss;
+        if (b == HC_SPAN_BATCH - 1 || u == cnt - 1) {
+            // The batch's slice records: the warps' sums in warp order (hc_store_partial).
+            // red is double-buffered by batch, so one barrier per batch suffices.
+            __syncthreads();
+            const int bb = tid / (R + 1), r = tid % (R + 1);
+            if (bb <= b) {
+                float v = 0.f;
+                for (int q = 0; q < HC_MIX_THREADS / 32; q++) v += red[buf][bb][q][r];
+                part[((t - b + bb) * gridDim.x + blockIdx.x) * (R + 1) + r] = v;
+            }
+        }
+    }
+    hc_cp_async_wait<0>();
+}
+
+// hc_mix_partial for spans (hc_span_body): grid (d / 128 slices, ceil(n_tok / tpc)).
+extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS, 3)
+    hc_mix_partial_span(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 d, i64 n_tok, i64 tpc) {
+    PDL_ENTRY();
+    hc_span_body<false>(0, 0, streams_, 0, fn_, fn_f16, part_, d, n_tok, tpc);
+}
+
+// hc_post_mix for spans without a pending MoE combination (hc_span_body): grid as
+// hc_mix_partial_span; streams_out is another buffer than streams_in.
+extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS, 3)
+    hc_post_mix_span(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 d,
+                     i64 n_tok, i64 tpc) {
+    PDL_ENTRY();
+    hc_span_body<true>(maps_, y_, streams_in_, streams_out_, fn_, fn_f16, part_, d, n_tok, tpc);
+}
+
 // The mix of token t: from `mix` rows of R values, or (part != 0) the sum of n_part split-K
 // slice records of hc_mix_partial / hc_post_mix times the RMS scale. Into shared mix[0..R).
 __device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 width, double rms_eps, float* mix) {
@@ -264,23 +459,57 @@ __device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 w
 }
 
 // CTA (s, t): token t's mix (hc_load_mix), its pre and post mappings (CTA s = 0 stores them
-// into maps, n_tok x (2n + n^2) = [pre | post | comb]; comb is hc_comb's) and slice s of the
-// sublayer input x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives the same pre.
+// into maps, n_tok x (2n + n^2) = [pre | post | comb]; comb is hc_comb's) and elements
+// s*slice .. of the sublayer input x = sum_j pre_j X_j (n_tok x d). Every CTA of a token derives
+// the same pre. With n = 4 and slices of at most 16 elements per thread (multiples of 4), the
+// streams are loaded as float4 before the mix is reduced, so their latency overlaps it.
 extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_,
-                                  u64 x_, i64 n, i64 d, double eps_d, double rms_eps) {
+                                  u64 x_, i64 n, i64 d, double eps_d, double rms_eps, i64 slice) {
     PDL_ENTRY();
     const i64 t = blockIdx.y;
     const i64 R = (2 + n) * n, M = 2 * n + n * n;
     __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
     __shared__ float m[2 * HC_MAX_N];
+    const float* st = (const float*)streams_ + t * n * d;
+    float* x = (float*)x_ + t * d;
+    const i64 lo = (i64)blockIdx.x * slice, hi = min64(d, lo + slice);
+    constexpr int Q = 4;  // float4 per stream and thread
+    const bool vec = n == HC_SPAN_N && d % 4 == 0 && slice % 4 == 0 && slice <= 4 * Q * (i64)blockDim.x;
+    float4 s4[Q][HC_SPAN_N];
+    if (vec) {
+#pragma unroll
+        for (int q = 0; q < Q; q++) {
+            const i64 e = lo + 4 * (q * (i64)blockDim.x + threadIdx.x);
+            if (e < hi)
+#pragma unroll
+                for (int j = 0; j < HC_SPAN_N; j++) s4[q][j] = *(const float4*)(st + j * d + e);
+        }
+    }
     hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
     hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, (int)n, (float)eps_d);
     __syncthreads();
     if (blockIdx.x == 0)
         for (i64 i = threadIdx.x; i < 2 * n; i += blockDim.x) ((float*)maps_)[t * M + i] = m[i];
-    const float* st = (const float*)streams_ + t * n * d;
-    float* x = (float*)x_ + t * d;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < d; i += (i64)gridDim.x * blockDim.x) {
+    if (vec) {
+        // Per element the same chain as the loop below: acc = 0, acc += pre_j X_j in j order.
+#pragma unroll
+        for (int q = 0; q < Q; q++) {
+            const i64 e = lo + 4 * (q * (i64)blockDim.x + threadIdx.x);
+            if (e < hi) {
+                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int j = 0; j < HC_SPAN_N; j++) {
+                    acc.x += m[j] * s4[q][j].x;
+                    acc.y += m[j] * s4[q][j].y;
+                    acc.z += m[j] * s4[q][j].z;
+                    acc.w += m[j] * s4[q][j].w;
+                }
+                __stwb((float4*)(x + e), acc);
+            }
+        }
+        return;
+    }
+    for (i64 i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j < n; j++) acc += m[j] * st[j * d + i];
         x[i] = acc;
