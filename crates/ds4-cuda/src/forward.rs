@@ -41,6 +41,8 @@ const HC_SPAN_N: usize = 4;
 /// multiprocessor their launch bounds allow.
 const HC_SPAN_MAX_TOKENS: usize = 256;
 const HC_SPAN_CTAS_PER_SM: usize = 3;
+/// Tokens (one warp each) per CTA of hc_comb (hc.cu HC_COMB_WARPS).
+const HC_COMB_WARPS: usize = 4;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
@@ -928,10 +930,9 @@ impl CudaModel {
     fn hc_span_grid(&self, n: usize) -> (cudarc::driver::LaunchConfig, usize) {
         let slices = self.cfg.hidden.div_ceil(HC_MIX_THREADS);
         let resident = self.gpu.device.info().multiprocessors as usize * HC_SPAN_CTAS_PER_SM;
-        let ranges = resident
-            .div_ceil(slices)
+        let ranges = (resident / slices)
             .max(n.div_ceil(HC_SPAN_MAX_TOKENS))
-            .min(n);
+            .clamp(1, n);
         let tpc = n.div_ceil(ranges);
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (slices as u32, n.div_ceil(tpc) as u32, 1),
@@ -1042,16 +1043,15 @@ impl CudaModel {
             d,
             c.hc_sinkhorn_iters,
             c.hc_eps,
-            c.rms_eps as f64
+            c.rms_eps as f64,
+            n
         ];
         dev.fork(LANE_SINKHORN)?;
-        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps)
-        // reads what hc_pre reads (but the streams) and writes the last n² values of n_tok
-        // maps.
-        let launched = unsafe {
-            self.fk
-                .launch(dev, "fwd_hc", "hc_comb", per_item(n, 128, 0), &a)
-        };
+        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps,
+        // n_tok) (a warp per token, HC_COMB_WARPS per CTA) reads what hc_pre reads (but the
+        // streams) and writes the last n² values of n_tok maps.
+        let cfg = per_item(n.div_ceil(HC_COMB_WARPS), 32 * HC_COMB_WARPS as u32, 0);
+        let launched = unsafe { self.fk.launch(dev, "fwd_hc", "hc_comb", cfg, &a) };
         dev.to_main();
         launched
     }
@@ -1065,7 +1065,8 @@ impl CudaModel {
         // The comb mappings hc_pre's side branch computed.
         self.gpu.device.join(LANE_SINKHORN)?;
         let moe = s.moe_pending.take();
-        if let Some(hc) = next.filter(|hc| self.hc_split_k(hc) && moe.is_none() && self.hc_span(n)) {
+        if let Some(hc) = next.filter(|hc| self.hc_split_k(hc) && moe.is_none() && self.hc_span(n))
+        {
             let fw = self.matrix(&hc.fn_)?;
             let (cfg, tpc) = self.hc_span_grid(n);
             let a = kargs![
