@@ -28,10 +28,12 @@ const HC_MIX_MAX: usize = 40;
 const HC_GROUP_ROWS: usize = 6;
 /// Tokens per CTA of the split-K projection (hc.cu HC_TOKENS).
 const HC_TOKENS: usize = 8;
-/// Sublayer-input elements per CTA of hc_pre for short spans (its grid is d / this × tokens);
-/// longer spans take one CTA per token (up to HC_PRE_SLICE_MAX elements).
+/// Sublayer-input elements per CTA of hc_pre for short spans (its grid is d / this × tokens,
+/// CTA threads); spans of at least HC_SPAN_MIN tokens take HC_PRE_SPAN_SLICE elements per CTA
+/// of HC_PRE_SPAN_THREADS (16 elements a thread: hc_pre loads them before reducing the mix).
 const HC_PRE_SLICE: usize = 1024;
-const HC_PRE_SLICE_MAX: usize = 4096;
+const HC_PRE_SPAN_SLICE: usize = 4096;
+const HC_PRE_SPAN_THREADS: u32 = 256;
 /// Spans of at least this many tokens take the span kernels of the hyper-connection
 /// (hc.cu hc_mix_partial_span / hc_post_mix_span: all mix rows in one CTA, a range of tokens
 /// per CTA) when it has HC_SPAN_N streams; shorter ones (decode) the split-K kernels.
@@ -997,11 +999,14 @@ impl CudaModel {
         }
         s.hc_part_ready = false;
         let part = if split_k { s.hc_part.ptr() } else { 0 };
-        // Spans: one CTA per token (its mix reduced once, not once per slice).
-        let slice = if n >= HC_SPAN_MIN {
-            d.next_multiple_of(4).min(HC_PRE_SLICE_MAX)
+        // Spans: longer slices (the mix is reduced once per CTA).
+        let (slice, threads) = if n >= HC_SPAN_MIN {
+            (
+                d.next_multiple_of(4).min(HC_PRE_SPAN_SLICE),
+                HC_PRE_SPAN_THREADS,
+            )
         } else {
-            HC_PRE_SLICE
+            (HC_PRE_SLICE, CTA)
         };
         let a = kargs![
             s.mix.ptr(),
@@ -1020,7 +1025,7 @@ impl CudaModel {
         ];
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (d.div_ceil(slice) as u32, n as u32, 1),
-            block_dim: (CTA, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let dev = &self.gpu.device;

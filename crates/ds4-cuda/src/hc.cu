@@ -8,6 +8,8 @@
 // Mix rows per CTA of the split-K projection (the row groups are blockIdx.y).
 #define HC_GROUP_ROWS 6
 #define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
+// Streams of the kernels' n-specialized paths (the model's hc_mult).
+#define HC_SPAN_N 4
 
 // The mappings of one token from its mix (R = (2+n)n values in shared memory), in the CPU's
 // operation order (split_sinkhorn in cpu/hc.rs): m = [pre | post | comb]. pre and post are
@@ -24,34 +26,50 @@ __device__ __forceinline__ void hc_pre_post(const float* mix, const float* base,
     }
 }
 
+// hc_comb_warp for n*n <= 32: lane j*n + k holds comb[j][k] in a register; a row's or
+// column's values are gathered with shuffles and summed in index order, as the CPU does (no
+// tree reduction). NC > 0: n is NC, known here, so the gathers unroll (the Sinkhorn chain is
+// hc_comb's latency); NC = 0: n = n_rt.
+template <int NC>
+__device__ __forceinline__ void hc_comb_regs(const float* mix, const float* base, const float* scale, float* comb,
+                                             int n_rt, i64 iters, float eps) {
+    const int n = NC > 0 ? NC : n_rt, nn = n * n, lane = threadIdx.x & 31;
+    const bool act = lane < nn;
+    const int row = act ? lane / n : 0, col = act ? lane % n : 0;
+    float c = act ? mix[2 * n + lane] * scale[2] + base[2 * n + lane] : 0.f;
+    float mx = -FWD_INF;
+#pragma unroll
+    for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(FULL_MASK, c, row * n + k));
+    const float e = expf(c - mx);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, e, row * n + k);
+    c = e / s + eps;
+    const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
+    for (i64 it = 0; it < passes; it++) {
+        if (it > 0) {
+            s = 0.f;
+#pragma unroll
+            for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, c, row * n + k);
+            c = c / (s + eps);
+        }
+        s = 0.f;
+#pragma unroll
+        for (int j = 0; j < n; j++) s += __shfl_sync(FULL_MASK, c, j * n + col);
+        c = c / (s + eps);
+    }
+    if (act) comb[lane] = c;
+    __syncwarp();
+}
+
 __device__ void hc_comb_warp(const float* mix, const float* base, const float* scale, float* comb, int n, i64 iters,
                              float eps) {
     const int lane = threadIdx.x & 31, nn = n * n;
     if (nn <= 32) {
-        // Lane j*n + k holds comb[j][k] in a register; a row's or column's values are gathered
-        // with shuffles and summed in index order, as the CPU does (no tree reduction).
-        const bool act = lane < nn;
-        const int row = act ? lane / n : 0, col = act ? lane % n : 0;
-        float c = act ? mix[2 * n + lane] * scale[2] + base[2 * n + lane] : 0.f;
-        float mx = -FWD_INF;
-        for (int k = 0; k < n; k++) mx = fmaxf(mx, __shfl_sync(FULL_MASK, c, row * n + k));
-        const float e = expf(c - mx);
-        float s = 0.f;
-        for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, e, row * n + k);
-        c = e / s + eps;
-        const i64 passes = iters > 0 ? iters : 1;  // the CPU always does the first column pass
-        for (i64 it = 0; it < passes; it++) {
-            if (it > 0) {
-                s = 0.f;
-                for (int k = 0; k < n; k++) s += __shfl_sync(FULL_MASK, c, row * n + k);
-                c = c / (s + eps);
-            }
-            s = 0.f;
-            for (int j = 0; j < n; j++) s += __shfl_sync(FULL_MASK, c, j * n + col);
-            c = c / (s + eps);
-        }
-        if (act) comb[lane] = c;
-        __syncwarp();
+        if (n == HC_SPAN_N)
+            hc_comb_regs<HC_SPAN_N>(mix, base, scale, comb, n, iters, eps);
+        else
+            hc_comb_regs<0>(mix, base, scale, comb, n, iters, eps);
         return;
     }
     for (int e = lane; e < nn; e += 32) comb[e] = mix[2 * n + e] * scale[2] + base[2 * n + e];
@@ -251,7 +269,6 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 // The arithmetic of every value is the split-K kernels': the same per-thread FMA chains, the
 // same 32-lane tree (warp_sum's pairing: lane ^ 16, then ^ 8, 4, 2, 1), the four warps summed
 // in order into the same slice record part[t][s].
-#define HC_SPAN_N 4
 #define HC_SPAN_R 24
 #define HC_SPAN_STAGES 8
 // Tokens per barrier (the warps' row sums are combined across the CTA once per batch).

@@ -482,20 +482,27 @@ fn pre_and_comb_match_the_host() {
         }
         let maps = dev.alloc::<f32>(n_tok * M).unwrap();
         let x = dev.alloc::<f32>(n_tok * d).unwrap();
-        // Slices of hc_pre: decode's 1024 elements per CTA, one CTA per token (spans), and a
-        // slice that is not a multiple of 4 (the scalar loop).
-        for slice in [1024, d.next_multiple_of(4).min(4096), 100] {
+        // Slices and CTA sizes of hc_pre: decode's 1024 elements per 256 threads, spans' 4096
+        // per 256 or 2048 per 128 (16 elements a thread), and a slice that is not a multiple
+        // of 4 (the scalar loop).
+        let d4 = d.next_multiple_of(4);
+        for (slice, threads) in [
+            (1024, 256),
+            (d4.min(4096), 256),
+            (d4.min(2048), 128),
+            (100, 256),
+        ] {
             dev.fill_bytes(&maps, 0xff).unwrap();
             dev.fill_bytes(&x, 0xff).unwrap();
             #[rustfmt::skip]
-            launch(g, "hc_pre", grid(d.div_ceil(slice), n_tok, 1, 256), &[
+            launch(g, "hc_pre", grid(d.div_ceil(slice), n_tok, 1, threads), &[
                 0, part.ptr(), c.slices as u64, dev_base.ptr(), dev_scale.ptr(),
                 c.dev_streams.ptr(), maps.ptr(), x.ptr(), N as u64, d as u64, eps.to_bits(),
                 rms_eps.to_bits(), slice as u64,
             ]);
             let got_maps = dev.download(&maps).unwrap();
             let got_x = dev.download(&x).unwrap();
-            let what = format!("hc_pre d {d} tokens {n_tok} slice {slice}");
+            let what = format!("hc_pre d {d} tokens {n_tok} slice {slice} threads {threads}");
             let mut want_x = vec![0f32; n_tok * d];
             let mut worst = 0f32;
             for t in 0..n_tok {
