@@ -1030,9 +1030,10 @@ impl CudaModel {
         };
         let dev = &self.gpu.device;
         // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps,
-        // slice) (the grid's d / slice CTAs per token cover the elements) reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3
-        // scales and n_tok × n × d streams, writes the first 2n values of n_tok maps and
-        // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        // slice) (the grid's d / slice CTAs per token cover the elements) reads n_tok × (2+n)n
+        // mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales and n_tok × n × d
+        // streams, writes the first 2n values of n_tok maps and n_tok × d inputs: all inside
+        // the chunk-sized scratch and the layer's vectors.
         unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
         // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
         // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only

@@ -319,9 +319,9 @@ __device__ __forceinline__ float hc_span_reduce(float (&acc)[HC_SPAN_R], int lan
 
 // CTA (s, g): slice s of tokens g*tpc .. (at most HC_SPAN_MAX_TOKENS), n = 4 streams, R = 24.
 // POST: hc_post_mix's work (the new streams into streams_out, their projection into part);
-// else hc_mix_partial's (the projection of streams_in). The loop keeps running pointers and
-// power-of-two ring indices: at ~250 instructions per warp and token it is issue-bound close
-// to the memory bound, so address arithmetic matters.
+// else hc_mix_partial's (the projection of streams_in). The loop is issue-bound (~350 SASS
+// instructions per warp and token, 112 of them the FMAs; H200, 1 024 tokens: 72 us against
+// ~30 us of memory traffic), so it keeps running pointers and power-of-two ring indices.
 template <bool POST>
 __device__ __forceinline__ void hc_span_body(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_,
                                              i64 fn_f16, u64 part_, i64 d, i64 n_tok, i64 tpc) {
