@@ -28,8 +28,23 @@ const HC_MIX_MAX: usize = 40;
 const HC_GROUP_ROWS: usize = 6;
 /// Tokens per CTA of the split-K projection (hc.cu HC_TOKENS).
 const HC_TOKENS: usize = 8;
-/// Sublayer-input elements per CTA of hc_pre (its grid is d / this × tokens).
+/// Sublayer-input elements per CTA of hc_pre for short spans (its grid is d / this × tokens,
+/// CTA threads); spans of at least HC_SPAN_MIN tokens take HC_PRE_SPAN_SLICE elements per CTA
+/// of HC_PRE_SPAN_THREADS (16 elements a thread: hc_pre loads them before reducing the mix).
 const HC_PRE_SLICE: usize = 1024;
+const HC_PRE_SPAN_SLICE: usize = 4096;
+const HC_PRE_SPAN_THREADS: u32 = 256;
+/// Spans of at least this many tokens take the span kernels of the hyper-connection
+/// (hc.cu hc_mix_partial_span / hc_post_mix_span: all mix rows in one CTA, a range of tokens
+/// per CTA) when it has HC_SPAN_N streams; shorter ones (decode) the split-K kernels.
+const HC_SPAN_MIN: usize = 64;
+const HC_SPAN_N: usize = 4;
+/// Most tokens per CTA of the span kernels (hc.cu HC_SPAN_MAX_TOKENS), and the CTAs per
+/// multiprocessor their launch bounds allow.
+const HC_SPAN_MAX_TOKENS: usize = 256;
+const HC_SPAN_CTAS_PER_SM: usize = 3;
+/// Tokens (one warp each) per CTA of hc_comb (hc.cu HC_COMB_WARPS).
+const HC_COMB_WARPS: usize = 4;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
@@ -905,6 +920,30 @@ impl CudaModel {
         }
     }
 
+    /// Whether a span of n tokens takes the span kernels (hc_span_grid).
+    fn hc_span(&self, n: usize) -> bool {
+        n >= HC_SPAN_MIN && self.cfg.hc_mult == HC_SPAN_N
+    }
+
+    /// Grid of the span kernels and their tokens per CTA: (d/128 slices, token ranges), as
+    /// many CTAs as are resident at once (one wave, every CTA the same number of tokens), at
+    /// most HC_SPAN_MAX_TOKENS tokens each. Each CTA loads the slice's projection weights
+    /// once, so fewer and longer ranges read them less often.
+    fn hc_span_grid(&self, n: usize) -> (cudarc::driver::LaunchConfig, usize) {
+        let slices = self.cfg.hidden.div_ceil(HC_MIX_THREADS);
+        let resident = self.gpu.device.info().multiprocessors as usize * HC_SPAN_CTAS_PER_SM;
+        let ranges = (resident / slices)
+            .max(n.div_ceil(HC_SPAN_MAX_TOKENS))
+            .clamp(1, n);
+        let tpc = n.div_ceil(ranges);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (slices as u32, n.div_ceil(tpc) as u32, 1),
+            block_dim: (HC_MIX_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, tpc)
+    }
+
     /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings. The
     /// projection comes from the partials hc_post_mix left (s.hc_part_ready), or is computed
     /// here.
@@ -913,7 +952,27 @@ impl CudaModel {
         let (d, nc) = (c.hidden, c.hc_mult);
         let slices = d.div_ceil(HC_MIX_THREADS);
         let split_k = self.hc_split_k(hc);
-        if split_k && !s.hc_part_ready {
+        if split_k && !s.hc_part_ready && self.hc_span(n) {
+            let fw = self.matrix(&hc.fn_)?;
+            let (cfg, tpc) = self.hc_span_grid(n);
+            let a = kargs![
+                s.streams.ptr(),
+                fw.ptr,
+                fw.format == WeightFormat::F16,
+                s.hc_part.ptr(),
+                d,
+                n,
+                tpc
+            ];
+            // SAFETY: hc_mix_partial_span(streams, fn, f16, part, d, n_tok, tpc) reads n_tok ×
+            // 4 × d streams and the 24 × 4d projection rows (hc_split_k, hc_span: 4 streams),
+            // and writes n_tok × slices × 25 partials (the grid covers the slices and, tpc
+            // tokens per CTA, at most HC_SPAN_MAX_TOKENS, the tokens): the size of s.hc_part.
+            unsafe {
+                self.fk
+                    .launch(&self.gpu.device, "fwd_hc", "hc_mix_partial_span", cfg, &a)?
+            };
+        } else if split_k && !s.hc_part_ready {
             let fw = self.matrix(&hc.fn_)?;
             let a = kargs![
                 s.streams.ptr(),
@@ -940,6 +999,15 @@ impl CudaModel {
         }
         s.hc_part_ready = false;
         let part = if split_k { s.hc_part.ptr() } else { 0 };
+        // Spans: longer slices (the mix is reduced once per CTA).
+        let (slice, threads) = if n >= HC_SPAN_MIN {
+            (
+                d.next_multiple_of(4).min(HC_PRE_SPAN_SLICE),
+                HC_PRE_SPAN_THREADS,
+            )
+        } else {
+            (HC_PRE_SLICE, CTA)
+        };
         let a = kargs![
             s.mix.ptr(),
             part,
@@ -952,18 +1020,20 @@ impl CudaModel {
             nc,
             d,
             c.hc_eps,
-            c.rms_eps as f64
+            c.rms_eps as f64,
+            slice
         ];
         let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (d.div_ceil(HC_PRE_SLICE) as u32, n as u32, 1),
-            block_dim: (CTA, 1, 1),
+            grid_dim: (d.div_ceil(slice) as u32, n as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let dev = &self.gpu.device;
-        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps)
-        // reads n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3
-        // scales and n_tok × n × d streams, writes the first 2n values of n_tok maps and
-        // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps,
+        // slice) (the grid's d / slice CTAs per token cover the elements) reads n_tok × (2+n)n
+        // mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales and n_tok × n × d
+        // streams, writes the first 2n values of n_tok maps and n_tok × d inputs: all inside
+        // the chunk-sized scratch and the layer's vectors.
         unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
         // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
         // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only
@@ -979,16 +1049,15 @@ impl CudaModel {
             d,
             c.hc_sinkhorn_iters,
             c.hc_eps,
-            c.rms_eps as f64
+            c.rms_eps as f64,
+            n
         ];
         dev.fork(LANE_SINKHORN)?;
-        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps)
-        // reads what hc_pre reads (but the streams) and writes the last n² values of n_tok
-        // maps.
-        let launched = unsafe {
-            self.fk
-                .launch(dev, "fwd_hc", "hc_comb", per_item(n, 128, 0), &a)
-        };
+        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps,
+        // n_tok) (a warp per token, HC_COMB_WARPS per CTA) reads what hc_pre reads (but the
+        // streams) and writes the last n² values of n_tok maps.
+        let cfg = per_item(n.div_ceil(HC_COMB_WARPS), 32 * HC_COMB_WARPS as u32, 0);
+        let launched = unsafe { self.fk.launch(dev, "fwd_hc", "hc_comb", cfg, &a) };
         dev.to_main();
         launched
     }
@@ -1002,6 +1071,37 @@ impl CudaModel {
         // The comb mappings hc_pre's side branch computed.
         self.gpu.device.join(LANE_SINKHORN)?;
         let moe = s.moe_pending.take();
+        if let Some(hc) = next.filter(|hc| self.hc_split_k(hc) && moe.is_none() && self.hc_span(n))
+        {
+            let fw = self.matrix(&hc.fn_)?;
+            let (cfg, tpc) = self.hc_span_grid(n);
+            let a = kargs![
+                s.maps.ptr(),
+                s.y.ptr(),
+                s.streams.ptr(),
+                s.streams_next.ptr(),
+                fw.ptr,
+                fw.format == WeightFormat::F16,
+                s.hc_part.ptr(),
+                d,
+                n,
+                tpc
+            ];
+            // SAFETY: hc_post_mix_span(maps, y, streams_in, streams_out, fn, f16, part, d,
+            // n_tok, tpc) reads n_tok maps, n_tok × d outputs and n_tok × 4 × d streams, writes
+            // as many into the second stream buffer (same size), reads the 24 × 4d projection
+            // rows (hc_split_k, hc_span: 4 streams) and writes n_tok × slices × 25 partials
+            // (the grid covers the slices and, tpc tokens per CTA, the tokens): all within the
+            // scratch.
+            unsafe {
+                self.fk
+                    .launch(&self.gpu.device, "fwd_hc", "hc_post_mix_span", cfg, &a)?
+            };
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = !s.streams_swapped;
+            s.hc_part_ready = true;
+            return Ok(());
+        }
         if let Some(hc) = next.filter(|hc| self.hc_split_k(hc)) {
             let fw = self.matrix(&hc.fn_)?;
             let (y, moe_args) = match moe {
