@@ -134,6 +134,16 @@ fn check_len<T: DeviceValue>(what: &str, buf: &DeviceBuffer<T>, need: usize) -> 
     Ok(())
 }
 
+/// The expert forms' slot count (1..=MAX_SLOTS) and id buffer length.
+fn check_slots(ids: &DeviceBuffer<i32>, n_slots: usize) -> Result<()> {
+    if n_slots == 0 || n_slots > MAX_SLOTS {
+        return Err(invalid(format!(
+            "expert_gemm_q8_0: {n_slots} expert slots (1..={MAX_SLOTS})"
+        )));
+    }
+    check_len("expert id buffer", ids, n_slots)
+}
+
 impl Gpu {
     /// y = W·x for `n_vecs` vectors on the tensor cores: W a Q8_0 matrix (`experts == 1`),
     /// x Q8_0 activations of `W.cols` values (at least `n_vecs` vectors), y at least
@@ -172,12 +182,7 @@ impl Gpu {
         n_vecs: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        if n_slots == 0 || n_slots > MAX_SLOTS {
-            return Err(invalid(format!(
-                "expert_gemm_q8_0: {n_slots} expert slots (1..={MAX_SLOTS})"
-            )));
-        }
-        check_len("expert id buffer", ids, n_slots)?;
+        check_slots(ids, n_slots)?;
         let layout = SlotLayout::SlotMajor { x_per_slot };
         self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), layout, y)
     }
@@ -195,12 +200,7 @@ impl Gpu {
         n_vecs: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        if n_slots == 0 || n_slots > MAX_SLOTS {
-            return Err(invalid(format!(
-                "expert_gemm_q8_0: {n_slots} expert slots (1..={MAX_SLOTS})"
-            )));
-        }
-        check_len("expert id buffer", ids, n_slots)?;
+        check_slots(ids, n_slots)?;
         let layout = SlotLayout::Interleaved;
         self.gemm_q8_0_launch(w, x, n_vecs, Some((ids, n_slots)), layout, y)
     }
