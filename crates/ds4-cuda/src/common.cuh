@@ -25,6 +25,14 @@ typedef long long i64;
     do {           \
     } while (0)
 #endif
+// PDL_ENTRY_AFTER(work): runs `work`, then PDL_ENTRY(). Only for a prologue that reads memory no
+// kernel writes (weights, constant tables) or only hints the caches (L2 prefetch): it then runs
+// while the previous kernel still does, on CTAs that would otherwise sit in the wait.
+#define PDL_ENTRY_AFTER(...) \
+    do {                     \
+        __VA_ARGS__;         \
+        PDL_ENTRY();         \
+    } while (0)
 
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 
