@@ -1,9 +1,8 @@
 //! GEMV bandwidth at DeepSeek V4 Flash shapes, plus kernel compile / cache-hit times.
 //!
-//! `cargo run --release -p ds4-cuda --example gemv_bench [-- --quick] [-- --filter TEXT]`
+//! `cargo run --release -p ds4-cuda --example gemv_bench [-- [--quick] [--filter TEXT] [--no-compile]]`
 //! (`--filter`: only the cases whose name contains TEXT; `--no-compile`: skip the kernel
-//! compile timings). The launch-policy variables of gemv.rs (`DS4_GEMV_PREFETCH_MB`,
-//! `DS4_GEMV_CAP_*`) apply to the "stream" column and the uncapped graph columns.
+//! compile timings).
 //!
 //! Each case streams its weights from HBM: the matrices are replicated (dense) or drawn from a
 //! full 256-expert stack with fresh random ids per call, so the 50 MB L2 cannot serve repeats.

@@ -25,14 +25,13 @@ typedef long long i64;
     do {           \
     } while (0)
 #endif
-// PDL_ENTRY_AFTER(work): runs `work`, then PDL_ENTRY(). Only for a prologue that reads memory no
-// kernel writes (weights, constant tables) or only hints the caches (L2 prefetch): it then runs
-// while the previous kernel still does, on CTAs that would otherwise sit in the wait.
+// PDL_ENTRY_AFTER(work): `work` (a statement, which may declare a variable for the rest of the
+// kernel), then PDL_ENTRY(). Only for work that reads nothing a kernel writes (constant tables
+// uploaded once): it then runs while the previous kernel still does. Two statements: use it as
+// a kernel's first, in place of PDL_ENTRY().
 #define PDL_ENTRY_AFTER(...) \
-    do {                     \
-        __VA_ARGS__;         \
-        PDL_ENTRY();         \
-    } while (0)
+    __VA_ARGS__;             \
+    PDL_ENTRY()
 
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 

@@ -56,8 +56,7 @@ struct GemvParams {
     u64 y_pair;     // ... and its output (gate and up projections in one launch)
     u64 groups;     // grouped experts: i32 vector offsets per expert (n_experts + 1), or 0
     i64 n_vecs_total;  // grouped experts: vectors in x and y
-    i64 prefetch_bytes;  // L2 prefetch before the PDL wait: leading bytes of each matrix (or stack), 0: none
-    i64 stage_bufs;      // quantized kernels: stage buffers per warp (1: every warp has one step)
+    i64 stage_bufs;  // quantized kernels: stage buffers per warp (1: no warp has a second step)
 };
 
 // The matrix and output of this CTA (blockIdx.z picks one of a pair).
@@ -85,57 +84,24 @@ __device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
     for (int j = 0; j < 4; j++) w[j] = __funnelshift_r(v[j], v[j + 1], sh);
 }
 
-// ---- IQ2_XXS decoding: common.cuh's PRMT encoding in tables of this module ----
+// ---- IQ2_XXS decoding: common.cuh's PRMT encoding in a table layout of this module ----
 // At the start of the dynamic shared memory (the stages follow): the spread sign bits per 7-bit
-// sign index (128 words), then the PRMT selector word per grid index (256 words), each entry
-// in 2^LC copies side by side (entry i, copy c at word i * 2^LC + c). Lane l reads copy
-// l % 2^LC: lookups of random entries by the 32 lanes hit fewer shared-memory bank conflicts
-// (none with 32 copies), which bound the decode kernel (8 lookups per 32 weights and row).
-template <int LC> struct Iq2Tab {
-    static constexpr int C = 1 << LC;
-    static constexpr int GRID = 128 * C;        // word offset of the grid selectors
-    static constexpr int BYTES = 384 * C * 4;   // both tables
-};
+// sign index (128 words), then the PRMT selector word per grid index (256 words). Each lookup's
+// byte offset is a shift and a mask of the quant word, the table's base a constant.
+#define IQ2_TAB_GRID 128  // word offset of the grid selectors
+#define IQ2_TAB_BYTES (384 * 4)
 // Table bytes the kernels of format FMT keep before their stages.
-template <int FMT, int LC> struct TabBytes { static constexpr int V = FMT == FMT_IQ2_XXS ? Iq2Tab<LC>::BYTES : 0; };
-
-// Builds the tables from the u64 codebook at device address grid into tab (every thread of
-// the CTA calls it; the caller synchronizes before use).
-template <int LC>
-__device__ __forceinline__ void gemv_iq2_tables(u64 grid, u32* tab) {
-    typedef Iq2Tab<LC> T;
-    for (int i = threadIdx.x; i < 384; i += blockDim.x) {
-        u32 v;
-        if (i < 128) {
-            v = sign_nibbles8(iq2_signs(i));
-        } else {
-            const u64 g = ((const u64*)grid)[i - 128];
-            v = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
-        }
-        if constexpr (T::C >= 4) {
-#pragma unroll
-            for (int c = 0; c < T::C; c += 4) *(uint4*)(tab + i * T::C + c) = make_uint4(v, v, v, v);
-        } else {
-#pragma unroll
-            for (int c = 0; c < T::C; c++) tab[i * T::C + c] = v;
-        }
-    }
-}
+template <int FMT> struct TabBytes { static constexpr int V = FMT == FMT_IQ2_XXS ? IQ2_TAB_BYTES : 0; };
 
 // The selector word of group l (0..3) of an item (a0: its 4 grid indices, a1: its 4 7-bit
-// sign indices and scale), from the tables' copy at byte offset copy4 (4 x the copy):
-// prmt(IQ2_POS, IQ2_NEG, sel) gives weights 0-3 of the group, prmt(IQ2_POS, IQ2_NEG, sel >> 16)
-// weights 4-7. Each lookup's byte offset is a shift and one AND-OR (LOP3): copy4 lies in the
-// bits the entry's offset leaves clear.
-template <int LC>
-__device__ __forceinline__ u32 gemv_iq2_sel(const u32* tab, u32 a0, u32 a1, int l, u32 copy4) {
-    typedef Iq2Tab<LC> T;
-    constexpr int SH = LC + 2;  // log2 of the bytes per entry (all copies)
-    const int ss = 7 * l - SH, gs = 8 * l - SH;
-    const u32 so = ((ss >= 0 ? a1 >> ss : a1 << -ss) & (127u << SH)) | copy4;
-    const u32 go = ((gs >= 0 ? a0 >> gs : a0 << -gs) & (255u << SH)) | copy4;
+// sign indices and scale): prmt(IQ2_POS, IQ2_NEG, sel) gives weights 0-3 of the group,
+// prmt(IQ2_POS, IQ2_NEG, sel >> 16) weights 4-7.
+__device__ __forceinline__ u32 gemv_iq2_sel(const u32* tab, u32 a0, u32 a1, int l) {
+    const int ss = 7 * l - 2, gs = 8 * l - 2;
+    const u32 so = (ss >= 0 ? a1 >> ss : a1 << -ss) & (127u << 2);
+    const u32 go = (gs >= 0 ? a0 >> gs : a0 << -gs) & (255u << 2);
     const u8* tb = (const u8*)tab;
-    return *(const u32*)(tb + so) | *(const u32*)(tb + 4 * T::GRID + go);
+    return *(const u32*)(tb + so) | *(const u32*)(tb + 4 * IQ2_TAB_GRID + go);
 }
 
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
@@ -157,7 +123,7 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, u32 mis, c
     } else {  // IQ2_XXS
         u32 a0, a1;
         rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
-        const u32 sel = gemv_iq2_sel<0>(tab, a0, a1, i >> 1, 0);
+        const u32 sel = gemv_iq2_sel(tab, a0, a1, i >> 1);
         const u32 w = prmt(IQ2_POS, IQ2_NEG, (i & 1) ? sel >> 16 : sel);
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
@@ -235,10 +201,9 @@ __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x
 // row's two quant words are read once (not once per half), the four groups' eight dp4a chain
 // into one sum (integer: any order gives the same value), and IQ2_POS comes in `pos` (a
 // register the caller made opaque: as an immediate, ptxas rebuilt it before every PRMT).
-template <int R, int NB, int LC>
+template <int R, int NB>
 __device__ __forceinline__ void item_iq2_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
-                                             i64 dstride, u32 mis, u32 pos, const u32* tab, u32 copy4,
-                                             float (&acc)[R][NB]) {
+                                             i64 dstride, u32 mis, u32 pos, const u32* tab, float (&acc)[R][NB]) {
     constexpr int CHUNK = Fmt<FMT_IQ2_XXS>::CB * Fmt<FMT_IQ2_XXS>::BB;
     u32 a0[R], a1[R];
     int isum[R][NB];
@@ -255,8 +220,7 @@ __device__ __forceinline__ void item_iq2_q8x(const u8* blk0, int it, const i8* x
         for (int v = 0; v < NB; v++) xw[v] = *(const int4*)(xq + v * xstride + 16 * h);
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const u32 s0 = gemv_iq2_sel<LC>(tab, a0[r], a1[r], 2 * h, copy4);
-            const u32 s1 = gemv_iq2_sel<LC>(tab, a0[r], a1[r], 2 * h + 1, copy4);
+            const u32 s0 = gemv_iq2_sel(tab, a0[r], a1[r], 2 * h), s1 = gemv_iq2_sel(tab, a0[r], a1[r], 2 * h + 1);
             const int w0 = (int)prmt(pos, IQ2_NEG, s0), w1 = (int)prmt(pos, IQ2_NEG, s0 >> 16);
             const int w2 = (int)prmt(pos, IQ2_NEG, s1), w3 = (int)prmt(pos, IQ2_NEG, s1 >> 16);
 #pragma unroll
@@ -281,11 +245,13 @@ __device__ __forceinline__ void item_iq2_q8x(const u8* blk0, int it, const i8* x
 }
 
 // One item against R staged rows, int8 activations (Q8_0 / Q8_K), dp4a; mirrors ggml's
-// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums. xq: the item's 32
-// values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride apart).
+// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K} integer sums (IQ2_XXS: item_iq2_q8x). xq: the
+// item's 32 values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride
+// apart).
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
                                          i64 dstride, u32 mis, float (&acc)[R][NB]) {
+    static_assert(FMT != FMT_IQ2_XXS, "IQ2_XXS items go through item_iq2_q8x");
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
@@ -327,8 +293,6 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
                 for (int j = 0; j < 4; j++)
                     w[j] = (int)((rd32(blk + 16 + 32 * (it >> 1) + 16 * h + 4 * j) >> (4 * (it & 1))) &
                                  0x0F0F0F0Fu);
-            } else {  // IQ2_XXS: item_iq2_q8x
-                static_assert(FMT != FMT_IQ2_XXS, "IQ2_XXS items go through item_iq2_q8x");
             }
 #pragma unroll
             for (int v = 0; v < NB; v++) {
@@ -418,57 +382,58 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 }
 
 
-// A hint that the `bytes` (a multiple of 16) at p (16-byte aligned) are read soon: one bulk
-// prefetch into L2, no registers and nothing to wait for (sm_90+; a no-op before).
-__device__ __forceinline__ void prefetch_l2_bulk(const u8* p, u32 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
+// What a gemv kernel does before its PDL wait (PDL_ENTRY_AFTER), while the previous kernel
+// may still run: nothing in it depends on that kernel. IQ2_XXS: the loads of the codebook
+// entries of this thread's table words (the codebook is uploaded once and never written by a
+// kernel). They are only stored, decoded, by gemv_tables after the weight copies are issued,
+// so that a CTA that does not wait (the previous kernel is done) does not wait on these loads
+// either before it reads its expert id and issues its copies.
+#define IQ2_PRE 2  // grid entries loaded per thread before the wait (all of them from 128 threads)
+struct GemvPre {
+    u64 g[IQ2_PRE];  // grid entries threadIdx.x + j * blockDim.x (those below 256)
+};
+
+template <int FMT>
+__device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
+    GemvPre pre;
+#pragma unroll
+    for (int j = 0; j < IQ2_PRE; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        pre.g[j] = FMT == FMT_IQ2_XXS && i < 256 ? ((const u64*)p.grid)[i] : 0;
+    }
+    return pre;
 }
 
-// Bytes per bulk prefetch instruction (one per thread and step).
-#define GEMV_PREFETCH_PIECE 4096
-
-// The prologue every gemv kernel runs before its PDL wait (PDL_ENTRY_AFTER), while the previous
-// kernel still runs: nothing in it depends on that kernel.
-// - IQ2_XXS: the decode tables, built from the codebook (uploaded once, never written by a
-//   kernel).
-// - p.prefetch_bytes > 0: the first prefetch_bytes of this CTA's matrix (the whole stack for
-//   an expert launch, which gemv.rs asks for only when the slots cover every expert, so the
-//   ids need not be known) are prefetched into L2, cut into one contiguous slice per CTA of
-//   the matrix in CTA order (low CTAs, the first to run, take the first rows). A prefetch is a
-//   hint: the weights are still read after the wait, from L2 when the prefetch was in time.
-//   gemv.rs passes it only for 16-byte aligned weights whose rows (or experts) are 16-byte
-//   multiples, so every slice starts and ends on 16 bytes.
-template <int FMT, int LC>
-__device__ __forceinline__ void gemv_prologue(const GemvParams& p) {
+// Builds the IQ2_XXS tables at the start of the dynamic shared memory from the prologue's
+// entries (and loads the rest of the codebook when the CTA has fewer than 128 threads); a
+// no-op for the other formats. Every thread of the CTA calls it (it synchronizes).
+template <int FMT>
+__device__ __forceinline__ void gemv_tables(const GemvParams& p, const GemvPre& pre) {
     if constexpr (FMT == FMT_IQ2_XXS) {
         extern __shared__ __align__(16) u8 gemv_smem[];
-        gemv_iq2_tables<LC>(p.grid, (u32*)gemv_smem);
+        u32* const tab = (u32*)gemv_smem;
+        for (int i = threadIdx.x; i < IQ2_TAB_GRID; i += blockDim.x) tab[i] = sign_nibbles8(iq2_signs(i));
+#pragma unroll
+        for (int j = 0; j < IQ2_PRE; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < 256) tab[IQ2_TAB_GRID + i] = iq2_codes4((u32)pre.g[j]) | (iq2_codes4((u32)(pre.g[j] >> 32)) << 16);
+        }
+        for (int i = threadIdx.x + IQ2_PRE * blockDim.x; i < 256; i += blockDim.x) {
+            const u64 g = ((const u64*)p.grid)[i];
+            tab[IQ2_TAB_GRID + i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
+        }
         __syncthreads();
-    }
-    if (p.prefetch_bytes > 0) {
-        const i64 size = p.ids ? p.n_experts * p.expert_stride : p.n_rows * p.row_bytes;
-        const i64 total = min64(p.prefetch_bytes, size);
-        const i64 ctas = (i64)gridDim.x * gridDim.y;
-        const i64 per = (((total + ctas - 1) / ctas) + 15) & ~(i64)15;
-        const i64 begin = ((i64)blockIdx.y * gridDim.x + blockIdx.x) * per;
-        const i64 end = min64(begin + per, total);
-        const u8* w = gemv_w(p);
-        for (i64 off = begin + (i64)threadIdx.x * GEMV_PREFETCH_PIECE; off < end;
-             off += (i64)blockDim.x * GEMV_PREFETCH_PIECE)
-            prefetch_l2_bulk(w + off, (u32)min64(GEMV_PREFETCH_PIECE, end - off));
     }
 }
 
 // The items of staged chunk c (R rows at `cur`, CHUNK bytes apart) against activation vectors
 // xv .. xv+NB-1: lane l takes item l % ITEMS of the chunk's blocks l / ITEMS, + STEP, ...
 // (nblocks: blocks per row; dstride: activation scales per vector.)
-template <int FMT, int R, int NB, bool QX, int LC>
+template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i64 c, i64 xv, i64 nblocks,
                                           i64 dstride, int lane, float (&acc)[R][NB]) {
     extern __shared__ __align__(16) u8 gemv_smem[];
-    const u32* const tab = (const u32*)gemv_smem;  // IQ2_XXS tables (gemv_prologue)
+    const u32* const tab = (const u32*)gemv_smem;  // IQ2_XXS tables (gemv_tables)
     typedef Fmt<FMT> F;
     constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
     const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
@@ -487,9 +452,8 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
             // IQ2_POS as a value ptxas cannot rebuild from an immediate: n_rows >= 1, so its
             // sign bit is 0, but the compiler cannot know that.
             const u32 pos = IQ2_POS | (u32)((u64)p.n_rows >> 63);
-            const u32 copy4 = 4 * (lane & (Iq2Tab<LC>::C - 1));
             for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP)
-                item_iq2_q8x<R, NB, LC>(sb, it, xq, p.k, xd, dstride, mis, pos, tab, copy4, acc);
+                item_iq2_q8x<R, NB>(sb, it, xq, p.k, xd, dstride, mis, pos, tab, acc);
         } else {
             for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
                 item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
@@ -505,19 +469,19 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
 //
 // Work split: a row group (R rows) belongs to p.split warps (gemv.rs picks it from the matrix
 // shape alone); warp wg of the group takes chunks wg, wg+ws, ... of the group's rows. Each warp
-// has two stage buffers of R chunks: while it computes on one, the next step's chunk (the
-// next chunk of its rows, or the first one of its next row group) is copied into the other
-// with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
+// has two stage buffers of R chunks (one when no warp has a second step): while it computes on
+// one, the next step's chunk (the next chunk of its rows, or the first one of its next row
+// group) is copied into the other with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
 // copied with 2-byte loads when their step starts (same stage contents, same bits).
-template <int FMT, int R, int NB, bool QX, int LC>
-__device__ __forceinline__ void gemv_quant(const GemvParams& p) {
+template <int FMT, int R, int NB, bool QX>
+__device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre& pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
     // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x stage_bufs x R x CHUNK
     // bytes (gemv.rs sizes it with the same numbers). One stage buffer per warp when no warp
     // has a second step (gemv.rs decides): the next-step copies below then never happen.
     extern __shared__ __align__(16) u8 gemv_smem[];
-    u8* const stage_dyn = gemv_smem + TabBytes<FMT, LC>::V;
+    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
@@ -565,10 +529,10 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
         const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
-    // (IQ2_XXS tables: built by gemv_prologue before the PDL wait.)
+    gemv_tables<FMT>(p, pre);  // while the first copies are in flight
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
     auto compute = [&](const u8* cur, i64 c, i64 v0, float (&acc)[R][NB]) {
-        chunk_dot<FMT, R, NB, QX, LC>(p, cur, c, xv0 + v0, nblocks, dstride, lane, acc);
+        chunk_dot<FMT, R, NB, QX>(p, cur, c, xv0 + v0, nblocks, dstride, lane, acc);
     };
     int buf = 0;
     for (i64 blk = blockIdx.x; blk * rows_per_cta < p.n_rows; blk += gridDim.x) {
@@ -660,12 +624,12 @@ __device__ __forceinline__ bool group_range(const GemvParams& p, i64* v_begin, i
 // model's expert shapes), the weights are staged once for all batches; otherwise every batch
 // streams the row group's chunks again (same double-buffered steps, batch after batch).
 template <int FMT, int R, bool QX>
-__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
+__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const GemvPre& pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: the IQ2_XXS tables (one copy), then warps x 2 x R x CHUNK bytes.
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes.
     extern __shared__ __align__(16) u8 gemv_smem[];
-    u8* const stage_dyn = gemv_smem + TabBytes<FMT, 0>::V;
+    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * 8];
     i64 v_begin, v_end;
     if (!group_range(p, &v_begin, &v_end)) return;  // uniform in the CTA
@@ -711,7 +675,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
         const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
-    // (IQ2_XXS tables: built by gemv_prologue before the PDL wait.)
+    gemv_tables<FMT>(p, pre);
     int buf = 0;
     // One batch of NB vectors from v0 against the row group at row0. Resident: its chunk is in
     // `staged`. Streaming: its chunks are landed step by step; the step after the last chunk is
@@ -725,7 +689,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
 #pragma unroll
             for (int v = 0; v < NB; v++) acc[r][v] = 0.f;
         if (resident) {
-            if (row0 < p.n_rows && wg < nchunks) chunk_dot<FMT, R, NB, QX, 0>(p, staged, wg, v0, nblocks, dstride, lane, acc);
+            if (row0 < p.n_rows && wg < nchunks) chunk_dot<FMT, R, NB, QX>(p, staged, wg, v0, nblocks, dstride, lane, acc);
         } else {
             for (i64 c = wg; row0 < p.n_rows && c < nchunks; c += ws, buf ^= 1) {
                 u8* const cur = stage + buf * R * CHUNK;
@@ -736,7 +700,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
                     if (last) nr = row0 + block_stride;
                 }
                 if (nr < p.n_rows) issue(nr, nc, stage + (buf ^ 1) * R * CHUNK);
-                chunk_dot<FMT, R, NB, QX, 0>(p, cur, c, v0, nblocks, dstride, lane, acc);
+                chunk_dot<FMT, R, NB, QX>(p, cur, c, v0, nblocks, dstride, lane, acc);
             }
         }
         group_store<R, NB>(p, row0, ws, acc, red, v0);
@@ -877,15 +841,15 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // the quantized kernels have R = 2. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
 // grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_quant<FMT, R, 1, QX, 0>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_quant<FMT, R, 2, QX, 0>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_quant<FMT, R, 4, QX, 0>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_quant<FMT, R, 8, QX, 0>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 1, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 2, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 4, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 8, QX>(p, pre); }
 #define GEMV_P(name, FMT, R)                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_plain<FMT, R, 1>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_plain<FMT, R, 2>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_plain<FMT, R, 4>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_plain<FMT, R, 8>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 1>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 2>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 4>(p); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 8>(p); }
 
 GEMV_P(gemv_f32_f32x_r1, FMT_F32, 1)
 GEMV_P(gemv_f32_f32x_r4, FMT_F32, 4)
@@ -900,17 +864,9 @@ GEMV_Q(gemv_q2_k_q8x, FMT_Q2_K, 2, true)
 GEMV_Q(gemv_q4_k_q8x, FMT_Q4_K, 2, true)
 GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)
 
-// The IQ2_XXS dp4a kernel for one vector (decode's routed gate and up projections) with its
-// tables in 2^LC copies (gemv_iq2_sel); gemv.rs picks the copies.
-#define GEMV_IQ2C(C, LC)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) gemv_iq2_xxs_q8x_c##C##_nb1(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT_IQ2_XXS, LC>(p))); gemv_quant<FMT_IQ2_XXS, 2, 1, true, LC>(p); }
-GEMV_IQ2C(8, 3)
-GEMV_IQ2C(16, 4)
-GEMV_IQ2C(32, 5)
-
 // Grouped expert products (quantized activations only: ds4's expert numerics), R = 2.
 #define GEMV_G(name, FMT)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY_AFTER((gemv_prologue<FMT, 0>(p))); gemv_quant_grouped<FMT, 2, true>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant_grouped<FMT, 2, true>(p, pre); }
 GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
 GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)

@@ -26,12 +26,11 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 use ds4_gguf::GgmlType;
 
 use crate::device::{DeviceBuffer, DeviceValue};
-use crate::error::{CudaError, DriverContext, Result};
+use crate::error::{CudaError, Result};
 use crate::kernels::Gpu;
 
 /// Weight formats with a GEMV kernel.
@@ -256,7 +255,6 @@ struct GemvParams {
     y_pair: u64,
     groups: u64,
     n_vecs_total: i64,
-    prefetch_bytes: i64,
     stage_bufs: i64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
@@ -283,18 +281,14 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
 }
 
 /// Shared-memory bytes of the decode tables a kernel keeps before its stages (IQ2_XXS: 384
-/// words in `copies` copies, `Iq2Tab` in gemv.cu); 0 for the other formats.
-fn table_bytes(format: WeightFormat, copies: usize) -> usize {
+/// words, `IQ2_TAB_BYTES` in gemv.cu); 0 for the other formats.
+fn table_bytes(format: WeightFormat) -> usize {
     if format == WeightFormat::IQ2XXS {
-        384 * 4 * copies
+        384 * 4
     } else {
         0
     }
 }
-
-/// Copies of the IQ2_XXS tables the one-vector dp4a kernel uses (`gemv_iq2_xxs_q8x_c{N}_nb1`
-/// in gemv.cu; 1: `gemv_iq2_xxs_q8x_nb1`).
-const IQ2_TABLE_COPIES: [usize; 4] = [1, 8, 16, 32];
 
 /// Whether the kernels may use 16-byte loads on `w` (and the paired `w2`, same shape): base,
 /// rows and the expert stride all multiples of 16 bytes.
@@ -308,15 +302,6 @@ pub(crate) fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
 /// Staged chunks per row of a quantized matrix.
 fn quant_chunks(w: &DeviceMatrix) -> usize {
     w.row_bytes.div_ceil(stage_chunk_bytes(w.format))
-}
-
-/// [`quant_chunks`], or 1 for the formats without a stage.
-fn quant_chunks_or_1(w: &DeviceMatrix) -> usize {
-    if stage_chunk_bytes(w.format) == 0 {
-        1
-    } else {
-        quant_chunks(w)
-    }
 }
 
 /// How one matrix is cut into CTAs. The summation order of a row depends only on `split`,
@@ -401,31 +386,6 @@ impl LaunchShape {
             grid_x: w.rows.div_ceil(groups * rows_per_group),
         }
     }
-}
-
-/// Launch-policy knobs read once from the environment (for measurements):
-/// `DS4_GEMV_PREFETCH_MB` (L2 prefetch budget per launch; 0: off), `DS4_GEMV_CAP_EXPERT` and
-/// `DS4_GEMV_CAP_DENSE` (CTAs per multiprocessor when no [`Gpu::set_gemv_grid_cap`] is set).
-struct Knobs {
-    prefetch_bytes: Option<usize>,
-    cap_expert: Option<usize>,
-    cap_dense: Option<usize>,
-    iq2_copies: usize,
-}
-
-fn knobs() -> &'static Knobs {
-    static K: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
-    K.get_or_init(|| {
-        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-        Knobs {
-            prefetch_bytes: num("DS4_GEMV_PREFETCH_MB").map(|mb| mb << 20),
-            cap_expert: num("DS4_GEMV_CAP_EXPERT").filter(|&c| c > 0),
-            cap_dense: num("DS4_GEMV_CAP_DENSE").filter(|&c| c > 0),
-            iq2_copies: num("DS4_GEMV_IQ2_COPIES")
-                .filter(|c| IQ2_TABLE_COPIES.contains(c))
-                .unwrap_or(1),
-        }
-    })
 }
 
 /// Vectors per launch the kernels are instantiated for.
@@ -699,7 +659,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, (w.experts + 1) as u32, n_mats),
             block_dim: ((shape.warps * 32) as u32, 1, 1),
-            shared_mem_bytes: (table_bytes(w.format, 1)
+            shared_mem_bytes: (table_bytes(w.format)
                 + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
                 as u32,
         };
@@ -725,7 +685,6 @@ impl Gpu {
             y_pair: y2_ptr,
             groups: group_start.ptr(),
             n_vecs_total: n_vecs_total as i64,
-            prefetch_bytes: 0,
             stage_bufs: 2,
         };
         let name = format!("gemv_{}_q8x_grouped", w.format.tag());
@@ -739,8 +698,8 @@ impl Gpu {
         // Profile bytes: an upper bound (every expert's rows once; experts without vectors
         // read nothing).
         let bytes = w.total_bytes() * n_mats as usize;
-        // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers
-        // warps × 2 × R × chunk bytes (each warp's two stage buffers); `split` divides the CTA's
+        // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers the
+        // decode tables and warps × 2 × R × chunk bytes (each warp's two stage buffers); `split` divides the CTA's
         // warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
         // (the buffer has at least experts + 1 entries, checked above) and clamps every offset
         // to [0, n_vecs_total], so it reads activation vectors and writes output vectors only in
@@ -813,19 +772,6 @@ impl Gpu {
         let aligned16 = aligned16(w, w2);
         let sms = self.device.info().multiprocessors as usize;
         let plain = stage_chunk_bytes(w.format) == 0;
-        // L2 prefetch before the PDL wait (gemv_prologue): the matrix, or an expert stack whose
-        // every expert has a slot (the ids are not known before the wait), up to 3/4 of the L2
-        // for all matrices of the launch. Needs 16-byte aligned rows (bulk prefetch) and sm_90.
-        let info = self.device.info();
-        let whole = ids.is_none_or(|(_, n)| n >= w.experts);
-        let prefetch = if aligned16 && whole && info.compute_capability.0 >= 9 {
-            let budget = knobs()
-                .prefetch_bytes
-                .unwrap_or(info.l2_cache_bytes * 3 / 4);
-            (budget / n_mats as usize).min(w.total_bytes()) & !15
-        } else {
-            0
-        };
         let mut b0 = 0;
         while b0 < n_vecs {
             let left = n_vecs - b0;
@@ -842,27 +788,18 @@ impl Gpu {
             } else {
                 1
             };
-            let copies = if !plain && nb == 1 && act_tag == "q8x" && w.format == WeightFormat::IQ2XXS {
-                knobs().iq2_copies
-            } else {
-                1
-            };
             let mut grid_x = shape.grid_x;
-            let cap = self.gemv_grid_cap().or(if ids.is_some() {
-                knobs().cap_expert
-            } else {
-                knobs().cap_dense
-            });
-            if let Some(cap) = cap {
+            if let Some(cap) = self.gemv_grid_cap() {
                 grid_x = grid_x.min((cap * sms / (n_slots * n_mats as usize)).max(1));
             }
             // Stage buffers of R chunks per warp (quantized formats; none otherwise): two, or
             // one when no warp has a second step (at most one chunk per row group, one row
             // block per CTA), so that more CTAs fit on a multiprocessor.
             let rows_per_cta = shape.warps / shape.split * shape.rows_per_group;
-            let one_step = shape.split >= quant_chunks_or_1(w) && grid_x * rows_per_cta >= w.rows;
+            let one_step =
+                !plain && shape.split >= quant_chunks(w) && grid_x * rows_per_cta >= w.rows;
             let stage_bufs = if one_step { 1 } else { 2 };
-            let smem = table_bytes(w.format, copies)
+            let smem = table_bytes(w.format)
                 + shape.warps * stage_bufs * shape.rows_per_group * stage_chunk_bytes(w.format);
             let cfg = LaunchConfig {
                 grid_dim: (grid_x as u32, n_slots as u32, n_mats),
@@ -898,27 +835,14 @@ impl Gpu {
                 },
                 groups: 0,
                 n_vecs_total: 0,
-                prefetch_bytes: prefetch as i64,
                 stage_bufs: stage_bufs as i64,
             };
             let name = if plain {
                 let r = shape.rows_per_group;
                 format!("gemv_{}_{act_tag}_r{r}_nb{nb}", w.format.tag())
-            } else if copies > 1 {
-                format!("gemv_{}_{act_tag}_c{copies}_nb{nb}", w.format.tag())
             } else {
                 format!("gemv_{}_{act_tag}_nb{nb}", w.format.tag())
             };
-            if smem > 48 << 10 {
-                // More than the default 48 KiB of dynamic shared memory must be opted into.
-                self.kernels
-                    .function("gemv", &name)?
-                    .set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        smem as i32,
-                    )
-                    .ctx(&format!("allowing {name} {smem} bytes of shared memory"))?;
-            }
             // Profile label: kernel and shape; bytes: the weight rows read (each slot's expert).
             let label = match n_batches {
                 1 => format!("{name} {}x{}", w.rows, w.cols),
@@ -931,7 +855,10 @@ impl Gpu {
             };
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
+            // the decode tables and warps × stage_bufs × R × chunk bytes, what each warp's stage
+            // buffers need (one buffer only when no warp has a second step: at most one chunk
+            // per row group and one row block per CTA, so the kernel never copies into a
+            // second buffer); `split` divides the
             // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
             // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
             // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked

@@ -229,7 +229,11 @@ fn iq2_xxs_kernel_order(row: &[u8], x: &[BlockQ8K], grid: &[u64]) -> f32 {
                 let s7 = (a1 >> (7 * g)) & 127;
                 let signs = s7 | ((s7.count_ones() & 1) << 7);
                 for (j, &c) in codes.iter().enumerate() {
-                    let w = if signs >> j & 1 == 1 { -(c as i32) } else { c as i32 };
+                    let w = if signs >> j & 1 == 1 {
+                        -(c as i32)
+                    } else {
+                        c as i32
+                    };
                     isum += w * x[b].qs[32 * it + 8 * g + j] as i32;
                 }
             }
@@ -269,9 +273,20 @@ fn iq2_xxs_dp4a_rows_follow_the_kernel_order_bit_for_bit() {
         // Slots 0..3 take experts 2, 0, 1 (so slot s reads expert ids[s]).
         let ids = [2i32, 0, 1];
         let d_ids = g.device.upload(&ids).unwrap();
-        let mut dy = g.device.alloc_filled::<f32>(3 * n_vecs * rows, 0xFF).unwrap();
-        g.expert_gemv(&stack, &d_ids, 3, Activations::Quantized(&qa), false, n_vecs, &mut dy)
+        let mut dy = g
+            .device
+            .alloc_filled::<f32>(3 * n_vecs * rows, 0xFF)
             .unwrap();
+        g.expert_gemv(
+            &stack,
+            &d_ids,
+            3,
+            Activations::Quantized(&qa),
+            false,
+            n_vecs,
+            &mut dy,
+        )
+        .unwrap();
         let y = g.device.download(&dy).unwrap();
         let plain = dw.matrix(0, format, cols, rows, 1).unwrap();
         let mut dp = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
