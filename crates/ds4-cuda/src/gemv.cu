@@ -56,7 +56,6 @@ struct GemvParams {
     u64 y_pair;     // ... and its output (gate and up projections in one launch)
     u64 groups;     // grouped experts: i32 vector offsets per expert (n_experts + 1), or 0
     i64 n_vecs_total;  // grouped experts: vectors in x and y
-    i64 stage_bufs;  // quantized kernels: stage buffers per warp (1: no warp has a second step)
 };
 
 // The matrix and output of this CTA (blockIdx.z picks one of a pair).
@@ -408,7 +407,7 @@ __device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
 // entries (and loads the rest of the codebook when the CTA has fewer than 128 threads); a
 // no-op for the other formats. Every thread of the CTA calls it (it synchronizes).
 template <int FMT>
-__device__ __forceinline__ void gemv_tables(const GemvParams& p, const GemvPre& pre) {
+__device__ __forceinline__ void gemv_tables(const GemvParams& p, const GemvPre pre) {
     if constexpr (FMT == FMT_IQ2_XXS) {
         extern __shared__ __align__(16) u8 gemv_smem[];
         u32* const tab = (u32*)gemv_smem;
@@ -469,17 +468,16 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
 //
 // Work split: a row group (R rows) belongs to p.split warps (gemv.rs picks it from the matrix
 // shape alone); warp wg of the group takes chunks wg, wg+ws, ... of the group's rows. Each warp
-// has two stage buffers of R chunks (one when no warp has a second step): while it computes on
-// one, the next step's chunk (the next chunk of its rows, or the first one of its next row
-// group) is copied into the other with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
+// has two stage buffers of R chunks: while it computes on one, the next step's chunk (the
+// next chunk of its rows, or the first one of its next row group) is copied into the other
+// with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
 // copied with 2-byte loads when their step starts (same stage contents, same bits).
 template <int FMT, int R, int NB, bool QX>
-__device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre& pre) {
+__device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x stage_bufs x R x CHUNK
-    // bytes (gemv.rs sizes it with the same numbers). One stage buffer per warp when no warp
-    // has a second step (gemv.rs decides): the next-step copies below then never happen.
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes
+    // (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 gemv_smem[];
     u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
@@ -488,7 +486,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre& p
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int ws = (int)p.split, wg = warp % ws;  // warps per row group, this warp's rank in it
-    u8* const stage = stage_dyn + warp * (int)p.stage_bufs * R * CHUNK;
+    u8* const stage = stage_dyn + warp * 2 * R * CHUNK;
     const i64 nblocks = p.k / F::BE;
     const i64 nchunks = (nblocks + F::CB - 1) / F::CB;
     const i64 xv0 = (i64)blockIdx.y * p.x_slot_vecs;  // first activation vector of this slot
@@ -624,7 +622,7 @@ __device__ __forceinline__ bool group_range(const GemvParams& p, i64* v_begin, i
 // model's expert shapes), the weights are staged once for all batches; otherwise every batch
 // streams the row group's chunks again (same double-buffered steps, batch after batch).
 template <int FMT, int R, bool QX>
-__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const GemvPre& pre) {
+__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
     // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes.

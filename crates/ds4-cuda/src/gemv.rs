@@ -255,7 +255,6 @@ struct GemvParams {
     y_pair: u64,
     groups: u64,
     n_vecs_total: i64,
-    stage_bufs: i64,
 }
 // SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemvParams {}
@@ -685,7 +684,6 @@ impl Gpu {
             y_pair: y2_ptr,
             groups: group_start.ptr(),
             n_vecs_total: n_vecs_total as i64,
-            stage_bufs: 2,
         };
         let name = format!("gemv_{}_q8x_grouped", w.format.tag());
         let label = format!(
@@ -699,8 +697,8 @@ impl Gpu {
         // read nothing).
         let bytes = w.total_bytes() * n_mats as usize;
         // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers the
-        // decode tables and warps × 2 × R × chunk bytes (each warp's two stage buffers); `split` divides the CTA's
-        // warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
+        // decode tables and warps × 2 × R × chunk bytes (each warp's two stage buffers); `split`
+        // divides the CTA's warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
         // (the buffer has at least experts + 1 entries, checked above) and clamps every offset
         // to [0, n_vecs_total], so it reads activation vectors and writes output vectors only in
         // [0, n_vecs_total): the activations hold at least n_vecs_total vectors of `cols` (with
@@ -792,19 +790,14 @@ impl Gpu {
             if let Some(cap) = self.gemv_grid_cap() {
                 grid_x = grid_x.min((cap * sms / (n_slots * n_mats as usize)).max(1));
             }
-            // Stage buffers of R chunks per warp (quantized formats; none otherwise): two, or
-            // one when no warp has a second step (at most one chunk per row group, one row
-            // block per CTA), so that more CTAs fit on a multiprocessor.
-            let rows_per_cta = shape.warps / shape.split * shape.rows_per_group;
-            let one_step =
-                !plain && shape.split >= quant_chunks(w) && grid_x * rows_per_cta >= w.rows;
-            let stage_bufs = if one_step { 1 } else { 2 };
-            let smem = table_bytes(w.format)
-                + shape.warps * stage_bufs * shape.rows_per_group * stage_chunk_bytes(w.format);
             let cfg = LaunchConfig {
                 grid_dim: (grid_x as u32, n_slots as u32, n_mats),
                 block_dim: ((shape.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
+                // The decode tables (IQ2_XXS) and two stage buffers of R chunks per warp
+                // (quantized formats; 0 otherwise).
+                shared_mem_bytes: (table_bytes(w.format)
+                    + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
+                    as u32,
             };
             let params = GemvParams {
                 w: w.ptr,
@@ -835,7 +828,6 @@ impl Gpu {
                 },
                 groups: 0,
                 n_vecs_total: 0,
-                stage_bufs: stage_bufs as i64,
             };
             let name = if plain {
                 let r = shape.rows_per_group;
@@ -855,17 +847,14 @@ impl Gpu {
             };
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // the decode tables and warps × stage_bufs × R × chunk bytes, what each warp's stage
-            // buffers need (one buffer only when no warp has a second step: at most one chunk
-            // per row group and one row block per CTA, so the kernel never copies into a
-            // second buffer); `split` divides the
-            // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
-            // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
-            // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
-            // above for n_slots × n_vecs vectors (y2 too); the weight range
-            // [ptr, ptr + total_bytes) of w (and of w2, whose shape equals w's) is inside live
-            // device memory by DeviceMatrix's construction contract; expert ids are
-            // range-checked on the device.
+            // the decode tables and warps × 2 × R × chunk bytes, what each warp's two stage
+            // buffers need; `split` divides the CTA's warps and is at most 8 (the kernels'
+            // reduction buffer). With n_batches > 1 the kernel reads n_batches × 8 vectors from
+            // x and writes as many to y: within the n_vecs checked above (b0 + 8 × n_batches ≤
+            // n_vecs). The buffer lengths were checked above for n_slots × n_vecs vectors (y2
+            // too); the weight range [ptr, ptr + total_bytes) of w (and of w2, whose shape
+            // equals w's) is inside live device memory by DeviceMatrix's construction contract;
+            // expert ids are range-checked on the device.
             unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
             b0 += nb * n_batches;
         }
