@@ -1,6 +1,8 @@
 //! GEMV bandwidth at DeepSeek V4 Flash shapes, plus kernel compile / cache-hit times.
 //!
-//! `cargo run --release -p ds4-cuda --example gemv_bench [-- --quick]`
+//! `cargo run --release -p ds4-cuda --example gemv_bench [-- [--quick] [--filter TEXT] [--no-compile]]`
+//! (`--filter`: only the cases whose name contains TEXT; `--no-compile`: skip the kernel
+//! compile timings).
 //!
 //! Each case streams its weights from HBM: the matrices are replicated (dense) or drawn from a
 //! full 256-expert stack with fresh random ids per call, so the 50 MB L2 cannot serve repeats.
@@ -28,6 +30,8 @@ struct Case {
     experts_used: usize,
     n_vecs: usize,
     quantized_x: bool,
+    /// Two matrices (stacks) of the shape per call (gemv_pair / expert_gemv_pair).
+    pair: bool,
 }
 
 fn case(
@@ -46,7 +50,13 @@ fn case(
         experts_used,
         n_vecs: 1,
         quantized_x,
+        pair: false,
     }
+}
+
+fn pair(mut c: Case) -> Case {
+    c.pair = true;
+    c
 }
 
 fn main() {
@@ -54,7 +64,13 @@ fn main() {
         println!("skipped: no CUDA");
         return;
     }
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let no_compile = args.iter().any(|a| a == "--no-compile");
+    let filter = args
+        .iter()
+        .position(|a| a == "--filter")
+        .and_then(|i| args.get(i + 1).cloned());
 
     // Kernel load: cold (fresh cache dir: NVRTC compiles) then warm (cache hit).
     let dir = std::env::temp_dir().join(format!("ds4-bench-kcache-{}", std::process::id()));
@@ -79,6 +95,14 @@ fn main() {
         gpu.device.nvrtc_arch()
     );
     println!("Gpu::open with cold kernel cache: {cold:.0} ms; with warm cache: {warm:.0} ms");
+    if !no_compile {
+        compile_times(&gpu, &cold_stats);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    bench_cases(&gpu, quick, filter.as_deref());
+}
+
+fn compile_times(gpu: &Gpu, cold_stats: &[ds4_cuda::compile::CompileStats]) {
     for (c, w) in cold_stats.iter().zip(&gpu.kernels.stats) {
         println!(
             "  module {:<10} compile {:>8.1} ms  cache hit {:>6.2} ms  cubin {} KiB  (hit: {} / {})",
@@ -90,7 +114,6 @@ fn main() {
             w.cache_hit
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
     // A compile that no cache of any kind can have seen: the gemv source plus a unique comment.
     let nonce_src = format!(
         "{}\n// nonce {} {:?}",
@@ -109,9 +132,11 @@ fn main() {
 
     println!(
         "device-to-device copy (read+write): {:.0} GB/s",
-        copy_bandwidth(&gpu)
+        copy_bandwidth(gpu)
     );
+}
 
+fn bench_cases(gpu: &Gpu, quick: bool, filter: Option<&str>) {
     use WeightFormat::*;
     let mut cases = vec![
         case("attn_q_a 4096->1024", Q8_0, 4096, 1024, 0, false),
@@ -125,6 +150,8 @@ fn main() {
         case("output 4096->129280", Q8_0, 4096, 129280, 0, false),
         case("output 4096->129280", Q8_0, 4096, 129280, 0, true),
         case("shexp gate 4096->2048", Q8_0, 4096, 2048, 0, true),
+        pair(case("shexp gate+up 4096->2048", Q8_0, 4096, 2048, 0, true)),
+        case("shexp down 2048->4096", Q8_0, 2048, 4096, 0, true),
         case("router 4096->256 F16", F16, 4096, 256, 0, false),
         case("indexer q_b 1024->8192 F16", F16, 1024, 8192, 0, false),
         case("F32 4096->4096", F32, 4096, 4096, 0, false),
@@ -144,6 +171,14 @@ fn main() {
             6,
             true,
         ),
+        pair(case(
+            "exp gate+up IQ2_XXS 4096->2048 x6",
+            IQ2XXS,
+            4096,
+            2048,
+            6,
+            true,
+        )),
         case("exp down Q2_K 2048->4096 x6", Q2K, 2048, 4096, 6, false),
         case("exp down Q2_K 2048->4096 x6", Q2K, 2048, 4096, 6, true),
         case("exp gate Q4_K 4096->2048 x6", Q4K, 4096, 2048, 6, false),
@@ -171,16 +206,19 @@ fn main() {
     if quick {
         cases.truncate(4);
     }
+    if let Some(f) = filter {
+        cases.retain(|c| c.name.contains(f));
+    }
     println!(
         "\nGB/s = bytes one call must move / time. stream: back-to-back launches from the host, {} warps per CTA; \
          wN [capM]: {ITERS} calls captured in one CUDA graph and replayed, N warps per CTA [grid capped at M CTAs per SM].",
         ds4_cuda::kernels::DEFAULT_GEMV_WARPS
     );
     println!(
-        "\n| case | format | x | vecs | MB/call | stream us | stream GB/s | w1 | w2 | w4 | w8 | w4 cap8 | w8 cap4 | best us | best % of 3.35 TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| case | format | x | vecs | MB/call | stream us | stream GB/s | w4 | w8 | w4 cap2 | w4 cap4 | w4 cap8 | w8 cap4 | best us | best % of 3.35 TB/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for c in &cases {
-        let r = run_case(&gpu, c);
+        let r = run_case(gpu, c);
         let gbs = |us: f64| r.bytes as f64 / (us * 1e-6) / 1e9;
         let best = r.graph_us.iter().cloned().fold(f64::INFINITY, f64::min);
         let cols: Vec<String> = r
@@ -189,8 +227,9 @@ fn main() {
             .map(|&us| format!("{:.0}", gbs(us)))
             .collect();
         println!(
-            "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {:.2} | {:.0}% |",
+            "| {}{} | {:?} | {} | {} | {:.2} | {:.2} | {:.0} | {} | {:.2} | {:.0}% |",
             c.name,
+            if c.pair { " pair" } else { "" },
             c.format,
             if c.quantized_x { "q8 (dp4a)" } else { "f32" },
             c.n_vecs,
@@ -207,10 +246,10 @@ fn main() {
 const ITERS: usize = 200;
 /// (warps per CTA, grid cap in CTAs per SM) of the graph-timed columns.
 const GRAPH_CONFIGS: [(usize, Option<usize>); 6] = [
-    (1, None),
-    (2, None),
     (4, None),
     (8, None),
+    (4, Some(2)),
+    (4, Some(4)),
     (4, Some(8)),
     (8, Some(4)),
 ];
@@ -288,10 +327,12 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
     let row_bytes = c.format.ggml().row_bytes(c.cols as u64).unwrap() as usize;
     let matrix_bytes = row_bytes * c.rows;
     // Dense: enough copies to exceed L2 several times over. Experts: one 256-expert stack.
+    // Pairs: two stacks, or an even number of copies (call i reads copies 2i and 2i + 1).
     let (stack, copies) = if c.experts_used > 0 {
-        (256, 1)
+        (256, if c.pair { 2 } else { 1 })
     } else {
-        (1, (512usize << 20).div_ceil(matrix_bytes).clamp(1, 64))
+        let n = (512usize << 20).div_ceil(matrix_bytes).clamp(1, 64);
+        (1, if c.pair { (n + 1) & !1 } else { n })
     };
     // Random data for one matrix, tiled to fill the region (content does not change timing).
     let one = random_rows(&mut rng, c.format, c.cols, c.rows);
@@ -320,6 +361,7 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
         gpu.quantize_activations(&x, q).unwrap();
     }
     let mut y = gpu.device.alloc::<f32>(c.rows * c.n_vecs * slots).unwrap();
+    let mut y2 = gpu.device.alloc::<f32>(c.rows * c.n_vecs * slots).unwrap();
     // 64 id sets of distinct experts, cycled.
     let id_sets: Vec<DeviceBuffer<i32>> = (0..64)
         .map(|_| {
@@ -339,13 +381,31 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
         Activations::F32(&x)
     };
     let mut call = |i: usize| {
-        let m = &mats[i % copies];
-        if c.experts_used > 0 {
-            let ids = &id_sets[i % id_sets.len()];
-            gpu.expert_gemv(m, ids, c.experts_used, act, false, c.n_vecs, &mut y)
-                .unwrap();
-        } else {
-            gpu.gemv(m, act, c.n_vecs, &mut y).unwrap();
+        let ids = &id_sets[i % id_sets.len()];
+        match (c.pair, c.experts_used > 0) {
+            (false, true) => gpu
+                .expert_gemv(&mats[0], ids, c.experts_used, act, false, c.n_vecs, &mut y)
+                .unwrap(),
+            (false, false) => gpu.gemv(&mats[i % copies], act, c.n_vecs, &mut y).unwrap(),
+            (true, true) => gpu
+                .expert_gemv_pair(
+                    [&mats[0], &mats[1]],
+                    ids,
+                    c.experts_used,
+                    act,
+                    false,
+                    c.n_vecs,
+                    [&mut y, &mut y2],
+                )
+                .unwrap(),
+            (true, false) => gpu
+                .gemv_pair(
+                    [&mats[(2 * i) % copies], &mats[(2 * i + 1) % copies]],
+                    act,
+                    c.n_vecs,
+                    [&mut y, &mut y2],
+                )
+                .unwrap(),
         }
     };
     gpu.set_gemv_warps(ds4_cuda::kernels::DEFAULT_GEMV_WARPS)
@@ -366,7 +426,8 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
         c.cols * c.n_vecs * 4
     };
     Measured {
-        bytes: matrix_bytes * slots + x_bytes + c.rows * c.n_vecs * slots * 4,
+        bytes: (matrix_bytes * slots + c.rows * c.n_vecs * slots * 4) * (1 + c.pair as usize)
+            + x_bytes,
         stream_us,
         graph_us,
     }

@@ -25,6 +25,13 @@ typedef long long i64;
     do {           \
     } while (0)
 #endif
+// PDL_ENTRY_AFTER(work): `work` (a statement, which may declare a variable for the rest of the
+// kernel), then PDL_ENTRY(). Only for work that reads nothing a kernel writes (constant tables
+// uploaded once): it then runs while the previous kernel still does. Two statements: use it as
+// a kernel's first, in place of PDL_ENTRY().
+#define PDL_ENTRY_AFTER(...) \
+    __VA_ARGS__;             \
+    PDL_ENTRY()
 
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 

@@ -83,9 +83,29 @@ __device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
     for (int j = 0; j < 4; j++) w[j] = __funnelshift_r(v[j], v[j + 1], sh);
 }
 
+// ---- IQ2_XXS decoding: common.cuh's PRMT encoding in a table layout of this module ----
+// At the start of the dynamic shared memory (the stages follow): the spread sign bits per 7-bit
+// sign index (128 words), then the PRMT selector word per grid index (256 words). Each lookup's
+// byte offset is a shift and a mask of the quant word, the table's base a constant.
+#define IQ2_TAB_GRID 128  // word offset of the grid selectors
+#define IQ2_TAB_BYTES (384 * 4)
+// Table bytes the kernels of format FMT keep before their stages.
+template <int FMT> struct TabBytes { static constexpr int V = FMT == FMT_IQ2_XXS ? IQ2_TAB_BYTES : 0; };
+
+// The selector word of group l (0..3) of an item (a0: its 4 grid indices, a1: its 4 7-bit
+// sign indices and scale): prmt(IQ2_POS, IQ2_NEG, sel) gives weights 0-3 of the group,
+// prmt(IQ2_POS, IQ2_NEG, sel >> 16) weights 4-7.
+__device__ __forceinline__ u32 gemv_iq2_sel(const u32* tab, u32 a0, u32 a1, int l) {
+    const int ss = 7 * l - 2, gs = 8 * l - 2;
+    const u32 so = (ss >= 0 ? a1 >> ss : a1 << -ss) & (127u << 2);
+    const u32 go = (gs >= 0 ? a0 >> gs : a0 << -gs) & (255u << 2);
+    const u8* tb = (const u8*)tab;
+    return *(const u32*)(tb + so) | *(const u32*)(tb + 4 * IQ2_TAB_GRID + go);
+}
+
 // ---- f32 activations: the 4 raw quant values of group i (elements 4i..4i+3 of an item) ----
 template <int FMT>
-__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, u32 mis, float q[4]) {
+__device__ __forceinline__ void item_q4(const u8* blk, int it, int i, u32 mis, const u32* tab, float q[4]) {
     if constexpr (FMT == FMT_Q8_0) {
         u32 w = rd32_a2(blk + 2 + 4 * i);
 #pragma unroll
@@ -100,10 +120,10 @@ __device__ __forceinline__ void item_q4(const u8* blk, int it, int i, u32 mis, f
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)((w >> (8 * j)) & 15);
     } else {  // IQ2_XXS
-        u32 a0, a1, lo, hi;
+        u32 a0, a1;
         rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
-        iq2xxs_group(a0, a1, i >> 1, &lo, &hi);
-        const u32 w = (i & 1) ? hi : lo;
+        const u32 sel = gemv_iq2_sel(tab, a0, a1, i >> 1);
+        const u32 w = prmt(IQ2_POS, IQ2_NEG, (i & 1) ? sel >> 16 : sel);
 #pragma unroll
         for (int j = 0; j < 4; j++) q[j] = (float)sbyte(w, j);
     }
@@ -135,7 +155,7 @@ __device__ __forceinline__ void item_scale(const u8* blk, int it, int p, float* 
 // (row r's block at blk0 + r * CHUNK), f32 activations.
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x, i64 xstride, u32 mis,
-                                          float (&acc)[R][NB]) {
+                                          const u32* tab, float (&acc)[R][NB]) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     constexpr int NP = (FMT == FMT_Q2_K) ? 2 : 1;  // Q2_K has a scale per 16 elements
     constexpr int GPP = 8 / NP;                       // groups of 4 per part
@@ -160,7 +180,7 @@ __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float q[4];
-                item_q4<FMT>(blk0 + r * CHUNK, it, i, mis, q);
+                item_q4<FMT>(blk0 + r * CHUNK, it, i, mis, tab, q);
 #pragma unroll
                 for (int v = 0; v < NB; v++)
                     sqx[r][v] += q[0] * xv[v].x + q[1] * xv[v].y + q[2] * xv[v].z + q[3] * xv[v].w;
@@ -176,12 +196,61 @@ __device__ __forceinline__ void item_f32x(const u8* blk0, int it, const float* x
     }
 }
 
+// item_q8x for IQ2_XXS: the same integer sums and float expression, fewer instructions. Each
+// row's two quant words are read once (not once per half), the four groups' eight dp4a chain
+// into one sum (integer: any order gives the same value), and IQ2_POS comes in `pos` (a
+// register the caller made opaque: as an immediate, ptxas rebuilt it before every PRMT).
+template <int R, int NB>
+__device__ __forceinline__ void item_iq2_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
+                                             i64 dstride, u32 mis, u32 pos, const u32* tab, float (&acc)[R][NB]) {
+    constexpr int CHUNK = Fmt<FMT_IQ2_XXS>::CB * Fmt<FMT_IQ2_XXS>::BB;
+    u32 a0[R], a1[R];
+    int isum[R][NB];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        rd64_a2(blk0 + r * CHUNK + 2 + 8 * it, mis, &a0[r], &a1[r]);
+#pragma unroll
+        for (int v = 0; v < NB; v++) isum[r][v] = 0;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {  // 16-element halves: groups 2h, 2h + 1
+        int4 xw[NB];
+#pragma unroll
+        for (int v = 0; v < NB; v++) xw[v] = *(const int4*)(xq + v * xstride + 16 * h);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const u32 s0 = gemv_iq2_sel(tab, a0[r], a1[r], 2 * h), s1 = gemv_iq2_sel(tab, a0[r], a1[r], 2 * h + 1);
+            const int w0 = (int)prmt(pos, IQ2_NEG, s0), w1 = (int)prmt(pos, IQ2_NEG, s0 >> 16);
+            const int w2 = (int)prmt(pos, IQ2_NEG, s1), w3 = (int)prmt(pos, IQ2_NEG, s1 >> 16);
+#pragma unroll
+            for (int v = 0; v < NB; v++) {
+                int s = dp4a(w0, xw[v].x, isum[r][v]);
+                s = dp4a(w1, xw[v].y, s);
+                s = dp4a(w2, xw[v].z, s);
+                isum[r][v] = dp4a(w3, xw[v].w, s);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int ls = 2 * (int)(a1[r] >> 28) + 1;
+        const float d = f16_to_f32(rd16(blk0 + r * CHUNK));
+#pragma unroll
+        for (int v = 0; v < NB; v++) {
+            const float dx = xd[v * dstride];
+            acc[r][v] += 0.125f * (dx * d) * (float)(ls * isum[r][v]);
+        }
+    }
+}
+
 // One item against R staged rows, int8 activations (Q8_0 / Q8_K), dp4a; mirrors ggml's
-// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K, iq2_xxs_q8_K} integer sums. xq: the item's 32
-// values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride apart).
+// vec_dot_{q8_0_q8_0, q2_K_q8_K, q4_K_q8_K} integer sums (IQ2_XXS: item_iq2_q8x). xq: the
+// item's 32 values of vector 0 (vectors xstride apart); xd: its block scale (vectors dstride
+// apart).
 template <int FMT, int R, int NB>
 __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i64 xstride, const float* xd,
                                          i64 dstride, u32 mis, float (&acc)[R][NB]) {
+    static_assert(FMT != FMT_IQ2_XXS, "IQ2_XXS items go through item_iq2_q8x");
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     int isum[R][NB], imin[R][NB];
     int bsum[NB][2];
@@ -223,16 +292,6 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
                 for (int j = 0; j < 4; j++)
                     w[j] = (int)((rd32(blk + 16 + 32 * (it >> 1) + 16 * h + 4 * j) >> (4 * (it & 1))) &
                                  0x0F0F0F0Fu);
-            } else {  // IQ2_XXS: grid entries 2h, 2h+1 of this item, 8 values each
-                u32 a0, a1;
-                rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
-#pragma unroll
-                for (int l2 = 0; l2 < 2; l2++) {
-                    u32 lo, hi;
-                    iq2xxs_group(a0, a1, 2 * h + l2, &lo, &hi);
-                    w[2 * l2] = (int)lo;
-                    w[2 * l2 + 1] = (int)hi;
-                }
             }
 #pragma unroll
             for (int v = 0; v < NB; v++) {
@@ -266,11 +325,6 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
                 q4k_scale_min(blk + 4, it, &sc, &m);
                 acc[r][v] += (dx * f16_to_f32(rd16(blk))) * (float)(sc * isum[r][v]) -
                              (dx * f16_to_f32(rd16(blk + 2))) * (float)(m * (bsum[v][0] + bsum[v][1]));
-            } else {
-                u32 a0, a1;
-                rd64_a2(blk + 2 + 8 * it, mis, &a0, &a1);
-                const int ls = 2 * (int)(a1 >> 28) + 1;
-                acc[r][v] += 0.125f * (dx * f16_to_f32(rd16(blk))) * (float)(ls * isum[r][v]);
             }
         }
     }
@@ -327,12 +381,58 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 }
 
 
+// What a gemv kernel does before its PDL wait (PDL_ENTRY_AFTER), while the previous kernel
+// may still run: nothing in it depends on that kernel. IQ2_XXS: the loads of the codebook
+// entries of this thread's table words (the codebook is uploaded once and never written by a
+// kernel). They are only stored, decoded, by gemv_tables after the weight copies are issued,
+// so that a CTA that does not wait (the previous kernel is done) does not wait on these loads
+// either before it reads its expert id and issues its copies.
+#define IQ2_PRE 2  // grid entries loaded per thread before the wait (all of them from 128 threads)
+struct GemvPre {
+    u64 g[IQ2_PRE];  // grid entries threadIdx.x + j * blockDim.x (those below 256)
+};
+
+template <int FMT>
+__device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
+    GemvPre pre;
+#pragma unroll
+    for (int j = 0; j < IQ2_PRE; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        pre.g[j] = FMT == FMT_IQ2_XXS && i < 256 ? ((const u64*)p.grid)[i] : 0;
+    }
+    return pre;
+}
+
+// Builds the IQ2_XXS tables at the start of the dynamic shared memory from the prologue's
+// entries (and loads the rest of the codebook when the CTA has fewer than 128 threads); a
+// no-op for the other formats. Every thread of the CTA calls it (it synchronizes).
+template <int FMT>
+__device__ __forceinline__ void gemv_tables(const GemvParams& p, const GemvPre pre) {
+    if constexpr (FMT == FMT_IQ2_XXS) {
+        extern __shared__ __align__(16) u8 gemv_smem[];
+        u32* const tab = (u32*)gemv_smem;
+        for (int i = threadIdx.x; i < IQ2_TAB_GRID; i += blockDim.x) tab[i] = sign_nibbles8(iq2_signs(i));
+#pragma unroll
+        for (int j = 0; j < IQ2_PRE; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < 256) tab[IQ2_TAB_GRID + i] = iq2_codes4((u32)pre.g[j]) | (iq2_codes4((u32)(pre.g[j] >> 32)) << 16);
+        }
+        for (int i = threadIdx.x + IQ2_PRE * blockDim.x; i < 256; i += blockDim.x) {
+            const u64 g = ((const u64*)p.grid)[i];
+            tab[IQ2_TAB_GRID + i] = iq2_codes4((u32)g) | (iq2_codes4((u32)(g >> 32)) << 16);
+        }
+        __syncthreads();
+    }
+}
+
 // The items of staged chunk c (R rows at `cur`, CHUNK bytes apart) against activation vectors
 // xv .. xv+NB-1: lane l takes item l % ITEMS of the chunk's blocks l / ITEMS, + STEP, ...
 // (nblocks: blocks per row; dstride: activation scales per vector.)
 template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i64 c, i64 xv, i64 nblocks,
                                           i64 dstride, int lane, float (&acc)[R][NB]) {
+    extern __shared__ __align__(16) u8 gemv_smem[];
+    const u32* const tab = (const u32*)gemv_smem;  // IQ2_XXS tables (gemv_tables)
     typedef Fmt<FMT> F;
     constexpr int STEP = 32 / F::ITEMS;  // blocks a warp advances per pass over its lanes
     const int nbv = (int)min64((i64)F::CB, nblocks - c * F::CB);
@@ -347,12 +447,20 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
     if constexpr (QX) {
         const i8* xq = (const i8*)p.x + xv * p.k + b0 * F::BE + 32 * it;
         const float* xd = (const float*)p.xd + xv * dstride + b0 * (F::BE / F::QB);
-        for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
-            item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
+        if constexpr (FMT == FMT_IQ2_XXS) {
+            // IQ2_POS as a value ptxas cannot rebuild from an immediate: n_rows >= 1, so its
+            // sign bit is 0, but the compiler cannot know that.
+            const u32 pos = IQ2_POS | (u32)((u64)p.n_rows >> 63);
+            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP)
+                item_iq2_q8x<R, NB>(sb, it, xq, p.k, xd, dstride, mis, pos, tab, acc);
+        } else {
+            for (; lb < nbv; lb += STEP, sb += STEP * F::BB, xq += STEP * F::BE, xd += STEP * (F::BE / F::QB))
+                item_q8x<FMT, R, NB>(sb, it, xq, p.k, xd, dstride, mis, acc);
+        }
     } else {
         const float* x = (const float*)p.x + xv * p.k + b0 * F::BE + 32 * it;
         for (; lb < nbv; lb += STEP, sb += STEP * F::BB, x += STEP * F::BE)
-            item_f32x<FMT, R, NB>(sb, it, x, p.k, mis, acc);
+            item_f32x<FMT, R, NB>(sb, it, x, p.k, mis, tab, acc);
     }
 }
 
@@ -365,11 +473,13 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
 // with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
 // copied with 2-byte loads when their step starts (same stage contents, same bits).
 template <int FMT, int R, int NB, bool QX>
-__device__ __forceinline__ void gemv_quant(const GemvParams& p) {
+__device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: warps x 2 x R x CHUNK bytes (gemv.rs sizes it with the same numbers).
-    extern __shared__ __align__(16) u8 stage_dyn[];
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes
+    // (gemv.rs sizes it with the same numbers).
+    extern __shared__ __align__(16) u8 gemv_smem[];
+    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
@@ -417,10 +527,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p) {
         const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
-    if constexpr (FMT == FMT_IQ2_XXS) {  // after the first copies are issued: they overlap this
-        iq2xxs_tables(p.grid);
-        __syncthreads();
-    }
+    gemv_tables<FMT>(p, pre);  // while the first copies are in flight
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
     auto compute = [&](const u8* cur, i64 c, i64 v0, float (&acc)[R][NB]) {
         chunk_dot<FMT, R, NB, QX>(p, cur, c, xv0 + v0, nblocks, dstride, lane, acc);
@@ -515,11 +622,12 @@ __device__ __forceinline__ bool group_range(const GemvParams& p, i64* v_begin, i
 // model's expert shapes), the weights are staged once for all batches; otherwise every batch
 // streams the row group's chunks again (same double-buffered steps, batch after batch).
 template <int FMT, int R, bool QX>
-__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
+__device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: warps x 2 x R x CHUNK bytes, as gemv_quant.
-    extern __shared__ __align__(16) u8 stage_dyn[];
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes.
+    extern __shared__ __align__(16) u8 gemv_smem[];
+    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * 8];
     i64 v_begin, v_end;
     if (!group_range(p, &v_begin, &v_end)) return;  // uniform in the CTA
@@ -565,10 +673,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p) {
         const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
         if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
     }
-    if constexpr (FMT == FMT_IQ2_XXS) {
-        iq2xxs_tables(p.grid);
-        __syncthreads();
-    }
+    gemv_tables<FMT>(p, pre);
     int buf = 0;
     // One batch of NB vectors from v0 against the row group at row0. Resident: its chunk is in
     // `staged`. Streaming: its chunks are landed step by step; the step after the last chunk is
@@ -734,10 +839,10 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // the quantized kernels have R = 2. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
 // grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 1, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 2, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 4, QX>(p); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY(); gemv_quant<FMT, R, 8, QX>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 1, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 2, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 4, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 8, QX>(p, pre); }
 #define GEMV_P(name, FMT, R)                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 1>(p); } \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 2>(p); } \
@@ -759,7 +864,7 @@ GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)
 
 // Grouped expert products (quantized activations only: ds4's expert numerics), R = 2.
 #define GEMV_G(name, FMT)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY(); gemv_quant_grouped<FMT, 2, true>(p); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant_grouped<FMT, 2, true>(p, pre); }
 GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
 GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)

@@ -279,6 +279,16 @@ fn stage_chunk_bytes(format: WeightFormat) -> usize {
     }
 }
 
+/// Shared-memory bytes of the decode tables a kernel keeps before its stages (IQ2_XXS: 384
+/// words, `IQ2_TAB_BYTES` in gemv.cu); 0 for the other formats.
+fn table_bytes(format: WeightFormat) -> usize {
+    if format == WeightFormat::IQ2XXS {
+        384 * 4
+    } else {
+        0
+    }
+}
+
 /// Whether the kernels may use 16-byte loads on `w` (and the paired `w2`, same shape): base,
 /// rows and the expert stride all multiples of 16 bytes.
 pub(crate) fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
@@ -648,7 +658,8 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, (w.experts + 1) as u32, n_mats),
             block_dim: ((shape.warps * 32) as u32, 1, 1),
-            shared_mem_bytes: (shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
+            shared_mem_bytes: (table_bytes(w.format)
+                + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
                 as u32,
         };
         let params = GemvParams {
@@ -685,9 +696,9 @@ impl Gpu {
         // Profile bytes: an upper bound (every expert's rows once; experts without vectors
         // read nothing).
         let bytes = w.total_bytes() * n_mats as usize;
-        // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers
-        // warps × 2 × R × chunk bytes (each warp's two stage buffers); `split` divides the CTA's
-        // warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
+        // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers the
+        // decode tables and warps × 2 × R × chunk bytes (each warp's two stage buffers); `split`
+        // divides the CTA's warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
         // (the buffer has at least experts + 1 entries, checked above) and clamps every offset
         // to [0, n_vecs_total], so it reads activation vectors and writes output vectors only in
         // [0, n_vecs_total): the activations hold at least n_vecs_total vectors of `cols` (with
@@ -777,16 +788,16 @@ impl Gpu {
             };
             let mut grid_x = shape.grid_x;
             if let Some(cap) = self.gemv_grid_cap() {
-                grid_x = grid_x.min((cap * sms / n_slots).max(1));
+                grid_x = grid_x.min((cap * sms / (n_slots * n_mats as usize)).max(1));
             }
             let cfg = LaunchConfig {
                 grid_dim: (grid_x as u32, n_slots as u32, n_mats),
                 block_dim: ((shape.warps * 32) as u32, 1, 1),
-                // Two stage buffers of R chunks per warp (quantized formats; 0 otherwise).
-                shared_mem_bytes: (shape.warps
-                    * 2
-                    * shape.rows_per_group
-                    * stage_chunk_bytes(w.format)) as u32,
+                // The decode tables (IQ2_XXS) and two stage buffers of R chunks per warp
+                // (quantized formats; 0 otherwise).
+                shared_mem_bytes: (table_bytes(w.format)
+                    + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
+                    as u32,
             };
             let params = GemvParams {
                 w: w.ptr,
@@ -836,14 +847,14 @@ impl Gpu {
             };
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // warps × 2 × R × chunk bytes, what each warp's two stage buffers need; `split` divides the
-            // CTA's warps and is at most 8 (the kernels' reduction buffer). With n_batches > 1 the
-            // kernel reads n_batches × 8 vectors from x and writes as many to y: within the
-            // n_vecs checked above (b0 + 8 × n_batches ≤ n_vecs). The buffer lengths were checked
-            // above for n_slots × n_vecs vectors (y2 too); the weight range
-            // [ptr, ptr + total_bytes) of w (and of w2, whose shape equals w's) is inside live
-            // device memory by DeviceMatrix's construction contract; expert ids are
-            // range-checked on the device.
+            // the decode tables and warps × 2 × R × chunk bytes, what each warp's two stage
+            // buffers need; `split` divides the CTA's warps and is at most 8 (the kernels'
+            // reduction buffer). With n_batches > 1 the kernel reads n_batches × 8 vectors from
+            // x and writes as many to y: within the n_vecs checked above (b0 + 8 × n_batches ≤
+            // n_vecs). The buffer lengths were checked above for n_slots × n_vecs vectors (y2
+            // too); the weight range [ptr, ptr + total_bytes) of w (and of w2, whose shape
+            // equals w's) is inside live device memory by DeviceMatrix's construction contract;
+            // expert ids are range-checked on the device.
             unsafe { self.launch("gemv", &name, (&label, bytes), cfg, &[&params])? };
             b0 += nb * n_batches;
         }

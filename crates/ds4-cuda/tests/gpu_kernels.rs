@@ -209,6 +209,115 @@ fn gemv_quantized_activations_match_cpu_dot_products() {
     }
 }
 
+/// The IQ2_XXS dp4a kernel's row sum, emulated on the CPU in the kernel's exact order for a
+/// row of one staged chunk (4096 columns: 16 blocks, `split` 1): lane l takes item l % 8 of
+/// blocks l / 8, l / 8 + 4, ... and adds `0.125 * (dx * d) * (ls * isum)` per item with one
+/// fused multiply-add; the lanes are combined by the butterfly of warp_sum (lane l adds lane
+/// l ^ 16, then ^ 8, ^ 4, ^ 2, ^ 1) and lane 0's value is the row.
+fn iq2_xxs_kernel_order(row: &[u8], x: &[BlockQ8K], grid: &[u64]) -> f32 {
+    assert_eq!(row.len(), 16 * 66);
+    let mut lanes = [0f32; 32];
+    for (l, acc) in lanes.iter_mut().enumerate() {
+        let it = l % 8;
+        for b in (l / 8..16).step_by(4) {
+            let blk = &row[b * 66..(b + 1) * 66];
+            let word = |at: usize| u32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+            let (a0, a1) = (word(2 + 8 * it), word(6 + 8 * it));
+            let mut isum = 0i32;
+            for g in 0..4 {
+                let codes = grid[((a0 >> (8 * g)) & 255) as usize].to_le_bytes();
+                let s7 = (a1 >> (7 * g)) & 127;
+                let signs = s7 | ((s7.count_ones() & 1) << 7);
+                for (j, &c) in codes.iter().enumerate() {
+                    let w = if signs >> j & 1 == 1 {
+                        -(c as i32)
+                    } else {
+                        c as i32
+                    };
+                    isum += w * x[b].qs[32 * it + 8 * g + j] as i32;
+                }
+            }
+            let ls = 2 * (a1 >> 28) as i32 + 1;
+            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+            *acc = (0.125f32 * (x[b].d * d)).mul_add((ls * isum) as f32, *acc);
+        }
+    }
+    for o in [16, 8, 4, 2, 1] {
+        let prev = lanes;
+        for (l, v) in lanes.iter_mut().enumerate() {
+            *v = prev[l] + prev[l ^ o];
+        }
+    }
+    lanes[0]
+}
+
+/// The IQ2_XXS dp4a kernel (the routed experts' gate and up projections in decode) gives,
+/// bit for bit, the sums of its documented order (`iq2_xxs_kernel_order`), for plain and
+/// expert launches of 1, 2 and 8 vectors: any change to its decode must keep these bits.
+#[test]
+fn iq2_xxs_dp4a_rows_follow_the_kernel_order_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let grid = ds4_cuda::kernels::iq2xxs_grid().unwrap();
+    let (cols, rows, experts) = (4096usize, 37usize, 3usize);
+    let format = WeightFormat::IQ2XXS;
+    let w = random_rows(&mut rng, format, cols, rows * experts);
+    let dw = upload_matrix(g, &w);
+    let stack = dw.matrix(0, format, cols, rows, experts).unwrap();
+    let rb = w.len() / (rows * experts);
+    for n_vecs in [1usize, 2, 8] {
+        let x = rng.f32s(cols * n_vecs);
+        let dx = g.device.upload(&x).unwrap();
+        let mut qa = g.alloc_quantized(ActQuant::Q8K, cols, n_vecs).unwrap();
+        g.quantize_activations(&dx, &mut qa).unwrap();
+        // Slots 0..3 take experts 2, 0, 1 (so slot s reads expert ids[s]).
+        let ids = [2i32, 0, 1];
+        let d_ids = g.device.upload(&ids).unwrap();
+        let mut dy = g
+            .device
+            .alloc_filled::<f32>(3 * n_vecs * rows, 0xFF)
+            .unwrap();
+        g.expert_gemv(
+            &stack,
+            &d_ids,
+            3,
+            Activations::Quantized(&qa),
+            false,
+            n_vecs,
+            &mut dy,
+        )
+        .unwrap();
+        let y = g.device.download(&dy).unwrap();
+        let plain = dw.matrix(0, format, cols, rows, 1).unwrap();
+        let mut dp = g.device.alloc_filled::<f32>(n_vecs * rows, 0xFF).unwrap();
+        g.gemv(&plain, Activations::Quantized(&qa), n_vecs, &mut dp)
+            .unwrap();
+        let yp = g.device.download(&dp).unwrap();
+        for v in 0..n_vecs {
+            let xq = quant::quantize_q8_k_activation(&x[v * cols..(v + 1) * cols]);
+            for r in 0..rows {
+                let row_of = |e: usize| &w[(e * rows + r) * rb..(e * rows + r + 1) * rb];
+                let want = iq2_xxs_kernel_order(row_of(0), &xq, &grid);
+                assert_eq!(
+                    yp[v * rows + r].to_bits(),
+                    want.to_bits(),
+                    "plain nb{n_vecs} vec {v} row {r}: {} vs {want}",
+                    yp[v * rows + r]
+                );
+                for (s, &e) in ids.iter().enumerate() {
+                    let want = iq2_xxs_kernel_order(row_of(e as usize), &xq, &grid);
+                    let got = y[(s * n_vecs + v) * rows + r];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "expert slot {s} nb{n_vecs} vec {v} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn activation_quantizers_match_cpu_bit_for_bit() {
     let Some(g) = gpu() else { return };
