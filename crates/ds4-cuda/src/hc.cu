@@ -611,46 +611,43 @@ extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u6
 // them into x (n_tok x d) and hands them to rmsnorm_row_body as its one cached segment (the
 // norm kernels' code): y (n_tok x d) and the quantized forms (q0/d0 Q8_0, qk/dk Q8_K, as
 // QUANT selects; n_tok vectors of d) get those kernels' bits. The maps' pre and post are
-// hc_pre's. Needs d % 8 == 0 and d <= 8 blockDim.x; the streams, x, y and w (null: 1) 16-byte
-// aligned, q0 and qk 8-byte aligned (the _v4 kernels' conditions). NC > 0: n = NC, known here,
-// so the streams are loaded before the mix is reduced.
-template <int QUANT, int NC>
+// hc_pre's. Needs n = HC_SPAN_N (the streams are loaded before the mix is reduced; one
+// instance, so that hc_load_mix is inlined), d % 8 == 0 and d <= 8 blockDim.x; the streams, x,
+// y and w (null: 1) 16-byte aligned, q0 and qk 8-byte aligned (the _v4 kernels' conditions).
+template <int QUANT>
 __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_,
                                                  u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, double eps_d,
                                                  double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,
                                                  double norm_eps) {
+    constexpr int N = HC_SPAN_N;
+    if (n != N) return;  // (uniform; the launch code checks it)
     const i64 t = blockIdx.x;
-    const i64 R = (2 + n) * n, M = 2 * n + n * n;
-    __shared__ float mix[(2 + HC_MAX_N) * HC_MAX_N + 1];
-    __shared__ float m[2 * HC_MAX_N];
-    const float* st = (const float*)streams_ + t * n * d;
+    const i64 R = (2 + N) * N, M = 2 * N + N * N;
+    __shared__ float mix[(2 + N) * N + 1];
+    __shared__ float m[2 * N];
+    const float* st = (const float*)streams_ + t * N * d;
     const float* w = (const float*)w_;
     const i64 s = threadIdx.x, nseg = d / SEG;
     const bool valid = s < nseg;
     // The loads first: their latency overlaps the mix reduction.
     float wv[1][SEG];
     rmsnorm_load_weight<true, 1>(w, d, wv);
-    float xs[NC > 0 ? NC : 1][SEG];
-    if (NC > 0 && valid)
+    float xs[N][SEG];
+    if (valid)
 #pragma unroll
-        for (int j = 0; j < NC; j++) load_seg<true>(st + j * d, s * SEG, d, xs[j]);
-    hc_load_mix(mix_, part_, n_part, t, R, n * d, rms_eps, mix);
-    hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, (int)n, (float)eps_d);
+        for (int j = 0; j < N; j++) load_seg<true>(st + j * d, s * SEG, d, xs[j]);
+    hc_load_mix(mix_, part_, n_part, t, R, N * d, rms_eps, mix);
+    hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, N, (float)eps_d);
     __syncthreads();
-    for (i64 i = threadIdx.x; i < 2 * n; i += blockDim.x) ((float*)maps_)[t * M + i] = m[i];
+    if (threadIdx.x < 2 * N) ((float*)maps_)[t * M + threadIdx.x] = m[threadIdx.x];
     float* x = (float*)x_ + t * d;
     float v[1][SEG];
 #pragma unroll
     for (int e = 0; e < SEG; e++) {
         float acc = 0.f;
-        if (valid) {
-            if (NC > 0) {
+        if (valid)
 #pragma unroll
-                for (int j = 0; j < NC; j++) acc += m[j] * xs[j][e];
-            } else {
-                for (int j = 0; j < n; j++) acc += m[j] * st[j * d + s * SEG + e];
-            }
-        }
+            for (int j = 0; j < N; j++) acc += m[j] * xs[j][e];
         v[0][e] = acc;  // 0 past the row end, as rmsnorm_row's
     }
     if (valid) store_seg<true>(x, s * SEG, d, v[0]);
@@ -669,12 +666,8 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
         NAME(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, \
              double eps_d, double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,                       \
              double norm_eps) { PDL_ENTRY();                                                                         \
-        if (n == HC_SPAN_N)                                                                                          \
-            hc_pre_norm_body<QUANT, HC_SPAN_N>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d, \
-                                               rms_eps, w_, y_, q0_, d0_, qk_, dk_, norm_eps);                       \
-        else                                                                                                         \
-            hc_pre_norm_body<QUANT, 0>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d,         \
-                                       rms_eps, w_, y_, q0_, d0_, qk_, dk_, norm_eps);                               \
+        hc_pre_norm_body<QUANT>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d, rms_eps, w_, y_, \
+                                q0_, d0_, qk_, dk_, norm_eps);                                                       \
     }
 HC_PRE_NORM_KERNEL(hc_pre_norm, QUANT_NONE)
 HC_PRE_NORM_KERNEL(hc_pre_norm_q8_0, QUANT_Q8_0)
