@@ -256,10 +256,6 @@ pub(crate) struct Scratch {
     /// forms of its norm's consumers where these flags say so (what norm_for / norm_for_both
     /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
     pre_normed: Option<(bool, bool)>,
-    /// TEMPORARY (measurement): DS4_CUDA_NO_PRE_NORM turns hc_pre_norm off.
-    pre_norm_enabled: bool,
-    pre_norm_comb_first: bool,
-    pre_norm_attn_only: bool,
     logits: DeviceBuffer<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
     quant: QuantSlots,
@@ -358,9 +354,6 @@ impl Scratch {
             hc_part_ready: false,
             moe_pending: None,
             pre_normed: None,
-            pre_norm_enabled: std::env::var_os("DS4_CUDA_NO_PRE_NORM").is_none(),
-            pre_norm_comb_first: std::env::var_os("DS4_CUDA_PRE_NORM_COMB_FIRST").is_some(),
-            pre_norm_attn_only: std::env::var_os("DS4_CUDA_PRE_NORM_ATTN_ONLY").is_some(),
             logits: f(cap * c.vocab_size)?,
             quant: QuantSlots::default(),
             lane_quant: Default::default(),
@@ -1083,10 +1076,18 @@ impl CudaModel {
             shared_mem_bytes: 0,
         };
         let dev = &self.gpu.device;
+        if !self.hc_pre_norm(s, hc, n, part, slices, norm)? {
+            // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps,
+            // rms_eps, slice) (the grid's d / slice CTAs per token cover the elements) reads
+            // n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales
+            // and n_tok × n × d streams, writes the first 2n values of n_tok maps and
+            // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+            unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
+        }
         // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
         // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only
         // the comb part of the maps, which nothing reads before hc_post.
-        let comb_args = kargs![
+        let a = kargs![
             s.mix.ptr(),
             part,
             slices,
@@ -1100,32 +1101,14 @@ impl CudaModel {
             c.rms_eps as f64,
             n
         ];
-        let comb = || -> Result<()> {
-            dev.fork(LANE_SINKHORN)?;
-            // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps,
-            // n_tok) (a warp per token, HC_COMB_WARPS per CTA) reads what hc_pre reads (but the
-            // streams) and writes the last n² values of n_tok maps.
-            let cfg = per_item(n.div_ceil(HC_COMB_WARPS), 32 * HC_COMB_WARPS as u32, 0);
-            let launched = unsafe { self.fk.launch(dev, "fwd_hc", "hc_comb", cfg, &comb_args) };
-            dev.to_main();
-            launched
-        };
-        let comb_first = n == 1 && norm.is_some() && s.pre_norm_comb_first;
-        if comb_first {
-            comb()?;
-        }
-        if !self.hc_pre_norm(s, hc, n, part, slices, norm)? {
-            // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps,
-            // rms_eps, slice) (the grid's d / slice CTAs per token cover the elements) reads
-            // n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales
-            // and n_tok × n × d streams, writes the first 2n values of n_tok maps and
-            // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
-            unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
-        }
-        if !comb_first {
-            comb()?;
-        }
-        Ok(())
+        dev.fork(LANE_SINKHORN)?;
+        // SAFETY: hc_comb(mix, part, n_part, base, scale, maps, n, d, iters, eps, rms_eps,
+        // n_tok) (a warp per token, HC_COMB_WARPS per CTA) reads what hc_pre reads (but the
+        // streams) and writes the last n² values of n_tok maps.
+        let cfg = per_item(n.div_ceil(HC_COMB_WARPS), 32 * HC_COMB_WARPS as u32, 0);
+        let launched = unsafe { self.fk.launch(dev, "fwd_hc", "hc_comb", cfg, &a) };
+        dev.to_main();
+        launched
     }
 
     /// hc_pre for a single token fused with the sublayer's `norm` (and its quantization, as
@@ -1143,7 +1126,7 @@ impl CudaModel {
     ) -> Result<bool> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
-        let Some(norm) = norm.filter(|_| n == 1 && s.pre_norm_enabled) else {
+        let Some(norm) = norm.filter(|_| n == 1) else {
             return Ok(false);
         };
         // The _v4 norm kernels' conditions (whole segments, 16-byte aligned rows), one cached
@@ -1472,8 +1455,7 @@ impl CudaModel {
             first: &w.gate_shexp,
             second: Some(&w.gate_exps),
         };
-        let ffn_norm = (!s.pre_norm_attn_only).then_some(ffn_norm);
-        self.hc_pre(s, &w.hc_ffn, n, ffn_norm)?;
+        self.hc_pre(s, &w.hc_ffn, n, Some(ffn_norm))?;
         s.prof.mark(self, "hc")?;
         self.ffn(l, s, n)?;
         self.hc_post(s, n, self.layers.get(l + 1).map(|next| &next.hc_attn))?;
