@@ -45,6 +45,10 @@ const HC_SPAN_MAX_TOKENS: usize = 256;
 const HC_SPAN_CTAS_PER_SM: usize = 3;
 /// Tokens (one warp each) per CTA of hc_comb (hc.cu HC_COMB_WARPS).
 const HC_COMB_WARPS: usize = 4;
+/// Values per thread and most threads per row of the RMS norm kernels (vector_ops.rs SEG,
+/// RMS_THREADS): hc_pre_norm takes rows of at most their product, with their CTA shape.
+const NORM_SEG: usize = 8;
+const NORM_THREADS: usize = 512;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
@@ -248,6 +252,10 @@ pub(crate) struct Scratch {
     /// The MoE output is not combined yet (the expert outputs in edown, the shared expert's
     /// in sdown): hc_post combines it, inside hc_post_mix when it can.
     moe_pending: Option<MoePending>,
+    /// hc_pre already normalized the sublayer input into xn (hc_pre_norm), with the quantized
+    /// forms of its norm's consumers where these flags say so (what norm_for / norm_for_both
+    /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
+    pre_normed: Option<(bool, bool)>,
     logits: DeviceBuffer<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
     quant: QuantSlots,
@@ -345,6 +353,7 @@ impl Scratch {
             hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
             hc_part_ready: false,
             moe_pending: None,
+            pre_normed: None,
             logits: f(cap * c.vocab_size)?,
             quant: QuantSlots::default(),
             lane_quant: Default::default(),
@@ -528,6 +537,42 @@ fn norm_for_both(
     }
     let made = norm_for(m, quant, x, weight, width, n, y, first)?;
     Ok((made, made && kinds.1 == kinds.0 && second.cols == width))
+}
+
+/// The RMS norm a sublayer begins with: its weight and the products that read its output
+/// (`second`: the routed experts beside the shared expert, as [`norm_for_both`] takes them).
+#[derive(Clone, Copy)]
+struct PreNorm<'a> {
+    weight: &'a DeviceBuffer<f32>,
+    first: &'a Mat,
+    second: Option<&'a Mat>,
+}
+
+/// The quantized forms [`norm_for`] (`second` None) or [`norm_for_both`] make for consumers of
+/// `width`-value vectors: whether Q8_0 and Q8_K are made, and what those functions return.
+fn norm_forms(
+    m: &CudaModel,
+    width: usize,
+    first: &Mat,
+    second: Option<&Mat>,
+) -> (bool, bool, (bool, bool)) {
+    let k1 = act_quant_of(m, first);
+    if let Some(sec) = second {
+        let same_width = first.cols == width && sec.cols == width;
+        if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) =
+            (k1, act_quant_of(m, sec), same_width)
+        {
+            return (true, true, (true, true));
+        }
+    }
+    match k1.filter(|_| first.cols == width) {
+        Some(kind) => {
+            let made2 =
+                second.is_some_and(|sec| act_quant_of(m, sec) == Some(kind) && sec.cols == width);
+            (kind == ActQuant::Q8_0, kind == ActQuant::Q8K, (true, made2))
+        }
+        None => (false, false, (false, false)),
+    }
 }
 
 /// SwiGLU of gate/up into `out` (see [`crate::Gpu::swiglu_clamp`]), with the quantized form
@@ -852,6 +897,7 @@ impl CudaModel {
         head_rows: std::ops::Range<usize>,
     ) -> Result<()> {
         s.hc_part_ready = false;
+        s.pre_normed = None;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
@@ -946,8 +992,9 @@ impl CudaModel {
 
     /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings. The
     /// projection comes from the partials hc_post_mix left (s.hc_part_ready), or is computed
-    /// here.
-    fn hc_pre(&self, s: &mut Scratch, hc: &DevHc, n: usize) -> Result<()> {
+    /// here. A single token also gets the sublayer's `norm` here when hc_pre_norm takes it
+    /// (s.pre_normed then says so).
+    fn hc_pre(&self, s: &mut Scratch, hc: &DevHc, n: usize, norm: Option<PreNorm>) -> Result<()> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
         let slices = d.div_ceil(HC_MIX_THREADS);
@@ -1029,12 +1076,14 @@ impl CudaModel {
             shared_mem_bytes: 0,
         };
         let dev = &self.gpu.device;
-        // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps, rms_eps,
-        // slice) (the grid's d / slice CTAs per token cover the elements) reads n_tok × (2+n)n
-        // mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales and n_tok × n × d
-        // streams, writes the first 2n values of n_tok maps and n_tok × d inputs: all inside
-        // the chunk-sized scratch and the layer's vectors.
-        unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
+        if !self.hc_pre_norm(s, hc, n, part, slices, norm)? {
+            // SAFETY: hc_pre(mix, part, n_part, base, scale, streams, maps, x, n, d, eps,
+            // rms_eps, slice) (the grid's d / slice CTAs per token cover the elements) reads
+            // n_tok × (2+n)n mixes or n_tok × slices × (R+1) partials, (2+n)n bases, 3 scales
+            // and n_tok × n × d streams, writes the first 2n values of n_tok maps and
+            // n_tok × d inputs: all inside the chunk-sized scratch and the layer's vectors.
+            unsafe { self.fk.launch(dev, "fwd_hc", "hc_pre", cfg, &a)? };
+        }
         // The Sinkhorn projection (comb) runs beside the sublayer; hc_post joins it. It reads
         // the mix inputs hc_pre read (nothing rewrites them before hc_post) and writes only
         // the comb part of the maps, which nothing reads before hc_post.
@@ -1060,6 +1109,94 @@ impl CudaModel {
         let launched = unsafe { self.fk.launch(dev, "fwd_hc", "hc_comb", cfg, &a) };
         dev.to_main();
         launched
+    }
+
+    /// hc_pre for a single token fused with the sublayer's `norm` (and its quantization, as
+    /// norm_for / norm_for_both make it): s.x, s.maps' pre and post, s.xn and the quant slots
+    /// of xn as the two launches would leave them, bit for bit. Returns whether it ran (else
+    /// the caller launches hc_pre and the sublayer its norm); sets s.pre_normed.
+    fn hc_pre_norm(
+        &self,
+        s: &mut Scratch,
+        hc: &DevHc,
+        n: usize,
+        part: u64,
+        slices: usize,
+        norm: Option<PreNorm>,
+    ) -> Result<bool> {
+        let c = &self.cfg;
+        let (d, nc) = (c.hidden, c.hc_mult);
+        let Some(norm) = norm.filter(|_| n == 1) else {
+            return Ok(false);
+        };
+        // The _v4 norm kernels' conditions (whole segments, 16-byte aligned rows), one cached
+        // segment per thread (the short-row kernels); hc_pre_norm takes HC_SPAN_N streams.
+        let aligned = |p: u64| p.is_multiple_of(16);
+        if !d.is_multiple_of(NORM_SEG)
+            || d > NORM_SEG * NORM_THREADS
+            || nc != HC_SPAN_N
+            || norm.weight.len() < d
+            || ![s.streams.ptr(), s.x.ptr(), s.xn.ptr(), norm.weight.ptr()]
+                .into_iter()
+                .all(aligned)
+        {
+            return Ok(false);
+        }
+        let (q8_0, q8_k, made) = norm_forms(self, d, norm.first, norm.second);
+        let mut slot = |kind, on: bool| -> Result<(u64, u64)> {
+            if !on {
+                return Ok((0, 0));
+            }
+            let qa = quant_slot(self, &mut s.quant, kind, d, n, s.xn.ptr())?;
+            Ok((qa.q.ptr(), qa.d.ptr()))
+        };
+        let (q0, d0) = slot(ActQuant::Q8_0, q8_0)?;
+        let (qk, dk) = slot(ActQuant::Q8K, q8_k)?;
+        if !(q0.is_multiple_of(8) && qk.is_multiple_of(8)) {
+            return Ok(false);
+        }
+        let name = match (q8_0, q8_k) {
+            (false, false) => "hc_pre_norm",
+            (true, false) => "hc_pre_norm_q8_0",
+            (false, true) => "hc_pre_norm_q8_k",
+            (true, true) => "hc_pre_norm_q8_0_q8_k",
+        };
+        let a = kargs![
+            s.mix.ptr(),
+            part,
+            slices,
+            hc.base.ptr(),
+            hc.scale.ptr(),
+            s.streams.ptr(),
+            s.maps.ptr(),
+            s.x.ptr(),
+            nc,
+            d,
+            c.hc_eps,
+            c.rms_eps as f64,
+            norm.weight.ptr(),
+            s.xn.ptr(),
+            q0,
+            d0,
+            qk,
+            dk,
+            c.rms_eps
+        ];
+        // The norm kernels' CTA (vector_ops.rs rms_threads): one segment per thread, whole warps.
+        let threads = d
+            .div_ceil(NORM_SEG)
+            .next_multiple_of(32)
+            .clamp(32, NORM_THREADS);
+        let cfg = per_item(n, threads as u32, 0);
+        // SAFETY: hc_pre_norm*(mix, part, n_part, base, scale, streams, maps, x, n, d, eps,
+        // rms_eps, w, y, q0, d0, qk, dk, norm_eps), one CTA per token, reads and writes what
+        // hc_pre does (the same buffers) and d weights, writes d values of y (s.xn) and, where
+        // selected (non-null), d int8 values and d/32 (Q8_0) or d/256 (Q8_K) scales of the
+        // quant slots made above for n vectors of d; d is whole segments of at most 8 per
+        // thread, every float row 16-byte and every int8 output 8-byte aligned (checked).
+        unsafe { self.fk.launch(&self.gpu.device, "fwd_hc", name, cfg, &a)? };
+        s.pre_normed = Some(made);
+        Ok(true)
     }
 
     /// HC post of the chunk (s.y into the streams; after the MoE, its pending combination);
@@ -1303,11 +1440,22 @@ impl CudaModel {
         pos0: usize,
     ) -> Result<()> {
         let w = &self.layers[l];
-        self.hc_pre(s, &w.hc_attn, n)?;
+        let attn_norm = PreNorm {
+            weight: &w.attn_norm,
+            first: &w.q_a,
+            second: None,
+        };
+        self.hc_pre(s, &w.hc_attn, n, Some(attn_norm))?;
         s.prof.mark(self, "hc")?;
         self.attention(l, s, state, n, pos0)?;
         self.hc_post(s, n, Some(&w.hc_ffn))?;
-        self.hc_pre(s, &w.hc_ffn, n)?;
+        // (ffn's single-token norm: norm_for_both of the shared and the routed experts.)
+        let ffn_norm = PreNorm {
+            weight: &w.ffn_norm,
+            first: &w.gate_shexp,
+            second: Some(&w.gate_exps),
+        };
+        self.hc_pre(s, &w.hc_ffn, n, Some(ffn_norm))?;
         s.prof.mark(self, "hc")?;
         self.ffn(l, s, n)?;
         self.hc_post(s, n, self.layers.get(l + 1).map(|next| &next.hc_attn))?;
@@ -1328,17 +1476,21 @@ impl CudaModel {
         let ds4 = self.numerics == Numerics::Ds4;
         let (d, hd, h) = (c.hidden, c.head_dim, c.n_heads);
         let dev = &self.gpu.device;
-        // The normalized input, quantized once for both projections that read it.
-        let xq = norm_for(
-            self,
-            &mut s.quant,
-            &s.x,
-            Some(&w.attn_norm),
-            d,
-            n,
-            &mut s.xn,
-            &w.q_a,
-        )?;
+        // The normalized input, quantized once for both projections that read it (unless
+        // hc_pre made them).
+        let xq = match s.pre_normed.take() {
+            Some((xq, _)) => xq,
+            None => norm_for(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.attn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.q_a,
+            )?,
+        };
         let ratio = c.compress_ratio[l] as usize;
 
         // Branch: the shared K=V row (rounded as stored) and the attention compressor. They
@@ -1790,8 +1942,11 @@ impl CudaModel {
         let limit = Some(c.swiglu_clamp[l]);
         let dev = &self.gpu.device;
         // The normalized input, quantized once for the shared expert's gate and up, and for
-        // a single token also for the routed experts (which then read it directly).
-        let (xq, experts_q) = if n == 1 {
+        // a single token also for the routed experts (which then read it directly); hc_pre
+        // may have made them.
+        let (xq, experts_q) = if let Some(made) = s.pre_normed.take() {
+            made
+        } else if n == 1 {
             norm_for_both(
                 self,
                 &mut s.quant,

@@ -15,7 +15,11 @@ const FWD_COMMON: &str = include_str!("fwd_common.cuh");
 
 /// The forward pass's modules: name and source.
 pub(crate) const FORWARD_MODULES: &[(&str, &str)] = &[
-    ("fwd_hc", include_str!("hc.cu")),
+    // hc_pre_norm ends with vector_ops.cu's RMS norm (row_norm.cuh, shared with it).
+    (
+        "fwd_hc",
+        concat!(include_str!("row_norm.cuh"), "\n", include_str!("hc.cu")),
+    ),
     ("fwd_attention", include_str!("attention.cu")),
     ("fwd_compressor", include_str!("compressor.cu")),
     ("fwd_moe", include_str!("moe.cu")),

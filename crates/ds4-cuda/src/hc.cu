@@ -603,6 +603,77 @@ extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u6
     }
 }
 
+// hc_pre (above) fused with the RMS norm of the sublayer input that follows it and the norm's
+// activation quantization (vector_ops.cu's rmsnorm*_f32_v4 on x): a decode sublayer then
+// starts without a second dependent launch. CTA t = token t, with the norm kernel's CTA size
+// (rms_threads(d) in vector_ops.rs), so that its reduction has the same shape: thread s forms
+// elements 8s .. 8s+7 of x, each as hc_pre does (acc = 0, acc += pre_j X_j in j order), stores
+// them into x (n_tok x d) and hands them to rmsnorm_row_body as its one cached segment (the
+// norm kernels' code): y (n_tok x d) and the quantized forms (q0/d0 Q8_0, qk/dk Q8_K, as
+// QUANT selects; n_tok vectors of d) get those kernels' bits. The maps' pre and post are
+// hc_pre's. Needs n = HC_SPAN_N (the streams are loaded before the mix is reduced; one
+// instance, so that hc_load_mix is inlined), d % 8 == 0 and d <= 8 blockDim.x; the streams, x,
+// y and w (null: 1) 16-byte aligned, q0 and qk 8-byte aligned (the _v4 kernels' conditions).
+template <int QUANT>
+__device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_,
+                                                 u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, double eps_d,
+                                                 double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,
+                                                 double norm_eps) {
+    constexpr int N = HC_SPAN_N;
+    if (n != N) return;  // (uniform; the launch code checks it)
+    const i64 t = blockIdx.x;
+    const i64 R = (2 + N) * N, M = 2 * N + N * N;
+    __shared__ float mix[(2 + N) * N + 1];
+    __shared__ float m[2 * N];
+    const float* st = (const float*)streams_ + t * N * d;
+    const float* w = (const float*)w_;
+    const i64 s = threadIdx.x, nseg = d / SEG;
+    const bool valid = s < nseg;
+    // The loads first: their latency overlaps the mix reduction.
+    float wv[1][SEG];
+    rmsnorm_load_weight<true, 1>(w, d, wv);
+    float xs[N][SEG];
+    if (valid)
+#pragma unroll
+        for (int j = 0; j < N; j++) load_seg<true>(st + j * d, s * SEG, d, xs[j]);
+    hc_load_mix(mix_, part_, n_part, t, R, N * d, rms_eps, mix);
+    hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, N, (float)eps_d);
+    __syncthreads();
+    if (threadIdx.x < 2 * N) ((float*)maps_)[t * M + threadIdx.x] = m[threadIdx.x];
+    float* x = (float*)x_ + t * d;
+    float v[1][SEG];
+#pragma unroll
+    for (int e = 0; e < SEG; e++) {
+        float acc = 0.f;
+        if (valid)
+#pragma unroll
+            for (int j = 0; j < N; j++) acc += m[j] * xs[j][e];
+        v[0][e] = acc;  // 0 past the row end, as rmsnorm_row's
+    }
+    if (valid) store_seg<true>(x, s * SEG, d, v[0]);
+    i8 *q0 = (i8*)q0_, *qk = (i8*)qk_;
+    float *d0 = (float*)d0_, *dk = (float*)dk_;
+    if (QUANT & QUANT_Q8_0) q0 += t * d, d0 += t * (d / 32);
+    if (QUANT & QUANT_Q8_K) qk += t * d, dk += t * (d / 256);
+    rmsnorm_row_body<QUANT, true, 1>(v, wv, x, w, (float*)y_ + t * d, q0, d0, qk, dk, d, (float)norm_eps);
+}
+
+// The launchable instances by the quantized forms made (as the rmsnorm kernels'): hc_pre's
+// parameters, then the norm weight w, its output y, the Q8_0 (q0, d0) and Q8_K (qk, dk)
+// outputs (unselected ones 0) and the norm's eps (an f32 value).
+#define HC_PRE_NORM_KERNEL(NAME, QUANT)                                                                              \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                                        \
+        NAME(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, \
+             double eps_d, double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,                       \
+             double norm_eps) { PDL_ENTRY();                                                                         \
+        hc_pre_norm_body<QUANT>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d, rms_eps, w_, y_, \
+                                q0_, d0_, qk_, dk_, norm_eps);                                                       \
+    }
+HC_PRE_NORM_KERNEL(hc_pre_norm, QUANT_NONE)
+HC_PRE_NORM_KERNEL(hc_pre_norm_q8_0, QUANT_Q8_0)
+HC_PRE_NORM_KERNEL(hc_pre_norm_q8_k, QUANT_Q8_K)
+HC_PRE_NORM_KERNEL(hc_pre_norm_q8_0_q8_k, QUANT_BOTH)
+
 // Tokens (warps) per CTA of hc_comb.
 #define HC_COMB_WARPS 4
 

@@ -38,7 +38,12 @@ pub const MODULES: &[ModuleSource] = &[
     },
     ModuleSource {
         name: "vector_ops",
-        source: include_str!("vector_ops.cu"),
+        // row_norm.cuh: the segment helpers and row RMS norm it shares with hc.cu.
+        source: concat!(
+            include_str!("row_norm.cuh"),
+            "\n",
+            include_str!("vector_ops.cu")
+        ),
     },
     ModuleSource {
         name: "gemm_f16",

@@ -7,7 +7,9 @@
 //! span kernels (hc_mix_partial_span, hc_post_mix_span) must both equal it exactly, for any
 //! number of tokens and tokens per CTA; so spans, chunks and decode agree bit for bit. The
 //! pre/post mappings (sigmoid: the GPU's expf) are checked to 1e-6 and hc_comb's Sinkhorn
-//! projection (expf) to 1e-5 against f64 (cpu/hc.rs split_sinkhorn's order).
+//! projection (expf) to 1e-5 against f64 (cpu/hc.rs split_sinkhorn's order). The decode's
+//! fused hc_pre_norm must leave exactly what hc_pre followed by the RMS norm kernels
+//! (vector_ops.cu, with their Q8_0 / Q8_K quantization) leave.
 //!
 //! Without a GPU every test prints "skipped: no CUDA" and passes.
 
@@ -19,9 +21,10 @@ use common::{gpu, Rng};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use ds4_cuda::compile::{compile_cubin, COMMON_CUH};
-use ds4_cuda::{CudaDevice, DeviceBuffer, Gpu};
+use ds4_cuda::{ActQuant, CudaDevice, DeviceBuffer, Gpu};
 
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
+const ROW_NORM: &str = include_str!("../src/row_norm.cuh");
 const HC_SOURCE: &str = include_str!("../src/hc.cu");
 
 /// Streams (the span kernels' n) and mix rows (2 + n)n.
@@ -39,7 +42,7 @@ const SPAN_MAX_TOKENS: usize = 256;
 fn module(g: &Gpu) -> &'static Arc<CudaModule> {
     static MODULE: OnceLock<Arc<CudaModule>> = OnceLock::new();
     MODULE.get_or_init(|| {
-        let src = format!("{COMMON_CUH}\n{FWD_COMMON}\n{HC_SOURCE}");
+        let src = format!("{COMMON_CUH}\n{FWD_COMMON}\n{ROW_NORM}\n{HC_SOURCE}");
         let cubin = compile_cubin("fwd_hc", &src, &g.device.nvrtc_arch()).unwrap();
         g.device
             .context()
@@ -555,6 +558,161 @@ fn pre_and_comb_match_the_host() {
             ));
         }
         eprintln!("hc_pre / hc_comb d {d} tokens {n_tok} checked (comb within {worst:.1e})");
+    }
+    assert_none(failures);
+}
+
+/// Records in `failures` a description of how `gpu` differs from `want`, if it does.
+fn check_i8(failures: &mut Vec<String>, what: &str, gpu: &[i8], want: &[i8]) {
+    assert_eq!(gpu.len(), want.len());
+    if let Some(i) = gpu.iter().zip(want).position(|(a, b)| a != b) {
+        let n = gpu.iter().zip(want).filter(|(a, b)| a != b).count();
+        let msg = format!(
+            "{what}: {n} of {} values differ; first at {i}: {} vs {}",
+            gpu.len(),
+            gpu[i],
+            want[i]
+        );
+        eprintln!("{msg}");
+        failures.push(msg);
+    }
+}
+
+/// hc_pre_norm (decode: hc_pre fused with the sublayer's RMS norm and its quantization) against
+/// the two launches it replaces, hc_pre (decode's slices) and then the rmsnorm kernel (the
+/// launch code's choice), bit for bit: x, the pre/post maps, the normalized row and its Q8_0 /
+/// Q8_K forms, for every quantizer set the widths allow, one CTA per token.
+#[test]
+fn pre_norm_matches_hc_pre_then_rmsnorm() {
+    let Some(g) = gpu() else { return };
+    let dev = &g.device;
+    let (eps, rms_eps) = (1e-6f64, 1e-6f32);
+    let mut rng = Rng::new(23);
+    let mut failures = Vec::new();
+    for c in cases(g) {
+        let (d, n_tok) = (c.d, c.n_tok);
+        if d % 8 != 0 || d > 4096 {
+            continue;
+        }
+        let part = dev.upload(&c.partials(&c.streams)).unwrap();
+        let base: Vec<f32> = (0..R).map(|_| rng.f32()).collect();
+        let scale = [0.7f32, 1.3, 0.9];
+        let (dev_base, dev_scale) = (dev.upload(&base).unwrap(), dev.upload(&scale).unwrap());
+        let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.5 * rng.f32()).collect();
+        let dev_w = dev.upload(&w).unwrap();
+        // The two-launch path: hc_pre as decode runs it, then the norm of every quantizer set.
+        let maps_ref = dev.alloc::<f32>(n_tok * M).unwrap();
+        let x_ref = dev.alloc::<f32>(n_tok * d).unwrap();
+        dev.fill_bytes(&maps_ref, 0xff).unwrap();
+        #[rustfmt::skip]
+        launch(g, "hc_pre", grid(d.div_ceil(1024), n_tok, 1, 256), &[
+            0, part.ptr(), c.slices as u64, dev_base.ptr(), dev_scale.ptr(),
+            c.dev_streams.ptr(), maps_ref.ptr(), x_ref.ptr(), N as u64, d as u64, eps.to_bits(),
+            (rms_eps as f64).to_bits(), 1024,
+        ]);
+        let want_maps: Vec<f32> = dev.download(&maps_ref).unwrap();
+        let want_x = dev.download(&x_ref).unwrap();
+        let threads = d.div_ceil(8).next_multiple_of(32).clamp(32, 512);
+        for (name, q8_0, q8_k) in [
+            ("hc_pre_norm", false, false),
+            ("hc_pre_norm_q8_0", true, false),
+            ("hc_pre_norm_q8_k", false, true),
+            ("hc_pre_norm_q8_0_q8_k", true, true),
+        ] {
+            if (q8_0 && d % 32 != 0) || (q8_k && d % 256 != 0) {
+                continue;
+            }
+            let alloc = |kind, on: bool| on.then(|| g.alloc_quantized(kind, d, n_tok).unwrap());
+            let (mut r0, mut rk) = (alloc(ActQuant::Q8_0, q8_0), alloc(ActQuant::Q8K, q8_k));
+            let (f0, fk) = (alloc(ActQuant::Q8_0, q8_0), alloc(ActQuant::Q8K, q8_k));
+            for qa in [&r0, &rk, &f0, &fk].into_iter().flatten() {
+                dev.fill_bytes(&qa.q, 0x5a).unwrap();
+                dev.fill_bytes(&qa.d, 0xff).unwrap();
+            }
+            let mut y_ref = dev.alloc::<f32>(n_tok * d).unwrap();
+            match (r0.as_mut(), rk.as_mut()) {
+                (Some(a), Some(b)) => g
+                    .rmsnorm_quantized_both(
+                        &x_ref,
+                        Some(&dev_w),
+                        d,
+                        n_tok,
+                        rms_eps,
+                        &mut y_ref,
+                        a,
+                        b,
+                    )
+                    .unwrap(),
+                (Some(a), None) | (None, Some(a)) => g
+                    .rmsnorm_quantized(&x_ref, Some(&dev_w), d, n_tok, rms_eps, &mut y_ref, a)
+                    .unwrap(),
+                (None, None) => g
+                    .rmsnorm(&x_ref, Some(&dev_w), d, n_tok, rms_eps, &mut y_ref)
+                    .unwrap(),
+            }
+            dev.synchronize().unwrap();
+            let maps = dev.alloc::<f32>(n_tok * M).unwrap();
+            let x = dev.alloc::<f32>(n_tok * d).unwrap();
+            let y = dev.alloc::<f32>(n_tok * d).unwrap();
+            dev.fill_bytes(&maps, 0xff).unwrap();
+            dev.fill_bytes(&x, 0xff).unwrap();
+            dev.fill_bytes(&y, 0xff).unwrap();
+            let ptrs = |qa: &Option<ds4_cuda::QuantizedActivations>| {
+                qa.as_ref().map_or((0, 0), |qa| (qa.q.ptr(), qa.d.ptr()))
+            };
+            let ((q0, d0), (qk, dk)) = (ptrs(&f0), ptrs(&fk));
+            #[rustfmt::skip]
+            launch(g, name, grid(n_tok, 1, 1, threads), &[
+                0, part.ptr(), c.slices as u64, dev_base.ptr(), dev_scale.ptr(),
+                c.dev_streams.ptr(), maps.ptr(), x.ptr(), N as u64, d as u64, eps.to_bits(),
+                (rms_eps as f64).to_bits(), dev_w.ptr(), y.ptr(), q0, d0, qk, dk,
+                (rms_eps as f64).to_bits(),
+            ]);
+            let what = format!("{name} d {d} tokens {n_tok}");
+            // The pre and post maps (hc_pre leaves comb to hc_comb: not compared).
+            let pick = |m: &[f32]| -> Vec<f32> {
+                m.chunks_exact(M)
+                    .flat_map(|t| t[..2 * N].to_vec())
+                    .collect()
+            };
+            let got_maps = dev.download(&maps).unwrap();
+            check_bits(
+                &mut failures,
+                &format!("{what}: maps"),
+                &pick(&got_maps),
+                &pick(&want_maps),
+            );
+            check_bits(
+                &mut failures,
+                &format!("{what}: x"),
+                &dev.download(&x).unwrap(),
+                &want_x,
+            );
+            check_bits(
+                &mut failures,
+                &format!("{what}: y"),
+                &dev.download(&y).unwrap(),
+                &dev.download(&y_ref).unwrap(),
+            );
+            for (kind, got, want) in [("Q8_0", &f0, &r0), ("Q8_K", &fk, &rk)] {
+                let (Some(got), Some(want)) = (got, want) else {
+                    continue;
+                };
+                check_i8(
+                    &mut failures,
+                    &format!("{what}: {kind} values"),
+                    &dev.download(&got.q).unwrap(),
+                    &dev.download(&want.q).unwrap(),
+                );
+                check_bits(
+                    &mut failures,
+                    &format!("{what}: {kind} scales"),
+                    &dev.download(&got.d).unwrap(),
+                    &dev.download(&want.d).unwrap(),
+                );
+            }
+        }
+        eprintln!("hc_pre_norm d {d} tokens {n_tok} checked");
     }
     assert_none(failures);
 }
