@@ -20,7 +20,7 @@ fn need<T: DeviceValue>(what: &str, b: &DeviceBuffer<T>, n: usize) -> Result<()>
 
 /// Values per "segment", a thread's unit of work in `vector_ops.cu` (SEG).
 const SEG: usize = 8;
-/// Most threads per row of the RMS norm kernels (RMS_THREADS in `vector_ops.cu`).
+/// Most threads per row of the RMS norm kernels (RMS_THREADS in `row_norm.cuh`).
 const RMS_THREADS: usize = 512;
 /// Threads per CTA of the standalone quantizers and the SwiGLU.
 const FLAT_THREADS: usize = 128;
