@@ -32,9 +32,9 @@
 //
 // Tiles: a CTA owns GE_BM = 64 rows of one expert (4 warps x 16 rows: one m16 tile each) and
 // runs the expert's vectors in passes of up to GE_NV = 32 (four n8 tiles; only the tiles that
-// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (all
-// but the busiest at 256 tokens x 6 slots / 256 experts ~ 6 vectors each) reads and decodes
-// its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
+// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (most
+// of them in a 1 024-token span: 1 024 x 6 slots / 256 experts ~ 24 vectors each) reads and
+// decodes its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
 // tiles, experts + 1, matrices): consecutive CTAs are row tiles of one expert, sharing its
 // activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
 // group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
@@ -70,6 +70,9 @@
 // count as before). Q2_K / Q4_K decode with a load, a shift, a mask and a multiply per 4
 // weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output
 // per 256 MACs) and the B fragment loads are minor at these batch sizes.
+// At 1 024-token spans (~24 vectors per expert; ncu on an H200) the IQ2_XXS pair takes 2.0 ms
+// per layer with 61 % of the issue slots busy and DRAM at 13 %: issue-bound, at an occupancy of
+// 12 warps per SM (registers allow 4 CTAs, shared memory 3).
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
