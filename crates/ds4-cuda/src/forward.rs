@@ -211,6 +211,9 @@ pub(crate) struct Scratch {
     sel: DeviceBuffer<i32>,
     selc: DeviceBuffer<i32>,
     iscores: DeviceBuffer<f32>,
+    /// A single token's attention scores (heads × the most rows a layer attends over), for
+    /// attend_split.
+    attn_scores: DeviceBuffer<f32>,
     /// Per token: the indexer's selection threshold key and how many rows equal to it are kept.
     sel_key: DeviceBuffer<i32>,
     sel_eq: DeviceBuffer<i32>,
@@ -287,7 +290,12 @@ impl Scratch {
         self.quant.generation + self.lane_quant.iter().map(|q| q.generation).sum::<u64>()
     }
 
-    pub fn new(m: &CudaModel, cap: usize, max_index_rows: usize) -> Result<Scratch> {
+    pub fn new(
+        m: &CudaModel,
+        cap: usize,
+        max_index_rows: usize,
+        max_attn_rows: usize,
+    ) -> Result<Scratch> {
         let c = &m.cfg;
         let dev = &m.gpu.device;
         let f = |n: usize| dev.alloc::<f32>(n.max(1));
@@ -320,6 +328,7 @@ impl Scratch {
             sel: i(cap * c.index_topk)?,
             selc: i(cap)?,
             iscores: f(cap * max_index_rows)?,
+            attn_scores: f(c.n_heads * max_attn_rows)?,
             sel_key: i(cap)?,
             sel_eq: i(cap)?,
             o: f(cap * hhd)?,
@@ -1637,6 +1646,8 @@ impl CudaModel {
         unsafe {
             if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
+            } else if args.split_plan().is_ok() && args.split_scores_len(n) <= s.attn_scores.len() {
+                crate::attend::launch_attend_split(&self.fk, dev, &args, n, s.attn_scores.ptr())
             } else {
                 crate::attend::launch_attend(&self.fk, dev, &args, n)
             }
