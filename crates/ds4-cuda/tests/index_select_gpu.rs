@@ -167,7 +167,10 @@ fn run(
     // shared memory is cache_rows keys (allowed above), the CTA SELECT_THREADS threads.
     unsafe { b.launch(cfg) }.unwrap();
     dev.synchronize().unwrap();
-    (dev.download(&d_sel).unwrap(), dev.download(&d_selc).unwrap())
+    (
+        dev.download(&d_sel).unwrap(),
+        dev.download(&d_selc).unwrap(),
+    )
 }
 
 /// Draws the scores for tokens at pos0.., runs the kernel with each cache size and compares
@@ -230,7 +233,10 @@ fn pos_for(nv: usize) -> usize {
 #[test]
 fn rank_treats_nan_as_neg_inf_and_zeros_alike() {
     assert_eq!(rank(f32::NAN), f32::NEG_INFINITY);
-    assert_eq!(rank(-0.0).partial_cmp(&rank(0.0)), Some(std::cmp::Ordering::Equal));
+    assert_eq!(
+        rank(-0.0).partial_cmp(&rank(0.0)),
+        Some(std::cmp::Ordering::Equal)
+    );
     let r = reference(&[f32::NAN, -0.0, 0.0, f32::NEG_INFINITY, 1.0, -0.0], 6, 3);
     assert_eq!(r, vec![1, 2, 4]);
     let r = reference(&[f32::NAN, -1.0, f32::NEG_INFINITY, f32::NAN], 4, 3);
@@ -242,9 +248,24 @@ fn single_tokens_around_topk() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(1);
     for topk in [1usize, 4, 512] {
-        for nv in [topk.saturating_sub(1).max(1), topk, topk + 1, topk + 2, 3 * topk + 5] {
+        for nv in [
+            topk.saturating_sub(1).max(1),
+            topk,
+            topk + 1,
+            topk + 2,
+            3 * topk + 5,
+        ] {
             for how in DRAWS {
-                check(g, &mut rng, how, 1, pos_for(nv), topk, nv + 7, &[CACHE_ROWS, 1]);
+                check(
+                    g,
+                    &mut rng,
+                    how,
+                    1,
+                    pos_for(nv),
+                    topk,
+                    nv + 7,
+                    &[CACHE_ROWS, 1],
+                );
             }
         }
     }
@@ -256,7 +277,16 @@ fn single_tokens_16k_rows() {
     let mut rng = Rng::new(2);
     for nv in [16383usize, 16384, 16385] {
         for how in DRAWS {
-            check(g, &mut rng, how, 1, pos_for(nv), 512, 16400, &[CACHE_ROWS, 5000, 1]);
+            check(
+                g,
+                &mut rng,
+                how,
+                1,
+                pos_for(nv),
+                512,
+                16400,
+                &[CACHE_ROWS, 5000, 1],
+            );
         }
     }
 }
@@ -266,10 +296,28 @@ fn single_tokens_70k_and_256k_rows() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(3);
     for how in DRAWS {
-        check(g, &mut rng, how, 1, pos_for(70_000), 512, 70_003, &[CACHE_ROWS, 1]);
+        check(
+            g,
+            &mut rng,
+            how,
+            1,
+            pos_for(70_000),
+            512,
+            70_003,
+            &[CACHE_ROWS, 1],
+        );
     }
     for how in [Draw::Ties, Draw::Spread] {
-        check(g, &mut rng, how, 1, pos_for(1 << 18), 512, 1 << 18, &[CACHE_ROWS]);
+        check(
+            g,
+            &mut rng,
+            how,
+            1,
+            pos_for(1 << 18),
+            512,
+            1 << 18,
+            &[CACHE_ROWS],
+        );
     }
 }
 
