@@ -296,6 +296,11 @@ const SPLIT_ROWS: usize = 32;
 /// Heads and channels per CTA of attend_split_values (ASPLIT_HG, ASPLIT_CW).
 const SPLIT_HEADS: usize = 8;
 const SPLIT_CHANNELS: usize = 32;
+/// Most rows per staged tile of attend_split_values (ASPLIT_VT).
+const SPLIT_TILE: usize = 1024;
+/// attend_split_values' static shared memory (softmax partials, statistics, outputs), which
+/// counts against the per-CTA limit with the dynamic part.
+const SPLIT_STATIC_SHARED: usize = (SPLIT_HEADS * (THREADS as usize / 32 + 2 + SPLIT_CHANNELS)) * 4;
 
 impl AttendArgs {
     /// Floats of the scores scratch attend_split needs for `n_tok` tokens.
@@ -305,7 +310,7 @@ impl AttendArgs {
 
     /// Whether attend_split can run these arguments: Ok, or an error saying why not (then
     /// [`launch_attend`] may).
-    pub(crate) fn split_plan(&self) -> Result<()> {
+    pub(crate) fn split_plan(&self, optin_shared: usize) -> Result<()> {
         self.check_common()?;
         let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_split: {what}")));
         if self.head_dim != HEAD_DIM {
@@ -326,6 +331,14 @@ impl AttendArgs {
                 return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
             }
         }
+        // The scores kernel's two row tiles, the values kernel's tile of rows.
+        let need = (2 * TILE_ROWS * HEAD_DIM * 4)
+            .max(SPLIT_TILE * (SPLIT_CHANNELS + SPLIT_HEADS) * 4 + SPLIT_STATIC_SHARED);
+        if need > optin_shared {
+            return bad(format!(
+                "needs {need} bytes of shared memory per CTA (the device allows {optin_shared})"
+            ));
+        }
         Ok(())
     }
 }
@@ -345,7 +358,7 @@ pub(crate) unsafe fn launch_attend_split(
     n_tok: usize,
     scores: u64,
 ) -> Result<()> {
-    args.split_plan()?;
+    args.split_plan(dev.info().max_shared_per_block_optin)?;
     if n_tok == 0 {
         return Ok(());
     }
@@ -395,6 +408,9 @@ pub(crate) unsafe fn launch_attend_split(
     // The kernel's shape constraints (head width 512, heads a multiple of 16, 16-byte aligned
     // rows) are checked above; its two row tiles are the dynamic shared memory allowed above.
     unsafe { fk.launch(dev, MODULE, "attend_split_scores", cfg, &a)? };
+    // A tile of rows: this chunk's channels and the heads' scores of each row.
+    let tile = args.max_rows.clamp(1, SPLIT_TILE);
+    let shared = tile * (SPLIT_CHANNELS + SPLIT_HEADS) * 4;
     let a = kargs![
         scores,
         args.kv,
@@ -413,8 +429,15 @@ pub(crate) unsafe fn launch_attend_split(
         args.sel_stride,
         args.inv_freq,
         args.rope_dim,
-        args.max_rows
+        args.max_rows,
+        tile
     ];
+    let f = fk.function(MODULE, "attend_split_values")?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .ctx("allowing attend_split_values its shared memory")?;
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (
             (HEAD_DIM / SPLIT_CHANNELS) as u32,
@@ -422,11 +445,102 @@ pub(crate) unsafe fn launch_attend_split(
             n_tok as u32,
         ),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared as u32,
     };
     // SAFETY: as above; the values kernel reads the scores the first launch wrote (same
-    // stream, in order) and writes n_tok × heads × 512 outputs; its shared memory is static.
+    // stream, in order) and writes n_tok × heads × 512 outputs; its dynamic shared memory is
+    // `tile` rows of 32 channels and 8 scores, as the last argument tells it (allowed above;
+    // split_plan checked that it fits with the static part).
     unsafe { fk.launch(dev, MODULE, "attend_split_values", cfg, &a) }
+}
+
+/// Heads per CTA of attend_mma (attention.cu AM_HEADS) and its threads (AM_THREADS).
+const MMA_HEADS: usize = 64;
+const MMA_THREADS: u32 = 512;
+/// attend_mma's dynamic shared memory (attention.cu AmSmem::BYTES): the queries as two f16
+/// planes, one tile of 32 rows in f16, the tile's scores (f32) and weights (two f16 planes),
+/// and three statistics per head.
+const MMA_SHARED: usize = 2 * MMA_HEADS * (HEAD_DIM + 8) * 2
+    + 32 * (HEAD_DIM + 8) * 2
+    + MMA_HEADS * 36 * 4
+    + 2 * MMA_HEADS * 40 * 2
+    + 3 * MMA_HEADS * 4;
+
+impl AttendArgs {
+    /// Whether attend_mma can run these arguments on a device allowing `optin_shared` bytes
+    /// of dynamic shared memory per CTA: Ok, or an error saying why not. Its results equal
+    /// attend's to ~1e-6 only when every K=V row value is an f16 value (ds4 numerics); the
+    /// caller decides that.
+    pub(crate) fn mma_plan(&self, optin_shared: usize) -> Result<()> {
+        self.check_common()?;
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_mma: {what}")));
+        if self.head_dim != HEAD_DIM {
+            return bad(format!(
+                "head width {} (built for {HEAD_DIM})",
+                self.head_dim
+            ));
+        }
+        if self.heads == 0 || !self.heads.is_multiple_of(MMA_HEADS) {
+            return bad(format!("{} heads (a multiple of {MMA_HEADS})", self.heads));
+        }
+        // Rows, queries and outputs move in 16-byte pieces.
+        for (name, ptr) in [
+            ("q", self.q),
+            ("kv", self.kv),
+            ("ring", self.ring),
+            ("comp", self.comp),
+            ("out", self.out),
+        ] {
+            if !ptr.is_multiple_of(16) {
+                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
+            }
+        }
+        if MMA_SHARED > optin_shared {
+            return bad(format!(
+                "needs {MMA_SHARED} bytes of shared memory per CTA (the device allows {optin_shared})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Attention of a span of `n_tok` tokens with attend_mma: one CTA per token and 64 heads,
+/// flash attention on the tensor cores with two-term f16 queries and weights. For ds4 numerics
+/// only (K=V rows that are f16 values); outputs within ~1e-6 (relative) of attend's.
+///
+/// # Safety
+/// As [`launch_attend_heads`].
+pub(crate) unsafe fn launch_attend_mma(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+) -> Result<()> {
+    args.mma_plan(dev.info().max_shared_per_block_optin)?;
+    if n_tok == 0 {
+        return Ok(());
+    }
+    if n_tok > i32::MAX as usize {
+        return Err(CudaError::InvalidArgument(format!(
+            "attend_mma: {n_tok} tokens exceed the launch grid"
+        )));
+    }
+    let f = fk.function(MODULE, "attend_mma")?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        MMA_SHARED as i32,
+    )
+    .ctx("allowing attend_mma its shared memory")?;
+    let a = args.kernel_args();
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (n_tok as u32, (args.heads / MMA_HEADS) as u32, 1),
+        block_dim: (MMA_THREADS, 1, 1),
+        shared_mem_bytes: MMA_SHARED as u32,
+    };
+    // SAFETY: the caller guarantees the buffers; mma_plan checked the kernel's shape
+    // constraints (head width 512, heads a multiple of 64, 16-byte aligned rows, queries and
+    // outputs) and that its shared memory, allowed above, fits the device.
+    unsafe { fk.launch(dev, MODULE, "attend_mma", cfg, &a) }
 }
 
 #[cfg(test)]
@@ -450,6 +564,10 @@ mod tests {
         assert_eq!(define(src, "ASPLIT_ROWS"), SPLIT_ROWS);
         assert_eq!(define(src, "ASPLIT_HG"), SPLIT_HEADS);
         assert_eq!(define(src, "ASPLIT_CW"), SPLIT_CHANNELS);
+        assert_eq!(define(src, "ASPLIT_VT"), SPLIT_TILE);
+        assert_eq!(define(src, "AM_HEADS"), MMA_HEADS);
+        assert_eq!(define(src, "AM_THREADS"), MMA_THREADS as usize);
+        assert_eq!(define(src, "AM_TR"), 32);
     }
 
     fn model_args(max_rows: usize) -> AttendArgs {
@@ -556,9 +674,19 @@ mod tests {
     fn upload_case(dev: &CudaDevice, c: &Case, seed: u64) -> Buffers {
         let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
         let q = dev.upload(&rng.f32s(c.n_tok * H * HD, 0.5)).unwrap();
-        let kv = dev.upload(&rng.f32s(c.n_tok * HD, 1.0)).unwrap();
-        let ring = dev.upload(&rng.f32s(WINDOW * HD, 1.0)).unwrap();
-        let comp = dev.upload(&rng.f32s(c.comp_rows.max(1) * HD, 1.0)).unwrap();
+        // K=V rows of f16 values, as ds4 numerics stores them (attend_mma's precondition; the
+        // other kernels are bit-identical on any values).
+        let mut rows = |n: usize| {
+            let v: Vec<f32> = rng
+                .f32s(n, 1.0)
+                .into_iter()
+                .map(|x| half::f16::from_f32(x).to_f32())
+                .collect();
+            dev.upload(&v).unwrap()
+        };
+        let kv = rows(c.n_tok * HD);
+        let ring = rows(WINDOW * HD);
+        let comp = rows(c.comp_rows.max(1) * HD);
         let sinks = dev.upload(&rng.f32s(H, 3.0)).unwrap();
         let mut sel = vec![0i32; c.n_tok * TOPK];
         let mut selc = vec![0i32; c.n_tok];
@@ -644,6 +772,7 @@ mod tests {
         Heads,
         Span,
         Split,
+        Mma,
     }
 
     /// Runs `kernel` into a fresh NaN-filled output and returns it.
@@ -672,6 +801,7 @@ mod tests {
                 Kernel::Heads => launch_attend_heads(fk, dev, &args, n_tok),
                 Kernel::Span => launch_attend_span(fk, dev, &args, n_tok),
                 Kernel::Split => launch_attend_split(fk, dev, &args, n_tok, scores.ptr()),
+                Kernel::Mma => launch_attend_mma(fk, dev, &args, n_tok),
             }
             .unwrap()
         };
@@ -680,7 +810,7 @@ mod tests {
     }
 
     #[test]
-    fn attend_heads_and_split_are_bit_identical_to_attend() {
+    fn attention_kernels_agree_with_attend() {
         let Some((dev, fk)) = open() else { return };
         let cases = [
             // Window only, from position 0: fewer rows than the window, all from the span.
@@ -768,6 +898,22 @@ mod tests {
                     want.len()
                 );
             }
+            // attend_mma: another summation order and online softmax, f32-class accuracy.
+            let got = run(&dev, &b, c.n_tok, Kernel::Mma, &fk);
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(w, g)| (w - g).abs())
+                .fold(
+                    0f32,
+                    |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                );
+            eprintln!("{}: Mma: max |diff| {worst:e} (max |out| {amax})", c.name);
+            assert!(
+                worst <= 1e-5 * amax,
+                "{}: attend_mma differs from attend by {worst:e} (max |out| {amax})",
+                c.name
+            );
         }
     }
 
@@ -843,9 +989,10 @@ mod tests {
             ..b.args
         };
         type Launch = unsafe fn(&ForwardKernels, &CudaDevice, &AttendArgs, usize) -> Result<()>;
-        let kernels: [(&str, Launch); 2] = [
+        let kernels: [(&str, Launch); 3] = [
             ("attend", launch_attend),
             ("attend_heads", launch_attend_heads),
+            ("attend_mma", launch_attend_mma),
         ];
         for (name, launch) in kernels {
             let iters = 20;

@@ -497,11 +497,14 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 //     channels over all rows in ascending order with p = expf(s - max) / den (the same values
 //     attend divides), and applies the inverse RoPE to the channels of the tail.
 // Every CTA of the values launch recomputes its heads' statistics (16 chunks per head): a few
-// exponentials per thread, against a dependent chain of all the rows in one CTA.
+// exponentials per thread, against a dependent chain of all the rows in one CTA. A token's
+// rows (up to ASPLIT_VT; more in tiles) are copied in one go, issued before the statistics,
+// and the scores of the first tile are kept in shared memory: three memory round trips per
+// CTA instead of one per tile.
 #define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles)
 #define ASPLIT_HG 8      // heads per values CTA: one warp each
 #define ASPLIT_CW 32     // channels per values CTA: one lane each
-#define ASPLIT_VT 128    // rows per staged tile of the values pass (two in flight)
+#define ASPLIT_VT 1024   // most rows per staged tile of the values pass
 
 // Grid (max_rows / ASPLIT_ROWS rounded up, H / ATTN_HG, n_tok), ATTN_THREADS threads, dynamic
 // shared memory 2 x ATTN_TR x ATTN_HD floats. Same parameters as attend plus the scores
@@ -529,15 +532,17 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
                      (float*)scores_ + (t * H + h0) * max_rows + row_lo, 1, max_rows);
 }
 
-// Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads; static shared memory.
-// Reads the scores attend_split_scores wrote; out as attend's.
+// Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
+// memory: vt rows x (ASPLIT_CW + ASPLIT_HG) floats (vt = min(max_rows, ASPLIT_VT): the tile's
+// values, then its scores). Reads the scores attend_split_scores wrote; out as attend's.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
-                        u64 inv_freq_, i64 r, i64 max_rows) {
+                        u64 inv_freq_, i64 r, i64 max_rows, i64 vt) {
     PDL_ENTRY();
-    __shared__ __align__(16) float vt[2][ASPLIT_VT][ASPLIT_CW];
-    __shared__ float pt[ASPLIT_HG][ASPLIT_VT];
+    extern __shared__ __align__(16) float vsh[];
+    float* const vrows = vsh;                  // [vt][ASPLIT_CW] this chunk's channels of a tile
+    float* const pt = vsh + vt * ASPLIT_CW;    // [ASPLIT_HG][vt] scores, then weights
     __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
     __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
     __shared__ float os[ASPLIT_HG][ASPLIT_CW];
@@ -559,16 +564,33 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         return;
     }
     const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
+    const i64 ntiles = (nr + vt - 1) / vt;
+    // Copies tile tl's rows (this chunk's channels: 8 lanes x 16 bytes per row).
+    auto stage = [&](i64 tl) {
+        const i64 rows = min64(vt, nr - tl * vt);
+        for (i64 k = tid; k < rows * (ASPLIT_CW / 4); k += ATTN_THREADS) {
+            const i64 rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
+            cp_async16(vrows + rr * ASPLIT_CW + cc,
+                       attn_row(tl * vt + rr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + c0 + cc);
+        }
+        cp_async_commit();
+    };
+    stage(0);
 
     // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows tid,
     // tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the 8 warps.
+    // The first tile's scores stay in pt.
     {
         float m[ASPLIT_HG];
 #pragma unroll
         for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
         for (i64 j = tid; j < nr; j += ATTN_THREADS) {
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], sc[h * max_rows + j]);
+            for (int h = 0; h < ASPLIT_HG; h++) {
+                const float v = sc[h * max_rows + j];
+                if (j < vt) pt[h * vt + j] = v;
+                m[h] = fmaxf(m[h], v);
+            }
         }
 #pragma unroll
         for (int h = 0; h < ASPLIT_HG; h++) {
@@ -587,7 +609,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         for (int h = 0; h < ASPLIT_HG; h++) part[h] = 0.f;
         for (i64 j = tid; j < nr; j += ATTN_THREADS) {
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) part[h] += expf(sc[h * max_rows + j] - mx_s[h]);
+            for (int h = 0; h < ASPLIT_HG; h++)
+                part[h] += expf((j < vt ? pt[h * vt + j] : sc[h * max_rows + j]) - mx_s[h]);
         }
 #pragma unroll
         for (int h = 0; h < ASPLIT_HG; h++) {
@@ -603,40 +626,25 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         __syncthreads();
     }
 
-    // Values: warp = head h0 + warp, lane = channel c0 + lane, rows in ascending order. Tile k
-    // of rows (ASPLIT_VT, this chunk's channels) is copied while tile k - 1 is summed.
-    const i64 ntiles = (nr + ASPLIT_VT - 1) / ASPLIT_VT;
-    auto stage = [&](i64 tl) {
-        // 8 lanes x 16 bytes per row: a warp copies 4 rows per step.
-        for (int k = tid; k < ASPLIT_VT * (ASPLIT_CW / 4); k += ATTN_THREADS) {
-            const int rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
-            const i64 j = tl * ASPLIT_VT + rr;
-            if (j < nr) cp_async16(&vt[tl & 1][rr][cc], attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + c0 + cc);
-        }
-        cp_async_commit();
-    };
+    // Values: warp = head h0 + warp, lane = channel c0 + lane, rows in ascending order, with
+    // attend's weights sc[j] / den (recomputed from the same scores: the same bits).
     float acc = 0.f;
-    stage(0);
     for (i64 tl = 0; tl < ntiles; tl++) {
-        if (tl + 1 < ntiles) {
-            stage(tl + 1);
+        const int rows = (int)min64(vt, nr - tl * vt);
+        if (tl > 0) {
+            __syncthreads();  // the previous tile's values and weights are used up
+            stage(tl);
         }
-        // The weights of this tile (attend's sc[j] / den), while the copies land.
-        const int rows = (int)min64(ASPLIT_VT, nr - tl * ASPLIT_VT);
-        for (int k = tid; k < ASPLIT_HG * ASPLIT_VT; k += ATTN_THREADS) {
-            const int h = k / ASPLIT_VT, rr = k % ASPLIT_VT;
-            if (rr < rows) pt[h][rr] = expf(sc[h * max_rows + tl * ASPLIT_VT + rr] - mx_s[h]) / den_s[h];
+        for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
+            const int h = k / rows, rr = k % rows;
+            const float s = tl == 0 ? pt[h * vt + rr] : sc[h * max_rows + tl * vt + rr];
+            pt[h * vt + rr] = expf(s - mx_s[h]) / den_s[h];
         }
-        if (tl + 1 < ntiles) {
-            cp_async_wait_all_but_newest();
-        } else {
-            cp_async_wait_all();
-        }
+        cp_async_wait_all();
         __syncthreads();
-        const float* v = &vt[tl & 1][0][lane];
-        const float* p = pt[warp];
+        const float* v = vrows + lane;
+        const float* p = pt + warp * vt;
         for (int j = 0; j < rows; j++) acc += p[j] * v[j * ASPLIT_CW];
-        __syncthreads();
     }
 
     // The inverse RoPE of the tail channels (pairs 2l, 2l + 1 never straddle a chunk: the tail
@@ -656,4 +664,281 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         __syncthreads();
     }
     *out = os[warp][lane];
+}
+
+// ---- attend_mma: prefill attention on the tensor cores (ds4 numerics) ----
+//
+// attend_heads does 2 x 64 heads x rows x 512 f32 FMAs per token on the CUDA cores and runs
+// at their peak (~1.35 ms per 1 024-token span and layer at 640 rows). Here one CTA takes one
+// token and 64 heads and runs flash attention with mma.sync m16n8k16 (f16 in, f32
+// accumulate), f32-class accuracy kept by splitting the f32 operands into two f16 terms:
+//  - K=V rows are f16 values in ds4 numerics (raw rows and compressed rows go through f16
+//    storage), so they are exact operands; the launcher uses this kernel only then;
+//  - the queries and the softmax weights are x = hi + lo with hi = f16(x), lo = f16(x - hi)
+//    (22 significant bits), and every product is taken twice (hi and lo) into f32.
+// The outputs are not bit-identical to attend's (another summation order, online softmax);
+// they agree to ~1e-6 relative.
+//
+// Per tile of AM_TR rows: S = Q K^T (warp w: heads 16 (w / 4) .., rows 8 (w % 4) ..), the
+// online softmax with the sink (the running max starts at the sink's logit and the running
+// sum at exp(0) = 1, which is attend's denominator exp(sink - max) + sum exp(s - max)), and
+// O = O * alpha + P V (warp w: heads 16 (w / 4) .., channels 128 (w % 4) ..: 16 n8 tiles of
+// f32 accumulators in registers). The next tile's rows are loaded into registers (f32) while
+// the current one is computed, then stored to shared memory as f16.
+#define AM_HEADS 64
+#define AM_TR 32          // rows per tile
+#define AM_THREADS 512    // 16 warps
+#define AM_QS (ATTN_HD + 8)   // f16 row stride of Q and the rows (16 bytes of padding: ldmatrix rows on distinct banks)
+#define AM_SS (AM_TR + 4)     // f32 row stride of the scores
+#define AM_PS (AM_TR + 8)     // f16 row stride of the weights
+#define AM_OS (ATTN_HD + 4)   // f32 row stride of the outputs (reusing the Q area)
+
+struct AmSmem {
+    enum {
+        Q_HI = 0,
+        Q_LO = Q_HI + AM_HEADS * AM_QS * 2,
+        KV = Q_LO + AM_HEADS * AM_QS * 2,
+        S = KV + AM_TR * AM_QS * 2,
+        P_HI = S + AM_HEADS * AM_SS * 4,
+        P_LO = P_HI + AM_HEADS * AM_PS * 2,
+        STATS = P_LO + AM_HEADS * AM_PS * 2,   // max, sum, alpha per head
+        BYTES = STATS + 3 * AM_HEADS * 4,
+    };
+};
+
+__device__ __forceinline__ void am_ldmatrix_x4(const void* p, u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void am_ldmatrix_x2(const void* p, u32 (&r)[2]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void am_ldmatrix_x4_trans(const void* p, u32 (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void am_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two f32 as two f16 in one word (x0 in the low half).
+__device__ __forceinline__ u32 am_pack(float x0, float x1) {
+    return (u32)f32_to_f16(x0) | ((u32)f32_to_f16(x1) << 16);
+}
+// x = hi + lo: hi = f16(x), lo = f16(x - hi).
+__device__ __forceinline__ void am_split(float x, u16* hi, u16* lo) {
+    const u16 h = f32_to_f16(x);
+    *hi = h;
+    *lo = f32_to_f16(x - f16_to_f32(h));
+}
+
+// Same parameters and meaning as attend. Grid (n_tok, H / AM_HEADS), AM_THREADS threads,
+// AmSmem::BYTES of dynamic shared memory; hd == ATTN_HD, kv / ring / comp 16-byte aligned
+// (attend.rs checks all of this).
+extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
+    attend_mma(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_, i64 H, i64 hd,
+               u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride, double scale_d,
+               u64 inv_freq_, i64 r, i64 max_rows) {
+    PDL_ENTRY();
+    extern __shared__ __align__(16) u8 am_sh[];
+    u16* const sq_hi = (u16*)(am_sh + AmSmem::Q_HI);
+    u16* const sq_lo = (u16*)(am_sh + AmSmem::Q_LO);
+    u16* const skv = (u16*)(am_sh + AmSmem::KV);
+    float* const ss = (float*)(am_sh + AmSmem::S);
+    u16* const sp_hi = (u16*)(am_sh + AmSmem::P_HI);
+    u16* const sp_lo = (u16*)(am_sh + AmSmem::P_LO);
+    float* const smax = (float*)(am_sh + AmSmem::STATS);
+    float* const ssum = smax + AM_HEADS;
+    float* const salpha = ssum + AM_HEADS;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 t = blockIdx.x, h0 = (i64)blockIdx.y * AM_HEADS;
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 pos = pos0 + t;
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nr = nw + nc;
+    const float* kv = (const float*)kv_;
+    const float* ring = (const float*)ring_;
+    const float* comp = (const float*)comp_;
+    const int* sel = (const int*)sel_ + t * sel_stride;
+    float* out = (float*)out_ + (t * H + h0) * ATTN_HD;
+    if (hd != ATTN_HD) return;  // the launcher never does this
+    const float scale = (float)scale_d;
+
+    // Queries as hi/lo f16; the statistics start at the sink.
+    {
+        const float* q = (const float*)q_ + (t * H + h0) * ATTN_HD;
+        for (int i = tid; i < AM_HEADS * ATTN_HD / 4; i += AM_THREADS) {
+            const int h = (4 * i) / ATTN_HD, c = (4 * i) % ATTN_HD;
+            const float4 v = *(const float4*)(q + h * ATTN_HD + c);
+            u16 hi[4], lo[4];
+            am_split(v.x, &hi[0], &lo[0]);
+            am_split(v.y, &hi[1], &lo[1]);
+            am_split(v.z, &hi[2], &lo[2]);
+            am_split(v.w, &hi[3], &lo[3]);
+            *(uint2*)(sq_hi + h * AM_QS + c) = make_uint2(hi[0] | ((u32)hi[1] << 16), hi[2] | ((u32)hi[3] << 16));
+            *(uint2*)(sq_lo + h * AM_QS + c) = make_uint2(lo[0] | ((u32)lo[1] << 16), lo[2] | ((u32)lo[3] << 16));
+        }
+        if (tid < AM_HEADS) {
+            smax[tid] = ((const float*)sinks_)[h0 + tid];
+            ssum[tid] = 1.0f;
+        }
+    }
+
+    // Row loading: thread tid takes row tid / 16 of the tile, channels 4 (tid % 16) + 64 i.
+    const int lrow = tid >> 4, lcol = 4 * (tid & 15);
+    float4 nxt[8];
+    auto load = [&](i64 row0) {
+        const i64 j = row0 + lrow;
+        if (j < nr) {
+            const float* src = attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + lcol;
+#pragma unroll
+            for (int i = 0; i < 8; i++) nxt[i] = *(const float4*)(src + 64 * i);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) nxt[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    auto store = [&]() {
+        u16* dst = skv + lrow * AM_QS + lcol;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            *(uint2*)(dst + 64 * i) = make_uint2(am_pack(nxt[i].x, nxt[i].y), am_pack(nxt[i].z, nxt[i].w));
+    };
+
+    const int g = lane >> 2, qd = lane & 3;  // mma fragment row group and column pair
+    const int mi = warp >> 2;                // heads 16 mi .. 16 mi + 15
+    const int ni = warp & 3;                 // S: rows 8 ni ..; O: channels 128 ni ..
+    float o[16][4];
+#pragma unroll
+    for (int j = 0; j < 16; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+    const i64 ntiles = (nr + AM_TR - 1) / AM_TR;
+    load(0);
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        __syncthreads();  // the previous tile's rows and weights are used up
+        store();
+        __syncthreads();
+        if (tl + 1 < ntiles) load((tl + 1) * AM_TR);
+
+        // S = Q K^T for 16 heads x 8 rows.
+        {
+            float s[4] = {0.f, 0.f, 0.f, 0.f};
+            const u16* qa_hi = sq_hi + (16 * mi + (lane & 15)) * AM_QS + 8 * (lane >> 4);
+            const u16* qa_lo = sq_lo + (16 * mi + (lane & 15)) * AM_QS + 8 * (lane >> 4);
+            const u16* kb = skv + (8 * ni + (lane & 7)) * AM_QS + 8 * ((lane >> 3) & 1);
+#pragma unroll 4
+            for (int k = 0; k < ATTN_HD / 16; k++) {
+                u32 ah[4], al[4], b[2];
+                am_ldmatrix_x4(qa_hi + 16 * k, ah);
+                am_ldmatrix_x4(qa_lo + 16 * k, al);
+                am_ldmatrix_x2(kb + 16 * k, b);
+                am_mma(s, ah, b[0], b[1]);
+                am_mma(s, al, b[0], b[1]);
+            }
+            float* d0 = ss + (16 * mi + g) * AM_SS + 8 * ni + 2 * qd;
+            float* d1 = d0 + 8 * AM_SS;
+            d0[0] = s[0] * scale;
+            d0[1] = s[1] * scale;
+            d1[0] = s[2] * scale;
+            d1[1] = s[3] * scale;
+        }
+        __syncthreads();
+
+        // Online softmax: thread tid takes head tid / 8, rows 4 (tid % 8) .. + 3 of the tile.
+        {
+            const int h = tid >> 3, r0 = 4 * (tid & 7);
+            const i64 j0 = tl * AM_TR + r0;
+            float v[4], mt = -FWD_INF;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                v[k] = j0 + k < nr ? ss[h * AM_SS + r0 + k] : -FWD_INF;
+                mt = fmaxf(mt, v[k]);
+            }
+            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 1));
+            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 2));
+            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 4));
+            const float m_old = smax[h];
+            const float m_new = fmaxf(m_old, mt);
+            float psum = 0.f;
+            u16 hi[4], lo[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float p = j0 + k < nr ? expf(v[k] - m_new) : 0.f;
+                psum += p;
+                am_split(p, &hi[k], &lo[k]);
+            }
+            *(uint2*)(sp_hi + h * AM_PS + r0) = make_uint2(hi[0] | ((u32)hi[1] << 16), hi[2] | ((u32)hi[3] << 16));
+            *(uint2*)(sp_lo + h * AM_PS + r0) = make_uint2(lo[0] | ((u32)lo[1] << 16), lo[2] | ((u32)lo[3] << 16));
+            psum += __shfl_xor_sync(FULL_MASK, psum, 1);
+            psum += __shfl_xor_sync(FULL_MASK, psum, 2);
+            psum += __shfl_xor_sync(FULL_MASK, psum, 4);
+            __syncwarp();
+            if ((tid & 7) == 0) {
+                const float alpha = expf(m_old - m_new);
+                salpha[h] = alpha;
+                smax[h] = m_new;
+                ssum[h] = ssum[h] * alpha + psum;
+            }
+        }
+        __syncthreads();
+
+        // O = O * alpha + P V for 16 heads x 128 channels.
+        {
+            const float a0 = salpha[16 * mi + g], a1 = salpha[16 * mi + g + 8];
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                o[j][0] *= a0;
+                o[j][1] *= a0;
+                o[j][2] *= a1;
+                o[j][3] *= a1;
+            }
+#pragma unroll
+            for (int ks = 0; ks < AM_TR / 16; ks++) {
+                u32 ph[4], pl[4];
+                am_ldmatrix_x4(sp_hi + (16 * mi + (lane & 15)) * AM_PS + 16 * ks + 8 * (lane >> 4), ph);
+                am_ldmatrix_x4(sp_lo + (16 * mi + (lane & 15)) * AM_PS + 16 * ks + 8 * (lane >> 4), pl);
+                const u16* vb = skv + (16 * ks + (lane & 15)) * AM_QS + 128 * ni + 8 * (lane >> 4);
+#pragma unroll
+                for (int jp = 0; jp < 8; jp++) {  // two n8 tiles per ldmatrix
+                    u32 b[4];
+                    am_ldmatrix_x4_trans(vb + 16 * jp, b);
+                    am_mma(o[2 * jp], ph, b[0], b[1]);
+                    am_mma(o[2 * jp], pl, b[0], b[1]);
+                    am_mma(o[2 * jp + 1], ph, b[2], b[3]);
+                    am_mma(o[2 * jp + 1], pl, b[2], b[3]);
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // Outputs / sum, into shared memory (the query area), the inverse RoPE of the tails, store.
+    float* so = (float*)am_sh;
+    {
+        const float l0 = ssum[16 * mi + g], l1 = ssum[16 * mi + g + 8];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int c = 128 * ni + 8 * j + 2 * qd;
+            so[(16 * mi + g) * AM_OS + c] = o[j][0] / l0;
+            so[(16 * mi + g) * AM_OS + c + 1] = o[j][1] / l0;
+            so[(16 * mi + g + 8) * AM_OS + c] = o[j][2] / l1;
+            so[(16 * mi + g + 8) * AM_OS + c + 1] = o[j][3] / l1;
+        }
+    }
+    __syncthreads();
+    const int half = (int)(r / 2);
+    for (int idx = tid; idx < AM_HEADS * half; idx += AM_THREADS)
+        rope_pair(so + (idx / half) * AM_OS, ATTN_HD, r, idx % half, pos, (const double*)inv_freq_, true);
+    __syncthreads();
+    for (int i = tid; i < AM_HEADS * ATTN_HD / 4; i += AM_THREADS) {
+        const int h = (4 * i) / ATTN_HD, c = (4 * i) % ATTN_HD;
+        *(float4*)(out + h * ATTN_HD + c) = *(const float4*)(so + h * AM_OS + c);
+    }
 }

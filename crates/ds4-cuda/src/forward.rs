@@ -1646,9 +1646,16 @@ impl CudaModel {
         // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
         // each token's rows across heads (attend_heads, bit-identical to attend).
         unsafe {
-            if n > 1 {
+            if n > 1 && ds4 && args.mma_plan(dev.info().max_shared_per_block_optin).is_ok() {
+                // ds4 numerics stores K=V rows as f16 values: exact tensor-core operands.
+                crate::attend::launch_attend_mma(&self.fk, dev, &args, n)
+            } else if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
-            } else if args.split_plan().is_ok() && args.split_scores_len(n) <= s.attn_scores.len() {
+            } else if args
+                .split_plan(dev.info().max_shared_per_block_optin)
+                .is_ok()
+                && args.split_scores_len(n) <= s.attn_scores.len()
+            {
                 crate::attend::launch_attend_split(&self.fk, dev, &args, n, s.attn_scores.ptr())
             } else {
                 crate::attend::launch_attend(&self.fk, dev, &args, n)
