@@ -265,10 +265,10 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
 // di <= 128 with di % 8 == 0 (heads and channels beyond them are zero, which adds exact
 // zeros, as index_scores's idle lanes).
 //
-// Grid (row chunks of tiles_per_cta x IDXM_ROWS rows, ceil(n_tok / tpc)); IDXM_WARPS warps.
-// tpc (1, 2 or 4) tokens per CTA: warp w scores token blockIdx.y * tpc + w % tpc against the
-// key tile's 8-row groups w / tpc, w / tpc + IDXM_WARPS / tpc, ... (decode: tpc 1, the four
-// warps share the rows). Each warp holds its token's whole 64 x 128 query as bf16 A fragments
+// Grid (row chunks of tiles_per_cta x IDXM_ROWS rows, ceil(n_tok / tpc)); up to IDXM_WARPS
+// warps. tpc tokens per CTA (a power of two dividing the warp count): warp w scores token
+// blockIdx.y * tpc + w % tpc against the key tile's 8-row groups w / tpc, w / tpc + warps /
+// tpc, ... (decode: tpc 1, the warps share the rows). Each warp holds its token's whole 64 x 128 query as bf16 A fragments
 // in registers (4 head tiles x 8 k steps x 4 registers); the CTA converts each tile of
 // IDXM_ROWS keys to bf16 in shared memory (rows padded to IDXM_KSTRIDE: conflict-free
 // ldmatrix), from which every warp takes its B fragments with ldmatrix.
@@ -276,7 +276,7 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
 #define IDXM_DIM 128
 #define IDXM_ROWS 64
 #define IDXM_KSTRIDE (IDXM_DIM + 8)
-#define IDXM_WARPS 4
+#define IDXM_WARPS 8
 
 // Two floats as a bf16 pair (round to nearest even; lo in the low half, as MMA fragments hold
 // the lower column there).
@@ -346,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
 
     const float* keys = (const float*)keys_;
     float* scores = (float*)scores_ + t * max_rows;
-    const int groups = IDXM_ROWS / 8, group_step = IDXM_WARPS / (int)tpc;
+    const int groups = IDXM_ROWS / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
     for (i64 tile = 0; tile < tiles_per_cta; tile++) {
         const i64 r0 = first + tile * IDXM_ROWS;
         if (r0 >= nv_max) break;  // uniform

@@ -1756,23 +1756,28 @@ impl CudaModel {
         } else {
             (pos0 + n) / ratio
         };
-        // Key rows per tile, warps per CTA, largest heads and channels of index_scores_mma
-        // (compressor.cu IDXM_ROWS, IDXM_WARPS, IDXM_HEADS, IDXM_DIM).
+        // Key rows per tile, largest heads and channels of index_scores_mma (compressor.cu
+        // IDXM_ROWS, IDXM_HEADS, IDXM_DIM).
         const IDXM_ROWS: usize = 64;
-        const IDXM_WARPS: usize = 4;
         const IDXM_HEADS: usize = 64;
         const IDXM_DIM: usize = 128;
         if self.numerics == Numerics::Ds4 && ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0 {
             // ds4 numerics: queries and keys are FP4-shaped, exact in bf16, so the tensor-core
-            // kernel gives the f32 kernel's scores (compressor.cu). Tokens per CTA: up to
-            // IDXM_WARPS (fewer tokens: the warps share the rows, as in decode).
-            let tpc = if n >= 4 {
-                4
-            } else if n >= 2 {
-                2
-            } else {
-                1
+            // kernel gives the f32 kernel's scores (compressor.cu).
+            // TEMPORARY measurement knobs (removed before merge).
+            let knob = |k: &str, d: usize| {
+                std::env::var(k)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(d)
             };
+            let warps = knob("DS4_IDXM_WARPS", 4);
+            // Tokens per CTA: a power of two up to the warp count (fewer tokens: the warps
+            // share the rows, as in decode).
+            let mut tpc = 1;
+            while tpc * 2 <= n.min(knob("DS4_IDXM_TPC", warps)) {
+                tpc *= 2;
+            }
             let groups = n.div_ceil(tpc);
             let tiles = rows_now.div_ceil(IDXM_ROWS).max(1);
             // About a thousand CTAs when there is work for them; beyond that longer chunks,
@@ -1781,11 +1786,16 @@ impl CudaModel {
             let tiles_per_cta = if s.capturing {
                 1
             } else {
-                (tiles * groups / 1024).clamp(1, 16)
+                let forced = knob("DS4_IDXM_TILES", 0);
+                if forced > 0 {
+                    forced
+                } else {
+                    (tiles * groups / knob("DS4_IDXM_CTAS", 1024)).clamp(1, 16)
+                }
             };
             let cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (tiles.div_ceil(tiles_per_cta) as u32, groups as u32, 1),
-                block_dim: ((IDXM_WARPS * 32) as u32, 1, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let a = kargs![

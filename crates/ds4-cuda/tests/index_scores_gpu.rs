@@ -29,11 +29,11 @@ use ds4_cuda::Gpu;
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
 const COMPRESSOR: &str = include_str!("../src/compressor.cu");
 
-/// compressor.cu INDEX_TILE_ROWS x INDEX_TILES (rows per CTA of index_scores), IDXM_ROWS and
-/// IDXM_WARPS (index_scores_mma's key tile and warps).
+/// compressor.cu INDEX_TILE_ROWS x INDEX_TILES (rows per CTA of index_scores), IDXM_ROWS
+/// (index_scores_mma's key tile); its CTAs have 4 or 8 (IDXM_WARPS) warps.
 const OLD_ROWS_PER_CTA: usize = 16 * 8;
 const TILE: usize = 64;
-const WARPS: usize = 4;
+const WARPS: [usize; 2] = [4, 8];
 const RATIO: usize = 4;
 const SENTINEL: u32 = 0x7fc0_1234;
 
@@ -97,8 +97,8 @@ struct Case {
     spread: i32,
 }
 
-/// Runs both kernels on one case (index_scores_mma with each tokens-per-CTA and tiles-per-CTA
-/// choice) and returns (values compared, mismatches, worst |diff| / bound) over all variants;
+/// Runs both kernels on one case (index_scores_mma with each warp count, tokens-per-CTA and
+/// tiles-per-CTA choice) and returns (values compared, mismatches, worst |diff| / bound) over all variants;
 /// asserts bit equality when `exact`.
 fn run_case(g: &Gpu, rng: &mut Rng, c: &Case, exact: bool) -> (usize, usize, f64) {
     let dev = &g.device;
@@ -177,49 +177,48 @@ fn run_case(g: &Gpu, rng: &mut Rng, c: &Case, exact: bool) -> (usize, usize, f64
     };
     let (mut compared, mut mismatches, mut worst) = (0usize, 0usize, 0f64);
     let tiles = rows.div_ceil(TILE).max(1);
-    for tpc in [1usize, 2, 4] {
-        for tiles_per_cta in [1usize, 3, 16] {
-            let new = dev.upload(&sentinel).unwrap();
-            let mut a = args(new.ptr());
-            a.extend([n as u64, tpc as u64, tiles_per_cta as u64]);
-            launch(
-                g,
-                "index_scores_mma",
-                LaunchConfig {
-                    grid_dim: (
-                        tiles.div_ceil(tiles_per_cta) as u32,
-                        n.div_ceil(tpc) as u32,
-                        1,
-                    ),
-                    block_dim: ((WARPS * 32) as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                &a,
-            );
-            let got = dev.download(&new).unwrap();
-            for (i, (&gv, &wv)) in got.iter().zip(&want).enumerate() {
-                let (t, r) = (i / max_rows, i % max_rows);
-                let gb = gv.to_bits();
-                if wv == SENTINEL || gb == SENTINEL {
-                    assert_eq!(
-                        gb, wv,
-                        "ni {ni} di {di} pos0 {} tpc {tpc} tiles {tiles_per_cta}: t {t} r {r} written by one kernel only",
-                        c.pos0
-                    );
-                    continue;
-                }
-                compared += 1;
-                if gb != wv {
-                    mismatches += 1;
-                    let diff = (gv as f64 - f32::from_bits(wv) as f64).abs();
-                    worst = worst.max(diff / bound(t, r));
-                    assert!(
-                        !exact,
-                        "ni {ni} di {di} pos0 {} tpc {tpc} tiles {tiles_per_cta}: t {t} r {r}: {gv:e} != {:e}",
-                        c.pos0,
-                        f32::from_bits(wv)
-                    );
-                }
+    let variants = WARPS.iter().flat_map(|&w| {
+        [1usize, 2, 4, 8]
+            .into_iter()
+            .filter(move |&tpc| tpc <= w)
+            .flat_map(move |tpc| [1usize, 3, 16].map(|tiles| (w, tpc, tiles)))
+    });
+    for (warps, tpc, tiles_per_cta) in variants {
+        let new = dev.upload(&sentinel).unwrap();
+        let mut a = args(new.ptr());
+        a.extend([n as u64, tpc as u64, tiles_per_cta as u64]);
+        launch(
+            g,
+            "index_scores_mma",
+            LaunchConfig {
+                grid_dim: (
+                    tiles.div_ceil(tiles_per_cta) as u32,
+                    n.div_ceil(tpc) as u32,
+                    1,
+                ),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &a,
+        );
+        let got = dev.download(&new).unwrap();
+        let at = format!(
+            "ni {ni} di {di} pos0 {} warps {warps} tpc {tpc} tiles {tiles_per_cta}",
+            c.pos0
+        );
+        for (i, (&gv, &wv)) in got.iter().zip(&want).enumerate() {
+            let (t, r) = (i / max_rows, i % max_rows);
+            let gb = gv.to_bits();
+            if wv == SENTINEL || gb == SENTINEL {
+                assert_eq!(gb, wv, "{at}: t {t} r {r} written by one kernel only");
+                continue;
+            }
+            compared += 1;
+            if gb != wv {
+                mismatches += 1;
+                let want_v = f32::from_bits(wv);
+                worst = worst.max((gv as f64 - want_v as f64).abs() / bound(t, r));
+                assert!(!exact, "{at}: t {t} r {r}: {gv:e} != {want_v:e}");
             }
         }
     }
