@@ -1764,34 +1764,26 @@ impl CudaModel {
         if self.numerics == Numerics::Ds4 && ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0 {
             // ds4 numerics: queries and keys are FP4-shaped, exact in bf16, so the tensor-core
             // kernel gives the f32 kernel's scores (compressor.cu).
-            // TEMPORARY measurement knobs (removed before merge).
-            let knob = |k: &str, d: usize| {
-                std::env::var(k)
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(d)
-            };
-            let warps = knob("DS4_IDXM_WARPS", 4);
-            // Tokens per CTA: a power of two up to the warp count (fewer tokens: the warps
-            // share the rows, as in decode).
+            // Prefill: 8 warps, 8 tokens per CTA (at 32K, H200: 424 us per 1 024-token call
+            // against 528 with 4 warps and 4 tokens). Fewer tokens: 4 warps sharing the rows
+            // (decode: one token; each warp converts the whole query, so fewer warps per
+            // tile read less of it again).
+            let warps = if n >= 8 { 8 } else { 4 };
+            // Tokens per CTA: the largest power of two up to the warp count.
             let mut tpc = 1;
-            while tpc * 2 <= n.min(knob("DS4_IDXM_TPC", warps)) {
+            while tpc * 2 <= n.min(warps) {
                 tpc *= 2;
             }
             let groups = n.div_ceil(tpc);
             let tiles = rows_now.div_ceil(IDXM_ROWS).max(1);
             // About a thousand CTAs when there is work for them; beyond that longer chunks,
-            // up to 16 tiles (each CTA converts its tokens' 32 KiB queries once per chunk).
-            // A captured graph keeps one tile per CTA: it must serve every later position.
+            // up to 16 tiles (each CTA converts its tokens' 32 KiB queries once per chunk;
+            // one tile per CTA measured 1.5x slower at 32K). A captured graph keeps one tile
+            // per CTA: it must serve every later position.
             let tiles_per_cta = if s.capturing {
                 1
             } else {
-                let forced = knob("DS4_IDXM_TILES", 0);
-                if forced > 0 {
-                    forced
-                } else {
-                    (tiles * groups / knob("DS4_IDXM_CTAS", 1024)).clamp(1, 16)
-                }
+                (tiles * groups / 1024).clamp(1, 16)
             };
             let cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (tiles.div_ceil(tiles_per_cta) as u32, groups as u32, 1),
@@ -1818,7 +1810,8 @@ impl CudaModel {
             // and ni weights, and of the keys only the (pos+1)/ratio ≤ max_index_rows rows
             // written so far (di % 8 == 0: 16-byte loads), and writes one score per visible
             // row into the token's max_index_rows-long scratch row; its shared memory is
-            // static.
+            // static. The block (4 or 8 warps) is within its launch bound (IDXM_WARPS = 8)
+            // and tpc, a power of two up to the warp count, divides it.
             unsafe {
                 self.fk
                     .launch(dev, "fwd_compressor", "index_scores_mma", cfg, &a)?
