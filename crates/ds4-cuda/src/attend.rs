@@ -291,6 +291,144 @@ pub(crate) unsafe fn launch_attend(
     }
 }
 
+/// Rows per CTA of attend_split_scores (attention.cu ASPLIT_ROWS).
+const SPLIT_ROWS: usize = 32;
+/// Heads and channels per CTA of attend_split_values (ASPLIT_HG, ASPLIT_CW).
+const SPLIT_HEADS: usize = 8;
+const SPLIT_CHANNELS: usize = 32;
+
+impl AttendArgs {
+    /// Floats of the scores scratch attend_split needs for `n_tok` tokens.
+    pub(crate) fn split_scores_len(&self, n_tok: usize) -> usize {
+        n_tok * self.heads * self.max_rows
+    }
+
+    /// Whether attend_split can run these arguments: Ok, or an error saying why not (then
+    /// [`launch_attend`] may).
+    pub(crate) fn split_plan(&self) -> Result<()> {
+        self.check_common()?;
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_split: {what}")));
+        if self.head_dim != HEAD_DIM {
+            return bad(format!(
+                "head width {} (built for {HEAD_DIM})",
+                self.head_dim
+            ));
+        }
+        if self.heads == 0 || !self.heads.is_multiple_of(HEADS_PER_CTA) {
+            return bad(format!(
+                "{} heads (a multiple of {HEADS_PER_CTA})",
+                self.heads
+            ));
+        }
+        // The rows are copied in 16-byte pieces.
+        for (name, ptr) in [("kv", self.kv), ("ring", self.ring), ("comp", self.comp)] {
+            if !ptr.is_multiple_of(16) {
+                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attention of `n_tok` tokens with attend_split (the decode path): scores of every (head, row)
+/// by CTAs of 32 rows x 16 heads into `scores`, then each head's softmax and weighted sum by
+/// CTAs of 8 heads x 32 channels. Outputs bit-identical to attend's; many more CTAs for a
+/// single token than attend's one per head, and no CTA walks all the rows' loads in sequence.
+///
+/// # Safety
+/// As [`launch_attend_heads`], and `scores` must hold
+/// [`AttendArgs::split_scores_len`]`(n_tok)` f32.
+pub(crate) unsafe fn launch_attend_split(
+    fk: &ForwardKernels,
+    dev: &CudaDevice,
+    args: &AttendArgs,
+    n_tok: usize,
+    scores: u64,
+) -> Result<()> {
+    args.split_plan()?;
+    if n_tok == 0 {
+        return Ok(());
+    }
+    let row_blocks = args.max_rows.div_ceil(SPLIT_ROWS);
+    if row_blocks > i32::MAX as usize || n_tok > 65_535 {
+        return Err(CudaError::InvalidArgument(format!(
+            "attend_split: {n_tok} tokens over {} rows exceed the launch grid",
+            args.max_rows
+        )));
+    }
+    let shared = 2 * TILE_ROWS * HEAD_DIM * 4;
+    let f = fk.function(MODULE, "attend_split_scores")?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .ctx("allowing attend_split_scores its shared memory")?;
+    let a = kargs![
+        args.q,
+        args.kv,
+        args.ring,
+        args.comp,
+        args.sel,
+        args.selc,
+        scores,
+        args.heads,
+        args.pos,
+        args.window,
+        args.ring_cap,
+        args.kind,
+        args.ratio,
+        args.sel_stride,
+        args.scale,
+        args.max_rows
+    ];
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (
+            row_blocks as u32,
+            (args.heads / HEADS_PER_CTA) as u32,
+            n_tok as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    // SAFETY: the caller guarantees the buffers and the scores scratch (n_tok × heads ×
+    // max_rows floats; rows at or past a token's count, or beyond max_rows, are not written).
+    // The kernel's shape constraints (head width 512, heads a multiple of 16, 16-byte aligned
+    // rows) are checked above; its two row tiles are the dynamic shared memory allowed above.
+    unsafe { fk.launch(dev, MODULE, "attend_split_scores", cfg, &a)? };
+    let a = kargs![
+        scores,
+        args.kv,
+        args.ring,
+        args.comp,
+        args.sel,
+        args.selc,
+        args.sinks,
+        args.out,
+        args.heads,
+        args.pos,
+        args.window,
+        args.ring_cap,
+        args.kind,
+        args.ratio,
+        args.sel_stride,
+        args.inv_freq,
+        args.rope_dim,
+        args.max_rows
+    ];
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (
+            (HEAD_DIM / SPLIT_CHANNELS) as u32,
+            (args.heads / SPLIT_HEADS) as u32,
+            n_tok as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above; the values kernel reads the scores the first launch wrote (same
+    // stream, in order) and writes n_tok × heads × 512 outputs; its shared memory is static.
+    unsafe { fk.launch(dev, MODULE, "attend_split_values", cfg, &a) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +447,9 @@ mod tests {
         assert_eq!(define(src, "ATTN_TR"), TILE_ROWS);
         assert_eq!(define(src, "ATTN_THREADS"), THREADS as usize);
         assert!(src.contains("__launch_bounds__(ATTN_THREADS, 2)\n    attend_heads("));
+        assert_eq!(define(src, "ASPLIT_ROWS"), SPLIT_ROWS);
+        assert_eq!(define(src, "ASPLIT_HG"), SPLIT_HEADS);
+        assert_eq!(define(src, "ASPLIT_CW"), SPLIT_CHANNELS);
     }
 
     fn model_args(max_rows: usize) -> AttendArgs {
@@ -496,12 +637,21 @@ mod tests {
         Some((dev, fk))
     }
 
-    /// Runs `launch` into a fresh NaN-filled output and returns it.
+    /// Which attention kernel a test runs.
+    #[derive(Clone, Copy, Debug)]
+    enum Kernel {
+        Attend,
+        Heads,
+        Span,
+        Split,
+    }
+
+    /// Runs `kernel` into a fresh NaN-filled output and returns it.
     fn run(
         dev: &CudaDevice,
         b: &Buffers,
         n_tok: usize,
-        launch: unsafe fn(&ForwardKernels, &CudaDevice, &AttendArgs, usize) -> Result<()>,
+        kernel: Kernel,
         fk: &ForwardKernels,
     ) -> Vec<f32> {
         let out = dev.alloc_filled::<f32>(n_tok * H * HD, 0xFF).unwrap();
@@ -509,16 +659,28 @@ mod tests {
             out: out.ptr(),
             ..b.args
         };
+        let scores = dev
+            .alloc_filled::<f32>(args.split_scores_len(n_tok), 0xFF)
+            .unwrap();
         // SAFETY: upload_case sized every buffer for n_tok tokens at these positions: the ring
         // holds WINDOW slots, comp the rows any token sees, sel only visible rows, and
-        // max_rows covers the window plus the compressed rows.
-        unsafe { launch(fk, dev, &args, n_tok).unwrap() };
+        // max_rows covers the window plus the compressed rows; the scores scratch has
+        // split_scores_len floats.
+        unsafe {
+            match kernel {
+                Kernel::Attend => launch_attend(fk, dev, &args, n_tok),
+                Kernel::Heads => launch_attend_heads(fk, dev, &args, n_tok),
+                Kernel::Span => launch_attend_span(fk, dev, &args, n_tok),
+                Kernel::Split => launch_attend_split(fk, dev, &args, n_tok, scores.ptr()),
+            }
+            .unwrap()
+        };
         dev.synchronize().unwrap();
         dev.download(&out).unwrap()
     }
 
     #[test]
-    fn attend_heads_is_bit_identical_to_attend() {
+    fn attend_heads_and_split_are_bit_identical_to_attend() {
         let Some((dev, fk)) = open() else { return };
         let cases = [
             // Window only, from position 0: fewer rows than the window, all from the span.
@@ -578,32 +740,34 @@ mod tests {
         ];
         for (i, c) in cases.iter().enumerate() {
             let b = upload_case(&dev, c, 17 + i as u64);
-            let want = run(&dev, &b, c.n_tok, launch_attend, &fk);
-            let got = run(&dev, &b, c.n_tok, launch_attend_heads, &fk);
+            let want = run(&dev, &b, c.n_tok, Kernel::Attend, &fk);
             let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let mut mismatches = 0usize;
-            let mut first = None;
-            let mut worst = 0f32;
-            for (k, (&w, &g)) in want.iter().zip(&got).enumerate() {
-                assert!(w.is_finite(), "{}: attend output {k} is {w}", c.name);
-                if w.to_bits() != g.to_bits() {
-                    mismatches += 1;
-                    worst = worst.max((w - g).abs());
-                    first.get_or_insert((k / (H * HD), k / HD % H, k % HD, w, g));
+            for kernel in [Kernel::Heads, Kernel::Split] {
+                let got = run(&dev, &b, c.n_tok, kernel, &fk);
+                let mut mismatches = 0usize;
+                let mut first = None;
+                let mut worst = 0f32;
+                for (k, (&w, &g)) in want.iter().zip(&got).enumerate() {
+                    assert!(w.is_finite(), "{}: attend output {k} is {w}", c.name);
+                    if w.to_bits() != g.to_bits() {
+                        mismatches += 1;
+                        worst = worst.max((w - g).abs());
+                        first.get_or_insert((k / (H * HD), k / HD % H, k % HD, w, g));
+                    }
                 }
-            }
-            if let Some((t, h, ch, w, g)) = first {
-                panic!(
-                    "{}: {mismatches} of {} outputs differ (max |diff| {worst:e}, max |out| {amax}); first: token {t}, head {h}, channel {ch}: attend {w:e}, attend_heads {g:e}",
+                if let Some((t, h, ch, w, g)) = first {
+                    panic!(
+                        "{}: {kernel:?}: {mismatches} of {} outputs differ (max |diff| {worst:e}, max |out| {amax}); first: token {t}, head {h}, channel {ch}: attend {w:e}, {kernel:?} {g:e}",
+                        c.name,
+                        want.len()
+                    );
+                }
+                eprintln!(
+                    "{}: {kernel:?}: {} outputs bit-identical (max |out| {amax})",
                     c.name,
                     want.len()
                 );
             }
-            eprintln!(
-                "{}: {} outputs bit-identical (max |out| {amax})",
-                c.name,
-                want.len()
-            );
         }
     }
 
@@ -636,13 +800,18 @@ mod tests {
             },
             ..b
         };
-        let want = run(&dev, &b, c.n_tok, launch_attend, &fk);
-        let got = run(&dev, &b, c.n_tok, launch_attend_span, &fk);
+        // attend_split has no such limit: its scores live in device memory.
+        let want = run(&dev, &b, c.n_tok, Kernel::Attend, &fk);
         assert!(want.iter().all(|v| v.is_finite()));
-        assert!(want
-            .iter()
-            .zip(&got)
-            .all(|(w, g)| w.to_bits() == g.to_bits()));
+        for kernel in [Kernel::Span, Kernel::Split] {
+            let got = run(&dev, &b, c.n_tok, kernel, &fk);
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(w, g)| w.to_bits() == g.to_bits()),
+                "{kernel:?}"
+            );
+        }
     }
 
     /// Milliseconds of each kernel on the model's prefill shape: 256 tokens, 64 heads of 512,

@@ -292,6 +292,60 @@ __device__ __forceinline__ float warp_sum_transposed32(float (&v)[32]) {
     return v[0];
 }
 
+// Pass 1 of attend_heads over the token's rows row_lo .. row_hi (row_lo a multiple of
+// ATTN_TR): the scores q·k × scale of heads h0 .. h0 + ATTN_HG (q_tok: head h0's query) go to
+// sc[(j - row_lo) * sj + hl * sh] for row j and head h0 + hl. Warp w: heads 4*(w & 3) .. +4,
+// rows 8*(w >> 2) .. +8 of each ATTN_TR-row tile; `tiles` holds two tiles. Ends synchronized.
+__device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_tok, i64 row_lo, i64 row_hi, i64 nw,
+                                                 i64 first, i64 pos0, const float* kv, const float* ring,
+                                                 i64 ring_cap, const float* comp, i64 kind, const int* sel,
+                                                 float scale, float* sc, i64 sj, i64 sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int hq = warp & 3, rs = (warp >> 2) * 8;
+    const i64 ntiles = (row_hi - row_lo + ATTN_TR - 1) / ATTN_TR;
+    float q[4][ATTN_CPL];
+#pragma unroll
+    for (int g = 0; g < 4; g++) {
+        const float* qh = q_tok + (4 * hq + g) * ATTN_HD + lane;
+#pragma unroll
+        for (int i = 0; i < ATTN_CPL; i++) q[g][i] = qh[32 * i];
+    }
+    attn_stage(tiles, row_lo, row_hi, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        if (tl + 1 < ntiles) {
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, row_lo + (tl + 1) * ATTN_TR, row_hi, nw, first,
+                       pos0, kv, ring, ring_cap, comp, kind, sel);
+            cp_async_wait_all_but_newest();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        const i64 row0 = row_lo + tl * ATTN_TR + rs;
+        if (row0 < row_hi) {
+            const float* kb = tiles + (tl & 1) * ATTN_TR * ATTN_HD + rs * ATTN_HD + lane;
+            float acc[32];
+#pragma unroll
+            for (int k = 0; k < 32; k++) acc[k] = 0.f;
+#pragma unroll
+            for (int i = 0; i < ATTN_CPL; i++) {
+                float kr[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) kr[j] = kb[j * ATTN_HD + 32 * i];
+#pragma unroll
+                for (int g = 0; g < 4; g++) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[g * 8 + j] += q[g][i] * kr[j];
+                }
+            }
+            // Lane l now holds head 4*hq + (l >> 3), row row0 + (l & 7).
+            const float s = warp_sum_transposed32(acc);
+            const i64 j = row0 + (lane & 7);
+            if (j < row_hi) sc[(j - row_lo) * sj + (4 * hq + (lane >> 3)) * sh] = s * scale;
+        }
+        __syncthreads();
+    }
+}
+
 // Same parameters and meaning as attend, for spans: grid n_tok x (H / ATTN_HG), ATTN_THREADS
 // threads, hd == ATTN_HD, H a multiple of ATTN_HG, kv / ring / comp 16-byte aligned (the
 // launcher, attend.rs, checks all of this).
@@ -328,51 +382,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     const i64 ntiles = (nr + ATTN_TR - 1) / ATTN_TR;
     const float scale = (float)scale_d;
 
-    // Pass 1: scores. Warp w: heads 4*(w & 3) .. +4, rows 8*(w >> 2) .. +8 of each tile.
-    {
-        const int hq = warp & 3, rs = (warp >> 2) * 8;
-        float q[4][ATTN_CPL];
-#pragma unroll
-        for (int g = 0; g < 4; g++) {
-            const float* qh = (const float*)q_ + (t * H + h0 + 4 * hq + g) * ATTN_HD + lane;
-#pragma unroll
-            for (int i = 0; i < ATTN_CPL; i++) q[g][i] = qh[32 * i];
-        }
-        attn_stage(tiles, 0, nr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
-        for (i64 tl = 0; tl < ntiles; tl++) {
-            if (tl + 1 < ntiles) {
-                attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, nw, first, pos0, kv,
-                           ring, ring_cap, comp, kind, sel);
-                cp_async_wait_all_but_newest();
-            } else {
-                cp_async_wait_all();
-            }
-            __syncthreads();
-            const i64 row0 = tl * ATTN_TR + rs;
-            if (row0 < nr) {
-                const float* kb = tiles + (tl & 1) * ATTN_TR * ATTN_HD + rs * ATTN_HD + lane;
-                float acc[32];
-#pragma unroll
-                for (int k = 0; k < 32; k++) acc[k] = 0.f;
-#pragma unroll
-                for (int i = 0; i < ATTN_CPL; i++) {
-                    float kr[8];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) kr[j] = kb[j * ATTN_HD + 32 * i];
-#pragma unroll
-                    for (int g = 0; g < 4; g++) {
-#pragma unroll
-                        for (int j = 0; j < 8; j++) acc[g * 8 + j] += q[g][i] * kr[j];
-                    }
-                }
-                // Lane l now holds head 4*hq + (l >> 3), row row0 + (l & 7).
-                const float s = warp_sum_transposed32(acc);
-                const i64 j = row0 + (lane & 7);
-                if (j < nr) sc[j * ATTN_HG + 4 * hq + (lane >> 3)] = s * scale;
-            }
-            __syncthreads();
-        }
-    }
+    // Pass 1: scores of every row, into shared memory (row-major, the heads side by side).
+    attn_scores_pass(tiles, (const float*)q_ + (t * H + h0) * ATTN_HD, 0, nr, nw, first, pos0, kv, ring, ring_cap,
+                     comp, kind, sel, scale, sc, ATTN_HG, 1);
 
     // Pass 2: softmax with the sink, per head: attend's split over 256 threads and 8 warps.
     {
@@ -469,4 +481,179 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
         rope_pair(os + (idx / half) * ATTN_HD, ATTN_HD, r, idx % half, pos, (const double*)inv_freq_, true);
     __syncthreads();
     for (int c = 4 * tid; c < ATTN_HG * ATTN_HD; c += 4 * ATTN_THREADS) *(float4*)(out + c) = *(const float4*)(os + c);
+}
+
+// ---- attend_split: decode attention over the whole GPU ----
+//
+// A single token has only H / ATTN_HG CTAs of attend_heads, and attend's one CTA per head walks
+// its ~640 rows one dependent load after another (~115 us per layer at 2K context, ~180 at 64K).
+// attend_split gives the same outputs bit for bit in two launches that spread the rows over
+// many CTAs:
+//  1. attend_split_scores: CTA (row block, group of ATTN_HG heads, token) runs attend_heads'
+//     score pass over ASPLIT_ROWS rows, into scores[(t*H + h) * max_rows + j] (device memory);
+//  2. attend_split_values: CTA (channel chunk of ASPLIT_CW, group of ASPLIT_HG heads, token)
+//     redoes each head's softmax statistics with attend's split over 256 threads and 8 warps
+//     (max, then the sum of expf(s - max) in the same order), then accumulates its heads x
+//     channels over all rows in ascending order with p = expf(s - max) / den (the same values
+//     attend divides), and applies the inverse RoPE to the channels of the tail.
+// Every CTA of the values launch recomputes its heads' statistics (16 chunks per head): a few
+// exponentials per thread, against a dependent chain of all the rows in one CTA.
+#define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles)
+#define ASPLIT_HG 8      // heads per values CTA: one warp each
+#define ASPLIT_CW 32     // channels per values CTA: one lane each
+#define ASPLIT_VT 128    // rows per staged tile of the values pass (two in flight)
+
+// Grid (max_rows / ASPLIT_ROWS rounded up, H / ATTN_HG, n_tok), ATTN_THREADS threads, dynamic
+// shared memory 2 x ATTN_TR x ATTN_HD floats. Same parameters as attend plus the scores
+// scratch (n_tok x H x max_rows floats).
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
+    attend_split_scores(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 scores_, i64 H, u64 pos_,
+                        i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride, double scale_d,
+                        i64 max_rows) {
+    PDL_ENTRY();
+    extern __shared__ __align__(16) float sh[];
+    const i64 t = blockIdx.z, h0 = (i64)blockIdx.y * ATTN_HG;
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 pos = pos0 + t;
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nr = nw + nc;
+    const i64 row_lo = (i64)blockIdx.x * ASPLIT_ROWS;
+    // Rows past the token's count (the grid covers max_rows), or more rows than the scratch
+    // holds (the values launch then writes NaN outputs): nothing to do. Uniform over the CTA.
+    if (row_lo >= nr || nr > max_rows) return;
+    attn_scores_pass(sh, (const float*)q_ + (t * H + h0) * ATTN_HD, row_lo, min64(row_lo + ASPLIT_ROWS, nr), nw,
+                     first, pos0, (const float*)kv_, (const float*)ring_, ring_cap, (const float*)comp_, kind,
+                     (const int*)sel_ + t * sel_stride, (float)scale_d,
+                     (float*)scores_ + (t * H + h0) * max_rows + row_lo, 1, max_rows);
+}
+
+// Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads; static shared memory.
+// Reads the scores attend_split_scores wrote; out as attend's.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
+                        i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
+                        u64 inv_freq_, i64 r, i64 max_rows) {
+    PDL_ENTRY();
+    __shared__ __align__(16) float vt[2][ASPLIT_VT][ASPLIT_CW];
+    __shared__ float pt[ASPLIT_HG][ASPLIT_VT];
+    __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
+    __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
+    __shared__ float os[ASPLIT_HG][ASPLIT_CW];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const i64 c0 = (i64)blockIdx.x * ASPLIT_CW, h0 = (i64)blockIdx.y * ASPLIT_HG, t = blockIdx.z;
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 pos = pos0 + t;
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nr = nw + nc;
+    const float* kv = (const float*)kv_;
+    const float* ring = (const float*)ring_;
+    const float* comp = (const float*)comp_;
+    const int* sel = (const int*)sel_ + t * sel_stride;
+    float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
+    if (nr > max_rows) {
+        *out = __int_as_float(0x7fc00000);  // more rows than the scores scratch: NaN, as attend_heads
+        return;
+    }
+    const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
+
+    // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows tid,
+    // tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the 8 warps.
+    {
+        float m[ASPLIT_HG];
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
+        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], sc[h * max_rows + j]);
+        }
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float v = warp_max(m[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+        __syncthreads();
+        if (tid < ASPLIT_HG) {
+            float mm = ((const float*)sinks_)[h0 + tid];
+            for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
+            mx_s[tid] = mm;
+        }
+        __syncthreads();
+        float part[ASPLIT_HG];
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) part[h] = 0.f;
+        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) part[h] += expf(sc[h * max_rows + j] - mx_s[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float v = warp_sum(part[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+        __syncthreads();
+        if (tid < ASPLIT_HG) {
+            float den = expf(((const float*)sinks_)[h0 + tid] - mx_s[tid]);
+            for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
+            den_s[tid] = den;
+        }
+        __syncthreads();
+    }
+
+    // Values: warp = head h0 + warp, lane = channel c0 + lane, rows in ascending order. Tile k
+    // of rows (ASPLIT_VT, this chunk's channels) is copied while tile k - 1 is summed.
+    const i64 ntiles = (nr + ASPLIT_VT - 1) / ASPLIT_VT;
+    auto stage = [&](i64 tl) {
+        // 8 lanes x 16 bytes per row: a warp copies 4 rows per step.
+        for (int k = tid; k < ASPLIT_VT * (ASPLIT_CW / 4); k += ATTN_THREADS) {
+            const int rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
+            const i64 j = tl * ASPLIT_VT + rr;
+            if (j < nr) cp_async16(&vt[tl & 1][rr][cc], attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + c0 + cc);
+        }
+        cp_async_commit();
+    };
+    float acc = 0.f;
+    stage(0);
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        if (tl + 1 < ntiles) {
+            stage(tl + 1);
+        }
+        // The weights of this tile (attend's sc[j] / den), while the copies land.
+        const int rows = (int)min64(ASPLIT_VT, nr - tl * ASPLIT_VT);
+        for (int k = tid; k < ASPLIT_HG * ASPLIT_VT; k += ATTN_THREADS) {
+            const int h = k / ASPLIT_VT, rr = k % ASPLIT_VT;
+            if (rr < rows) pt[h][rr] = expf(sc[h * max_rows + tl * ASPLIT_VT + rr] - mx_s[h]) / den_s[h];
+        }
+        if (tl + 1 < ntiles) {
+            cp_async_wait_all_but_newest();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+        const float* v = &vt[tl & 1][0][lane];
+        const float* p = pt[warp];
+        for (int j = 0; j < rows; j++) acc += p[j] * v[j * ASPLIT_CW];
+        __syncthreads();
+    }
+
+    // The inverse RoPE of the tail channels (pairs 2l, 2l + 1 never straddle a chunk: the tail
+    // starts at an even channel and chunks are ASPLIT_CW wide), then the store.
+    os[warp][lane] = acc;
+    __syncthreads();
+    const i64 tail = ATTN_HD - r;
+    if (c0 + ASPLIT_CW > tail) {
+        for (int k = tid; k < ASPLIT_HG * (ASPLIT_CW / 2); k += ATTN_THREADS) {
+            const int h = k / (ASPLIT_CW / 2);
+            const i64 c = c0 + 2 * (k % (ASPLIT_CW / 2));
+            if (c >= tail) {
+                const int l = (int)((c - tail) / 2);
+                rope_pair_at(&os[h][c - c0], pos, ((const double*)inv_freq_)[l], true);
+            }
+        }
+        __syncthreads();
+    }
+    *out = os[warp][lane];
 }

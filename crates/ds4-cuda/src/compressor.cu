@@ -424,80 +424,150 @@ __device__ __forceinline__ u32 score_key(float v) {
 }
 
 #define SELECT_THREADS 1024
+#define SELECT_WARPS (SELECT_THREADS / 32)
 
-// The topk-th largest key among a token's visible rows, by radix selection (4 passes of 8
-// bits over the keys, a 256-bin histogram each): sel_key[t] = that key, sel_eq[t] = how many
-// rows with exactly that key are kept (the rest of the topk are the rows above it). One CTA
-// per token; tokens with at most topk visible rows keep all and skip this.
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
-    index_threshold(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 pos_, i64 ratio, i64 topk, i64 max_rows) {
-    PDL_ENTRY();
-    const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
-    if (nv <= topk) return;  // uniform over the CTA
-    const float* sc = (const float*)scores_ + t * max_rows;
-    __shared__ u32 hist[256];
-    __shared__ u32 prefix_s, remaining_s;
-    if (threadIdx.x == 0) {
-        prefix_s = 0;
-        remaining_s = (u32)topk;
-    }
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        const u32 prefix = prefix_s;
-        const u32 mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
-            const u32 key = score_key(sc[i]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            // The digit holding the remaining-th largest key: skip the counts above it.
-            u32 remaining = remaining_s;
-            int d = 255;
-            for (; d > 0; d--) {
-                if (hist[d] >= remaining) break;
-                remaining -= hist[d];
-            }
-            prefix_s = prefix | ((u32)d << shift);
-            remaining_s = remaining;
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        ((u32*)sel_key_)[t] = prefix_s;
-        ((int*)sel_eq_)[t] = (int)remaining_s;
-    }
+// A visible row's key: from the shared cache below `cached` rows, else from its score.
+__device__ __forceinline__ u32 select_key(const u32* cache, int cached, const float* sc, int i) {
+    return i < cached ? cache[i] : score_key(sc[i]);
 }
 
-// Selection lists: one warp per token writes the kept rows in ascending order and their count:
-// the rows whose key is above the token's threshold, and the first sel_eq of those equal to it
-// (ties go to the lowest index, as the CPU's rank order).
-extern "C" __global__ void index_compact(u64 scores_, u64 sel_key_, u64 sel_eq_, u64 sel_, u64 selc_, u64 pos_,
-                                         i64 ratio, i64 topk, i64 max_rows) {
+// The selection lists, one CTA of SELECT_THREADS per token: with at most topk visible rows
+// ((pos+1)/ratio) all are kept; otherwise exactly topk: the rows whose key is above the
+// topk-th largest key and the lowest-index rows equal to it (the CPU's rank order), written in
+// ascending order to sel[t * topk ..], their count to selc[t].
+// 1. The topk-th largest key by radix selection, 8 bits a pass from the top: a 256-bin
+//    histogram of the keys matching the digits chosen so far. The scores' top bits are alike,
+//    so lanes of a warp hitting the same bin add once (__match_any_sync) instead of
+//    serializing on it, and one warp finds the digit by a suffix scan. It stops early when the
+//    chosen bin is kept whole (then every key from that bin's lowest value up is kept). The
+//    first pass stores the keys of rows below cache_rows in dynamic shared memory
+//    (cache_rows x 4 bytes); later walks read rows past it from the scores again, so any row
+//    count is handled.
+// 2. Compaction: warp w walks a contiguous run of rows 32 at a time and counts the rows above
+//    and equal to the threshold; from the counts of the warps before it each warp knows its
+//    first output slot and how many equal rows precede its run, and a second walk writes.
+// Scores: n_tok x max_rows (row t * max_rows); the span starts at position *pos_.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 2)
+    index_topk(u64 scores_, u64 sel_, u64 selc_, u64 pos_, i64 ratio, i64 topk, i64 max_rows, i64 cache_rows) {
     PDL_ENTRY();
-    const i64 t = blockIdx.x, nv = (*(const i64*)pos_ + t + 1) / ratio;
-    const int lane = threadIdx.x & 31;
+    extern __shared__ u32 kcache[];
+    __shared__ u32 hist[256];
+    __shared__ u32 prefix_s, remaining_s, thr_s, keep_eq_s;
+    __shared__ int done_s;
+    __shared__ u32 warp_above[SELECT_WARPS], warp_equal[SELECT_WARPS];
+    const i64 t = blockIdx.x;
+    const int nv = (int)((*(const i64*)pos_ + t + 1) / ratio);
     int* sel = (int*)sel_ + t * topk;
-    if (nv <= topk) {
-        for (i64 i = lane; i < nv; i += 32) sel[i] = (int)i;
-        if (lane == 0) ((int*)selc_)[t] = (int)nv;
+    if (nv <= topk) {  // uniform over the CTA
+        for (int i = threadIdx.x; i < nv; i += SELECT_THREADS) sel[i] = i;
+        if (threadIdx.x == 0) ((int*)selc_)[t] = nv;
         return;
     }
     const float* sc = (const float*)scores_ + t * max_rows;
-    const u32 thr = ((const u32*)sel_key_)[t];
-    int eq_left = ((const int*)sel_eq_)[t];
-    int base = 0;
-    for (i64 i0 = 0; i0 < nv; i0 += 32) {
-        const i64 i = i0 + lane;
-        const u32 key = i < nv ? score_key(sc[i]) : 0u;
-        const bool above = i < nv && key > thr, equal = i < nv && key == thr;
-        const unsigned eq_mask = __ballot_sync(FULL_MASK, equal);
-        const bool f = above || (equal && __popc(eq_mask & ((1u << lane) - 1u)) < eq_left);
-        eq_left -= min(eq_left, __popc(eq_mask));
-        const unsigned mask = __ballot_sync(FULL_MASK, f);
-        if (f) sel[base + __popc(mask & ((1u << lane) - 1u))] = (int)i;
-        base += __popc(mask);
+    const int cached = (int)min64(nv, cache_rows);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    if (threadIdx.x == 0) {
+        prefix_s = 0;
+        remaining_s = (u32)topk;
+        done_s = 0;
     }
-    if (lane == 0) ((int*)selc_)[t] = base;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        if (threadIdx.x < 256) hist[threadIdx.x] = 0;
+        __syncthreads();  // the histogram is clear and the previous pass's digit visible
+        const u32 prefix = prefix_s;
+        const u32 mask = shift == 24 ? 0u : 0xFFFFFFFFu << (shift + 8);
+        for (int i0 = 0; i0 < nv; i0 += SELECT_THREADS) {
+            const int i = i0 + threadIdx.x;
+            u32 key = 0;
+            if (i < nv) {
+                if (shift == 24) {
+                    key = score_key(sc[i]);
+                    if (i < cached) kcache[i] = key;
+                } else {
+                    key = select_key(kcache, cached, sc, i);
+                }
+            }
+            const bool in = i < nv && (key & mask) == prefix;
+            const unsigned active = __ballot_sync(FULL_MASK, in);
+            if (in) {
+                const u32 bin = (key >> shift) & 255u;
+                const unsigned peers = __match_any_sync(active, bin);
+                if ((peers & lanes_below) == 0) atomicAdd(&hist[bin], (u32)__popc(peers));
+            }
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // Lane l holds bins 8l .. 8l+7; S: the count of its bins and all above them.
+            u32 s = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += hist[lane * 8 + k];
+            u32 S = s;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 v = __shfl_down_sync(FULL_MASK, S, o);
+                if (lane + o < 32) S += v;
+            }
+            const u32 remaining = remaining_s, above = S - s;
+            // Exactly one lane holds the remaining-th largest key's digit (the matching keys
+            // number at least `remaining`); it walks its bins from the top.
+            if (above < remaining && remaining <= S) {
+                u32 rem = remaining - above, cd;
+                int d = lane * 8 + 7;
+                for (;; d--) {
+                    cd = hist[d];
+                    if (cd >= rem || d == lane * 8) break;
+                    rem -= cd;
+                }
+                const u32 p = prefix | ((u32)d << shift);
+                prefix_s = p;
+                remaining_s = rem;
+                if (cd == rem && p > 0) {  // the whole bin is kept: every key >= p
+                    thr_s = p - 1;
+                    keep_eq_s = 0;
+                    done_s = 1;
+                } else {
+                    thr_s = p;
+                    keep_eq_s = rem;
+                }
+            }
+        }
+        __syncthreads();
+        if (done_s) break;  // uniform
+    }
+    const u32 thr = thr_s, keep_eq = keep_eq_s;
+    const int run = (nv + SELECT_THREADS - 1) / SELECT_THREADS * 32;
+    const int lo = min(warp * run, nv), hi = min(lo + run, nv);
+    u32 n_above = 0, n_equal = 0;
+    for (int i0 = lo; i0 < hi; i0 += 32) {
+        const int i = i0 + lane;
+        const u32 key = i < hi ? select_key(kcache, cached, sc, i) : 0u;
+        n_above += __popc(__ballot_sync(FULL_MASK, i < hi && key > thr));
+        n_equal += __popc(__ballot_sync(FULL_MASK, i < hi && key == thr));
+    }
+    if (lane == 0) {
+        warp_above[warp] = n_above;
+        warp_equal[warp] = n_equal;
+    }
+    __syncthreads();
+    // The rows kept before this warp's run: all above, and the equal ones while keep_eq lasts.
+    u32 a0 = lane < warp ? warp_above[lane] : 0u, eq_seen = lane < warp ? warp_equal[lane] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a0 += __shfl_xor_sync(FULL_MASK, a0, o);
+        eq_seen += __shfl_xor_sync(FULL_MASK, eq_seen, o);
+    }
+    u32 base = a0 + min(eq_seen, keep_eq);
+    for (int i0 = lo; i0 < hi; i0 += 32) {
+        const int i = i0 + lane;
+        const u32 key = i < hi ? select_key(kcache, cached, sc, i) : 0u;
+        const bool above = i < hi && key > thr, equal = i < hi && key == thr;
+        const unsigned eq_mask = __ballot_sync(FULL_MASK, equal);
+        const bool f = above || (equal && eq_seen + __popc(eq_mask & lanes_below) < keep_eq);
+        const unsigned kept = __ballot_sync(FULL_MASK, f);
+        if (f) sel[base + __popc(kept & lanes_below)] = i;
+        base += __popc(kept);
+        eq_seen += __popc(eq_mask);
+    }
+    if (warp == SELECT_WARPS - 1 && lane == 0) ((int*)selc_)[t] = (int)base;
 }

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use cudarc::driver::result;
+use cudarc::driver::sys::CUfunction_attribute_enum;
 
 use ds4_model::config::{AttnKind, MoeKind};
 use ds4_model::numerics::Numerics;
@@ -43,6 +44,12 @@ const HC_SPAN_N: usize = 4;
 /// multiprocessor their launch bounds allow.
 const HC_SPAN_MAX_TOKENS: usize = 256;
 const HC_SPAN_CTAS_PER_SM: usize = 3;
+/// Threads per CTA of the indexer's selection (compressor.cu SELECT_THREADS), the most keys
+/// it holds in shared memory (96 KiB: two CTAs still share an SM), and a bound on its static
+/// shared memory (histogram, warp counts).
+const SELECT_THREADS: u32 = 1024;
+const SELECT_CACHE_ROWS: usize = 24 * 1024;
+const SELECT_STATIC_SHARED: usize = 4096;
 /// Tokens (one warp each) per CTA of hc_comb (hc.cu HC_COMB_WARPS).
 const HC_COMB_WARPS: usize = 4;
 /// Values per thread and most threads per row of the RMS norm kernels (vector_ops.rs SEG,
@@ -211,9 +218,9 @@ pub(crate) struct Scratch {
     sel: DeviceBuffer<i32>,
     selc: DeviceBuffer<i32>,
     iscores: DeviceBuffer<f32>,
-    /// Per token: the indexer's selection threshold key and how many rows equal to it are kept.
-    sel_key: DeviceBuffer<i32>,
-    sel_eq: DeviceBuffer<i32>,
+    /// A single token's attention scores (heads × the most rows a layer attends over), for
+    /// attend_split.
+    attn_scores: DeviceBuffer<f32>,
     o: DeviceBuffer<f32>,
     og: DeviceBuffer<f32>,
     zg: DeviceBuffer<f32>,
@@ -287,7 +294,12 @@ impl Scratch {
         self.quant.generation + self.lane_quant.iter().map(|q| q.generation).sum::<u64>()
     }
 
-    pub fn new(m: &CudaModel, cap: usize, max_index_rows: usize) -> Result<Scratch> {
+    pub fn new(
+        m: &CudaModel,
+        cap: usize,
+        max_index_rows: usize,
+        max_attn_rows: usize,
+    ) -> Result<Scratch> {
         let c = &m.cfg;
         let dev = &m.gpu.device;
         let f = |n: usize| dev.alloc::<f32>(n.max(1));
@@ -320,8 +332,7 @@ impl Scratch {
             sel: i(cap * c.index_topk)?,
             selc: i(cap)?,
             iscores: f(cap * max_index_rows)?,
-            sel_key: i(cap)?,
-            sel_eq: i(cap)?,
+            attn_scores: f(c.n_heads * max_attn_rows)?,
             o: f(cap * hhd)?,
             og: f(cap * hhd)?,
             zg: f(cap * god)?,
@@ -1637,6 +1648,8 @@ impl CudaModel {
         unsafe {
             if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
+            } else if args.split_plan().is_ok() && args.split_scores_len(n) <= s.attn_scores.len() {
+                crate::attend::launch_attend_split(&self.fk, dev, &args, n, s.attn_scores.ptr())
             } else {
                 crate::attend::launch_attend(&self.fk, dev, &args, n)
             }
@@ -1855,47 +1868,50 @@ impl CudaModel {
                     .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
             };
         }
+        // One CTA per token keeps the keys of its first rows in shared memory while it
+        // selects: as many as are visible now (a captured graph: the session's most), at most
+        // SELECT_CACHE_ROWS and what the device allows; later rows are read again per pass.
+        if max_rows > i32::MAX as usize || n > i32::MAX as usize {
+            return Err(CudaError::InvalidArgument(format!(
+                "indexer selection over {max_rows} rows for {n} tokens exceeds 32-bit indices"
+            )));
+        }
+        let optin = dev.info().max_shared_per_block_optin;
+        let cached = rows_now
+            .min(SELECT_CACHE_ROWS)
+            .min(optin.saturating_sub(SELECT_STATIC_SHARED) / 4)
+            .max(1);
+        let shared = cached * 4;
+        if shared > MAX_SHARED {
+            self.fk
+                .function("fwd_compressor", "index_topk")?
+                .set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+                .ctx("allowing index_topk its shared memory")?;
+        }
         let a = kargs![
             s.iscores.ptr(),
-            s.sel_key.ptr(),
-            s.sel_eq.ptr(),
-            s.pos.ptr(),
-            ratio,
-            c.index_topk,
-            max_rows
-        ];
-        // SAFETY: index_threshold reads each token's visible scores (within its
-        // max_index_rows-long scratch row) and writes one threshold key and tie count per
-        // token.
-        unsafe {
-            self.fk.launch(
-                dev,
-                "fwd_compressor",
-                "index_threshold",
-                per_item(n, 1024, 0),
-                &a,
-            )?
-        };
-        let a = kargs![
-            s.iscores.ptr(),
-            s.sel_key.ptr(),
-            s.sel_eq.ptr(),
             s.sel.ptr(),
             s.selc.ptr(),
             s.pos.ptr(),
             ratio,
             c.index_topk,
-            max_rows
+            max_rows,
+            cached
         ];
-        // SAFETY: index_compact reads the visible rows' scores and the token's threshold,
-        // and writes at most topk indices per token (exactly topk when more rows are
-        // visible) and the count.
+        // SAFETY: index_topk reads each token's (pos+1)/ratio ≤ max_index_rows visible scores
+        // (within its max_index_rows-long scratch row) and writes at most topk indices per
+        // token (exactly topk when more rows are visible) and the count; its dynamic shared
+        // memory holds `cached` keys, which the attribute above allows past 48 KiB. The CTA
+        // has the kernel's SELECT_THREADS (1 024) threads.
         unsafe {
             self.fk.launch(
                 dev,
                 "fwd_compressor",
-                "index_compact",
-                per_item(n, 32, 0),
+                "index_topk",
+                per_item(n, SELECT_THREADS, shared),
                 &a,
             )
         }

@@ -107,18 +107,21 @@ __device__ void cta_hadamard(float* x, int n) {
     __syncthreads();
 }
 
-// Rotates pair l of the tail of a `width`-wide vector by pos (or -pos): rope.rs rotate_tail.
-// The angle and its sine/cosine are computed in double, then rounded to f32, as the CPU does.
-__device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64 pos, const double* inv_freq,
-                                          bool inverse) {
-    float* p = x + (width - r) + 2 * l;
-    const double phi = (double)pos * inv_freq[l];
+// Rotates the pair p[0], p[1] by pos × inv_freq (or backwards): rope.rs rotate_tail. The
+// angle and its sine/cosine are computed in double, then rounded to f32, as the CPU does.
+__device__ __forceinline__ void rope_pair_at(float* p, i64 pos, double inv_freq, bool inverse) {
+    const double phi = (double)pos * inv_freq;
     double s, c;
     sincos(phi, &s, &c);
     const float fs = (float)((inverse ? -1.0 : 1.0) * s), fc = (float)c;
     const float x0 = p[0], x1 = p[1];
     p[0] = x0 * fc - x1 * fs;
     p[1] = x0 * fs + x1 * fc;
+}
+// Rotates pair l of the tail of a `width`-wide vector.
+__device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64 pos, const double* inv_freq,
+                                          bool inverse) {
+    rope_pair_at(x + (width - r) + 2 * l, pos, inv_freq[l], inverse);
 }
 
 __device__ __forceinline__ float f16_round(float x) { return f16_to_f32(f32_to_f16(x)); }

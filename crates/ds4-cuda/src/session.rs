@@ -126,8 +126,10 @@ impl CudaSession {
         let ring_cap = raw_window_rows(cfg, ctx);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         let mut max_index_rows = 1;
+        let mut max_attn_rows = 1;
         for l in 0..cfg.n_layers {
             let ratio = cfg.compress_ratio[l] as usize;
+            max_attn_rows = max_attn_rows.max(attention_rows(cfg, l, ctx));
             let (attn, index) = match cfg.attn_kind[l] {
                 AttnKind::Sliding => (None, None),
                 AttnKind::Hca => (
@@ -159,8 +161,13 @@ impl CudaSession {
                 index: index.transpose().map_err(cuda_err)?,
             });
         }
-        let scratch =
-            Scratch::new(&model, chunk_tokens().min(ctx), max_index_rows).map_err(cuda_err)?;
+        let scratch = Scratch::new(
+            &model,
+            chunk_tokens().min(ctx),
+            max_index_rows,
+            max_attn_rows,
+        )
+        .map_err(cuda_err)?;
         Ok(CudaSession {
             model,
             ctx,
@@ -246,6 +253,18 @@ impl CudaSession {
     }
 }
 
+/// The most rows layer `l` attends over in a session of `ctx` tokens: its window plus the
+/// compressed rows a token can see (HCA: all of them; CSA: the indexer's top-k).
+fn attention_rows(cfg: &ds4_model::config::ModelConfig, l: usize, ctx: usize) -> usize {
+    let window = cfg.sliding_window.min(raw_window_rows(cfg, ctx));
+    window
+        + match cfg.attn_kind[l] {
+            AttnKind::Sliding => 0,
+            AttnKind::Hca => compressed_capacity(ctx, cfg.compress_ratio[l] as usize),
+            AttnKind::Csa => cfg.index_topk,
+        }
+}
+
 /// GPU memory a session of `ctx` tokens allocates (state + scratch), for the fit check.
 fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
     let cfg = &m.cfg;
@@ -258,7 +277,14 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .map(|(&r, _)| compressed_capacity(ctx, r as usize))
         .max()
         .unwrap_or(1);
-    state + crate::model::working_memory_estimate(cfg) + chunk_tokens() * max_index_rows * 4
+    let max_attn_rows = (0..cfg.n_layers)
+        .map(|l| attention_rows(cfg, l, ctx))
+        .max()
+        .unwrap_or(1);
+    state
+        + crate::model::working_memory_estimate(cfg)
+        + chunk_tokens() * max_index_rows * 4
+        + cfg.n_heads * max_attn_rows * 4
 }
 
 impl Session for CudaSession {
