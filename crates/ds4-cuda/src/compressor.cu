@@ -210,7 +210,8 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
 // index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (times w_scale here), keys:
 // rows x di; scores/flags: n_tok x max_rows scratch. The span starts at position *pos_.
 
-// Scores: grid (rows / INDEX_TILE_ROWS / INDEX_TILES, n_tok), 256 threads. A CTA keeps its
+// Scores (reference numerics; ds4 numerics use index_scores_mma below, which gives the same
+// bits): grid (rows / INDEX_TILE_ROWS / INDEX_TILES, n_tok), 256 threads. A CTA keeps its
 // token's ni x di query in shared memory (row stride di + 1: lanes reading different heads hit
 // different banks) and walks INDEX_TILES tiles of INDEX_TILE_ROWS keys, one warp per key row,
 // lanes over heads; each head's dot product runs over the channels in order. Dynamic shared:
@@ -250,6 +251,168 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
             }
             s = warp_sum(s);
             if (lane == 0) ((float*)scores_)[t * max_rows + r0 + r] = s;
+        }
+    }
+}
+
+// Scores on tensor cores, for ds4 numerics: there the queries and keys have been through the
+// Hadamard + FP4-E2M1 round trip with power-of-two block scales (index_round, compress_span
+// qat 2), so every value is e2m1 x 2^e, exact in bf16; the products are exact and the dot
+// products' partial sums (whole multiples of a few block-scale quanta) are exact in f32 for
+// realistic block scales, so a bf16 m16n8k16 MMA with f32 accumulation gives index_scores's
+// sequential f32 dot products bit for bit. The head sum then repeats index_scores's order
+// exactly: lane L's FMA chain over heads L and L + 32, then warp_sum's xor tree (offsets 16,
+// 8, 4, 2, 1), which here is two in-thread levels and three shuffles. Any ni <= 64 and
+// di <= 128 with di % 8 == 0 (heads and channels beyond them are zero, which adds exact
+// zeros, as index_scores's idle lanes).
+//
+// Grid (row chunks of tiles_per_cta x IDXM_ROWS rows, ceil(n_tok / tpc)); up to IDXM_WARPS
+// warps. tpc tokens per CTA (a power of two dividing the warp count): warp w scores token
+// blockIdx.y * tpc + w % tpc against the key tile's 8-row groups w / tpc, w / tpc + warps /
+// tpc, ... (decode: tpc 1, the warps share the rows). Each warp holds its token's whole
+// 64 x 128 query as bf16 A fragments in registers (4 head tiles x 8 k steps x 4 registers);
+// the CTA converts each tile of IDXM_ROWS keys to bf16 in shared memory (rows padded to
+// IDXM_KSTRIDE: conflict-free ldmatrix), from which every warp takes its B fragments with
+// ldmatrix. (255 registers, the query's 128 among them: two 4-warp CTAs or one 8-warp CTA
+// per SM.) Measured on an H200 over a 32K prefill (1 024-token spans): 424 us per call with
+// 8 warps and 8 tokens per CTA, against index_scores's 8 757 us; every output bit equal
+// (tests/index_scores_gpu.rs).
+#define IDXM_HEADS 64
+#define IDXM_DIM 128
+#define IDXM_ROWS 64
+#define IDXM_KSTRIDE (IDXM_DIM + 8)
+#define IDXM_WARPS 8
+
+// Two floats as a bf16 pair (round to nearest even; lo in the low half, as MMA fragments hold
+// the lower column there).
+__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// D = A B + C for a 16x16 bf16 A (row-major) and a 16x8 bf16 B (column-major), f32 C/D.
+// Lane l, g = l/4, c = l%4 holds:
+//   a[0]: A[g][2c..2c+1]  a[1]: A[g+8][2c..]  a[2]: A[g][2c+8..]  a[3]: A[g+8][2c+8..]
+//   b0: B[2c..2c+1][g]    b1: B[2c+8..2c+9][g]
+//   d[0]: D[g][2c]  d[1]: D[g][2c+1]  d[2]: D[g+8][2c]  d[3]: D[g+8][2c+1]
+__device__ __forceinline__ void idxm_mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
+    index_scores_mma(u64 q_, u64 w_, double w_scale_d, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
+                     i64 topk, i64 max_rows, i64 n_tok, i64 tpc, i64 tiles_per_cta) {
+    PDL_ENTRY();
+    __shared__ __align__(16) u16 ksh[IDXM_ROWS * IDXM_KSTRIDE];
+    const float w_scale = (float)w_scale_d;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const i64 pos0 = *(const i64*)pos_;
+    const i64 tok0 = (i64)blockIdx.y * tpc;
+    const i64 t_last = min64(n_tok, tok0 + tpc) - 1;
+    // Rows visible to the CTA's last token: nv grows with the token.
+    const i64 nv_max = (pos0 + t_last + 1) / ratio;
+    const i64 first = (i64)blockIdx.x * tiles_per_cta * IDXM_ROWS;
+    if (nv_max <= topk || first >= nv_max) return;  // uniform over the CTA
+
+    const i64 t = tok0 + warp % tpc;
+    const i64 nv = t < n_tok ? (pos0 + t + 1) / ratio : 0;
+    const bool active = nv > topk;  // uniform over the warp
+
+    // The token's query as A fragments (head tile m = heads 16m..16m+15, k step s), and the
+    // weights of the eight heads g + 8j this lane's accumulators hold (zero past ni).
+    u32 a[4][8][4];
+    float wh[8];
+    if (active) {
+        const float* q = (const float*)q_ + t * ni * di;
+        const int nh = (int)ni, nd = (int)di;
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+#pragma unroll
+            for (int s = 0; s < 8; s++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int h = 16 * m + g + 8 * (i & 1), k = 16 * s + 2 * c + 8 * (i >> 1);
+                    float2 v = make_float2(0.f, 0.f);
+                    if (h < nh && k < nd) v = *(const float2*)(q + h * nd + k);
+                    a[m][s][i] = bf16x2_rn(v.x, v.y);
+                }
+            // One head tile's loads in flight at a time: all 128 at once would hold 256
+            // floats and spill.
+            asm volatile("" ::: "memory");
+        }
+        const float* wt = (const float*)w_ + t * ni;
+#pragma unroll
+        for (int j = 0; j < 8; j++) wh[j] = g + 8 * j < ni ? wt[g + 8 * j] * w_scale : 0.f;
+    }
+
+    const float* keys = (const float*)keys_;
+    float* scores = (float*)scores_ + t * max_rows;
+    const int groups = IDXM_ROWS / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
+    for (i64 tile = 0; tile < tiles_per_cta; tile++) {
+        const i64 r0 = first + tile * IDXM_ROWS;
+        if (r0 >= nv_max) break;  // uniform
+        __syncthreads();          // the previous tile's keys are used up
+        // Keys r0.. as bf16, four channels per thread and step; rows past nv_max and channels
+        // past di are zero (rows not yet written are never read).
+        for (int i = threadIdx.x; i < IDXM_ROWS * (IDXM_DIM / 4); i += blockDim.x) {
+            const int r = i / (IDXM_DIM / 4), k = 4 * (i % (IDXM_DIM / 4));
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (r0 + r < nv_max && k < di) v = *(const float4*)(keys + (r0 + r) * di + k);
+            *(uint2*)(ksh + r * IDXM_KSTRIDE + k) = make_uint2(bf16x2_rn(v.x, v.y), bf16x2_rn(v.z, v.w));
+        }
+        __syncthreads();
+        if (!active) continue;
+        for (int grp = warp / (int)tpc; grp < groups; grp += group_step) {
+            const i64 rn = r0 + 8 * grp;
+            if (rn >= nv) break;  // uniform over the warp
+            float acc[4][4];
+#pragma unroll
+            for (int m = 0; m < 4; m++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
+            // Lane l addresses row l % 8 of matrix l / 8: channels 16s + 8(l / 8) of the pair
+            // of k steps s, s + 1 (b0, b1 of step s, then of step s + 1).
+            const u32 base =
+                (u32)__cvta_generic_to_shared(ksh + (8 * grp + (lane & 7)) * IDXM_KSTRIDE + 8 * (lane >> 3));
+#pragma unroll
+            for (int s = 0; s < 8; s += 2) {
+                u32 b[4];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(base + 16 * s * 2));
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    idxm_mma(acc[m], a[m][s], b[0], b[1]);
+                    idxm_mma(acc[m], a[m][s + 1], b[2], b[3]);
+                }
+            }
+            // acc[m][e] (e = 0, 1) is head 16m + g's dot with row rn + 2c + e, acc[m][2 + e]
+            // head 16m + 8 + g's: head g + 8j is acc[j / 2][2 (j % 2) + e]. index_scores's
+            // lane L = g + 8j' (j' < 4) sums heads L and L + 32 (j' and j' + 4).
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float sl[4];
+#pragma unroll
+                for (int jl = 0; jl < 4; jl++) {
+                    const int jh = jl + 4;
+                    float s = 0.f;
+                    s += wh[jl] * fmaxf(acc[jl / 2][2 * (jl % 2) + e], 0.0f);
+                    s += wh[jh] * fmaxf(acc[jh / 2][2 * (jh % 2) + e], 0.0f);
+                    sl[jl] = s;
+                }
+                // warp_sum's tree: lane L ^ 16 is j' ^ 2, L ^ 8 is j' ^ 1, then L ^ 4, 2, 1
+                // are g ^ 4, 2, 1: lane ^ 16, 8, 4.
+                float v = (sl[0] + sl[2]) + (sl[1] + sl[3]);
+                v += __shfl_xor_sync(FULL_MASK, v, 16);
+                v += __shfl_xor_sync(FULL_MASK, v, 8);
+                v += __shfl_xor_sync(FULL_MASK, v, 4);
+                const i64 r = rn + 2 * c + e;
+                if (g == 0 && r < nv) scores[r] = v;
+            }
         }
     }
 }

@@ -1767,19 +1767,7 @@ impl CudaModel {
         let dev = &self.gpu.device;
         let (ni, di) = (c.index_heads, c.index_head_dim);
         let max_rows = s.max_index_rows;
-        let a = kargs![
-            s.iq.ptr(),
-            s.iw.ptr(),
-            1.0 / ((ni * di) as f64).sqrt() as f32,
-            is.rows.ptr(),
-            s.iscores.ptr(),
-            s.pos.ptr(),
-            ratio,
-            ni,
-            di,
-            c.index_topk,
-            max_rows
-        ];
+        let w_scale = 1.0 / ((ni * di) as f64).sqrt() as f32;
         // Grids cover the rows visible at the span's end; a captured decode graph replays at
         // later positions, so it covers every row the session can hold (the kernels skip
         // rows not yet visible).
@@ -1788,30 +1776,105 @@ impl CudaModel {
         } else {
             (pos0 + n) / ratio
         };
-        let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
-        if scores_shared > MAX_SHARED {
-            return Err(CudaError::InvalidArgument(format!(
-                "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
-            )));
+        // Key rows per tile, largest heads and channels of index_scores_mma (compressor.cu
+        // IDXM_ROWS, IDXM_HEADS, IDXM_DIM).
+        const IDXM_ROWS: usize = 64;
+        const IDXM_HEADS: usize = 64;
+        const IDXM_DIM: usize = 128;
+        if self.numerics == Numerics::Ds4 && ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0 {
+            // ds4 numerics: queries and keys are FP4-shaped, exact in bf16, so the tensor-core
+            // kernel gives the f32 kernel's scores (compressor.cu).
+            // Prefill: 8 warps, 8 tokens per CTA (at 32K, H200: 424 us per 1 024-token call
+            // against 528 with 4 warps and 4 tokens). Fewer tokens: 4 warps sharing the rows
+            // (decode: one token; each warp converts the whole query, so fewer warps per
+            // tile read less of it again).
+            let warps = if n >= 8 { 8 } else { 4 };
+            // Tokens per CTA: the largest power of two up to the warp count.
+            let mut tpc = 1;
+            while tpc * 2 <= n.min(warps) {
+                tpc *= 2;
+            }
+            let groups = n.div_ceil(tpc);
+            let tiles = rows_now.div_ceil(IDXM_ROWS).max(1);
+            // About a thousand CTAs when there is work for them; beyond that longer chunks,
+            // up to 16 tiles (each CTA converts its tokens' 32 KiB queries once per chunk;
+            // one tile per CTA measured 1.5x slower at 32K). A captured graph keeps one tile
+            // per CTA: it must serve every later position.
+            let tiles_per_cta = if s.capturing {
+                1
+            } else {
+                (tiles * groups / 1024).clamp(1, 16)
+            };
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (tiles.div_ceil(tiles_per_cta) as u32, groups as u32, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let a = kargs![
+                s.iq.ptr(),
+                s.iw.ptr(),
+                w_scale,
+                is.rows.ptr(),
+                s.iscores.ptr(),
+                s.pos.ptr(),
+                ratio,
+                ni,
+                di,
+                c.index_topk,
+                max_rows,
+                n,
+                tpc,
+                tiles_per_cta
+            ];
+            // SAFETY: index_scores_mma reads each of the n tokens' ni × di query (di even)
+            // and ni weights, and of the keys only the (pos+1)/ratio ≤ max_index_rows rows
+            // written so far (di % 8 == 0: 16-byte loads), and writes one score per visible
+            // row into the token's max_index_rows-long scratch row; its shared memory is
+            // static. The block (4 or 8 warps) is within its launch bound (IDXM_WARPS = 8)
+            // and tpc, a power of two up to the warp count, divides it.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_scores_mma", cfg, &a)?
+            };
+        } else {
+            let a = kargs![
+                s.iq.ptr(),
+                s.iw.ptr(),
+                w_scale,
+                is.rows.ptr(),
+                s.iscores.ptr(),
+                s.pos.ptr(),
+                ratio,
+                ni,
+                di,
+                c.index_topk,
+                max_rows
+            ];
+            let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
+            if scores_shared > MAX_SHARED {
+                return Err(CudaError::InvalidArgument(format!(
+                    "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
+                )));
+            }
+            let scores_cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (
+                    rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
+                    n as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: scores_shared as u32,
+            };
+            // SAFETY: index_scores reads each token's ni × di query and ni weights (scaled by
+            // the third argument) and the (pos+1)/ratio ≤ max_index_rows keys written so far,
+            // and writes one score per visible row into the token's max_index_rows-long
+            // scratch row; its dynamic shared memory holds the query and one tile of keys,
+            // (ni + 16) × (di + 1) floats.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
+            };
         }
-        let scores_cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (
-                rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
-                n as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: scores_shared as u32,
-        };
-        // SAFETY: index_scores reads each token's ni × di query and ni weights (scaled by the
-        // third argument) and the
-        // (pos+1)/ratio ≤ max_index_rows keys written so far, and writes one score per
-        // visible row into the token's max_index_rows-long scratch row; its dynamic
-        // shared memory holds the query and one tile of keys, (ni + 16) × (di + 1) floats.
-        unsafe {
-            self.fk
-                .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
-        };
         // One CTA per token keeps the keys of its first rows in shared memory while it
         // selects: as many as are visible now (a captured graph: the session's most), at most
         // SELECT_CACHE_ROWS and what the device allows; later rows are read again per pass.
