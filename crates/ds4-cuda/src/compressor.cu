@@ -203,8 +203,8 @@ extern "C" __global__ void compress_frontier(u64 kv_in_, u64 gate_in_, u64 ape_,
     }
 }
 
-// The indexer's choice (cpu/indexer.rs select_rows) in three steps over the chunk's tokens
-// (scores, threshold by radix selection, ordered compaction):
+// The indexer's choice (cpu/indexer.rs select_rows) in two launches over the chunk's tokens
+// (the scores, then index_topk's selection and ordered compaction):
 // with at most topk visible rows ((pos+1)/ratio) all are kept; otherwise every visible key is
 // scored, score = sum_h w_h max(0, q_h . k), and the topk best are kept (ties: the lowest
 // index), in ascending order. q: n_tok x ni x di, w: n_tok x ni (times w_scale here), keys:
