@@ -348,15 +348,19 @@ impl AttendArgs {
 /// CTAs of 8 heads x 32 channels. Outputs bit-identical to attend's; many more CTAs for a
 /// single token than attend's one per head, and no CTA walks all the rows' loads in sequence.
 ///
+/// `quantized`: also write the outputs' Q8_0 form (blocks of 32 along the flat output) to
+/// these int8 values and f32 scales, bit for bit what the Q8_0 activation quantizer makes.
+///
 /// # Safety
-/// As [`launch_attend_heads`], and `scores` must hold
-/// [`AttendArgs::split_scores_len`]`(n_tok)` f32.
+/// As [`launch_attend_heads`], `scores` must hold [`AttendArgs::split_scores_len`]`(n_tok)`
+/// f32, and `quantized` (when given) n_tok × heads × head_dim i8 and 1/32 as many f32.
 pub(crate) unsafe fn launch_attend_split(
     fk: &ForwardKernels,
     dev: &CudaDevice,
     args: &AttendArgs,
     n_tok: usize,
     scores: u64,
+    quantized: Option<(u64, u64)>,
 ) -> Result<()> {
     args.split_plan(dev.info().max_shared_per_block_optin)?;
     if n_tok == 0 {
@@ -430,7 +434,9 @@ pub(crate) unsafe fn launch_attend_split(
         args.inv_freq,
         args.rope_dim,
         args.max_rows,
-        tile
+        tile,
+        quantized.map_or(0, |q| q.0),
+        quantized.map_or(0, |q| q.1)
     ];
     let f = fk.function(MODULE, "attend_split_values")?;
     f.set_attribute(
@@ -800,7 +806,7 @@ mod tests {
                 Kernel::Attend => launch_attend(fk, dev, &args, n_tok),
                 Kernel::Heads => launch_attend_heads(fk, dev, &args, n_tok),
                 Kernel::Span => launch_attend_span(fk, dev, &args, n_tok),
-                Kernel::Split => launch_attend_split(fk, dev, &args, n_tok, scores.ptr()),
+                Kernel::Split => launch_attend_split(fk, dev, &args, n_tok, scores.ptr(), None),
                 Kernel::Mma => launch_attend_mma(fk, dev, &args, n_tok),
             }
             .unwrap()
@@ -914,6 +920,78 @@ mod tests {
                 "{}: attend_mma differs from attend by {worst:e} (max |out| {amax})",
                 c.name
             );
+        }
+    }
+
+    /// attend_split's Q8_0 form of its outputs equals the activation quantizer's (amax / 127
+    /// per 32 values, round to nearest even, clamp to ±127), computed here on the host from
+    /// attend's outputs.
+    #[test]
+    fn attend_split_quantizes_its_output() {
+        let Some((dev, fk)) = open() else { return };
+        for (i, c) in [
+            Case {
+                name: "window, pos 0",
+                n_tok: 3,
+                pos0: 0,
+                kind: 0,
+                ratio: 1,
+                comp_rows: 0,
+            },
+            Case {
+                name: "CSA, pos 5000",
+                n_tok: 2,
+                pos0: 5000,
+                kind: 2,
+                ratio: 4,
+                comp_rows: 1258,
+            },
+        ]
+        .iter()
+        .enumerate()
+        {
+            let b = upload_case(&dev, c, 40 + i as u64);
+            let want = run(&dev, &b, c.n_tok, Kernel::Attend, &fk);
+            let total = c.n_tok * H * HD;
+            let out = dev.alloc_filled::<f32>(total, 0xFF).unwrap();
+            let q = dev.alloc_filled::<i8>(total, 0x55).unwrap();
+            let d = dev.alloc_filled::<f32>(total / 32, 0xFF).unwrap();
+            let args = AttendArgs {
+                out: out.ptr(),
+                ..b.args
+            };
+            let scores = dev
+                .alloc_filled::<f32>(args.split_scores_len(c.n_tok), 0xFF)
+                .unwrap();
+            // SAFETY: as in `run`; q and d hold the outputs' total values and total / 32 scales.
+            unsafe {
+                launch_attend_split(
+                    &fk,
+                    &dev,
+                    &args,
+                    c.n_tok,
+                    scores.ptr(),
+                    Some((q.ptr(), d.ptr())),
+                )
+                .unwrap()
+            };
+            dev.synchronize().unwrap();
+            let (got_q, got_d) = (dev.download(&q).unwrap(), dev.download(&d).unwrap());
+            for (b, block) in want.chunks(32).enumerate() {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let dd = amax / 127.0;
+                let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+                assert_eq!(
+                    got_d[b].to_bits(),
+                    dd.to_bits(),
+                    "{}: scale of block {b}",
+                    c.name
+                );
+                for (j, v) in block.iter().enumerate() {
+                    let qv = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
+                    assert_eq!(got_q[32 * b + j], qv, "{}: value {}", c.name, 32 * b + j);
+                }
+            }
         }
     }
 

@@ -534,11 +534,13 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
 // memory: vt rows x (ASPLIT_CW + ASPLIT_HG) floats (vt = min(max_rows, ASPLIT_VT): the tile's
-// values, then its scores). Reads the scores attend_split_scores wrote; out as attend's.
+// values, then its scores). Reads the scores attend_split_scores wrote; out as attend's, and
+// when oq_ != 0 also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which
+// saves the decode step a quantization launch.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
-                        u64 inv_freq_, i64 r, i64 max_rows, i64 vt) {
+                        u64 inv_freq_, i64 r, i64 max_rows, i64 vt, u64 oq_, u64 od_) {
     PDL_ENTRY();
     extern __shared__ __align__(16) float vsh[];
     float* const vrows = vsh;                  // [vt][ASPLIT_CW] this chunk's channels of a tile
@@ -663,7 +665,18 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         }
         __syncthreads();
     }
-    *out = os[warp][lane];
+    const float y = os[warp][lane];
+    *out = y;
+    if (oq_ != 0) {
+        // The output's Q8_0 form (the o_a product's input), as quantize_seg_q8_0 makes it: a
+        // warp's 32 channels of one head are one block of the flat output.
+        const float amax = warp_max(fabsf(y));
+        const float dd = amax / 127.0f;
+        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        const i64 at = (t * H + h0 + warp) * ATTN_HD + c0 + lane;
+        ((i8*)oq_)[at] = (i8)max(-127, min(127, __float2int_rn(y * id)));
+        if (lane == 0) ((float*)od_)[at / 32] = dd;
+    }
 }
 
 // ---- attend_mma: prefill attention on the tensor cores (ds4 numerics) ----

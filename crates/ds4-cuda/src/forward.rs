@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::CUfunction_attribute_enum;
 
 use ds4_model::config::{AttnKind, MoeKind};
 use ds4_model::numerics::Numerics;
@@ -44,12 +43,14 @@ const HC_SPAN_N: usize = 4;
 /// multiprocessor their launch bounds allow.
 const HC_SPAN_MAX_TOKENS: usize = 256;
 const HC_SPAN_CTAS_PER_SM: usize = 3;
-/// Threads per CTA of the indexer's selection (compressor.cu SELECT_THREADS), the most keys
-/// it holds in shared memory (96 KiB: two CTAs still share an SM), and a bound on its static
-/// shared memory (histogram, warp counts).
+/// Threads per CTA of the indexer's selection (compressor.cu SELECT_THREADS), a bound on its
+/// static shared memory (histogram, warp counts), and the most keys it holds in shared memory:
+/// what fits the launch default of 48 KiB with the static part (11 264 keys; a 64K context's
+/// 16K rows read the rest again per pass). Opting into more failed the launch on an H200
+/// (CUDA_ERROR_INVALID_VALUE at 64K context; cause not found).
 const SELECT_THREADS: u32 = 1024;
-const SELECT_CACHE_ROWS: usize = 24 * 1024;
 const SELECT_STATIC_SHARED: usize = 4096;
+const SELECT_CACHE_ROWS: usize = (MAX_SHARED - SELECT_STATIC_SHARED) / 4;
 /// Tokens (one warp each) per CTA of hc_comb (hc.cu HC_COMB_WARPS).
 const HC_COMB_WARPS: usize = 4;
 /// Values per thread and most threads per row of the RMS norm kernels (vector_ops.rs SEG,
@@ -1640,23 +1641,45 @@ impl CudaModel {
             rope_dim: c.rope_dim,
             max_rows: window + max_comp,
         };
+        // A single token's attention with attend_split, which can also leave the output's
+        // Q8_0 form in the o_a product's quant slot (one launch less per layer).
+        let (g, d_o) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
+        let split = n == 1
+            && args
+                .split_plan(dev.info().max_shared_per_block_optin)
+                .is_ok()
+            && args.split_scores_len(n) <= s.attn_scores.len();
+        let o_quantized = if split
+            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == gw
+        {
+            let qa = quant_slot(self, &mut s.quant, ActQuant::Q8_0, gw, g, s.o.ptr())?;
+            Some((qa.q.ptr(), qa.d.ptr()))
+        } else {
+            None
+        };
         // SAFETY: the attention kernels read n × H query heads, the chunk's n K=V rows, the
         // ring's cap rows, the compressed rows visible at each position (rows written so far;
         // CSA: the indices index_select produced, all below the row count) and H sinks, and
         // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
-        // each token's rows across heads (attend_heads, bit-identical to attend).
+        // each token's rows across heads (attend_heads, bit-identical to attend). The quant
+        // slot holds g vectors of gw = H × hd / g values (and their scales).
         unsafe {
             if n > 1 && ds4 && args.mma_plan(dev.info().max_shared_per_block_optin).is_ok() {
                 // ds4 numerics stores K=V rows as f16 values: exact tensor-core operands.
                 crate::attend::launch_attend_mma(&self.fk, dev, &args, n)
             } else if n > 1 {
                 crate::attend::launch_attend_span(&self.fk, dev, &args, n)
-            } else if args
-                .split_plan(dev.info().max_shared_per_block_optin)
-                .is_ok()
-                && args.split_scores_len(n) <= s.attn_scores.len()
-            {
-                crate::attend::launch_attend_split(&self.fk, dev, &args, n, s.attn_scores.ptr())
+            } else if split {
+                crate::attend::launch_attend_split(
+                    &self.fk,
+                    dev,
+                    &args,
+                    n,
+                    s.attn_scores.ptr(),
+                    o_quantized,
+                )
             } else {
                 crate::attend::launch_attend(&self.fk, dev, &args, n)
             }
@@ -1674,15 +1697,11 @@ impl CudaModel {
 
         s.prof.mark(self, "attn.attend")?;
         // Grouped output projection: each group's heads through its rows of o_a, then o_b.
-        let (g, d_o) = (c.o_groups, c.o_lora_rank);
-        let gw = h * hd / g;
         // The matvec wants group-major inputs (G × n × gw) and gives group-major outputs; a
-        // single token's token-major layout is already that, so only spans permute. (Its
-        // quantization stays a launch of its own: folded into the decode attend it made attend
-        // twice as slow and decode 41 instead of 63 t/s on an H200, cause not found.)
+        // single token's token-major layout is already that, so only spans permute.
         let slot_input = SlotInput {
             per_slot: true,
-            prequantized: false,
+            prequantized: o_quantized.is_some(),
             groups: None,
         };
         if n == 1 {
@@ -1877,27 +1896,14 @@ impl CudaModel {
         }
         // One CTA per token keeps the keys of its first rows in shared memory while it
         // selects: as many as are visible now (a captured graph: the session's most), at most
-        // SELECT_CACHE_ROWS and what the device allows; later rows are read again per pass.
+        // SELECT_CACHE_ROWS; later rows are read again per pass.
         if max_rows > i32::MAX as usize || n > i32::MAX as usize {
             return Err(CudaError::InvalidArgument(format!(
                 "indexer selection over {max_rows} rows for {n} tokens exceeds 32-bit indices"
             )));
         }
-        let optin = dev.info().max_shared_per_block_optin;
-        let cached = rows_now
-            .min(SELECT_CACHE_ROWS)
-            .min(optin.saturating_sub(SELECT_STATIC_SHARED) / 4)
-            .max(1);
+        let cached = rows_now.clamp(1, SELECT_CACHE_ROWS);
         let shared = cached * 4;
-        if shared > MAX_SHARED {
-            self.fk
-                .function("fwd_compressor", "index_topk")?
-                .set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-                .ctx("allowing index_topk its shared memory")?;
-        }
         let a = kargs![
             s.iscores.ptr(),
             s.sel.ptr(),
@@ -1911,7 +1917,7 @@ impl CudaModel {
         // SAFETY: index_topk reads each token's (pos+1)/ratio ≤ max_index_rows visible scores
         // (within its max_index_rows-long scratch row) and writes at most topk indices per
         // token (exactly topk when more rows are visible) and the count; its dynamic shared
-        // memory holds `cached` keys, which the attribute above allows past 48 KiB. The CTA
+        // memory holds `cached` keys, within the 48 KiB launch default with its static part. The CTA
         // has the kernel's SELECT_THREADS (1 024) threads.
         unsafe {
             self.fk.launch(

@@ -24,7 +24,7 @@ const COMPRESSOR: &str = include_str!("../src/compressor.cu");
 
 /// compressor.cu SELECT_THREADS; forward.rs SELECT_CACHE_ROWS (the engine's largest cache).
 const THREADS: u32 = 1024;
-const CACHE_ROWS: usize = 24 * 1024;
+const CACHE_ROWS: usize = (48 * 1024 - 4096) / 4;
 const RATIO: usize = 4;
 /// What the kernel must leave in sel past the count.
 const SENTINEL: i32 = -7;
