@@ -438,7 +438,10 @@ mod tests {
         for rows in [1, 64, 129, 1000, 5000] {
             for cols in (TC_BLOCK..=8192).step_by(TC_BLOCK) {
                 let s = gemm_f16_tc_split(rows, cols);
-                assert!(s.is_power_of_two() && s <= MAX_SPLIT, "{rows} x {cols}: {s}");
+                assert!(
+                    s.is_power_of_two() && s <= MAX_SPLIT,
+                    "{rows} x {cols}: {s}"
+                );
                 assert!(s == 1 || cols / TC_BLOCK / s >= 4, "{rows} x {cols}: {s}");
             }
         }
