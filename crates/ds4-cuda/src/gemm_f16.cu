@@ -526,8 +526,12 @@ __device__ __forceinline__ void gemm_f16_tc_tile(const u8* __restrict__ w, i64 r
                         gt_mma(tmp[mi][nj], af[mi], bh[nj][0], bh[nj][1]);
                     gt_mma(tmp[mi][nj], af[mi], bl[nj][0], bl[nj][1]);
                 }
-            // One conversion task of the next stage per k step, between the MMAs.
-            if (s + 1 < steps) convert(s + 1, kk);
+            // One conversion task of the next stage per k step, between the MMAs. Unguarded,
+            // so the whole iteration is one basic block that ptxas interleaves (a branch here
+            // kept each k step's ldmatrix, MMAs and conversion strictly in sequence). In the
+            // last iteration it converts a stale raw slot (no copy is pending into it) into
+            // the converted slot that no MMA reads again.
+            convert(s + 1, kk);
         }
         // The block's sums, unscaled, into the f32 accumulators.
         const float* inv = (const float*)(hs + 2 * BN * GT_WROW);

@@ -85,17 +85,23 @@ impl F16Tile {
 }
 
 /// The number of K chunks of the tensor-core kernels for a `rows` × `cols` matrix: enough
-/// that 1 024 vectors in wide tiles (128 × 128) give about 128 CTAs, a power of two, at most 8
-/// and at most a quarter of the 64-column blocks. It fixes the summation order (see
-/// gemm_f16.cu), so it depends on the matrix only.
+/// that 1 024 vectors fill the GPU about once — 128 wide CTAs (one per multiprocessor) from
+/// 1 024 rows on, else 256 narrow ones (two per multiprocessor; clusters of 4 and 8 CTAs that
+/// each take a whole multiprocessor do not all fit at once) — a power of two, at most 8 and at
+/// most a quarter of the 64-column blocks. It fixes the summation order (see gemm_f16.cu), so
+/// it depends on the matrix only.
 pub fn gemm_f16_tc_split(rows: usize, cols: usize) -> usize {
-    let (row_tiles, blocks) = (rows.div_ceil(128).max(1), cols / TC_BLOCK);
+    let row_tiles = if rows >= 1024 {
+        rows.div_ceil(128)
+    } else {
+        rows.div_ceil(64).max(1)
+    };
     let want = 16usize
         .div_ceil(row_tiles)
         .next_power_of_two()
         .min(MAX_SPLIT);
     // The largest power of two that leaves every chunk at least 4 blocks (or 1 chunk).
-    want.min(1 << (blocks / 4).max(1).ilog2())
+    want.min(1 << (cols / TC_BLOCK / 4).max(1).ilog2())
 }
 
 /// Tile shape of a tensor-core CTA. Both give the same bits; they differ in speed only.
@@ -265,7 +271,29 @@ impl Gpu {
         y: &mut DeviceBuffer<f32>,
         tile: F16TcTile,
     ) -> Result<()> {
+        let split = gemm_f16_tc_split(w.rows, w.cols);
+        self.gemm_f16_tc_with_split(w, x, n_vecs, y, tile, split)
+    }
+
+    /// The tensor-core product with a chosen tile shape and K split (1, 2, 4 or 8), for tuning
+    /// [`gemm_f16_tc_split`]: a split other than that one changes the summation order, so the
+    /// bits.
+    pub fn gemm_f16_tc_with_split(
+        &self,
+        w: &DeviceMatrix,
+        x: &DeviceBuffer<f32>,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+        tile: F16TcTile,
+        split: usize,
+    ) -> Result<()> {
         Gpu::gemm_f16_check(w, x, n_vecs, y)?;
+        if !matches!(split, 1 | 2 | 4 | 8) || split > w.cols / TC_BLOCK {
+            return Err(CudaError::InvalidArgument(format!(
+                "gemm_f16 on the tensor cores: a split of {split} (1, 2, 4 or 8 chunks of whole 64-column blocks) for {} columns",
+                w.cols
+            )));
+        }
         if !Gpu::gemm_f16_uses_tensor_cores(w) {
             return Err(CudaError::InvalidArgument(format!(
                 "gemm_f16 on the tensor cores needs a multiple of {TC_BLOCK} columns, got {}",
@@ -283,7 +311,6 @@ impl Gpu {
                 w.rows
             )));
         }
-        let split = gemm_f16_tc_split(w.rows, w.cols);
         let name = tile.kernel(split);
         let shared = tile.shared_bytes();
         let f = self.kernels.function("gemm_f16", name)?;
@@ -422,18 +449,18 @@ mod tests {
         }
     }
 
-    /// The tensor-core split: about 16 tile pairs per chunk count for the model's shapes
-    /// (256, 512, 1024 and 64 rows × 4096: 8, 4, 2, 8 chunks; 8192 × 1024: 1), chunks of at
-    /// least 4 blocks, powers of two.
+    /// The tensor-core split for the model's shapes (256, 512, 1024 and 64 rows × 4096: 4, 2,
+    /// 2, 8 chunks; 8192 × 1024: 1), chunks of at least 4 blocks, powers of two.
     #[test]
     fn tc_split_depends_on_the_matrix_only() {
-        assert_eq!(gemm_f16_tc_split(256, 4096), 8);
-        assert_eq!(gemm_f16_tc_split(512, 4096), 4);
+        assert_eq!(gemm_f16_tc_split(256, 4096), 4);
+        assert_eq!(gemm_f16_tc_split(512, 4096), 2);
         assert_eq!(gemm_f16_tc_split(1024, 4096), 2);
         assert_eq!(gemm_f16_tc_split(64, 4096), 8);
         assert_eq!(gemm_f16_tc_split(8192, 1024), 1);
         assert_eq!(gemm_f16_tc_split(100, 64), 1);
         assert_eq!(gemm_f16_tc_split(100, 576), 2);
+        assert_eq!(gemm_f16_tc_split(1000, 4096), 1);
         assert_eq!(gemm_f16_tc_split(1, 1024), 4);
         for rows in [1, 64, 129, 1000, 5000] {
             for cols in (TC_BLOCK..=8192).step_by(TC_BLOCK) {

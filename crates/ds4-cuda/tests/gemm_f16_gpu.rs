@@ -311,8 +311,9 @@ fn gemm_f16_rejects_what_it_cannot_take() {
 }
 
 /// Microseconds per call of the prefill shapes at 1 024, 256 and 64 vectors: the CUDA-core
-/// kernel (its automatic tile) against the tensor-core kernels (automatic, wide, narrow)
-/// (`--ignored --nocapture`; run with --release).
+/// kernel (its automatic tile) against the tensor-core kernels (automatic choice, then at
+/// 1 024 vectors every tile and split, for tuning gemm_f16_tc_split; other splits give other
+/// bits) (`--ignored --nocapture`; run with --release).
 #[test]
 #[ignore]
 fn gemm_f16_throughput() {
@@ -332,10 +333,14 @@ fn gemm_f16_throughput() {
             let m = dw.matrix(0, WeightFormat::F16, cols, rows, 1).unwrap();
             let x = g.device.upload(&p.x).unwrap();
             let mut y = g.device.alloc::<f32>(rows * n).unwrap();
-            let mut time = |k: F16Kernel| -> f64 {
+            // None: the CUDA-core kernel; Some((tile, split)): the tensor cores.
+            let mut time = |k: Option<(F16TcTile, usize)>| -> f64 {
                 let go = |y: &mut _| match k {
-                    F16Kernel::CudaCores(t) => g.gemm_f16_with_tile(&m, &x, n, y, t).unwrap(),
-                    F16Kernel::TensorCores(t) => g.gemm_f16_tc_with_tile(&m, &x, n, y, t).unwrap(),
+                    None => {
+                        let t = g.gemm_f16_tile(rows, cols, n);
+                        g.gemm_f16_with_tile(&m, &x, n, y, t).unwrap()
+                    }
+                    Some((t, s)) => g.gemm_f16_tc_with_split(&m, &x, n, y, t, s).unwrap(),
                 };
                 go(&mut y); // warm-up and lookup
                 let start = g.device.record_event().unwrap();
@@ -345,22 +350,27 @@ fn gemm_f16_throughput() {
                 let end = g.device.record_event().unwrap();
                 g.device.elapsed_ms(&start, &end).unwrap() as f64 / iters as f64 * 1e3
             };
-            let cuda = time(F16Kernel::CudaCores(g.gemm_f16_tile(rows, cols, n)));
-            let auto = g.gemm_f16_tc_tile(rows, cols, n);
-            let wide = time(F16Kernel::TensorCores(F16TcTile::Wide));
-            let narrow = time(F16Kernel::TensorCores(F16TcTile::Narrow));
-            let tc = if auto == F16TcTile::Wide {
-                wide
-            } else {
-                narrow
-            };
-            let tflops = |us: f64| 2.0 * (rows * cols * n) as f64 / us * 1e-6;
-            eprintln!(
-                "gemm_f16 {rows}x{cols} x{n}: CUDA cores {cuda:.1} us ({:.1} TFLOPS), tensor cores {tc:.1} us ({auto:?}, split {}, {:.1} TFLOPS); wide {wide:.1}, narrow {narrow:.1}",
-                tflops(cuda),
+            let cuda = time(None);
+            let (tile, split) = (
+                g.gemm_f16_tc_tile(rows, cols, n),
                 gemm_f16_tc_split(rows, cols),
+            );
+            let tc = time(Some((tile, split)));
+            let tflops = |us: f64| 2.0 * (rows * cols * n) as f64 / us * 1e-6;
+            let mut line = format!(
+                "gemm_f16 {rows}x{cols} x{n}: CUDA cores {cuda:.1} us ({:.1} TFLOPS), tensor cores {tc:.1} us ({tile:?}, split {split}, {:.1} TFLOPS)",
+                tflops(cuda),
                 tflops(tc)
             );
+            if n == 1024 {
+                for t in [F16TcTile::Wide, F16TcTile::Narrow] {
+                    line += &format!(";  {t:?}:");
+                    for s in [1usize, 2, 4, 8] {
+                        line += &format!(" s{s} {:.1}", time(Some((t, s))));
+                    }
+                }
+            }
+            eprintln!("{line}");
         }
     }
 }
