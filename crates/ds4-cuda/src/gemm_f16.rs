@@ -84,22 +84,22 @@ impl F16Tile {
     }
 }
 
-/// The number of K chunks of the tensor-core kernels for a `rows` × `cols` matrix: enough
-/// that 1 024 vectors fill the GPU about once — 128 wide CTAs (one per multiprocessor) from
-/// 1 024 rows on, else 256 narrow ones (two per multiprocessor; clusters of 4 and 8 CTAs that
-/// each take a whole multiprocessor do not all fit at once) — a power of two, at most 8 and at
-/// most a quarter of the 64-column blocks. It fixes the summation order (see gemm_f16.cu), so
-/// it depends on the matrix only.
+/// The number of K chunks of the tensor-core kernels for a `rows` × `cols` matrix: 8 up to
+/// 256 rows, 2 up to 2 047, then 1 — at most a quarter of the 64-column blocks (or 1). It fixes
+/// the summation order (see gemm_f16.cu), so it depends on the matrix only.
+///
+/// Measured at 1 024 vectors (H200, gemm_f16_gpu's throughput test; µs for splits 1 / 2 / 4 /
+/// 8, the tile that `gemm_f16_tc_tile` then picks): 64 × 4096 narrow 74.5 / 40.1 / 21.6 /
+/// 17.9; 256 × 4096 narrow 74.9 / 40.9 / 51.0 / 43.2; 512 × 4096 narrow 75.0 / 62.3 / 79.5 /
+/// 73.9; 1024 × 4096 wide 152.7 / 81.0 / 127.8 / 119.7; 8192 × 1024 wide 162.8 / 182.7 /
+/// 244.1 / 330.5. Clusters of 4 were slow throughout; 256 rows take 8 over 2 for the CTAs it
+/// gives smaller batches.
 pub fn gemm_f16_tc_split(rows: usize, cols: usize) -> usize {
-    let row_tiles = if rows >= 1024 {
-        rows.div_ceil(128)
-    } else {
-        rows.div_ceil(64).max(1)
+    let want = match rows {
+        0..=256 => 8,
+        257..=2047 => 2,
+        _ => 1,
     };
-    let want = 16usize
-        .div_ceil(row_tiles)
-        .next_power_of_two()
-        .min(MAX_SPLIT);
     // The largest power of two that leaves every chunk at least 4 blocks (or 1 chunk).
     want.min(1 << (cols / TC_BLOCK / 4).max(1).ilog2())
 }
@@ -200,12 +200,16 @@ impl Gpu {
         w.cols.is_multiple_of(TC_BLOCK)
     }
 
-    /// The tensor-core tile shape for `n_vecs` vectors: wide when its grid gives at least 3/4
-    /// of the multiprocessors a CTA, else narrow (4× the CTAs, two per multiprocessor).
+    /// The tensor-core tile shape for `n_vecs` vectors: wide when the K split is at most 2
+    /// (a cluster of 4 or 8 wide CTAs, each a whole multiprocessor, ran slower than narrow
+    /// ones: 256 × 4096 at 1 024 vectors 48.3 µs against 43.2, split 8) and its grid gives at
+    /// least 3/4 of the multiprocessors a CTA, else narrow (4× the CTAs, two per
+    /// multiprocessor). At 1 024 vectors: wide for 1024 × 4096 (81 µs against 122 narrow,
+    /// H200) and 8192 × 1024 (163 against 236), narrow for 64, 256 and 512 × 4096.
     pub fn gemm_f16_tc_tile(&self, rows: usize, cols: usize, n_vecs: usize) -> F16TcTile {
         let sms = self.device.info().multiprocessors as usize;
         let split = gemm_f16_tc_split(rows, cols);
-        if F16TcTile::Wide.ctas(rows, n_vecs, split) * 4 >= sms * 3 {
+        if split <= 2 && F16TcTile::Wide.ctas(rows, n_vecs, split) * 4 >= sms * 3 {
             F16TcTile::Wide
         } else {
             F16TcTile::Narrow
@@ -449,18 +453,18 @@ mod tests {
         }
     }
 
-    /// The tensor-core split for the model's shapes (256, 512, 1024 and 64 rows × 4096: 4, 2,
-    /// 2, 8 chunks; 8192 × 1024: 1), chunks of at least 4 blocks, powers of two.
+    /// The tensor-core split for the model's shapes (64, 256, 512 and 1024 rows × 4096: 8, 8,
+    /// 2, 2 chunks; 8192 × 1024: 1), chunks of at least 4 blocks, powers of two.
     #[test]
     fn tc_split_depends_on_the_matrix_only() {
-        assert_eq!(gemm_f16_tc_split(256, 4096), 4);
+        assert_eq!(gemm_f16_tc_split(64, 4096), 8);
+        assert_eq!(gemm_f16_tc_split(256, 4096), 8);
         assert_eq!(gemm_f16_tc_split(512, 4096), 2);
         assert_eq!(gemm_f16_tc_split(1024, 4096), 2);
-        assert_eq!(gemm_f16_tc_split(64, 4096), 8);
         assert_eq!(gemm_f16_tc_split(8192, 1024), 1);
         assert_eq!(gemm_f16_tc_split(100, 64), 1);
         assert_eq!(gemm_f16_tc_split(100, 576), 2);
-        assert_eq!(gemm_f16_tc_split(1000, 4096), 1);
+        assert_eq!(gemm_f16_tc_split(1000, 4096), 2);
         assert_eq!(gemm_f16_tc_split(1, 1024), 4);
         for rows in [1, 64, 129, 1000, 5000] {
             for cols in (TC_BLOCK..=8192).step_by(TC_BLOCK) {
