@@ -462,7 +462,8 @@ const GROUPED_MIN_TOKENS: usize = 16;
 
 /// Vectors from which a product runs as a GEMM instead of the matvec kernels: Q8_0 on the
 /// tensor cores ([`crate::Gpu::gemm_q8_0`], same bits as the CPU's per-block dot product),
-/// F16 with f32 activations on the CUDA cores ([`crate::Gpu::gemm_f16`]).
+/// F16 with f32 activations on the tensor cores as two f16 terms per activation
+/// ([`crate::Gpu::gemm_f16`]; the CUDA cores for column counts that are not multiples of 64).
 const GEMM_MIN_VECS: usize = 16;
 
 /// y = W·x for `n` quantized vectors: the tensor-core GEMM for Q8_0 spans, else the matvec.
