@@ -125,6 +125,38 @@ impl AttendArgs {
         Ok(())
     }
 
+    /// Checks shared by the kernels built for the model's head shape (attend_heads,
+    /// attend_split, attend_mma): head width [`HEAD_DIM`], heads a multiple of
+    /// `heads_multiple`, and the `aligned` buffers at 16-byte addresses (they move in 16-byte
+    /// pieces). Errors name `kernel`.
+    fn check_model_shape(
+        &self,
+        kernel: &str,
+        heads_multiple: usize,
+        aligned: &[(&str, u64)],
+    ) -> Result<()> {
+        self.check_common()?;
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("{kernel}: {what}")));
+        if self.head_dim != HEAD_DIM {
+            return bad(format!(
+                "head width {} (built for {HEAD_DIM})",
+                self.head_dim
+            ));
+        }
+        if self.heads == 0 || !self.heads.is_multiple_of(heads_multiple) {
+            return bad(format!(
+                "{} heads (a multiple of {heads_multiple})",
+                self.heads
+            ));
+        }
+        for (name, ptr) in aligned {
+            if !ptr.is_multiple_of(16) {
+                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
+            }
+        }
+        Ok(())
+    }
+
     /// attend_heads' dynamic shared memory: two row tiles and max_rows × HEADS_PER_CTA scores.
     pub(crate) fn heads_shared_bytes(&self) -> usize {
         (2 * TILE_ROWS * HEAD_DIM + self.max_rows * HEADS_PER_CTA) * 4
@@ -134,31 +166,18 @@ impl AttendArgs {
     /// of dynamic shared memory per CTA; Ok(bytes it needs), or an error saying why not (then
     /// [`launch_attend`] may still fit).
     pub(crate) fn heads_plan(&self, optin_shared: usize) -> Result<usize> {
-        self.check_common()?;
-        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_heads: {what}")));
-        if self.head_dim != HEAD_DIM {
-            return bad(format!(
-                "head width {} (built for {HEAD_DIM})",
-                self.head_dim
-            ));
-        }
-        if self.heads == 0 || !self.heads.is_multiple_of(HEADS_PER_CTA) {
-            return bad(format!(
-                "{} heads (a multiple of {HEADS_PER_CTA})",
-                self.heads
-            ));
-        }
         // The rows are copied in 16-byte pieces and the outputs stored as float4.
-        for (name, ptr) in [
-            ("kv", self.kv),
-            ("ring", self.ring),
-            ("comp", self.comp),
-            ("out", self.out),
-        ] {
-            if !ptr.is_multiple_of(16) {
-                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
-            }
-        }
+        self.check_model_shape(
+            "attend_heads",
+            HEADS_PER_CTA,
+            &[
+                ("kv", self.kv),
+                ("ring", self.ring),
+                ("comp", self.comp),
+                ("out", self.out),
+            ],
+        )?;
+        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_heads: {what}")));
         let shared = self.heads_shared_bytes();
         let allowed = optin_shared.saturating_sub(HEADS_STATIC_SHARED);
         if shared > allowed {
@@ -311,33 +330,19 @@ impl AttendArgs {
     /// Whether attend_split can run these arguments: Ok, or an error saying why not (then
     /// [`launch_attend`] may).
     pub(crate) fn split_plan(&self, optin_shared: usize) -> Result<()> {
-        self.check_common()?;
-        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_split: {what}")));
-        if self.head_dim != HEAD_DIM {
-            return bad(format!(
-                "head width {} (built for {HEAD_DIM})",
-                self.head_dim
-            ));
-        }
-        if self.heads == 0 || !self.heads.is_multiple_of(HEADS_PER_CTA) {
-            return bad(format!(
-                "{} heads (a multiple of {HEADS_PER_CTA})",
-                self.heads
-            ));
-        }
         // The rows are copied in 16-byte pieces.
-        for (name, ptr) in [("kv", self.kv), ("ring", self.ring), ("comp", self.comp)] {
-            if !ptr.is_multiple_of(16) {
-                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
-            }
-        }
+        self.check_model_shape(
+            "attend_split",
+            HEADS_PER_CTA,
+            &[("kv", self.kv), ("ring", self.ring), ("comp", self.comp)],
+        )?;
         // The scores kernel's two row tiles, the values kernel's tile of rows.
         let need = (2 * TILE_ROWS * HEAD_DIM * 4)
             .max(SPLIT_TILE * (SPLIT_CHANNELS + SPLIT_HEADS) * 4 + SPLIT_STATIC_SHARED);
         if need > optin_shared {
-            return bad(format!(
-                "needs {need} bytes of shared memory per CTA (the device allows {optin_shared})"
-            ));
+            return Err(CudaError::InvalidArgument(format!(
+                "attend_split: needs {need} bytes of shared memory per CTA (the device allows {optin_shared})"
+            )));
         }
         Ok(())
     }
@@ -478,33 +483,22 @@ impl AttendArgs {
     /// attend's to ~1e-6 only when every K=V row value is an f16 value (ds4 numerics); the
     /// caller decides that.
     pub(crate) fn mma_plan(&self, optin_shared: usize) -> Result<()> {
-        self.check_common()?;
-        let bad = |what: String| Err(CudaError::InvalidArgument(format!("attend_mma: {what}")));
-        if self.head_dim != HEAD_DIM {
-            return bad(format!(
-                "head width {} (built for {HEAD_DIM})",
-                self.head_dim
-            ));
-        }
-        if self.heads == 0 || !self.heads.is_multiple_of(MMA_HEADS) {
-            return bad(format!("{} heads (a multiple of {MMA_HEADS})", self.heads));
-        }
         // Rows, queries and outputs move in 16-byte pieces.
-        for (name, ptr) in [
-            ("q", self.q),
-            ("kv", self.kv),
-            ("ring", self.ring),
-            ("comp", self.comp),
-            ("out", self.out),
-        ] {
-            if !ptr.is_multiple_of(16) {
-                return bad(format!("{name} buffer at {ptr:#x} is not 16-byte aligned"));
-            }
-        }
+        self.check_model_shape(
+            "attend_mma",
+            MMA_HEADS,
+            &[
+                ("q", self.q),
+                ("kv", self.kv),
+                ("ring", self.ring),
+                ("comp", self.comp),
+                ("out", self.out),
+            ],
+        )?;
         if MMA_SHARED > optin_shared {
-            return bad(format!(
-                "needs {MMA_SHARED} bytes of shared memory per CTA (the device allows {optin_shared})"
-            ));
+            return Err(CudaError::InvalidArgument(format!(
+                "attend_mma: needs {MMA_SHARED} bytes of shared memory per CTA (the device allows {optin_shared})"
+            )));
         }
         Ok(())
     }
@@ -599,6 +593,42 @@ mod tests {
             rope_dim: 64,
             max_rows,
         }
+    }
+
+    /// attend_split and attend_mma accept the model's decode / prefill shapes and name what
+    /// they cannot run (the caller then falls back to attend / attend_heads).
+    #[test]
+    fn split_and_mma_plans() {
+        let optin = 232_448;
+        assert!(model_args(640).split_plan(optin).is_ok());
+        assert!(model_args(8320).split_plan(optin).is_ok()); // scores live in device memory
+        assert!(model_args(640).mma_plan(optin).is_ok());
+        let mut a = model_args(640);
+        a.heads = 48; // a multiple of 16, not of 64
+        assert!(a.split_plan(optin).is_ok());
+        let e = a.mma_plan(optin).unwrap_err().to_string();
+        assert!(e.contains("attend_mma") && e.contains("48 heads"), "{e}");
+        let mut a = model_args(640);
+        a.head_dim = 128;
+        assert!(a.split_plan(optin).is_err() && a.mma_plan(optin).is_err());
+        let mut a = model_args(640);
+        a.q = 4; // attend_mma reads the queries as float4, attend_split does not
+        assert!(a.split_plan(optin).is_ok());
+        assert!(a
+            .mma_plan(optin)
+            .unwrap_err()
+            .to_string()
+            .contains("q buffer"));
+        // A device with 48 KiB per CTA runs neither (both opt into more).
+        let e = model_args(640)
+            .split_plan(48 * 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attend_split") && e.contains("shared memory"),
+            "{e}"
+        );
+        assert!(model_args(640).mma_plan(48 * 1024).is_err());
     }
 
     #[test]
