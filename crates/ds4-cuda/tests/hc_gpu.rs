@@ -18,9 +18,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::{gpu, Rng};
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
-use ds4_cuda::compile::{compile_cubin, COMMON_CUH};
+use cudarc::driver::{CudaModule, LaunchConfig};
 use ds4_cuda::{ActQuant, CudaDevice, DeviceBuffer, Gpu};
 
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
@@ -41,29 +39,15 @@ const SPAN_MAX_TOKENS: usize = 256;
 /// hc.cu compiled for the test GPU (once per process).
 fn module(g: &Gpu) -> &'static Arc<CudaModule> {
     static MODULE: OnceLock<Arc<CudaModule>> = OnceLock::new();
-    MODULE.get_or_init(|| {
-        let src = format!("{COMMON_CUH}\n{FWD_COMMON}\n{ROW_NORM}\n{HC_SOURCE}");
-        let cubin = compile_cubin("fwd_hc", &src, &g.device.nvrtc_arch()).unwrap();
-        g.device
-            .context()
-            .load_module(Ptx::from_binary(cubin))
-            .unwrap()
-    })
+    MODULE.get_or_init(|| common::load_module(g, "fwd_hc", &[FWD_COMMON, ROW_NORM, HC_SOURCE]))
 }
 
 /// Launches hc.cu's `name` with 8-byte arguments (every parameter of hc.cu is a u64 address,
 /// an i64 count or a double, passed as its bit pattern) and waits for it.
 fn launch(g: &Gpu, name: &str, cfg: LaunchConfig, args: &[u64]) {
-    let f: CudaFunction = module(g).load_function(name).unwrap();
-    let stream = g.device.stream();
-    let mut b = stream.launch_builder(&f);
-    for a in args {
-        b.arg(a);
-    }
     // SAFETY: every caller passes the kernel's parameter list, with buffers sized for the
     // accesses its grid makes (the layouts in hc.cu's comments).
-    unsafe { b.launch(cfg) }.unwrap();
-    g.device.synchronize().unwrap();
+    unsafe { common::launch_u64(g, module(g), name, cfg, args) }
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: usize) -> LaunchConfig {

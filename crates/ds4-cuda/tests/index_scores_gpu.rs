@@ -21,9 +21,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::{gpu, Rng};
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
-use ds4_cuda::compile::{compile_cubin, COMMON_CUH};
+use cudarc::driver::{CudaModule, LaunchConfig};
 use ds4_cuda::Gpu;
 
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
@@ -40,30 +38,16 @@ const SENTINEL: u32 = 0x7fc0_1234;
 /// compressor.cu compiled for the test GPU (once per process).
 fn module(g: &Gpu) -> &'static Arc<CudaModule> {
     static MODULE: OnceLock<Arc<CudaModule>> = OnceLock::new();
-    MODULE.get_or_init(|| {
-        let src = format!("{COMMON_CUH}\n{FWD_COMMON}\n{COMPRESSOR}");
-        let cubin = compile_cubin("fwd_compressor", &src, &g.device.nvrtc_arch()).unwrap();
-        g.device
-            .context()
-            .load_module(Ptx::from_binary(cubin))
-            .unwrap()
-    })
+    MODULE.get_or_init(|| common::load_module(g, "fwd_compressor", &[FWD_COMMON, COMPRESSOR]))
 }
 
 /// Launches compressor.cu's `name` with 8-byte arguments (addresses, counts, doubles as bit
 /// patterns: every parameter of the module is 8 bytes) and waits for it.
 fn launch(g: &Gpu, name: &str, cfg: LaunchConfig, args: &[u64]) {
-    let f: CudaFunction = module(g).load_function(name).unwrap();
-    let stream = g.device.stream();
-    let mut b = stream.launch_builder(&f);
-    for a in args {
-        b.arg(a);
-    }
     // SAFETY: every caller passes the kernel's parameter list, with buffers sized for the
     // accesses its grid makes: n_tok x ni x di queries, n_tok x ni weights, the visible
     // (pos0 + n_tok) / RATIO key rows, n_tok x max_rows scores.
-    unsafe { b.launch(cfg) }.unwrap();
-    g.device.synchronize().unwrap();
+    unsafe { common::launch_u64(g, module(g), name, cfg, args) }
 }
 
 /// `len` values (blocks of 32 channels) that are e2m1 magnitudes with random signs times

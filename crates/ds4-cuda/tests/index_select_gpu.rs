@@ -15,8 +15,6 @@ use std::sync::{Arc, OnceLock};
 use common::{gpu, Rng};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaModule, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
-use ds4_cuda::compile::{compile_cubin, COMMON_CUH};
 use ds4_cuda::Gpu;
 
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
@@ -32,14 +30,7 @@ const SENTINEL: i32 = -7;
 /// compressor.cu compiled for the test GPU (once per process).
 fn module(g: &Gpu) -> &'static Arc<CudaModule> {
     static MODULE: OnceLock<Arc<CudaModule>> = OnceLock::new();
-    MODULE.get_or_init(|| {
-        let src = format!("{COMMON_CUH}\n{FWD_COMMON}\n{COMPRESSOR}");
-        let cubin = compile_cubin("fwd_compressor", &src, &g.device.nvrtc_arch()).unwrap();
-        g.device
-            .context()
-            .load_module(Ptx::from_binary(cubin))
-            .unwrap()
-    })
+    MODULE.get_or_init(|| common::load_module(g, "fwd_compressor", &[FWD_COMMON, COMPRESSOR]))
 }
 
 /// How a row's scores are drawn.

@@ -2,8 +2,11 @@
 //! with sane scales, and the shared GPU handle.
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use cudarc::driver::{CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use ds4_cuda::compile::{compile_cubin, COMMON_CUH};
 use ds4_cuda::{cuda_available, Gpu, WeightFormat};
 
 /// xorshift64*: deterministic, dependency-free test data.
@@ -94,4 +97,42 @@ pub fn gpu() -> Option<&'static Gpu> {
         eprintln!("skipped: no CUDA");
     }
     g.as_ref()
+}
+
+/// Compiles a kernel module from `sources` (after common.cuh, as the engine does) for the test
+/// GPU and loads it.
+pub fn load_module(g: &Gpu, name: &str, sources: &[&str]) -> Arc<CudaModule> {
+    let src = std::iter::once(COMMON_CUH)
+        .chain(sources.iter().copied())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cubin = compile_cubin(name, &src, &g.device.nvrtc_arch()).unwrap();
+    g.device
+        .context()
+        .load_module(Ptx::from_binary(cubin))
+        .unwrap()
+}
+
+/// Launches kernel `name` of `module` with 8-byte arguments (addresses, counts, doubles as bit
+/// patterns: every parameter of the forward modules is 8 bytes) and waits for it.
+///
+/// # Safety
+/// `args` must be the kernel's parameter list, with buffers sized for the accesses its grid
+/// makes.
+pub unsafe fn launch_u64(
+    g: &Gpu,
+    module: &Arc<CudaModule>,
+    name: &str,
+    cfg: LaunchConfig,
+    args: &[u64],
+) {
+    let f = module.load_function(name).unwrap();
+    let stream = g.device.stream();
+    let mut b = stream.launch_builder(&f);
+    for a in args {
+        b.arg(a);
+    }
+    // SAFETY: forwarded to the caller.
+    unsafe { b.launch(cfg) }.unwrap();
+    g.device.synchronize().unwrap();
 }
