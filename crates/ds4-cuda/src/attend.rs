@@ -27,6 +27,16 @@ const HEADS_STATIC_SHARED: usize = HEADS_PER_CTA * (THREADS as usize / 32 + 2) *
 /// Dynamic shared memory attend may use without opting in (the launch default).
 const ATTEND_MAX_SHARED: usize = 48 * 1024;
 
+/// Ok when `kernel`'s `need` bytes of shared memory per CTA fit the device's `optin` limit.
+fn shared_fits(kernel: &str, need: usize, optin: usize) -> Result<()> {
+    if need > optin {
+        return Err(CudaError::InvalidArgument(format!(
+            "{kernel}: needs {need} bytes of shared memory per CTA (the device allows {optin})"
+        )));
+    }
+    Ok(())
+}
+
 /// The arguments of one attention launch over a span of tokens (attention.cu `attend`).
 /// Buffers are device addresses; every count is in elements.
 #[derive(Clone, Copy, Debug)]
@@ -339,12 +349,7 @@ impl AttendArgs {
         // The scores kernel's two row tiles, the values kernel's tile of rows.
         let need = (2 * TILE_ROWS * HEAD_DIM * 4)
             .max(SPLIT_TILE * (SPLIT_CHANNELS + SPLIT_HEADS) * 4 + SPLIT_STATIC_SHARED);
-        if need > optin_shared {
-            return Err(CudaError::InvalidArgument(format!(
-                "attend_split: needs {need} bytes of shared memory per CTA (the device allows {optin_shared})"
-            )));
-        }
-        Ok(())
+        shared_fits("attend_split", need, optin_shared)
     }
 }
 
@@ -495,12 +500,7 @@ impl AttendArgs {
                 ("out", self.out),
             ],
         )?;
-        if MMA_SHARED > optin_shared {
-            return Err(CudaError::InvalidArgument(format!(
-                "attend_mma: needs {MMA_SHARED} bytes of shared memory per CTA (the device allows {optin_shared})"
-            )));
-        }
-        Ok(())
+        shared_fits("attend_mma", MMA_SHARED, optin_shared)
     }
 }
 
