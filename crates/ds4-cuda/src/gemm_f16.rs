@@ -329,28 +329,12 @@ impl Gpu {
             100,
         )
         .ctx("setting gemm_f16_tc's shared memory carveout")?;
-        let (wp, xp, yp) = (w.ptr, x.ptr(), y.ptr());
-        let (row_bytes, rows, n, k) = (
-            w.row_bytes as i64,
-            w.rows as i64,
-            n_vecs as i64,
-            w.cols as i64,
-        );
         // Grid x is the K split, exactly one cluster wide (the kernel's __cluster_dims__).
         let cfg = LaunchConfig {
             grid_dim: (split as u32, row_tiles as u32, vec_tiles as u32),
             block_dim: (tile.threads(), 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let label = format!("{name} {}x{} x{n_vecs}", w.rows, w.cols);
-        let mut b = self.device.launch_args(&f);
-        b.arg(&wp)
-            .arg(&row_bytes)
-            .arg(&xp)
-            .arg(&yp)
-            .arg(&rows)
-            .arg(&n)
-            .arg(&k);
         // SAFETY: gemm_f16_tc_<tile>_s<split>(w, row_bytes, x, y, rows, n, k) copies rows ×
         // row_bytes weight bytes in 16-byte pieces (base and row_bytes multiples of 16, k of
         // 64: checked above), n × k inputs in 16-byte pieces (16-byte aligned base, length
@@ -358,10 +342,7 @@ impl Gpu {
         // the n × rows outputs inside y (checked). Grid x equals the kernel's compile-time
         // cluster size `split`, as a cluster launch requires; the dynamic shared memory is the
         // tile's GtSmem size, opted into above.
-        self.device
-            .launch_timed(&label, w.rows * w.row_bytes, || unsafe { b.launch(cfg) })
-            .ctx(name)?;
-        Ok(())
+        unsafe { self.launch_gemm_f16(&f, name, w, x, n_vecs, y, cfg) }
     }
 
     /// The CUDA-core product with a chosen tile shape (same bits, for tuning and tests).
@@ -388,6 +369,38 @@ impl Gpu {
         let split = gemm_f16_split(w.cols);
         let name = tile.kernel(split);
         let f = self.kernels.function("gemm_f16", name)?;
+        // Grid x is the K split, exactly one cluster wide (the kernel's __cluster_dims__).
+        let cfg = LaunchConfig {
+            grid_dim: (split as u32, row_tiles as u32, vec_tiles as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: gemm_f16_<tile>_s<split>(w, row_bytes, x, y, rows, n, k) reads rows ×
+        // row_bytes weight bytes (16-byte loads: base and row_bytes are multiples of 16, k of
+        // 32, checked by gemm_f16_fits), n × k inputs (16-byte aligned, length checked) — tail
+        // rows and vectors are clamped to the last valid one on load — and writes only the
+        // n × rows outputs inside y (checked above). Grid x equals the kernel's compile-time
+        // cluster size `split`, as a cluster launch requires; it uses static shared memory only.
+        unsafe { self.launch_gemm_f16(&f, name, w, x, n_vecs, y, cfg) }
+    }
+
+    /// Launches one of gemm_f16.cu's kernels, all with the parameters (w, row_bytes, x, y,
+    /// rows, n, k), timed under "NAME ROWSxCOLS xN" when profiling.
+    ///
+    /// # Safety
+    /// `f` must be such a kernel and `cfg` a launch it can run on these buffers (the callers
+    /// state why).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_gemm_f16(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        name: &str,
+        w: &DeviceMatrix,
+        x: &DeviceBuffer<f32>,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
         let (wp, xp, yp) = (w.ptr, x.ptr(), y.ptr());
         let (row_bytes, rows, n, k) = (
             w.row_bytes as i64,
@@ -395,14 +408,8 @@ impl Gpu {
             n_vecs as i64,
             w.cols as i64,
         );
-        // Grid x is the K split, exactly one cluster wide (the kernel's __cluster_dims__).
-        let cfg = LaunchConfig {
-            grid_dim: (split as u32, row_tiles as u32, vec_tiles as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let label = format!("{name} {}x{} x{n_vecs}", w.rows, w.cols);
-        let mut b = self.device.launch_args(&f);
+        let mut b = self.device.launch_args(f);
         b.arg(&wp)
             .arg(&row_bytes)
             .arg(&xp)
@@ -410,13 +417,8 @@ impl Gpu {
             .arg(&rows)
             .arg(&n)
             .arg(&k);
-        // SAFETY: gemm_f16_<tile>_s<split>(w, row_bytes, x, y, rows, n, k) reads rows ×
-        // row_bytes weight bytes (16-byte loads: base and row_bytes are multiples of 16, k of
-        // 32, checked by gemm_f16_fits), n × k inputs (16-byte aligned, length checked) — tail
-        // rows and vectors are clamped to the last valid one on load — and writes only the
-        // n × rows outputs inside y (checked above). Grid x equals the kernel's compile-time
-        // cluster size `split`, as a cluster launch requires; it uses static shared memory only.
         self.device
+            // SAFETY: forwarded to the caller.
             .launch_timed(&label, w.rows * w.row_bytes, || unsafe { b.launch(cfg) })
             .ctx(name)?;
         Ok(())
