@@ -27,6 +27,22 @@ const HEADS_STATIC_SHARED: usize = HEADS_PER_CTA * (THREADS as usize / 32 + 2) *
 /// Dynamic shared memory attend may use without opting in (the launch default).
 const ATTEND_MAX_SHARED: usize = 48 * 1024;
 
+/// Lets attention.cu's `kernel` launch with `bytes` of dynamic shared memory (more than 48 KiB
+/// must be opted into, per kernel); returns the kernel.
+fn allow_shared(
+    fk: &ForwardKernels,
+    kernel: &str,
+    bytes: usize,
+) -> Result<cudarc::driver::CudaFunction> {
+    let f = fk.function(MODULE, kernel)?;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .ctx(&format!("allowing {kernel} its shared memory"))?;
+    Ok(f)
+}
+
 /// Ok when `kernel`'s `need` bytes of shared memory per CTA fit the device's `optin` limit.
 fn shared_fits(kernel: &str, need: usize, optin: usize) -> Result<()> {
     if need > optin {
@@ -232,12 +248,7 @@ pub(crate) unsafe fn launch_attend_heads(
     }
     // More than 48 KiB of dynamic shared memory must be opted into; the largest carveout
     // lets two CTAs (two rows of heads at up to ~640 rows each) share an SM.
-    let f = fk.function(MODULE, "attend_heads")?;
-    f.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        shared as i32,
-    )
-    .ctx("allowing attend_heads its shared memory")?;
+    let f = allow_shared(fk, "attend_heads", shared)?;
     f.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
         100,
@@ -384,12 +395,7 @@ pub(crate) unsafe fn launch_attend_split(
         )));
     }
     let shared = 2 * TILE_ROWS * HEAD_DIM * 4;
-    let f = fk.function(MODULE, "attend_split_scores")?;
-    f.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        shared as i32,
-    )
-    .ctx("allowing attend_split_scores its shared memory")?;
+    allow_shared(fk, "attend_split_scores", shared)?;
     let a = kargs![
         args.q,
         args.kv,
@@ -448,12 +454,7 @@ pub(crate) unsafe fn launch_attend_split(
         quantized.map_or(0, |q| q.0),
         quantized.map_or(0, |q| q.1)
     ];
-    let f = fk.function(MODULE, "attend_split_values")?;
-    f.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        shared as i32,
-    )
-    .ctx("allowing attend_split_values its shared memory")?;
+    allow_shared(fk, "attend_split_values", shared)?;
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (
             (HEAD_DIM / SPLIT_CHANNELS) as u32,
@@ -525,12 +526,7 @@ pub(crate) unsafe fn launch_attend_mma(
             "attend_mma: {n_tok} tokens exceed the launch grid"
         )));
     }
-    let f = fk.function(MODULE, "attend_mma")?;
-    f.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        MMA_SHARED as i32,
-    )
-    .ctx("allowing attend_mma its shared memory")?;
+    allow_shared(fk, "attend_mma", MMA_SHARED)?;
     let a = args.kernel_args();
     let cfg = cudarc::driver::LaunchConfig {
         grid_dim: (n_tok as u32, (args.heads / MMA_HEADS) as u32, 1),

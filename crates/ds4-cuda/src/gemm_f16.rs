@@ -65,23 +65,45 @@ impl F16Tile {
 
     /// The kernel of this shape for a split (cluster size) of 1, 2, 4 or 8.
     fn kernel(self, split: usize) -> &'static str {
-        match (self, split) {
-            (F16Tile::Wide, 1) => "gemm_f16_wide_s1",
-            (F16Tile::Wide, 2) => "gemm_f16_wide_s2",
-            (F16Tile::Wide, 4) => "gemm_f16_wide_s4",
-            (F16Tile::Wide, _) => "gemm_f16_wide_s8",
-            (F16Tile::Narrow, 1) => "gemm_f16_narrow_s1",
-            (F16Tile::Narrow, 2) => "gemm_f16_narrow_s2",
-            (F16Tile::Narrow, 4) => "gemm_f16_narrow_s4",
-            (F16Tile::Narrow, _) => "gemm_f16_narrow_s8",
-        }
+        by_split(
+            match self {
+                F16Tile::Wide => &[
+                    "gemm_f16_wide_s1",
+                    "gemm_f16_wide_s2",
+                    "gemm_f16_wide_s4",
+                    "gemm_f16_wide_s8",
+                ],
+                F16Tile::Narrow => &[
+                    "gemm_f16_narrow_s1",
+                    "gemm_f16_narrow_s2",
+                    "gemm_f16_narrow_s4",
+                    "gemm_f16_narrow_s8",
+                ],
+            },
+            split,
+        )
     }
 
     /// CTAs of a launch: row tiles × vector tiles × K chunks.
     fn ctas(self, rows: usize, n_vecs: usize, split: usize) -> usize {
-        let (bm, bn) = self.shape();
-        rows.div_ceil(bm) * n_vecs.div_ceil(bn) * split
+        launch_ctas(self.shape(), rows, n_vecs, split)
     }
+}
+
+/// The name for a split (cluster size) of 1, 2, 4 or 8 (anything larger: 8) among a tile's
+/// four kernels.
+fn by_split(names: &[&'static str; 4], split: usize) -> &'static str {
+    match split {
+        1 => names[0],
+        2 => names[1],
+        4 => names[2],
+        _ => names[3],
+    }
+}
+
+/// CTAs of a launch of (rows, vectors) tiles: row tiles × vector tiles × K chunks.
+fn launch_ctas((bm, bn): (usize, usize), rows: usize, n_vecs: usize, split: usize) -> usize {
+    rows.div_ceil(bm) * n_vecs.div_ceil(bn) * split
 }
 
 /// The number of K chunks of the tensor-core kernels for a `rows` × `cols` matrix: 8 up to
@@ -141,22 +163,28 @@ impl F16TcTile {
 
     /// The kernel of this shape for a split (cluster size) of 1, 2, 4 or 8.
     fn kernel(self, split: usize) -> &'static str {
-        match (self, split) {
-            (F16TcTile::Wide, 1) => "gemm_f16_tc_wide_s1",
-            (F16TcTile::Wide, 2) => "gemm_f16_tc_wide_s2",
-            (F16TcTile::Wide, 4) => "gemm_f16_tc_wide_s4",
-            (F16TcTile::Wide, _) => "gemm_f16_tc_wide_s8",
-            (F16TcTile::Narrow, 1) => "gemm_f16_tc_narrow_s1",
-            (F16TcTile::Narrow, 2) => "gemm_f16_tc_narrow_s2",
-            (F16TcTile::Narrow, 4) => "gemm_f16_tc_narrow_s4",
-            (F16TcTile::Narrow, _) => "gemm_f16_tc_narrow_s8",
-        }
+        by_split(
+            match self {
+                F16TcTile::Wide => &[
+                    "gemm_f16_tc_wide_s1",
+                    "gemm_f16_tc_wide_s2",
+                    "gemm_f16_tc_wide_s4",
+                    "gemm_f16_tc_wide_s8",
+                ],
+                F16TcTile::Narrow => &[
+                    "gemm_f16_tc_narrow_s1",
+                    "gemm_f16_tc_narrow_s2",
+                    "gemm_f16_tc_narrow_s4",
+                    "gemm_f16_tc_narrow_s8",
+                ],
+            },
+            split,
+        )
     }
 
     /// CTAs of a launch: row tiles × vector tiles × K chunks.
     fn ctas(self, rows: usize, n_vecs: usize, split: usize) -> usize {
-        let (bm, bn) = self.shape();
-        rows.div_ceil(bm) * n_vecs.div_ceil(bn) * split
+        launch_ctas(self.shape(), rows, n_vecs, split)
     }
 }
 
