@@ -144,11 +144,22 @@ impl Gpu {
     pub fn open_with_cache(ordinal: usize, cache: &KernelCache) -> Result<Gpu> {
         let device = CudaDevice::open(ordinal)?;
         let kernels = Kernels::load(&device, cache)?;
+        // Tuning knobs for measurements (every value gives the same results):
+        // DS4_CUDA_GEMV_WARPS (1..=8) and DS4_CUDA_GEMV_CAP (CTAs per SM, 0 = no cap).
+        let knob = |name: &str, ok: std::ops::RangeInclusive<usize>| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|v| ok.contains(v))
+        };
         Ok(Gpu {
             device,
             kernels,
-            gemv_warps: AtomicUsize::new(DEFAULT_GEMV_WARPS),
-            gemv_ctas_per_sm: AtomicUsize::new(0),
+            gemv_warps: AtomicUsize::new(
+                knob("DS4_CUDA_GEMV_WARPS", 1..=crate::gemv::GEMV_MAX_WARPS)
+                    .unwrap_or(DEFAULT_GEMV_WARPS),
+            ),
+            gemv_ctas_per_sm: AtomicUsize::new(knob("DS4_CUDA_GEMV_CAP", 0..=64).unwrap_or(0)),
         })
     }
 
