@@ -77,11 +77,11 @@
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
 #define GE_BM 64
-#define GE_NV 32
+#define GE_NV 32       // vectors per pass of the narrow kernels (three CTAs per SM)
+#define GE_NV_WIDE 64  // of the wide ones (two CTAs per SM)
 #define GE_KT 2
 #define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
 #define GE_XROW_K (GE_KT * QK_K + 16)        // 528
-#define GE_STAGE_D (GE_KT * GE_NV * 4)
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
 // past a 16-byte boundary, rounded up to 16, and 16 more where that is a multiple of 32.
 #define GE_WROW_IQ2_XXS 176
@@ -140,6 +140,16 @@ __shared__ u32 ge_iq2_grid[256 * GE_IQ2_COPIES];
 // source) instead of being moved in before every PRMT.
 __shared__ u32 ge_iq2_pos;
 
+// The sign words of ge_iq2_sign_bits for the 128 sign indices, in SC copies (copy c of entry
+// i at word SC i + c, lane l reads copy l % SC): one load in place of ~9 integer operations.
+#define GE_SIGN_COPIES_NARROW 4
+#define GE_SIGN_COPIES_WIDE 8
+__shared__ u32 ge_iq2_signs4[128 * GE_SIGN_COPIES_NARROW];
+__shared__ u32 ge_iq2_signs8[128 * GE_SIGN_COPIES_WIDE];
+template <int SC> __device__ __forceinline__ u32* ge_sign_table();
+template <> __device__ __forceinline__ u32* ge_sign_table<GE_SIGN_COPIES_NARROW>() { return ge_iq2_signs4; }
+template <> __device__ __forceinline__ u32* ge_sign_table<GE_SIGN_COPIES_WIDE>() { return ge_iq2_signs8; }
+
 // Fills ge_iq2_grid from the u64 codebook at device address grid; needs GE_WARPS = 4 (warp w
 // owns entries 64 w .. 64 w + 63). The caller synchronizes before the first lookup.
 __device__ __forceinline__ void ge_iq2_grid_table(u64 grid) {
@@ -175,10 +185,20 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
     return (y * 0x24u) & 0x44444444u;       // (y << 2) | (y << 5): bits -> bit 2 of nibbles
 }
 
+// Fills the sign table of SC copies (consecutive words per thread: conflict-free stores).
+template <int SC> __device__ __forceinline__ void ge_iq2_sign_table() {
+    u32* tab = ge_sign_table<SC>();
+#pragma unroll
+    for (int j = 0; j < SC; j++) {
+        const int w = threadIdx.x + GE_THREADS * j;
+        tab[w] = ge_iq2_sign_bits((u32)(w / SC));
+    }
+}
+
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
 // 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
 // last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
-template <int FMT>
+template <int FMT, int NV>
 __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
                                              int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
@@ -189,7 +209,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     const int boff = (int)(t0 & 15);
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
-    float* sd = (float*)(sx + GE_NV * XROW);
+    float* sd = (float*)(sx + NV * XROW);
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
         // end at or before the row's end, a multiple of 16 bytes.
@@ -225,16 +245,18 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
         const int v = i / GE_KT, b = i - v * GE_KT;
         if (b < nbt) {
             const i64 vec = min64(v0 + v, v_last);
-            cp_async4(sd + b * GE_NV + v, xd + vec * p.n_blocks + kb0 + b);
+            cp_async4(sd + b * NV + v, xd + vec * p.n_blocks + kb0 + b);
         }
     }
 }
 
 // The blocks of one staged K tile for the warp's 16 rows against the pass's first nt n8 tiles
 // of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
-template <int FMT>
+// SC: IQ2_XXS sign bits from a table of SC copies, or computed (0).
+template <int FMT, int NV, int SC>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
-                                             float (&acc)[4][4]) {
+                                             float (&acc)[NV / 8][4]) {
+    constexpr int NT = NV / 8;
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -246,19 +268,21 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     wrow[1] = wrow[0] + 8 * WROW;
     // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 XROW per n tile).
     const u8* xs = stage + GE_BM * WROW + g * XROW + 4 * t;
-    const float* sd = (const float*)(stage + GE_BM * WROW + GE_NV * XROW);
+    const float* sd = (const float*)(stage + GE_BM * WROW + NV * XROW);
     // IQ2_XXS: the lane's copy of the grid selectors, the PRMT selector that extracts byte t,
     // and the positive grid bytes in a register (PRMT's first source).
     const u8* grid_copy = FMT == GE_IQ2_XXS ? (const u8*)(ge_iq2_grid + lane % GE_IQ2_COPIES) : nullptr;
     const u32 byte_t = 0x4440u | (u32)t;
     const u32 pos = FMT == GE_IQ2_XXS ? *(volatile u32*)&ge_iq2_pos : 0;
+    const u8* sign_copy = nullptr;
+    if constexpr (FMT == GE_IQ2_XXS && SC > 0) sign_copy = (const u8*)(ge_sign_table<SC>() + lane % SC);
 #pragma unroll
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
         const u8* blk[2] = {wrow[0] + b * BB, wrow[1] + b * BB};
-        int isum[4][4], msum[4][4];
+        int isum[NT][4], msum[NT][4];
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) isum[nj][i] = msum[nj][i] = 0;
 #pragma unroll
@@ -279,7 +303,12 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                     scale[r] = 2 * (int)(a1 >> 28) + 1;
                     const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
                     const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
-                    const u32 sel = gsel | ge_iq2_sign_bits(a1 >> (7 * t));
+                    u32 sbits;
+                    if constexpr (SC > 0)
+                        sbits = *(const u32*)(sign_copy + 4 * SC * ((a1 >> (7 * t)) & 127));
+                    else
+                        sbits = ge_iq2_sign_bits(a1 >> (7 * t));
+                    const u32 sel = gsel | sbits;
                     a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
                     a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
                 } else if constexpr (FMT == GE_Q2_K) {
@@ -304,7 +333,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                 }
             }
 #pragma unroll
-            for (int nj = 0; nj < 4; nj++) {
+            for (int nj = 0; nj < NT; nj++) {
                 if (nj >= nt) break;
                 // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
                 // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
@@ -346,9 +375,9 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
             }
         }
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++) {
+        for (int nj = 0; nj < NT; nj++) {
             if (nj >= nt) break;
-            const float2 dx2 = *(const float2*)(sd + b * GE_NV + 8 * nj + 2 * t);
+            const float2 dx2 = *(const float2*)(sd + b * NV + 8 * nj + 2 * t);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const float dx = (i & 1) ? dx2.y : dx2.x;
@@ -365,10 +394,12 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     }
 }
 
-template <int FMT>
+// NV vectors per pass; SC: see ge_tile_math.
+template <int FMT, int NV, int SC>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
-    constexpr int WROW = GeFmt<FMT>::WROW;
-    constexpr int STAGE = GE_BM * WROW + GE_NV * GeFmt<FMT>::XROW + GE_STAGE_D;
+    constexpr int WROW = GeFmt<FMT>::WROW, NT = NV / 8;
+    constexpr int STAGE = GE_BM * WROW + NV * GeFmt<FMT>::XROW + GE_KT * NV * 4;
+    static_assert(NV % 8 == 0 && (SC == 0 || FMT == GE_IQ2_XXS), "whole n8 tiles; sign tables for IQ2_XXS");
     static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
     static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
     // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
@@ -417,34 +448,37 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
-    for (i64 v0 = v_begin; v0 < v_end; v0 += GE_NV) {
-        const int nv = (int)min64(GE_NV, v_end - v0), nt = (nv + 7) >> 3;
-        float acc[4][4];
+    for (i64 v0 = v_begin; v0 < v_end; v0 += NV) {
+        const int nv = (int)min64(NV, v_end - v0), nt = (nv + 7) >> 3;
+        float acc[NT][4];
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
         // Both stages are free here: the previous pass ended with a barrier after its last
         // reads.
-        ge_load_tile<FMT>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        ge_load_tile<FMT, NV>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
         cp_async_commit();
         // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
         if constexpr (FMT == GE_IQ2_XXS)
-            if (v0 == v_begin) ge_iq2_grid_table(p.grid);
+            if (v0 == v_begin) {
+                ge_iq2_grid_table(p.grid);
+                if constexpr (SC > 0) ge_iq2_sign_table<SC>();
+            }
         for (i64 kt = 0; kt < n_tiles; kt++) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
             if (kt + 1 < n_tiles)
-                ge_load_tile<FMT>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
+                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
             __syncthreads();
-            ge_tile_math<FMT>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
+            ge_tile_math<FMT, NV, SC>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
         }
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const i64 row = row0 + 16 * warp + g + 8 * (i >> 1);
@@ -457,18 +491,39 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     }
 }
 
-// 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
-// 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes: grid table and ge_iq2_pos): three
-// CTAs per SM.
+// 64 rows of one expert per CTA, 4 warps. Narrow kernels: passes of GE_NV vectors, two stages
+// of 28928 (IQ2_XXS), 30464 (Q2_K) or 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes:
+// grid table and ge_iq2_pos), three CTAs per SM. Wide kernels (`_wide`): passes of GE_NV_WIDE
+// vectors, stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS>(p);
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K>(p);
+    gemm_experts_tile<GE_Q2_K, GE_NV, 0>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q4_K>(p);
+    gemm_experts_tile<GE_Q4_K, GE_NV, 0>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, 0>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE, 0>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q4_k_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q4_K, GE_NV_WIDE, 0>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_signs(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV, GE_SIGN_COPIES_NARROW>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_signs(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, GE_SIGN_COPIES_WIDE>(p);
 }
