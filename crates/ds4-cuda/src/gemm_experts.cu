@@ -253,7 +253,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
 // The blocks of one staged K tile for the warp's 16 rows against the pass's first nt n8 tiles
 // of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
 // SC: IQ2_XXS sign bits from a table of SC copies, or computed (0).
-template <int FMT, int NV, int SC>
+template <int FMT, int NV, int SC, bool DF>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
                                              float (&acc)[NV / 8][4]) {
     constexpr int NT = NV / 8;
@@ -285,77 +285,100 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
         for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) isum[nj][i] = msum[nj][i] = 0;
+        // Item it's A fragments for rows g and g + 8 (and the K formats' min fragments, the
+        // per-row integer factor of the item sum).
+        auto decode = [&](int it, u32 (&a)[4], u32 (&am)[4], int (&scale)[2]) {
 #pragma unroll
-        for (int it = 0; it < 8; it++) {
-            u32 a[4], am[4];  // the item's weights (A) and, for the K formats, its mins (A')
-            int scale[2];     // integer factor of the item sum per row (IQ2_XXS, Q4_K)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                if constexpr (FMT == GE_IQ2_XXS) {
-                    // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
-                    // 132-byte steps) and the row stride is a multiple of 16, so the words are
-                    // 2 bytes off a 4-byte boundary exactly for even blocks.
-                    // K order: the lane's k positions 4t..4t+3 and 16+4t..16+4t+3 carry the
-                    // item's group t (elements 8t..8t+7) here and in the B fragments, so one
-                    // selector lookup gives both registers (the item sum is the same).
-                    u32 a0, a1;
-                    rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
-                    scale[r] = 2 * (int)(a1 >> 28) + 1;
-                    const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
-                    const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
-                    u32 sbits;
-                    if constexpr (SC > 0)
-                        sbits = *(const u32*)(sign_copy + 4 * SC * ((a1 >> (7 * t)) & 127));
-                    else
-                        sbits = ge_iq2_sign_bits(a1 >> (7 * t));
-                    const u32 sel = gsel | sbits;
-                    a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
-                    a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
-                } else if constexpr (FMT == GE_Q2_K) {
-                    // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
-                    // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
-                    const int h = it >> 2, j = it & 3;
-                    const u32 sc2 = rd16(blk[r] + 2 * it);
-                    const u32 sc_lo = sc2 & 15, sc_hi = (sc2 >> 8) & 15;
-                    a[r] = ((rd32(blk[r] + 16 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_lo;
-                    a[2 + r] = ((rd32(blk[r] + 32 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_hi;
-                    am[r] = ((sc2 >> 4) & 15) * 0x01010101u;
-                    am[2 + r] = ((sc2 >> 12) & 15) * 0x01010101u;
-                } else {
-                    // Elements 32 it + l: level (qs[32 c + l] >> 4 (it % 2)) & 15, c = it / 2.
-                    const int c = it >> 1, sh = 4 * (it & 1);
-                    int sc, m;
-                    q4k_scale_min(blk[r] + 4, it, &sc, &m);
-                    scale[r] = sc;
-                    a[r] = (rd32(blk[r] + 16 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
-                    a[2 + r] = (rd32(blk[r] + 32 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
-                    am[r] = am[2 + r] = (u32)m * 0x01010101u;
-                }
+        for (int r = 0; r < 2; r++) {
+            if constexpr (FMT == GE_IQ2_XXS) {
+                // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
+                // 132-byte steps) and the row stride is a multiple of 16, so the words are
+                // 2 bytes off a 4-byte boundary exactly for even blocks.
+                // K order: the lane's k positions 4t..4t+3 and 16+4t..16+4t+3 carry the
+                // item's group t (elements 8t..8t+7) here and in the B fragments, so one
+                // selector lookup gives both registers (the item sum is the same).
+                u32 a0, a1;
+                rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
+                scale[r] = 2 * (int)(a1 >> 28) + 1;
+                const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
+                const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
+                u32 sbits;
+                if constexpr (SC > 0)
+                    sbits = *(const u32*)(sign_copy + 4 * SC * ((a1 >> (7 * t)) & 127));
+                else
+                    sbits = ge_iq2_sign_bits(a1 >> (7 * t));
+                const u32 sel = gsel | sbits;
+                a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
+                a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
+            } else if constexpr (FMT == GE_Q2_K) {
+                // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
+                // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
+                const int h = it >> 2, j = it & 3;
+                const u32 sc2 = rd16(blk[r] + 2 * it);
+                const u32 sc_lo = sc2 & 15, sc_hi = (sc2 >> 8) & 15;
+                a[r] = ((rd32(blk[r] + 16 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_lo;
+                a[2 + r] = ((rd32(blk[r] + 32 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_hi;
+                am[r] = ((sc2 >> 4) & 15) * 0x01010101u;
+                am[2 + r] = ((sc2 >> 12) & 15) * 0x01010101u;
+            } else {
+                // Elements 32 it + l: level (qs[32 c + l] >> 4 (it % 2)) & 15, c = it / 2.
+                const int c = it >> 1, sh = 4 * (it & 1);
+                int sc, m;
+                q4k_scale_min(blk[r] + 4, it, &sc, &m);
+                scale[r] = sc;
+                a[r] = (rd32(blk[r] + 16 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                a[2 + r] = (rd32(blk[r] + 32 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                am[r] = am[2 + r] = (u32)m * 0x01010101u;
             }
+        }
+        };
+        // Item it against n tile nj.
+        auto tile = [&](int it, int nj, const u32 (&a)[4], const u32 (&am)[4], const int (&scale)[2]) {
+        // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
+        // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
+        u32 b0, b1;
+        if constexpr (FMT == GE_IQ2_XXS) {
+            const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
+            b0 = bb.x;
+            b1 = bb.y;
+        } else {
+            const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
+            b0 = *(const u32*)xb;
+            b1 = *(const u32*)(xb + 16);
+        }
+        if constexpr (FMT == GE_Q2_K) {
+            ge_mma(a, b0, b1, isum[nj]);
+            ge_mma(am, b0, b1, msum[nj]);
+        } else {
+            int d[4] = {0, 0, 0, 0};
+            ge_mma(a, b0, b1, d);
+#pragma unroll
+            for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
+            if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+        }
+        };
+        if constexpr (DF) {
+            // All 8 items decoded first: one n-tile test per block and tile instead of per item.
+            u32 a[8][4], am[8][4];
+            int scale[8][2];
+#pragma unroll
+            for (int it = 0; it < 8; it++) decode(it, a[it], am[it], scale[it]);
 #pragma unroll
             for (int nj = 0; nj < NT; nj++) {
                 if (nj >= nt) break;
-                // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
-                // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
-                u32 b0, b1;
-                if constexpr (FMT == GE_IQ2_XXS) {
-                    const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
-                    b0 = bb.x;
-                    b1 = bb.y;
-                } else {
-                    const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
-                    b0 = *(const u32*)xb;
-                    b1 = *(const u32*)(xb + 16);
-                }
-                if constexpr (FMT == GE_Q2_K) {
-                    ge_mma(a, b0, b1, isum[nj]);
-                    ge_mma(am, b0, b1, msum[nj]);
-                } else {
-                    int d[4] = {0, 0, 0, 0};
-                    ge_mma(a, b0, b1, d);
 #pragma unroll
-                    for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
-                    if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+                for (int it = 0; it < 8; it++) tile(it, nj, a[it], am[it], scale[it]);
+            }
+        } else {
+#pragma unroll
+            for (int it = 0; it < 8; it++) {
+                u32 a[4], am[4];  // the item's weights (A) and, for the K formats, its mins (A')
+                int scale[2];     // integer factor of the item sum per row (IQ2_XXS, Q4_K)
+                decode(it, a, am, scale);
+#pragma unroll
+                for (int nj = 0; nj < NT; nj++) {
+                    if (nj >= nt) break;
+                    tile(it, nj, a, am, scale);
                 }
             }
         }
@@ -395,7 +418,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
 }
 
 // NV vectors per pass; SC: see ge_tile_math.
-template <int FMT, int NV, int SC>
+template <int FMT, int NV, int SC, bool DF = false>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     constexpr int WROW = GeFmt<FMT>::WROW, NT = NV / 8;
     constexpr int STAGE = GE_BM * WROW + NV * GeFmt<FMT>::XROW + GE_KT * NV * 4;
@@ -474,7 +497,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             cp_async_commit();
             cp_async_wait_all_but_newest();
             __syncthreads();
-            ge_tile_math<FMT, NV, SC>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
+            ge_tile_math<FMT, NV, SC, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
         }
 #pragma unroll
@@ -526,4 +549,28 @@ extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_signs(
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_signs(const GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, GE_SIGN_COPIES_WIDE>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV, 0, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, 0, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_signs_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV, GE_SIGN_COPIES_NARROW, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_signs_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, GE_SIGN_COPIES_WIDE, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q2_K, GE_NV, 0, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide_df(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE, 0, true>(p);
 }

@@ -146,11 +146,18 @@ fn auto_pass(n_vecs: usize, experts: usize) -> usize {
     })
 }
 
-/// Whether the IQ2_XXS kernels look their sign words up (`DS4_CUDA_EXPERTS_SIGNS=1`) instead
-/// of computing them.
-fn sign_table() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DS4_CUDA_EXPERTS_SIGNS").is_ok_and(|v| v == "1"))
+/// Experiment switches (read at every launch): `DS4_CUDA_EXPERTS_SIGNS=1` makes the IQ2_XXS
+/// kernels look their sign words up instead of computing them, `DS4_CUDA_EXPERTS_DF=1` makes the
+/// IQ2_XXS and Q2_K kernels decode a block's 8 items before its n tiles.
+fn variant_suffix(format: WeightFormat) -> &'static str {
+    let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+    let (signs, df) = (on("DS4_CUDA_EXPERTS_SIGNS"), on("DS4_CUDA_EXPERTS_DF"));
+    match (format, signs, df) {
+        (WeightFormat::IQ2XXS, true, true) => "_signs_df",
+        (WeightFormat::IQ2XXS, true, false) => "_signs",
+        (WeightFormat::IQ2XXS | WeightFormat::Q2K, _, true) => "_df",
+        _ => "",
+    }
 }
 
 /// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu.
@@ -327,11 +334,7 @@ impl Gpu {
             "gemm_experts_{}{}{}",
             w.format.tag(),
             if pass == PASS_WIDE { "_wide" } else { "" },
-            if w.format == WeightFormat::IQ2XXS && sign_table() {
-                "_signs"
-            } else {
-                ""
-            }
+            variant_suffix(w.format)
         );
         let shared = shared_bytes(w.format, pass);
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;

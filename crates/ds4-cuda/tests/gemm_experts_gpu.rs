@@ -352,12 +352,23 @@ fn expert_gemm_matches_scalar_vec_dot_bit_for_bit() {
 /// Routing like the model's: `tokens` tokens each pick `k` distinct experts (skewed toward low
 /// ids, so some groups are large and some empty). Returns the group sizes.
 fn routed_sizes(rng: &mut Rng, experts: usize, tokens: usize, k: usize) -> Vec<usize> {
+    routed_sizes_with(rng, experts, tokens, k, true)
+}
+
+/// [`routed_sizes`], or with `skew` false every expert equally likely.
+fn routed_sizes_with(
+    rng: &mut Rng,
+    experts: usize,
+    tokens: usize,
+    k: usize,
+    skew: bool,
+) -> Vec<usize> {
     let mut sizes = vec![0usize; experts];
     for _ in 0..tokens {
         let mut picked: Vec<usize> = Vec::new();
         while picked.len() < k {
             let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            let e = ((u * u * experts as f64) as usize).min(experts - 1);
+            let e = ((if skew { u * u } else { u } * experts as f64) as usize).min(experts - 1);
             if !picked.contains(&e) {
                 picked.push(e);
             }
@@ -562,8 +573,13 @@ fn expert_gemm_throughput() {
             stacks[0].matrix(format, cols, rows, experts),
             stacks[1].matrix(format, cols, rows, experts),
         ];
-        for &tokens in &token_counts {
-            let sizes = routed_sizes(&mut rng, experts, tokens, k);
+        for (tokens, skew) in token_counts.iter().flat_map(|&t| [(t, true), (t, false)]) {
+            let sizes = routed_sizes_with(&mut rng, experts, tokens, k, skew);
+            eprintln!(
+                "{tokens} tokens, {} routing: largest group {}",
+                if skew { "skewed" } else { "uniform" },
+                sizes.iter().max().unwrap()
+            );
             let group_start = offsets(0, &sizes);
             let n_vecs = tokens * k;
             let dgroups = g.device.upload(&group_start).unwrap();
@@ -584,29 +600,33 @@ fn expert_gemm_throughput() {
                 };
             let wbytes = stacks[0].bytes.len() as f64;
             let ops = 2.0 * (rows * cols * n_vecs) as f64;
-            for pass in Gpu::EXPERT_GEMM_PASSES {
-                let gemm = time(&mut |y, _| {
-                    g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, y)
+            for (signs, df) in [("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")] {
+                std::env::set_var("DS4_CUDA_EXPERTS_SIGNS", signs);
+                std::env::set_var("DS4_CUDA_EXPERTS_DF", df);
+                for pass in Gpu::EXPERT_GEMM_PASSES {
+                    let gemm = time(&mut |y, _| {
+                        g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, y)
+                            .unwrap()
+                    });
+                    let pair = time(&mut |a, b| {
+                        g.expert_gemm_grouped_pair_pass(
+                            pass,
+                            [&mats[0], &mats[1]],
+                            &dgroups,
+                            x,
+                            n_vecs,
+                            [a, b],
+                        )
                         .unwrap()
-                });
-                let pair = time(&mut |a, b| {
-                    g.expert_gemm_grouped_pair_pass(
-                        pass,
-                        [&mats[0], &mats[1]],
-                        &dgroups,
-                        x,
-                        n_vecs,
-                        [a, b],
-                    )
-                    .unwrap()
-                });
-                eprintln!(
-                    "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors, passes of {pass}: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS); pair {pair:.3} ms",
+                    });
+                    eprintln!(
+                    "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors, passes of {pass} signs {signs} df {df}: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS); pair {pair:.3} ms",
                     wbytes / gemm * 1e-9,
                     ops / gemm * 1e-9,
                 );
+                }
             }
-            if tokens == 256 {
+            if tokens == 256 && skew {
                 let gemv = time(&mut |y, _| {
                     g.expert_gemv_grouped(&mats[0], &dgroups, x, n_vecs, y)
                         .unwrap()
