@@ -31,10 +31,13 @@
 // All of it is exact int32 arithmetic (|isum| < 2^26), so the order of the integer sums is free.
 //
 // Tiles: a CTA owns GE_BM = 64 rows of one expert (4 warps x 16 rows: one m16 tile each) and
-// runs the expert's vectors in passes of up to GE_NV = 32 (four n8 tiles; only the tiles that
-// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (most
-// of them in a 1 024-token span: 1 024 x 6 slots / 256 experts ~ 24 vectors each) reads and
-// decodes its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
+// runs the expert's vectors in passes of up to NV (only the n8 tiles that hold vectors are
+// computed), the K loop inside each pass: an expert with <= NV vectors reads and decodes its
+// rows once per CTA; larger groups re-read (from L2 mostly) and decode them again per pass.
+// Two widths: narrow kernels, NV = GE_NV = 32, three CTAs per SM (a 1 024-token span has
+// 1 024 x 6 slots / 256 experts ~ 24 vectors per expert), and wide ones (`_wide`), NV =
+// GE_NV_WIDE = 64, two CTAs per SM (their stages hold twice the activations), for 2 048-token
+// spans (~48 vectors per expert: one decode instead of two). Grid: (row
 // tiles, experts + 1, matrices): consecutive CTAs are row tiles of one expert, sharing its
 // activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
 // group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
@@ -46,8 +49,8 @@
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
-//   xq [GE_NV][XROW]        each vector's 512 int8 values, rows padded by 16 or 32 bytes
-//   xd [GE_KT][GE_NV] f32   the vectors' block scales, block-major (two vectors per float2)
+//   xq [NV][XROW]           each vector's 512 int8 values, rows padded by 16 or 32 bytes
+//   xd [GE_KT][NV] f32      the vectors' block scales, block-major (two vectors per float2)
 // Weight row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint
 // banks; so do activation rows 16 mod 128 bytes apart for the 4-byte B loads of the K formats,
 // and 32 mod 128 for IQ2_XXS's 8-byte B loads (16 lanes a wavefront: 4 rows x 32 bytes).
@@ -70,9 +73,18 @@
 // count as before). Q2_K / Q4_K decode with a load, a shift, a mask and a multiply per 4
 // weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output
 // per 256 MACs) and the B fragment loads are minor at these batch sizes.
-// At 1 024-token spans (~24 vectors per expert; ncu on an H200) the IQ2_XXS pair takes 2.0 ms
+// At 1 024-token spans (~24 vectors per expert; ncu on an H200) the IQ2_XXS pair took 2.0 ms
 // per layer with 61 % of the issue slots busy and DRAM at 13 %: issue-bound, at an occupancy of
-// 12 warps per SM (registers allow 4 CTAs, shared memory 3).
+// 12 warps per SM (registers allow 4 CTAs, shared memory 3). Per item and n tile the item-by-
+// item loop also spent ~9 instructions (B load, mma, 4 IMAD, the nt test and branch); decoding
+// a block's 8 items first (IQ2_XXS, Q2_K) makes that ~6. H100, 256 experts, uniform routing
+// (expert_gemm_throughput), ms before -> after: IQ2_XXS pair 1 024 tokens 2.01 -> 1.53,
+// 2 048 tokens 3.67 -> 2.58 (wide; narrow 2.78); Q2_K 1 024 tokens 0.90 -> 0.83, 2 048 tokens
+// 1.66 -> 1.43 (wide). A shared table of the sign words (4 or 8 copies) instead of their ~9
+// integer ops was 4-6 % faster item by item but 1-6 % slower with the items decoded first
+// (more shared-memory wavefronts). Wide passes lose at 1 024 tokens (IQ2_XXS pair 1.89 vs
+// 1.53 ms: occupancy), and Q4_K (items not decoded first) gains nothing from them at 2 048
+// (2.00 vs 1.96 ms): the launcher picks the width (gemm_experts.rs).
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
@@ -140,16 +152,6 @@ __shared__ u32 ge_iq2_grid[256 * GE_IQ2_COPIES];
 // source) instead of being moved in before every PRMT.
 __shared__ u32 ge_iq2_pos;
 
-// The sign words of ge_iq2_sign_bits for the 128 sign indices, in SC copies (copy c of entry
-// i at word SC i + c, lane l reads copy l % SC): one load in place of ~9 integer operations.
-#define GE_SIGN_COPIES_NARROW 4
-#define GE_SIGN_COPIES_WIDE 8
-__shared__ u32 ge_iq2_signs4[128 * GE_SIGN_COPIES_NARROW];
-__shared__ u32 ge_iq2_signs8[128 * GE_SIGN_COPIES_WIDE];
-template <int SC> __device__ __forceinline__ u32* ge_sign_table();
-template <> __device__ __forceinline__ u32* ge_sign_table<GE_SIGN_COPIES_NARROW>() { return ge_iq2_signs4; }
-template <> __device__ __forceinline__ u32* ge_sign_table<GE_SIGN_COPIES_WIDE>() { return ge_iq2_signs8; }
-
 // Fills ge_iq2_grid from the u64 codebook at device address grid; needs GE_WARPS = 4 (warp w
 // owns entries 64 w .. 64 w + 63). The caller synchronizes before the first lookup.
 __device__ __forceinline__ void ge_iq2_grid_table(u64 grid) {
@@ -183,16 +185,6 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
     u32 y = (s * 0x1001u) & 0x000F000Fu;    // bits 0-3 stay, 4-7 -> 16-19
     y = (y * 0x41u) & 0x03030303u;          // bit pairs -> bytes
     return (y * 0x24u) & 0x44444444u;       // (y << 2) | (y << 5): bits -> bit 2 of nibbles
-}
-
-// Fills the sign table of SC copies (consecutive words per thread: conflict-free stores).
-template <int SC> __device__ __forceinline__ void ge_iq2_sign_table() {
-    u32* tab = ge_sign_table<SC>();
-#pragma unroll
-    for (int j = 0; j < SC; j++) {
-        const int w = threadIdx.x + GE_THREADS * j;
-        tab[w] = ge_iq2_sign_bits((u32)(w / SC));
-    }
 }
 
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
@@ -252,8 +244,10 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
 
 // The blocks of one staged K tile for the warp's 16 rows against the pass's first nt n8 tiles
 // of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
-// SC: IQ2_XXS sign bits from a table of SC copies, or computed (0).
-template <int FMT, int NV, int SC, bool DF>
+// DF (decode first): the block's 8 items are decoded into registers before its n tiles run,
+// so the `nj < nt` test comes once per n tile and block instead of once per item (and the
+// B loads and mma of a tile issue back to back); else item by item.
+template <int FMT, int NV, bool DF>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
                                              float (&acc)[NV / 8][4]) {
     constexpr int NT = NV / 8;
@@ -274,8 +268,6 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     const u8* grid_copy = FMT == GE_IQ2_XXS ? (const u8*)(ge_iq2_grid + lane % GE_IQ2_COPIES) : nullptr;
     const u32 byte_t = 0x4440u | (u32)t;
     const u32 pos = FMT == GE_IQ2_XXS ? *(volatile u32*)&ge_iq2_pos : 0;
-    const u8* sign_copy = nullptr;
-    if constexpr (FMT == GE_IQ2_XXS && SC > 0) sign_copy = (const u8*)(ge_sign_table<SC>() + lane % SC);
 #pragma unroll
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
@@ -289,73 +281,68 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
         // per-row integer factor of the item sum).
         auto decode = [&](int it, u32 (&a)[4], u32 (&am)[4], int (&scale)[2]) {
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            if constexpr (FMT == GE_IQ2_XXS) {
-                // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
-                // 132-byte steps) and the row stride is a multiple of 16, so the words are
-                // 2 bytes off a 4-byte boundary exactly for even blocks.
-                // K order: the lane's k positions 4t..4t+3 and 16+4t..16+4t+3 carry the
-                // item's group t (elements 8t..8t+7) here and in the B fragments, so one
-                // selector lookup gives both registers (the item sum is the same).
-                u32 a0, a1;
-                rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
-                scale[r] = 2 * (int)(a1 >> 28) + 1;
-                const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
-                const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
-                u32 sbits;
-                if constexpr (SC > 0)
-                    sbits = *(const u32*)(sign_copy + 4 * SC * ((a1 >> (7 * t)) & 127));
-                else
-                    sbits = ge_iq2_sign_bits(a1 >> (7 * t));
-                const u32 sel = gsel | sbits;
-                a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
-                a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
-            } else if constexpr (FMT == GE_Q2_K) {
-                // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
-                // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
-                const int h = it >> 2, j = it & 3;
-                const u32 sc2 = rd16(blk[r] + 2 * it);
-                const u32 sc_lo = sc2 & 15, sc_hi = (sc2 >> 8) & 15;
-                a[r] = ((rd32(blk[r] + 16 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_lo;
-                a[2 + r] = ((rd32(blk[r] + 32 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_hi;
-                am[r] = ((sc2 >> 4) & 15) * 0x01010101u;
-                am[2 + r] = ((sc2 >> 12) & 15) * 0x01010101u;
-            } else {
-                // Elements 32 it + l: level (qs[32 c + l] >> 4 (it % 2)) & 15, c = it / 2.
-                const int c = it >> 1, sh = 4 * (it & 1);
-                int sc, m;
-                q4k_scale_min(blk[r] + 4, it, &sc, &m);
-                scale[r] = sc;
-                a[r] = (rd32(blk[r] + 16 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
-                a[2 + r] = (rd32(blk[r] + 32 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
-                am[r] = am[2 + r] = (u32)m * 0x01010101u;
+            for (int r = 0; r < 2; r++) {
+                if constexpr (FMT == GE_IQ2_XXS) {
+                    // a0 / a1 at blk + 2 + 8 it: the tile starts 4-byte aligned (GE_KT even:
+                    // 132-byte steps) and the row stride is a multiple of 16, so the words are
+                    // 2 bytes off a 4-byte boundary exactly for even blocks.
+                    // K order: the lane's k positions 4t..4t+3 and 16+4t..16+4t+3 carry the
+                    // item's group t (elements 8t..8t+7) here and in the B fragments, so one
+                    // selector lookup gives both registers (the item sum is the same).
+                    u32 a0, a1;
+                    rd64_a2(blk[r] + 2 + 8 * it, (u32)((2 * b + 2) & 2), &a0, &a1);
+                    scale[r] = 2 * (int)(a1 >> 28) + 1;
+                    const u32 gi = prmt(a0, 0, byte_t);  // grid index: byte t of a0
+                    const u32 gsel = *(const u32*)(grid_copy + 4 * GE_IQ2_COPIES * gi);
+                    const u32 sel = gsel | ge_iq2_sign_bits(a1 >> (7 * t));
+                    a[r] = prmt(pos, IQ2_NEG, sel);            // elements 8t..8t+3
+                    a[2 + r] = prmt(pos, IQ2_NEG, sel >> 16);  // elements 8t+4..8t+7
+                } else if constexpr (FMT == GE_Q2_K) {
+                    // Elements 32 it + l: level (qs[32 h + l] >> 2 j) & 3, h = it / 4, j = it % 4;
+                    // sub-blocks 2 it (l < 16) and 2 it + 1 (l >= 16).
+                    const int h = it >> 2, j = it & 3;
+                    const u32 sc2 = rd16(blk[r] + 2 * it);
+                    const u32 sc_lo = sc2 & 15, sc_hi = (sc2 >> 8) & 15;
+                    a[r] = ((rd32(blk[r] + 16 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_lo;
+                    a[2 + r] = ((rd32(blk[r] + 32 + 32 * h + 4 * t) >> (2 * j)) & 0x03030303u) * sc_hi;
+                    am[r] = ((sc2 >> 4) & 15) * 0x01010101u;
+                    am[2 + r] = ((sc2 >> 12) & 15) * 0x01010101u;
+                } else {
+                    // Elements 32 it + l: level (qs[32 c + l] >> 4 (it % 2)) & 15, c = it / 2.
+                    const int c = it >> 1, sh = 4 * (it & 1);
+                    int sc, m;
+                    q4k_scale_min(blk[r] + 4, it, &sc, &m);
+                    scale[r] = sc;
+                    a[r] = (rd32(blk[r] + 16 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                    a[2 + r] = (rd32(blk[r] + 32 + 32 * c + 4 * t) >> sh) & 0x0F0F0F0Fu;
+                    am[r] = am[2 + r] = (u32)m * 0x01010101u;
+                }
             }
-        }
         };
         // Item it against n tile nj.
         auto tile = [&](int it, int nj, const u32 (&a)[4], const u32 (&am)[4], const int (&scale)[2]) {
-        // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
-        // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
-        u32 b0, b1;
-        if constexpr (FMT == GE_IQ2_XXS) {
-            const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
-            b0 = bb.x;
-            b1 = bb.y;
-        } else {
-            const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
-            b0 = *(const u32*)xb;
-            b1 = *(const u32*)(xb + 16);
-        }
-        if constexpr (FMT == GE_Q2_K) {
-            ge_mma(a, b0, b1, isum[nj]);
-            ge_mma(am, b0, b1, msum[nj]);
-        } else {
-            int d[4] = {0, 0, 0, 0};
-            ge_mma(a, b0, b1, d);
+            // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
+            // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
+            u32 b0, b1;
+            if constexpr (FMT == GE_IQ2_XXS) {
+                const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
+                b0 = bb.x;
+                b1 = bb.y;
+            } else {
+                const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
+                b0 = *(const u32*)xb;
+                b1 = *(const u32*)(xb + 16);
+            }
+            if constexpr (FMT == GE_Q2_K) {
+                ge_mma(a, b0, b1, isum[nj]);
+                ge_mma(am, b0, b1, msum[nj]);
+            } else {
+                int d[4] = {0, 0, 0, 0};
+                ge_mma(a, b0, b1, d);
 #pragma unroll
-            for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
-            if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
-        }
+                for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
+                if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+            }
         };
         if constexpr (DF) {
             // All 8 items decoded first: one n-tile test per block and tile instead of per item.
@@ -417,12 +404,14 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     }
 }
 
-// NV vectors per pass; SC: see ge_tile_math.
-template <int FMT, int NV, int SC, bool DF = false>
+// NV vectors per pass. Decode first (see ge_tile_math) for IQ2_XXS and Q2_K; Q4_K's 8 items
+// (weights, mins, scales: ~80 registers) would spill at three CTAs per SM.
+template <int FMT, int NV>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     constexpr int WROW = GeFmt<FMT>::WROW, NT = NV / 8;
     constexpr int STAGE = GE_BM * WROW + NV * GeFmt<FMT>::XROW + GE_KT * NV * 4;
-    static_assert(NV % 8 == 0 && (SC == 0 || FMT == GE_IQ2_XXS), "whole n8 tiles; sign tables for IQ2_XXS");
+    constexpr bool DF = FMT != GE_Q4_K;
+    static_assert(NV % 8 == 0, "whole n8 tiles");
     static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
     static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
     // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
@@ -485,10 +474,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
         // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
         if constexpr (FMT == GE_IQ2_XXS)
-            if (v0 == v_begin) {
-                ge_iq2_grid_table(p.grid);
-                if constexpr (SC > 0) ge_iq2_sign_table<SC>();
-            }
+            if (v0 == v_begin) ge_iq2_grid_table(p.grid);
         for (i64 kt = 0; kt < n_tiles; kt++) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
@@ -497,7 +483,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             cp_async_commit();
             cp_async_wait_all_but_newest();
             __syncthreads();
-            ge_tile_math<FMT, NV, SC, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
+            ge_tile_math<FMT, NV, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
         }
 #pragma unroll
@@ -516,61 +502,29 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
 
 // 64 rows of one expert per CTA, 4 warps. Narrow kernels: passes of GE_NV vectors, two stages
 // of 28928 (IQ2_XXS), 30464 (Q2_K) or 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes:
-// grid table and ge_iq2_pos), three CTAs per SM. Wide kernels (`_wide`): passes of GE_NV_WIDE
-// vectors, stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
+// grid table and ge_iq2_pos), three CTAs per SM. Wide kernels: passes of GE_NV_WIDE vectors,
+// stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV, 0>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K, GE_NV, 0>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_Q4_K, GE_NV, 0>(p);
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, 0>(p);
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q2_K, GE_NV>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE, 0>(p);
+    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q4_K, GE_NV>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q4_k_wide(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q4_K, GE_NV_WIDE, 0>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_signs(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV, GE_SIGN_COPIES_NARROW>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_signs(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, GE_SIGN_COPIES_WIDE>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV, 0, true>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, 0, true>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs_signs_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV, GE_SIGN_COPIES_NARROW, true>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide_signs_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE, GE_SIGN_COPIES_WIDE, true>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K, GE_NV, 0, true>(p);
-}
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide_df(const GemmExpertsParams p) {
-    PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE, 0, true>(p);
+    gemm_experts_tile<GE_Q4_K, GE_NV_WIDE>(p);
 }

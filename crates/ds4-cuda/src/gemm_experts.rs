@@ -83,20 +83,8 @@ const fn shared_bytes(format: WeightFormat, pass: usize) -> usize {
 }
 
 /// Static shared memory of the IQ2_XXS kernels: `GE_IQ2_COPIES` (16) copies of the 256 grid
-/// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes; `sign_copies` copies
-/// of the 128 sign words where the kernel looks them up.
-const fn iq2xxs_static_shared(sign_copies: usize) -> usize {
-    16 * 256 * 4 + 16 + sign_copies * 128 * 4
-}
-
-/// Sign table copies of the `_signs` IQ2_XXS kernels (`GE_SIGN_COPIES_NARROW` / `_WIDE`).
-const fn sign_copies(pass: usize) -> usize {
-    if pass == PASS_WIDE {
-        8
-    } else {
-        4
-    }
-}
+/// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes.
+const IQ2XXS_STATIC_SHARED: usize = 16 * 256 * 4 + 16;
 
 /// Whether the resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of
 /// shared memory per SM, 1 KiB reserved per CTA.
@@ -106,32 +94,22 @@ const fn fits(format: WeightFormat, pass: usize, static_bytes: usize) -> bool {
 const _: () = assert!(fits(
     WeightFormat::IQ2XXS,
     PASS_NARROW,
-    iq2xxs_static_shared(0)
+    IQ2XXS_STATIC_SHARED
 ));
-const _: () = assert!(fits(
-    WeightFormat::IQ2XXS,
-    PASS_WIDE,
-    iq2xxs_static_shared(0)
-));
-const _: () = assert!(fits(
-    WeightFormat::IQ2XXS,
-    PASS_NARROW,
-    iq2xxs_static_shared(sign_copies(PASS_NARROW))
-));
-const _: () = assert!(fits(
-    WeightFormat::IQ2XXS,
-    PASS_WIDE,
-    iq2xxs_static_shared(sign_copies(PASS_WIDE))
-));
+const _: () = assert!(fits(WeightFormat::IQ2XXS, PASS_WIDE, IQ2XXS_STATIC_SHARED));
 const _: () = assert!(fits(WeightFormat::Q2K, PASS_NARROW, 0));
 const _: () = assert!(fits(WeightFormat::Q2K, PASS_WIDE, 0));
 const _: () = assert!(fits(WeightFormat::Q4K, PASS_NARROW, 0));
 const _: () = assert!(fits(WeightFormat::Q4K, PASS_WIDE, 0));
 
-/// The pass width for `n_vecs` vectors over `experts` experts: wide passes where the average
-/// group exceeds a narrow pass (each wide pass decodes the weights once for up to 64 vectors,
-/// at two CTAs per SM instead of three). `DS4_CUDA_EXPERTS_PASS` (32 or 64) overrides it.
-fn auto_pass(n_vecs: usize, experts: usize) -> usize {
+/// The pass width for `n_vecs` vectors of a `format` stack of `experts` experts: wide passes
+/// where the average group exceeds a narrow pass (each wide pass decodes an expert's rows once
+/// for up to 64 vectors, at two CTAs per SM instead of three), except for Q4_K, whose kernels
+/// decode item by item and gain nothing from them. H100, 256 experts, uniform routing: IQ2_XXS
+/// pair 1 024 tokens (24 vectors per expert) narrow 1.53 ms, wide 1.89; 2 048 tokens narrow
+/// 2.78, wide 2.58; Q2_K 2 048 tokens 1.54 / 1.43; Q4_K 1.96 / 2.00.
+/// `DS4_CUDA_EXPERTS_PASS` (32 or 64) overrides the choice, for experiments.
+fn auto_pass(format: WeightFormat, n_vecs: usize, experts: usize) -> usize {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         std::env::var("DS4_CUDA_EXPERTS_PASS")
@@ -139,25 +117,13 @@ fn auto_pass(n_vecs: usize, experts: usize) -> usize {
             .and_then(|v| v.parse().ok())
             .filter(|&p| p == PASS_NARROW || p == PASS_WIDE)
     });
-    forced.unwrap_or(if n_vecs > PASS_NARROW * experts {
-        PASS_WIDE
-    } else {
-        PASS_NARROW
-    })
-}
-
-/// Experiment switches (read at every launch): `DS4_CUDA_EXPERTS_SIGNS=1` makes the IQ2_XXS
-/// kernels look their sign words up instead of computing them, `DS4_CUDA_EXPERTS_DF=1` makes the
-/// IQ2_XXS and Q2_K kernels decode a block's 8 items before its n tiles.
-fn variant_suffix(format: WeightFormat) -> &'static str {
-    let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
-    let (signs, df) = (on("DS4_CUDA_EXPERTS_SIGNS"), on("DS4_CUDA_EXPERTS_DF"));
-    match (format, signs, df) {
-        (WeightFormat::IQ2XXS, true, true) => "_signs_df",
-        (WeightFormat::IQ2XXS, true, false) => "_signs",
-        (WeightFormat::IQ2XXS | WeightFormat::Q2K, _, true) => "_df",
-        _ => "",
-    }
+    forced.unwrap_or(
+        if format != WeightFormat::Q4K && n_vecs > PASS_NARROW * experts {
+            PASS_WIDE
+        } else {
+            PASS_NARROW
+        },
+    )
 }
 
 /// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu.
@@ -213,7 +179,7 @@ impl Gpu {
         n_vecs_total: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        let pass = auto_pass(n_vecs_total, w.experts);
+        let pass = auto_pass(w.format, n_vecs_total, w.experts);
         self.expert_gemm_launch(pass, w, None, group_start, x, n_vecs_total, y, None)
     }
 
@@ -245,7 +211,7 @@ impl Gpu {
         n_vecs_total: usize,
         y: [&mut DeviceBuffer<f32>; 2],
     ) -> Result<()> {
-        let pass = auto_pass(n_vecs_total, w[0].experts);
+        let pass = auto_pass(w[0].format, n_vecs_total, w[0].experts);
         self.expert_gemm_grouped_pair_pass(pass, w, group_start, x, n_vecs_total, y)
     }
 
@@ -331,10 +297,9 @@ impl Gpu {
             )));
         }
         let name = format!(
-            "gemm_experts_{}{}{}",
+            "gemm_experts_{}{}",
             w.format.tag(),
-            if pass == PASS_WIDE { "_wide" } else { "" },
-            variant_suffix(w.format)
+            if pass == PASS_WIDE { "_wide" } else { "" }
         );
         let shared = shared_bytes(w.format, pass);
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
@@ -423,13 +388,8 @@ mod tests {
         assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
         assert_eq!(
             define(src, "GE_IQ2_COPIES") * 256 * 4 + 16,
-            iq2xxs_static_shared(0)
+            IQ2XXS_STATIC_SHARED
         );
-        assert_eq!(
-            define(src, "GE_SIGN_COPIES_NARROW"),
-            sign_copies(PASS_NARROW)
-        );
-        assert_eq!(define(src, "GE_SIGN_COPIES_WIDE"), sign_copies(PASS_WIDE));
         for (format, tag) in [
             (WeightFormat::IQ2XXS, "IQ2_XXS"),
             (WeightFormat::Q2K, "Q2_K"),
@@ -444,22 +404,12 @@ mod tests {
                 (PASS_WIDE, "_wide", "GE_NV_WIDE"),
             ] {
                 let kernel = format!(
-                    "__launch_bounds__({THREADS}, {}) gemm_experts_{}{suffix}(const GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_{tag}, {nv}, 0>(p);",
+                    "__launch_bounds__({THREADS}, {}) gemm_experts_{}{suffix}(const GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_{tag}, {nv}>(p);",
                     ctas_per_sm(pass),
                     format.tag(),
                 );
                 assert!(src.contains(&kernel), "gemm_experts.cu lacks `{kernel}`");
             }
-        }
-        for (pass, suffix, nv, copies) in [
-            (PASS_NARROW, "", "GE_NV", "GE_SIGN_COPIES_NARROW"),
-            (PASS_WIDE, "_wide", "GE_NV_WIDE", "GE_SIGN_COPIES_WIDE"),
-        ] {
-            let kernel = format!(
-                "__launch_bounds__({THREADS}, {}) gemm_experts_iq2_xxs{suffix}_signs(const GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_IQ2_XXS, {nv}, {copies}>(p);",
-                ctas_per_sm(pass)
-            );
-            assert!(src.contains(&kernel), "gemm_experts.cu lacks `{kernel}`");
         }
         for (format, tag) in [(WeightFormat::IQ2XXS, "IQ2_XXS"), (WeightFormat::Q4K, "K")] {
             let pad = activation_row_bytes(format) - TILE_BLOCKS * 256;

@@ -81,11 +81,12 @@ pub(crate) struct DevLayer {
 
 /// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
 /// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
-/// 1024: the GEMMs and the grouped experts (~24 slots per expert) need many vectors to pay
-/// off. H200 prefill at 2K, c614503: 1 960 t/s with 256, 2 150 with 512, 2 313 with 1024,
-/// 2 017 with 2048 (16K: 1 609 with 256, 1 824 with 1024). `DS4_CUDA_CHUNK` overrides it
-/// (1..=4096) for experiments with the prefill batch size.
-pub const CHUNK: usize = 1024;
+/// 2048: the GEMMs and the grouped experts need many vectors to pay off (~48 slots per expert,
+/// decoded once by the wide expert kernels). H100 q2 prefill, ds4 bench 2K / 8K, h-experts:
+/// 1024 3 223 / 3 219 t/s, 2048 3 609 / 3 508 (main at aae30f3: 1024 3 062 / 3 061, 2048
+/// 3 176 / 3 229). The span scratch doubles (~1.75 MB per token: 1.8 -> 3.6 GB).
+/// `DS4_CUDA_CHUNK` overrides it (1..=4096) for experiments with the prefill batch size.
+pub const CHUNK: usize = 2048;
 
 /// The chunk size in use: [`CHUNK`] unless `DS4_CUDA_CHUNK` names another valid size.
 pub fn chunk_tokens() -> usize {

@@ -600,31 +600,27 @@ fn expert_gemm_throughput() {
                 };
             let wbytes = stacks[0].bytes.len() as f64;
             let ops = 2.0 * (rows * cols * n_vecs) as f64;
-            for (signs, df) in [("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")] {
-                std::env::set_var("DS4_CUDA_EXPERTS_SIGNS", signs);
-                std::env::set_var("DS4_CUDA_EXPERTS_DF", df);
-                for pass in Gpu::EXPERT_GEMM_PASSES {
-                    let gemm = time(&mut |y, _| {
-                        g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, y)
-                            .unwrap()
-                    });
-                    let pair = time(&mut |a, b| {
-                        g.expert_gemm_grouped_pair_pass(
-                            pass,
-                            [&mats[0], &mats[1]],
-                            &dgroups,
-                            x,
-                            n_vecs,
-                            [a, b],
-                        )
+            for pass in Gpu::EXPERT_GEMM_PASSES {
+                let gemm = time(&mut |y, _| {
+                    g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, y)
                         .unwrap()
-                    });
-                    eprintln!(
-                    "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors, passes of {pass} signs {signs} df {df}: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS); pair {pair:.3} ms",
+                });
+                let pair = time(&mut |a, b| {
+                    g.expert_gemm_grouped_pair_pass(
+                        pass,
+                        [&mats[0], &mats[1]],
+                        &dgroups,
+                        x,
+                        n_vecs,
+                        [a, b],
+                    )
+                    .unwrap()
+                });
+                eprintln!(
+                    "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors, passes of {pass}: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS); pair {pair:.3} ms",
                     wbytes / gemm * 1e-9,
                     ops / gemm * 1e-9,
                 );
-                }
             }
             if tokens == 256 && skew {
                 let gemv = time(&mut |y, _| {
