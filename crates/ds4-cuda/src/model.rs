@@ -82,9 +82,10 @@ pub(crate) struct DevLayer {
 /// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
 /// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
 /// 2048: the GEMMs and the grouped experts need many vectors to pay off (~48 slots per expert,
-/// decoded once by the wide expert kernels). H100 q2 prefill, ds4 bench 2K / 8K, h-experts:
-/// 1024 3 223 / 3 219 t/s, 2048 3 609 / 3 508 (main at aae30f3: 1024 3 062 / 3 061, 2048
-/// 3 176 / 3 229). The span scratch doubles (~1.75 MB per token: 1.8 -> 3.6 GB).
+/// decoded once by the wide expert kernels). H200 q2 aliased, ds4 bench prefill at 2K / 8K,
+/// one call (h-experts 41f6db7): 2048 3 547-3 556 / 3 466-3 523 t/s, 1024 3 271 / 3 230 (main
+/// at aae30f3: 2048 3 180-3 216 / 3 180-3 186, 1024 3 012-3 044 / 2 993). The span scratch
+/// doubles: peak GPU memory 6 483 -> 8 499 MiB (~2 MiB per token of span).
 /// `DS4_CUDA_CHUNK` overrides it (1..=4096) for experiments with the prefill batch size.
 pub const CHUNK: usize = 2048;
 
