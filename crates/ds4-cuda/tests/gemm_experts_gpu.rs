@@ -515,6 +515,8 @@ fn expert_gemm_checks_arguments_and_clamps_offsets() {
     let mut y2 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
     let e = err(g.expert_gemm_grouped_pair([&m, &m_half], &groups, x, n_vecs, [&mut y, &mut y2]));
     assert!(e.contains("different shapes"), "{e}");
+    let e = err(g.expert_gemm_grouped_pass(48, &m, &groups, x, n_vecs, &mut y));
+    assert!(e.contains("passes of 48 vectors"), "{e}");
     // Zero vectors: nothing to do, no launch.
     g.expert_gemm_grouped(&m, &groups, x, 0, &mut y).unwrap();
 
