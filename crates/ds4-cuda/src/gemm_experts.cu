@@ -31,10 +31,13 @@
 // All of it is exact int32 arithmetic (|isum| < 2^26), so the order of the integer sums is free.
 //
 // Tiles: a CTA owns GE_BM = 64 rows of one expert (4 warps x 16 rows: one m16 tile each) and
-// runs the expert's vectors in passes of up to GE_NV = 32 (four n8 tiles; only the tiles that
-// hold vectors are computed), the K loop inside each pass: an expert with <= 32 vectors (most
-// of them in a 1 024-token span: 1 024 x 6 slots / 256 experts ~ 24 vectors each) reads and
-// decodes its rows once per CTA; larger groups re-read them per pass (from L2 mostly). Grid: (row
+// runs the expert's vectors in passes of up to NV (only the n8 tiles that hold vectors are
+// computed), the K loop inside each pass: an expert with <= NV vectors reads and decodes its
+// rows once per CTA; larger groups re-read (from L2 mostly) and decode them again per pass.
+// Two widths: narrow kernels, NV = GE_NV = 32, three CTAs per SM (a 1 024-token span has
+// 1 024 x 6 slots / 256 experts ~ 24 vectors per expert), and wide ones (`_wide`), NV =
+// GE_NV_WIDE = 64, two CTAs per SM (their stages hold twice the activations), for 2 048-token
+// spans (~48 vectors per expert: one decode instead of two). Grid: (row
 // tiles, experts + 1, matrices): consecutive CTAs are row tiles of one expert, sharing its
 // activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
 // group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
@@ -46,8 +49,8 @@
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
-//   xq [GE_NV][XROW]        each vector's 512 int8 values, rows padded by 16 or 32 bytes
-//   xd [GE_KT][GE_NV] f32   the vectors' block scales, block-major (two vectors per float2)
+//   xq [NV][XROW]           each vector's 512 int8 values, rows padded by 16 or 32 bytes
+//   xd [GE_KT][NV] f32      the vectors' block scales, block-major (two vectors per float2)
 // Weight row strides of 16 mod 32 bytes put the 8 rows a fragment load touches on disjoint
 // banks; so do activation rows 16 mod 128 bytes apart for the 4-byte B loads of the K formats,
 // and 32 mod 128 for IQ2_XXS's 8-byte B loads (16 lanes a wavefront: 4 rows x 32 bytes).
@@ -70,18 +73,30 @@
 // count as before). Q2_K / Q4_K decode with a load, a shift, a mask and a multiply per 4
 // weights and stay near the bandwidth bound. The per-block f32 epilogue (3-6 ops per output
 // per 256 MACs) and the B fragment loads are minor at these batch sizes.
-// At 1 024-token spans (~24 vectors per expert; ncu on an H200) the IQ2_XXS pair takes 2.0 ms
+// At 1 024-token spans (~24 vectors per expert; ncu on an H200) the IQ2_XXS pair took 2.0 ms
 // per layer with 61 % of the issue slots busy and DRAM at 13 %: issue-bound, at an occupancy of
-// 12 warps per SM (registers allow 4 CTAs, shared memory 3).
+// 12 warps per SM (registers allow 4 CTAs, shared memory 3). Per item and n tile the item-by-
+// item loop also spent ~9 instructions (B load, mma, 4 IMAD, the nt test and branch); decoding
+// a block's 8 items first (IQ2_XXS, Q2_K) makes that ~6. H100, 256 experts, uniform routing
+// (expert_gemm_throughput), ms before -> after: IQ2_XXS pair 1 024 tokens 2.01 -> 1.53,
+// 2 048 tokens 3.67 -> 2.58 (wide; narrow 2.78); Q2_K 1 024 tokens 0.90 -> 0.83, 2 048 tokens
+// 1.66 -> 1.43 (wide). A shared table of the sign words (4 or 8 copies) instead of their ~9
+// integer ops was 4-6 % faster item by item but 1-6 % slower with the items decoded first
+// (more shared-memory wavefronts). Wide passes lose at 1 024 tokens (IQ2_XXS pair 1.89 vs
+// 1.53 ms: occupancy), and Q4_K (items not decoded first) gains nothing from them at 2 048
+// (2.00 vs 1.96 ms): the launcher picks the width (gemm_experts.rs). In the model (H200, q2
+// aliased, 2 048-token prefill, DS4_CUDA_PROFILE=kernels) the IQ2_XXS pair went from 2.34 ms
+// per layer and 1 024-token span (narrow, item by item) to 3.22 ms per 2 048-token span (wide,
+// decode first): 200.9 -> 138.6 ms in all; Q2_K 1.04 -> 1.69 ms, 89.5 -> 72.9 ms.
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
 #define GE_BM 64
-#define GE_NV 32
+#define GE_NV 32       // vectors per pass of the narrow kernels (three CTAs per SM)
+#define GE_NV_WIDE 64  // of the wide ones (two CTAs per SM)
 #define GE_KT 2
 #define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
 #define GE_XROW_K (GE_KT * QK_K + 16)        // 528
-#define GE_STAGE_D (GE_KT * GE_NV * 4)
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
 // past a 16-byte boundary, rounded up to 16, and 16 more where that is a multiple of 32.
 #define GE_WROW_IQ2_XXS 176
@@ -178,7 +193,7 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
 // 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
 // last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
-template <int FMT>
+template <int FMT, int NV>
 __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
                                              int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
@@ -189,7 +204,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     const int boff = (int)(t0 & 15);
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
-    float* sd = (float*)(sx + GE_NV * XROW);
+    float* sd = (float*)(sx + NV * XROW);
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
         // end at or before the row's end, a multiple of 16 bytes.
@@ -225,16 +240,20 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
         const int v = i / GE_KT, b = i - v * GE_KT;
         if (b < nbt) {
             const i64 vec = min64(v0 + v, v_last);
-            cp_async4(sd + b * GE_NV + v, xd + vec * p.n_blocks + kb0 + b);
+            cp_async4(sd + b * NV + v, xd + vec * p.n_blocks + kb0 + b);
         }
     }
 }
 
 // The blocks of one staged K tile for the warp's 16 rows against the pass's first nt n8 tiles
 // of vectors: acc[nj][i] is row 16 warp + g + 8 (i >> 1), vector 8 nj + 2 t + (i & 1).
-template <int FMT>
+// DF (decode first): the block's 8 items are decoded into registers before its n tiles run,
+// so the `nj < nt` test comes once per n tile and block instead of once per item (and the
+// B loads and mma of a tile issue back to back); else item by item.
+template <int FMT, int NV, bool DF>
 __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsParams& p, i64 kt, int nt,
-                                             float (&acc)[4][4]) {
+                                             float (&acc)[NV / 8][4]) {
+    constexpr int NT = NV / 8;
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -246,7 +265,7 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     wrow[1] = wrow[0] + 8 * WROW;
     // Vector g of n tile 0, bytes 4t..: the B fragments' rows (+ 8 XROW per n tile).
     const u8* xs = stage + GE_BM * WROW + g * XROW + 4 * t;
-    const float* sd = (const float*)(stage + GE_BM * WROW + GE_NV * XROW);
+    const float* sd = (const float*)(stage + GE_BM * WROW + NV * XROW);
     // IQ2_XXS: the lane's copy of the grid selectors, the PRMT selector that extracts byte t,
     // and the positive grid bytes in a register (PRMT's first source).
     const u8* grid_copy = FMT == GE_IQ2_XXS ? (const u8*)(ge_iq2_grid + lane % GE_IQ2_COPIES) : nullptr;
@@ -256,15 +275,14 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     for (int b = 0; b < GE_KT; b++) {
         if (b >= nbt) break;
         const u8* blk[2] = {wrow[0] + b * BB, wrow[1] + b * BB};
-        int isum[4][4], msum[4][4];
+        int isum[NT][4], msum[NT][4];
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) isum[nj][i] = msum[nj][i] = 0;
-#pragma unroll
-        for (int it = 0; it < 8; it++) {
-            u32 a[4], am[4];  // the item's weights (A) and, for the K formats, its mins (A')
-            int scale[2];     // integer factor of the item sum per row (IQ2_XXS, Q4_K)
+        // Item it's A fragments for rows g and g + 8 (and the K formats' min fragments, the
+        // per-row integer factor of the item sum).
+        auto decode = [&](int it, u32 (&a)[4], u32 (&am)[4], int (&scale)[2]) {
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 if constexpr (FMT == GE_IQ2_XXS) {
@@ -303,30 +321,54 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
                     am[r] = am[2 + r] = (u32)m * 0x01010101u;
                 }
             }
+        };
+        // Item it against n tile nj.
+        auto tile = [&](int it, int nj, const u32 (&a)[4], const u32 (&am)[4], const int (&scale)[2]) {
+            // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
+            // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
+            u32 b0, b1;
+            if constexpr (FMT == GE_IQ2_XXS) {
+                const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
+                b0 = bb.x;
+                b1 = bb.y;
+            } else {
+                const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
+                b0 = *(const u32*)xb;
+                b1 = *(const u32*)(xb + 16);
+            }
+            if constexpr (FMT == GE_Q2_K) {
+                ge_mma(a, b0, b1, isum[nj]);
+                ge_mma(am, b0, b1, msum[nj]);
+            } else {
+                int d[4] = {0, 0, 0, 0};
+                ge_mma(a, b0, b1, d);
 #pragma unroll
-            for (int nj = 0; nj < 4; nj++) {
+                for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
+                if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+            }
+        };
+        if constexpr (DF) {
+            // All 8 items decoded first: one n-tile test per block and tile instead of per item.
+            u32 a[8][4], am[8][4];
+            int scale[8][2];
+#pragma unroll
+            for (int it = 0; it < 8; it++) decode(it, a[it], am[it], scale[it]);
+#pragma unroll
+            for (int nj = 0; nj < NT; nj++) {
                 if (nj >= nt) break;
-                // B rows in the A fragments' K order: elements 8t..8t+7 of the item (IQ2_XXS),
-                // elements 4t..4t+3 and 16+4t..16+4t+3 (the K formats).
-                u32 b0, b1;
-                if constexpr (FMT == GE_IQ2_XXS) {
-                    const uint2 bb = *(const uint2*)(xs + nj * 8 * XROW + b * QK_K + 32 * it + 4 * t);
-                    b0 = bb.x;
-                    b1 = bb.y;
-                } else {
-                    const u8* xb = xs + nj * 8 * XROW + b * QK_K + 32 * it;
-                    b0 = *(const u32*)xb;
-                    b1 = *(const u32*)(xb + 16);
-                }
-                if constexpr (FMT == GE_Q2_K) {
-                    ge_mma(a, b0, b1, isum[nj]);
-                    ge_mma(am, b0, b1, msum[nj]);
-                } else {
-                    int d[4] = {0, 0, 0, 0};
-                    ge_mma(a, b0, b1, d);
 #pragma unroll
-                    for (int i = 0; i < 4; i++) isum[nj][i] += scale[i >> 1] * d[i];
-                    if constexpr (FMT == GE_Q4_K) ge_mma(am, b0, b1, msum[nj]);
+                for (int it = 0; it < 8; it++) tile(it, nj, a[it], am[it], scale[it]);
+            }
+        } else {
+#pragma unroll
+            for (int it = 0; it < 8; it++) {
+                u32 a[4], am[4];  // the item's weights (A) and, for the K formats, its mins (A')
+                int scale[2];     // integer factor of the item sum per row (IQ2_XXS, Q4_K)
+                decode(it, a, am, scale);
+#pragma unroll
+                for (int nj = 0; nj < NT; nj++) {
+                    if (nj >= nt) break;
+                    tile(it, nj, a, am, scale);
                 }
             }
         }
@@ -346,9 +388,9 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
             }
         }
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++) {
+        for (int nj = 0; nj < NT; nj++) {
             if (nj >= nt) break;
-            const float2 dx2 = *(const float2*)(sd + b * GE_NV + 8 * nj + 2 * t);
+            const float2 dx2 = *(const float2*)(sd + b * NV + 8 * nj + 2 * t);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const float dx = (i & 1) ? dx2.y : dx2.x;
@@ -365,10 +407,14 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
     }
 }
 
-template <int FMT>
+// NV vectors per pass. Decode first (see ge_tile_math) for IQ2_XXS and Q2_K; Q4_K's 8 items
+// (weights, mins, scales: ~80 registers) would spill at three CTAs per SM.
+template <int FMT, int NV>
 __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
-    constexpr int WROW = GeFmt<FMT>::WROW;
-    constexpr int STAGE = GE_BM * WROW + GE_NV * GeFmt<FMT>::XROW + GE_STAGE_D;
+    constexpr int WROW = GeFmt<FMT>::WROW, NT = NV / 8;
+    constexpr int STAGE = GE_BM * WROW + NV * GeFmt<FMT>::XROW + GE_KT * NV * 4;
+    constexpr bool DF = FMT != GE_Q4_K;
+    static_assert(NV % 8 == 0, "whole n8 tiles");
     static_assert(GE_KT % 2 == 0, "IQ2_XXS word alignment assumes 4-byte aligned tiles");
     static_assert(WROW % 32 == 16, "weight rows 16 mod 32 bytes apart: conflict-free fragments");
     // A tile starts boff = (GE_KT kt BB) & 15 bytes into its first 16-byte piece: 0 when
@@ -417,16 +463,16 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
-    for (i64 v0 = v_begin; v0 < v_end; v0 += GE_NV) {
-        const int nv = (int)min64(GE_NV, v_end - v0), nt = (nv + 7) >> 3;
-        float acc[4][4];
+    for (i64 v0 = v_begin; v0 < v_end; v0 += NV) {
+        const int nv = (int)min64(NV, v_end - v0), nt = (nv + 7) >> 3;
+        float acc[NT][4];
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
         // Both stages are free here: the previous pass ended with a barrier after its last
         // reads.
-        ge_load_tile<FMT>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        ge_load_tile<FMT, NV>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
         cp_async_commit();
         // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
@@ -436,15 +482,15 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
             if (kt + 1 < n_tiles)
-                ge_load_tile<FMT>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
+                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
             __syncthreads();
-            ge_tile_math<FMT>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
+            ge_tile_math<FMT, NV, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
         }
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < NT; nj++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const i64 row = row0 + 16 * warp + g + 8 * (i >> 1);
@@ -457,18 +503,31 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     }
 }
 
-// 64 rows of one expert per CTA, 4 warps; two stages of 28928 (IQ2_XXS), 30464 (Q2_K) or
-// 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes: grid table and ge_iq2_pos): three
-// CTAs per SM.
+// 64 rows of one expert per CTA, 4 warps. Narrow kernels: passes of GE_NV vectors, two stages
+// of 28928 (IQ2_XXS), 30464 (Q2_K) or 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes:
+// grid table and ge_iq2_pos), three CTAs per SM. Wide kernels: passes of GE_NV_WIDE vectors,
+// stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_IQ2_XXS>(p);
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q2_K>(p);
+    gemm_experts_tile<GE_Q2_K, GE_NV>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q2_K, GE_NV_WIDE>(p);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
     PDL_ENTRY();
-    gemm_experts_tile<GE_Q4_K>(p);
+    gemm_experts_tile<GE_Q4_K, GE_NV>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q4_k_wide(const GemmExpertsParams p) {
+    PDL_ENTRY();
+    gemm_experts_tile<GE_Q4_K, GE_NV_WIDE>(p);
 }

@@ -29,14 +29,22 @@ use crate::kernels::Gpu;
 const TILE_ROWS: usize = 64;
 /// Threads per CTA (`GE_THREADS`).
 const THREADS: usize = 128;
-/// Vectors per pass of a CTA over its expert's rows (`GE_NV`).
-const PASS_VECS: usize = 32;
+/// Vectors per pass of a CTA over its expert's rows: `GE_NV` (narrow kernels, three CTAs per
+/// SM) and `GE_NV_WIDE` (wide kernels, two CTAs per SM).
+const PASS_NARROW: usize = 32;
+const PASS_WIDE: usize = 64;
 /// 256-element blocks per K tile (`GE_KT`).
 const TILE_BLOCKS: usize = 2;
 /// Stages per CTA (double buffering).
 const STAGES: usize = 2;
-/// CTAs per multiprocessor the kernels are built for (`__launch_bounds__(128, 3)`).
-const CTAS_PER_SM: usize = 3;
+/// CTAs per multiprocessor the kernels are built for (`__launch_bounds__(128, 3 or 2)`).
+const fn ctas_per_sm(pass: usize) -> usize {
+    if pass == PASS_WIDE {
+        2
+    } else {
+        3
+    }
+}
 
 const MODULE: &str = "gemm_experts";
 
@@ -63,28 +71,60 @@ const fn activation_row_bytes(format: WeightFormat) -> usize {
 
 /// Bytes of one shared-memory stage: the tile's weight rows, the pass's vectors' int8 values
 /// and their block scales.
-const fn stage_bytes(format: WeightFormat) -> usize {
+const fn stage_bytes(format: WeightFormat, pass: usize) -> usize {
     TILE_ROWS * weight_row_bytes(format)
-        + PASS_VECS * activation_row_bytes(format)
-        + TILE_BLOCKS * PASS_VECS * 4
+        + pass * activation_row_bytes(format)
+        + TILE_BLOCKS * pass * 4
 }
 
 /// Dynamic shared memory per CTA.
-const fn shared_bytes(format: WeightFormat) -> usize {
-    STAGES * stage_bytes(format)
+const fn shared_bytes(format: WeightFormat, pass: usize) -> usize {
+    STAGES * stage_bytes(format, pass)
 }
 
-/// Static shared memory of the IQ2_XXS kernel: `GE_IQ2_COPIES` (16) copies of the 256 grid
+/// Static shared memory of the IQ2_XXS kernels: `GE_IQ2_COPIES` (16) copies of the 256 grid
 /// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes.
 const IQ2XXS_STATIC_SHARED: usize = 16 * 256 * 4 + 16;
 
-// The resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of shared
-// memory per SM, 1 KiB reserved per CTA.
-const _: () = assert!(
-    CTAS_PER_SM * (shared_bytes(WeightFormat::IQ2XXS) + IQ2XXS_STATIC_SHARED + 1024) <= 228 * 1024
-);
-const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q2K) + 1024) <= 228 * 1024);
-const _: () = assert!(CTAS_PER_SM * (shared_bytes(WeightFormat::Q4K) + 1024) <= 228 * 1024);
+/// Whether the resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of
+/// shared memory per SM, 1 KiB reserved per CTA.
+const fn fits(format: WeightFormat, pass: usize, static_bytes: usize) -> bool {
+    ctas_per_sm(pass) * (shared_bytes(format, pass) + static_bytes + 1024) <= 228 * 1024
+}
+const _: () = assert!(fits(
+    WeightFormat::IQ2XXS,
+    PASS_NARROW,
+    IQ2XXS_STATIC_SHARED
+));
+const _: () = assert!(fits(WeightFormat::IQ2XXS, PASS_WIDE, IQ2XXS_STATIC_SHARED));
+const _: () = assert!(fits(WeightFormat::Q2K, PASS_NARROW, 0));
+const _: () = assert!(fits(WeightFormat::Q2K, PASS_WIDE, 0));
+const _: () = assert!(fits(WeightFormat::Q4K, PASS_NARROW, 0));
+const _: () = assert!(fits(WeightFormat::Q4K, PASS_WIDE, 0));
+
+/// The pass width for `n_vecs` vectors of a `format` stack of `experts` experts: wide passes
+/// where the average group exceeds a narrow pass (each wide pass decodes an expert's rows once
+/// for up to 64 vectors, at two CTAs per SM instead of three), except for Q4_K, whose kernels
+/// decode item by item and gain nothing from them. H100, 256 experts, uniform routing: IQ2_XXS
+/// pair 1 024 tokens (24 vectors per expert) narrow 1.53 ms, wide 1.89; 2 048 tokens narrow
+/// 2.78, wide 2.58; Q2_K 2 048 tokens 1.54 / 1.43; Q4_K 1.96 / 2.00.
+/// `DS4_CUDA_EXPERTS_PASS` (32 or 64) overrides the choice, for experiments.
+fn auto_pass(format: WeightFormat, n_vecs: usize, experts: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
+        std::env::var("DS4_CUDA_EXPERTS_PASS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&p| p == PASS_NARROW || p == PASS_WIDE)
+    });
+    forced.unwrap_or(
+        if format != WeightFormat::Q4K && n_vecs > PASS_NARROW * experts {
+            PASS_WIDE
+        } else {
+            PASS_NARROW
+        },
+    )
+}
 
 /// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu.
 #[repr(C)]
@@ -139,8 +179,26 @@ impl Gpu {
         n_vecs_total: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        self.expert_gemm_launch(w, None, group_start, x, n_vecs_total, y, None)
+        let pass = auto_pass(w.format, n_vecs_total, w.experts);
+        self.expert_gemm_launch(pass, w, None, group_start, x, n_vecs_total, y, None)
     }
+
+    /// [`Gpu::expert_gemm_grouped`] with the pass width chosen by the caller: `pass_vecs`
+    /// vectors per pass, one of [`Gpu::EXPERT_GEMM_PASSES`]. Same outputs bit for bit.
+    pub fn expert_gemm_grouped_pass(
+        &self,
+        pass_vecs: usize,
+        w: &DeviceMatrix,
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        self.expert_gemm_launch(pass_vecs, w, None, group_start, x, n_vecs_total, y, None)
+    }
+
+    /// The pass widths (vectors per pass over an expert's rows) of the grouped expert kernels.
+    pub const EXPERT_GEMM_PASSES: [usize; 2] = [PASS_NARROW, PASS_WIDE];
 
     /// [`Gpu::expert_gemm_grouped`] for two expert stacks of the same format and shape with the
     /// same groups and activations (the MoE gate and up projections) in one launch: `y[i]` gets
@@ -153,13 +211,38 @@ impl Gpu {
         n_vecs_total: usize,
         y: [&mut DeviceBuffer<f32>; 2],
     ) -> Result<()> {
+        let pass = auto_pass(w[0].format, n_vecs_total, w[0].experts);
+        self.expert_gemm_grouped_pair_pass(pass, w, group_start, x, n_vecs_total, y)
+    }
+
+    /// [`Gpu::expert_gemm_grouped_pair`] with the pass width chosen by the caller (see
+    /// [`Gpu::expert_gemm_grouped_pass`]).
+    pub fn expert_gemm_grouped_pair_pass(
+        &self,
+        pass_vecs: usize,
+        w: [&DeviceMatrix; 2],
+        group_start: &DeviceBuffer<i32>,
+        x: Activations<'_>,
+        n_vecs_total: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+    ) -> Result<()> {
         let [y0, y1] = y;
-        self.expert_gemm_launch(w[0], Some(w[1]), group_start, x, n_vecs_total, y0, Some(y1))
+        self.expert_gemm_launch(
+            pass_vecs,
+            w[0],
+            Some(w[1]),
+            group_start,
+            x,
+            n_vecs_total,
+            y0,
+            Some(y1),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
     fn expert_gemm_launch(
         &self,
+        pass: usize,
         w: &DeviceMatrix,
         w2: Option<&DeviceMatrix>,
         group_start: &DeviceBuffer<i32>,
@@ -172,6 +255,11 @@ impl Gpu {
             return Err(invalid(format!(
                 "tensor-core grouped expert product of a {:?} stack: only IQ2_XXS, Q2_K and Q4_K have one (use expert_gemv_grouped)",
                 w.format
+            )));
+        }
+        if pass != PASS_NARROW && pass != PASS_WIDE {
+            return Err(invalid(format!(
+                "grouped expert product with passes of {pass} vectors: the kernels have {PASS_NARROW} and {PASS_WIDE}"
             )));
         }
         let GroupedArgs { qa, y2_ptr } =
@@ -208,10 +296,14 @@ impl Gpu {
                 w.rows
             )));
         }
-        let name = format!("gemm_experts_{}", w.format.tag());
-        let shared = shared_bytes(w.format);
+        let name = format!(
+            "gemm_experts_{}{}",
+            w.format.tag(),
+            if pass == PASS_WIDE { "_wide" } else { "" }
+        );
+        let shared = shared_bytes(w.format, pass);
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
-        // the largest carveout lets CTAS_PER_SM CTAs reside on each SM.
+        // the largest carveout lets ctas_per_sm(pass) CTAs reside on each SM.
         let f = self.kernels.function(MODULE, &name)?;
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -259,7 +351,8 @@ impl Gpu {
             + n_vecs_total * (w.cols + 4 * n_blocks)
             + n_vecs_total * w.rows * 4 * n_mats as usize;
         // SAFETY: the kernel takes one GemmExpertsParams by value. Its CTA has THREADS threads
-        // and STAGES stages of stage_bytes(format) of dynamic shared memory, which the attribute
+        // and STAGES stages of stage_bytes(format, pass) of dynamic shared memory (the kernel
+        // `name` is the one built for `pass` vectors per pass), which the attribute
         // set above allows. It reads group_start[0..=experts] (the buffer has at least
         // experts + 1 entries, checked above) and clamps every offset to [0, n_vecs_total], so it
         // reads activation vectors and writes output vectors only in [0, n_vecs_total): the
@@ -290,7 +383,8 @@ mod tests {
         assert_eq!(define(src, "GE_BM"), TILE_ROWS);
         assert_eq!(32 * define(src, "GE_WARPS"), THREADS);
         assert_eq!(16 * define(src, "GE_WARPS"), TILE_ROWS);
-        assert_eq!(define(src, "GE_NV"), PASS_VECS);
+        assert_eq!(define(src, "GE_NV"), PASS_NARROW);
+        assert_eq!(define(src, "GE_NV_WIDE"), PASS_WIDE);
         assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
         assert_eq!(
             define(src, "GE_IQ2_COPIES") * 256 * 4 + 16,
@@ -305,11 +399,17 @@ mod tests {
                 define(src, &format!("GE_WROW_{tag}")),
                 weight_row_bytes(format)
             );
-            let wrapper = format!(
-                "__launch_bounds__({THREADS}, {CTAS_PER_SM}) gemm_experts_{}(const GemmExpertsParams p)",
-                format.tag()
-            );
-            assert!(src.contains(&wrapper), "gemm_experts.cu lacks `{wrapper}`");
+            for (pass, suffix, nv) in [
+                (PASS_NARROW, "", "GE_NV"),
+                (PASS_WIDE, "_wide", "GE_NV_WIDE"),
+            ] {
+                let kernel = format!(
+                    "__launch_bounds__({THREADS}, {}) gemm_experts_{}{suffix}(const GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_{tag}, {nv}>(p);",
+                    ctas_per_sm(pass),
+                    format.tag(),
+                );
+                assert!(src.contains(&kernel), "gemm_experts.cu lacks `{kernel}`");
+            }
         }
         for (format, tag) in [(WeightFormat::IQ2XXS, "IQ2_XXS"), (WeightFormat::Q4K, "K")] {
             let pad = activation_row_bytes(format) - TILE_BLOCKS * 256;
@@ -320,9 +420,12 @@ mod tests {
             activation_row_bytes(WeightFormat::Q2K),
             activation_row_bytes(WeightFormat::Q4K)
         );
-        assert_eq!(stage_bytes(WeightFormat::IQ2XXS), 28928);
-        assert_eq!(stage_bytes(WeightFormat::Q2K), 30464);
-        assert_eq!(stage_bytes(WeightFormat::Q4K), 36608);
+        assert_eq!(stage_bytes(WeightFormat::IQ2XXS, PASS_NARROW), 28928);
+        assert_eq!(stage_bytes(WeightFormat::Q2K, PASS_NARROW), 30464);
+        assert_eq!(stage_bytes(WeightFormat::Q4K, PASS_NARROW), 36608);
+        assert_eq!(stage_bytes(WeightFormat::IQ2XXS, PASS_WIDE), 46592);
+        assert_eq!(stage_bytes(WeightFormat::Q2K, PASS_WIDE), 47616);
+        assert_eq!(stage_bytes(WeightFormat::Q4K, PASS_WIDE), 53760);
     }
 
     #[test]

@@ -81,11 +81,13 @@ pub(crate) struct DevLayer {
 
 /// Tokens per internal forward chunk: longer spans are evaluated chunk by chunk (each token's
 /// arithmetic does not depend on the chunking, as on the CPU), which bounds the scratch.
-/// 1024: the GEMMs and the grouped experts (~24 slots per expert) need many vectors to pay
-/// off. H200 prefill at 2K, c614503: 1 960 t/s with 256, 2 150 with 512, 2 313 with 1024,
-/// 2 017 with 2048 (16K: 1 609 with 256, 1 824 with 1024). `DS4_CUDA_CHUNK` overrides it
-/// (1..=4096) for experiments with the prefill batch size.
-pub const CHUNK: usize = 1024;
+/// 2048: the GEMMs and the grouped experts need many vectors to pay off (~48 slots per expert,
+/// decoded once by the wide expert kernels). H200 q2 aliased, ds4 bench prefill at 2K / 8K,
+/// one call (h-experts 41f6db7): 2048 3 547-3 556 / 3 466-3 523 t/s, 1024 3 271 / 3 230 (main
+/// at aae30f3: 2048 3 180-3 216 / 3 180-3 186, 1024 3 012-3 044 / 2 993). The span scratch
+/// doubles: peak GPU memory 6 483 -> 8 499 MiB (~2 MiB per token of span).
+/// `DS4_CUDA_CHUNK` overrides it (1..=4096) for experiments with the prefill batch size.
+pub const CHUNK: usize = 2048;
 
 /// The chunk size in use: [`CHUNK`] unless `DS4_CUDA_CHUNK` names another valid size.
 pub fn chunk_tokens() -> usize {

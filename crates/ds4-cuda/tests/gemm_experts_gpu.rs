@@ -240,8 +240,9 @@ fn check_outputs(
     panic!("{msg}");
 }
 
-/// Group sizes for `experts` experts: empty first and last experts, one of 37 (two passes of
-/// a CTA), 1, 32 and 33 vectors where there is room, the rest 1..=17.
+/// Group sizes for `experts` experts: empty first and last experts, one of 37 (two narrow
+/// passes of a CTA), 1, 32, 33, 65 (two wide passes) and 130 (three wide passes, five narrow)
+/// vectors where there is room, the rest 1..=17.
 fn ragged_sizes(experts: usize, salt: usize) -> Vec<usize> {
     (0..experts)
         .map(|e| match e {
@@ -251,15 +252,18 @@ fn ragged_sizes(experts: usize, salt: usize) -> Vec<usize> {
             2 => 1,
             3 => 32,
             4 => 33,
+            5 => 65,
+            6 => 130,
             _ => 1 + (7 * e + 3 * salt) % 17,
         })
         .collect()
 }
 
-/// Every format on ragged shapes: partial row tiles, block counts with a partial last K tile,
-/// rows that are not 16-byte aligned (2-byte copies), groups of 0, 1, 32, 33 and 37 vectors,
-/// vectors before the first and after the last group (NaN rows). Every output is compared with
-/// the scalar CPU dot product, and the pair launch with two single launches.
+/// Every format and pass width on ragged shapes: partial row tiles, block counts with a partial
+/// last K tile, rows that are not 16-byte aligned (2-byte copies), groups of 0, 1, 32, 33, 37,
+/// 65 and 130 vectors, vectors before the first and after the last group (NaN rows). Every
+/// output is compared with the scalar CPU dot product, and the pair launch with two single
+/// launches.
 #[test]
 fn expert_gemm_matches_scalar_vec_dot_bit_for_bit() {
     let Some(g) = gpu() else { return };
@@ -292,63 +296,79 @@ fn expert_gemm_matches_scalar_vec_dot_bit_for_bit() {
         let qa = upload_activations(g, &acts, cols);
         let x = Activations::Quantized(&qa);
         let dgroups = g.device.upload(&group_start).unwrap();
-        let what =
-            format!("{format:?} {cols}x{rows}x{experts} offset {offset} groups {group_start:?}");
+        for pass in Gpu::EXPERT_GEMM_PASSES {
+            let what = format!(
+            "{format:?} {cols}x{rows}x{experts} offset {offset} groups {group_start:?}, passes of {pass}"
+        );
 
-        // Zero-filled: an unwritten output fails the comparison (and a NaN row must be written).
-        let mut singles = Vec::new();
-        for (s, m) in stacks.iter().zip(&mats) {
-            let mut dy = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
-            g.expert_gemm_grouped(m, &dgroups, x, n_vecs, &mut dy)
-                .unwrap();
-            let y = g.device.download(&dy).unwrap();
-            check_outputs(
-                &what,
-                format,
-                &y,
-                &s.bytes,
-                rows,
-                &acts,
-                &group_start,
-                &|_, _| true,
-            );
-            singles.push(y);
-        }
-        let mut p0 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
-        let mut p1 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
-        g.expert_gemm_grouped_pair(
-            [&mats[0], &mats[1]],
-            &dgroups,
-            x,
-            n_vecs,
-            [&mut p0, &mut p1],
-        )
-        .unwrap();
-        for (single, pair, which) in [(&singles[0], &p0, "first"), (&singles[1], &p1, "second")] {
-            let pair = g.device.download(pair).unwrap();
-            for (i, (a, b)) in single.iter().zip(&pair).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{what}: {which} stack, vector {} row {}: single {a} vs pair {b}",
-                    i / rows,
-                    i % rows
+            // Zero-filled: an unwritten output fails the comparison (and a NaN row must be written).
+            let mut singles = Vec::new();
+            for (s, m) in stacks.iter().zip(&mats) {
+                let mut dy = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+                g.expert_gemm_grouped_pass(pass, m, &dgroups, x, n_vecs, &mut dy)
+                    .unwrap();
+                let y = g.device.download(&dy).unwrap();
+                check_outputs(
+                    &what,
+                    format,
+                    &y,
+                    &s.bytes,
+                    rows,
+                    &acts,
+                    &group_start,
+                    &|_, _| true,
                 );
+                singles.push(y);
             }
+            let mut p0 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+            let mut p1 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
+            g.expert_gemm_grouped_pair_pass(
+                pass,
+                [&mats[0], &mats[1]],
+                &dgroups,
+                x,
+                n_vecs,
+                [&mut p0, &mut p1],
+            )
+            .unwrap();
+            for (single, pair, which) in [(&singles[0], &p0, "first"), (&singles[1], &p1, "second")]
+            {
+                let pair = g.device.download(pair).unwrap();
+                for (i, (a, b)) in single.iter().zip(&pair).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{what}: {which} stack, vector {} row {}: single {a} vs pair {b}",
+                        i / rows,
+                        i % rows
+                    );
+                }
+            }
+            eprintln!("{what}: {n_vecs} vectors bit-equal to the scalar vec_dot; pair = singles");
         }
-        eprintln!("{what}: {n_vecs} vectors bit-equal to the scalar vec_dot; pair = singles");
     }
 }
 
 /// Routing like the model's: `tokens` tokens each pick `k` distinct experts (skewed toward low
 /// ids, so some groups are large and some empty). Returns the group sizes.
 fn routed_sizes(rng: &mut Rng, experts: usize, tokens: usize, k: usize) -> Vec<usize> {
+    routed_sizes_with(rng, experts, tokens, k, true)
+}
+
+/// [`routed_sizes`], or with `skew` false every expert equally likely.
+fn routed_sizes_with(
+    rng: &mut Rng,
+    experts: usize,
+    tokens: usize,
+    k: usize,
+    skew: bool,
+) -> Vec<usize> {
     let mut sizes = vec![0usize; experts];
     for _ in 0..tokens {
         let mut picked: Vec<usize> = Vec::new();
         while picked.len() < k {
             let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            let e = ((u * u * experts as f64) as usize).min(experts - 1);
+            let e = ((if skew { u * u } else { u } * experts as f64) as usize).min(experts - 1);
             if !picked.contains(&e) {
                 picked.push(e);
             }
@@ -361,9 +381,10 @@ fn routed_sizes(rng: &mut Rng, experts: usize, tokens: usize, k: usize) -> Vec<u
 }
 
 /// The model's expert shapes: gate/up (2048 rows × 4096 columns, as a pair) and down (4096 ×
-/// 2048), 256 experts, 256 tokens × 6 slots = 1536 vectors, for the q2 (IQ2_XXS gate/up, Q2_K
-/// down) and q4 (Q4_K) models. A third of the outputs (every row and every vector) are
-/// compared with the scalar CPU dot product.
+/// 2048), 256 experts, 256 tokens × 6 slots = 1536 vectors (skewed routing: the largest groups
+/// hold over 64 vectors), for the q2 (IQ2_XXS gate/up, Q2_K down) and q4 (Q4_K) models. With
+/// narrow passes a third of the outputs (every row and every vector) are compared with the
+/// scalar CPU dot product; the wide passes' outputs must equal the narrow ones bit for bit.
 #[test]
 fn expert_gemm_model_shapes_match_scalar_vec_dot() {
     let Some(g) = gpu() else { return };
@@ -375,6 +396,7 @@ fn expert_gemm_model_shapes_match_scalar_vec_dot() {
     let largest = *sizes.iter().max().unwrap();
     let empty = sizes.iter().filter(|&&s| s == 0).count();
     eprintln!("routing: largest group {largest}, {empty} empty experts");
+    assert!(largest > 64, "some group takes more than one wide pass");
     let dgroups = g.device.upload(&group_start).unwrap();
     let sample = |v: usize, r: usize| (v + r).is_multiple_of(3);
     // (format, cols, rows, pair)
@@ -396,29 +418,34 @@ fn expert_gemm_model_shapes_match_scalar_vec_dot() {
             .iter()
             .map(|s| s.matrix(format, cols, rows, experts))
             .collect();
-        let mut ys: Vec<DeviceBuffer<f32>> = (0..n_stacks)
-            .map(|_| g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap())
-            .collect();
-        if pair {
-            let (a, b) = ys.split_at_mut(1);
-            g.expert_gemm_grouped_pair(
-                [&mats[0], &mats[1]],
-                &dgroups,
-                x,
-                n_vecs,
-                [&mut a[0], &mut b[0]],
-            )
-            .unwrap();
-        } else {
-            g.expert_gemm_grouped(&mats[0], &dgroups, x, n_vecs, &mut ys[0])
+        let run = |pass: usize| -> Vec<Vec<f32>> {
+            let mut ys: Vec<DeviceBuffer<f32>> = (0..n_stacks)
+                .map(|_| g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap())
+                .collect();
+            if pair {
+                let (a, b) = ys.split_at_mut(1);
+                g.expert_gemm_grouped_pair_pass(
+                    pass,
+                    [&mats[0], &mats[1]],
+                    &dgroups,
+                    x,
+                    n_vecs,
+                    [&mut a[0], &mut b[0]],
+                )
                 .unwrap();
-        }
-        for (i, (s, dy)) in stacks.iter().zip(&ys).enumerate() {
-            let y = g.device.download(dy).unwrap();
+            } else {
+                g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, &mut ys[0])
+                    .unwrap();
+            }
+            ys.iter().map(|dy| g.device.download(dy).unwrap()).collect()
+        };
+        let [narrow, wide] = Gpu::EXPERT_GEMM_PASSES;
+        let ys = run(narrow);
+        for (i, (s, y)) in stacks.iter().zip(&ys).enumerate() {
             check_outputs(
                 &format!("{what} stack {i}"),
                 format,
-                &y,
+                y,
                 &s.bytes,
                 rows,
                 &acts,
@@ -426,8 +453,19 @@ fn expert_gemm_model_shapes_match_scalar_vec_dot() {
                 &sample,
             );
         }
+        for (i, (yn, yw)) in ys.iter().zip(&run(wide)).enumerate() {
+            for (j, (a, b)) in yn.iter().zip(yw).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{what} stack {i}, vector {} row {}: passes of {narrow} give {a}, of {wide} {b}",
+                    j / rows,
+                    j % rows
+                );
+            }
+        }
         eprintln!(
-            "{what}{}: sampled outputs bit-equal to the scalar vec_dot",
+            "{what}{}: sampled outputs bit-equal to the scalar vec_dot; passes of {wide} = of {narrow}",
             if pair { " (pair)" } else { "" }
         );
     }
@@ -477,6 +515,8 @@ fn expert_gemm_checks_arguments_and_clamps_offsets() {
     let mut y2 = g.device.alloc_filled::<f32>(n_vecs * rows, 0).unwrap();
     let e = err(g.expert_gemm_grouped_pair([&m, &m_half], &groups, x, n_vecs, [&mut y, &mut y2]));
     assert!(e.contains("different shapes"), "{e}");
+    let e = err(g.expert_gemm_grouped_pass(48, &m, &groups, x, n_vecs, &mut y));
+    assert!(e.contains("passes of 48 vectors"), "{e}");
     // Zero vectors: nothing to do, no launch.
     g.expert_gemm_grouped(&m, &groups, x, 0, &mut y).unwrap();
 
@@ -507,18 +547,19 @@ fn expert_gemm_checks_arguments_and_clamps_offsets() {
     }
 }
 
-/// Prefill MoE timing at the model's shapes (256 tokens × 6 slots), against the dp4a grouped
-/// GEMV. Prints ms, the weight bandwidth (every expert's rows once) and TOPS.
+/// Prefill MoE timing at the model's shapes (256 tokens × 6 slots, and the token counts in
+/// `DS4_GE_TOKENS`, comma-separated), for both pass widths; at 256 tokens also against the dp4a
+/// grouped GEMV. Prints ms, the weight bandwidth (every expert's rows once) and TOPS.
 #[test]
 #[ignore]
 fn expert_gemm_throughput() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(84);
-    let (experts, tokens, k) = (256usize, 256usize, 6usize);
-    let sizes = routed_sizes(&mut rng, experts, tokens, k);
-    let group_start = offsets(0, &sizes);
-    let n_vecs = tokens * k;
-    let dgroups = g.device.upload(&group_start).unwrap();
+    let (experts, k) = (256usize, 6usize);
+    let token_counts: Vec<usize> = std::env::var("DS4_GE_TOKENS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![256]);
     let iters = 10;
     for &(format, cols, rows) in &[
         (WeightFormat::IQ2XXS, 4096usize, 2048usize),
@@ -534,44 +575,66 @@ fn expert_gemm_throughput() {
             stacks[0].matrix(format, cols, rows, experts),
             stacks[1].matrix(format, cols, rows, experts),
         ];
-        let acts = cpu_activations(&mut rng, cols, n_vecs);
-        let qa = upload_activations(g, &acts, cols);
-        let x = Activations::Quantized(&qa);
-        let mut y0 = g.device.alloc::<f32>(n_vecs * rows).unwrap();
-        let mut y1 = g.device.alloc::<f32>(n_vecs * rows).unwrap();
-        let mut time = |f: &mut dyn FnMut(&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>)| -> f64 {
-            f(&mut y0, &mut y1); // warm-up (and the kernel lookup)
-            let start = g.device.record_event().unwrap();
-            for _ in 0..iters {
-                f(&mut y0, &mut y1);
+        for (tokens, skew) in token_counts.iter().flat_map(|&t| [(t, true), (t, false)]) {
+            let sizes = routed_sizes_with(&mut rng, experts, tokens, k, skew);
+            eprintln!(
+                "{tokens} tokens, {} routing: largest group {}",
+                if skew { "skewed" } else { "uniform" },
+                sizes.iter().max().unwrap()
+            );
+            let group_start = offsets(0, &sizes);
+            let n_vecs = tokens * k;
+            let dgroups = g.device.upload(&group_start).unwrap();
+            let acts = cpu_activations(&mut rng, cols, n_vecs);
+            let qa = upload_activations(g, &acts, cols);
+            let x = Activations::Quantized(&qa);
+            let mut y0 = g.device.alloc::<f32>(n_vecs * rows).unwrap();
+            let mut y1 = g.device.alloc::<f32>(n_vecs * rows).unwrap();
+            let mut time =
+                |f: &mut dyn FnMut(&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>)| -> f64 {
+                    f(&mut y0, &mut y1); // warm-up (and the kernel lookup)
+                    let start = g.device.record_event().unwrap();
+                    for _ in 0..iters {
+                        f(&mut y0, &mut y1);
+                    }
+                    let end = g.device.record_event().unwrap();
+                    g.device.elapsed_ms(&start, &end).unwrap() as f64 / iters as f64
+                };
+            let wbytes = stacks[0].bytes.len() as f64;
+            let ops = 2.0 * (rows * cols * n_vecs) as f64;
+            for pass in Gpu::EXPERT_GEMM_PASSES {
+                let gemm = time(&mut |y, _| {
+                    g.expert_gemm_grouped_pass(pass, &mats[0], &dgroups, x, n_vecs, y)
+                        .unwrap()
+                });
+                let pair = time(&mut |a, b| {
+                    g.expert_gemm_grouped_pair_pass(
+                        pass,
+                        [&mats[0], &mats[1]],
+                        &dgroups,
+                        x,
+                        n_vecs,
+                        [a, b],
+                    )
+                    .unwrap()
+                });
+                eprintln!(
+                    "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors, passes of {pass}: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS); pair {pair:.3} ms",
+                    wbytes / gemm * 1e-9,
+                    ops / gemm * 1e-9,
+                );
             }
-            let end = g.device.record_event().unwrap();
-            g.device.elapsed_ms(&start, &end).unwrap() as f64 / iters as f64
-        };
-        let gemm = time(&mut |y, _| {
-            g.expert_gemm_grouped(&mats[0], &dgroups, x, n_vecs, y)
-                .unwrap()
-        });
-        let gemv = time(&mut |y, _| {
-            g.expert_gemv_grouped(&mats[0], &dgroups, x, n_vecs, y)
-                .unwrap()
-        });
-        let gemm_pair = time(&mut |a, b| {
-            g.expert_gemm_grouped_pair([&mats[0], &mats[1]], &dgroups, x, n_vecs, [a, b])
-                .unwrap()
-        });
-        let gemv_pair = time(&mut |a, b| {
-            g.expert_gemv_grouped_pair([&mats[0], &mats[1]], &dgroups, x, n_vecs, [a, b])
-                .unwrap()
-        });
-        let wbytes = stacks[0].bytes.len() as f64;
-        let ops = 2.0 * (rows * cols * n_vecs) as f64;
-        eprintln!(
-            "{format:?} {rows}x{cols} x{experts} experts, {n_vecs} vectors: gemm {gemm:.3} ms ({:.2} TB/s weights, {:.1} TOPS), gemv {gemv:.3} ms ({:.2}x); pair: gemm {gemm_pair:.3} ms, gemv {gemv_pair:.3} ms ({:.2}x)",
-            wbytes / gemm * 1e-9,
-            ops / gemm * 1e-9,
-            gemv / gemm,
-            gemv_pair / gemm_pair
-        );
+            if tokens == 256 && skew {
+                let gemv = time(&mut |y, _| {
+                    g.expert_gemv_grouped(&mats[0], &dgroups, x, n_vecs, y)
+                        .unwrap()
+                });
+                let gemv_pair = time(&mut |a, b| {
+                    g.expert_gemv_grouped_pair([&mats[0], &mats[1]], &dgroups, x, n_vecs, [a, b])
+                        .unwrap()
+                });
+                eprintln!("  dp4a grouped GEMV: {gemv:.3} ms, pair {gemv_pair:.3} ms");
+            }
+        }
     }
 }
