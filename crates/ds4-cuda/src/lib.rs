@@ -33,7 +33,9 @@
 //! `DS4_CUDA_PROFILE=kernels` prints per-kernel GPU time (turns graphs off);
 //! `DS4_CUDA_NO_GRAPH` decodes without the captured graph; `DS4_CUDA_NO_PDL` launches without
 //! programmatic dependent launch; `DS4_CUDA_NO_BRANCHES` runs the side-stream branches in
-//! line; `DS4_CUDA_CHUNK` sets the prefill span (1024); `DS4_KERNEL_CACHE` the cubin cache.
+//! line; `DS4_CUDA_CHUNK` sets the prefill span (2048); `DS4_CUDA_EXPERTS_PASS` (32 / 64)
+//! the grouped expert kernels' pass width; `DS4_CUDA_GEMV_WARPS` / `DS4_CUDA_GEMV_CAP` the
+//! GEMV warps per CTA and CTAs per SM; `DS4_KERNEL_CACHE` the cubin cache.
 
 // The attention launchers (one CTA per token and head; one per token and 16 heads for spans).
 mod attend;
