@@ -79,6 +79,8 @@ pub const SIDE_STREAMS: usize = 3;
 pub struct CudaDevice {
     /// Per-kernel timing (DS4_CUDA_PROFILE=kernels); first, so it reports before the rest drops.
     profile: Option<crate::profile::KernelProfile>,
+    /// CUPTI kernel trace (DS4_CUDA_PROFILE=trace); reports on drop, before the context goes.
+    _trace: Option<crate::trace::KernelTrace>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     side: Vec<Arc<CudaStream>>,
@@ -113,6 +115,8 @@ impl CudaDevice {
         }
         // cudarc panics (instead of returning Err) when a library symbol is missing; the
         // checks above make that unlikely, catch_unwind turns the rest into an error.
+        // Before the context, so that CUPTI sees all of its kernels.
+        let trace = crate::trace::KernelTrace::from_env().transpose()?;
         let ctx = catch_unwind(AssertUnwindSafe(|| CudaContext::new(ordinal)))
             .map_err(|_| CudaError::LibraryMissing(NO_DRIVER.into()))?
             .ctx("creating the CUDA context")?;
@@ -139,6 +143,7 @@ impl CudaDevice {
         let pdl = info.compute_capability.0 >= 9 && std::env::var_os("DS4_CUDA_NO_PDL").is_none();
         Ok(CudaDevice {
             profile: crate::profile::KernelProfile::from_env(),
+            _trace: trace,
             ctx,
             stream,
             side,

@@ -85,8 +85,8 @@ pub(crate) struct StageTimes {
 impl StageTimes {
     fn new() -> StageTimes {
         StageTimes {
-            // DS4_CUDA_PROFILE=kernels is the per-kernel profiler (profile.rs), without syncs.
-            on: std::env::var("DS4_CUDA_PROFILE").is_ok_and(|v| v != "kernels"),
+            // DS4_CUDA_PROFILE=kernels / trace are the kernel profilers, without syncs.
+            on: crate::profile::mode() == crate::profile::ProfileMode::Stages,
             last: std::time::Instant::now(),
             acc: Vec::new(),
         }
@@ -373,8 +373,10 @@ impl Scratch {
             streams_swapped: false,
             capturing: false,
             decode_graph: None,
-            graphs_enabled: std::env::var_os("DS4_CUDA_PROFILE").is_none()
-                && std::env::var_os("DS4_CUDA_NO_GRAPH").is_none(),
+            graphs_enabled: matches!(
+                crate::profile::mode(),
+                crate::profile::ProfileMode::Off | crate::profile::ProfileMode::Trace
+            ) && std::env::var_os("DS4_CUDA_NO_GRAPH").is_none(),
             decode_warm: false,
             max_index_rows,
             prof: StageTimes::new(),

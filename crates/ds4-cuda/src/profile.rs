@@ -9,6 +9,28 @@ use std::sync::Mutex;
 
 use cudarc::driver::{sys, CudaEvent, CudaStream};
 
+/// What `DS4_CUDA_PROFILE` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProfileMode {
+    /// Unset: no profiling.
+    Off,
+    /// `kernels`: an event pair around every launch (graphs off; see [`KernelProfile`]).
+    Kernels,
+    /// `trace`: CUPTI kernel records with graphs and branches on (trace.rs).
+    Trace,
+    /// Any other value: per-stage wall times, synchronized per stage (forward.rs StageTimes).
+    Stages,
+}
+
+pub(crate) fn mode() -> ProfileMode {
+    match std::env::var("DS4_CUDA_PROFILE").ok().as_deref() {
+        None => ProfileMode::Off,
+        Some("kernels") => ProfileMode::Kernels,
+        Some("trace") => ProfileMode::Trace,
+        Some(_) => ProfileMode::Stages,
+    }
+}
+
 /// Events kept before they are folded into the totals (bounds the live event count).
 const FOLD_EVERY: usize = 8192;
 
@@ -34,10 +56,8 @@ pub(crate) struct KernelProfile {
 impl KernelProfile {
     /// The profiler when `DS4_CUDA_PROFILE=kernels`, else None.
     pub(crate) fn from_env() -> Option<KernelProfile> {
-        (std::env::var("DS4_CUDA_PROFILE").ok().as_deref() == Some("kernels")).then(|| {
-            KernelProfile {
-                inner: Mutex::new(Inner::default()),
-            }
+        (mode() == ProfileMode::Kernels).then(|| KernelProfile {
+            inner: Mutex::new(Inner::default()),
         })
     }
 
