@@ -21,7 +21,7 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // One row of `width` values per CTA (row i of token i / rows_per_tok, at position pos0 +
 // token): RMS norm (times w when w_ != 0), RoPE of the last r channels, and when nope >= 0
 // ds4's stored-KV rounding (FP8 round trip of the first `nope` channels in blocks of 64, then
-// f16 rounding of every channel: forward.rs store_kv_row) — the per-head query norm + RoPE,
+// f16 rounding of every channel: cpu/forward.rs store_kv_row) — the per-head query norm + RoPE,
 // or the K=V row's norm + RoPE + rounding, in one launch (the same
 // element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
 // floats.
@@ -56,7 +56,7 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
 }
 
 // ds4's indexer rounding of one vector per CTA: Hadamard rotation, FP4 round trip in blocks
-// of 32, and (store != 0) f16 rounding (forward.rs index_qat). With r > 0 the vector's RoPE
+// of 32, and (store != 0) f16 rounding (cpu/forward.rs index_qat). With r > 0 the vector's RoPE
 // comes first (rope_tail's: the last r channels, row i of token i / rows_per_tok at position
 // pos0 + token), one launch for the indexer queries' rope + rounding. Dynamic shared: width
 // floats.

@@ -25,9 +25,10 @@
 //! cache), [`kernels`] (module registry, [`Gpu`]), [`weights`], [`gemv`], [`gemm`] (Q8_0 on
 //! tensor cores), [`gemm_experts`] (grouped IQ2_XXS / Q2_K / Q4_K experts on tensor cores),
 //! [`gemm_f16`], [`vector_ops`], [`dequant`]; the model on the GPU: [`model`] (weights as
-//! matrices), [`session`] (KV state, snapshots), [`forward`] + [`fwd_kernels`]
-//! (hc.cu, attention.cu, compressor.cu, moe.cu) + `attend` (span attention launchers),
-//! [`backend`].
+//! matrices), [`session`] (KV state, snapshots), [`forward`] (the layer loop and decode graph;
+//! `forward/hc.rs`, `forward/attention.rs`, `forward/ffn.rs` launch the sublayers) +
+//! [`fwd_kernels`] (hc.cu, attention.cu, compressor.cu, moe.cu) + `attend` (attention
+//! launchers), [`backend`]; `profile` and `trace` (the kernel profilers).
 //!
 //! Environment knobs (for measurement; the defaults are the fast path):
 //! `DS4_CUDA_PROFILE=kernels` prints per-kernel GPU time (turns graphs off);

@@ -18,7 +18,7 @@ pub(crate) enum ProfileMode {
     Kernels,
     /// `trace`: CUPTI kernel records with graphs and branches on (trace.rs).
     Trace,
-    /// Any other value: per-stage wall times, synchronized per stage (forward.rs StageTimes).
+    /// Any other value: per-stage wall times, synchronized per stage (forward/mod.rs StageTimes).
     Stages,
 }
 

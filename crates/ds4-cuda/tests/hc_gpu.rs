@@ -308,7 +308,7 @@ fn post_mix_and_projection_match_the_host_bit_for_bit() {
         let fn_f16 = c.fn_f16 as u64;
         let (d, n_tok) = (c.d as u64, c.n_tok as u64);
 
-        // The split-K kernels (decode's), as forward.rs launches them.
+        // The split-K kernels (decode's), as forward/hc.rs launches them.
         let split = grid(
             c.slices,
             R.div_ceil(GROUP_ROWS),

@@ -20,7 +20,7 @@ use ds4_cuda::Gpu;
 const FWD_COMMON: &str = include_str!("../src/fwd_common.cuh");
 const COMPRESSOR: &str = include_str!("../src/compressor.cu");
 
-/// compressor.cu SELECT_THREADS; forward.rs SELECT_CACHE_ROWS (the engine's largest cache).
+/// compressor.cu SELECT_THREADS; forward/attention.rs SELECT_CACHE_ROWS (the engine's largest cache).
 const THREADS: u32 = 1024;
 const CACHE_ROWS: usize = (48 * 1024 - 4096) / 4;
 const RATIO: usize = 4;

@@ -1,0 +1,669 @@
+//! The attention sublayer (attention.cu, compressor.cu): query and K=V projections, RoPE and
+//! per-head norms, the compressors and the indexer's row selection on side branches, attention
+//! over window + compressed rows, and the grouped output projection.
+
+use super::*;
+
+/// Threads per CTA of the indexer's selection (compressor.cu SELECT_THREADS), a bound on its
+/// static shared memory (histogram, warp counts), and the most keys it holds in shared memory:
+/// what fits the launch default of 48 KiB with the static part (11 264 keys; a 64K context's
+/// 16K rows read the rest again per pass). Opting into more failed the launch on an H200
+/// (CUDA_ERROR_INVALID_VALUE at 64K context; cause not found).
+const SELECT_THREADS: u32 = 1024;
+const SELECT_STATIC_SHARED: usize = 4096;
+const SELECT_CACHE_ROWS: usize = (MAX_SHARED - SELECT_STATIC_SHARED) / 4;
+/// Key rows per tile and tiles per CTA of the indexer's scoring (compressor.cu
+/// INDEX_TILE_ROWS, INDEX_TILES).
+const INDEX_TILE_ROWS: usize = 16;
+const INDEX_TILES: usize = 8;
+/// Largest dynamic shared memory used without opting in.
+const MAX_SHARED: usize = 48 * 1024;
+
+impl CudaModel {
+    /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
+    /// is the device address of the span's first position.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        l: usize,
+        x: &DeviceBuffer<f32>,
+        rows: usize,
+        width: usize,
+        rows_per_tok: usize,
+        pos: u64,
+        inverse: bool,
+    ) -> Result<()> {
+        let r = self.cfg.rope_dim;
+        let a = kargs![
+            x.ptr(),
+            rows,
+            width,
+            rows_per_tok,
+            pos,
+            self.rope_for(l).ptr(),
+            r,
+            inverse
+        ];
+        // SAFETY: rope_tail touches the last r channels of `rows` vectors of `width` in x
+        // (the caller's buffer holds them) and reads r/2 frequencies.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "rope_tail",
+                grid_1d(rows * r / 2),
+                &a,
+            )
+        }
+    }
+
+    /// Per-row RMS norm (weight `w` or none) + RoPE of the last rope_dim channels (+ ds4's
+    /// stored-KV rounding of the first `nope` channels when given) of `rows` vectors of
+    /// head_dim values (rows_per_tok per token; `pos`: the device address of the span's first
+    /// position), x → y, in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn head_norm_rope(
+        &self,
+        l: usize,
+        x: &DeviceBuffer<f32>,
+        w: Option<&DeviceBuffer<f32>>,
+        y: &DeviceBuffer<f32>,
+        rows: usize,
+        rows_per_tok: usize,
+        pos: u64,
+        nope: Option<usize>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        let a = kargs![
+            x.ptr(),
+            w.map_or(0, |w| w.ptr()),
+            y.ptr(),
+            hd,
+            c.rms_eps as f64,
+            rows_per_tok,
+            pos,
+            self.rope_for(l).ptr(),
+            c.rope_dim,
+            nope.map_or(-1, |n| n as i64)
+        ];
+        // SAFETY: head_norm_rope reads `rows` vectors of hd values of x (and hd weights),
+        // r/2 frequencies and the span position, and writes `rows` vectors of y; x and y hold
+        // the chunk's rows (the caller's scratch). Dynamic shared: hd floats.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "head_norm_rope",
+                per_item(rows, 128, hd * 4),
+                &a,
+            )
+        }
+    }
+
+    /// Stores the chunk's last min(n, cap) K=V rows (`kvn`; `pos`: the device address of the
+    /// span's first position) into the layer's ring.
+    fn ring_store(
+        &self,
+        kvn: &DeviceBuffer<f32>,
+        pos: u64,
+        state: &GpuLayerState,
+        n: usize,
+    ) -> Result<()> {
+        let hd = self.cfg.head_dim;
+        let a = kargs![kvn.ptr(), state.ring.ptr(), n, pos, hd, state.ring_cap];
+        // SAFETY: ring_store copies at most cap rows of s.kvn into the ring's cap × hd slots.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_attention",
+                "ring_store",
+                grid_1d(n.min(state.ring_cap) * hd),
+                &a,
+            )
+        }
+    }
+
+    /// The attention sublayer: s.x (n × d) → s.y (n × d).
+    pub(super) fn attention(
+        &self,
+        l: usize,
+        s: &mut Scratch,
+        state: &mut GpuLayerState,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let w = &self.layers[l];
+        let ds4 = self.numerics == Numerics::Ds4;
+        let (d, hd, h) = (c.hidden, c.head_dim, c.n_heads);
+        let dev = &self.gpu.device;
+        // The normalized input, quantized once for both projections that read it (unless
+        // hc_pre made them).
+        let xq = match s.pre_normed.take() {
+            Some((xq, _)) => xq,
+            None => norm_for(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.attn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.q_a,
+            )?,
+        };
+        let ratio = c.compress_ratio[l] as usize;
+
+        // Branch: the shared K=V row (rounded as stored) and the attention compressor. They
+        // read xn (and its quantized form) and write kv, kvn, ckv, cg and the compressor state.
+        self.branch(LANE_KV, || {
+            let own = &mut s.lane_quant[LANE_KV];
+            let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
+            mm_branch(self, &s.quant, own, kv_q, &w.kv, &s.xn, n, &mut s.kv)?;
+            let nope = ds4.then(|| hd - c.rope_dim);
+            self.head_norm_rope(l, &s.kv, Some(&w.kv_norm), &s.kvn, n, 1, s.pos.ptr(), nope)?;
+            if n == 1 {
+                // A single token's row goes into the ring before attend: its slot (pos % cap)
+                // holds position pos − cap, outside the window (≤ cap), and attend reads the
+                // token's own row from kvn. Off the critical path here.
+                self.ring_store(&s.kvn, s.pos.ptr(), state, n)?;
+            }
+            if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
+                let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
+                mm_branch(self, &s.quant, own, pre, &cw.kv, &s.xn, n, &mut s.ckv)?;
+                mm_branch(self, &s.quant, own, pre, &cw.gate, &s.xn, n, &mut s.cg)?;
+                let qat = if ds4 { 1 } else { 0 };
+                self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)?;
+            }
+            Ok(())
+        })?;
+
+        // Branch: the indexer selects the compressed rows of CSA layers. Its keys (its
+        // compressor) and head weights read xn: issued now, beside the query projection; its
+        // queries read qrn: the same side stream takes them once qrn is made (a second fork,
+        // so the main stream still joins the lane only once). It writes ikv, ig, iw, iq,
+        // iscores, sel and the indexer state.
+        let indexer = match (&w.indexer, state.index.as_mut()) {
+            (Some(iw), Some(is)) => Some((iw, is)),
+            _ => None,
+        };
+        if let Some((iw, is)) = indexer {
+            if pos0 + n > 0 && (pos0 + n) / ratio > s.max_index_rows {
+                return Err(CudaError::InvalidArgument(
+                    "indexer rows exceed the session's scratch".into(),
+                ));
+            }
+            self.branch(LANE_INDEXER, || {
+                let icw = &iw.compressor;
+                let own = &mut s.lane_quant[LANE_INDEXER];
+                let pre = xq && act_quant_of(self, &icw.kv) == act_quant_of(self, &w.q_a);
+                mm_branch(self, &s.quant, own, pre, &icw.kv, &s.xn, n, &mut s.ikv)?;
+                mm_branch(self, &s.quant, own, pre, &icw.gate, &s.xn, n, &mut s.ig)?;
+                let qat = if ds4 { 2 } else { 0 };
+                self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, s.pos.ptr(), qat)?;
+                let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);
+                // (index_scores applies the weights' 1/sqrt(ni·di) scale.)
+                mm_branch(self, &s.quant, own, pre, &iw.proj, &s.xn, n, &mut s.iw)
+            })?;
+        }
+
+        // Queries: low rank, weighted norm, per-head unweighted norm, RoPE.
+        mm_prequantized(self, &mut s.quant, xq, &w.q_a, &s.xn, n, &mut s.qr)?;
+        let qrq = norm_for(
+            self,
+            &mut s.quant,
+            &s.qr,
+            Some(&w.q_a_norm),
+            c.q_lora_rank,
+            n,
+            &mut s.qrn,
+            &w.q_b,
+        )?;
+
+        if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_ref()) {
+            self.branch(LANE_INDEXER, || {
+                let (ni, di) = (c.index_heads, c.index_head_dim);
+                let own = &mut s.lane_quant[LANE_INDEXER];
+                let pre = qrq && act_quant_of(self, &iw.q_b) == act_quant_of(self, &w.q_b);
+                mm_branch(self, &s.quant, own, pre, &iw.q_b, &s.qrn, n, &mut s.iq)?;
+                if ds4 {
+                    let a = kargs![
+                        s.iq.ptr(),
+                        di,
+                        false,
+                        ni,
+                        s.pos.ptr(),
+                        self.rope_for(l).ptr(),
+                        c.rope_dim
+                    ];
+                    // SAFETY: index_round(x, width, store, rows_per_tok, pos, inv_freq, r)
+                    // ropes and rounds n·ni vectors of di values of s.iq in place (r/2
+                    // frequencies, the span position), with di floats of dynamic shared memory.
+                    unsafe {
+                        self.fk.launch(
+                            dev,
+                            "fwd_attention",
+                            "index_round",
+                            per_item(n * ni, CTA, di * 4),
+                            &a,
+                        )?
+                    };
+                } else {
+                    self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
+                }
+                self.index_select(s, is, ratio, n, pos0)
+            })?;
+        }
+
+        mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
+        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
+        dev.join(LANE_KV)?;
+        dev.join(LANE_INDEXER)?;
+        s.prof.mark(self, "attn.qkv")?;
+
+        // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
+        let window = c.sliding_window.min(state.ring_cap);
+        let (kind, comp_ptr, max_comp) = match (c.attn_kind[l], state.attn.as_ref()) {
+            (AttnKind::Hca, Some(cs)) => (1i64, cs.rows.ptr(), cs.capacity),
+            (AttnKind::Csa, Some(cs)) => (2i64, cs.rows.ptr(), c.index_topk),
+            _ => (0i64, 0u64, 0usize),
+        };
+        let args = crate::attend::AttendArgs {
+            q: s.qn.ptr(),
+            kv: s.kvn.ptr(),
+            ring: state.ring.ptr(),
+            comp: comp_ptr,
+            sel: s.sel.ptr(),
+            selc: s.selc.ptr(),
+            sinks: w.sinks.ptr(),
+            out: s.o.ptr(),
+            heads: h,
+            head_dim: hd,
+            pos: s.pos.ptr(),
+            window,
+            ring_cap: state.ring_cap,
+            kind,
+            ratio: ratio.max(1),
+            sel_stride: c.index_topk,
+            scale: 1.0 / (hd as f64).sqrt() as f32,
+            inv_freq: self.rope_for(l).ptr(),
+            rope_dim: c.rope_dim,
+            max_rows: window + max_comp,
+        };
+        // A single token's attention with attend_split, which can also leave the output's
+        // Q8_0 form in the o_a product's quant slot (one launch less per layer).
+        let (g, d_o) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
+        let split = n == 1
+            && args
+                .split_plan(dev.info().max_shared_per_block_optin)
+                .is_ok()
+            && args.split_scores_len(n) <= s.attn_scores.len();
+        let o_quantized = if split
+            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == gw
+        {
+            let qa = quant_slot(self, &mut s.quant, ActQuant::Q8_0, gw, g, s.o.ptr())?;
+            Some((qa.q.ptr(), qa.d.ptr()))
+        } else {
+            None
+        };
+        // SAFETY: the attention kernels read n × H query heads, the chunk's n K=V rows, the
+        // ring's cap rows, the compressed rows visible at each position (rows written so far;
+        // CSA: the indices index_select produced, all below the row count) and H sinks, and
+        // write n × H × hd outputs: all inside the scratch and the layer state. Spans share
+        // each token's rows across heads (attend_heads, bit-identical to attend). The quant
+        // slot holds g vectors of gw = H × hd / g values (and their scales).
+        unsafe {
+            if n > 1 && ds4 && args.mma_plan(dev.info().max_shared_per_block_optin).is_ok() {
+                // ds4 numerics stores K=V rows as f16 values: exact tensor-core operands.
+                crate::attend::launch_attend_mma(&self.fk, dev, &args, n)
+            } else if n > 1 {
+                crate::attend::launch_attend_span(&self.fk, dev, &args, n)
+            } else if split {
+                crate::attend::launch_attend_split(
+                    &self.fk,
+                    dev,
+                    &args,
+                    n,
+                    s.attn_scores.ptr(),
+                    o_quantized,
+                )
+            } else {
+                crate::attend::launch_attend(&self.fk, dev, &args, n)
+            }
+        }
+        .map_err(|e| match e {
+            CudaError::InvalidArgument(msg) => {
+                CudaError::InvalidArgument(format!("layer {l}: {msg}"))
+            }
+            other => other,
+        })?;
+        if n > 1 {
+            // A span's rows replace ring slots that its earlier tokens still see: after attend.
+            self.ring_store(&s.kvn, s.pos.ptr(), state, n)?;
+        }
+
+        s.prof.mark(self, "attn.attend")?;
+        // Grouped output projection: each group's heads through its rows of o_a, then o_b.
+        // The matvec wants group-major inputs (G × n × gw) and gives group-major outputs; a
+        // single token's token-major layout is already that, so only spans permute.
+        let slot_input = SlotInput {
+            per_slot: true,
+            prequantized: o_quantized.is_some(),
+            groups: None,
+        };
+        if n == 1 {
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.o_a_groups,
+                &self.group_ids,
+                g,
+                &s.o,
+                1,
+                slot_input,
+                &mut s.z,
+            )?;
+        } else if n >= GEMM_MIN_VECS
+            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == gw
+        {
+            // Tensor cores straight on the token-major layout: vector t·G + g of s.o (and of
+            // s.z) is token t's group g, so no permutation is needed around the product.
+            let dm = self.matrix(&w.o_a_groups)?;
+            let qa = quantized(self, &mut s.quant, &w.o_a_groups, &s.o, n * g)?
+                .ok_or_else(|| CudaError::InvalidArgument("o_a activations".into()))?;
+            self.gpu
+                .expert_gemm_q8_0_interleaved(&dm, &self.group_ids, g, qa, n, &mut s.z)?;
+        } else {
+            let a = kargs![s.o.ptr(), s.og.ptr(), n, g, gw];
+            // SAFETY: group_split permutes n × G × gw values of s.o into s.og (same size).
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_attention", "group_split", grid_1d(n * g * gw), &a)?
+            };
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.o_a_groups,
+                &self.group_ids,
+                g,
+                &s.og,
+                n,
+                slot_input,
+                &mut s.zg,
+            )?;
+            let a = kargs![s.zg.ptr(), s.z.ptr(), n, g, d_o];
+            // SAFETY: group_merge permutes n × G × d_o values of s.zg into s.z (same size).
+            unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_attention",
+                    "group_merge",
+                    grid_1d(n * g * d_o),
+                    &a,
+                )?
+            };
+        }
+        mm(self, &mut s.quant, &w.o_b, &s.z, n, &mut s.y)?;
+        s.prof.mark(self, "attn.output")
+    }
+
+    /// The indexer's selection for a CSA layer: scores of every visible compressed row
+    /// (queries s.iq, weights s.iw), the top-k threshold, and the chosen rows into s.sel /
+    /// s.selc.
+    fn index_select(
+        &self,
+        s: &mut Scratch,
+        is: &crate::session::GpuCompressor,
+        ratio: usize,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let dev = &self.gpu.device;
+        let (ni, di) = (c.index_heads, c.index_head_dim);
+        let max_rows = s.max_index_rows;
+        let w_scale = 1.0 / ((ni * di) as f64).sqrt() as f32;
+        // Grids cover the rows visible at the span's end; a captured decode graph replays at
+        // later positions, so it covers every row the session can hold (the kernels skip
+        // rows not yet visible).
+        let rows_now = if s.capturing {
+            max_rows
+        } else {
+            (pos0 + n) / ratio
+        };
+        // Key rows per tile, largest heads and channels of index_scores_mma (compressor.cu
+        // IDXM_ROWS, IDXM_HEADS, IDXM_DIM).
+        const IDXM_ROWS: usize = 64;
+        const IDXM_HEADS: usize = 64;
+        const IDXM_DIM: usize = 128;
+        if self.numerics == Numerics::Ds4 && ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0 {
+            // ds4 numerics: queries and keys are FP4-shaped, exact in bf16, so the tensor-core
+            // kernel gives the f32 kernel's scores (compressor.cu).
+            // Prefill: 8 warps, 8 tokens per CTA (at 32K, H200: 424 us per 1 024-token call
+            // against 528 with 4 warps and 4 tokens). Fewer tokens: 4 warps sharing the rows
+            // (decode: one token; each warp converts the whole query, so fewer warps per
+            // tile read less of it again).
+            let warps = if n >= 8 { 8 } else { 4 };
+            // Tokens per CTA: the largest power of two up to the warp count.
+            let mut tpc = 1;
+            while tpc * 2 <= n.min(warps) {
+                tpc *= 2;
+            }
+            let groups = n.div_ceil(tpc);
+            let tiles = rows_now.div_ceil(IDXM_ROWS).max(1);
+            // About a thousand CTAs when there is work for them; beyond that longer chunks,
+            // up to 16 tiles (each CTA converts its tokens' 32 KiB queries once per chunk;
+            // one tile per CTA measured 1.5x slower at 32K). A captured graph keeps one tile
+            // per CTA: it must serve every later position.
+            let tiles_per_cta = if s.capturing {
+                1
+            } else {
+                (tiles * groups / 1024).clamp(1, 16)
+            };
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (tiles.div_ceil(tiles_per_cta) as u32, groups as u32, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let a = kargs![
+                s.iq.ptr(),
+                s.iw.ptr(),
+                w_scale,
+                is.rows.ptr(),
+                s.iscores.ptr(),
+                s.pos.ptr(),
+                ratio,
+                ni,
+                di,
+                c.index_topk,
+                max_rows,
+                n,
+                tpc,
+                tiles_per_cta
+            ];
+            // SAFETY: index_scores_mma reads each of the n tokens' ni × di query (di even)
+            // and ni weights, and of the keys only the (pos+1)/ratio ≤ max_index_rows rows
+            // written so far (di % 8 == 0: 16-byte loads), and writes one score per visible
+            // row into the token's max_index_rows-long scratch row; its shared memory is
+            // static. The block (4 or 8 warps) is within its launch bound (IDXM_WARPS = 8)
+            // and tpc, a power of two up to the warp count, divides it.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_scores_mma", cfg, &a)?
+            };
+        } else {
+            let a = kargs![
+                s.iq.ptr(),
+                s.iw.ptr(),
+                w_scale,
+                is.rows.ptr(),
+                s.iscores.ptr(),
+                s.pos.ptr(),
+                ratio,
+                ni,
+                di,
+                c.index_topk,
+                max_rows
+            ];
+            let scores_shared = (ni + INDEX_TILE_ROWS) * (di + 1) * 4;
+            if scores_shared > MAX_SHARED {
+                return Err(CudaError::InvalidArgument(format!(
+                    "indexer of {ni} heads x {di} needs {scores_shared} bytes of shared memory (at most {MAX_SHARED})"
+                )));
+            }
+            let scores_cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (
+                    rows_now.div_ceil(INDEX_TILE_ROWS * INDEX_TILES).max(1) as u32,
+                    n as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: scores_shared as u32,
+            };
+            // SAFETY: index_scores reads each token's ni × di query and ni weights (scaled by
+            // the third argument) and the (pos+1)/ratio ≤ max_index_rows keys written so far,
+            // and writes one score per visible row into the token's max_index_rows-long
+            // scratch row; its dynamic shared memory holds the query and one tile of keys,
+            // (ni + 16) × (di + 1) floats.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_compressor", "index_scores", scores_cfg, &a)?
+            };
+        }
+        // One CTA per token keeps the keys of its first rows in shared memory while it
+        // selects: as many as are visible now (a captured graph: the session's most), at most
+        // SELECT_CACHE_ROWS; later rows are read again per pass.
+        if max_rows > i32::MAX as usize || n > i32::MAX as usize {
+            return Err(CudaError::InvalidArgument(format!(
+                "indexer selection over {max_rows} rows for {n} tokens exceeds 32-bit indices"
+            )));
+        }
+        let cached = rows_now.clamp(1, SELECT_CACHE_ROWS);
+        let shared = cached * 4;
+        let a = kargs![
+            s.iscores.ptr(),
+            s.sel.ptr(),
+            s.selc.ptr(),
+            s.pos.ptr(),
+            ratio,
+            c.index_topk,
+            max_rows,
+            cached
+        ];
+        // SAFETY: index_topk reads each token's (pos+1)/ratio ≤ max_index_rows visible scores
+        // (within its max_index_rows-long scratch row) and writes at most topk indices per
+        // token (exactly topk when more rows are visible) and the count; its dynamic shared
+        // memory holds `cached` keys, within the 48 KiB launch default with its static part. The CTA
+        // has the kernel's SELECT_THREADS (1 024) threads.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "index_topk",
+                per_item(n, SELECT_THREADS, shared),
+                &a,
+            )
+        }
+    }
+
+    /// Feeds the chunk's projections to one compressor (rows appended after the
+    /// pos0/ratio rows written before the chunk; `pos` holds pos0 on the device).
+    #[allow(clippy::too_many_arguments)]
+    fn compress(
+        &self,
+        l: usize,
+        cw: &crate::model::DevCompressor,
+        cs: &mut crate::session::GpuCompressor,
+        kv_in: &DeviceBuffer<f32>,
+        gate_in: &DeviceBuffer<f32>,
+        n: usize,
+        pos0: usize,
+        pos: u64,
+        qat: i64,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let ratio = c.compress_ratio[l] as usize;
+        if (pos0 + n) / ratio > cs.capacity {
+            return Err(CudaError::InvalidArgument(format!(
+                "layer {l}: the compressed-row capacity {} is exhausted",
+                cs.capacity
+            )));
+        }
+        let a = kargs![
+            kv_in.ptr(),
+            gate_in.ptr(),
+            cw.ape.ptr(),
+            cw.norm.ptr(),
+            cs.kv.ptr(),
+            cs.score.ptr(),
+            cs.rows.ptr(),
+            n,
+            pos,
+            ratio,
+            cs.width,
+            cs.overlap,
+            c.rms_eps as f64,
+            self.rope_for(l).ptr(),
+            c.rope_dim,
+            qat
+        ];
+        let dev = &self.gpu.device;
+        if n == 1 {
+            // SAFETY: compress_span reads n × coff·D projections, the m × coff·D slot bias and
+            // D norm weights, updates the coff·m × coff·D frontier, and appends at most
+            // (pos0+n)/ratio − pos0/ratio rows after row pos0/ratio, within the capacity
+            // checked above. Dynamic shared memory: D floats.
+            return unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_compressor",
+                    "compress_span",
+                    per_item(1, CTA, cs.width * 4),
+                    &a,
+                )
+            };
+        }
+        // A span: every closing window pooled in parallel, then the frontier rebuilt.
+        // SAFETY: compress_rows takes compress_span's arguments and reads the same inputs
+        // (the frontier only), writing the same rows; its grid of n/ratio + 1 CTAs covers every
+        // window that can close in n tokens (CTAs beyond them return). Dynamic shared: D floats.
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "compress_rows",
+                per_item(n / ratio + 1, CTA, cs.width * 4),
+                &a,
+            )?
+        };
+        let coff = if cs.overlap { 2 } else { 1 };
+        let a = kargs![
+            kv_in.ptr(),
+            gate_in.ptr(),
+            cw.ape.ptr(),
+            cs.kv.ptr(),
+            cs.score.ptr(),
+            n,
+            pos,
+            ratio,
+            cs.width,
+            cs.overlap
+        ];
+        // SAFETY: compress_frontier reads n × coff·D projections and the m × coff·D slot bias,
+        // and rewrites the coff·m × coff·D frontier element by element (each thread reads and
+        // writes only its own slot and channel).
+        unsafe {
+            self.fk.launch(
+                dev,
+                "fwd_compressor",
+                "compress_frontier",
+                grid_1d(ratio * coff * cs.width),
+                &a,
+            )
+        }
+    }
+}

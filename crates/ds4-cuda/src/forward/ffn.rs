@@ -1,0 +1,320 @@
+//! The MoE feed-forward sublayer (moe.cu): the shared expert on a side branch, routing, the
+//! routed experts (sorted and grouped by expert for spans) and their combination.
+
+use super::*;
+
+/// Tokens from which a span's routed experts run grouped (about 6 × 256 / 256 slots per
+/// expert at 256 tokens; below ~16 most experts have none and per-slot launches do as well).
+const GROUPED_MIN_TOKENS: usize = 16;
+
+impl CudaModel {
+    /// s.y = the MoE output of the chunk (moe_combine).
+    pub(super) fn moe_combine(&self, s: &Scratch, n: usize, p: MoePending) -> Result<()> {
+        let c = &self.cfg;
+        let (d, k) = (c.hidden, c.n_experts_used);
+        let a = kargs![
+            s.edown.ptr(),
+            p.slot_pos,
+            s.ids.ptr(),
+            s.wts.ptr(),
+            s.sdown.ptr(),
+            s.y.ptr(),
+            n,
+            k,
+            d,
+            p.weighted
+        ];
+        // Grid: (slices of 1024 values of d, tokens), 256 threads.
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (d.div_ceil(1024) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: moe_combine reads n × k × d expert outputs (row slot_pos[slot] when sorted,
+        // a permutation of the slots), n × k ids and weights (k <= 16, checked at load), n × d
+        // shared outputs, and writes n × d values of s.y.
+        unsafe {
+            self.fk
+                .launch(&self.gpu.device, "fwd_moe", "moe_combine", cfg, &a)
+        }
+    }
+
+    /// The MoE sublayer: s.x → s.y.
+    pub(super) fn ffn(&self, l: usize, s: &mut Scratch, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let w = &self.layers[l];
+        let ds4 = self.numerics == Numerics::Ds4;
+        let (d, k, ff) = (c.hidden, c.n_experts_used, c.expert_ff);
+        let limit = Some(c.swiglu_clamp[l]);
+        let dev = &self.gpu.device;
+        // The normalized input, quantized once for the shared expert's gate and up, and for
+        // a single token also for the routed experts (which then read it directly); hc_pre
+        // may have made them.
+        let (xq, experts_q) = if let Some(made) = s.pre_normed.take() {
+            made
+        } else if n == 1 {
+            norm_for_both(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.ffn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.gate_shexp,
+                &w.gate_exps,
+            )?
+        } else {
+            let xq = norm_for(
+                self,
+                &mut s.quant,
+                &s.x,
+                Some(&w.ffn_norm),
+                d,
+                n,
+                &mut s.xn,
+                &w.gate_shexp,
+            )?;
+            (xq, false)
+        };
+        // Branch: the shared expert (reads xn and its quantized form; writes sg, su, sh and
+        // sdown, which moe_combine reads after the join).
+        self.branch(LANE_KV, || {
+            let own = &mut s.lane_quant[LANE_KV];
+            let up_q = xq && act_quant_of(self, &w.up_shexp) == act_quant_of(self, &w.gate_shexp);
+            match act_quant_of(self, &w.gate_shexp) {
+                // A single token's gate and up in one launch (bit-identical to two).
+                Some(kind) if n == 1 && up_q && same_shape(&w.gate_shexp, &w.up_shexp) => {
+                    let qa = s.quant.get(kind, w.gate_shexp.cols, n, s.xn.ptr())?;
+                    let pair = [&self.matrix(&w.gate_shexp)?, &self.matrix(&w.up_shexp)?];
+                    self.gpu.gemv_pair(
+                        pair,
+                        Activations::Quantized(qa),
+                        n,
+                        [&mut s.sg, &mut s.su],
+                    )?;
+                }
+                _ => {
+                    mm_branch(self, &s.quant, own, xq, &w.gate_shexp, &s.xn, n, &mut s.sg)?;
+                    mm_branch(self, &s.quant, own, up_q, &w.up_shexp, &s.xn, n, &mut s.su)?;
+                }
+            }
+            let shq = swiglu_for(
+                self,
+                own,
+                &s.sg,
+                &s.su,
+                n * ff,
+                ff,
+                limit,
+                None,
+                &mut s.sh,
+                &w.down_shexp,
+            )?;
+            mm_prequantized(self, own, shq, &w.down_shexp, &s.sh, n, &mut s.sdown)
+        })?;
+        // The router reads xn's quantized form when it takes the shared expert's (never
+        // re-quantizing it while the branch reads it).
+        let router_q = xq && act_quant_of(self, &w.router) == act_quant_of(self, &w.gate_shexp);
+        mm_prequantized(
+            self,
+            &mut s.quant,
+            router_q,
+            &w.router,
+            &s.xn,
+            n,
+            &mut s.rlog,
+        )?;
+        let hash = c.moe_kind[l] == MoeKind::Hash;
+        let tid2eid = match (&w.tid2eid, hash) {
+            (Some(t), true) => t.ptr(),
+            _ => 0,
+        };
+        let bias = w.router_bias.as_ref().map_or(0, |b| b.ptr());
+        let a = kargs![
+            s.rlog.ptr(),
+            bias,
+            tid2eid,
+            s.tokens.ptr(),
+            s.ids.ptr(),
+            s.wts.ptr(),
+            n,
+            c.n_experts,
+            k,
+            c.routed_scale,
+            ds4
+        ];
+        // SAFETY: route reads n × E logits (rewritten in place as scores), E biases, the
+        // chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at eval), and
+        // writes n × k ids and weights.
+        // One CTA of 256 threads per token (moe.cu ROUTE_THREADS).
+        unsafe {
+            self.fk
+                .launch(dev, "fwd_moe", "route", per_item(n, 256, 0), &a)?
+        };
+
+        s.prof.mark(self, "ffn.route")?;
+        // Routed experts: one slot per (token, choice), ids on the device. A span of several
+        // tokens sorts its slots by expert first, so that slots of one expert are neighbours in
+        // the matvec grid and share its rows through L2 (same arithmetic per slot either way).
+        let slots = n * k;
+        let sorted = n > 1;
+        if sorted {
+            // The most threads (whole warps) whose tile offsets, (E + 1) × (1 + warps) ints,
+            // fit the default 48 KB of shared memory.
+            let buckets = c.n_experts + 1;
+            let threads = [1024usize, 512, 256, 128, 64, 32]
+                .into_iter()
+                .find(|t| buckets * (1 + t / 32) * 4 <= 48 << 10)
+                .ok_or_else(|| {
+                    CudaError::InvalidArgument(format!(
+                        "{} experts: too many to sort the routed slots in one CTA",
+                        c.n_experts
+                    ))
+                })?;
+            let shared = buckets * (1 + threads / 32) * 4;
+            let a = kargs![
+                s.ids.ptr(),
+                s.slot_order.ptr(),
+                s.slot_pos.ptr(),
+                s.group_start.ptr(),
+                slots,
+                c.n_experts
+            ];
+            // SAFETY: sort_slots reads n·k ids and writes n·k order and position entries (a
+            // permutation of 0..n·k) and E+1 group starts, with (E+1)·(1 + warps) ints of
+            // dynamic shared memory for its whole-warp CTA.
+            unsafe {
+                self.fk.launch(
+                    dev,
+                    "fwd_moe",
+                    "sort_slots",
+                    per_item(1, threads as u32, shared),
+                    &a,
+                )?
+            };
+            let a = kargs![
+                s.xn.ptr(),
+                s.slot_order.ptr(),
+                s.ids.ptr(),
+                s.wts.ptr(),
+                s.xe.ptr(),
+                s.sorted_ids.ptr(),
+                s.sorted_wts.ptr(),
+                slots,
+                k,
+                d
+            ];
+            // SAFETY: gather_slots reads the permutation, n × d inputs and n·k ids/weights,
+            // and writes n·k × d values of s.xe and n·k sorted ids/weights.
+            unsafe {
+                self.fk
+                    .launch(dev, "fwd_moe", "gather_slots", grid_1d(slots * d), &a)?
+            };
+        }
+        let (slot_ids, slot_wts) = if sorted {
+            (&s.sorted_ids, &s.sorted_wts)
+        } else {
+            (&s.ids, &s.wts)
+        };
+        // Gate and up read the same vectors: quantized once when their formats agree.
+        let (x_in, per_slot) = if sorted {
+            (&s.xe, true)
+        } else {
+            (&s.xn, false)
+        };
+        let gate_kind = act_quant_of(self, &w.gate_exps);
+        let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
+        // Spans long enough to give experts several slots each run grouped.
+        let groups = (sorted && n >= GROUPED_MIN_TOKENS).then_some(&s.group_start);
+        let input = SlotInput {
+            per_slot,
+            prequantized: experts_q,
+            groups,
+        };
+        if same_shape(&w.gate_exps, &w.up_exps) {
+            // One launch for both stacks (bit-identical to two).
+            mm_experts_pair(
+                self,
+                &mut s.quant,
+                [&w.gate_exps, &w.up_exps],
+                slot_ids,
+                slots,
+                x_in,
+                input,
+                [&mut s.eg, &mut s.eu],
+            )?;
+        } else {
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.gate_exps,
+                slot_ids,
+                slots,
+                x_in,
+                1,
+                input,
+                &mut s.eg,
+            )?;
+            mm_experts(
+                self,
+                &mut s.quant,
+                &w.up_exps,
+                slot_ids,
+                slots,
+                x_in,
+                1,
+                SlotInput {
+                    per_slot,
+                    prequantized: up_q,
+                    groups,
+                },
+                &mut s.eu,
+            )?;
+        }
+        // ds4 weighs the intermediate before the down projection (C2); the reference after.
+        let weight = if ds4 { Some(slot_wts) } else { None };
+        let ehq = swiglu_for(
+            self,
+            &mut s.quant,
+            &s.eg,
+            &s.eu,
+            slots * ff,
+            ff,
+            limit,
+            weight,
+            &mut s.eh,
+            &w.down_exps,
+        )?;
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.down_exps,
+            slot_ids,
+            slots,
+            &s.eh,
+            1,
+            SlotInput {
+                per_slot: true,
+                prequantized: ehq,
+                groups,
+            },
+            &mut s.edown,
+        )?;
+        // The shared expert's output.
+        dev.join(LANE_KV)?;
+        let moe = MoePending {
+            slot_pos: if sorted { s.slot_pos.ptr() } else { 0 },
+            weighted: !ds4,
+        };
+        if n == 1 {
+            // Combined by the hc_post that follows (inside hc_post_mix when it can): one
+            // launch less on the decode's critical path.
+            s.moe_pending = Some(moe);
+        } else {
+            // Spans combine once here: hc_post_mix's row groups would each redo it.
+            self.moe_combine(s, n, moe)?;
+        }
+        s.prof.mark(self, "ffn.experts")
+    }
+}

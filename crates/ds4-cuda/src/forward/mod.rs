@@ -1,0 +1,1011 @@
+//! The DeepSeek V4 forward pass on the GPU, mirroring the CPU backend's structure
+//! (ds4-model cpu/forward.rs): a span is processed layer-major, every matmul of a layer runs
+//! once for all tokens of the chunk, the compressors take the chunk's tokens in order, and
+//! attention runs per (token, head). All intermediate values stay on the device; the host only
+//! uploads the chunk's embedding rows and token ids and downloads the requested logits.
+
+use std::collections::HashMap;
+
+use cudarc::driver::result;
+
+use ds4_model::config::{AttnKind, MoeKind};
+use ds4_model::numerics::Numerics;
+
+use crate::device::{DeviceBuffer, SIDE_STREAMS};
+use crate::error::{CudaError, DriverContext, Result};
+use crate::fwd_kernels::{grid_1d, kargs, per_item};
+use crate::gemv::{ActQuant, Activations, QuantizedActivations, WeightFormat};
+use crate::model::{CudaModel, DevHc, Mat};
+use crate::session::GpuLayerState;
+
+mod attention;
+mod ffn;
+mod hc;
+
+/// Threads per CTA of the per-item kernels.
+const CTA: u32 = 256;
+/// Threads per CTA of the split-K hyper-connection projection (hc.cu HC_MIX_THREADS; the
+/// scratch holds its per-CTA partials).
+const HC_MIX_THREADS: usize = 128;
+
+// Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
+// hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
+// FFN: the shared expert); the indexer. (A fourth branch, the indexer's keys apart from its
+// queries joined into them, measured slower in the decode graph, presumably because a join is
+// an edge the dependent launch cannot cross.)
+const LANE_SINKHORN: usize = 0;
+const LANE_KV: usize = 1;
+const LANE_INDEXER: usize = 2;
+
+/// Per-stage wall time of the forward pass, on when the environment sets `DS4_CUDA_PROFILE`:
+/// every stage ends with a device synchronize (so stages are timed exactly, at some cost to
+/// the total). The table goes to stderr when the session ends.
+pub(crate) struct StageTimes {
+    on: bool,
+    last: std::time::Instant,
+    acc: Vec<(&'static str, f64, usize)>,
+}
+
+impl StageTimes {
+    fn new() -> StageTimes {
+        StageTimes {
+            // DS4_CUDA_PROFILE=kernels / trace are the kernel profilers, without syncs.
+            on: crate::profile::mode() == crate::profile::ProfileMode::Stages,
+            last: std::time::Instant::now(),
+            acc: Vec::new(),
+        }
+    }
+
+    /// Starts timing from now (after waiting for earlier work).
+    fn start(&mut self, m: &CudaModel) -> Result<()> {
+        if self.on {
+            m.gpu.device.synchronize()?;
+            self.last = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Charges the time since the last mark to `stage`.
+    fn mark(&mut self, m: &CudaModel, stage: &'static str) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        m.gpu.device.synchronize()?;
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.acc.iter_mut().find(|e| e.0 == stage) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => self.acc.push((stage, dt, 1)),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StageTimes {
+    fn drop(&mut self) {
+        if !self.on || self.acc.is_empty() {
+            return;
+        }
+        let total: f64 = self.acc.iter().map(|e| e.1).sum();
+        eprintln!("ds4 CUDA stage times (DS4_CUDA_PROFILE, synchronized per stage):");
+        for (stage, secs, count) in &self.acc {
+            eprintln!(
+                "  {stage:<16} {:>10.3} ms {:>6.1}%  ({count} calls)",
+                secs * 1e3,
+                secs / total * 100.0
+            );
+        }
+    }
+}
+
+/// Quantized-activation buffers by (kind, vector length, the f32 buffer they are the
+/// quantized form of), grown on demand: one input's quantized form is never overwritten by
+/// another input's, whatever the shapes (side streams read forms made before they forked).
+/// `generation`
+/// counts the reallocations: a captured graph holds the buffers' addresses, so it is only
+/// replayed while the generation it was captured at is current.
+#[derive(Default)]
+pub(crate) struct QuantSlots {
+    slots: HashMap<(ActQuant, usize, u64), QuantizedActivations>,
+    generation: u64,
+}
+
+impl QuantSlots {
+    /// The quantized form (`kind`, `n` vectors of `cols` values) of the f32 buffer at device
+    /// address `src`, made earlier.
+    fn get(
+        &self,
+        kind: ActQuant,
+        cols: usize,
+        n: usize,
+        src: u64,
+    ) -> Result<&QuantizedActivations> {
+        self.slots
+            .get(&(kind, cols, src))
+            .filter(|qa| qa.n_vecs == n)
+            .ok_or_else(|| {
+                CudaError::InvalidArgument(format!(
+                    "no quantized activations of {cols} values for {n} vectors"
+                ))
+            })
+    }
+}
+
+/// How to combine a layer's MoE output (moe_combine's arguments besides the buffers).
+#[derive(Clone, Copy)]
+struct MoePending {
+    /// Row of each slot in edown (slot_pos when the slots were sorted), or 0.
+    slot_pos: u64,
+    /// Whether the slot weights are applied here (reference numerics) rather than before
+    /// the down projection (ds4).
+    weighted: bool,
+}
+
+/// A captured decode step and the quant-slot generation whose buffers it uses.
+struct DecodeGraph {
+    graph: cudarc::driver::CudaGraph,
+    generation: u64,
+}
+
+// SAFETY: CUDA graph objects are not internally synchronized but may be used from any thread
+// when calls are serialized. A DecodeGraph lives in one session's Scratch and is only touched
+// through `&mut Scratch` (launch, drop), so no two threads use it at once; cudarc's launch
+// binds the context to the calling thread first.
+unsafe impl Send for DecodeGraph {}
+
+/// Device scratch for one chunk of up to `cap` tokens (allocated once per session).
+pub(crate) struct Scratch {
+    pub cap: usize,
+    streams: DeviceBuffer<f32>,
+    /// The streams' second buffer: hc_post_mix writes the new streams here, then the two swap.
+    streams_next: DeviceBuffer<f32>,
+    flat: DeviceBuffer<f32>,
+    mix: DeviceBuffer<f32>,
+    maps: DeviceBuffer<f32>,
+    x: DeviceBuffer<f32>,
+    xn: DeviceBuffer<f32>,
+    qr: DeviceBuffer<f32>,
+    qrn: DeviceBuffer<f32>,
+    q: DeviceBuffer<f32>,
+    qn: DeviceBuffer<f32>,
+    kv: DeviceBuffer<f32>,
+    kvn: DeviceBuffer<f32>,
+    ckv: DeviceBuffer<f32>,
+    cg: DeviceBuffer<f32>,
+    ikv: DeviceBuffer<f32>,
+    ig: DeviceBuffer<f32>,
+    iq: DeviceBuffer<f32>,
+    iw: DeviceBuffer<f32>,
+    sel: DeviceBuffer<i32>,
+    selc: DeviceBuffer<i32>,
+    iscores: DeviceBuffer<f32>,
+    /// A single token's attention scores (heads × the most rows a layer attends over), for
+    /// attend_split.
+    attn_scores: DeviceBuffer<f32>,
+    o: DeviceBuffer<f32>,
+    og: DeviceBuffer<f32>,
+    zg: DeviceBuffer<f32>,
+    z: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    rlog: DeviceBuffer<f32>,
+    ids: DeviceBuffer<i32>,
+    wts: DeviceBuffer<f32>,
+    /// Routed slots sorted by expert (spans of several tokens): order[p] = slot, slot_pos[slot] = p,
+    /// and the sorted slots' ids and weights.
+    slot_order: DeviceBuffer<i32>,
+    slot_pos: DeviceBuffer<i32>,
+    /// Each expert's first position among the sorted slots (E + 1 entries).
+    group_start: DeviceBuffer<i32>,
+    sorted_ids: DeviceBuffer<i32>,
+    sorted_wts: DeviceBuffer<f32>,
+    xe: DeviceBuffer<f32>,
+    eg: DeviceBuffer<f32>,
+    eu: DeviceBuffer<f32>,
+    eh: DeviceBuffer<f32>,
+    edown: DeviceBuffer<f32>,
+    sg: DeviceBuffer<f32>,
+    su: DeviceBuffer<f32>,
+    sh: DeviceBuffer<f32>,
+    sdown: DeviceBuffer<f32>,
+    tokens: DeviceBuffer<i32>,
+    hraw: DeviceBuffer<f32>,
+    hflat: DeviceBuffer<f32>,
+    hmix: DeviceBuffer<f32>,
+    hu: DeviceBuffer<f32>,
+    hun: DeviceBuffer<f32>,
+    /// Split-K partial sums of the next hyper-connection's projection (n × slices × (R+1)).
+    hc_part: DeviceBuffer<f32>,
+    /// Whether hc_part holds the partials of the hyper-connection about to run.
+    hc_part_ready: bool,
+    /// The MoE output is not combined yet (the expert outputs in edown, the shared expert's
+    /// in sdown): hc_post combines it, inside hc_post_mix when it can.
+    moe_pending: Option<MoePending>,
+    /// hc_pre already normalized the sublayer input into xn (hc_pre_norm), with the quantized
+    /// forms of its norm's consumers where these flags say so (what norm_for / norm_for_both
+    /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
+    pre_normed: Option<(bool, bool)>,
+    logits: DeviceBuffer<f32>,
+    /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
+    quant: QuantSlots,
+    /// The side streams' own quantized activations (by lane).
+    lane_quant: [QuantSlots; SIDE_STREAMS],
+    /// The span's first position on the device (kernels read it there, so that a captured
+    /// decode graph replays at any position).
+    pos: DeviceBuffer<i64>,
+    /// Whether `streams` and `streams_next` are exchanged (an odd number of hc_post_mix swaps).
+    streams_swapped: bool,
+    /// While a decode graph is being captured: grids cover the whole session.
+    capturing: bool,
+    /// The captured single-token forward (kernels only; uploads and the logits download are
+    /// outside), replayed for every decode step.
+    decode_graph: Option<DecodeGraph>,
+    /// Graphs are used unless profiling (whose timing events cannot be captured) or a
+    /// capture failed.
+    graphs_enabled: bool,
+    /// A single-token forward ran uncaptured (so every buffer it needs exists).
+    decode_warm: bool,
+    /// Indexer score rows per token (the most compressed rows a CSA layer can have).
+    max_index_rows: usize,
+    prof: StageTimes,
+}
+
+impl Scratch {
+    /// Reallocations of any stream's quant slots so far (a graph is bound to their buffers).
+    fn quant_generation(&self) -> u64 {
+        self.quant.generation + self.lane_quant.iter().map(|q| q.generation).sum::<u64>()
+    }
+
+    pub fn new(
+        m: &CudaModel,
+        cap: usize,
+        max_index_rows: usize,
+        max_attn_rows: usize,
+    ) -> Result<Scratch> {
+        let c = &m.cfg;
+        let dev = &m.gpu.device;
+        let f = |n: usize| dev.alloc::<f32>(n.max(1));
+        let i = |n: usize| dev.alloc::<i32>(n.max(1));
+        let (d, nc, k) = (c.hidden, c.hc_mult, c.n_experts_used);
+        let hhd = c.n_heads * c.head_dim;
+        let (ni, di) = (c.index_heads, c.index_head_dim);
+        let god = c.o_groups * c.o_lora_rank;
+        Ok(Scratch {
+            cap,
+            streams: f(cap * nc * d)?,
+            streams_next: f(cap * nc * d)?,
+            flat: f(cap * nc * d)?,
+            mix: f(cap * (2 + nc) * nc)?,
+            maps: f(cap * (2 * nc + nc * nc))?,
+            x: f(cap * d)?,
+            xn: f(cap * d)?,
+            qr: f(cap * c.q_lora_rank)?,
+            qrn: f(cap * c.q_lora_rank)?,
+            q: f(cap * hhd)?,
+            qn: f(cap * hhd)?,
+            kv: f(cap * c.head_dim)?,
+            kvn: f(cap * c.head_dim)?,
+            ckv: f(cap * 2 * c.head_dim)?,
+            cg: f(cap * 2 * c.head_dim)?,
+            ikv: f(cap * 2 * di)?,
+            ig: f(cap * 2 * di)?,
+            iq: f(cap * ni * di)?,
+            iw: f(cap * ni)?,
+            sel: i(cap * c.index_topk)?,
+            selc: i(cap)?,
+            iscores: f(cap * max_index_rows)?,
+            attn_scores: f(c.n_heads * max_attn_rows)?,
+            o: f(cap * hhd)?,
+            og: f(cap * hhd)?,
+            zg: f(cap * god)?,
+            z: f(cap * god)?,
+            y: f(cap * d)?,
+            rlog: f(cap * c.n_experts)?,
+            ids: i(cap * k)?,
+            wts: f(cap * k)?,
+            slot_order: i(cap * k)?,
+            slot_pos: i(cap * k)?,
+            group_start: i(c.n_experts + 1)?,
+            sorted_ids: i(cap * k)?,
+            sorted_wts: f(cap * k)?,
+            xe: f(cap * k * d)?,
+            eg: f(cap * k * c.expert_ff)?,
+            eu: f(cap * k * c.expert_ff)?,
+            eh: f(cap * k * c.expert_ff)?,
+            edown: f(cap * k * d)?,
+            sg: f(cap * c.expert_ff)?,
+            su: f(cap * c.expert_ff)?,
+            sh: f(cap * c.expert_ff)?,
+            sdown: f(cap * d)?,
+            tokens: i(cap)?,
+            hraw: f(cap * nc * d)?,
+            hflat: f(cap * nc * d)?,
+            hmix: f(cap * nc)?,
+            hu: f(cap * d)?,
+            hun: f(cap * d)?,
+            hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
+            hc_part_ready: false,
+            moe_pending: None,
+            pre_normed: None,
+            logits: f(cap * c.vocab_size)?,
+            quant: QuantSlots::default(),
+            lane_quant: Default::default(),
+            pos: dev.alloc::<i64>(1)?,
+            streams_swapped: false,
+            capturing: false,
+            decode_graph: None,
+            graphs_enabled: matches!(
+                crate::profile::mode(),
+                crate::profile::ProfileMode::Off | crate::profile::ProfileMode::Trace
+            ) && std::env::var_os("DS4_CUDA_NO_GRAPH").is_none(),
+            decode_warm: false,
+            max_index_rows,
+            prof: StageTimes::new(),
+        })
+    }
+}
+
+/// Copies `n` f32 from `src` (element `so`) to `dst` (element `do_`) on the stream.
+fn copy_f32(
+    m: &CudaModel,
+    src: &DeviceBuffer<f32>,
+    so: usize,
+    dst: &DeviceBuffer<f32>,
+    do_: usize,
+    n: usize,
+) -> Result<()> {
+    if so + n > src.len() || do_ + n > dst.len() {
+        return Err(CudaError::InvalidArgument(format!(
+            "device copy of {n} values out of range"
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: both ranges were checked to lie inside their live allocations.
+    unsafe {
+        result::memcpy_dtod_async(
+            dst.ptr_at(do_),
+            src.ptr_at(so),
+            n * 4,
+            m.gpu.device.stream().cu_stream(),
+        )
+    }
+    .ctx("cuMemcpyDtoDAsync")
+}
+
+/// Downloads the first `n` values of `buf`.
+pub(crate) fn download_prefix(
+    m: &CudaModel,
+    buf: &DeviceBuffer<f32>,
+    n: usize,
+) -> Result<Vec<f32>> {
+    if n > buf.len() {
+        return Err(CudaError::InvalidArgument(format!(
+            "download of {n} values from a buffer of {}",
+            buf.len()
+        )));
+    }
+    let mut out = vec![0f32; n];
+    if n > 0 {
+        // SAFETY: `out` holds n values, the source range lies in `buf`; `out` is not touched
+        // until the stream is synchronized below.
+        unsafe {
+            result::memcpy_dtoh_async(&mut out, buf.ptr(), m.gpu.device.main_stream().cu_stream())
+        }
+        .ctx("cuMemcpyDtoHAsync")?;
+    }
+    m.gpu.device.synchronize()?;
+    Ok(out)
+}
+
+/// y = W·x for `n` vectors, with ds4's activation quantization when the numerics ask for it
+/// (Q8_0 input for Q8_0 rows, Q8_K for the K/IQ formats; plain f32 otherwise).
+fn mm(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let dm = m.matrix(w)?;
+    match quantized(m, quant, w, x, n)? {
+        Some(qa) => product(m, &dm, qa, n, y),
+        None if n >= GEMM_MIN_VECS && crate::Gpu::gemm_f16_fits(&dm) => {
+            m.gpu.gemm_f16(&dm, x, n, y)
+        }
+        None => m.gpu.gemv(&dm, Activations::F32(x), n, y),
+    }
+}
+
+/// Vectors from which a product runs as a GEMM instead of the matvec kernels: Q8_0 on the
+/// tensor cores ([`crate::Gpu::gemm_q8_0`], same bits as the CPU's per-block dot product),
+/// F16 with f32 activations on the tensor cores as two f16 terms per activation
+/// ([`crate::Gpu::gemm_f16`]; the CUDA cores for column counts that are not multiples of 64).
+const GEMM_MIN_VECS: usize = 16;
+
+/// y = W·x for `n` quantized vectors: the tensor-core GEMM for Q8_0 spans, else the matvec.
+fn product(
+    m: &CudaModel,
+    w: &crate::gemv::DeviceMatrix,
+    qa: &QuantizedActivations,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    if n >= GEMM_MIN_VECS && w.format == WeightFormat::Q8_0 {
+        m.gpu.gemm_q8_0(w, qa, n, y)
+    } else {
+        m.gpu.gemv(w, Activations::Quantized(qa), n, y)
+    }
+}
+
+/// The activations `w` takes in these numerics: Some(kind) when ds4 numerics quantize its
+/// input (Q8_0 / Q8_K), None for plain f32.
+fn act_quant_of(m: &CudaModel, w: &Mat) -> Option<ActQuant> {
+    match m.numerics {
+        Numerics::Ds4 => w.format.activation_quant(),
+        Numerics::Reference => None,
+    }
+}
+
+/// y = rmsnorm(x) (`width` values per row, `n` rows), and, when `consumer` takes quantized
+/// activations, their quantization in the same launch (left in the quant slot that
+/// [`mm_prequantized`] reads). Returns whether it quantized.
+#[allow(clippy::too_many_arguments)]
+fn norm_for(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    x: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    width: usize,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+    consumer: &Mat,
+) -> Result<bool> {
+    let eps = m.cfg.rms_eps;
+    match act_quant_of(m, consumer).filter(|_| consumer.cols == width) {
+        Some(kind) => {
+            let qa = quant_slot(m, quant, kind, width, n, y.ptr())?;
+            m.gpu.rmsnorm_quantized(x, weight, width, n, eps, y, qa)?;
+            Ok(true)
+        }
+        None => {
+            m.gpu.rmsnorm(x, weight, width, n, eps, y)?;
+            Ok(false)
+        }
+    }
+}
+
+/// [`norm_for`] for two consumers that take different quantized forms (the FFN input: a
+/// Q8_0 shared expert and K-quant/IQ routed experts): both made in one launch. Returns
+/// whether each consumer's form was made.
+#[allow(clippy::too_many_arguments)]
+fn norm_for_both(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    x: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    width: usize,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+    first: &Mat,
+    second: &Mat,
+) -> Result<(bool, bool)> {
+    let kinds = (act_quant_of(m, first), act_quant_of(m, second));
+    let same_width = first.cols == width && second.cols == width;
+    if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) = (kinds.0, kinds.1, same_width) {
+        quant_slot(m, quant, ActQuant::Q8_0, width, n, y.ptr())?;
+        quant_slot(m, quant, ActQuant::Q8K, width, n, y.ptr())?;
+        let [Some(q8_0), Some(q8_k)] = quant.slots.get_disjoint_mut([
+            &(ActQuant::Q8_0, width, y.ptr()),
+            &(ActQuant::Q8K, width, y.ptr()),
+        ]) else {
+            unreachable!("both slots were made above");
+        };
+        m.gpu
+            .rmsnorm_quantized_both(x, weight, width, n, m.cfg.rms_eps, y, q8_0, q8_k)?;
+        return Ok((true, true));
+    }
+    let made = norm_for(m, quant, x, weight, width, n, y, first)?;
+    Ok((made, made && kinds.1 == kinds.0 && second.cols == width))
+}
+
+/// The RMS norm a sublayer begins with: its weight and the products that read its output
+/// (`second`: the routed experts beside the shared expert, as [`norm_for_both`] takes them).
+#[derive(Clone, Copy)]
+struct PreNorm<'a> {
+    weight: &'a DeviceBuffer<f32>,
+    first: &'a Mat,
+    second: Option<&'a Mat>,
+}
+
+/// The quantized forms [`norm_for`] (`second` None) or [`norm_for_both`] make for consumers of
+/// `width`-value vectors: whether Q8_0 and Q8_K are made, and what those functions return.
+fn norm_forms(
+    m: &CudaModel,
+    width: usize,
+    first: &Mat,
+    second: Option<&Mat>,
+) -> (bool, bool, (bool, bool)) {
+    let k1 = act_quant_of(m, first);
+    if let Some(sec) = second {
+        let same_width = first.cols == width && sec.cols == width;
+        if let (Some(ActQuant::Q8_0), Some(ActQuant::Q8K), true) =
+            (k1, act_quant_of(m, sec), same_width)
+        {
+            return (true, true, (true, true));
+        }
+    }
+    match k1.filter(|_| first.cols == width) {
+        Some(kind) => {
+            let made2 =
+                second.is_some_and(|sec| act_quant_of(m, sec) == Some(kind) && sec.cols == width);
+            (kind == ActQuant::Q8_0, kind == ActQuant::Q8K, (true, made2))
+        }
+        None => (false, false, (false, false)),
+    }
+}
+
+/// SwiGLU of gate/up into `out` (see [`crate::Gpu::swiglu_clamp`]), with the quantized form
+/// `consumer` takes (vectors of `per_slot` values) made in the same launch; returns whether
+/// it was made.
+#[allow(clippy::too_many_arguments)]
+fn swiglu_for(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    gate: &DeviceBuffer<f32>,
+    up: &DeviceBuffer<f32>,
+    total: usize,
+    per_slot: usize,
+    limit: Option<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
+    out: &mut DeviceBuffer<f32>,
+    consumer: &Mat,
+) -> Result<bool> {
+    match act_quant_of(m, consumer).filter(|_| consumer.cols == per_slot) {
+        Some(kind) => {
+            let qa = quant_slot(m, quant, kind, per_slot, total / per_slot, out.ptr())?;
+            m.gpu
+                .swiglu_clamp_quantized(gate, up, total, per_slot, limit, weight, out, qa)?;
+            Ok(true)
+        }
+        None => {
+            m.gpu
+                .swiglu_clamp(gate, up, total, per_slot, limit, weight, out)?;
+            Ok(false)
+        }
+    }
+}
+
+/// y = W·x for `n` vectors whose quantized form [`norm_for`] already made (when it returned
+/// true; else plain [`mm`]). Nothing may have used that quant slot in between.
+fn mm_prequantized(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    prequantized: bool,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kind = act_quant_of(m, w);
+    match (prequantized, kind) {
+        (true, Some(kind)) => product(m, &m.matrix(w)?, quant.get(kind, w.cols, n, x.ptr())?, n, y),
+        _ => mm(m, quant, w, x, n, y),
+    }
+}
+
+/// [`mm_prequantized`] on a side stream: the prequantized form is read from `made` (the
+/// main stream's slots, filled before the fork), anything quantized here goes into the
+/// branch's own slots `own`, so that no two streams write one buffer.
+#[allow(clippy::too_many_arguments)]
+fn mm_branch(
+    m: &CudaModel,
+    made: &QuantSlots,
+    own: &mut QuantSlots,
+    prequantized: bool,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    match (prequantized, act_quant_of(m, w)) {
+        (true, Some(kind)) => product(m, &m.matrix(w)?, made.get(kind, w.cols, n, x.ptr())?, n, y),
+        _ => mm(m, own, w, x, n, y),
+    }
+}
+
+/// The quant slot for the quantized form of `n` vectors of `cols` values of `kind` of the
+/// f32 buffer at `src`, grown when too small.
+fn quant_slot<'a>(
+    m: &CudaModel,
+    quant: &'a mut QuantSlots,
+    kind: ActQuant,
+    cols: usize,
+    n: usize,
+    src: u64,
+) -> Result<&'a mut QuantizedActivations> {
+    let key = (kind, cols, src);
+    let grow = quant.slots.get(&key).is_none_or(|q| q.q.len() < n * cols);
+    if grow {
+        quant
+            .slots
+            .insert(key, m.gpu.alloc_quantized(kind, cols, n)?);
+        quant.generation += 1;
+    }
+    let qa = quant.slots.get_mut(&key).expect("inserted above");
+    qa.n_vecs = n;
+    Ok(qa)
+}
+
+/// Which input vector each routed-expert slot reads, and whether its quantized form exists.
+#[derive(Clone, Copy)]
+struct SlotInput<'a> {
+    /// Slot s reads vector s of x (else every slot reads vector 0: one token's k experts).
+    per_slot: bool,
+    /// The quantized form is already in the quant slot (the previous expert product made it
+    /// from the same x).
+    prequantized: bool,
+    /// The slots are sorted by expert with these E+1 group starts: quantized products then run
+    /// grouped (each expert's rows decoded once for all of its slots, same bits per slot).
+    groups: Option<&'a DeviceBuffer<i32>>,
+}
+
+/// Expert products: slot s uses matrix ids[s] of the stack on its `n_vecs` input vectors
+/// (see [`SlotInput`]); y is n_slots × n_vecs × rows.
+#[allow(clippy::too_many_arguments)]
+fn mm_experts(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: &Mat,
+    ids: &DeviceBuffer<i32>,
+    n_slots: usize,
+    x: &DeviceBuffer<f32>,
+    n_vecs: usize,
+    input: SlotInput,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let dm = m.matrix(w)?;
+    let x_vecs = if input.per_slot {
+        n_slots * n_vecs
+    } else {
+        n_vecs
+    };
+    let qa = expert_input(m, quant, w, x, x_vecs, input)?;
+    match qa {
+        Some(qa) if input.groups.is_some() && input.per_slot && n_vecs == 1 => {
+            let groups = input.groups.expect("checked by the guard");
+            let x = Activations::Quantized(qa);
+            if crate::Gpu::expert_gemm_grouped_supports(dm.format) {
+                m.gpu.expert_gemm_grouped(&dm, groups, x, n_slots, y)
+            } else {
+                m.gpu.expert_gemv_grouped(&dm, groups, x, n_slots, y)
+            }
+        }
+        Some(qa) if n_vecs >= GEMM_MIN_VECS && dm.format == WeightFormat::Q8_0 => m
+            .gpu
+            .expert_gemm_q8_0(&dm, ids, n_slots, qa, input.per_slot, n_vecs, y),
+        Some(qa) => m.gpu.expert_gemv(
+            &dm,
+            ids,
+            n_slots,
+            Activations::Quantized(qa),
+            input.per_slot,
+            n_vecs,
+            y,
+        ),
+        None => m.gpu.expert_gemv(
+            &dm,
+            ids,
+            n_slots,
+            Activations::F32(x),
+            input.per_slot,
+            n_vecs,
+            y,
+        ),
+    }
+}
+
+/// The quantized form of an expert product's `x_vecs` input vectors (None: f32 input): the
+/// one already in the quant slot when `input.prequantized`, else made now.
+fn expert_input<'a>(
+    m: &CudaModel,
+    quant: &'a mut QuantSlots,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    x_vecs: usize,
+    input: SlotInput,
+) -> Result<Option<&'a QuantizedActivations>> {
+    match act_quant_of(m, w) {
+        None => Ok(None),
+        Some(kind) if input.prequantized => quant.get(kind, w.cols, x_vecs, x.ptr()).map(Some),
+        Some(_) => quantized(m, quant, w, x, x_vecs),
+    }
+}
+
+/// Whether two weights have the same format and shape (so one paired launch takes both).
+fn same_shape(a: &Mat, b: &Mat) -> bool {
+    a.format == b.format && a.rows == b.rows && a.cols == b.cols && a.experts == b.experts
+}
+
+/// [`mm_experts`] of two same-shaped stacks on the same one-vector-per-slot input, in one
+/// launch (the MoE gate and up projections).
+#[allow(clippy::too_many_arguments)]
+fn mm_experts_pair(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: [&Mat; 2],
+    ids: &DeviceBuffer<i32>,
+    n_slots: usize,
+    x: &DeviceBuffer<f32>,
+    input: SlotInput,
+    y: [&mut DeviceBuffer<f32>; 2],
+) -> Result<()> {
+    let dm = [m.matrix(w[0])?, m.matrix(w[1])?];
+    let x_vecs = if input.per_slot { n_slots } else { 1 };
+    let qa = expert_input(m, quant, w[0], x, x_vecs, input)?;
+    match (qa, input.groups) {
+        (Some(qa), Some(groups)) if input.per_slot => {
+            let (w, x) = ([&dm[0], &dm[1]], Activations::Quantized(qa));
+            if crate::Gpu::expert_gemm_grouped_supports(dm[0].format) {
+                m.gpu.expert_gemm_grouped_pair(w, groups, x, n_slots, y)
+            } else {
+                m.gpu.expert_gemv_grouped_pair(w, groups, x, n_slots, y)
+            }
+        }
+        (Some(qa), _) => m.gpu.expert_gemv_pair(
+            [&dm[0], &dm[1]],
+            ids,
+            n_slots,
+            Activations::Quantized(qa),
+            input.per_slot,
+            1,
+            y,
+        ),
+        (None, _) => m.gpu.expert_gemv_pair(
+            [&dm[0], &dm[1]],
+            ids,
+            n_slots,
+            Activations::F32(x),
+            input.per_slot,
+            1,
+            y,
+        ),
+    }
+}
+
+/// In ds4 numerics, quantizes the `n` input vectors as the weight format's kernel expects.
+fn quantized<'a>(
+    m: &CudaModel,
+    quant: &'a mut QuantSlots,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n: usize,
+) -> Result<Option<&'a QuantizedActivations>> {
+    let Some(kind) = act_quant_of(m, w) else {
+        return Ok(None);
+    };
+    let qa = quant_slot(m, quant, kind, w.cols, n, x.ptr())?;
+    m.gpu.quantize_activations(x, qa)?;
+    Ok(Some(qa))
+}
+
+impl CudaModel {
+    /// Runs one chunk (at most `scratch.cap` tokens at positions pos0..) through every layer,
+    /// updating the layer states; returns the logits of chunk rows `head_rows` (a contiguous
+    /// range), row-major.
+    pub(crate) fn forward_chunk(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        tokens: &[u32],
+        pos0: usize,
+        head_rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let n = tokens.len();
+        let (d, nc) = (c.hidden, c.hc_mult);
+        if n == 0 || n > s.cap {
+            return Err(CudaError::InvalidArgument(format!(
+                "chunk of {n} tokens (scratch holds {})",
+                s.cap
+            )));
+        }
+        s.prof.start(self)?;
+        // Dependent launches for single-token steps only (see set_dependent_launch).
+        self.gpu.device.set_dependent_launch(n == 1);
+        // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
+        let mut streams = vec![0f32; n * nc * d];
+        for (t, &tok) in tokens.iter().enumerate() {
+            let st = &mut streams[t * nc * d..(t + 1) * nc * d];
+            self.host
+                .decode_row(&self.host.embed, tok as usize, &mut st[..d]);
+            for j in 1..nc {
+                st.copy_within(0..d, j * d);
+            }
+        }
+        // Every chunk starts from the same stream buffer (a captured graph reads that one).
+        if s.streams_swapped {
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = false;
+        }
+        self.gpu.device.copy_to(&streams, &mut s.streams, 0)?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
+        self.gpu.device.copy_to(&[pos0 as i64], &mut s.pos, 0)?;
+        s.prof.mark(self, "embed")?;
+
+        let rows = head_rows.len();
+        let graph_step = n == 1 && head_rows == (0..1) && s.graphs_enabled;
+        if s.decode_graph
+            .as_ref()
+            .is_some_and(|g| g.generation != s.quant_generation())
+        {
+            s.decode_graph = None;
+        }
+        if graph_step && s.decode_graph.is_none() && s.decode_warm {
+            self.capture_decode(s, layers, pos0)?;
+        }
+        match (&s.decode_graph, graph_step) {
+            (Some(g), true) => g.graph.launch().ctx("cuGraphLaunch (decode step)")?,
+            _ => {
+                self.layers_and_head(s, layers, n, pos0, head_rows)?;
+                s.decode_warm |= graph_step;
+            }
+        }
+        s.prof.mark(self, "head")?;
+        download_prefix(self, &s.logits, rows * c.vocab_size)
+    }
+
+    /// Every layer, then the head kernels for chunk rows `head_rows` (logits left in
+    /// s.logits).
+    fn layers_and_head(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        n: usize,
+        pos0: usize,
+        head_rows: std::ops::Range<usize>,
+    ) -> Result<()> {
+        s.hc_part_ready = false;
+        s.pre_normed = None;
+        for (l, state) in layers.iter_mut().enumerate() {
+            self.layer(l, s, state, n, pos0)?;
+        }
+        self.head(s, head_rows)
+    }
+
+    /// Captures the single-token forward into s.decode_graph. A capture that fails turns
+    /// graphs off for the session (the caller then runs the step uncaptured).
+    fn capture_decode(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        pos0: usize,
+    ) -> Result<()> {
+        let stream = self.gpu.device.main_stream();
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .ctx("cuStreamBeginCapture")?;
+        s.capturing = true;
+        let ran = self.layers_and_head(s, layers, 1, pos0, 0..1);
+        s.capturing = false;
+        let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        // The kernels issued during a capture did not run: undo the host-side stream swaps.
+        if s.streams_swapped {
+            std::mem::swap(&mut s.streams, &mut s.streams_next);
+            s.streams_swapped = false;
+        }
+        match (ran, captured) {
+            (Ok(()), Ok(Some(graph))) => {
+                s.decode_graph = Some(DecodeGraph {
+                    graph,
+                    generation: s.quant_generation(),
+                });
+            }
+            // Anything else (an operation that cannot be captured, an error the uncaptured
+            // step will report again): no graphs for this session.
+            _ => s.graphs_enabled = false,
+        }
+        Ok(())
+    }
+
+    fn layer(
+        &self,
+        l: usize,
+        s: &mut Scratch,
+        state: &mut GpuLayerState,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let w = &self.layers[l];
+        let attn_norm = PreNorm {
+            weight: &w.attn_norm,
+            first: &w.q_a,
+            second: None,
+        };
+        self.hc_pre(s, &w.hc_attn, n, Some(attn_norm))?;
+        s.prof.mark(self, "hc")?;
+        self.attention(l, s, state, n, pos0)?;
+        self.hc_post(s, n, Some(&w.hc_ffn))?;
+        // (ffn's single-token norm: norm_for_both of the shared and the routed experts.)
+        let ffn_norm = PreNorm {
+            weight: &w.ffn_norm,
+            first: &w.gate_shexp,
+            second: Some(&w.gate_exps),
+        };
+        self.hc_pre(s, &w.hc_ffn, n, Some(ffn_norm))?;
+        s.prof.mark(self, "hc")?;
+        self.ffn(l, s, n)?;
+        self.hc_post(s, n, self.layers.get(l + 1).map(|next| &next.hc_attn))?;
+        s.prof.mark(self, "hc")
+    }
+
+    /// Runs `issue` with launches going to side stream `lane` (forked from the main stream's
+    /// current point); launches go to the main stream again afterwards, error or not. The
+    /// caller joins the lane before anything on the main stream reads what the branch wrote.
+    fn branch(&self, lane: usize, issue: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.gpu.device.fork(lane)?;
+        let issued = issue();
+        self.gpu.device.to_main();
+        issued
+    }
+
+    /// HC head, final norm and LM head for chunk rows `rows`; rows.len() × vocab.
+    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>) -> Result<()> {
+        let c = &self.cfg;
+        let (d, nc) = (c.hidden, c.hc_mult);
+        let nr = rows.len();
+        if nr == 0 {
+            return Ok(());
+        }
+        copy_f32(
+            self,
+            &s.streams,
+            rows.start * nc * d,
+            &s.hraw,
+            0,
+            nr * nc * d,
+        )?;
+        self.gpu
+            .rmsnorm(&s.hraw, None, nc * d, nr, c.rms_eps, &mut s.hflat)?;
+        mm(
+            self,
+            &mut s.quant,
+            &self.output_hc.fn_,
+            &s.hflat,
+            nr,
+            &mut s.hmix,
+        )?;
+        let a = kargs![
+            s.hmix.ptr(),
+            self.output_hc.base.ptr(),
+            self.output_hc.scale.ptr(),
+            s.hraw.ptr(),
+            s.hu.ptr(),
+            nc,
+            d,
+            c.hc_eps
+        ];
+        // SAFETY: hc_head reads nr × n mixes, n bases, 1 scale and nr × n × d streams, writes
+        // nr × d values of s.hu.
+        unsafe {
+            self.fk.launch(
+                &self.gpu.device,
+                "fwd_hc",
+                "hc_head",
+                per_item(nr, CTA, 0),
+                &a,
+            )?
+        };
+        self.gpu
+            .rmsnorm(&s.hu, Some(&self.output_norm), d, nr, c.rms_eps, &mut s.hun)?;
+        mm(self, &mut s.quant, &self.output, &s.hun, nr, &mut s.logits)
+    }
+}
