@@ -87,15 +87,30 @@ pub(crate) struct DevLayer {
 /// at aae30f3: 2048 3 180-3 216 / 3 180-3 186, 1024 3 012-3 044 / 2 993). The span scratch
 /// doubles: peak GPU memory 6 483 -> 8 499 MiB (~2 MiB per token of span).
 /// `DS4_CUDA_CHUNK` overrides it (1..=4096) for experiments with the prefill batch size.
+/// Where the default's scratch does not fit beside the weights, a model loads with the
+/// largest smaller span that does ([`fitting_chunk`], down to [`MIN_AUTO_CHUNK`]).
 pub const CHUNK: usize = 2048;
 
-/// The chunk size in use: [`CHUNK`] unless `DS4_CUDA_CHUNK` names another valid size.
-pub fn chunk_tokens() -> usize {
+/// The smallest span [`fitting_chunk`] falls back to (prefill gets slow below it).
+pub const MIN_AUTO_CHUNK: usize = 256;
+
+/// The span `DS4_CUDA_CHUNK` asks for, if it names a valid size.
+fn chunk_override() -> Option<usize> {
     std::env::var("DS4_CUDA_CHUNK")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| (1..=4096).contains(n))
-        .unwrap_or(CHUNK)
+}
+
+/// The span a model loads with: `preferred`, else (when `fits` says its scratch does not fit)
+/// the largest of its halvings down to [`MIN_AUTO_CHUNK`] that fits; the smallest of them when
+/// none does (the fit check then reports the least memory the model needs).
+pub fn fitting_chunk(preferred: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let mut chunk = preferred;
+    while !fits(chunk) && chunk / 2 >= MIN_AUTO_CHUNK {
+        chunk /= 2;
+    }
+    chunk
 }
 
 /// Everything the forward pass needs on one GPU.
@@ -117,6 +132,8 @@ pub struct CudaModel {
     /// RoPE pair frequencies (f64 bit patterns) of sliding and compressed layers.
     pub(crate) rope_main: DeviceBuffer<u64>,
     pub(crate) rope_compress: DeviceBuffer<u64>,
+    /// Tokens per forward chunk (prefill span) of this model's sessions.
+    pub(crate) chunk: usize,
 }
 
 fn inv_freq_bits(t: &RopeTable) -> Vec<u64> {
@@ -162,7 +179,26 @@ impl CudaModel {
         let fk = ForwardKernels::load(&gpu.device, &KernelCache::from_env()).map_err(err)?;
         let base = file.data_offset() as usize;
         let region = &file.bytes()[base..];
-        let reserve = working_memory_estimate(&cfg);
+        // An explicit DS4_CUDA_CHUNK is kept; the default span shrinks until its scratch fits.
+        let chunk = match chunk_override() {
+            Some(c) => c,
+            None => {
+                let (free, _) = gpu.device.memory_info().map_err(err)?;
+                let chunk = fitting_chunk(CHUNK, |c| {
+                    region
+                        .len()
+                        .saturating_add(working_memory_estimate(&cfg, c))
+                        <= free
+                });
+                if chunk < CHUNK {
+                    eprintln!(
+                        "ds4: prefill in spans of {chunk} tokens: the {CHUNK}-token span's scratch does not fit beside the weights in GPU memory"
+                    );
+                }
+                chunk
+            }
+        };
+        let reserve = working_memory_estimate(&cfg, chunk);
         let weights = DeviceWeights::upload(&gpu.device, region, reserve, progress).map_err(err)?;
         let parts = DevParts::bind(&gpu, &host, &cfg, base).map_err(err)?;
         let model = CudaModel {
@@ -179,6 +215,7 @@ impl CudaModel {
             group_ids: parts.group_ids,
             rope_main: parts.rope_main,
             rope_compress: parts.rope_compress,
+            chunk,
         };
         // Every matrix must lie inside the region with a kernel for its format.
         for l in &model.layers {
@@ -335,11 +372,11 @@ fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result
     })
 }
 
-/// Device memory the forward pass needs beside the weights for its scratch (one chunk) and
-/// a small session, used for the fit check before anything is uploaded.
-pub fn working_memory_estimate(cfg: &ModelConfig) -> usize {
+/// Device memory the forward pass needs beside the weights for its scratch (one chunk of
+/// `chunk` tokens) and a small session, used for the fit check before anything is uploaded.
+pub fn working_memory_estimate(cfg: &ModelConfig, chunk: usize) -> usize {
     let f = 4usize;
-    let n = chunk_tokens();
+    let n = chunk;
     let k = cfg.n_experts_used;
     let per_token = cfg.hc_mult * cfg.hidden * 4
         + cfg.n_heads * cfg.head_dim * 4
@@ -353,4 +390,34 @@ pub fn working_memory_estimate(cfg: &ModelConfig) -> usize {
 /// GiB, for messages.
 pub(crate) fn gib_str(bytes: usize) -> String {
     format!("{:.2} GiB", gib(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefill_span_halves_until_its_scratch_fits() {
+        // Fits from 600 tokens down: 2048 -> 1024 -> 512.
+        assert_eq!(fitting_chunk(2048, |c| c <= 600), 512);
+        // The preferred span when it fits; no search below the floor when nothing fits (the
+        // fit check then reports the smallest span's need).
+        assert_eq!(fitting_chunk(2048, |_| true), 2048);
+        assert_eq!(fitting_chunk(2048, |_| false), MIN_AUTO_CHUNK);
+        assert_eq!(fitting_chunk(300, |_| false), 300);
+    }
+
+    #[test]
+    fn a_longer_span_needs_more_working_memory() {
+        let cfg = ModelConfig::flash();
+        let (small, big) = (
+            working_memory_estimate(&cfg, 1024),
+            working_memory_estimate(&cfg, 2048),
+        );
+        // ~1.75 MB per token of span at Flash's shapes, beside a fixed 512 MiB.
+        assert!(
+            big > small && big - small > 1024 * 1_500_000,
+            "{small} {big}"
+        );
+    }
 }

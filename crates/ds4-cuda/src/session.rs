@@ -14,7 +14,7 @@ use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
 use crate::device::DeviceBuffer;
 use crate::error::{CudaError, Result};
 use crate::forward::{download_prefix, Scratch};
-use crate::model::{chunk_tokens, CudaModel};
+use crate::model::CudaModel;
 
 /// One compressor's device state.
 pub(crate) struct GpuCompressor {
@@ -161,13 +161,8 @@ impl CudaSession {
                 index: index.transpose().map_err(cuda_err)?,
             });
         }
-        let scratch = Scratch::new(
-            &model,
-            chunk_tokens().min(ctx),
-            max_index_rows,
-            max_attn_rows,
-        )
-        .map_err(cuda_err)?;
+        let scratch = Scratch::new(&model, model.chunk.min(ctx), max_index_rows, max_attn_rows)
+            .map_err(cuda_err)?;
         Ok(CudaSession {
             model,
             ctx,
@@ -282,8 +277,8 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .max()
         .unwrap_or(1);
     state
-        + crate::model::working_memory_estimate(cfg)
-        + chunk_tokens() * max_index_rows * 4
+        + crate::model::working_memory_estimate(cfg, m.chunk)
+        + m.chunk * max_index_rows * 4
         + cfg.n_heads * max_attn_rows * 4
 }
 
