@@ -2,7 +2,7 @@
 //! with NVRTC through the same disk cache as the foundation's modules, and a launcher.
 //!
 //! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
-//! counts, double scalars), so a launch is a list of u64 bit patterns ([`arg`]).
+//! counts, double scalars), so a launch is a list of u64 bit patterns ([`KArg`]).
 
 use cudarc::driver::{CudaFunction, LaunchConfig};
 

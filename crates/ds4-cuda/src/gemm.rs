@@ -167,7 +167,7 @@ impl Gpu {
     }
 
     /// The expert form, with the expert ids on the device: for each slot s < n_slots, matrix
-    /// e = ids[s] of the stack computes y vector s·n_vecs + v from x vector s·n_vecs + v
+    /// e = `ids[s]` of the stack computes y vector s·n_vecs + v from x vector s·n_vecs + v
     /// (`x_per_slot`, e.g. the grouped output projection) or x vector v (all slots share the
     /// input). x holds (n_slots ×) n_vecs vectors, y n_slots × n_vecs × rows values. An id
     /// outside [0, experts) yields NaN outputs for its slot.

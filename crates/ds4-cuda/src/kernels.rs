@@ -241,7 +241,7 @@ impl Kernels {
 
 /// The IQ2_XXS codebook, read back through ds4-gguf's public dequantizer (one source of truth
 /// for the table): a block with d = 1, scale nibble 0 and no signs decodes group entry k to
-/// 0.125 · grid[k], which is exact in f32.
+/// `0.125 · grid[k]`, which is exact in f32.
 pub fn iq2xxs_grid() -> Result<Vec<u64>> {
     let mut grid = vec![0u64; 256];
     let one_f16 = half::f16::from_f32(1.0).to_bits().to_le_bytes();

@@ -112,7 +112,7 @@ fn grid_dim(what: &str, n: usize) -> Result<u32> {
 }
 
 impl Gpu {
-    /// y[r] = x[r] / sqrt(mean(x[r]²) + eps) ⊙ weight for `rows` rows of `n` (weight optional,
+    /// `y[r] = x[r] / sqrt(mean(x[r]²) + eps) ⊙ weight` for `rows` rows of `n` (weight optional,
     /// n values). Sums of squares in f64 like the CPU reference (only their order differs).
     pub fn rmsnorm(
         &self,
@@ -250,7 +250,7 @@ impl Gpu {
         Ok(())
     }
 
-    /// out[i] = silu(min(gate[i], limit)) · clamp(up[i], ±limit) · weight[i / per_slot] over n
+    /// `out[i] = silu(min(gate[i], limit)) · clamp(up[i], ±limit) · weight[i / per_slot]` over n
     /// values (`limit` None: no clamp; `weight` None: 1). The weight lives on the device (the
     /// router's output), one per slot of `per_slot` values.
     #[allow(clippy::too_many_arguments)]
