@@ -230,6 +230,15 @@ fn run_sweep(args: &BenchArgs, kind: BackendKind) -> anyhow::Result<()> {
     if let Some(e) = write_error {
         return Err(e);
     }
+    // The session's state and scratch are allocated up front for the whole context, so this
+    // is about the sweep's peak (device-wide: other processes' memory included).
+    if let Some((used, total)) = backend.device_memory() {
+        println!(
+            "device memory in use after the sweep: {} MiB of {} MiB",
+            used >> 20,
+            total >> 20
+        );
+    }
     Ok(())
 }
 

@@ -62,12 +62,6 @@ impl CudaBackend {
     pub fn session(&self, ctx: usize) -> Result<CudaSession, ModelError> {
         CudaSession::new(self.model.clone(), ctx)
     }
-
-    /// (used, total) GPU memory in bytes, as the driver reports it.
-    pub fn memory_used(&self) -> Option<(usize, usize)> {
-        let (free, total) = self.model.gpu().device.memory_info().ok()?;
-        Some((total - free, total))
-    }
 }
 
 impl Backend for CudaBackend {
@@ -85,5 +79,11 @@ impl Backend for CudaBackend {
 
     fn new_session(&self, ctx: usize) -> Result<Box<dyn Session>, ModelError> {
         Ok(Box::new(self.session(ctx)?))
+    }
+
+    /// As the driver reports it: every process's allocations on the GPU.
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        let (free, total) = self.model.gpu().device.memory_info().ok()?;
+        Some((total.saturating_sub(free), total))
     }
 }

@@ -47,6 +47,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// A fresh, empty session whose state is allocated for `ctx` tokens.
     fn new_session(&self, ctx: usize) -> Result<Box<dyn Session>, ModelError>;
+    /// (used, total) bytes of the accelerator's memory, device-wide, for backends that have
+    /// one (None for the CPU).
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// The incremental state of one token stream.
