@@ -33,7 +33,8 @@
 //! Environment knobs (for measurement; the defaults are the fast path):
 //! `DS4_CUDA_PROFILE=kernels` prints per-kernel GPU time (turns graphs off);
 //! `DS4_CUDA_PROFILE=trace` traces every kernel through CUPTI with graphs and branches on and
-//! splits each decode step into time alone on the GPU per kernel, overlap and idle;
+//! splits each decode step into time alone on the GPU per kernel, overlap and idle
+//! (`DS4_CUDA_TRACE_FILE=F` also writes every record to F as CSV);
 //! `DS4_CUDA_NO_GRAPH` decodes without the captured graph; `DS4_CUDA_NO_PDL` launches without
 //! programmatic dependent launch; `DS4_CUDA_NO_BRANCHES` runs the side-stream branches in
 //! line; `DS4_CUDA_CHUNK` sets the prefill span (2048); `DS4_CUDA_EXPERTS_PASS` (32 / 64)
