@@ -15,6 +15,7 @@ use std::alloc::{alloc, dealloc, Layout};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::addr_of;
 use std::sync::Mutex;
 
 use cudarc::cupti::result::activity;
@@ -216,27 +217,32 @@ extern "C" fn buffer_completed(
     let mut parsed = Vec::new();
     let mut record: *mut sys::CUpti_Activity = std::ptr::null_mut();
     // SAFETY: `buffer` is one of ours (buffer_requested) holding `valid` bytes of records;
-    // get_next_record walks them and leaves `record` pointing into the buffer. A record of
-    // kind CONCURRENT_KERNEL is a CUpti_ActivityKernel of the library's version; every version
-    // since CUDA 12 starts with the fields read here, at the offsets of CUpti_ActivityKernel10
-    // (later versions append fields). `name` is a NUL-terminated string CUPTI keeps alive.
+    // get_next_record walks them and leaves `record` pointing at a record inside the buffer,
+    // which starts with its kind (a C enum, read as the u32 it is: no Rust enum is formed from
+    // a value a newer CUPTI may add). A CONCURRENT_KERNEL record is a CUpti_ActivityKernel of
+    // the library's version; every version since CUDA 12 has the integer and pointer fields
+    // read here at the offsets of CUpti_ActivityKernel10 (later versions append fields). They
+    // are read through raw field addresses (no reference to the struct, whose enum fields are
+    // not checked), unaligned-safe. `name` is a NUL-terminated string CUPTI keeps alive.
     unsafe {
         while activity::get_next_record(buffer, valid, &mut record).is_ok() {
-            if (*record).kind != sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL {
+            let kind = (record as *const u32).read_unaligned();
+            if kind != sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL as u32 {
                 continue;
             }
-            let k = &*(record as *const sys::CUpti_ActivityKernel10);
-            let name = if k.name.is_null() {
+            let k = record as *const sys::CUpti_ActivityKernel10;
+            let name_ptr = addr_of!((*k).name).read_unaligned();
+            let name = if name_ptr.is_null() {
                 "?".to_string()
             } else {
-                CStr::from_ptr(k.name).to_string_lossy().into_owned()
+                CStr::from_ptr(name_ptr).to_string_lossy().into_owned()
             };
             parsed.push(KernelRecord {
                 name,
-                start: k.start,
-                end: k.end,
-                correlation: k.correlationId,
-                in_graph: k.graphId != 0,
+                start: addr_of!((*k).start).read_unaligned(),
+                end: addr_of!((*k).end).read_unaligned(),
+                correlation: addr_of!((*k).correlationId).read_unaligned(),
+                in_graph: addr_of!((*k).graphId).read_unaligned() != 0,
             });
         }
         dealloc(buffer, buffer_layout());
