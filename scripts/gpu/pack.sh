@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 DIR=${1:-.dev/run}
 cargo build --release -p ds4-cli
 TESTS=$(cargo test --release -p ds4-cuda --no-run 2>&1 |
-    grep -oE 'target/release/deps/(ds4_cuda|forward_fixtures|kv_roundtrip|gpu_kernels|vector_ops_gpu|gemm_gpu|gemm_f16_gpu|gemm_experts_gpu|hc_gpu|index_select_gpu|index_scores_gpu)-[0-9a-f]+' || true)
+    grep -oE 'target/release/deps/(ds4_cuda|forward_fixtures|decode_graph|kv_roundtrip|gpu_kernels|vector_ops_gpu|gemm_gpu|gemm_f16_gpu|gemm_experts_gpu|hc_gpu|index_select_gpu|index_scores_gpu)-[0-9a-f]+' || true)
 rm -rf "$DIR" && mkdir -p "$DIR"
 cp target/release/ds4 "$DIR/"
 for t in $TESTS; do

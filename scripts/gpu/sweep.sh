@@ -52,7 +52,7 @@ if [ "$MODE" = --full ]; then
 fi
 
 # The GPU test suites the pack carries (each prints its own `test result` line).
-for t in ds4_cuda forward_fixtures kv_roundtrip gpu_kernels gemm_experts_gpu gemm_f16_gpu \
+for t in ds4_cuda forward_fixtures decode_graph kv_roundtrip gpu_kernels gemm_experts_gpu gemm_f16_gpu \
     gemm_gpu hc_gpu index_scores_gpu index_select_gpu vector_ops_gpu; do
     [ -x "$DIR/$t" ] || continue
     timeout 180 "$DIR/$t" --test-threads=1 > "$OUT/test_$t.txt" 2>&1

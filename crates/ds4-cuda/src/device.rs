@@ -86,6 +86,11 @@ pub struct CudaDevice {
     side: Vec<Arc<CudaStream>>,
     /// Which stream launches go to: 0 the main stream, i > 0 side stream i − 1.
     current: AtomicUsize,
+    /// Bit i: side stream i was forked and not joined since. A join of a lane with nothing
+    /// pending is skipped: inside a graph capture, waiting on a side stream that was not
+    /// forked in the capture is an error (CUDA_ERROR_STREAM_CAPTURE_ISOLATION) that turned the
+    /// decode graph off.
+    forked: AtomicUsize,
     /// Whether kernels can be launched with programmatic dependent launch (Hopper and
     /// later, unless DS4_CUDA_NO_PDL is set; see [`KernelArgs::launch`]) ...
     pdl: bool,
@@ -148,6 +153,7 @@ impl CudaDevice {
             stream,
             side,
             current: AtomicUsize::new(0),
+            forked: AtomicUsize::new(0),
             branches: std::env::var_os("DS4_CUDA_NO_BRANCHES").is_none(),
             pdl,
             pdl_now: std::sync::atomic::AtomicBool::new(pdl),
@@ -195,6 +201,7 @@ impl CudaDevice {
             return Ok(());
         }
         side.join(&self.stream).ctx("forking a side stream")?;
+        self.forked.fetch_or(1 << lane, Ordering::Relaxed);
         self.current.store(lane + 1, Ordering::Relaxed);
         Ok(())
     }
@@ -204,13 +211,14 @@ impl CudaDevice {
         self.current.store(0, Ordering::Relaxed);
     }
 
-    /// Ends a branch: the main stream waits for everything issued on side stream `lane`;
-    /// launches go to the main stream.
+    /// Ends a branch: the main stream waits for everything issued on side stream `lane` (if
+    /// it was forked since its last join); launches go to the main stream.
     pub fn join(&self, lane: usize) -> Result<()> {
         let side = self.side.get(lane).ok_or_else(|| {
             CudaError::InvalidArgument(format!("side stream {lane} (there are {SIDE_STREAMS})"))
         })?;
-        if self.branches {
+        let was_forked = self.forked.fetch_and(!(1 << lane), Ordering::Relaxed) & (1 << lane) != 0;
+        if self.branches && was_forked {
             self.stream.join(side).ctx("joining a side stream")?;
         }
         self.to_main();
@@ -229,12 +237,14 @@ impl CudaDevice {
         self.ctx.bind_to_thread().ctx("binding the context")
     }
 
-    /// Waits until all work issued so far, on every stream, has finished.
+    /// Waits until all work issued so far, on every stream, has finished (so no branch is
+    /// pending afterwards).
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().ctx("synchronizing the stream")?;
         for side in &self.side {
             side.synchronize().ctx("synchronizing a side stream")?;
         }
+        self.forked.store(0, Ordering::Relaxed);
         Ok(())
     }
 

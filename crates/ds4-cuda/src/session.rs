@@ -173,6 +173,18 @@ impl CudaSession {
         })
     }
 
+    /// Whether single-token steps are captured once into a CUDA graph and replayed (on by
+    /// default, unless DS4_CUDA_NO_GRAPH is set or a profile needs every launch). Turning it
+    /// off drops a captured graph.
+    pub fn set_decode_graphs(&mut self, on: bool) {
+        self.scratch.set_decode_graphs(on);
+    }
+
+    /// Whether the next single-token step replays a captured graph.
+    pub fn decode_graph_captured(&self) -> bool {
+        self.scratch.decode_graph_captured()
+    }
+
     /// The state in the CPU backend's form (downloads every buffer).
     pub fn to_state(&self) -> Result<SessionState> {
         let m = &self.model;

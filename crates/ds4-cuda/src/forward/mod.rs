@@ -254,6 +254,18 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// See [`crate::CudaSession::set_decode_graphs`].
+    pub(crate) fn set_decode_graphs(&mut self, on: bool) {
+        self.graphs_enabled = on;
+        if !on {
+            self.decode_graph = None;
+        }
+    }
+
+    pub(crate) fn decode_graph_captured(&self) -> bool {
+        self.graphs_enabled && self.decode_graph.is_some()
+    }
+
     /// Reallocations of any stream's quant slots so far (a graph is bound to their buffers).
     fn quant_generation(&self) -> u64 {
         self.quant.generation + self.lane_quant.iter().map(|q| q.generation).sum::<u64>()
@@ -887,6 +899,9 @@ impl CudaModel {
         layers: &mut [GpuLayerState],
         pos0: usize,
     ) -> Result<()> {
+        // Nothing may be pending on a side stream when the capture starts: a join inside it
+        // could only wait on uncaptured work.
+        self.gpu.device.synchronize()?;
         let stream = self.gpu.device.main_stream();
         stream
             .begin_capture(
@@ -910,8 +925,17 @@ impl CudaModel {
                 });
             }
             // Anything else (an operation that cannot be captured, an error the uncaptured
-            // step will report again): no graphs for this session.
-            _ => s.graphs_enabled = false,
+            // step will report again): no graphs for this session, said once, since decode
+            // then runs measurably slower.
+            (ran, captured) => {
+                let why = match (ran, captured) {
+                    (Err(e), _) => format!("{e}"),
+                    (_, Err(e)) => format!("{e:?}"),
+                    _ => "the capture produced no graph".to_string(),
+                };
+                eprintln!("ds4: CUDA graph capture of the decode step failed ({why}); decoding without a graph");
+                s.graphs_enabled = false;
+            }
         }
         Ok(())
     }
