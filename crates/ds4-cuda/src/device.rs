@@ -324,6 +324,101 @@ impl CudaDevice {
         self.synchronize()
     }
 
+    /// Page-locked host memory of `len` elements, zeroed, for [`CudaDevice::upload_staged`]
+    /// and [`CudaDevice::download_staged`]: copies from and to it are plain DMA, without the
+    /// driver's bounce buffer and the synchronization a pageable copy implies.
+    pub fn host_staging<T: DeviceValue>(&self, len: usize) -> Result<HostStaging<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("host buffer of {len} elements overflows"))
+        })?;
+        self.bind()?;
+        // SAFETY: cuMemHostAlloc of at least one byte with no flags (cached, readable by the
+        // host at full speed); the pointer is freed exactly once, in HostStaging::drop.
+        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }.ctx("cuMemHostAlloc")? as *mut T;
+        let staging = HostStaging {
+            ptr,
+            len,
+            in_flight: false,
+            stream: self.stream.clone(),
+            _t: PhantomData,
+        };
+        // SAFETY: the allocation holds `bytes` bytes and no copy uses it yet.
+        unsafe { std::ptr::write_bytes(staging.ptr as *mut u8, 0, bytes) };
+        Ok(staging)
+    }
+
+    /// Enqueues the copy of the first `n` elements of `src` into `dst` on the main stream and
+    /// returns without waiting; `src` is not writable again until the stream got past it
+    /// ([`HostStaging::as_mut_slice`] waits).
+    pub fn upload_staged<T: DeviceValue>(
+        &self,
+        src: &mut HostStaging<T>,
+        n: usize,
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        if n > src.len || n > dst.len {
+            return Err(CudaError::InvalidArgument(format!(
+                "staged copy of {n} elements from {} into a buffer of {}",
+                src.len, dst.len
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges hold n elements (checked above); src is page-locked memory that
+        // stays allocated and, through in_flight, unwritten until the main stream is past
+        // this copy (as_mut_slice and drop synchronize it first).
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst.ptr,
+                src.ptr as *const std::ffi::c_void,
+                n * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+            .result()
+        }
+        .ctx("cuMemcpyHtoDAsync (staged)")?;
+        src.in_flight = true;
+        Ok(())
+    }
+
+    /// Copies the first `n` elements of `src` into `dst` after all work issued so far, waits
+    /// for every stream, and returns them.
+    pub fn download_staged<'a, T: DeviceValue>(
+        &self,
+        src: &DeviceBuffer<T>,
+        n: usize,
+        dst: &'a mut HostStaging<T>,
+    ) -> Result<&'a [T]> {
+        if n > src.len || n > dst.len {
+            return Err(CudaError::InvalidArgument(format!(
+                "staged download of {n} elements from a buffer of {} into {}",
+                src.len, dst.len
+            )));
+        }
+        self.bind()?;
+        if n > 0 {
+            // SAFETY: both ranges hold n elements (checked above); the host does not touch
+            // dst until the synchronization below has returned.
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(
+                    dst.ptr as *mut std::ffi::c_void,
+                    src.ptr,
+                    n * std::mem::size_of::<T>(),
+                    self.stream.cu_stream(),
+                )
+                .result()
+            }
+            .ctx("cuMemcpyDtoHAsync (staged)")?;
+        }
+        self.synchronize()?;
+        dst.in_flight = false;
+        // SAFETY: n <= dst.len elements of initialized (zeroed at allocation, then copied)
+        // page-locked memory; no copy is in flight any more.
+        Ok(unsafe { std::slice::from_raw_parts(dst.ptr, n) })
+    }
+
     /// Copies a device buffer back to the host (waits for all earlier work first).
     pub fn download<T: DeviceValue>(&self, buf: &DeviceBuffer<T>) -> Result<Vec<T>> {
         let mut out = vec![T::ZERO; buf.len];
@@ -524,5 +619,51 @@ impl<T: DeviceValue> Drop for DeviceBuffer<T> {
         // every stream of the context (the main and side streams its kernels run on) has
         // drained.
         self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
+    }
+}
+
+/// Page-locked host memory for the copies of a decode step (see
+/// [`CudaDevice::host_staging`]). `in_flight` says an enqueued copy may still use it.
+pub struct HostStaging<T: DeviceValue> {
+    ptr: *mut T,
+    len: usize,
+    in_flight: bool,
+    stream: Arc<CudaStream>,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; every access goes through &self /
+// &mut self, so moving it to or sharing it with another thread is as safe as for a Vec.
+unsafe impl<T: DeviceValue> Send for HostStaging<T> {}
+// SAFETY: as above (shared access only reads).
+unsafe impl<T: DeviceValue> Sync for HostStaging<T> {}
+
+impl<T: DeviceValue> HostStaging<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The host's view for writing; first waits for a copy that may still read it.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
+        if self.in_flight {
+            self.stream.synchronize().ctx("waiting for a staged copy")?;
+            self.in_flight = false;
+        }
+        // SAFETY: len initialized elements (zeroed at allocation) that no copy uses now.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
+    }
+}
+
+impl<T: DeviceValue> Drop for HostStaging<T> {
+    fn drop(&mut self) {
+        // A copy still queued may use this memory: let the stream finish first.
+        let ctx = self.stream.context().clone();
+        ctx.record_err(ctx.bind_to_thread());
+        ctx.record_err(self.stream.synchronize());
+        // SAFETY: ptr came from cuMemHostAlloc in CudaDevice::host_staging and is freed only
+        // here, after the only stream that copies it has drained.
+        ctx.record_err(unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) });
     }
 }

@@ -218,6 +218,30 @@ fn rate(tokens: usize, secs: f64) -> f64 {
 
 /// The id of the largest logit not in `exclude` (the lowest id on ties; NaN never wins).
 pub fn greedy(logits: &[f32], exclude: &[u32]) -> u32 {
+    // The bench times this between decode steps (129 280 logits): the global maximum first,
+    // in 16 vectorized lanes (`>` lets no NaN in); only when its first index is excluded, or no
+    // logit is above -inf, the slow scan with the exclusions.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > max {
+            max = v;
+        }
+    }
+    if max > f32::NEG_INFINITY {
+        if let Some(i) = logits.iter().position(|&v| v == max) {
+            if !exclude.contains(&(i as u32)) {
+                return i as u32;
+            }
+        }
+    }
     let mut best: Option<(usize, f32)> = None;
     for (i, &x) in logits.iter().enumerate() {
         if exclude.contains(&(i as u32)) || x.is_nan() {
@@ -375,6 +399,18 @@ mod tests {
         assert_eq!(greedy(&[0.0, 3.0, 2.0], &[]), 1);
         assert_eq!(greedy(&[0.0, 3.0, 2.0], &[1]), 2);
         assert_eq!(greedy(&[f32::NAN, 1.0, 1.0], &[]), 1);
+        // Past the 16-lane chunks, ties, -inf only, the maximum excluded.
+        let mut long: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        long[93] = 9.0;
+        long[95] = 9.0;
+        assert_eq!(greedy(&long, &[]), 93);
+        assert_eq!(greedy(&long, &[93]), 95);
+        assert_eq!(greedy(&long, &[93, 95]), 6);
+        assert_eq!(
+            greedy(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &[0]),
+            2
+        );
+        assert_eq!(greedy(&[f32::NAN; 20], &[]), 0);
     }
 
     #[test]

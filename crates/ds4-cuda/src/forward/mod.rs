@@ -11,7 +11,7 @@ use cudarc::driver::result;
 use ds4_model::config::{AttnKind, MoeKind};
 use ds4_model::numerics::Numerics;
 
-use crate::device::{DeviceBuffer, SIDE_STREAMS};
+use crate::device::{DeviceBuffer, HostStaging, SIDE_STREAMS};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::fwd_kernels::{grid_1d, kargs, per_item};
 use crate::gemv::{ActQuant, Activations, QuantizedActivations, WeightFormat};
@@ -229,6 +229,12 @@ pub(crate) struct Scratch {
     /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
     pre_normed: Option<(bool, bool)>,
     logits: DeviceBuffer<f32>,
+    /// Page-locked copies of a decode step's inputs (the token's hc_mult streams, its id and
+    /// position) and of one row of logits: no pageable-copy synchronization per step.
+    host_streams: HostStaging<f32>,
+    host_token: HostStaging<i32>,
+    host_pos: HostStaging<i64>,
+    host_logits: HostStaging<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
     quant: QuantSlots,
     /// The side streams' own quantized activations (by lane).
@@ -343,6 +349,10 @@ impl Scratch {
             moe_pending: None,
             pre_normed: None,
             logits: f(cap * c.vocab_size)?,
+            host_streams: dev.host_staging(c.hc_mult * d)?,
+            host_token: dev.host_staging(1)?,
+            host_pos: dev.host_staging(1)?,
+            host_logits: dev.host_staging(c.vocab_size)?,
             quant: QuantSlots::default(),
             lane_quant: Default::default(),
             pos: dev.alloc::<i64>(1)?,
@@ -830,25 +840,38 @@ impl CudaModel {
         s.prof.start(self)?;
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
-        // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
-        let mut streams = vec![0f32; n * nc * d];
-        for (t, &tok) in tokens.iter().enumerate() {
-            let st = &mut streams[t * nc * d..(t + 1) * nc * d];
-            self.host
-                .decode_row(&self.host.embed, tok as usize, &mut st[..d]);
-            for j in 1..nc {
-                st.copy_within(0..d, j * d);
-            }
-        }
         // Every chunk starts from the same stream buffer (a captured graph reads that one).
         if s.streams_swapped {
             std::mem::swap(&mut s.streams, &mut s.streams_next);
             s.streams_swapped = false;
         }
-        self.gpu.device.copy_to(&streams, &mut s.streams, 0)?;
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        self.gpu.device.copy_to(&ids, &mut s.tokens, 0)?;
-        self.gpu.device.copy_to(&[pos0 as i64], &mut s.pos, 0)?;
+        // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
+        let embed = |tok: u32, st: &mut [f32]| {
+            self.host
+                .decode_row(&self.host.embed, tok as usize, &mut st[..d]);
+            for j in 1..nc {
+                st.copy_within(0..d, j * d);
+            }
+        };
+        let dev = &self.gpu.device;
+        if n == 1 {
+            // A decode step: page-locked inputs, copies enqueued without waiting.
+            embed(tokens[0], s.host_streams.as_mut_slice()?);
+            s.host_token.as_mut_slice()?[0] = tokens[0] as i32;
+            s.host_pos.as_mut_slice()?[0] = pos0 as i64;
+            dev.upload_staged(&mut s.host_streams, nc * d, &mut s.streams)?;
+            dev.upload_staged(&mut s.host_token, 1, &mut s.tokens)?;
+            dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
+        } else {
+            let mut streams = vec![0f32; n * nc * d];
+            for (t, &tok) in tokens.iter().enumerate() {
+                embed(tok, &mut streams[t * nc * d..(t + 1) * nc * d]);
+            }
+            dev.copy_to(&streams, &mut s.streams, 0)?;
+            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+            dev.copy_to(&ids, &mut s.tokens, 0)?;
+            dev.copy_to(&[pos0 as i64], &mut s.pos, 0)?;
+        }
         s.prof.mark(self, "embed")?;
 
         let rows = head_rows.len();
@@ -870,6 +893,12 @@ impl CudaModel {
             }
         }
         s.prof.mark(self, "head")?;
+        if rows == 1 {
+            let v = c.vocab_size;
+            return Ok(dev
+                .download_staged(&s.logits, v, &mut s.host_logits)?
+                .to_vec());
+        }
         download_prefix(self, &s.logits, rows * c.vocab_size)
     }
 
