@@ -229,10 +229,10 @@ pub(crate) struct Scratch {
     /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
     pre_normed: Option<(bool, bool)>,
     logits: DeviceBuffer<f32>,
-    /// Page-locked copies of a decode step's inputs (the token's hc_mult streams, its id and
+    /// Page-locked copies of a chunk's inputs (its tokens' embedding rows, ids and first
     /// position) and of one row of logits: no pageable-copy synchronization per step.
-    host_streams: HostStaging<f32>,
-    host_token: HostStaging<i32>,
+    host_embed: HostStaging<f32>,
+    host_tokens: HostStaging<i32>,
     host_pos: HostStaging<i64>,
     host_logits: HostStaging<f32>,
     /// Quantized activations (ds4 numerics) by (kind, vector length), main stream.
@@ -349,8 +349,8 @@ impl Scratch {
             moe_pending: None,
             pre_normed: None,
             logits: f(cap * c.vocab_size)?,
-            host_streams: dev.host_staging(c.hc_mult * d)?,
-            host_token: dev.host_staging(1)?,
+            host_embed: dev.host_staging(cap * d)?,
+            host_tokens: dev.host_staging(cap)?,
             host_pos: dev.host_staging(1)?,
             host_logits: dev.host_staging(c.vocab_size)?,
             quant: QuantSlots::default(),
@@ -397,6 +397,13 @@ fn copy_f32(
         )
     }
     .ctx("cuMemcpyDtoDAsync")
+}
+
+/// Host threads that decode a chunk's embedding rows: one per 256 rows, at most the machine's
+/// cores (a decode step stays on the calling thread).
+fn decode_threads(n: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    n.div_ceil(256).clamp(1, cores.min(16))
 }
 
 /// Downloads the first `n` values of `buf`.
@@ -845,33 +852,34 @@ impl CudaModel {
             std::mem::swap(&mut s.streams, &mut s.streams_next);
             s.streams_swapped = false;
         }
-        // Embedding rows decoded on the host (the file is mapped there), every stream a copy.
-        let embed = |tok: u32, st: &mut [f32]| {
-            self.host
-                .decode_row(&self.host.embed, tok as usize, &mut st[..d]);
-            for j in 1..nc {
-                st.copy_within(0..d, j * d);
-            }
-        };
+        // Embedding rows decoded on the host (the file is mapped there; several threads for
+        // a prefill span), uploaded once and copied into every residual stream on the GPU.
         let dev = &self.gpu.device;
-        if n == 1 {
-            // A decode step: page-locked inputs, copies enqueued without waiting.
-            embed(tokens[0], s.host_streams.as_mut_slice()?);
-            s.host_token.as_mut_slice()?[0] = tokens[0] as i32;
-            s.host_pos.as_mut_slice()?[0] = pos0 as i64;
-            dev.upload_staged(&mut s.host_streams, nc * d, &mut s.streams)?;
-            dev.upload_staged(&mut s.host_token, 1, &mut s.tokens)?;
-            dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
-        } else {
-            let mut streams = vec![0f32; n * nc * d];
-            for (t, &tok) in tokens.iter().enumerate() {
-                embed(tok, &mut streams[t * nc * d..(t + 1) * nc * d]);
+        let rows = s.host_embed.as_mut_slice()?;
+        let per_thread = n.div_ceil(decode_threads(n)).max(1);
+        std::thread::scope(|scope| {
+            for (i, part) in rows[..n * d].chunks_mut(per_thread * d).enumerate() {
+                let toks = &tokens[i * per_thread..];
+                let host = &self.host;
+                let mut job = move || {
+                    for (row, &tok) in part.chunks_exact_mut(d).zip(toks) {
+                        host.decode_row(&host.embed, tok as usize, row);
+                    }
+                };
+                if i == 0 {
+                    job();
+                } else {
+                    scope.spawn(job);
+                }
             }
-            dev.copy_to(&streams, &mut s.streams, 0)?;
-            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-            dev.copy_to(&ids, &mut s.tokens, 0)?;
-            dev.copy_to(&[pos0 as i64], &mut s.pos, 0)?;
+        });
+        for (slot, &tok) in s.host_tokens.as_mut_slice()?.iter_mut().zip(tokens) {
+            *slot = tok as i32;
         }
+        s.host_pos.as_mut_slice()?[0] = pos0 as i64;
+        dev.upload_rows_replicated(&mut s.host_embed, n, d, &mut s.streams, nc * d, nc)?;
+        dev.upload_staged(&mut s.host_tokens, n, &mut s.tokens)?;
+        dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
         s.prof.mark(self, "embed")?;
 
         let rows = head_rows.len();
