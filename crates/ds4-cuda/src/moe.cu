@@ -115,6 +115,98 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     }
 }
 
+// route for E <= 32 * ROUTE_WARP_KEYS experts: one warp per token, the same outputs bit for bit.
+// Lane l holds experts l + 32c (c < ROUTE_WARP_KEYS) with their scores and selection keys in
+// registers; each of the k picks is the lane's best live candidate (ascending index, strict >)
+// and five xor-shuffle rounds in the same total order (key descending, index ascending), after
+// which every lane knows the winner: no shared memory, no barrier. The picked scores are
+// shuffled from their owners, so the weights' sum adds the same values in the same order.
+// tid2eid rows read the scores back from s (written above; __syncwarp orders them), as route.
+#define ROUTE_WARP_KEYS 8
+extern "C" __global__ void __launch_bounds__(32)
+    route_warp(u64 logits_, u64 bias_, u64 tid2eid_, u64 tokens_, u64 ids_, u64 wts_, i64 n_tok, i64 E, i64 k,
+               double routed_scale, i64 ds4) {
+    PDL_ENTRY();
+    const i64 t = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    float* s = (float*)logits_ + t * E;
+    const float* bias = (const float*)bias_;
+    float x[ROUTE_WARP_KEYS], b[ROUTE_WARP_KEYS], sc[ROUTE_WARP_KEYS], key[ROUTE_WARP_KEYS];
+    bool live[ROUTE_WARP_KEYS];
+#pragma unroll
+    for (int c = 0; c < ROUTE_WARP_KEYS; c++) {  // all loads first: one memory round trip
+        const int e = lane + 32 * c;
+        live[c] = e < E;
+        x[c] = live[c] ? s[e] : 0.f;
+        b[c] = live[c] && bias ? bias[e] : 0.f;
+    }
+#pragma unroll
+    for (int c = 0; c < ROUTE_WARP_KEYS; c++) {
+        const float sp = x[c] > 20.0f ? x[c] : (x[c] < -20.0f ? expf(x[c]) : log1pf(expf(x[c])));
+        sc[c] = sqrtf(sp);
+        key[c] = topk_key(bias ? sc[c] + b[c] : sc[c]);
+        if (live[c]) s[lane + 32 * c] = sc[c];
+    }
+    int my_id = 0;       // lane j < k: pick j
+    float my_score = 0.f;  // and its score
+    float sum = 0.f;       // the picked scores, added in pick order (every lane)
+    if (tid2eid_) {
+        __syncwarp();
+        const int tok = ((const int*)tokens_)[t];
+        for (i64 j = 0; j < k; j++) {
+            const int id = ((const int*)tid2eid_)[(i64)tok * k + j];
+            const float v = s[id];
+            sum += v;
+            if (lane == j) {
+                my_id = id;
+                my_score = v;
+            }
+        }
+    } else {
+        for (i64 j = 0; j < k; j++) {
+            bool has = false;
+            float bv = -FWD_INF;
+            int bi = 0x7fffffff;
+#pragma unroll
+            for (int c = 0; c < ROUTE_WARP_KEYS; c++)
+                if (live[c] && (!has || key[c] > bv)) {
+                    has = true;
+                    bv = key[c];
+                    bi = lane + 32 * c;
+                }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+                const int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) {
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+            // Every lane has the winner (0x7fffffff only when k > E, which the config rejects).
+            const int win = bi == 0x7fffffff ? 0 : bi;
+            float mine = 0.f;
+#pragma unroll
+            for (int c = 0; c < ROUTE_WARP_KEYS; c++)
+                if (win == lane + 32 * c) {
+                    live[c] = false;
+                    mine = sc[c];
+                }
+            const float v = __shfl_sync(FULL_MASK, mine, win & 31);
+            sum += v;
+            if (lane == j) {
+                my_id = win;
+                my_score = v;
+            }
+        }
+    }
+    const float denom = ds4 ? fmaxf(sum, 6.1035e-5f) : sum + 1e-20f;
+    if (lane < k) {
+        ((int*)ids_)[t * k + lane] = my_id;
+        ((float*)wts_)[t * k + lane] = my_score / denom * (float)routed_scale;
+    }
+}
+
 // The routed slots (slot = token * k + choice) in stable expert order, so that the expert
 // matvec's consecutive CTAs read the same expert's rows (L2 reuse when a prefill chunk sends
 // several tokens to one expert): order[p] = slot, inv[slot] = p. Ids outside [0, E) go last

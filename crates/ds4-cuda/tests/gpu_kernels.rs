@@ -1142,3 +1142,110 @@ fn grouped_expert_gemv_checks_arguments_and_clamps_offsets() {
         );
     }
 }
+
+/// Decode's expert matvecs (one vector per slot, ids on the device, the quantized activations
+/// shared by all slots or one per slot) at the model's expert shapes and with ragged row counts:
+/// each slot's rows equal a plain gemv of its expert bit for bit, a gate+up pair equals two
+/// launches, and an id outside the stack (negative or too large) gives NaN rows.
+#[test]
+fn decode_expert_launches_equal_plain_gemv_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let n_experts = 8usize;
+    for (format, cols, rows) in [
+        (WeightFormat::IQ2XXS, 4096usize, 2048usize),
+        (WeightFormat::IQ2XXS, 4096, 2042),
+        (WeightFormat::IQ2XXS, 1024, 136),
+        (WeightFormat::Q2K, 2048, 4096),
+        (WeightFormat::Q2K, 2048, 4090),
+        (WeightFormat::Q4K, 2048, 1030),
+        (WeightFormat::Q8_0, 2048, 1030),
+    ] {
+        let one = random_rows(&mut rng, format, cols, rows * n_experts);
+        let ebytes = one.len() / n_experts;
+        // Two stacks (gate and up): the second one's rows in reverse expert order.
+        let mut both = one.clone();
+        for e in (0..n_experts).rev() {
+            both.extend_from_slice(&one[e * ebytes..(e + 1) * ebytes]);
+        }
+        let dw = upload_matrix(g, &both);
+        let stack = |i: usize| {
+            dw.matrix(i * n_experts * ebytes, format, cols, rows, n_experts)
+                .unwrap()
+        };
+        let single = |i: usize, e: usize| {
+            dw.matrix((i * n_experts + e) * ebytes, format, cols, rows, 1)
+                .unwrap()
+        };
+        let ids: Vec<i32> = vec![5, 0, 7, -1, 3, 99];
+        let slots = ids.len();
+        let dids = g.device.upload(&ids).unwrap();
+        for x_per_slot in [false, true] {
+            let xv = if x_per_slot { slots } else { 1 };
+            let x = rng.f32s(cols * xv);
+            let dx = g.device.upload(&x).unwrap();
+            let mut qa = g
+                .alloc_quantized(format.activation_quant().unwrap(), cols, xv)
+                .unwrap();
+            g.quantize_activations(&dx, &mut qa).unwrap();
+            let act = Activations::Quantized(&qa);
+            let mut y0 = g.device.alloc_filled::<f32>(slots * rows, 0x00).unwrap();
+            let mut y1 = g.device.alloc_filled::<f32>(slots * rows, 0x00).unwrap();
+            g.expert_gemv_pair(
+                [&stack(0), &stack(1)],
+                &dids,
+                slots,
+                act,
+                x_per_slot,
+                1,
+                [&mut y0, &mut y1],
+            )
+            .unwrap();
+            let mut ys = g.device.alloc_filled::<f32>(slots * rows, 0x00).unwrap();
+            g.expert_gemv(&stack(0), &dids, slots, act, x_per_slot, 1, &mut ys)
+                .unwrap();
+            let (y0, y1, ys) = (
+                g.device.download(&y0).unwrap(),
+                g.device.download(&y1).unwrap(),
+                g.device.download(&ys).unwrap(),
+            );
+            for (s, &e) in ids.iter().enumerate() {
+                let what =
+                    format!("{format:?} {cols}x{rows} slot {s} id {e} per_slot {x_per_slot}");
+                let out = |y: &[f32]| y[s * rows..(s + 1) * rows].to_vec();
+                if !(0..n_experts as i32).contains(&e) {
+                    for y in [&y0, &y1, &ys] {
+                        assert!(out(y).iter().all(|v| v.is_nan()), "{what}: NaN rows");
+                    }
+                    continue;
+                }
+                // The slot's vector alone, through the plain (untuned) launch.
+                let xs = &x[(if x_per_slot { s } else { 0 }) * cols..][..cols];
+                let dxs = g.device.upload(xs).unwrap();
+                let mut q1 = g
+                    .alloc_quantized(format.activation_quant().unwrap(), cols, 1)
+                    .unwrap();
+                g.quantize_activations(&dxs, &mut q1).unwrap();
+                for (i, y) in [(0usize, &y0), (1, &y1), (0, &ys)] {
+                    let mut dy = g.device.alloc::<f32>(rows).unwrap();
+                    g.gemv(
+                        &single(i, e as usize),
+                        Activations::Quantized(&q1),
+                        1,
+                        &mut dy,
+                    )
+                    .unwrap();
+                    let want: Vec<u32> = g
+                        .device
+                        .download(&dy)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    let got: Vec<u32> = out(y).iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{what}: stack {i}");
+                }
+            }
+        }
+    }
+}

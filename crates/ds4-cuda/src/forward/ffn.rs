@@ -7,6 +7,9 @@ use super::*;
 /// expert at 256 tokens; below ~16 most experts have none and per-slot launches do as well).
 const GROUPED_MIN_TOKENS: usize = 16;
 
+/// Most experts route_warp takes: 32 lanes × ROUTE_WARP_KEYS (moe.cu).
+const ROUTE_WARP_EXPERTS: usize = 32 * 8;
+
 impl CudaModel {
     /// s.y = the MoE output of the chunk (moe_combine).
     pub(super) fn moe_combine(&self, s: &Scratch, n: usize, p: MoePending) -> Result<()> {
@@ -144,13 +147,19 @@ impl CudaModel {
             c.routed_scale,
             ds4
         ];
-        // SAFETY: route reads n × E logits (rewritten in place as scores), E biases, the
-        // chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at eval), and
-        // writes n × k ids and weights.
-        // One CTA of 256 threads per token (moe.cu ROUTE_THREADS).
+        // One warp per token while its lanes hold every expert in registers (route_warp, the
+        // same outputs), else one CTA of 256 threads per token (moe.cu ROUTE_THREADS).
+        let (name, threads) = if c.n_experts <= ROUTE_WARP_EXPERTS {
+            ("route_warp", 32)
+        } else {
+            ("route", 256)
+        };
+        // SAFETY: route / route_warp read n × E logits (rewritten in place as scores), E
+        // biases, the chunk's token ids and their k-wide tid2eid rows (ids < vocab, checked at
+        // eval), and write n × k ids and weights (k <= 16, checked at load).
         unsafe {
             self.fk
-                .launch(dev, "fwd_moe", "route", per_item(n, 256, 0), &a)?
+                .launch(dev, "fwd_moe", name, per_item(n, threads, 0), &a)?
         };
 
         s.prof.mark(self, "ffn.route")?;
@@ -316,5 +325,108 @@ impl CudaModel {
             self.moe_combine(s, n, moe)?;
         }
         s.prof.mark(self, "ffn.experts")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::compile::KernelCache;
+    use crate::device::CudaDevice;
+    use crate::fwd_kernels::{kargs, per_item, ForwardKernels};
+
+    /// route_warp against route (the CTA kernel) bit for bit: ids, weights and the scores left
+    /// in place, with many ties (few distinct logits), NaN logits, with and without bias and
+    /// tid2eid rows, for expert counts up to ROUTE_WARP_EXPERTS and k up to 16.
+    #[test]
+    fn route_warp_equals_route() {
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut cases = 0;
+        for (e_count, k) in [
+            (7usize, 6usize),
+            (33, 16),
+            (200, 6),
+            (256, 6),
+            (256, 8),
+            (256, 16),
+        ] {
+            for (with_bias, hashed, ds4) in [
+                (false, false, true),
+                (true, false, true),
+                (true, false, false),
+                (false, true, true),
+            ] {
+                let n_tok = 9;
+                let vocab = 5;
+                // Few distinct logits (ties), NaN now and then, both far tails of softplus.
+                let logits: Vec<f32> = (0..n_tok * e_count)
+                    .map(|_| match next() % 23 {
+                        0 => f32::NAN,
+                        1 => 25.0,
+                        2 => -30.0,
+                        r => (r % 9) as f32 * 0.75 - 3.0,
+                    })
+                    .collect();
+                let bias: Vec<f32> = (0..e_count)
+                    .map(|_| (next() % 4) as f32 * 0.25 - 0.5)
+                    .collect();
+                let tokens: Vec<i32> = (0..n_tok).map(|_| (next() % vocab as u64) as i32).collect();
+                let tid2eid: Vec<i32> = (0..vocab * k)
+                    .map(|_| (next() % e_count as u64) as i32)
+                    .collect();
+                let db = dev.upload(&bias).unwrap();
+                let dtok = dev.upload(&tokens).unwrap();
+                let dt2e = dev.upload(&tid2eid).unwrap();
+                let mut outs = Vec::new();
+                for (name, threads) in [("route", 256u32), ("route_warp", 32)] {
+                    let dl = dev.upload(&logits).unwrap();
+                    let ids = dev.alloc_filled::<i32>(n_tok * k, 0xFF).unwrap();
+                    let wts = dev.alloc_filled::<f32>(n_tok * k, 0xFF).unwrap();
+                    let a = kargs![
+                        dl.ptr(),
+                        if with_bias { db.ptr() } else { 0 },
+                        if hashed { dt2e.ptr() } else { 0 },
+                        dtok.ptr(),
+                        ids.ptr(),
+                        wts.ptr(),
+                        n_tok,
+                        e_count,
+                        k,
+                        1.5f64,
+                        ds4
+                    ];
+                    // SAFETY: both kernels read n_tok × E logits (rewritten as scores), E
+                    // biases, n_tok tokens (< vocab) and their k-wide tid2eid rows (ids < E),
+                    // and write n_tok × k ids and weights: the buffers above.
+                    unsafe {
+                        fk.launch(&dev, "fwd_moe", name, per_item(n_tok, threads, 0), &a)
+                            .unwrap()
+                    };
+                    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                    outs.push((
+                        dev.download(&ids).unwrap(),
+                        bits(dev.download(&wts).unwrap()),
+                        bits(dev.download(&dl).unwrap()),
+                    ));
+                }
+                let what = format!("E {e_count} k {k} bias {with_bias} hashed {hashed} ds4 {ds4}");
+                assert_eq!(outs[0].0, outs[1].0, "ids: {what}");
+                assert_eq!(outs[0].1, outs[1].1, "weights: {what}");
+                assert_eq!(outs[0].2, outs[1].2, "scores: {what}");
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 24);
     }
 }
