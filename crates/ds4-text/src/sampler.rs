@@ -172,11 +172,23 @@ impl Sampler {
             return argmax(logits);
         }
         let weight = |v: f32| ((v - max_logit) / temperature).exp();
+        // A weight under min_p never counts (skipped, or cut from the sorted list), so its
+        // exponential need not be taken: below this exponent (1 % under ln(min_p), far beyond
+        // expf's rounding) the weight is surely under min_p. Most of a real vocabulary is, so
+        // a decode step skips ~all of its 129 280 exponentials. None when min_p is 0; never
+        // the maximum itself (exponent 0), which the sorted draw always keeps.
+        let below_min_p = {
+            let cut = (min_p.ln() - 0.01).min(-0.01);
+            move |v: f32| (v - max_logit) / temperature < cut
+        };
 
         if top_p >= 1.0 {
             // No sort: weights under min_p are skipped, the draw walks the vocabulary in order.
             let mut sum = 0.0f32;
             for &v in logits.iter().filter(|v| v.is_finite()) {
+                if below_min_p(v) {
+                    continue;
+                }
                 let p = weight(v);
                 if p >= min_p {
                     sum += p;
@@ -187,7 +199,7 @@ impl Sampler {
             }
             let mut r = self.rng.next_f32() * sum;
             for (i, &v) in logits.iter().enumerate() {
-                if !v.is_finite() {
+                if !v.is_finite() || below_min_p(v) {
                     continue;
                 }
                 let p = weight(v);
@@ -202,16 +214,20 @@ impl Sampler {
             return best;
         }
 
+        // Every weight is in the sum; only those that draw_sorted could keep are sorted (it
+        // stops at the first one under min_p after the top one, whose weight is 1).
         self.candidates.clear();
         let mut sum = 0.0f32;
         for (i, &v) in logits.iter().enumerate() {
             if v.is_finite() {
                 let p = weight(v);
-                self.candidates.push(Candidate {
-                    id: i as u32,
-                    logit: v,
-                    weight: p,
-                });
+                if !below_min_p(v) {
+                    self.candidates.push(Candidate {
+                        id: i as u32,
+                        logit: v,
+                        weight: p,
+                    });
+                }
                 sum += p;
             }
         }
@@ -396,6 +412,113 @@ fn log_sum_exp(logits: &[f32]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The full-vocabulary draw without the min_p shortcut (every exponential taken, every
+    /// finite logit sorted): the oracle of `sample_full_vocab`.
+    fn reference_full_vocab(rng: &mut Rng, logits: &[f32], t: f32, top_p: f32, min_p: f32) -> u32 {
+        let finite: Vec<(u32, f32)> = (0..logits.len() as u32)
+            .map(|i| (i, logits[i as usize]))
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        let Some(&(best, max)) = finite
+            .iter()
+            .fold(None, |b: Option<&(u32, f32)>, c| match b {
+                Some(b) if b.1 >= c.1 => Some(b),
+                _ => Some(c),
+            })
+        else {
+            return argmax(logits);
+        };
+        let w: Vec<f32> = finite.iter().map(|&(_, v)| ((v - max) / t).exp()).collect();
+        if top_p >= 1.0 {
+            let sum: f32 = w.iter().filter(|&&p| p >= min_p).sum();
+            if sum <= 0.0 || !sum.is_finite() {
+                return best;
+            }
+            let mut r = rng.next_f32() * sum;
+            for (&(i, _), &p) in finite.iter().zip(&w) {
+                if p >= min_p {
+                    r -= p;
+                    if r <= 0.0 {
+                        return i;
+                    }
+                }
+            }
+            return best;
+        }
+        let sum: f32 = w.iter().sum();
+        if sum <= 0.0 || !sum.is_finite() {
+            return best;
+        }
+        let mut c: Vec<(u32, f32, f32)> = finite
+            .iter()
+            .zip(&w)
+            .map(|(&(i, v), &p)| (i, v, p))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let min_share = (c[0].2 / sum) * min_p;
+        let (mut kept_sum, mut kept) = (0.0f32, 0usize);
+        for (k, x) in c.iter().enumerate() {
+            if k > 0 && x.2 / sum < min_share {
+                break;
+            }
+            kept_sum += x.2;
+            kept += 1;
+            if kept_sum / sum >= top_p {
+                break;
+            }
+        }
+        let mut r = rng.next_f32() * kept_sum;
+        for x in &c[..kept] {
+            r -= x.2;
+            if r <= 0.0 {
+                return x.0;
+            }
+        }
+        c[kept - 1].0
+    }
+
+    #[test]
+    fn full_vocab_draws_equal_the_reference_with_every_exponential() {
+        // Logits spread like a model's (a few near the top, most far below), ties, -inf and
+        // NaN; min_p 0 (no shortcut), the default 0.05, and above 1; top_p 1 and below.
+        let mut gen = Rng::new(7);
+        for case in 0..60 {
+            let n = 300 + case * 37;
+            let mut logits: Vec<f32> = (0..n)
+                .map(|_| (gen.next_f32() - 0.9) * 40.0 * (1.0 + (case % 3) as f32))
+                .collect();
+            logits[case % n] = f32::NEG_INFINITY;
+            logits[(case * 7) % n] = f32::NAN;
+            logits[(case * 11) % n] = logits[(case * 13 + 1) % n];
+            for &(t, top_p, min_p) in &[
+                (1.0f32, 1.0f32, 0.05f32),
+                (0.7, 1.0, 0.0),
+                (1.3, 0.9, 0.05),
+                (0.5, 0.95, 0.0),
+                (1.0, 1.0, 1.5),
+                (2.0, 0.5, 0.2),
+            ] {
+                let params = SamplerParams {
+                    temperature: t,
+                    top_p,
+                    top_k: 0,
+                    min_p,
+                    seed: 1000 + case as u64,
+                };
+                let mut sampler = Sampler::new(params);
+                let mut rng = Rng::new(params.seed);
+                for draw in 0..20 {
+                    let want = reference_full_vocab(&mut rng, &logits, t, top_p, min_p);
+                    let got = sampler.sample(&logits);
+                    assert_eq!(
+                        got, want,
+                        "case {case} T {t} top_p {top_p} min_p {min_p} draw {draw}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn argmax_is_the_first_maximum_and_never_nan() {
