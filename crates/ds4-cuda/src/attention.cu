@@ -251,15 +251,15 @@ __device__ __forceinline__ const float* attn_row(i64 j, i64 nw, i64 first, i64 p
 
 // Starts copying rows row0 .. row0 + ATTN_TR of the token into `tile` (one cp.async group):
 // warp w copies rows w and w + 8, 16 bytes per lane per step. Rows at or past nr are zeros.
-__device__ __forceinline__ void attn_stage(float* tile, i64 row0, i64 nr, i64 nw, i64 first, i64 pos0,
-                                           const float* kv, const float* ring, i64 ring_cap, const float* comp,
-                                           i64 kind, const int* sel) {
+// `row(j)` gives row j's address (called by all lanes of the warp alike).
+template <class RowAt>
+__device__ __forceinline__ void attn_stage(float* tile, i64 row0, i64 nr, const RowAt& row) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int r = warp; r < ATTN_TR; r += ATTN_THREADS / 32) {
         float* dst = tile + r * ATTN_HD;
         const i64 j = row0 + r;
         if (j < nr) {
-            const float* src = attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+            const float* src = row(j);
             for (int c = 4 * lane; c < ATTN_HD; c += 128) cp_async16(dst + c, src + c);
         } else {
             for (int c = 4 * lane; c < ATTN_HD; c += 128) *(float4*)(dst + c) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -293,13 +293,13 @@ __device__ __forceinline__ float warp_sum_transposed32(float (&v)[32]) {
 }
 
 // Pass 1 of attend_heads over the token's rows row_lo .. row_hi (row_lo a multiple of
-// ATTN_TR): the scores q·k × scale of heads h0 .. h0 + ATTN_HG (q_tok: head h0's query) go to
-// sc[(j - row_lo) * sj + hl * sh] for row j and head h0 + hl. Warp w: heads 4*(w & 3) .. +4,
-// rows 8*(w >> 2) .. +8 of each ATTN_TR-row tile; `tiles` holds two tiles. Ends synchronized.
-__device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_tok, i64 row_lo, i64 row_hi, i64 nw,
-                                                 i64 first, i64 pos0, const float* kv, const float* ring,
-                                                 i64 ring_cap, const float* comp, i64 kind, const int* sel,
-                                                 float scale, float* sc, i64 sj, i64 sh) {
+// ATTN_TR; row(j) gives row j's address): the scores q·k × scale of heads h0 .. h0 + ATTN_HG
+// (q_tok: head h0's query) go to sc[(j - row_lo) * sj + hl * sh] for row j and head h0 + hl.
+// Warp w: heads 4*(w & 3) .. +4, rows 8*(w >> 2) .. +8 of each ATTN_TR-row tile; `tiles`
+// holds two tiles. Ends synchronized.
+template <class RowAt>
+__device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_tok, i64 row_lo, i64 row_hi,
+                                                 const RowAt& row, float scale, float* sc, i64 sj, i64 sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hq = warp & 3, rs = (warp >> 2) * 8;
     const i64 ntiles = (row_hi - row_lo + ATTN_TR - 1) / ATTN_TR;
@@ -310,11 +310,10 @@ __device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_to
 #pragma unroll
         for (int i = 0; i < ATTN_CPL; i++) q[g][i] = qh[32 * i];
     }
-    attn_stage(tiles, row_lo, row_hi, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    attn_stage(tiles, row_lo, row_hi, row);
     for (i64 tl = 0; tl < ntiles; tl++) {
         if (tl + 1 < ntiles) {
-            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, row_lo + (tl + 1) * ATTN_TR, row_hi, nw, first,
-                       pos0, kv, ring, ring_cap, comp, kind, sel);
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, row_lo + (tl + 1) * ATTN_TR, row_hi, row);
             cp_async_wait_all_but_newest();
         } else {
             cp_async_wait_all();
@@ -382,9 +381,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     const i64 ntiles = (nr + ATTN_TR - 1) / ATTN_TR;
     const float scale = (float)scale_d;
 
+    const auto row = [&](i64 j) { return attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel); };
+
     // Pass 1: scores of every row, into shared memory (row-major, the heads side by side).
-    attn_scores_pass(tiles, (const float*)q_ + (t * H + h0) * ATTN_HD, 0, nr, nw, first, pos0, kv, ring, ring_cap,
-                     comp, kind, sel, scale, sc, ATTN_HG, 1);
+    attn_scores_pass(tiles, (const float*)q_ + (t * H + h0) * ATTN_HD, 0, nr, row, scale, sc, ATTN_HG, 1);
 
     // Pass 2: softmax with the sink, per head: attend's split over 256 threads and 8 warps.
     {
@@ -442,11 +442,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     float acc[8][4];
 #pragma unroll
     for (int g = 0; g < 8; g++) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
-    attn_stage(tiles, 0, nr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    attn_stage(tiles, 0, nr, row);
     for (i64 tl = 0; tl < ntiles; tl++) {
         if (tl + 1 < ntiles) {
-            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, nw, first, pos0, kv, ring,
-                       ring_cap, comp, kind, sel);
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, row);
             cp_async_wait_all_but_newest();
         } else {
             cp_async_wait_all();
@@ -493,18 +492,27 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 //     score pass over ASPLIT_ROWS rows, into scores[(t*H + h) * max_rows + j] (device memory);
 //  2. attend_split_values: CTA (channel chunk of ASPLIT_CW, group of ASPLIT_HG heads, token)
 //     redoes each head's softmax statistics with attend's split over 256 threads and 8 warps
-//     (max, then the sum of expf(s - max) in the same order), then accumulates its heads x
-//     channels over all rows in ascending order with p = expf(s - max) / den (the same values
-//     attend divides), and applies the inverse RoPE to the channels of the tail.
-// Every CTA of the values launch recomputes its heads' statistics (16 chunks per head): a few
-// exponentials per thread, against a dependent chain of all the rows in one CTA. A token's
-// rows (up to ASPLIT_VT; more in tiles) are copied in one go, issued before the statistics,
-// and the scores of the first tile are kept in shared memory: three memory round trips per
-// CTA instead of one per tile.
-#define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles)
-#define ASPLIT_HG 8      // heads per values CTA: one warp each
-#define ASPLIT_CW 32     // channels per values CTA: one lane each
+//     (max, then the sum of expf(s - max) in the same order, the weights expf(s - max) / den:
+//     the values attend divides), then accumulates its heads x channels over all rows in
+//     ascending order, and applies the inverse RoPE to the channels of the tail.
+// Each output is one chain of fused multiply-adds over the rows in attend's order, so the
+// chains cannot be split across threads; what the kernels avoid is everything around them:
+//  - every row address is resolved once, all of a CTA's selection loads in flight together
+//    (not one row at a time behind the previous row's copies);
+//  - the values CTA copies its heads' scores and its rows' channels with cp.async at once,
+//    computes the statistics from shared memory while the rows land, and walks the rows in
+//    ASPLIT_PARTS groups as they arrive;
+//  - a chain thread owns one head and two channels: per 4 rows one broadcast float4 of
+//    weights and 4 float2 of values for 8 FMAs, so shared-memory loads do not bound the walk.
+#define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles; one per lane of a warp)
+#define ASPLIT_HG 8      // heads per values CTA
+#define ASPLIT_CW 32     // channels per values CTA
 #define ASPLIT_VT 1024   // most rows per staged tile of the values pass
+#define ASPLIT_PARTS 4   // cp.async groups a values tile's rows arrive in
+
+#if ASPLIT_ROWS != 32
+#error "attend_split_scores resolves one row per lane"
+#endif
 
 // Grid (max_rows / ASPLIT_ROWS rounded up, H / ATTN_HG, n_tok), ATTN_THREADS threads, dynamic
 // shared memory 2 x ATTN_TR x ATTN_HD floats. Same parameters as attend plus the scores
@@ -526,28 +534,61 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     // Rows past the token's count (the grid covers max_rows), or more rows than the scratch
     // holds (the values launch then writes NaN outputs): nothing to do. Uniform over the CTA.
     if (row_lo >= nr || nr > max_rows) return;
-    attn_scores_pass(sh, (const float*)q_ + (t * H + h0) * ATTN_HD, row_lo, min64(row_lo + ASPLIT_ROWS, nr), nw,
-                     first, pos0, (const float*)kv_, (const float*)ring_, ring_cap, (const float*)comp_, kind,
-                     (const int*)sel_ + t * sel_stride, (float)scale_d,
+    const i64 row_hi = min64(row_lo + ASPLIT_ROWS, nr);
+    // Lane l of every warp resolves row row_lo + l; the staging takes each address from its
+    // lane, so the CTA's selection loads are one round trip.
+    const int lane = threadIdx.x & 31;
+    const u64 mine = row_lo + lane < row_hi
+                         ? (u64)attn_row(row_lo + lane, nw, first, pos0, (const float*)kv_, (const float*)ring_,
+                                         ring_cap, (const float*)comp_, kind, (const int*)sel_ + t * sel_stride)
+                         : 0;
+    const u32 mine_lo = (u32)mine, mine_hi = (u32)(mine >> 32);
+    const auto row = [&](i64 j) {
+        const int src = (int)(j - row_lo);
+        const u64 lo = __shfl_sync(FULL_MASK, mine_lo, src), hi = __shfl_sync(FULL_MASK, mine_hi, src);
+        return (const float*)(lo | (hi << 32));
+    };
+    attn_scores_pass(sh, (const float*)q_ + (t * H + h0) * ATTN_HD, row_lo, row_hi, row, (float)scale_d,
                      (float*)scores_ + (t * H + h0) * max_rows + row_lo, 1, max_rows);
 }
 
+// Floats between two heads' scores in attend_split_values' shared memory: vt rounded up to
+// 32, plus 4, so that the two heads a warp reads sit on different banks.
+__device__ __forceinline__ i64 asplit_score_stride(i64 vt) { return ((vt + 31) & ~(i64)31) + 4; }
+
+// cp.async.wait_group n for n = 0 .. ASPLIT_PARTS (an immediate operand).
+__device__ __forceinline__ void asplit_wait_group(int n) {
+    switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    }
+}
+#if ASPLIT_PARTS != 4
+#error "asplit_wait_group covers 4 parts"
+#endif
+
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
-// memory: vt rows x (ASPLIT_CW + ASPLIT_HG) floats (vt = min(max_rows, ASPLIT_VT): the tile's
-// values, then its scores). Reads the scores attend_split_scores wrote; out as attend's, and
-// when oq_ != 0 also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which
-// saves the decode step a quantization launch.
+// memory, for tiles of vt = min(max_rows, ASPLIT_VT) rows: the tile's values (vt x ASPLIT_CW
+// floats), its weights (ASPLIT_HG x asplit_score_stride(vt) floats) and its row addresses (vt
+// pointers). Reads the scores attend_split_scores wrote; out as attend's, and when oq_ != 0
+// also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which saves the decode
+// step a quantization launch.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
                         u64 inv_freq_, i64 r, i64 max_rows, i64 vt, u64 oq_, u64 od_) {
     PDL_ENTRY();
     extern __shared__ __align__(16) float vsh[];
-    float* const vrows = vsh;                  // [vt][ASPLIT_CW] this chunk's channels of a tile
-    float* const pt = vsh + vt * ASPLIT_CW;    // [ASPLIT_HG][vt] scores, then weights
+    const i64 ps = asplit_score_stride(vt);
+    float* const vrows = vsh;                                       // [vt][ASPLIT_CW] values
+    float* const pt = vsh + vt * ASPLIT_CW;                         // [ASPLIT_HG][ps] scores, then weights
+    const float** const rp = (const float**)(pt + ASPLIT_HG * ps);  // [vt] row addresses
     __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
     __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
-    __shared__ float os[ASPLIT_HG][ASPLIT_CW];
+    __shared__ __align__(16) float os[ASPLIT_HG][ASPLIT_CW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 c0 = (i64)blockIdx.x * ASPLIT_CW, h0 = (i64)blockIdx.y * ASPLIT_HG, t = blockIdx.z;
     const i64 pos0 = *(const i64*)pos_;
@@ -566,92 +607,150 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         return;
     }
     const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
+    const float* sinks = (const float*)sinks_ + h0;
     const i64 ntiles = (nr + vt - 1) / vt;
-    // Copies tile tl's rows (this chunk's channels: 8 lanes x 16 bytes per row).
-    auto stage = [&](i64 tl) {
-        const i64 rows = min64(vt, nr - tl * vt);
-        for (i64 k = tid; k < rows * (ASPLIT_CW / 4); k += ATTN_THREADS) {
-            const i64 rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
-            cp_async16(vrows + rr * ASPLIT_CW + cc,
-                       attn_row(tl * vt + rr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + c0 + cc);
-        }
-        cp_async_commit();
-    };
-    stage(0);
+    // The chain threads (warps 0 .. ASPLIT_HG / 2 - 1): head hl = 2 * warp + lane / 16,
+    // channels c0 + 2 * cq and the next.
+    const bool chain = warp < ASPLIT_HG / 2;
+    const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
+    float acc0 = 0.f, acc1 = 0.f;
 
-    // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows tid,
-    // tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the 8 warps.
-    // The first tile's scores stay in pt.
-    {
-        float m[ASPLIT_HG];
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        const i64 base = tl * vt;
+        const int rows = (int)min64(vt, nr - base);
+        if (tl > 0) __syncthreads();  // the previous tile's values, weights and addresses are used up
+        if (tl == 0) {
+            // The first tile's scores (one cp.async group): 16 bytes at a time where the
+            // scratch rows allow it (the copy may run up to 3 floats past `rows`, within the
+            // head's max_rows; pt has room for them), else 4.
+            if (max_rows % 4 == 0 && (scores_ & 15) == 0) {
+                const int n4 = (rows + 3) / 4;
+                for (int k = tid; k < ASPLIT_HG * n4; k += ATTN_THREADS) {
+                    const int h = k / n4, j = 4 * (k % n4);
+                    cp_async16(pt + h * ps + j, sc + h * max_rows + j);
+                }
+            } else {
+                for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
+                    const int h = k / rows, j = k % rows;
+                    cp_async4(pt + h * ps + j, sc + h * max_rows + j);
+                }
+            }
+            cp_async_commit();
+        }
+        for (int j = tid; j < rows; j += ATTN_THREADS)
+            rp[j] = attn_row(base + j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+        __syncthreads();
+        // The tile's rows, this chunk's channels (8 x 16 bytes a row), in ASPLIT_PARTS groups
+        // of whole 4-row steps.
+        const int part = (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3;
 #pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
-        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+        for (int q = 0; q < ASPLIT_PARTS; q++) {
+            const int lo = min(rows, q * part), hi = min(rows, (q + 1) * part);
+            for (int k = tid + lo * (ASPLIT_CW / 4); k < hi * (ASPLIT_CW / 4); k += ATTN_THREADS) {
+                const int rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
+                cp_async16(vrows + rr * ASPLIT_CW + cc, rp[rr] + c0 + cc);
+            }
+            cp_async_commit();
+        }
+
+        if (tl == 0) {
+            // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows
+            // tid, tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the
+            // 8 warps. Rows of the first tile from pt, later ones from the scratch.
+            asplit_wait_group(ASPLIT_PARTS);  // this thread's score copies have landed
+            __syncthreads();
+            float m[ASPLIT_HG];
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
+            for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+                for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], j < vt ? pt[h * ps + j] : sc[h * max_rows + j]);
+            }
 #pragma unroll
             for (int h = 0; h < ASPLIT_HG; h++) {
-                const float v = sc[h * max_rows + j];
-                if (j < vt) pt[h * vt + j] = v;
-                m[h] = fmaxf(m[h], v);
+                const float v = warp_max(m[h]);
+                if (lane == 0) red[h][warp] = v;
+            }
+            __syncthreads();
+            if (tid < ASPLIT_HG) {
+                float mm = sinks[tid];
+                for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
+                mx_s[tid] = mm;
+            }
+            __syncthreads();
+            float part_sum[ASPLIT_HG];
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) part_sum[h] = 0.f;
+            for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+                for (int h = 0; h < ASPLIT_HG; h++) {
+                    const float e = expf((j < vt ? pt[h * ps + j] : sc[h * max_rows + j]) - mx_s[h]);
+                    if (j < vt) pt[h * ps + j] = e;
+                    part_sum[h] += e;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) {
+                const float v = warp_sum(part_sum[h]);
+                if (lane == 0) red[h][warp] = v;
+            }
+            __syncthreads();
+            if (tid < ASPLIT_HG) {
+                float den = expf(sinks[tid] - mx_s[tid]);
+                for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
+                den_s[tid] = den;
+            }
+            __syncthreads();
+            // The weights e / den, each by the thread that stored its e.
+            for (int j = tid; j < rows; j += ATTN_THREADS) {
+#pragma unroll
+                for (int h = 0; h < ASPLIT_HG; h++) pt[h * ps + j] = pt[h * ps + j] / den_s[h];
+            }
+        } else {
+            for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
+                const int h = k / rows, rr = k % rows;
+                pt[h * ps + rr] = expf(sc[h * max_rows + base + rr] - mx_s[h]) / den_s[h];
             }
         }
-#pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) {
-            const float v = warp_max(m[h]);
-            if (lane == 0) red[h][warp] = v;
-        }
-        __syncthreads();
-        if (tid < ASPLIT_HG) {
-            float mm = ((const float*)sinks_)[h0 + tid];
-            for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
-            mx_s[tid] = mm;
-        }
-        __syncthreads();
-        float part[ASPLIT_HG];
-#pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) part[h] = 0.f;
-        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
-#pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++)
-                part[h] += expf((j < vt ? pt[h * vt + j] : sc[h * max_rows + j]) - mx_s[h]);
-        }
-#pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) {
-            const float v = warp_sum(part[h]);
-            if (lane == 0) red[h][warp] = v;
-        }
-        __syncthreads();
-        if (tid < ASPLIT_HG) {
-            float den = expf(((const float*)sinks_)[h0 + tid] - mx_s[tid]);
-            for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
-            den_s[tid] = den;
-        }
-        __syncthreads();
-    }
 
-    // Values: warp = head h0 + warp, lane = channel c0 + lane, rows in ascending order, with
-    // attend's weights sc[j] / den (recomputed from the same scores: the same bits).
-    float acc = 0.f;
-    for (i64 tl = 0; tl < ntiles; tl++) {
-        const int rows = (int)min64(vt, nr - tl * vt);
-        if (tl > 0) {
-            __syncthreads();  // the previous tile's values and weights are used up
-            stage(tl);
+        // Values, rows in ascending order: acc += p * v, attend's operation, as each part lands.
+        const float* p = pt + hl * ps;
+        const float2* v = (const float2*)vrows + cq;
+#pragma unroll
+        for (int q = 0; q < ASPLIT_PARTS; q++) {
+            asplit_wait_group(ASPLIT_PARTS - 1 - q);
+            __syncthreads();
+            if (chain) {
+                const int hi = min(rows, (q + 1) * part);
+                int j = min(rows, q * part);
+#pragma unroll 2
+                for (; j + 4 <= hi; j += 4) {
+                    const float4 w = *(const float4*)(p + j);
+                    const float2 a = v[(j + 0) * (ASPLIT_CW / 2)], b = v[(j + 1) * (ASPLIT_CW / 2)];
+                    const float2 c = v[(j + 2) * (ASPLIT_CW / 2)], d = v[(j + 3) * (ASPLIT_CW / 2)];
+                    acc0 += w.x * a.x;
+                    acc1 += w.x * a.y;
+                    acc0 += w.y * b.x;
+                    acc1 += w.y * b.y;
+                    acc0 += w.z * c.x;
+                    acc1 += w.z * c.y;
+                    acc0 += w.w * d.x;
+                    acc1 += w.w * d.y;
+                }
+                for (; j < hi; j++) {
+                    const float w = p[j];
+                    const float2 a = v[j * (ASPLIT_CW / 2)];
+                    acc0 += w * a.x;
+                    acc1 += w * a.y;
+                }
+            }
         }
-        for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
-            const int h = k / rows, rr = k % rows;
-            const float s = tl == 0 ? pt[h * vt + rr] : sc[h * max_rows + tl * vt + rr];
-            pt[h * vt + rr] = expf(s - mx_s[h]) / den_s[h];
-        }
-        cp_async_wait_all();
-        __syncthreads();
-        const float* v = vrows + lane;
-        const float* p = pt + warp * vt;
-        for (int j = 0; j < rows; j++) acc += p[j] * v[j * ASPLIT_CW];
     }
 
     // The inverse RoPE of the tail channels (pairs 2l, 2l + 1 never straddle a chunk: the tail
-    // starts at an even channel and chunks are ASPLIT_CW wide), then the store.
-    os[warp][lane] = acc;
+    // starts at an even channel and chunks are ASPLIT_CW wide), then the store: warp = head
+    // h0 + warp, lane = channel c0 + lane.
+    if (chain) *(float2*)&os[hl][2 * cq] = make_float2(acc0, acc1);
     __syncthreads();
     const i64 tail = ATTN_HD - r;
     if (c0 + ASPLIT_CW > tail) {
