@@ -1120,40 +1120,51 @@ mod tests {
         .enumerate()
         {
             let b = upload_case(&dev, c, 70 + i as u64);
-            // The token selects the whole top-k (upload_case's first token selects none).
-            let selc = dev.upload(&[TOPK as i32]).unwrap();
             let sel: Vec<i32> = (0..TOPK as i32).map(|k| 4 * k).collect();
             let sel = dev.upload(&sel).unwrap();
             let out = dev.alloc_filled::<f32>(H * HD, 0xFF).unwrap();
-            let args = AttendArgs {
-                sel: sel.ptr(),
-                selc: selc.ptr(),
-                out: out.ptr(),
-                ..b.args
+            // CSA: the token selects 0, 128, 256 or the whole top-k of rows (how the time
+            // grows with the rows); upload_case's first token selects none.
+            let counts: &[i32] = if c.kind == 2 {
+                &[0, 128, 256, TOPK as i32]
+            } else {
+                &[0]
             };
-            let scores = dev
-                .alloc_filled::<f32>(args.split_scores_len(1), 0xFF)
-                .unwrap();
-            let iters = 200;
-            for split in [true, false] {
-                // SAFETY: as in `run`; the selection indices are below comp_rows.
-                let launch = || unsafe {
-                    if split {
-                        launch_attend_split(&fk, &dev, &args, 1, scores.ptr(), None)
-                    } else {
-                        launch_attend(&fk, &dev, &args, 1)
-                    }
-                    .unwrap()
+            for &n_sel in counts {
+                let selc = dev.upload(&[n_sel]).unwrap();
+                let args = AttendArgs {
+                    sel: sel.ptr(),
+                    selc: selc.ptr(),
+                    out: out.ptr(),
+                    ..b.args
                 };
-                launch();
-                let start = dev.record_event().unwrap();
-                for _ in 0..iters {
+                let scores = dev
+                    .alloc_filled::<f32>(args.split_scores_len(1), 0xFF)
+                    .unwrap();
+                let iters = 200;
+                for split in [true, false] {
+                    // SAFETY: as in `run`; the selection indices are below comp_rows.
+                    let launch = || unsafe {
+                        if split {
+                            launch_attend_split(&fk, &dev, &args, 1, scores.ptr(), None)
+                        } else {
+                            launch_attend(&fk, &dev, &args, 1)
+                        }
+                        .unwrap()
+                    };
                     launch();
+                    let start = dev.record_event().unwrap();
+                    for _ in 0..iters {
+                        launch();
+                    }
+                    let end = dev.record_event().unwrap();
+                    let us = 1e3 * dev.elapsed_ms(&start, &end).unwrap() / iters as f32;
+                    let name = if split { "attend_split" } else { "attend" };
+                    eprintln!(
+                        "{} ({n_sel} selected): {name}: {us:.2} us per token",
+                        c.name
+                    );
                 }
-                let end = dev.record_event().unwrap();
-                let us = 1e3 * dev.elapsed_ms(&start, &end).unwrap() / iters as f32;
-                let name = if split { "attend_split" } else { "attend" };
-                eprintln!("{}: {name}: {us:.2} us per token", c.name);
             }
         }
     }

@@ -499,9 +499,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 // chains cannot be split across threads; what the kernels avoid is everything around them:
 //  - every row address is resolved once, all of a CTA's selection loads in flight together
 //    (not one row at a time behind the previous row's copies);
-//  - the values CTA copies its heads' scores and its rows' channels with cp.async at once,
-//    computes the statistics from shared memory while the rows land, and walks the rows in
-//    ASPLIT_PARTS groups as they arrive;
+//  - the values CTA copies its rows' channels with cp.async before its PDL wait, while the
+//    scores kernel runs (see attend_split_values), then loads its heads' scores into
+//    registers in one round trip, and walks the rows in ASPLIT_PARTS groups as they land;
 //  - a chain thread owns one head and two channels: per 4 rows one broadcast float4 of
 //    weights and 4 float2 of values for 8 FMAs, so shared-memory loads do not bound the walk.
 #define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles; one per lane of a warp)
@@ -570,79 +570,87 @@ __device__ __forceinline__ void asplit_wait_group(int n) {
 #error "asplit_wait_group covers 4 parts"
 #endif
 
+// L2 loads (ld.global.cg: no L1 line of an earlier kernel can answer them), for what
+// attend_split_values reads before its PDL wait.
+__device__ __forceinline__ i64 ldcg_i64(const void* p) {
+    i64 v;
+    asm("ld.global.cg.s64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int ldcg_i32(const void* p) {
+    int v;
+    asm("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// attn_row with the selection read through ldcg_i32.
+__device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
+                                                   const float* ring, i64 ring_cap, const float* comp, i64 kind,
+                                                   const int* sel) {
+    if (j < nw) {
+        const i64 ps = first + j;
+        return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
+    }
+    return comp + (kind == 1 ? j - nw : (i64)ldcg_i32(sel + (j - nw))) * ATTN_HD;
+}
+
+// Rows of a values tile each thread handles (row tid + ATTN_THREADS * i) in the statistics
+// and the address pass.
+#define ASPLIT_RPT (ASPLIT_VT / ATTN_THREADS)
+#if ASPLIT_VT != ASPLIT_RPT * ATTN_THREADS
+#error "a values tile is a whole number of rows per thread"
+#endif
+
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
 // memory, for tiles of vt = min(max_rows, ASPLIT_VT) rows: the tile's values (vt x ASPLIT_CW
 // floats), its weights (ASPLIT_HG x asplit_score_stride(vt) floats) and its row addresses (vt
 // pointers). Reads the scores attend_split_scores wrote; out as attend's, and when oq_ != 0
 // also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which saves the decode
 // step a quantization launch.
+//
+// The first tile's rows are copied before the PDL wait, while attend_split_scores still runs.
+// That reads only what kernels before attend_split_scores wrote (the position, the selection,
+// the K=V rows of the span, the ring and the compressed rows): this grid starts only once
+// every CTA of attend_split_scores has passed its own griddepcontrol.wait (PDL_ENTRY waits,
+// then triggers), i.e. once everything before it has completed and its writes are visible;
+// attend_split_scores itself writes only the scores scratch, read after the wait. The early
+// reads go to L2 (ld.global.cg, cp.async.cg), never to a possibly stale L1 line.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
                         u64 inv_freq_, i64 r, i64 max_rows, i64 vt, u64 oq_, u64 od_) {
-    PDL_ENTRY();
     extern __shared__ __align__(16) float vsh[];
     const i64 ps = asplit_score_stride(vt);
     float* const vrows = vsh;                                       // [vt][ASPLIT_CW] values
-    float* const pt = vsh + vt * ASPLIT_CW;                         // [ASPLIT_HG][ps] scores, then weights
+    float* const pt = vsh + vt * ASPLIT_CW;                         // [ASPLIT_HG][ps] weights
     const float** const rp = (const float**)(pt + ASPLIT_HG * ps);  // [vt] row addresses
     __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
     __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
     __shared__ __align__(16) float os[ASPLIT_HG][ASPLIT_CW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 c0 = (i64)blockIdx.x * ASPLIT_CW, h0 = (i64)blockIdx.y * ASPLIT_HG, t = blockIdx.z;
-    const i64 pos0 = *(const i64*)pos_;
+    const i64 pos0 = ldcg_i64((const void*)pos_);
     const i64 pos = pos0 + t;
     const i64 first = pos + 1 > window ? pos + 1 - window : 0;
     const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
+    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)ldcg_i32((const int*)selc_ + t) : 0);
     const i64 nr = nw + nc;
     const float* kv = (const float*)kv_;
     const float* ring = (const float*)ring_;
     const float* comp = (const float*)comp_;
     const int* sel = (const int*)sel_ + t * sel_stride;
-    float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
-    if (nr > max_rows) {
-        *out = __int_as_float(0x7fc00000);  // more rows than the scores scratch: NaN, as attend_heads
-        return;
-    }
-    const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
-    const float* sinks = (const float*)sinks_ + h0;
+    const bool fits = nr <= max_rows;  // else NaN outputs, after the wait (uniform over the CTA)
     const i64 ntiles = (nr + vt - 1) / vt;
-    // The chain threads (warps 0 .. ASPLIT_HG / 2 - 1): head hl = 2 * warp + lane / 16,
-    // channels c0 + 2 * cq and the next.
-    const bool chain = warp < ASPLIT_HG / 2;
-    const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
-    float acc0 = 0.f, acc1 = 0.f;
-
-    for (i64 tl = 0; tl < ntiles; tl++) {
-        const i64 base = tl * vt;
-        const int rows = (int)min64(vt, nr - base);
-        if (tl > 0) __syncthreads();  // the previous tile's values, weights and addresses are used up
-        if (tl == 0) {
-            // The first tile's scores (one cp.async group): 16 bytes at a time where the
-            // scratch rows allow it (the copy may run up to 3 floats past `rows`, within the
-            // head's max_rows; pt has room for them), else 4.
-            if (max_rows % 4 == 0 && (scores_ & 15) == 0) {
-                const int n4 = (rows + 3) / 4;
-                for (int k = tid; k < ASPLIT_HG * n4; k += ATTN_THREADS) {
-                    const int h = k / n4, j = 4 * (k % n4);
-                    cp_async16(pt + h * ps + j, sc + h * max_rows + j);
-                }
-            } else {
-                for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
-                    const int h = k / rows, j = k % rows;
-                    cp_async4(pt + h * ps + j, sc + h * max_rows + j);
-                }
-            }
-            cp_async_commit();
+    // Resolves tile tl's row addresses (all of a thread's selection loads in flight together),
+    // then copies the rows' channels of this chunk (8 x 16 bytes a row) in ASPLIT_PARTS
+    // cp.async groups of `part` rows (a multiple of 4).
+    const auto stage_rows = [&](i64 tl, int rows, int part) {
+#pragma unroll
+        for (int i = 0; i < ASPLIT_RPT; i++) {
+            const int j = tid + i * ATTN_THREADS;
+            if (j < rows) rp[j] = asplit_row(tl * vt + j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
         }
-        for (int j = tid; j < rows; j += ATTN_THREADS)
-            rp[j] = attn_row(base + j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
         __syncthreads();
-        // The tile's rows, this chunk's channels (8 x 16 bytes a row), in ASPLIT_PARTS groups
-        // of whole 4-row steps.
-        const int part = (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3;
 #pragma unroll
         for (int q = 0; q < ASPLIT_PARTS; q++) {
             const int lo = min(rows, q * part), hi = min(rows, (q + 1) * part);
@@ -652,82 +660,135 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
             }
             cp_async_commit();
         }
+    };
+    const auto part_of = [](int rows) { return (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3; };
+    const int rows0 = (int)min64(vt, nr);
+    if (fits) stage_rows(0, rows0, part_of(rows0));
+    PDL_ENTRY();
+    float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
+    if (!fits) {
+        *out = __int_as_float(0x7fc00000);  // more rows than the scores scratch: NaN, as attend_heads
+        return;
+    }
 
-        if (tl == 0) {
-            // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows
-            // tid, tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the
-            // 8 warps. Rows of the first tile from pt, later ones from the scratch.
-            asplit_wait_group(ASPLIT_PARTS);  // this thread's score copies have landed
-            __syncthreads();
-            float m[ASPLIT_HG];
+    // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows tid,
+    // tid + 256, ... in ascending order; warps combine by warp_max / warp_sum, then thread h
+    // over the 8 warps. The first tile's scores go straight to registers (one round trip);
+    // rows past it, if any, are read from the scratch.
+    const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
+    const float* sinks = (const float*)sinks_ + h0;
+    i64 jtail = tid;  // this thread's first row past the first tile
+    while (jtail < rows0) jtail += ATTN_THREADS;
+    float sv[ASPLIT_RPT][ASPLIT_HG];
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
-            for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
 #pragma unroll
-                for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], j < vt ? pt[h * ps + j] : sc[h * max_rows + j]);
-            }
+        for (int h = 0; h < ASPLIT_HG; h++) sv[i][h] = j < rows0 ? sc[h * max_rows + j] : -FWD_INF;
+    }
+    {
+        float m[ASPLIT_HG];
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) {
-                const float v = warp_max(m[h]);
-                if (lane == 0) red[h][warp] = v;
-            }
-            __syncthreads();
-            if (tid < ASPLIT_HG) {
-                float mm = sinks[tid];
-                for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
-                mx_s[tid] = mm;
-            }
-            __syncthreads();
-            float part_sum[ASPLIT_HG];
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            m[h] = -FWD_INF;
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) part_sum[h] = 0.f;
-            for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+            for (int i = 0; i < ASPLIT_RPT; i++) m[h] = fmaxf(m[h], sv[i][h]);
+        }
+        for (i64 j = jtail; j < nr; j += ATTN_THREADS) {
 #pragma unroll
-                for (int h = 0; h < ASPLIT_HG; h++) {
-                    const float e = expf((j < vt ? pt[h * ps + j] : sc[h * max_rows + j]) - mx_s[h]);
-                    if (j < vt) pt[h * ps + j] = e;
+            for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], sc[h * max_rows + j]);
+        }
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float v = warp_max(m[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+    }
+    __syncthreads();
+    if (tid < ASPLIT_HG) {
+        float mm = sinks[tid];
+        for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
+        mx_s[tid] = mm;
+    }
+    __syncthreads();
+    {
+        float part_sum[ASPLIT_HG];
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float mx = mx_s[h];
+            part_sum[h] = 0.f;
+#pragma unroll
+            for (int i = 0; i < ASPLIT_RPT; i++) {
+                if (tid + i * ATTN_THREADS < rows0) {
+                    const float e = expf(sv[i][h] - mx);
+                    sv[i][h] = e;
                     part_sum[h] += e;
                 }
             }
+        }
+        for (i64 j = jtail; j < nr; j += ATTN_THREADS) {
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) {
-                const float v = warp_sum(part_sum[h]);
-                if (lane == 0) red[h][warp] = v;
-            }
-            __syncthreads();
-            if (tid < ASPLIT_HG) {
-                float den = expf(sinks[tid] - mx_s[tid]);
-                for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
-                den_s[tid] = den;
-            }
-            __syncthreads();
-            // The weights e / den, each by the thread that stored its e.
-            for (int j = tid; j < rows; j += ATTN_THREADS) {
+            for (int h = 0; h < ASPLIT_HG; h++) part_sum[h] += expf(sc[h * max_rows + j] - mx_s[h]);
+        }
 #pragma unroll
-                for (int h = 0; h < ASPLIT_HG; h++) pt[h * ps + j] = pt[h * ps + j] / den_s[h];
-            }
-        } else {
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float v = warp_sum(part_sum[h]);
+            if (lane == 0) red[h][warp] = v;
+        }
+    }
+    __syncthreads();
+    if (tid < ASPLIT_HG) {
+        float den = expf(sinks[tid] - mx_s[tid]);
+        for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
+        den_s[tid] = den;
+    }
+    __syncthreads();
+    // The first tile's weights e / den: attend's values.
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
+        if (j < rows0) {
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) pt[h * ps + j] = sv[i][h] / den_s[h];
+        }
+    }
+
+    // Values. Chain threads (warps 0 .. ASPLIT_HG / 2 - 1): head hl = 2 * warp + lane / 16,
+    // channels c0 + 2 * cq and the next; rows in ascending order, acc += p * v (attend's
+    // operation), each part of the tile as it lands. The next 4 rows' operands are loaded
+    // before the current ones' FMAs.
+    const bool chain = warp < ASPLIT_HG / 2;
+    const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
+    float acc0 = 0.f, acc1 = 0.f;
+    for (i64 tl = 0; tl < ntiles; tl++) {
+        const int rows = (int)min64(vt, nr - tl * vt), part = part_of(rows);
+        if (tl > 0) {
+            __syncthreads();  // the previous tile's values, weights and addresses are used up
+            stage_rows(tl, rows, part);
             for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
                 const int h = k / rows, rr = k % rows;
-                pt[h * ps + rr] = expf(sc[h * max_rows + base + rr] - mx_s[h]) / den_s[h];
+                pt[h * ps + rr] = expf(sc[h * max_rows + tl * vt + rr] - mx_s[h]) / den_s[h];
             }
         }
-
-        // Values, rows in ascending order: acc += p * v, attend's operation, as each part lands.
         const float* p = pt + hl * ps;
-        const float2* v = (const float2*)vrows + cq;
+        const float2* v = (const float2*)vrows + cq;  // row j: v[j * (ASPLIT_CW / 2)]
 #pragma unroll
         for (int q = 0; q < ASPLIT_PARTS; q++) {
             asplit_wait_group(ASPLIT_PARTS - 1 - q);
             __syncthreads();
-            if (chain) {
-                const int hi = min(rows, (q + 1) * part);
-                int j = min(rows, q * part);
-#pragma unroll 2
-                for (; j + 4 <= hi; j += 4) {
-                    const float4 w = *(const float4*)(p + j);
-                    const float2 a = v[(j + 0) * (ASPLIT_CW / 2)], b = v[(j + 1) * (ASPLIT_CW / 2)];
-                    const float2 c = v[(j + 2) * (ASPLIT_CW / 2)], d = v[(j + 3) * (ASPLIT_CW / 2)];
+            if (!chain) continue;
+            const int hi = min(rows, (q + 1) * part);
+            int j = min(rows, q * part);
+            if (j + 4 <= hi) {
+                float4 w = *(const float4*)(p + j);
+                float2 a = v[(j + 0) * (ASPLIT_CW / 2)], b = v[(j + 1) * (ASPLIT_CW / 2)];
+                float2 c = v[(j + 2) * (ASPLIT_CW / 2)], d = v[(j + 3) * (ASPLIT_CW / 2)];
+                for (;;) {
+                    const bool more = j + 8 <= hi;
+                    const int jn = more ? j + 4 : j;  // the next step, or a harmless reload
+                    const float4 wn = *(const float4*)(p + jn);
+                    const float2 an = v[(jn + 0) * (ASPLIT_CW / 2)], bn = v[(jn + 1) * (ASPLIT_CW / 2)];
+                    const float2 cn = v[(jn + 2) * (ASPLIT_CW / 2)], dn = v[(jn + 3) * (ASPLIT_CW / 2)];
                     acc0 += w.x * a.x;
                     acc1 += w.x * a.y;
                     acc0 += w.y * b.x;
@@ -736,13 +797,20 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                     acc1 += w.z * c.y;
                     acc0 += w.w * d.x;
                     acc1 += w.w * d.y;
+                    j += 4;
+                    if (!more) break;
+                    w = wn;
+                    a = an;
+                    b = bn;
+                    c = cn;
+                    d = dn;
                 }
-                for (; j < hi; j++) {
-                    const float w = p[j];
-                    const float2 a = v[j * (ASPLIT_CW / 2)];
-                    acc0 += w * a.x;
-                    acc1 += w * a.y;
-                }
+            }
+            for (; j < hi; j++) {
+                const float w = p[j];
+                const float2 a = v[j * (ASPLIT_CW / 2)];
+                acc0 += w * a.x;
+                acc1 += w * a.y;
             }
         }
     }
