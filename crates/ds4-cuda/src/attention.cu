@@ -600,6 +600,9 @@ __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64
 #if ASPLIT_VT != ASPLIT_RPT * ATTN_THREADS
 #error "a values tile is a whole number of rows per thread"
 #endif
+#if ASPLIT_HG * ASPLIT_CW / 2 > ATTN_THREADS
+#error "one thread per RoPE pair of a values CTA"
+#endif
 
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
 // memory, for tiles of vt = min(max_rows, ASPLIT_VT) rows: the tile's values (vt x ASPLIT_CW
@@ -664,6 +667,11 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const auto part_of = [](int rows) { return (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3; };
     const int rows0 = (int)min64(vt, nr);
     if (fits) stage_rows(0, rows0, part_of(rows0));
+    // The inverse RoPE's frequency of this thread's pair (thread k < 128: head k / 16, channels
+    // rope_c and the next) when the chunk reaches into the tail: a constant table, loaded now.
+    const i64 tail = ATTN_HD - r;
+    const i64 rope_c = tid < ASPLIT_HG * (ASPLIT_CW / 2) ? c0 + 2 * (tid % (ASPLIT_CW / 2)) : -1;
+    const double rope_f = rope_c >= tail ? ((const double*)inv_freq_)[(rope_c - tail) / 2] : 0.0;
     PDL_ENTRY();
     float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
     if (!fits) {
@@ -820,16 +828,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     // h0 + warp, lane = channel c0 + lane.
     if (chain) *(float2*)&os[hl][2 * cq] = make_float2(acc0, acc1);
     __syncthreads();
-    const i64 tail = ATTN_HD - r;
     if (c0 + ASPLIT_CW > tail) {
-        for (int k = tid; k < ASPLIT_HG * (ASPLIT_CW / 2); k += ATTN_THREADS) {
-            const int h = k / (ASPLIT_CW / 2);
-            const i64 c = c0 + 2 * (k % (ASPLIT_CW / 2));
-            if (c >= tail) {
-                const int l = (int)((c - tail) / 2);
-                rope_pair_at(&os[h][c - c0], pos, ((const double*)inv_freq_)[l], true);
-            }
-        }
+        if (rope_c >= tail) rope_pair_at(&os[tid / (ASPLIT_CW / 2)][rope_c - c0], pos, rope_f, true);
         __syncthreads();
     }
     const float y = os[warp][lane];
