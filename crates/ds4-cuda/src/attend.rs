@@ -473,9 +473,12 @@ pub(crate) unsafe fn launch_attend_split(
         shared_mem_bytes: shared as u32,
     };
     // SAFETY: as above; the values kernel reads the scores the first launch wrote (same
-    // stream, in order) and writes n_tok × heads × 512 outputs; its dynamic shared memory is
-    // split_values_shared(tile) for the `tile` it is told (allowed above; split_plan checked
-    // that the largest fits with the static part).
+    // stream, in order) and writes n_tok × heads × 512 outputs. It must be the launch right
+    // after the scores kernel on this stream: it copies its rows before its PDL wait, which is
+    // sound only because its one predecessor, the scores kernel, waits for everything before
+    // it and writes nothing but the scores (attention.cu, asplit_values_prologue). Its
+    // dynamic shared memory is split_values_shared(tile) for the `tile` it is told (allowed
+    // above; split_plan checked that the largest fits with the static part).
     unsafe { fk.launch(dev, MODULE, "attend_split_values", cfg, &a) }
 }
 

@@ -604,77 +604,116 @@ __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64
 #error "one thread per RoPE pair of a values CTA"
 #endif
 
+// A token's rows as attend_split_values reads them (asplit_row's parameters).
+struct AsplitRows {
+    const float* kv;
+    const float* ring;
+    const float* comp;
+    const int* sel;
+    i64 pos0, first, nw, ring_cap, kind;
+};
+
+// Rows a values tile of `rows` rows copies per cp.async group (a multiple of 4).
+__device__ __forceinline__ int asplit_part(int rows) { return (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3; }
+
+// Resolves the row addresses of tile tl (vt rows a tile; this one has `rows`) into shared
+// memory, all of a thread's selection loads in flight together, then copies the rows'
+// channels c0 .. c0 + ASPLIT_CW (8 x 16 bytes a row) in ASPLIT_PARTS cp.async groups of
+// asplit_part(rows) rows. Every thread of the CTA calls it (it synchronizes).
+__device__ __forceinline__ void asplit_stage_rows(const AsplitRows& k, i64 tl, i64 vt, int rows, i64 c0) {
+    extern __shared__ __align__(16) float vsh[];
+    float* const vrows = vsh;
+    const float** const rp = (const float**)(vsh + vt * ASPLIT_CW + ASPLIT_HG * asplit_score_stride(vt));
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
+        if (j < rows)
+            rp[j] = asplit_row(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind, k.sel);
+    }
+    __syncthreads();
+    const int part = asplit_part(rows);
+#pragma unroll
+    for (int q = 0; q < ASPLIT_PARTS; q++) {
+        const int lo = min(rows, q * part), hi = min(rows, (q + 1) * part);
+        for (int e = tid + lo * (ASPLIT_CW / 4); e < hi * (ASPLIT_CW / 4); e += ATTN_THREADS) {
+            const int rr = e / (ASPLIT_CW / 4), cc = (e % (ASPLIT_CW / 4)) * 4;
+            cp_async16(vrows + rr * ASPLIT_CW + cc, rp[rr] + c0 + cc);
+        }
+        cp_async_commit();
+    }
+}
+
+// What attend_split_values does before its PDL wait, while attend_split_scores still runs:
+// the token's row count, the first tile's rows copied (asplit_stage_rows), and the inverse
+// RoPE's frequency of this thread's pair (thread k < 128: head k / 16, channels rope_c and
+// the next; rope_c = -1 for the other threads).
+//
+// This reads what the kernels before attend_split_scores wrote (the position, the selection
+// count and indices, the span's K=V rows, the ring, the compressed rows), not only constant
+// tables: that is sound here because this grid starts only once every CTA of
+// attend_split_scores has passed its own griddepcontrol.wait (PDL_ENTRY waits, then
+// triggers), i.e. once every kernel before it has completed with its writes visible, and
+// attend_split_scores writes only the scores scratch, which is read after the wait. The early
+// reads go to L2 (ld.global.cg, cp.async.cg), never to an L1 line an earlier kernel left.
+struct AsplitPre {
+    AsplitRows rows;
+    i64 pos, nr, rope_c;
+    double rope_f;
+    int rows0;   // rows of the first tile: min(vt, nr)
+    bool fits;   // nr <= max_rows (else the outputs are NaN; nothing was copied)
+};
+__device__ __forceinline__ AsplitPre asplit_values_prologue(u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_,
+                                                            u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
+                                                            i64 sel_stride, u64 inv_freq_, i64 r, i64 max_rows,
+                                                            i64 vt) {
+    AsplitPre p;
+    const i64 t = blockIdx.z, c0 = (i64)blockIdx.x * ASPLIT_CW;
+    const i64 pos0 = ldcg_i64((const void*)pos_);
+    p.pos = pos0 + t;
+    const i64 first = p.pos + 1 > window ? p.pos + 1 - window : 0;
+    const i64 nw = p.pos - first + 1;
+    const i64 nc = kind == 1 ? (p.pos + 1) / ratio : (kind == 2 ? (i64)ldcg_i32((const int*)selc_ + t) : 0);
+    p.nr = nw + nc;
+    p.rows = AsplitRows{(const float*)kv_, (const float*)ring_, (const float*)comp_,
+                        (const int*)sel_ + t * sel_stride, pos0, first, nw, ring_cap, kind};
+    p.fits = p.nr <= max_rows;  // uniform over the CTA
+    p.rows0 = (int)min64(vt, p.nr);
+    if (p.fits) asplit_stage_rows(p.rows, 0, vt, p.rows0, c0);
+    const i64 tail = ATTN_HD - r;
+    const int tid = threadIdx.x;
+    p.rope_c = tid < ASPLIT_HG * (ASPLIT_CW / 2) ? c0 + 2 * (tid % (ASPLIT_CW / 2)) : -1;
+    p.rope_f = p.rope_c >= tail ? ((const double*)inv_freq_)[(p.rope_c - tail) / 2] : 0.0;
+    return p;
+}
+
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
 // memory, for tiles of vt = min(max_rows, ASPLIT_VT) rows: the tile's values (vt x ASPLIT_CW
 // floats), its weights (ASPLIT_HG x asplit_score_stride(vt) floats) and its row addresses (vt
 // pointers). Reads the scores attend_split_scores wrote; out as attend's, and when oq_ != 0
 // also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which saves the decode
-// step a quantization launch.
-//
-// The first tile's rows are copied before the PDL wait, while attend_split_scores still runs.
-// That reads only what kernels before attend_split_scores wrote (the position, the selection,
-// the K=V rows of the span, the ring and the compressed rows): this grid starts only once
-// every CTA of attend_split_scores has passed its own griddepcontrol.wait (PDL_ENTRY waits,
-// then triggers), i.e. once everything before it has completed and its writes are visible;
-// attend_split_scores itself writes only the scores scratch, read after the wait. The early
-// reads go to L2 (ld.global.cg, cp.async.cg), never to a possibly stale L1 line.
+// step a quantization launch. The first tile's rows are copied before the PDL wait
+// (asplit_values_prologue says why that is sound).
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
                         u64 inv_freq_, i64 r, i64 max_rows, i64 vt, u64 oq_, u64 od_) {
+    PDL_ENTRY_AFTER(const AsplitPre pre = asplit_values_prologue(kv_, ring_, comp_, sel_, selc_, pos_, window, ring_cap,
+                                                                 kind, ratio, sel_stride, inv_freq_, r, max_rows, vt));
     extern __shared__ __align__(16) float vsh[];
     const i64 ps = asplit_score_stride(vt);
-    float* const vrows = vsh;                                       // [vt][ASPLIT_CW] values
-    float* const pt = vsh + vt * ASPLIT_CW;                         // [ASPLIT_HG][ps] weights
-    const float** const rp = (const float**)(pt + ASPLIT_HG * ps);  // [vt] row addresses
+    float* const vrows = vsh;                // [vt][ASPLIT_CW] values
+    float* const pt = vsh + vt * ASPLIT_CW;  // [ASPLIT_HG][ps] weights
     __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
     __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
     __shared__ __align__(16) float os[ASPLIT_HG][ASPLIT_CW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 c0 = (i64)blockIdx.x * ASPLIT_CW, h0 = (i64)blockIdx.y * ASPLIT_HG, t = blockIdx.z;
-    const i64 pos0 = ldcg_i64((const void*)pos_);
-    const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)ldcg_i32((const int*)selc_ + t) : 0);
-    const i64 nr = nw + nc;
-    const float* kv = (const float*)kv_;
-    const float* ring = (const float*)ring_;
-    const float* comp = (const float*)comp_;
-    const int* sel = (const int*)sel_ + t * sel_stride;
-    const bool fits = nr <= max_rows;  // else NaN outputs, after the wait (uniform over the CTA)
+    const i64 pos = pre.pos, nr = pre.nr;
+    const int rows0 = pre.rows0;
     const i64 ntiles = (nr + vt - 1) / vt;
-    // Resolves tile tl's row addresses (all of a thread's selection loads in flight together),
-    // then copies the rows' channels of this chunk (8 x 16 bytes a row) in ASPLIT_PARTS
-    // cp.async groups of `part` rows (a multiple of 4).
-    const auto stage_rows = [&](i64 tl, int rows, int part) {
-#pragma unroll
-        for (int i = 0; i < ASPLIT_RPT; i++) {
-            const int j = tid + i * ATTN_THREADS;
-            if (j < rows) rp[j] = asplit_row(tl * vt + j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < ASPLIT_PARTS; q++) {
-            const int lo = min(rows, q * part), hi = min(rows, (q + 1) * part);
-            for (int k = tid + lo * (ASPLIT_CW / 4); k < hi * (ASPLIT_CW / 4); k += ATTN_THREADS) {
-                const int rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
-                cp_async16(vrows + rr * ASPLIT_CW + cc, rp[rr] + c0 + cc);
-            }
-            cp_async_commit();
-        }
-    };
-    const auto part_of = [](int rows) { return (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3; };
-    const int rows0 = (int)min64(vt, nr);
-    if (fits) stage_rows(0, rows0, part_of(rows0));
-    // The inverse RoPE's frequency of this thread's pair (thread k < 128: head k / 16, channels
-    // rope_c and the next) when the chunk reaches into the tail: a constant table, loaded now.
-    const i64 tail = ATTN_HD - r;
-    const i64 rope_c = tid < ASPLIT_HG * (ASPLIT_CW / 2) ? c0 + 2 * (tid % (ASPLIT_CW / 2)) : -1;
-    const double rope_f = rope_c >= tail ? ((const double*)inv_freq_)[(rope_c - tail) / 2] : 0.0;
-    PDL_ENTRY();
     float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
-    if (!fits) {
+    if (!pre.fits) {
         *out = __int_as_float(0x7fc00000);  // more rows than the scores scratch: NaN, as attend_heads
         return;
     }
@@ -769,10 +808,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
     float acc0 = 0.f, acc1 = 0.f;
     for (i64 tl = 0; tl < ntiles; tl++) {
-        const int rows = (int)min64(vt, nr - tl * vt), part = part_of(rows);
+        const int rows = (int)min64(vt, nr - tl * vt), part = asplit_part(rows);
         if (tl > 0) {
             __syncthreads();  // the previous tile's values, weights and addresses are used up
-            stage_rows(tl, rows, part);
+            asplit_stage_rows(pre.rows, tl, vt, rows, c0);
             for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
                 const int h = k / rows, rr = k % rows;
                 pt[h * ps + rr] = expf(sc[h * max_rows + tl * vt + rr] - mx_s[h]) / den_s[h];
@@ -828,8 +867,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     // h0 + warp, lane = channel c0 + lane.
     if (chain) *(float2*)&os[hl][2 * cq] = make_float2(acc0, acc1);
     __syncthreads();
-    if (c0 + ASPLIT_CW > tail) {
-        if (rope_c >= tail) rope_pair_at(&os[tid / (ASPLIT_CW / 2)][rope_c - c0], pos, rope_f, true);
+    if (c0 + ASPLIT_CW > ATTN_HD - r) {
+        if (pre.rope_c >= ATTN_HD - r)
+            rope_pair_at(&os[tid / (ASPLIT_CW / 2)][pre.rope_c - c0], pos, pre.rope_f, true);
         __syncthreads();
     }
     const float y = os[warp][lane];
