@@ -338,6 +338,14 @@ const SPLIT_HEADS: usize = 8;
 const SPLIT_CHANNELS: usize = 32;
 /// Most rows per staged tile of attend_split_values (ASPLIT_VT).
 const SPLIT_TILE: usize = 1024;
+
+/// attend_split_values' dynamic shared memory for tiles of `tile` rows: the values (32
+/// channels a row), the weights of 8 heads (stride: `tile` rounded up to 32, plus 4:
+/// attention.cu asplit_score_stride) and the rows' addresses.
+fn split_values_shared(tile: usize) -> usize {
+    let stride = tile.next_multiple_of(32) + 4;
+    (tile * SPLIT_CHANNELS + SPLIT_HEADS * stride) * 4 + tile * 8
+}
 /// attend_split_values' static shared memory (softmax partials, statistics, outputs), which
 /// counts against the per-CTA limit with the dynamic part.
 const SPLIT_STATIC_SHARED: usize = (SPLIT_HEADS * (THREADS as usize / 32 + 2 + SPLIT_CHANNELS)) * 4;
@@ -359,7 +367,7 @@ impl AttendArgs {
         )?;
         // The scores kernel's two row tiles, the values kernel's tile of rows.
         let need = (2 * TILE_ROWS * HEAD_DIM * 4)
-            .max(SPLIT_TILE * (SPLIT_CHANNELS + SPLIT_HEADS) * 4 + SPLIT_STATIC_SHARED);
+            .max(split_values_shared(SPLIT_TILE) + SPLIT_STATIC_SHARED);
         shared_fits("attend_split", need, optin_shared)
     }
 }
@@ -428,9 +436,9 @@ pub(crate) unsafe fn launch_attend_split(
     // The kernel's shape constraints (head width 512, heads a multiple of 16, 16-byte aligned
     // rows) are checked above; its two row tiles are the dynamic shared memory allowed above.
     unsafe { fk.launch(dev, MODULE, "attend_split_scores", cfg, &a)? };
-    // A tile of rows: this chunk's channels and the heads' scores of each row.
+    // A tile of rows: this chunk's channels, the heads' weights and the rows' addresses.
     let tile = args.max_rows.clamp(1, SPLIT_TILE);
-    let shared = tile * (SPLIT_CHANNELS + SPLIT_HEADS) * 4;
+    let shared = split_values_shared(tile);
     let a = kargs![
         scores,
         args.kv,
@@ -465,9 +473,12 @@ pub(crate) unsafe fn launch_attend_split(
         shared_mem_bytes: shared as u32,
     };
     // SAFETY: as above; the values kernel reads the scores the first launch wrote (same
-    // stream, in order) and writes n_tok × heads × 512 outputs; its dynamic shared memory is
-    // `tile` rows of 32 channels and 8 scores, as the last argument tells it (allowed above;
-    // split_plan checked that it fits with the static part).
+    // stream, in order) and writes n_tok × heads × 512 outputs. It must be the launch right
+    // after the scores kernel on this stream: it copies its rows before its PDL wait, which is
+    // sound only because its one predecessor, the scores kernel, waits for everything before
+    // it and writes nothing but the scores (attention.cu, asplit_values_prologue). Its
+    // dynamic shared memory is split_values_shared(tile) for the `tile` it is told (allowed
+    // above; split_plan checked that the largest fits with the static part).
     unsafe { fk.launch(dev, MODULE, "attend_split_values", cfg, &a) }
 }
 
@@ -899,6 +910,16 @@ mod tests {
                 ratio: 4,
                 comp_rows: 1258,
             },
+            // HCA with more rows than attend_split_values stages at once (1 024): 1 628 to
+            // 1 629 rows per token, two tiles.
+            Case {
+                name: "HCA, pos 3000",
+                n_tok: 3,
+                pos0: 3000,
+                kind: 1,
+                ratio: 2,
+                comp_rows: 1502,
+            },
         ];
         for (i, c) in cases.iter().enumerate() {
             let b = upload_case(&dev, c, 17 + i as u64);
@@ -1061,6 +1082,93 @@ mod tests {
                     .all(|(w, g)| w.to_bits() == g.to_bits()),
                 "{kernel:?}"
             );
+        }
+    }
+
+    /// Microseconds of one decode attention (a single token) with attend_split and with
+    /// attend, back to back on one stream, at the model's shapes: a CSA layer (128 window rows
+    /// and the whole top-k of 512), an HCA layer at 64K context (128 + 512 rows) and a sliding
+    /// layer (128 rows).
+    #[test]
+    #[ignore]
+    fn attend_split_timing() {
+        let Some((dev, fk)) = open() else { return };
+        for (i, c) in [
+            Case {
+                name: "CSA, 640 rows",
+                n_tok: 1,
+                pos0: 8192,
+                kind: 2,
+                ratio: 4,
+                comp_rows: 2049,
+            },
+            Case {
+                name: "HCA, 640 rows",
+                n_tok: 1,
+                pos0: 65535,
+                kind: 1,
+                ratio: 128,
+                comp_rows: 512,
+            },
+            Case {
+                name: "window, 128 rows",
+                n_tok: 1,
+                pos0: 2047,
+                kind: 0,
+                ratio: 1,
+                comp_rows: 0,
+            },
+        ]
+        .iter()
+        .enumerate()
+        {
+            let b = upload_case(&dev, c, 70 + i as u64);
+            let sel: Vec<i32> = (0..TOPK as i32).map(|k| 4 * k).collect();
+            let sel = dev.upload(&sel).unwrap();
+            let out = dev.alloc_filled::<f32>(H * HD, 0xFF).unwrap();
+            // CSA: the token selects 0, 128, 256 or the whole top-k of rows (how the time
+            // grows with the rows); upload_case's first token selects none.
+            let counts: &[i32] = if c.kind == 2 {
+                &[0, 128, 256, TOPK as i32]
+            } else {
+                &[0]
+            };
+            for &n_sel in counts {
+                let selc = dev.upload(&[n_sel]).unwrap();
+                let args = AttendArgs {
+                    sel: sel.ptr(),
+                    selc: selc.ptr(),
+                    out: out.ptr(),
+                    ..b.args
+                };
+                let scores = dev
+                    .alloc_filled::<f32>(args.split_scores_len(1), 0xFF)
+                    .unwrap();
+                let iters = 200;
+                for split in [true, false] {
+                    // SAFETY: as in `run`; the selection indices are below comp_rows.
+                    let launch = || unsafe {
+                        if split {
+                            launch_attend_split(&fk, &dev, &args, 1, scores.ptr(), None)
+                        } else {
+                            launch_attend(&fk, &dev, &args, 1)
+                        }
+                        .unwrap()
+                    };
+                    launch();
+                    let start = dev.record_event().unwrap();
+                    for _ in 0..iters {
+                        launch();
+                    }
+                    let end = dev.record_event().unwrap();
+                    let us = 1e3 * dev.elapsed_ms(&start, &end).unwrap() / iters as f32;
+                    let name = if split { "attend_split" } else { "attend" };
+                    eprintln!(
+                        "{} ({n_sel} selected): {name}: {us:.2} us per token",
+                        c.name
+                    );
+                }
+            }
         }
     }
 

@@ -251,15 +251,15 @@ __device__ __forceinline__ const float* attn_row(i64 j, i64 nw, i64 first, i64 p
 
 // Starts copying rows row0 .. row0 + ATTN_TR of the token into `tile` (one cp.async group):
 // warp w copies rows w and w + 8, 16 bytes per lane per step. Rows at or past nr are zeros.
-__device__ __forceinline__ void attn_stage(float* tile, i64 row0, i64 nr, i64 nw, i64 first, i64 pos0,
-                                           const float* kv, const float* ring, i64 ring_cap, const float* comp,
-                                           i64 kind, const int* sel) {
+// `row(j)` gives row j's address (called by all lanes of the warp alike).
+template <class RowAt>
+__device__ __forceinline__ void attn_stage(float* tile, i64 row0, i64 nr, const RowAt& row) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int r = warp; r < ATTN_TR; r += ATTN_THREADS / 32) {
         float* dst = tile + r * ATTN_HD;
         const i64 j = row0 + r;
         if (j < nr) {
-            const float* src = attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+            const float* src = row(j);
             for (int c = 4 * lane; c < ATTN_HD; c += 128) cp_async16(dst + c, src + c);
         } else {
             for (int c = 4 * lane; c < ATTN_HD; c += 128) *(float4*)(dst + c) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -293,13 +293,13 @@ __device__ __forceinline__ float warp_sum_transposed32(float (&v)[32]) {
 }
 
 // Pass 1 of attend_heads over the token's rows row_lo .. row_hi (row_lo a multiple of
-// ATTN_TR): the scores q·k × scale of heads h0 .. h0 + ATTN_HG (q_tok: head h0's query) go to
-// sc[(j - row_lo) * sj + hl * sh] for row j and head h0 + hl. Warp w: heads 4*(w & 3) .. +4,
-// rows 8*(w >> 2) .. +8 of each ATTN_TR-row tile; `tiles` holds two tiles. Ends synchronized.
-__device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_tok, i64 row_lo, i64 row_hi, i64 nw,
-                                                 i64 first, i64 pos0, const float* kv, const float* ring,
-                                                 i64 ring_cap, const float* comp, i64 kind, const int* sel,
-                                                 float scale, float* sc, i64 sj, i64 sh) {
+// ATTN_TR; row(j) gives row j's address): the scores q·k × scale of heads h0 .. h0 + ATTN_HG
+// (q_tok: head h0's query) go to sc[(j - row_lo) * sj + hl * sh] for row j and head h0 + hl.
+// Warp w: heads 4*(w & 3) .. +4, rows 8*(w >> 2) .. +8 of each ATTN_TR-row tile; `tiles`
+// holds two tiles. Ends synchronized.
+template <class RowAt>
+__device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_tok, i64 row_lo, i64 row_hi,
+                                                 const RowAt& row, float scale, float* sc, i64 sj, i64 sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hq = warp & 3, rs = (warp >> 2) * 8;
     const i64 ntiles = (row_hi - row_lo + ATTN_TR - 1) / ATTN_TR;
@@ -310,11 +310,10 @@ __device__ __forceinline__ void attn_scores_pass(float* tiles, const float* q_to
 #pragma unroll
         for (int i = 0; i < ATTN_CPL; i++) q[g][i] = qh[32 * i];
     }
-    attn_stage(tiles, row_lo, row_hi, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    attn_stage(tiles, row_lo, row_hi, row);
     for (i64 tl = 0; tl < ntiles; tl++) {
         if (tl + 1 < ntiles) {
-            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, row_lo + (tl + 1) * ATTN_TR, row_hi, nw, first,
-                       pos0, kv, ring, ring_cap, comp, kind, sel);
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, row_lo + (tl + 1) * ATTN_TR, row_hi, row);
             cp_async_wait_all_but_newest();
         } else {
             cp_async_wait_all();
@@ -382,9 +381,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     const i64 ntiles = (nr + ATTN_TR - 1) / ATTN_TR;
     const float scale = (float)scale_d;
 
+    const auto row = [&](i64 j) { return attn_row(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel); };
+
     // Pass 1: scores of every row, into shared memory (row-major, the heads side by side).
-    attn_scores_pass(tiles, (const float*)q_ + (t * H + h0) * ATTN_HD, 0, nr, nw, first, pos0, kv, ring, ring_cap,
-                     comp, kind, sel, scale, sc, ATTN_HG, 1);
+    attn_scores_pass(tiles, (const float*)q_ + (t * H + h0) * ATTN_HD, 0, nr, row, scale, sc, ATTN_HG, 1);
 
     // Pass 2: softmax with the sink, per head: attend's split over 256 threads and 8 warps.
     {
@@ -442,11 +442,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     float acc[8][4];
 #pragma unroll
     for (int g = 0; g < 8; g++) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f;
-    attn_stage(tiles, 0, nr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel);
+    attn_stage(tiles, 0, nr, row);
     for (i64 tl = 0; tl < ntiles; tl++) {
         if (tl + 1 < ntiles) {
-            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, nw, first, pos0, kv, ring,
-                       ring_cap, comp, kind, sel);
+            attn_stage(tiles + ((tl + 1) & 1) * ATTN_TR * ATTN_HD, (tl + 1) * ATTN_TR, nr, row);
             cp_async_wait_all_but_newest();
         } else {
             cp_async_wait_all();
@@ -493,18 +492,27 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 //     score pass over ASPLIT_ROWS rows, into scores[(t*H + h) * max_rows + j] (device memory);
 //  2. attend_split_values: CTA (channel chunk of ASPLIT_CW, group of ASPLIT_HG heads, token)
 //     redoes each head's softmax statistics with attend's split over 256 threads and 8 warps
-//     (max, then the sum of expf(s - max) in the same order), then accumulates its heads x
-//     channels over all rows in ascending order with p = expf(s - max) / den (the same values
-//     attend divides), and applies the inverse RoPE to the channels of the tail.
-// Every CTA of the values launch recomputes its heads' statistics (16 chunks per head): a few
-// exponentials per thread, against a dependent chain of all the rows in one CTA. A token's
-// rows (up to ASPLIT_VT; more in tiles) are copied in one go, issued before the statistics,
-// and the scores of the first tile are kept in shared memory: three memory round trips per
-// CTA instead of one per tile.
-#define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles)
-#define ASPLIT_HG 8      // heads per values CTA: one warp each
-#define ASPLIT_CW 32     // channels per values CTA: one lane each
+//     (max, then the sum of expf(s - max) in the same order, the weights expf(s - max) / den:
+//     the values attend divides), then accumulates its heads x channels over all rows in
+//     ascending order, and applies the inverse RoPE to the channels of the tail.
+// Each output is one chain of fused multiply-adds over the rows in attend's order, so the
+// chains cannot be split across threads; what the kernels avoid is everything around them:
+//  - every row address is resolved once, all of a CTA's selection loads in flight together
+//    (not one row at a time behind the previous row's copies);
+//  - the values CTA copies its rows' channels with cp.async before its PDL wait, while the
+//    scores kernel runs (see attend_split_values), then loads its heads' scores into
+//    registers in one round trip, and walks the rows in ASPLIT_PARTS groups as they land;
+//  - a chain thread owns one head and two channels: per 4 rows one broadcast float4 of
+//    weights and 4 float2 of values for 8 FMAs, so shared-memory loads do not bound the walk.
+#define ASPLIT_ROWS 32   // rows per scores CTA (two ATTN_TR tiles; one per lane of a warp)
+#define ASPLIT_HG 8      // heads per values CTA
+#define ASPLIT_CW 32     // channels per values CTA
 #define ASPLIT_VT 1024   // most rows per staged tile of the values pass
+#define ASPLIT_PARTS 4   // cp.async groups a values tile's rows arrive in
+
+#if ASPLIT_ROWS != 32
+#error "attend_split_scores resolves one row per lane"
+#endif
 
 // Grid (max_rows / ASPLIT_ROWS rounded up, H / ATTN_HG, n_tok), ATTN_THREADS threads, dynamic
 // shared memory 2 x ATTN_TR x ATTN_HD floats. Same parameters as attend plus the scores
@@ -526,143 +534,342 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     // Rows past the token's count (the grid covers max_rows), or more rows than the scratch
     // holds (the values launch then writes NaN outputs): nothing to do. Uniform over the CTA.
     if (row_lo >= nr || nr > max_rows) return;
-    attn_scores_pass(sh, (const float*)q_ + (t * H + h0) * ATTN_HD, row_lo, min64(row_lo + ASPLIT_ROWS, nr), nw,
-                     first, pos0, (const float*)kv_, (const float*)ring_, ring_cap, (const float*)comp_, kind,
-                     (const int*)sel_ + t * sel_stride, (float)scale_d,
+    const i64 row_hi = min64(row_lo + ASPLIT_ROWS, nr);
+    // Lane l of every warp resolves row row_lo + l; the staging takes each address from its
+    // lane, so the CTA's selection loads are one round trip.
+    const int lane = threadIdx.x & 31;
+    const u64 mine = row_lo + lane < row_hi
+                         ? (u64)attn_row(row_lo + lane, nw, first, pos0, (const float*)kv_, (const float*)ring_,
+                                         ring_cap, (const float*)comp_, kind, (const int*)sel_ + t * sel_stride)
+                         : 0;
+    const u32 mine_lo = (u32)mine, mine_hi = (u32)(mine >> 32);
+    const auto row = [&](i64 j) {
+        const int src = (int)(j - row_lo);
+        const u64 lo = __shfl_sync(FULL_MASK, mine_lo, src), hi = __shfl_sync(FULL_MASK, mine_hi, src);
+        return (const float*)(lo | (hi << 32));
+    };
+    attn_scores_pass(sh, (const float*)q_ + (t * H + h0) * ATTN_HD, row_lo, row_hi, row, (float)scale_d,
                      (float*)scores_ + (t * H + h0) * max_rows + row_lo, 1, max_rows);
 }
 
+// Floats between two heads' scores in attend_split_values' shared memory: vt rounded up to
+// 32, plus 4, so that the two heads a warp reads sit on different banks.
+__device__ __forceinline__ i64 asplit_score_stride(i64 vt) { return ((vt + 31) & ~(i64)31) + 4; }
+
+// cp.async.wait_group n for n = 0 .. ASPLIT_PARTS (an immediate operand).
+__device__ __forceinline__ void asplit_wait_group(int n) {
+    switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    }
+}
+#if ASPLIT_PARTS != 4
+#error "asplit_wait_group covers 4 parts"
+#endif
+
+// L2 loads (ld.global.cg: no L1 line of an earlier kernel can answer them), for what
+// attend_split_values reads before its PDL wait.
+__device__ __forceinline__ i64 ldcg_i64(const void* p) {
+    i64 v;
+    asm("ld.global.cg.s64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int ldcg_i32(const void* p) {
+    int v;
+    asm("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// attn_row with the selection read through ldcg_i32.
+__device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
+                                                   const float* ring, i64 ring_cap, const float* comp, i64 kind,
+                                                   const int* sel) {
+    if (j < nw) {
+        const i64 ps = first + j;
+        return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
+    }
+    return comp + (kind == 1 ? j - nw : (i64)ldcg_i32(sel + (j - nw))) * ATTN_HD;
+}
+
+// Rows of a values tile each thread handles (row tid + ATTN_THREADS * i) in the statistics
+// and the address pass.
+#define ASPLIT_RPT (ASPLIT_VT / ATTN_THREADS)
+#if ASPLIT_VT != ASPLIT_RPT * ATTN_THREADS
+#error "a values tile is a whole number of rows per thread"
+#endif
+#if ASPLIT_HG * ASPLIT_CW / 2 > ATTN_THREADS
+#error "one thread per RoPE pair of a values CTA"
+#endif
+
+// A token's rows as attend_split_values reads them (asplit_row's parameters).
+struct AsplitRows {
+    const float* kv;
+    const float* ring;
+    const float* comp;
+    const int* sel;
+    i64 pos0, first, nw, ring_cap, kind;
+};
+
+// Rows a values tile of `rows` rows copies per cp.async group (a multiple of 4).
+__device__ __forceinline__ int asplit_part(int rows) { return (((rows + ASPLIT_PARTS - 1) / ASPLIT_PARTS) + 3) & ~3; }
+
+// Resolves the row addresses of tile tl (vt rows a tile; this one has `rows`) into shared
+// memory, all of a thread's selection loads in flight together, then copies the rows'
+// channels c0 .. c0 + ASPLIT_CW (8 x 16 bytes a row) in ASPLIT_PARTS cp.async groups of
+// asplit_part(rows) rows. Every thread of the CTA calls it (it synchronizes).
+__device__ __forceinline__ void asplit_stage_rows(const AsplitRows& k, i64 tl, i64 vt, int rows, i64 c0) {
+    extern __shared__ __align__(16) float vsh[];
+    float* const vrows = vsh;
+    const float** const rp = (const float**)(vsh + vt * ASPLIT_CW + ASPLIT_HG * asplit_score_stride(vt));
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
+        if (j < rows)
+            rp[j] = asplit_row(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind, k.sel);
+    }
+    __syncthreads();
+    const int part = asplit_part(rows);
+#pragma unroll
+    for (int q = 0; q < ASPLIT_PARTS; q++) {
+        const int lo = min(rows, q * part), hi = min(rows, (q + 1) * part);
+        for (int e = tid + lo * (ASPLIT_CW / 4); e < hi * (ASPLIT_CW / 4); e += ATTN_THREADS) {
+            const int rr = e / (ASPLIT_CW / 4), cc = (e % (ASPLIT_CW / 4)) * 4;
+            cp_async16(vrows + rr * ASPLIT_CW + cc, rp[rr] + c0 + cc);
+        }
+        cp_async_commit();
+    }
+}
+
+// What attend_split_values does before its PDL wait, while attend_split_scores still runs:
+// the token's row count, the first tile's rows copied (asplit_stage_rows), and the inverse
+// RoPE's frequency of this thread's pair (thread k < 128: head k / 16, channels rope_c and
+// the next; rope_c = -1 for the other threads).
+//
+// This reads what the kernels before attend_split_scores wrote (the position, the selection
+// count and indices, the span's K=V rows, the ring, the compressed rows), not only constant
+// tables: that is sound here because this grid starts only once every CTA of
+// attend_split_scores has passed its own griddepcontrol.wait (PDL_ENTRY waits, then
+// triggers), i.e. once every kernel before it has completed with its writes visible, and
+// attend_split_scores writes only the scores scratch, which is read after the wait. The early
+// reads go to L2 (ld.global.cg, cp.async.cg), never to an L1 line an earlier kernel left.
+struct AsplitPre {
+    AsplitRows rows;
+    i64 pos, nr, rope_c;
+    double rope_f;
+    int rows0;   // rows of the first tile: min(vt, nr)
+    bool fits;   // nr <= max_rows (else the outputs are NaN; nothing was copied)
+};
+__device__ __forceinline__ AsplitPre asplit_values_prologue(u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_,
+                                                            u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio,
+                                                            i64 sel_stride, u64 inv_freq_, i64 r, i64 max_rows,
+                                                            i64 vt) {
+    AsplitPre p;
+    const i64 t = blockIdx.z, c0 = (i64)blockIdx.x * ASPLIT_CW;
+    const i64 pos0 = ldcg_i64((const void*)pos_);
+    p.pos = pos0 + t;
+    const i64 first = p.pos + 1 > window ? p.pos + 1 - window : 0;
+    const i64 nw = p.pos - first + 1;
+    const i64 nc = kind == 1 ? (p.pos + 1) / ratio : (kind == 2 ? (i64)ldcg_i32((const int*)selc_ + t) : 0);
+    p.nr = nw + nc;
+    p.rows = AsplitRows{(const float*)kv_, (const float*)ring_, (const float*)comp_,
+                        (const int*)sel_ + t * sel_stride, pos0, first, nw, ring_cap, kind};
+    p.fits = p.nr <= max_rows;  // uniform over the CTA
+    p.rows0 = (int)min64(vt, p.nr);
+    if (p.fits) asplit_stage_rows(p.rows, 0, vt, p.rows0, c0);
+    const i64 tail = ATTN_HD - r;
+    const int tid = threadIdx.x;
+    p.rope_c = tid < ASPLIT_HG * (ASPLIT_CW / 2) ? c0 + 2 * (tid % (ASPLIT_CW / 2)) : -1;
+    p.rope_f = p.rope_c >= tail ? ((const double*)inv_freq_)[(p.rope_c - tail) / 2] : 0.0;
+    return p;
+}
+
 // Grid (ATTN_HD / ASPLIT_CW, H / ASPLIT_HG, n_tok), ATTN_THREADS threads. Dynamic shared
-// memory: vt rows x (ASPLIT_CW + ASPLIT_HG) floats (vt = min(max_rows, ASPLIT_VT): the tile's
-// values, then its scores). Reads the scores attend_split_scores wrote; out as attend's, and
-// when oq_ != 0 also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which
-// saves the decode step a quantization launch.
+// memory, for tiles of vt = min(max_rows, ASPLIT_VT) rows: the tile's values (vt x ASPLIT_CW
+// floats), its weights (ASPLIT_HG x asplit_score_stride(vt) floats) and its row addresses (vt
+// pointers). Reads the scores attend_split_scores wrote; out as attend's, and when oq_ != 0
+// also its Q8_0 form (int8 values at oq_, one f32 scale per 32 at od_), which saves the decode
+// step a quantization launch. The first tile's rows are copied before the PDL wait
+// (asplit_values_prologue says why that is sound).
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attend_split_values(u64 scores_, u64 kv_, u64 ring_, u64 comp_, u64 sel_, u64 selc_, u64 sinks_, u64 out_,
                         i64 H, u64 pos_, i64 window, i64 ring_cap, i64 kind, i64 ratio, i64 sel_stride,
                         u64 inv_freq_, i64 r, i64 max_rows, i64 vt, u64 oq_, u64 od_) {
-    PDL_ENTRY();
+    PDL_ENTRY_AFTER(const AsplitPre pre = asplit_values_prologue(kv_, ring_, comp_, sel_, selc_, pos_, window, ring_cap,
+                                                                 kind, ratio, sel_stride, inv_freq_, r, max_rows, vt));
     extern __shared__ __align__(16) float vsh[];
-    float* const vrows = vsh;                  // [vt][ASPLIT_CW] this chunk's channels of a tile
-    float* const pt = vsh + vt * ASPLIT_CW;    // [ASPLIT_HG][vt] scores, then weights
+    const i64 ps = asplit_score_stride(vt);
+    float* const vrows = vsh;                // [vt][ASPLIT_CW] values
+    float* const pt = vsh + vt * ASPLIT_CW;  // [ASPLIT_HG][ps] weights
     __shared__ float red[ASPLIT_HG][ATTN_THREADS / 32];
     __shared__ float mx_s[ASPLIT_HG], den_s[ASPLIT_HG];
-    __shared__ float os[ASPLIT_HG][ASPLIT_CW];
+    __shared__ __align__(16) float os[ASPLIT_HG][ASPLIT_CW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const i64 c0 = (i64)blockIdx.x * ASPLIT_CW, h0 = (i64)blockIdx.y * ASPLIT_HG, t = blockIdx.z;
-    const i64 pos0 = *(const i64*)pos_;
-    const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
-    const i64 nr = nw + nc;
-    const float* kv = (const float*)kv_;
-    const float* ring = (const float*)ring_;
-    const float* comp = (const float*)comp_;
-    const int* sel = (const int*)sel_ + t * sel_stride;
+    const i64 pos = pre.pos, nr = pre.nr;
+    const int rows0 = pre.rows0;
+    const i64 ntiles = (nr + vt - 1) / vt;
     float* out = (float*)out_ + (t * H + h0 + warp) * ATTN_HD + c0 + lane;
-    if (nr > max_rows) {
+    if (!pre.fits) {
         *out = __int_as_float(0x7fc00000);  // more rows than the scores scratch: NaN, as attend_heads
         return;
     }
-    const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
-    const i64 ntiles = (nr + vt - 1) / vt;
-    // Copies tile tl's rows (this chunk's channels: 8 lanes x 16 bytes per row).
-    auto stage = [&](i64 tl) {
-        const i64 rows = min64(vt, nr - tl * vt);
-        for (i64 k = tid; k < rows * (ASPLIT_CW / 4); k += ATTN_THREADS) {
-            const i64 rr = k / (ASPLIT_CW / 4), cc = (k % (ASPLIT_CW / 4)) * 4;
-            cp_async16(vrows + rr * ASPLIT_CW + cc,
-                       attn_row(tl * vt + rr, nw, first, pos0, kv, ring, ring_cap, comp, kind, sel) + c0 + cc);
-        }
-        cp_async_commit();
-    };
-    stage(0);
 
     // Softmax statistics of the ASPLIT_HG heads, attend's split: thread tid takes rows tid,
-    // tid + 256, ...; warps combine by warp_max / warp_sum, then thread h over the 8 warps.
-    // The first tile's scores stay in pt.
+    // tid + 256, ... in ascending order; warps combine by warp_max / warp_sum, then thread h
+    // over the 8 warps. The first tile's scores go straight to registers (one round trip);
+    // rows past it, if any, are read from the scratch.
+    const float* sc = (const float*)scores_ + (t * H + h0) * max_rows;
+    const float* sinks = (const float*)sinks_ + h0;
+    i64 jtail = tid;  // this thread's first row past the first tile
+    while (jtail < rows0) jtail += ATTN_THREADS;
+    float sv[ASPLIT_RPT][ASPLIT_HG];
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) sv[i][h] = j < rows0 ? sc[h * max_rows + j] : -FWD_INF;
+    }
     {
         float m[ASPLIT_HG];
 #pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) m[h] = -FWD_INF;
-        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            m[h] = -FWD_INF;
 #pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++) {
-                const float v = sc[h * max_rows + j];
-                if (j < vt) pt[h * vt + j] = v;
-                m[h] = fmaxf(m[h], v);
-            }
+            for (int i = 0; i < ASPLIT_RPT; i++) m[h] = fmaxf(m[h], sv[i][h]);
+        }
+        for (i64 j = jtail; j < nr; j += ATTN_THREADS) {
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) m[h] = fmaxf(m[h], sc[h * max_rows + j]);
         }
 #pragma unroll
         for (int h = 0; h < ASPLIT_HG; h++) {
             const float v = warp_max(m[h]);
             if (lane == 0) red[h][warp] = v;
         }
-        __syncthreads();
-        if (tid < ASPLIT_HG) {
-            float mm = ((const float*)sinks_)[h0 + tid];
-            for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
-            mx_s[tid] = mm;
+    }
+    __syncthreads();
+    if (tid < ASPLIT_HG) {
+        float mm = sinks[tid];
+        for (int w = 0; w < ATTN_THREADS / 32; w++) mm = fmaxf(mm, red[tid][w]);
+        mx_s[tid] = mm;
+    }
+    __syncthreads();
+    {
+        float part_sum[ASPLIT_HG];
+#pragma unroll
+        for (int h = 0; h < ASPLIT_HG; h++) {
+            const float mx = mx_s[h];
+            part_sum[h] = 0.f;
+#pragma unroll
+            for (int i = 0; i < ASPLIT_RPT; i++) {
+                if (tid + i * ATTN_THREADS < rows0) {
+                    const float e = expf(sv[i][h] - mx);
+                    sv[i][h] = e;
+                    part_sum[h] += e;
+                }
+            }
         }
-        __syncthreads();
-        float part[ASPLIT_HG];
+        for (i64 j = jtail; j < nr; j += ATTN_THREADS) {
 #pragma unroll
-        for (int h = 0; h < ASPLIT_HG; h++) part[h] = 0.f;
-        for (i64 j = tid; j < nr; j += ATTN_THREADS) {
-#pragma unroll
-            for (int h = 0; h < ASPLIT_HG; h++)
-                part[h] += expf((j < vt ? pt[h * vt + j] : sc[h * max_rows + j]) - mx_s[h]);
+            for (int h = 0; h < ASPLIT_HG; h++) part_sum[h] += expf(sc[h * max_rows + j] - mx_s[h]);
         }
 #pragma unroll
         for (int h = 0; h < ASPLIT_HG; h++) {
-            const float v = warp_sum(part[h]);
+            const float v = warp_sum(part_sum[h]);
             if (lane == 0) red[h][warp] = v;
         }
-        __syncthreads();
-        if (tid < ASPLIT_HG) {
-            float den = expf(((const float*)sinks_)[h0 + tid] - mx_s[tid]);
-            for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
-            den_s[tid] = den;
+    }
+    __syncthreads();
+    if (tid < ASPLIT_HG) {
+        float den = expf(sinks[tid] - mx_s[tid]);
+        for (int w = 0; w < ATTN_THREADS / 32; w++) den += red[tid][w];
+        den_s[tid] = den;
+    }
+    __syncthreads();
+    // The first tile's weights e / den: attend's values.
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const int j = tid + i * ATTN_THREADS;
+        if (j < rows0) {
+#pragma unroll
+            for (int h = 0; h < ASPLIT_HG; h++) pt[h * ps + j] = sv[i][h] / den_s[h];
         }
-        __syncthreads();
     }
 
-    // Values: warp = head h0 + warp, lane = channel c0 + lane, rows in ascending order, with
-    // attend's weights sc[j] / den (recomputed from the same scores: the same bits).
-    float acc = 0.f;
+    // Values. Chain threads (warps 0 .. ASPLIT_HG / 2 - 1): head hl = 2 * warp + lane / 16,
+    // channels c0 + 2 * cq and the next; rows in ascending order, acc += p * v (attend's
+    // operation), each part of the tile as it lands. The next 4 rows' operands are loaded
+    // before the current ones' FMAs.
+    const bool chain = warp < ASPLIT_HG / 2;
+    const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
+    float acc0 = 0.f, acc1 = 0.f;
     for (i64 tl = 0; tl < ntiles; tl++) {
-        const int rows = (int)min64(vt, nr - tl * vt);
+        const int rows = (int)min64(vt, nr - tl * vt), part = asplit_part(rows);
         if (tl > 0) {
-            __syncthreads();  // the previous tile's values and weights are used up
-            stage(tl);
+            __syncthreads();  // the previous tile's values, weights and addresses are used up
+            asplit_stage_rows(pre.rows, tl, vt, rows, c0);
+            for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
+                const int h = k / rows, rr = k % rows;
+                pt[h * ps + rr] = expf(sc[h * max_rows + tl * vt + rr] - mx_s[h]) / den_s[h];
+            }
         }
-        for (int k = tid; k < ASPLIT_HG * rows; k += ATTN_THREADS) {
-            const int h = k / rows, rr = k % rows;
-            const float s = tl == 0 ? pt[h * vt + rr] : sc[h * max_rows + tl * vt + rr];
-            pt[h * vt + rr] = expf(s - mx_s[h]) / den_s[h];
+        const float* p = pt + hl * ps;
+        const float2* v = (const float2*)vrows + cq;  // row j: v[j * (ASPLIT_CW / 2)]
+#pragma unroll
+        for (int q = 0; q < ASPLIT_PARTS; q++) {
+            asplit_wait_group(ASPLIT_PARTS - 1 - q);
+            __syncthreads();
+            if (!chain) continue;
+            const int hi = min(rows, (q + 1) * part);
+            int j = min(rows, q * part);
+            if (j + 4 <= hi) {
+                float4 w = *(const float4*)(p + j);
+                float2 a = v[(j + 0) * (ASPLIT_CW / 2)], b = v[(j + 1) * (ASPLIT_CW / 2)];
+                float2 c = v[(j + 2) * (ASPLIT_CW / 2)], d = v[(j + 3) * (ASPLIT_CW / 2)];
+                for (;;) {
+                    const bool more = j + 8 <= hi;
+                    const int jn = more ? j + 4 : j;  // the next step, or a harmless reload
+                    const float4 wn = *(const float4*)(p + jn);
+                    const float2 an = v[(jn + 0) * (ASPLIT_CW / 2)], bn = v[(jn + 1) * (ASPLIT_CW / 2)];
+                    const float2 cn = v[(jn + 2) * (ASPLIT_CW / 2)], dn = v[(jn + 3) * (ASPLIT_CW / 2)];
+                    acc0 += w.x * a.x;
+                    acc1 += w.x * a.y;
+                    acc0 += w.y * b.x;
+                    acc1 += w.y * b.y;
+                    acc0 += w.z * c.x;
+                    acc1 += w.z * c.y;
+                    acc0 += w.w * d.x;
+                    acc1 += w.w * d.y;
+                    j += 4;
+                    if (!more) break;
+                    w = wn;
+                    a = an;
+                    b = bn;
+                    c = cn;
+                    d = dn;
+                }
+            }
+            for (; j < hi; j++) {
+                const float w = p[j];
+                const float2 a = v[j * (ASPLIT_CW / 2)];
+                acc0 += w * a.x;
+                acc1 += w * a.y;
+            }
         }
-        cp_async_wait_all();
-        __syncthreads();
-        const float* v = vrows + lane;
-        const float* p = pt + warp * vt;
-        for (int j = 0; j < rows; j++) acc += p[j] * v[j * ASPLIT_CW];
     }
 
     // The inverse RoPE of the tail channels (pairs 2l, 2l + 1 never straddle a chunk: the tail
-    // starts at an even channel and chunks are ASPLIT_CW wide), then the store.
-    os[warp][lane] = acc;
+    // starts at an even channel and chunks are ASPLIT_CW wide), then the store: warp = head
+    // h0 + warp, lane = channel c0 + lane.
+    if (chain) *(float2*)&os[hl][2 * cq] = make_float2(acc0, acc1);
     __syncthreads();
-    const i64 tail = ATTN_HD - r;
-    if (c0 + ASPLIT_CW > tail) {
-        for (int k = tid; k < ASPLIT_HG * (ASPLIT_CW / 2); k += ATTN_THREADS) {
-            const int h = k / (ASPLIT_CW / 2);
-            const i64 c = c0 + 2 * (k % (ASPLIT_CW / 2));
-            if (c >= tail) {
-                const int l = (int)((c - tail) / 2);
-                rope_pair_at(&os[h][c - c0], pos, ((const double*)inv_freq_)[l], true);
-            }
-        }
+    if (c0 + ASPLIT_CW > ATTN_HD - r) {
+        if (pre.rope_c >= ATTN_HD - r)
+            rope_pair_at(&os[tid / (ASPLIT_CW / 2)][pre.rope_c - c0], pos, pre.rope_f, true);
         __syncthreads();
     }
     const float y = os[warp][lane];
