@@ -26,9 +26,11 @@ typedef long long i64;
     } while (0)
 #endif
 // PDL_ENTRY_AFTER(work): `work` (a statement, which may declare a variable for the rest of the
-// kernel), then PDL_ENTRY(). Only for work that reads nothing a kernel writes (constant tables
-// uploaded once): it then runs while the previous kernel still does. Two statements: use it as
-// a kernel's first, in place of PDL_ENTRY().
+// kernel), then PDL_ENTRY(). It runs while the previous kernel still does, so it may read only
+// what that kernel does not write: constant tables uploaded once, or (attend_split_values) the
+// outputs of the kernels before it, which have completed by then (this kernel is scheduled only
+// after every CTA of the previous one passed its own wait), read through L2 (.cg) so that no
+// stale L1 line is seen. Two statements: use it as a kernel's first, in place of PDL_ENTRY().
 #define PDL_ENTRY_AFTER(...) \
     __VA_ARGS__;             \
     PDL_ENTRY()
