@@ -4,10 +4,15 @@
 Input: the CSV that `DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=F ds4 bench ...` writes
 (name,start_ns,end_ns,correlation,in_graph). Every graph launch (one decode step) is a window;
 its kernels are taken in the order they end, and each is charged the time by which it moved
-the latest end forward (end - max(its start, the latest end before it)). With dependent
-launch a kernel's CTAs start while its predecessor still runs, so plain durations overlap and
-double count; this charge sums to the step's wall time minus the idle gaps. The table is the
-mean per step over the steady steps (the first 3 and the last one dropped).
+the latest end forward (its end minus the latest end before it). With dependent launch a
+kernel's CTAs start while its predecessor still runs, so plain durations overlap and double
+count; these charges sum to the step's wall time. A gap with no kernel running (from the union
+of the kernels' intervals, reported separately) is charged to the kernel that ends next.
+
+Caveat: where a side branch runs beside the main chain, the kernel that happens to end next
+takes the charge, so a short side-branch kernel that ends while a long main-chain kernel runs
+takes part of that kernel's time (CUPTI's stream ids do not help: a graph runs its nodes on
+streams of its own). Read the charges per layer phase, with the busy times beside them.
 
 Usage: critical_path.py TRACE.csv [--top N]
 """
@@ -27,31 +32,38 @@ def main():
             if row["in_graph"] == "1":
                 steps[int(row["correlation"])].append(
                     (row["name"], int(row["start_ns"]), int(row["end_ns"])))
-    windows = sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))
-    windows = windows[3:-1]
+    # The first 3 steps and the last one are dropped (first replays, the bench's end).
+    windows = sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))[3:-1]
     if not windows:
         raise SystemExit("no decode graph steps in the trace (graph capture off?)")
     charge = defaultdict(float)
+    busy = defaultdict(float)
     calls = defaultdict(int)
     wall = idle = 0.0
     for ks in windows:
+        ks.sort(key=lambda k: k[1])
+        covered = ks[0][1]
+        for _, start, end in ks:
+            idle += max(0, start - covered)
+            covered = max(covered, end)
         ks.sort(key=lambda k: k[2])
         t0 = latest = min(k[1] for k in ks)
         for name, start, end in ks:
-            if start > latest:
-                idle += start - latest
-            charge[name] += max(0, end - max(start, latest))
+            charge[name] += max(0, end - latest)
+            busy[name] += end - start
             calls[name] += 1
             latest = max(latest, end)
         wall += latest - t0
     n = len(windows)
     print(f"{n} decode steps, {wall / n / 1e3:.1f} us each on the GPU "
           f"({idle / n / 1e3:.1f} us without a kernel)")
-    print(f"{'kernel':<34} {'calls/step':>10} {'us/step':>9} {'us/call':>8} {'share':>6}")
+    print(f"{'kernel':<34} {'calls/step':>10} {'us/step':>9} {'us/call':>8} {'share':>6} "
+          f"{'busy us/call':>12}")
     rows = sorted(charge.items(), key=lambda kv: -kv[1])
     for name, ns in rows[:args.top]:
         print(f"{name:<34} {calls[name] / n:>10.1f} {ns / n / 1e3:>9.1f} "
-              f"{ns / calls[name] / 1e3:>8.2f} {100 * ns / wall:>5.1f}%")
+              f"{ns / calls[name] / 1e3:>8.2f} {100 * ns / wall:>5.1f}% "
+              f"{busy[name] / calls[name] / 1e3:>12.2f}")
     rest = sum(ns for _, ns in rows[args.top:])
     if rest:
         print(f"{'(the others)':<34} {'':>10} {rest / n / 1e3:>9.1f}")
