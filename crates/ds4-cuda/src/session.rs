@@ -342,6 +342,10 @@ impl Session for CudaSession {
         &self.last_logits
     }
 
+    fn preferred_span(&self) -> usize {
+        self.scratch.cap
+    }
+
     fn snapshot(&self) -> Vec<u8> {
         // The trait's snapshot cannot fail; a device error here means the GPU is unusable,
         // which the next eval reports. An empty payload is rejected by every restore.

@@ -71,6 +71,13 @@ pub trait Session: Send {
     fn restore(&mut self, bytes: &[u8]) -> Result<(), ModelError>;
     /// Forgets every token.
     fn reset(&mut self);
+    /// The most tokens one `eval` can take at full speed (the backend's prefill span; 0: any
+    /// split is as fast). Callers that split a long prompt, for progress or cancellation,
+    /// should not cut it finer: the CUDA backend runs up to 2 048 tokens per span, and 256-token
+    /// pieces cost it a third of its prefill speed.
+    fn preferred_span(&self) -> usize {
+        0
+    }
 }
 
 /// Checks a span before any backend touches its state: it must fit the context after the

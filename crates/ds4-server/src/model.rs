@@ -28,6 +28,9 @@ impl ModelRunner for SessionRunner {
     fn tokens(&self) -> &[u32] {
         self.session.tokens()
     }
+    fn preferred_span(&self) -> usize {
+        self.session.preferred_span()
+    }
     fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
         self.session
             .eval(tokens, Logits::Last)

@@ -15,6 +15,11 @@ pub trait ModelRunner: Send {
     fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
     /// Drops all live state.
     fn reset(&mut self);
+    /// The backend's prefill span ([`ds4_model::backend::Session::preferred_span`]; 0: no
+    /// preference): prefill chunks are at least this long.
+    fn preferred_span(&self) -> usize {
+        0
+    }
     /// The live state in ds4's session payload layout, for the disk KV cache (`None`: this
     /// runner cannot be saved).
     fn snapshot(&self) -> Option<Vec<u8>> {

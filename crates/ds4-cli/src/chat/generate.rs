@@ -56,7 +56,8 @@ pub struct PrefillStats {
     pub interrupted: bool,
 }
 
-/// Evaluates `tokens` in [`PREFILL_CHUNK`]-token spans, with a progress bar on stderr when
+/// Evaluates `tokens` in spans of [`PREFILL_CHUNK`] tokens or the backend's own prefill span
+/// when longer (`Session::preferred_span`), with a progress bar on stderr when
 /// there is more than one span and stderr is a terminal.
 pub fn prefill(
     session: &mut dyn Session,
@@ -64,7 +65,8 @@ pub fn prefill(
     interrupt: &Interrupt,
 ) -> anyhow::Result<PrefillStats> {
     let start = Instant::now();
-    let bar = if tokens.len() > PREFILL_CHUNK {
+    let span = PREFILL_CHUNK.max(session.preferred_span());
+    let bar = if tokens.len() > span {
         let bar =
             ProgressBar::with_draw_target(Some(tokens.len() as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
@@ -78,7 +80,7 @@ pub fn prefill(
     };
     let mut done = 0;
     let mut interrupted = false;
-    for chunk in tokens.chunks(PREFILL_CHUNK) {
+    for chunk in tokens.chunks(span) {
         if interrupt.requested() {
             interrupted = true;
             break;
@@ -198,6 +200,68 @@ pub fn stats_line(prefill: &PrefillStats, reply: &Reply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ds4_model::backend::ModelError;
+
+    /// A session that records the length of every eval and states a prefill span.
+    struct SpanRecorder {
+        span: usize,
+        tokens: Vec<u32>,
+        evals: Vec<usize>,
+    }
+
+    impl Session for SpanRecorder {
+        fn ctx(&self) -> usize {
+            1 << 20
+        }
+        fn tokens(&self) -> &[u32] {
+            &self.tokens
+        }
+        fn eval(&mut self, tokens: &[u32], _: Logits) -> Result<Vec<f32>, ModelError> {
+            self.evals.push(tokens.len());
+            self.tokens.extend_from_slice(tokens);
+            Ok(vec![0.0])
+        }
+        fn last_logits(&self) -> &[f32] {
+            &[]
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn restore(&mut self, _: &[u8]) -> Result<(), ModelError> {
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.tokens.clear();
+        }
+        fn preferred_span(&self) -> usize {
+            self.span
+        }
+    }
+
+    #[test]
+    fn prefill_pieces_are_never_shorter_than_the_backends_span() {
+        let never = Interrupt {
+            flag: Arc::new(AtomicBool::new(false)),
+        };
+        let prompt: Vec<u32> = (0..2500).collect();
+        for (span, want) in [
+            (2048, vec![2048, 452]),
+            (0, [vec![256; 9], vec![196]].concat()),
+            (100, [vec![256; 9], vec![196]].concat()),
+        ] {
+            let mut s = SpanRecorder {
+                span,
+                tokens: Vec::new(),
+                evals: Vec::new(),
+            };
+            let stats = prefill(&mut s, &prompt, &never).unwrap();
+            assert_eq!(s.evals, want, "span {span}");
+            assert_eq!(
+                (stats.tokens, s.tokens.as_slice()),
+                (2500, prompt.as_slice())
+            );
+        }
+    }
 
     #[test]
     fn reply_room_leaves_one_position_free() {
