@@ -72,6 +72,11 @@ pub struct ScriptedRunner {
     delay: Duration,
     /// Tokens evaluated as prompt (prefill), summed over the runner's life.
     pub prefilled: usize,
+    /// The prefill span it states (ModelRunner::preferred_span).
+    span: usize,
+    /// The length of every eval, shared with the test that reads it after the engine took
+    /// the runner.
+    eval_sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 impl ScriptedRunner {
@@ -86,6 +91,8 @@ impl ScriptedRunner {
             ctx,
             delay: Duration::ZERO,
             prefilled: 0,
+            span: 0,
+            eval_sizes: Default::default(),
         }
     }
 
@@ -101,6 +108,17 @@ impl ScriptedRunner {
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
+    }
+
+    /// States a prefill span, as a GPU backend does.
+    pub fn with_span(mut self, span: usize) -> Self {
+        self.span = span;
+        self
+    }
+
+    /// The length of every eval call, as the engine makes them.
+    pub fn eval_sizes(&self) -> std::sync::Arc<std::sync::Mutex<Vec<usize>>> {
+        self.eval_sizes.clone()
     }
 
     fn next_token(&self) -> u32 {
@@ -134,6 +152,9 @@ impl ModelRunner for ScriptedRunner {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
+        if let Ok(mut sizes) = self.eval_sizes.lock() {
+            sizes.push(tokens.len());
+        }
         if self.generating && tokens.len() == 1 && tokens[0] == self.next_token() {
             self.pos += 1;
         } else {
@@ -151,6 +172,9 @@ impl ModelRunner for ScriptedRunner {
     }
     fn reset(&mut self) {
         self.tokens.clear();
+    }
+    fn preferred_span(&self) -> usize {
+        self.span
     }
 }
 

@@ -114,6 +114,29 @@ fn second_turn_prefills_only_the_new_suffix() {
 }
 
 /// Reads from a streaming response until `n` content chunks arrived.
+/// A GPU backend runs whole prefill spans (2 048 tokens on CUDA): the engine's prefill chunks
+/// are then that long, cut at absolute multiples of the span, not at the default 512.
+#[test]
+fn prefill_chunks_follow_the_backends_span() {
+    let runner = ScriptedRunner::new(&["ok"], 1 << 16).with_span(1024);
+    let sizes = runner.eval_sizes();
+    let server = start(runner, ServerConfig::default());
+    let long = "word ".repeat(700);
+    let body = chat_body(
+        serde_json::json!([{"role": "user", "content": long}]),
+        serde_json::json!({}),
+    );
+    let r = post(server.addr, CHAT, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sizes = sizes.lock().unwrap().clone();
+    let prefill: Vec<usize> = sizes.iter().copied().take_while(|&n| n > 1).collect();
+    let total: usize = prefill.iter().sum();
+    assert!(total > 3000, "prompt of {total} tokens: {sizes:?}");
+    let (last, full) = prefill.split_last().unwrap();
+    assert!(full.iter().all(|&n| n == 1024), "chunks {prefill:?}");
+    assert!(*last <= 1024 && *last > 0, "chunks {prefill:?}");
+}
+
 fn read_some_stream(s: &mut TcpStream, n: usize) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
