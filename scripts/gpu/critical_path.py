@@ -21,21 +21,17 @@ import csv
 from collections import defaultdict
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("trace")
-    ap.add_argument("--top", type=int, default=30)
-    args = ap.parse_args()
+def summarize(rows):
+    """Per-step means over the steady graph steps of `rows` (dicts with the CSV's columns):
+    (steps, wall_ns, idle_ns, charge_ns, busy_ns, calls), the last three by kernel name and
+    summed over the steps."""
     steps = defaultdict(list)
-    with open(args.trace) as f:
-        for row in csv.DictReader(f):
-            if row["in_graph"] == "1":
-                steps[int(row["correlation"])].append(
-                    (row["name"], int(row["start_ns"]), int(row["end_ns"])))
+    for row in rows:
+        if str(row["in_graph"]) == "1":
+            steps[int(row["correlation"])].append(
+                (row["name"], int(row["start_ns"]), int(row["end_ns"])))
     # The first 3 steps and the last one are dropped (first replays, the bench's end).
     windows = sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))[3:-1]
-    if not windows:
-        raise SystemExit("no decode graph steps in the trace (graph capture off?)")
     charge = defaultdict(float)
     busy = defaultdict(float)
     calls = defaultdict(int)
@@ -54,7 +50,18 @@ def main():
             calls[name] += 1
             latest = max(latest, end)
         wall += latest - t0
-    n = len(windows)
+    return len(windows), wall, idle, charge, busy, calls
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    with open(args.trace) as f:
+        n, wall, idle, charge, busy, calls = summarize(csv.DictReader(f))
+    if not n:
+        raise SystemExit("no decode graph steps in the trace (graph capture off?)")
     print(f"{n} decode steps, {wall / n / 1e3:.1f} us each on the GPU "
           f"({idle / n / 1e3:.1f} us without a kernel)")
     print(f"{'kernel':<34} {'calls/step':>10} {'us/step':>9} {'us/call':>8} {'share':>6} "

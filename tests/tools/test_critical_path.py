@@ -1,0 +1,46 @@
+"""scripts/gpu/critical_path.py: the per-kernel charges of a decode step, on hand-made traces
+whose answer is known (BENCHMARKS.md quotes this script's tables)."""
+import importlib.util
+import pathlib
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "critical_path.py"
+spec = importlib.util.spec_from_file_location("critical_path", SCRIPT)
+critical_path = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(critical_path)
+
+
+def step(corr, t0, kernels):
+    """One graph launch: (name, start, end) offsets from t0."""
+    return [{"name": n, "start_ns": t0 + s, "end_ns": t0 + e, "correlation": corr, "in_graph": 1}
+            for n, s, e in kernels]
+
+
+def trace(kernels, steps=6):
+    rows = []
+    for i in range(steps):
+        rows += step(i, i * 1000, kernels)
+    # A prefill kernel outside any graph never counts.
+    rows.append({"name": "prefill", "start_ns": 0, "end_ns": 10**6, "correlation": 99,
+                 "in_graph": 0})
+    return rows
+
+
+def test_dependent_launches_are_charged_once_and_sum_to_the_step():
+    # b starts while a runs (dependent launch) and ends after it; c after a 10 ns gap; d is a
+    # side-branch kernel inside b.
+    n, wall, idle, charge, busy, calls = critical_path.summarize(trace(
+        [("a", 0, 100), ("b", 50, 300), ("d", 120, 200), ("c", 310, 400)]))
+    assert n == 2  # 6 steps, the first 3 and the last dropped
+    assert wall == 2 * 400
+    assert idle == 2 * 10
+    assert sum(charge.values()) == wall
+    # d ends first inside b's run and takes that advance; b the rest; c its gap and run.
+    assert charge == {"a": 200, "d": 200, "b": 200, "c": 200}
+    assert busy["b"] == 2 * 250 and calls["b"] == 2
+    assert "prefill" not in calls
+
+
+def test_a_trace_without_graph_steps_has_no_windows():
+    n, wall, *_ = critical_path.summarize(
+        [{"name": "k", "start_ns": 0, "end_ns": 5, "correlation": 1, "in_graph": 0}])
+    assert (n, wall) == (0, 0)
