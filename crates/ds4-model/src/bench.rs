@@ -3,7 +3,7 @@
 //! One token stream is walked to a series of context frontiers. Reaching a frontier prefills
 //! only the tokens since the previous one (incremental prefill), which gives the prefill rate of
 //! that interval. At the frontier the session is snapshotted, `gen_tokens` tokens are decoded
-//! greedily (never the excluded ids, e.g. EOS) for the decode rate, and the snapshot is
+//! with the caller's pick (`ds4 bench`: greedy, never EOS) for the decode rate, and the snapshot is
 //! restored, so the stream continues from the frontier as if nothing had been generated.
 
 use std::fmt;
@@ -146,12 +146,12 @@ pub fn table_header() -> String {
 
 /// Runs the plan on `session` (which must be empty and hold [`BenchPlan::ctx_needed`] tokens),
 /// feeding `stream` (at least ctx_max tokens are used). `on_row` sees each row as it is
-/// measured. Decoding never picks an id in `exclude`.
+/// measured. `pick` chooses each decoded token from the logits (the CLI: greedy, never EOS).
 pub fn run_bench(
     session: &mut dyn Session,
     stream: &[u32],
     plan: &BenchPlan,
-    exclude: &[u32],
+    mut pick: impl FnMut(&[f32]) -> u32,
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, BenchError> {
     let frontiers = plan.frontiers()?;
@@ -186,7 +186,7 @@ pub fn run_bench(
         let mut generated = Vec::with_capacity(plan.gen_tokens);
         let t1 = Instant::now();
         for _ in 0..plan.gen_tokens {
-            let token = greedy(&logits, exclude);
+            let token = pick(&logits);
             generated.push(token);
             logits = session.eval(&[token], Logits::Last).map_err(model_err)?;
         }
@@ -214,44 +214,6 @@ fn rate(tokens: usize, secs: f64) -> f64 {
     } else {
         tokens as f64 / secs
     }
-}
-
-/// The id of the largest logit not in `exclude` (the lowest id on ties; NaN never wins).
-pub fn greedy(logits: &[f32], exclude: &[u32]) -> u32 {
-    // The bench times this between decode steps (129 280 logits): the global maximum first,
-    // in 16 vectorized lanes (`>` lets no NaN in); only when its first index is excluded, or no
-    // logit is above -inf, the slow scan with the exclusions.
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = logits.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = if v > *lane { v } else { *lane };
-        }
-    }
-    let mut max = f32::NEG_INFINITY;
-    for &v in lanes.iter().chain(chunks.remainder()) {
-        if v > max {
-            max = v;
-        }
-    }
-    if max > f32::NEG_INFINITY {
-        if let Some(i) = logits.iter().position(|&v| v == max) {
-            if !exclude.contains(&(i as u32)) {
-                return i as u32;
-            }
-        }
-    }
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &x) in logits.iter().enumerate() {
-        if exclude.contains(&(i as u32)) || x.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| x > b) {
-            best = Some((i, x));
-        }
-    }
-    best.map_or(0, |(i, _)| i as u32)
 }
 
 /// `tokens` repeated (cut at the end) to exactly `n` tokens; empty if `tokens` is.
@@ -392,25 +354,6 @@ mod tests {
             ..plan(Step::Incr(1))
         };
         assert!(backwards.frontiers().is_err());
-    }
-
-    #[test]
-    fn greedy_skips_excluded_and_nan() {
-        assert_eq!(greedy(&[0.0, 3.0, 2.0], &[]), 1);
-        assert_eq!(greedy(&[0.0, 3.0, 2.0], &[1]), 2);
-        assert_eq!(greedy(&[f32::NAN, 1.0, 1.0], &[]), 1);
-        // Past the 16-lane chunks, ties, -inf only, the maximum excluded.
-        let mut long: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
-        long[93] = 9.0;
-        long[95] = 9.0;
-        assert_eq!(greedy(&long, &[]), 93);
-        assert_eq!(greedy(&long, &[93]), 95);
-        assert_eq!(greedy(&long, &[93, 95]), 6);
-        assert_eq!(
-            greedy(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &[0]),
-            2
-        );
-        assert_eq!(greedy(&[f32::NAN; 20], &[]), 0);
     }
 
     #[test]

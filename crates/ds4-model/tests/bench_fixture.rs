@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ds4_model::backend::{Backend, Logits};
-use ds4_model::bench::{greedy, pseudo_tokens, run_bench, BenchPlan, BenchRow, Step};
+use ds4_model::bench::{pseudo_tokens, run_bench, BenchPlan, BenchRow, Step};
 use ds4_model::convert::{convert, ConvertOptions};
 use ds4_model::cpu::CpuBackend;
 use ds4_model::layout::WeightsMode;
@@ -43,10 +43,19 @@ fn bench_rows_and_csv_are_well_formed() {
         gen_tokens: 5,
     };
     let stream = pseudo_tokens(vocab, 56);
-    let exclude = [1u32];
+    // Greedy, never id 1 (as `ds4 bench` never picks EOS).
+    let pick = |logits: &[f32]| -> u32 {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate().skip(2) {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
     let mut session = backend.new_session(plan.ctx_needed().unwrap()).unwrap();
     let mut seen = 0;
-    let rows = run_bench(session.as_mut(), &stream, &plan, &exclude, |_| seen += 1).unwrap();
+    let rows = run_bench(session.as_mut(), &stream, &plan, pick, |_| seen += 1).unwrap();
     assert_eq!(seen, rows.len());
     let ctx: Vec<usize> = rows.iter().map(|r| r.ctx_tokens).collect();
     assert_eq!(ctx, vec![16, 32, 48]);
@@ -74,7 +83,7 @@ fn bench_rows_and_csv_are_well_formed() {
     let mut logits = fresh.eval(&stream[..32], Logits::Last).unwrap();
     let mut want = Vec::new();
     for _ in 0..5 {
-        let t = greedy(&logits, &exclude);
+        let t = pick(&logits);
         want.push(t);
         logits = fresh.eval(&[t], Logits::Last).unwrap();
     }
@@ -91,8 +100,8 @@ fn bench_rejects_a_short_stream_or_small_session() {
         gen_tokens: 2,
     };
     let mut small = backend.new_session(16).unwrap();
-    assert!(run_bench(small.as_mut(), &[3; 16], &plan, &[], |_| {}).is_err());
+    assert!(run_bench(small.as_mut(), &[3; 16], &plan, |_| 0, |_| {}).is_err());
     let mut ok = backend.new_session(18).unwrap();
-    assert!(run_bench(ok.as_mut(), &[3; 10], &plan, &[], |_| {}).is_err());
-    assert!(run_bench(ok.as_mut(), &[3; 16], &plan, &[], |_| {}).is_ok());
+    assert!(run_bench(ok.as_mut(), &[3; 10], &plan, |_| 0, |_| {}).is_err());
+    assert!(run_bench(ok.as_mut(), &[3; 16], &plan, |_| 0, |_| {}).is_ok());
 }

@@ -338,6 +338,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
+/// The first maximum among the ids not in `exclude` (NaN never wins; none left: 0): greedy
+/// decoding that never picks, e.g., EOS (`ds4 bench`). [`argmax`]'s fast scan, and the slow
+/// one with the exclusions only when its pick is excluded or no logit is above -inf.
+pub fn argmax_excluding(logits: &[f32], exclude: &[u32]) -> u32 {
+    let best = argmax(logits);
+    let above_neg_inf = logits
+        .get(best as usize)
+        .is_some_and(|&v| v > f32::NEG_INFINITY);
+    if above_neg_inf && !exclude.contains(&best) {
+        return best;
+    }
+    let mut pick: Option<(usize, f32)> = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if exclude.contains(&(i as u32)) || x.is_nan() {
+            continue;
+        }
+        if pick.is_none_or(|(_, b)| x > b) {
+            pick = Some((i, x));
+        }
+    }
+    pick.map_or(0, |(i, _)| i as u32)
+}
+
 /// One entry of a top-logprobs list.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenLogprob {
@@ -518,6 +541,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn argmax_excluding_skips_excluded_and_nan() {
+        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], &[]), 1);
+        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], &[1]), 2);
+        assert_eq!(argmax_excluding(&[f32::NAN, 1.0, 1.0], &[]), 1);
+        // Past the 16-lane chunks, ties, -inf only, the maximum excluded.
+        let mut long: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        long[93] = 9.0;
+        long[95] = 9.0;
+        assert_eq!(argmax_excluding(&long, &[]), 93);
+        assert_eq!(argmax_excluding(&long, &[93]), 95);
+        assert_eq!(argmax_excluding(&long, &[93, 95]), 6);
+        assert_eq!(
+            argmax_excluding(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &[0]),
+            2
+        );
+        assert_eq!(argmax_excluding(&[f32::NAN; 20], &[]), 0);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use ds4_kvstore::store::{hex, sha1};
 use ds4_kvstore::{KvStore, SaveReason, SaveRequest, StoreOptions};
 use ds4_model::backend::{Backend, Logits, Session};
-use ds4_model::bench::greedy;
+use ds4_text::sampler::argmax_excluding;
 use ds4_text::tokenizer::Tokenizer;
 
 /// Greedy tokens compared after the restore.
@@ -194,7 +194,7 @@ fn continue_greedily(
 ) -> anyhow::Result<Vec<(u32, Vec<f32>)>> {
     let mut steps = Vec::with_capacity(n);
     for _ in 0..n {
-        let token = greedy(session.last_logits(), exclude);
+        let token = argmax_excluding(session.last_logits(), exclude);
         let logits = session
             .eval(&[token], Logits::Last)
             .with_context(|| format!("decoding token {token}"))?;
