@@ -7,6 +7,12 @@
 // any further ones are re-read every pick.
 #define ROUTE_CACHED 4
 
+// An expert's score from its router logit: sqrt(softplus(x)), softplus with the CPU's cut-offs
+// (cpu/vecops.rs).
+__device__ __forceinline__ float route_score(float x) {
+    return sqrtf(x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x))));
+}
+
 // One CTA of ROUTE_THREADS per token. logits (n_tok x E) are turned into scores
 // sqrt(softplus) in place; ids/wts (n_tok x k) receive the experts (top-k of score + bias,
 // lowest index on ties, NaN lowest, or the token's tid2eid row) and their weights:
@@ -33,17 +39,13 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         live[c] = e < E;
         key[c] = 0.f;
         if (live[c]) {
-            const float x = s[e];
-            const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
-            s[e] = sqrtf(sp);
+            s[e] = route_score(s[e]);
             key[c] = topk_key(bias ? s[e] + bias[e] : s[e]);
         }
     }
     const i64 uncached = (i64)ROUTE_CACHED * blockDim.x;
     for (i64 e = threadIdx.x + uncached; e < E; e += blockDim.x) {
-        const float x = s[e];
-        const float sp = x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
-        s[e] = sqrtf(sp);
+        s[e] = route_score(s[e]);
     }
     __syncthreads();
     if (tid2eid_) {
@@ -142,8 +144,7 @@ extern "C" __global__ void __launch_bounds__(32)
     }
 #pragma unroll
     for (int c = 0; c < ROUTE_WARP_KEYS; c++) {
-        const float sp = x[c] > 20.0f ? x[c] : (x[c] < -20.0f ? expf(x[c]) : log1pf(expf(x[c])));
-        sc[c] = sqrtf(sp);
+        sc[c] = route_score(x[c]);
         key[c] = topk_key(bias ? sc[c] + b[c] : sc[c]);
         if (live[c]) s[lane + 32 * c] = sc[c];
     }
