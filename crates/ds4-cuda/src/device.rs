@@ -99,6 +99,13 @@ pub struct CudaDevice {
     /// Whether fork() uses the side streams (DS4_CUDA_NO_BRANCHES turns them off: every
     /// branch then runs in line on the main stream).
     branches: bool,
+    /// CUDA launch priority of the kernels of each stream (main, then the side streams); 0
+    /// is the default priority and no attribute is set.
+    lane_priority: [std::sync::atomic::AtomicI32; SIDE_STREAMS + 1],
+    /// The context's highest priority (the lowest number; 0 where priorities are unsupported).
+    greatest_priority: i32,
+    /// The next launch goes without dependent launch ([`CudaDevice::plain_next_launch`]).
+    plain_next: std::sync::atomic::AtomicBool,
     info: DeviceInfo,
 }
 
@@ -146,6 +153,9 @@ impl CudaDevice {
             )? as usize,
         };
         let pdl = info.compute_capability.0 >= 9 && std::env::var_os("DS4_CUDA_NO_PDL").is_none();
+        ctx.bind_to_thread().ctx("binding the context")?;
+        let (_, greatest) =
+            result::stream::get_priority_range().ctx("cuCtxGetStreamPriorityRange")?;
         Ok(CudaDevice {
             profile: crate::profile::KernelProfile::from_env(),
             _trace: trace,
@@ -157,6 +167,9 @@ impl CudaDevice {
             branches: std::env::var_os("DS4_CUDA_NO_BRANCHES").is_none(),
             pdl,
             pdl_now: std::sync::atomic::AtomicBool::new(pdl),
+            lane_priority: Default::default(),
+            greatest_priority: greatest,
+            plain_next: std::sync::atomic::AtomicBool::new(false),
             info,
         })
     }
@@ -537,6 +550,34 @@ impl CudaDevice {
     /// kernel's launch hides behind the running one); for spans of many tokens, whose kernels
     /// run several waves, the early-resident CTAs of the next kernel take SM room from the
     /// running one's later waves, and prefill measured ~8 % slower with it.
+    /// Gives the kernels launched on side stream `lane` the context's highest priority: the
+    /// GPU then schedules their CTAs before those of kernels already waiting for room, as
+    /// soon as some finish (a graph node keeps the priority, see [`uses_priorities`]).
+    ///
+    /// [`uses_priorities`]: CudaDevice::uses_priorities
+    pub fn prioritize_lane(&self, lane: usize) -> Result<()> {
+        let slot = self.lane_priority.get(lane + 1).ok_or_else(|| {
+            CudaError::InvalidArgument(format!("side stream {lane} (there are {SIDE_STREAMS})"))
+        })?;
+        slot.store(self.greatest_priority, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether some stream's kernels have a launch priority of their own: a graph must then
+    /// be instantiated to use its nodes' priorities (else it runs at its launch stream's).
+    pub fn uses_priorities(&self) -> bool {
+        self.lane_priority
+            .iter()
+            .any(|p| p.load(Ordering::Relaxed) != 0)
+    }
+
+    /// The next kernel launched is not a dependent launch: its CTAs are scheduled only once
+    /// the kernel before it has completed, so they do not hold multiprocessors while kernels
+    /// of other streams wait for them.
+    pub fn plain_next_launch(&self) {
+        self.plain_next.store(true, Ordering::Relaxed);
+    }
+
     pub fn set_dependent_launch(&self, on: bool) {
         self.pdl_now.store(on && self.pdl, Ordering::Relaxed);
     }
@@ -586,7 +627,11 @@ impl<'a> KernelArgs<'a> {
         let dev = self.device;
         dev.ctx.bind_to_thread()?;
         let stream = dev.stream().cu_stream();
-        if !dev.pdl_now.load(Ordering::Relaxed) {
+        let priority =
+            dev.lane_priority[dev.current.load(Ordering::Relaxed)].load(Ordering::Relaxed);
+        let plain = dev.plain_next.swap(false, Ordering::Relaxed);
+        let pdl = dev.pdl_now.load(Ordering::Relaxed) && !plain;
+        if !pdl && priority == 0 {
             // SAFETY: forwarded to the caller (arguments and accesses).
             return unsafe {
                 result::launch_kernel(
@@ -600,9 +645,20 @@ impl<'a> KernelArgs<'a> {
             };
         }
         // SAFETY: an all-zero CUlaunchAttribute is a valid value (a plain C struct and union).
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0;
+        if pdl {
+            let a = &mut attrs[n_attrs];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if priority != 0 {
+            let a = &mut attrs[n_attrs];
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
+            a.value.priority = priority;
+            n_attrs += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -612,10 +668,10 @@ impl<'a> KernelArgs<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: stream,
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs as u32,
         };
-        // SAFETY: `config` and `attr` live until the call returns; params point to the
+        // SAFETY: `config` and `attrs` live until the call returns; params point to the
         // caller's arguments (alive for 'a); the rest is forwarded to the caller.
         unsafe {
             sys::cuLaunchKernelEx(

@@ -217,6 +217,11 @@ impl CudaModel {
             rope_compress: parts.rope_compress,
             chunk,
         };
+        // The indexer's side stream carries the longer path to a CSA layer's attention: its
+        // CTAs go before those of the query projection, which runs beside them.
+        for lane in crate::forward::PRIORITY_LANES {
+            model.gpu.device.prioritize_lane(lane).map_err(err)?;
+        }
         // Every matrix must lie inside the region with a kernel for its format.
         for l in &model.layers {
             let mats = [

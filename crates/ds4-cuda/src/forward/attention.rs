@@ -256,6 +256,14 @@ impl CudaModel {
             })?;
         }
 
+        if w.indexer.is_some() {
+            // Not a dependent launch: q_b's CTAs, launched early, would fill every
+            // multiprocessor and wait there, and the indexer's kernels (the longer path to the
+            // attention in these layers) would start only once q_b drains. Launched when the
+            // norm is done, they share the GPU with the indexer's (GPU step 7 890 → 7 719 µs
+            // at 2K, H100, with the indexer lane's priority; BENCHMARKS.md, session 8).
+            dev.plain_next_launch();
+        }
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
         self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
         dev.join(LANE_KV)?;

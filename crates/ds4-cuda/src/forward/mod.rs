@@ -30,12 +30,17 @@ const HC_MIX_THREADS: usize = 128;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
-// FFN: the shared expert); the indexer. (A fourth branch, the indexer's keys apart from its
-// queries joined into them, measured slower in the decode graph, presumably because a join is
-// an edge the dependent launch cannot cross.)
+// FFN: the shared expert); the indexer. (A fourth branch, the indexer's queries, scores and
+// top-k apart from its keys and waiting for them, measured the same as one: 123.3 against
+// 122.8 t/s, session 8.)
 const LANE_SINKHORN: usize = 0;
 const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
+/// The side streams whose kernels run at the highest priority: the indexer's, the longer
+/// path to a CSA layer's attention (GPU step at 2K, H100: 7 890 µs without, 7 719 with; the
+/// K=V lane as well, with the FFN's shared expert moved to a stream of its own, changed
+/// nothing: 7 704 against 7 708).
+pub(crate) const PRIORITY_LANES: [usize; 1] = [LANE_INDEXER];
 
 /// Per-stage wall time of the forward pass, on when the environment sets `DS4_CUDA_PROFILE`:
 /// every stage ends with a device synchronize (so stages are timed exactly, at some cost to
@@ -948,7 +953,12 @@ impl CudaModel {
         s.capturing = true;
         let ran = self.layers_and_head(s, layers, 1, pos0, 0..1);
         s.capturing = false;
-        let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let flags = if self.gpu.device.uses_priorities() {
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+        } else {
+            cudarc::driver::sys::CUgraphInstantiate_flags(0)
+        };
+        let captured = stream.end_capture(flags);
         // The kernels issued during a capture did not run: undo the host-side stream swaps.
         if s.streams_swapped {
             std::mem::swap(&mut s.streams, &mut s.streams_next);
