@@ -73,7 +73,7 @@ pub struct DeviceInfo {
 }
 
 /// Side streams a layer may fork work onto (see [`CudaDevice::fork`]).
-pub const SIDE_STREAMS: usize = 3;
+pub const SIDE_STREAMS: usize = 4;
 
 /// One GPU: its primary context, the main stream and the side streams.
 pub struct CudaDevice {
@@ -216,6 +216,23 @@ impl CudaDevice {
         side.join(&self.stream).ctx("forking a side stream")?;
         self.forked.fetch_or(1 << lane, Ordering::Relaxed);
         self.current.store(lane + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Side stream `lane` waits for everything issued so far on side stream `other` (if that
+    /// was forked since its last join): a branch that reads what another branch writes.
+    pub fn lane_waits_for(&self, lane: usize, other: usize) -> Result<()> {
+        let (Some(waiter), Some(waited)) = (self.side.get(lane), self.side.get(other)) else {
+            return Err(CudaError::InvalidArgument(format!(
+                "side streams {lane} and {other} (there are {SIDE_STREAMS})"
+            )));
+        };
+        let forked = self.forked.load(Ordering::Relaxed) & (1 << other) != 0;
+        if self.branches && forked {
+            waiter
+                .join(waited)
+                .ctx("a side stream waiting for another")?;
+        }
         Ok(())
     }
 

@@ -217,7 +217,7 @@ impl CudaModel {
             rope_compress: parts.rope_compress,
             chunk,
         };
-        // The indexer's side stream carries the longer path to a CSA layer's attention: its
+        // The indexer's side streams carry the longer path to a CSA layer's attention: their
         // CTAs go before those of the query projection, which runs beside them.
         for lane in crate::forward::PRIORITY_LANES {
             model.gpu.device.prioritize_lane(lane).map_err(err)?;

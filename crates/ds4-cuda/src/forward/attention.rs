@@ -179,11 +179,11 @@ impl CudaModel {
             Ok(())
         })?;
 
-        // Branch: the indexer selects the compressed rows of CSA layers. Its keys (its
-        // compressor) and head weights read xn: issued now, beside the query projection; its
-        // queries read qrn: the same side stream takes them once qrn is made (a second fork,
-        // so the main stream still joins the lane only once). It writes ikv, ig, iw, iq,
-        // iscores, sel and the indexer state.
+        // Branches: the indexer selects the compressed rows of CSA layers. Its keys (its
+        // compressor) and head weights read xn: issued now on one side stream, beside the
+        // query projection; its queries read qrn: a second side stream takes them once qrn is
+        // made, and its scores and top-k after the first stream's work. They write ikv, ig,
+        // iw (first stream), iq, iscores, sel (second) and the indexer state.
         let indexer = match (&w.indexer, state.index.as_mut()) {
             (Some(iw), Some(is)) => Some((iw, is)),
             _ => None,
@@ -222,9 +222,9 @@ impl CudaModel {
         )?;
 
         if let (Some(iw), Some(is)) = (&w.indexer, state.index.as_ref()) {
-            self.branch(LANE_INDEXER, || {
+            self.branch(LANE_INDEX_QUERY, || {
                 let (ni, di) = (c.index_heads, c.index_head_dim);
-                let own = &mut s.lane_quant[LANE_INDEXER];
+                let own = &mut s.lane_quant[LANE_INDEX_QUERY];
                 let pre = qrq && act_quant_of(self, &iw.q_b) == act_quant_of(self, &w.q_b);
                 mm_branch(self, &s.quant, own, pre, &iw.q_b, &s.qrn, n, &mut s.iq)?;
                 if ds4 {
@@ -252,6 +252,8 @@ impl CudaModel {
                 } else {
                     self.rope(l, &s.iq, n * ni, di, ni, s.pos.ptr(), false)?;
                 }
+                // The scores read the keys' compressed rows and the head weights.
+                dev.lane_waits_for(LANE_INDEX_QUERY, LANE_INDEXER)?;
                 self.index_select(s, is, ratio, n, pos0)
             })?;
         }
@@ -261,12 +263,13 @@ impl CudaModel {
             // multiprocessor and wait there, and the indexer's kernels (the longer path to the
             // attention in these layers) would start only once q_b drains. Launched when the
             // norm is done, they share the GPU with the indexer's (GPU step 7 890 → 7 719 µs
-            // at 2K, H100, with the indexer lane's priority; BENCHMARKS.md, session 8).
+            // at 2K, H100, with the indexer lanes' priority; BENCHMARKS.md, session 8).
             dev.plain_next_launch();
         }
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
         self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
         dev.join(LANE_KV)?;
+        dev.join(LANE_INDEX_QUERY)?;
         dev.join(LANE_INDEXER)?;
         s.prof.mark(self, "attn.qkv")?;
 

@@ -30,17 +30,19 @@ const HC_MIX_THREADS: usize = 128;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
 // hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
-// FFN: the shared expert); the indexer. (A fourth branch, the indexer's queries, scores and
-// top-k apart from its keys and waiting for them, measured the same as one: 123.3 against
-// 122.8 t/s, session 8.)
+// FFN: the shared expert); the indexer's keys and head weights; its queries, scores and top-k
+// (which wait for the keys' stream). (The indexer on one stream: GPU step 7 779 µs against
+// 7 705-7 719 on two, session 8.)
 const LANE_SINKHORN: usize = 0;
 const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
+const LANE_INDEX_QUERY: usize = 3;
 /// The side streams whose kernels run at the highest priority: the indexer's, the longer
 /// path to a CSA layer's attention (GPU step at 2K, H100: 7 890 µs without, 7 719 with; the
 /// K=V lane as well, with the FFN's shared expert moved to a stream of its own, changed
-/// nothing: 7 704 against 7 708).
-pub(crate) const PRIORITY_LANES: [usize; 1] = [LANE_INDEXER];
+/// nothing: 7 704 against 7 708; the main stream during the FFN, ahead of the shared
+/// expert's branch: 7 843 against 7 779).
+pub(crate) const PRIORITY_LANES: [usize; 2] = [LANE_INDEXER, LANE_INDEX_QUERY];
 
 /// Per-stage wall time of the forward pass, on when the environment sets `DS4_CUDA_PROFILE`:
 /// every stage ends with a device synchronize (so stages are timed exactly, at some cost to
