@@ -5,11 +5,14 @@
 //! of panicking. Work goes to one non-blocking main stream per device (in issue order, captured
 //! into a CUDA graph for decode); [`CudaDevice::fork`] and [`CudaDevice::join`] let independent
 //! parts of a layer run on side streams in between (branches of that graph), so that small,
-//! latency-bound kernels overlap instead of queueing.
+//! latency-bound kernels overlap instead of queueing. Kernels chain by programmatic dependent
+//! launch, whose early-launched CTAs hold their multiprocessors while they wait; where a side
+//! stream carries the longer path, [`CudaDevice::prioritize_lane`] and
+//! [`CudaDevice::plain_next_launch`] let its kernels in first.
 
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUdevice_attribute};
@@ -95,17 +98,17 @@ pub struct CudaDevice {
     /// later, unless DS4_CUDA_NO_PDL is set; see [`KernelArgs::launch`]) ...
     pdl: bool,
     /// ... and whether they are now ([`CudaDevice::set_dependent_launch`]).
-    pdl_now: std::sync::atomic::AtomicBool,
+    pdl_now: AtomicBool,
     /// Whether fork() uses the side streams (DS4_CUDA_NO_BRANCHES turns them off: every
     /// branch then runs in line on the main stream).
     branches: bool,
     /// CUDA launch priority of the kernels of each stream (main, then the side streams); 0
     /// is the default priority and no attribute is set.
-    lane_priority: [std::sync::atomic::AtomicI32; SIDE_STREAMS + 1],
+    lane_priority: [AtomicI32; SIDE_STREAMS + 1],
     /// The context's highest priority (the lowest number; 0 where priorities are unsupported).
     greatest_priority: i32,
     /// The next launch goes without dependent launch ([`CudaDevice::plain_next_launch`]).
-    plain_next: std::sync::atomic::AtomicBool,
+    plain_next: AtomicBool,
     info: DeviceInfo,
 }
 
@@ -166,10 +169,10 @@ impl CudaDevice {
             forked: AtomicUsize::new(0),
             branches: std::env::var_os("DS4_CUDA_NO_BRANCHES").is_none(),
             pdl,
-            pdl_now: std::sync::atomic::AtomicBool::new(pdl),
+            pdl_now: AtomicBool::new(pdl),
             lane_priority: Default::default(),
             greatest_priority: greatest,
-            plain_next: std::sync::atomic::AtomicBool::new(false),
+            plain_next: AtomicBool::new(false),
             info,
         })
     }
