@@ -14,24 +14,66 @@ takes the charge, so a short side-branch kernel that ends while a long main-chai
 takes part of that kernel's time (CUPTI's stream ids do not help: a graph runs its nodes on
 streams of its own). Read the charges per layer phase, with the busy times beside them.
 
-Usage: critical_path.py TRACE.csv [--top N]
+Per layer (--layers): each step is cut into layers where a kernel named --layer-start begins
+(by default hc_pre_norm_q8_0, the attention input's first kernel of every layer); layers that
+run a --marker kernel (by default index_topk: the CSA layers) are reported apart from the
+others, with the median layer span and the median wait between the last --wait-from kernel's
+end (the query path: head_norm_rope) and the --wait-to kernel's start (attend_split_scores):
+how long the attention waited for its side branches. --timeline STEP:LAYER prints one layer's
+kernels (start, end, duration in us from the step's first kernel).
+
+Usage: critical_path.py TRACE.csv [--top N] [--layers] [--timeline STEP:LAYER]
 """
 import argparse
 import csv
+import statistics
 from collections import defaultdict
+
+
+def steady_steps(rows):
+    """The graph launches (decode steps) of `rows` in time order, each a list of (name,
+    start_ns, end_ns); the first 3 (first replays) and the last (the bench's end) dropped."""
+    steps = defaultdict(list)
+    for row in rows:
+        if str(row["in_graph"]) == "1":
+            steps[int(row["correlation"])].append(
+                (row["name"], int(row["start_ns"]), int(row["end_ns"])))
+    return sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))[3:-1]
+
+
+def split_layers(step, layer_start):
+    """The kernels of one step in start order, cut before every `layer_start` kernel (what
+    comes before the first one is dropped)."""
+    ks = sorted(step, key=lambda k: k[1])
+    cuts = [i for i, k in enumerate(ks) if k[0] == layer_start]
+    return [ks[a:b] for a, b in zip(cuts, cuts[1:] + [len(ks)])]
+
+
+def layer_stats(rows, layer_start="hc_pre_norm_q8_0", marker="index_topk",
+                wait_from="head_norm_rope", wait_to="attend_split_scores"):
+    """Per layer kind (True: the layer runs a `marker` kernel): (layers, median span_ns,
+    median wait_ns), the wait from the last `wait_from` end before the first `wait_to` start
+    to that start (layers without both are left out of the wait)."""
+    spans = defaultdict(list)
+    waits = defaultdict(list)
+    for step in steady_steps(rows):
+        for layer in split_layers(step, layer_start):
+            kind = any(k[0] == marker for k in layer)
+            spans[kind].append(max(k[2] for k in layer) - layer[0][1])
+            to = next((k for k in layer if k[0] == wait_to), None)
+            ends = [k[2] for k in layer if to and k[0] == wait_from and k[1] < to[1]]
+            if ends:
+                waits[kind].append(to[1] - max(ends))
+    return {kind: (len(spans[kind]), statistics.median(spans[kind]),
+                   statistics.median(waits[kind]) if waits[kind] else None)
+            for kind in spans}
 
 
 def summarize(rows):
     """Per-step means over the steady graph steps of `rows` (dicts with the CSV's columns):
     (steps, wall_ns, idle_ns, charge_ns, busy_ns, calls), the last three by kernel name and
     summed over the steps."""
-    steps = defaultdict(list)
-    for row in rows:
-        if str(row["in_graph"]) == "1":
-            steps[int(row["correlation"])].append(
-                (row["name"], int(row["start_ns"]), int(row["end_ns"])))
-    # The first 3 steps and the last one are dropped (first replays, the bench's end).
-    windows = sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))[3:-1]
+    windows = steady_steps(rows)
     charge = defaultdict(float)
     busy = defaultdict(float)
     calls = defaultdict(int)
@@ -57,9 +99,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--layers", action="store_true", help="median span and wait per layer kind")
+    ap.add_argument("--layer-start", default="hc_pre_norm_q8_0")
+    ap.add_argument("--marker", default="index_topk")
+    ap.add_argument("--wait-from", default="head_norm_rope")
+    ap.add_argument("--wait-to", default="attend_split_scores")
+    ap.add_argument("--timeline", metavar="STEP:LAYER", help="one layer's kernels")
     args = ap.parse_args()
     with open(args.trace) as f:
-        n, wall, idle, charge, busy, calls = summarize(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    if args.timeline:
+        k, l = (int(v) for v in args.timeline.split(":"))
+        step = steady_steps(rows)[k]
+        t0 = min(x[1] for x in step)
+        for name, start, end in split_layers(step, args.layer_start)[l]:
+            print(f"{(start - t0) / 1e3:9.2f} {(end - t0) / 1e3:9.2f} {(end - start) / 1e3:7.2f} {name}")
+        return
+    if args.layers:
+        stats = layer_stats(rows, args.layer_start, args.marker, args.wait_from, args.wait_to)
+        print(f"{'layers':<24} {'count':>6} {'span us':>8} {'wait us':>8}")
+        for kind, (count, span, wait) in sorted(stats.items(), reverse=True):
+            label = f"with {args.marker}" if kind else f"without {args.marker}"
+            wait_us = "-" if wait is None else f"{wait / 1e3:.2f}"
+            print(f"{label:<24} {count:>6} {span / 1e3:>8.2f} {wait_us:>8}")
+        return
+    n, wall, idle, charge, busy, calls = summarize(rows)
     if not n:
         raise SystemExit("no decode graph steps in the trace (graph capture off?)")
     print(f"{n} decode steps, {wall / n / 1e3:.1f} us each on the GPU "

@@ -5,7 +5,8 @@
 #     tests    the GPU test suites the pack carries
 #     q2       the q2 aliased sweep, 2K -> 64K in 2 048-token steps
 #     prompt   ds4 -p on ~1 900 words (its own speed report), q2 aliased
-#     trace    the decode critical path per kernel at 2K (CUPTI; scripts/gpu/critical_path.py)
+#     trace    the decode critical path per kernel and per layer kind at 2K (CUPTI;
+#              scripts/gpu/critical_path.py)
 #     q4       the q4 aliased sweep, 2K -> 64K in 8 192-token steps
 #     full     the full 80.76 GiB q2 model from a tmpfs (H200), 2K -> 64K in 2 048-token steps
 #   no PART: tests q2 prompt trace q4.
@@ -82,6 +83,7 @@ part_trace() {
         --backend cuda --ctx-start 2048 --ctx-max 2048 --gen-tokens 128 > "$OUT/trace_q2.txt" 2>&1
     python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --top 40 > "$OUT/critical_path_q2.txt" 2>&1
     head -1 "$OUT/critical_path_q2.txt" >> "$SUMMARY"
+    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --layers >> "$SUMMARY" 2>&1
 }
 
 part_q4() {

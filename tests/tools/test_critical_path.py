@@ -44,3 +44,32 @@ def test_a_trace_without_graph_steps_has_no_windows():
     n, wall, *_ = critical_path.summarize(
         [{"name": "k", "start_ns": 0, "end_ns": 5, "correlation": 1, "in_graph": 0}])
     assert (n, wall) == (0, 0)
+
+
+def test_layers_are_split_at_their_first_kernel_and_kinds_reported_apart():
+    # Per step: a kernel before the first layer (dropped), then an indexer layer whose attention
+    # waits 30 ns for the indexer's top-k after the queries' RoPE, then a plain layer that waits 5.
+    kernels = [
+        ("embed_tail", 0, 10),
+        ("hc_pre_norm_q8_0", 10, 20), ("head_norm_rope", 20, 40), ("index_topk", 30, 70),
+        ("attend_split_scores", 70, 90),
+        ("hc_pre_norm_q8_0", 100, 110), ("head_norm_rope", 110, 130),
+        ("attend_split_scores", 135, 150), ("hc_post_mix", 150, 160),
+    ]
+    stats = critical_path.layer_stats(trace(kernels))
+    # 2 steady steps, one layer of each kind in each.
+    assert stats[True] == (2, 80, 30)
+    assert stats[False] == (2, 60, 5)
+
+
+def test_a_layer_without_the_wait_kernels_has_a_span_but_no_wait():
+    stats = critical_path.layer_stats(trace([
+        ("hc_pre_norm_q8_0", 0, 10), ("gemv", 5, 50),
+    ]))
+    assert stats == {False: (2, 50, None)}
+
+
+def test_split_layers_orders_by_start_and_keeps_side_kernels_in_their_layer():
+    step = [("b", 30, 40), ("L", 0, 5), ("side", 10, 100), ("L", 50, 60), ("c", 55, 70)]
+    layers = critical_path.split_layers(step, "L")
+    assert [[k[0] for k in layer] for layer in layers] == [["L", "side", "b"], ["L", "c"]]
