@@ -637,7 +637,9 @@ impl<'a> KernelArgs<'a> {
     /// hides the launch latency between the ~1 700 small kernels of a decode step. Every
     /// kernel of this crate begins with `PDL_ENTRY()` (common.cuh; a unit test checks the
     /// sources), whose `griddepcontrol.wait` blocks until the previous kernel has completed
-    /// and its writes are visible, so the kernels still see the stream's order.
+    /// and its writes are visible, so the kernels still see the stream's order. A launch after
+    /// [`CudaDevice::plain_next_launch`] is not a dependent one, and kernels of a stream given
+    /// a priority ([`CudaDevice::prioritize_lane`]) carry it.
     ///
     /// # Safety
     /// The arguments must match the kernel's parameter list in number, order and type, every
