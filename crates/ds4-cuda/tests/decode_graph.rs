@@ -7,8 +7,11 @@
 //!
 //! Without a GPU: "skipped: no CUDA".
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::argmax;
 use ds4_cuda::CudaBackend;
 use ds4_model::backend::{Logits, Session};
 use ds4_model::convert::{convert, ConvertOptions};
@@ -25,16 +28,6 @@ fn fixture_dir() -> PathBuf {
         return here;
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/ratios_real")
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Prefill of the fixture's prompt, then STEPS greedy steps; the logits of every step.

@@ -9,8 +9,11 @@
 //! Every case prints one table row before any assertion, so one GPU run reports every
 //! number. Without a GPU: "skipped: no CUDA".
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::argmax;
 use ds4_cuda::CudaBackend;
 use ds4_kvstore::{KvStore, SaveReason, SaveRequest, StoreOptions};
 use ds4_model::backend::{Backend, Logits, ModelError, Session};
@@ -75,17 +78,6 @@ fn converted(dir: &Path, name: &str, mode: WeightsMode) -> Result<PathBuf, Strin
 /// tokenizer); the server's key is the detokenized text, any text works for the store.
 fn key_text(tokens: &[u32]) -> String {
     tokens.iter().map(|t| format!("<{t}>")).collect()
-}
-
-/// Index of the largest logit (the first on ties), as greedy decoding picks it.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {

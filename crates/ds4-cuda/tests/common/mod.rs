@@ -136,3 +136,14 @@ pub unsafe fn launch_u64(
     unsafe { b.launch(cfg) }.unwrap();
     g.device.synchronize().unwrap();
 }
+
+/// Index of the largest logit (the first on ties), as greedy decoding picks it.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
