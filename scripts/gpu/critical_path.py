@@ -22,7 +22,13 @@ end (the query path: head_norm_rope) and the --wait-to kernel's start (attend_sp
 how long the attention waited for its side branches. --timeline STEP:LAYER prints one layer's
 kernels (start, end, duration in us from the step's first kernel).
 
-Usage: critical_path.py TRACE.csv [--top N] [--layers] [--timeline STEP:LAYER]
+Per call site (--sites): the step's charges (as above) split by where in its layer a kernel
+runs, per layer kind: site "hc_post_mix#2" is the second hc_post_mix of a layer (in start
+order), so one kernel name called from two places of a layer (after the attention, after the
+FFN) is reported twice. Median charge and median busy time per layer, in the order the sites
+end.
+
+Usage: critical_path.py TRACE.csv [--top N] [--layers] [--sites] [--timeline STEP:LAYER]
 """
 import argparse
 import csv
@@ -69,6 +75,36 @@ def layer_stats(rows, layer_start="hc_pre_norm_q8_0", marker="index_topk",
             for kind in spans}
 
 
+def site_stats(rows, layer_start="hc_pre_norm_q8_0", marker="index_topk"):
+    """Per layer kind (True: runs a `marker` kernel), per call site (name#occurrence in the
+    layer's start order): (layers that have it, median charge_ns, median busy_ns, median end_ns
+    from the layer's first start), the charge as summarize's (end minus the step's latest end
+    before it, so side-branch kernels ending inside a main-chain kernel take part of it)."""
+    charges = defaultdict(list)
+    busies = defaultdict(list)
+    ends = defaultdict(list)
+    for step in steady_steps(rows):
+        charge = {}
+        latest = min(k[1] for k in step)
+        for k in sorted(step, key=lambda k: k[2]):
+            charge[id(k)] = max(0, k[2] - latest)
+            latest = max(latest, k[2])
+        for layer in split_layers(step, layer_start):
+            kind = any(k[0] == marker for k in layer)
+            seen = defaultdict(int)
+            for k in layer:
+                seen[k[0]] += 1
+                site = (kind, f"{k[0]}#{seen[k[0]]}")
+                charges[site].append(charge[id(k)])
+                busies[site].append(k[2] - k[1])
+                ends[site].append(k[2] - layer[0][1])
+    out = defaultdict(dict)
+    for (kind, site), cs in charges.items():
+        out[kind][site] = (len(cs), statistics.median(cs), statistics.median(busies[(kind, site)]),
+                           statistics.median(ends[(kind, site)]))
+    return out
+
+
 def summarize(rows):
     """Per-step means over the steady graph steps of `rows` (dicts with the CSV's columns):
     (steps, wall_ns, idle_ns, charge_ns, busy_ns, calls), the last three by kernel name and
@@ -105,6 +141,7 @@ def main():
     ap.add_argument("--wait-from", default="head_norm_rope")
     ap.add_argument("--wait-to", default="attend_split_scores")
     ap.add_argument("--timeline", metavar="STEP:LAYER", help="one layer's kernels")
+    ap.add_argument("--sites", action="store_true", help="median charge per call site and layer kind")
     args = ap.parse_args()
     with open(args.trace) as f:
         rows = list(csv.DictReader(f))
@@ -114,6 +151,17 @@ def main():
         t0 = min(x[1] for x in step)
         for name, start, end in split_layers(step, args.layer_start)[l]:
             print(f"{(start - t0) / 1e3:9.2f} {(end - t0) / 1e3:9.2f} {(end - start) / 1e3:7.2f} {name}")
+        return
+    if args.sites:
+        for kind, sites in sorted(site_stats(rows, args.layer_start, args.marker).items(), reverse=True):
+            label = f"with {args.marker}" if kind else f"without {args.marker}"
+            print(f"layers {label}: median per layer")
+            print(f"  {'site':<34} {'layers':>6} {'end us':>7} {'charge us':>9} {'busy us':>8}")
+            total = 0.0
+            for site, (count, charge, busy, end) in sorted(sites.items(), key=lambda kv: kv[1][3]):
+                total += charge
+                print(f"  {site:<34} {count:>6} {end / 1e3:>7.2f} {charge / 1e3:>9.2f} {busy / 1e3:>8.2f}")
+            print(f"  {'(sum of the median charges)':<34} {'':>6} {'':>7} {total / 1e3:>9.2f}")
         return
     if args.layers:
         stats = layer_stats(rows, args.layer_start, args.marker, args.wait_from, args.wait_to)

@@ -5,8 +5,8 @@
 #     tests    the GPU test suites the pack carries
 #     q2       the q2 aliased sweep, 2K -> 64K in 2 048-token steps
 #     prompt   ds4 -p on ~1 900 words (its own speed report), q2 aliased
-#     trace    the decode critical path per kernel and per layer kind at 2K (CUPTI;
-#              scripts/gpu/critical_path.py)
+#     trace    the decode critical path per kernel, per layer kind and per call site at 2K
+#              (CUPTI; scripts/gpu/critical_path.py), and the trace itself (xz)
 #     q4       the q4 aliased sweep, 2K -> 64K in 8 192-token steps
 #     full     the full 80.76 GiB q2 model from a tmpfs (H200), 2K -> 64K in 2 048-token steps
 #   no PART: tests q2 prompt trace q4.
@@ -49,8 +49,11 @@ part_tests() {
     for t in ds4_cuda forward_fixtures decode_graph kv_roundtrip gpu_kernels gemm_experts_gpu \
         gemm_f16_gpu gemm_gpu hc_gpu index_scores_gpu index_select_gpu vector_ops_gpu; do
         [ -x "$DIR/$t" ] || continue
-        timeout 180 "$DIR/$t" --test-threads=1 > "$OUT/test_$t.txt" 2>&1
-        echo "$t: rc $? $(grep -E '^test result' "$OUT/test_$t.txt" | tail -1)" >> "$SUMMARY"
+        # One log for all suites: the device tool brings back at most 8 files.
+        echo "=== $t" >> "$OUT/tests.txt"
+        timeout 180 "$DIR/$t" --test-threads=1 > /tmp/ds4-test.txt 2>&1
+        echo "$t: rc $? $(grep -E '^test result' /tmp/ds4-test.txt | tail -1)" >> "$SUMMARY"
+        cat /tmp/ds4-test.txt >> "$OUT/tests.txt"
     done
 }
 
@@ -80,10 +83,16 @@ part_trace() {
     q2_model
     LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/usr/local/cuda/extras/CUPTI/lib64 DS4_CUDA_PROFILE=trace \
         DS4_CUDA_TRACE_FILE=/tmp/ds4-trace.csv timeout 120 "$DS4" bench -m /dev/shm/q2.gguf \
-        --backend cuda --ctx-start 2048 --ctx-max 2048 --gen-tokens 128 > "$OUT/trace_q2.txt" 2>&1
-    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --top 40 > "$OUT/critical_path_q2.txt" 2>&1
-    head -1 "$OUT/critical_path_q2.txt" >> "$SUMMARY"
-    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --layers >> "$SUMMARY" 2>&1
+        --backend cuda --ctx-start 2048 --ctx-max 2048 --gen-tokens 128 > /tmp/ds4-trace-bench.txt 2>&1
+    # Per kernel, per layer kind and per call site in one file; the trace itself compressed
+    # (tens of MB as CSV), for analysis off the machine.
+    local cp=$OUT/critical_path_q2.txt
+    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --top 40 > "$cp" 2>&1
+    head -1 "$cp" >> "$SUMMARY"
+    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --layers | tee -a "$cp" >> "$SUMMARY" 2>&1
+    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --sites >> "$cp" 2>&1
+    tail -3 /tmp/ds4-trace-bench.txt >> "$cp"
+    xz -T0 -6 -c /tmp/ds4-trace.csv > "$OUT/trace_q2.csv.xz"
 }
 
 part_q4() {

@@ -73,3 +73,22 @@ def test_split_layers_orders_by_start_and_keeps_side_kernels_in_their_layer():
     step = [("b", 30, 40), ("L", 0, 5), ("side", 10, 100), ("L", 50, 60), ("c", 55, 70)]
     layers = critical_path.split_layers(step, "L")
     assert [[k[0] for k in layer] for layer in layers] == [["L", "side", "b"], ["L", "c"]]
+
+
+def test_sites_split_one_kernel_name_by_its_place_in_the_layer():
+    # A layer: its first kernel, an attention post-mix (charged 15), a long FFN matvec with a
+    # side kernel ending inside it, then the FFN post-mix (charged 25).
+    kernels = [
+        ("hc_pre_norm_q8_0", 0, 10), ("hc_post_mix", 5, 25), ("gemv", 20, 100),
+        ("side", 30, 60), ("hc_post_mix", 90, 125),
+    ]
+    sites = critical_path.site_stats(trace(kernels))
+    assert set(sites) == {False}
+    plain = sites[False]
+    # 2 steady steps, one layer each: (layers, charge, busy, end from the layer's start).
+    assert plain["hc_post_mix#1"] == (2, 15, 20, 25)
+    assert plain["hc_post_mix#2"] == (2, 25, 35, 125)
+    assert plain["side#1"] == (2, 35, 30, 60)
+    assert plain["gemv#1"] == (2, 40, 80, 100)
+    # The charges of a layer that starts its step sum to its span.
+    assert sum(v[1] for v in plain.values()) == 125
