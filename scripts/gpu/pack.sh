@@ -3,7 +3,8 @@
 # `carry` (64 MiB in all, with the tracked tree): the release `ds4` and the ds4-cuda GPU test
 # binaries, stripped and xz-compressed, plus unpack.sh. On the GPU machine (no Rust there):
 #   bash DIR/unpack.sh && DIR/forward_fixtures --nocapture && DIR/ds4 bench ... --backend cuda
-# or the whole acceptance run: bash scripts/gpu/sweep.sh DIR [--full].
+# or the whole acceptance run: bash scripts/gpu/sweep.sh DIR [PART...], or a decode A/B of
+# two packs: bash scripts/gpu/ab.sh 3 DIR_A DIR_B.
 # Binaries run from the repository root (the fixture tests find tests/fixtures there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
