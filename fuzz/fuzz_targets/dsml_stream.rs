@@ -8,66 +8,12 @@
 //! lossy).
 #![no_main]
 use ds4_text::sampler::DsmlDecodeTracker;
-use ds4_text::{DsmlStreamParser, ParsedMessage, StreamEvent};
 use libfuzzer_sys::fuzz_target;
 
-fn run(chunks: &[&str], thinking: bool, tools: bool) -> (Vec<StreamEvent>, ParsedMessage) {
-    let mut parser = DsmlStreamParser::new(thinking, tools);
-    let mut events = Vec::new();
-    for c in chunks {
-        events.extend(parser.push(c));
-    }
-    events.extend(parser.flush());
-    (merge(events), parser.finish())
-}
-
-/// Adjacent deltas of one kind joined, so that streams split differently compare equal.
-fn merge(events: Vec<StreamEvent>) -> Vec<StreamEvent> {
-    let mut out: Vec<StreamEvent> = Vec::new();
-    for e in events {
-        match (out.last_mut(), e) {
-            (Some(StreamEvent::Reasoning(a)), StreamEvent::Reasoning(b)) => a.push_str(&b),
-            (Some(StreamEvent::Content(a)), StreamEvent::Content(b)) => a.push_str(&b),
-            (
-                Some(StreamEvent::ToolCallArgs {
-                    index: i,
-                    fragment: a,
-                }),
-                StreamEvent::ToolCallArgs {
-                    index: j,
-                    fragment: b,
-                },
-            ) if *i == j => a.push_str(&b),
-            (_, e) => out.push(e),
-        }
-    }
-    out
-}
-
-/// The stream's deltas concatenate to the message's reasoning, content and arguments.
-fn check_consistent(events: &[StreamEvent], msg: &ParsedMessage) {
-    let (mut reasoning, mut content) = (String::new(), String::new());
-    let mut args: Vec<String> = Vec::new();
-    let mut ended = Vec::new();
-    for e in events {
-        match e {
-            StreamEvent::Reasoning(s) => reasoning.push_str(s),
-            StreamEvent::Content(s) => content.push_str(s),
-            StreamEvent::ToolCallStart { index, .. } => {
-                assert_eq!(*index, args.len(), "tool call indices in order");
-                args.push(String::new());
-            }
-            StreamEvent::ToolCallArgs { index, fragment } => args[*index].push_str(fragment),
-            StreamEvent::ToolCallEnd { call, .. } => ended.push(call.clone()),
-        }
-    }
-    assert_eq!(msg.reasoning.clone().unwrap_or_default(), reasoning);
-    assert_eq!(msg.content, content);
-    assert_eq!(msg.tool_calls, ended);
-    for (i, call) in msg.tool_calls.iter().enumerate() {
-        assert_eq!(serde_json::to_string(&call.arguments).unwrap(), args[i]);
-    }
-}
+// The integration tests' run / merge / check_consistent.
+#[path = "../../crates/ds4-text/tests/common/dsml.rs"]
+mod dsml_check;
+use dsml_check::{check_consistent, run};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {

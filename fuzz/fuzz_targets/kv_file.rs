@@ -6,30 +6,17 @@
 use ds4_kvstore::file::decode_tool_map;
 use ds4_kvstore::payload::validate_payload;
 use ds4_kvstore::KvFile;
-use ds4_model::config::{AttnKind, ModelConfig};
+use ds4_model::config::ModelConfig;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
+// The kvstore tests' miniature model (and payload helpers).
+#[path = "../../crates/ds4-kvstore/tests/common/mod.rs"]
+mod common;
+
 fn mini_config() -> &'static ModelConfig {
     static CFG: OnceLock<ModelConfig> = OnceLock::new();
-    CFG.get_or_init(|| {
-        let mut c = ModelConfig::flash();
-        c.vocab_size = 300;
-        c.n_layers = 4;
-        c.head_dim = 16;
-        c.index_head_dim = 8;
-        c.sliding_window = 6;
-        c.compress_ratio = vec![0, 0, 4, 16];
-        c.attn_kind = vec![
-            AttnKind::Sliding,
-            AttnKind::Sliding,
-            AttnKind::Csa,
-            AttnKind::Hca,
-        ];
-        c.moe_kind.truncate(4);
-        c.swiglu_clamp.truncate(4);
-        c
-    })
+    CFG.get_or_init(common::mini_config)
 }
 
 fuzz_target!(|data: &[u8]| {

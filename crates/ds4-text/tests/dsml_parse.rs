@@ -1,71 +1,13 @@
 //! The DSML stream parser: round trips through the canonical renderer, ds4's parsing rules, and
 //! split-independence of the event stream (proptest).
 
+mod common;
+
+use common::dsml::{check_consistent, run};
 use ds4_text::chat::ToolCall;
-use ds4_text::dsml::{render_tool_calls, DsmlStreamParser, ParsedMessage, StreamEvent};
+use ds4_text::dsml::{render_tool_calls, DsmlStreamParser, StreamEvent};
 use proptest::prelude::*;
 use serde_json::{json, Value};
-
-/// Pushes `chunks`, flushes, and returns the merged events and the parsed message.
-fn run(chunks: &[&str], thinking: bool, tools: bool) -> (Vec<StreamEvent>, ParsedMessage) {
-    let mut parser = DsmlStreamParser::new(thinking, tools);
-    let mut events = Vec::new();
-    for c in chunks {
-        events.extend(parser.push(c));
-    }
-    events.extend(parser.flush());
-    (merge(events), parser.finish())
-}
-
-/// Joins adjacent deltas of one kind, so streams split differently compare equal.
-fn merge(events: Vec<StreamEvent>) -> Vec<StreamEvent> {
-    let mut out: Vec<StreamEvent> = Vec::new();
-    for e in events {
-        match (out.last_mut(), e) {
-            (Some(StreamEvent::Reasoning(a)), StreamEvent::Reasoning(b)) => a.push_str(&b),
-            (Some(StreamEvent::Content(a)), StreamEvent::Content(b)) => a.push_str(&b),
-            (
-                Some(StreamEvent::ToolCallArgs {
-                    index: i,
-                    fragment: a,
-                }),
-                StreamEvent::ToolCallArgs {
-                    index: j,
-                    fragment: b,
-                },
-            ) if *i == j => a.push_str(&b),
-            (_, e) => out.push(e),
-        }
-    }
-    out
-}
-
-/// Checks the stream against the message: deltas concatenate to reasoning/content, argument
-/// fragments to each call's arguments JSON, ToolCallEnd carries the final calls.
-fn check_consistent(events: &[StreamEvent], msg: &ParsedMessage) {
-    let mut reasoning = String::new();
-    let mut content = String::new();
-    let mut args: Vec<String> = Vec::new();
-    let mut ended = Vec::new();
-    for e in events {
-        match e {
-            StreamEvent::Reasoning(s) => reasoning.push_str(s),
-            StreamEvent::Content(s) => content.push_str(s),
-            StreamEvent::ToolCallStart { index, .. } => {
-                assert_eq!(*index, args.len());
-                args.push(String::new());
-            }
-            StreamEvent::ToolCallArgs { index, fragment } => args[*index].push_str(fragment),
-            StreamEvent::ToolCallEnd { call, .. } => ended.push(call.clone()),
-        }
-    }
-    assert_eq!(msg.reasoning.clone().unwrap_or_default(), reasoning);
-    assert_eq!(msg.content, content);
-    assert_eq!(msg.tool_calls, ended);
-    for (i, call) in msg.tool_calls.iter().enumerate() {
-        assert_eq!(serde_json::to_string(&call.arguments).unwrap(), args[i]);
-    }
-}
 
 fn call(name: &str, arguments: Value) -> ToolCall {
     ToolCall {
