@@ -7,7 +7,9 @@ its kernels are taken in the order they end, and each is charged the time by whi
 the latest end forward (its end minus the latest end before it). With dependent launch a
 kernel's CTAs start while its predecessor still runs, so plain durations overlap and double
 count; these charges sum to the step's wall time. A gap with no kernel running (from the union
-of the kernels' intervals, reported separately) is charged to the kernel that ends next.
+of the kernels' intervals, reported separately) is charged to the kernel that ends next. The
+median time between steps (one step's last kernel end to the next one's first start) is what
+the host and the graph launch add to every token.
 
 Caveat: where a side branch runs beside the main chain, the kernel that happens to end next
 takes the charge, so a short side-branch kernel that ends while a long main-chain kernel runs
@@ -45,6 +47,15 @@ def steady_steps(rows):
             steps[int(row["correlation"])].append(
                 (row["name"], int(row["start_ns"]), int(row["end_ns"])))
     return sorted(steps.values(), key=lambda ks: min(k[1] for k in ks))[3:-1]
+
+
+def step_gap_ns(rows):
+    """Median time from one steady decode step's last kernel end to the next step's first
+    kernel start: what the host and the graph launch add to every token (the median, so that
+    the prefill between the bench's context points does not count)."""
+    steps = steady_steps(rows)
+    gaps = [min(k[1] for k in b) - max(k[2] for k in a) for a, b in zip(steps, steps[1:])]
+    return statistics.median(gaps) if gaps else None
 
 
 def split_layers(step, layer_start):
@@ -174,8 +185,10 @@ def main():
     n, wall, idle, charge, busy, calls = summarize(rows)
     if not n:
         raise SystemExit("no decode graph steps in the trace (graph capture off?)")
+    gap = step_gap_ns(rows)
+    between = f"; {gap / 1e3:.1f} us between steps" if gap is not None else ""
     print(f"{n} decode steps, {wall / n / 1e3:.1f} us each on the GPU "
-          f"({idle / n / 1e3:.1f} us without a kernel)")
+          f"({idle / n / 1e3:.1f} us without a kernel){between}")
     print(f"{'kernel':<34} {'calls/step':>10} {'us/step':>9} {'us/call':>8} {'share':>6} "
           f"{'busy us/call':>12}")
     rows = sorted(charge.items(), key=lambda kv: -kv[1])

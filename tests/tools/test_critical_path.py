@@ -92,3 +92,15 @@ def test_sites_split_one_kernel_name_by_its_place_in_the_layer():
     assert plain["gemv#1"] == (2, 40, 80, 100)
     # The charges of a layer that starts its step sum to its span.
     assert sum(v[1] for v in plain.values()) == 125
+
+
+def test_the_gap_between_steps_is_the_median_host_time_per_token():
+    # Steps every 1000 ns, each 400 ns long: 600 ns between one step's end and the next start;
+    # one late step (a prefill between context points) does not move the median.
+    rows = trace([("a", 0, 100), ("b", 100, 400)], steps=8)
+    for r in rows:
+        if r["correlation"] == 6:
+            r["start_ns"] += 50_000
+            r["end_ns"] += 50_000
+    assert critical_path.step_gap_ns(rows) == 600
+    assert critical_path.step_gap_ns(trace([("a", 0, 1)], steps=4)) is None
