@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
+use ds4_kvstore::SaveReason;
 use ds4_text::chat::{render_chat, ChatPrompt, Message};
 use ds4_text::sampler::{DsmlDecodeTracker, Sampler, SamplerParams};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -251,7 +252,12 @@ impl Worker {
     /// kv disk hook (*shutdown* save).
     fn save_at_shutdown(&mut self) {
         if let Some(kv) = &mut self.kv_disk {
-            kv.save_at_shutdown(self.runner.as_ref(), &self.live_bytes, &self.tool_memory);
+            kv.save_live_if_worth(
+                self.runner.as_ref(),
+                &self.live_bytes,
+                SaveReason::Shutdown,
+                &self.tool_memory,
+            );
         }
     }
 
@@ -260,7 +266,12 @@ impl Worker {
     /// prefills only the rest of the prompt, or `None` (session reset) on a disk miss.
     fn plan_from_disk(&mut self, job: &GenJob) -> Option<Plan> {
         let kv = self.kv_disk.as_mut()?;
-        kv.save_before_replace(self.runner.as_ref(), &self.live_bytes, &self.tool_memory);
+        kv.save_live_if_worth(
+            self.runner.as_ref(),
+            &self.live_bytes,
+            SaveReason::Evict,
+            &self.tool_memory,
+        );
         self.runner.reset();
         self.live_bytes.clear();
         self.last_logits = None;
@@ -281,7 +292,7 @@ impl Worker {
     }
 
     /// kv disk hook: saves a checkpoint of the live session now, for `reason`.
-    fn save_checkpoint(&mut self, reason: ds4_kvstore::SaveReason) {
+    fn save_checkpoint(&mut self, reason: SaveReason) {
         if let Some(kv) = &mut self.kv_disk {
             kv.save_live(
                 self.runner.as_ref(),
@@ -430,9 +441,9 @@ impl Worker {
             rest = &rest[n..];
             if save_stops.contains(&pos) {
                 let reason = if Some(pos) == cold_len {
-                    ds4_kvstore::SaveReason::Cold
+                    SaveReason::Cold
                 } else {
-                    ds4_kvstore::SaveReason::Continued
+                    SaveReason::Continued
                 };
                 self.save_checkpoint(reason);
             }
@@ -546,7 +557,7 @@ impl Worker {
                 .as_ref()
                 .is_some_and(|kv| kv.continued_due(self.runner.tokens().len()));
             if due && !in_tool_call {
-                self.save_checkpoint(ds4_kvstore::SaveReason::Continued);
+                self.save_checkpoint(SaveReason::Continued);
             }
         };
         let (tail, summary) = out.finish(ended);

@@ -151,29 +151,18 @@ impl KvDisk {
         }
     }
 
-    /// *evict*: before a disk load or cold prefill replaces a live session worth keeping.
-    pub fn save_before_replace(
+    /// Saves the live session if it is worth keeping and has grown since its last save:
+    /// *evict* before a disk load or cold prefill replaces it, *shutdown* at a clean exit.
+    pub fn save_live_if_worth(
         &mut self,
         runner: &dyn ModelRunner,
         live_text: &[u8],
+        reason: SaveReason,
         tools: &Mutex<ToolMemory>,
     ) {
         let live = runner.tokens().len() as u32;
         if self.policy.live_worth_saving(live) && live > self.last_saved_tokens {
-            self.save_live(runner, live_text, SaveReason::Evict, tools);
-        }
-    }
-
-    /// *shutdown*: at a clean exit, the live session if it is worth it and not saved yet.
-    pub fn save_at_shutdown(
-        &mut self,
-        runner: &dyn ModelRunner,
-        live_text: &[u8],
-        tools: &Mutex<ToolMemory>,
-    ) {
-        let live = runner.tokens().len() as u32;
-        if self.policy.live_worth_saving(live) && live > self.last_saved_tokens {
-            self.save_live(runner, live_text, SaveReason::Shutdown, tools);
+            self.save_live(runner, live_text, reason, tools);
         }
     }
 
