@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::model_file::{gguf_tokenizer, ModelFile};
 use anyhow::{bail, Context};
 use ds4_gguf::reader::GgufFile;
 use ds4_model::backend::Backend;
@@ -127,17 +128,14 @@ struct OpenedModel {
 impl OpenedModel {
     fn open(args: &BenchArgs) -> anyhow::Result<OpenedModel> {
         let path = crate::chat::resolve_model_path(args.model.as_deref())?;
-        let file =
-            Arc::new(GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?);
-        let cfg = ModelConfig::from_gguf(&file)
-            .with_context(|| format!("reading the model description of {}", path.display()))?;
-        let numerics = match args.numerics.as_deref() {
-            Some(s) => s.parse().map_err(anyhow::Error::msg)?,
-            None if cfg.is_flash() => Numerics::Ds4,
-            None => Numerics::Reference,
+        let model = ModelFile::open(&path)?;
+        let numerics = model.numerics(args.numerics.as_deref())?;
+        let ModelFile { path, file, cfg } = model;
+        // A synthetic model may carry no tokenizer.
+        let tokenizer = match file.get("tokenizer.ggml.tokens") {
+            Some(_) => Some(gguf_tokenizer(&file, &path)?),
+            None => None,
         };
-        let tokenizer = model_tokenizer(&file)
-            .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
         Ok(OpenedModel {
             path,
             file,
@@ -300,16 +298,6 @@ fn run_kv_restore(args: &BenchArgs, kind: BackendKind, n: usize) -> anyhow::Resu
         );
     }
     Ok(())
-}
-
-/// The tokenizer stored in the model, if it has one.
-fn model_tokenizer(file: &GgufFile) -> anyhow::Result<Option<Tokenizer>> {
-    if file.get("tokenizer.ggml.tokens").is_none() {
-        return Ok(None);
-    }
-    let tokens = file.get_string_array("tokenizer.ggml.tokens")?;
-    let merges = file.get_string_array("tokenizer.ggml.merges")?;
-    Ok(Some(Tokenizer::from_gguf_vocab(tokens, merges)?))
 }
 
 /// The benchmark's token stream of `len` tokens and a description of where it came from.

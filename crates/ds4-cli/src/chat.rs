@@ -15,13 +15,10 @@ mod transcript;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crate::model_file::{check_vocab, gguf_tokenizer, ModelFile};
 use anyhow::{bail, Context};
-use ds4_gguf::reader::GgufFile;
 use ds4_model::backend::Backend;
-use ds4_model::config::ModelConfig;
-use ds4_model::numerics::Numerics;
 use ds4_text::chat::{render_single_turn, ThinkMode, DEFAULT_SYSTEM};
 use ds4_text::sampler::{
     SamplerParams, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, MAX_TOP_K,
@@ -225,32 +222,11 @@ fn load_model(
     choice: BackendChoice,
 ) -> anyhow::Result<LoadedModel> {
     let path = &source.path;
-    let file =
-        Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
-    let cfg = ModelConfig::from_gguf(&file)
-        .with_context(|| format!("reading the model description of {}", path.display()))?;
-    let numerics = match args.numerics.as_deref() {
-        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
-        None if cfg.is_flash() => Numerics::Ds4,
-        None => Numerics::Reference,
-    };
-    let tokens = file
-        .get_string_array("tokenizer.ggml.tokens")
-        .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
-    let merges = file
-        .get_string_array("tokenizer.ggml.merges")
-        .with_context(|| format!("reading the merges of {}", path.display()))?;
-    let tokenizer = Tokenizer::from_gguf_vocab(tokens, merges)
-        .with_context(|| format!("building the tokenizer of {}", path.display()))?;
-    let backend = load_backend(file, path, choice, numerics)?;
-    let vocab = backend.config().vocab_size;
-    if tokenizer.vocab_size() > vocab {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model only {vocab} logits",
-            path.display(),
-            tokenizer.vocab_size()
-        );
-    }
+    let model = ModelFile::open(path)?;
+    let numerics = model.numerics(args.numerics.as_deref())?;
+    let tokenizer = gguf_tokenizer(&model.file, path)?;
+    let backend = load_backend(model.file, path, choice, numerics)?;
+    check_vocab(&tokenizer, backend.config().vocab_size, path)?;
     Ok(LoadedModel {
         backend,
         tokenizer,

@@ -62,18 +62,9 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let choice: crate::backend_select::BackendChoice = args.backend.parse()?;
     // The numerics default depends on the model, which is only known after reading it.
-    let file = std::sync::Arc::new(
-        ds4_gguf::reader::GgufFile::open(&model)
-            .with_context(|| format!("opening {}", model.display()))?,
-    );
-    let cfg = ds4_model::config::ModelConfig::from_gguf(&file)
-        .with_context(|| format!("reading the model description of {}", model.display()))?;
-    let numerics = explicit.unwrap_or(if cfg.is_flash() {
-        Numerics::Ds4
-    } else {
-        Numerics::Reference
-    });
-    let backend = crate::backend_select::load_backend(file, &model, choice, numerics)?;
+    let opened = crate::model_file::ModelFile::open(&model)?;
+    let numerics = explicit.unwrap_or(crate::model_file::default_numerics(&opened.cfg));
+    let backend = crate::backend_select::load_backend(opened.file, &model, choice, numerics)?;
     let vocab = backend.config().vocab_size;
     let ctx = args.ctx.unwrap_or(tokens.len());
     let mut session = backend.new_session(ctx)?;

@@ -10,6 +10,7 @@ mod convert;
 mod inspect;
 mod kv_session;
 mod logits;
+mod model_file;
 mod serve;
 mod synth;
 mod tokenize;

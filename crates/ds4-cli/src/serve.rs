@@ -137,16 +137,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let tokenizer = match &args.tokenizer {
         Some(path) => Tokenizer::from_tokenizer_json(path)
             .with_context(|| format!("tokenizer {}", path.display()))?,
-        None => {
-            let tokens = gguf
-                .get_string_array("tokenizer.ggml.tokens")
-                .with_context(|| format!("reading the vocabulary of {}", model_path.display()))?;
-            let merges = gguf
-                .get_string_array("tokenizer.ggml.merges")
-                .with_context(|| format!("reading the merges of {}", model_path.display()))?;
-            Tokenizer::from_gguf_vocab(tokens, merges)
-                .with_context(|| format!("tokenizer of {}", model_path.display()))?
-        }
+        None => crate::model_file::gguf_tokenizer(&gguf, &model_path)?,
     };
     let backend: Box<dyn Backend> = crate::backend_select::load_backend(
         gguf.clone(),
@@ -155,12 +146,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Numerics::Ds4,
     )?;
     let vocab = backend.config().vocab_size;
-    if tokenizer.vocab_size() > vocab {
-        bail!(
-            "the tokenizer has {} tokens but the model only {vocab} logits",
-            tokenizer.vocab_size()
-        );
-    }
+    crate::model_file::check_vocab(&tokenizer, vocab, &model_path)?;
     let session = backend
         .new_session(args.ctx)
         .context("creating the session")?;

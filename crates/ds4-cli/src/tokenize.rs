@@ -69,14 +69,7 @@ fn load_tokenizer(
     };
     let gguf = ds4_gguf::reader::GgufFile::open(&model)
         .with_context(|| format!("opening {}", model.display()))?;
-    let tokens = gguf
-        .get_string_array("tokenizer.ggml.tokens")
-        .with_context(|| format!("reading the vocabulary of {}", model.display()))?;
-    let merges = gguf
-        .get_string_array("tokenizer.ggml.merges")
-        .with_context(|| format!("reading the merges of {}", model.display()))?;
-    Tokenizer::from_gguf_vocab(tokens, merges)
-        .with_context(|| format!("tokenizer of {}", model.display()))
+    crate::model_file::gguf_tokenizer(&gguf, &model)
 }
 
 fn tokenize_jsonl(tokenizer: &Tokenizer, path: &Path, out: &mut impl Write) -> anyhow::Result<()> {
