@@ -4,6 +4,7 @@ shapes, usage, prefix reuse, rendering (through --trace) and errors, not wording
 
 import json
 import socket
+import subprocess
 
 import anthropic
 import openai
@@ -93,6 +94,18 @@ def test_completions(server):
                                                temperature=0, stream=True, extra_body=NOTHINK))
     assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
     assert "You are a helpful assistant<｜User｜>Once upon<｜Assistant｜></think>" in server.trace_text()
+
+
+def test_server_and_cli_answer_alike_at_temperature_0(server, model):
+    # Same rendering (ds4's single-turn prompt), same default numerics, same greedy pick: the
+    # completions endpoint and `ds4 -p` give one text.
+    from conftest import DS4_BIN
+    cli = subprocess.run([DS4_BIN, "-m", str(model), "--backend", "cpu", "-p", "Once upon", "-n", "12",
+                          "--temp", "0", "--nothink"], capture_output=True, text=True, check=True)
+    r = oa(server).completions.create(model="deepseek-v4-flash", prompt="Once upon", max_tokens=12,
+                                      temperature=0, extra_body=NOTHINK)
+    assert r.usage.completion_tokens == 12
+    assert cli.stdout.rstrip("\n") == r.choices[0].text
 
 
 def test_responses(server):

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ds4_kvstore::SavePolicy;
 use ds4_model::backend::Backend;
-use ds4_model::numerics::Numerics;
 use ds4_server::kv_disk::{KvDisk, KvDiskOptions};
 use ds4_server::model::{SessionRunner, TokenizerCodec};
 use ds4_server::trace::Trace;
@@ -47,6 +46,10 @@ pub struct ServeArgs {
     /// auto (the GPU when CUDA is usable, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// reference or ds4. Default as for `ds4 -p`: ds4 for the real DeepSeek V4 Flash shape,
+    /// reference for any other (test-sized) model, so both answer alike at temperature 0.
+    #[arg(long)]
+    numerics: Option<String>,
     /// Tokenizer from a Hugging Face tokenizer.json instead of the GGUF's vocabulary.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -130,10 +133,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--keepalive-secs must be a positive number");
     }
     let model_path = crate::chat::resolve_model_path(args.model.as_deref())?;
-    let gguf = Arc::new(
-        ds4_gguf::reader::GgufFile::open(&model_path)
-            .with_context(|| format!("opening {}", model_path.display()))?,
-    );
+    let model = crate::model_file::ModelFile::open(&model_path)?;
+    let numerics = model.numerics(args.numerics.as_deref())?;
+    let gguf = model.file;
     let tokenizer = match &args.tokenizer {
         Some(path) => Tokenizer::from_tokenizer_json(path)
             .with_context(|| format!("tokenizer {}", path.display()))?,
@@ -143,7 +145,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         gguf.clone(),
         &model_path,
         args.backend.parse()?,
-        Numerics::Ds4,
+        numerics,
     )?;
     let vocab = backend.config().vocab_size;
     crate::model_file::check_vocab(&tokenizer, vocab, &model_path)?;
