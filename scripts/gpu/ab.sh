@@ -6,8 +6,10 @@
 # over the graph replays) and the bench's decode t/s (measured under the trace). One line per
 # run, then the median per pack. Calls of one binary spread by about +-25 us in GPU step and
 # +-2 % in t/s (BENCHMARKS.md, session 8): alternate, and compare medians over 3+ rounds.
-# Each pack keeps its own kernel cache. Results go to $OUT (./ab-out when unset); ~40 s a run
-# on an H100 after the model is synthesized (~60 s).
+# Each pack keeps its own kernel cache. Then every pack's logits of 24 tokens fed one at a time
+# (the decode path, graph included) are compared byte for byte with the first pack's: a change
+# meant to keep the bits must print "same bits". Results go to $OUT (./ab-out when unset); ~40 s
+# a run on an H100 after the model is synthesized (~60 s).
 set -u
 ROUNDS=${1:?usage: ab.sh ROUNDS PACK_A PACK_B [PACK ...]}
 shift
@@ -36,12 +38,31 @@ for round in $(seq 1 "$ROUNDS"); do
         echo "$round $name ${step:-failed} ${tps:-failed}" | tee -a "$RESULTS"
     done
 done
+TOKENS=$(seq -s, 100 100 2400)
+first=""
+for p in "${PACKS[@]}"; do
+    name=$(basename "$p")
+    rm -f "/tmp/ab-logits-$name.npy"
+    DS4_KERNEL_CACHE=/tmp/ab-kernels-$name timeout 300 "$p/ds4" logits -m "$MODEL" --backend cuda \
+        --tokens "$TOKENS" --mode decode -o "/tmp/ab-logits-$name.npy" > /tmp/ab-logits.txt 2>&1
+    if [ ! -s "/tmp/ab-logits-$name.npy" ]; then
+        echo "$name: logits failed: $(tail -n 1 /tmp/ab-logits.txt)" | tee -a "$RESULTS"
+    elif [ -z "$first" ]; then
+        first=$name
+    elif cmp -s "/tmp/ab-logits-$first.npy" "/tmp/ab-logits-$name.npy"; then
+        echo "$name: same bits as $first (24 decode steps' logits)" | tee -a "$RESULTS"
+    else
+        echo "$name: logits DIFFER from $first" | tee -a "$RESULTS"
+    fi
+done
 python3 - "$RESULTS" <<'PY'
 import statistics, sys
 from collections import defaultdict
 steps, tps = defaultdict(list), defaultdict(list)
 order = []
 for line in open(sys.argv[1]).read().splitlines()[1:]:
+    if ":" in line:
+        continue
     _, name, step, t = line.split()
     if name not in order:
         order.append(name)
