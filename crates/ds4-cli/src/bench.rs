@@ -12,7 +12,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::model_file::{gguf_tokenizer, ModelFile};
 use anyhow::{bail, Context};
 use ds4_gguf::reader::GgufFile;
 use ds4_model::backend::Backend;
@@ -24,6 +23,8 @@ use ds4_model::cpu::CpuBackend;
 use ds4_model::numerics::Numerics;
 use ds4_text::sampler::argmax_excluding;
 use ds4_text::tokenizer::Tokenizer;
+
+use crate::model_file::{gguf_tokenizer, ModelFile};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {

@@ -16,7 +16,6 @@ mod transcript;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::model_file::{check_vocab, gguf_tokenizer, ModelFile};
 use anyhow::{bail, Context};
 use ds4_model::backend::Backend;
 use ds4_text::chat::{render_single_turn, ThinkMode, DEFAULT_SYSTEM};
@@ -26,6 +25,7 @@ use ds4_text::sampler::{
 use ds4_text::tokenizer::{Tokenizer, BOS, USER};
 
 use crate::backend_select::{load_backend, BackendChoice};
+use crate::model_file::{check_vocab, gguf_tokenizer, ModelFile};
 use generate::{generate, prefill, Interrupt, StopReason};
 use printer::TokenPrinter;
 
