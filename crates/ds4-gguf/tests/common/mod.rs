@@ -2,8 +2,31 @@
 //! files byte by byte) and a sample file with every metadata type and tensor type.
 #![allow(dead_code)]
 
+use ds4_gguf::reader::GgufFile;
 use ds4_gguf::writer::GgufWriter;
 use ds4_gguf::{GgmlType, MetaArray, MetaValue};
+
+/// What holds for any file the reader accepted from `len` bytes (reader_fuzz and the
+/// gguf_reader fuzz target, which includes this file by path): every tensor's bytes lie inside
+/// the data, its shape matches its element count, and the lenient getters answer for every key
+/// whatever its type.
+pub fn check_accepted(f: &GgufFile, len: u64) {
+    assert!(f.data_offset() <= len || f.tensors().iter().all(|t| t.n_bytes == 0));
+    for t in f.tensors() {
+        assert_eq!(f.tensor_bytes(t).len() as u64, t.n_bytes);
+        assert!(t.n_bytes == 0 || f.data_offset() + t.offset + t.n_bytes <= len);
+        assert_eq!(t.rows() * t.row_len(), t.n_elements);
+    }
+    for (k, _) in f.metadata() {
+        let _ = (f.get_u32(k), f.get_f32(k), f.get_str(k), f.get_bool(k));
+        let _ = (
+            f.get_u32_array(k),
+            f.get_f32_array(k),
+            f.get_string_array(k),
+        );
+        let _ = (f.get_i64_array(k), f.get_u64(k), f.get_i64(k));
+    }
+}
 
 /// SplitMix64: small, seeded, good enough to pick test cases.
 pub struct Rng(pub u64);
