@@ -18,6 +18,9 @@ pub(crate) enum ProfileMode {
     Kernels,
     /// `trace`: CUPTI kernel records with graphs and branches on (trace.rs).
     Trace,
+    /// `host`: the host's wall time per phase of each graph-replayed decode step, graphs on
+    /// and no added synchronization (forward/mod.rs HostTimes).
+    Host,
     /// Any other value: per-stage wall times, synchronized per stage (forward/mod.rs StageTimes).
     Stages,
 }
@@ -27,6 +30,7 @@ pub(crate) fn mode() -> ProfileMode {
         None => ProfileMode::Off,
         Some("kernels") => ProfileMode::Kernels,
         Some("trace") => ProfileMode::Trace,
+        Some("host") => ProfileMode::Host,
         Some(_) => ProfileMode::Stages,
     }
 }

@@ -109,6 +109,102 @@ impl Drop for StageTimes {
     }
 }
 
+/// `DS4_CUDA_PROFILE=host`: where the host's time goes in graph-replayed decode steps, to
+/// account for the time between the GPU's steps (the bench's step minus the trace's GPU
+/// step). Phases are wall times on the calling thread; "caller" is the time from the end of
+/// one step's forward_chunk to the start of the next (sampling, the session's copies).
+pub(crate) struct HostTimes {
+    on: bool,
+    steps: u64,
+    last: std::time::Instant,
+    step_end: Option<std::time::Instant>,
+    /// This call's phases, added to `acc` only if it is a graph step (a prefill span, a
+    /// capture or an uncaptured step would swamp the means).
+    cur: [f64; HostTimes::PHASES.len()],
+    acc: [f64; HostTimes::PHASES.len()],
+}
+
+impl HostTimes {
+    const PHASES: [&'static str; 6] = [
+        "caller",
+        "embed rows",
+        "uploads",
+        "graph launch",
+        "logits wait",
+        "logits copy",
+    ];
+
+    fn new() -> HostTimes {
+        HostTimes {
+            on: crate::profile::mode() == crate::profile::ProfileMode::Host,
+            steps: 0,
+            last: std::time::Instant::now(),
+            step_end: None,
+            cur: [0.0; HostTimes::PHASES.len()],
+            acc: [0.0; HostTimes::PHASES.len()],
+        }
+    }
+
+    fn begin(&mut self) {
+        if self.on {
+            self.cur = [0.0; HostTimes::PHASES.len()];
+            self.last = std::time::Instant::now();
+        }
+    }
+
+    /// Charges the time since the last mark to phase `i` (of PHASES).
+    fn mark(&mut self, i: usize) {
+        if self.on {
+            let now = std::time::Instant::now();
+            self.cur[i] += (now - self.last).as_secs_f64();
+            self.last = now;
+        }
+    }
+
+    /// Ends a graph step; `caller` is charged from its start if a step ended before.
+    fn end_step(&mut self, started: std::time::Instant) {
+        if !self.on {
+            return;
+        }
+        if let Some(prev) = self.step_end {
+            self.cur[0] = (started - prev).as_secs_f64();
+        } else {
+            // The first step after a prefill or an uncaptured one: no caller time is known,
+            // so the step is not counted.
+            self.step_end = Some(std::time::Instant::now());
+            return;
+        }
+        for (a, c) in self.acc.iter_mut().zip(self.cur) {
+            *a += c;
+        }
+        self.steps += 1;
+        self.step_end = Some(std::time::Instant::now());
+    }
+
+    /// A step that is not a graph replay: the next one has no caller time to charge.
+    fn skip(&mut self) {
+        self.step_end = None;
+    }
+}
+
+impl Drop for HostTimes {
+    fn drop(&mut self) {
+        if !self.on || self.steps == 0 {
+            return;
+        }
+        let n = self.steps as f64;
+        eprintln!(
+            "ds4 CUDA host time per graph decode step (DS4_CUDA_PROFILE=host, {} steps):",
+            self.steps
+        );
+        for (name, secs) in HostTimes::PHASES.iter().zip(self.acc) {
+            eprintln!("  {name:<14} {:>9.1} us", secs / n * 1e6);
+        }
+        let total: f64 = self.acc.iter().sum();
+        eprintln!("  {:<14} {:>9.1} us", "total", total / n * 1e6);
+    }
+}
+
 /// Quantized-activation buffers by (kind, vector length, the f32 buffer they are the
 /// quantized form of), grown on demand: one input's quantized form is never overwritten by
 /// another input's, whatever the shapes (side streams read forms made before they forked).
@@ -264,6 +360,7 @@ pub(crate) struct Scratch {
     /// Indexer score rows per token (the most compressed rows a CSA layer can have).
     max_index_rows: usize,
     prof: StageTimes,
+    host_times: HostTimes,
 }
 
 impl Scratch {
@@ -368,11 +465,14 @@ impl Scratch {
             decode_graph: None,
             graphs_enabled: matches!(
                 crate::profile::mode(),
-                crate::profile::ProfileMode::Off | crate::profile::ProfileMode::Trace
+                crate::profile::ProfileMode::Off
+                    | crate::profile::ProfileMode::Trace
+                    | crate::profile::ProfileMode::Host
             ) && std::env::var_os("DS4_CUDA_NO_GRAPH").is_none(),
             decode_warm: false,
             max_index_rows,
             prof: StageTimes::new(),
+            host_times: HostTimes::new(),
         })
     }
 }
@@ -852,6 +952,8 @@ impl CudaModel {
             )));
         }
         s.prof.start(self)?;
+        let started = std::time::Instant::now();
+        s.host_times.begin();
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
         // Every chunk starts from the same stream buffer (a captured graph reads that one).
@@ -884,9 +986,11 @@ impl CudaModel {
             *slot = tok as i32;
         }
         s.host_pos.as_mut_slice()?[0] = pos0 as i64;
+        s.host_times.mark(1);
         dev.upload_rows_replicated(&mut s.host_embed, n, d, &mut s.streams, nc * d, nc)?;
         dev.upload_staged(&mut s.host_tokens, n, &mut s.tokens)?;
         dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
+        s.host_times.mark(2);
         s.prof.mark(self, "embed")?;
 
         let rows = head_rows.len();
@@ -900,20 +1004,33 @@ impl CudaModel {
         if graph_step && s.decode_graph.is_none() && s.decode_warm {
             self.capture_decode(s, layers, pos0)?;
         }
-        match (&s.decode_graph, graph_step) {
-            (Some(g), true) => g.graph.launch().ctx("cuGraphLaunch (decode step)")?,
+        let replayed = match (&s.decode_graph, graph_step) {
+            (Some(g), true) => {
+                g.graph.launch().ctx("cuGraphLaunch (decode step)")?;
+                true
+            }
             _ => {
                 self.layers_and_head(s, layers, n, pos0, head_rows)?;
                 s.decode_warm |= graph_step;
+                false
             }
-        }
+        };
+        s.host_times.mark(3);
         s.prof.mark(self, "head")?;
         if rows == 1 {
             let v = c.vocab_size;
-            return Ok(dev
-                .download_staged(&s.logits, v, &mut s.host_logits)?
-                .to_vec());
+            let staged = dev.download_staged(&s.logits, v, &mut s.host_logits)?;
+            s.host_times.mark(4);
+            let logits = staged.to_vec();
+            s.host_times.mark(5);
+            if replayed {
+                s.host_times.end_step(started);
+            } else {
+                s.host_times.skip();
+            }
+            return Ok(logits);
         }
+        s.host_times.skip();
         download_prefix(self, &s.logits, rows * c.vocab_size)
     }
 
