@@ -142,12 +142,57 @@ __device__ __forceinline__ i64 moe_next_slot(const int* ids, i64 k, int last_id,
 // moe_next_slot's order, of a * down[row][i] (a = the slot's weight when `weighted`, else 1;
 // row = inv[slot] when the slots were sorted, inv != 0, else the slot). hc_post_mix computes
 // it per element in place of reading y (registers only: decode's critical path); moe_combine
-// orders the slots once per CTA and sums the same way.
+// orders the slots once per CTA and sums the same way. Up to MOE_FAST_K slots, each slot's
+// rank in that order comes from register compares and all k rows are loaded at once (one
+// memory round trip, not k dependent ones); the sum is taken in rank order, so the bits are
+// those of the walk below, which serves larger k.
+#define MOE_FAST_K 8
 __device__ __forceinline__ float moe_combined(const float* down, const int* inv, const int* ids_, const float* wts_,
                                               const float* shared, i64 t, i64 i, i64 k, i64 d, i64 weighted) {
     const int* ids = ids_ + t * k;
     const float* wts = wts_ + t * k;
     float acc = 0.f;
+    if (k <= MOE_FAST_K) {
+        int id[MOE_FAST_K];
+        float a[MOE_FAST_K], v[MOE_FAST_K];
+#pragma unroll
+        for (int j = 0; j < MOE_FAST_K; j++) {
+            id[j] = j < k ? ids[j] : 0;
+            a[j] = j < k && weighted ? wts[j] : 1.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < MOE_FAST_K; j++) {
+            if (j < k) {
+                const i64 slot = t * k + j, row = inv ? (i64)inv[slot] : slot;
+                v[j] = down[row * d + i];
+            } else {
+                v[j] = 0.f;
+            }
+        }
+        // rank[j]: slots before j in ascending (id, slot) order.
+        int rank[MOE_FAST_K];
+#pragma unroll
+        for (int j = 0; j < MOE_FAST_K; j++) {
+            int r = 0;
+#pragma unroll
+            for (int m = 0; m < MOE_FAST_K; m++)
+                if (m < k && (id[m] < id[j] || (id[m] == id[j] && m < j))) r++;
+            rank[j] = r;
+        }
+#pragma unroll
+        for (int r = 0; r < MOE_FAST_K; r++) {
+            if (r >= k) break;
+            float ar = 0.f, vr = 0.f;
+#pragma unroll
+            for (int j = 0; j < MOE_FAST_K; j++)
+                if (j < k && rank[j] == r) {
+                    ar = a[j];
+                    vr = v[j];
+                }
+            acc += ar * vr;
+        }
+        return shared[t * d + i] + acc;
+    }
     int last_id = -1;
     i64 last_slot = -1;
     for (i64 n = 0; n < k; n++) {
