@@ -342,6 +342,30 @@ impl Session for CudaSession {
         &self.last_logits
     }
 
+    fn decode_step(&mut self, token: u32) -> std::result::Result<&[f32], ModelError> {
+        check_span(
+            &[token],
+            self.tokens.len(),
+            self.ctx,
+            self.model.cfg.vocab_size,
+        )?;
+        let pos0 = self.tokens.len();
+        let model = self.model.clone();
+        // The logits land in last_logits' own allocation: no vector per token.
+        model
+            .forward_chunk_into(
+                &mut self.scratch,
+                &mut self.layers,
+                &[token],
+                pos0,
+                0..1,
+                &mut self.last_logits,
+            )
+            .map_err(cuda_err)?;
+        self.tokens.push(token);
+        Ok(&self.last_logits)
+    }
+
     fn preferred_span(&self) -> usize {
         self.scratch.cap
     }

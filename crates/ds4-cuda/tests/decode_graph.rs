@@ -3,7 +3,8 @@
 //! plain launches silently in effect (one line on stderr), which once cost ~10 % of decode
 //! speed unnoticed: this test asserts that the capture succeeds on a model with every layer
 //! kind (sliding, CSA with its indexer branch, HCA), and that the replayed steps give logits
-//! bit-identical to the same steps launched one kernel at a time.
+//! bit-identical to the same steps launched one kernel at a time. The replayed steps go through
+//! `Session::decode_step` (the bench's and the CLI's path), the launched ones through `eval`.
 //!
 //! Without a GPU: "skipped: no CUDA".
 
@@ -37,7 +38,13 @@ fn decode(backend: &CudaBackend, prompt: &[u32], graphs: bool) -> (Vec<Vec<f32>>
     let mut logits = s.eval(prompt, Logits::Last).unwrap();
     let mut steps = Vec::new();
     for _ in 0..STEPS {
-        logits = s.eval(&[argmax(&logits)], Logits::Last).unwrap();
+        let token = argmax(&logits);
+        logits = if graphs {
+            s.decode_step(token).unwrap().to_vec()
+        } else {
+            s.eval(&[token], Logits::Last).unwrap()
+        };
+        assert_eq!(s.last_logits(), &logits[..]);
         steps.push(logits.clone());
     }
     (steps, s.decode_graph_captured())

@@ -65,6 +65,14 @@ pub trait Session: Send {
     fn eval(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ModelError>;
     /// The logits after the last evaluated token (empty before the first eval).
     fn last_logits(&self) -> &[f32];
+    /// One decode step: appends `token` and returns the logits after it (those of
+    /// [`Session::last_logits`]). The same as `eval(&[token], Logits::Last)`, without handing
+    /// out a vector of its own: a backend can fill one it keeps (a vocabulary of logits is
+    /// half a megabyte per token). On error the session is unchanged.
+    fn decode_step(&mut self, token: u32) -> Result<&[f32], ModelError> {
+        self.eval(&[token], Logits::Last)?;
+        Ok(self.last_logits())
+    }
     /// The whole state in ds4's session payload layout (ds4-spec.md §3).
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot taken from a session of the same model.

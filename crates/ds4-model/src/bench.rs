@@ -178,17 +178,20 @@ pub fn run_bench(
         let model_err = |source| BenchError::Model { ctx, source };
         let span = &stream[pos..ctx];
         let t0 = Instant::now();
-        let mut logits = session.eval(span, Logits::Last).map_err(model_err)?;
+        let logits = session.eval(span, Logits::Last).map_err(model_err)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         pos = ctx;
 
         let snapshot = session.snapshot();
         let mut generated = Vec::with_capacity(plan.gen_tokens);
         let t1 = Instant::now();
-        for _ in 0..plan.gen_tokens {
-            let token = pick(&logits);
+        let mut token = pick(&logits);
+        for i in 0..plan.gen_tokens {
             generated.push(token);
-            logits = session.eval(&[token], Logits::Last).map_err(model_err)?;
+            let next = session.decode_step(token).map_err(model_err)?;
+            if i + 1 < plan.gen_tokens {
+                token = pick(next);
+            }
         }
         let gen_secs = t1.elapsed().as_secs_f64();
         session.restore(&snapshot).map_err(model_err)?;

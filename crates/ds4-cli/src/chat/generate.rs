@@ -154,7 +154,7 @@ pub fn generate(
         }
         let delivered = on_token(token);
         tokens.push(token);
-        session.eval(&[token], Logits::Last).context("decoding")?;
+        session.decode_step(token).context("decoding")?;
         if !delivered {
             break StopReason::OutputClosed;
         }

@@ -942,6 +942,22 @@ impl CudaModel {
         pos0: usize,
         head_rows: std::ops::Range<usize>,
     ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_chunk_into(s, layers, tokens, pos0, head_rows, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// forward_chunk with the logits written into `out` (replacing its contents, reusing its
+    /// allocation); `out` is only touched once everything else succeeded.
+    pub(crate) fn forward_chunk_into(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+        tokens: &[u32],
+        pos0: usize,
+        head_rows: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.cfg;
         let n = tokens.len();
         let (d, nc) = (c.hidden, c.hc_mult);
@@ -1021,17 +1037,19 @@ impl CudaModel {
             let v = c.vocab_size;
             let staged = dev.download_staged(&s.logits, v, &mut s.host_logits)?;
             s.host_times.mark(4);
-            let logits = staged.to_vec();
+            out.clear();
+            out.extend_from_slice(staged);
             s.host_times.mark(5);
             if replayed {
                 s.host_times.end_step(started);
             } else {
                 s.host_times.skip();
             }
-            return Ok(logits);
+            return Ok(());
         }
         s.host_times.skip();
-        download_prefix(self, &s.logits, rows * c.vocab_size)
+        *out = download_prefix(self, &s.logits, rows * c.vocab_size)?;
+        Ok(())
     }
 
     /// Every layer, then the head kernels for chunk rows `head_rows` (logits left in
