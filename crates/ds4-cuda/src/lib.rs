@@ -34,7 +34,8 @@
 //! `DS4_CUDA_PROFILE=kernels` prints per-kernel GPU time (turns graphs off);
 //! `DS4_CUDA_PROFILE=trace` traces every kernel through CUPTI with graphs and branches on and
 //! splits each decode step into time alone on the GPU per kernel, overlap and idle
-//! (`DS4_CUDA_TRACE_FILE=F` also writes every record to F as CSV);
+//! (`DS4_CUDA_TRACE_FILE=F` also writes every record to F as CSV); `DS4_CUDA_PROFILE=host`
+//! prints the host's time per phase of the graph-replayed decode steps (graphs on);
 //! `DS4_CUDA_NO_GRAPH` decodes without the captured graph; `DS4_CUDA_NO_PDL` launches without
 //! programmatic dependent launch; `DS4_CUDA_NO_BRANCHES` runs the side-stream branches in
 //! line; `DS4_CUDA_CHUNK` sets the prefill span (2048); `DS4_CUDA_EXPERTS_PASS` (32 / 64)
