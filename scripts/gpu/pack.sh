@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs what a GPU run needs into DIR (default .dev/run, git-ignored) for the device tool's
-# `carry` (64 MiB in all, with the tracked tree): the release `ds4` and the ds4-cuda GPU test
-# binaries, stripped and xz-compressed, plus unpack.sh. On the GPU machine (no Rust there):
+# `carry` (64 MiB in all, with the tracked tree): the release `ds4`, the ds4-cuda GPU test
+# binaries and gemv_bench, stripped and xz-compressed, plus unpack.sh. On the GPU machine (no
+# Rust there):
 #   bash DIR/unpack.sh && DIR/forward_fixtures --nocapture && DIR/ds4 bench ... --backend cuda
 # or the whole acceptance run: bash scripts/gpu/sweep.sh DIR [PART...], or a decode A/B of
 # two packs: bash scripts/gpu/ab.sh 3 DIR_A DIR_B.
@@ -18,6 +19,9 @@ for t in $TESTS; do
     b=$(basename "$t")
     cp "$t" "$DIR/${b%-*}"
 done
+# gemv_bench from the same build (cargo test --no-run builds the examples from the tree of the
+# moment: a copy taken later may be another tree's).
+cp target/release/examples/gemv_bench "$DIR/"
 strip "$DIR"/*
 xz -T0 -6 "$DIR"/*
 cat > "$DIR/unpack.sh" <<'UNPACK'
