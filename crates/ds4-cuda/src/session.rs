@@ -321,8 +321,16 @@ impl Session for CudaSession {
                 Logits::Last if i + 1 == n_chunks => chunk.len() - 1..chunk.len(),
                 Logits::Last => 0..0,
             };
-            let logits = model
-                .forward_chunk(&mut self.scratch, &mut self.layers, chunk, pos0, rows)
+            let mut logits = Vec::new();
+            model
+                .forward_chunk_into(
+                    &mut self.scratch,
+                    &mut self.layers,
+                    chunk,
+                    pos0,
+                    rows,
+                    &mut logits,
+                )
                 .map_err(cuda_err)?;
             if !logits.is_empty() {
                 last = logits[logits.len() - v..].to_vec();

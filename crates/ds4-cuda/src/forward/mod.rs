@@ -112,7 +112,7 @@ impl Drop for StageTimes {
 /// `DS4_CUDA_PROFILE=host`: where the host's time goes in graph-replayed decode steps, to
 /// account for the time between the GPU's steps (the bench's step minus the trace's GPU
 /// step). Phases are wall times on the calling thread; "caller" is the time from the end of
-/// one step's forward_chunk to the start of the next (sampling, the session's copies).
+/// one step's forward_chunk_into to the start of the next (sampling, the session's copies).
 pub(crate) struct HostTimes {
     on: bool,
     steps: u64,
@@ -932,23 +932,9 @@ fn quantized<'a>(
 
 impl CudaModel {
     /// Runs one chunk (at most `scratch.cap` tokens at positions pos0..) through every layer,
-    /// updating the layer states; returns the logits of chunk rows `head_rows` (a contiguous
-    /// range), row-major.
-    pub(crate) fn forward_chunk(
-        &self,
-        s: &mut Scratch,
-        layers: &mut [GpuLayerState],
-        tokens: &[u32],
-        pos0: usize,
-        head_rows: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let mut logits = Vec::new();
-        self.forward_chunk_into(s, layers, tokens, pos0, head_rows, &mut logits)?;
-        Ok(logits)
-    }
-
-    /// forward_chunk with the logits written into `out` (replacing its contents, reusing its
-    /// allocation); `out` is only touched once everything else succeeded.
+    /// updating the layer states, and writes the logits of chunk rows `head_rows` (a contiguous
+    /// range, row-major) into `out`, replacing its contents and reusing its allocation; `out`
+    /// is only touched once everything else succeeded.
     pub(crate) fn forward_chunk_into(
         &self,
         s: &mut Scratch,
