@@ -161,24 +161,19 @@ impl HostTimes {
         }
     }
 
-    /// Ends a graph step; `caller` is charged from its start if a step ended before.
+    /// Ends a graph step that started at `started`. The first one after a prefill or an
+    /// uncaptured step has no caller time to charge and is not counted.
     fn end_step(&mut self, started: std::time::Instant) {
         if !self.on {
             return;
         }
-        if let Some(prev) = self.step_end {
+        if let Some(prev) = self.step_end.replace(std::time::Instant::now()) {
             self.cur[0] = (started - prev).as_secs_f64();
-        } else {
-            // The first step after a prefill or an uncaptured one: no caller time is known,
-            // so the step is not counted.
-            self.step_end = Some(std::time::Instant::now());
-            return;
+            for (a, c) in self.acc.iter_mut().zip(self.cur) {
+                *a += c;
+            }
+            self.steps += 1;
         }
-        for (a, c) in self.acc.iter_mut().zip(self.cur) {
-            *a += c;
-        }
-        self.steps += 1;
-        self.step_end = Some(std::time::Instant::now());
     }
 
     /// A step that is not a graph replay: the next one has no caller time to charge.
