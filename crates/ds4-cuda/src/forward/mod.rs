@@ -116,6 +116,8 @@ impl Drop for StageTimes {
 pub(crate) struct HostTimes {
     on: bool,
     steps: u64,
+    /// When this call began (begin), and the last mark.
+    started: std::time::Instant,
     last: std::time::Instant,
     step_end: Option<std::time::Instant>,
     /// This call's phases, added to `acc` only if it is a graph step (a prefill span, a
@@ -138,6 +140,7 @@ impl HostTimes {
         HostTimes {
             on: crate::profile::mode() == crate::profile::ProfileMode::Host,
             steps: 0,
+            started: std::time::Instant::now(),
             last: std::time::Instant::now(),
             step_end: None,
             cur: [0.0; HostTimes::PHASES.len()],
@@ -148,7 +151,8 @@ impl HostTimes {
     fn begin(&mut self) {
         if self.on {
             self.cur = [0.0; HostTimes::PHASES.len()];
-            self.last = std::time::Instant::now();
+            self.started = std::time::Instant::now();
+            self.last = self.started;
         }
     }
 
@@ -161,14 +165,14 @@ impl HostTimes {
         }
     }
 
-    /// Ends a graph step that started at `started`. The first one after a prefill or an
-    /// uncaptured step has no caller time to charge and is not counted.
-    fn end_step(&mut self, started: std::time::Instant) {
+    /// Ends a graph step (begun at begin). The first one after a prefill or an uncaptured
+    /// step has no caller time to charge and is not counted.
+    fn end_step(&mut self) {
         if !self.on {
             return;
         }
         if let Some(prev) = self.step_end.replace(std::time::Instant::now()) {
-            self.cur[0] = (started - prev).as_secs_f64();
+            self.cur[0] = (self.started - prev).as_secs_f64();
             for (a, c) in self.acc.iter_mut().zip(self.cur) {
                 *a += c;
             }
@@ -949,7 +953,7 @@ impl CudaModel {
             )));
         }
         s.prof.start(self)?;
-        let started = std::time::Instant::now();
+        // Reads no clock unless DS4_CUDA_PROFILE=host.
         s.host_times.begin();
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
@@ -1022,7 +1026,7 @@ impl CudaModel {
             out.extend_from_slice(staged);
             s.host_times.mark(5);
             if replayed {
-                s.host_times.end_step(started);
+                s.host_times.end_step();
             } else {
                 s.host_times.skip();
             }
