@@ -55,6 +55,77 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) y[i] = row[i];
 }
 
+// head_norm_rope without the KV rounding (nope < 0: the per-head query norm + RoPE) for rows of
+// width = 32 J values (J <= HNR_MAX_J, width - r even), one warp per row and up to HNR_WARPS
+// rows per CTA (a decode step's 64 heads: one per CTA, spread over the GPU). A prefill span has n_tok x 64 query heads: head_norm_rope's one 128-thread CTA per
+// row, with its three CTA barriers and the double-precision work of a whole CTA's latency per
+// 2 KB row, took ~1.5 ms per layer and 2 048-token span (9.5 % of the prefill's kernel time).
+// Same bits as head_norm_rope: lane l holds elements l + 32 j, which are head_norm_rope's
+// thread (l + 32 j) % 128 terms, so the four partial sums of squares (one per warp there, each
+// over its terms in order) are formed, reduced by the same xor tree and added in the same
+// order; the scale, the weight and the rotation are the same expressions. The pair of element
+// e (tail offset even / odd) is in lane l ^ 1; each pair's sine and cosine are computed once per
+// row into shared memory.
+#define HNR_WARPS 8
+#define HNR_MAX_J 32
+extern "C" __global__ void __launch_bounds__(HNR_WARPS * 32)
+    head_norm_rope_rows(u64 x_, u64 w_, u64 y_, i64 n_rows, i64 width, double eps, i64 rows_per_tok, u64 pos_,
+                        u64 inv_freq_, i64 r) {
+    PDL_ENTRY();
+    __shared__ float2 rot[HNR_WARPS][HNR_MAX_J * 16];  // (sin, cos) of the row's r / 2 pairs
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 ri = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (ri >= n_rows) return;  // (no CTA barrier below)
+    const int J = (int)(width / 32);
+    const float* x = (const float*)x_ + ri * width;
+    const float* w = (const float*)w_;
+    float v[HNR_MAX_J];
+#pragma unroll
+    for (int j = 0; j < HNR_MAX_J; j++)
+        if (j < J) v[j] = x[lane + 32 * j];
+    // head_norm_rope's warp q = j % 4 sums its thread's terms j = q, q + 4, ... in order.
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll
+    for (int j = 0; j < HNR_MAX_J; j++)
+        if (j < J) part[j % 4] += (double)v[j] * (double)v[j];
+#pragma unroll
+    for (int q = 0; q < 4; q++)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part[q] += __shfl_xor_sync(FULL_MASK, part[q], o);
+    double ss = 0.0;
+#pragma unroll
+    for (int q = 0; q < 4; q++) ss += part[q];
+    const float scale = (float)(1.0 / sqrt(ss / (double)width + eps));
+#pragma unroll
+    for (int j = 0; j < HNR_MAX_J; j++)
+        if (j < J) v[j] = v[j] * scale * (w ? w[lane + 32 * j] : 1.0f);
+
+    const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
+    const double* inv_freq = (const double*)inv_freq_;
+    const i64 half = r / 2, tail = width - r;
+    for (i64 l = lane; l < half; l += 32) {
+        double sn, cs;
+        sincos((double)pos * inv_freq[l], &sn, &cs);
+        rot[warp][l] = make_float2((float)(1.0 * sn), (float)cs);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < HNR_MAX_J; j++) {
+        if (j >= J || 32 * (j + 1) <= tail) continue;  // uniform: the rows' tail columns only
+        const i64 e = lane + 32 * j;
+        const float other = __shfl_xor_sync(FULL_MASK, v[j], 1);
+        if (e >= tail) {
+            const float2 sc = rot[warp][(e - tail) >> 1];
+            const bool first = ((e - tail) & 1) == 0;
+            v[j] = first ? rope_first(v[j], other, sc.x, sc.y) : rope_second(other, v[j], sc.x, sc.y);
+        }
+    }
+    float* y = (float*)y_ + ri * width;
+#pragma unroll
+    for (int j = 0; j < HNR_MAX_J; j++)
+        if (j < J) y[lane + 32 * j] = v[j];
+}
+
 // ds4's indexer rounding of one vector per CTA: Hadamard rotation, FP4 round trip in blocks
 // of 32, and (store != 0) f16 rounding (cpu/forward.rs index_qat). With r > 0 the vector's RoPE
 // comes first (rope_tail's: the last r channels, row i of token i / rows_per_tok at position

@@ -107,6 +107,11 @@ __device__ void cta_hadamard(float* x, int n) {
     __syncthreads();
 }
 
+// The rotated pair (x0, x1) by an angle of sine fs and cosine fc: one expression each, shared
+// by every kernel that rotates, so that all contract them alike.
+__device__ __forceinline__ float rope_first(float x0, float x1, float fs, float fc) { return x0 * fc - x1 * fs; }
+__device__ __forceinline__ float rope_second(float x0, float x1, float fs, float fc) { return x0 * fs + x1 * fc; }
+
 // Rotates the pair p[0], p[1] by pos × inv_freq (or backwards): rope.rs rotate_tail. The
 // angle and its sine/cosine are computed in double, then rounded to f32, as the CPU does.
 __device__ __forceinline__ void rope_pair_at(float* p, i64 pos, double inv_freq, bool inverse) {
@@ -115,8 +120,8 @@ __device__ __forceinline__ void rope_pair_at(float* p, i64 pos, double inv_freq,
     sincos(phi, &s, &c);
     const float fs = (float)((inverse ? -1.0 : 1.0) * s), fc = (float)c;
     const float x0 = p[0], x1 = p[1];
-    p[0] = x0 * fc - x1 * fs;
-    p[1] = x0 * fs + x1 * fc;
+    p[0] = rope_first(x0, x1, fs, fc);
+    p[1] = rope_second(x0, x1, fs, fc);
 }
 // Rotates pair l of the tail of a `width`-wide vector.
 __device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64 pos, const double* inv_freq,

@@ -271,18 +271,39 @@ extern "C" __global__ void sort_slots(u64 ids_, u64 order_, u64 inv_, u64 group_
 }
 
 // The sorted slots' inputs and routing: xe[p] = x[order[p] / k], ids_out[p] = ids[order[p]],
-// wts_out[p] = wts[order[p]].
+// wts_out[p] = wts[order[p]]. One CTA per slot p (grid n_slots): no division per element.
 extern "C" __global__ void gather_slots(u64 x_, u64 order_, u64 ids_, u64 wts_, u64 xe_, u64 ids_out_, u64 wts_out_,
                                         i64 n_slots, i64 k, i64 d) {
     PDL_ENTRY();
-    const int* order = (const int*)order_;
-    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n_slots * d; idx += (i64)gridDim.x * blockDim.x) {
-        const i64 p = idx / d, i = idx % d, slot = order[p];
-        ((float*)xe_)[idx] = ((const float*)x_)[(slot / k) * d + i];
-        if (i == 0) {
-            ((int*)ids_out_)[p] = ((const int*)ids_)[slot];
-            ((float*)wts_out_)[p] = ((const float*)wts_)[slot];
-        }
+    const i64 p = blockIdx.x;
+    if (p >= n_slots) return;
+    const i64 slot = ((const int*)order_)[p];
+    const float* src = (const float*)x_ + (slot / k) * d;
+    float* dst = (float*)xe_ + p * d;
+    for (i64 i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+    if (threadIdx.x == 0) {
+        ((int*)ids_out_)[p] = ((const int*)ids_)[slot];
+        ((float*)wts_out_)[p] = ((const float*)wts_)[slot];
+    }
+}
+
+// gather_slots on the quantized form of x (int8 rows of d values, d % 16 == 0 and 16-byte
+// aligned rows; bpr f32 block scales per row) into the slots' quantized rows (q, dq): a row's
+// quantization depends on the row alone, so these are the bits of quantizing the gathered f32
+// rows, at a quarter of the bytes, and the n tokens are quantized once instead of n k slots.
+extern "C" __global__ void gather_slots_q(u64 xq_, u64 xd_, u64 order_, u64 ids_, u64 wts_, u64 q_, u64 dq_,
+                                          u64 ids_out_, u64 wts_out_, i64 n_slots, i64 k, i64 d, i64 bpr) {
+    PDL_ENTRY();
+    const i64 p = blockIdx.x;
+    if (p >= n_slots) return;
+    const i64 slot = ((const int*)order_)[p], row = slot / k;
+    const uint4* src = (const uint4*)((const i8*)xq_ + row * d);
+    uint4* dst = (uint4*)((i8*)q_ + p * d);
+    for (i64 i = threadIdx.x; i < d / 16; i += blockDim.x) dst[i] = src[i];
+    for (i64 b = threadIdx.x; b < bpr; b += blockDim.x) ((float*)dq_)[p * bpr + b] = ((const float*)xd_)[row * bpr + b];
+    if (threadIdx.x == 0) {
+        ((int*)ids_out_)[p] = ((const int*)ids_)[slot];
+        ((float*)wts_out_)[p] = ((const float*)wts_)[slot];
     }
 }
 

@@ -18,6 +18,9 @@ const INDEX_TILE_ROWS: usize = 16;
 const INDEX_TILES: usize = 8;
 /// Largest dynamic shared memory used without opting in.
 const MAX_SHARED: usize = 48 * 1024;
+/// Rows per CTA and most values per row / 32 of head_norm_rope_rows (attention.cu).
+const HNR_WARPS: usize = 8;
+const HNR_MAX_J: usize = 32;
 
 impl CudaModel {
     /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
@@ -75,6 +78,46 @@ impl CudaModel {
     ) -> Result<()> {
         let c = &self.cfg;
         let hd = c.head_dim;
+        // Without the KV rounding, rows of up to 1 024 values go one per warp
+        // (head_norm_rope_rows: same bits, a span's 64 heads per token far faster).
+        if nope.is_none()
+            && hd.is_multiple_of(32)
+            && hd <= 32 * HNR_MAX_J
+            && (hd - c.rope_dim).is_multiple_of(2)
+        {
+            let a = kargs![
+                x.ptr(),
+                w.map_or(0, |w| w.ptr()),
+                y.ptr(),
+                rows,
+                hd,
+                c.rms_eps as f64,
+                rows_per_tok,
+                pos,
+                self.rope_for(l).ptr(),
+                c.rope_dim
+            ];
+            // A decode step's few rows one per CTA (more SMs at work), a span's 8 per CTA.
+            let warps = if rows >= 4096 { HNR_WARPS } else { 1 };
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: head_norm_rope_rows reads `rows` vectors of hd values of x (and hd
+            // weights), rope_dim/2 frequencies and the span position, and writes `rows` vectors
+            // of y (the caller's scratch holds them); hd <= 32 HNR_MAX_J, the kernel's register
+            // row and rotation table.
+            return unsafe {
+                self.fk.launch(
+                    &self.gpu.device,
+                    "fwd_attention",
+                    "head_norm_rope_rows",
+                    cfg,
+                    &a,
+                )
+            };
+        }
         let a = kargs![
             x.ptr(),
             w.map_or(0, |w| w.ptr()),

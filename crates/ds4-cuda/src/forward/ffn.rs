@@ -168,6 +168,11 @@ impl CudaModel {
         // the matvec grid and share its rows through L2 (same arithmetic per slot either way).
         let slots = n * k;
         let sorted = n > 1;
+        // Gate and up read the same vectors: quantized once when their formats agree.
+        let gate_kind = act_quant_of(self, &w.gate_exps);
+        let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
+        // Whether the sorted slots' quantized inputs were gathered already.
+        let mut gathered_q = false;
         if sorted {
             // The most threads (whole warps) whose tile offsets, (E + 1) × (1 + warps) ints,
             // fit the default 48 KB of shared memory.
@@ -202,43 +207,79 @@ impl CudaModel {
                     &a,
                 )?
             };
-            let a = kargs![
-                s.xn.ptr(),
-                s.slot_order.ptr(),
-                s.ids.ptr(),
-                s.wts.ptr(),
-                s.xe.ptr(),
-                s.sorted_ids.ptr(),
-                s.sorted_wts.ptr(),
-                slots,
-                k,
-                d
-            ];
-            // SAFETY: gather_slots reads the permutation, n × d inputs and n·k ids/weights,
-            // and writes n·k × d values of s.xe and n·k sorted ids/weights.
-            unsafe {
-                self.fk
-                    .launch(dev, "fwd_moe", "gather_slots", grid_1d(slots * d), &a)?
-            };
+            let one_per_slot = per_item(slots, 256, 0);
+            match gate_kind.filter(|_| up_q && d.is_multiple_of(16)) {
+                Some(kind) => {
+                    // The tokens' quantized rows, gathered per slot (the quantized form of
+                    // s.xe, made without s.xe: same bits, a quarter of the bytes).
+                    let (xq, xd) = {
+                        let qa = quantized(self, &mut s.quant, &w.gate_exps, &s.xn, n)?
+                            .ok_or_else(|| CudaError::InvalidArgument("expert inputs".into()))?;
+                        (qa.q.ptr(), qa.d.ptr())
+                    };
+                    let qe = quant_slot(self, &mut s.quant, kind, d, slots, s.xe.ptr())?;
+                    let a = kargs![
+                        xq,
+                        xd,
+                        s.slot_order.ptr(),
+                        s.ids.ptr(),
+                        s.wts.ptr(),
+                        qe.q.ptr(),
+                        qe.d.ptr(),
+                        s.sorted_ids.ptr(),
+                        s.sorted_wts.ptr(),
+                        slots,
+                        k,
+                        d,
+                        d / kind.block_elems()
+                    ];
+                    // SAFETY: gather_slots_q reads the permutation, the n quantized rows (d
+                    // int8, 16-byte aligned: d % 16 == 0 in a fresh allocation) and their
+                    // scales, n·k ids/weights, and writes n·k quantized rows and scales of the
+                    // slot's buffers (quant_slot sized them) and n·k sorted ids/weights.
+                    unsafe {
+                        self.fk
+                            .launch(dev, "fwd_moe", "gather_slots_q", one_per_slot, &a)?
+                    };
+                    gathered_q = true;
+                }
+                None => {
+                    let a = kargs![
+                        s.xn.ptr(),
+                        s.slot_order.ptr(),
+                        s.ids.ptr(),
+                        s.wts.ptr(),
+                        s.xe.ptr(),
+                        s.sorted_ids.ptr(),
+                        s.sorted_wts.ptr(),
+                        slots,
+                        k,
+                        d
+                    ];
+                    // SAFETY: gather_slots reads the permutation, n × d inputs and n·k
+                    // ids/weights, and writes n·k × d values of s.xe and n·k sorted ids/weights.
+                    unsafe {
+                        self.fk
+                            .launch(dev, "fwd_moe", "gather_slots", one_per_slot, &a)?
+                    };
+                }
+            }
         }
         let (slot_ids, slot_wts) = if sorted {
             (&s.sorted_ids, &s.sorted_wts)
         } else {
             (&s.ids, &s.wts)
         };
-        // Gate and up read the same vectors: quantized once when their formats agree.
         let (x_in, per_slot) = if sorted {
             (&s.xe, true)
         } else {
             (&s.xn, false)
         };
-        let gate_kind = act_quant_of(self, &w.gate_exps);
-        let up_q = gate_kind.is_some() && gate_kind == act_quant_of(self, &w.up_exps);
         // Spans long enough to give experts several slots each run grouped.
         let groups = (sorted && n >= GROUPED_MIN_TOKENS).then_some(&s.group_start);
         let input = SlotInput {
             per_slot,
-            prequantized: experts_q,
+            prequantized: experts_q || gathered_q,
             groups,
         };
         if same_shape(&w.gate_exps, &w.up_exps) {
