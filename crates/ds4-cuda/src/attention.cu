@@ -56,8 +56,8 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
 }
 
 // head_norm_rope without the KV rounding (nope < 0: the per-head query norm + RoPE) for rows of
-// width = 32 J values (J <= HNR_MAX_J, width - r even), one warp per row and up to HNR_WARPS
-// rows per CTA (a decode step's 64 heads: one per CTA, spread over the GPU). A prefill span has n_tok x 64 query heads: head_norm_rope's one 128-thread CTA per
+// width = 32 J values (J <= HNR_MAX_J, width - r even), one warp per row and HNR_WARPS rows
+// per CTA. A prefill span has n_tok x 64 query heads: head_norm_rope's one 128-thread CTA per
 // row, with its three CTA barriers and the double-precision work of a whole CTA's latency per
 // 2 KB row, took ~1.5 ms per layer and 2 048-token span (9.5 % of the prefill's kernel time).
 // Same bits as head_norm_rope: lane l holds elements l + 32 j, which are head_norm_rope's
@@ -74,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(HNR_WARPS * 32)
     PDL_ENTRY();
     __shared__ float2 rot[HNR_WARPS][HNR_MAX_J * 16];  // (sin, cos) of the row's r / 2 pairs
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const i64 ri = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
+    const i64 ri = (i64)blockIdx.x * HNR_WARPS + warp;
     if (ri >= n_rows) return;  // (no CTA barrier below)
     const int J = (int)(width / 32);
     const float* x = (const float*)x_ + ri * width;
