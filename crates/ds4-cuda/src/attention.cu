@@ -150,6 +150,86 @@ extern "C" __global__ void index_round(u64 x_, i64 width, i64 store, i64 rows_pe
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = store ? f16_round(sh[i]) : sh[i];
 }
 
+// index_round for a span's many rows (the indexer queries: n_tok x 64 heads of 128), one warp
+// per row of width = 32 J values (J <= IDXR_MAX_J, a power of two) and IDXR_WARPS rows per
+// CTA: index_round's one CTA per 512-byte row waited on seven CTA barriers for its Hadamard
+// transform. Same bits: lane l holds elements l + 32 j; every butterfly of every stage adds or
+// subtracts the same two values (stages below 32 across lanes by shuffles, the others inside
+// a lane), the RoPE is head_norm_rope_rows's, the FP4 block of 32 is one j across the warp.
+#define IDXR_WARPS 8
+#define IDXR_MAX_J 8
+extern "C" __global__ void __launch_bounds__(IDXR_WARPS * 32)
+    index_round_rows(u64 x_, i64 n_rows, i64 width, i64 store, i64 rows_per_tok, u64 pos_, u64 inv_freq_, i64 r) {
+    PDL_ENTRY();
+    __shared__ float2 rot[IDXR_WARPS][IDXR_MAX_J * 16];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 ri = (i64)blockIdx.x * IDXR_WARPS + warp;
+    if (ri >= n_rows) return;  // (no CTA barrier below)
+    const int J = (int)(width / 32);
+    float* x = (float*)x_ + ri * width;
+    float v[IDXR_MAX_J];
+#pragma unroll
+    for (int j = 0; j < IDXR_MAX_J; j++)
+        if (j < J) v[j] = x[lane + 32 * j];
+    if (r > 0) {
+        const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
+        const double* inv_freq = (const double*)inv_freq_;
+        const i64 half = r / 2, tail = width - r;
+        for (i64 l = lane; l < half; l += 32) {
+            double sn, cs;
+            sincos((double)pos * inv_freq[l], &sn, &cs);
+            rot[warp][l] = make_float2((float)(1.0 * sn), (float)cs);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < IDXR_MAX_J; j++) {
+            if (j >= J || 32 * (j + 1) <= tail) continue;  // uniform
+            const i64 e = lane + 32 * j;
+            const float other = __shfl_xor_sync(FULL_MASK, v[j], 1);
+            if (e >= tail) {
+                const float2 sc = rot[warp][(e - tail) >> 1];
+                v[j] = ((e - tail) & 1) == 0 ? rope_first(v[j], other, sc.x, sc.y) : rope_second(other, v[j], sc.x, sc.y);
+            }
+        }
+    }
+    // Hadamard (cta_hadamard's butterflies: the lower element gets u + v, the upper u - v).
+    for (int h = 1; h < 32 && h < width; h *= 2) {
+        const bool upper = (lane & h) != 0;
+#pragma unroll
+        for (int j = 0; j < IDXR_MAX_J; j++) {
+            if (j >= J) continue;
+            const float other = __shfl_xor_sync(FULL_MASK, v[j], h);
+            v[j] = upper ? other - v[j] : v[j] + other;
+        }
+    }
+#pragma unroll
+    for (int k = 1; k < IDXR_MAX_J; k *= 2) {
+        if (k >= J) break;
+        float t[IDXR_MAX_J];
+#pragma unroll
+        for (int j = 0; j < IDXR_MAX_J; j++)
+            if (j < J) t[j] = (j & k) ? v[j ^ k] - v[j] : v[j] + v[j ^ k];
+#pragma unroll
+        for (int j = 0; j < IDXR_MAX_J; j++)
+            if (j < J) v[j] = t[j];
+    }
+    const float sc = 1.0f / sqrtf((float)width);
+#pragma unroll
+    for (int j = 0; j < IDXR_MAX_J; j++)
+        if (j < J) v[j] *= sc;
+    // FP4 round trip per block of 32 (fp4_block_warp's arithmetic), then the store rounding.
+#pragma unroll
+    for (int j = 0; j < IDXR_MAX_J; j++) {
+        if (j >= J) continue;
+        float amax = fabsf(v[j]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
+        const float scale = pow2_scale(amax, 7.05e-38f, FP4_MAX);
+        const float q = fp4_e2m1_nearest(fminf(fmaxf(v[j] / scale, -FP4_MAX), FP4_MAX)) * scale;
+        x[lane + 32 * j] = store ? f16_round(q) : q;
+    }
+}
+
 // Stores the span's last min(n_tok, cap) K=V rows into the ring (slot = position % cap).
 extern "C" __global__ void ring_store(u64 kv_, u64 ring_, i64 n_tok, u64 pos_, i64 hd, i64 cap) {
     PDL_ENTRY();

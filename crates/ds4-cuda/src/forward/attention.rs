@@ -21,6 +21,9 @@ const MAX_SHARED: usize = 48 * 1024;
 /// Rows per CTA and most values per row / 32 of head_norm_rope_rows (attention.cu).
 const HNR_WARPS: usize = 8;
 const HNR_MAX_J: usize = 32;
+/// Rows per CTA and most values per row / 32 of index_round_rows (attention.cu).
+const IDXR_WARPS: usize = 8;
+const IDXR_MAX_J: usize = 8;
 
 impl CudaModel {
     /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
@@ -270,7 +273,38 @@ impl CudaModel {
                 let own = &mut s.lane_quant[LANE_INDEX_QUERY];
                 let pre = qrq && act_quant_of(self, &iw.q_b) == act_quant_of(self, &w.q_b);
                 mm_branch(self, &s.quant, own, pre, &iw.q_b, &s.qrn, n, &mut s.iq)?;
-                if ds4 {
+                let rows = n * ni;
+                if ds4
+                    && rows >= 4096
+                    && di.is_power_of_two()
+                    && (32..=32 * IDXR_MAX_J).contains(&di)
+                    && c.rope_dim <= di
+                    && (di - c.rope_dim).is_multiple_of(2)
+                {
+                    // A span's query heads one per warp (index_round_rows: same bits).
+                    let a = kargs![
+                        s.iq.ptr(),
+                        rows,
+                        di,
+                        false,
+                        ni,
+                        s.pos.ptr(),
+                        self.rope_for(l).ptr(),
+                        c.rope_dim
+                    ];
+                    let cfg = cudarc::driver::LaunchConfig {
+                        grid_dim: (rows.div_ceil(IDXR_WARPS) as u32, 1, 1),
+                        block_dim: ((IDXR_WARPS * 32) as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: index_round_rows ropes and rounds `rows` vectors of di values of
+                    // s.iq in place (di <= 32 IDXR_MAX_J, its register row and rotation
+                    // table), reading r/2 frequencies and the span position.
+                    unsafe {
+                        self.fk
+                            .launch(dev, "fwd_attention", "index_round_rows", cfg, &a)?
+                    };
+                } else if ds4 {
                     let a = kargs![
                         s.iq.ptr(),
                         di,
@@ -719,5 +753,150 @@ impl CudaModel {
                 &a,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HNR_WARPS, IDXR_WARPS};
+    use crate::compile::KernelCache;
+    use crate::device::CudaDevice;
+    use crate::fwd_kernels::{kargs, per_item, ForwardKernels};
+    use cudarc::driver::LaunchConfig;
+
+    fn warp_rows(rows: usize, warps: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(warps) as u32, 1, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The warp-per-row span kernels against the CTA-per-row ones bit for bit, on the model's
+    /// shapes (query heads of 512 with a 64-channel RoPE tail, with and without a norm weight;
+    /// indexer heads of 128) at positions far into the context, over values from tiny to large
+    /// (the FP4 blocks' scales and the norm's sums of squares span many binades).
+    #[test]
+    fn row_kernels_equal_the_cta_kernels() {
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let r = next();
+                    let mag = 2f32.powi((r % 24) as i32 - 12);
+                    let unit = ((r >> 8) % 2001) as f32 / 1000.0 - 1.0;
+                    unit * mag
+                })
+                .collect()
+        };
+        let r = 64usize;
+        // The kernels read f64 frequencies (uploaded as their bits, as model.rs does).
+        let inv_freq: Vec<u64> = (0..r / 2)
+            .map(|i| (1.0 / 10000f64.powf(2.0 * i as f64 / r as f64)).to_bits())
+            .collect();
+        let dfreq = dev.upload(&inv_freq).unwrap();
+        let dpos = dev.upload(&[123_456i64]).unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+
+        // Queries: 70 tokens x 64 heads of 512 (rows not a multiple of the CTA's 8 + 8 more).
+        let (width, per_tok) = (512usize, 64usize);
+        let rows = 70 * per_tok + 5;
+        let x = dev.upload(&values(rows * width)).unwrap();
+        let w = dev.upload(&values(width)).unwrap();
+        for weight in [None, Some(&w)] {
+            let mut outs = Vec::new();
+            for rows_kernel in [false, true] {
+                let y = dev.alloc_filled::<f32>(rows * width, 0xFF).unwrap();
+                let wp = weight.map_or(0, |w| w.ptr());
+                // SAFETY: both kernels read `rows` vectors of `width` values of x, `width`
+                // weights, r/2 frequencies and one position, and write `rows` vectors of y.
+                unsafe {
+                    if rows_kernel {
+                        let a = kargs![
+                            x.ptr(),
+                            wp,
+                            y.ptr(),
+                            rows,
+                            width,
+                            1e-6f64,
+                            per_tok,
+                            dpos.ptr(),
+                            dfreq.ptr(),
+                            r
+                        ];
+                        let cfg = warp_rows(rows, HNR_WARPS);
+                        fk.launch(&dev, "fwd_attention", "head_norm_rope_rows", cfg, &a)
+                    } else {
+                        let a = kargs![
+                            x.ptr(),
+                            wp,
+                            y.ptr(),
+                            width,
+                            1e-6f64,
+                            per_tok,
+                            dpos.ptr(),
+                            dfreq.ptr(),
+                            r,
+                            -1i64
+                        ];
+                        let cfg = per_item(rows, 128, width * 4);
+                        fk.launch(&dev, "fwd_attention", "head_norm_rope", cfg, &a)
+                    }
+                    .unwrap()
+                };
+                outs.push(bits(dev.download(&y).unwrap()));
+            }
+            assert!(
+                outs[0] == outs[1],
+                "head_norm_rope_rows (weight {})",
+                weight.is_some()
+            );
+        }
+
+        // Indexer queries: 70 tokens x 64 heads of 128, rounded in place.
+        let width = 128usize;
+        let rows = 70 * per_tok + 3;
+        let input = values(rows * width);
+        let mut outs = Vec::new();
+        for rows_kernel in [false, true] {
+            let x = dev.upload(&input).unwrap();
+            // SAFETY: both kernels rope and round `rows` vectors of `width` values of x in
+            // place, reading r/2 frequencies and one position.
+            unsafe {
+                if rows_kernel {
+                    let a = kargs![
+                        x.ptr(),
+                        rows,
+                        width,
+                        false,
+                        per_tok,
+                        dpos.ptr(),
+                        dfreq.ptr(),
+                        r
+                    ];
+                    let cfg = warp_rows(rows, IDXR_WARPS);
+                    fk.launch(&dev, "fwd_attention", "index_round_rows", cfg, &a)
+                } else {
+                    let a = kargs![x.ptr(), width, false, per_tok, dpos.ptr(), dfreq.ptr(), r];
+                    let cfg = per_item(rows, 256, width * 4);
+                    fk.launch(&dev, "fwd_attention", "index_round", cfg, &a)
+                }
+                .unwrap()
+            };
+            outs.push(bits(dev.download(&x).unwrap()));
+        }
+        assert!(outs[0] == outs[1], "index_round_rows");
     }
 }
