@@ -7,13 +7,15 @@
 #     prompt   ds4 -p on ~1 900 words (its own speed report), q2 aliased
 #     trace    the decode critical path per kernel, per layer kind and per call site at 2K
 #              (CUPTI; scripts/gpu/critical_path.py), and the trace itself (xz)
+#     prefill  where a 2K and a 32K prefill's GPU time goes, per kernel (CUPTI;
+#              scripts/gpu/prefill_path.py)
 #     q4       the q4 aliased sweep, 2K -> 64K in 8 192-token steps
 #     full     the full 80.76 GiB q2 model from a tmpfs (H200), 2K -> 64K in 2 048-token steps
 #   no PART: tests q2 prompt trace q4.
 # DIR is a pack from scripts/gpu/pack.sh. Results (CSVs, logs, sampled GPU memory, a summary)
 # go to $OUT, the device tool's output folder (./sweep-out when unset).
 set -u
-DIR=${1:?usage: sweep.sh PACK_DIR [tests|q2|prompt|trace|q4|full ...]}
+DIR=${1:?usage: sweep.sh PACK_DIR [tests|q2|prompt|trace|prefill|q4|full ...]}
 shift
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(tests q2 prompt trace q4)
@@ -95,6 +97,19 @@ part_trace() {
     xz -T0 -6 -c /tmp/ds4-trace.csv > "$OUT/trace_q2.csv.xz"
 }
 
+part_prefill() {
+    q2_model
+    local c
+    for c in 2048 32768; do
+        LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/usr/local/cuda/extras/CUPTI/lib64 DS4_CUDA_PROFILE=trace \
+            DS4_CUDA_TRACE_FILE=/tmp/ds4-ptrace.csv timeout 200 "$DS4" bench -m /dev/shm/q2.gguf \
+            --backend cuda --ctx-start $c --ctx-max $c --gen-tokens 1 > /tmp/ds4-ptrace.txt 2>&1
+        echo "== prefill to $c tokens: $(grep -A1 'prefill t/s' /tmp/ds4-ptrace.txt | tail -1)" >> "$OUT/prefill_path.txt"
+        python3 "$HERE/prefill_path.py" /tmp/ds4-ptrace.csv --top 40 >> "$OUT/prefill_path.txt" 2>&1
+    done
+    head -4 "$OUT/prefill_path.txt" >> "$SUMMARY"
+}
+
 part_q4() {
     "$DS4" synth -o /dev/shm/q4.gguf --experts q4 --alias-layers > /dev/null 2>&1
     with_memory "$OUT/mem_q4.txt" timeout 300 "$DS4" bench -m /dev/shm/q4.gguf "${SWEEP[@]}" \
@@ -123,8 +138,8 @@ part_full() {
 
 for part in "${PARTS[@]}"; do
     case $part in
-        tests | q2 | prompt | trace | q4 | full) "part_$part" ;;
-        *) echo "unknown part $part (tests, q2, prompt, trace, q4, full)" | tee -a "$SUMMARY" ;;
+        tests | q2 | prompt | trace | prefill | q4 | full) "part_$part" ;;
+        *) echo "unknown part $part (tests, q2, prompt, trace, prefill, q4, full)" | tee -a "$SUMMARY" ;;
     esac
 done
 rm -f /dev/shm/q2.gguf

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Where a prefill's GPU time goes, from a CUPTI trace.
+
+Input: the CSV that `DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=F ds4 bench ...` writes
+(name,start_ns,end_ns,correlation,in_graph). The prefill is the longest burst of kernels
+outside the decode graphs (bursts are split at gaps of 2 ms or more). As in
+critical_path.py, the kernels are taken in the order they end and each is charged the time by
+which it moved the latest end forward, so the charges sum to the burst's wall time and
+kernels of side streams that overlap the main chain are charged only what they add; the busy
+column is the kernels' own durations (which overlap across streams).
+
+Usage: prefill_path.py TRACE.csv [--top N]
+"""
+import argparse
+import csv
+from collections import defaultdict
+
+
+def bursts(kernels, gap_ns=2_000_000):
+    """(start, end, name) kernels sorted by start, split where nothing runs for gap_ns."""
+    out, cur, last_end = [], [], 0
+    for k in kernels:
+        if cur and k[0] - last_end >= gap_ns:
+            out.append(cur)
+            cur = []
+        last_end = max(last_end, k[1]) if cur else k[1]
+        cur.append(k)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    rows = [r for r in csv.DictReader(open(args.trace)) if str(r["in_graph"]) != "1"]
+    kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows)
+    if not kernels:
+        print("no kernels outside the decode graphs")
+        return
+    burst = max(bursts(kernels), key=lambda b: max(k[1] for k in b) - b[0][0])
+    t0, t1 = burst[0][0], max(k[1] for k in burst)
+    charge, busy, calls = defaultdict(float), defaultdict(float), defaultdict(int)
+    latest = t0
+    for start, end, name in sorted(burst, key=lambda k: k[1]):
+        charge[name] += max(0, end - latest) / 1e6
+        latest = max(latest, end)
+        busy[name] += (end - start) / 1e6
+        calls[name] += 1
+    total = sum(charge.values())
+    print(f"prefill burst: {len(burst)} kernels, {(t1 - t0) / 1e6:.2f} ms")
+    print(f"{'kernel':<40} {'calls':>6} {'charge ms':>10} {'share':>6} {'busy ms':>9}")
+    for name in sorted(charge, key=charge.get, reverse=True)[: args.top]:
+        print(f"{name:<40} {calls[name]:>6} {charge[name]:>10.2f} {100 * charge[name] / total:>5.1f}% "
+              f"{busy[name]:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
