@@ -51,8 +51,8 @@ impl CudaModel {
         let limit = Some(c.swiglu_clamp[l]);
         let dev = &self.gpu.device;
         // The normalized input, quantized once for the shared expert's gate and up, and for
-        // a single token also for the routed experts (which then read it directly); hc_pre
-        // may have made them.
+        // the routed experts (a single token's read it directly, a span's slots gather its
+        // rows); hc_pre may have made them.
         let (xq, experts_q) = if let Some(made) = s.pre_normed.take() {
             made
         } else if n == 1 {
@@ -213,8 +213,12 @@ impl CudaModel {
                     // The tokens' quantized rows, gathered per slot (the quantized form of
                     // s.xe, made without s.xe: same bits, a quarter of the bytes).
                     let (xq, xd) = {
-                        let qa = quantized(self, &mut s.quant, &w.gate_exps, &s.xn, n)?
-                            .ok_or_else(|| CudaError::InvalidArgument("expert inputs".into()))?;
+                        let qa = if experts_q {
+                            s.quant.get(kind, d, n, s.xn.ptr())?
+                        } else {
+                            quantized(self, &mut s.quant, &w.gate_exps, &s.xn, n)?
+                                .ok_or_else(|| CudaError::InvalidArgument("expert inputs".into()))?
+                        };
                         (qa.q.ptr(), qa.d.ptr())
                     };
                     let qe = quant_slot(self, &mut s.quant, kind, d, slots, s.xe.ptr())?;
@@ -277,9 +281,11 @@ impl CudaModel {
         };
         // Spans long enough to give experts several slots each run grouped.
         let groups = (sorted && n >= GROUPED_MIN_TOKENS).then_some(&s.group_start);
+        // The sorted slots read s.xe, whose quantized form exists only when gathered; xn's
+        // (experts_q) serves the unsorted single token.
         let input = SlotInput {
             per_slot,
-            prequantized: experts_q || gathered_q,
+            prequantized: if sorted { gathered_q } else { experts_q },
             groups,
         };
         if same_shape(&w.gate_exps, &w.up_exps) {

@@ -1,5 +1,5 @@
 //! Hyper-connections around every sublayer (hc.cu): the pre-mix of the streams into the
-//! sublayer's input (with its norm for a single token), the Sinkhorn projection on a side
+//! sublayer's input (with its norm, fused), the Sinkhorn projection on a side
 //! branch, and the post-mix fused with the next hyper-connection's projection.
 
 use super::*;
@@ -84,7 +84,7 @@ impl CudaModel {
 
     /// HC pre of the chunk: s.x = each token's sublayer input, s.maps its mappings. The
     /// projection comes from the partials hc_post_mix left (s.hc_part_ready), or is computed
-    /// here. A single token also gets the sublayer's `norm` here when hc_pre_norm takes it
+    /// here. The sublayer's `norm` is applied here too when hc_pre_norm takes it
     /// (s.pre_normed then says so).
     pub(super) fn hc_pre(
         &self,
@@ -209,9 +209,10 @@ impl CudaModel {
         launched
     }
 
-    /// hc_pre for a single token fused with the sublayer's `norm` (and its quantization, as
-    /// norm_for / norm_for_both make it): s.x, s.maps' pre and post, s.xn and the quant slots
-    /// of xn as the two launches would leave them, bit for bit. Returns whether it ran (else
+    /// hc_pre fused with the sublayer's `norm` (and its quantization, as norm_for /
+    /// norm_for_both make it), one CTA per token (a decode step's, or a span's): s.x, s.maps'
+    /// pre and post, s.xn and the quant slots of xn as the two launches would leave them, bit
+    /// for bit. Returns whether it ran (else
     /// the caller launches hc_pre and the sublayer its norm); sets s.pre_normed.
     fn hc_pre_norm(
         &self,
@@ -224,7 +225,7 @@ impl CudaModel {
     ) -> Result<bool> {
         let c = &self.cfg;
         let (d, nc) = (c.hidden, c.hc_mult);
-        let Some(norm) = norm.filter(|_| n == 1) else {
+        let Some(norm) = norm else {
             return Ok(false);
         };
         // The _v4 norm kernels' conditions (whole segments, 16-byte aligned rows), one cached
