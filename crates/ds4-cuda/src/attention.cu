@@ -55,6 +55,34 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) y[i] = row[i];
 }
 
+// RoPE of the last r channels (width - r even) of a row that one warp holds as v[j] = element
+// lane + 32 j, j < J <= MAXJ, at position pos: each pair's sine and cosine computed once into
+// the warp's table rot (r / 2 entries, as rope_pair_at computes them), then every tail element
+// combined with its pair's other element (lane ^ 1, same j) by rope_first / rope_second.
+template <int MAXJ>
+__device__ __forceinline__ void rope_tail_warp(float (&v)[MAXJ], int J, float2* rot, i64 width, i64 r, i64 pos,
+                                               const double* inv_freq) {
+    const int lane = threadIdx.x & 31;
+    const i64 half = r / 2, tail = width - r;
+    for (i64 l = lane; l < half; l += 32) {
+        double sn, cs;
+        sincos((double)pos * inv_freq[l], &sn, &cs);
+        rot[l] = make_float2((float)(1.0 * sn), (float)cs);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < MAXJ; j++) {
+        if (j >= J || 32 * (j + 1) <= tail) continue;  // uniform: the row's tail columns only
+        const i64 e = lane + 32 * j;
+        const float other = __shfl_xor_sync(FULL_MASK, v[j], 1);
+        if (e >= tail) {
+            const float2 sc = rot[(e - tail) >> 1];
+            const bool first = ((e - tail) & 1) == 0;
+            v[j] = first ? rope_first(v[j], other, sc.x, sc.y) : rope_second(other, v[j], sc.x, sc.y);
+        }
+    }
+}
+
 // head_norm_rope without the KV rounding (nope < 0: the per-head query norm + RoPE) for rows of
 // width = 32 J values (J <= HNR_MAX_J, width - r even), one warp per row and HNR_WARPS rows
 // per CTA. A prefill span has n_tok x 64 query heads: head_norm_rope's one 128-thread CTA per
@@ -63,9 +91,7 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
 // Same bits as head_norm_rope: lane l holds elements l + 32 j, which are head_norm_rope's
 // thread (l + 32 j) % 128 terms, so the four partial sums of squares (one per warp there, each
 // over its terms in order) are formed, reduced by the same xor tree and added in the same
-// order; the scale, the weight and the rotation are the same expressions. The pair of element
-// e (tail offset even / odd) is in lane l ^ 1; each pair's sine and cosine are computed once per
-// row into shared memory.
+// order; the scale, the weight and the rotation (rope_tail_warp) are the same expressions.
 #define HNR_WARPS 8
 #define HNR_MAX_J 32
 extern "C" __global__ void __launch_bounds__(HNR_WARPS * 32)
@@ -101,25 +127,7 @@ extern "C" __global__ void __launch_bounds__(HNR_WARPS * 32)
         if (j < J) v[j] = v[j] * scale * (w ? w[lane + 32 * j] : 1.0f);
 
     const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
-    const double* inv_freq = (const double*)inv_freq_;
-    const i64 half = r / 2, tail = width - r;
-    for (i64 l = lane; l < half; l += 32) {
-        double sn, cs;
-        sincos((double)pos * inv_freq[l], &sn, &cs);
-        rot[warp][l] = make_float2((float)(1.0 * sn), (float)cs);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < HNR_MAX_J; j++) {
-        if (j >= J || 32 * (j + 1) <= tail) continue;  // uniform: the rows' tail columns only
-        const i64 e = lane + 32 * j;
-        const float other = __shfl_xor_sync(FULL_MASK, v[j], 1);
-        if (e >= tail) {
-            const float2 sc = rot[warp][(e - tail) >> 1];
-            const bool first = ((e - tail) & 1) == 0;
-            v[j] = first ? rope_first(v[j], other, sc.x, sc.y) : rope_second(other, v[j], sc.x, sc.y);
-        }
-    }
+    rope_tail_warp<HNR_MAX_J>(v, J, rot[warp], width, r, pos, (const double*)inv_freq_);
     float* y = (float*)y_ + ri * width;
 #pragma unroll
     for (int j = 0; j < HNR_MAX_J; j++)
@@ -155,7 +163,7 @@ extern "C" __global__ void index_round(u64 x_, i64 width, i64 store, i64 rows_pe
 // CTA: index_round's one CTA per 512-byte row waited on seven CTA barriers for its Hadamard
 // transform. Same bits: lane l holds elements l + 32 j; every butterfly of every stage adds or
 // subtracts the same two values (stages below 32 across lanes by shuffles, the others inside
-// a lane), the RoPE is head_norm_rope_rows's, the FP4 block of 32 is one j across the warp.
+// a lane), the RoPE is rope_tail_warp, the FP4 block of 32 is one j across the warp.
 #define IDXR_WARPS 8
 #define IDXR_MAX_J 8
 extern "C" __global__ void __launch_bounds__(IDXR_WARPS * 32)
@@ -173,24 +181,7 @@ extern "C" __global__ void __launch_bounds__(IDXR_WARPS * 32)
         if (j < J) v[j] = x[lane + 32 * j];
     if (r > 0) {
         const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
-        const double* inv_freq = (const double*)inv_freq_;
-        const i64 half = r / 2, tail = width - r;
-        for (i64 l = lane; l < half; l += 32) {
-            double sn, cs;
-            sincos((double)pos * inv_freq[l], &sn, &cs);
-            rot[warp][l] = make_float2((float)(1.0 * sn), (float)cs);
-        }
-        __syncwarp();
-#pragma unroll
-        for (int j = 0; j < IDXR_MAX_J; j++) {
-            if (j >= J || 32 * (j + 1) <= tail) continue;  // uniform
-            const i64 e = lane + 32 * j;
-            const float other = __shfl_xor_sync(FULL_MASK, v[j], 1);
-            if (e >= tail) {
-                const float2 sc = rot[warp][(e - tail) >> 1];
-                v[j] = ((e - tail) & 1) == 0 ? rope_first(v[j], other, sc.x, sc.y) : rope_second(other, v[j], sc.x, sc.y);
-            }
-        }
+        rope_tail_warp<IDXR_MAX_J>(v, J, rot[warp], width, r, pos, (const double*)inv_freq_);
     }
     // Hadamard (cta_hadamard's butterflies: the lower element gets u + v, the upper u - v).
     for (int h = 1; h < 32 && h < width; h *= 2) {
