@@ -144,6 +144,35 @@ pub(crate) fn per_item(items: usize, threads: u32, shared: usize) -> LaunchConfi
     }
 }
 
+/// What the forward kernels' GPU unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::ForwardKernels;
+    use crate::compile::KernelCache;
+    use crate::device::CudaDevice;
+
+    /// The GPU and the forward modules, or None (after saying "skipped: no CUDA") without one.
+    pub(crate) fn gpu() -> Option<(CudaDevice, ForwardKernels)> {
+        if !crate::device::cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return None;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
+        Some((dev, fk))
+    }
+
+    /// A xorshift64 stream from `seed` (nonzero): reproducible test inputs.
+    pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::FORWARD_MODULES;
@@ -176,22 +205,10 @@ mod tests {
     /// inside and beyond the experts it keeps in registers (1 024).
     #[test]
     fn route_picks_the_top_k_with_ties_by_lowest_index() {
-        use super::{per_item, ForwardKernels};
-        use crate::compile::KernelCache;
-        use crate::device::CudaDevice;
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA");
-            return;
-        }
-        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
-        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use super::per_item;
+        use super::test_support::{gpu, xorshift};
+        let Some((dev, fk)) = gpu() else { return };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for (e_count, k, with_bias) in [
             (7usize, 6usize, false),
             (256, 6, true),

@@ -759,9 +759,8 @@ impl CudaModel {
 #[cfg(test)]
 mod tests {
     use super::{HNR_WARPS, IDXR_WARPS};
-    use crate::compile::KernelCache;
-    use crate::device::CudaDevice;
-    use crate::fwd_kernels::{kargs, per_item, ForwardKernels};
+    use crate::fwd_kernels::test_support::{gpu, xorshift};
+    use crate::fwd_kernels::{kargs, per_item};
     use cudarc::driver::LaunchConfig;
 
     fn warp_rows(rows: usize, warps: usize) -> LaunchConfig {
@@ -778,19 +777,8 @@ mod tests {
     /// (the FP4 blocks' scales and the norm's sums of squares span many binades).
     #[test]
     fn row_kernels_equal_the_cta_kernels() {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA");
-            return;
-        }
-        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
-        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let Some((dev, fk)) = gpu() else { return };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut values = |n: usize| -> Vec<f32> {
             (0..n)
                 .map(|_| {

@@ -377,28 +377,16 @@ impl CudaModel {
 
 #[cfg(test)]
 mod tests {
-    use crate::compile::KernelCache;
-    use crate::device::CudaDevice;
-    use crate::fwd_kernels::{kargs, per_item, ForwardKernels};
+    use crate::fwd_kernels::test_support::{gpu, xorshift};
+    use crate::fwd_kernels::{kargs, per_item};
 
     /// route_warp against route (the CTA kernel) bit for bit: ids, weights and the scores left
     /// in place, with many ties (few distinct logits), NaN logits, with and without bias and
     /// tid2eid rows, for expert counts up to ROUTE_WARP_EXPERTS and k up to 16.
     #[test]
     fn route_warp_equals_route() {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA");
-            return;
-        }
-        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
-        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let Some((dev, fk)) = gpu() else { return };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut cases = 0;
         for (e_count, k) in [
             (7usize, 6usize),
