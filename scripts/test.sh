@@ -34,5 +34,6 @@ python3 scripts/gguf/check_with_gguf_py.py "$DS4_GGUF_PYCHECK_DIR/sample.gguf"
 cargo build -p ds4-server --example scripted_serve
 DS4_BIN="$PWD/target/debug/ds4" python3 -m pytest -q tests/server
 
-# The GPU tools' own logic (scripts/gpu/critical_path.py, whose tables BENCHMARKS.md quotes).
+# The GPU tools' own logic (scripts/gpu/critical_path.py and prefill_path.py, whose tables
+# BENCHMARKS.md quotes).
 python3 -m pytest -q tests/tools

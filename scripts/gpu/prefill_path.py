@@ -32,31 +32,40 @@ def bursts(kernels, gap_ns=2_000_000):
     return out
 
 
+def summarize(rows, gap_ns=2_000_000):
+    """The longest burst of `rows` (trace dicts) outside the decode graphs: (kernels, wall ns,
+    charge / busy ns and calls per kernel name); None when no kernel ran outside a graph."""
+    kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows
+                     if str(r["in_graph"]) != "1")
+    if not kernels:
+        return None
+    burst = max(bursts(kernels, gap_ns), key=lambda b: max(k[1] for k in b) - b[0][0])
+    t0, t1 = burst[0][0], max(k[1] for k in burst)
+    charge, busy, calls = defaultdict(int), defaultdict(int), defaultdict(int)
+    latest = t0
+    for start, end, name in sorted(burst, key=lambda k: k[1]):
+        charge[name] += max(0, end - latest)
+        latest = max(latest, end)
+        busy[name] += end - start
+        calls[name] += 1
+    return len(burst), t1 - t0, dict(charge), dict(busy), dict(calls)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
-    rows = [r for r in csv.DictReader(open(args.trace)) if str(r["in_graph"]) != "1"]
-    kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows)
-    if not kernels:
+    summary = summarize(list(csv.DictReader(open(args.trace))))
+    if summary is None:
         print("no kernels outside the decode graphs")
         return
-    burst = max(bursts(kernels), key=lambda b: max(k[1] for k in b) - b[0][0])
-    t0, t1 = burst[0][0], max(k[1] for k in burst)
-    charge, busy, calls = defaultdict(float), defaultdict(float), defaultdict(int)
-    latest = t0
-    for start, end, name in sorted(burst, key=lambda k: k[1]):
-        charge[name] += max(0, end - latest) / 1e6
-        latest = max(latest, end)
-        busy[name] += (end - start) / 1e6
-        calls[name] += 1
-    total = sum(charge.values())
-    print(f"prefill burst: {len(burst)} kernels, {(t1 - t0) / 1e6:.2f} ms")
+    n, wall, charge, busy, calls = summary
+    print(f"prefill burst: {n} kernels, {wall / 1e6:.2f} ms")
     print(f"{'kernel':<40} {'calls':>6} {'charge ms':>10} {'share':>6} {'busy ms':>9}")
     for name in sorted(charge, key=charge.get, reverse=True)[: args.top]:
-        print(f"{name:<40} {calls[name]:>6} {charge[name]:>10.2f} {100 * charge[name] / total:>5.1f}% "
-              f"{busy[name]:>9.2f}")
+        print(f"{name:<40} {calls[name]:>6} {charge[name] / 1e6:>10.2f} {100 * charge[name] / wall:>5.1f}% "
+              f"{busy[name] / 1e6:>9.2f}")
 
 
 if __name__ == "__main__":
