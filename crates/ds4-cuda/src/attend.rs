@@ -553,8 +553,8 @@ pub(crate) unsafe fn launch_attend_mma(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::KernelCache;
     use crate::device::DeviceBuffer;
+    use crate::fwd_kernels::test_support::gpu;
 
     use crate::compile::source_define as define;
 
@@ -798,16 +798,6 @@ mod tests {
         }
     }
 
-    fn open() -> Option<(CudaDevice, ForwardKernels)> {
-        if !crate::device::cuda_available() {
-            eprintln!("skipped: no CUDA");
-            return None;
-        }
-        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
-        let fk = ForwardKernels::load(&dev, &KernelCache::from_env()).unwrap();
-        Some((dev, fk))
-    }
-
     /// Which attention kernel a test runs.
     #[derive(Clone, Copy, Debug)]
     enum Kernel {
@@ -854,7 +844,7 @@ mod tests {
 
     #[test]
     fn attention_kernels_agree_with_attend() {
-        let Some((dev, fk)) = open() else { return };
+        let Some((dev, fk)) = gpu() else { return };
         let cases = [
             // Window only, from position 0: fewer rows than the window, all from the span.
             Case {
@@ -975,7 +965,7 @@ mod tests {
     /// attend's outputs.
     #[test]
     fn attend_split_quantizes_its_output() {
-        let Some((dev, fk)) = open() else { return };
+        let Some((dev, fk)) = gpu() else { return };
         for (i, c) in [
             Case {
                 name: "window, pos 0",
@@ -1046,7 +1036,7 @@ mod tests {
     /// and the span launcher then runs attend instead (same outputs).
     #[test]
     fn attend_heads_rejects_what_it_cannot_run() {
-        let Some((dev, fk)) = open() else { return };
+        let Some((dev, fk)) = gpu() else { return };
         let c = Case {
             name: "CSA",
             n_tok: 4,
@@ -1092,7 +1082,7 @@ mod tests {
     #[test]
     #[ignore]
     fn attend_split_timing() {
-        let Some((dev, fk)) = open() else { return };
+        let Some((dev, fk)) = gpu() else { return };
         for (i, c) in [
             Case {
                 name: "CSA, 640 rows",
@@ -1177,7 +1167,7 @@ mod tests {
     #[test]
     #[ignore]
     fn attend_heads_timing() {
-        let Some((dev, fk)) = open() else { return };
+        let Some((dev, fk)) = gpu() else { return };
         let c = Case {
             name: "CSA, 256 tokens",
             n_tok: 256,
