@@ -288,9 +288,15 @@ impl Gpu {
                 w.rows
             )));
         }
+        // The aligned path's copies step 32-bit offsets within a CTA's tile: its rows' weights
+        // and its vectors' activations must span less than 4 GiB (else the general path).
+        let tile_spans_fit = (variant.tile_rows as u64).saturating_mul(w.row_bytes as u64)
+            < 1 << 32
+            && (GEMM_TILE_VECS as u64).saturating_mul(xv.saturating_mul(w.cols) as u64) < 1 << 32;
         let aligned16 = w.ptr.is_multiple_of(16)
             && w.row_bytes.is_multiple_of(16)
-            && w.expert_bytes().is_multiple_of(16);
+            && w.expert_bytes().is_multiple_of(16)
+            && tile_spans_fit;
         let shared = variant.shared_bytes();
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
         // the largest shared-memory carveout lets ctas_per_sm CTAs reside on each SM (the

@@ -85,6 +85,13 @@ __device__ __forceinline__ void gq_cp16(void* dst, const void* src) {
 __device__ __forceinline__ void gq_cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(gq_smem_addr(dst)), "l"(src) : "memory");
 }
+// The same copies to a shared-memory address already in the shared window.
+__device__ __forceinline__ void gq_cp16_s(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gq_cp4_s(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void gq_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
@@ -124,33 +131,77 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 
 // Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
 // one stage. Clamped rows/vectors read valid memory; their results are never stored.
+//
+// With 16-byte aligned weights (so whole 8-block tiles) the copies take 32-bit offsets
+// stepped from piece to piece (a handful of instructions per 16-byte copy; 64-bit products and
+// divisions per piece once took ~30, a quarter of the kernel's instructions). Weight piece
+// i = tid + THREADS k is row i / 17, piece i % 17, and lands at 16 i (rows are 272 = 17 x 16
+// bytes apart in the stage); piece i + THREADS is THREADS / 17 rows and THREADS % 17 pieces
+// further, with a carry into the row. Activation piece tid % 16 and scale tid % 8 are the same
+// for all of a thread's vectors.
 template <int WM>
 __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, const u8* w, const i8* xq,
                                              const float* xd, i64 row0, i64 vec0, i64 kt) {
     constexpr int BM = 32 * WM, THREADS = 64 * WM;
-    const int tid = threadIdx.x;
     const i64 kblk0 = kt * GQ_KB;
-    const int nbt = (int)min64(GQ_KB, p.n_blocks - kblk0);
     u8* sw = stage;
     u8* sx = stage + GQ_STAGE_W(WM);
     float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
     if (p.aligned16) {
-        // n_blocks is a multiple of 8 here (row_bytes % 16 == 0): every tile is 17 x 16 bytes.
-        for (int i = tid; i < BM * 17; i += THREADS) {
-            const int r = i / 17, c = i - 17 * (i / 17);
-            const i64 row = min64(row0 + r, p.n_rows - 1);
-            gq_cp16(sw + r * GQ_WROW + 16 * c, w + row * p.row_bytes + kblk0 * Q8_0_BYTES + 16 * c);
-        }
-    } else {
-        // 2-byte units of the tile's valid blocks (17 per block), plain loads and stores.
-        const int units = nbt * (Q8_0_BYTES / 2);
-        for (int i = tid; i < BM * (GQ_WROW / 2); i += THREADS) {
-            const int r = i / (GQ_WROW / 2), c = i - (GQ_WROW / 2) * r;
-            if (c < units) {
-                const i64 row = min64(row0 + r, p.n_rows - 1);
-                const u16* src = (const u16*)(w + row * p.row_bytes + kblk0 * Q8_0_BYTES) + c;
-                ((u16*)(sw + r * GQ_WROW))[c] = *src;
+        constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
+        // The thread index read here (volatile: per tile) keeps the compiler from hoisting the
+        // per-thread offsets below out of the K loop into a dozen registers the kernel lacks.
+        int tid;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+        // The CTA's last valid row and vector, relative to its first (the launcher keeps
+        // BM row_bytes and GQ_BN vectors' activations under 4 GiB: see gemm.rs).
+        const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
+        const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
+        const u32 w_row = (u32)p.row_bytes;
+        const u8* wt = w + row0 * p.row_bytes + kt * GQ_WROW;
+        int r = tid / 17, c = tid - 17 * r;
+        u32 off = (u32)r * w_row + 16 * c;
+        // Shared-memory addresses as 32-bit values (generic pointers cost 64-bit arithmetic
+        // and a conversion per copy).
+        const u32 s_w = gq_smem_addr(sw) + 16 * tid;
+#pragma unroll
+        for (int k = 0; k * THREADS < PIECES; k++) {
+            if ((k + 1) * THREADS <= PIECES || tid + k * THREADS < PIECES) {
+                const u32 src = r <= last_row ? off : off - (u32)(r - last_row) * w_row;
+                gq_cp16_s(s_w + 16 * THREADS * k, wt + src);
             }
+            r += DR;
+            c += DC;
+            off += DR * w_row + 16 * DC;
+            if (c >= 17) c -= 17, r += 1, off += w_row - 17 * 16;
+        }
+        const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks), x_vec = d_vec * QK8_0;
+        const i8* xt = xq + vec0 * (i64)x_vec + kt * (GQ_KB * QK8_0) + 16 * (tid & 15);
+        const u32 s_x = gq_smem_addr(sx) + 16 * (tid & 15);
+#pragma unroll
+        for (int k = 0; k < GQ_BN * 16 / THREADS; k++) {
+            const int v = (tid >> 4) + (THREADS / 16) * k;
+            gq_cp16_s(s_x + v * GQ_XROW, xt + (u32)min(v, last_vec) * x_vec);
+        }
+        const float* dt = xd + vec0 * (i64)d_vec + kblk0 + (tid & 7);
+        const u32 s_d = gq_smem_addr(sd) + 4 * (tid & 7) * GQ_BN;
+#pragma unroll
+        for (int k = 0; k < GQ_BN * GQ_KB / THREADS; k++) {
+            const int v = (tid >> 3) + (THREADS / 8) * k;
+            gq_cp4_s(s_d + 4 * v, dt + (u32)min(v, last_vec) * d_vec);
+        }
+        return;
+    }
+    // 2-byte units of the tile's valid blocks (17 per block), plain loads and stores.
+    const int tid = threadIdx.x;
+    const int nbt = (int)min64(GQ_KB, p.n_blocks - kblk0);
+    const int units = nbt * (Q8_0_BYTES / 2);
+    for (int i = tid; i < BM * (GQ_WROW / 2); i += THREADS) {
+        const int r = i / (GQ_WROW / 2), c = i - (GQ_WROW / 2) * r;
+        if (c < units) {
+            const i64 row = min64(row0 + r, p.n_rows - 1);
+            const u16* src = (const u16*)(w + row * p.row_bytes + kblk0 * Q8_0_BYTES) + c;
+            ((u16*)(sw + r * GQ_WROW))[c] = *src;
         }
     }
     // Activations: 16 pieces of 16 bytes per vector (those of valid blocks: 2 per block).
