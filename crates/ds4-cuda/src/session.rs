@@ -163,14 +163,35 @@ impl CudaSession {
         }
         let scratch = Scratch::new(&model, model.chunk.min(ctx), max_index_rows, max_attn_rows)
             .map_err(cuda_err)?;
-        Ok(CudaSession {
+        let mut session = CudaSession {
             model,
             ctx,
             tokens: Vec::new(),
             last_logits: Vec::new(),
             layers,
             scratch,
-        })
+        };
+        // The decode graph is captured here, with the session, not at the first reply's
+        // second token (tens of milliseconds there). Its warm-up step leaves state behind.
+        let model = session.model.clone();
+        model
+            .prepare_decode_graph(&mut session.scratch, &mut session.layers)
+            .map_err(cuda_err)?;
+        session.clear().map_err(cuda_err)?;
+        Ok(session)
+    }
+
+    /// Forgets every token ([`Session::reset`], with its error).
+    fn clear(&mut self) -> Result<()> {
+        self.tokens.clear();
+        self.last_logits.clear();
+        // Rows beyond the token count are never read; only the frontiers must be emptied.
+        for l in &self.layers {
+            for c in [&l.attn, &l.index].into_iter().flatten() {
+                c.reset(&self.model)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether single-token steps are captured once into a CUDA graph and replayed (on by
@@ -398,15 +419,8 @@ impl Session for CudaSession {
     }
 
     fn reset(&mut self) {
-        self.tokens.clear();
-        self.last_logits.clear();
-        // Rows beyond the token count are never read; only the frontiers must be emptied.
-        for l in &self.layers {
-            for c in [&l.attn, &l.index].into_iter().flatten() {
-                if let Err(e) = c.reset(&self.model) {
-                    eprintln!("ds4: CUDA session reset failed: {e}");
-                }
-            }
+        if let Err(e) = self.clear() {
+            eprintln!("ds4: CUDA session reset failed: {e}");
         }
     }
 }

@@ -205,18 +205,30 @@ impl Drop for HostTimes {
 }
 
 /// Quantized-activation buffers by (kind, vector length, the f32 buffer they are the
-/// quantized form of), grown on demand: one input's quantized form is never overwritten by
+/// quantized form of), made on demand: one input's quantized form is never overwritten by
 /// another input's, whatever the shapes (side streams read forms made before they forked).
-/// `generation`
-/// counts the reallocations: a captured graph holds the buffers' addresses, so it is only
-/// replayed while the generation it was captured at is current.
+/// A new buffer has room for a whole span of `span_cap` tokens (its vectors per token of the
+/// forward that makes it, see [`QuantSlots::set_span`]), so that neither a prefill after the
+/// first decode step nor a decode step after a prefill has to reallocate one. `generation`
+/// counts the reallocations (a buffer replaced by a larger one): a captured graph holds the
+/// buffers' addresses, so it is only replayed while the generation it was captured at is
+/// current. A buffer made for a new key replaces nothing and leaves the generation alone.
 #[derive(Default)]
 pub(crate) struct QuantSlots {
     slots: HashMap<(ActQuant, usize, u64), QuantizedActivations>,
     generation: u64,
+    /// Tokens of the forward in progress, and the most one forward can take.
+    span_tokens: usize,
+    span_cap: usize,
 }
 
 impl QuantSlots {
+    /// The forward in progress runs `tokens` tokens; at most `cap` can run at once.
+    fn set_span(&mut self, tokens: usize, cap: usize) {
+        self.span_tokens = tokens;
+        self.span_cap = cap;
+    }
+
     /// The quantized form (`kind`, `n` vectors of `cols` values) of the f32 buffer at device
     /// address `src`, made earlier.
     fn get(
@@ -363,6 +375,14 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// Every chunk starts from the same stream buffer (a captured graph reads that one).
+    fn unswap_streams(&mut self) {
+        if self.streams_swapped {
+            std::mem::swap(&mut self.streams, &mut self.streams_next);
+            self.streams_swapped = false;
+        }
+    }
+
     /// See [`crate::CudaSession::set_decode_graphs`].
     pub(crate) fn set_decode_graphs(&mut self, on: bool) {
         self.graphs_enabled = on;
@@ -765,12 +785,18 @@ fn quant_slot<'a>(
     src: u64,
 ) -> Result<&'a mut QuantizedActivations> {
     let key = (kind, cols, src);
-    let grow = quant.slots.get(&key).is_none_or(|q| q.q.len() < n * cols);
-    if grow {
+    let existing = quant.slots.get(&key).map(|q| q.q.len());
+    if existing.is_none_or(|len| len < n * cols) {
+        // n vectors for span_tokens tokens: room for span_cap tokens' worth (at least n).
+        let room = (n * quant.span_cap)
+            .div_ceil(quant.span_tokens.max(1))
+            .max(n);
         quant
             .slots
-            .insert(key, m.gpu.alloc_quantized(kind, cols, n)?);
-        quant.generation += 1;
+            .insert(key, m.gpu.alloc_quantized(kind, cols, room)?);
+        if existing.is_some() {
+            quant.generation += 1;
+        }
     }
     let qa = quant.slots.get_mut(&key).expect("inserted above");
     qa.n_vecs = n;
@@ -955,13 +981,13 @@ impl CudaModel {
         s.prof.start(self)?;
         // Reads no clock unless DS4_CUDA_PROFILE=host.
         s.host_times.begin();
+        s.quant.set_span(n, s.cap);
+        for lane in &mut s.lane_quant {
+            lane.set_span(n, s.cap);
+        }
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
-        // Every chunk starts from the same stream buffer (a captured graph reads that one).
-        if s.streams_swapped {
-            std::mem::swap(&mut s.streams, &mut s.streams_next);
-            s.streams_swapped = false;
-        }
+        s.unswap_streams();
         // Embedding rows decoded on the host (the file is mapped there; several threads for
         // a prefill span), uploaded once and copied into every residual stream on the GPU.
         let dev = &self.gpu.device;
@@ -1034,6 +1060,36 @@ impl CudaModel {
         }
         s.host_times.skip();
         *out = download_prefix(self, &s.logits, rows * c.vocab_size)?;
+        Ok(())
+    }
+
+    /// Captures the decode graph before the first decode step (when graphs are on and none is
+    /// captured), so that this step does not pay for the capture: a single-token step of
+    /// token 0 at position 0 runs uncaptured first (it makes every buffer a step uses, sized
+    /// for whole spans: the prefills that follow reallocate none of them). That step writes
+    /// the layer states at position 0 (and so does one replay of the graph, which uploads it):
+    /// the caller resets them.
+    pub(crate) fn prepare_decode_graph(
+        &self,
+        s: &mut Scratch,
+        layers: &mut [GpuLayerState],
+    ) -> Result<()> {
+        if !s.graphs_enabled || s.decode_graph.is_some() {
+            return Ok(());
+        }
+        if !s.decode_warm {
+            let mut logits = Vec::new();
+            self.forward_chunk_into(s, layers, &[0], 0, 0..1, &mut logits)?;
+        }
+        if s.decode_warm && s.decode_graph.is_none() {
+            s.unswap_streams();
+            self.gpu.device.set_dependent_launch(true);
+            self.capture_decode(s, layers, 0)?;
+        }
+        // One replay (the same step again): the graph's first launch uploads it to the device.
+        if let Some(g) = &s.decode_graph {
+            g.graph.launch().ctx("cuGraphLaunch (decode warm-up)")?;
+        }
         Ok(())
     }
 
