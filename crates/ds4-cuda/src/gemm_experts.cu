@@ -193,11 +193,22 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
 // 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
 // last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
+//
+// The cp.async addresses are stepped as 32-bit offsets (64-bit products and divisions per
+// 16-byte piece took ~35 instructions each, as many as a warp's math on a small group):
+// weight piece i = tid + GE_THREADS k is row i / NP, piece i % NP (NP = WROW / 16 pieces a
+// stage row) and lands at 16 i; piece i + GE_THREADS is GE_THREADS / NP rows and
+// GE_THREADS % NP pieces further, with a carry into the row. An activation row's 32 pieces are
+// a warp's lanes, the warps taking every GE_WARPS-th vector.
 template <int FMT, int NV>
 __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
                                              int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
-    const int tid = threadIdx.x;
+    static_assert(WROW % 16 == 0 && GE_KT * 16 == 32, "stage rows of whole pieces; a warp per activation row");
+    // The thread index read here (volatile: per tile) keeps the compiler from hoisting the
+    // per-thread offsets below out of the K loop into registers the kernel lacks.
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
     const i64 kb0 = kt * GE_KT;
     const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
     const i64 t0 = kb0 * BB;  // the tile's first byte in a row
@@ -207,15 +218,26 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     float* sd = (float*)(sx + NV * XROW);
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
-        // end at or before the row's end, a multiple of 16 bytes.
-        const i64 s0 = t0 - boff;
+        // end at or before the row's end, a multiple of 16 bytes. (The launcher keeps GE_BM
+        // rows under 4 GiB for the 32-bit offsets.)
+        constexpr int NP = WROW / 16, PIECES = GE_BM * NP, DR = GE_THREADS / NP, DC = GE_THREADS % NP;
         const int n16 = (boff + nbt * BB + 15) >> 4;
-        for (int i = tid; i < GE_BM * (WROW / 16); i += GE_THREADS) {
-            const int r = i / (WROW / 16), c = i - r * (WROW / 16);
-            if (c < n16) {
-                const i64 row = min64(row0 + r, p.n_rows - 1);
-                cp_async16(sw + r * WROW + 16 * c, W + row * p.row_bytes + s0 + 16 * c);
+        const int last_row = (int)min64(GE_BM, p.n_rows - row0) - 1;
+        const u32 w_row = (u32)p.row_bytes;
+        const u8* wt = W + row0 * p.row_bytes + (t0 - boff);
+        const u32 s_w = smem_addr(sw) + 16 * tid;
+        int r = tid / NP, c = tid - NP * r;
+        u32 off = (u32)r * w_row + 16 * c;
+#pragma unroll
+        for (int k = 0; k * GE_THREADS < PIECES; k++) {
+            if (((k + 1) * GE_THREADS <= PIECES || tid + k * GE_THREADS < PIECES) && c < n16) {
+                const u32 src = r <= last_row ? off : off - (u32)(r - last_row) * w_row;
+                cp_async16_s(s_w + 16 * GE_THREADS * k, wt + src);
             }
+            r += DR;
+            c += DC;
+            off += DR * w_row + 16 * DC;
+            if (c >= NP) c -= NP, r += 1, off += w_row - 16 * NP;
         }
     } else {
         // The tile's bytes only, 2 at a time (every block size is even: 2-byte aligned).
@@ -229,12 +251,12 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     // Activations: 16 pieces of 16 bytes per block and vector, then the block scales.
     const i8* xq = (const i8*)p.x;
     const float* xd = (const float*)p.xd;
-    for (int i = tid; i < nvr * (GE_KT * 16); i += GE_THREADS) {
-        const int v = i / (GE_KT * 16), c = i - v * (GE_KT * 16);
-        if (c < nbt * 16) {
-            const i64 vec = min64(v0 + v, v_last);
-            cp_async16(sx + v * XROW + 16 * c, xq + (vec * p.n_blocks + kb0) * QK_K + 16 * c);
-        }
+    const int lane = tid & 31;
+    if (lane < nbt * 16) {
+        const i8* xt = xq + kb0 * QK_K + 16 * lane;
+        const i64 x_row = p.n_blocks * QK_K;
+        const u32 s_x = smem_addr(sx) + 16 * lane;
+        for (int v = tid >> 5; v < nvr; v += GE_WARPS) cp_async16_s(s_x + v * XROW, xt + min64(v0 + v, v_last) * x_row);
     }
     for (int i = tid; i < nvr * GE_KT; i += GE_THREADS) {
         const int v = i / GE_KT, b = i - v * GE_KT;

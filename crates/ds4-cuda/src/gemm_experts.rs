@@ -336,7 +336,10 @@ impl Gpu {
             n_rows: w.rows as i64,
             n_blocks: n_blocks as i64,
             n_vecs_total: n_vecs_total as i64,
-            aligned16: aligned16(w, w2) as i64,
+            // The aligned copies step 32-bit offsets over a CTA's TILE_ROWS rows.
+            aligned16: (aligned16(w, w2)
+                && (TILE_ROWS as u64).saturating_mul(w.row_bytes as u64) < 1 << 32)
+                as i64,
         };
         let label = format!(
             "{name} {}x{} x{} experts {n_vecs_total} vecs{}",
