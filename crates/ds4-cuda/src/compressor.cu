@@ -271,15 +271,17 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
 // blockIdx.y * tpc + w % tpc against the key tile's 8-row groups w / tpc, w / tpc + warps /
 // tpc, ... (decode: tpc 1, the warps share the rows). Each warp holds its token's whole
 // 64 x 128 query as bf16 A fragments in registers (4 head tiles x 8 k steps x 4 registers);
-// the CTA converts each tile of IDXM_ROWS keys to bf16 in shared memory (rows padded to
-// IDXM_KSTRIDE: conflict-free ldmatrix), from which every warp takes its B fragments with
-// ldmatrix. (255 registers, the query's 128 among them: two 4-warp CTAs or one 8-warp CTA
+// the CTA walks its tiles of IDXM_ROWS keys in halves: a half's raw f32 rows are copied into
+// shared memory with cp.async while the previous half's MMAs run (with one CTA per SM, nothing
+// else would hide the copies), then converted to bf16 (rows padded to IDXM_KSTRIDE:
+// conflict-free ldmatrix), from which every warp takes its B fragments with ldmatrix. (255 registers, the query's 128 among them: two 4-warp CTAs or one 8-warp CTA
 // per SM.) Measured on an H200 over a 32K prefill (1 024-token spans): 424 us per call with
 // 8 warps and 8 tokens per CTA, against index_scores's 8 757 us; every output bit equal
 // (tests/index_scores_gpu.rs).
 #define IDXM_HEADS 64
 #define IDXM_DIM 128
 #define IDXM_ROWS 64
+#define IDXM_HALF (IDXM_ROWS / 2)
 #define IDXM_KSTRIDE (IDXM_DIM + 8)
 #define IDXM_WARPS 8
 
@@ -307,7 +309,10 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
     index_scores_mma(u64 q_, u64 w_, double w_scale_d, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
                      i64 topk, i64 max_rows, i64 n_tok, i64 tpc, i64 tiles_per_cta) {
     PDL_ENTRY();
-    __shared__ __align__(16) u16 ksh[IDXM_ROWS * IDXM_KSTRIDE];
+    // Half a key tile at a time: its raw f32 rows copied ahead (cp.async) while the previous
+    // half's MMAs run, then converted to bf16 for ldmatrix.
+    __shared__ __align__(16) u16 ksh[IDXM_HALF * IDXM_KSTRIDE];
+    __shared__ __align__(16) float kraw[IDXM_HALF * IDXM_DIM];
     const float w_scale = (float)w_scale_d;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const i64 pos0 = *(const i64*)pos_;
@@ -351,20 +356,42 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
 
     const float* keys = (const float*)keys_;
     float* scores = (float*)scores_ + t * max_rows;
-    const int groups = IDXM_ROWS / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
-    for (i64 tile = 0; tile < tiles_per_cta; tile++) {
-        const i64 r0 = first + tile * IDXM_ROWS;
+    const int groups = IDXM_HALF / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
+    // Starts copying the raw rows of half j (rows first + IDXM_HALF j ..; those at or past
+    // nv_max and channels past di are not copied: the conversion writes zeros there).
+    // (32-bit offsets from the half's first row; the thread index read volatile so that
+    // nothing of this is hoisted into registers the kernel lacks.)
+    const auto issue = [&](i64 j) {
+        int tid;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+        const i64 h0 = first + j * IDXM_HALF;
+        const float* kh = keys + h0 * di;
+        const int rows = (int)min64(IDXM_HALF, nv_max - h0), dn = (int)di;
+        const u32 sraw = smem_addr(kraw);
+        for (int i = tid; i < IDXM_HALF * (IDXM_DIM / 4); i += blockDim.x) {
+            const int r = i / (IDXM_DIM / 4), k = 4 * (i % (IDXM_DIM / 4));
+            if (r < rows && k < dn) cp_async16_s(sraw + 4 * (r * IDXM_DIM + k), kh + r * dn + k);
+        }
+        cp_async_commit();
+    };
+    const i64 halves = 2 * tiles_per_cta;
+    issue(0);  // first < nv_max (checked above)
+    for (i64 j = 0; j < halves; j++) {
+        const i64 r0 = first + j * IDXM_HALF;
         if (r0 >= nv_max) break;  // uniform
-        __syncthreads();          // the previous tile's keys are used up
+        cp_async_wait_all();
+        __syncthreads();  // half j has landed; the previous half's keys are used up
         // Keys r0.. as bf16, four channels per thread and step; rows past nv_max and channels
         // past di are zero (rows not yet written are never read).
-        for (int i = threadIdx.x; i < IDXM_ROWS * (IDXM_DIM / 4); i += blockDim.x) {
+        const int rows = (int)min64(IDXM_HALF, nv_max - r0), dn = (int)di;
+        for (int i = threadIdx.x; i < IDXM_HALF * (IDXM_DIM / 4); i += blockDim.x) {
             const int r = i / (IDXM_DIM / 4), k = 4 * (i % (IDXM_DIM / 4));
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r0 + r < nv_max && k < di) v = *(const float4*)(keys + (r0 + r) * di + k);
+            if (r < rows && k < dn) v = *(const float4*)(kraw + r * IDXM_DIM + k);
             *(uint2*)(ksh + r * IDXM_KSTRIDE + k) = make_uint2(bf16x2_rn(v.x, v.y), bf16x2_rn(v.z, v.w));
         }
-        __syncthreads();
+        __syncthreads();  // the bf16 keys are ready; the raw ones are used up
+        if (j + 1 < halves && r0 + IDXM_HALF < nv_max) issue(j + 1);
         if (!active) continue;
         for (int grp = warp / (int)tpc; grp < groups; grp += group_step) {
             const i64 rn = r0 + 8 * grp;
