@@ -77,10 +77,7 @@ pub struct ForwardKernels {
 
 impl ForwardKernels {
     pub fn load(device: &CudaDevice, cache: &KernelCache) -> Result<ForwardKernels> {
-        let sources = FORWARD_MODULES
-            .iter()
-            .map(|(name, src)| (*name, format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}")));
-        let (modules, _stats) = ModuleSet::load(device, cache, sources)?;
+        let (modules, _stats) = ModuleSet::load(device, cache, forward_sources())?;
         Ok(ForwardKernels { modules })
     }
 
@@ -116,11 +113,28 @@ impl ForwardKernels {
     }
 }
 
+/// Each forward module's name and the full source NVRTC compiles for it.
+fn forward_sources() -> impl Iterator<Item = (&'static str, String)> {
+    FORWARD_MODULES
+        .iter()
+        .map(|(name, src)| (*name, format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}")))
+}
+
+/// Every kernel module of the crate (the matrix modules, then the forward pass's): its name
+/// and the full source NVRTC compiles, e.g. to read the machine code without a GPU
+/// (examples/dump_cubins.rs).
+pub fn all_module_sources() -> Vec<(&'static str, String)> {
+    crate::kernels::MODULES
+        .iter()
+        .map(|m| (m.name, m.full_source()))
+        .chain(forward_sources())
+        .collect()
+}
+
 /// Compiles every forward module for `arch` without a GPU (NVRTC only), e.g. to check the
 /// sources on a build machine.
 pub fn compile_forward_modules(arch: &str) -> Result<()> {
-    for (name, src) in FORWARD_MODULES {
-        let source = format!("{COMMON_CUH}\n{FWD_COMMON}\n{src}");
+    for (name, source) in forward_sources() {
         crate::compile::compile_cubin(name, &source, arch)?;
     }
     Ok(())
