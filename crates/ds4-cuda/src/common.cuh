@@ -207,6 +207,16 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
+// threadIdx.x read through a volatile asm: a value the compiler cannot hoist out of a loop.
+// Copy loops that derive per-thread offsets from it inside a K loop keep them out of the
+// registers a kernel at its budget lacks (ptxas would otherwise precompute every iteration's
+// offsets once and spill).
+__device__ __forceinline__ int thread_index_per_call() {
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+    return tid;
+}
+
 // cp_async16 to a shared-memory address already in the shared window (32-bit address
 // arithmetic instead of 64-bit generic pointers and a conversion per copy).
 __device__ __forceinline__ void cp_async16_s(u32 dst, const void* src) {

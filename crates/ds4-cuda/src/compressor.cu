@@ -359,11 +359,10 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
     const int groups = IDXM_HALF / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
     // Starts copying the raw rows of half j (rows first + IDXM_HALF j ..; those at or past
     // nv_max and channels past di are not copied: the conversion writes zeros there).
-    // (32-bit offsets from the half's first row; the thread index read volatile so that
-    // nothing of this is hoisted into registers the kernel lacks.)
+    // (32-bit offsets from the half's first row; thread_index_per_call so that nothing of
+    // this is hoisted into registers the kernel lacks.)
     const auto issue = [&](i64 j) {
-        int tid;
-        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+        const int tid = thread_index_per_call();
         const i64 h0 = first + j * IDXM_HALF;
         const float* kh = keys + h0 * di;
         const int rows = (int)min64(IDXM_HALF, nv_max - h0), dn = (int)di;

@@ -205,10 +205,8 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
                                              int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     static_assert(WROW % 16 == 0 && GE_KT * 16 == 32, "stage rows of whole pieces; a warp per activation row");
-    // The thread index read here (volatile: per tile) keeps the compiler from hoisting the
-    // per-thread offsets below out of the K loop into registers the kernel lacks.
-    int tid;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+    // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
+    const int tid = thread_index_per_call();
     const i64 kb0 = kt * GE_KT;
     const int nbt = (int)min64(GE_KT, p.n_blocks - kb0);
     const i64 t0 = kb0 * BB;  // the tile's first byte in a row

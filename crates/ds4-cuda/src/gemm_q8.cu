@@ -149,10 +149,9 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
     float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
     if (p.aligned16) {
         constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
-        // The thread index read here (volatile: per tile) keeps the compiler from hoisting the
-        // per-thread offsets below out of the K loop into a dozen registers the kernel lacks.
-        int tid;
-        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+        // Read per tile: the per-thread offsets below stay out of the registers the kernel
+        // lacks.
+        const int tid = thread_index_per_call();
         // The CTA's last valid row and vector, relative to its first (the launcher keeps
         // BM row_bytes and GQ_BN vectors' activations under 4 GiB: see gemm.rs).
         const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
