@@ -4,11 +4,27 @@
 // Frontier layout as the CPU's (ds4's): kv and score are coff*m rows of coff*D (coff = 2 with
 // overlap). With overlap, rows [0, m) hold the previous window, [m, 2m) the current one.
 
+// Two floats as a bf16 pair (round to nearest even; lo in the low half, as MMA fragments hold
+// the lower column there).
+__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// One float as bf16 bits (round to nearest even, as bf16x2_rn).
+__device__ __forceinline__ u16 bf16_rn(float v) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+
 // A pooled row (D values in shared `row`, complete for the CTA) normalized (weight `norm`),
 // RoPE'd at row_pos, rounded (qat 1: FP8 nope + f16, as KV rows; qat 2: Hadamard + FP4 + f16,
-// as indexer keys; 0: none) and stored at out. Every thread of the CTA must call it.
+// as indexer keys; 0: none) and stored at out, and as bf16 at out16 unless that is null (the
+// indexer keys' copy for index_scores_mma). Every thread of the CTA must call it.
 __device__ void compress_finish_row(float* row, const float* norm, i64 D, double eps, const double* inv_freq, i64 r,
-                                    i64 row_pos, i64 qat, float* out) {
+                                    i64 row_pos, i64 qat, float* out, u16* out16) {
     double ss = 0.0;
     for (i64 c = threadIdx.x; c < D; c += blockDim.x) ss += (double)row[c] * (double)row[c];
     ss = cta_sum_f64(ss);
@@ -28,15 +44,20 @@ __device__ void compress_finish_row(float* row, const float* norm, i64 D, double
             fp4_block_warp(row + b * 32, (int)min64(32, D - b * 32));
         __syncthreads();
     }
-    for (i64 c = threadIdx.x; c < D; c += blockDim.x) out[c] = qat ? f16_round(row[c]) : row[c];
+    for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+        const float v = qat ? f16_round(row[c]) : row[c];
+        out[c] = v;
+        if (out16) out16[c] = bf16_rn(v);
+    }
 }
 
 // Feeds n_tok tokens at positions *pos_.. (their projections kv_in/gate_in, each coff*D wide)
 // to one compressor in token order, on one CTA. Each token that closes a window pools a row, which is normalized
 // (weight `norm`), RoPE'd at its window start, rounded (qat 1: FP8 nope + f16, as KV rows;
 // qat 2: Hadamard + FP4 + f16, as indexer keys; 0: none) and appended at row n_rows0, n_rows0+1...
-// Dynamic shared: D floats.
+// (and as bf16 into rows16_ unless it is 0). Dynamic shared: D floats.
 extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
+                                         u64 rows16_,
                                          i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
                                          i64 r, i64 qat) {
     PDL_ENTRY();
@@ -76,7 +97,8 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
             row[c] = acc / sum;
         }
         __syncthreads();
-        compress_finish_row(row, norm, D, eps, (const double*)inv_freq_, r, pos + 1 - m, qat, (float*)rows_ + n_rows * D);
+        compress_finish_row(row, norm, D, eps, (const double*)inv_freq_, r, pos + 1 - m, qat, (float*)rows_ + n_rows * D,
+                            rows16_ ? (u16*)rows16_ + n_rows * D : nullptr);
         n_rows++;
         // Advance: the current window becomes the previous one (overlap); the current slots empty.
         if (overlap) {
@@ -129,6 +151,7 @@ __device__ __forceinline__ void compress_slot(const float* kv_in, const float* g
 // p / m ... as compress_span does. Grid: at least W1 - W0 CTAs (n_tok / m + 1 always is).
 // Dynamic shared: D floats.
 extern "C" __global__ void compress_rows(u64 kv_in_, u64 gate_in_, u64 ape_, u64 norm_, u64 skv_, u64 ssc_, u64 rows_,
+                                         u64 rows16_,
                                          i64 n_tok, u64 pos_, i64 m, i64 D, i64 overlap, double eps, u64 inv_freq_,
                                          i64 r, i64 qat) {
     PDL_ENTRY();
@@ -164,7 +187,7 @@ extern "C" __global__ void compress_rows(u64 kv_in_, u64 gate_in_, u64 ape_, u64
     }
     __syncthreads();
     compress_finish_row(row, (const float*)norm_, D, eps, (const double*)inv_freq_, r, p + 1 - m, qat,
-                        (float*)rows_ + (W0 + k) * D);
+                        (float*)rows_ + (W0 + k) * D, rows16_ ? (u16*)rows16_ + (W0 + k) * D : nullptr);
 }
 
 // The frontier after the span, element (slot i, channel c) per thread: the current window's
@@ -271,12 +294,14 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
 // blockIdx.y * tpc + w % tpc against the key tile's 8-row groups w / tpc, w / tpc + warps /
 // tpc, ... (decode: tpc 1, the warps share the rows). Each warp holds its token's whole
 // 64 x 128 query as bf16 A fragments in registers (4 head tiles x 8 k steps x 4 registers);
-// the CTA walks its tiles of IDXM_ROWS keys in halves: a half's raw f32 rows are copied into
-// shared memory with cp.async while the previous half's MMAs run (with one CTA per SM, nothing
-// else would hide the copies), then converted to bf16 (rows padded to IDXM_KSTRIDE:
-// conflict-free ldmatrix), from which every warp takes its B fragments with ldmatrix. (255 registers, the query's 128 among them: two 4-warp CTAs or one 8-warp CTA
-// per SM.) Measured on an H200 over a 32K prefill (1 024-token spans): 424 us per call with
-// 8 warps and 8 tokens per CTA, against index_scores's 8 757 us; every output bit equal
+// the keys come from the compressor's bf16 copy of its rows (compress_finish_row: the same
+// values, exact in bf16, so the same bits as converting the f32 rows here). The CTA walks its
+// tiles of IDXM_ROWS keys in halves through two shared buffers: half j + 1 is copied with
+// cp.async straight into the padded rows (IDXM_KSTRIDE: conflict-free ldmatrix) while every
+// warp takes half j's B fragments with ldmatrix. (The query's 128 registers bound the CTA to
+// 8 warps: two 4-warp CTAs or one 8-warp CTA per SM.) Measured on an H200 over a 32K prefill
+// (1 024-token spans): 424 us per call with 8 warps and 8 tokens per CTA when the kernel
+// still converted f32 keys, against index_scores's 8 757 us; every output bit equal
 // (tests/index_scores_gpu.rs).
 #define IDXM_HEADS 64
 #define IDXM_DIM 128
@@ -284,14 +309,6 @@ extern "C" __global__ void index_scores(u64 q_, u64 w_, double w_scale_d, u64 ke
 #define IDXM_HALF (IDXM_ROWS / 2)
 #define IDXM_KSTRIDE (IDXM_DIM + 8)
 #define IDXM_WARPS 8
-
-// Two floats as a bf16 pair (round to nearest even; lo in the low half, as MMA fragments hold
-// the lower column there).
-__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 
 // D = A B + C for a 16x16 bf16 A (row-major) and a 16x8 bf16 B (column-major), f32 C/D.
 // Lane l, g = l/4, c = l%4 holds:
@@ -306,13 +323,10 @@ __device__ __forceinline__ void idxm_mma(float (&d)[4], const u32 (&a)[4], u32 b
 }
 
 extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
-    index_scores_mma(u64 q_, u64 w_, double w_scale_d, u64 keys_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
+    index_scores_mma(u64 q_, u64 w_, double w_scale_d, u64 keys16_, u64 scores_, u64 pos_, i64 ratio, i64 ni, i64 di,
                      i64 topk, i64 max_rows, i64 n_tok, i64 tpc, i64 tiles_per_cta) {
     PDL_ENTRY();
-    // Half a key tile at a time: its raw f32 rows copied ahead (cp.async) while the previous
-    // half's MMAs run, then converted to bf16 for ldmatrix.
-    __shared__ __align__(16) u16 ksh[IDXM_HALF * IDXM_KSTRIDE];
-    __shared__ __align__(16) float kraw[IDXM_HALF * IDXM_DIM];
+    __shared__ __align__(16) u16 ksh[2][IDXM_HALF * IDXM_KSTRIDE];
     const float w_scale = (float)w_scale_d;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const i64 pos0 = *(const i64*)pos_;
@@ -326,6 +340,12 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
     const i64 t = tok0 + warp % tpc;
     const i64 nv = t < n_tok ? (pos0 + t + 1) / ratio : 0;
     const bool active = nv > topk;  // uniform over the warp
+
+    // Both buffers zeroed once: channels past di are never copied and must add zeros. Rows
+    // past nv_max keep whatever an earlier half left there: their columns of the MMAs are
+    // never stored.
+    for (int i = threadIdx.x; i < 2 * IDXM_HALF * IDXM_KSTRIDE / 8; i += blockDim.x)
+        ((uint4*)&ksh[0][0])[i] = make_uint4(0u, 0u, 0u, 0u);
 
     // The token's query as A fragments (head tile m = heads 16m..16m+15, k step s), and the
     // weights of the eight heads g + 8j this lane's accumulators hold (zero past ni).
@@ -353,23 +373,24 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
 #pragma unroll
         for (int j = 0; j < 8; j++) wh[j] = g + 8 * j < ni ? wt[g + 8 * j] * w_scale : 0.f;
     }
+    __syncthreads();  // the zeros are stored before any copy lands on them
 
-    const float* keys = (const float*)keys_;
+    const u16* keys = (const u16*)keys16_;
     float* scores = (float*)scores_ + t * max_rows;
     const int groups = IDXM_HALF / 8, group_step = (int)(blockDim.x >> 5) / (int)tpc;
-    // Starts copying the raw rows of half j (rows first + IDXM_HALF j ..; those at or past
-    // nv_max and channels past di are not copied: the conversion writes zeros there).
-    // (32-bit offsets from the half's first row; thread_index_per_call so that nothing of
-    // this is hoisted into registers the kernel lacks.)
+    // Starts copying half j's rows (first + IDXM_HALF j ..; those at or past nv_max are not
+    // copied) into buffer j % 2, 8 channels a copy. (32-bit offsets from the half's first
+    // row; thread_index_per_call so that nothing of this is hoisted into registers the kernel
+    // lacks.)
     const auto issue = [&](i64 j) {
         const int tid = thread_index_per_call();
         const i64 h0 = first + j * IDXM_HALF;
-        const float* kh = keys + h0 * di;
-        const int rows = (int)min64(IDXM_HALF, nv_max - h0), dn = (int)di;
-        const u32 sraw = smem_addr(kraw);
-        for (int i = tid; i < IDXM_HALF * (IDXM_DIM / 4); i += blockDim.x) {
-            const int r = i / (IDXM_DIM / 4), k = 4 * (i % (IDXM_DIM / 4));
-            if (r < rows && k < dn) cp_async16_s(sraw + 4 * (r * IDXM_DIM + k), kh + r * dn + k);
+        const u16* kh = keys + h0 * di;
+        const int rows = (int)min64(IDXM_HALF, nv_max - h0), dn = (int)di, pieces = dn / 8;
+        const u32 dst = smem_addr(&ksh[j & 1][0]);
+        for (int i = tid; i < rows * pieces; i += blockDim.x) {
+            const int r = i / pieces, k = 8 * (i - r * pieces);
+            cp_async16_s(dst + 2 * (r * IDXM_KSTRIDE + k), kh + r * dn + k);
         }
         cp_async_commit();
     };
@@ -379,19 +400,10 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
         const i64 r0 = first + j * IDXM_HALF;
         if (r0 >= nv_max) break;  // uniform
         cp_async_wait_all();
-        __syncthreads();  // half j has landed; the previous half's keys are used up
-        // Keys r0.. as bf16, four channels per thread and step; rows past nv_max and channels
-        // past di are zero (rows not yet written are never read).
-        const int rows = (int)min64(IDXM_HALF, nv_max - r0), dn = (int)di;
-        for (int i = threadIdx.x; i < IDXM_HALF * (IDXM_DIM / 4); i += blockDim.x) {
-            const int r = i / (IDXM_DIM / 4), k = 4 * (i % (IDXM_DIM / 4));
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r < rows && k < dn) v = *(const float4*)(kraw + r * IDXM_DIM + k);
-            *(uint2*)(ksh + r * IDXM_KSTRIDE + k) = make_uint2(bf16x2_rn(v.x, v.y), bf16x2_rn(v.z, v.w));
-        }
-        __syncthreads();  // the bf16 keys are ready; the raw ones are used up
+        __syncthreads();  // half j has landed; half j - 1's buffer is used up
         if (j + 1 < halves && r0 + IDXM_HALF < nv_max) issue(j + 1);
         if (!active) continue;
+        const u16* kbuf = &ksh[j & 1][0];
         for (int grp = warp / (int)tpc; grp < groups; grp += group_step) {
             const i64 rn = r0 + 8 * grp;
             if (rn >= nv) break;  // uniform over the warp
@@ -402,8 +414,7 @@ extern "C" __global__ void __launch_bounds__(IDXM_WARPS * 32)
                 for (int i = 0; i < 4; i++) acc[m][i] = 0.f;
             // Lane l addresses row l % 8 of matrix l / 8: channels 16s + 8(l / 8) of the pair
             // of k steps s, s + 1 (b0, b1 of step s, then of step s + 1).
-            const u32 base =
-                (u32)__cvta_generic_to_shared(ksh + (8 * grp + (lane & 7)) * IDXM_KSTRIDE + 8 * (lane >> 3));
+            const u32 base = smem_addr(kbuf + (8 * grp + (lane & 7)) * IDXM_KSTRIDE + 8 * (lane >> 3));
 #pragma unroll
             for (int s = 0; s < 8; s += 2) {
                 u32 b[4];

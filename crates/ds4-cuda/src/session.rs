@@ -9,9 +9,10 @@ use std::sync::Arc;
 use ds4_model::backend::{check_span, Logits, ModelError, Session};
 use ds4_model::config::AttnKind;
 use ds4_model::cpu::compressor::EMPTY_SCORE;
+use ds4_model::numerics::Numerics;
 use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
 
-use crate::device::DeviceBuffer;
+use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, Result};
 use crate::forward::{download_prefix, Scratch};
 use crate::model::CudaModel;
@@ -24,13 +25,23 @@ pub(crate) struct GpuCompressor {
     pub capacity: usize,
     /// capacity × width emitted rows.
     pub rows: DeviceBuffer<f32>,
+    /// The rows again as bf16, for the indexer's tensor-core scores (index_scores_mma): kept
+    /// by the indexer's compressor in ds4 numerics, where its rows are exact in bf16.
+    pub rows_bf16: Option<DeviceBuffer<u16>>,
     /// Frontier values and scores: coff·m × coff·width each.
     pub kv: DeviceBuffer<f32>,
     pub score: DeviceBuffer<f32>,
 }
 
 impl GpuCompressor {
-    fn new(m: &CudaModel, ratio: usize, width: usize, overlap: bool, ctx: usize) -> Result<Self> {
+    fn new(
+        m: &CudaModel,
+        ratio: usize,
+        width: usize,
+        overlap: bool,
+        ctx: usize,
+        bf16_copy: bool,
+    ) -> Result<Self> {
         let capacity = compressed_capacity(ctx, ratio);
         let coff = if overlap { 2 } else { 1 };
         let fsize = coff * ratio * coff * width;
@@ -40,6 +51,11 @@ impl GpuCompressor {
             overlap,
             capacity,
             rows: dev.alloc_filled(capacity * width, 0)?,
+            rows_bf16: if bf16_copy {
+                Some(dev.alloc_filled(capacity * width, 0)?)
+            } else {
+                None
+            },
             kv: dev.alloc(fsize)?,
             score: dev.alloc(fsize)?,
         };
@@ -60,7 +76,7 @@ impl GpuCompressor {
 }
 
 /// Copies host values into the start of a device buffer.
-fn upload_into(m: &CudaModel, data: &[f32], buf: &DeviceBuffer<f32>) -> Result<()> {
+fn upload_into<T: DeviceValue>(m: &CudaModel, data: &[T], buf: &DeviceBuffer<T>) -> Result<()> {
     if data.len() > buf.len() {
         return Err(CudaError::InvalidArgument(format!(
             "upload of {} values into a buffer of {}",
@@ -133,19 +149,34 @@ impl CudaSession {
             let (attn, index) = match cfg.attn_kind[l] {
                 AttnKind::Sliding => (None, None),
                 AttnKind::Hca => (
-                    Some(GpuCompressor::new(&model, ratio, cfg.head_dim, false, ctx)),
+                    Some(GpuCompressor::new(
+                        &model,
+                        ratio,
+                        cfg.head_dim,
+                        false,
+                        ctx,
+                        false,
+                    )),
                     None,
                 ),
                 AttnKind::Csa => {
                     max_index_rows = max_index_rows.max(compressed_capacity(ctx, ratio));
                     (
-                        Some(GpuCompressor::new(&model, ratio, cfg.head_dim, true, ctx)),
+                        Some(GpuCompressor::new(
+                            &model,
+                            ratio,
+                            cfg.head_dim,
+                            true,
+                            ctx,
+                            false,
+                        )),
                         Some(GpuCompressor::new(
                             &model,
                             ratio,
                             cfg.index_head_dim,
                             true,
                             ctx,
+                            model.numerics == Numerics::Ds4,
                         )),
                     )
                 }
@@ -270,6 +301,16 @@ impl CudaSession {
                     )));
                 }
                 upload_into(&m, s.rows.as_slice(), &d.rows)?;
+                if let Some(copy) = &d.rows_bf16 {
+                    // Round to nearest even, as the compressor's cvt.rn.bf16.f32.
+                    let bf16: Vec<u16> = s
+                        .rows
+                        .as_slice()
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect();
+                    upload_into(&m, &bf16, copy)?;
+                }
                 let (kv, score) = s.frontier.state();
                 upload_into(&m, kv, &d.kv)?;
                 upload_into(&m, score, &d.score)?;
@@ -309,7 +350,19 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .map(|l| attention_rows(cfg, l, ctx))
         .max()
         .unwrap_or(1);
+    // The indexer keys' bf16 copies (ds4 numerics).
+    let index_bf16 = if m.numerics == Numerics::Ds4 {
+        (0..cfg.n_layers)
+            .filter(|&l| cfg.attn_kind[l] == AttnKind::Csa)
+            .map(|l| {
+                compressed_capacity(ctx, cfg.compress_ratio[l] as usize) * cfg.index_head_dim * 2
+            })
+            .sum()
+    } else {
+        0
+    };
     state
+        + index_bf16
         + crate::model::working_memory_estimate(cfg, m.chunk)
         + m.chunk * max_index_rows * 4
         + cfg.n_heads * max_attn_rows * 4

@@ -1,7 +1,8 @@
 //! The indexer's tensor-core scores (compressor.cu index_scores_mma) against its f32 kernel
 //! (index_scores), bit for bit, on inputs shaped as ds4 numerics leaves them: queries and keys
 //! whose every 32-channel block is e2m1 values times a power of two (the Hadamard + FP4 round
-//! trip), keys also f16-exact, arbitrary f32 head weights. Cases cover the real shape (64 heads
+//! trip), keys also f16-exact (index_scores_mma reads their bf16 copy, as the indexer's
+//! compressor keeps it), arbitrary f32 head weights. Cases cover the real shape (64 heads
 //! x 128 channels, top-k 512) and the fixtures' (8 x 32, 8 x 16), a head count between 32 and
 //! 64, ratio 4, spans that cross from "every row kept" (nv <= topk, nothing scored) to scored,
 //! decode (one token, thousands of rows), partial token groups, and every tokens-per-CTA and
@@ -105,6 +106,12 @@ fn run_case(g: &Gpu, rng: &mut Rng, c: &Case, exact: bool) -> (usize, usize, f64
     let w_scale = 1.0 / ((ni * di) as f64).sqrt() as f32;
     let dq = dev.upload(&q).unwrap();
     let dk = dev.upload(&keys).unwrap();
+    // index_scores_mma reads the compressor's bf16 copy of the keys.
+    let keys_bf16: Vec<u16> = keys
+        .iter()
+        .map(|&k| half::bf16::from_f32(k).to_bits())
+        .collect();
+    let dk16 = dev.upload(&keys_bf16).unwrap();
     let dw = dev.upload(&w).unwrap();
     let dpos = dev.upload(&[c.pos0 as i64]).unwrap();
     let sentinel = vec![f32::from_bits(SENTINEL); n * max_rows];
@@ -170,6 +177,7 @@ fn run_case(g: &Gpu, rng: &mut Rng, c: &Case, exact: bool) -> (usize, usize, f64
     for (warps, tpc, tiles_per_cta) in variants {
         let new = dev.upload(&sentinel).unwrap();
         let mut a = args(new.ptr());
+        a[3] = dk16.ptr();
         a.extend([n as u64, tpc as u64, tiles_per_cta as u64]);
         launch(
             g,

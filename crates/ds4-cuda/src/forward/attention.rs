@@ -528,9 +528,14 @@ impl CudaModel {
         const IDXM_ROWS: usize = 64;
         const IDXM_HEADS: usize = 64;
         const IDXM_DIM: usize = 128;
-        if self.numerics == Numerics::Ds4 && ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0 {
+        let mma_keys = is
+            .rows_bf16
+            .as_ref()
+            .filter(|_| ni <= IDXM_HEADS && di <= IDXM_DIM && di % 8 == 0);
+        if let Some(keys) = mma_keys {
             // ds4 numerics: queries and keys are FP4-shaped, exact in bf16, so the tensor-core
-            // kernel gives the f32 kernel's scores (compressor.cu).
+            // kernel gives the f32 kernel's scores (compressor.cu); the keys come from the
+            // compressor's bf16 copy.
             // Prefill: 8 warps, 8 tokens per CTA (at 32K, H200: 424 us per 1 024-token call
             // against 528 with 4 warps and 4 tokens). Fewer tokens: 4 warps sharing the rows
             // (decode: one token; each warp converts the whole query, so fewer warps per
@@ -561,7 +566,7 @@ impl CudaModel {
                 s.iq.ptr(),
                 s.iw.ptr(),
                 w_scale,
-                is.rows.ptr(),
+                keys.ptr(),
                 s.iscores.ptr(),
                 s.pos.ptr(),
                 ratio,
@@ -574,8 +579,8 @@ impl CudaModel {
                 tiles_per_cta
             ];
             // SAFETY: index_scores_mma reads each of the n tokens' ni × di query (di even)
-            // and ni weights, and of the keys only the (pos+1)/ratio ≤ max_index_rows rows
-            // written so far (di % 8 == 0: 16-byte loads), and writes one score per visible
+            // and ni weights, and of the bf16 keys only the (pos+1)/ratio ≤ max_index_rows
+            // rows written so far (di % 8 == 0: 16-byte copies), and writes one score per visible
             // row into the token's max_index_rows-long scratch row; its shared memory is
             // static. The block (4 or 8 warps) is within its launch bound (IDXM_WARPS = 8)
             // and tpc, a power of two up to the warp count, divides it.
@@ -689,6 +694,7 @@ impl CudaModel {
             cs.kv.ptr(),
             cs.score.ptr(),
             cs.rows.ptr(),
+            cs.rows_bf16.as_ref().map_or(0, |b| b.ptr()),
             n,
             pos,
             ratio,
