@@ -25,13 +25,26 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // or the K=V row's norm + RoPE + rounding, in one launch (the same
 // element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
 // floats.
+#define HNR_CTA_W 4  // weights per thread that head_norm_rope loads before its PDL wait
 extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
                                           u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
+    // Before the wait, off the decode's serial chain: this thread's weights (up to HNR_CTA_W)
+    // and its RoPE pair's rotation. Nothing in flight writes them: the position is uploaded
+    // before the span's kernels (read through L2, as attend_split_values reads it).
+    const i64 ri = blockIdx.x;
+    const float* w = (const float*)w_;
+    float wv[HNR_CTA_W];
+#pragma unroll
+    for (int j = 0; j < HNR_CTA_W; j++) {
+        const i64 i = threadIdx.x + (i64)j * blockDim.x;
+        wv[j] = w && i < width ? w[i] : 1.0f;
+    }
+    const i64 pos = ldcg_i64((const void*)pos_) + ri / rows_per_tok;
+    const float2 rot = threadIdx.x < r / 2 ? rope_rotation(pos, ((const double*)inv_freq_)[threadIdx.x], false)
+                                           : make_float2(0.f, 0.f);
     PDL_ENTRY();
     extern __shared__ float row[];
-    const i64 ri = blockIdx.x;
     const float* x = (const float*)x_ + ri * width;
-    const float* w = (const float*)w_;
     double ss = 0.0;
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) {
         const float v = x[i];
@@ -39,11 +52,18 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
         ss += (double)v * (double)v;
     }
     ss = cta_sum_f64(ss);
-    const float scale = (float)(1.0 / sqrt(ss / (double)width + eps));
-    for (i64 i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * scale * (w ? w[i] : 1.0f);
+    const float scale = rms_scale(ss, width, eps);
+#pragma unroll
+    for (int j = 0; j < HNR_CTA_W; j++) {
+        const i64 i = threadIdx.x + (i64)j * blockDim.x;
+        if (i < width) row[i] = row[i] * scale * wv[j];
+    }
+    for (i64 i = threadIdx.x + HNR_CTA_W * (i64)blockDim.x; i < width; i += blockDim.x)
+        row[i] = row[i] * scale * (w ? w[i] : 1.0f);
     __syncthreads();
-    const i64 pos = *(const i64*)pos_ + ri / rows_per_tok;
-    for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(row, width, r, l, pos, (const double*)inv_freq_, false);
+    for (int l = threadIdx.x; l < r / 2; l += blockDim.x)
+        rope_rotate(row + (width - r) + 2 * l,
+                    l == (int)threadIdx.x ? rot : rope_rotation(pos, ((const double*)inv_freq_)[l], false));
     __syncthreads();
     if (nope >= 0) {
         const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -121,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(HNR_WARPS * 32)
     double ss = 0.0;
 #pragma unroll
     for (int q = 0; q < 4; q++) ss += part[q];
-    const float scale = (float)(1.0 / sqrt(ss / (double)width + eps));
+    const float scale = rms_scale(ss, width, eps);
 #pragma unroll
     for (int j = 0; j < HNR_MAX_J; j++)
         if (j < J) v[j] = v[j] * scale * (w ? w[lane + 32 * j] : 1.0f);
@@ -711,19 +731,6 @@ __device__ __forceinline__ void asplit_wait_group(int n) {
 #if ASPLIT_PARTS != 4
 #error "asplit_wait_group covers 4 parts"
 #endif
-
-// L2 loads (ld.global.cg: no L1 line of an earlier kernel can answer them), for what
-// attend_split_values reads before its PDL wait.
-__device__ __forceinline__ i64 ldcg_i64(const void* p) {
-    i64 v;
-    asm("ld.global.cg.s64 %0, [%1];" : "=l"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ int ldcg_i32(const void* p) {
-    int v;
-    asm("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
 
 // attn_row with the selection read through ldcg_i32.
 __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,

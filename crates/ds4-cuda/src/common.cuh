@@ -37,6 +37,21 @@ typedef long long i64;
 
 __device__ __forceinline__ i64 min64(i64 a, i64 b) { return a < b ? a : b; }
 
+// An RMS norm's scale (float)(1 / sqrt(ss / n + eps)) for a sum of squares ss over n > 0
+// values, in f64 as the CPU reference. When n is a power of two (the model's widths), ss / n
+// is ss times the exact reciprocal 2^-k: the same real number rounded once, so the same bits,
+// without the f64 division's subroutine on a kernel's serial chain.
+__device__ __forceinline__ float rms_scale(double ss, i64 n, double eps) {
+    double mean;
+    if (n > 0 && (n & (n - 1)) == 0) {
+        const int k = 63 - __clzll(n);
+        mean = ss * __longlong_as_double((long long)(1023 - k) << 52);
+    } else {
+        mean = ss / (double)n;
+    }
+    return (float)(1.0 / sqrt(mean + eps));
+}
+
 // IEEE half <-> float with the hardware conversion instructions (round to nearest even).
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
@@ -222,6 +237,19 @@ __device__ __forceinline__ int thread_index_per_call() {
 __device__ __forceinline__ void cp_async16_s(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// L2 loads (ld.global.cg: no L1 line of an earlier kernel can answer them), for what a
+// kernel reads before its PDL wait (attend_split_values, head_norm_rope).
+__device__ __forceinline__ i64 ldcg_i64(const void* p) {
+    i64 v;
+    asm("ld.global.cg.s64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int ldcg_i32(const void* p) {
+    int v;
+    asm("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 // 4 bytes from global (through L1) to shared; both addresses 4-byte aligned.

@@ -28,7 +28,7 @@ __device__ void compress_finish_row(float* row, const float* norm, i64 D, double
     double ss = 0.0;
     for (i64 c = threadIdx.x; c < D; c += blockDim.x) ss += (double)row[c] * (double)row[c];
     ss = cta_sum_f64(ss);
-    const float inv = (float)(1.0 / sqrt(ss / (double)D + eps));
+    const float inv = rms_scale(ss, D, eps);
     for (i64 c = threadIdx.x; c < D; c += blockDim.x) row[c] = row[c] * inv * norm[c];
     __syncthreads();
     for (int l = threadIdx.x; l < r / 2; l += blockDim.x) rope_pair(row, D, r, l, row_pos, inv_freq, false);

@@ -114,14 +114,21 @@ __device__ __forceinline__ float rope_second(float x0, float x1, float fs, float
 
 // Rotates the pair p[0], p[1] by pos × inv_freq (or backwards): rope.rs rotate_tail. The
 // angle and its sine/cosine are computed in double, then rounded to f32, as the CPU does.
-__device__ __forceinline__ void rope_pair_at(float* p, i64 pos, double inv_freq, bool inverse) {
+// The rotation as (sine, cosine) in f32, rope_pair_at's first half (a kernel can form it
+// before its PDL wait).
+__device__ __forceinline__ float2 rope_rotation(i64 pos, double inv_freq, bool inverse) {
     const double phi = (double)pos * inv_freq;
     double s, c;
     sincos(phi, &s, &c);
-    const float fs = (float)((inverse ? -1.0 : 1.0) * s), fc = (float)c;
+    return make_float2((float)((inverse ? -1.0 : 1.0) * s), (float)c);
+}
+__device__ __forceinline__ void rope_rotate(float* p, float2 sc) {
     const float x0 = p[0], x1 = p[1];
-    p[0] = rope_first(x0, x1, fs, fc);
-    p[1] = rope_second(x0, x1, fs, fc);
+    p[0] = rope_first(x0, x1, sc.x, sc.y);
+    p[1] = rope_second(x0, x1, sc.x, sc.y);
+}
+__device__ __forceinline__ void rope_pair_at(float* p, i64 pos, double inv_freq, bool inverse) {
+    rope_rotate(p, rope_rotation(pos, inv_freq, inverse));
 }
 // Rotates pair l of the tail of a `width`-wide vector.
 __device__ __forceinline__ void rope_pair(float* x, i64 width, i64 r, int l, i64 pos, const double* inv_freq,

@@ -16,14 +16,22 @@
 // plain sigmoids (hc_pre_post, any threads); comb is the Sinkhorn projection (hc_comb_warp,
 // one warp), which only the post mixing after the sublayer needs: hc_comb runs it beside the
 // sublayer, off the decode's critical path.
+// Thread i's (i < n) weights of hc_pre_post: loadable before a kernel's PDL wait.
+struct HcPrePostWeights {
+    float base_pre, base_post, scale_pre, scale_post;
+};
+__device__ __forceinline__ HcPrePostWeights hc_pre_post_weights(const float* base, const float* scale, int n, int i) {
+    return {base[i], base[n + i], scale[0], scale[1]};
+}
+__device__ __forceinline__ void hc_pre_post_one(const float* mix, HcPrePostWeights w, float* m, int n, int i,
+                                                float eps) {
+    m[i] = sigmoidf_ref(mix[i] * w.scale_pre + w.base_pre) + eps;
+    m[n + i] = 2.0f * sigmoidf_ref(mix[n + i] * w.scale_post + w.base_post);
+}
 __device__ __forceinline__ void hc_pre_post(const float* mix, const float* base, const float* scale, float* m, int n,
                                             float eps) {
-    float* pre = m;
-    float* post = m + n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        pre[i] = sigmoidf_ref(mix[i] * scale[0] + base[i]) + eps;
-        post[i] = 2.0f * sigmoidf_ref(mix[n + i] * scale[1] + base[n + i]);
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        hc_pre_post_one(mix, hc_pre_post_weights(base, scale, n, i), m, n, i, eps);
 }
 
 // hc_comb_warp for n*n <= 32: lane j*n + k holds comb[j][k] in a register; a row's or
@@ -504,7 +512,7 @@ __device__ void hc_mix_of_warp(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i6
         const int row = hc_span_final_row(lane);
         const float tot = hc_span_reduce(acc, lane);
         const float ss = warp_sum(ssv);
-        const float inv = (float)(1.0 / sqrt((double)ss / (double)width + rms_eps));
+        const float inv = rms_scale((double)ss, width, rms_eps);
         if (row >= 0) mix[row] = tot * inv;
         __syncwarp();
         return;
@@ -516,7 +524,7 @@ __device__ void hc_mix_of_warp(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i6
         if (lane == 0) mix[r] = v;  // the sums; scaled below
     }
     __syncwarp();
-    const float inv = (float)(1.0 / sqrt((double)mix[R] / (double)width + rms_eps));
+    const float inv = rms_scale((double)mix[R], width, rms_eps);
     __syncwarp();
     for (i64 r = lane; r < R; r += 32) mix[r] = mix[r] * inv;
     __syncwarp();
@@ -537,7 +545,7 @@ __device__ void hc_load_mix(u64 mix_, u64 part_, i64 n_part, i64 t, i64 R, i64 w
             if (lane == 0) sums[r] = v;
         }
         __syncthreads();
-        const float inv = (float)(1.0 / sqrt((double)sums[R] / (double)width + rms_eps));
+        const float inv = rms_scale((double)sums[R], width, rms_eps);
         for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] = sums[r] * inv;
     } else {
         for (i64 r = threadIdx.x; r < R; r += blockDim.x) mix[r] = ((const float*)mix_)[t * R + r];
@@ -620,7 +628,6 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
                                                  double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,
                                                  double norm_eps) {
     constexpr int N = HC_SPAN_N;
-    if (n != N) return;  // (uniform; the launch code checks it)
     const i64 t = blockIdx.x;
     const i64 R = (2 + N) * N, M = 2 * N + N * N;
     __shared__ float mix[(2 + N) * N + 1];
@@ -629,15 +636,21 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
     const float* w = (const float*)w_;
     const i64 s = threadIdx.x, nseg = d / SEG;
     const bool valid = s < nseg;
-    // The loads first: their latency overlaps the mix reduction.
+    // The weights before the PDL wait (no kernel writes them): their loads overlap the
+    // previous kernel's end instead of adding a round trip after the mix barrier.
     float wv[1][SEG];
     rmsnorm_load_weight<true, 1>(w, d, wv);
+    HcPrePostWeights hw = {0.f, 0.f, 0.f, 0.f};
+    if (threadIdx.x < N) hw = hc_pre_post_weights((const float*)base_, (const float*)scale_, N, threadIdx.x);
+    PDL_ENTRY();
+    if (n != N) return;  // (uniform; the launch code checks it)
+    // The streams next: their latency overlaps the mix reduction.
     float xs[N][SEG];
     if (valid)
 #pragma unroll
         for (int j = 0; j < N; j++) load_seg<true>(st + j * d, s * SEG, d, xs[j]);
     hc_load_mix(mix_, part_, n_part, t, R, N * d, rms_eps, mix);
-    hc_pre_post(mix, (const float*)base_, (const float*)scale_, m, N, (float)eps_d);
+    if (threadIdx.x < N) hc_pre_post_one(mix, hw, m, N, threadIdx.x, (float)eps_d);
     __syncthreads();
     if (threadIdx.x < 2 * N) ((float*)maps_)[t * M + threadIdx.x] = m[threadIdx.x];
     float* x = (float*)x_ + t * d;
@@ -660,12 +673,13 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
 
 // The launchable instances by the quantized forms made (as the rmsnorm kernels'): hc_pre's
 // parameters, then the norm weight w, its output y, the Q8_0 (q0, d0) and Q8_K (qk, dk)
-// outputs (unselected ones 0) and the norm's eps (an f32 value).
+// outputs (unselected ones 0) and the norm's eps (an f32 value). (The body waits on the
+// previous kernel itself, after loading the weights.)
 #define HC_PRE_NORM_KERNEL(NAME, QUANT)                                                                              \
     extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                                        \
         NAME(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, \
              double eps_d, double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,                       \
-             double norm_eps) { PDL_ENTRY();                                                                         \
+             double norm_eps) {                                                                                      \
         hc_pre_norm_body<QUANT>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d, rms_eps, w_, y_, \
                                 q0_, d0_, qk_, dk_, norm_eps);                                                       \
     }

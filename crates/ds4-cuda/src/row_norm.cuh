@@ -192,7 +192,7 @@ __device__ __forceinline__ void rmsnorm_row_body(const float (&v)[CACHED][SEG], 
         for (int j = 0; j < SEG; j++) ss += (double)t[j] * (double)t[j];
     }
     ss = block_sum_f64(ss);
-    const float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    const float scale = rms_scale(ss, n, (double)eps);
 
     // Write back. Loop bounds are uniform over the CTA so that whole warps reach the shuffles
     // of the quantizers; lanes past the row end only skip their stores.
