@@ -26,23 +26,34 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
 // floats.
 #define HNR_CTA_W 4  // weights per thread that head_norm_rope loads before its PDL wait
-extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
-                                          u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
-    // Before the wait, off the decode's serial chain: this thread's weights (up to HNR_CTA_W)
-    // and its RoPE pair's rotation. Nothing in flight writes them: the position is uploaded
-    // before the span's kernels (read through L2, as attend_split_values reads it).
-    const i64 ri = blockIdx.x;
-    const float* w = (const float*)w_;
+// What head_norm_rope does before its PDL wait, off the decode's serial chain: this thread's
+// weights (up to HNR_CTA_W; ones without w) and its RoPE pair's rotation. Nothing in flight
+// writes them: the position is uploaded before the span's kernels (read through L2, as
+// attend_split_values reads it).
+struct HnrPre {
     float wv[HNR_CTA_W];
+    float2 rot;
+    i64 pos;
+};
+__device__ __forceinline__ HnrPre head_norm_rope_prologue(u64 w_, i64 width, i64 rows_per_tok, u64 pos_,
+                                                          u64 inv_freq_, i64 r) {
+    HnrPre p;
+    const float* w = (const float*)w_;
 #pragma unroll
     for (int j = 0; j < HNR_CTA_W; j++) {
         const i64 i = threadIdx.x + (i64)j * blockDim.x;
-        wv[j] = w && i < width ? w[i] : 1.0f;
+        p.wv[j] = w && i < width ? w[i] : 1.0f;
     }
-    const i64 pos = ldcg_i64((const void*)pos_) + ri / rows_per_tok;
-    const float2 rot = threadIdx.x < r / 2 ? rope_rotation(pos, ((const double*)inv_freq_)[threadIdx.x], false)
-                                           : make_float2(0.f, 0.f);
-    PDL_ENTRY();
+    p.pos = ldcg_i64((const void*)pos_) + (i64)blockIdx.x / rows_per_tok;
+    p.rot = threadIdx.x < r / 2 ? rope_rotation(p.pos, ((const double*)inv_freq_)[threadIdx.x], false)
+                                : make_float2(0.f, 0.f);
+    return p;
+}
+extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
+                                          u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
+    PDL_ENTRY_AFTER(const HnrPre pre = head_norm_rope_prologue(w_, width, rows_per_tok, pos_, inv_freq_, r));
+    const i64 ri = blockIdx.x;
+    const float* w = (const float*)w_;
     extern __shared__ float row[];
     const float* x = (const float*)x_ + ri * width;
     double ss = 0.0;
@@ -56,14 +67,14 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
 #pragma unroll
     for (int j = 0; j < HNR_CTA_W; j++) {
         const i64 i = threadIdx.x + (i64)j * blockDim.x;
-        if (i < width) row[i] = row[i] * scale * wv[j];
+        if (i < width) row[i] = row[i] * scale * pre.wv[j];
     }
     for (i64 i = threadIdx.x + HNR_CTA_W * (i64)blockDim.x; i < width; i += blockDim.x)
         row[i] = row[i] * scale * (w ? w[i] : 1.0f);
     __syncthreads();
     for (int l = threadIdx.x; l < r / 2; l += blockDim.x)
         rope_rotate(row + (width - r) + 2 * l,
-                    l == (int)threadIdx.x ? rot : rope_rotation(pos, ((const double*)inv_freq_)[l], false));
+                    l == (int)threadIdx.x ? pre.rot : rope_rotation(pre.pos, ((const double*)inv_freq_)[l], false));
     __syncthreads();
     if (nope >= 0) {
         const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

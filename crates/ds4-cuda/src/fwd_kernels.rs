@@ -206,7 +206,8 @@ mod tests {
             if head.contains(';') {
                 continue; // a declaration, not a definition
             }
-            let body = src[open + 1..].trim_start();
+            // (Kernels defined by a macro continue their lines with backslashes.)
+            let body = src[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
             if !body.starts_with("PDL_ENTRY();") && !body.starts_with("PDL_ENTRY_AFTER(") {
                 missing.push(head.split_whitespace().collect::<Vec<_>>().join(" "));
             }
@@ -331,6 +332,11 @@ mod tests {
         );
         assert!(kernels_without_pdl_entry(
             "__global__ void k(int* p) { PDL_ENTRY_AFTER(pre(p)); p[0] = 1; }"
+        )
+        .is_empty());
+        // A kernel of a macro, its body's first line continued.
+        assert!(kernels_without_pdl_entry(
+            "__global__ void k(int* p) {  \\\n    PDL_ENTRY(); p[0] = 1; }"
         )
         .is_empty());
     }

@@ -622,8 +622,24 @@ extern "C" __global__ void hc_pre(u64 mix_, u64 part_, i64 n_part, u64 base_, u6
 // hc_pre's. Needs n = HC_SPAN_N (the streams are loaded before the mix is reduced; one
 // instance, so that hc_load_mix is inlined), d % 8 == 0 and d <= 8 blockDim.x; the streams, x,
 // y and w (null: 1) 16-byte aligned, q0 and qk 8-byte aligned (the _v4 kernels' conditions).
+// What hc_pre_norm loads before its PDL wait (no kernel writes weights): its segment of the
+// norm weight and, in threads i < n, hc_pre_post's weights; their loads overlap the previous
+// kernel's end instead of adding a round trip after the mix barrier.
+struct HcPreNormWeights {
+    float wv[1][SEG];
+    HcPrePostWeights hw;
+};
+__device__ __forceinline__ HcPreNormWeights hc_pre_norm_prologue(u64 w_, i64 d, u64 base_, u64 scale_) {
+    HcPreNormWeights p;
+    rmsnorm_load_weight<true, 1>((const float*)w_, d, p.wv);
+    p.hw = {0.f, 0.f, 0.f, 0.f};
+    if (threadIdx.x < HC_SPAN_N)
+        p.hw = hc_pre_post_weights((const float*)base_, (const float*)scale_, HC_SPAN_N, threadIdx.x);
+    return p;
+}
+
 template <int QUANT>
-__device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_,
+__device__ __forceinline__ void hc_pre_norm_body(const HcPreNormWeights& pre, u64 mix_, u64 part_, i64 n_part,
                                                  u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, double eps_d,
                                                  double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,
                                                  double norm_eps) {
@@ -636,21 +652,14 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
     const float* w = (const float*)w_;
     const i64 s = threadIdx.x, nseg = d / SEG;
     const bool valid = s < nseg;
-    // The weights before the PDL wait (no kernel writes them): their loads overlap the
-    // previous kernel's end instead of adding a round trip after the mix barrier.
-    float wv[1][SEG];
-    rmsnorm_load_weight<true, 1>(w, d, wv);
-    HcPrePostWeights hw = {0.f, 0.f, 0.f, 0.f};
-    if (threadIdx.x < N) hw = hc_pre_post_weights((const float*)base_, (const float*)scale_, N, threadIdx.x);
-    PDL_ENTRY();
     if (n != N) return;  // (uniform; the launch code checks it)
-    // The streams next: their latency overlaps the mix reduction.
+    // The streams first: their latency overlaps the mix reduction.
     float xs[N][SEG];
     if (valid)
 #pragma unroll
         for (int j = 0; j < N; j++) load_seg<true>(st + j * d, s * SEG, d, xs[j]);
     hc_load_mix(mix_, part_, n_part, t, R, N * d, rms_eps, mix);
-    if (threadIdx.x < N) hc_pre_post_one(mix, hw, m, N, threadIdx.x, (float)eps_d);
+    if (threadIdx.x < N) hc_pre_post_one(mix, pre.hw, m, N, threadIdx.x, (float)eps_d);
     __syncthreads();
     if (threadIdx.x < 2 * N) ((float*)maps_)[t * M + threadIdx.x] = m[threadIdx.x];
     float* x = (float*)x_ + t * d;
@@ -668,20 +677,20 @@ __device__ __forceinline__ void hc_pre_norm_body(u64 mix_, u64 part_, i64 n_part
     float *d0 = (float*)d0_, *dk = (float*)dk_;
     if (QUANT & QUANT_Q8_0) q0 += t * d, d0 += t * (d / 32);
     if (QUANT & QUANT_Q8_K) qk += t * d, dk += t * (d / 256);
-    rmsnorm_row_body<QUANT, true, 1>(v, wv, x, w, (float*)y_ + t * d, q0, d0, qk, dk, d, (float)norm_eps);
+    rmsnorm_row_body<QUANT, true, 1>(v, pre.wv, x, w, (float*)y_ + t * d, q0, d0, qk, dk, d, (float)norm_eps);
 }
 
 // The launchable instances by the quantized forms made (as the rmsnorm kernels'): hc_pre's
 // parameters, then the norm weight w, its output y, the Q8_0 (q0, d0) and Q8_K (qk, dk)
-// outputs (unselected ones 0) and the norm's eps (an f32 value). (The body waits on the
-// previous kernel itself, after loading the weights.)
+// outputs (unselected ones 0) and the norm's eps (an f32 value).
 #define HC_PRE_NORM_KERNEL(NAME, QUANT)                                                                              \
     extern "C" __global__ void __launch_bounds__(RMS_THREADS)                                                        \
         NAME(u64 mix_, u64 part_, i64 n_part, u64 base_, u64 scale_, u64 streams_, u64 maps_, u64 x_, i64 n, i64 d, \
              double eps_d, double rms_eps, u64 w_, u64 y_, u64 q0_, u64 d0_, u64 qk_, u64 dk_,                       \
              double norm_eps) {                                                                                      \
-        hc_pre_norm_body<QUANT>(mix_, part_, n_part, base_, scale_, streams_, maps_, x_, n, d, eps_d, rms_eps, w_, y_, \
-                                q0_, d0_, qk_, dk_, norm_eps);                                                       \
+        PDL_ENTRY_AFTER(const HcPreNormWeights pre = hc_pre_norm_prologue(w_, d, base_, scale_));                    \
+        hc_pre_norm_body<QUANT>(pre, mix_, part_, n_part, streams_, maps_, x_, n, d, eps_d, rms_eps, w_, y_, q0_,    \
+                                d0_, qk_, dk_, norm_eps);                                                            \
     }
 HC_PRE_NORM_KERNEL(hc_pre_norm, QUANT_NONE)
 HC_PRE_NORM_KERNEL(hc_pre_norm_q8_0, QUANT_Q8_0)
