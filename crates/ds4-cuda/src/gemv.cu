@@ -381,24 +381,68 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 }
 
 
+// Starts copying chunk c of rows r0 .. r0 + R - 1 of W (rows past n_rows: r0 again) into buf
+// with cp.async, one commit group; the warp's lanes take every 32nd 16 bytes. 16-byte aligned
+// rows only.
+template <int FMT, int R>
+__device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int lane) {
+    constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
+    const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const u8* src = W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes + c * CHUNK;
+        for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
+    }
+    cp_async_commit();
+}
+
+// The warp's first step of gemv_quant / gemv_quant_grouped (the first chunk wg of its first row
+// group) copied into its first stage buffer (aligned rows; the others are copied when their
+// step starts).
+template <int FMT, int R>
+__device__ __forceinline__ void gemv_issue_first(const GemvParams& p, const u8* W) {
+    if (!p.aligned16) return;
+    typedef Fmt<FMT> F;
+    extern __shared__ __align__(16) u8 gemv_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ws = (int)p.split, wg = warp % ws;
+    const i64 nchunks = (p.k / F::BE + F::CB - 1) / F::CB;
+    const i64 row0 = (i64)blockIdx.x * (i64)(blockDim.x / (32 * ws)) * R + (i64)(warp / ws) * R;
+    if (row0 < p.n_rows && wg < nchunks)
+        gemv_issue<FMT, R>(p, W, row0, wg, gemv_smem + TabBytes<FMT>::V + warp * 2 * R * F::CB * F::BB, lane);
+}
+
 // What a gemv kernel does before its PDL wait (PDL_ENTRY_AFTER), while the previous kernel
-// may still run: nothing in it depends on that kernel. IQ2_XXS: the loads of the codebook
-// entries of this thread's table words (the codebook is uploaded once and never written by a
-// kernel). They are only stored, decoded, by gemv_tables after the weight copies are issued,
-// so that a CTA that does not wait (the previous kernel is done) does not wait on these loads
-// either before it reads its expert id and issues its copies.
+// may still run: nothing in it depends on that kernel.
+//  - A dense matrix's (no expert id to wait for; R > 0: gemv_quant; matrices are model
+//    weights, uploaded before any kernel runs and never written by one) first weight chunk per
+//    warp is copied into shared memory, so that it has landed when the wait returns instead of
+//    the copy starting then (a decode step runs ~300 such GEMVs one after another).
+//  - IQ2_XXS: the loads of the codebook entries of this thread's table words (the codebook is
+//    uploaded once and never written by a kernel). They are only stored, decoded, by
+//    gemv_tables after the weight copies are issued, so that a CTA that does not wait (the
+//    previous kernel is done) does not wait on these loads either before it reads its expert
+//    id and issues its copies.
 #define IQ2_PRE 2  // grid entries loaded per thread before the wait (all of them from 128 threads)
 struct GemvPre {
     u64 g[IQ2_PRE];  // grid entries threadIdx.x + j * blockDim.x (those below 256)
+    bool staged;     // the first chunk is being copied (gemv_issue_first)
 };
 
-template <int FMT>
+template <int FMT, int R>
 __device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
     GemvPre pre;
 #pragma unroll
     for (int j = 0; j < IQ2_PRE; j++) {
         const int i = threadIdx.x + j * blockDim.x;
         pre.g[j] = FMT == FMT_IQ2_XXS && i < 256 ? ((const u64*)p.grid)[i] : 0;
+    }
+    pre.staged = false;
+    if constexpr (R > 0) {
+        if (p.ids == 0) {
+            gemv_issue_first<FMT, R>(p, gemv_w(p));
+            pre.staged = true;
+        }
     }
     return pre;
 }
@@ -500,14 +544,7 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pr
     auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
     // Starts the copy of chunk c of rows r0.. into buf (aligned rows only).
     auto issue = [&](i64 r0, i64 c, u8* buf) {
-        if (!p.aligned16) return;
-        const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const u8* src = row_ptr(r0, r) + c * CHUNK;
-            for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
-        }
-        cp_async_commit();
+        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, lane);
     };
     // Makes chunk c of rows r0.. visible to the whole warp in buf.
     auto land = [&](i64 r0, i64 c, u8* buf) {
@@ -523,11 +560,8 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pr
         }
         __syncwarp();
     };
-    {
-        const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
-        if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
-    }
-    gemv_tables<FMT>(p, pre);  // while the first copies are in flight
+    if (!pre.staged) gemv_issue_first<FMT, R>(p, W);  // (else the prologue did)
+    gemv_tables<FMT>(p, pre);                          // while the first copies are in flight
     // The items of chunk c of the staged rows in `cur` against vectors v0 .. v0+NB-1.
     auto compute = [&](const u8* cur, i64 c, i64 v0, float (&acc)[R][NB]) {
         chunk_dot<FMT, R, NB, QX>(p, cur, c, xv0 + v0, nblocks, dstride, lane, acc);
@@ -647,14 +681,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const Ge
     auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
     // issue / land: as in gemv_quant.
     auto issue = [&](i64 r0, i64 c, u8* buf) {
-        if (!p.aligned16) return;
-        const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const u8* src = row_ptr(r0, r) + c * CHUNK;
-            for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
-        }
-        cp_async_commit();
+        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, lane);
     };
     auto land = [&](i64 r0, i64 c, u8* buf) {
         if (p.aligned16) {
@@ -669,10 +696,7 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const Ge
         }
         __syncwarp();
     };
-    {
-        const i64 row0 = (i64)blockIdx.x * rows_per_cta + group_row;
-        if (row0 < p.n_rows && wg < nchunks) issue(row0, wg, stage);
-    }
+    gemv_issue_first<FMT, R>(p, W);
     gemv_tables<FMT>(p, pre);
     int buf = 0;
     // One batch of NB vectors from v0 against the row group at row0. Resident: its chunk is in
@@ -839,10 +863,10 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // the quantized kernels have R = 2. gemv.rs mirrors R and the chunk sizes of Fmt<> to size the
 // grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 1, QX>(p, pre); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 2, QX>(p, pre); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 4, QX>(p, pre); } \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant<FMT, R, 8, QX>(p, pre); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, R>(p)); gemv_quant<FMT, R, 1, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, R>(p)); gemv_quant<FMT, R, 2, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb4(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, R>(p)); gemv_quant<FMT, R, 4, QX>(p, pre); } \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb8(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, R>(p)); gemv_quant<FMT, R, 8, QX>(p, pre); }
 #define GEMV_P(name, FMT, R)                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb1(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 1>(p); } \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_nb2(const GemvParams p) { PDL_ENTRY(); gemv_plain<FMT, R, 2>(p); } \
@@ -864,7 +888,7 @@ GEMV_Q(gemv_iq2_xxs_q8x, FMT_IQ2_XXS, 2, true)
 
 // Grouped expert products (quantized activations only: ds4's expert numerics), R = 2.
 #define GEMV_G(name, FMT)                                                                                \
-    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT>(p)); gemv_quant_grouped<FMT, 2, true>(p, pre); }
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32) name##_grouped(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, 0>(p)); gemv_quant_grouped<FMT, 2, true>(p, pre); }
 GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
 GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)

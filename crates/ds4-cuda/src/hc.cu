@@ -139,10 +139,18 @@ __device__ void hc_comb_warp(const float* mix, const float* base, const float* s
 #define HC_SPLIT_N 5
 #define HC_TOKENS 8
 
-// Column c = k*d + i (stream k, element i) of mix rows r0.. (at most HC_GROUP_ROWS, below R;
-// F32 or F16 rows n*d wide) for every stream k, into w (0 outside the rows / elements).
-__device__ __forceinline__ void hc_mix_weights(u64 fn_, i64 fn_f16, i64 n, i64 d, i64 i, int r0, int R,
-                                               float (&w)[HC_GROUP_ROWS][HC_SPLIT_N]) {
+// The split-K kernels' weights: column c = k*d + i (stream k, element i = blockIdx.x * 128 +
+// thread) of mix rows r0 = HC_GROUP_ROWS * blockIdx.y .. (at most HC_GROUP_ROWS, below R; F32
+// or F16 rows n*d wide) for every stream k (0 outside the rows / elements). Loaded before the
+// kernels' PDL wait (no kernel writes weights): in a decode step the load overlaps the
+// previous kernel instead of following the wait.
+struct HcMixWeights {
+    float w[HC_GROUP_ROWS][HC_SPLIT_N];
+};
+__device__ __forceinline__ HcMixWeights hc_mix_weights(u64 fn_, i64 fn_f16, i64 n, i64 d, i64 R) {
+    HcMixWeights m;
+    const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
+    const int r0 = blockIdx.y * HC_GROUP_ROWS;
 #pragma unroll
     for (int j = 0; j < HC_GROUP_ROWS; j++)
 #pragma unroll
@@ -152,8 +160,9 @@ __device__ __forceinline__ void hc_mix_weights(u64 fn_, i64 fn_f16, i64 n, i64 d
                 const i64 at = (i64)(r0 + j) * n * d + k * d + i;
                 v = fn_f16 ? f16_to_f32(((const u16*)fn_)[at]) : ((const float*)fn_)[at];
             }
-            w[j][k] = v;
+            m.w[j][k] = v;
         }
+    return m;
 }
 
 // CTA sums of acc (rows r0..) and, for the row group that owns it (ss_owner), of ss; stored
@@ -189,11 +198,9 @@ __device__ __forceinline__ void hc_store_partial(float (&acc)[HC_GROUP_ROWS], do
 // per token, so fn . RMS0(x) = rms^-1 (fn . x)).
 extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_mix_partial(u64 streams_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d, i64 R, i64 n_tok) {
-    PDL_ENTRY();
+    PDL_ENTRY_AFTER(const HcMixWeights mw = hc_mix_weights(fn_, fn_f16, n, d, R));
     const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
-    float w[HC_GROUP_ROWS][HC_SPLIT_N];
-    hc_mix_weights(fn_, fn_f16, n, d, i, r0, (int)R, w);
     for (i64 t = (i64)blockIdx.z * HC_TOKENS; t < n_tok && t < ((i64)blockIdx.z + 1) * HC_TOKENS; t++) {
         float acc[HC_GROUP_ROWS];
 #pragma unroll
@@ -207,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
                     const float x = st[k * d + i];
                     ss += (double)x * (double)x;
 #pragma unroll
-                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += w[j][k] * x;
+                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += mw.w[j][k] * x;
                 }
         }
         hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0,
@@ -225,11 +232,9 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
     hc_post_mix(u64 maps_, u64 y_, u64 streams_in_, u64 streams_out_, u64 fn_, i64 fn_f16, u64 part_, i64 n, i64 d,
                 i64 R, i64 n_tok, u64 moe_down, u64 moe_inv, u64 moe_ids, u64 moe_wts, i64 moe_k,
                 i64 moe_weighted) {
-    PDL_ENTRY();
+    PDL_ENTRY_AFTER(const HcMixWeights mw = hc_mix_weights(fn_, fn_f16, n, d, R));
     const i64 i = (i64)blockIdx.x * HC_MIX_THREADS + threadIdx.x;
     const int r0 = blockIdx.y * HC_GROUP_ROWS;
-    float w[HC_GROUP_ROWS][HC_SPLIT_N];
-    hc_mix_weights(fn_, fn_f16, n, d, i, r0, (int)R, w);
     for (i64 t = (i64)blockIdx.z * HC_TOKENS; t < n_tok && t < ((i64)blockIdx.z + 1) * HC_TOKENS; t++) {
         float acc[HC_GROUP_ROWS];
 #pragma unroll
@@ -259,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
                     if (blockIdx.y == 0) out[k * d + i] = v;
                     ss += (double)v * (double)v;
 #pragma unroll
-                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += w[j][k] * v;
+                    for (int j = 0; j < HC_GROUP_ROWS; j++) acc[j] += mw.w[j][k] * v;
                 }
         }
         hc_store_partial(acc, ss, r0, (int)R, blockIdx.y == 0,
