@@ -23,8 +23,10 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
 // ds4's stored-KV rounding (FP8 round trip of the first `nope` channels in blocks of 64, then
 // f16 rounding of every channel: cpu/forward.rs store_kv_row) — the per-head query norm + RoPE,
 // or the K=V row's norm + RoPE + rounding, in one launch (the same
-// element formulas; the row's sum of squares in f64 as rmsnorm does). Dynamic shared: width
-// floats.
+// element formulas; the row's sum of squares in f64 as rmsnorm does). With ring_ != 0 each row
+// is also stored into the K=V ring at slot (its position) % ring_cap, as ring_store does (a
+// decode step's row: its slot holds a position outside the window, so attend may run after).
+// Dynamic shared: width floats.
 #define HNR_CTA_W 4  // weights per thread that head_norm_rope loads before its PDL wait
 // What head_norm_rope does before its PDL wait, off the decode's serial chain: this thread's
 // weights (up to HNR_CTA_W; ones without w) and its RoPE pair's rotation. Nothing in flight
@@ -50,7 +52,7 @@ __device__ __forceinline__ HnrPre head_norm_rope_prologue(u64 w_, i64 width, i64
     return p;
 }
 extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, double eps, i64 rows_per_tok,
-                                          u64 pos_, u64 inv_freq_, i64 r, i64 nope) {
+                                          u64 pos_, u64 inv_freq_, i64 r, i64 nope, u64 ring_, i64 ring_cap) {
     PDL_ENTRY_AFTER(const HnrPre pre = head_norm_rope_prologue(w_, width, rows_per_tok, pos_, inv_freq_, r));
     const i64 ri = blockIdx.x;
     const float* w = (const float*)w_;
@@ -84,6 +86,10 @@ extern "C" __global__ void head_norm_rope(u64 x_, u64 w_, u64 y_, i64 width, dou
     }
     float* y = (float*)y_ + ri * width;
     for (i64 i = threadIdx.x; i < width; i += blockDim.x) y[i] = row[i];
+    if (ring_) {
+        float* slot = (float*)ring_ + (pre.pos % ring_cap) * width;
+        for (i64 i = threadIdx.x; i < width; i += blockDim.x) slot[i] = row[i];
+    }
 }
 
 // RoPE of the last r channels (width - r even) of a row that one warp holds as v[j] = element

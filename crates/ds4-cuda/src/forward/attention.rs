@@ -78,6 +78,7 @@ impl CudaModel {
         rows_per_tok: usize,
         pos: u64,
         nope: Option<usize>,
+        ring: Option<&GpuLayerState>,
     ) -> Result<()> {
         let c = &self.cfg;
         let hd = c.head_dim;
@@ -85,6 +86,7 @@ impl CudaModel {
         // bits, far faster for many rows; a decode step's 64 measured ~0.6 us slower per layer
         // with it (GPU step +27 us), so few rows keep a CTA each.
         if nope.is_none()
+            && ring.is_none()
             && rows >= 4096
             && hd.is_multiple_of(32)
             && hd <= 32 * HNR_MAX_J
@@ -131,11 +133,14 @@ impl CudaModel {
             pos,
             self.rope_for(l).ptr(),
             c.rope_dim,
-            nope.map_or(-1, |n| n as i64)
+            nope.map_or(-1, |n| n as i64),
+            ring.map_or(0, |st| st.ring.ptr()),
+            ring.map_or(1, |st| st.ring_cap)
         ];
         // SAFETY: head_norm_rope reads `rows` vectors of hd values of x (and hd weights),
         // r/2 frequencies and the span position, and writes `rows` vectors of y; x and y hold
-        // the chunk's rows (the caller's scratch). Dynamic shared: hd floats.
+        // the chunk's rows (the caller's scratch). With a ring, each row also goes to one of its
+        // ring_cap slots of hd values (slot = position % ring_cap). Dynamic shared: hd floats.
         unsafe {
             self.fk.launch(
                 &self.gpu.device,
@@ -208,13 +213,21 @@ impl CudaModel {
             let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
             mm_branch(self, &s.quant, own, kv_q, &w.kv, &s.xn, n, &mut s.kv)?;
             let nope = ds4.then(|| hd - c.rope_dim);
-            self.head_norm_rope(l, &s.kv, Some(&w.kv_norm), &s.kvn, n, 1, s.pos.ptr(), nope)?;
-            if n == 1 {
-                // A single token's row goes into the ring before attend: its slot (pos % cap)
-                // holds position pos − cap, outside the window (≤ cap), and attend reads the
-                // token's own row from kvn. Off the critical path here.
-                self.ring_store(&s.kvn, s.pos.ptr(), state, n)?;
-            }
+            // A single token's row goes into the ring as it is made (no ring_store launch on
+            // this branch, which attend joins): its slot (pos % cap) holds position pos − cap,
+            // outside the window (≤ cap), and attend reads the token's own row from kvn.
+            let ring = (n == 1).then_some(&*state);
+            self.head_norm_rope(
+                l,
+                &s.kv,
+                Some(&w.kv_norm),
+                &s.kvn,
+                n,
+                1,
+                s.pos.ptr(),
+                nope,
+                ring,
+            )?;
             if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
                 let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
                 mm_branch(self, &s.quant, own, pre, &cw.kv, &s.xn, n, &mut s.ckv)?;
@@ -344,7 +357,7 @@ impl CudaModel {
             dev.plain_next_launch();
         }
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None)?;
+        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None, None)?;
         dev.join(LANE_KV)?;
         dev.join(LANE_INDEX_QUERY)?;
         dev.join(LANE_INDEXER)?;
@@ -843,7 +856,9 @@ mod tests {
                             dpos.ptr(),
                             dfreq.ptr(),
                             r,
-                            -1i64
+                            -1i64,
+                            0u64,
+                            1i64
                         ];
                         let cfg = per_item(rows, 128, width * 4);
                         fk.launch(&dev, "fwd_attention", "head_norm_rope", cfg, &a)
