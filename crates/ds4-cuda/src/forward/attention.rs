@@ -206,8 +206,10 @@ impl CudaModel {
         };
         let ratio = c.compress_ratio[l] as usize;
 
-        // Branch: the shared K=V row (rounded as stored) and the attention compressor. They
-        // read xn (and its quantized form) and write kv, kvn, ckv, cg and the compressor state.
+        // Branches: the shared K=V row (rounded as stored), and the attention compressor on a
+        // stream of its own (both read only xn: in parallel, attend waits for the longer one,
+        // not their sum). They read xn (and its quantized form) and write kv, kvn (and the
+        // ring slot) / ckv, cg and the compressor state.
         self.branch(LANE_KV, || {
             let own = &mut s.lane_quant[LANE_KV];
             let kv_q = xq && act_quant_of(self, &w.kv) == act_quant_of(self, &w.q_a);
@@ -227,16 +229,18 @@ impl CudaModel {
                 s.pos.ptr(),
                 nope,
                 ring,
-            )?;
-            if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
+            )
+        })?;
+        if let (Some(cw), Some(cs)) = (&w.compressor, state.attn.as_mut()) {
+            self.branch(LANE_COMPRESSOR, || {
+                let own = &mut s.lane_quant[LANE_COMPRESSOR];
                 let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
                 mm_branch(self, &s.quant, own, pre, &cw.kv, &s.xn, n, &mut s.ckv)?;
                 mm_branch(self, &s.quant, own, pre, &cw.gate, &s.xn, n, &mut s.cg)?;
                 let qat = if ds4 { 1 } else { 0 };
-                self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)?;
-            }
-            Ok(())
-        })?;
+                self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)
+            })?;
+        }
 
         // Branches: the indexer selects the compressed rows of CSA layers. Its keys (its
         // compressor) and head weights read xn: issued now on one side stream, beside the
@@ -359,6 +363,7 @@ impl CudaModel {
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
         self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None, None)?;
         dev.join(LANE_KV)?;
+        dev.join(LANE_COMPRESSOR)?;
         dev.join(LANE_INDEX_QUERY)?;
         dev.join(LANE_INDEXER)?;
         s.prof.mark(self, "attn.qkv")?;

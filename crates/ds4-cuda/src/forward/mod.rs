@@ -29,14 +29,15 @@ const CTA: u32 = 256;
 const HC_MIX_THREADS: usize = 128;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
-// hyper-connection's Sinkhorn projection; the K=V row and the attention compressor (in the
-// FFN: the shared expert); the indexer's keys and head weights; its queries, scores and top-k
-// (which wait for the keys' stream). (The indexer on one stream: GPU step 7 779 µs against
+// hyper-connection's Sinkhorn projection; the K=V row (in the FFN: the shared expert); the
+// indexer's keys and head weights; its queries, scores and top-k (which wait for the keys'
+// stream); the attention compressor. (The indexer on one stream: GPU step 7 779 µs against
 // 7 705-7 719 on two, session 8.)
 const LANE_SINKHORN: usize = 0;
 const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
 const LANE_INDEX_QUERY: usize = 3;
+const LANE_COMPRESSOR: usize = 4;
 /// The side streams whose kernels run at the highest priority: the indexer's, the longer
 /// path to a CSA layer's attention (GPU step at 2K, H100: 7 890 µs without, 7 719 with; the
 /// K=V lane as well, with the FFN's shared expert moved to a stream of its own, changed
