@@ -337,13 +337,10 @@ struct GtSmem {
     };
 };
 
-__device__ __forceinline__ u32 gt_smem_addr(const void* p) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-__device__ __forceinline__ void gt_cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(gt_smem_addr(dst)), "l"(src) : "memory");
+// 16 bytes from global (L2 only) to shared (an address in the shared window), without passing
+// through registers; both 16-byte aligned.
+__device__ __forceinline__ void gt_cp16_s(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void gt_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -351,12 +348,12 @@ __device__ __forceinline__ void gt_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Four 8x8 b16 matrices: lanes 8m..8m+7 give the row addresses of matrix m; register m
+// Four 8x8 b16 matrices: lanes 8m..8m+7 give the (shared-window) row addresses of matrix m; register m
 // receives, in lane l, the two elements 2(l%4), 2(l%4)+1 of row l/4 of matrix m.
-__device__ __forceinline__ void gt_ldmatrix_x4(const void* row_addr, u32 (&r)[4]) {
+__device__ __forceinline__ void gt_ldmatrix_x4(u32 row_addr, u32 (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(gt_smem_addr(row_addr)));
+                 : "r"(row_addr));
 }
 
 // D = A B + C, A 16x16 f16 (row-major), B 16x8 f16 (column-major), f32 C / D. Lane l,
@@ -420,23 +417,33 @@ __device__ __forceinline__ void gemm_f16_tc_tile(const u8* __restrict__ w, i64 r
 
     // Stage s into weight slot s % 3 and raw activation slot s % 2, one commit group per
     // stage (empty past the end, so the group count stays regular). Rows and vectors past
-    // the end read the last valid one; their outputs are not stored.
+    // the end read the last valid one; their outputs are not stored. Addresses: one 64-bit
+    // base per stage (the tile's first row / vector at the stage's column), 32-bit offsets
+    // from it (below BM rows / BN vectors: gemm_f16.rs bounds them) and 32-bit shared
+    // addresses; the thread index read per call (thread_index_per_call), so that ptxas
+    // recomputes these few instructions instead of keeping every copy's 64-bit addresses in
+    // the registers the kernel lacks (each copy took ~30 instructions of 64-bit products,
+    // clamps and generic-to-shared conversions).
+    const u32 smem0 = smem_addr(gt_smem);
+    const u32 last_row = (u32)(rows - 1 - r0), last_vec = (u32)(n - 1 - v0);
+    const u32 wrow = (u32)row_bytes, xrow = (u32)k;
     auto issue = [&](int s) {
         if (s < steps) {
-            u8* ws = gt_smem + (s % 3) * S::W_SLOT;
-            u8* xs = gt_smem + S::X_OFF + (s & 1) * S::X_SLOT;
+            const u32 tid_ = (u32)thread_index_per_call();
             const i64 kc = kb + (i64)s * GT_BK;
+            const u8* wk = w + r0 * row_bytes + kc * 2;
+            const float* xk = x + v0 * k + kc;
+            const u32 ws = smem0 + (s % 3) * S::W_SLOT;
+            const u32 xs = smem0 + S::X_OFF + (s & 1) * S::X_SLOT;
 #pragma unroll
             for (int p = 0; p < WCP; p++) {
-                const int i = tid + p * THREADS, r = i >> 3, c = i & 7;
-                const i64 gr = min64(r0 + r, rows - 1);
-                gt_cp16(ws + r * GT_WROW + c * 16, w + gr * row_bytes + kc * 2 + c * 16);
+                const u32 i = tid_ + p * THREADS, r = i >> 3, c = i & 7;
+                gt_cp16_s(ws + r * GT_WROW + c * 16, wk + min(r, last_row) * wrow + c * 16);
             }
 #pragma unroll
             for (int p = 0; p < XCP; p++) {
-                const int i = tid + p * THREADS, v = i >> 4, c = i & 15;
-                const i64 gv = min64(v0 + v, n - 1);
-                gt_cp16(xs + v * GT_XROW + c * 16, x + gv * k + kc + c * 4);
+                const u32 i = tid_ + p * THREADS, v = i >> 4, c = i & 15;
+                gt_cp16_s(xs + v * GT_XROW + c * 16, xk + min(v, last_vec) * xrow + c * 4);
             }
         }
         gt_commit();
@@ -502,9 +509,10 @@ __device__ __forceinline__ void gemm_f16_tc_tile(const u8* __restrict__ w, i64 r
         gt_wait<0>();
         __syncthreads();
         issue(s + 2);
-        const u8* ws = gt_smem + (s % 3) * S::W_SLOT;
+        // (Shared addresses for ldmatrix as 32-bit values in the shared window.)
+        const u32 ws = smem0 + (s % 3) * S::W_SLOT;
         const u8* hs = gt_smem + S::H_OFF + (s & 1) * S::H_SLOT;
-        const u8* ls = hs + BN * GT_WROW;
+        const u32 hs32 = smem0 + S::H_OFF + (s & 1) * S::H_SLOT, ls32 = hs32 + BN * GT_WROW;
         float tmp[MI][NJ][4];
 #pragma unroll
         for (int kk = 0; kk < KS; kk++) {
@@ -520,9 +528,9 @@ __device__ __forceinline__ void gemm_f16_tc_tile(const u8* __restrict__ w, i64 r
                 const int vec = wn * NJ * 8 + p * 16 + (lane & 7) + (lane >> 4) * 8;
                 const int off = vec * GT_WROW + (kk * 16 + ((lane >> 3) & 1) * 8) * 2;
                 u32 r[4];
-                gt_ldmatrix_x4(hs + off, r);
+                gt_ldmatrix_x4(hs32 + off, r);
                 bh[2 * p][0] = r[0], bh[2 * p][1] = r[1], bh[2 * p + 1][0] = r[2], bh[2 * p + 1][1] = r[3];
-                gt_ldmatrix_x4(ls + off, r);
+                gt_ldmatrix_x4(ls32 + off, r);
                 bl[2 * p][0] = r[0], bl[2 * p][1] = r[1], bl[2 * p + 1][0] = r[2], bl[2 * p + 1][1] = r[3];
             }
 #pragma unroll

@@ -332,6 +332,14 @@ impl Gpu {
                 w.cols
             )));
         }
+        // The kernel's copies are 32-bit byte offsets from a tile's first row / vector: at
+        // most 128 rows of the matrix and 128 f32 vectors of its columns.
+        if w.row_bytes.max(w.cols * 4).saturating_mul(128) > u32::MAX as usize {
+            return Err(CudaError::InvalidArgument(format!(
+                "gemm_f16 on the tensor cores: {} columns exceed the kernel's 32-bit tile offsets",
+                w.cols
+            )));
+        }
         if n_vecs == 0 || w.rows == 0 {
             return Ok(());
         }
