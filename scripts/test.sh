@@ -20,7 +20,9 @@ if [ -n "$NVRTC_LIB" ]; then
     export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
-cargo build --workspace
+# (cargo test builds every binary and example too, with the test profile, into target/debug:
+# the Python checks below run those; a separate `cargo build` compiled the workspace again at
+# the dev profile's opt-level, ~4 of CI's 19 minutes.)
 cargo test --workspace
 
 # gguf-py must accept what our writer writes (files produced by the writer round-trip test).
@@ -30,8 +32,8 @@ cargo test -q -p ds4-gguf --test writer_roundtrip export_for_python_check
 python3 scripts/gguf/check_with_gguf_py.py "$DS4_GGUF_PYCHECK_DIR/sample.gguf"
 
 # The real `ds4 serve` driven by the official openai and anthropic SDKs (plus a scripted model
-# for tool calls, which random weights never produce).
-cargo build -p ds4-server --example scripted_serve
+# for tool calls, which random weights never produce: the scripted_serve example, which cargo
+# test built).
 DS4_BIN="$PWD/target/debug/ds4" python3 -m pytest -q tests/server
 
 # The GPU tools' own logic (scripts/gpu/critical_path.py and prefill_path.py, whose tables
