@@ -223,9 +223,13 @@ impl Gpu {
     }
 
     /// Whether the tensor-core kernels compute this matrix's products: a matter of its shape
-    /// only (columns a multiple of 64), so the choice never depends on the batch.
+    /// only (columns a multiple of 64, and few enough for the kernel's 32-bit tile offsets), so
+    /// the choice never depends on the batch.
     pub fn gemm_f16_uses_tensor_cores(w: &DeviceMatrix) -> bool {
+        // (The kernel's copies are 32-bit byte offsets from a tile's first row / vector: at
+        // most 128 rows of the matrix and 128 f32 vectors of its columns.)
         w.cols.is_multiple_of(TC_BLOCK)
+            && w.row_bytes.max(w.cols * 4).saturating_mul(128) <= u32::MAX as usize
     }
 
     /// The tensor-core tile shape for `n_vecs` vectors: wide when the K split is at most 2
@@ -328,15 +332,8 @@ impl Gpu {
         }
         if !Gpu::gemm_f16_uses_tensor_cores(w) {
             return Err(CudaError::InvalidArgument(format!(
-                "gemm_f16 on the tensor cores needs a multiple of {TC_BLOCK} columns, got {}",
-                w.cols
-            )));
-        }
-        // The kernel's copies are 32-bit byte offsets from a tile's first row / vector: at
-        // most 128 rows of the matrix and 128 f32 vectors of its columns.
-        if w.row_bytes.max(w.cols * 4).saturating_mul(128) > u32::MAX as usize {
-            return Err(CudaError::InvalidArgument(format!(
-                "gemm_f16 on the tensor cores: {} columns exceed the kernel's 32-bit tile offsets",
+                "gemm_f16 on the tensor cores needs a multiple of {TC_BLOCK} columns and at most {} of them (32-bit tile offsets), got {}",
+                u32::MAX as usize / 128 / 4,
                 w.cols
             )));
         }
