@@ -1,8 +1,8 @@
 //! Writes the machine code of every kernel module, compiled by NVRTC as the engine compiles it,
 //! into a folder: `DIR/<module>.cubin`. No GPU is needed, only libnvrtc.
 //!
-//! `cargo run --release -p ds4-cuda --example dump_cubins -- DIR [ARCH]` (ARCH: sm_90a unless
-//! given).
+//! `cargo run --release -p ds4-cuda --example dump_cubins -- DIR [ARCH [MODULE]]` (ARCH: sm_90a
+//! unless given; MODULE: only the modules whose name contains it).
 //!
 //! Reading them (CUDA's `cuobjdump` and `nvdisasm`; without a toolkit, PyPI has them:
 //! `pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`, then the
@@ -27,11 +27,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let arch = args.next().unwrap_or_else(|| "sm_90a".to_string());
+    // Optional: only the modules whose name contains this text (a full run compiles for minutes).
+    let only = args.next();
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("dump_cubins: cannot create {}: {e}", dir.display());
         return ExitCode::FAILURE;
     }
     for (name, source) in all_module_sources() {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let path = dir.join(format!("{name}.cubin"));
         let written = compile_cubin(name, &source, &arch)
             .map_err(|e| e.to_string())
