@@ -494,7 +494,7 @@ impl Gpu {
                 "gemv on an expert stack: use expert_gemv".into(),
             ));
         }
-        self.gemv_launch(w, None, x, n_vecs, None, false, y, None)
+        self.gemv_launch(w, None, x, n_vecs, None, false, y, None, None)
     }
 
     /// Two matrices of the same format and shape applied to the same activations in one
@@ -513,7 +513,30 @@ impl Gpu {
             ));
         }
         let [y0, y1] = y;
-        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1))
+        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1), None)
+    }
+
+    /// [`Gpu::gemv_pair`] on at most `ctas_per_sm` CTAs per multiprocessor (each warp then
+    /// walks several row groups), for a matvec on a side branch with time to spare: with one
+    /// CTA per row group it would take every multiprocessor's room while a kernel of the
+    /// critical path waits to start. Same bits (a row's sums depend on the matrix shape
+    /// only).
+    pub fn gemv_pair_capped(
+        &self,
+        w: [&DeviceMatrix; 2],
+        x: Activations<'_>,
+        n_vecs: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+        ctas_per_sm: usize,
+    ) -> Result<()> {
+        if w[0].experts != 1 {
+            return Err(CudaError::InvalidArgument(
+                "gemv_pair on expert stacks: use expert_gemv_pair".into(),
+            ));
+        }
+        let [y0, y1] = y;
+        let cap = Some(ctas_per_sm.max(1));
+        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1), cap)
     }
 
     /// Expert matvecs with the expert ids on the device: for each slot s < n_slots, expert
@@ -545,6 +568,7 @@ impl Gpu {
             Some((ids, n_slots)),
             x_per_slot,
             y,
+            None,
             None,
         )
     }
@@ -579,6 +603,7 @@ impl Gpu {
             x_per_slot,
             y0,
             Some(y1),
+            None,
         )
     }
 
@@ -723,6 +748,7 @@ impl Gpu {
         x_per_slot: bool,
         y: &mut DeviceBuffer<f32>,
         y2: Option<&mut DeviceBuffer<f32>>,
+        ctas_per_sm: Option<usize>,
     ) -> Result<()> {
         let n_slots = ids.map_or(1, |(_, n)| n);
         let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
@@ -787,7 +813,12 @@ impl Gpu {
                 1
             };
             let mut grid_x = shape.grid_x;
-            if let Some(cap) = self.gemv_grid_cap() {
+            // The launch's own cap and the measurement knob's: the smaller.
+            let cap = match (self.gemv_grid_cap(), ctas_per_sm) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(cap) = cap {
                 grid_x = grid_x.min((cap * sms / (n_slots * n_mats as usize)).max(1));
             }
             let cfg = LaunchConfig {

@@ -868,6 +868,21 @@ fn gemv_pairs_equal_two_calls() {
             g.gemv(&mb, act, n_vecs, &mut yb).unwrap();
             g.gemv_pair([&ma, &mb], act, n_vecs, [&mut pa, &mut pb])
                 .unwrap();
+            // The capped pair (one CTA per multiprocessor: every warp walks several row
+            // groups) gives the same bits.
+            let (mut ca, mut cb) = (alloc(), alloc());
+            g.gemv_pair_capped([&ma, &mb], act, n_vecs, [&mut ca, &mut cb], 1)
+                .unwrap();
+            for (pair, capped) in [(&pa, &ca), (&pb, &cb)] {
+                let (p, c) = (
+                    g.device.download(pair).unwrap(),
+                    g.device.download(capped).unwrap(),
+                );
+                assert!(
+                    p.iter().zip(&c).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format:?} {cols}x{rows} nb{n_vecs}: the capped pair differs"
+                );
+            }
         }
         for (single, pair, which) in [(&ya, &pa, "first"), (&yb, &pb, "second")] {
             let s = g.device.download(single).unwrap();

@@ -10,6 +10,14 @@ const GROUPED_MIN_TOKENS: usize = 16;
 /// Most experts route_warp takes: 32 lanes × ROUTE_WARP_KEYS (moe.cu).
 const ROUTE_WARP_EXPERTS: usize = 32 * 8;
 
+/// CTAs per multiprocessor the shared expert's gate and up matvec of a decode step may take.
+/// It runs on a side branch beside the router, and uncapped (2 048 CTAs, ~1.5 waves) it held
+/// every multiprocessor while the routed experts' matvec waited ~5 µs after the router to
+/// start; capped, that matvec starts before the router ends and the branch still finishes
+/// first. H100, one call: decode 2K-6K 131.4 → 133.5 t/s (9 points, 3 rounds; cap 3, 8 and
+/// 4 with the down projection capped too within the spread of 4), same bits.
+const SHARED_EXPERT_CTAS_PER_SM: usize = 4;
+
 impl CudaModel {
     /// s.y = the MoE output of the chunk (moe_combine).
     pub(super) fn moe_combine(&self, s: &Scratch, n: usize, p: MoePending) -> Result<()> {
@@ -90,11 +98,12 @@ impl CudaModel {
                 Some(kind) if n == 1 && up_q && same_shape(&w.gate_shexp, &w.up_shexp) => {
                     let qa = s.quant.get(kind, w.gate_shexp.cols, n, s.xn.ptr())?;
                     let pair = [&self.matrix(&w.gate_shexp)?, &self.matrix(&w.up_shexp)?];
-                    self.gpu.gemv_pair(
+                    self.gpu.gemv_pair_capped(
                         pair,
                         Activations::Quantized(qa),
                         n,
                         [&mut s.sg, &mut s.su],
+                        SHARED_EXPERT_CTAS_PER_SM,
                     )?;
                 }
                 _ => {
