@@ -507,13 +507,7 @@ impl Gpu {
         n_vecs: usize,
         y: [&mut DeviceBuffer<f32>; 2],
     ) -> Result<()> {
-        if w[0].experts != 1 {
-            return Err(CudaError::InvalidArgument(
-                "gemv_pair on expert stacks: use expert_gemv_pair".into(),
-            ));
-        }
-        let [y0, y1] = y;
-        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1), None)
+        self.pair_launch(w, x, n_vecs, y, None)
     }
 
     /// [`Gpu::gemv_pair`] on at most `ctas_per_sm` CTAs per multiprocessor (each warp then
@@ -529,14 +523,34 @@ impl Gpu {
         y: [&mut DeviceBuffer<f32>; 2],
         ctas_per_sm: usize,
     ) -> Result<()> {
+        self.pair_launch(w, x, n_vecs, y, Some(ctas_per_sm.max(1)))
+    }
+
+    fn pair_launch(
+        &self,
+        w: [&DeviceMatrix; 2],
+        x: Activations<'_>,
+        n_vecs: usize,
+        y: [&mut DeviceBuffer<f32>; 2],
+        ctas_per_sm: Option<usize>,
+    ) -> Result<()> {
         if w[0].experts != 1 {
             return Err(CudaError::InvalidArgument(
                 "gemv_pair on expert stacks: use expert_gemv_pair".into(),
             ));
         }
         let [y0, y1] = y;
-        let cap = Some(ctas_per_sm.max(1));
-        self.gemv_launch(w[0], Some(w[1]), x, n_vecs, None, false, y0, Some(y1), cap)
+        self.gemv_launch(
+            w[0],
+            Some(w[1]),
+            x,
+            n_vecs,
+            None,
+            false,
+            y0,
+            Some(y1),
+            ctas_per_sm,
+        )
     }
 
     /// Expert matvecs with the expert ids on the device: for each slot s < n_slots, expert
