@@ -1,8 +1,12 @@
-//! Launchers of the two attention kernels of attention.cu over one span of tokens:
-//! `attend` (one CTA per token and head) and `attend_heads` (one CTA per token and
-//! [`HEADS_PER_CTA`] heads, which stages the token's K=V rows in shared memory once for all of
-//! them instead of every head re-reading them from L2). Both take the same [`AttendArgs`] and
-//! give bit-identical outputs: attend_heads keeps attend's order of every float operation.
+//! Launchers of attention.cu's attention kernels, all over the same [`AttendArgs`]:
+//! - `attend` (one CTA per token and head) and `attend_heads` (one CTA per token and
+//!   [`HEADS_PER_CTA`] heads, which stages the token's K=V rows in shared memory once for all
+//!   of them instead of every head re-reading them from L2): bit-identical outputs,
+//!   attend_heads keeps attend's order of every float operation;
+//! - `attend_split` (a decode step: scores, then softmax and values, over many CTAs), also
+//!   bit-identical to attend;
+//! - `attend_mma` (prefill spans in ds4 numerics: flash attention on the tensor cores),
+//!   within ~1e-6 of attend.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 
