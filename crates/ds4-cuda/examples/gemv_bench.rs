@@ -404,6 +404,7 @@ fn run_case(gpu: &Gpu, c: &Case) -> Measured {
                     act,
                     c.n_vecs,
                     [&mut y, &mut y2],
+                    None,
                 )
                 .unwrap(),
         }

@@ -500,33 +500,12 @@ impl Gpu {
     /// Two matrices of the same format and shape applied to the same activations in one
     /// launch (e.g. a gate and an up projection): `y[i] = w[i]·x`. Bit-identical to two
     /// [`Gpu::gemv`] calls; one launch instead of two, and one fuller grid.
+    ///
+    /// `ctas_per_sm`: at most that many CTAs per multiprocessor (each warp then walks several
+    /// row groups), for a matvec on a side branch with time to spare, which with one CTA per
+    /// row group would take every multiprocessor's room while a kernel of the critical path
+    /// waits to start. Same bits (a row's sums depend on the matrix shape only).
     pub fn gemv_pair(
-        &self,
-        w: [&DeviceMatrix; 2],
-        x: Activations<'_>,
-        n_vecs: usize,
-        y: [&mut DeviceBuffer<f32>; 2],
-    ) -> Result<()> {
-        self.pair_launch(w, x, n_vecs, y, None)
-    }
-
-    /// [`Gpu::gemv_pair`] on at most `ctas_per_sm` CTAs per multiprocessor (each warp then
-    /// walks several row groups), for a matvec on a side branch with time to spare: with one
-    /// CTA per row group it would take every multiprocessor's room while a kernel of the
-    /// critical path waits to start. Same bits (a row's sums depend on the matrix shape
-    /// only).
-    pub fn gemv_pair_capped(
-        &self,
-        w: [&DeviceMatrix; 2],
-        x: Activations<'_>,
-        n_vecs: usize,
-        y: [&mut DeviceBuffer<f32>; 2],
-        ctas_per_sm: usize,
-    ) -> Result<()> {
-        self.pair_launch(w, x, n_vecs, y, Some(ctas_per_sm.max(1)))
-    }
-
-    fn pair_launch(
         &self,
         w: [&DeviceMatrix; 2],
         x: Activations<'_>,
@@ -549,7 +528,7 @@ impl Gpu {
             false,
             y0,
             Some(y1),
-            ctas_per_sm,
+            ctas_per_sm.map(|c| c.max(1)),
         )
     }
 

@@ -866,12 +866,12 @@ fn gemv_pairs_equal_two_calls() {
         } else {
             g.gemv(&ma, act, n_vecs, &mut ya).unwrap();
             g.gemv(&mb, act, n_vecs, &mut yb).unwrap();
-            g.gemv_pair([&ma, &mb], act, n_vecs, [&mut pa, &mut pb])
+            g.gemv_pair([&ma, &mb], act, n_vecs, [&mut pa, &mut pb], None)
                 .unwrap();
             // The capped pair (one CTA per multiprocessor: every warp walks several row
             // groups) gives the same bits.
             let (mut ca, mut cb) = (alloc(), alloc());
-            g.gemv_pair_capped([&ma, &mb], act, n_vecs, [&mut ca, &mut cb], 1)
+            g.gemv_pair([&ma, &mb], act, n_vecs, [&mut ca, &mut cb], Some(1))
                 .unwrap();
             for (pair, capped) in [(&pa, &ca), (&pb, &cb)] {
                 let (p, c) = (
@@ -911,7 +911,13 @@ fn gemv_pairs_equal_two_calls() {
         g.device.alloc_filled::<f32>(8, 0).unwrap(),
     );
     let e = g
-        .gemv_pair([&m8, &m4], Activations::F32(&dx), 1, [&mut y0, &mut y1])
+        .gemv_pair(
+            [&m8, &m4],
+            Activations::F32(&dx),
+            1,
+            [&mut y0, &mut y1],
+            None,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("different shapes"), "{e}");

@@ -98,12 +98,12 @@ impl CudaModel {
                 Some(kind) if n == 1 && up_q && same_shape(&w.gate_shexp, &w.up_shexp) => {
                     let qa = s.quant.get(kind, w.gate_shexp.cols, n, s.xn.ptr())?;
                     let pair = [&self.matrix(&w.gate_shexp)?, &self.matrix(&w.up_shexp)?];
-                    self.gpu.gemv_pair_capped(
+                    self.gpu.gemv_pair(
                         pair,
                         Activations::Quantized(qa),
                         n,
                         [&mut s.sg, &mut s.su],
-                        SHARED_EXPERT_CTAS_PER_SM,
+                        Some(SHARED_EXPERT_CTAS_PER_SM),
                     )?;
                 }
                 _ => {
