@@ -40,7 +40,7 @@ struct GemvParams {
     u64 x;      // f32 activations, or int8 quantized activations
     u64 xd;     // f32 scale per activation block (quantized activations only)
     u64 y;      // f32 output
-    u64 ids;    // i32 expert id per slot, or 0
+    u64 ids;    // i32 expert id per slot, or 0: slot s is expert s (one slot: a plain matrix)
     u64 grid;   // IQ2_XXS grid: 256 x u64
     i64 row_bytes;
     i64 expert_stride;
@@ -334,7 +334,10 @@ __device__ __forceinline__ void item_q8x(const u8* blk0, int it, const i8* xq, i
 // vectors of the launch) for a bad id.
 __device__ __forceinline__ bool expert_base(const GemvParams& p, int nb, const u8** W) {
     *W = gemv_w(p);
-    if (p.ids == 0) return true;
+    if (p.ids == 0) {  // slot s is expert s (one slot for a plain matrix)
+        *W += (i64)blockIdx.y * p.expert_stride;
+        return true;
+    }
     const int e = ((const int*)p.ids)[blockIdx.y];
     if (e >= 0 && e < p.n_experts) {
         *W += (i64)e * p.expert_stride;
@@ -440,7 +443,7 @@ __device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
     pre.staged = false;
     if constexpr (R > 0) {
         if (p.ids == 0) {
-            gemv_issue_first<FMT, R>(p, gemv_w(p));
+            gemv_issue_first<FMT, R>(p, gemv_w(p) + (i64)blockIdx.y * p.expert_stride);
             pre.staged = true;
         }
     }
@@ -893,3 +896,20 @@ GEMV_G(gemv_q8_0_q8x, FMT_Q8_0)
 GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)
 GEMV_G(gemv_iq2_xxs_q8x, FMT_IQ2_XXS)
+
+// Asks L2 to fetch `bytes` of weights at w_ (a hint: nothing is loaded into the SM, nothing
+// written), one bulk prefetch of up to 16 KB per thread and step. Weights never change, so it
+// needs no wait: it issues before its PDL wait.
+extern "C" __global__ void prefetch_l2(const u8* w, i64 bytes) {
+    PDL_ENTRY_AFTER(
+        const i64 chunk = 16384;
+        for (i64 off = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * chunk; off < bytes;
+             off += (i64)gridDim.x * blockDim.x * chunk) {
+            const unsigned len = (unsigned)(min64(chunk, bytes - off) & ~(i64)15);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            if (len) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + off), "r"(len) : "memory");
+#else
+            for (unsigned b = 0; b < len; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(w + off + b));
+#endif
+        });
+}

@@ -231,6 +231,17 @@ impl<'a> DeviceMatrix<'a> {
     }
 }
 
+/// Which expert each slot (grid row `blockIdx.y`) of a launch multiplies by.
+#[derive(Clone, Copy)]
+enum Slots<'a> {
+    /// One slot: a plain matrix.
+    One,
+    /// Slot s takes expert `ids[s]` of the n slots, read on the device.
+    Ids(&'a DeviceBuffer<i32>, usize),
+    /// Slot s takes expert s of a stack of n.
+    Stack(usize),
+}
+
 /// Kernel parameters; layout identical to `struct GemvParams` in gemv.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -494,7 +505,7 @@ impl Gpu {
                 "gemv on an expert stack: use expert_gemv".into(),
             ));
         }
-        self.gemv_launch(w, None, x, n_vecs, None, false, y, None, None)
+        self.gemv_launch(w, None, x, n_vecs, Slots::One, false, y, None, None)
     }
 
     /// Two matrices of the same format and shape applied to the same activations in one
@@ -524,7 +535,7 @@ impl Gpu {
             Some(w[1]),
             x,
             n_vecs,
-            None,
+            Slots::One,
             false,
             y0,
             Some(y1),
@@ -558,12 +569,74 @@ impl Gpu {
             None,
             x,
             n_vecs,
-            Some((ids, n_slots)),
+            Slots::Ids(ids, n_slots),
             x_per_slot,
             y,
             None,
             None,
         )
+    }
+
+    /// Every expert of a stack against its own input vectors, slot s taking expert s: x is
+    /// experts × n_vecs × cols, y experts × n_vecs × rows (the grouped output projection's
+    /// groups). [`Gpu::expert_gemv`] with the ids 0, 1, ..., bit for bit; with no ids to read,
+    /// its weight copies start before the previous kernel ends, as a plain matrix's do.
+    pub fn stacked_gemv(
+        &self,
+        w: &DeviceMatrix,
+        x: Activations<'_>,
+        n_vecs: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if w.experts == 0 || w.experts > 65535 {
+            return Err(CudaError::InvalidArgument(format!(
+                "a stack of {} matrices (1..=65535)",
+                w.experts
+            )));
+        }
+        self.gemv_launch(
+            w,
+            None,
+            x,
+            n_vecs,
+            Slots::Stack(w.experts),
+            true,
+            y,
+            None,
+            None,
+        )
+    }
+
+    /// Asks L2 to fetch all of `w` (or a stack) from a grid of `ctas` one-warp CTAs, for a
+    /// matvec that runs later, so that it reads L2 instead of HBM. Nothing waits for it and it
+    /// writes nothing: launch it on a side stream while latency-bound kernels leave HBM idle.
+    /// Each warp has one bulk prefetch (Hopper; per 128-byte line before) of 16 KB in flight
+    /// at a time, so `ctas` sets how fast the lines come and how much HBM it takes from the
+    /// kernels beside it.
+    pub fn prefetch_l2(&self, w: &DeviceMatrix, ctas: usize) -> Result<()> {
+        let bytes = w.total_bytes();
+        if ctas == 0 || bytes == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (ctas.min(65535) as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // (Both parameters are 8-byte values: the address and the byte count.)
+        let (ptr, len) = (w.ptr, bytes as u64);
+        // SAFETY: prefetch_l2(w, bytes) only hints the lines of [ptr, ptr + bytes), the matrix's
+        // weights, which are inside live device memory by DeviceMatrix's construction contract;
+        // it reads nothing into registers and writes nothing.
+        unsafe {
+            self.launch(
+                "gemv",
+                "prefetch_l2",
+                ("prefetch_l2", 0),
+                cfg,
+                &[&ptr, &len],
+            )
+        }
     }
 
     /// [`Gpu::expert_gemv`] for two expert stacks of the same format and shape with the same
@@ -592,7 +665,7 @@ impl Gpu {
             Some(w[1]),
             x,
             n_vecs,
-            Some((ids, n_slots)),
+            Slots::Ids(ids, n_slots),
             x_per_slot,
             y0,
             Some(y1),
@@ -737,13 +810,17 @@ impl Gpu {
         w2: Option<&DeviceMatrix>,
         x: Activations<'_>,
         n_vecs: usize,
-        ids: Option<(&DeviceBuffer<i32>, usize)>,
+        slots: Slots<'_>,
         x_per_slot: bool,
         y: &mut DeviceBuffer<f32>,
         y2: Option<&mut DeviceBuffer<f32>>,
         ctas_per_sm: Option<usize>,
     ) -> Result<()> {
-        let n_slots = ids.map_or(1, |(_, n)| n);
+        let (n_slots, ids_ptr) = match slots {
+            Slots::One => (1, 0),
+            Slots::Ids(ids, n) => (n, ids.ptr()),
+            Slots::Stack(n) => (n, 0),
+        };
         let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
         check_len("output", y, n_slots * n_vecs * w.rows)?;
         if let Some(w2) = w2 {
@@ -832,7 +909,7 @@ impl Gpu {
                     xd_ptr + (b0 * w.cols / xd_block * 4) as u64
                 },
                 y: y.ptr() + (b0 * w.rows * 4) as u64,
-                ids: ids.map_or(0, |(b, _)| b.ptr()),
+                ids: ids_ptr,
                 grid: self.kernels.iq2xxs_grid.ptr(),
                 row_bytes: w.row_bytes as i64,
                 expert_stride: w.expert_bytes() as i64,

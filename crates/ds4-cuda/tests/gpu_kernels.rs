@@ -434,6 +434,57 @@ fn expert_gemv_reads_ids_from_the_device() {
     }
 }
 
+/// The decode step's grouped output projection runs as a stack (slot s takes matrix s, no ids
+/// to read) after an L2 prefetch of its weights: the same bits as expert_gemv with the ids
+/// 0, 1, ..., for the formats and input kinds it may take, one vector and several.
+#[test]
+fn stacked_gemv_equals_expert_gemv_with_identity_ids() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(41);
+    let (n_experts, cols, rows) = (8usize, 1024usize, 40usize);
+    for (format, n_vecs) in [
+        (WeightFormat::Q8_0, 1usize),
+        (WeightFormat::Q8_0, 3),
+        (WeightFormat::IQ2XXS, 1),
+        (WeightFormat::Q2K, 2),
+        (WeightFormat::F16, 1),
+    ] {
+        let w = random_rows(&mut rng, format, cols, rows * n_experts);
+        let dw = upload_matrix(g, &w);
+        let m: DeviceMatrix = dw.matrix(0, format, cols, rows, n_experts).unwrap();
+        let ids: Vec<i32> = (0..n_experts as i32).collect();
+        let dids = g.device.upload(&ids).unwrap();
+        let x = rng.f32s(cols * n_experts * n_vecs);
+        let dx = g.device.upload(&x).unwrap();
+        let qa = format.activation_quant().map(|kind| {
+            let mut qa = g.alloc_quantized(kind, cols, n_experts * n_vecs).unwrap();
+            g.quantize_activations(&dx, &mut qa).unwrap();
+            qa
+        });
+        let mut inputs = vec![(Activations::F32(&dx), "f32")];
+        if let Some(qa) = &qa {
+            inputs.push((Activations::Quantized(qa), "quantized"));
+        }
+        for (act, kind) in inputs {
+            let mut by_ids = g.device.alloc::<f32>(n_experts * n_vecs * rows).unwrap();
+            g.expert_gemv(&m, &dids, n_experts, act, true, n_vecs, &mut by_ids)
+                .unwrap();
+            g.prefetch_l2(&m, 8).unwrap();
+            let mut stacked = g.device.alloc::<f32>(n_experts * n_vecs * rows).unwrap();
+            g.stacked_gemv(&m, act, n_vecs, &mut stacked).unwrap();
+            let (a, b) = (
+                g.device.download(&by_ids).unwrap(),
+                g.device.download(&stacked).unwrap(),
+            );
+            assert!(a.iter().all(|v| v.is_finite()), "{format:?} {kind}: finite");
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{format:?} {kind} x{n_vecs}: stacked_gemv differs from expert_gemv"
+            );
+        }
+    }
+}
+
 #[test]
 fn rmsnorm_and_swiglu_match_cpu() {
     let Some(g) = gpu() else { return };

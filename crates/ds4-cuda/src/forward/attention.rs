@@ -24,6 +24,11 @@ const HNR_MAX_J: usize = 32;
 /// Rows per CTA and most values per row / 32 of index_round_rows (attention.cu).
 const IDXR_WARPS: usize = 8;
 const IDXR_MAX_J: usize = 8;
+/// One-warp CTAs that prefetch o_a into L2 during a decode step's attention. Decode 2K-6K on
+/// an H100 against no prefetch: 8 +1.2 % to +3.0 % (three calls); 4, 6 and 12 within the
+/// spread of 8; 32 −0.6 % and 128 −1.3 % (they take HBM from the attention kernels beside
+/// them). BENCHMARKS.md, session 15.
+const O_A_PREFETCH_CTAS: usize = 8;
 
 impl CudaModel {
     /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
@@ -367,6 +372,13 @@ impl CudaModel {
         dev.join(LANE_INDEX_QUERY)?;
         dev.join(LANE_INDEXER)?;
         s.prof.mark(self, "attn.qkv")?;
+        if n == 1 {
+            // o_a's weights into L2 while the attention kernels run: they are latency-bound and
+            // leave HBM nearly idle, and o_a, next on the critical path, then reads L2. On
+            // LANE_KV, which the FFN's shared-expert branch joins.
+            let o_a = self.matrix(&w.o_a_groups)?;
+            self.branch(LANE_KV, || self.gpu.prefetch_l2(&o_a, O_A_PREFETCH_CTAS))?;
+        }
 
         // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
         let window = c.sliding_window.min(state.ring_cap);
@@ -461,15 +473,15 @@ impl CudaModel {
             groups: None,
         };
         if n == 1 {
-            mm_experts(
+            // Group i of s.o through matrix i of the stack: no ids to read, so its weight copies
+            // start before attend ends.
+            mm_stacked(
                 self,
                 &mut s.quant,
                 &w.o_a_groups,
-                &self.group_ids,
-                g,
                 &s.o,
                 1,
-                slot_input,
+                o_quantized.is_some(),
                 &mut s.z,
             )?;
         } else if n >= GEMM_MIN_VECS

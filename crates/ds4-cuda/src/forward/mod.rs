@@ -872,6 +872,31 @@ fn mm_experts(
     }
 }
 
+/// Every matrix of stack `w` against its own `n_vecs` input vectors of x (slot s: matrix s),
+/// as [`mm_experts`] with the ids 0, 1, ... does, bit for bit (see [`crate::Gpu::stacked_gemv`]).
+fn mm_stacked(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: &Mat,
+    x: &DeviceBuffer<f32>,
+    n_vecs: usize,
+    prequantized: bool,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let dm = m.matrix(w)?;
+    let input = SlotInput {
+        per_slot: true,
+        prequantized,
+        groups: None,
+    };
+    match expert_input(m, quant, w, x, w.experts * n_vecs, input)? {
+        Some(qa) => m
+            .gpu
+            .stacked_gemv(&dm, Activations::Quantized(qa), n_vecs, y),
+        None => m.gpu.stacked_gemv(&dm, Activations::F32(x), n_vecs, y),
+    }
+}
+
 /// The quantized form of an expert product's `x_vecs` input vectors (None: f32 input): the
 /// one already in the quant slot when `input.prequantized`, else made now.
 fn expert_input<'a>(
