@@ -26,7 +26,7 @@ const IDXR_WARPS: usize = 8;
 const IDXR_MAX_J: usize = 8;
 /// One-warp CTAs that prefetch o_a into L2 during a decode step's attention. Decode 2K-6K on
 /// an H100 against no prefetch: 8 +1.2 % to +3.0 % (three calls); 4, 6 and 12 within the
-/// spread of 8; 32 −0.6 % and 128 −1.3 % (they take HBM from the attention kernels beside
+/// spread of 8; 32 −0.6 % and 128 −1.6 % (they take HBM from the attention kernels beside
 /// them). BENCHMARKS.md, session 15.
 const O_A_PREFETCH_CTAS: usize = 8;
 
