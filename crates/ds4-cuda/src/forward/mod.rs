@@ -29,7 +29,8 @@ const CTA: u32 = 256;
 const HC_MIX_THREADS: usize = 128;
 
 // Side streams (crate::device::CudaDevice::fork) of a layer's independent branches: the
-// hyper-connection's Sinkhorn projection; the K=V row (in the FFN: the shared expert); the
+// hyper-connection's Sinkhorn projection; the K=V row (during a decode step's attention: the
+// L2 prefetch of o_a; in the FFN: the shared expert); the
 // indexer's keys and head weights; its queries, scores and top-k (which wait for the keys'
 // stream); the attention compressor. (The indexer on one stream: GPU step 7 779 µs against
 // 7 705-7 719 on two, session 8.)
