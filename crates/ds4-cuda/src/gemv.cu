@@ -897,9 +897,9 @@ GEMV_G(gemv_q2_k_q8x, FMT_Q2_K)
 GEMV_G(gemv_q4_k_q8x, FMT_Q4_K)
 GEMV_G(gemv_iq2_xxs_q8x, FMT_IQ2_XXS)
 
-// Asks L2 to fetch `bytes` of weights at w_ (a hint: nothing is loaded into the SM, nothing
-// written), one bulk prefetch of up to 16 KB per thread and step. Weights never change, so it
-// needs no wait: it issues before its PDL wait.
+// Asks L2 to fetch `bytes` of weights at w (a hint: nothing is loaded into the SM, nothing
+// written), one bulk prefetch of up to 16 KB per thread and step; w and bytes are multiples of
+// 16 (gemv.rs prefetch_range). Weights never change, so it issues before its PDL wait.
 extern "C" __global__ void prefetch_l2(const u8* w, i64 bytes) {
     PDL_ENTRY_AFTER(
         const i64 chunk = 16384;

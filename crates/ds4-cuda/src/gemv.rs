@@ -242,6 +242,15 @@ enum Slots<'a> {
     Stack(usize),
 }
 
+/// The part of `bytes` bytes at device address `ptr` that a bulk L2 prefetch may name: from
+/// the first 16-byte boundary, whole 16-byte units (a model file's alignment may place a matrix
+/// anywhere).
+fn prefetch_range(ptr: u64, bytes: u64) -> (u64, u64) {
+    let start = ptr.next_multiple_of(16);
+    let end = ptr.saturating_add(bytes);
+    (start, end.saturating_sub(start) & !15)
+}
+
 /// Kernel parameters; layout identical to `struct GemvParams` in gemv.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -614,8 +623,8 @@ impl Gpu {
     /// at a time, so `ctas` sets how fast the lines come and how much HBM it takes from the
     /// kernels beside it.
     pub fn prefetch_l2(&self, w: &DeviceMatrix, ctas: usize) -> Result<()> {
-        let bytes = w.total_bytes();
-        if ctas == 0 || bytes == 0 {
+        let (ptr, len) = prefetch_range(w.ptr, w.total_bytes() as u64);
+        if ctas == 0 || len == 0 {
             return Ok(());
         }
         let cfg = LaunchConfig {
@@ -623,11 +632,10 @@ impl Gpu {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // (Both parameters are 8-byte values: the address and the byte count.)
-        let (ptr, len) = (w.ptr, bytes as u64);
-        // SAFETY: prefetch_l2(w, bytes) only hints the lines of [ptr, ptr + bytes), the matrix's
-        // weights, which are inside live device memory by DeviceMatrix's construction contract;
-        // it reads nothing into registers and writes nothing.
+        // SAFETY: prefetch_l2(w, bytes) (two 8-byte parameters) only hints the lines of
+        // [ptr, ptr + len), inside the matrix's weights, which are in live device memory by
+        // DeviceMatrix's construction contract; ptr and len are multiples of 16, as the bulk
+        // prefetch requires (prefetch_range); it reads nothing into registers, writes nothing.
         unsafe {
             self.launch(
                 "gemv",
@@ -960,5 +968,29 @@ impl Gpu {
             b0 += nb * n_batches;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefetch_range;
+
+    /// A matrix at any byte offset: the prefetched range starts on a 16-byte boundary, is whole
+    /// 16-byte units, stays inside the matrix and misses at most 15 bytes at each end.
+    #[test]
+    fn prefetch_range_is_16_byte_units_inside_the_matrix() {
+        assert_eq!(prefetch_range(0x1000, 4096), (0x1000, 4096));
+        assert_eq!(prefetch_range(0x1003, 100), (0x1010, 80));
+        assert_eq!(prefetch_range(0x1003, 10), (0x1010, 0));
+        assert_eq!(prefetch_range(0x100f, 1), (0x1010, 0));
+        for ptr in 0x2000u64..0x2040 {
+            for bytes in [0u64, 1, 15, 16, 17, 31, 32, 33, 1000, 1 << 20] {
+                let (start, len) = prefetch_range(ptr, bytes);
+                assert_eq!((start % 16, len % 16), (0, 0), "{ptr:#x} + {bytes}");
+                assert!(start >= ptr && start - ptr < 16, "{ptr:#x} + {bytes}");
+                assert!(len == 0 || start + len <= ptr + bytes, "{ptr:#x} + {bytes}");
+                assert!(len + 30 >= bytes, "{ptr:#x} + {bytes}: {len}");
+            }
+        }
     }
 }
