@@ -568,11 +568,6 @@ impl Gpu {
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
         check_len("expert id buffer", ids, n_slots)?;
-        if n_slots == 0 || n_slots > 65535 {
-            return Err(CudaError::InvalidArgument(format!(
-                "{n_slots} expert slots (1..=65535)"
-            )));
-        }
         self.gemv_launch(
             w,
             None,
@@ -597,12 +592,6 @@ impl Gpu {
         n_vecs: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<()> {
-        if w.experts == 0 || w.experts > 65535 {
-            return Err(CudaError::InvalidArgument(format!(
-                "a stack of {} matrices (1..=65535)",
-                w.experts
-            )));
-        }
         self.gemv_launch(
             w,
             None,
@@ -662,11 +651,6 @@ impl Gpu {
         y: [&mut DeviceBuffer<f32>; 2],
     ) -> Result<()> {
         check_len("expert id buffer", ids, n_slots)?;
-        if n_slots == 0 || n_slots > 65535 {
-            return Err(CudaError::InvalidArgument(format!(
-                "{n_slots} expert slots (1..=65535)"
-            )));
-        }
         let [y0, y1] = y;
         self.gemv_launch(
             w[0],
@@ -829,6 +813,12 @@ impl Gpu {
             Slots::Ids(ids, n) => (n, ids.ptr()),
             Slots::Stack(n) => (n, 0),
         };
+        // One grid row (blockIdx.y) per slot.
+        if n_slots == 0 || n_slots > 65535 {
+            return Err(CudaError::InvalidArgument(format!(
+                "{n_slots} expert slots (1..=65535)"
+            )));
+        }
         let x_vecs = if x_per_slot { n_slots * n_vecs } else { n_vecs };
         check_len("output", y, n_slots * n_vecs * w.rows)?;
         if let Some(w2) = w2 {
