@@ -416,81 +416,6 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Enqueues, without waiting, copies of `rows` rows of `width` elements from `src` (rows
-    /// packed) into `dst`, `copies` times: copy c puts row r at element
-    /// `r * dst_pitch + c * width` (e.g. one embedding row into each of a token's residual
-    /// streams). The first copy comes from the host, the others from the first on the device.
-    /// `src` is not writable again until the stream got past it (as [`upload_staged`]).
-    ///
-    /// [`upload_staged`]: CudaDevice::upload_staged
-    pub fn upload_rows_replicated(
-        &self,
-        src: &mut HostStaging<f32>,
-        rows: usize,
-        width: usize,
-        dst: &mut DeviceBuffer<f32>,
-        dst_pitch: usize,
-        copies: usize,
-    ) -> Result<()> {
-        if rows == 0 || width == 0 || copies == 0 {
-            return Ok(());
-        }
-        let fits = rows.checked_mul(width).is_some_and(|n| n <= src.len)
-            && copies.checked_mul(width).is_some_and(|w| w <= dst_pitch)
-            && (rows - 1)
-                .checked_mul(dst_pitch)
-                .and_then(|a| a.checked_add(copies * width))
-                .is_some_and(|end| end <= dst.len);
-        if !fits {
-            return Err(CudaError::InvalidArgument(format!(
-                "{copies} copies of {rows} rows of {width} from {} values into {} with pitch {dst_pitch}",
-                src.len, dst.len
-            )));
-        }
-        self.bind()?;
-        let f = std::mem::size_of::<f32>();
-        for c in 0..copies {
-            let (src_type, src_host, src_device, src_pitch) = if c == 0 {
-                let host = src.ptr as *const std::ffi::c_void;
-                (sys::CUmemorytype::CU_MEMORYTYPE_HOST, host, 0, width * f)
-            } else {
-                let null = std::ptr::null();
-                (
-                    sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                    null,
-                    dst.ptr,
-                    dst_pitch * f,
-                )
-            };
-            let m = sys::CUDA_MEMCPY2D {
-                srcXInBytes: 0,
-                srcY: 0,
-                srcMemoryType: src_type,
-                srcHost: src_host,
-                srcDevice: src_device,
-                srcArray: std::ptr::null_mut(),
-                srcPitch: src_pitch,
-                dstXInBytes: c * width * f,
-                dstY: 0,
-                dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                dstHost: std::ptr::null_mut(),
-                dstDevice: dst.ptr,
-                dstArray: std::ptr::null_mut(),
-                dstPitch: dst_pitch * f,
-                WidthInBytes: width * f,
-                Height: rows,
-            };
-            // SAFETY: every source row lies in src (rows * width <= src.len, page-locked,
-            // kept unwritten until the stream is past the copy through in_flight) or in
-            // dst's first copy; every destination row in dst (checked above); copy c > 0
-            // reads copy 0's rows, written earlier on the same stream.
-            unsafe { sys::cuMemcpy2DAsync_v2(&m, self.stream.cu_stream()).result() }
-                .ctx("cuMemcpy2DAsync (embedding rows)")?;
-        }
-        src.in_flight = true;
-        Ok(())
-    }
-
     /// Copies the first `n` elements of `src` into `dst` after all work issued so far, waits
     /// for every stream, and returns them.
     pub fn download_staged<'a, T: DeviceValue>(
@@ -798,6 +723,17 @@ impl<T: DeviceValue> HostStaging<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The host's view for reading; first waits for a copy that may still use it.
+    pub fn as_slice(&self) -> Result<&[T]> {
+        if self.in_flight {
+            self.stream.synchronize().ctx("waiting for a staged copy")?;
+        }
+        // SAFETY: len initialized elements (zeroed at allocation); any copy that used them
+        // has finished (the wait above, or in_flight was clear), and no copy can be enqueued
+        // while this shared borrow lives (enqueuing one takes &mut self).
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+
     /// The host's view for writing; first waits for a copy that may still read it.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
         if self.in_flight {

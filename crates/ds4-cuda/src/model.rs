@@ -117,13 +117,12 @@ pub fn fitting_chunk(preferred: usize, fits: impl Fn(usize) -> bool) -> usize {
 pub struct CudaModel {
     pub cfg: ModelConfig,
     pub numerics: Numerics,
-    /// Host view of the file: the embedding rows are decoded from it, and the small vectors
-    /// were uploaded from it.
-    pub(crate) host: ModelWeights,
     pub(crate) gpu: Gpu,
     pub(crate) fk: ForwardKernels,
     pub(crate) weights: DeviceWeights,
     pub(crate) layers: Vec<DevLayer>,
+    /// token_embd, where the upload put it: the chunk's rows are gathered on the GPU.
+    pub(crate) embed: Mat,
     pub(crate) output_hc: DevHc,
     pub(crate) output_norm: DeviceBuffer<f32>,
     pub(crate) output: Mat,
@@ -204,11 +203,11 @@ impl CudaModel {
         let model = CudaModel {
             cfg,
             numerics,
-            host,
             gpu,
             fk,
             weights,
             layers: parts.layers,
+            embed: parts.embed,
             output_hc: parts.output_hc,
             output_norm: parts.output_norm,
             output: parts.output,
@@ -244,6 +243,7 @@ impl CudaModel {
                 model.matrix(&m).map_err(err)?;
             }
         }
+        model.matrix(&model.embed).map_err(err)?;
         Ok(model)
     }
 
@@ -273,6 +273,7 @@ impl CudaModel {
 /// The device-side parameters bound from the host weights.
 struct DevParts {
     layers: Vec<DevLayer>,
+    embed: Mat,
     output_hc: DevHc,
     output_norm: DeviceBuffer<f32>,
     output: Mat,
@@ -344,6 +345,7 @@ impl DevParts {
         let group_ids: Vec<i32> = (0..cfg.o_groups as i32).collect();
         Ok(DevParts {
             layers,
+            embed: mat(&host.embed)?,
             output_hc: hc(&host.output_hc)?,
             output_norm: up(&host.output_norm)?,
             output: mat(&host.output)?,

@@ -14,7 +14,7 @@ use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
 
 use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, Result};
-use crate::forward::{download_prefix, Scratch};
+use crate::forward::{download_prefix, ChunkLogits, Scratch};
 use crate::model::CudaModel;
 
 /// One compressor's device state.
@@ -114,7 +114,10 @@ pub struct CudaSession {
     model: Arc<CudaModel>,
     ctx: usize,
     tokens: Vec<u32>,
+    /// The logits after the last token: in the scratch's page-locked staging after a decode
+    /// step (`logits_staged`), else here.
     last_logits: Vec<f32>,
+    logits_staged: bool,
     layers: Vec<GpuLayerState>,
     scratch: Scratch,
 }
@@ -199,6 +202,7 @@ impl CudaSession {
             ctx,
             tokens: Vec::new(),
             last_logits: Vec::new(),
+            logits_staged: false,
             layers,
             scratch,
         };
@@ -216,6 +220,7 @@ impl CudaSession {
     fn clear(&mut self) -> Result<()> {
         self.tokens.clear();
         self.last_logits.clear();
+        self.logits_staged = false;
         // Rows beyond the token count are never read; only the frontiers must be emptied.
         for l in &self.layers {
             for c in [&l.attn, &l.index].into_iter().flatten() {
@@ -237,13 +242,22 @@ impl CudaSession {
         self.scratch.decode_graph_captured()
     }
 
+    /// The logits after the last token (empty before the first eval).
+    fn logits(&self) -> Result<&[f32]> {
+        if self.logits_staged {
+            self.scratch.staged_logits(self.model.cfg.vocab_size)
+        } else {
+            Ok(&self.last_logits)
+        }
+    }
+
     /// The state in the CPU backend's form (downloads every buffer).
     pub fn to_state(&self) -> Result<SessionState> {
         let m = &self.model;
         let cfg = &m.cfg;
         let mut st = SessionState::new(cfg, self.ctx);
         st.tokens = self.tokens.clone();
-        st.last_logits = self.last_logits.clone();
+        st.last_logits = self.logits()?.to_vec();
         let n_tok = self.tokens.len();
         for (l, (dst, src)) in st.layers.iter_mut().zip(&self.layers).enumerate() {
             let hd = cfg.head_dim;
@@ -318,6 +332,7 @@ impl CudaSession {
         }
         self.tokens = st.tokens.clone();
         self.last_logits = st.last_logits.clone();
+        self.logits_staged = false;
         Ok(())
     }
 }
@@ -395,17 +410,14 @@ impl Session for CudaSession {
                 Logits::Last if i + 1 == n_chunks => chunk.len() - 1..chunk.len(),
                 Logits::Last => 0..0,
             };
-            let mut logits = Vec::new();
-            model
-                .forward_chunk_into(
-                    &mut self.scratch,
-                    &mut self.layers,
-                    chunk,
-                    pos0,
-                    rows,
-                    &mut logits,
-                )
+            let staged = model
+                .forward_chunk(&mut self.scratch, &mut self.layers, chunk, pos0, rows)
                 .map_err(cuda_err)?;
+            let logits = match staged {
+                ChunkLogits::None => Vec::new(),
+                ChunkLogits::Staged => self.scratch.staged_logits(v).map_err(cuda_err)?.to_vec(),
+                ChunkLogits::Rows(rows) => rows,
+            };
             if !logits.is_empty() {
                 last = logits[logits.len() - v..].to_vec();
             }
@@ -417,11 +429,13 @@ impl Session for CudaSession {
             self.tokens.extend_from_slice(chunk);
         }
         self.last_logits = last;
+        self.logits_staged = false;
         Ok(out)
     }
 
     fn last_logits(&self) -> &[f32] {
-        &self.last_logits
+        // The staging is only unreadable if the GPU failed; the next eval reports that.
+        self.logits().unwrap_or(&[])
     }
 
     fn decode_step(&mut self, token: u32) -> std::result::Result<&[f32], ModelError> {
@@ -433,19 +447,13 @@ impl Session for CudaSession {
         )?;
         let pos0 = self.tokens.len();
         let model = self.model.clone();
-        // The logits land in last_logits' own allocation: no vector per token.
+        // The logits stay in the page-locked staging they were downloaded into: no copy.
         model
-            .forward_chunk_into(
-                &mut self.scratch,
-                &mut self.layers,
-                &[token],
-                pos0,
-                0..1,
-                &mut self.last_logits,
-            )
+            .forward_chunk(&mut self.scratch, &mut self.layers, &[token], pos0, 0..1)
             .map_err(cuda_err)?;
         self.tokens.push(token);
-        Ok(&self.last_logits)
+        self.logits_staged = true;
+        self.logits().map_err(cuda_err)
     }
 
     fn preferred_span(&self) -> usize {

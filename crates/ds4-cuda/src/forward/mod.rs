@@ -2,7 +2,8 @@
 //! (ds4-model cpu/forward.rs): a span is processed layer-major, every matmul of a layer runs
 //! once for all tokens of the chunk, the compressors take the chunk's tokens in order, and
 //! attention runs per (token, head). All intermediate values stay on the device; the host only
-//! uploads the chunk's embedding rows and token ids and downloads the requested logits.
+//! uploads the chunk's token ids and first position and downloads the requested logits (the
+//! embedding rows are gathered on the GPU from the uploaded table).
 
 use std::collections::HashMap;
 
@@ -114,7 +115,7 @@ impl Drop for StageTimes {
 /// `DS4_CUDA_PROFILE=host`: where the host's time goes in graph-replayed decode steps, to
 /// account for the time between the GPU's steps (the bench's step minus the trace's GPU
 /// step). Phases are wall times on the calling thread; "caller" is the time from the end of
-/// one step's forward_chunk_into to the start of the next (sampling, the session's copies).
+/// one step's forward_chunk to the start of the next (sampling, the session's copies).
 pub(crate) struct HostTimes {
     on: bool,
     steps: u64,
@@ -129,13 +130,12 @@ pub(crate) struct HostTimes {
 }
 
 impl HostTimes {
-    const PHASES: [&'static str; 6] = [
+    const PHASES: [&'static str; 5] = [
         "caller",
-        "embed rows",
+        "inputs",
         "uploads",
         "graph launch",
         "logits wait",
-        "logits copy",
     ];
 
     fn new() -> HostTimes {
@@ -345,9 +345,8 @@ pub(crate) struct Scratch {
     /// return): the sublayer skips its own norm. Taken by the sublayer that follows.
     pre_normed: Option<(bool, bool)>,
     logits: DeviceBuffer<f32>,
-    /// Page-locked copies of a chunk's inputs (its tokens' embedding rows, ids and first
-    /// position) and of one row of logits: no pageable-copy synchronization per step.
-    host_embed: HostStaging<f32>,
+    /// Page-locked copies of a chunk's inputs (its token ids and first position) and of one
+    /// row of logits: no pageable-copy synchronization per step.
     host_tokens: HostStaging<i32>,
     host_pos: HostStaging<i64>,
     host_logits: HostStaging<f32>,
@@ -395,6 +394,12 @@ impl Scratch {
 
     pub(crate) fn decode_graph_captured(&self) -> bool {
         self.graphs_enabled && self.decode_graph.is_some()
+    }
+
+    /// The one row of logits the last chunk left in the page-locked staging
+    /// ([`ChunkLogits::Staged`]).
+    pub(crate) fn staged_logits(&self, vocab: usize) -> Result<&[f32]> {
+        Ok(&self.host_logits.as_slice()?[..vocab])
     }
 
     /// Reallocations of any stream's quant slots so far (a graph is bound to their buffers).
@@ -474,7 +479,6 @@ impl Scratch {
             moe_pending: None,
             pre_normed: None,
             logits: f(cap * c.vocab_size)?,
-            host_embed: dev.host_staging(cap * d)?,
             host_tokens: dev.host_staging(cap)?,
             host_pos: dev.host_staging(1)?,
             host_logits: dev.host_staging(c.vocab_size)?,
@@ -525,13 +529,6 @@ fn copy_f32(
         )
     }
     .ctx("cuMemcpyDtoDAsync")
-}
-
-/// Host threads that decode a chunk's embedding rows: one per 256 rows, at most the machine's
-/// cores (a decode step stays on the calling thread).
-fn decode_threads(n: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    n.div_ceil(256).clamp(1, cores.min(16))
 }
 
 /// Downloads the first `n` values of `buf`.
@@ -982,23 +979,31 @@ fn quantized<'a>(
     Ok(Some(qa))
 }
 
+/// Where [`CudaModel::forward_chunk`] left the logits it was asked for.
+pub(crate) enum ChunkLogits {
+    /// No row was asked for.
+    None,
+    /// One row, in the scratch's page-locked staging ([`Scratch::staged_logits`]) until the
+    /// next chunk: a decode step hands it out without copying half a megabyte.
+    Staged,
+    /// Several rows, row-major.
+    Rows(Vec<f32>),
+}
+
 impl CudaModel {
     /// Runs one chunk (at most `scratch.cap` tokens at positions pos0..) through every layer,
-    /// updating the layer states, and writes the logits of chunk rows `head_rows` (a contiguous
-    /// range, row-major) into `out`, replacing its contents and reusing its allocation; `out`
-    /// is only touched once everything else succeeded.
-    pub(crate) fn forward_chunk_into(
+    /// updating the layer states, and returns where the logits of chunk rows `head_rows` (a
+    /// contiguous range) are.
+    pub(crate) fn forward_chunk(
         &self,
         s: &mut Scratch,
         layers: &mut [GpuLayerState],
         tokens: &[u32],
         pos0: usize,
         head_rows: std::ops::Range<usize>,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    ) -> Result<ChunkLogits> {
         let c = &self.cfg;
         let n = tokens.len();
-        let (d, nc) = (c.hidden, c.hc_mult);
         if n == 0 || n > s.cap {
             return Err(CudaError::InvalidArgument(format!(
                 "chunk of {n} tokens (scratch holds {})",
@@ -1015,33 +1020,14 @@ impl CudaModel {
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
         s.unswap_streams();
-        // Embedding rows decoded on the host (the file is mapped there; several threads for
-        // a prefill span), uploaded once and copied into every residual stream on the GPU.
-        let dev = &self.gpu.device;
-        let rows = s.host_embed.as_mut_slice()?;
-        let per_thread = n.div_ceil(decode_threads(n)).max(1);
-        std::thread::scope(|scope| {
-            for (i, part) in rows[..n * d].chunks_mut(per_thread * d).enumerate() {
-                let toks = &tokens[i * per_thread..];
-                let host = &self.host;
-                let mut job = move || {
-                    for (row, &tok) in part.chunks_exact_mut(d).zip(toks) {
-                        host.decode_row(&host.embed, tok as usize, row);
-                    }
-                };
-                if i == 0 {
-                    job();
-                } else {
-                    scope.spawn(job);
-                }
-            }
-        });
+        // The chunk's ids and first position; the embedding rows are gathered on the GPU
+        // (embed_streams, the first kernel of layers_and_head and of the decode graph).
         for (slot, &tok) in s.host_tokens.as_mut_slice()?.iter_mut().zip(tokens) {
             *slot = tok as i32;
         }
         s.host_pos.as_mut_slice()?[0] = pos0 as i64;
         s.host_times.mark(1);
-        dev.upload_rows_replicated(&mut s.host_embed, n, d, &mut s.streams, nc * d, nc)?;
+        let dev = &self.gpu.device;
         dev.upload_staged(&mut s.host_tokens, n, &mut s.tokens)?;
         dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
         s.host_times.mark(2);
@@ -1072,22 +1058,24 @@ impl CudaModel {
         s.host_times.mark(3);
         s.prof.mark(self, "head")?;
         if rows == 1 {
-            let v = c.vocab_size;
-            let staged = dev.download_staged(&s.logits, v, &mut s.host_logits)?;
+            dev.download_staged(&s.logits, c.vocab_size, &mut s.host_logits)?;
             s.host_times.mark(4);
-            out.clear();
-            out.extend_from_slice(staged);
-            s.host_times.mark(5);
             if replayed {
                 s.host_times.end_step();
             } else {
                 s.host_times.skip();
             }
-            return Ok(());
+            return Ok(ChunkLogits::Staged);
         }
         s.host_times.skip();
-        *out = download_prefix(self, &s.logits, rows * c.vocab_size)?;
-        Ok(())
+        if rows == 0 {
+            return Ok(ChunkLogits::None);
+        }
+        Ok(ChunkLogits::Rows(download_prefix(
+            self,
+            &s.logits,
+            rows * c.vocab_size,
+        )?))
     }
 
     /// Captures the decode graph before the first decode step (when graphs are on and none is
@@ -1105,8 +1093,7 @@ impl CudaModel {
             return Ok(());
         }
         if !s.decode_warm {
-            let mut logits = Vec::new();
-            self.forward_chunk_into(s, layers, &[0], 0, 0..1, &mut logits)?;
+            self.forward_chunk(s, layers, &[0], 0, 0..1)?;
         }
         if s.decode_warm && s.decode_graph.is_none() {
             s.unswap_streams();
@@ -1132,6 +1119,7 @@ impl CudaModel {
     ) -> Result<()> {
         s.hc_part_ready = false;
         s.pre_normed = None;
+        self.embed_streams(s, n)?;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
