@@ -21,7 +21,6 @@ use ds4_model::bench::{
 use ds4_model::config::ModelConfig;
 use ds4_model::cpu::CpuBackend;
 use ds4_model::numerics::Numerics;
-use ds4_text::sampler::argmax_excluding;
 use ds4_text::tokenizer::Tokenizer;
 
 use crate::model_file::{gguf_tokenizer, ModelFile};
@@ -215,8 +214,7 @@ fn run_sweep(args: &BenchArgs, kind: BackendKind) -> anyhow::Result<()> {
     );
     println!("{}", table_header());
     let mut write_error: Option<anyhow::Error> = None;
-    let pick = |logits: &[f32]| argmax_excluding(logits, &exclude);
-    run_bench(session.as_mut(), &stream, &plan, pick, |row| {
+    run_bench(session.as_mut(), &stream, &plan, &exclude, |row| {
         println!("{row}");
         if let Some((f, path)) = csv.as_mut() {
             // Each row is flushed so an interrupted run keeps what it measured.

@@ -1,5 +1,6 @@
-//! The forward pass's own kernel modules (hc.cu, attention.cu, compressor.cu, moe.cu), compiled
-//! with NVRTC through the same disk cache as the foundation's modules, and a launcher.
+//! The forward pass's own kernel modules (hc.cu, attention.cu, compressor.cu, moe.cu,
+//! tokens.cu), compiled with NVRTC through the same disk cache as the foundation's modules, and
+//! a launcher.
 //!
 //! Every kernel of these modules takes only 8-byte parameters (u64 device addresses, i64
 //! counts, double scalars), so a launch is a list of u64 bit patterns ([`KArg`]).
@@ -23,6 +24,7 @@ pub(crate) const FORWARD_MODULES: &[(&str, &str)] = &[
     ("fwd_attention", include_str!("attention.cu")),
     ("fwd_compressor", include_str!("compressor.cu")),
     ("fwd_moe", include_str!("moe.cu")),
+    ("fwd_tokens", include_str!("tokens.cu")),
 ];
 
 /// A kernel argument: every parameter of these modules is 8 bytes wide.

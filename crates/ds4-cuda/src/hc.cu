@@ -766,38 +766,3 @@ extern "C" __global__ void hc_head(u64 mix_, u64 base_, u64 scale_, u64 streams_
         u[i] = acc;
     }
 }
-
-// The chunk's embedding rows, each copied into all n residual streams of its token (every
-// stream starts as the row: dsv4-arch.md §3.1), decoded from the table's storage type as the
-// host's dequantization does: an f16 value and a Q8_0 product d * q are exact in f32, so the
-// values are the same bits. The table stays where the weight upload put it, so a decode step
-// reads 8 KB of it on the GPU instead of the host decoding and uploading a row per token.
-// Bytes are assembled from byte loads: a file's alignment field may place the table anywhere.
-// One CTA per token; an id outside the vocabulary (the host checks every id before a chunk
-// runs) gives NaN rows rather than a read outside the table.
-#define EMBED_F32 0
-#define EMBED_F16 1
-#define EMBED_Q8_0 2
-__device__ __forceinline__ u32 embed_u16(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8); }
-extern "C" __global__ void embed_streams(u64 table_, i64 format, i64 row_bytes, i64 vocab, u64 tokens_, u64 streams_,
-                                         i64 n, i64 d) {
-    PDL_ENTRY();
-    const i64 t = blockIdx.x;
-    const int tok = ((const int*)tokens_)[t];
-    const bool ok = tok >= 0 && tok < vocab;
-    const u8* row = (const u8*)table_ + (ok ? (i64)tok : 0) * row_bytes;
-    float* st = (float*)streams_ + t * n * d;
-    for (i64 i = threadIdx.x; i < d; i += blockDim.x) {
-        float v;
-        if (format == EMBED_F32) {
-            v = __uint_as_float(embed_u16(row + 4 * i) | (embed_u16(row + 4 * i + 2) << 16));
-        } else if (format == EMBED_F16) {
-            v = f16_to_f32((u16)embed_u16(row + 2 * i));
-        } else {
-            const u8* blk = row + (i / QK8_0) * Q8_0_BYTES;
-            v = (float)(i8)blk[2 + i % QK8_0] * f16_to_f32((u16)embed_u16(blk));
-        }
-        if (!ok) v = __int_as_float(0x7fc00000);
-        for (i64 j = 0; j < n; j++) st[j * d + i] = v;
-    }
-}

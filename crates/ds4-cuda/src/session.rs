@@ -4,17 +4,19 @@
 //! ds4-model's [`SessionState`] and serialized by the same code, and a restore parses with
 //! that code and uploads. So a session can move between the CPU and CUDA backends.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use ds4_model::backend::{check_span, Logits, ModelError, Session};
 use ds4_model::config::AttnKind;
 use ds4_model::cpu::compressor::EMPTY_SCORE;
+use ds4_model::greedy::argmax_excluding;
 use ds4_model::numerics::Numerics;
 use ds4_model::session::{compressed_capacity, raw_window_rows, SessionState};
 
 use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, Result};
-use crate::forward::{download_prefix, ChunkLogits, Scratch};
+use crate::forward::{download_prefix, ChunkLogits, Head, Scratch};
 use crate::model::CudaModel;
 
 /// One compressor's device state.
@@ -109,15 +111,25 @@ pub(crate) struct GpuLayerState {
     pub index: Option<GpuCompressor>,
 }
 
+/// Where the logits after a session's last token are.
+enum LastLogits {
+    /// In `last_logits` (after an eval or a restore; empty before the first token).
+    Host,
+    /// In the scratch's page-locked staging (after a decode step).
+    Staged,
+    /// Only in the scratch's device logits (after a greedy step, which picks on the GPU),
+    /// downloaded into the cell the first time they are asked for.
+    Device(OnceCell<Vec<f32>>),
+}
+
 /// One token stream on the GPU.
 pub struct CudaSession {
     model: Arc<CudaModel>,
     ctx: usize,
     tokens: Vec<u32>,
-    /// The logits after the last token: in the scratch's page-locked staging after a decode
-    /// step (`logits_staged`), else here.
+    /// The logits after the last token, when `last` says they are here.
     last_logits: Vec<f32>,
-    logits_staged: bool,
+    last: LastLogits,
     layers: Vec<GpuLayerState>,
     scratch: Scratch,
 }
@@ -202,7 +214,7 @@ impl CudaSession {
             ctx,
             tokens: Vec::new(),
             last_logits: Vec::new(),
-            logits_staged: false,
+            last: LastLogits::Host,
             layers,
             scratch,
         };
@@ -220,7 +232,7 @@ impl CudaSession {
     fn clear(&mut self) -> Result<()> {
         self.tokens.clear();
         self.last_logits.clear();
-        self.logits_staged = false;
+        self.last = LastLogits::Host;
         // Rows beyond the token count are never read; only the frontiers must be emptied.
         for l in &self.layers {
             for c in [&l.attn, &l.index].into_iter().flatten() {
@@ -244,10 +256,18 @@ impl CudaSession {
 
     /// The logits after the last token (empty before the first eval).
     fn logits(&self) -> Result<&[f32]> {
-        if self.logits_staged {
-            self.scratch.staged_logits(self.model.cfg.vocab_size)
-        } else {
-            Ok(&self.last_logits)
+        let vocab = self.model.cfg.vocab_size;
+        match &self.last {
+            LastLogits::Host => Ok(&self.last_logits),
+            LastLogits::Staged => self.scratch.staged_logits(vocab),
+            LastLogits::Device(cell) => {
+                if cell.get().is_none() {
+                    let row = download_prefix(&self.model, self.scratch.device_logits(), vocab)?;
+                    // Only this thread can have filled the cell since the check above.
+                    let _ = cell.set(row);
+                }
+                Ok(cell.get().map_or(&[], Vec::as_slice))
+            }
         }
     }
 
@@ -332,7 +352,7 @@ impl CudaSession {
         }
         self.tokens = st.tokens.clone();
         self.last_logits = st.last_logits.clone();
-        self.logits_staged = false;
+        self.last = LastLogits::Host;
         Ok(())
     }
 }
@@ -411,10 +431,16 @@ impl Session for CudaSession {
                 Logits::Last => 0..0,
             };
             let staged = model
-                .forward_chunk(&mut self.scratch, &mut self.layers, chunk, pos0, rows)
+                .forward_chunk(
+                    &mut self.scratch,
+                    &mut self.layers,
+                    chunk,
+                    pos0,
+                    Head::Logits(rows),
+                )
                 .map_err(cuda_err)?;
             let logits = match staged {
-                ChunkLogits::None => Vec::new(),
+                ChunkLogits::None | ChunkLogits::Picked(_) => Vec::new(),
                 ChunkLogits::Staged => self.scratch.staged_logits(v).map_err(cuda_err)?.to_vec(),
                 ChunkLogits::Rows(rows) => rows,
             };
@@ -429,7 +455,7 @@ impl Session for CudaSession {
             self.tokens.extend_from_slice(chunk);
         }
         self.last_logits = last;
-        self.logits_staged = false;
+        self.last = LastLogits::Host;
         Ok(out)
     }
 
@@ -449,11 +475,57 @@ impl Session for CudaSession {
         let model = self.model.clone();
         // The logits stay in the page-locked staging they were downloaded into: no copy.
         model
-            .forward_chunk(&mut self.scratch, &mut self.layers, &[token], pos0, 0..1)
+            .forward_chunk(
+                &mut self.scratch,
+                &mut self.layers,
+                &[token],
+                pos0,
+                Head::Logits(0..1),
+            )
             .map_err(cuda_err)?;
         self.tokens.push(token);
-        self.logits_staged = true;
+        self.last = LastLogits::Staged;
         self.logits().map_err(cuda_err)
+    }
+
+    fn decode_greedy(
+        &mut self,
+        token: u32,
+        exclude: &[u32],
+    ) -> std::result::Result<u32, ModelError> {
+        check_span(
+            &[token],
+            self.tokens.len(),
+            self.ctx,
+            self.model.cfg.vocab_size,
+        )?;
+        let model = self.model.clone();
+        let on_gpu = self
+            .scratch
+            .set_greedy_exclude(&model.gpu.device, exclude)
+            .map_err(cuda_err)?;
+        if !on_gpu {
+            let logits = self.decode_step(token)?;
+            return Ok(argmax_excluding(logits, exclude));
+        }
+        let pos0 = self.tokens.len();
+        let picked = model
+            .forward_chunk(
+                &mut self.scratch,
+                &mut self.layers,
+                &[token],
+                pos0,
+                Head::Greedy,
+            )
+            .map_err(cuda_err)?;
+        let ChunkLogits::Picked(id) = picked else {
+            return Err(ModelError::Unsupported(
+                "CUDA: a greedy step returned no pick".into(),
+            ));
+        };
+        self.tokens.push(token);
+        self.last = LastLogits::Device(OnceCell::new());
+        Ok(id)
     }
 
     fn preferred_span(&self) -> usize {

@@ -17,6 +17,7 @@ use common::argmax;
 use ds4_cuda::CudaBackend;
 use ds4_model::backend::{Logits, Session};
 use ds4_model::convert::{convert, ConvertOptions};
+use ds4_model::greedy::argmax_excluding;
 use ds4_model::layout::WeightsMode;
 use ds4_model::npy;
 use ds4_model::numerics::Numerics;
@@ -89,5 +90,79 @@ fn decode_steps_replay_a_captured_graph_with_identical_logits() {
             same,
             "step {i}: graph-replayed logits differ from launched ones"
         );
+    }
+}
+
+/// Greedy steps pick on the GPU (`Session::decode_greedy`: the pick ends the graph, and the
+/// next step finds its token and position on the device). Their picks must be the host's
+/// `argmax_excluding` of the same logits, and the logits, downloaded only when asked for,
+/// bit-identical to `decode_step`'s: with and without graphs, with excluded ids that change
+/// between steps (including the best one), a list too long for the GPU (picked on the host),
+/// and a plain `decode_step` in the middle (after which the token must be uploaded again).
+#[test]
+fn greedy_steps_pick_on_the_gpu_what_the_host_picks() {
+    if !ds4_cuda::cuda_available() {
+        println!("skipped: no CUDA");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ds4-cuda-greedy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ratios_real-ds4-q2.gguf");
+    convert(
+        &fixture_dir(),
+        &path,
+        &ConvertOptions::new(WeightsMode::Ds4Q2),
+    )
+    .unwrap();
+    let tokens = npy::read(&std::fs::read(fixture_dir().join("tokens.npy")).unwrap()).unwrap();
+    let prompt: Vec<u32> = tokens.data.iter().map(|&v| v as u32).collect();
+    let backend = CudaBackend::load(&path, Numerics::Ds4, 0).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let steps = 16;
+    for graphs in [true, false] {
+        let mut greedy = backend.session(prompt.len() + steps + 1).unwrap();
+        let mut plain = backend.session(prompt.len() + steps + 1).unwrap();
+        greedy.set_decode_graphs(graphs);
+        let first = greedy.eval(&prompt, Logits::Last).unwrap();
+        plain.eval(&prompt, Logits::Last).unwrap();
+        let mut token = argmax(&first);
+        for i in 0..steps {
+            let want = plain.decode_step(token).unwrap().to_vec();
+            // Nothing, the host's best id (so the second best wins), ids around it, a
+            // list longer than the GPU takes (GREEDY_MAX_EXCLUDE).
+            let best = argmax(&want);
+            let exclude: Vec<u32> = match i % 4 {
+                0 => vec![],
+                1 => vec![best],
+                2 => vec![best.saturating_sub(1), best, best + 1],
+                _ => (0..40).map(|k| (best + k) % want.len() as u32).collect(),
+            };
+            let picked = if i == 9 {
+                // A plain step in between: the next greedy step uploads its token again.
+                argmax_excluding(greedy.decode_step(token).unwrap(), &exclude)
+            } else {
+                greedy.decode_greedy(token, &exclude).unwrap()
+            };
+            assert_eq!(
+                picked,
+                argmax_excluding(&want, &exclude),
+                "graphs {graphs}, step {i}: the GPU's pick is not the host's"
+            );
+            let got = greedy.last_logits();
+            let same = got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "graphs {graphs}, step {i}: logits after a greedy step differ"
+            );
+            token = picked;
+        }
+        assert_eq!(greedy.tokens(), plain.tokens());
+        if graphs {
+            assert!(greedy.decode_graph_captured(), "no decode graphs");
+        }
     }
 }

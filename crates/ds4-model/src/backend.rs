@@ -73,6 +73,15 @@ pub trait Session: Send {
         self.eval(&[token], Logits::Last)?;
         Ok(self.last_logits())
     }
+    /// One greedy decode step: appends `token` and returns the id
+    /// [`crate::greedy::argmax_excluding`] picks from the logits after it, never one in
+    /// `exclude`. A backend may pick on its device (the CUDA backend then hands no logits to
+    /// the host unless [`Session::last_logits`] asks for them, and feeds the pick to its next
+    /// greedy step without a round trip). On error the session is unchanged.
+    fn decode_greedy(&mut self, token: u32, exclude: &[u32]) -> Result<u32, ModelError> {
+        let logits = self.decode_step(token)?;
+        Ok(crate::greedy::argmax_excluding(logits, exclude))
+    }
     /// The whole state in ds4's session payload layout (ds4-spec.md §3).
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot taken from a session of the same model.

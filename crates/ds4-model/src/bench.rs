@@ -10,6 +10,7 @@ use std::fmt;
 use std::time::Instant;
 
 use crate::backend::{Logits, ModelError, Session};
+use crate::greedy::argmax_excluding;
 
 /// How the frontiers grow.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -146,12 +147,13 @@ pub fn table_header() -> String {
 
 /// Runs the plan on `session` (which must be empty and hold [`BenchPlan::ctx_needed`] tokens),
 /// feeding `stream` (at least ctx_max tokens are used). `on_row` sees each row as it is
-/// measured. `pick` chooses each decoded token from the logits (the CLI: greedy, never EOS).
+/// measured. Decoding is greedy ([`Session::decode_greedy`]), never picking an id of `exclude`
+/// (the CLI excludes EOS, so that every row decodes its whole count).
 pub fn run_bench(
     session: &mut dyn Session,
     stream: &[u32],
     plan: &BenchPlan,
-    mut pick: impl FnMut(&[f32]) -> u32,
+    exclude: &[u32],
     mut on_row: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, BenchError> {
     let frontiers = plan.frontiers()?;
@@ -185,13 +187,10 @@ pub fn run_bench(
         let snapshot = session.snapshot();
         let mut generated = Vec::with_capacity(plan.gen_tokens);
         let t1 = Instant::now();
-        let mut token = pick(&logits);
-        for i in 0..plan.gen_tokens {
+        let mut token = argmax_excluding(&logits, exclude);
+        for _ in 0..plan.gen_tokens {
             generated.push(token);
-            let next = session.decode_step(token).map_err(model_err)?;
-            if i + 1 < plan.gen_tokens {
-                token = pick(next);
-            }
+            token = session.decode_greedy(token, exclude).map_err(model_err)?;
         }
         let gen_secs = t1.elapsed().as_secs_f64();
         session.restore(&snapshot).map_err(model_err)?;

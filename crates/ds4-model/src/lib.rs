@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod cpu;
+pub mod greedy;
 pub mod layout;
 pub mod npy;
 pub mod numerics;

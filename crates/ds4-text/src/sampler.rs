@@ -12,6 +12,9 @@
 //! says when DSML structure must be sampled greedily.
 
 pub use crate::dsml_forcing::{DsmlDecodeState, DsmlDecodeTracker};
+/// Greedy picks live with the model's session interface ([`ds4_model::backend::Session::decode_greedy`]
+/// makes the same pick on a backend's device).
+pub use ds4_model::greedy::{argmax, argmax_excluding};
 
 /// ds4's defaults: T 1, top_p 1, min_p 0.05, top_k 0 (off).
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
@@ -314,74 +317,6 @@ impl Sampler {
     }
 }
 
-/// Index of the first maximum (NaN never wins; all NaN or empty: 0).
-pub fn argmax(logits: &[f32]) -> u32 {
-    // Greedy decoding runs this over the whole vocabulary every token, between two GPU steps:
-    // one vectorized pass takes each block's maximum, and only the first block holding the
-    // largest is scanned again for its index (a scalar search of the whole vocabulary for
-    // the index took ~50 us a token on the H100 host).
-    const BLOCK: usize = 4096;
-    let mut max = f32::NEG_INFINITY;
-    let mut first_block = 0;
-    for (b, block) in logits.chunks(BLOCK).enumerate() {
-        // `>`: a later block with an equal maximum does not hold the first one.
-        let m = block_max(block);
-        if m > max {
-            max = m;
-            first_block = b;
-        }
-    }
-    if max == f32::NEG_INFINITY {
-        return 0;
-    }
-    let start = first_block * BLOCK;
-    let within = logits[start..].iter().position(|&v| v == max).unwrap_or(0);
-    (start + within) as u32
-}
-
-/// The largest value of `values` (`-inf` when empty or all NaN), in 16 independent lanes so
-/// that it vectorizes (`>` lets no NaN in).
-fn block_max(values: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = if v > *lane { v } else { *lane };
-        }
-    }
-    let mut max = f32::NEG_INFINITY;
-    for &v in lanes.iter().chain(chunks.remainder()) {
-        if v > max {
-            max = v;
-        }
-    }
-    max
-}
-
-/// The first maximum among the ids not in `exclude` (NaN never wins; none left: 0): greedy
-/// decoding that never picks, e.g., EOS (`ds4 bench`). [`argmax`]'s fast scan, and the slow
-/// one with the exclusions only when its pick is excluded or no logit is above -inf.
-pub fn argmax_excluding(logits: &[f32], exclude: &[u32]) -> u32 {
-    let best = argmax(logits);
-    let above_neg_inf = logits
-        .get(best as usize)
-        .is_some_and(|&v| v > f32::NEG_INFINITY);
-    if above_neg_inf && !exclude.contains(&best) {
-        return best;
-    }
-    let mut pick: Option<(usize, f32)> = None;
-    for (i, &x) in logits.iter().enumerate() {
-        if exclude.contains(&(i as u32)) || x.is_nan() {
-            continue;
-        }
-        if pick.is_none_or(|(_, b)| x > b) {
-            pick = Some((i, x));
-        }
-    }
-    pick.map_or(0, |(i, _)| i as u32)
-}
-
 /// One entry of a top-logprobs list.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenLogprob {
@@ -565,42 +500,6 @@ mod tests {
     }
 
     #[test]
-    fn argmax_excluding_skips_excluded_and_nan() {
-        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], &[]), 1);
-        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], &[1]), 2);
-        assert_eq!(argmax_excluding(&[f32::NAN, 1.0, 1.0], &[]), 1);
-        // Past the 16-lane chunks, ties, -inf only, the maximum excluded.
-        let mut long: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
-        long[93] = 9.0;
-        long[95] = 9.0;
-        assert_eq!(argmax_excluding(&long, &[]), 93);
-        assert_eq!(argmax_excluding(&long, &[93]), 95);
-        assert_eq!(argmax_excluding(&long, &[93, 95]), 6);
-        assert_eq!(
-            argmax_excluding(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY], &[0]),
-            2
-        );
-        assert_eq!(argmax_excluding(&[f32::NAN; 20], &[]), 0);
-    }
-
-    #[test]
-    fn argmax_is_the_first_maximum_and_never_nan() {
-        assert_eq!(argmax(&[]), 0);
-        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0]), 2);
-        assert_eq!(argmax(&[f32::NAN; 40]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
-        // Maxima in the 16-lane chunks and in the remainder, NaN around them.
-        let mut long: Vec<f32> = (0..70).map(|i| (i % 5) as f32).collect();
-        long[3] = f32::NAN;
-        long[68] = 7.5;
-        assert_eq!(argmax(&long), 68);
-        long[17] = 7.5;
-        assert_eq!(argmax(&long), 17);
-        long[1] = f32::INFINITY;
-        assert_eq!(argmax(&long), 1);
-    }
-
-    #[test]
     fn argmax_over_a_vocabulary_finds_the_first_maximum_across_blocks() {
         // The first index of the largest non-NaN value, the plain way.
         fn naive(v: &[f32]) -> u32 {
@@ -613,10 +512,7 @@ mod tests {
                     best = Some((i, x));
                 }
             }
-            match best {
-                Some((i, b)) if b > f32::NEG_INFINITY => i as u32,
-                _ => 0,
-            }
+            best.map_or(0, |(i, _)| i as u32)
         }
         let mut rng = crate::sampler::Rng::new(11);
         let vocab = 129_280;

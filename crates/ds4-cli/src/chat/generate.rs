@@ -140,6 +140,10 @@ pub fn generate(
     let start = Instant::now();
     let budget = room_for_reply(session.ctx(), session.tokens().len(), max_tokens);
     let mut sampler = Sampler::new(params);
+    // At temperature 0 each step returns its own pick (Session::decode_greedy: the CUDA
+    // backend picks on the GPU, and the logits never cross to the host).
+    let greedy = params.temperature <= 0.0;
+    let mut picked = None;
     let mut tokens = Vec::new();
     let stop = loop {
         if interrupt.requested() {
@@ -148,13 +152,20 @@ pub fn generate(
         if tokens.len() >= budget {
             break StopReason::Length;
         }
-        let token = sampler.sample(session.last_logits());
+        let token = match picked.take() {
+            Some(token) => token,
+            None => sampler.sample(session.last_logits()),
+        };
         if token == eos {
             break StopReason::Eos;
         }
         let delivered = on_token(token);
         tokens.push(token);
-        session.decode_step(token).context("decoding")?;
+        if greedy {
+            picked = Some(session.decode_greedy(token, &[]).context("decoding")?);
+        } else {
+            session.decode_step(token).context("decoding")?;
+        }
         if !delivered {
             break StopReason::OutputClosed;
         }

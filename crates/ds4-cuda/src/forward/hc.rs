@@ -33,55 +33,6 @@ const NORM_SEG: usize = 8;
 const NORM_THREADS: usize = 512;
 
 impl CudaModel {
-    /// Every residual stream of the chunk's n tokens starts as its embedding row (s.tokens,
-    /// uploaded with the chunk, picks the rows of token_embd where the weight upload put it).
-    pub(super) fn embed_streams(&self, s: &mut Scratch, n: usize) -> Result<()> {
-        let c = &self.cfg;
-        let table = self.matrix(&self.embed)?;
-        // hc.cu's EMBED_* codes: the types a model file may store token_embd in.
-        let format = match table.format {
-            WeightFormat::F32 => 0u64,
-            WeightFormat::F16 => 1,
-            WeightFormat::Q8_0 => 2,
-            other => {
-                return Err(CudaError::InvalidArgument(format!(
-                    "token_embd stored as {other:?}: the embedding kernel reads F32, F16 or Q8_0"
-                )))
-            }
-        };
-        if table.cols != c.hidden || table.rows != c.vocab_size {
-            return Err(CudaError::InvalidArgument(format!(
-                "token_embd is {} x {}, the model needs {} x {}",
-                table.rows, table.cols, c.vocab_size, c.hidden
-            )));
-        }
-        let a = kargs![
-            table.ptr,
-            format,
-            table.row_bytes,
-            c.vocab_size,
-            s.tokens.ptr(),
-            s.streams.ptr(),
-            c.hc_mult,
-            c.hidden
-        ];
-        let threads = c.hidden.div_ceil(32).next_multiple_of(32).clamp(32, 256) as u32;
-        // SAFETY: embed_streams(table, format, row_bytes, vocab, tokens, streams, n, d), one
-        // CTA per token, reads n token ids of s.tokens (the chunk's, at most its capacity),
-        // one row_bytes row of the vocab x d table per token (an id outside the vocabulary
-        // reads row 0: the matrix lies inside the weight region, checked by `matrix`), and
-        // writes hc_mult x d values per token of s.streams (cap x hc_mult x d).
-        unsafe {
-            self.fk.launch(
-                &self.gpu.device,
-                "fwd_hc",
-                "embed_streams",
-                per_item(n, threads, 0),
-                &a,
-            )
-        }
-    }
-
     /// Whether the split-K projection kernels take this hyper-connection (F32/F16 rows, at
     /// most HC_MIX_MAX of them); else it goes through rmsnorm + the generic matvec.
     fn hc_split_k(&self, hc: &DevHc) -> bool {

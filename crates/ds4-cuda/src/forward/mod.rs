@@ -22,6 +22,9 @@ use crate::session::GpuLayerState;
 mod attention;
 mod ffn;
 mod hc;
+mod tokens;
+
+use tokens::GreedyBuffers;
 
 /// Threads per CTA of the per-item kernels.
 const CTA: u32 = 256;
@@ -130,13 +133,8 @@ pub(crate) struct HostTimes {
 }
 
 impl HostTimes {
-    const PHASES: [&'static str; 5] = [
-        "caller",
-        "inputs",
-        "uploads",
-        "graph launch",
-        "logits wait",
-    ];
+    const PHASES: [&'static str; 5] =
+        ["caller", "inputs", "uploads", "graph launch", "logits wait"];
 
     fn new() -> HostTimes {
         HostTimes {
@@ -185,6 +183,15 @@ impl HostTimes {
     /// A step that is not a graph replay: the next one has no caller time to charge.
     fn skip(&mut self) {
         self.step_end = None;
+    }
+
+    /// end_step for a replayed graph step, else skip.
+    fn end_step_if(&mut self, replayed: bool) {
+        if replayed {
+            self.end_step();
+        } else {
+            self.skip();
+        }
     }
 }
 
@@ -361,9 +368,14 @@ pub(crate) struct Scratch {
     streams_swapped: bool,
     /// While a decode graph is being captured: grids cover the whole session.
     capturing: bool,
-    /// The captured single-token forward (kernels only; uploads and the logits download are
-    /// outside), replayed for every decode step.
-    decode_graph: Option<DecodeGraph>,
+    /// The captured single-token forwards (kernels only; uploads and downloads are outside),
+    /// replayed for every decode step: [Head::Logits(0..1), Head::Greedy].
+    decode_graphs: [Option<DecodeGraph>; 2],
+    /// The greedy pick's buffers.
+    greedy: GreedyBuffers,
+    /// The token id and position a greedy step left in s.tokens and s.pos for the next step
+    /// (None once anything else was uploaded there).
+    device_next: Option<(u32, usize)>,
     /// Graphs are used unless profiling (whose timing events cannot be captured) or a
     /// capture failed.
     graphs_enabled: bool,
@@ -388,12 +400,27 @@ impl Scratch {
     pub(crate) fn set_decode_graphs(&mut self, on: bool) {
         self.graphs_enabled = on;
         if !on {
-            self.decode_graph = None;
+            self.decode_graphs = [None, None];
         }
     }
 
     pub(crate) fn decode_graph_captured(&self) -> bool {
-        self.graphs_enabled && self.decode_graph.is_some()
+        self.graphs_enabled && self.decode_graphs.iter().all(Option::is_some)
+    }
+
+    /// Makes `ids` the ids greedy steps never pick; false (changing nothing) when there are
+    /// more than [`tokens::GREEDY_MAX_EXCLUDE`].
+    pub(crate) fn set_greedy_exclude(
+        &mut self,
+        dev: &crate::device::CudaDevice,
+        ids: &[u32],
+    ) -> Result<bool> {
+        self.greedy.set_exclude(dev, ids)
+    }
+
+    /// The device's logits (a greedy step leaves its row there).
+    pub(crate) fn device_logits(&self) -> &DeviceBuffer<f32> {
+        &self.logits
     }
 
     /// The one row of logits the last chunk left in the page-locked staging
@@ -487,7 +514,9 @@ impl Scratch {
             pos: dev.alloc::<i64>(1)?,
             streams_swapped: false,
             capturing: false,
-            decode_graph: None,
+            decode_graphs: [None, None],
+            greedy: GreedyBuffers::new(dev)?,
+            device_next: None,
             graphs_enabled: matches!(
                 crate::profile::mode(),
                 crate::profile::ProfileMode::Off
@@ -988,19 +1017,42 @@ pub(crate) enum ChunkLogits {
     Staged,
     /// Several rows, row-major.
     Rows(Vec<f32>),
+    /// The greedy pick of the single row ([`Head::Greedy`]); the logits stay in s.logits.
+    Picked(u32),
+}
+
+/// What a chunk ends with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Head {
+    /// The logits of these chunk rows (a contiguous range; empty: none).
+    Logits(std::ops::Range<usize>),
+    /// A single token's greedy pick among the ids not in the list of
+    /// [`Scratch::set_greedy_exclude`] (greedy_pick). The id and the next position are left
+    /// on the device, where the next greedy step of that id at that position finds them.
+    Greedy,
+}
+
+impl Head {
+    /// Which of Scratch::decode_graphs replays a single-token chunk with this head, if any.
+    fn graph(&self) -> Option<usize> {
+        match self {
+            Head::Logits(rows) if *rows == (0..1) => Some(0),
+            Head::Logits(_) => None,
+            Head::Greedy => Some(1),
+        }
+    }
 }
 
 impl CudaModel {
     /// Runs one chunk (at most `scratch.cap` tokens at positions pos0..) through every layer,
-    /// updating the layer states, and returns where the logits of chunk rows `head_rows` (a
-    /// contiguous range) are.
+    /// updating the layer states, and returns what `head` asked for.
     pub(crate) fn forward_chunk(
         &self,
         s: &mut Scratch,
         layers: &mut [GpuLayerState],
         tokens: &[u32],
         pos0: usize,
-        head_rows: std::ops::Range<usize>,
+        head: Head,
     ) -> Result<ChunkLogits> {
         let c = &self.cfg;
         let n = tokens.len();
@@ -1008,6 +1060,11 @@ impl CudaModel {
             return Err(CudaError::InvalidArgument(format!(
                 "chunk of {n} tokens (scratch holds {})",
                 s.cap
+            )));
+        }
+        if head == Head::Greedy && n != 1 {
+            return Err(CudaError::InvalidArgument(format!(
+                "a greedy pick ends a single-token step, not a chunk of {n}"
             )));
         }
         s.prof.start(self)?;
@@ -1020,51 +1077,69 @@ impl CudaModel {
         // Dependent launches for single-token steps only (see set_dependent_launch).
         self.gpu.device.set_dependent_launch(n == 1);
         s.unswap_streams();
-        // The chunk's ids and first position; the embedding rows are gathered on the GPU
-        // (embed_streams, the first kernel of layers_and_head and of the decode graph).
-        for (slot, &tok) in s.host_tokens.as_mut_slice()?.iter_mut().zip(tokens) {
-            *slot = tok as i32;
-        }
-        s.host_pos.as_mut_slice()?[0] = pos0 as i64;
-        s.host_times.mark(1);
+        // The chunk's ids and first position (the embedding rows are gathered on the GPU:
+        // embed_streams, the first kernel of layers_and_head and of the decode graphs), unless
+        // the greedy step before left exactly these on the device.
         let dev = &self.gpu.device;
-        dev.upload_staged(&mut s.host_tokens, n, &mut s.tokens)?;
-        dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
+        if !(head == Head::Greedy && s.device_next == Some((tokens[0], pos0))) {
+            s.device_next = None;
+            for (slot, &tok) in s.host_tokens.as_mut_slice()?.iter_mut().zip(tokens) {
+                *slot = tok as i32;
+            }
+            s.host_pos.as_mut_slice()?[0] = pos0 as i64;
+            s.host_times.mark(1);
+            dev.upload_staged(&mut s.host_tokens, n, &mut s.tokens)?;
+            dev.upload_staged(&mut s.host_pos, 1, &mut s.pos)?;
+        }
         s.host_times.mark(2);
         s.prof.mark(self, "embed")?;
 
-        let rows = head_rows.len();
-        let graph_step = n == 1 && head_rows == (0..1) && s.graphs_enabled;
-        if s.decode_graph
-            .as_ref()
-            .is_some_and(|g| g.generation != s.quant_generation())
-        {
-            s.decode_graph = None;
+        let graph = head.graph().filter(|_| n == 1 && s.graphs_enabled);
+        let generation = s.quant_generation();
+        for g in &mut s.decode_graphs {
+            if g.as_ref().is_some_and(|g| g.generation != generation) {
+                *g = None;
+            }
         }
-        if graph_step && s.decode_graph.is_none() && s.decode_warm {
-            self.capture_decode(s, layers, pos0)?;
+        if let Some(k) = graph {
+            if s.decode_graphs[k].is_none() && s.decode_warm {
+                self.capture_decode(s, layers, pos0, &head)?;
+            }
         }
-        let replayed = match (&s.decode_graph, graph_step) {
-            (Some(g), true) => {
+        let replayed = match graph.and_then(|k| s.decode_graphs[k].as_ref()) {
+            Some(g) => {
                 g.graph.launch().ctx("cuGraphLaunch (decode step)")?;
                 true
             }
-            _ => {
-                self.layers_and_head(s, layers, n, pos0, head_rows)?;
-                s.decode_warm |= graph_step;
+            None => {
+                self.layers_and_head(s, layers, n, pos0, &head)?;
+                s.decode_warm |= graph.is_some();
                 false
             }
         };
         s.host_times.mark(3);
         s.prof.mark(self, "head")?;
+        let head_rows = match head {
+            Head::Logits(rows) => rows,
+            Head::Greedy => {
+                let id = dev.download_staged(&s.greedy.pick, 1, &mut s.greedy.host_pick)?[0];
+                s.host_times.mark(4);
+                s.host_times.end_step_if(replayed);
+                let id = u32::try_from(id)
+                    .ok()
+                    .filter(|&id| (id as usize) < c.vocab_size)
+                    .ok_or_else(|| {
+                        CudaError::InvalidArgument(format!("greedy pick returned id {id}"))
+                    })?;
+                s.device_next = Some((id, pos0 + 1));
+                return Ok(ChunkLogits::Picked(id));
+            }
+        };
+        let rows = head_rows.len();
         if rows == 1 {
             dev.download_staged(&s.logits, c.vocab_size, &mut s.host_logits)?;
             s.host_times.mark(4);
-            if replayed {
-                s.host_times.end_step();
-            } else {
-                s.host_times.skip();
-            }
+            s.host_times.end_step_if(replayed);
             return Ok(ChunkLogits::Staged);
         }
         s.host_times.skip();
@@ -1078,44 +1153,48 @@ impl CudaModel {
         )?))
     }
 
-    /// Captures the decode graph before the first decode step (when graphs are on and none is
-    /// captured), so that this step does not pay for the capture: a single-token step of
-    /// token 0 at position 0 runs uncaptured first (it makes every buffer a step uses, sized
-    /// for whole spans: the prefills that follow reallocate none of them). That step writes
-    /// the layer states at position 0 (and so does one replay of the graph, which uploads it):
-    /// the caller resets them.
+    /// Captures the decode graphs before the first decode step (when graphs are on), so that
+    /// no step pays for a capture: a single-token step of token 0 at position 0 runs
+    /// uncaptured first (it makes every buffer a step uses, sized for whole spans: the
+    /// prefills that follow reallocate none of them). That step writes the layer states at
+    /// position 0 (and so does one replay of each graph, which uploads it): the caller resets
+    /// them.
     pub(crate) fn prepare_decode_graph(
         &self,
         s: &mut Scratch,
         layers: &mut [GpuLayerState],
     ) -> Result<()> {
-        if !s.graphs_enabled || s.decode_graph.is_some() {
+        if !s.graphs_enabled {
             return Ok(());
         }
         if !s.decode_warm {
-            self.forward_chunk(s, layers, &[0], 0, 0..1)?;
+            self.forward_chunk(s, layers, &[0], 0, Head::Logits(0..1))?;
         }
-        if s.decode_warm && s.decode_graph.is_none() {
-            s.unswap_streams();
-            self.gpu.device.set_dependent_launch(true);
-            self.capture_decode(s, layers, 0)?;
+        for (k, head) in [Head::Logits(0..1), Head::Greedy].iter().enumerate() {
+            if s.decode_warm && s.graphs_enabled && s.decode_graphs[k].is_none() {
+                s.unswap_streams();
+                self.gpu.device.set_dependent_launch(true);
+                self.capture_decode(s, layers, 0, head)?;
+            }
+            // One replay (the same step again): a graph's first launch uploads it.
+            if let Some(g) = &s.decode_graphs[k] {
+                g.graph.launch().ctx("cuGraphLaunch (decode warm-up)")?;
+            }
         }
-        // One replay (the same step again): the graph's first launch uploads it to the device.
-        if let Some(g) = &s.decode_graph {
-            g.graph.launch().ctx("cuGraphLaunch (decode warm-up)")?;
-        }
+        // The greedy replay moved the device's token and position.
+        s.device_next = None;
         Ok(())
     }
 
-    /// Every layer, then the head kernels for chunk rows `head_rows` (logits left in
-    /// s.logits).
+    /// Every layer, then the head kernels (logits left in s.logits) and, for a greedy step,
+    /// the pick.
     fn layers_and_head(
         &self,
         s: &mut Scratch,
         layers: &mut [GpuLayerState],
         n: usize,
         pos0: usize,
-        head_rows: std::ops::Range<usize>,
+        head: &Head,
     ) -> Result<()> {
         s.hc_part_ready = false;
         s.pre_normed = None;
@@ -1123,17 +1202,30 @@ impl CudaModel {
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
-        self.head(s, head_rows)
+        match head {
+            Head::Logits(rows) => self.head(s, rows.clone()),
+            Head::Greedy => {
+                self.head(s, 0..1)?;
+                self.greedy_pick(s)
+            }
+        }
     }
 
-    /// Captures the single-token forward into s.decode_graph. A capture that fails turns
-    /// graphs off for the session (the caller then runs the step uncaptured).
+    /// Captures the single-token forward ending with `head` into its s.decode_graphs slot. A
+    /// capture that fails turns graphs off for the session (the caller then runs the step
+    /// uncaptured).
     fn capture_decode(
         &self,
         s: &mut Scratch,
         layers: &mut [GpuLayerState],
         pos0: usize,
+        head: &Head,
     ) -> Result<()> {
+        let Some(slot) = head.graph() else {
+            return Err(CudaError::InvalidArgument(format!(
+                "no decode graph ends with {head:?}"
+            )));
+        };
         // Nothing may be pending on a side stream when the capture starts: a join inside it
         // could only wait on uncaptured work.
         self.gpu.device.synchronize()?;
@@ -1144,7 +1236,7 @@ impl CudaModel {
             )
             .ctx("cuStreamBeginCapture")?;
         s.capturing = true;
-        let ran = self.layers_and_head(s, layers, 1, pos0, 0..1);
+        let ran = self.layers_and_head(s, layers, 1, pos0, head);
         s.capturing = false;
         let flags = if self.gpu.device.uses_priorities() {
             cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
@@ -1159,7 +1251,7 @@ impl CudaModel {
         }
         match (ran, captured) {
             (Ok(()), Ok(Some(graph))) => {
-                s.decode_graph = Some(DecodeGraph {
+                s.decode_graphs[slot] = Some(DecodeGraph {
                     graph,
                     generation: s.quant_generation(),
                 });
