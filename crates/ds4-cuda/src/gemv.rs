@@ -612,7 +612,12 @@ impl Gpu {
     /// at a time, so `ctas` sets how fast the lines come and how much HBM it takes from the
     /// kernels beside it.
     pub fn prefetch_l2(&self, w: &DeviceMatrix, ctas: usize) -> Result<()> {
-        let (ptr, len) = prefetch_range(w.ptr, w.total_bytes() as u64);
+        self.prefetch_l2_prefix(w, usize::MAX, ctas)
+    }
+
+    /// [`Gpu::prefetch_l2`] of the first `bytes` of the matrix's weights (all when fewer).
+    pub fn prefetch_l2_prefix(&self, w: &DeviceMatrix, bytes: usize, ctas: usize) -> Result<()> {
+        let (ptr, len) = prefetch_range(w.ptr, w.total_bytes().min(bytes) as u64);
         if ctas == 0 || len == 0 {
             return Ok(());
         }

@@ -29,6 +29,12 @@ const IDXR_MAX_J: usize = 8;
 /// spread of 8; 32 −0.6 % and 128 −1.6 % (they take HBM from the attention kernels beside
 /// them). BENCHMARKS.md, session 15.
 const O_A_PREFETCH_CTAS: usize = 8;
+/// The first bytes of o_b prefetched after o_a's, by as many CTAs (the whole 35.6 MB o_b
+/// beside o_a does not fit the 50 MB L2: −2.3 % in session 15). Decode 2K-6K on an H100,
+/// medians of 3 rounds in one call against o_a's prefetch alone: 8 MB +1.0 %, 16 MB +1.0 %, 24 MB +0.9 %, 16 MB
+/// with 16 CTAs +0.5 %; 16 MB was +0.6 % and +0.8 % in two earlier calls (BENCHMARKS.md,
+/// sessions 15 and 16).
+const O_B_PREFETCH_BYTES: usize = 16 << 20;
 
 impl CudaModel {
     /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
@@ -374,10 +380,16 @@ impl CudaModel {
         s.prof.mark(self, "attn.qkv")?;
         if n == 1 {
             // o_a's weights into L2 while the attention kernels run: they are latency-bound and
-            // leave HBM nearly idle, and o_a, next on the critical path, then reads L2. On
-            // LANE_KV, which the FFN's shared-expert branch joins.
+            // leave HBM nearly idle, and o_a, next on the critical path, then reads L2; then
+            // the start of o_b, which follows o_a. On LANE_KV, which the FFN's shared-expert
+            // branch joins.
             let o_a = self.matrix(&w.o_a_groups)?;
-            self.branch(LANE_KV, || self.gpu.prefetch_l2(&o_a, O_A_PREFETCH_CTAS))?;
+            let o_b = self.matrix(&w.o_b)?;
+            self.branch(LANE_KV, || {
+                self.gpu.prefetch_l2(&o_a, O_A_PREFETCH_CTAS)?;
+                self.gpu
+                    .prefetch_l2_prefix(&o_b, O_B_PREFETCH_BYTES, O_A_PREFETCH_CTAS)
+            })?;
         }
 
         // Attention over window + compressed rows, with sinks; inverse RoPE on the outputs.
