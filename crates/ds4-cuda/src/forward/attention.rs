@@ -381,14 +381,18 @@ impl CudaModel {
         if n == 1 {
             // o_a's weights into L2 while the attention kernels run: they are latency-bound and
             // leave HBM nearly idle, and o_a, next on the critical path, then reads L2; then
-            // the start of o_b, which follows o_a. On LANE_KV, which the FFN's shared-expert
-            // branch joins.
+            // the start of o_b, which follows o_a, and the projection rows of the
+            // hyper-connection after the attention. On LANE_KV, which the FFN's shared-expert
+            // branch joins. (The router's 2 MB as well: -1.0 %, session 16.)
             let o_a = self.matrix(&w.o_a_groups)?;
             let o_b = self.matrix(&w.o_b)?;
+            let hc_fn = self.matrix(&w.hc_ffn.fn_)?;
             self.branch(LANE_KV, || {
                 self.gpu.prefetch_l2(&o_a, O_A_PREFETCH_CTAS)?;
                 self.gpu
-                    .prefetch_l2_prefix(&o_b, O_B_PREFETCH_BYTES, O_A_PREFETCH_CTAS)
+                    .prefetch_l2_prefix(&o_b, O_B_PREFETCH_BYTES, O_A_PREFETCH_CTAS)?;
+                self.gpu
+                    .prefetch_l2(&hc_fn, super::ffn::HC_FN_PREFETCH_CTAS)
             })?;
         }
 

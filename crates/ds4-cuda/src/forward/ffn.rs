@@ -18,6 +18,12 @@ const ROUTE_WARP_EXPERTS: usize = 32 * 8;
 /// 4 with the down projection capped too within the spread of 4), same bits.
 const SHARED_EXPERT_CTAS_PER_SM: usize = 4;
 
+/// One-warp CTAs that prefetch a hyper-connection's projection rows (786 KB in the Flash
+/// shape) into L2 before the hc_post_mix that reads them: with this layer's (attention.rs) and
+/// the next layer's, decode 2K-6K +0.5 % on an H100 (141.2 -> 142.0 t/s, medians of 3 rounds
+/// in one call; BENCHMARKS.md, session 16).
+pub(super) const HC_FN_PREFETCH_CTAS: usize = 2;
+
 impl CudaModel {
     /// s.y = the MoE output of the chunk (moe_combine).
     pub(super) fn moe_combine(&self, s: &Scratch, n: usize, p: MoePending) -> Result<()> {
@@ -172,6 +178,15 @@ impl CudaModel {
         };
 
         s.prof.mark(self, "ffn.route")?;
+        if let Some(next) = self.layers.get(l + 1).filter(|_| n == 1) {
+            // The next layer's first hyper-connection projection rows into L2 while the routed
+            // experts run: hc_post_mix, after them, then reads its split-K slices from L2. On
+            // LANE_COMPRESSOR, idle in the FFN; the next layer's attention joins it.
+            let hc_fn = self.matrix(&next.hc_attn.fn_)?;
+            self.branch(LANE_COMPRESSOR, || {
+                self.gpu.prefetch_l2(&hc_fn, HC_FN_PREFETCH_CTAS)
+            })?;
+        }
         // Routed experts: one slot per (token, choice), ids on the device. A span of several
         // tokens sorts its slots by expert first, so that slots of one expert are neighbours in
         // the matvec grid and share its rows through L2 (same arithmetic per slot either way).
