@@ -14,26 +14,38 @@
 #define EMBED_F16 1
 #define EMBED_Q8_0 2
 __device__ __forceinline__ u32 embed_u16(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8); }
-extern "C" __global__ void embed_streams(u64 table_, i64 format, i64 row_bytes, i64 vocab, u64 tokens_, u64 streams_,
-                                         i64 n, i64 d) {
+// Grid: (d / (EMBED_THREADS x EMBED_PER_THREAD) slices, tokens): each thread's few values are
+// loaded together, so a decode step's row costs one trip to HBM, not one per loop turn (one
+// 256-thread CTA per token walked its row in 16 dependent turns: 17 us of a decode step).
+#define EMBED_THREADS 256
+#define EMBED_PER_THREAD 4
+__device__ __forceinline__ float embed_value(const u8* row, i64 format, i64 i) {
+    if (format == EMBED_F32) return __uint_as_float(embed_u16(row + 4 * i) | (embed_u16(row + 4 * i + 2) << 16));
+    if (format == EMBED_F16) return f16_to_f32((u16)embed_u16(row + 2 * i));
+    const u8* blk = row + (i / QK8_0) * Q8_0_BYTES;
+    return (float)(i8)blk[2 + i % QK8_0] * f16_to_f32((u16)embed_u16(blk));
+}
+extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
+    embed_streams(u64 table_, i64 format, i64 row_bytes, i64 vocab, u64 tokens_, u64 streams_, i64 n, i64 d) {
     PDL_ENTRY();
-    const i64 t = blockIdx.x;
+    const i64 t = blockIdx.y;
     const int tok = ((const int*)tokens_)[t];
     const bool ok = tok >= 0 && tok < vocab;
     const u8* row = (const u8*)table_ + (ok ? (i64)tok : 0) * row_bytes;
     float* st = (float*)streams_ + t * n * d;
-    for (i64 i = threadIdx.x; i < d; i += blockDim.x) {
-        float v;
-        if (format == EMBED_F32) {
-            v = __uint_as_float(embed_u16(row + 4 * i) | (embed_u16(row + 4 * i + 2) << 16));
-        } else if (format == EMBED_F16) {
-            v = f16_to_f32((u16)embed_u16(row + 2 * i));
-        } else {
-            const u8* blk = row + (i / QK8_0) * Q8_0_BYTES;
-            v = (float)(i8)blk[2 + i % QK8_0] * f16_to_f32((u16)embed_u16(blk));
-        }
-        if (!ok) v = __int_as_float(0x7fc00000);
-        for (i64 j = 0; j < n; j++) st[j * d + i] = v;
+    const i64 i0 = (i64)blockIdx.x * (EMBED_THREADS * EMBED_PER_THREAD) + threadIdx.x;
+    float v[EMBED_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < EMBED_PER_THREAD; k++) {
+        const i64 i = i0 + k * EMBED_THREADS;
+        v[k] = i < d ? embed_value(row, format, i) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < EMBED_PER_THREAD; k++) {
+        const i64 i = i0 + k * EMBED_THREADS;
+        if (i >= d) break;
+        const float x = ok ? v[k] : __int_as_float(0x7fc00000);
+        for (i64 j = 0; j < n; j++) st[j * d + i] = x;
     }
 }
 
@@ -45,6 +57,7 @@ extern "C" __global__ void embed_streams(u64 table_, i64 format, i64 row_bytes, 
 // next step reads it (its token slot, and `pick` for the host) and advances the position.
 #define GREEDY_THREADS 256
 #define GREEDY_MAX_EXCLUDE 16
+#define GREEDY_LOADS 4
 struct GreedyKey {
     float v;
     int i;  // -1: no candidate
@@ -69,7 +82,8 @@ __device__ __forceinline__ GreedyKey greedy_block(GreedyKey k, GreedyKey* red) {
 }
 // exclude: [count, id, id, ...] (count <= GREEDY_MAX_EXCLUDE); partial: 2 ints per CTA;
 // counter: one u32, 0 between launches; token: the step's token slot (i32); pos: its position
-// (i64); pick: the id again, for the host.
+// (i64); pick: the id again, for the host. At most GREEDY_THREADS CTAs (the last one reduces
+// one partial pick per thread).
 extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     greedy_pick(u64 logits_, i64 n, u64 exclude_, u64 partial_, u64 counter_, u64 token_, u64 pos_, u64 pick_) {
     PDL_ENTRY();
@@ -84,13 +98,22 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
     const i64 per = (n + gridDim.x - 1) / gridDim.x;
     const i64 lo = (i64)blockIdx.x * per, hi = min(n, lo + per);
     GreedyKey k = {0.f, -1};
-    // Each thread walks its ids upwards: a strictly larger value replaces its key, so it keeps
-    // its first maximum.
-    for (i64 i = lo + threadIdx.x; i < hi; i += GREEDY_THREADS) {
-        const float v = logits[i];
-        bool skip = isnan(v);
-        for (int e = 0; e < n_ex; e++) skip |= ex[e] == (int)i;
-        if (!skip && (k.i < 0 || v > k.v)) k = {v, (int)i};
+    // Each thread walks its ids upwards, GREEDY_LOADS values loaded together per turn; a
+    // strictly larger value replaces its key, so it keeps its first maximum.
+    for (i64 base = lo + threadIdx.x; base < hi; base += GREEDY_LOADS * GREEDY_THREADS) {
+        float v[GREEDY_LOADS];
+#pragma unroll
+        for (int u = 0; u < GREEDY_LOADS; u++) {
+            const i64 i = base + u * GREEDY_THREADS;
+            v[u] = i < hi ? logits[i] : __int_as_float(0x7fc00000);
+        }
+#pragma unroll
+        for (int u = 0; u < GREEDY_LOADS; u++) {
+            const int i = (int)(base + u * GREEDY_THREADS);
+            bool skip = isnan(v[u]);
+            for (int e = 0; e < n_ex; e++) skip |= ex[e] == i;
+            if (!skip && (k.i < 0 || v[u] > k.v)) k = {v[u], i};
+        }
     }
     k = greedy_block(k, red);
     int* partial = (int*)partial_;
@@ -102,16 +125,19 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
         last = done == gridDim.x - 1;
     }
     __syncthreads();
-    if (!last || threadIdx.x != 0) return;
+    if (!last) return;
+    // The last CTA: one partial pick per thread, reduced as above.
     __threadfence();
-    GreedyKey best = {0.f, -1};
-    for (int c = 0; c < (int)gridDim.x; c++) {
-        const GreedyKey other = {__int_as_float(__ldcg(partial + 2 * c)), __ldcg(partial + 2 * c + 1)};
-        if (greedy_better(other, best)) best = other;
+    GreedyKey p = {0.f, -1};
+    if (threadIdx.x < gridDim.x)
+        p = {__int_as_float(__ldcg(partial + 2 * threadIdx.x)), __ldcg(partial + 2 * threadIdx.x + 1)};
+    __syncthreads();  // red is reused
+    p = greedy_block(p, red);
+    if (threadIdx.x == 0) {
+        const int id = p.i < 0 ? 0 : p.i;
+        *(unsigned*)counter_ = 0;
+        *(int*)token_ = id;
+        *(int*)pick_ = id;
+        *(i64*)pos_ += 1;
     }
-    const int id = best.i < 0 ? 0 : best.i;
-    *(unsigned*)counter_ = 0;
-    *(int*)token_ = id;
-    *(int*)pick_ = id;
-    *(i64*)pos_ += 1;
 }

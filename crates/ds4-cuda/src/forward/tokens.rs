@@ -4,11 +4,16 @@
 
 use super::*;
 
-/// CTAs of greedy_pick: each picks from a 1/GREEDY_CTAS range of the vocabulary, the last to
-/// finish among their picks.
-const GREEDY_CTAS: usize = 64;
+/// CTAs of greedy_pick: each picks from a 1/GREEDY_CTAS range of the vocabulary (~4 values a
+/// thread for the Flash vocabulary), the last to finish among their picks (one a thread: at
+/// most GREEDY_THREADS CTAs).
+const GREEDY_CTAS: usize = 128;
 /// Threads per CTA (tokens.cu GREEDY_THREADS).
 const GREEDY_THREADS: u32 = 256;
+/// Threads per CTA and values per thread of embed_streams (tokens.cu EMBED_THREADS,
+/// EMBED_PER_THREAD).
+const EMBED_THREADS: usize = 256;
+const EMBED_PER_THREAD: usize = 4;
 /// The most ids a greedy pick on the GPU excludes (tokens.cu GREEDY_MAX_EXCLUDE); a longer
 /// list is picked on the host.
 pub(crate) const GREEDY_MAX_EXCLUDE: usize = 16;
@@ -89,20 +94,24 @@ impl CudaModel {
             c.hc_mult,
             c.hidden
         ];
-        let threads = c.hidden.div_ceil(32).next_multiple_of(32).clamp(32, 256) as u32;
-        // SAFETY: embed_streams(table, format, row_bytes, vocab, tokens, streams, n, d), one
-        // CTA per token, reads n token ids of s.tokens (the chunk's, at most its capacity),
-        // one row_bytes row of the vocab x d table per token (an id outside the vocabulary
-        // reads row 0: the matrix lies inside the weight region, checked by `matrix`), and
-        // writes hc_mult x d values per token of s.streams (cap x hc_mult x d).
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (
+                c.hidden.div_ceil(EMBED_THREADS * EMBED_PER_THREAD) as u32,
+                n as u32,
+                1,
+            ),
+            block_dim: (EMBED_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: embed_streams(table, format, row_bytes, vocab, tokens, streams, n, d), a grid
+        // of (d slices, tokens), reads n token ids of s.tokens (the chunk's, at most its
+        // capacity), one row_bytes row of the vocab x d table per token (an id outside the
+        // vocabulary reads row 0: the matrix lies inside the weight region, checked by
+        // `matrix`), and writes hc_mult x d values per token of s.streams (cap x hc_mult x d);
+        // values past d are neither read nor written.
         unsafe {
-            self.fk.launch(
-                &self.gpu.device,
-                "fwd_tokens",
-                "embed_streams",
-                per_item(n, threads, 0),
-                &a,
-            )
+            self.fk
+                .launch(&self.gpu.device, "fwd_tokens", "embed_streams", cfg, &a)
         }
     }
 
