@@ -110,6 +110,10 @@ pub struct Sampler {
     params: SamplerParams,
     rng: Rng,
     candidates: Vec<Candidate>,
+    /// Each block's largest finite logit (see [`BLOCK`]).
+    block_max: Vec<f32>,
+    /// The finite ones of `block_max`, partly ordered (top-k).
+    ranked_block_max: Vec<f32>,
 }
 
 impl Sampler {
@@ -118,6 +122,8 @@ impl Sampler {
             params,
             rng: Rng::new(params.seed),
             candidates: Vec::new(),
+            block_max: Vec::new(),
+            ranked_block_max: Vec::new(),
         }
     }
 
@@ -158,88 +164,80 @@ impl Sampler {
         top_p: f32,
         min_p: f32,
     ) -> u32 {
-        // The first maximum among finite logits.
-        let mut best = 0u32;
-        let mut max_logit = f32::NEG_INFINITY;
-        let mut finite = 0usize;
-        for (i, &v) in logits.iter().enumerate() {
-            if v.is_finite() {
-                finite += 1;
-                if v > max_logit {
-                    max_logit = v;
-                    best = i as u32;
-                }
-            }
-        }
-        if finite == 0 {
+        finite_block_maxima(&mut self.block_max, logits);
+        let block_max = &self.block_max;
+        let max_logit = block_max.iter().copied().fold(f32::NEG_INFINITY, larger);
+        if max_logit == f32::NEG_INFINITY {
             return argmax(logits);
         }
+        // What a draw falls back on: the first maximum among finite logits (-0.0 == +0.0, as
+        // for `>`). Rarely needed, so only searched for then.
+        let first_max = || {
+            let first = logits.iter().position(|&v| v == max_logit);
+            first.map_or(0, |i| i as u32)
+        };
         let weight = |v: f32| ((v - max_logit) / temperature).exp();
         // A weight under min_p never counts (skipped, or cut from the sorted list), so its
-        // exponential need not be taken: below this exponent (1 % under ln(min_p), far beyond
-        // expf's rounding) the weight is surely under min_p. Most of a real vocabulary is, so
-        // a decode step skips ~all of its 129 280 exponentials. None when min_p is 0; never
-        // the maximum itself (exponent 0), which the sorted draw always keeps.
-        let below_min_p = {
-            let cut = (min_p.ln() - 0.01).min(-0.01);
-            move |v: f32| (v - max_logit) / temperature < cut
-        };
+        // exponential need not be taken: when the exponent, (v - max_logit) / temperature in
+        // f32 as `weight` has it, is under `cut` (1 % under ln(min_p)), the weight, expf of that
+        // very exponent, is at most about 0.99 min_p: lnf's and expf's rounding (an ulp or so)
+        // is far inside the margin (for min_p not subnormal). Nothing is skipped when min_p is
+        // 0; never the maximum itself (exponent 0), which the sorted draw always keeps.
+        let cut = (min_p.ln() - 0.01).min(-0.01);
+        // The finite logits with an exponent under `cut` are exactly those under `threshold`
+        // (see lowest_logit_not_below): nearly all of a model's 129 280, so that a draw looks
+        // into a few blocks (those whose maximum reaches it) and takes a handful of exponentials.
+        let threshold = lowest_logit_not_below(max_logit, temperature, cut);
+        let unskipped = || finite_at_or_above(logits, block_max, threshold);
 
         if top_p >= 1.0 {
             // No sort: weights under min_p are skipped, the draw walks the vocabulary in order.
             let mut sum = 0.0f32;
-            for &v in logits.iter().filter(|v| v.is_finite()) {
-                if below_min_p(v) {
-                    continue;
-                }
+            for (_, v) in unskipped() {
                 let p = weight(v);
                 if p >= min_p {
                     sum += p;
                 }
             }
             if sum <= 0.0 || !sum.is_finite() {
-                return best;
+                return first_max();
             }
             let mut r = self.rng.next_f32() * sum;
-            for (i, &v) in logits.iter().enumerate() {
-                if !v.is_finite() || below_min_p(v) {
-                    continue;
-                }
+            for (id, v) in unskipped() {
                 let p = weight(v);
                 if p < min_p {
                     continue;
                 }
                 r -= p;
                 if r <= 0.0 {
-                    return i as u32;
+                    return id;
                 }
             }
-            return best;
+            return first_max();
         }
 
         // Every weight is in the sum; only those that draw_sorted could keep are sorted (it
         // stops at the first one under min_p after the top one, whose weight is 1).
-        self.candidates.clear();
         let mut sum = 0.0f32;
-        for (i, &v) in logits.iter().enumerate() {
+        for &v in logits {
             if v.is_finite() {
-                let p = weight(v);
-                if !below_min_p(v) {
-                    self.candidates.push(Candidate {
-                        id: i as u32,
-                        logit: v,
-                        weight: p,
-                    });
-                }
-                sum += p;
+                sum += weight(v);
             }
         }
         if sum <= 0.0 || !sum.is_finite() {
-            return best;
+            return first_max();
         }
+        self.candidates.clear();
+        self.candidates
+            .extend(unskipped().map(|(id, logit)| Candidate {
+                id,
+                logit,
+                weight: weight(logit),
+            }));
         // Stable: equal logits stay in vocab order.
         self.candidates.sort_by(|a, b| b.logit.total_cmp(&a.logit));
-        self.draw_sorted(sum, top_p, min_p).unwrap_or(best)
+        self.draw_sorted(sum, top_p, min_p)
+            .unwrap_or_else(first_max)
     }
 
     fn sample_top_k(
@@ -250,30 +248,62 @@ impl Sampler {
         top_p: f32,
         min_p: f32,
     ) -> u32 {
+        // The k best finite logits (in `by_rank` order) in one pass over the vocabulary: a
+        // logit is admitted only when its `total_order_key` is above `floor`, and no logit
+        // among the k best is at or under it.
+        finite_block_maxima(&mut self.block_max, logits);
+        // k blocks hold a logit at or above the k-th largest block maximum, so none below it
+        // is among the k best: `floor` starts just under it (with fewer finite block maxima
+        // than k, at -inf, which every finite logit is above). k is 0 only with no logits.
+        self.ranked_block_max.clear();
+        let finite_maxima = self.block_max.iter().filter(|m| m.is_finite());
+        self.ranked_block_max.extend(finite_maxima);
+        let mut floor = total_order_key(f32::NEG_INFINITY);
+        if k > 0 && k <= self.ranked_block_max.len() {
+            let (_, &mut kth, _) = self
+                .ranked_block_max
+                .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            floor = total_order_key(kth) - 1;
+        }
+        // Up to 2k are held; then the k best are kept, and the key of the worst of them is the
+        // new `floor` (a later logit equal to it has a higher id, so ranks below it).
         self.candidates.clear();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.is_finite())
-                .map(|(i, &v)| Candidate {
-                    id: i as u32,
-                    logit: v,
-                    weight: 0.0,
-                }),
-        );
+        for (start, block, block_max) in blocks(logits, &self.block_max) {
+            // None of the block is above `floor`. (A block whose maximum is -0.0 can hold
+            // +0.0, one key above it.)
+            if total_order_key(block_max) < floor {
+                continue;
+            }
+            for (start, chunk) in (start..).step_by(CHUNK).zip(block.chunks(CHUNK)) {
+                if !any_in_chunk(chunk, |v| total_order_key(v) > floor) {
+                    continue;
+                }
+                for (id, &v) in (start..).zip(chunk) {
+                    if total_order_key(v) <= floor || !v.is_finite() {
+                        continue;
+                    }
+                    self.candidates.push(Candidate {
+                        id,
+                        logit: v,
+                        weight: 0.0,
+                    });
+                    if self.candidates.len() == 2 * k {
+                        self.candidates.select_nth_unstable_by(k - 1, by_rank);
+                        self.candidates.truncate(k);
+                        floor = total_order_key(self.candidates[k - 1].logit);
+                    }
+                }
+            }
+        }
         if self.candidates.is_empty() {
             return argmax(logits);
         }
-        // The k largest, ties broken by lower id (a stable sort of the finite logits).
         if k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, |a, b| {
-                b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
-            });
+            self.candidates.select_nth_unstable_by(k - 1, by_rank);
             self.candidates.truncate(k);
         }
-        self.candidates
-            .sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+        // The ids make `by_rank` a strict order: any sort gives the one sorted list.
+        self.candidates.sort_unstable_by(by_rank);
         let max_logit = self.candidates[0].logit;
         let mut sum = 0.0f32;
         for c in &mut self.candidates {
@@ -315,6 +345,133 @@ impl Sampler {
         }
         Some(self.candidates[kept - 1].id)
     }
+}
+
+/// The top-k order: larger logit first (`total_cmp`: +0.0 before -0.0), then lower id.
+fn by_rank(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// An integer that orders like [`f32::total_cmp`]: the bits, with the magnitude bits of a
+/// negative value flipped (so -0.0 is just below +0.0). Its own inverse.
+fn total_order_key(v: f32) -> i32 {
+    let bits = v.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// The f32 whose [`total_order_key`] is `key`.
+fn from_total_order_key(key: i32) -> f32 {
+    f32::from_bits(total_order_key(f32::from_bits(key as u32)) as u32)
+}
+
+/// The larger of two, NaN never winning (`v > max` is false for it).
+fn larger(max: f32, v: f32) -> f32 {
+    if v > max {
+        v
+    } else {
+        max
+    }
+}
+
+/// The sampler scans logits in blocks of this many, skipping the blocks whose finite maximum
+/// tells that none of theirs is wanted: in a model's logits, nearly all of them.
+const BLOCK: usize = 256;
+
+/// Within a block, the top-k scan tests this many logits at once (vectorized), and looks at
+/// them one by one only when one may be admitted.
+const CHUNK: usize = 16;
+
+/// Whether `test` holds for a value of `chunk`, testing all of a full chunk without branches
+/// (so that it vectorizes).
+fn any_in_chunk(chunk: &[f32], test: impl Fn(f32) -> bool) -> bool {
+    match <&[f32; CHUNK]>::try_from(chunk) {
+        Ok(full) => full.iter().fold(false, |any, &v| any | test(v)),
+        Err(_) => chunk.iter().any(|&v| test(v)),
+    }
+}
+
+/// Each block's largest finite logit (-inf when none), into `maxima`.
+fn finite_block_maxima(maxima: &mut Vec<f32>, logits: &[f32]) {
+    maxima.clear();
+    maxima.extend(logits.chunks(BLOCK).map(|block| {
+        let max = non_nan_max(block);
+        if max == f32::INFINITY {
+            // It hides the block's finite maximum (never so in a model's logits).
+            let finite = block.iter().copied().filter(|v| v.is_finite());
+            finite.fold(f32::NEG_INFINITY, larger)
+        } else {
+            max
+        }
+    }));
+}
+
+/// The largest value that is not NaN (-inf when none), in 16 independent lanes so that it
+/// vectorizes.
+fn non_nan_max(values: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = larger(*lane, v);
+        }
+    }
+    let rest = lanes.iter().chain(chunks.remainder());
+    rest.copied().fold(f32::NEG_INFINITY, larger)
+}
+
+/// The blocks of `logits`, each with the id of its first logit and its finite maximum.
+fn blocks<'a>(
+    logits: &'a [f32],
+    block_max: &'a [f32],
+) -> impl Iterator<Item = (u32, &'a [f32], f32)> + 'a {
+    let starts = (0..).step_by(BLOCK);
+    starts
+        .zip(logits.chunks(BLOCK))
+        .zip(block_max.iter().copied())
+        .map(|((start, block), max)| (start, block, max))
+}
+
+/// The finite logits at or above `threshold` (finite) with their ids, in vocabulary order,
+/// looking only into the blocks whose maximum reaches it.
+fn finite_at_or_above<'a>(
+    logits: &'a [f32],
+    block_max: &'a [f32],
+    threshold: f32,
+) -> impl Iterator<Item = (u32, f32)> + 'a {
+    blocks(logits, block_max)
+        .filter(move |&(_, _, max)| max >= threshold)
+        .flat_map(move |(start, block, _)| {
+            // NaN and -inf fail `>=`, +inf fails `<=`.
+            let at_or_above = move |&(_, v): &(u32, f32)| v >= threshold && v <= f32::MAX;
+            (start..).zip(block.iter().copied()).filter(at_or_above)
+        })
+}
+
+/// The lowest finite logit v whose exponent `(v - max_logit) / temperature`, in f32 as the
+/// weights take it, is not below `cut` (≤ -0.01): the finite logits under it are exactly those
+/// whose exponent is. The rounded subtraction and division are monotonic (temperature > 0),
+/// so the exponent never decreases as v grows, and the step from below `cut` to not is found
+/// by bisecting the f32 values (in `total_cmp` order) up to `max_logit` (exponent 0).
+/// -f32::MAX (nothing finite is under it) when no exponent is below `cut`: min_p 0 (cut
+/// -inf), temperature inf or NaN.
+fn lowest_logit_not_below(max_logit: f32, temperature: f32, cut: f32) -> f32 {
+    let below = |v: f32| (v - max_logit) / temperature < cut;
+    if !below(-f32::MAX) {
+        return -f32::MAX;
+    }
+    // `below` holds at `low` and not at `high`. (-0.0 and +0.0 have the same exponent.)
+    let mut low = i64::from(total_order_key(-f32::MAX));
+    let mut high = i64::from(total_order_key(max_logit));
+    while high - low > 1 {
+        let mid = (low + high) / 2;
+        if below(from_total_order_key(mid as i32)) {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    from_total_order_key(high as i32)
 }
 
 /// One entry of a top-logprobs list.
@@ -435,6 +592,55 @@ mod tests {
             .map(|(&(i, v), &p)| (i, v, p))
             .collect();
         c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        reference_draw_sorted(rng, &c, sum, top_p, min_p)
+    }
+
+    /// The top-k draw from every finite logit in `by_rank` order (`ranked`, from a full
+    /// stable sort): the oracle of `sample_top_k`.
+    fn reference_top_k(
+        rng: &mut Rng,
+        logits: &[f32],
+        ranked: &[(u32, f32)],
+        t: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+    ) -> u32 {
+        let Some(&(top, max)) = ranked.first() else {
+            return argmax(logits);
+        };
+        let best = &ranked[..top_k.min(MAX_TOP_K).min(ranked.len())];
+        let c: Vec<(u32, f32, f32)> = best
+            .iter()
+            .map(|&(i, v)| (i, v, ((v - max) / t).exp()))
+            .collect();
+        let sum = c.iter().fold(0.0f32, |s, x| s + x.2);
+        if sum <= 0.0 || !sum.is_finite() {
+            return top;
+        }
+        reference_draw_sorted(rng, &c, sum, top_p, min_p)
+    }
+
+    /// The finite logits sorted by logit (descending, `total_cmp`), then id: a plain stable
+    /// sort of all of them.
+    fn ranked_finite(logits: &[f32]) -> Vec<(u32, f32)> {
+        let mut ranked: Vec<(u32, f32)> = (0..logits.len() as u32)
+            .map(|i| (i, logits[i as usize]))
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ranked
+    }
+
+    /// draw_sorted over sorted (id, logit, weight): kept while the weight's share is at least
+    /// min_p times the top one's and until the kept share reaches top_p; one draw in order.
+    fn reference_draw_sorted(
+        rng: &mut Rng,
+        c: &[(u32, f32, f32)],
+        sum: f32,
+        top_p: f32,
+        min_p: f32,
+    ) -> u32 {
         let min_share = (c[0].2 / sum) * min_p;
         let (mut kept_sum, mut kept) = (0.0f32, 0usize);
         for (k, x) in c.iter().enumerate() {
@@ -457,19 +663,43 @@ mod tests {
         c[kept - 1].0
     }
 
+    /// `v` moved `steps` f32 values down.
+    fn ulps_below(v: f32, steps: u32) -> f32 {
+        if v > 0.0 {
+            f32::from_bits(v.to_bits() - steps)
+        } else {
+            // Away from zero; 0.0 as -0.0, so that it goes below.
+            f32::from_bits((-v.abs()).to_bits() + steps)
+        }
+    }
+
     #[test]
     fn full_vocab_draws_equal_the_reference_with_every_exponential() {
-        // Logits spread like a model's (a few near the top, most far below), ties, -inf and
-        // NaN; min_p 0 (no shortcut), the default 0.05, and above 1; top_p 1 and below.
+        // Logits spread like a model's (a few near the top, most far below), ties, -inf, +inf
+        // and NaN, copies of the maximum, and logits a few f32 steps under the maximum (at
+        // T 1e-4 and 0.01 with logits in the hundreds, their weights straddle min_p). min_p 0
+        // (no shortcut), tiny, the default 0.05, near 1 and above 1; top_p 1 and below.
         let mut gen = Rng::new(7);
         for case in 0..60 {
             let n = 300 + case * 37;
+            let offset = if case % 2 == 1 { 300.0 } else { 0.0 };
             let mut logits: Vec<f32> = (0..n)
-                .map(|_| (gen.next_f32() - 0.9) * 40.0 * (1.0 + (case % 3) as f32))
+                .map(|_| offset + (gen.next_f32() - 0.9) * 40.0 * (1.0 + (case % 3) as f32))
                 .collect();
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for q in 0..30 {
+                let steps = (gen.next_u64() % (1 << (q % 13))) as u32;
+                logits[gen.next_u64() as usize % n] = ulps_below(max, steps);
+            }
+            for _ in 0..case % 4 {
+                logits[gen.next_u64() as usize % n] = max;
+            }
             logits[case % n] = f32::NEG_INFINITY;
             logits[(case * 7) % n] = f32::NAN;
             logits[(case * 11) % n] = logits[(case * 13 + 1) % n];
+            if case % 5 == 0 {
+                logits[(case * 17) % n] = f32::INFINITY;
+            }
             for &(t, top_p, min_p) in &[
                 (1.0f32, 1.0f32, 0.05f32),
                 (0.7, 1.0, 0.0),
@@ -477,6 +707,15 @@ mod tests {
                 (0.5, 0.95, 0.0),
                 (1.0, 1.0, 1.5),
                 (2.0, 0.5, 0.2),
+                (1e-4, 1.0, 0.05),
+                (1e-4, 0.9, 0.05),
+                (0.01, 1.0, 0.05),
+                (0.01, 0.95, 0.3),
+                (1.0, 1.0, 0.999),
+                (0.01, 0.9, 0.999),
+                (1.0, 1.0, 1e-6),
+                (0.3, 0.95, 1e-30),
+                (100.0, 1.0, 0.99),
             ] {
                 let params = SamplerParams {
                     temperature: t,
@@ -497,6 +736,83 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn top_k_draws_equal_the_reference_with_a_full_sort() {
+        // Vocabularies of a few hundred to a few thousand logits (and a few larger ones, where
+        // more blocks than k bound the scan), continuous or on a coarse grid (many ties), with
+        // the k-th logit copied elsewhere (ties at the boundary), ±0.0 at the top, and -inf,
+        // +inf and NaN sprinkled in.
+        let mut gen = Rng::new(17);
+        for case in 0..90u64 {
+            let n = match case % 10 {
+                0 => 20_000 + case as usize,
+                _ => 200 + (gen.next_u64() % 3000) as usize,
+            };
+            let mut logits: Vec<f32> = (0..n)
+                .map(|_| match case % 3 {
+                    0 => (gen.next_f32() - 0.8) * 30.0,
+                    1 => (gen.next_u64() % 12) as f32 * 0.5 - 5.0,
+                    _ => -((gen.next_u64() % 6) as f32) * 0.25,
+                })
+                .collect();
+            if case % 3 == 2 {
+                // All ≤ 0: the best are ±0.0, +0.0 ranking first.
+                for _ in 0..6 {
+                    let i = gen.next_u64() as usize % n;
+                    logits[i] = [0.0, -0.0][gen.next_u64() as usize % 2];
+                }
+            }
+            for _ in 0..case % 7 {
+                let i = gen.next_u64() as usize % n;
+                logits[i] = [f32::NEG_INFINITY, f32::INFINITY, f32::NAN, -f32::NAN]
+                    [gen.next_u64() as usize % 4];
+            }
+            for k in [1usize, 2, 40, 1024, n + 7] {
+                // Ties at the k-th logit, before and after it.
+                let mut logits = logits.clone();
+                let ranked = ranked_finite(&logits);
+                if let Some(&(_, kth)) = ranked.get(k - 1) {
+                    for _ in 0..3 {
+                        logits[gen.next_u64() as usize % n] = kth;
+                    }
+                }
+                let ranked = ranked_finite(&logits);
+                for &(t, top_p, min_p) in &[
+                    (1.0f32, 1.0f32, 0.0f32),
+                    (1.0, 0.95, 0.05),
+                    (0.3, 0.9, 0.0),
+                    (2.5, 0.5, 0.2),
+                    (0.01, 1.0, 0.05),
+                ] {
+                    let params = SamplerParams {
+                        temperature: t,
+                        top_p,
+                        top_k: k as i32,
+                        min_p,
+                        seed: 2000 + case,
+                    };
+                    let mut sampler = Sampler::new(params);
+                    let mut rng = Rng::new(params.seed);
+                    for draw in 0..10 {
+                        let want = reference_top_k(&mut rng, &logits, &ranked, t, k, top_p, min_p);
+                        let got = sampler.sample(&logits);
+                        assert_eq!(
+                            got, want,
+                            "case {case} n {n} k {k} T {t} top_p {top_p} min_p {min_p} draw {draw}"
+                        );
+                    }
+                }
+            }
+        }
+        // Nothing finite: argmax, as with the full vocabulary.
+        let mut sampler = Sampler::new(SamplerParams {
+            top_k: 40,
+            ..SamplerParams::default()
+        });
+        let none = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, f32::NAN];
+        assert_eq!(sampler.sample(&none), argmax(&none));
     }
 
     #[test]
