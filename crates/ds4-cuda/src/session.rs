@@ -421,7 +421,10 @@ impl Session for CudaSession {
         let v = cfg.vocab_size;
         let n_chunks = tokens.len().div_ceil(self.scratch.cap);
         let mut out = Vec::new();
-        let mut last = Vec::new();
+        // The logits after the last token: left in the staging by a single-row chunk (no
+        // second copy of half a megabyte per served token), else a copy of the last row.
+        let mut last = LastLogits::Host;
+        let mut last_row = Vec::new();
         let model = self.model.clone();
         for (i, chunk) in tokens.chunks(self.scratch.cap).enumerate() {
             let pos0 = self.tokens.len();
@@ -441,12 +444,16 @@ impl Session for CudaSession {
                 .map_err(cuda_err)?;
             let logits = match staged {
                 ChunkLogits::None | ChunkLogits::Picked(_) => Vec::new(),
-                ChunkLogits::Staged => self.scratch.staged_logits(v).map_err(cuda_err)?.to_vec(),
-                ChunkLogits::Rows(rows) => rows,
+                ChunkLogits::Staged => {
+                    last = LastLogits::Staged;
+                    self.scratch.staged_logits(v).map_err(cuda_err)?.to_vec()
+                }
+                ChunkLogits::Rows(rows) => {
+                    last = LastLogits::Host;
+                    last_row = rows[rows.len() - v..].to_vec();
+                    rows
+                }
             };
-            if !logits.is_empty() {
-                last = logits[logits.len() - v..].to_vec();
-            }
             if want == Logits::All {
                 out.extend_from_slice(&logits);
             } else {
@@ -454,8 +461,8 @@ impl Session for CudaSession {
             }
             self.tokens.extend_from_slice(chunk);
         }
-        self.last_logits = last;
-        self.last = LastLogits::Host;
+        self.last_logits = last_row;
+        self.last = last;
         Ok(out)
     }
 
