@@ -254,6 +254,16 @@ impl CudaSession {
         self.scratch.decode_graph_captured()
     }
 
+    /// A single-token step must fit the context and name a vocabulary id.
+    fn check_step(&self, token: u32) -> std::result::Result<(), ModelError> {
+        check_span(
+            &[token],
+            self.tokens.len(),
+            self.ctx,
+            self.model.cfg.vocab_size,
+        )
+    }
+
     /// The logits after the last token (empty before the first eval).
     fn logits(&self) -> Result<&[f32]> {
         let vocab = self.model.cfg.vocab_size;
@@ -472,12 +482,7 @@ impl Session for CudaSession {
     }
 
     fn decode_step(&mut self, token: u32) -> std::result::Result<&[f32], ModelError> {
-        check_span(
-            &[token],
-            self.tokens.len(),
-            self.ctx,
-            self.model.cfg.vocab_size,
-        )?;
+        self.check_step(token)?;
         let pos0 = self.tokens.len();
         let model = self.model.clone();
         // The logits stay in the page-locked staging they were downloaded into: no copy.
@@ -500,12 +505,7 @@ impl Session for CudaSession {
         token: u32,
         exclude: &[u32],
     ) -> std::result::Result<u32, ModelError> {
-        check_span(
-            &[token],
-            self.tokens.len(),
-            self.ctx,
-            self.model.cfg.vocab_size,
-        )?;
+        self.check_step(token)?;
         let model = self.model.clone();
         let on_gpu = self
             .scratch

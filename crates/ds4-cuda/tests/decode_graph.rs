@@ -33,6 +33,25 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/ratios_real")
 }
 
+/// The ratios_real fixture (every layer kind) converted to ds4-q2 and loaded on the GPU with
+/// ds4 numerics, and its prompt.
+fn fixture_backend(tag: &str) -> (CudaBackend, Vec<u32>) {
+    let dir = std::env::temp_dir().join(format!("ds4-cuda-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ratios_real-ds4-q2.gguf");
+    convert(
+        &fixture_dir(),
+        &path,
+        &ConvertOptions::new(WeightsMode::Ds4Q2),
+    )
+    .unwrap();
+    let tokens = npy::read(&std::fs::read(fixture_dir().join("tokens.npy")).unwrap()).unwrap();
+    let prompt: Vec<u32> = tokens.data.iter().map(|&v| v as u32).collect();
+    let backend = CudaBackend::load(&path, Numerics::Ds4, 0).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (backend, prompt)
+}
+
 /// Prefill of the fixture's prompt, then STEPS greedy steps; the logits of every step, and
 /// whether a graph was captured before the first step and after the last.
 fn decode(backend: &CudaBackend, prompt: &[u32], graphs: bool) -> (Vec<Vec<f32>>, [bool; 2]) {
@@ -60,22 +79,9 @@ fn decode_steps_replay_a_captured_graph_with_identical_logits() {
         println!("skipped: no CUDA");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ds4-cuda-graph-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("ratios_real-ds4-q2.gguf");
-    convert(
-        &fixture_dir(),
-        &path,
-        &ConvertOptions::new(WeightsMode::Ds4Q2),
-    )
-    .unwrap();
-    let tokens = npy::read(&std::fs::read(fixture_dir().join("tokens.npy")).unwrap()).unwrap();
-    let prompt: Vec<u32> = tokens.data.iter().map(|&v| v as u32).collect();
-    let backend = CudaBackend::load(&path, Numerics::Ds4, 0).unwrap();
-
+    let (backend, prompt) = fixture_backend("graph");
     let (replayed, captured) = decode(&backend, &prompt, true);
     let (launched, _) = decode(&backend, &prompt, false);
-    let _ = std::fs::remove_dir_all(&dir);
     // Captured with the session, so the first reply token pays no capture, and still valid
     // after a prefill (which reallocated none of the buffers it holds).
     assert!(
@@ -105,19 +111,7 @@ fn greedy_steps_pick_on_the_gpu_what_the_host_picks() {
         println!("skipped: no CUDA");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ds4-cuda-greedy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("ratios_real-ds4-q2.gguf");
-    convert(
-        &fixture_dir(),
-        &path,
-        &ConvertOptions::new(WeightsMode::Ds4Q2),
-    )
-    .unwrap();
-    let tokens = npy::read(&std::fs::read(fixture_dir().join("tokens.npy")).unwrap()).unwrap();
-    let prompt: Vec<u32> = tokens.data.iter().map(|&v| v as u32).collect();
-    let backend = CudaBackend::load(&path, Numerics::Ds4, 0).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let (backend, prompt) = fixture_backend("greedy");
     let steps = 16;
     for graphs in [true, false] {
         let mut greedy = backend.session(prompt.len() + steps + 1).unwrap();
