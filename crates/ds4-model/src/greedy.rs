@@ -14,7 +14,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     let mut first_block = 0;
     for (b, block) in logits.chunks(BLOCK).enumerate() {
         // `>`: a later block with an equal maximum does not hold the first one.
-        let m = block_max(block);
+        let m = non_nan_max(block);
         if m > max {
             max = m;
             first_block = b;
@@ -30,8 +30,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// The largest value of `values` (`-inf` when empty or all NaN), in 16 independent lanes so
-/// that it vectorizes (`>` lets no NaN in).
-fn block_max(values: &[f32]) -> f32 {
+/// that it vectorizes (`>` lets no NaN in). The sampler's block maxima use it too.
+pub fn non_nan_max(values: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = values.chunks_exact(LANES);

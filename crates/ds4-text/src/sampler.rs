@@ -12,6 +12,7 @@
 //! says when DSML structure must be sampled greedily.
 
 pub use crate::dsml_forcing::{DsmlDecodeState, DsmlDecodeTracker};
+use ds4_model::greedy::non_nan_max;
 /// Greedy picks live with the model's session interface ([`ds4_model::backend::Session::decode_greedy`]
 /// makes the same pick on a backend's device).
 pub use ds4_model::greedy::{argmax, argmax_excluding};
@@ -403,21 +404,6 @@ fn finite_block_maxima(maxima: &mut Vec<f32>, logits: &[f32]) {
             max
         }
     }));
-}
-
-/// The largest value that is not NaN (-inf when none), in 16 independent lanes so that it
-/// vectorizes.
-fn non_nan_max(values: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = larger(*lane, v);
-        }
-    }
-    let rest = lanes.iter().chain(chunks.remainder());
-    rest.copied().fold(f32::NEG_INFINITY, larger)
 }
 
 /// The blocks of `logits`, each with the id of its first logit and its finite maximum.
