@@ -96,6 +96,36 @@ mod tests {
     }
 
     #[test]
+    fn argmax_excluding_nothing_is_argmax() {
+        // The server's greedy steps (decode_greedy with nothing excluded) must pick what the
+        // sampler's argmax picks from the same row.
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![nan],
+            vec![-inf],
+            vec![nan, -inf, -inf],
+            vec![-inf, nan, -inf],
+            vec![nan; 33],
+            vec![-inf; 33],
+            vec![nan, 1.0, 3.0, 3.0],
+            vec![-inf, inf, inf, nan],
+            vec![-0.0, 0.0],
+            vec![f32::MIN, -inf, nan],
+        ];
+        let mut long: Vec<f32> = (0..9000).map(|i| ((i * 7919) % 1000) as f32).collect();
+        long[4100] = 2000.0;
+        long[8999] = 2000.0;
+        long[17] = nan;
+        rows.push(long.clone());
+        long[4100] = nan;
+        rows.push(long);
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(argmax_excluding(row, &[]), argmax(row), "row {i}");
+        }
+    }
+
+    #[test]
     fn argmax_is_the_first_maximum_and_never_nan() {
         assert_eq!(argmax(&[]), 0);
         assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, 3.0]), 2);

@@ -111,7 +111,7 @@ impl Engine {
             runner,
             codec: codec.clone(),
             live_bytes: Vec::new(),
-            last_logits: None,
+            live_logits: false,
             visible_key: None,
             tool_memory: tool_memory.clone(),
             trace: opts.trace,
@@ -183,8 +183,9 @@ struct Worker {
     codec: Arc<dyn TextCodec>,
     /// The text bytes of `runner.tokens()`, kept in step with it.
     live_bytes: Vec<u8>,
-    /// Logits after the last live token, when known.
-    last_logits: Option<Vec<f32>>,
+    /// Whether `runner.logits()` are the logits after the last live token (kept between jobs
+    /// so that a prompt equal to the live session samples without an eval).
+    live_logits: bool,
     /// After a thinking turn: the rendered text of the conversation as the client will send it
     /// back (reasoning dropped, up to the end of the answer), which stands for the live session.
     visible_key: Option<String>,
@@ -242,7 +243,7 @@ impl Worker {
     fn reset(&mut self) {
         self.runner.reset();
         self.live_bytes.clear();
-        self.last_logits = None;
+        self.live_logits = false;
         self.visible_key = None;
         if let Some(kv) = &mut self.kv_disk {
             kv.forget_live();
@@ -274,16 +275,15 @@ impl Worker {
         );
         self.runner.reset();
         self.live_bytes.clear();
-        self.last_logits = None;
+        self.live_logits = false;
         self.visible_key = None;
         kv.forget_live();
         let restored =
             kv.restore_longest_prefix(self.runner.as_mut(), &job.prompt_text, &self.tool_memory)?;
         let suffix = self.codec.encode(&job.prompt_text[restored.text_len..]);
         self.live_bytes = restored.text;
-        if suffix.is_empty() {
-            self.last_logits = Some(restored.logits);
-        }
+        // The runner's logits are the restored checkpoint's.
+        self.live_logits = suffix.is_empty();
         Some(Plan {
             cached: restored.tokens,
             suffix,
@@ -311,7 +311,7 @@ impl Worker {
             let live = self.runner.tokens();
             if job.prompt_tokens.len() >= live_len && job.prompt_tokens[..live_len] == *live {
                 let suffix = job.prompt_tokens[live_len..].to_vec();
-                if !suffix.is_empty() || self.last_logits.is_some() {
+                if !suffix.is_empty() || self.live_logits {
                     return Plan {
                         cached: live_len,
                         suffix,
@@ -360,13 +360,29 @@ impl Worker {
         }
     }
 
-    /// Appends tokens to the session, keeping `live_bytes` in step.
-    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let logits = self.runner.eval(tokens).map_err(EngineError::Model)?;
+    /// Appends tokens to the session, keeping `live_bytes` in step; the logits after them are
+    /// `runner.logits()`.
+    fn eval(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
+        self.runner.eval(tokens).map_err(EngineError::Model)?;
+        self.extend_live_bytes(tokens);
+        Ok(())
+    }
+
+    /// Appends `token` to the session and returns the greedy pick after it (on the backend's
+    /// device where it can), keeping `live_bytes` in step.
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
+        let pick = self
+            .runner
+            .decode_greedy(token)
+            .map_err(EngineError::Model)?;
+        self.extend_live_bytes(&[token]);
+        Ok(pick)
+    }
+
+    fn extend_live_bytes(&mut self, tokens: &[u32]) {
         for &t in tokens {
             self.live_bytes.extend(self.codec.token_bytes(t));
         }
-        Ok(logits)
     }
 
     fn run_job(&mut self, q: Queued) {
@@ -396,14 +412,10 @@ impl Worker {
             cached_tokens: plan.cached,
         });
 
-        // Prefill the suffix.
+        // Prefill the suffix. An empty one samples from the live session's kept logits.
         let prefill_start = Instant::now();
-        let mut logits = if plan.suffix.is_empty() {
-            self.last_logits.take()
-        } else {
-            None
-        };
-        self.last_logits = None;
+        let mut have_logits = plan.suffix.is_empty() && self.live_logits;
+        self.live_logits = false;
         let mut pos = plan.cached;
         // At least the backend's own span (2 048 tokens on CUDA): shorter chunks cost it speed.
         let span = PREFILL_CHUNK.max(self.runner.preferred_span());
@@ -430,7 +442,7 @@ impl Worker {
                 .map_or(chunk_end, |s| s.min(chunk_end));
             let n = (chunk_end - pos).min(rest.len());
             match self.eval(&rest[..n]) {
-                Ok(l) => logits = Some(l),
+                Ok(()) => have_logits = true,
                 Err(e) => {
                     self.reset();
                     send(GenEvent::Failed(e));
@@ -448,14 +460,14 @@ impl Worker {
                 self.save_checkpoint(reason);
             }
         }
-        let Some(mut logits) = logits else {
+        if !have_logits {
             // Unreachable by `plan`'s construction; recover by a cold start next time.
             self.reset();
             send(GenEvent::Failed(EngineError::Model(
                 "no logits after prefill".into(),
             )));
             return;
-        };
+        }
         let prefill_secs = prefill_start.elapsed().as_secs_f64();
 
         // Decode.
@@ -481,25 +493,46 @@ impl Worker {
         let eos = self.codec.eos();
         let mut generated = 0usize;
         let mut eos_sampled = false;
+        // Temperature 0 is the sampler's argmax, which leaves its RNG untouched: such tokens,
+        // and the DSML structure tokens, are picked by `decode_greedy` in the step that
+        // evaluates the token before them (on the device: no logits downloaded) and wait in
+        // `pending_pick` for the next iteration.
+        let always_greedy = job.sampling.temperature <= 0.0;
+        let mut pending_pick: Option<u32> = None;
         let ended = loop {
             if cancelled() {
                 self.log_cancel(&job, "decode");
                 return;
             }
             if generated >= job.max_tokens || self.runner.tokens().len() >= ctx {
-                self.last_logits = Some(logits);
+                // A pending pick is dropped; the runner's logits are still those after the
+                // last live token.
+                self.live_logits = true;
                 break FinishReason::Length;
             }
-            let greedy = forcing.as_ref().is_some_and(|f| f.state().forces_greedy());
-            let token = if greedy {
-                sampler.sample_with_temperature(&logits, 0.0)
-            } else {
-                sampler.sample(&logits)
+            let token = match pending_pick.take() {
+                Some(pick) => pick,
+                None => {
+                    let greedy = forcing.as_ref().is_some_and(|f| f.state().forces_greedy());
+                    let logits = self.runner.logits();
+                    if logits.is_empty() {
+                        self.reset();
+                        send(GenEvent::Failed(EngineError::Model(
+                            "the model returned no logits".into(),
+                        )));
+                        return;
+                    }
+                    if greedy {
+                        sampler.sample_with_temperature(logits, 0.0)
+                    } else {
+                        sampler.sample(logits)
+                    }
+                }
             };
             generated += 1;
             if token == eos {
                 // EOS is never evaluated; the live session keeps its logits.
-                self.last_logits = Some(logits);
+                self.live_logits = true;
                 eos_sampled = true;
                 break FinishReason::Stop;
             }
@@ -525,13 +558,13 @@ impl Worker {
             match out.finish_now() {
                 // A stop string cut the text: the sampled token is not part of the answer.
                 Some(FinishReason::Stop) => {
-                    self.last_logits = Some(logits);
+                    self.live_logits = true;
                     break FinishReason::Stop;
                 }
                 Some(reason) => {
                     // The closing tag is kept in the session so a replayed call matches it.
                     match self.eval(&[token]) {
-                        Ok(l) => self.last_logits = Some(l),
+                        Ok(()) => self.live_logits = true,
                         Err(e) => {
                             self.reset();
                             send(GenEvent::Failed(e));
@@ -542,8 +575,17 @@ impl Worker {
                 }
                 None => {}
             }
-            match self.eval(&[token]) {
-                Ok(l) => logits = l,
+            // The next token is greedy at temperature 0, or where the tracker (now past this
+            // token) forces DSML structure.
+            let next_greedy =
+                always_greedy || forcing.as_ref().is_some_and(|f| f.state().forces_greedy());
+            let step = if next_greedy {
+                self.decode_greedy(token).map(Some)
+            } else {
+                self.eval(&[token]).map(|()| None)
+            };
+            match step {
+                Ok(pick) => pending_pick = pick,
                 Err(e) => {
                     self.reset();
                     send(GenEvent::Failed(e));

@@ -28,14 +28,13 @@ pub struct KvDiskOptions {
     pub quant_bits: u8,
 }
 
-/// A checkpoint restored from disk into the session.
+/// A checkpoint restored from disk into the session (whose [`ModelRunner::logits`] are then
+/// the logits after the checkpoint's last token).
 pub struct Restored {
     /// Tokens of the session now (the checkpoint's).
     pub tokens: usize,
     /// Bytes of the prompt the checkpoint covers; the rest is tokenized and prefilled.
     pub text_len: usize,
-    /// Logits after the checkpoint's last token.
-    pub logits: Vec<f32>,
     /// The checkpoint's text (the detokenized session tokens).
     pub text: Vec<u8>,
 }
@@ -182,14 +181,11 @@ impl KvDisk {
                 return None;
             }
         };
-        let logits = match runner.restore(&file.payload) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(path = %hit.path.display(), "kv cache: restore failed, prefilling cold: {e}");
-                runner.reset();
-                return None;
-            }
-        };
+        if let Err(e) = runner.restore(&file.payload) {
+            tracing::warn!(path = %hit.path.display(), "kv cache: restore failed, prefilling cold: {e}");
+            runner.reset();
+            return None;
+        }
         if runner.tokens().len() != hit.tokens as usize {
             tracing::warn!(path = %hit.path.display(), "kv cache: restored session length differs from the header; prefilling cold");
             runner.reset();
@@ -220,7 +216,6 @@ impl KvDisk {
         Some(Restored {
             tokens: hit.tokens as usize,
             text_len: hit.text_len,
-            logits,
             text: file.text,
         })
     }

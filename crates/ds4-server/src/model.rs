@@ -31,9 +31,21 @@ impl ModelRunner for SessionRunner {
     fn preferred_span(&self) -> usize {
         self.session.preferred_span()
     }
-    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
+    fn eval(&mut self, tokens: &[u32]) -> Result<(), String> {
+        let result = match tokens {
+            // A decode step leaves the logits in the session: no vector of its own.
+            [token] => self.session.decode_step(*token).map(|_| ()),
+            // Prefill (once per request): the returned copy of the last row is dropped.
+            _ => self.session.eval(tokens, Logits::Last).map(|_| ()),
+        };
+        result.map_err(|e| e.to_string())
+    }
+    fn logits(&self) -> &[f32] {
+        self.session.last_logits()
+    }
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, String> {
         self.session
-            .eval(tokens, Logits::Last)
+            .decode_greedy(token, &[])
             .map_err(|e| e.to_string())
     }
     fn reset(&mut self) {
@@ -42,9 +54,8 @@ impl ModelRunner for SessionRunner {
     fn snapshot(&self) -> Option<Vec<u8>> {
         Some(self.session.snapshot())
     }
-    fn restore(&mut self, payload: &[u8]) -> Result<Vec<f32>, String> {
-        self.session.restore(payload).map_err(|e| e.to_string())?;
-        Ok(self.session.last_logits().to_vec())
+    fn restore(&mut self, payload: &[u8]) -> Result<(), String> {
+        self.session.restore(payload).map_err(|e| e.to_string())
     }
 }
 

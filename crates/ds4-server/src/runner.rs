@@ -10,9 +10,22 @@ pub trait ModelRunner: Send {
     fn ctx(&self) -> usize;
     /// The tokens whose state is live, oldest first.
     fn tokens(&self) -> &[u32];
-    /// Appends `tokens` to the session (prefill when several, decode when one) and returns the
-    /// logits that follow the last of them. `tokens` is never empty.
-    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
+    /// Appends `tokens` to the session (prefill when several, decode when one); the logits
+    /// that follow the last of them are then [`ModelRunner::logits`]. `tokens` is never empty.
+    fn eval(&mut self, tokens: &[u32]) -> Result<(), String>;
+    /// The logits after the last evaluated (or restored) token, borrowed from the runner (no
+    /// copy of a vocabulary per token). Valid until the next `eval`, `decode_greedy`, `reset`
+    /// or `restore`; empty before the first. After `decode_greedy` a backend may fetch them
+    /// from its device only now.
+    fn logits(&self) -> &[f32];
+    /// One greedy decode step: appends `token` and returns the first maximum of the logits
+    /// after it ([`ds4_model::greedy::argmax`], the sampler's pick at temperature 0), which a
+    /// backend may pick on its device without handing the logits to the host.
+    /// [`ModelRunner::logits`] then holds the logits after `token`, as after `eval(&[token])`.
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, String> {
+        self.eval(&[token])?;
+        Ok(ds4_model::greedy::argmax(self.logits()))
+    }
     /// Drops all live state.
     fn reset(&mut self);
     /// The backend's prefill span ([`ds4_model::backend::Session::preferred_span`]; 0: no
@@ -25,9 +38,10 @@ pub trait ModelRunner: Send {
     fn snapshot(&self) -> Option<Vec<u8>> {
         None
     }
-    /// Replaces the live state with a payload from [`ModelRunner::snapshot`] and returns the
-    /// logits after its last token. On error the state is unspecified; the caller resets.
-    fn restore(&mut self, _payload: &[u8]) -> Result<Vec<f32>, String> {
+    /// Replaces the live state with a payload from [`ModelRunner::snapshot`]; the logits after
+    /// its last token are then [`ModelRunner::logits`]. On error the state is unspecified; the
+    /// caller resets.
+    fn restore(&mut self, _payload: &[u8]) -> Result<(), String> {
         Err("this model runner cannot restore a saved session".into())
     }
 }

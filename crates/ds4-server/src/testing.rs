@@ -61,7 +61,8 @@ impl TextCodec for ByteCodec {
 }
 
 /// A model whose every generation is the next of its scripted replies, token by token, then
-/// EOS. A multi-token eval (or a token off the script) counts as a new prompt.
+/// EOS. A multi-token eval (or a token off the script) counts as a new prompt. Its logits put
+/// the script's next token first; `decode_greedy` picks it as a device would and records it.
 pub struct ScriptedRunner {
     replies: Vec<Vec<u32>>,
     current: usize,
@@ -77,6 +78,21 @@ pub struct ScriptedRunner {
     /// The length of every eval, shared with the test that reads it after the engine took
     /// the runner.
     eval_sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    /// Every `decode_greedy` call (not counted in `eval_sizes`), shared the same way.
+    greedy_picks: std::sync::Arc<std::sync::Mutex<Vec<GreedyPick>>>,
+    /// The logits after the last token (empty before the first eval).
+    logits: Vec<f32>,
+}
+
+/// One `decode_greedy` call of a [`ScriptedRunner`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GreedyPick {
+    /// The token the call evaluated.
+    pub token: u32,
+    /// The id it returned.
+    pub pick: u32,
+    /// Where the pick stands in its scripted reply (the reply's length: the EOS after it).
+    pub reply_pos: usize,
 }
 
 impl ScriptedRunner {
@@ -93,6 +109,8 @@ impl ScriptedRunner {
             prefilled: 0,
             span: 0,
             eval_sizes: Default::default(),
+            greedy_picks: Default::default(),
+            logits: Vec::new(),
         }
     }
 
@@ -121,6 +139,43 @@ impl ScriptedRunner {
         self.eval_sizes.clone()
     }
 
+    /// Appends `tokens` and sets the logits after them (the eval of both `eval` and
+    /// `decode_greedy`).
+    fn step(&mut self, tokens: &[u32]) -> Result<(), String> {
+        if self.tokens.len() + tokens.len() > self.ctx {
+            return Err(format!(
+                "context overflow: {} + {} > {}",
+                self.tokens.len(),
+                tokens.len(),
+                self.ctx
+            ));
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        if self.generating && tokens.len() == 1 && tokens[0] == self.next_token() {
+            self.pos += 1;
+        } else {
+            if self.generating && !self.replies.is_empty() {
+                self.current = (self.current + 1) % self.replies.len();
+            }
+            self.generating = true;
+            self.pos = 0;
+            self.prefilled += tokens.len();
+        }
+        self.tokens.extend_from_slice(tokens);
+        let next = self.next_token() as usize;
+        self.logits.clear();
+        self.logits.resize(ByteCodec::VOCAB, -1.0e9);
+        self.logits[next] = 0.0;
+        Ok(())
+    }
+
+    /// Every `decode_greedy` call, as the engine makes them.
+    pub fn greedy_picks(&self) -> std::sync::Arc<std::sync::Mutex<Vec<GreedyPick>>> {
+        self.greedy_picks.clone()
+    }
+
     fn next_token(&self) -> u32 {
         let reply = self.replies.get(self.current);
         reply
@@ -140,38 +195,31 @@ impl ModelRunner for ScriptedRunner {
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }
-    fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        if self.tokens.len() + tokens.len() > self.ctx {
-            return Err(format!(
-                "context overflow: {} + {} > {}",
-                self.tokens.len(),
-                tokens.len(),
-                self.ctx
-            ));
-        }
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
-        }
+    fn eval(&mut self, tokens: &[u32]) -> Result<(), String> {
+        self.step(tokens)?;
         if let Ok(mut sizes) = self.eval_sizes.lock() {
             sizes.push(tokens.len());
         }
-        if self.generating && tokens.len() == 1 && tokens[0] == self.next_token() {
-            self.pos += 1;
-        } else {
-            if self.generating && !self.replies.is_empty() {
-                self.current = (self.current + 1) % self.replies.len();
-            }
-            self.generating = true;
-            self.pos = 0;
-            self.prefilled += tokens.len();
+        Ok(())
+    }
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+    fn decode_greedy(&mut self, token: u32) -> Result<u32, String> {
+        self.step(&[token])?;
+        let pick = ds4_model::greedy::argmax(&self.logits);
+        if let Ok(mut picks) = self.greedy_picks.lock() {
+            picks.push(GreedyPick {
+                token,
+                pick,
+                reply_pos: self.pos,
+            });
         }
-        self.tokens.extend_from_slice(tokens);
-        let mut logits = vec![-1.0e9f32; ByteCodec::VOCAB];
-        logits[self.next_token() as usize] = 0.0;
-        Ok(logits)
+        Ok(pick)
     }
     fn reset(&mut self) {
         self.tokens.clear();
+        self.logits.clear();
     }
     fn preferred_span(&self) -> usize {
         self.span
@@ -194,14 +242,25 @@ mod tests {
 
     #[test]
     fn runner_follows_the_script_then_eos() {
-        let mut r = ScriptedRunner::new(&["ab"], 100);
-        let l = r.eval(&[1, 2, 3]).unwrap();
-        assert_eq!(argmax(&l), u32::from(b'a'));
-        let l = r.eval(&[u32::from(b'a')]).unwrap();
-        assert_eq!(argmax(&l), u32::from(b'b'));
-        let l = r.eval(&[u32::from(b'b')]).unwrap();
-        assert_eq!(argmax(&l), ByteCodec::EOS);
-        assert_eq!(r.tokens().len(), 5);
+        let mut r = ScriptedRunner::new(&["abc"], 100);
+        assert!(r.logits().is_empty());
+        r.eval(&[1, 2, 3]).unwrap();
+        assert_eq!(argmax(r.logits()), u32::from(b'a'));
+        r.eval(&[u32::from(b'a')]).unwrap();
+        assert_eq!(argmax(r.logits()), u32::from(b'b'));
+        assert_eq!(r.decode_greedy(u32::from(b'b')).unwrap(), u32::from(b'c'));
+        assert_eq!(argmax(r.logits()), u32::from(b'c'));
+        assert_eq!(r.decode_greedy(u32::from(b'c')).unwrap(), ByteCodec::EOS);
+        assert_eq!(r.tokens().len(), 6);
+        assert_eq!(*r.eval_sizes().lock().unwrap(), [3, 1]);
+        let picks: Vec<(u32, usize)> = r
+            .greedy_picks()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|g| (g.pick, g.reply_pos))
+            .collect();
+        assert_eq!(picks, [(u32::from(b'c'), 2), (ByteCodec::EOS, 3)]);
     }
 
     fn argmax(l: &[f32]) -> u32 {

@@ -66,7 +66,9 @@ fn tool_map_is_saved_for_blocks_in_the_text_and_restored_into_the_memory() {
     let in_text = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
     let text = format!("<｜begin▁of▁sentence｜>Call f.<｜Assistant｜></think>{in_text}");
     let mut live = SessionRunner::new(backend.new_session(ctx).unwrap(), vocab);
-    let logits = live.eval(&codec.encode(&text)).unwrap();
+    live.eval(&codec.encode(&text)).unwrap();
+    let logits = live.logits().to_vec();
+    assert_eq!(logits.len(), vocab);
     let tools = Mutex::new(ToolMemory::new(100));
     {
         let mut m = tools.lock().unwrap();
@@ -98,7 +100,7 @@ fn tool_map_is_saved_for_blocks_in_the_text_and_restored_into_the_memory() {
         .expect("a disk hit");
     assert_eq!(restored.tokens, live.tokens().len());
     assert_eq!(restored.text_len, text.len());
-    assert_eq!(restored.logits, logits);
+    assert_eq!(resumed.logits(), logits);
     assert_eq!(resumed.tokens(), live.tokens());
     let m = fresh_tools.lock().unwrap();
     assert_eq!(m.get("call_in").map(|c| c.raw_dsml.as_str()), Some(in_text));
@@ -114,7 +116,9 @@ fn a_checkpoint_from_a_smaller_context_restores_into_a_larger_one() {
     let tools = Mutex::new(ToolMemory::new(100));
     let mut disk = KvDisk::open(backend.config(), 128, &codec, options(&dir)).unwrap();
     let mut live = SessionRunner::new(backend.new_session(128).unwrap(), vocab);
-    let logits = live.eval(&codec.encode(text)).unwrap();
+    live.eval(&codec.encode(text)).unwrap();
+    let logits = live.logits().to_vec();
+    assert_eq!(logits.len(), vocab);
     assert!(disk.save_live(&live, text.as_bytes(), SaveReason::Shutdown, &tools));
 
     // A server restarted with a larger context reuses the checkpoint (ds4 would refuse it for
@@ -124,6 +128,6 @@ fn a_checkpoint_from_a_smaller_context_restores_into_a_larger_one() {
     let hit = other.restore_longest_prefix(&mut session, &format!("{text} More."), &tools);
     let hit = hit.expect("the checkpoint restores");
     assert_eq!(hit.tokens, live.tokens().len());
-    assert_eq!(hit.logits, logits);
+    assert_eq!(session.logits(), logits);
     assert_eq!(session.tokens(), live.tokens());
 }

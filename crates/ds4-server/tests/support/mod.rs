@@ -7,21 +7,21 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ds4_server::testing::{ByteCodec, ScriptedRunner};
-use ds4_server::{AppState, Engine, EngineOptions, ServerConfig};
+use ds4_server::testing::ByteCodec;
+use ds4_server::{AppState, Engine, EngineOptions, ModelRunner, ServerConfig};
 
 pub struct TestServer {
     pub addr: SocketAddr,
     pub engine: Engine,
 }
 
-/// Starts a server whose model answers with `replies` in turn.
-pub fn start(runner: ScriptedRunner, config: ServerConfig) -> TestServer {
+/// Starts a server over `runner` (a scripted model answers with its replies in turn).
+pub fn start(runner: impl ModelRunner + 'static, config: ServerConfig) -> TestServer {
     start_with(runner, config, None)
 }
 
 pub fn start_with(
-    runner: ScriptedRunner,
+    runner: impl ModelRunner + 'static,
     config: ServerConfig,
     trace: Option<ds4_server::trace::Trace>,
 ) -> TestServer {
