@@ -232,6 +232,20 @@ __device__ __forceinline__ int thread_index_per_call() {
     return tid;
 }
 
+// The L2 policy of a weight stream read once per token: its lines are evicted first, so that a
+// decode step's ~9 GB of weights passing through the 50 MB L2 do not push out what is read again
+// soon (activations, the KV rows, the weights prefetched ahead of the matvec that needs them).
+__device__ __forceinline__ u64 l2_evict_first_policy() {
+    u64 pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    return pol;
+}
+// cp_async16 of weights under that policy (l2_evict_first_policy).
+__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, u64 pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "l"(pol)
+                 : "memory");
+}
 // cp_async16 to a shared-memory address already in the shared window (32-bit address
 // arithmetic instead of 64-bit generic pointers and a conversion per copy).
 __device__ __forceinline__ void cp_async16_s(u32 dst, const void* src) {

@@ -386,15 +386,17 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 
 // Starts copying chunk c of rows r0 .. r0 + R - 1 of W (rows past n_rows: r0 again) into buf
 // with cp.async, one commit group; the warp's lanes take every 32nd 16 bytes. 16-byte aligned
-// rows only.
+// rows only. The lines are marked evict-first in L2 (l2_evict_first_policy): decode +1.3-1.6 %
+// on the H100, every output bit the same (BENCHMARKS.md, session 17).
 template <int FMT, int R>
 __device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int lane) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
     const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+    const u64 pol = l2_evict_first_policy();
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const u8* src = W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes + c * CHUNK;
-        for (int j = lane; j < n16; j += 32) cp_async16(buf + r * CHUNK + 16 * j, src + 16 * j);
+        for (int j = lane; j < n16; j += 32) cp_async16_stream(buf + r * CHUNK + 16 * j, src + 16 * j, pol);
     }
     cp_async_commit();
 }
