@@ -31,10 +31,10 @@ const IDXR_MAX_J: usize = 8;
 const O_A_PREFETCH_CTAS: usize = 8;
 /// The first bytes of o_b prefetched after o_a's, by as many CTAs (the whole 35.6 MB o_b
 /// beside o_a does not fit the 50 MB L2: −2.3 % in session 15). Decode 2K-6K on an H100,
-/// medians of 3 rounds in one call against o_a's prefetch alone: 8 MB +1.0 %, 16 MB +1.0 %, 24 MB +0.9 %, 16 MB
-/// with 16 CTAs +0.5 %; 16 MB was +0.6 % and +0.8 % in two earlier calls (BENCHMARKS.md,
-/// sessions 15 and 16).
-const O_B_PREFETCH_BYTES: usize = 16 << 20;
+/// medians of 3 rounds in one call: against o_a's prefetch alone, 8 MB +1.0 %, 16 MB +1.0 %,
+/// 24 MB +0.9 % (session 16); since the matvecs' weight streams are evict-first in L2, 8 MB
+/// is +0.8 % over 16 MB, 24 MB −0.8 %, 32 MB −3.5 % (session 17; BENCHMARKS.md).
+const O_B_PREFETCH_BYTES: usize = 8 << 20;
 
 impl CudaModel {
     /// RoPE of the last r channels of `rows` vectors of `width` (rows_per_tok per token); `pos`
