@@ -386,8 +386,9 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 
 // Starts copying chunk c of rows r0 .. r0 + R - 1 of W (rows past n_rows: r0 again) into buf
 // with cp.async, one commit group; the warp's lanes take every 32nd 16 bytes. 16-byte aligned
-// rows only. The lines are marked evict-first in L2 (l2_evict_first_policy): decode +1.3-1.6 %
-// on the H100, every output bit the same (BENCHMARKS.md, session 17).
+// rows only. The lines are marked evict-first in L2 (l2_evict_first_policy): decode +0.9 % on
+// the full q2 model (H200), +1.3-1.9 % on the aliased one (H100), every output bit the same
+// (BENCHMARKS.md, session 17).
 template <int FMT, int R>
 __device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int lane) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
