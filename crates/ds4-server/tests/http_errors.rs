@@ -179,6 +179,20 @@ fn cases() -> Vec<Case> {
             "'max_tokens' must be an integer",
         ),
         case(
+            "two choices",
+            CHAT,
+            r#"{"messages":[],"n":2}"#,
+            400,
+            "'n' must be 1",
+        ),
+        case(
+            "zero choices (legacy completions)",
+            COMP,
+            r#"{"prompt":"x","n":0}"#,
+            400,
+            "'n' must be 1",
+        ),
+        case(
             "stream a string",
             CHAT,
             r#"{"messages":[],"stream":"yes"}"#,

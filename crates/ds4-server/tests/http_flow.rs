@@ -31,7 +31,8 @@ fn streaming_chat_has_role_content_finish_usage_and_done() {
     );
     let body = chat_body(
         serde_json::json!([{"role": "user", "content": "hi"}]),
-        serde_json::json!({"stream": true, "stream_options": {"include_usage": true}}),
+        // n = 1, what most clients send explicitly, is the one choice the server gives.
+        serde_json::json!({"stream": true, "stream_options": {"include_usage": true}, "n": 1}),
     );
     let r = post(server.addr, CHAT, &body);
     assert_eq!(r.status, 200);

@@ -120,6 +120,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// `n`, the number of choices: the server generates one per request, so anything but 1
+    /// (or no `n`) is refused rather than answered with fewer choices than asked for.
+    pub fn one_choice(&self) -> Result<(), ApiError> {
+        match self.u64("n")? {
+            None | Some(1) => Ok(()),
+            Some(n) => Err(ApiError::field(
+                self.flavor,
+                "n",
+                format!("'n' must be 1: this server generates one choice per request, not {n}"),
+            )),
+        }
+    }
+
     /// Stop strings: a string or an array of strings.
     pub fn stop(&self, key: &str) -> Result<Vec<String>, ApiError> {
         match self.get(key) {
