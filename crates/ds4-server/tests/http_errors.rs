@@ -193,6 +193,27 @@ fn cases() -> Vec<Case> {
             "'n' must be 1",
         ),
         case(
+            "log probabilities",
+            CHAT,
+            r#"{"messages":[],"logprobs":true}"#,
+            400,
+            "'logprobs' is not supported",
+        ),
+        case(
+            "top log probabilities",
+            CHAT,
+            r#"{"messages":[],"logprobs":false,"top_logprobs":3}"#,
+            400,
+            "'logprobs' is not supported",
+        ),
+        case(
+            "log probabilities (legacy completions)",
+            COMP,
+            r#"{"prompt":"x","logprobs":0}"#,
+            400,
+            "'logprobs' is not supported",
+        ),
+        case(
             "stream a string",
             CHAT,
             r#"{"messages":[],"stream":"yes"}"#,

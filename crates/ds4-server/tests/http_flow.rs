@@ -31,8 +31,10 @@ fn streaming_chat_has_role_content_finish_usage_and_done() {
     );
     let body = chat_body(
         serde_json::json!([{"role": "user", "content": "hi"}]),
-        // n = 1, what most clients send explicitly, is the one choice the server gives.
-        serde_json::json!({"stream": true, "stream_options": {"include_usage": true}, "n": 1}),
+        // n = 1 and logprobs = false, which clients send explicitly, ask for what the server
+        // gives.
+        serde_json::json!({"stream": true, "stream_options": {"include_usage": true}, "n": 1,
+            "logprobs": false, "top_logprobs": 0}),
     );
     let r = post(server.addr, CHAT, &body);
     assert_eq!(r.status, 200);

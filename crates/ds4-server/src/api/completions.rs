@@ -47,6 +47,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let think = resolve_think(&f, None)?;
     let sampling = effective_sampling(f.sampling()?, think);
     f.one_choice()?;
+    f.no_logprobs()?;
     let max_tokens = f.u64("max_tokens")?;
     let stop = f.stop("stop")?;
     let stream = f.bool("stream")?.unwrap_or(false);

@@ -133,6 +133,27 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Log probabilities are not computed: a request that asks for them (chat's `logprobs:
+    /// true` or `top_logprobs` > 0, the legacy completions' integer `logprobs`) is refused
+    /// rather than answered with `"logprobs": null`.
+    pub fn no_logprobs(&self) -> Result<(), ApiError> {
+        let asked = match self.get("logprobs") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) | Some(Value::Number(_)) => true,
+            Some(other) => {
+                return Err(self.wrong_type("logprobs", "a boolean or an integer", other))
+            }
+        };
+        if asked || self.u64("top_logprobs")?.is_some_and(|k| k > 0) {
+            return Err(ApiError::field(
+                self.flavor,
+                "logprobs",
+                "'logprobs' is not supported by this server",
+            ));
+        }
+        Ok(())
+    }
+
     /// Stop strings: a string or an array of strings.
     pub fn stop(&self, key: &str) -> Result<Vec<String>, ApiError> {
         match self.get(key) {

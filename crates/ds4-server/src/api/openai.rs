@@ -220,6 +220,7 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
     let think = resolve_think(&f, None)?;
     let sampling = effective_sampling(f.sampling()?, think);
     f.one_choice()?;
+    f.no_logprobs()?;
     let max_tokens = match f.u64("max_completion_tokens")? {
         Some(n) => Some(n),
         None => f.u64("max_tokens")?,
