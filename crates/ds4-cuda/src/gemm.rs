@@ -60,8 +60,9 @@ impl Variant {
             + GEMM_TILE_BLOCKS * GEMM_TILE_VECS * 4
     }
 
+    /// The stages and one 8-byte mbarrier per stage (`GQ_BARRIERS`).
     const fn shared_bytes(self) -> usize {
-        GEMM_STAGES * self.stage_bytes()
+        GEMM_STAGES * self.stage_bytes() + 8 * GEMM_STAGES
     }
 }
 
@@ -86,8 +87,9 @@ const MAX_SLOTS: usize = 65535;
 
 const MODULE: &str = "gemm_q8";
 
-/// Kernel parameters; layout identical to `struct GemmQ8Params` in gemm_q8.cu.
-#[repr(C)]
+/// Kernel parameters; layout identical to `struct GemmQ8Params` in gemm_q8.cu (the tensor map
+/// 64-byte aligned at byte 128).
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 struct GemmQ8Params {
     w: u64,
@@ -106,7 +108,12 @@ struct GemmQ8Params {
     x_vec_stride: i64,
     y_slot_vecs: i64,
     y_vec_stride: i64,
+    /// The weights' tensor map for the copy engine (sm_90 and later, 16-byte aligned weights;
+    /// zeros otherwise, and unread).
+    wmap: [u64; 16],
 }
+const _: () = assert!(std::mem::offset_of!(GemmQ8Params, wmap) == 128);
+const _: () = assert!(std::mem::size_of::<GemmQ8Params>() == 256);
 
 /// Where the expert form's slot s, vector v sits in x and y.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,8 +124,47 @@ enum SlotLayout {
     /// groups of the attention, which needs no permutation then).
     Interleaved,
 }
-// SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
+// SAFETY: a #[repr(C)] struct of 8-byte integers (64-byte aligned, no padding: asserted above),
+// bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemmQ8Params {}
+
+/// The tensor map through which the copy engine reads a CTA's weight tiles: the matrix (or
+/// stack of experts) as u16 elements, `row_bytes / 2` per row, boxes of one K tile (8 blocks,
+/// 136 u16) × `tile_rows` rows × one expert. Rows past the matrix arrive as zeros. Needs the
+/// 16-byte alignment of `aligned16`.
+fn weight_tensor_map(w: &DeviceMatrix, tile_rows: usize) -> Result<[u64; 16]> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let dims: [u64; 3] = [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64];
+    let strides: [u64; 2] = [w.row_bytes as u64, w.expert_bytes() as u64];
+    let boxes: [u32; 3] = [(GEMM_TILE_BLOCKS * 34 / 2) as u32, tile_rows as u32, 1];
+    let steps: [u32; 3] = [1, 1, 1];
+    let mut map = CUtensorMap { opaque: [0; 16] };
+    // SAFETY: the driver writes the 128-byte map and reads the three dimension, two stride,
+    // three box and three step values from live arrays of those lengths; it only records the
+    // address of the weights.
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            3,
+            w.ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .ctx("encoding gemm_q8_0's weight tensor map")?;
+    Ok(map.opaque)
+}
 
 fn invalid(msg: String) -> CudaError {
     CudaError::InvalidArgument(msg)
@@ -334,6 +380,11 @@ impl Gpu {
             x_vec_stride: xv as i64,
             y_slot_vecs: ys as i64,
             y_vec_stride: yv as i64,
+            wmap: if aligned16 && self.device.info().compute_capability.0 >= 9 {
+                weight_tensor_map(w, variant.tile_rows)?
+            } else {
+                [0; 16]
+            },
         };
         let label = format!("{} {}x{} x{n_vecs}", variant.name, w.rows, w.cols);
         // Profile bytes: each slot's weights, the activations and the outputs, once each.
@@ -350,7 +401,10 @@ impl Gpu {
         // layout maps (slot, vector) one to one into these ranges), all within
         // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
         // (checked above). The CTA has the variant's 2·WM warps and its dynamic shared memory
-        // is the kernel's 2 stages of GQ_STAGE(WM) bytes, which the attribute set above allows.
+        // is the kernel's 2 stages of GQ_STAGE(WM) bytes and their mbarriers, which the
+        // attribute set above allows. On sm_90 the weight tiles come through the tensor map of
+        // exactly this matrix or stack (dimensions rows × row_bytes / 2 × experts, the
+        // strides above), so the copy engine reads nothing outside it.
         unsafe { self.launch(MODULE, variant.name, (&label, bytes), cfg, &[&params]) }
     }
 }
@@ -367,12 +421,13 @@ mod tests {
         let define = |name: &str| crate::compile::source_define(src, name);
         assert_eq!(define("GQ_BN"), GEMM_TILE_VECS);
         assert_eq!(define("GQ_KB"), GEMM_TILE_BLOCKS);
+        assert_eq!(define("GQ_STAGES"), GEMM_STAGES);
         for v in [WIDE, NARROW] {
             // The wrapper instantiates the tile with WM = tile_rows / 32 row warps under
             // launch bounds of (64·WM threads, ctas_per_sm).
             let wm = v.tile_rows / 32;
             let wrapper = format!(
-                "__launch_bounds__({}, {}) {}(const GemmQ8Params p) {{\n    PDL_ENTRY();\n    gemm_q8_0_tile<{wm}>(p);",
+                "__launch_bounds__({}, {}) {}(const __grid_constant__ GemmQ8Params p) {{\n    PDL_ENTRY();\n    gemm_q8_0_tile<{wm}>(p);",
                 v.threads(),
                 v.ctas_per_sm,
                 v.name

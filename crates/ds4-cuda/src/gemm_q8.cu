@@ -29,6 +29,15 @@
 // quants 2-byte aligned: odd blocks start their quants 4-byte aligned (34 b + 2), even blocks
 // 2 bytes off, read as two aligned words and a funnel shift.
 //
+// Weight copies (sm_90 and later, 16-byte aligned weights): one tensor copy of the copy engine
+// (TMA, cp.async.bulk.tensor) per K tile brings all of the CTA's weight rows into the stage,
+// issued by one thread from the launch's tensor map of the weights (the matrix, or the stack
+// of experts, seen as u16 rows; gemm.rs makes it); the stage's mbarrier counts its bytes in.
+// Rows past n_rows arrive as zeros and are not stored. 16-byte cp.async pieces with their
+// address stepping took ~150 of a warp's ~1 720 instructions per K tile (SASS of 564bcd9);
+// activations and scales keep them (a warp instruction copies 512 bytes of a vector tile).
+// Before sm_90 the weights take the 16-byte pieces too.
+//
 // Weights that are not 16-byte aligned (matrix address or row length; rows of a block count
 // that is not a multiple of 8) are copied with synchronous 2-byte loads instead, and the last
 // K tile may then hold fewer than 8 blocks. Rows past n_rows and vectors past n_vecs read the
@@ -46,16 +55,28 @@
 #define GQ_XROW (GQ_KB * QK8_0 + 16)  // 272
 #define GQ_STAGE_X (GQ_BN * GQ_XROW)
 #define GQ_STAGE_D (GQ_KB * GQ_BN * 4)
-// One stage of a CTA with WM row warps: 54272 bytes for WM = 4, 36864 for WM = 2.
+// One stage of a CTA with WM row warps: 54272 bytes for WM = 4, 36864 for WM = 2 (multiples
+// of 128: the tensor copies' destinations are 128-byte aligned).
 #define GQ_STAGE_W(WM) (32 * (WM) * GQ_WROW)
 #define GQ_STAGE(WM) (GQ_STAGE_W(WM) + GQ_STAGE_X + GQ_STAGE_D)
+#define GQ_STAGES 2
+// After the stages: one 8-byte mbarrier per stage (the tensor copies' completion).
+#define GQ_BARRIERS(WM) (GQ_STAGES * GQ_STAGE(WM))
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GQ_TMA 1
+#else
+#define GQ_TMA 0
+#endif
 
 // 1.5 * 2^23 as float bits: adding an integer |i| < 2^22 to them gives the float 12582912 + i.
 #define GQ_MAGIC_BITS 0x4B400000
 #define GQ_MAGIC_F 12582912.0f
 
-// Must match the #[repr(C)] GemmQ8Params in gemm.rs: 8-byte fields only, so no padding.
-struct GemmQ8Params {
+// Must match the #[repr(C, align(64))] GemmQ8Params in gemm.rs: 8-byte fields only, so no
+// padding; the tensor map (the driver's opaque 128-byte CUtensorMap) at byte 128, 64-byte
+// aligned as the copy engine requires. Kernels take it as a __grid_constant__ parameter so that
+// the map's address is its place in the parameter space.
+struct __align__(64) GemmQ8Params {
     u64 w;    // Q8_0 weights (first expert when ids != 0)
     u64 x;    // int8 activations, n_blocks * 32 per vector
     u64 xd;   // f32 scale per activation block
@@ -72,6 +93,7 @@ struct GemmQ8Params {
     i64 x_vec_stride;  // x vectors between a slot's consecutive vectors
     i64 y_slot_vecs;   // y vectors between slots
     i64 y_vec_stride;  // y vectors between a slot's consecutive vectors
+    u64 wmap[16];      // tensor map of the weights (u16 x rows x experts), when aligned16
 };
 
 __device__ __forceinline__ u32 gq_smem_addr(const void* p) {
@@ -93,6 +115,39 @@ __device__ __forceinline__ void gq_cp4_s(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void gq_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+#if GQ_TMA
+// A stage barrier: one arrival (the thread that announces the stage's weight bytes) and the
+// bytes of its tensor copy. Initialised once, made visible to the copy engine before use.
+__device__ __forceinline__ void gq_barrier_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void gq_barrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// Announces `bytes` of copies into the stage and copies the box at (c0 u16, row c1, expert c2)
+// of the tensor map into shared memory at dst (128-byte aligned); the barrier's phase completes
+// when they have landed. The proxy fence orders the CTA's earlier reads of the stage (before
+// the __syncthreads that preceded this call) before the copy engine's writes into it.
+__device__ __forceinline__ void gq_tensor_copy(u32 dst, const void* map, int c0, int c1, int c2, u32 bar, u32 bytes) {
+    asm volatile(
+        "fence.proxy.async.shared::cta;\n\t"
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%5], %6;\n\t"
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+            dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "r"(bytes)
+        : "memory");
+}
+// Waits for the barrier's phase of the given parity to complete (the stage's weights landed).
+__device__ __forceinline__ void gq_barrier_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+#endif
 __device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // Four 8x8 b16 matrices from shared memory: lanes 8m..8m+7 give the row addresses of matrix m;
@@ -132,7 +187,8 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 // Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
 // one stage. Clamped rows/vectors read valid memory; their results are never stored.
 //
-// With 16-byte aligned weights (so whole 8-block tiles) the copies take 32-bit offsets
+// With 16-byte aligned weights (so whole 8-block tiles) the weights are one tensor copy on
+// sm_90 and later (above); otherwise, and for activations and scales, the copies take 32-bit offsets
 // stepped from piece to piece (a handful of instructions per 16-byte copy; 64-bit products and
 // divisions per piece once took ~30, a quarter of the kernel's instructions). Weight piece
 // i = tid + THREADS k is row i / 17, piece i % 17, and lands at 16 i (rows are 272 = 17 x 16
@@ -140,22 +196,25 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 // further, with a carry into the row. Activation piece tid % 16 and scale tid % 8 are the same
 // for all of a thread's vectors.
 template <int WM>
-__device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, const u8* w, const i8* xq,
-                                             const float* xd, i64 row0, i64 vec0, i64 kt) {
+__device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Params& p, int expert, const u8* w,
+                                             const i8* xq, const float* xd, i64 row0, i64 vec0, i64 kt) {
     constexpr int BM = 32 * WM, THREADS = 64 * WM;
     const i64 kblk0 = kt * GQ_KB;
     u8* sw = stage;
     u8* sx = stage + GQ_STAGE_W(WM);
     float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
     if (p.aligned16) {
-        constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
         // Read per tile: the per-thread offsets below stay out of the registers the kernel
         // lacks.
         const int tid = thread_index_per_call();
-        // The CTA's last valid row and vector, relative to its first (the launcher keeps
+        // The CTA's last valid vector (and row), relative to its first (the launcher keeps
         // BM row_bytes and GQ_BN vectors' activations under 4 GiB: see gemm.rs).
-        const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
         const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
+#if GQ_TMA
+        if (tid == 0) gq_tensor_copy(gq_smem_addr(sw), p.wmap, (int)kt * (GQ_WROW / 2), (int)row0, expert, bar, BM * GQ_WROW);
+#else
+        constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
+        const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
         const u32 w_row = (u32)p.row_bytes;
         const u8* wt = w + row0 * p.row_bytes + kt * GQ_WROW;
         int r = tid / 17, c = tid - 17 * r;
@@ -174,6 +233,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
             off += DR * w_row + 16 * DC;
             if (c >= 17) c -= 17, r += 1, off += w_row - 17 * 16;
         }
+#endif
         const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks), x_vec = d_vec * QK8_0;
         const i8* xt = xq + vec0 * (i64)x_vec + kt * (GQ_KB * QK8_0) + 16 * (tid & 15);
         const u32 s_x = gq_smem_addr(sx) + 16 * (tid & 15);
@@ -224,7 +284,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, const GemmQ8Params& p, c
 template <int WM>
 __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
     constexpr int BM = 32 * WM, STAGE = GQ_STAGE(WM), STAGE_W = GQ_STAGE_W(WM);
-    extern __shared__ __align__(16) u8 gq_smem[];
+    extern __shared__ __align__(128) u8 gq_smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = warp % WM, wn = warp / WM;  // warp tile: rows 32 wm.., vectors 32 wn..
     const int g = lane >> 2, t = lane & 3;
@@ -234,10 +294,12 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 
     const u8* w = (const u8*)p.w;
     bool bad_id = false;
+    int expert = 0;
     if (p.ids != 0) {
         const int e = ((const int*)p.ids)[slot];
         bad_id = e < 0 || e >= p.n_experts;
-        w += (i64)(bad_id ? 0 : e) * p.expert_stride;
+        expert = bad_id ? 0 : e;
+        w += (i64)expert * p.expert_stride;
     }
     const i8* xq = (const i8*)p.x + slot * p.x_slot_vecs * p.n_blocks * QK8_0;
     const float* xd = (const float*)p.xd + slot * p.x_slot_vecs * p.n_blocks;
@@ -252,16 +314,30 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
             for (int i = 0; i < 4; i++) acc[mi][nj][i] = 0.0f;
 
     const i64 n_tiles = (p.n_blocks + GQ_KB - 1) / GQ_KB;
+    const u32 bars = gq_smem_addr(gq_smem + GQ_BARRIERS(WM));
+#if GQ_TMA
+    if (threadIdx.x == 0) {
+        for (int st = 0; st < GQ_STAGES; st++) gq_barrier_init(bars + 8 * st);
+        gq_barrier_init_fence();
+    }
+    __syncthreads();
+#endif
     if (!bad_id) {
-        gq_load_tile<WM>(gq_smem, p, w, xq, xd, row0, vec0, 0);
+        gq_load_tile<WM>(gq_smem, bars, p, expert, w, xq, xd, row0, vec0, 0);
         gq_commit();
     }
     for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
         // Prefetch the next tile into the other stage (its last readers passed the barrier at
         // the end of the previous iteration); an empty group keeps the wait count uniform.
-        if (kt + 1 < n_tiles) gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, p, w, xq, xd, row0, vec0, kt + 1);
+        if (kt + 1 < n_tiles)
+            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, w, xq, xd, row0,
+                             vec0, kt + 1);
         gq_commit();
         gq_wait_newest_pending();
+#if GQ_TMA
+        // Tile kt is stage kt & 1's (kt / 2)-th use: that phase of its barrier.
+        if (p.aligned16) gq_barrier_wait(bars + 8 * (kt & 1), (u32)(kt >> 1) & 1);
+#endif
         __syncthreads();
 
         const u8* stage = gq_smem + (kt & 1) * STAGE;
@@ -340,13 +416,13 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
             }
 }
 
-// 128 rows x 64 vectors, 8 warps; 2 stages of 54272 bytes, two CTAs per SM.
-extern "C" __global__ void __launch_bounds__(256, 2) gemm_q8_0_q8x_m128(const GemmQ8Params p) {
+// 128 rows x 64 vectors, 8 warps; 2 stages of 54272 bytes (and the barriers), two CTAs per SM.
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_q8_0_q8x_m128(const __grid_constant__ GemmQ8Params p) {
     PDL_ENTRY();
     gemm_q8_0_tile<4>(p);
 }
-// 64 rows x 64 vectors, 4 warps; 2 stages of 36864 bytes, three CTAs per SM.
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_q8_0_q8x_m64(const GemmQ8Params p) {
+// 64 rows x 64 vectors, 4 warps; 2 stages of 36864 bytes (and the barriers), three CTAs per SM.
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_q8_0_q8x_m64(const __grid_constant__ GemmQ8Params p) {
     PDL_ENTRY();
     gemm_q8_0_tile<2>(p);
 }
