@@ -273,3 +273,54 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 // Waits until at most the newest committed group is still in flight (double buffering: the
 // stage about to be read has landed while the next one is still being copied).
 __device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// The copy engine (TMA, sm_90 and later): tensor copies of boxes of a global tensor into shared
+// memory, described by a tensor map the host makes (tensor_map.rs) and passes in a kernel's
+// __grid_constant__ parameters; an mbarrier in shared memory counts the bytes in. One thread
+// issues a copy that would take a CTA's threads hundreds of cp.async pieces, and the issue
+// slots and load/store unit stay with the math.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TMA_COPIES 1
+#else
+#define TMA_COPIES 0
+#endif
+#if TMA_COPIES
+// A stage barrier: one arrival (the thread that announces the stage's bytes) and the bytes of
+// its copies. Initialised once by one thread, then tma_barrier_init_fence and a __syncthreads.
+__device__ __forceinline__ void tma_barrier_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+// Makes initialised barriers visible to the copy engine.
+__device__ __forceinline__ void tma_barrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// Announces `bytes` of copies into a stage on its barrier (its arrival), after a proxy fence
+// that orders the CTA's earlier reads of the stage (before the __syncthreads that preceded this
+// call) before the copy engine's writes into it.
+__device__ __forceinline__ void tma_barrier_expect(u32 bar, u32 bytes) {
+    asm volatile(
+        "fence.proxy.async.shared::cta;\n\t"
+        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+        "r"(bytes)
+        : "memory");
+}
+// Copies the box at element coordinates (c0, c1, c2) of a 3-d tensor map into shared memory
+// at dst (128-byte aligned; 1024 for a 128-byte swizzle); elements outside the tensor arrive as
+// zeros. The barrier's phase completes when all announced bytes have landed.
+__device__ __forceinline__ void tma_copy_3d(u32 dst, const void* map, int c0, int c1, int c2, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+            dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+// Waits until the barrier's phase of the given parity has completed (the stage's copies landed).
+__device__ __forceinline__ void tma_barrier_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+#endif

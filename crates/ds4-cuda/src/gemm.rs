@@ -26,6 +26,7 @@ use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::gemv::{ActQuant, DeviceMatrix, QuantizedActivations, WeightFormat};
 use crate::kernels::Gpu;
+use crate::tensor_map::{tensor_map_3d, Element, TensorMapBytes};
 
 /// Activation vectors per CTA (`GQ_BN` in gemm_q8.cu).
 pub const GEMM_TILE_VECS: usize = 64;
@@ -49,20 +50,21 @@ impl Variant {
         2 * self.tile_rows as u32
     }
 
-    /// Bytes of one shared-memory stage (`GQ_STAGE(WM)`): the tile's weight rows and 64
-    /// vectors of one K tile (8 blocks: 272 bytes each) and the vectors' block scales.
+    /// Bytes of one shared-memory stage (`GQ_STAGE(WM)`): the tile's weight rows (8 raw
+    /// blocks: 272 bytes each), 64 vectors of one K tile (256 bytes each, swizzled) and the
+    /// vectors' block scales.
     const fn stage_bytes(self) -> usize {
-        // Raw weight blocks; activation rows padded by 16 bytes (conflict-free reads).
         let weight_row = GEMM_TILE_BLOCKS * 34;
-        let vector_row = GEMM_TILE_BLOCKS * 32 + 16;
+        let vector_row = GEMM_TILE_BLOCKS * 32;
         self.tile_rows * weight_row
             + GEMM_TILE_VECS * vector_row
             + GEMM_TILE_BLOCKS * GEMM_TILE_VECS * 4
     }
 
-    /// The stages and one 8-byte mbarrier per stage (`GQ_BARRIERS`).
+    /// The stages, one 8-byte mbarrier per stage (`GQ_BARRIERS`) and `GQ_ALIGN` bytes that let
+    /// the kernel start its stages on a 1024-byte boundary (the copy engine's swizzle needs it).
     const fn shared_bytes(self) -> usize {
-        GEMM_STAGES * self.stage_bytes() + 8 * GEMM_STAGES
+        GEMM_STAGES * self.stage_bytes() + 8 * GEMM_STAGES + 1024
     }
 }
 
@@ -110,10 +112,13 @@ struct GemmQ8Params {
     y_vec_stride: i64,
     /// The weights' tensor map for the copy engine (sm_90 and later, 16-byte aligned weights;
     /// zeros otherwise, and unread).
-    wmap: [u64; 16],
+    wmap: TensorMapBytes,
+    /// The activations' tensor map (sm_90 and later; zeros otherwise, and unread).
+    xmap: TensorMapBytes,
 }
 const _: () = assert!(std::mem::offset_of!(GemmQ8Params, wmap) == 128);
-const _: () = assert!(std::mem::size_of::<GemmQ8Params>() == 256);
+const _: () = assert!(std::mem::offset_of!(GemmQ8Params, xmap) == 256);
+const _: () = assert!(std::mem::size_of::<GemmQ8Params>() == 384);
 
 /// Where the expert form's slot s, vector v sits in x and y.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,44 +132,6 @@ enum SlotLayout {
 // SAFETY: a #[repr(C)] struct of 8-byte integers (64-byte aligned, no padding: asserted above),
 // bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemmQ8Params {}
-
-/// The tensor map through which the copy engine reads a CTA's weight tiles: the matrix (or
-/// stack of experts) as u16 elements, `row_bytes / 2` per row, boxes of one K tile (8 blocks,
-/// 136 u16) × `tile_rows` rows × one expert. Rows past the matrix arrive as zeros. Needs the
-/// 16-byte alignment of `aligned16`.
-fn weight_tensor_map(w: &DeviceMatrix, tile_rows: usize) -> Result<[u64; 16]> {
-    use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
-    };
-    let dims: [u64; 3] = [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64];
-    let strides: [u64; 2] = [w.row_bytes as u64, w.expert_bytes() as u64];
-    let boxes: [u32; 3] = [(GEMM_TILE_BLOCKS * 34 / 2) as u32, tile_rows as u32, 1];
-    let steps: [u32; 3] = [1, 1, 1];
-    let mut map = CUtensorMap { opaque: [0; 16] };
-    // SAFETY: the driver writes the 128-byte map and reads the three dimension, two stride,
-    // three box and three step values from live arrays of those lengths; it only records the
-    // address of the weights.
-    unsafe {
-        cuTensorMapEncodeTiled(
-            &mut map,
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-            3,
-            w.ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    }
-    .result()
-    .ctx("encoding gemm_q8_0's weight tensor map")?;
-    Ok(map.opaque)
-}
 
 fn invalid(msg: String) -> CudaError {
     CudaError::InvalidArgument(msg)
@@ -363,7 +330,7 @@ impl Gpu {
             block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let params = GemmQ8Params {
+        let mut params = GemmQ8Params {
             w: w.ptr,
             x: x.q.ptr(),
             xd: x.d.ptr(),
@@ -380,12 +347,53 @@ impl Gpu {
             x_vec_stride: xv as i64,
             y_slot_vecs: ys as i64,
             y_vec_stride: yv as i64,
-            wmap: if aligned16 && self.device.info().compute_capability.0 >= 9 {
-                weight_tensor_map(w, variant.tile_rows)?
-            } else {
-                [0; 16]
-            },
+            wmap: [0; 16],
+            xmap: [0; 16],
         };
+        if self.device.info().compute_capability.0 >= 9 {
+            // The weights as u16 rows of row_bytes / 2, boxes of one K tile (8 blocks, 136
+            // u16) x tile_rows rows x one expert.
+            if aligned16 {
+                params.wmap = tensor_map_3d(
+                    "gemm_q8_0's weights",
+                    w.ptr,
+                    Element::U16,
+                    [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64],
+                    [w.row_bytes as u64, w.expert_bytes() as u64],
+                    [
+                        (GEMM_TILE_BLOCKS * 34 / 2) as u32,
+                        variant.tile_rows as u32,
+                        1,
+                    ],
+                    false,
+                )?;
+            }
+            // The activations as u8 values x vectors x slots in the order of their strides
+            // (slots inside vectors when interleaved; one slot when all slots read the same
+            // vectors), boxes of half a K tile (128 values) x 64 vectors, in the 128-byte
+            // swizzle that the kernel's B fragment reads undo.
+            let (row, vecs) = (w.cols as u64, n_vecs as u64);
+            let tile = GEMM_TILE_VECS as u32;
+            let (dims, strides, boxes) = if xv != 1 {
+                (
+                    [row, n_slots as u64, vecs],
+                    [row, xv as u64 * row],
+                    [128, 1, tile],
+                )
+            } else {
+                let slots = if xs == 0 { 1 } else { n_slots as u64 };
+                ([row, vecs, slots], [row, vecs * row], [128, tile, 1])
+            };
+            params.xmap = tensor_map_3d(
+                "gemm_q8_0's activations",
+                x.q.ptr(),
+                Element::U8,
+                dims,
+                strides,
+                boxes,
+                true,
+            )?;
+        }
         let label = format!("{} {}x{} x{n_vecs}", variant.name, w.rows, w.cols);
         // Profile bytes: each slot's weights, the activations and the outputs, once each.
         let bytes = w.rows * w.row_bytes * n_slots
@@ -402,9 +410,11 @@ impl Gpu {
         // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
         // (checked above). The CTA has the variant's 2·WM warps and its dynamic shared memory
         // is the kernel's 2 stages of GQ_STAGE(WM) bytes and their mbarriers, which the
-        // attribute set above allows. On sm_90 the weight tiles come through the tensor map of
-        // exactly this matrix or stack (dimensions rows × row_bytes / 2 × experts, the
-        // strides above), so the copy engine reads nothing outside it.
+        // attribute set above allows (with 1024 bytes to align them). On sm_90 the weight and
+        // activation tiles come through tensor maps of exactly this matrix or stack
+        // (rows × row_bytes / 2 × experts) and of the x_vecs vectors the layout reads (the
+        // strides above: slot s, vector v at s·xs + v·xv), so the copy engine reads nothing
+        // outside them.
         unsafe { self.launch(MODULE, variant.name, (&label, bytes), cfg, &[&params]) }
     }
 }
@@ -434,7 +444,12 @@ mod tests {
             );
             assert!(src.contains(&wrapper), "gemm_q8.cu lacks `{wrapper}`");
         }
-        assert_eq!(WIDE.stage_bytes(), 54272);
-        assert_eq!(NARROW.stage_bytes(), 36864);
+        assert_eq!(WIDE.stage_bytes(), 53248);
+        assert_eq!(NARROW.stage_bytes(), 35840);
+        // Stages and their weight parts end on 1024-byte boundaries (the activations' swizzle).
+        for v in [WIDE, NARROW] {
+            assert_eq!(v.stage_bytes() % 1024, 0);
+            assert_eq!((v.tile_rows * GEMM_TILE_BLOCKS * 34) % 1024, 0);
+        }
     }
 }

@@ -42,10 +42,16 @@
 // activations through L2; grid row `n_experts` writes NaN rows for the vectors outside every
 // group; blockIdx.z = 1 runs the second matrix of a pair (gate and up in one launch).
 //
-// The K loop walks tiles of GE_KT = 2 blocks (512 elements) with two shared-memory stages
-// filled by cp.async: the weight bytes of the tile for 64 rows (16-byte pieces covering the
-// tile's bytes, so the stage row starts `boff` = tile start & 15 bytes early), the active
-// vectors' 512 int8 values and their 2 block scales.
+// The K loop walks tiles of GE_KT = 2 blocks (512 elements) with two shared-memory stages: the
+// weight bytes of the tile for 64 rows, the active vectors' 512 int8 values and their 2 block
+// scales. On sm_90 with 16-byte aligned weights the weights are one tensor copy of the copy
+// engine (TMA, common.cuh) per tile, issued by thread 0 from the launch's tensor map of the
+// expert stack (u32 elements), counted in on the stage's mbarrier; else 16-byte cp.async
+// pieces covering the tile's bytes. Either way a stage row starts at the 16-byte boundary at or
+// before the tile, `boff` = tile start & 15 bytes early (the copy engine reads global rows from
+// 16-byte aligned addresses; a box starting 4 bytes past one faults), and bytes past the row's
+// end are zeros (copy engine) or not copied. The 64 rows' pieces (11-19 per row) and their address stepping cost every
+// thread ~100 instructions per tile. Activations and scales are cp.async pieces.
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
@@ -113,8 +119,11 @@ template <> struct GeFmt<GE_IQ2_XXS> { enum { BB = IQ2_XXS_BYTES, WROW = GE_WROW
 template <> struct GeFmt<GE_Q2_K> { enum { BB = Q2_K_BYTES, WROW = GE_WROW_Q2_K, XROW = GE_XROW_K }; };
 template <> struct GeFmt<GE_Q4_K> { enum { BB = Q4_K_BYTES, WROW = GE_WROW_Q4_K, XROW = GE_XROW_K }; };
 
-// Must match the #[repr(C)] GemmExpertsParams in gemm_experts.rs: 8-byte fields only.
-struct GemmExpertsParams {
+// Must match the #[repr(C, align(64))] GemmExpertsParams in gemm_experts.rs: 8-byte fields
+// only (no padding), the tensor maps from byte 128, 64-byte aligned as the copy engine needs
+// (kernels take the struct as a __grid_constant__ parameter: the maps' addresses are their
+// places in the parameter space).
+struct __align__(64) GemmExpertsParams {
     u64 w;       // expert stack (blockIdx.z == 0)
     u64 w_pair;  // second stack of the same shape (blockIdx.z == 1), or 0
     u64 x;       // int8 activations, n_vecs_total x n_blocks x 256
@@ -130,6 +139,9 @@ struct GemmExpertsParams {
     i64 n_blocks;      // 256-element blocks per row
     i64 n_vecs_total;  // vectors in x and y
     i64 aligned16;     // w, w_pair, row_bytes and expert_stride are multiples of 16
+    i64 reserved;      // (the maps start at byte 128)
+    u64 wmap[16];      // tensor map of w (u32 x rows x experts) when aligned16, sm_90
+    u64 wmap_pair[16];  // of w_pair
 };
 
 // D = A B + C for a 16x32 s8 A (row-major) and a 32x8 s8 B (column-major), s32 C/D.
@@ -201,8 +213,8 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 // GE_THREADS % NP pieces further, with a carry into the row. An activation row's 32 pieces are
 // a warp's lanes, the warps taking every GE_WARPS-th vector.
 template <int FMT, int NV>
-__device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams& p, const u8* W, i64 row0, i64 v0,
-                                             int nvr, i64 v_last, i64 kt) {
+__device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExpertsParams& p, const u8* W, i64 row0,
+                                             i64 v0, int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
     static_assert(WROW % 16 == 0 && GE_KT * 16 == 32, "stage rows of whole pieces; a warp per activation row");
     // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
@@ -214,6 +226,17 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, const GemmExpertsParams&
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
     float* sd = (float*)(sx + NV * XROW);
+#if TMA_COPIES
+    if (p.aligned16) {
+        // A stage row of u32 from the tile's first 16-byte piece (the copy engine reads rows from
+        // 16-byte aligned addresses), for the CTA's 64 rows of expert blockIdx.y.
+        if (tid == 0) {
+            tma_barrier_expect(bar, GE_BM * WROW);
+            tma_copy_3d(smem_addr(sw), blockIdx.z ? p.wmap_pair : p.wmap, (int)((t0 - boff) / 4), (int)row0,
+                        (int)blockIdx.y, bar);
+        }
+    } else
+#endif
     if (p.aligned16) {
         // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
         // end at or before the row's end, a multiple of 16 bytes. (The launcher keeps GE_BM
@@ -445,10 +468,11 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     static_assert(WROW >= ((BOFF_MAX + GE_KT * GeFmt<FMT>::BB + 15) / 16) * 16 + OVER_READ,
                   "a stage row holds the tile's 16-byte pieces and the IQ2_XXS over-read");
     static_assert((GE_KT * GeFmt<FMT>::BB) % 4 == 0, "tiles start 4-byte aligned");
-    static_assert(STAGE % 16 == 0, "stages keep 16-byte alignment");
+    static_assert(STAGE % 128 == 0, "stages keep the 128-byte alignment of the copy engine's tiles");
+    static_assert(WROW % 16 == 0 && WROW / 4 <= 256, "a stage row is one box row of u32");
     static_assert(GeFmt<FMT>::XROW >= GE_KT * QK_K && GeFmt<FMT>::XROW % 128 == (FMT == GE_IQ2_XXS ? 32 : 16),
                   "activation rows hold a K tile, spread over the banks for the B loads");
-    extern __shared__ __align__(16) u8 ge_smem[];
+    extern __shared__ __align__(128) u8 ge_smem[];
     const u8* W = (const u8*)(blockIdx.z ? p.w_pair : p.w);
     float* Y = (float*)(blockIdx.z ? p.y_pair : p.y);
     const i64 row0 = (i64)blockIdx.x * GE_BM;
@@ -478,6 +502,17 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const i64 v_end = e_end > v_begin ? e_end : v_begin;
     if (v_end == v_begin) return;  // uniform in the CTA
     W += (i64)blockIdx.y * p.expert_stride;
+    // The stages' barriers (after the two stages), and the parity of each one's next phase.
+    const u32 bars = smem_addr(ge_smem + 2 * STAGE);
+    u32 phases = 0;
+#if TMA_COPIES
+    if (threadIdx.x == 0) {
+        tma_barrier_init(bars);
+        tma_barrier_init(bars + 8);
+        tma_barrier_init_fence();
+    }
+    __syncthreads();
+#endif
 
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -492,7 +527,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
         // Both stages are free here: the previous pass ended with a barrier after its last
         // reads.
-        ge_load_tile<FMT, NV>(ge_smem, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        ge_load_tile<FMT, NV>(ge_smem, bars, p, W, row0, v0, 8 * nt, v_end - 1, 0);
         cp_async_commit();
         // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
@@ -502,9 +537,17 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
             if (kt + 1 < n_tiles)
-                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, p, W, row0, v0, 8 * nt, v_end - 1, kt + 1);
+                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, W, row0, v0, 8 * nt,
+                                      v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
+#if TMA_COPIES
+            if (p.aligned16) {
+                const u32 st = (u32)(kt & 1);
+                tma_barrier_wait(bars + 8 * st, (phases >> st) & 1);
+                phases ^= 1u << st;
+            }
+#endif
             __syncthreads();
             ge_tile_math<FMT, NV, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();
@@ -524,30 +567,30 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
 }
 
 // 64 rows of one expert per CTA, 4 warps. Narrow kernels: passes of GE_NV vectors, two stages
-// of 28928 (IQ2_XXS), 30464 (Q2_K) or 36608 (Q4_K) bytes (and IQ2_XXS's 16400 static bytes:
-// grid table and ge_iq2_pos), three CTAs per SM. Wide kernels: passes of GE_NV_WIDE vectors,
-// stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const GemmExpertsParams p) {
+// of 28928 (IQ2_XXS), 30464 (Q2_K) or 36608 (Q4_K) bytes and their 16 bytes of barriers (and
+// IQ2_XXS's 16400 static bytes: grid table and ge_iq2_pos), three CTAs per SM. Wide kernels:
+// passes of GE_NV_WIDE vectors, stages of 46592, 47616 or 53760 bytes, two CTAs per SM.
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_iq2_xxs(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS, GE_NV>(p);
 }
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide(const GemmExpertsParams p) {
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_iq2_xxs_wide(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_IQ2_XXS, GE_NV_WIDE>(p);
 }
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const GemmExpertsParams p) {
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q2_k(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_Q2_K, GE_NV>(p);
 }
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide(const GemmExpertsParams p) {
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q2_k_wide(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_Q2_K, GE_NV_WIDE>(p);
 }
-extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const GemmExpertsParams p) {
+extern "C" __global__ void __launch_bounds__(128, 3) gemm_experts_q4_k(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_Q4_K, GE_NV>(p);
 }
-extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q4_k_wide(const GemmExpertsParams p) {
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_experts_q4_k_wide(const __grid_constant__ GemmExpertsParams p) {
     PDL_ENTRY();
     gemm_experts_tile<GE_Q4_K, GE_NV_WIDE>(p);
 }

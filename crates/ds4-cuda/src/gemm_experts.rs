@@ -24,6 +24,7 @@ use crate::gemv::{
     aligned16, check_grouped, check_len, Activations, DeviceMatrix, GroupedArgs, WeightFormat,
 };
 use crate::kernels::Gpu;
+use crate::tensor_map::{tensor_map_3d, Element, TensorMapBytes};
 
 /// Weight rows per CTA (`GE_BM` in gemm_experts.cu): 4 warps of one m16 tile each.
 const TILE_ROWS: usize = 64;
@@ -77,14 +78,15 @@ const fn stage_bytes(format: WeightFormat, pass: usize) -> usize {
         + TILE_BLOCKS * pass * 4
 }
 
-/// Dynamic shared memory per CTA.
+/// Dynamic shared memory per CTA: the stages and an 8-byte mbarrier per stage.
 const fn shared_bytes(format: WeightFormat, pass: usize) -> usize {
-    STAGES * stage_bytes(format, pass)
+    STAGES * (stage_bytes(format, pass) + 8)
 }
 
 /// Static shared memory of the IQ2_XXS kernels: `GE_IQ2_COPIES` (16) copies of the 256 grid
-/// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes.
-const IQ2XXS_STATIC_SHARED: usize = 16 * 256 * 4 + 16;
+/// selector words and the 4-byte `ge_iq2_pos`, rounded up to 16 bytes, then to 128 (the
+/// dynamic stages that follow are 128-byte aligned for the copy engine).
+const IQ2XXS_STATIC_SHARED: usize = (16 * 256 * 4 + 16usize).next_multiple_of(128);
 
 /// Whether the resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of
 /// shared memory per SM, 1 KiB reserved per CTA.
@@ -126,8 +128,9 @@ fn auto_pass(format: WeightFormat, n_vecs: usize, experts: usize) -> usize {
     )
 }
 
-/// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu.
-#[repr(C)]
+/// Kernel parameters; layout identical to `struct GemmExpertsParams` in gemm_experts.cu (the
+/// tensor maps 64-byte aligned from byte 128).
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 struct GemmExpertsParams {
     w: u64,
@@ -145,8 +148,16 @@ struct GemmExpertsParams {
     n_blocks: i64,
     n_vecs_total: i64,
     aligned16: i64,
+    reserved: i64,
+    /// The copy engine's tensor maps of w and w2 (sm_90 and later, aligned16; zeros otherwise,
+    /// and unread).
+    wmap: TensorMapBytes,
+    wmap_pair: TensorMapBytes,
 }
-// SAFETY: a #[repr(C)] struct of 8-byte integers, bit-for-bit the CUDA struct it is passed as.
+const _: () = assert!(std::mem::offset_of!(GemmExpertsParams, wmap) == 128);
+const _: () = assert!(std::mem::size_of::<GemmExpertsParams>() == 384);
+// SAFETY: a #[repr(C)] struct of 8-byte integers (64-byte aligned, no padding: asserted above),
+// bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemmExpertsParams {}
 
 fn invalid(msg: String) -> CudaError {
@@ -321,7 +332,9 @@ impl Gpu {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let params = GemmExpertsParams {
+        let aligned =
+            aligned16(w, w2) && (TILE_ROWS as u64).saturating_mul(w.row_bytes as u64) < 1 << 32;
+        let mut params = GemmExpertsParams {
             w: w.ptr,
             w_pair: w2.map_or(0, |w2| w2.ptr),
             x: qa.q.ptr(),
@@ -337,10 +350,28 @@ impl Gpu {
             n_blocks: n_blocks as i64,
             n_vecs_total: n_vecs_total as i64,
             // The aligned copies step 32-bit offsets over a CTA's TILE_ROWS rows.
-            aligned16: (aligned16(w, w2)
-                && (TILE_ROWS as u64).saturating_mul(w.row_bytes as u64) < 1 << 32)
-                as i64,
+            aligned16: aligned as i64,
+            ..Default::default()
         };
+        if aligned && self.device.info().compute_capability.0 >= 9 {
+            // Each stack as u32 values x rows x experts, boxes of a stage row (from the 16-byte
+            // boundary at or before a K tile, through the tile) x TILE_ROWS rows.
+            let map = |m: &DeviceMatrix| {
+                tensor_map_3d(
+                    "gemm_experts' weights",
+                    m.ptr,
+                    Element::U32,
+                    [(m.row_bytes / 4) as u64, m.rows as u64, m.experts as u64],
+                    [m.row_bytes as u64, m.expert_bytes() as u64],
+                    [(weight_row_bytes(m.format) / 4) as u32, TILE_ROWS as u32, 1],
+                    false,
+                )
+            };
+            params.wmap = map(w)?;
+            if let Some(w2) = w2 {
+                params.wmap_pair = map(w2)?;
+            }
+        }
         let label = format!(
             "{name} {}x{} x{} experts {n_vecs_total} vecs{}",
             w.rows,
@@ -354,7 +385,8 @@ impl Gpu {
             + n_vecs_total * (w.cols + 4 * n_blocks)
             + n_vecs_total * w.rows * 4 * n_mats as usize;
         // SAFETY: the kernel takes one GemmExpertsParams by value. Its CTA has THREADS threads
-        // and STAGES stages of stage_bytes(format, pass) of dynamic shared memory (the kernel
+        // and STAGES stages of stage_bytes(format, pass) of dynamic shared memory and their
+        // barriers (the kernel
         // `name` is the one built for `pass` vectors per pass), which the attribute
         // set above allows. It reads group_start[0..=experts] (the buffer has at least
         // experts + 1 entries, checked above) and clamps every offset to [0, n_vecs_total], so it
@@ -363,7 +395,9 @@ impl Gpu {
         // (checked above), y and y2 at least n_vecs_total × rows floats. Grid row e < experts
         // reads rows < rows of expert e of w (and of w2, same shape) inside
         // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
-        // grid row `experts` reads no weights. 16-byte copies are used only when aligned16 says
+        // grid row `experts` reads no weights; on sm_90 the weight tiles come through tensor
+        // maps of exactly w and w2 (rows × row_bytes / 4 × experts), so the copy engine reads
+        // nothing outside them. 16-byte copies are used only when aligned16 says
         // w, w2, the rows and the expert stride are multiples of 16 (each K tile's pieces then
         // lie inside its row); the activation buffers are 16 / 4-byte aligned (checked above)
         // and each vector's row (cols bytes, a multiple of 256) keeps that alignment. The
@@ -390,7 +424,7 @@ mod tests {
         assert_eq!(define(src, "GE_NV_WIDE"), PASS_WIDE);
         assert_eq!(define(src, "GE_KT"), TILE_BLOCKS);
         assert_eq!(
-            define(src, "GE_IQ2_COPIES") * 256 * 4 + 16,
+            (define(src, "GE_IQ2_COPIES") * 256 * 4 + 16).next_multiple_of(128),
             IQ2XXS_STATIC_SHARED
         );
         for (format, tag) in [
@@ -407,7 +441,7 @@ mod tests {
                 (PASS_WIDE, "_wide", "GE_NV_WIDE"),
             ] {
                 let kernel = format!(
-                    "__launch_bounds__({THREADS}, {}) gemm_experts_{}{suffix}(const GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_{tag}, {nv}>(p);",
+                    "__launch_bounds__({THREADS}, {}) gemm_experts_{}{suffix}(const __grid_constant__ GemmExpertsParams p) {{\n    PDL_ENTRY();\n    gemm_experts_tile<GE_{tag}, {nv}>(p);",
                     ctas_per_sm(pass),
                     format.tag(),
                 );

@@ -20,28 +20,32 @@
 // tile after tile); two shared-memory stages filled with cp.async overlap the next tile's copy
 // with this tile's math.
 //
-// Shared stage layout (bytes):
-//   w  [BM][272]           the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
-//   xq [GQ_BN][272]        each vector's 256 int8 values, rows padded by 16 bytes
-//   xd [GQ_KB][GQ_BN] f32  the vectors' block scales, block-major (two vectors per float2)
-// Row strides of 272 bytes (68 words, 4 banks apart) make the fragment loads of 8 rows x 4
-// lanes and the ldmatrix row reads conflict-free. The raw weight rows leave each block's
-// quants 2-byte aligned: odd blocks start their quants 4-byte aligned (34 b + 2), even blocks
-// 2 bytes off, read as two aligned words and a funnel shift.
+// Shared stage layout (bytes; stages 1024-byte aligned):
+//   w  [BM][272]              the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
+//   xq [2][GQ_BN][128]        each vector's 256 int8 values in two halves of 128 bytes, the
+//                             16-byte chunk c of row v at chunk c ^ (v % 8) (the copy engine's
+//                             128-byte swizzle)
+//   xd [GQ_KB][GQ_BN] f32     the vectors' block scales, block-major (two vectors per float2)
+// Weight row strides of 272 bytes (68 words, 4 banks apart) make the fragment loads of 8 rows x
+// 4 lanes conflict-free, and the swizzle the ldmatrix reads of 8 rows of one chunk. The raw
+// weight rows leave each block's quants 2-byte aligned: odd blocks start their quants 4-byte
+// aligned (34 b + 2), even blocks 2 bytes off, read as two aligned words and a funnel shift.
 //
-// Weight copies (sm_90 and later, 16-byte aligned weights): one tensor copy of the copy engine
-// (TMA, cp.async.bulk.tensor) per K tile brings all of the CTA's weight rows into the stage,
-// issued by one thread from the launch's tensor map of the weights (the matrix, or the stack
-// of experts, seen as u16 rows; gemm.rs makes it); the stage's mbarrier counts its bytes in.
-// Rows past n_rows arrive as zeros and are not stored. 16-byte cp.async pieces with their
-// address stepping took ~150 of a warp's ~1 720 instructions per K tile (SASS of 564bcd9);
-// activations and scales keep them (a warp instruction copies 512 bytes of a vector tile).
-// Before sm_90 the weights take the 16-byte pieces too.
+// Copies (sm_90 and later): thread 0 announces the stage's bytes on its mbarrier and issues
+// the copy engine's tensor copies (TMA, cp.async.bulk.tensor) from the launch's tensor maps
+// (gemm.rs makes them): one for all of the CTA's weight rows of the K tile (the matrix, or the
+// stack of experts, as u16 rows; 16-byte aligned weights) and two for the vectors' halves (the
+// activations as 3-d u8: values, vectors and slots in the order of their strides, swizzled);
+// the CTA waits on the barrier's
+// phase. Rows past n_rows and vectors past n_vecs arrive as zeros and are not stored. The 16-byte
+// cp.async pieces these replace, with their address stepping, took ~150 (weights) and ~60
+// (activations) of a warp's ~1 720 instructions per K tile (SASS of 564bcd9). The block scales
+// stay 4-byte cp.async copies. Before sm_90 every copy is a cp.async piece (the activations
+// into their swizzled places), rows and vectors past the end reading the last valid one.
 //
 // Weights that are not 16-byte aligned (matrix address or row length; rows of a block count
 // that is not a multiple of 8) are copied with synchronous 2-byte loads instead, and the last
-// K tile may then hold fewer than 8 blocks. Rows past n_rows and vectors past n_vecs read the
-// last valid row / vector and are not stored.
+// K tile may then hold fewer than 8 blocks (the activations past it are zeros or unread).
 //
 // Experts: with ids != 0, blockIdx.z is the expert slot s: the weights move to matrix ids[s]
 // (expert_stride bytes apart), x vector v is s * x_slot_vecs + v * x_vec_stride, y vector v is
@@ -52,21 +56,18 @@
 #define GQ_BN 64
 #define GQ_KB 8
 #define GQ_WROW (GQ_KB * Q8_0_BYTES)  // 272
-#define GQ_XROW (GQ_KB * QK8_0 + 16)  // 272
-#define GQ_STAGE_X (GQ_BN * GQ_XROW)
+#define GQ_XHALF (GQ_BN * 128)  // one half of the vectors' K tile: 8192
+#define GQ_STAGE_X (2 * GQ_XHALF)
 #define GQ_STAGE_D (GQ_KB * GQ_BN * 4)
-// One stage of a CTA with WM row warps: 54272 bytes for WM = 4, 36864 for WM = 2 (multiples
-// of 128: the tensor copies' destinations are 128-byte aligned).
+// One stage of a CTA with WM row warps: 53248 bytes for WM = 4, 35840 for WM = 2 (multiples
+// of 1024, as are the weight parts, so the swizzled activation tiles start 1024-byte aligned).
 #define GQ_STAGE_W(WM) (32 * (WM) * GQ_WROW)
 #define GQ_STAGE(WM) (GQ_STAGE_W(WM) + GQ_STAGE_X + GQ_STAGE_D)
 #define GQ_STAGES 2
-// After the stages: one 8-byte mbarrier per stage (the tensor copies' completion).
+// After the stages: one 8-byte mbarrier per stage (the tensor copies' completion). The
+// dynamic shared memory has 1024 bytes more, so that the stages can start 1024-byte aligned.
 #define GQ_BARRIERS(WM) (GQ_STAGES * GQ_STAGE(WM))
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define GQ_TMA 1
-#else
-#define GQ_TMA 0
-#endif
+#define GQ_ALIGN 1024
 
 // 1.5 * 2^23 as float bits: adding an integer |i| < 2^22 to them gives the float 12582912 + i.
 #define GQ_MAGIC_BITS 0x4B400000
@@ -94,6 +95,7 @@ struct __align__(64) GemmQ8Params {
     i64 y_slot_vecs;   // y vectors between slots
     i64 y_vec_stride;  // y vectors between a slot's consecutive vectors
     u64 wmap[16];      // tensor map of the weights (u16 x rows x experts), when aligned16
+    u64 xmap[16];      // tensor map of the activations (u8 x vectors x slots, 128-byte swizzle)
 };
 
 __device__ __forceinline__ u32 gq_smem_addr(const void* p) {
@@ -116,38 +118,6 @@ __device__ __forceinline__ void gq_cp4_s(u32 dst, const void* src) {
 }
 __device__ __forceinline__ void gq_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
-#if GQ_TMA
-// A stage barrier: one arrival (the thread that announces the stage's weight bytes) and the
-// bytes of its tensor copy. Initialised once, made visible to the copy engine before use.
-__device__ __forceinline__ void gq_barrier_init(u32 bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void gq_barrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-// Announces `bytes` of copies into the stage and copies the box at (c0 u16, row c1, expert c2)
-// of the tensor map into shared memory at dst (128-byte aligned); the barrier's phase completes
-// when they have landed. The proxy fence orders the CTA's earlier reads of the stage (before
-// the __syncthreads that preceded this call) before the copy engine's writes into it.
-__device__ __forceinline__ void gq_tensor_copy(u32 dst, const void* map, int c0, int c1, int c2, u32 bar, u32 bytes) {
-    asm volatile(
-        "fence.proxy.async.shared::cta;\n\t"
-        "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%5], %6;\n\t"
-        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
-            dst),
-        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "r"(bytes)
-        : "memory");
-}
-// Waits for the barrier's phase of the given parity to complete (the stage's weights landed).
-__device__ __forceinline__ void gq_barrier_wait(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile(
-            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-#endif
 __device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // Four 8x8 b16 matrices from shared memory: lanes 8m..8m+7 give the row addresses of matrix m;
@@ -185,34 +155,43 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 }
 
 // Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
-// one stage. Clamped rows/vectors read valid memory; their results are never stored.
+// one stage (the copy engine's part on sm_90, see above; the rest as cp.async pieces or plain
+// copies). Results of rows and vectors past the ends are never stored.
 //
-// With 16-byte aligned weights (so whole 8-block tiles) the weights are one tensor copy on
-// sm_90 and later (above); otherwise, and for activations and scales, the copies take 32-bit offsets
-// stepped from piece to piece (a handful of instructions per 16-byte copy; 64-bit products and
-// divisions per piece once took ~30, a quarter of the kernel's instructions). Weight piece
-// i = tid + THREADS k is row i / 17, piece i % 17, and lands at 16 i (rows are 272 = 17 x 16
-// bytes apart in the stage); piece i + THREADS is THREADS / 17 rows and THREADS % 17 pieces
-// further, with a carry into the row. Activation piece tid % 16 and scale tid % 8 are the same
-// for all of a thread's vectors.
+// The cp.async pieces take 32-bit offsets stepped from piece to piece (a handful of
+// instructions per 16-byte copy; 64-bit products and divisions per piece once took ~30, a
+// quarter of the kernel's instructions). Weight piece i = tid + THREADS k is row i / 17,
+// piece i % 17, and lands at 16 i (rows are 272 = 17 x 16 bytes apart in the stage); piece
+// i + THREADS is THREADS / 17 rows and THREADS % 17 pieces further, with a carry into the row.
+// Activation piece tid % 16 (its swizzled place: vectors v and v + THREADS / 16 agree mod 8)
+// and scale tid % 8 are the same for all of a thread's vectors.
 template <int WM>
-__device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Params& p, int expert, const u8* w,
-                                             const i8* xq, const float* xd, i64 row0, i64 vec0, i64 kt) {
+__device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Params& p, int expert, int x_slot,
+                                             const u8* w, const i8* xq, const float* xd, i64 row0, i64 vec0, i64 kt) {
     constexpr int BM = 32 * WM, THREADS = 64 * WM;
     const i64 kblk0 = kt * GQ_KB;
     u8* sw = stage;
     u8* sx = stage + GQ_STAGE_W(WM);
     float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
+    // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
+    const int tid = thread_index_per_call();
+    // The CTA's last valid vector, relative to its first (the launcher keeps BM row_bytes and
+    // GQ_BN vectors' activations under 4 GiB: see gemm.rs).
+    const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
+    const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks);
+#if TMA_COPIES
+    if (tid == 0) {
+        tma_barrier_expect(bar, (p.aligned16 ? BM * GQ_WROW : 0) + GQ_STAGE_X);
+        if (p.aligned16) tma_copy_3d(gq_smem_addr(sw), p.wmap, (int)kt * (GQ_WROW / 2), (int)row0, expert, bar);
+        // The activations' map has the slots inside the vectors when they are interleaved.
+        const bool slot_inner = p.x_vec_stride != 1;
+        for (int h = 0; h < 2; h++)
+            tma_copy_3d(gq_smem_addr(sx) + h * GQ_XHALF, p.xmap, (int)kt * (GQ_KB * QK8_0) + 128 * h,
+                           slot_inner ? x_slot : (int)vec0, slot_inner ? (int)vec0 : x_slot, bar);
+    }
+#endif
     if (p.aligned16) {
-        // Read per tile: the per-thread offsets below stay out of the registers the kernel
-        // lacks.
-        const int tid = thread_index_per_call();
-        // The CTA's last valid vector (and row), relative to its first (the launcher keeps
-        // BM row_bytes and GQ_BN vectors' activations under 4 GiB: see gemm.rs).
-        const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
-#if GQ_TMA
-        if (tid == 0) gq_tensor_copy(gq_smem_addr(sw), p.wmap, (int)kt * (GQ_WROW / 2), (int)row0, expert, bar, BM * GQ_WROW);
-#else
+#if !TMA_COPIES
         constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
         const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
         const u32 w_row = (u32)p.row_bytes;
@@ -233,15 +212,16 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
             off += DR * w_row + 16 * DC;
             if (c >= 17) c -= 17, r += 1, off += w_row - 17 * 16;
         }
-#endif
-        const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks), x_vec = d_vec * QK8_0;
+        const u32 x_vec = d_vec * QK8_0;
         const i8* xt = xq + vec0 * (i64)x_vec + kt * (GQ_KB * QK8_0) + 16 * (tid & 15);
-        const u32 s_x = gq_smem_addr(sx) + 16 * (tid & 15);
+        const int piece = tid & 15, v_mod8 = (tid >> 4) & 7;
+        const u32 s_x = gq_smem_addr(sx) + (piece >> 3) * GQ_XHALF + 16 * ((piece & 7) ^ v_mod8);
 #pragma unroll
         for (int k = 0; k < GQ_BN * 16 / THREADS; k++) {
             const int v = (tid >> 4) + (THREADS / 16) * k;
-            gq_cp16_s(s_x + v * GQ_XROW, xt + (u32)min(v, last_vec) * x_vec);
+            gq_cp16_s(s_x + v * 128, xt + (u32)min(v, last_vec) * x_vec);
         }
+#endif
         const float* dt = xd + vec0 * (i64)d_vec + kblk0 + (tid & 7);
         const u32 s_d = gq_smem_addr(sd) + 4 * (tid & 7) * GQ_BN;
 #pragma unroll
@@ -252,7 +232,6 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
         return;
     }
     // 2-byte units of the tile's valid blocks (17 per block), plain loads and stores.
-    const int tid = threadIdx.x;
     const int nbt = (int)min64(GQ_KB, p.n_blocks - kblk0);
     const int units = nbt * (Q8_0_BYTES / 2);
     for (int i = tid; i < BM * (GQ_WROW / 2); i += THREADS) {
@@ -263,15 +242,17 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
             ((u16*)(sw + r * GQ_WROW))[c] = *src;
         }
     }
+#if !TMA_COPIES
     // Activations: 16 pieces of 16 bytes per vector (those of valid blocks: 2 per block).
     for (int i = tid; i < GQ_BN * 16; i += THREADS) {
         const int v = i >> 4, c = i & 15;
         if (c < 2 * nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
             const i8* src = xq + (vec * p.x_vec_stride * p.n_blocks + kblk0) * QK8_0 + 16 * c;
-            gq_cp16(sx + v * GQ_XROW + 16 * c, src);
+            gq_cp16(sx + (c >> 3) * GQ_XHALF + v * 128 + 16 * ((c & 7) ^ (v & 7)), src);
         }
     }
+#endif
     for (int i = tid; i < GQ_BN * GQ_KB; i += THREADS) {
         const int v = i >> 3, b = i & 7;
         if (b < nbt) {
@@ -284,7 +265,9 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
 template <int WM>
 __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
     constexpr int BM = 32 * WM, STAGE = GQ_STAGE(WM), STAGE_W = GQ_STAGE_W(WM);
-    extern __shared__ __align__(128) u8 gq_smem[];
+    extern __shared__ __align__(16) u8 gq_smem_raw[];
+    // The stages from the first 1024-byte boundary (the launch gives GQ_ALIGN bytes more).
+    u8* gq_smem = gq_smem_raw + ((GQ_ALIGN - (gq_smem_addr(gq_smem_raw) & (GQ_ALIGN - 1))) & (GQ_ALIGN - 1));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wm = warp % WM, wn = warp / WM;  // warp tile: rows 32 wm.., vectors 32 wn..
     const int g = lane >> 2, t = lane & 3;
@@ -302,6 +285,7 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
         w += (i64)expert * p.expert_stride;
     }
     const i8* xq = (const i8*)p.x + slot * p.x_slot_vecs * p.n_blocks * QK8_0;
+    const int x_slot = p.x_slot_vecs != 0 ? (int)slot : 0;  // the slot in the activations' tensor map
     const float* xd = (const float*)p.xd + slot * p.x_slot_vecs * p.n_blocks;
 
     // acc[mi][nj][i]: row 32 wm + 16 mi + g + 8 (i >> 1), vector 32 wn + 8 nj + 2t + (i & 1).
@@ -315,28 +299,28 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 
     const i64 n_tiles = (p.n_blocks + GQ_KB - 1) / GQ_KB;
     const u32 bars = gq_smem_addr(gq_smem + GQ_BARRIERS(WM));
-#if GQ_TMA
+#if TMA_COPIES
     if (threadIdx.x == 0) {
-        for (int st = 0; st < GQ_STAGES; st++) gq_barrier_init(bars + 8 * st);
-        gq_barrier_init_fence();
+        for (int st = 0; st < GQ_STAGES; st++) tma_barrier_init(bars + 8 * st);
+        tma_barrier_init_fence();
     }
     __syncthreads();
 #endif
     if (!bad_id) {
-        gq_load_tile<WM>(gq_smem, bars, p, expert, w, xq, xd, row0, vec0, 0);
+        gq_load_tile<WM>(gq_smem, bars, p, expert, x_slot, w, xq, xd, row0, vec0, 0);
         gq_commit();
     }
     for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
         // Prefetch the next tile into the other stage (its last readers passed the barrier at
         // the end of the previous iteration); an empty group keeps the wait count uniform.
         if (kt + 1 < n_tiles)
-            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, w, xq, xd, row0,
-                             vec0, kt + 1);
+            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, x_slot, w, xq, xd,
+                             row0, vec0, kt + 1);
         gq_commit();
         gq_wait_newest_pending();
-#if GQ_TMA
+#if TMA_COPIES
         // Tile kt is stage kt & 1's (kt / 2)-th use: that phase of its barrier.
-        if (p.aligned16) gq_barrier_wait(bars + 8 * (kt & 1), (u32)(kt >> 1) & 1);
+        tma_barrier_wait(bars + 8 * (kt & 1), (u32)(kt >> 1) & 1);
 #endif
         __syncthreads();
 
@@ -344,9 +328,11 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
         const u8* sw = stage + (32 * wm + g) * GQ_WROW;
         const u8* sx = stage + STAGE_W;
         const float* sd = (const float*)(stage + STAGE_W + GQ_STAGE_X);
-        // ldmatrix rows: lanes 8m..8m+7 address matrix m = (vectors 8(m/2)..+7, bytes 16(m%2)..+15)
-        // of a 16-vector pair of n-tiles.
-        const u8* sx_lane = sx + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * GQ_XROW + 16 * ((lane >> 3) & 1);
+        // ldmatrix rows: lanes 8m..8m+7 address matrix m = (vectors 8(m/2)..+7, bytes 16(m%2)..+15
+        // of the block) of a 16-vector pair of n-tiles; the lane's vector is lane % 8 mod 8, so
+        // its chunks' swizzle key.
+        const u8* sx_lane = sx + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * 128;
+        const int x_chunk = (lane >> 3) & 1, x_key = lane & 7;
         const int nbt = (int)min64(GQ_KB, p.n_blocks - kt * GQ_KB);
 #pragma unroll
         for (int b = 0; b < GQ_KB; b++) {
@@ -377,7 +363,8 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 #pragma unroll
             for (int pair = 0; pair < 2; pair++) {
                 u32 r[4];
-                gq_ldmatrix_x4(sx_lane + pair * 16 * GQ_XROW + b * QK8_0, r);
+                const int chunk = (2 * (b & 3) + x_chunk) ^ x_key;  // 16 bytes of block b's 32
+                gq_ldmatrix_x4(sx_lane + (b >> 2) * GQ_XHALF + pair * 16 * 128 + 16 * chunk, r);
                 bq[2 * pair][0] = r[0];
                 bq[2 * pair][1] = r[1];
                 bq[2 * pair + 1][0] = r[2];

@@ -59,6 +59,7 @@ pub mod kernels;
 pub mod model;
 mod profile;
 pub mod session;
+mod tensor_map;
 mod trace;
 pub mod vector_ops;
 pub mod weights;
