@@ -278,7 +278,8 @@ __device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("c
 // memory, described by a tensor map the host makes (tensor_map.rs) and passes in a kernel's
 // __grid_constant__ parameters; an mbarrier in shared memory counts the bytes in. One thread
 // issues a copy that would take a CTA's threads hundreds of cp.async pieces, and the issue
-// slots and load/store unit stay with the math.
+// slots and load/store unit stay with the math. (The prefill GEMMs use it, so the backend needs
+// sm_90: compile.rs's require_supported.)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define TMA_COPIES 1
 #else

@@ -29,6 +29,19 @@ pub const NVRTC_OPTIONS: &[&str] = &[
     "--device-as-default-execution-space",
 ];
 
+/// The kernels need compute capability 9.0 or later (Hopper, Blackwell): the prefill GEMMs copy
+/// their tiles with the TMA engine and cluster launches, and decode chains its kernels by
+/// programmatic dependent launch. An older GPU gets an error naming it, before any compile.
+pub fn require_supported(name: &str, (major, minor): (i32, i32)) -> Result<()> {
+    if major < 9 {
+        return Err(CudaError::Unsupported(format!(
+            "the CUDA backend needs a GPU of compute capability 9.0 or later (Hopper, Blackwell); \
+             {name} is {major}.{minor}"
+        )));
+    }
+    Ok(())
+}
+
 /// The NVRTC target for a compute capability: Hopper gets the arch-specific `sm_90a`.
 pub fn arch_for((major, minor): (i32, i32)) -> String {
     if major == 9 && minor == 0 {
@@ -249,6 +262,18 @@ pub(crate) fn source_define(src: &str, name: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_before_hopper_are_refused_by_name() {
+        assert!(require_supported("NVIDIA H100 80GB HBM3", (9, 0)).is_ok());
+        assert!(require_supported("NVIDIA B200", (10, 0)).is_ok());
+        assert!(require_supported("NVIDIA RTX PRO 6000", (12, 0)).is_ok());
+        let err = require_supported("NVIDIA A100-SXM4-80GB", (8, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NVIDIA A100-SXM4-80GB is 8.0"), "{err}");
+        assert!(err.contains("9.0 or later"), "{err}");
+    }
 
     #[test]
     fn hopper_gets_the_arch_specific_target() {

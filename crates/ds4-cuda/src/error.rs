@@ -18,6 +18,9 @@ pub enum CudaError {
         arch: String,
         log: String,
     },
+    /// The GPU lacks what the kernels need (compute capability).
+    #[error("{0}")]
+    Unsupported(String),
     /// Not enough free device memory for a requested allocation.
     #[error("{0}")]
     OutOfMemory(String),

@@ -110,10 +110,10 @@ struct GemmQ8Params {
     x_vec_stride: i64,
     y_slot_vecs: i64,
     y_vec_stride: i64,
-    /// The weights' tensor map for the copy engine (sm_90 and later, 16-byte aligned weights;
-    /// zeros otherwise, and unread).
+    /// The weights' tensor map for the copy engine (16-byte aligned weights; zeros otherwise,
+    /// and unread).
     wmap: TensorMapBytes,
-    /// The activations' tensor map (sm_90 and later; zeros otherwise, and unread).
+    /// The activations' tensor map.
     xmap: TensorMapBytes,
 }
 const _: () = assert!(std::mem::offset_of!(GemmQ8Params, wmap) == 128);
@@ -350,50 +350,48 @@ impl Gpu {
             wmap: [0; 16],
             xmap: [0; 16],
         };
-        if self.device.info().compute_capability.0 >= 9 {
-            // The weights as u16 rows of row_bytes / 2, boxes of one K tile (8 blocks, 136
-            // u16) x tile_rows rows x one expert.
-            if aligned16 {
-                params.wmap = tensor_map_3d(
-                    "gemm_q8_0's weights",
-                    w.ptr,
-                    Element::U16,
-                    [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64],
-                    [w.row_bytes as u64, w.expert_bytes() as u64],
-                    [
-                        (GEMM_TILE_BLOCKS * 34 / 2) as u32,
-                        variant.tile_rows as u32,
-                        1,
-                    ],
-                    false,
-                )?;
-            }
-            // The activations as u8 values x vectors x slots in the order of their strides
-            // (slots inside vectors when interleaved; one slot when all slots read the same
-            // vectors), boxes of half a K tile (128 values) x 64 vectors, in the 128-byte
-            // swizzle that the kernel's B fragment reads undo.
-            let (row, vecs) = (w.cols as u64, n_vecs as u64);
-            let tile = GEMM_TILE_VECS as u32;
-            let (dims, strides, boxes) = if xv != 1 {
-                (
-                    [row, n_slots as u64, vecs],
-                    [row, xv as u64 * row],
-                    [128, 1, tile],
-                )
-            } else {
-                let slots = if xs == 0 { 1 } else { n_slots as u64 };
-                ([row, vecs, slots], [row, vecs * row], [128, tile, 1])
-            };
-            params.xmap = tensor_map_3d(
-                "gemm_q8_0's activations",
-                x.q.ptr(),
-                Element::U8,
-                dims,
-                strides,
-                boxes,
-                true,
+        // The weights as u16 rows of row_bytes / 2, boxes of one K tile (8 blocks, 136
+        // u16) x tile_rows rows x one expert.
+        if aligned16 {
+            params.wmap = tensor_map_3d(
+                "gemm_q8_0's weights",
+                w.ptr,
+                Element::U16,
+                [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64],
+                [w.row_bytes as u64, w.expert_bytes() as u64],
+                [
+                    (GEMM_TILE_BLOCKS * 34 / 2) as u32,
+                    variant.tile_rows as u32,
+                    1,
+                ],
+                false,
             )?;
         }
+        // The activations as u8 values x vectors x slots in the order of their strides
+        // (slots inside vectors when interleaved; one slot when all slots read the same
+        // vectors), boxes of half a K tile (128 values) x 64 vectors, in the 128-byte
+        // swizzle that the kernel's B fragment reads undo.
+        let (row, vecs) = (w.cols as u64, n_vecs as u64);
+        let tile = GEMM_TILE_VECS as u32;
+        let (dims, strides, boxes) = if xv != 1 {
+            (
+                [row, n_slots as u64, vecs],
+                [row, xv as u64 * row],
+                [128, 1, tile],
+            )
+        } else {
+            let slots = if xs == 0 { 1 } else { n_slots as u64 };
+            ([row, vecs, slots], [row, vecs * row], [128, tile, 1])
+        };
+        params.xmap = tensor_map_3d(
+            "gemm_q8_0's activations",
+            x.q.ptr(),
+            Element::U8,
+            dims,
+            strides,
+            boxes,
+            true,
+        )?;
         let label = format!("{} {}x{} x{n_vecs}", variant.name, w.rows, w.cols);
         // Profile bytes: each slot's weights, the activations and the outputs, once each.
         let bytes = w.rows * w.row_bytes * n_slots

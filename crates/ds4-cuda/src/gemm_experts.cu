@@ -44,14 +44,15 @@
 //
 // The K loop walks tiles of GE_KT = 2 blocks (512 elements) with two shared-memory stages: the
 // weight bytes of the tile for 64 rows, the active vectors' 512 int8 values and their 2 block
-// scales. On sm_90 with 16-byte aligned weights the weights are one tensor copy of the copy
-// engine (TMA, common.cuh) per tile, issued by thread 0 from the launch's tensor map of the
-// expert stack (u32 elements), counted in on the stage's mbarrier; else 16-byte cp.async
-// pieces covering the tile's bytes. Either way a stage row starts at the 16-byte boundary at or
-// before the tile, `boff` = tile start & 15 bytes early (the copy engine reads global rows from
-// 16-byte aligned addresses; a box starting 4 bytes past one faults), and bytes past the row's
-// end are zeros (copy engine) or not copied. The 64 rows' pieces (11-19 per row) and their address stepping cost every
-// thread ~100 instructions per tile. Activations and scales are cp.async pieces.
+// scales. With 16-byte aligned weights the weights are one tensor copy of the copy engine
+// (TMA, common.cuh) per tile, issued by thread 0 from the launch's tensor map of the expert
+// stack (u32 elements), counted in on the stage's mbarrier; a stage row starts at the 16-byte
+// boundary at or before the tile, `boff` = tile start & 15 bytes early (the engine reads global
+// rows from 16-byte aligned addresses; a box starting 4 bytes past one faults), and bytes past
+// the row's end arrive as zeros. The 16-byte cp.async pieces this replaced (11-19 per row) and
+// their address stepping cost every thread ~100 instructions per tile. Unaligned weights are
+// copied 2 bytes at a time; activations and scales are cp.async pieces. The module needs sm_90
+// (compile.rs refuses older GPUs).
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
@@ -94,6 +95,10 @@
 // aliased, 2 048-token prefill, DS4_CUDA_PROFILE=kernels) the IQ2_XXS pair went from 2.34 ms
 // per layer and 1 024-token span (narrow, item by item) to 3.22 ms per 2 048-token span (wide,
 // decode first): 200.9 -> 138.6 ms in all; Q2_K 1.04 -> 1.69 ms, 89.5 -> 72.9 ms.
+
+#if defined(__CUDA_ARCH__) && !TMA_COPIES
+#error "gemm_experts copies its weight tiles with the TMA engine: sm_90 or later"
+#endif
 
 #define GE_WARPS 4
 #define GE_THREADS (32 * GE_WARPS)
@@ -203,20 +208,15 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 }
 
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
-// 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage. Rows past n_rows read the
-// last row. All copies are cp.async except the 2-byte weight copies of unaligned stacks.
-//
-// The cp.async addresses are stepped as 32-bit offsets (64-bit products and divisions per
-// 16-byte piece took ~35 instructions each, as many as a warp's math on a small group):
-// weight piece i = tid + GE_THREADS k is row i / NP, piece i % NP (NP = WROW / 16 pieces a
-// stage row) and lands at 16 i; piece i + GE_THREADS is GE_THREADS / NP rows and
-// GE_THREADS % NP pieces further, with a carry into the row. An activation row's 32 pieces are
-// a warp's lanes, the warps taking every GE_WARPS-th vector.
+// 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage: the weights by the copy engine
+// (above; rows past n_rows arrive as zeros) or, unaligned, 2 bytes at a time (rows past n_rows
+// read the last row); the activations as cp.async pieces, an activation row's 32 pieces a
+// warp's lanes, the warps taking every GE_WARPS-th vector; the scales as 4-byte cp.async.
 template <int FMT, int NV>
 __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExpertsParams& p, const u8* W, i64 row0,
                                              i64 v0, int nvr, i64 v_last, i64 kt) {
     constexpr int BB = GeFmt<FMT>::BB, WROW = GeFmt<FMT>::WROW, XROW = GeFmt<FMT>::XROW;
-    static_assert(WROW % 16 == 0 && GE_KT * 16 == 32, "stage rows of whole pieces; a warp per activation row");
+    static_assert(WROW % 16 == 0 && GE_KT * 16 == 32, "stage rows of whole 16-byte pieces; a warp per activation row");
     // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
     const int tid = thread_index_per_call();
     const i64 kb0 = kt * GE_KT;
@@ -226,7 +226,6 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExper
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
     float* sd = (float*)(sx + NV * XROW);
-#if TMA_COPIES
     if (p.aligned16) {
         // A stage row of u32 from the tile's first 16-byte piece (the copy engine reads rows from
         // 16-byte aligned addresses), for the CTA's 64 rows of expert blockIdx.y.
@@ -234,31 +233,6 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExper
             tma_barrier_expect(bar, GE_BM * WROW);
             tma_copy_3d(smem_addr(sw), blockIdx.z ? p.wmap_pair : p.wmap, (int)((t0 - boff) / 4), (int)row0,
                         (int)blockIdx.y, bar);
-        }
-    } else
-#endif
-    if (p.aligned16) {
-        // 16-byte pieces from t0 - boff (16-byte aligned) through the tile's last byte; they
-        // end at or before the row's end, a multiple of 16 bytes. (The launcher keeps GE_BM
-        // rows under 4 GiB for the 32-bit offsets.)
-        constexpr int NP = WROW / 16, PIECES = GE_BM * NP, DR = GE_THREADS / NP, DC = GE_THREADS % NP;
-        const int n16 = (boff + nbt * BB + 15) >> 4;
-        const int last_row = (int)min64(GE_BM, p.n_rows - row0) - 1;
-        const u32 w_row = (u32)p.row_bytes;
-        const u8* wt = W + row0 * p.row_bytes + (t0 - boff);
-        const u32 s_w = smem_addr(sw) + 16 * tid;
-        int r = tid / NP, c = tid - NP * r;
-        u32 off = (u32)r * w_row + 16 * c;
-#pragma unroll
-        for (int k = 0; k * GE_THREADS < PIECES; k++) {
-            if (((k + 1) * GE_THREADS <= PIECES || tid + k * GE_THREADS < PIECES) && c < n16) {
-                const u32 src = r <= last_row ? off : off - (u32)(r - last_row) * w_row;
-                cp_async16_s(s_w + 16 * GE_THREADS * k, wt + src);
-            }
-            r += DR;
-            c += DC;
-            off += DR * w_row + 16 * DC;
-            if (c >= NP) c -= NP, r += 1, off += w_row - 16 * NP;
         }
     } else {
         // The tile's bytes only, 2 at a time (every block size is even: 2-byte aligned).
@@ -505,14 +479,12 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     // The stages' barriers (after the two stages), and the parity of each one's next phase.
     const u32 bars = smem_addr(ge_smem + 2 * STAGE);
     u32 phases = 0;
-#if TMA_COPIES
     if (threadIdx.x == 0) {
         tma_barrier_init(bars);
         tma_barrier_init(bars + 8);
         tma_barrier_init_fence();
     }
     __syncthreads();
-#endif
 
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -541,13 +513,11 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
                                       v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
-#if TMA_COPIES
             if (p.aligned16) {
                 const u32 st = (u32)(kt & 1);
                 tma_barrier_wait(bars + 8 * st, (phases >> st) & 1);
                 phases ^= 1u << st;
             }
-#endif
             __syncthreads();
             ge_tile_math<FMT, NV, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
             __syncthreads();

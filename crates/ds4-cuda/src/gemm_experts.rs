@@ -149,7 +149,7 @@ struct GemmExpertsParams {
     n_vecs_total: i64,
     aligned16: i64,
     reserved: i64,
-    /// The copy engine's tensor maps of w and w2 (sm_90 and later, aligned16; zeros otherwise,
+    /// The copy engine's tensor maps of w and w2 (when aligned16; zeros otherwise,
     /// and unread).
     wmap: TensorMapBytes,
     wmap_pair: TensorMapBytes,
@@ -353,7 +353,7 @@ impl Gpu {
             aligned16: aligned as i64,
             ..Default::default()
         };
-        if aligned && self.device.info().compute_capability.0 >= 9 {
+        if aligned {
             // Each stack as u32 values x rows x experts, boxes of a stage row (from the 16-byte
             // boundary at or before a K tile, through the tile) x TILE_ROWS rows.
             let map = |m: &DeviceMatrix| {

@@ -31,17 +31,16 @@
 // weight rows leave each block's quants 2-byte aligned: odd blocks start their quants 4-byte
 // aligned (34 b + 2), even blocks 2 bytes off, read as two aligned words and a funnel shift.
 //
-// Copies (sm_90 and later): thread 0 announces the stage's bytes on its mbarrier and issues
-// the copy engine's tensor copies (TMA, cp.async.bulk.tensor) from the launch's tensor maps
-// (gemm.rs makes them): one for all of the CTA's weight rows of the K tile (the matrix, or the
-// stack of experts, as u16 rows; 16-byte aligned weights) and two for the vectors' halves (the
+// Copies: thread 0 announces the stage's bytes on its mbarrier and issues the copy engine's
+// tensor copies (TMA, cp.async.bulk.tensor; common.cuh) from the launch's tensor maps (gemm.rs
+// makes them): one for all of the CTA's weight rows of the K tile (the matrix, or the stack of
+// experts, as u16 rows; 16-byte aligned weights) and two for the vectors' halves (the
 // activations as 3-d u8: values, vectors and slots in the order of their strides, swizzled);
-// the CTA waits on the barrier's
-// phase. Rows past n_rows and vectors past n_vecs arrive as zeros and are not stored. The 16-byte
-// cp.async pieces these replace, with their address stepping, took ~150 (weights) and ~60
-// (activations) of a warp's ~1 720 instructions per K tile (SASS of 564bcd9). The block scales
-// stay 4-byte cp.async copies. Before sm_90 every copy is a cp.async piece (the activations
-// into their swizzled places), rows and vectors past the end reading the last valid one.
+// the CTA waits on the barrier's phase. Rows past n_rows and vectors past n_vecs arrive as
+// zeros and are not stored. The 16-byte cp.async pieces these replace, with their address
+// stepping, took ~150 (weights) and ~60 (activations) of a warp's ~1 720 instructions per K
+// tile (SASS of 564bcd9). The block scales stay 4-byte cp.async copies. The module needs sm_90
+// (compile.rs refuses older GPUs).
 //
 // Weights that are not 16-byte aligned (matrix address or row length; rows of a block count
 // that is not a multiple of 8) are copied with synchronous 2-byte loads instead, and the last
@@ -71,6 +70,9 @@
 
 // 1.5 * 2^23 as float bits: adding an integer |i| < 2^22 to them gives the float 12582912 + i.
 #define GQ_MAGIC_BITS 0x4B400000
+#if defined(__CUDA_ARCH__) && !TMA_COPIES
+#error "gemm_q8 copies its tiles with the TMA engine: sm_90 or later"
+#endif
 #define GQ_MAGIC_F 12582912.0f
 
 // Must match the #[repr(C, align(64))] GemmQ8Params in gemm.rs: 8-byte fields only, so no
@@ -103,16 +105,10 @@ __device__ __forceinline__ u32 gq_smem_addr(const void* p) {
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
     return (u32)a;
 }
-__device__ __forceinline__ void gq_cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(gq_smem_addr(dst)), "l"(src) : "memory");
-}
 __device__ __forceinline__ void gq_cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(gq_smem_addr(dst)), "l"(src) : "memory");
 }
-// The same copies to a shared-memory address already in the shared window.
-__device__ __forceinline__ void gq_cp16_s(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
+// The same copy to a shared-memory address already in the shared window.
 __device__ __forceinline__ void gq_cp4_s(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
@@ -155,19 +151,12 @@ __device__ __forceinline__ u32 gq_quads(const u8* p) {
 }
 
 // Copies K tile kt (blocks 8kt .. 8kt+7, those < n_blocks) of the CTA's rows and vectors into
-// one stage (the copy engine's part on sm_90, see above; the rest as cp.async pieces or plain
-// copies). Results of rows and vectors past the ends are never stored.
-//
-// The cp.async pieces take 32-bit offsets stepped from piece to piece (a handful of
-// instructions per 16-byte copy; 64-bit products and divisions per piece once took ~30, a
-// quarter of the kernel's instructions). Weight piece i = tid + THREADS k is row i / 17,
-// piece i % 17, and lands at 16 i (rows are 272 = 17 x 16 bytes apart in the stage); piece
-// i + THREADS is THREADS / 17 rows and THREADS % 17 pieces further, with a carry into the row.
-// Activation piece tid % 16 (its swizzled place: vectors v and v + THREADS / 16 agree mod 8)
-// and scale tid % 8 are the same for all of a thread's vectors.
+// one stage: thread 0 the copy engine's part (above), every thread its block scales as 4-byte
+// cp.async copies (scale tid % 8 of every THREADS / 8-th vector), and with unaligned weights
+// the weight bytes 2 at a time. Results of rows and vectors past the ends are never stored.
 template <int WM>
 __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Params& p, int expert, int x_slot,
-                                             const u8* w, const i8* xq, const float* xd, i64 row0, i64 vec0, i64 kt) {
+                                             const u8* w, const float* xd, i64 row0, i64 vec0, i64 kt) {
     constexpr int BM = 32 * WM, THREADS = 64 * WM;
     const i64 kblk0 = kt * GQ_KB;
     u8* sw = stage;
@@ -175,11 +164,10 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
     float* sd = (float*)(stage + GQ_STAGE_W(WM) + GQ_STAGE_X);
     // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
     const int tid = thread_index_per_call();
-    // The CTA's last valid vector, relative to its first (the launcher keeps BM row_bytes and
-    // GQ_BN vectors' activations under 4 GiB: see gemm.rs).
+    // The CTA's last valid vector, relative to its first (the launcher keeps GQ_BN vectors'
+    // scales under 4 GiB: see gemm.rs).
     const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
     const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks);
-#if TMA_COPIES
     if (tid == 0) {
         tma_barrier_expect(bar, (p.aligned16 ? BM * GQ_WROW : 0) + GQ_STAGE_X);
         if (p.aligned16) tma_copy_3d(gq_smem_addr(sw), p.wmap, (int)kt * (GQ_WROW / 2), (int)row0, expert, bar);
@@ -187,41 +175,9 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
         const bool slot_inner = p.x_vec_stride != 1;
         for (int h = 0; h < 2; h++)
             tma_copy_3d(gq_smem_addr(sx) + h * GQ_XHALF, p.xmap, (int)kt * (GQ_KB * QK8_0) + 128 * h,
-                           slot_inner ? x_slot : (int)vec0, slot_inner ? (int)vec0 : x_slot, bar);
+                        slot_inner ? x_slot : (int)vec0, slot_inner ? (int)vec0 : x_slot, bar);
     }
-#endif
     if (p.aligned16) {
-#if !TMA_COPIES
-        constexpr int PIECES = BM * 17, DR = THREADS / 17, DC = THREADS % 17;
-        const int last_row = (int)min64(BM, p.n_rows - row0) - 1;
-        const u32 w_row = (u32)p.row_bytes;
-        const u8* wt = w + row0 * p.row_bytes + kt * GQ_WROW;
-        int r = tid / 17, c = tid - 17 * r;
-        u32 off = (u32)r * w_row + 16 * c;
-        // Shared-memory addresses as 32-bit values (generic pointers cost 64-bit arithmetic
-        // and a conversion per copy).
-        const u32 s_w = gq_smem_addr(sw) + 16 * tid;
-#pragma unroll
-        for (int k = 0; k * THREADS < PIECES; k++) {
-            if ((k + 1) * THREADS <= PIECES || tid + k * THREADS < PIECES) {
-                const u32 src = r <= last_row ? off : off - (u32)(r - last_row) * w_row;
-                gq_cp16_s(s_w + 16 * THREADS * k, wt + src);
-            }
-            r += DR;
-            c += DC;
-            off += DR * w_row + 16 * DC;
-            if (c >= 17) c -= 17, r += 1, off += w_row - 17 * 16;
-        }
-        const u32 x_vec = d_vec * QK8_0;
-        const i8* xt = xq + vec0 * (i64)x_vec + kt * (GQ_KB * QK8_0) + 16 * (tid & 15);
-        const int piece = tid & 15, v_mod8 = (tid >> 4) & 7;
-        const u32 s_x = gq_smem_addr(sx) + (piece >> 3) * GQ_XHALF + 16 * ((piece & 7) ^ v_mod8);
-#pragma unroll
-        for (int k = 0; k < GQ_BN * 16 / THREADS; k++) {
-            const int v = (tid >> 4) + (THREADS / 16) * k;
-            gq_cp16_s(s_x + v * 128, xt + (u32)min(v, last_vec) * x_vec);
-        }
-#endif
         const float* dt = xd + vec0 * (i64)d_vec + kblk0 + (tid & 7);
         const u32 s_d = gq_smem_addr(sd) + 4 * (tid & 7) * GQ_BN;
 #pragma unroll
@@ -242,17 +198,6 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
             ((u16*)(sw + r * GQ_WROW))[c] = *src;
         }
     }
-#if !TMA_COPIES
-    // Activations: 16 pieces of 16 bytes per vector (those of valid blocks: 2 per block).
-    for (int i = tid; i < GQ_BN * 16; i += THREADS) {
-        const int v = i >> 4, c = i & 15;
-        if (c < 2 * nbt) {
-            const i64 vec = min64(vec0 + v, p.n_vecs - 1);
-            const i8* src = xq + (vec * p.x_vec_stride * p.n_blocks + kblk0) * QK8_0 + 16 * c;
-            gq_cp16(sx + (c >> 3) * GQ_XHALF + v * 128 + 16 * ((c & 7) ^ (v & 7)), src);
-        }
-    }
-#endif
     for (int i = tid; i < GQ_BN * GQ_KB; i += THREADS) {
         const int v = i >> 3, b = i & 7;
         if (b < nbt) {
@@ -284,7 +229,6 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
         expert = bad_id ? 0 : e;
         w += (i64)expert * p.expert_stride;
     }
-    const i8* xq = (const i8*)p.x + slot * p.x_slot_vecs * p.n_blocks * QK8_0;
     const int x_slot = p.x_slot_vecs != 0 ? (int)slot : 0;  // the slot in the activations' tensor map
     const float* xd = (const float*)p.xd + slot * p.x_slot_vecs * p.n_blocks;
 
@@ -299,29 +243,25 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 
     const i64 n_tiles = (p.n_blocks + GQ_KB - 1) / GQ_KB;
     const u32 bars = gq_smem_addr(gq_smem + GQ_BARRIERS(WM));
-#if TMA_COPIES
     if (threadIdx.x == 0) {
         for (int st = 0; st < GQ_STAGES; st++) tma_barrier_init(bars + 8 * st);
         tma_barrier_init_fence();
     }
     __syncthreads();
-#endif
     if (!bad_id) {
-        gq_load_tile<WM>(gq_smem, bars, p, expert, x_slot, w, xq, xd, row0, vec0, 0);
+        gq_load_tile<WM>(gq_smem, bars, p, expert, x_slot, w, xd, row0, vec0, 0);
         gq_commit();
     }
     for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
         // Prefetch the next tile into the other stage (its last readers passed the barrier at
         // the end of the previous iteration); an empty group keeps the wait count uniform.
         if (kt + 1 < n_tiles)
-            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, x_slot, w, xq, xd,
-                             row0, vec0, kt + 1);
+            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, x_slot, w, xd, row0,
+                             vec0, kt + 1);
         gq_commit();
         gq_wait_newest_pending();
-#if TMA_COPIES
         // Tile kt is stage kt & 1's (kt / 2)-th use: that phase of its barrier.
         tma_barrier_wait(bars + 8 * (kt & 1), (u32)(kt >> 1) & 1);
-#endif
         __syncthreads();
 
         const u8* stage = gq_smem + (kt & 1) * STAGE;

@@ -77,6 +77,7 @@ impl ModuleSet {
         cache: &KernelCache,
         sources: impl IntoIterator<Item = (&'static str, String)>,
     ) -> Result<(ModuleSet, Vec<CompileStats>)> {
+        crate::compile::require_supported(&device.info().name, device.info().compute_capability)?;
         let arch = device.nvrtc_arch();
         let mut modules = HashMap::new();
         let mut stats = Vec::new();
