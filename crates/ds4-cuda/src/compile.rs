@@ -10,6 +10,7 @@
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
@@ -237,7 +238,12 @@ fn store_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A name of this call's own: threads of one process that store the same module at once
+    // (parallel tests on a cold cache) would otherwise write one temporary file together and
+    // rename it while another still writes it.
+    static STORES: AtomicU64 = AtomicU64::new(0);
+    let call = STORES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{call}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -262,6 +268,40 @@ pub(crate) fn source_define(src: &str, name: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Threads of one process that compile the same module at once (parallel tests on a cold
+    /// cache) each store it: a reader must only ever see one whole cubin, never a file another
+    /// thread is still writing.
+    #[test]
+    fn concurrent_stores_of_one_module_never_expose_a_partial_file() {
+        let dir = std::env::temp_dir().join(format!("ds4-cache-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("m-sm_90a-key.cubin");
+        let len = 1 << 20;
+        std::thread::scope(|scope| {
+            for t in 0..4u8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..40 {
+                        store_atomically(path, &vec![t + 1; len]).unwrap();
+                    }
+                });
+            }
+            let path = &path;
+            scope.spawn(move || {
+                for _ in 0..400 {
+                    if let Ok(bytes) = std::fs::read(path) {
+                        assert_eq!(bytes.len(), len, "a partial file was visible");
+                        assert!(
+                            bytes.iter().all(|&b| b == bytes[0]),
+                            "two writers' bytes mixed"
+                        );
+                    }
+                }
+            });
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn gpus_before_hopper_are_refused_by_name() {
