@@ -301,15 +301,14 @@ impl Gpu {
                 w.rows
             )));
         }
-        // The aligned path's copies step 32-bit offsets within a CTA's tile: its rows' weights
-        // and its vectors' activations must span less than 4 GiB (else the general path).
-        let tile_spans_fit = (variant.tile_rows as u64).saturating_mul(w.row_bytes as u64)
-            < 1 << 32
-            && (GEMM_TILE_VECS as u64).saturating_mul(xv.saturating_mul(w.cols) as u64) < 1 << 32;
+        // The aligned path's scale copies step 32-bit offsets over a CTA's vectors: their
+        // activations must span less than 4 GiB (else the general path).
+        let scales_span_fits =
+            (GEMM_TILE_VECS as u64).saturating_mul(xv.saturating_mul(w.cols) as u64) < 1 << 32;
         let aligned16 = w.ptr.is_multiple_of(16)
             && w.row_bytes.is_multiple_of(16)
             && w.expert_bytes().is_multiple_of(16)
-            && tile_spans_fit;
+            && scales_span_fits;
         let shared = variant.shared_bytes();
         // More than the default 48 KiB of dynamic shared memory must be opted into per kernel;
         // the largest shared-memory carveout lets ctas_per_sm CTAs reside on each SM (the
@@ -400,19 +399,17 @@ impl Gpu {
         // SAFETY: the kernel takes one GemmQ8Params by value. It reads weight rows < rows of
         // the only matrix, or of matrix ids[s] when 0 <= ids[s] < experts (checked on the
         // device; a slot with another id reads no weights and writes NaN), all inside
-        // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
-        // with aligned16 every 16-byte copy is aligned (ptr, row_bytes and the expert stride are
-        // multiples of 16, so n_blocks is a multiple of 8 and each 272-byte K tile too). It
-        // reads activation vectors < x_vecs and writes y vectors < n_slots × n_vecs (either
-        // layout maps (slot, vector) one to one into these ranges), all within
-        // the buffer lengths checked above; the q / d buffers have the alignment cp.async needs
-        // (checked above). The CTA has the variant's 2·WM warps and its dynamic shared memory
-        // is the kernel's 2 stages of GQ_STAGE(WM) bytes and their mbarriers, which the
-        // attribute set above allows (with 1024 bytes to align them). On sm_90 the weight and
-        // activation tiles come through tensor maps of exactly this matrix or stack
-        // (rows × row_bytes / 2 × experts) and of the x_vecs vectors the layout reads (the
-        // strides above: slot s, vector v at s·xs + v·xv), so the copy engine reads nothing
-        // outside them.
+        // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract:
+        // with aligned16 through the tensor map of exactly this matrix or stack (rows ×
+        // row_bytes / 2 × experts; ptr, row_bytes and the expert stride multiples of 16, so
+        // each 272-byte K tile starts 16-byte aligned), else by 2-byte loads. It reads
+        // activation vectors < x_vecs through the tensor map of exactly those (the strides
+        // above: slot s, vector v at s·xs + v·xv) and their scales by 4-byte copies, and writes
+        // y vectors < n_slots × n_vecs (either layout maps (slot, vector) one to one into these
+        // ranges), all within the buffer lengths checked above; the q / d buffers have the
+        // alignment the copies need (checked above). The CTA has the variant's 2·WM warps and
+        // its dynamic shared memory is the kernel's 2 stages of GQ_STAGE(WM) bytes and their
+        // mbarriers, which the attribute set above allows (with 1024 bytes to align them).
         unsafe { self.launch(MODULE, variant.name, (&label, bytes), cfg, &[&params]) }
     }
 }

@@ -332,8 +332,8 @@ impl Gpu {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let aligned =
-            aligned16(w, w2) && (TILE_ROWS as u64).saturating_mul(w.row_bytes as u64) < 1 << 32;
+        // 16-byte aligned stacks go through the copy engine (its tensor maps need that).
+        let aligned = aligned16(w, w2);
         let mut params = GemmExpertsParams {
             w: w.ptr,
             w_pair: w2.map_or(0, |w2| w2.ptr),
@@ -349,7 +349,6 @@ impl Gpu {
             n_rows: w.rows as i64,
             n_blocks: n_blocks as i64,
             n_vecs_total: n_vecs_total as i64,
-            // The aligned copies step 32-bit offsets over a CTA's TILE_ROWS rows.
             aligned16: aligned as i64,
             ..Default::default()
         };
