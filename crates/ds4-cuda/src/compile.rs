@@ -32,12 +32,27 @@ pub const NVRTC_OPTIONS: &[&str] = &[
 
 /// The kernels need compute capability 9.0 or later (Hopper, Blackwell): the prefill GEMMs copy
 /// their tiles with the TMA engine and cluster launches, and decode chains its kernels by
-/// programmatic dependent launch. An older GPU gets an error naming it, before any compile.
-pub fn require_supported(name: &str, (major, minor): (i32, i32)) -> Result<()> {
+/// programmatic dependent launch. Their tiles also need `need` bytes of shared memory per
+/// block, which data-center parts offer (227 KiB) and some others do not (~99 KiB on compute
+/// capability 12.x). A GPU short of either gets an error naming it, before any compile.
+pub fn require_supported(
+    name: &str,
+    (major, minor): (i32, i32),
+    shared_optin: usize,
+    need: usize,
+) -> Result<()> {
     if major < 9 {
         return Err(CudaError::Unsupported(format!(
             "the CUDA backend needs a GPU of compute capability 9.0 or later (Hopper, Blackwell); \
              {name} is {major}.{minor}"
+        )));
+    }
+    if shared_optin < need {
+        return Err(CudaError::Unsupported(format!(
+            "the CUDA backend's prefill kernels need {} KiB of shared memory per block; {name} \
+             offers {} KiB",
+            need.div_ceil(1024),
+            shared_optin / 1024
         )));
     }
     Ok(())
@@ -304,15 +319,23 @@ mod tests {
     }
 
     #[test]
-    fn gpus_before_hopper_are_refused_by_name() {
-        assert!(require_supported("NVIDIA H100 80GB HBM3", (9, 0)).is_ok());
-        assert!(require_supported("NVIDIA B200", (10, 0)).is_ok());
-        assert!(require_supported("NVIDIA RTX PRO 6000", (12, 0)).is_ok());
-        let err = require_supported("NVIDIA A100-SXM4-80GB", (8, 0))
+    fn gpus_before_hopper_or_short_of_shared_memory_are_refused_by_name() {
+        // Hopper and B200 offer 227 KiB per block.
+        let need = crate::kernels::largest_shared_need();
+        assert!(require_supported("NVIDIA H100 80GB HBM3", (9, 0), 232_448, need).is_ok());
+        assert!(require_supported("NVIDIA B200", (10, 0), 232_448, need).is_ok());
+        let err = require_supported("NVIDIA A100-SXM4-80GB", (8, 0), 166_912, need)
             .unwrap_err()
             .to_string();
         assert!(err.contains("NVIDIA A100-SXM4-80GB is 8.0"), "{err}");
         assert!(err.contains("9.0 or later"), "{err}");
+        let err = require_supported("NVIDIA RTX PRO 6000 Blackwell", (12, 0), 101_376, need)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("NVIDIA RTX PRO 6000 Blackwell offers 99 KiB"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -84,6 +84,16 @@ const NARROW: Variant = Variant {
 // per CTA), so one CTA's copies overlap the others' math.
 const _: () = assert!(WIDE.ctas_per_sm * (WIDE.shared_bytes() + 1024) <= 228 * 1024);
 const _: () = assert!(NARROW.ctas_per_sm * (NARROW.shared_bytes() + 1024) <= 228 * 1024);
+/// The most dynamic shared memory one of these kernels asks for (the device check in
+/// compile.rs).
+pub(crate) const fn largest_shared_bytes() -> usize {
+    let (w, n) = (WIDE.shared_bytes(), NARROW.shared_bytes());
+    if w > n {
+        w
+    } else {
+        n
+    }
+}
 /// Most slots per launch (the grid's z dimension).
 const MAX_SLOTS: usize = 65535;
 
@@ -280,8 +290,8 @@ impl Gpu {
         check_len("activation scales", &x.d, x_vecs.saturating_mul(n_blocks))?;
         let y_len = n_slots.saturating_mul(n_vecs).saturating_mul(w.rows);
         check_len("output", y, y_len)?;
-        // cp.async copies 16-byte pieces of the activation rows (each a multiple of 32 bytes
-        // long) and 4-byte scales; weight rows are copied in 16-byte pieces when aligned.
+        // The activations' tensor map needs a 16-byte aligned address (the rows are multiples
+        // of 32 bytes long); the scales are 4-byte cp.async copies.
         if !x.q.ptr().is_multiple_of(16) || !x.d.ptr().is_multiple_of(4) {
             return Err(invalid(format!(
                 "gemm_q8_0: activation buffers at {:#x} / {:#x} are not 16 / 4-byte aligned",
@@ -295,7 +305,8 @@ impl Gpu {
         let vec_tiles = n_vecs.div_ceil(GEMM_TILE_VECS);
         let variant = self.gemm_variant(w.rows, n_vecs, n_slots);
         let row_tiles = w.rows.div_ceil(variant.tile_rows);
-        if vec_tiles > i32::MAX as usize || row_tiles > 65535 {
+        // (The copy engine's coordinates are 32-bit: vectors and rows below 2^31.)
+        if n_vecs > i32::MAX as usize || row_tiles > 65535 {
             return Err(invalid(format!(
                 "gemm_q8_0: {} rows x {n_vecs} vectors exceed the launch grid",
                 w.rows
@@ -372,15 +383,27 @@ impl Gpu {
         // swizzle that the kernel's B fragment reads undo.
         let (row, vecs) = (w.cols as u64, n_vecs as u64);
         let tile = GEMM_TILE_VECS as u32;
+        // The kernel puts the slot coordinate first exactly when x_vec_stride != 1.
+        let (vec_stride, slot_stride) = (xv as u64 * row, xs as u64 * row);
         let (dims, strides, boxes) = if xv != 1 {
             (
                 [row, n_slots as u64, vecs],
-                [row, xv as u64 * row],
+                [slot_stride, vec_stride],
                 [128, 1, tile],
             )
+        } else if xs != 0 {
+            (
+                [row, vecs, n_slots as u64],
+                [vec_stride, slot_stride],
+                [128, tile, 1],
+            )
         } else {
-            let slots = if xs == 0 { 1 } else { n_slots as u64 };
-            ([row, vecs, slots], [row, vecs * row], [128, tile, 1])
+            // Every slot reads the same vectors: one slot (its stride is never stepped).
+            (
+                [row, vecs, 1],
+                [vec_stride, vecs * vec_stride],
+                [128, tile, 1],
+            )
         };
         params.xmap = tensor_map_3d(
             "gemm_q8_0's activations",

@@ -64,8 +64,8 @@
 //
 // Weights that are not 16-byte aligned (matrix address, row length or expert stride) are
 // copied with synchronous 2-byte loads into the same stage positions (same bits, slower).
-// Rows past n_rows read the last row and vectors past the group's end read its last vector;
-// neither is stored.
+// Rows past n_rows arrive as zeros from the copy engine (the 2-byte path reads the last row)
+// and vectors past the group's end read its last vector; neither is stored.
 //
 // What bounds it (H100 SXM, q2 model, 256 tokens): each expert's weights are read from memory
 // once, 1.81 GB per layer for gate + up + down (~0.55 ms at 3.3 TB/s), while the integer work

@@ -88,6 +88,17 @@ const fn shared_bytes(format: WeightFormat, pass: usize) -> usize {
 /// dynamic stages that follow are 128-byte aligned for the copy engine).
 const IQ2XXS_STATIC_SHARED: usize = (16 * 256 * 4 + 16usize).next_multiple_of(128);
 
+/// The most dynamic shared memory one of these kernels asks for (the device check in
+/// compile.rs); the IQ2_XXS kernels' static tables come on top.
+pub(crate) fn largest_shared_bytes() -> usize {
+    [WeightFormat::IQ2XXS, WeightFormat::Q2K, WeightFormat::Q4K]
+        .into_iter()
+        .flat_map(|f| [PASS_NARROW, PASS_WIDE].map(|pass| shared_bytes(f, pass)))
+        .max()
+        .unwrap_or(0)
+        + IQ2XXS_STATIC_SHARED
+}
+
 /// Whether the resident CTAs' stages (and IQ2_XXS's static tables) fit in Hopper's 228 KiB of
 /// shared memory per SM, 1 KiB reserved per CTA.
 const fn fits(format: WeightFormat, pass: usize, static_bytes: usize) -> bool {
@@ -394,12 +405,12 @@ impl Gpu {
         // (checked above), y and y2 at least n_vecs_total × rows floats. Grid row e < experts
         // reads rows < rows of expert e of w (and of w2, same shape) inside
         // [ptr, ptr + total_bytes), live device memory by DeviceMatrix's construction contract;
-        // grid row `experts` reads no weights; on sm_90 the weight tiles come through tensor
-        // maps of exactly w and w2 (rows × row_bytes / 4 × experts), so the copy engine reads
-        // nothing outside them. 16-byte copies are used only when aligned16 says
-        // w, w2, the rows and the expert stride are multiples of 16 (each K tile's pieces then
-        // lie inside its row); the activation buffers are 16 / 4-byte aligned (checked above)
-        // and each vector's row (cols bytes, a multiple of 256) keeps that alignment. The
+        // grid row `experts` reads no weights. When aligned16 says w, w2, the rows and the
+        // expert stride are multiples of 16, the weight tiles come through tensor maps of
+        // exactly w and w2 (rows × row_bytes / 4 × experts: a box running past a row's end is
+        // filled with zeros, not read), so the copy engine reads nothing outside them; else
+        // 2-byte loads inside each row. The activation buffers are 16 / 4-byte aligned (checked
+        // above) and each vector's row (cols bytes, a multiple of 256) keeps that alignment. The
         // IQ2_XXS kernel reads the 256-entry codebook at `grid`, which Kernels keeps alive.
         unsafe { self.launch(MODULE, &name, (&label, bytes), cfg, &[&params]) }
     }

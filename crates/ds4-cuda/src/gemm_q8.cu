@@ -17,8 +17,8 @@
 // warps) normally, WM = 2 (64 rows) when 128-row tiles would leave multiprocessors idle. Every
 // output's arithmetic is the same in both. The K loop walks tiles of GQ_KB = 8 blocks (256
 // elements: 272 weight bytes per row, 17 x 16 bytes, so a 16-byte aligned row stays aligned
-// tile after tile); two shared-memory stages filled with cp.async overlap the next tile's copy
-// with this tile's math.
+// tile after tile); two shared-memory stages, filled by the copy engine (below), overlap the
+// next tile's copy with this tile's math.
 //
 // Shared stage layout (bytes; stages 1024-byte aligned):
 //   w  [BM][272]              the raw Q8_0 blocks of each row (f16 d | 32 x i8), as in memory
@@ -165,7 +165,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
     // Read per tile: the per-thread offsets below stay out of the registers the kernel lacks.
     const int tid = thread_index_per_call();
     // The CTA's last valid vector, relative to its first (the launcher keeps GQ_BN vectors'
-    // scales under 4 GiB: see gemm.rs).
+    // activations, and so their scales, under 4 GiB: see gemm.rs).
     const int last_vec = (int)min64(GQ_BN, p.n_vecs - vec0) - 1;
     const u32 d_vec = (u32)(p.x_vec_stride * p.n_blocks);
     if (tid == 0) {
@@ -343,12 +343,12 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
             }
 }
 
-// 128 rows x 64 vectors, 8 warps; 2 stages of 54272 bytes (and the barriers), two CTAs per SM.
+// 128 rows x 64 vectors, 8 warps; 2 stages of 53248 bytes (and the barriers), two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_q8_0_q8x_m128(const __grid_constant__ GemmQ8Params p) {
     PDL_ENTRY();
     gemm_q8_0_tile<4>(p);
 }
-// 64 rows x 64 vectors, 4 warps; 2 stages of 36864 bytes (and the barriers), three CTAs per SM.
+// 64 rows x 64 vectors, 4 warps; 2 stages of 35840 bytes (and the barriers), three CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 3) gemm_q8_0_q8x_m64(const __grid_constant__ GemmQ8Params p) {
     PDL_ENTRY();
     gemm_q8_0_tile<2>(p);

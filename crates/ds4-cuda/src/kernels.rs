@@ -63,6 +63,20 @@ pub const MODULES: &[ModuleSource] = &[
     },
 ];
 
+/// The most dynamic shared memory any kernel's block opts into: the prefill GEMMs' tiles (the
+/// attention kernels size theirs to what the GPU offers).
+pub(crate) fn largest_shared_need() -> usize {
+    [
+        crate::gemm::largest_shared_bytes(),
+        crate::gemm_experts::largest_shared_bytes(),
+        crate::gemm_f16::F16TcTile::Wide.shared_bytes(),
+        crate::gemm_f16::F16TcTile::Narrow.shared_bytes(),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+}
+
 /// Compiled modules of one device, each loaded from the disk cache (or compiled) once, and the
 /// kernels looked up in them, remembered by (module, name).
 pub(crate) struct ModuleSet {
@@ -77,7 +91,13 @@ impl ModuleSet {
         cache: &KernelCache,
         sources: impl IntoIterator<Item = (&'static str, String)>,
     ) -> Result<(ModuleSet, Vec<CompileStats>)> {
-        crate::compile::require_supported(&device.info().name, device.info().compute_capability)?;
+        let info = device.info();
+        crate::compile::require_supported(
+            &info.name,
+            info.compute_capability,
+            info.max_shared_per_block_optin,
+            largest_shared_need(),
+        )?;
         let arch = device.nvrtc_arch();
         let mut modules = HashMap::new();
         let mut stats = Vec::new();
