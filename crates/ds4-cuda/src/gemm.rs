@@ -26,7 +26,7 @@ use crate::device::{DeviceBuffer, DeviceValue};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::gemv::{ActQuant, DeviceMatrix, QuantizedActivations, WeightFormat};
 use crate::kernels::Gpu;
-use crate::tensor_map::{tensor_map_3d, Element, TensorMapBytes};
+use crate::tensor_map::{tensor_map_3d, weight_stack_map, Element, TensorMapBytes};
 
 /// Activation vectors per CTA (`GQ_BN` in gemm_q8.cu).
 pub const GEMM_TILE_VECS: usize = 64;
@@ -86,13 +86,8 @@ const _: () = assert!(WIDE.ctas_per_sm * (WIDE.shared_bytes() + 1024) <= 228 * 1
 const _: () = assert!(NARROW.ctas_per_sm * (NARROW.shared_bytes() + 1024) <= 228 * 1024);
 /// The most dynamic shared memory one of these kernels asks for (the device check in
 /// compile.rs).
-pub(crate) const fn largest_shared_bytes() -> usize {
-    let (w, n) = (WIDE.shared_bytes(), NARROW.shared_bytes());
-    if w > n {
-        w
-    } else {
-        n
-    }
+pub(crate) fn largest_shared_bytes() -> usize {
+    WIDE.shared_bytes().max(NARROW.shared_bytes())
 }
 /// Most slots per launch (the grid's z dimension).
 const MAX_SLOTS: usize = 65535;
@@ -360,21 +355,14 @@ impl Gpu {
             wmap: [0; 16],
             xmap: [0; 16],
         };
-        // The weights as u16 rows of row_bytes / 2, boxes of one K tile (8 blocks, 136
-        // u16) x tile_rows rows x one expert.
+        // The weights as u16 rows, boxes of one K tile (8 blocks, 272 bytes) x tile_rows rows.
         if aligned16 {
-            params.wmap = tensor_map_3d(
+            params.wmap = weight_stack_map(
                 "gemm_q8_0's weights",
-                w.ptr,
+                w,
                 Element::U16,
-                [(w.row_bytes / 2) as u64, w.rows as u64, w.experts as u64],
-                [w.row_bytes as u64, w.expert_bytes() as u64],
-                [
-                    (GEMM_TILE_BLOCKS * 34 / 2) as u32,
-                    variant.tile_rows as u32,
-                    1,
-                ],
-                false,
+                GEMM_TILE_BLOCKS * 34,
+                variant.tile_rows,
             )?;
         }
         // The activations as u8 values x vectors x slots in the order of their strides

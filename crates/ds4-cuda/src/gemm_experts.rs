@@ -24,7 +24,7 @@ use crate::gemv::{
     aligned16, check_grouped, check_len, Activations, DeviceMatrix, GroupedArgs, WeightFormat,
 };
 use crate::kernels::Gpu;
-use crate::tensor_map::{tensor_map_3d, Element, TensorMapBytes};
+use crate::tensor_map::{weight_stack_map, Element, TensorMapBytes};
 
 /// Weight rows per CTA (`GE_BM` in gemm_experts.cu): 4 warps of one m16 tile each.
 const TILE_ROWS: usize = 64;
@@ -367,14 +367,13 @@ impl Gpu {
             // Each stack as u32 values x rows x experts, boxes of a stage row (from the 16-byte
             // boundary at or before a K tile, through the tile) x TILE_ROWS rows.
             let map = |m: &DeviceMatrix| {
-                tensor_map_3d(
+                let box_bytes = weight_row_bytes(m.format);
+                weight_stack_map(
                     "gemm_experts' weights",
-                    m.ptr,
+                    m,
                     Element::U32,
-                    [(m.row_bytes / 4) as u64, m.rows as u64, m.experts as u64],
-                    [m.row_bytes as u64, m.expert_bytes() as u64],
-                    [(weight_row_bytes(m.format) / 4) as u32, TILE_ROWS as u32, 1],
-                    false,
+                    box_bytes,
+                    TILE_ROWS,
                 )
             };
             params.wmap = map(w)?;

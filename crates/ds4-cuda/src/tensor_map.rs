@@ -9,6 +9,7 @@ use cudarc::driver::sys::{
 };
 
 use crate::error::{DriverContext, Result};
+use crate::gemv::DeviceMatrix;
 
 /// The 128 opaque bytes of a tensor map, as kernel parameters carry them.
 pub(crate) type TensorMapBytes = [u64; 16];
@@ -19,6 +20,32 @@ pub(crate) enum Element {
     U8,
     U16,
     U32,
+}
+
+/// A matrix or stack of experts as `element`s × rows × experts (rows `row_bytes` apart, experts
+/// `expert_bytes`; both multiples of 16, as the address), copied in boxes of `box_bytes` of a
+/// row (a multiple of 16) × `box_rows` rows of one expert.
+pub(crate) fn weight_stack_map(
+    what: &str,
+    m: &DeviceMatrix,
+    element: Element,
+    box_bytes: usize,
+    box_rows: usize,
+) -> Result<TensorMapBytes> {
+    let size = match element {
+        Element::U8 => 1,
+        Element::U16 => 2,
+        Element::U32 => 4,
+    };
+    tensor_map_3d(
+        what,
+        m.ptr,
+        element,
+        [(m.row_bytes / size) as u64, m.rows as u64, m.experts as u64],
+        [m.row_bytes as u64, m.expert_bytes() as u64],
+        [(box_bytes / size) as u32, box_rows as u32, 1],
+        false,
+    )
 }
 
 /// A 3-d tensor: `dims` elements at `ptr` (16-byte aligned), dimension i + 1 `strides[i]`
