@@ -51,8 +51,9 @@
 // rows from 16-byte aligned addresses; a box starting 4 bytes past one faults), and bytes past
 // the row's end arrive as zeros. The 16-byte cp.async pieces this replaced (11-19 per row) and
 // their address stepping cost every thread ~100 instructions per tile. Unaligned weights are
-// copied 2 bytes at a time; activations and scales are cp.async pieces. The module needs sm_90
-// (compile.rs refuses older GPUs).
+// copied 2 bytes at a time. The activations are tensor copies as well (boxes of 8 padded stage
+// rows); the scales are 4-byte cp.async copies. The module needs sm_90 (compile.rs refuses
+// older GPUs).
 //
 // Shared stage layout (bytes):
 //   w  [GE_BM][WROW]        raw weight bytes of each row's tile (blocks at boff + b * BB)
@@ -147,6 +148,7 @@ struct __align__(64) GemmExpertsParams {
     i64 reserved;      // (the maps start at byte 128)
     u64 wmap[16];      // tensor map of w (u32 x rows x experts) when aligned16, sm_90
     u64 wmap_pair[16];  // of w_pair
+    u64 xmap[16];       // of the activations (u32 x vectors), boxes of 8 stage rows
 };
 
 // D = A B + C for a 16x32 s8 A (row-major) and a 32x8 s8 B (column-major), s32 C/D.
@@ -208,10 +210,13 @@ __device__ __forceinline__ u32 ge_iq2_sign_bits(u32 x) {
 }
 
 // Copies K tile kt (blocks GE_KT kt .., those < n_blocks) of the CTA's rows and of vector rows
-// 0 .. nvr-1 (vectors v0 + i, clamped to v_last) into one stage: the weights by the copy engine
-// (above; rows past n_rows arrive as zeros) or, unaligned, 2 bytes at a time (rows past n_rows
-// read the last row); the activations as cp.async pieces, an activation row's 32 pieces a
-// warp's lanes, the warps taking every GE_WARPS-th vector; the scales as 4-byte cp.async.
+// 0 .. nvr-1 (vectors v0 + i) into one stage: the weights by the copy engine (above; rows past
+// n_rows arrive as zeros) or, unaligned, 2 bytes at a time (rows past n_rows read the last
+// row); the activations by the copy engine too, one box of 8 stage rows per n8 tile, each row
+// XROW bytes from the tile's first value (the K tile's 512 values and the next 16 or 32, which
+// fill the padding that spreads the rows over the banks; zeros past the row's end; vectors past
+// the group are other groups' or zeros, never stored); the scales as 4-byte cp.async copies of
+// vectors clamped to v_last.
 template <int FMT, int NV>
 __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExpertsParams& p, const u8* W, i64 row0,
                                              i64 v0, int nvr, i64 v_last, i64 kt) {
@@ -226,15 +231,17 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExper
     u8* sw = stage;
     u8* sx = stage + GE_BM * WROW;
     float* sd = (float*)(sx + NV * XROW);
-    if (p.aligned16) {
+    if (tid == 0) {
+        tma_barrier_expect(bar, (p.aligned16 ? GE_BM * WROW : 0) + nvr * XROW);
         // A stage row of u32 from the tile's first 16-byte piece (the copy engine reads rows from
         // 16-byte aligned addresses), for the CTA's 64 rows of expert blockIdx.y.
-        if (tid == 0) {
-            tma_barrier_expect(bar, GE_BM * WROW);
+        if (p.aligned16)
             tma_copy_3d(smem_addr(sw), blockIdx.z ? p.wmap_pair : p.wmap, (int)((t0 - boff) / 4), (int)row0,
                         (int)blockIdx.y, bar);
-        }
-    } else {
+        for (int j = 0; j < nvr; j += 8)
+            tma_copy_3d(smem_addr(sx) + j * XROW, p.xmap, (int)(kb0 * (QK_K / 4)), (int)(v0 + j), 0, bar);
+    }
+    if (!p.aligned16) {
         // The tile's bytes only, 2 at a time (every block size is even: 2-byte aligned).
         const int n2 = nbt * BB / 2;
         for (int i = tid; i < GE_BM * n2; i += GE_THREADS) {
@@ -243,16 +250,7 @@ __device__ __forceinline__ void ge_load_tile(u8* stage, u32 bar, const GemmExper
             ((u16*)(sw + r * WROW + boff))[c] = ((const u16*)(W + row * p.row_bytes + t0))[c];
         }
     }
-    // Activations: 16 pieces of 16 bytes per block and vector, then the block scales.
-    const i8* xq = (const i8*)p.x;
     const float* xd = (const float*)p.xd;
-    const int lane = tid & 31;
-    if (lane < nbt * 16) {
-        const i8* xt = xq + kb0 * QK_K + 16 * lane;
-        const i64 x_row = p.n_blocks * QK_K;
-        const u32 s_x = smem_addr(sx) + 16 * lane;
-        for (int v = tid >> 5; v < nvr; v += GE_WARPS) cp_async16_s(s_x + v * XROW, xt + min64(v0 + v, v_last) * x_row);
-    }
     for (int i = tid; i < nvr * GE_KT; i += GE_THREADS) {
         const int v = i / GE_KT, b = i - v * GE_KT;
         if (b < nbt) {
@@ -513,7 +511,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
                                       v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
-            if (p.aligned16) {
+            {
                 const u32 st = (u32)(kt & 1);
                 tma_barrier_wait(bars + 8 * st, (phases >> st) & 1);
                 phases ^= 1u << st;

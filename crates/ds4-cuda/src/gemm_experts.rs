@@ -24,7 +24,7 @@ use crate::gemv::{
     aligned16, check_grouped, check_len, Activations, DeviceMatrix, GroupedArgs, WeightFormat,
 };
 use crate::kernels::Gpu;
-use crate::tensor_map::{weight_stack_map, Element, TensorMapBytes};
+use crate::tensor_map::{tensor_map_3d, weight_stack_map, Element, TensorMapBytes};
 
 /// Weight rows per CTA (`GE_BM` in gemm_experts.cu): 4 warps of one m16 tile each.
 const TILE_ROWS: usize = 64;
@@ -164,9 +164,12 @@ struct GemmExpertsParams {
     /// and unread).
     wmap: TensorMapBytes,
     wmap_pair: TensorMapBytes,
+    /// The activations' tensor map.
+    xmap: TensorMapBytes,
 }
 const _: () = assert!(std::mem::offset_of!(GemmExpertsParams, wmap) == 128);
-const _: () = assert!(std::mem::size_of::<GemmExpertsParams>() == 384);
+const _: () = assert!(std::mem::offset_of!(GemmExpertsParams, xmap) == 384);
+const _: () = assert!(std::mem::size_of::<GemmExpertsParams>() == 512);
 // SAFETY: a #[repr(C)] struct of 8-byte integers (64-byte aligned, no padding: asserted above),
 // bit-for-bit the CUDA struct it is passed as.
 unsafe impl DeviceRepr for GemmExpertsParams {}
@@ -363,6 +366,17 @@ impl Gpu {
             aligned16: aligned as i64,
             ..Default::default()
         };
+        // The activations as u32 values x vectors, boxes of 8 stage rows (XROW bytes from a K
+        // tile's first value: the tile and the stage row's padding).
+        params.xmap = tensor_map_3d(
+            "gemm_experts' activations",
+            qa.q.ptr(),
+            Element::U32,
+            [(w.cols / 4) as u64, n_vecs_total as u64, 1],
+            [w.cols as u64, (w.cols * n_vecs_total) as u64],
+            [(activation_row_bytes(w.format) / 4) as u32, 8, 1],
+            false,
+        )?;
         if aligned {
             // Each stack as u32 values x rows x experts, boxes of a stage row (from the 16-byte
             // boundary at or before a K tile, through the tile) x TILE_ROWS rows.
@@ -407,9 +421,11 @@ impl Gpu {
         // grid row `experts` reads no weights. When aligned16 says w, w2, the rows and the
         // expert stride are multiples of 16, the weight tiles come through tensor maps of
         // exactly w and w2 (rows × row_bytes / 4 × experts: a box running past a row's end is
-        // filled with zeros, not read), so the copy engine reads nothing outside them; else
-        // 2-byte loads inside each row. The activation buffers are 16 / 4-byte aligned (checked
-        // above) and each vector's row (cols bytes, a multiple of 256) keeps that alignment. The
+        // filled with zeros, not read); else 2-byte loads inside each row. The activation tiles
+        // come through the tensor map of exactly the n_vecs_total vectors (cols / 4 ×
+        // n_vecs_total), so the copy engine reads nothing outside them. The activation buffers
+        // are 16 / 4-byte aligned (checked above) and each vector's row (cols bytes, a multiple
+        // of 256) keeps that alignment. The
         // IQ2_XXS kernel reads the 256-entry codebook at `grid`, which Kernels keeps alive.
         unsafe { self.launch(MODULE, &name, (&label, bytes), cfg, &[&params]) }
     }
