@@ -11,6 +11,7 @@ use ds4_model::numerics::Numerics;
 
 use crate::model::CudaModel;
 use crate::session::CudaSession;
+use crate::weights::HostWeights;
 
 /// A model loaded on a GPU.
 #[derive(Clone)]
@@ -49,6 +50,22 @@ impl CudaBackend {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<CudaBackend, ModelError> {
         let model = CudaModel::load(file, cfg, numerics, ordinal, progress)?;
+        Ok(CudaBackend {
+            model: Arc::new(model),
+        })
+    }
+
+    /// As [`CudaBackend::load`] with the weights' host-memory placement given by the caller
+    /// instead of `DS4_CUDA_HOST_WEIGHTS`.
+    pub fn load_placed(
+        path: impl AsRef<Path>,
+        numerics: Numerics,
+        ordinal: usize,
+        policy: HostWeights,
+    ) -> Result<CudaBackend, ModelError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        let cfg = ModelConfig::from_gguf(&file)?;
+        let model = CudaModel::load_placed(file, cfg, numerics, ordinal, policy, &mut |_, _| {})?;
         Ok(CudaBackend {
             model: Arc::new(model),
         })

@@ -13,7 +13,7 @@
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{self, CUdevice_attribute};
 use cudarc::driver::{
@@ -302,8 +302,131 @@ impl CudaDevice {
             ptr,
             len,
             ctx: self.ctx.clone(),
+            backing: Backing::Alloc,
             _t: PhantomData,
         })
+    }
+
+    /// The size that [`CudaDevice::alloc_placed`]'s host ranges must be multiples of: the
+    /// larger of the driver's mapping granularities for device and for host memory.
+    pub fn placement_granularity(&self) -> Result<usize> {
+        self.bind()?;
+        let mut g = 0usize;
+        for location in [self.device_location(), host_location()] {
+            let prop = allocation_prop(location);
+            let mut gran = 0usize;
+            // SAFETY: prop is a valid property struct and gran a valid out-pointer.
+            unsafe {
+                sys::cuMemGetAllocationGranularity(
+                    &mut gran,
+                    &prop,
+                    sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+                )
+            }
+            .result()
+            .ctx("cuMemGetAllocationGranularity")?;
+            g = g.max(gran);
+        }
+        Ok(g.max(1))
+    }
+
+    /// `len` bytes at one device address whose ranges `host` (sorted, disjoint, multiples of
+    /// [`CudaDevice::placement_granularity`]) live in page-locked host memory and the rest in
+    /// device memory: kernels read both through the same pointers, the host part over PCIe.
+    /// Uninitialized; fill it with [`CudaDevice::copy_to`].
+    pub fn alloc_placed(
+        &self,
+        len: usize,
+        host: &[std::ops::Range<usize>],
+    ) -> Result<DeviceBuffer<u8>> {
+        let gran = self.placement_granularity()?;
+        let reserved = len.max(1).div_ceil(gran) * gran;
+        let mut last = 0;
+        for r in host {
+            if r.start < last
+                || r.end <= r.start
+                || r.end > reserved
+                || r.start % gran != 0
+                || r.end % gran != 0
+            {
+                return Err(CudaError::InvalidArgument(format!(
+                    "host range {r:?} of a {len}-byte placement: ranges must be sorted, disjoint, non-empty multiples of {gran} bytes"
+                )));
+            }
+            last = r.end;
+        }
+        // The pieces in address order: (start, end, in host memory).
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for r in host {
+            if r.start > at {
+                pieces.push((at, r.start, false));
+            }
+            pieces.push((r.start, r.end, true));
+            at = r.end;
+        }
+        if at < reserved {
+            pieces.push((at, reserved, false));
+        }
+        self.bind()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: reserves a fresh address range (no memory yet); freed in Backing::release.
+        unsafe { sys::cuMemAddressReserve(&mut ptr, reserved, gran, 0, 0) }
+            .result()
+            .ctx("cuMemAddressReserve")?;
+        let mut mapping = Mapping {
+            reserved,
+            mapped: Vec::new(),
+        };
+        let device = self.device_location();
+        for &(start, end, in_host) in &pieces {
+            let prop = allocation_prop(if in_host { host_location() } else { device });
+            let mut handle: sys::CUmemGenericAllocationHandle = 0;
+            let size = end - start;
+            // SAFETY: creates physical memory of `size` bytes (a granularity multiple); the
+            // handle is released in Backing::release (or below, on failure).
+            let created = unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) }.result();
+            if let Err(e) = created {
+                mapping.release(ptr);
+                let where_ = if in_host { "page-locked host" } else { "GPU" };
+                return Err(CudaError::OutOfMemory(format!(
+                    "allocating {:.3} GiB of {where_} memory for the weights failed: {}",
+                    gib(size),
+                    CudaError::driver("cuMemCreate", e)
+                )));
+            }
+            // SAFETY: maps the whole new allocation into the reserved range at `start`, which
+            // no other piece covers (the pieces partition [0, reserved)).
+            let mapped = unsafe { sys::cuMemMap(ptr + start as u64, size, 0, handle, 0) }.result();
+            mapping.mapped.push((start, size, handle));
+            if let Err(e) = mapped {
+                mapping.release(ptr);
+                return Err(CudaError::driver("cuMemMap", e));
+            }
+        }
+        let access = sys::CUmemAccessDesc {
+            location: device,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole reserved range is mapped (above); this device may read and write it.
+        if let Err(e) = unsafe { sys::cuMemSetAccess(ptr, reserved, &access, 1) }.result() {
+            mapping.release(ptr);
+            return Err(CudaError::driver("cuMemSetAccess", e));
+        }
+        Ok(DeviceBuffer {
+            ptr,
+            len,
+            ctx: self.ctx.clone(),
+            backing: Backing::Placed(mapping),
+            _t: PhantomData,
+        })
+    }
+
+    fn device_location(&self) -> sys::CUmemLocation {
+        sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: self.info.ordinal as i32,
+        }
     }
 
     /// A buffer with every byte set to `byte` (e.g. 0xFF poisons f32 outputs with NaN).
@@ -637,6 +760,46 @@ pub(crate) fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// Serializes CUDA graph captures with the context-wide synchronizations of buffer drops.
+///
+/// Models on one GPU share its primary context. While any thread captures a decode graph
+/// (thread-local capture mode), a `cuCtxSynchronize` from another thread fails with
+/// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED (it would wait on the capturing stream), and cudarc
+/// keeps that error on the context and returns it from the next call there: a session of a
+/// model being created while another model's buffer was dropped failed that way (two GPU test
+/// threads, `binding the context: operation not permitted when stream is capturing`).
+static CONTEXT_WIDE: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// This thread holds CONTEXT_WIDE (a capture in progress here): its own drops must not
+    /// lock again.
+    static HOLDS_CONTEXT_WIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Held while a decode graph is captured ([`capture_lock`]) and while a buffer is drained and
+/// freed; re-entering it on the holding thread is a no-op.
+pub(crate) struct ContextWideGuard(Option<MutexGuard<'static, ()>>);
+
+impl Drop for ContextWideGuard {
+    fn drop(&mut self) {
+        if self.0.take().is_some() {
+            HOLDS_CONTEXT_WIDE.with(|h| h.set(false));
+        }
+    }
+}
+
+/// Takes the process-wide lock that keeps graph captures and context-wide synchronizations
+/// apart (see CONTEXT_WIDE).
+pub(crate) fn capture_lock() -> ContextWideGuard {
+    if HOLDS_CONTEXT_WIDE.with(|h| h.get()) {
+        return ContextWideGuard(None);
+    }
+    // A panic while holding it leaves nothing half-done that this lock protects.
+    let guard = CONTEXT_WIDE.lock().unwrap_or_else(|e| e.into_inner());
+    HOLDS_CONTEXT_WIDE.with(|h| h.set(true));
+    ContextWideGuard(Some(guard))
+}
+
 /// Plain-old-data element types that may live in device buffers.
 pub trait DeviceValue: Copy + Send + Sync + 'static {
     const ZERO: Self;
@@ -657,13 +820,64 @@ device_value!(
     half::f16 = half::f16::ZERO
 );
 
+fn host_location() -> sys::CUmemLocation {
+    sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+        id: 0,
+    }
+}
+
+fn allocation_prop(location: sys::CUmemLocation) -> sys::CUmemAllocationProp {
+    // SAFETY: CUmemAllocationProp is a plain C struct for which all-zero bytes are valid (no
+    // handle types, no flags, a null Windows pointer).
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location = location;
+    prop
+}
+
 /// Device memory holding `len` values of `T`, freed on drop.
 pub struct DeviceBuffer<T: DeviceValue> {
     ptr: sys::CUdeviceptr,
     len: usize,
     /// Its context: every stream of it is drained before the memory is freed.
     ctx: Arc<CudaContext>,
+    backing: Backing,
     _t: PhantomData<T>,
+}
+
+/// How a buffer's memory was obtained, i.e. how it is given back.
+enum Backing {
+    /// cuMemAlloc (device memory).
+    Alloc,
+    /// A reserved address range with device and host pieces mapped into it
+    /// ([`CudaDevice::alloc_placed`]).
+    Placed(Mapping),
+}
+
+/// The pieces of an [`Backing::Placed`] buffer.
+struct Mapping {
+    /// Bytes of address space reserved (the buffer rounded up to the granularity).
+    reserved: usize,
+    /// (offset, size, physical allocation) of each mapped piece, in address order.
+    mapped: Vec<(usize, usize, sys::CUmemGenericAllocationHandle)>,
+}
+
+impl Mapping {
+    /// Unmaps and releases every piece and the address range at `ptr`; errors are ignored
+    /// (nothing can be done about them while giving memory back).
+    fn release(&mut self, ptr: sys::CUdeviceptr) {
+        for (offset, size, handle) in self.mapped.drain(..) {
+            // SAFETY: the piece was mapped at ptr + offset by alloc_placed and its handle
+            // created there; each is unmapped and released once (drained).
+            unsafe {
+                let _ = sys::cuMemUnmap(ptr + offset as u64, size);
+                let _ = sys::cuMemRelease(handle);
+            }
+        }
+        // SAFETY: the range was reserved by alloc_placed with exactly this size.
+        let _ = unsafe { sys::cuMemAddressFree(ptr, self.reserved) };
+    }
 }
 
 impl<T: DeviceValue> DeviceBuffer<T> {
@@ -689,14 +903,21 @@ impl<T: DeviceValue> DeviceBuffer<T> {
 
 impl<T: DeviceValue> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
+        // No other thread's graph capture may be in progress during the context-wide
+        // synchronization below (see CONTEXT_WIDE).
+        let _no_capture = capture_lock();
         // Errors cannot be returned from drop; cudarc records them on the context.
         self.ctx.record_err(self.ctx.bind_to_thread());
         // Work still queued on any stream may use this memory: let it finish first.
         self.ctx.record_err(self.ctx.synchronize());
-        // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here, after
-        // every stream of the context (the main and side streams its kernels run on) has
-        // drained.
-        self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
+        match &mut self.backing {
+            // SAFETY: ptr came from cuMemAlloc in CudaDevice::alloc and is freed only here,
+            // after every stream of the context (the main and side streams its kernels run
+            // on) has drained.
+            Backing::Alloc => self.ctx.record_err(unsafe { result::free_sync(self.ptr) }),
+            // Drained as above.
+            Backing::Placed(mapping) => mapping.release(self.ptr),
+        }
     }
 }
 

@@ -71,4 +71,4 @@ pub use error::CudaError;
 pub use gemv::{ActQuant, Activations, DeviceMatrix, QuantizedActivations, WeightFormat};
 pub use kernels::Gpu;
 pub use session::CudaSession;
-pub use weights::DeviceWeights;
+pub use weights::{DeviceWeights, HostWeights};

@@ -18,7 +18,7 @@ use crate::error::{CudaError, Result};
 use crate::fwd_kernels::ForwardKernels;
 use crate::gemv::{DeviceMatrix, WeightFormat};
 use crate::kernels::Gpu;
-use crate::weights::DeviceWeights;
+use crate::weights::{DeviceWeights, HostCandidate, HostWeights};
 
 /// A weight matrix (or a stack of equally shaped ones) inside the uploaded region.
 #[derive(Clone, Copy, Debug)]
@@ -141,12 +141,27 @@ fn inv_freq_bits(t: &RopeTable) -> Vec<u64> {
 
 impl CudaModel {
     /// Opens GPU `ordinal`, checks that the model fits, uploads it (reporting progress as
-    /// (bytes done, bytes total)) and binds every tensor.
+    /// (bytes done, bytes total)) and binds every tensor. Weights that do not fit in GPU
+    /// memory go to host memory as `DS4_CUDA_HOST_WEIGHTS` says (default: only when needed).
     pub fn load(
         file: Arc<GgufFile>,
         cfg: ModelConfig,
         numerics: Numerics,
         ordinal: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> std::result::Result<CudaModel, ds4_model::backend::ModelError> {
+        let policy = HostWeights::from_env()
+            .map_err(|e| ds4_model::backend::ModelError::Unsupported(format!("CUDA: {e}")))?;
+        CudaModel::load_placed(file, cfg, numerics, ordinal, policy, progress)
+    }
+
+    /// As [`CudaModel::load`] with the host-memory placement given by the caller.
+    pub fn load_placed(
+        file: Arc<GgufFile>,
+        cfg: ModelConfig,
+        numerics: Numerics,
+        ordinal: usize,
+        policy: HostWeights,
         progress: &mut dyn FnMut(usize, usize),
     ) -> std::result::Result<CudaModel, ds4_model::backend::ModelError> {
         use ds4_model::backend::ModelError;
@@ -178,9 +193,15 @@ impl CudaModel {
         let fk = ForwardKernels::load(&gpu.device, &KernelCache::from_env()).map_err(err)?;
         let base = file.data_offset() as usize;
         let region = &file.bytes()[base..];
-        // An explicit DS4_CUDA_CHUNK is kept; the default span shrinks until its scratch fits.
+        // An explicit DS4_CUDA_CHUNK is kept. Otherwise, where weights may go to host memory,
+        // the default span stays and weights make room for its scratch: on an 80 GB H100 with
+        // the 80.76 GiB q2 file, 2048-token spans (7.20 GiB of weights in host memory)
+        // prefilled at 2 310-2 580 t/s and decoded at 98, 256-token spans (4.35 GiB) at
+        // 1 565-1 620 and 115 (BENCHMARKS.md, session 19). Without that, the span shrinks
+        // until its scratch fits.
         let chunk = match chunk_override() {
             Some(c) => c,
+            None if policy != HostWeights::Off => CHUNK,
             None => {
                 let (free, _) = gpu.device.memory_info().map_err(err)?;
                 let chunk = fitting_chunk(CHUNK, |c| {
@@ -198,7 +219,40 @@ impl CudaModel {
             }
         };
         let reserve = working_memory_estimate(&cfg, chunk);
-        let weights = DeviceWeights::upload(&gpu.device, region, reserve, progress).map_err(err)?;
+        let candidates = host_candidates(&host, base);
+        let weights = DeviceWeights::upload_placed(
+            &gpu.device,
+            region,
+            reserve,
+            policy,
+            &candidates,
+            progress,
+        )
+        .map_err(err)?;
+        let placed = weights.placement();
+        if placed.host_bytes > 0 {
+            // What a token reads over PCIe: one embedding row, and of each routed-expert
+            // stack its 6 (of 256) experts.
+            let per_token: usize = candidates
+                .iter()
+                .filter(|c| placed.tensors.contains(&c.name))
+                .map(|c| {
+                    let bytes = c.range.end - c.range.start;
+                    if c.name.starts_with("token_embd") {
+                        bytes / cfg.vocab_size.max(1)
+                    } else {
+                        bytes / cfg.n_experts.max(1) * cfg.n_experts_used
+                    }
+                })
+                .sum();
+            eprintln!(
+                "ds4: {} of the weights in host memory ({}), {} on the GPU; a decoded token reads ~{:.0} MB of them over PCIe. DS4_CUDA_CHUNK=256 puts fewer there (faster decode, slower prefill); DS4_CUDA_HOST_WEIGHTS=off refuses the model instead",
+                gib_str(placed.host_bytes),
+                placed.tensors.join(", "),
+                gib_str(weights.device_bytes()),
+                per_token as f64 / 1e6
+            );
+        }
         let parts = DevParts::bind(&gpu, &host, &cfg, base).map_err(err)?;
         let model = CudaModel {
             cfg,
@@ -257,9 +311,14 @@ impl CudaModel {
         &self.gpu
     }
 
-    /// Bytes of GPU memory the uploaded weights take.
+    /// Bytes of the uploaded weights (GPU and host memory together).
     pub fn weight_bytes(&self) -> usize {
         self.weights.len()
+    }
+
+    /// Bytes of the weights placed in host memory (0 when they all fit on the GPU).
+    pub fn host_weight_bytes(&self) -> usize {
+        self.weights.placement().host_bytes
     }
 
     pub(crate) fn rope_for(&self, layer: usize) -> &DeviceBuffer<u64> {
@@ -360,6 +419,29 @@ impl DevParts {
             )))?,
         })
     }
+}
+
+/// The tensors that may live in host memory, cheapest per token first: the token embedding
+/// (one row per token), then the routed-expert stacks from the last layer back (a token reads
+/// 6 of 256 experts of each). Byte ranges are relative to the tensor-data region.
+fn host_candidates(host: &ModelWeights, base: usize) -> Vec<HostCandidate> {
+    let range = |m: &Matrix| {
+        let start = m.offset - base;
+        start..start + m.rows * m.row_bytes
+    };
+    let mut out = vec![HostCandidate {
+        name: host.embed.name.clone(),
+        range: range(&host.embed),
+    }];
+    for w in host.layers.iter().rev() {
+        for e in [&w.down_exps, &w.up_exps, &w.gate_exps] {
+            out.push(HostCandidate {
+                name: e.all.name.clone(),
+                range: range(&e.all),
+            });
+        }
+    }
+    out
 }
 
 /// A host matrix view as a device matrix: `rows` rows per matrix, `experts` matrices.

@@ -147,10 +147,19 @@ impl CudaSession {
         let (free, _) = model.gpu.device.memory_info().map_err(cuda_err)?;
         if need > free {
             return Err(ModelError::Unsupported(format!(
-                "CUDA: a session of {ctx} tokens needs {} of GPU memory, {} are free ({} missing)",
+                "CUDA: a session of {ctx} tokens needs {} of GPU memory, {} are free ({} missing){}",
                 crate::model::gib_str(need),
                 crate::model::gib_str(free),
-                crate::model::gib_str(need - free)
+                crate::model::gib_str(need - free),
+                if model.host_weight_bytes() > 0 {
+                    format!(
+                        "; DS4_CUDA_HOST_WEIGHTS={:.1} puts enough of the weights in host memory for it (now {} there)",
+                        (model.host_weight_bytes() + need - free) as f64 / (1u64 << 30) as f64 + 0.1,
+                        crate::model::gib_str(model.host_weight_bytes())
+                    )
+                } else {
+                    String::new()
+                }
             )));
         }
         let cfg = &model.cfg;

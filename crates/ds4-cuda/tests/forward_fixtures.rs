@@ -260,3 +260,43 @@ fn cuda_session_errors_are_values() {
     assert!(s.tokens().is_empty());
     assert!(s.restore(b"not a payload").is_err());
 }
+
+/// Weights in host memory (what an 80 GB GPU does with ds4's 80.76 GiB q2 file): the kernels
+/// read them over PCIe through the same addresses, so every logit keeps its bits. All of the
+/// region goes to host memory here, so every kernel, the tensor-copy GEMMs included, reads
+/// its weights there.
+#[test]
+fn weights_in_host_memory_give_the_same_logits() {
+    if cuda().is_none() {
+        return;
+    }
+    use ds4_cuda::HostWeights;
+    for (name, mode) in [
+        ("flash_mini", WeightsMode::Ds4Q2),
+        ("ratios_real", WeightsMode::Q8),
+    ] {
+        let f = load_fixture(name);
+        let path = converted(name, mode);
+        let on_gpu = CudaBackend::load_placed(&path, Numerics::Ds4, 0, HostWeights::Off).unwrap();
+        let on_host = CudaBackend::load_placed(&path, Numerics::Ds4, 0, HostWeights::All).unwrap();
+        assert_eq!(on_gpu.model().host_weight_bytes(), 0);
+        assert!(on_host.model().host_weight_bytes() >= on_host.model().weight_bytes());
+        for eval in [EvalMode::Chunked(64), EvalMode::Decode] {
+            let want = run(&on_gpu, &f.tokens, eval);
+            let got = run(&on_host, &f.tokens, eval);
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same && want.len() == got.len(),
+                "{name} {}: logits with the weights in host memory differ",
+                mode.name()
+            );
+            println!(
+                "{name} {} {eval:?}: same bits, weights on GPU or in host memory",
+                mode.name()
+            );
+        }
+    }
+}

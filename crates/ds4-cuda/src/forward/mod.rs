@@ -1229,6 +1229,8 @@ impl CudaModel {
         // Nothing may be pending on a side stream when the capture starts: a join inside it
         // could only wait on uncaptured work.
         self.gpu.device.synchronize()?;
+        // Other threads' buffer drops wait until the capture ends (device.rs, CONTEXT_WIDE).
+        let _capturing = crate::device::capture_lock();
         let stream = self.gpu.device.main_stream();
         stream
             .begin_capture(
