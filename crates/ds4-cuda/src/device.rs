@@ -76,7 +76,7 @@ pub struct DeviceInfo {
 }
 
 /// Side streams a layer may fork work onto (see [`CudaDevice::fork`]).
-pub const SIDE_STREAMS: usize = 5;
+pub const SIDE_STREAMS: usize = 6;
 
 /// One GPU: its primary context, the main stream and the side streams.
 pub struct CudaDevice {

@@ -249,6 +249,15 @@ impl DeviceWeights {
         self.buf.len()
     }
 
+    /// Whether any byte of `range` (of the region) lives in host memory (a tensor placed
+    /// there keeps the ends that share a granule with its neighbours in GPU memory).
+    pub fn touches_host_memory(&self, range: Range<usize>) -> bool {
+        self.placement
+            .host
+            .iter()
+            .any(|h| h.start < range.end && range.start < h.end)
+    }
+
     /// Bytes of the region in GPU memory.
     pub fn device_bytes(&self) -> usize {
         self.buf.len().saturating_sub(self.placement.host_bytes)

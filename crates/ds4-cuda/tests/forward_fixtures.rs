@@ -264,7 +264,8 @@ fn cuda_session_errors_are_values() {
 /// Weights in host memory (what an 80 GB GPU does with ds4's 80.76 GiB q2 file): the kernels
 /// read them over PCIe through the same addresses, so every logit keeps its bits. All of the
 /// region goes to host memory here, so every kernel, the tensor-copy GEMMs included, reads
-/// its weights there.
+/// its weights there, and spans of 128 tokens or more (ratios_real's 603 in one span) read
+/// the routed experts' down stacks from their copies in the staging buffer.
 #[test]
 fn weights_in_host_memory_give_the_same_logits() {
     if cuda().is_none() {
@@ -273,6 +274,7 @@ fn weights_in_host_memory_give_the_same_logits() {
     use ds4_cuda::HostWeights;
     for (name, mode) in [
         ("flash_mini", WeightsMode::Ds4Q2),
+        ("ratios_real", WeightsMode::Ds4Q2),
         ("ratios_real", WeightsMode::Q8),
     ] {
         let f = load_fixture(name);
@@ -281,7 +283,12 @@ fn weights_in_host_memory_give_the_same_logits() {
         let on_host = CudaBackend::load_placed(&path, Numerics::Ds4, 0, HostWeights::All).unwrap();
         assert_eq!(on_gpu.model().host_weight_bytes(), 0);
         assert!(on_host.model().host_weight_bytes() >= on_host.model().weight_bytes());
-        for eval in [EvalMode::Chunked(64), EvalMode::Decode] {
+        assert_eq!(on_gpu.model().staged_down_layers(), 0);
+        assert_eq!(
+            on_host.model().staged_down_layers(),
+            on_host.model().cfg.n_layers
+        );
+        for eval in [EvalMode::Full, EvalMode::Chunked(64), EvalMode::Decode] {
             let want = run(&on_gpu, &f.tokens, eval);
             let got = run(&on_host, &f.tokens, eval);
             let same = want

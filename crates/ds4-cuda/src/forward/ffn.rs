@@ -7,6 +7,11 @@ use super::*;
 /// expert at 256 tokens; below ~16 most experts have none and per-slot launches do as well).
 const GROUPED_MIN_TOKENS: usize = 16;
 
+/// Spans of at least this many tokens copy the down stacks that live in host memory into the
+/// staging buffer (ExpertStaging): 128 tokens route to ~243 of 256 experts, so the GEMM would
+/// read nearly the whole stack over PCIe anyway, in small pieces.
+const STAGE_MIN_TOKENS: usize = 128;
+
 /// Most experts route_warp takes: 32 lanes × ROUTE_WARP_KEYS (moe.cu).
 const ROUTE_WARP_EXPERTS: usize = 32 * 8;
 
@@ -54,6 +59,57 @@ impl CudaModel {
             self.fk
                 .launch(&self.gpu.device, "fwd_moe", "moe_combine", cfg, &a)
         }
+    }
+
+    /// Starts copying the down stack of the first staged layer after `after` (all of them:
+    /// None) into the staging buffer on LANE_STAGE, behind the work issued so far (the
+    /// previous staged layer's GEMM, the staging buffer's last reader); that layer's down
+    /// GEMM joins the lane. Spans of STAGE_MIN_TOKENS or more, outside graph captures.
+    pub(super) fn stage_down_after(
+        &self,
+        s: &mut Scratch,
+        n: usize,
+        after: Option<usize>,
+    ) -> Result<()> {
+        let Some(staging) = &self.staging else {
+            return Ok(());
+        };
+        if n < STAGE_MIN_TOKENS || s.capturing {
+            return Ok(());
+        }
+        let next = staging
+            .layers
+            .iter()
+            .copied()
+            .find(|&l| after.is_none_or(|a| l > a));
+        if let Some(l) = next {
+            let m = &self.layers[l].down_exps;
+            let src = self.matrix(m)?;
+            let bytes = src.row_bytes * src.rows * src.experts;
+            if bytes > staging.buf.bytes() || !bytes.is_multiple_of(16) || src.ptr % 16 != 0 {
+                return Err(CudaError::InvalidArgument(format!(
+                    "layer {l}'s down stack ({bytes} bytes at {:#x}) cannot be staged into {} bytes",
+                    src.ptr,
+                    staging.buf.bytes()
+                )));
+            }
+            let dev = &self.gpu.device;
+            let a = kargs![staging.buf.ptr(), src.ptr, (bytes / 16) as i64];
+            let grid = cudarc::driver::LaunchConfig {
+                grid_dim: (dev.info().multiprocessors, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            dev.fork(LANE_STAGE)?;
+            // SAFETY: stage_copy reads `bytes` bytes at src.ptr (the stack, inside the weight
+            // region) and writes as many into the staging buffer (checked above); the buffer's
+            // readers join LANE_STAGE first.
+            let launched = unsafe { self.fk.launch(dev, "fwd_moe", "stage_copy", grid, &a) };
+            dev.to_main();
+            launched?;
+            s.staged = Some(l);
+        }
+        Ok(())
     }
 
     /// The MoE sublayer: s.x → s.y.
@@ -366,21 +422,44 @@ impl CudaModel {
             &mut s.eh,
             &w.down_exps,
         )?;
-        mm_experts(
-            self,
-            &mut s.quant,
-            &w.down_exps,
-            slot_ids,
-            slots,
-            &s.eh,
-            1,
-            SlotInput {
-                per_slot: true,
-                prequantized: ehq,
-                groups,
-            },
-            &mut s.edown,
-        )?;
+        let down_input = SlotInput {
+            per_slot: true,
+            prequantized: ehq,
+            groups,
+        };
+        match (&self.staging, s.staged.take_if(|sl| *sl == l)) {
+            (Some(staging), Some(_)) => {
+                // This layer's down stack lives in host memory: read its staged copy.
+                dev.join(LANE_STAGE)?;
+                let m = &w.down_exps;
+                let dm =
+                    DeviceMatrix::in_buffer(&staging.buf, 0, m.format, m.cols, m.rows, m.experts)?;
+                mm_experts_with(
+                    self,
+                    &mut s.quant,
+                    &w.down_exps,
+                    &dm,
+                    slot_ids,
+                    slots,
+                    &s.eh,
+                    1,
+                    down_input,
+                    &mut s.edown,
+                )?;
+                self.stage_down_after(s, n, Some(l))?;
+            }
+            _ => mm_experts(
+                self,
+                &mut s.quant,
+                &w.down_exps,
+                slot_ids,
+                slots,
+                &s.eh,
+                1,
+                down_input,
+                &mut s.edown,
+            )?,
+        }
         // The shared expert's output.
         dev.join(LANE_KV)?;
         let moe = MoePending {

@@ -15,7 +15,7 @@ use ds4_model::numerics::Numerics;
 use crate::device::{DeviceBuffer, HostStaging, SIDE_STREAMS};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::fwd_kernels::{grid_1d, kargs, per_item};
-use crate::gemv::{ActQuant, Activations, QuantizedActivations, WeightFormat};
+use crate::gemv::{ActQuant, Activations, DeviceMatrix, QuantizedActivations, WeightFormat};
 use crate::model::{CudaModel, DevHc, Mat};
 use crate::session::GpuLayerState;
 
@@ -43,6 +43,8 @@ const LANE_KV: usize = 1;
 const LANE_INDEXER: usize = 2;
 const LANE_INDEX_QUERY: usize = 3;
 const LANE_COMPRESSOR: usize = 4;
+/// Copies of host-memory expert stacks into the staging buffer, which span layers (ffn.rs).
+const LANE_STAGE: usize = 5;
 /// The side streams whose kernels run at the highest priority: the indexer's, the longer
 /// path to a CSA layer's attention (GPU step at 2K, H100: 7 890 µs without, 7 719 with; the
 /// K=V lane as well, with the FFN's shared expert moved to a stream of its own, changed
@@ -368,6 +370,9 @@ pub(crate) struct Scratch {
     streams_swapped: bool,
     /// While a decode graph is being captured: grids cover the whole session.
     capturing: bool,
+    /// The layer whose down stack is being copied into the model's staging buffer on
+    /// LANE_STAGE ([`crate::model::ExpertStaging`], ffn.rs).
+    staged: Option<usize>,
     /// The captured single-token forwards (kernels only; uploads and downloads are outside),
     /// replayed for every decode step: [Head::Logits(0..1), Head::Greedy].
     decode_graphs: [Option<DecodeGraph>; 2],
@@ -514,6 +519,7 @@ impl Scratch {
             pos: dev.alloc::<i64>(1)?,
             streams_swapped: false,
             capturing: false,
+            staged: None,
             decode_graphs: [None, None],
             greedy: GreedyBuffers::new(dev)?,
             device_next: None,
@@ -859,6 +865,23 @@ fn mm_experts(
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let dm = m.matrix(w)?;
+    mm_experts_with(m, quant, w, &dm, ids, n_slots, x, n_vecs, input, y)
+}
+
+/// As [`mm_experts`], reading the stack `w` describes from `dm` (a copy of it elsewhere).
+#[allow(clippy::too_many_arguments)]
+fn mm_experts_with(
+    m: &CudaModel,
+    quant: &mut QuantSlots,
+    w: &Mat,
+    dm: &DeviceMatrix,
+    ids: &DeviceBuffer<i32>,
+    n_slots: usize,
+    x: &DeviceBuffer<f32>,
+    n_vecs: usize,
+    input: SlotInput,
+    y: &mut DeviceBuffer<f32>,
+) -> Result<()> {
     let x_vecs = if input.per_slot {
         n_slots * n_vecs
     } else {
@@ -870,16 +893,16 @@ fn mm_experts(
             let groups = input.groups.expect("checked by the guard");
             let x = Activations::Quantized(qa);
             if crate::Gpu::expert_gemm_grouped_supports(dm.format) {
-                m.gpu.expert_gemm_grouped(&dm, groups, x, n_slots, y)
+                m.gpu.expert_gemm_grouped(dm, groups, x, n_slots, y)
             } else {
-                m.gpu.expert_gemv_grouped(&dm, groups, x, n_slots, y)
+                m.gpu.expert_gemv_grouped(dm, groups, x, n_slots, y)
             }
         }
         Some(qa) if n_vecs >= GEMM_MIN_VECS && dm.format == WeightFormat::Q8_0 => m
             .gpu
-            .expert_gemm_q8_0(&dm, ids, n_slots, qa, input.per_slot, n_vecs, y),
+            .expert_gemm_q8_0(dm, ids, n_slots, qa, input.per_slot, n_vecs, y),
         Some(qa) => m.gpu.expert_gemv(
-            &dm,
+            dm,
             ids,
             n_slots,
             Activations::Quantized(qa),
@@ -888,7 +911,7 @@ fn mm_experts(
             y,
         ),
         None => m.gpu.expert_gemv(
-            &dm,
+            dm,
             ids,
             n_slots,
             Activations::F32(x),
@@ -1199,6 +1222,8 @@ impl CudaModel {
         s.hc_part_ready = false;
         s.pre_normed = None;
         self.embed_streams(s, n)?;
+        s.staged = None;
+        self.stage_down_after(s, n, None)?;
         for (l, state) in layers.iter_mut().enumerate() {
             self.layer(l, s, state, n, pos0)?;
         }
