@@ -208,10 +208,10 @@ impl CudaModel {
         let region = &file.bytes()[base..];
         // An explicit DS4_CUDA_CHUNK is kept. Otherwise, where weights may go to host memory,
         // the default span stays and weights make room for its scratch: on an 80 GB H100 with
-        // the 80.76 GiB q2 file, 2048-token spans (7.20 GiB of weights in host memory)
-        // prefilled at 2 310-2 580 t/s and decoded at 98, 256-token spans (4.35 GiB) at
-        // 1 565-1 620 and 115 (BENCHMARKS.md, session 19). Without that, the span shrinks
-        // until its scratch fits.
+        // the 80.76 GiB q2 file, 2048-token spans (8.18 GiB of weights in host memory)
+        // prefill at 3 856 t/s and decode at 92.6; 256-token spans leave 4.91 GiB there and
+        // decode at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
+        // scratch fits.
         let chunk = match chunk_override() {
             Some(c) => c,
             None if policy != HostWeights::Off => CHUNK,
