@@ -28,6 +28,12 @@ use tokens::GreedyBuffers;
 
 /// Threads per CTA of the per-item kernels.
 const CTA: u32 = 256;
+
+/// Rows of logits the head computes at a time: a span's scratch holds this many rows of the
+/// vocabulary (132 MB), not the span's (1 GiB at 2 048 tokens, which on a GPU short of memory
+/// meant ~1 GiB more of the weights in host memory); spans that want every position's logits
+/// get them piece by piece.
+pub(crate) const HEAD_ROWS: usize = 256;
 /// Threads per CTA of the split-K hyper-connection projection (hc.cu HC_MIX_THREADS; the
 /// scratch holds its per-CTA partials).
 const HC_MIX_THREADS: usize = 128;
@@ -510,7 +516,7 @@ impl Scratch {
             hc_part_ready: false,
             moe_pending: None,
             pre_normed: None,
-            logits: f(cap * c.vocab_size)?,
+            logits: f(cap.min(HEAD_ROWS) * c.vocab_size)?,
             host_tokens: dev.host_staging(cap)?,
             host_pos: dev.host_staging(1)?,
             host_logits: dev.host_staging(c.vocab_size)?,
@@ -1169,11 +1175,19 @@ impl CudaModel {
         if rows == 0 {
             return Ok(ChunkLogits::None);
         }
-        Ok(ChunkLogits::Rows(download_prefix(
-            self,
-            &s.logits,
-            rows * c.vocab_size,
-        )?))
+        // The first HEAD_ROWS rows are in s.logits (layers_and_head); the rest, a piece at a time.
+        let mut out = Vec::with_capacity(rows * c.vocab_size);
+        let mut start = head_rows.start;
+        loop {
+            let piece = (head_rows.end - start).min(HEAD_ROWS);
+            out.extend(download_prefix(self, &s.logits, piece * c.vocab_size)?);
+            start += piece;
+            if start >= head_rows.end {
+                break;
+            }
+            self.head(s, start..(start + HEAD_ROWS).min(head_rows.end))?;
+        }
+        Ok(ChunkLogits::Rows(out))
     }
 
     /// Captures the decode graphs before the first decode step (when graphs are on), so that
@@ -1228,7 +1242,8 @@ impl CudaModel {
             self.layer(l, s, state, n, pos0)?;
         }
         match head {
-            Head::Logits(rows) => self.head(s, rows.clone()),
+            // At most HEAD_ROWS rows here (forward_chunk makes the rest).
+            Head::Logits(rows) => self.head(s, rows.start..rows.end.min(rows.start + HEAD_ROWS)),
             Head::Greedy => {
                 self.head(s, 0..1)?;
                 self.greedy_pick(s)

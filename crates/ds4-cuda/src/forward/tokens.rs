@@ -131,7 +131,7 @@ impl CudaModel {
         ];
         // SAFETY: greedy_pick(logits, n, exclude, partial, counter, token, pos, pick), a grid
         // of GREEDY_CTAS CTAs of GREEDY_THREADS, reads n = vocab logits of the chunk's first
-        // row (s.logits holds cap rows), the [count, ids] list (count <= GREEDY_MAX_EXCLUDE,
+        // row (s.logits holds up to HEAD_ROWS rows), the [count, ids] list (count <= GREEDY_MAX_EXCLUDE,
         // clamped again in the kernel) and writes 2 ints per CTA of `partial` (2 x
         // GREEDY_CTAS), one counter, one token slot, one position and one pick.
         unsafe {
