@@ -208,9 +208,9 @@ impl CudaModel {
         let region = &file.bytes()[base..];
         // An explicit DS4_CUDA_CHUNK is kept. Otherwise, where weights may go to host memory,
         // the default span stays and weights make room for its scratch: on an 80 GB H100 with
-        // the 80.76 GiB q2 file, 2048-token spans (8.18 GiB of weights in host memory)
-        // prefill at 3 856 t/s and decode at 92.6; 256-token spans leave 4.91 GiB there and
-        // decode at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
+        // the 80.76 GiB q2 file, 2048-token spans (6.88 GiB of weights in host memory)
+        // prefill at 4 078 t/s and decode at 97.4; 256-token spans left 4.91 GiB there and
+        // decoded at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
         // scratch fits.
         let chunk = match chunk_override() {
             Some(c) => c,
