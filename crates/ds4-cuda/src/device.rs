@@ -325,7 +325,18 @@ impl CudaDevice {
             }
             .result()
             .ctx("cuMemGetAllocationGranularity")?;
-            g = g.max(gran);
+            // Powers of two in practice; the least common multiple in any case.
+            let gcd = |mut a: usize, mut b: usize| {
+                while b != 0 {
+                    (a, b) = (b, a % b);
+                }
+                a
+            };
+            g = if g == 0 {
+                gran
+            } else {
+                g / gcd(g, gran.max(1)) * gran.max(1)
+            };
         }
         Ok(g.max(1))
     }

@@ -142,10 +142,15 @@ pub struct CudaModel {
 /// a copy moves a stack at PCIe speed once, while the grouped GEMM reading it in place
 /// fetches it in small pieces (~13 GB/s measured on an H100). Host stacks are spaced
 /// layers apart ([`host_candidates`]), so that each copy runs behind the layers before it.
+///
+/// One buffer per model: like the model's streams, it assumes that one forward pass at a time
+/// is issued (sessions of one model take turns, as the server's single worker does).
 pub(crate) struct ExpertStaging {
     pub buf: DeviceBuffer<u8>,
     /// The layers whose down stack is staged, ascending.
     pub layers: Vec<usize>,
+    /// Down GEMMs that read the staged copy so far (tests check that staging happens).
+    pub reads: std::sync::atomic::AtomicUsize,
 }
 
 fn inv_freq_bits(t: &RopeTable) -> Vec<u64> {
@@ -212,61 +217,60 @@ impl CudaModel {
         // prefill at 4 078 t/s and decode at 97.4; 256-token spans left 4.91 GiB there and
         // decoded at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
         // scratch fits.
-        let chunk = match chunk_override() {
+        let shrunk_chunk = || -> Result<usize> {
+            let (free, _) = gpu.device.memory_info()?;
+            let chunk = fitting_chunk(CHUNK, |c| {
+                region
+                    .len()
+                    .saturating_add(working_memory_estimate(&cfg, c))
+                    <= free
+            });
+            if chunk < CHUNK {
+                eprintln!(
+                    "ds4: prefill in spans of {chunk} tokens: the {CHUNK}-token span's scratch does not fit beside the weights in GPU memory"
+                );
+            }
+            Ok(chunk)
+        };
+        let mut chunk = match chunk_override() {
             Some(c) => c,
             None if policy != HostWeights::Off => CHUNK,
-            None => {
-                let (free, _) = gpu.device.memory_info().map_err(err)?;
-                let chunk = fitting_chunk(CHUNK, |c| {
-                    region
-                        .len()
-                        .saturating_add(working_memory_estimate(&cfg, c))
-                        <= free
-                });
-                if chunk < CHUNK {
-                    eprintln!(
-                        "ds4: prefill in spans of {chunk} tokens: the {CHUNK}-token span's scratch does not fit beside the weights in GPU memory"
-                    );
-                }
-                chunk
-            }
+            None => shrunk_chunk().map_err(err)?,
         };
-        let mut reserve = working_memory_estimate(&cfg, chunk);
         let candidates = host_candidates(&host, base);
-        // Where weights will go to host memory, the staging buffer is working memory too.
-        let staging_bytes = host
-            .layers
-            .iter()
-            .map(|w| w.down_exps.all.rows * w.down_exps.all.row_bytes)
-            .max()
-            .unwrap_or(0);
-        let placing = match policy {
-            HostWeights::Off => false,
-            HostWeights::All | HostWeights::AtLeast(_) => true,
-            HostWeights::Auto => {
-                let (free, _) = gpu.device.memory_info().map_err(err)?;
-                region.len().saturating_add(reserve) > free
-            }
-        };
-        if placing {
-            reserve += staging_bytes;
-        }
-        let weights = DeviceWeights::upload_placed(
+        let reserve = working_memory_estimate(&cfg, chunk);
+        let placed = DeviceWeights::upload_placed(
             &gpu.device,
             region,
             reserve,
             policy,
             &candidates,
             progress,
-        )
-        .map_err(err)?;
+        );
+        let weights = match placed {
+            Ok(w) => w,
+            // Host memory could not take the weights (a driver without host allocations in
+            // its virtual memory API, too little RAM to pin): the span shrinks instead, as
+            // it did before weights could go there.
+            Err(e) if policy == HostWeights::Auto && chunk_override().is_none() => {
+                eprintln!("ds4: placing weights in host memory failed ({e}); trying shorter prefill spans instead");
+                chunk = shrunk_chunk().map_err(err)?;
+                let reserve = working_memory_estimate(&cfg, chunk);
+                DeviceWeights::upload(&gpu.device, region, reserve, progress).map_err(|e2| {
+                    err(CudaError::OutOfMemory(format!(
+                        "{e2}; placing weights in host memory failed too: {e}"
+                    )))
+                })?
+            }
+            Err(e) => return Err(err(e)),
+        };
         let placed = weights.placement();
         if placed.host_bytes > 0 {
             // What a token reads over PCIe: one embedding row, and of each routed-expert
             // stack its 6 (of 256) experts.
             let per_token: usize = candidates
                 .iter()
-                .filter(|c| placed.tensors.contains(&c.name))
+                .filter(|c| weights.touches_host_memory(c.range.clone()))
                 .map(|c| {
                     let bytes = c.range.end - c.range.start;
                     if c.name.starts_with("token_embd") {
@@ -285,9 +289,13 @@ impl CudaModel {
             );
         }
         let parts = DevParts::bind(&gpu, &host, &cfg, base).map_err(err)?;
+        // Down stacks that touch host memory, and that stage_copy can copy (16-byte words).
         let staged: Vec<usize> = (0..cfg.n_layers)
             .filter(|&l| {
-                weights.touches_host_memory(region_range(&host.layers[l].down_exps.all, base))
+                let r = region_range(&host.layers[l].down_exps.all, base);
+                weights.touches_host_memory(r.clone())
+                    && r.start.is_multiple_of(16)
+                    && r.len().is_multiple_of(16)
             })
             .collect();
         let staging = if staged.is_empty() {
@@ -301,6 +309,7 @@ impl CudaModel {
             Some(ExpertStaging {
                 buf: gpu.device.alloc::<u8>(bytes).map_err(err)?,
                 layers: staged,
+                reads: Default::default(),
             })
         };
         let model = CudaModel {
@@ -369,6 +378,13 @@ impl CudaModel {
     /// Layers whose routed down stack lives in host memory and is staged for long spans.
     pub fn staged_down_layers(&self) -> usize {
         self.staging.as_ref().map_or(0, |s| s.layers.len())
+    }
+
+    /// Down GEMMs that have read a staged copy of their stack so far.
+    pub fn staged_reads(&self) -> usize {
+        self.staging
+            .as_ref()
+            .map_or(0, |s| s.reads.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Bytes of the weights placed in host memory (0 when they all fit on the GPU).
@@ -483,25 +499,29 @@ impl DevParts {
 /// the gate and up stacks from the last layer back (long spans read these in place). Byte
 /// ranges are relative to the tensor-data region.
 fn host_candidates(host: &ModelWeights, base: usize) -> Vec<HostCandidate> {
-    let cand = |m: &Matrix| HostCandidate {
+    let cand = |m: &Matrix, staged: bool| HostCandidate {
         name: m.name.clone(),
         range: region_range(m, base),
+        staged,
     };
-    let n = host.layers.len();
-    let mut out = vec![cand(&host.embed)];
-    for phase in 0..4.min(n) {
-        let mut l = n - 1 - phase;
-        loop {
-            out.push(cand(&host.layers[l].down_exps.all));
-            if l < 4 {
-                break;
-            }
-            l -= 4;
-        }
+    let mut out = vec![cand(&host.embed, false)];
+    for l in spaced_layers(host.layers.len()) {
+        out.push(cand(&host.layers[l].down_exps.all, true));
     }
     for w in host.layers.iter().rev() {
-        out.push(cand(&w.up_exps.all));
-        out.push(cand(&w.gate_exps.all));
+        out.push(cand(&w.up_exps.all, false));
+        out.push(cand(&w.gate_exps.all, false));
+    }
+    out
+}
+
+/// Every layer of `n` once, from the last back in steps of 4, then the layers between
+/// (n = 43: 42, 38, ..., 2, 41, 37, ..., 1, 40, ..., 0, 39, ..., 3).
+fn spaced_layers(n: usize) -> Vec<usize> {
+    const STEP: usize = 4;
+    let mut out = Vec::with_capacity(n);
+    for phase in 0..STEP.min(n) {
+        out.extend((0..n - phase).rev().step_by(STEP));
     }
     out
 }
@@ -563,6 +583,23 @@ mod tests {
         assert_eq!(fitting_chunk(2048, |_| true), 2048);
         assert_eq!(fitting_chunk(2048, |_| false), MIN_AUTO_CHUNK);
         assert_eq!(fitting_chunk(300, |_| false), 300);
+    }
+
+    #[test]
+    fn host_memory_takes_down_stacks_four_layers_apart_and_each_once() {
+        let order = spaced_layers(43);
+        assert_eq!(&order[..4], &[42, 38, 34, 30]);
+        assert_eq!(&order[10..13], &[2, 41, 37]);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..43).collect::<Vec<_>>());
+        // Consecutive picks are never adjacent layers within a phase.
+        assert!(order[..11].windows(2).all(|w| w[0] - w[1] == 4));
+        for n in [0, 1, 3, 4, 5] {
+            let mut o = spaced_layers(n);
+            o.sort_unstable();
+            assert_eq!(o, (0..n).collect::<Vec<_>>(), "n = {n}");
+        }
     }
 
     #[test]

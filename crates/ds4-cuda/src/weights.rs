@@ -49,9 +49,10 @@ impl HostWeights {
     pub fn parse(v: &str) -> Result<HostWeights> {
         match v.trim() {
             "" | "auto" => Ok(HostWeights::Auto),
-            "off" | "0" => Ok(HostWeights::Off),
+            "off" => Ok(HostWeights::Off),
             "all" => Ok(HostWeights::All),
             n => match n.parse::<f64>() {
+                Ok(0.0) => Ok(HostWeights::Off),
                 Ok(g) if g.is_finite() && g > 0.0 && g < 1e6 => {
                     Ok(HostWeights::AtLeast((g * (1u64 << 30) as f64) as usize))
                 }
@@ -68,6 +69,9 @@ impl HostWeights {
 pub struct HostCandidate {
     pub name: String,
     pub range: Range<usize>,
+    /// Long spans copy it back into a GPU buffer of its size (the routed experts' down
+    /// stacks, model.rs ExpertStaging): placing it takes that much working memory.
+    pub staged: bool,
 }
 
 /// Which parts of the region live in host memory.
@@ -79,6 +83,8 @@ pub struct Placement {
     pub host_bytes: usize,
     /// The tensors they hold (in the order they were chosen).
     pub tensors: Vec<String>,
+    /// GPU memory the chosen tensors' staging copy takes (the largest staged one).
+    pub staging_bytes: usize,
 }
 
 /// Chooses host ranges for at least `want` bytes: candidates in the given order (the
@@ -103,6 +109,9 @@ pub fn plan_placement(candidates: &[HostCandidate], granularity: usize, want: us
         plan.host_bytes = plan.host.iter().map(|r| r.end - r.start).sum();
         if plan.host_bytes > before {
             plan.tensors.push(c.name.clone());
+            if c.staged {
+                plan.staging_bytes = plan.staging_bytes.max(c.range.len());
+            }
         }
     }
     plan
@@ -159,22 +168,34 @@ impl DeviceWeights {
             HostWeights::All => {
                 let g = device.placement_granularity()?;
                 let end = region.len().max(1).div_ceil(g) * g;
+                let staged = candidates.iter().filter(|c| c.staged);
                 Placement {
                     host: std::iter::once(0..end).collect(),
                     host_bytes: end,
                     tensors: vec!["all weights".into()],
+                    staging_bytes: staged.map(|c| c.range.len()).max().unwrap_or(0),
                 }
             }
             HostWeights::Auto | HostWeights::AtLeast(_) => {
-                let want = match policy {
-                    HostWeights::AtLeast(b) => b.max(auto),
-                    _ => auto,
+                let g = device.placement_granularity()?;
+                let want = |extra: usize| match policy {
+                    HostWeights::AtLeast(b) if auto == 0 => b,
+                    HostWeights::AtLeast(b) => b.max(auto + extra),
+                    _ => auto + extra,
                 };
-                plan_placement(candidates, device.placement_granularity()?, want)
+                let plan = plan_placement(candidates, g, want(0));
+                // A staged tensor's GPU copy takes GPU memory too: make room for it as well.
+                if plan.staging_bytes > 0 {
+                    plan_placement(candidates, g, want(plan.staging_bytes))
+                } else {
+                    plan
+                }
             }
         };
         let on_gpu = region.len().saturating_sub(placement.host_bytes);
-        let gpu_need = on_gpu.saturating_add(reserve);
+        let gpu_need = on_gpu
+            .saturating_add(reserve)
+            .saturating_add(placement.staging_bytes);
         if gpu_need > free {
             let host_note = if placement.host_bytes > 0 {
                 format!(
@@ -191,7 +212,7 @@ impl DeviceWeights {
                 "model needs {:.2} GiB ({:.2} GiB weights + {:.2} GiB working memory), GPU has {:.2} GiB free ({:.2} GiB missing){host_note}",
                 gib(gpu_need),
                 gib(on_gpu),
-                gib(reserve),
+                gib(reserve + placement.staging_bytes),
                 gib(free),
                 gib(gpu_need - free)
             )));
@@ -278,6 +299,7 @@ mod tests {
         HostCandidate {
             name: name.into(),
             range: start..end,
+            staged: name.contains("down_exps"),
         }
     }
 
@@ -294,6 +316,8 @@ mod tests {
         assert_eq!(p.host, vec![2 * MIB..8 * MIB, 22 * MIB..40 * MIB]);
         assert_eq!(p.host_bytes, 24 * MIB);
         assert_eq!(p.tensors, vec!["token_embd", "blk.42.ffn_down_exps"]);
+        // The down stack is staged: its GPU copy takes its whole size.
+        assert_eq!(p.staging_bytes, 20 * MIB - 1);
         // Touching ranges merge; nothing is taken past what is wanted.
         let p = plan_placement(&c, 2 * MIB, 25 * MIB);
         assert_eq!(p.host, vec![2 * MIB..8 * MIB, 22 * MIB..70 * MIB]);
@@ -319,6 +343,7 @@ mod tests {
     fn the_host_weights_setting_parses_or_names_the_problem() {
         assert_eq!(HostWeights::parse("auto").unwrap(), HostWeights::Auto);
         assert_eq!(HostWeights::parse("off").unwrap(), HostWeights::Off);
+        assert_eq!(HostWeights::parse("0.0").unwrap(), HostWeights::Off);
         assert_eq!(HostWeights::parse("all").unwrap(), HostWeights::All);
         assert_eq!(
             HostWeights::parse("1.5").unwrap(),

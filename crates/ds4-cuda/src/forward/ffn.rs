@@ -446,6 +446,9 @@ impl CudaModel {
                     down_input,
                     &mut s.edown,
                 )?;
+                staging
+                    .reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.stage_down_after(s, n, Some(l))?;
             }
             _ => mm_experts(
