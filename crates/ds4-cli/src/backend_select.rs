@@ -32,12 +32,15 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
-/// Loads the model file on the chosen backend. `path` is only used in messages.
+/// Loads the model file on the chosen backend. `path` is only used in messages; `ctx` is the
+/// length of the sessions the caller will open (on a GPU, memory for one is kept beside the
+/// weights).
 pub fn load_backend(
     file: Arc<GgufFile>,
     path: &Path,
     choice: BackendChoice,
     numerics: Numerics,
+    ctx: usize,
 ) -> anyhow::Result<Box<dyn Backend>> {
     let cpu = |file| -> anyhow::Result<Box<dyn Backend>> {
         Ok(Box::new(
@@ -47,9 +50,9 @@ pub fn load_backend(
     };
     match choice {
         BackendChoice::Cpu => cpu(file),
-        BackendChoice::Cuda => load_cuda(file, path, numerics),
+        BackendChoice::Cuda => load_cuda(file, path, numerics, ctx),
         BackendChoice::Auto if ds4_cuda::cuda_available() => {
-            match load_cuda(file.clone(), path, numerics) {
+            match load_cuda(file.clone(), path, numerics, ctx) {
                 Ok(b) => Ok(b),
                 Err(e) => {
                     eprintln!("ds4: notice: CUDA is present but unusable ({e:#}); using the CPU");
@@ -65,10 +68,11 @@ fn load_cuda(
     file: Arc<GgufFile>,
     path: &Path,
     numerics: Numerics,
+    ctx: usize,
 ) -> anyhow::Result<Box<dyn Backend>> {
     // Opening the device reports which library is missing (driver or NVRTC).
     let mut progress = upload_progress();
-    let backend = ds4_cuda::CudaBackend::from_file(file, numerics, 0, &mut progress)
+    let backend = ds4_cuda::CudaBackend::from_file(file, numerics, 0, ctx, &mut progress)
         .with_context(|| format!("loading {} on the GPU (--backend cuda)", path.display()))?;
     Ok(Box::new(backend))
 }

@@ -99,11 +99,12 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
-/// Loads the model on the chosen backend.
+/// Loads the model on the chosen backend, for sessions of `ctx` tokens.
 fn load_backend(
     kind: BackendKind,
     file: Arc<GgufFile>,
     numerics: Numerics,
+    ctx: usize,
 ) -> anyhow::Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Cpu => Ok(Box::new(CpuBackend::from_file(file, numerics)?)),
@@ -112,6 +113,7 @@ fn load_backend(
             Path::new("the model"),
             crate::backend_select::BackendChoice::Cuda,
             numerics,
+            ctx,
         ),
     }
 }
@@ -150,8 +152,8 @@ impl OpenedModel {
         self.tokenizer.iter().map(|t| t.specials().eos).collect()
     }
 
-    fn load(&self, kind: BackendKind) -> anyhow::Result<Box<dyn Backend>> {
-        load_backend(kind, self.file.clone(), self.numerics)
+    fn load(&self, kind: BackendKind, ctx: usize) -> anyhow::Result<Box<dyn Backend>> {
+        load_backend(kind, self.file.clone(), self.numerics, ctx)
             .with_context(|| format!("loading {}", self.path.display()))
     }
 }
@@ -192,7 +194,7 @@ fn run_sweep(args: &BenchArgs, kind: BackendKind) -> anyhow::Result<()> {
     )?;
     let exclude = model.excluded();
 
-    let backend = model.load(kind)?;
+    let backend = model.load(kind, ctx)?;
     let mut session = backend.new_session(ctx)?;
     let mut csv = match &args.csv {
         Some(path) => {
@@ -277,7 +279,7 @@ fn run_kv_restore(args: &BenchArgs, kind: BackendKind, n: usize) -> anyhow::Resu
         quant_bits: crate::kv_session::routed_quant_bits(&model.file),
         exclude: model.excluded(),
     };
-    let backend = model.load(kind)?;
+    let backend = model.load(kind, ctx)?;
     println!(
         "ds4 bench: kv restore of {n} tokens, {} on {} ({} numerics), context {ctx}, stream: {source}",
         model.path.display(),

@@ -225,7 +225,7 @@ fn load_model(
     let model = ModelFile::open(path)?;
     let numerics = model.numerics(args.numerics.as_deref())?;
     let tokenizer = gguf_tokenizer(&model.file, path)?;
-    let backend = load_backend(model.file, path, choice, numerics)?;
+    let backend = load_backend(model.file, path, choice, numerics, args.ctx)?;
     check_vocab(&tokenizer, backend.config().vocab_size, path)?;
     Ok(LoadedModel {
         backend,

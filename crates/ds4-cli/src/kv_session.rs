@@ -168,6 +168,7 @@ mod tests {
             &path,
             "cpu".parse().unwrap(),
             ds4_model::numerics::Numerics::Ds4,
+            4096,
         )
         .unwrap();
         (backend, tokenizer, bits)

@@ -64,9 +64,9 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     // The numerics default depends on the model, which is only known after reading it.
     let opened = crate::model_file::ModelFile::open(&model)?;
     let numerics = explicit.unwrap_or(crate::model_file::default_numerics(&opened.cfg));
-    let backend = crate::backend_select::load_backend(opened.file, &model, choice, numerics)?;
-    let vocab = backend.config().vocab_size;
     let ctx = args.ctx.unwrap_or(tokens.len());
+    let backend = crate::backend_select::load_backend(opened.file, &model, choice, numerics, ctx)?;
+    let vocab = backend.config().vocab_size;
     let mut session = backend.new_session(ctx)?;
     let logits = eval_all_positions(session.as_mut(), &tokens, mode)?;
     let bytes = ds4_model::npy::write_f32(&[tokens.len(), vocab], &logits);

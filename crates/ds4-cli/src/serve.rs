@@ -146,6 +146,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &model_path,
         args.backend.parse()?,
         numerics,
+        args.ctx,
     )?;
     let vocab = backend.config().vocab_size;
     crate::model_file::check_vocab(&tokenizer, vocab, &model_path)?;

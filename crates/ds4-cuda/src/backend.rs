@@ -13,6 +13,9 @@ use crate::model::CudaModel;
 use crate::session::CudaSession;
 use crate::weights::HostWeights;
 
+/// The session length [`CudaBackend::load`] keeps GPU memory for.
+const SMALL_SESSION: usize = 4096;
+
 /// A model loaded on a GPU.
 #[derive(Clone)]
 pub struct CudaBackend {
@@ -27,29 +30,27 @@ impl CudaBackend {
         ordinal: usize,
     ) -> Result<CudaBackend, ModelError> {
         let file = GgufFile::open(path)?;
-        CudaBackend::from_file(Arc::new(file), numerics, ordinal, &mut |_, _| {})
+        CudaBackend::from_file(
+            Arc::new(file),
+            numerics,
+            ordinal,
+            SMALL_SESSION,
+            &mut |_, _| {},
+        )
     }
 
-    /// Uploads an already parsed file, reporting progress as (bytes done, bytes total).
+    /// Uploads an already parsed file, reporting progress as (bytes done, bytes total),
+    /// keeping GPU memory for one session of `session_ctx` tokens beside the weights (where
+    /// the weights do not all fit, more of them go to host memory instead).
     pub fn from_file(
         file: Arc<GgufFile>,
         numerics: Numerics,
         ordinal: usize,
+        session_ctx: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<CudaBackend, ModelError> {
         let cfg = ModelConfig::from_gguf(&file)?;
-        CudaBackend::with_config(file, cfg, numerics, ordinal, progress)
-    }
-
-    /// As [`CudaBackend::from_file`] with a model description given by the caller.
-    pub fn with_config(
-        file: Arc<GgufFile>,
-        cfg: ModelConfig,
-        numerics: Numerics,
-        ordinal: usize,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<CudaBackend, ModelError> {
-        let model = CudaModel::load(file, cfg, numerics, ordinal, progress)?;
+        let model = CudaModel::load(file, cfg, numerics, ordinal, session_ctx, progress)?;
         Ok(CudaBackend {
             model: Arc::new(model),
         })
@@ -65,7 +66,15 @@ impl CudaBackend {
     ) -> Result<CudaBackend, ModelError> {
         let file = Arc::new(GgufFile::open(path)?);
         let cfg = ModelConfig::from_gguf(&file)?;
-        let model = CudaModel::load_placed(file, cfg, numerics, ordinal, policy, &mut |_, _| {})?;
+        let model = CudaModel::load_placed(
+            file,
+            cfg,
+            numerics,
+            ordinal,
+            policy,
+            SMALL_SESSION,
+            &mut |_, _| {},
+        )?;
         Ok(CudaBackend {
             model: Arc::new(model),
         })

@@ -158,19 +158,21 @@ fn inv_freq_bits(t: &RopeTable) -> Vec<u64> {
 }
 
 impl CudaModel {
-    /// Opens GPU `ordinal`, checks that the model fits, uploads it (reporting progress as
-    /// (bytes done, bytes total)) and binds every tensor. Weights that do not fit in GPU
-    /// memory go to host memory as `DS4_CUDA_HOST_WEIGHTS` says (default: only when needed).
+    /// Opens GPU `ordinal`, checks that the model and one session of `session_ctx` tokens fit,
+    /// uploads it (reporting progress as (bytes done, bytes total)) and binds every tensor.
+    /// Weights that do not fit in GPU memory go to host memory as `DS4_CUDA_HOST_WEIGHTS`
+    /// says (default: only when needed).
     pub fn load(
         file: Arc<GgufFile>,
         cfg: ModelConfig,
         numerics: Numerics,
         ordinal: usize,
+        session_ctx: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> std::result::Result<CudaModel, ds4_model::backend::ModelError> {
         let policy = HostWeights::from_env()
             .map_err(|e| ds4_model::backend::ModelError::Unsupported(format!("CUDA: {e}")))?;
-        CudaModel::load_placed(file, cfg, numerics, ordinal, policy, progress)
+        CudaModel::load_placed(file, cfg, numerics, ordinal, policy, session_ctx, progress)
     }
 
     /// As [`CudaModel::load`] with the host-memory placement given by the caller.
@@ -180,6 +182,7 @@ impl CudaModel {
         numerics: Numerics,
         ordinal: usize,
         policy: HostWeights,
+        session_ctx: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> std::result::Result<CudaModel, ds4_model::backend::ModelError> {
         use ds4_model::backend::ModelError;
@@ -217,13 +220,15 @@ impl CudaModel {
         // prefill at 4 078 t/s and decode at 97.4; 256-token spans left 4.91 GiB there and
         // decoded at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
         // scratch fits.
+        // Beside the weights: one session of session_ctx tokens (its KV cache and the span's
+        // scratch).
+        let reserve_for = |chunk: usize| {
+            crate::session::session_bytes_for(&cfg, numerics, chunk, session_ctx.max(1))
+        };
         let shrunk_chunk = || -> Result<usize> {
             let (free, _) = gpu.device.memory_info()?;
             let chunk = fitting_chunk(CHUNK, |c| {
-                region
-                    .len()
-                    .saturating_add(working_memory_estimate(&cfg, c))
-                    <= free
+                region.len().saturating_add(reserve_for(c)) <= free
             });
             if chunk < CHUNK {
                 eprintln!(
@@ -238,7 +243,7 @@ impl CudaModel {
             None => shrunk_chunk().map_err(err)?,
         };
         let candidates = host_candidates(&host, base);
-        let reserve = working_memory_estimate(&cfg, chunk);
+        let reserve = reserve_for(chunk);
         let placed = DeviceWeights::upload_placed(
             &gpu.device,
             region,
@@ -255,7 +260,7 @@ impl CudaModel {
             Err(e) if policy == HostWeights::Auto && chunk_override().is_none() => {
                 eprintln!("ds4: placing weights in host memory failed ({e}); trying shorter prefill spans instead");
                 chunk = shrunk_chunk().map_err(err)?;
-                let reserve = working_memory_estimate(&cfg, chunk);
+                let reserve = reserve_for(chunk);
                 DeviceWeights::upload(&gpu.device, region, reserve, progress).map_err(|e2| {
                     err(CudaError::OutOfMemory(format!(
                         "{e2}; placing weights in host memory failed too: {e}"

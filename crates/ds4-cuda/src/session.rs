@@ -390,7 +390,16 @@ fn attention_rows(cfg: &ds4_model::config::ModelConfig, l: usize, ctx: usize) ->
 
 /// GPU memory a session of `ctx` tokens allocates (state + scratch), for the fit check.
 fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
-    let cfg = &m.cfg;
+    session_bytes_for(&m.cfg, m.numerics, m.chunk, ctx)
+}
+
+/// [`session_bytes`] of a model not loaded yet (prefill spans of `chunk` tokens).
+pub(crate) fn session_bytes_for(
+    cfg: &ds4_model::config::ModelConfig,
+    numerics: Numerics,
+    chunk: usize,
+    ctx: usize,
+) -> usize {
     let state = ds4_model::session::kv_bytes(cfg, ctx) as usize;
     let max_index_rows = cfg
         .compress_ratio
@@ -405,7 +414,7 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
         .max()
         .unwrap_or(1);
     // The indexer keys' bf16 copies (ds4 numerics).
-    let index_bf16 = if m.numerics == Numerics::Ds4 {
+    let index_bf16 = if numerics == Numerics::Ds4 {
         (0..cfg.n_layers)
             .filter(|&l| cfg.attn_kind[l] == AttnKind::Csa)
             .map(|l| {
@@ -417,8 +426,8 @@ fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
     };
     state
         + index_bf16
-        + crate::model::working_memory_estimate(cfg, m.chunk)
-        + m.chunk * max_index_rows * 4
+        + crate::model::working_memory_estimate(cfg, chunk)
+        + chunk * max_index_rows * 4
         + cfg.n_heads * max_attn_rows * 4
 }
 

@@ -19,9 +19,10 @@ use crate::gemv::{DeviceMatrix, WeightFormat};
 /// Bytes copied per host→device transfer (progress granularity).
 const UPLOAD_CHUNK: usize = 256 << 20;
 
-/// GPU memory that automatic placement leaves free beyond the working-memory estimate, so
-/// that sessions of some length (their KV cache) still fit: ~1 GiB is a 64K-token context.
-pub const AUTO_HEADROOM: usize = 1 << 30;
+/// GPU memory that automatic placement leaves free beyond the planned session (the caller's
+/// context: its KV cache and scratch), for what the estimate does not count (CUDA graphs,
+/// the allocator's rounding). On an H100 with 1 GiB here, 1.3 GB stayed unused at the peak.
+pub const AUTO_HEADROOM: usize = 512 << 20;
 
 /// Which weights may live in host memory (`DS4_CUDA_HOST_WEIGHTS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
