@@ -216,9 +216,9 @@ impl CudaModel {
         let region = &file.bytes()[base..];
         // An explicit DS4_CUDA_CHUNK is kept. Otherwise, where weights may go to host memory,
         // the default span stays and weights make room for its scratch: on an 80 GB H100 with
-        // the 80.76 GiB q2 file, 2048-token spans (6.88 GiB of weights in host memory)
-        // prefill at 4 078 t/s and decode at 97.4; 256-token spans left 4.91 GiB there and
-        // decoded at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
+        // the 80.76 GiB q2 file, 2048-token spans (6.88 GiB of weights in host memory for a
+        // 4K session) prefill at ~4 050 t/s and decode at ~97; 256-token spans left 4.91 GiB
+        // there and decoded at 110 (BENCHMARKS.md, session 19). Without that, the span shrinks until its
         // scratch fits.
         // Beside the weights: one session of session_ctx tokens (its KV cache and the span's
         // scratch).
