@@ -131,6 +131,51 @@ fn merge_ranges(mut ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
     out
 }
 
+/// What `policy` places in host memory for a region of `region_len` bytes that needs
+/// `reserve` bytes of working memory beside it on a GPU with `free` bytes free
+/// (`granularity` is asked only when something is placed).
+pub fn plan_for(
+    policy: HostWeights,
+    region_len: usize,
+    reserve: usize,
+    free: usize,
+    candidates: &[HostCandidate],
+    granularity: impl FnOnce() -> Result<usize>,
+) -> Result<Placement> {
+    let short = region_len.saturating_add(reserve).saturating_sub(free);
+    let auto = if short > 0 { short + AUTO_HEADROOM } else { 0 };
+    Ok(match policy {
+        HostWeights::Off => Placement::default(),
+        HostWeights::Auto if auto == 0 => Placement::default(),
+        HostWeights::All => {
+            let g = granularity()?.max(1);
+            let end = region_len.max(1).div_ceil(g) * g;
+            let staged = candidates.iter().filter(|c| c.staged);
+            Placement {
+                host: std::iter::once(0..end).collect(),
+                host_bytes: end,
+                tensors: vec!["all weights".into()],
+                staging_bytes: staged.map(|c| c.range.len()).max().unwrap_or(0),
+            }
+        }
+        HostWeights::Auto | HostWeights::AtLeast(_) => {
+            let g = granularity()?;
+            let want = |extra: usize| match policy {
+                HostWeights::AtLeast(b) if auto == 0 => b,
+                HostWeights::AtLeast(b) => b.max(auto + extra),
+                _ => auto + extra,
+            };
+            let plan = plan_placement(candidates, g, want(0));
+            // A staged tensor's GPU copy takes GPU memory too: make room for it as well.
+            if plan.staging_bytes > 0 {
+                plan_placement(candidates, g, want(plan.staging_bytes))
+            } else {
+                plan
+            }
+        }
+    })
+}
+
 /// The tensor-data region of a model at one device address (see the module comment).
 pub struct DeviceWeights {
     buf: DeviceBuffer<u8>,
@@ -160,39 +205,9 @@ impl DeviceWeights {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<DeviceWeights> {
         let (free, _total) = device.memory_info()?;
-        let need = region.len().saturating_add(reserve);
-        let short = need.saturating_sub(free);
-        let auto = if short > 0 { short + AUTO_HEADROOM } else { 0 };
-        let placement = match policy {
-            HostWeights::Off => Placement::default(),
-            HostWeights::Auto if auto == 0 => Placement::default(),
-            HostWeights::All => {
-                let g = device.placement_granularity()?;
-                let end = region.len().max(1).div_ceil(g) * g;
-                let staged = candidates.iter().filter(|c| c.staged);
-                Placement {
-                    host: std::iter::once(0..end).collect(),
-                    host_bytes: end,
-                    tensors: vec!["all weights".into()],
-                    staging_bytes: staged.map(|c| c.range.len()).max().unwrap_or(0),
-                }
-            }
-            HostWeights::Auto | HostWeights::AtLeast(_) => {
-                let g = device.placement_granularity()?;
-                let want = |extra: usize| match policy {
-                    HostWeights::AtLeast(b) if auto == 0 => b,
-                    HostWeights::AtLeast(b) => b.max(auto + extra),
-                    _ => auto + extra,
-                };
-                let plan = plan_placement(candidates, g, want(0));
-                // A staged tensor's GPU copy takes GPU memory too: make room for it as well.
-                if plan.staging_bytes > 0 {
-                    plan_placement(candidates, g, want(plan.staging_bytes))
-                } else {
-                    plan
-                }
-            }
-        };
+        let placement = plan_for(policy, region.len(), reserve, free, candidates, || {
+            device.placement_granularity()
+        })?;
         let on_gpu = region.len().saturating_sub(placement.host_bytes);
         let gpu_need = on_gpu
             .saturating_add(reserve)
@@ -338,6 +353,47 @@ mod tests {
         assert_eq!(p.host, vec![4 * MIB..12 * MIB]);
         assert_eq!(p.host_bytes, 8 * MIB);
         assert_eq!(p.tensors, vec!["blk.1.ffn_gate_exps"]);
+    }
+
+    #[test]
+    fn each_setting_places_what_it_says() {
+        const GIB: usize = 1 << 30;
+        // An embedding, then three 1 GiB down stacks (staged), then a gate stack.
+        let c = [
+            cand("token_embd", 0, GIB),
+            cand("blk.2.ffn_down_exps", GIB, 2 * GIB),
+            cand("blk.1.ffn_down_exps", 2 * GIB, 3 * GIB),
+            cand("blk.0.ffn_down_exps", 3 * GIB, 4 * GIB),
+            cand("blk.0.ffn_gate_exps", 4 * GIB, 5 * GIB),
+        ];
+        let len = 6 * GIB;
+        let g = || Ok(2 * MIB);
+        let plan = |policy, free| plan_for(policy, len, GIB, free, &c, g).unwrap();
+        // Fits: nothing placed unless asked.
+        assert_eq!(plan(HostWeights::Auto, 8 * GIB), Placement::default());
+        assert_eq!(plan(HostWeights::Off, GIB), Placement::default());
+        // 0.25 GiB short: + 0.5 GiB headroom is within the embedding alone; no staging.
+        let p = plan(HostWeights::Auto, 7 * GIB - GIB / 4);
+        assert_eq!((p.host_bytes, p.staging_bytes), (GIB, 0));
+        // 1.25 GiB short: the embedding and a down stack, whose 1 GiB staging copy makes
+        // the plan take one more stack.
+        let p = plan(HostWeights::Auto, 7 * GIB - GIB - GIB / 4);
+        assert_eq!(
+            p.tensors,
+            ["token_embd", "blk.2.ffn_down_exps", "blk.1.ffn_down_exps"]
+        );
+        assert_eq!((p.host_bytes, p.staging_bytes), (3 * GIB, GIB));
+        // At least 0.5 GiB where everything fits: exactly what was asked, rounded to tensors.
+        let p = plan(HostWeights::AtLeast(GIB / 2), 8 * GIB);
+        assert_eq!(p.host_bytes, GIB);
+        // All: the whole region, rounded up to the granularity.
+        let p = plan(HostWeights::All, 8 * GIB);
+        assert_eq!(p.host.len(), 1);
+        assert_eq!((p.host[0].start, p.host[0].end), (0, len));
+        assert_eq!(p.staging_bytes, GIB);
+        // The granularity is not asked for when nothing is placed.
+        let never = || -> Result<usize> { panic!("granularity asked") };
+        assert!(plan_for(HostWeights::Auto, len, GIB, 8 * GIB, &c, never).is_ok());
     }
 
     #[test]
