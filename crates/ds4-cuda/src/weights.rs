@@ -215,7 +215,7 @@ impl DeviceWeights {
         if gpu_need > free {
             let host_note = if placement.host_bytes > 0 {
                 format!(
-                    "; {:.2} GiB of the weights would be in host memory ({} tensors, all that may go there)",
+                    "; {:.2} GiB of the weights would be in host memory ({} tensors); DS4_CUDA_HOST_WEIGHTS=<GiB> can put more there",
                     gib(placement.host_bytes),
                     placement.tensors.len()
                 )
