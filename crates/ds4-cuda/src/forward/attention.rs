@@ -522,6 +522,7 @@ impl CudaModel {
                 self,
                 &mut s.quant,
                 &w.o_a_groups,
+                None,
                 &self.group_ids,
                 g,
                 &s.og,

@@ -385,6 +385,7 @@ impl CudaModel {
                 self,
                 &mut s.quant,
                 &w.gate_exps,
+                None,
                 slot_ids,
                 slots,
                 x_in,
@@ -396,6 +397,7 @@ impl CudaModel {
                 self,
                 &mut s.quant,
                 &w.up_exps,
+                None,
                 slot_ids,
                 slots,
                 x_in,
@@ -427,41 +429,31 @@ impl CudaModel {
             prequantized: ehq,
             groups,
         };
-        match (&self.staging, s.staged.take_if(|sl| *sl == l)) {
+        // A down stack in host memory is read from its staged copy (stage_down_after).
+        let staged = match (&self.staging, s.staged.take_if(|sl| *sl == l)) {
             (Some(staging), Some(_)) => {
-                // This layer's down stack lives in host memory: read its staged copy.
                 dev.join(LANE_STAGE)?;
-                let m = &w.down_exps;
-                let dm =
-                    DeviceMatrix::in_buffer(&staging.buf, 0, m.format, m.cols, m.rows, m.experts)?;
-                mm_experts_with(
-                    self,
-                    &mut s.quant,
-                    &w.down_exps,
-                    &dm,
-                    slot_ids,
-                    slots,
-                    &s.eh,
-                    1,
-                    down_input,
-                    &mut s.edown,
-                )?;
-                staging
-                    .reads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.stage_down_after(s, n, Some(l))?;
+                Some(staging)
             }
-            _ => mm_experts(
-                self,
-                &mut s.quant,
-                &w.down_exps,
-                slot_ids,
-                slots,
-                &s.eh,
-                1,
-                down_input,
-                &mut s.edown,
-            )?,
+            _ => None,
+        };
+        mm_experts(
+            self,
+            &mut s.quant,
+            &w.down_exps,
+            staged.map(|st| &st.buf),
+            slot_ids,
+            slots,
+            &s.eh,
+            1,
+            down_input,
+            &mut s.edown,
+        )?;
+        if let Some(staging) = staged {
+            staging
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stage_down_after(s, n, Some(l))?;
         }
         // The shared expert's output.
         dev.join(LANE_KV)?;

@@ -857,12 +857,14 @@ struct SlotInput<'a> {
 }
 
 /// Expert products: slot s uses matrix ids[s] of the stack on its `n_vecs` input vectors
-/// (see [`SlotInput`]); y is n_slots × n_vecs × rows.
+/// (see [`SlotInput`]); y is n_slots × n_vecs × rows. `copy`: a buffer holding the stack's
+/// bytes (the staging buffer of a stack in host memory, ffn.rs), read instead of the weights.
 #[allow(clippy::too_many_arguments)]
 fn mm_experts(
     m: &CudaModel,
     quant: &mut QuantSlots,
     w: &Mat,
+    copy: Option<&DeviceBuffer<u8>>,
     ids: &DeviceBuffer<i32>,
     n_slots: usize,
     x: &DeviceBuffer<f32>,
@@ -870,24 +872,11 @@ fn mm_experts(
     input: SlotInput,
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
-    let dm = m.matrix(w)?;
-    mm_experts_with(m, quant, w, &dm, ids, n_slots, x, n_vecs, input, y)
-}
-
-/// As [`mm_experts`], reading the stack `w` describes from `dm` (a copy of it elsewhere).
-#[allow(clippy::too_many_arguments)]
-fn mm_experts_with(
-    m: &CudaModel,
-    quant: &mut QuantSlots,
-    w: &Mat,
-    dm: &DeviceMatrix,
-    ids: &DeviceBuffer<i32>,
-    n_slots: usize,
-    x: &DeviceBuffer<f32>,
-    n_vecs: usize,
-    input: SlotInput,
-    y: &mut DeviceBuffer<f32>,
-) -> Result<()> {
+    let dm = match copy {
+        Some(buf) => DeviceMatrix::in_buffer(buf, 0, w.format, w.cols, w.rows, w.experts)?,
+        None => m.matrix(w)?,
+    };
+    let dm = &dm;
     let x_vecs = if input.per_slot {
         n_slots * n_vecs
     } else {
