@@ -560,14 +560,19 @@ pub fn working_memory_estimate(cfg: &ModelConfig, chunk: usize) -> usize {
     let f = 4usize;
     let n = chunk;
     let k = cfg.n_experts_used;
-    let per_token = cfg.hc_mult * cfg.hidden * 4
-        + cfg.n_heads * cfg.head_dim * 4
+    // The largest buffers of forward::Scratch: the streams (and their next copy), the query
+    // heads (normalized in place), the attention output and its groups, the grouped output
+    // projection, the routed experts' slots, the indexer queries.
+    let per_token = cfg.hc_mult * cfg.hidden * 2
+        + cfg.n_heads * cfg.head_dim * 3
         + cfg.o_groups * cfg.o_lora_rank * 2
         + k * (cfg.hidden * 2 + cfg.expert_ff * 3)
         + cfg.index_heads * cfg.index_head_dim;
-    // The logits: HEAD_ROWS rows at most (forward::HEAD_ROWS).
-    let logits = n.min(crate::forward::HEAD_ROWS) * cfg.vocab_size;
-    (n * per_token + logits) * f + (512 << 20)
+    // The head's rows: HEAD_ROWS at most (forward::HEAD_ROWS), each with its logits, the
+    // streams' copy and norm, and the mixed row and its norm.
+    let head_row = cfg.vocab_size + cfg.hc_mult * cfg.hidden * 2 + cfg.hidden * 2;
+    let head = n.min(crate::forward::HEAD_ROWS) * head_row;
+    (n * per_token + head) * f + (512 << 20)
 }
 
 /// GiB, for messages.
@@ -614,11 +619,15 @@ mod tests {
             working_memory_estimate(&cfg, 1024),
             working_memory_estimate(&cfg, 2048),
         );
-        // ~1.2 MB per token of span at Flash's shapes, beside a fixed 512 MiB; the logits
-        // (0.5 MB per row) stop growing at HEAD_ROWS rows.
+        // ~0.97 MB per token of span at Flash's shapes, beside a fixed 512 MiB; the head's
+        // rows (0.66 MB each, the logits most of it) stop growing at HEAD_ROWS rows.
         assert!(
-            big > small && big - small > 1024 * 1_100_000 && big - small < 1024 * 1_500_000,
+            big > small && big - small > 1024 * 900_000 && big - small < 1024 * 1_050_000,
             "{small} {big}"
+        );
+        assert!(
+            small > 1024 * 900_000 + 256 * 600_000 + (512 << 20),
+            "{small}"
         );
     }
 }

@@ -77,7 +77,8 @@ impl CudaModel {
     /// Per-row RMS norm (weight `w` or none) + RoPE of the last rope_dim channels (+ ds4's
     /// stored-KV rounding of the first `nope` channels when given) of `rows` vectors of
     /// head_dim values (rows_per_tok per token; `pos`: the device address of the span's first
-    /// position), x → y, in one launch.
+    /// position), x → y, in one launch. y may be x: both kernels read a row whole (into
+    /// shared memory or registers) before they write it.
     #[allow(clippy::too_many_arguments)]
     fn head_norm_rope(
         &self,
@@ -372,7 +373,8 @@ impl CudaModel {
             dev.plain_next_launch();
         }
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;
-        self.head_norm_rope(l, &s.q, None, &s.qn, n * h, h, s.pos.ptr(), None, None)?;
+        // In place: each row is read whole before it is written.
+        self.head_norm_rope(l, &s.q, None, &s.q, n * h, h, s.pos.ptr(), None, None)?;
         dev.join(LANE_KV)?;
         dev.join(LANE_COMPRESSOR)?;
         dev.join(LANE_INDEX_QUERY)?;
@@ -404,7 +406,7 @@ impl CudaModel {
             _ => (0i64, 0u64, 0usize),
         };
         let args = crate::attend::AttendArgs {
-            q: s.qn.ptr(),
+            q: s.q.ptr(),
             kv: s.kvn.ptr(),
             ring: state.ring.ptr(),
             comp: comp_ptr,

@@ -35,7 +35,7 @@ const NORM_THREADS: usize = 512;
 impl CudaModel {
     /// Whether the split-K projection kernels take this hyper-connection (F32/F16 rows, at
     /// most HC_MIX_MAX of them); else it goes through rmsnorm + the generic matvec.
-    fn hc_split_k(&self, hc: &DevHc) -> bool {
+    pub(super) fn hc_split_k(&self, hc: &DevHc) -> bool {
         let nc = self.cfg.hc_mult;
         matches!(hc.fn_.format, WeightFormat::F32 | WeightFormat::F16)
             && (2 + nc) * nc <= HC_MIX_MAX

@@ -302,7 +302,6 @@ pub(crate) struct Scratch {
     qr: DeviceBuffer<f32>,
     qrn: DeviceBuffer<f32>,
     q: DeviceBuffer<f32>,
-    qn: DeviceBuffer<f32>,
     kv: DeviceBuffer<f32>,
     kvn: DeviceBuffer<f32>,
     ckv: DeviceBuffer<f32>,
@@ -459,11 +458,22 @@ impl Scratch {
         let hhd = c.n_heads * c.head_dim;
         let (ni, di) = (c.index_heads, c.index_head_dim);
         let god = c.o_groups * c.o_lora_rank;
+        let head = cap.min(HEAD_ROWS);
         Ok(Scratch {
             cap,
             streams: f(cap * nc * d)?,
             streams_next: f(cap * nc * d)?,
-            flat: f(cap * nc * d)?,
+            // Only the projections without the split-K kernels normalize the streams first.
+            flat: f(
+                if m.layers
+                    .iter()
+                    .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn))
+                {
+                    0
+                } else {
+                    cap * nc * d
+                },
+            )?,
             mix: f(cap * (2 + nc) * nc)?,
             maps: f(cap * (2 * nc + nc * nc))?,
             x: f(cap * d)?,
@@ -471,7 +481,6 @@ impl Scratch {
             qr: f(cap * c.q_lora_rank)?,
             qrn: f(cap * c.q_lora_rank)?,
             q: f(cap * hhd)?,
-            qn: f(cap * hhd)?,
             kv: f(cap * c.head_dim)?,
             kvn: f(cap * c.head_dim)?,
             ckv: f(cap * 2 * c.head_dim)?,
@@ -507,16 +516,17 @@ impl Scratch {
             sh: f(cap * c.expert_ff)?,
             sdown: f(cap * d)?,
             tokens: i(cap)?,
-            hraw: f(cap * nc * d)?,
-            hflat: f(cap * nc * d)?,
-            hmix: f(cap * nc)?,
-            hu: f(cap * d)?,
-            hun: f(cap * d)?,
+            // The head's buffers: HEAD_ROWS rows at a time, as the logits.
+            hraw: f(head * nc * d)?,
+            hflat: f(head * nc * d)?,
+            hmix: f(head * nc)?,
+            hu: f(head * d)?,
+            hun: f(head * d)?,
             hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
             hc_part_ready: false,
             moe_pending: None,
             pre_normed: None,
-            logits: f(cap.min(HEAD_ROWS) * c.vocab_size)?,
+            logits: f(head * c.vocab_size)?,
             host_tokens: dev.host_staging(cap)?,
             host_pos: dev.host_staging(1)?,
             host_logits: dev.host_staging(c.vocab_size)?,
