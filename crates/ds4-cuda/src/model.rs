@@ -556,18 +556,25 @@ fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result
 
 /// Device memory the forward pass needs beside the weights for its scratch (one chunk of
 /// `chunk` tokens) and a small session, used for the fit check before anything is uploaded.
-pub fn working_memory_estimate(cfg: &ModelConfig, chunk: usize) -> usize {
+/// In ds4 numerics a ds4 file's spans need no f32 expert inputs and no group-major copies of
+/// the attention output (forward::Scratch's xe, og and zg: quantized gathers, a Q8_0 grouped
+/// output projection on the token-major layout); other numerics do.
+pub fn working_memory_estimate(cfg: &ModelConfig, chunk: usize, numerics: Numerics) -> usize {
     let f = 4usize;
     let n = chunk;
     let k = cfg.n_experts_used;
+    let (hhd, god) = (cfg.n_heads * cfg.head_dim, cfg.o_groups * cfg.o_lora_rank);
     // The largest buffers of forward::Scratch: the streams (and their next copy), the query
-    // heads (normalized in place), the attention output and its groups, the grouped output
-    // projection, the routed experts' slots, the indexer queries.
-    let per_token = cfg.hc_mult * cfg.hidden * 2
-        + cfg.n_heads * cfg.head_dim * 3
-        + cfg.o_groups * cfg.o_lora_rank * 2
-        + k * (cfg.hidden * 2 + cfg.expert_ff * 3)
+    // heads (normalized in place) and the attention output, the output projection's groups,
+    // the routed experts' slots (outputs, gate, up, SwiGLU), the indexer queries.
+    let mut per_token = cfg.hc_mult * cfg.hidden * 2
+        + hhd * 2
+        + god
+        + k * (cfg.hidden + cfg.expert_ff * 3)
         + cfg.index_heads * cfg.index_head_dim;
+    if numerics != Numerics::Ds4 {
+        per_token += hhd + god + k * cfg.hidden;
+    }
     // The head's rows: HEAD_ROWS at most (forward::HEAD_ROWS), each with its logits, the
     // streams' copy and norm, and the mixed row and its norm.
     let head_row = cfg.vocab_size + cfg.hc_mult * cfg.hidden * 2 + cfg.hidden * 2;
@@ -616,18 +623,26 @@ mod tests {
     fn a_longer_span_needs_more_working_memory() {
         let cfg = ModelConfig::flash();
         let (small, big) = (
-            working_memory_estimate(&cfg, 1024),
-            working_memory_estimate(&cfg, 2048),
+            working_memory_estimate(&cfg, 1024, Numerics::Ds4),
+            working_memory_estimate(&cfg, 2048, Numerics::Ds4),
         );
-        // ~0.97 MB per token of span at Flash's shapes, beside a fixed 512 MiB; the head's
-        // rows (0.66 MB each, the logits most of it) stop growing at HEAD_ROWS rows.
+        // ~0.71 MB per token of span at Flash's shapes in ds4 numerics, beside a fixed
+        // 512 MiB; the head's rows (0.66 MB each, the logits most of it) stop growing at
+        // HEAD_ROWS rows.
         assert!(
-            big > small && big - small > 1024 * 900_000 && big - small < 1024 * 1_050_000,
+            big > small && big - small > 1024 * 650_000 && big - small < 1024 * 750_000,
             "{small} {big}"
         );
         assert!(
-            small > 1024 * 900_000 + 256 * 600_000 + (512 << 20),
+            small > 1024 * 650_000 + 256 * 600_000 + (512 << 20),
             "{small}"
+        );
+        // The reference numerics' spans also keep f32 expert inputs and group-major copies:
+        // ~0.27 MB more per token.
+        let reference = working_memory_estimate(&cfg, 2048, Numerics::Reference);
+        assert!(
+            reference > big + 2048 * 250_000 && reference < big + 2048 * 300_000,
+            "{reference} {big}"
         );
     }
 }

@@ -426,7 +426,7 @@ pub(crate) fn session_bytes_for(
     };
     state
         + index_bf16
-        + crate::model::working_memory_estimate(cfg, chunk)
+        + crate::model::working_memory_estimate(cfg, chunk, numerics)
         + chunk * max_index_rows * 4
         + cfg.n_heads * max_attn_rows * 4
 }

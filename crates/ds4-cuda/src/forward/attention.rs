@@ -188,6 +188,15 @@ impl CudaModel {
     }
 
     /// The attention sublayer: s.x (n × d) → s.y (n × d).
+    /// Whether a span of at least GEMM_MIN_VECS tokens runs layer `w`'s grouped output
+    /// projection straight on the token-major layout (expert_gemm_q8_0_interleaved), without
+    /// the group permutations and their buffers (Scratch's og and zg).
+    pub(super) fn o_a_token_major(&self, w: &crate::model::DevLayer) -> bool {
+        let c = &self.cfg;
+        act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
+            && w.o_a_groups.cols == c.n_heads * c.head_dim / c.o_groups
+    }
+
     pub(super) fn attention(
         &self,
         l: usize,
@@ -502,10 +511,7 @@ impl CudaModel {
                 o_quantized.is_some(),
                 &mut s.z,
             )?;
-        } else if n >= GEMM_MIN_VECS
-            && act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
-            && w.o_a_groups.cols == gw
-        {
+        } else if n >= GEMM_MIN_VECS && self.o_a_token_major(w) {
             // Tensor cores straight on the token-major layout: vector t·G + g of s.o (and of
             // s.z) is token t's group g, so no permutation is needed around the product.
             let dm = self.matrix(&w.o_a_groups)?;

@@ -113,6 +113,16 @@ impl CudaModel {
     }
 
     /// The MoE sublayer: s.x → s.y.
+    /// Whether a span's routed-expert slots of layer `w` gather the tokens' quantized rows
+    /// (gather_slots_q): gate and up take the same quantized activations. Otherwise they
+    /// gather f32 rows into Scratch's xe.
+    pub(super) fn gathers_quantized(&self, w: &crate::model::DevLayer) -> bool {
+        let gate = act_quant_of(self, &w.gate_exps);
+        gate.is_some()
+            && gate == act_quant_of(self, &w.up_exps)
+            && self.cfg.hidden.is_multiple_of(16)
+    }
+
     pub(super) fn ffn(&self, l: usize, s: &mut Scratch, n: usize) -> Result<()> {
         let c = &self.cfg;
         let w = &self.layers[l];
@@ -288,7 +298,7 @@ impl CudaModel {
                 )?
             };
             let one_per_slot = per_item(slots, 256, 0);
-            match gate_kind.filter(|_| up_q && d.is_multiple_of(16)) {
+            match gate_kind.filter(|_| self.gathers_quantized(w)) {
                 Some(kind) => {
                     // The tokens' quantized rows, gathered per slot (the quantized form of
                     // s.xe, made without s.xe: same bits, a quarter of the bytes).

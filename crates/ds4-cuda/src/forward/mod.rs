@@ -459,6 +459,16 @@ impl Scratch {
         let (ni, di) = (c.index_heads, c.index_head_dim);
         let god = c.o_groups * c.o_lora_rank;
         let head = cap.min(HEAD_ROWS);
+        // Spans permute the attention output into groups only below GEMM_MIN_VECS tokens when
+        // every layer's grouped output projection takes the token-major layout.
+        let grouped = if m.layers.iter().all(|w| m.o_a_token_major(w)) {
+            cap.min(GEMM_MIN_VECS - 1)
+        } else {
+            cap
+        };
+        // The f32 expert inputs: only layers whose slots gather f32 rows write them (the
+        // quantized gather keys its slot on xe's address alone).
+        let f32_gather = m.layers.iter().any(|w| !m.gathers_quantized(w));
         Ok(Scratch {
             cap,
             streams: f(cap * nc * d)?,
@@ -494,8 +504,8 @@ impl Scratch {
             iscores: f(cap * max_index_rows)?,
             attn_scores: f(c.n_heads * max_attn_rows)?,
             o: f(cap * hhd)?,
-            og: f(cap * hhd)?,
-            zg: f(cap * god)?,
+            og: f(grouped * hhd)?,
+            zg: f(grouped * god)?,
             z: f(cap * god)?,
             y: f(cap * d)?,
             rlog: f(cap * c.n_experts)?,
@@ -506,7 +516,7 @@ impl Scratch {
             group_start: i(c.n_experts + 1)?,
             sorted_ids: i(cap * k)?,
             sorted_wts: f(cap * k)?,
-            xe: f(cap * k * d)?,
+            xe: f(if f32_gather { cap * k * d } else { 0 })?,
             eg: f(cap * k * c.expert_ff)?,
             eu: f(cap * k * c.expert_ff)?,
             eh: f(cap * k * c.expert_ff)?,
