@@ -187,7 +187,6 @@ impl CudaModel {
         }
     }
 
-    /// The attention sublayer: s.x (n × d) → s.y (n × d).
     /// Whether a span of at least GEMM_MIN_VECS tokens runs layer `w`'s grouped output
     /// projection straight on the token-major layout (expert_gemm_q8_0_interleaved), without
     /// the group permutations and their buffers (Scratch's og and zg).
@@ -197,6 +196,7 @@ impl CudaModel {
             && w.o_a_groups.cols == c.n_heads * c.head_dim / c.o_groups
     }
 
+    /// The attention sublayer: s.x (n × d) → s.y (n × d).
     pub(super) fn attention(
         &self,
         l: usize,

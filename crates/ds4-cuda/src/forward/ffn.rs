@@ -112,7 +112,6 @@ impl CudaModel {
         Ok(())
     }
 
-    /// The MoE sublayer: s.x → s.y.
     /// Whether a span's routed-expert slots of layer `w` gather the tokens' quantized rows
     /// (gather_slots_q): gate and up take the same quantized activations. Otherwise they
     /// gather f32 rows into Scratch's xe.
@@ -123,6 +122,7 @@ impl CudaModel {
             && self.cfg.hidden.is_multiple_of(16)
     }
 
+    /// The MoE sublayer: s.x → s.y.
     pub(super) fn ffn(&self, l: usize, s: &mut Scratch, n: usize) -> Result<()> {
         let c = &self.cfg;
         let w = &self.layers[l];

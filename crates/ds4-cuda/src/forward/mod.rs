@@ -469,21 +469,16 @@ impl Scratch {
         // The f32 expert inputs: only layers whose slots gather f32 rows write them (the
         // quantized gather keys its slot on xe's address alone).
         let f32_gather = m.layers.iter().any(|w| !m.gathers_quantized(w));
+        // The streams' norm: only mixes without the split-K kernels take it.
+        let split_k = m
+            .layers
+            .iter()
+            .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn));
         Ok(Scratch {
             cap,
             streams: f(cap * nc * d)?,
             streams_next: f(cap * nc * d)?,
-            // Only the projections without the split-K kernels normalize the streams first.
-            flat: f(
-                if m.layers
-                    .iter()
-                    .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn))
-                {
-                    0
-                } else {
-                    cap * nc * d
-                },
-            )?,
+            flat: f(if split_k { 0 } else { cap * nc * d })?,
             mix: f(cap * (2 + nc) * nc)?,
             maps: f(cap * (2 * nc + nc * nc))?,
             x: f(cap * d)?,
