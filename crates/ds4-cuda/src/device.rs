@@ -864,6 +864,9 @@ enum Backing {
     /// A reserved address range with device and host pieces mapped into it
     /// ([`CudaDevice::alloc_placed`]).
     Placed(Mapping),
+    /// A part of another buffer's memory ([`DeviceBuffer::part`]), which the share keeps
+    /// alive and gives back when its last part and itself are gone.
+    Part { _share: Arc<DeviceBuffer<u8>> },
 }
 
 /// The pieces of an [`Backing::Placed`] buffer.
@@ -912,8 +915,40 @@ impl<T: DeviceValue> DeviceBuffer<T> {
     }
 }
 
+impl DeviceBuffer<u8> {
+    /// `len` values of `T` of this memory from byte `offset` on (256-byte aligned, as fresh
+    /// allocations are), as a buffer of their own. Parts may overlap: what one writes the
+    /// others read, so only buffers whose uses never overlap in time may share memory.
+    pub fn part<T: DeviceValue>(
+        self: &Arc<Self>,
+        offset: usize,
+        len: usize,
+    ) -> Result<DeviceBuffer<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>());
+        if !offset.is_multiple_of(256) || bytes.is_none_or(|b| offset + b > self.len) {
+            return Err(CudaError::InvalidArgument(format!(
+                "a part of {len} values at byte {offset} of a {}-byte buffer",
+                self.len
+            )));
+        }
+        Ok(DeviceBuffer {
+            ptr: self.ptr + offset as u64,
+            len,
+            ctx: self.ctx.clone(),
+            backing: Backing::Part {
+                _share: self.clone(),
+            },
+            _t: PhantomData,
+        })
+    }
+}
+
 impl<T: DeviceValue> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
+        if matches!(self.backing, Backing::Part { .. }) {
+            // Nothing to give back: the share's own drop does, after the last part.
+            return;
+        }
         // No other thread's graph capture may be in progress during the context-wide
         // synchronization below (see CONTEXT_WIDE).
         let _no_capture = capture_lock();
@@ -928,6 +963,7 @@ impl<T: DeviceValue> Drop for DeviceBuffer<T> {
             Backing::Alloc => self.ctx.record_err(unsafe { result::free_sync(self.ptr) }),
             // Drained as above.
             Backing::Placed(mapping) => mapping.release(self.ptr),
+            Backing::Part { .. } => {}
         }
     }
 }
@@ -986,5 +1022,40 @@ impl<T: DeviceValue> Drop for HostStaging<T> {
         // SAFETY: ptr came from cuMemHostAlloc in CudaDevice::host_staging and is freed only
         // here, after the only stream that copies it has drained.
         ctx.record_err(unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts of one allocation see each other's bytes, keep it alive after its owner's Arc is
+    /// gone, and cannot reach past it or start unaligned.
+    #[test]
+    fn parts_share_their_memory_and_stay_inside_it() {
+        if !cuda_available() {
+            eprintln!("skipped: no CUDA");
+            return;
+        }
+        let dev = CudaDevice::open(0).expect("a GPU is present but cannot be opened");
+        let share = Arc::new(dev.alloc::<u8>(4096).unwrap());
+        let mut a = share.part::<f32>(0, 512).unwrap();
+        let b = share.part::<f32>(1024, 256).unwrap();
+        let err = match share.part::<f32>(3840, 65) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a part past the end"),
+        };
+        assert!(
+            err.contains("65 values at byte 3840") && err.contains("4096-byte"),
+            "{err}"
+        );
+        assert!(share.part::<f32>(100, 1).is_err(), "unaligned part");
+        drop(share);
+        let data: Vec<f32> = (0..512).map(|i| i as f32).collect();
+        dev.copy_to(&data, &mut a, 0).unwrap();
+        // b starts 1024 bytes (256 floats) into a.
+        assert_eq!(dev.download(&b).unwrap(), data[256..].to_vec());
+        drop(a);
+        assert_eq!(dev.download(&b).unwrap()[0], 256.0);
     }
 }

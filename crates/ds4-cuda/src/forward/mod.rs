@@ -6,6 +6,7 @@
 //! embedding rows are gathered on the GPU from the uploaded table).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cudarc::driver::result;
 
@@ -474,6 +475,18 @@ impl Scratch {
             .layers
             .iter()
             .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn));
+        // The attention's query heads and output (q, o) and the routed experts' gate, up,
+        // SwiGLU and outputs (eg, eu, eh, edown) share one allocation: a sublayer's buffers
+        // are dead once the sublayer's last reader (o_a's input quantization; moe_combine or
+        // the hc_post_mix after the FFN) has run on the main stream, before the other
+        // sublayer writes, and no side lane touches them.
+        let slots = cap * k;
+        let (q_len, o_len) = (cap * hhd, cap * hhd);
+        let (g_len, d_len) = (slots * c.expert_ff, slots * d);
+        let at = |floats: usize| (floats * 4).next_multiple_of(256);
+        let (o_at, eu_at) = (at(q_len), at(g_len));
+        let (eh_at, edown_at) = (eu_at + at(g_len), eu_at + 2 * at(g_len));
+        let shared = Arc::new(dev.alloc::<u8>((o_at + at(o_len)).max(edown_at + at(d_len)))?);
         Ok(Scratch {
             cap,
             streams: f(cap * nc * d)?,
@@ -485,7 +498,7 @@ impl Scratch {
             xn: f(cap * d)?,
             qr: f(cap * c.q_lora_rank)?,
             qrn: f(cap * c.q_lora_rank)?,
-            q: f(cap * hhd)?,
+            q: shared.part(0, q_len)?,
             kv: f(cap * c.head_dim)?,
             kvn: f(cap * c.head_dim)?,
             ckv: f(cap * 2 * c.head_dim)?,
@@ -498,7 +511,7 @@ impl Scratch {
             selc: i(cap)?,
             iscores: f(cap * max_index_rows)?,
             attn_scores: f(c.n_heads * max_attn_rows)?,
-            o: f(cap * hhd)?,
+            o: shared.part(o_at, o_len)?,
             og: f(grouped * hhd)?,
             zg: f(grouped * god)?,
             z: f(cap * god)?,
@@ -512,10 +525,10 @@ impl Scratch {
             sorted_ids: i(cap * k)?,
             sorted_wts: f(cap * k)?,
             xe: f(if f32_gather { cap * k * d } else { 0 })?,
-            eg: f(cap * k * c.expert_ff)?,
-            eu: f(cap * k * c.expert_ff)?,
-            eh: f(cap * k * c.expert_ff)?,
-            edown: f(cap * k * d)?,
+            eg: shared.part(0, g_len)?,
+            eu: shared.part(eu_at, g_len)?,
+            eh: shared.part(eh_at, g_len)?,
+            edown: shared.part(edown_at, d_len)?,
             sg: f(cap * c.expert_ff)?,
             su: f(cap * c.expert_ff)?,
             sh: f(cap * c.expert_ff)?,
