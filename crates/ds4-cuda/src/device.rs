@@ -924,8 +924,10 @@ impl DeviceBuffer<u8> {
         offset: usize,
         len: usize,
     ) -> Result<DeviceBuffer<T>> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>());
-        if !offset.is_multiple_of(256) || bytes.is_none_or(|b| offset + b > self.len) {
+        let end = len
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.checked_add(offset));
+        if !offset.is_multiple_of(256) || end.is_none_or(|end| end > self.len) {
             return Err(CudaError::InvalidArgument(format!(
                 "a part of {len} values at byte {offset} of a {}-byte buffer",
                 self.len
