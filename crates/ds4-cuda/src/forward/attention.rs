@@ -862,15 +862,25 @@ mod tests {
         // Queries: 70 tokens x 64 heads of 512 (rows not a multiple of the CTA's 8 + 8 more).
         let (width, per_tok) = (512usize, 64usize);
         let rows = 70 * per_tok + 5;
-        let x = dev.upload(&values(rows * width)).unwrap();
+        let xv = values(rows * width);
+        let x = dev.upload(&xv).unwrap();
         let w = dev.upload(&values(width)).unwrap();
         for weight in [None, Some(&w)] {
             let mut outs = Vec::new();
-            for rows_kernel in [false, true] {
-                let y = dev.alloc_filled::<f32>(rows * width, 0xFF).unwrap();
+            // Each kernel out of place and in place (y = x: the decode and prefill query heads).
+            for (rows_kernel, in_place) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let y = if in_place {
+                    dev.upload(&xv).unwrap()
+                } else {
+                    dev.alloc_filled::<f32>(rows * width, 0xFF).unwrap()
+                };
+                let x = if in_place { &y } else { &x };
                 let wp = weight.map_or(0, |w| w.ptr());
                 // SAFETY: both kernels read `rows` vectors of `width` values of x, `width`
-                // weights, r/2 frequencies and one position, and write `rows` vectors of y.
+                // weights, r/2 frequencies and one position, and write `rows` vectors of y
+                // (which may be x: each reads a row whole before writing it).
                 unsafe {
                     if rows_kernel {
                         let a = kargs![
@@ -912,6 +922,11 @@ mod tests {
             assert!(
                 outs[0] == outs[1],
                 "head_norm_rope_rows (weight {})",
+                weight.is_some()
+            );
+            assert!(
+                outs[2] == outs[0] && outs[3] == outs[0],
+                "in place (weight {})",
                 weight.is_some()
             );
         }
