@@ -341,21 +341,22 @@ extern "C" __global__ void moe_combine(u64 down_, u64 inv_, u64 ids_, u64 wts_, 
 
 // The routed experts' down stack of a layer whose weights live in host memory, copied into
 // the GPU's staging buffer ahead of a long span (forward's ExpertStaging): n16 16-byte words
-// from src to dst. Loads from all multiprocessors keep many PCIe reads in flight (the copy
-// engine's cuMemcpyDtoDAsync of that memory ran at ~13.5 GB/s on an H100); four per thread
-// per step. Small and register-light, so that its CTAs fit beside the GEMMs it runs next to.
+// from src to dst. The copy is bound by PCIe (~45 GB/s on an H100; the copy engine's
+// cuMemcpyDtoDAsync of that memory ran at ~13.5), so a few CTAs with eight 16-byte loads in
+// flight per thread do it as fast as many: each CTA holds an SM slot for the whole copy
+// (~15 ms a stack), which the span's GEMMs then lack (ffn.rs STAGE_COPY_CTAS).
 extern "C" __global__ void __launch_bounds__(256) stage_copy(u64 dst_, u64 src_, i64 n16) {
     PDL_ENTRY();
     const uint4* src = (const uint4*)src_;
     uint4* dst = (uint4*)dst_;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < n16; i += 4 * stride) {
-        const uint4 a = src[i], b = src[i + stride], c = src[i + 2 * stride], d = src[i + 3 * stride];
-        dst[i] = a;
-        dst[i + stride] = b;
-        dst[i + 2 * stride] = c;
-        dst[i + 3 * stride] = d;
+    for (; i + 7 * stride < n16; i += 8 * stride) {
+        uint4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) v[j] = src[i + j * stride];
+#pragma unroll
+        for (int j = 0; j < 8; j++) dst[i + j * stride] = v[j];
     }
     for (; i < n16; i += stride) dst[i] = src[i];
 }

@@ -11,6 +11,12 @@ const GROUPED_MIN_TOKENS: usize = 16;
 /// staging buffer (ExpertStaging): 128 tokens route to ~243 of 256 experts, so the GEMM would
 /// read nearly the whole stack over PCIe anyway, in small pieces.
 const STAGE_MIN_TOKENS: usize = 128;
+/// CTAs of stage_copy. The copy is PCIe-bound, and each CTA keeps an SM slot from the span's
+/// GEMMs for the whole copy: on an 80 GB H100 with the full q2 file (6 staged stacks), a CTA
+/// per SM made every layer beside a copy ~2.5× slower (2K prefill 4 392 t/s); 4-16 CTAs copy
+/// as fast (~15.7 ms a stack) and the layers barely notice (~5 000-5 100 t/s; BENCHMARKS.md,
+/// session 21).
+const STAGE_COPY_CTAS: u32 = 8;
 
 /// Most experts route_warp takes: 32 lanes × ROUTE_WARP_KEYS (moe.cu).
 const ROUTE_WARP_EXPERTS: usize = 32 * 8;
@@ -96,7 +102,7 @@ impl CudaModel {
             let dev = &self.gpu.device;
             let a = kargs![staging.buf.ptr(), src.ptr, (bytes / 16) as i64];
             let grid = cudarc::driver::LaunchConfig {
-                grid_dim: (dev.info().multiprocessors, 1, 1),
+                grid_dim: (STAGE_COPY_CTAS, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
