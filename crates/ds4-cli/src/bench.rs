@@ -240,6 +240,15 @@ fn run_sweep(args: &BenchArgs, kind: BackendKind) -> anyhow::Result<()> {
             total >> 20
         );
     }
+    // The fit checks' plan for the session against what it took (its KV cache, scratch,
+    // quantized activations and decode graphs).
+    if let Some((planned, taken)) = backend.session_memory(ctx) {
+        println!(
+            "session of {ctx} tokens: {} MiB planned, {} MiB taken",
+            planned >> 20,
+            taken >> 20
+        );
+    }
     Ok(())
 }
 

@@ -112,4 +112,8 @@ impl Backend for CudaBackend {
         let (free, total) = self.model.gpu().device.memory_info().ok()?;
         Some((total.saturating_sub(free), total))
     }
+
+    fn session_memory(&self, ctx: usize) -> Option<(usize, usize)> {
+        self.model.session_memory(ctx)
+    }
 }

@@ -389,14 +389,30 @@ fn attention_rows(cfg: &ds4_model::config::ModelConfig, l: usize, ctx: usize) ->
 }
 
 /// GPU memory a session of `ctx` tokens allocates (state + scratch), for the fit check.
-fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
-    session_bytes_for(&m.cfg, m.numerics, m.chunk, ctx)
+pub(crate) fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
+    let layout = crate::forward::ScratchLayout::of(m);
+    session_bytes_in(&m.cfg, m.numerics, layout, m.chunk, ctx)
 }
 
-/// [`session_bytes`] of a model not loaded yet (prefill spans of `chunk` tokens).
+/// [`session_bytes`] of a model not loaded yet (prefill spans of `chunk` tokens), its
+/// formats assumed from the numerics ([`crate::forward::ScratchLayout::assumed`]).
 pub(crate) fn session_bytes_for(
     cfg: &ds4_model::config::ModelConfig,
     numerics: Numerics,
+    chunk: usize,
+    ctx: usize,
+) -> usize {
+    let layout = crate::forward::ScratchLayout::assumed(numerics);
+    session_bytes_in(cfg, numerics, layout, chunk, ctx)
+}
+
+/// A session's GPU memory: its KV state, the indexer keys' bf16 copies (ds4 numerics), the
+/// span scratch with its quant slots, and the fixed and per-context-token parts
+/// ([`crate::model::SESSION_FIXED_BYTES`]).
+fn session_bytes_in(
+    cfg: &ds4_model::config::ModelConfig,
+    numerics: Numerics,
+    layout: crate::forward::ScratchLayout,
     chunk: usize,
     ctx: usize,
 ) -> usize {
@@ -424,11 +440,18 @@ pub(crate) fn session_bytes_for(
     } else {
         0
     };
+    let scratch = crate::forward::ScratchSizes::new(
+        cfg,
+        chunk.min(ctx),
+        layout,
+        max_index_rows,
+        max_attn_rows,
+    );
     state
         + index_bf16
-        + crate::model::working_memory_estimate(cfg, chunk, numerics)
-        + chunk * max_index_rows * 4
-        + cfg.n_heads * max_attn_rows * 4
+        + scratch.bytes()
+        + crate::model::SESSION_FIXED_BYTES
+        + ctx * crate::model::SESSION_BYTES_PER_CONTEXT_TOKEN
 }
 
 impl Session for CudaSession {

@@ -20,9 +20,9 @@ use crate::gemv::{DeviceMatrix, WeightFormat};
 const UPLOAD_CHUNK: usize = 256 << 20;
 
 /// GPU memory that automatic placement leaves free beyond the planned session (the caller's
-/// context: its KV cache and scratch), for what the estimate does not count (CUDA graphs,
-/// the allocator's rounding). On an H100 with 1 GiB here, 1.3 GB stayed unused at the peak.
-pub const AUTO_HEADROOM: usize = 512 << 20;
+/// context: its KV cache, scratch, quant slots and fixed part, which the plan counts within
+/// 57-184 MiB of what an H100 measured, BENCHMARKS.md session 21), for what neither counts.
+pub const AUTO_HEADROOM: usize = 256 << 20;
 
 /// Which weights may live in host memory (`DS4_CUDA_HOST_WEIGHTS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

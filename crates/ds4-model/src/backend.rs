@@ -52,6 +52,12 @@ pub trait Backend: Send + Sync {
     fn device_memory(&self) -> Option<(usize, usize)> {
         None
     }
+    /// (planned, taken) accelerator bytes of a session of `ctx` tokens: what the backend's
+    /// fit checks reserve for one, and what its sessions have taken since the model was loaded
+    /// (None for the CPU).
+    fn session_memory(&self, _ctx: usize) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// The incremental state of one token stream.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::result;
 
-use ds4_model::config::{AttnKind, MoeKind};
+use ds4_model::config::{AttnKind, ModelConfig, MoeKind};
 use ds4_model::numerics::Numerics;
 
 use crate::device::{DeviceBuffer, HostStaging, SIDE_STREAMS};
@@ -398,6 +398,208 @@ pub(crate) struct Scratch {
     host_times: HostTimes,
 }
 
+/// What a model's formats decide about its span scratch (see [`ScratchSizes`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScratchLayout {
+    /// Every layer's grouped output projection takes the token-major layout: spans permute
+    /// the attention output into groups only below GEMM_MIN_VECS tokens.
+    pub o_a_token_major: bool,
+    /// Some layer's routed slots gather f32 rows (into xe) rather than quantized ones.
+    pub f32_gather: bool,
+    /// Every hyper-connection mix runs split-K (no streams-norm buffer).
+    pub hc_split_k: bool,
+    /// Activations are quantized for the matvecs and GEMMs (ds4 numerics): the quant slots.
+    pub quantized: bool,
+}
+
+impl ScratchLayout {
+    pub(crate) fn of(m: &CudaModel) -> ScratchLayout {
+        ScratchLayout {
+            o_a_token_major: m.layers.iter().all(|w| m.o_a_token_major(w)),
+            f32_gather: m.layers.iter().any(|w| !m.gathers_quantized(w)),
+            hc_split_k: m
+                .layers
+                .iter()
+                .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn)),
+            quantized: m.numerics == Numerics::Ds4,
+        }
+    }
+
+    /// Before a model is bound (the loader's fit check): a ds4 file's layout in ds4 numerics,
+    /// the most general one otherwise.
+    pub(crate) fn assumed(numerics: Numerics) -> ScratchLayout {
+        let ds4 = numerics == Numerics::Ds4;
+        ScratchLayout {
+            o_a_token_major: ds4,
+            f32_gather: !ds4,
+            hc_split_k: true,
+            quantized: ds4,
+        }
+    }
+}
+
+/// Byte offsets and lengths (in f32) of the buffers that share one allocation (Scratch::new).
+pub(crate) struct SharedParts {
+    pub bytes: usize,
+    pub q: (usize, usize),
+    pub o: (usize, usize),
+    pub eg: (usize, usize),
+    pub eu: (usize, usize),
+    pub eh: (usize, usize),
+    pub edown: (usize, usize),
+}
+
+/// Element counts (4-byte f32 or i32) of a span scratch's buffers for `cap` tokens: what
+/// Scratch::new allocates, and what the fit checks count ([`ScratchSizes::bytes`]).
+pub(crate) struct ScratchSizes {
+    pub streams: usize,
+    pub flat: usize,
+    pub mix: usize,
+    pub maps: usize,
+    pub hidden: usize,
+    pub q_lora: usize,
+    pub kv: usize,
+    pub compressor: usize,
+    pub index_compressor: usize,
+    pub index_queries: usize,
+    pub index_weights: usize,
+    pub index_selected: usize,
+    pub tokens: usize,
+    pub index_scores: usize,
+    pub attn_scores: usize,
+    pub grouped_heads: usize,
+    pub grouped_out: usize,
+    pub out_groups: usize,
+    pub router: usize,
+    pub slots: usize,
+    pub group_starts: usize,
+    pub slot_inputs: usize,
+    pub shared_ff: usize,
+    pub head_streams: usize,
+    pub head_mix: usize,
+    pub head_hidden: usize,
+    pub head_logits: usize,
+    pub hc_part: usize,
+    pub shared: SharedParts,
+    /// The quantized forms of the activations (QuantSlots, main stream and side lanes), made
+    /// during the first forward passes; not allocated by Scratch::new.
+    pub quant_bytes: usize,
+}
+
+impl ScratchSizes {
+    pub(crate) fn new(
+        c: &ModelConfig,
+        cap: usize,
+        layout: ScratchLayout,
+        max_index_rows: usize,
+        max_attn_rows: usize,
+    ) -> ScratchSizes {
+        let (d, nc, k) = (c.hidden, c.hc_mult, c.n_experts_used);
+        let hhd = c.n_heads * c.head_dim;
+        let god = c.o_groups * c.o_lora_rank;
+        let head = cap.min(HEAD_ROWS);
+        let grouped = if layout.o_a_token_major {
+            cap.min(GEMM_MIN_VECS - 1)
+        } else {
+            cap
+        };
+        let slots = cap * k;
+        let (q_len, o_len) = (cap * hhd, cap * hhd);
+        let (g_len, d_len) = (slots * c.expert_ff, slots * d);
+        let at = |floats: usize| (floats * 4).next_multiple_of(256);
+        let (o_at, eu_at) = (at(q_len), at(g_len));
+        let (eh_at, edown_at) = (eu_at + at(g_len), eu_at + 2 * at(g_len));
+        // Quantized forms per token (values; Q8_0 adds a 4-byte scale per 32, Q8_K per 256):
+        // Q8_0 of the normalized input (attention and shared expert), the low-rank query, the
+        // attention output, the output groups, and the shared expert's SwiGLU (its lane's own);
+        // Q8_K of the normalized input (routed experts), the routed SwiGLU and the gathered
+        // slot inputs; the head's rows in Q8_0.
+        let q8_0 = |v: usize| v + v / 32 * 4;
+        let q8_k = |v: usize| v + v / 256 * 4;
+        let quant_bytes = if layout.quantized {
+            cap * (q8_0(d + c.q_lora_rank + hhd + god + c.expert_ff)
+                + q8_k(d + k * c.expert_ff + k * d))
+                + q8_0(head * d)
+        } else {
+            0
+        };
+        ScratchSizes {
+            streams: cap * nc * d,
+            flat: if layout.hc_split_k { 0 } else { cap * nc * d },
+            mix: cap * (2 + nc) * nc,
+            maps: cap * (2 * nc + nc * nc),
+            hidden: cap * d,
+            q_lora: cap * c.q_lora_rank,
+            kv: cap * c.head_dim,
+            compressor: cap * 2 * c.head_dim,
+            index_compressor: cap * 2 * c.index_head_dim,
+            index_queries: cap * c.index_heads * c.index_head_dim,
+            index_weights: cap * c.index_heads,
+            index_selected: cap * c.index_topk,
+            tokens: cap,
+            index_scores: cap * max_index_rows,
+            attn_scores: c.n_heads * max_attn_rows,
+            grouped_heads: grouped * hhd,
+            grouped_out: grouped * god,
+            out_groups: cap * god,
+            router: cap * c.n_experts,
+            slots,
+            group_starts: c.n_experts + 1,
+            slot_inputs: if layout.f32_gather { slots * d } else { 0 },
+            shared_ff: cap * c.expert_ff,
+            head_streams: head * nc * d,
+            head_mix: head * nc,
+            head_hidden: head * d,
+            head_logits: head * c.vocab_size,
+            hc_part: cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1),
+            shared: SharedParts {
+                bytes: (o_at + at(o_len)).max(edown_at + at(d_len)),
+                q: (0, q_len),
+                o: (o_at, o_len),
+                eg: (0, g_len),
+                eu: (eu_at, g_len),
+                eh: (eh_at, g_len),
+                edown: (edown_at, d_len),
+            },
+            quant_bytes,
+        }
+    }
+
+    /// Device bytes of the scratch and its quant slots: every buffer Scratch::new allocates
+    /// (as many times as it allocates one of that size), the shared allocation once.
+    pub(crate) fn bytes(&self) -> usize {
+        let elems = 2 * self.streams
+            + self.flat
+            + self.mix
+            + self.maps
+            + 4 * self.hidden
+            + 2 * self.q_lora
+            + 2 * self.kv
+            + 2 * self.compressor
+            + 2 * self.index_compressor
+            + self.index_queries
+            + self.index_weights
+            + self.index_selected
+            + 2 * self.tokens
+            + self.index_scores
+            + self.attn_scores
+            + self.grouped_heads
+            + self.grouped_out
+            + self.out_groups
+            + self.router
+            + 6 * self.slots
+            + self.group_starts
+            + self.slot_inputs
+            + 3 * self.shared_ff
+            + 2 * self.head_streams
+            + self.head_mix
+            + 2 * self.head_hidden
+            + self.head_logits
+            + self.hc_part;
+        elems * 4 + self.shared.bytes + self.quant_bytes
+    }
+}
+
 impl Scratch {
     /// Every chunk starts from the same stream buffer (a captured graph reads that one).
     fn unswap_streams(&mut self) {
@@ -453,98 +655,74 @@ impl Scratch {
     ) -> Result<Scratch> {
         let c = &m.cfg;
         let dev = &m.gpu.device;
+        let z = ScratchSizes::new(c, cap, ScratchLayout::of(m), max_index_rows, max_attn_rows);
         let f = |n: usize| dev.alloc::<f32>(n.max(1));
         let i = |n: usize| dev.alloc::<i32>(n.max(1));
-        let (d, nc, k) = (c.hidden, c.hc_mult, c.n_experts_used);
-        let hhd = c.n_heads * c.head_dim;
-        let (ni, di) = (c.index_heads, c.index_head_dim);
-        let god = c.o_groups * c.o_lora_rank;
-        let head = cap.min(HEAD_ROWS);
-        // Spans permute the attention output into groups only below GEMM_MIN_VECS tokens when
-        // every layer's grouped output projection takes the token-major layout.
-        let grouped = if m.layers.iter().all(|w| m.o_a_token_major(w)) {
-            cap.min(GEMM_MIN_VECS - 1)
-        } else {
-            cap
-        };
-        // The f32 expert inputs: only layers whose slots gather f32 rows write them (the
-        // quantized gather keys its slot on xe's address alone).
-        let f32_gather = m.layers.iter().any(|w| !m.gathers_quantized(w));
-        // The streams' norm: only mixes without the split-K kernels take it.
-        let split_k = m
-            .layers
-            .iter()
-            .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn));
         // The attention's query heads and output (q, o) and the routed experts' gate, up,
         // SwiGLU and outputs (eg, eu, eh, edown) share one allocation: a sublayer's buffers
         // are dead once the sublayer's last reader (o_a's input quantization; moe_combine or
         // the hc_post_mix after the FFN) has run on the main stream, before the other
         // sublayer writes, and no side lane touches them.
-        let slots = cap * k;
-        let (q_len, o_len) = (cap * hhd, cap * hhd);
-        let (g_len, d_len) = (slots * c.expert_ff, slots * d);
-        let at = |floats: usize| (floats * 4).next_multiple_of(256);
-        let (o_at, eu_at) = (at(q_len), at(g_len));
-        let (eh_at, edown_at) = (eu_at + at(g_len), eu_at + 2 * at(g_len));
-        let shared = Arc::new(dev.alloc::<u8>((o_at + at(o_len)).max(edown_at + at(d_len)))?);
+        let sh = &z.shared;
+        let shared = Arc::new(dev.alloc::<u8>(sh.bytes)?);
         Ok(Scratch {
             cap,
-            streams: f(cap * nc * d)?,
-            streams_next: f(cap * nc * d)?,
-            flat: f(if split_k { 0 } else { cap * nc * d })?,
-            mix: f(cap * (2 + nc) * nc)?,
-            maps: f(cap * (2 * nc + nc * nc))?,
-            x: f(cap * d)?,
-            xn: f(cap * d)?,
-            qr: f(cap * c.q_lora_rank)?,
-            qrn: f(cap * c.q_lora_rank)?,
-            q: shared.part(0, q_len)?,
-            kv: f(cap * c.head_dim)?,
-            kvn: f(cap * c.head_dim)?,
-            ckv: f(cap * 2 * c.head_dim)?,
-            cg: f(cap * 2 * c.head_dim)?,
-            ikv: f(cap * 2 * di)?,
-            ig: f(cap * 2 * di)?,
-            iq: f(cap * ni * di)?,
-            iw: f(cap * ni)?,
-            sel: i(cap * c.index_topk)?,
-            selc: i(cap)?,
-            iscores: f(cap * max_index_rows)?,
-            attn_scores: f(c.n_heads * max_attn_rows)?,
-            o: shared.part(o_at, o_len)?,
-            og: f(grouped * hhd)?,
-            zg: f(grouped * god)?,
-            z: f(cap * god)?,
-            y: f(cap * d)?,
-            rlog: f(cap * c.n_experts)?,
-            ids: i(cap * k)?,
-            wts: f(cap * k)?,
-            slot_order: i(cap * k)?,
-            slot_pos: i(cap * k)?,
-            group_start: i(c.n_experts + 1)?,
-            sorted_ids: i(cap * k)?,
-            sorted_wts: f(cap * k)?,
-            xe: f(if f32_gather { cap * k * d } else { 0 })?,
-            eg: shared.part(0, g_len)?,
-            eu: shared.part(eu_at, g_len)?,
-            eh: shared.part(eh_at, g_len)?,
-            edown: shared.part(edown_at, d_len)?,
-            sg: f(cap * c.expert_ff)?,
-            su: f(cap * c.expert_ff)?,
-            sh: f(cap * c.expert_ff)?,
-            sdown: f(cap * d)?,
-            tokens: i(cap)?,
+            streams: f(z.streams)?,
+            streams_next: f(z.streams)?,
+            flat: f(z.flat)?,
+            mix: f(z.mix)?,
+            maps: f(z.maps)?,
+            x: f(z.hidden)?,
+            xn: f(z.hidden)?,
+            qr: f(z.q_lora)?,
+            qrn: f(z.q_lora)?,
+            q: shared.part(sh.q.0, sh.q.1)?,
+            kv: f(z.kv)?,
+            kvn: f(z.kv)?,
+            ckv: f(z.compressor)?,
+            cg: f(z.compressor)?,
+            ikv: f(z.index_compressor)?,
+            ig: f(z.index_compressor)?,
+            iq: f(z.index_queries)?,
+            iw: f(z.index_weights)?,
+            sel: i(z.index_selected)?,
+            selc: i(z.tokens)?,
+            iscores: f(z.index_scores)?,
+            attn_scores: f(z.attn_scores)?,
+            o: shared.part(sh.o.0, sh.o.1)?,
+            og: f(z.grouped_heads)?,
+            zg: f(z.grouped_out)?,
+            z: f(z.out_groups)?,
+            y: f(z.hidden)?,
+            rlog: f(z.router)?,
+            ids: i(z.slots)?,
+            wts: f(z.slots)?,
+            slot_order: i(z.slots)?,
+            slot_pos: i(z.slots)?,
+            group_start: i(z.group_starts)?,
+            sorted_ids: i(z.slots)?,
+            sorted_wts: f(z.slots)?,
+            xe: f(z.slot_inputs)?,
+            eg: shared.part(sh.eg.0, sh.eg.1)?,
+            eu: shared.part(sh.eu.0, sh.eu.1)?,
+            eh: shared.part(sh.eh.0, sh.eh.1)?,
+            edown: shared.part(sh.edown.0, sh.edown.1)?,
+            sg: f(z.shared_ff)?,
+            su: f(z.shared_ff)?,
+            sh: f(z.shared_ff)?,
+            sdown: f(z.hidden)?,
+            tokens: i(z.tokens)?,
             // The head's buffers: HEAD_ROWS rows at a time, as the logits.
-            hraw: f(head * nc * d)?,
-            hflat: f(head * nc * d)?,
-            hmix: f(head * nc)?,
-            hu: f(head * d)?,
-            hun: f(head * d)?,
-            hc_part: f(cap * d.div_ceil(HC_MIX_THREADS) * ((2 + nc) * nc + 1))?,
+            hraw: f(z.head_streams)?,
+            hflat: f(z.head_streams)?,
+            hmix: f(z.head_mix)?,
+            hu: f(z.head_hidden)?,
+            hun: f(z.head_hidden)?,
+            hc_part: f(z.hc_part)?,
             hc_part_ready: false,
             moe_pending: None,
             pre_normed: None,
-            logits: f(head * c.vocab_size)?,
+            logits: f(z.head_logits)?,
             host_tokens: dev.host_staging(cap)?,
             host_pos: dev.host_staging(1)?,
             host_logits: dev.host_staging(c.vocab_size)?,
