@@ -224,8 +224,33 @@ impl CudaModel {
         // Without that, the span shrinks until its scratch fits.
         // Beside the weights: one session of session_ctx tokens (its KV cache and the span's
         // scratch).
+        // The span scratch's layout from the tensors' formats, as they will be bound.
+        let layout = {
+            let experts =
+                |e: &ds4_model::weights::ExpertMatrices| to_mat(&e.all, base, e.rows, e.n_experts);
+            let fn_ = |h: &ds4_model::weights::HcWeights| to_mat(&h.fn_, base, h.fn_.rows, 1);
+            let mats = host
+                .layers
+                .iter()
+                .map(|w| {
+                    Ok([
+                        to_mat(&w.o_a, base, cfg.o_lora_rank, cfg.o_groups)?,
+                        experts(&w.gate_exps)?,
+                        experts(&w.up_exps)?,
+                        fn_(&w.hc_attn)?,
+                        fn_(&w.hc_ffn)?,
+                    ])
+                })
+                .collect::<Result<Vec<_>>>()
+                .map_err(err)?;
+            crate::forward::ScratchLayout::from_mats(
+                &cfg,
+                numerics,
+                mats.iter().map(|[a, b, c, d, e]| [a, b, c, d, e]),
+            )
+        };
         let reserve_for = |chunk: usize| {
-            crate::session::session_bytes_for(&cfg, numerics, chunk, session_ctx.max(1))
+            crate::session::session_bytes_for(&cfg, numerics, layout, chunk, session_ctx.max(1))
         };
         let shrunk_chunk = || -> Result<usize> {
             let (free, _) = gpu.device.memory_info()?;
@@ -580,15 +605,6 @@ pub const SESSION_FIXED_BYTES: usize = 256 << 20;
 /// and 256K-token sessions (the plan's margin fell from 57 to 21 MiB: ~190 bytes a token).
 pub const SESSION_BYTES_PER_CONTEXT_TOKEN: usize = 256;
 
-/// Device memory the forward pass needs beside the weights for its scratch: one chunk of
-/// `chunk` tokens of every buffer forward's Scratch allocates and of its quantized
-/// activations ([`crate::forward::ScratchSizes`]), with the session-dependent rows (indexer
-/// scores, attention scores) at their least, and the fixed part.
-pub fn working_memory_estimate(cfg: &ModelConfig, chunk: usize, numerics: Numerics) -> usize {
-    let layout = crate::forward::ScratchLayout::assumed(numerics);
-    crate::forward::ScratchSizes::new(cfg, chunk, layout, 1, 1).bytes() + SESSION_FIXED_BYTES
-}
-
 /// GiB, for messages.
 pub(crate) fn gib_str(bytes: usize) -> String {
     format!("{:.2} GiB", gib(bytes))
@@ -633,6 +649,7 @@ mod tests {
         // (span, context, MiB taken). Before session 21 the plan fell short at a 4096-token
         // span (2 643 MiB planned, 3 098 taken) and at long contexts (2 669 against 2 780).
         let cfg = ModelConfig::flash();
+        let ds4 = crate::forward::ScratchLayout::ds4_file(Numerics::Ds4);
         for (chunk, ctx, taken_mib) in [
             (2048, 2056, 1614),
             (2048, 4104, 1690),
@@ -642,7 +659,8 @@ mod tests {
             (512, 4104, 688),
             (2048, 262144, 6032),
         ] {
-            let plan = crate::session::session_bytes_for(&cfg, Numerics::Ds4, chunk, ctx) >> 20;
+            let plan =
+                crate::session::session_bytes_for(&cfg, Numerics::Ds4, ds4, chunk, ctx) >> 20;
             // Covered, with at most the fixed part's margin and the allocation slack beside it.
             assert!(
                 plan >= taken_mib + 48 && plan <= taken_mib + 256,
@@ -652,22 +670,46 @@ mod tests {
     }
 
     #[test]
-    fn a_longer_span_needs_more_working_memory() {
+    fn a_longer_span_needs_more_session_memory() {
+        use crate::forward::{ScratchLayout, ScratchSizes};
         let cfg = ModelConfig::flash();
-        let (small, big) = (
-            working_memory_estimate(&cfg, 1024, Numerics::Ds4),
-            working_memory_estimate(&cfg, 2048, Numerics::Ds4),
+        // Per token of span at Flash's shapes (the head's rows stop growing at HEAD_ROWS,
+        // below 1024): the buffers allocated on their own, the query heads / attention output
+        // that share one allocation with the routed experts' slots, and the quant slots.
+        let per_token = |numerics| {
+            let layout = ScratchLayout::ds4_file(numerics);
+            let (a, b) = (
+                ScratchSizes::new(&cfg, 1024, layout, 1, 1),
+                ScratchSizes::new(&cfg, 2048, layout, 1, 1),
+            );
+            (
+                (b.elems() - a.elems()) * 4 / 1024,
+                (b.shared.bytes - a.shared.bytes) / 1024,
+                (b.quant_bytes - a.quant_bytes) / 1024,
+            )
+        };
+        assert_eq!(per_token(Numerics::Ds4), (316_120, 262_144, 95_744));
+        // The reference numerics keep f32 expert inputs (98 304 bytes a token) and the whole
+        // span's group-major copies (131 072 + 32 768) but no quantized activations.
+        assert_eq!(
+            per_token(Numerics::Reference),
+            (316_120 + 98_304 + 131_072 + 32_768, 262_144, 0)
         );
-        // ~0.67 MB per token of span at Flash's shapes in ds4 numerics (0.22 MB of it the
-        // small buffers and quantized activations); the head's rows stop growing at HEAD_ROWS.
-        let per_token = (big - small) / 1024;
-        assert!((640_000..700_000).contains(&per_token), "{per_token}");
-        // The reference numerics' spans keep f32 expert inputs and group-major copies but no
-        // quantized activations.
-        let reference = working_memory_estimate(&cfg, 2048, Numerics::Reference);
-        assert!(
-            reference > big + 2048 * 150_000 && reference < big + 2048 * 250_000,
-            "{reference} {big}"
-        );
+        // The session plan grows by that and the span's indexer score rows (2 048 at 8K).
+        let ds4 = ScratchLayout::ds4_file(Numerics::Ds4);
+        let plan = |chunk| crate::session::session_bytes_for(&cfg, Numerics::Ds4, ds4, chunk, 8192);
+        let slope = (plan(2048) - plan(1024)) / 1024;
+        let want = 316_120 + 262_144 + 95_744 + 2048 * 4;
+        assert!(slope.abs_diff(want) <= 16, "{slope} {want}");
+    }
+
+    #[test]
+    fn absurd_contexts_plan_saturated_memory_instead_of_overflowing() {
+        let cfg = ModelConfig::flash();
+        for ctx in [1usize << 50, 1 << 57, usize::MAX / 2, usize::MAX] {
+            let ds4 = crate::forward::ScratchLayout::ds4_file(Numerics::Ds4);
+            let plan = crate::session::session_bytes_for(&cfg, Numerics::Ds4, ds4, 2048, ctx);
+            assert!(plan > 1 << 60, "context {ctx}: {plan}");
+        }
     }
 }

@@ -391,25 +391,14 @@ fn attention_rows(cfg: &ds4_model::config::ModelConfig, l: usize, ctx: usize) ->
 /// GPU memory a session of `ctx` tokens allocates (state + scratch), for the fit check.
 pub(crate) fn session_bytes(m: &CudaModel, ctx: usize) -> usize {
     let layout = crate::forward::ScratchLayout::of(m);
-    session_bytes_in(&m.cfg, m.numerics, layout, m.chunk, ctx)
+    session_bytes_for(&m.cfg, m.numerics, layout, m.chunk, ctx)
 }
 
-/// [`session_bytes`] of a model not loaded yet (prefill spans of `chunk` tokens), its
-/// formats assumed from the numerics ([`crate::forward::ScratchLayout::assumed`]).
-pub(crate) fn session_bytes_for(
-    cfg: &ds4_model::config::ModelConfig,
-    numerics: Numerics,
-    chunk: usize,
-    ctx: usize,
-) -> usize {
-    let layout = crate::forward::ScratchLayout::assumed(numerics);
-    session_bytes_in(cfg, numerics, layout, chunk, ctx)
-}
-
-/// A session's GPU memory: its KV state, the indexer keys' bf16 copies (ds4 numerics), the
-/// span scratch with its quant slots, and the fixed and per-context-token parts
+/// A session's GPU memory (prefill spans of `chunk` tokens, a model of that scratch `layout`,
+/// loaded or not): its KV state, the indexer keys' bf16 copies (ds4 numerics), the span
+/// scratch with its quant slots, and the fixed and per-context-token parts
 /// ([`crate::model::SESSION_FIXED_BYTES`]).
-fn session_bytes_in(
+pub(crate) fn session_bytes_for(
     cfg: &ds4_model::config::ModelConfig,
     numerics: Numerics,
     layout: crate::forward::ScratchLayout,
@@ -434,9 +423,10 @@ fn session_bytes_in(
         (0..cfg.n_layers)
             .filter(|&l| cfg.attn_kind[l] == AttnKind::Csa)
             .map(|l| {
-                compressed_capacity(ctx, cfg.compress_ratio[l] as usize) * cfg.index_head_dim * 2
+                compressed_capacity(ctx, cfg.compress_ratio[l] as usize)
+                    .saturating_mul(cfg.index_head_dim * 2)
             })
-            .sum()
+            .fold(0, usize::saturating_add)
     } else {
         0
     };
@@ -447,11 +437,16 @@ fn session_bytes_in(
         max_index_rows,
         max_attn_rows,
     );
-    state
-        + index_bf16
-        + scratch.bytes()
-        + crate::model::SESSION_FIXED_BYTES
-        + ctx * crate::model::SESSION_BYTES_PER_CONTEXT_TOKEN
+    // Saturating: an absurd context plans more memory than any GPU has, never a wrapped sum.
+    [
+        state,
+        index_bf16,
+        scratch.bytes(),
+        crate::model::SESSION_FIXED_BYTES,
+        ctx.saturating_mul(crate::model::SESSION_BYTES_PER_CONTEXT_TOKEN),
+    ]
+    .into_iter()
+    .fold(0, usize::saturating_add)
 }
 
 impl Session for CudaSession {

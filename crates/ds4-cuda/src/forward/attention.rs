@@ -191,9 +191,7 @@ impl CudaModel {
     /// projection straight on the token-major layout (expert_gemm_q8_0_interleaved), without
     /// the group permutations and their buffers (Scratch's og and zg).
     pub(super) fn o_a_token_major(&self, w: &crate::model::DevLayer) -> bool {
-        let c = &self.cfg;
-        act_quant_of(self, &w.o_a_groups) == Some(ActQuant::Q8_0)
-            && w.o_a_groups.cols == c.n_heads * c.head_dim / c.o_groups
+        o_a_token_major(&self.cfg, self.numerics, &w.o_a_groups)
     }
 
     /// The attention sublayer: s.x (n × d) → s.y (n × d).
@@ -815,6 +813,13 @@ impl CudaModel {
             )
         }
     }
+}
+
+/// [`CudaModel::o_a_token_major`] from the grouped output projection's shape and format (the
+/// loader asks before the weights are bound).
+pub(crate) fn o_a_token_major(c: &ModelConfig, numerics: Numerics, o_a_groups: &Mat) -> bool {
+    act_quant(numerics, o_a_groups) == Some(ActQuant::Q8_0)
+        && o_a_groups.cols == c.n_heads * c.head_dim / c.o_groups
 }
 
 #[cfg(test)]

@@ -122,10 +122,7 @@ impl CudaModel {
     /// (gather_slots_q): gate and up take the same quantized activations. Otherwise they
     /// gather f32 rows into Scratch's xe.
     pub(super) fn gathers_quantized(&self, w: &crate::model::DevLayer) -> bool {
-        let gate = act_quant_of(self, &w.gate_exps);
-        gate.is_some()
-            && gate == act_quant_of(self, &w.up_exps)
-            && self.cfg.hidden.is_multiple_of(16)
+        gathers_quantized(&self.cfg, self.numerics, &w.gate_exps, &w.up_exps)
     }
 
     /// The MoE sublayer: s.x → s.y.
@@ -487,6 +484,13 @@ impl CudaModel {
         }
         s.prof.mark(self, "ffn.experts")
     }
+}
+
+/// [`CudaModel::gathers_quantized`] from the expert stacks' formats (the loader asks before
+/// the weights are bound).
+pub(crate) fn gathers_quantized(c: &ModelConfig, numerics: Numerics, gate: &Mat, up: &Mat) -> bool {
+    let kind = act_quant(numerics, gate);
+    kind.is_some() && kind == act_quant(numerics, up) && c.hidden.is_multiple_of(16)
 }
 
 #[cfg(test)]

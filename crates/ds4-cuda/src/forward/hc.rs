@@ -36,11 +36,7 @@ impl CudaModel {
     /// Whether the split-K projection kernels take this hyper-connection (F32/F16 rows, at
     /// most HC_MIX_MAX of them); else it goes through rmsnorm + the generic matvec.
     pub(super) fn hc_split_k(&self, hc: &DevHc) -> bool {
-        let nc = self.cfg.hc_mult;
-        matches!(hc.fn_.format, WeightFormat::F32 | WeightFormat::F16)
-            && (2 + nc) * nc <= HC_MIX_MAX
-            && hc.fn_.rows == (2 + nc) * nc
-            && hc.fn_.cols == nc * self.cfg.hidden
+        hc_split_k(&self.cfg, &hc.fn_)
     }
 
     /// Grid of the split-K projection kernels: (d/128 slices, row groups, groups of
@@ -394,4 +390,14 @@ impl CudaModel {
                 .launch(&self.gpu.device, "fwd_hc", "hc_post", grid_1d(n * d), &a)
         }
     }
+}
+
+/// [`CudaModel::hc_split_k`] from the projection's shape and format (the loader asks before
+/// the weights are bound).
+pub(crate) fn hc_split_k(c: &ModelConfig, fn_: &Mat) -> bool {
+    let nc = c.hc_mult;
+    matches!(fn_.format, WeightFormat::F32 | WeightFormat::F16)
+        && (2 + nc) * nc <= HC_MIX_MAX
+        && fn_.rows == (2 + nc) * nc
+        && fn_.cols == nc * c.hidden
 }

@@ -414,20 +414,22 @@ pub(crate) struct ScratchLayout {
 
 impl ScratchLayout {
     pub(crate) fn of(m: &CudaModel) -> ScratchLayout {
-        ScratchLayout {
-            o_a_token_major: m.layers.iter().all(|w| m.o_a_token_major(w)),
-            f32_gather: m.layers.iter().any(|w| !m.gathers_quantized(w)),
-            hc_split_k: m
-                .layers
-                .iter()
-                .all(|w| m.hc_split_k(&w.hc_attn) && m.hc_split_k(&w.hc_ffn)),
-            quantized: m.numerics == Numerics::Ds4,
-        }
+        let layers = m.layers.iter().map(|w| {
+            [
+                &w.o_a_groups,
+                &w.gate_exps,
+                &w.up_exps,
+                &w.hc_attn.fn_,
+                &w.hc_ffn.fn_,
+            ]
+        });
+        ScratchLayout::from_mats(&m.cfg, m.numerics, layers)
     }
 
-    /// Before a model is bound (the loader's fit check): a ds4 file's layout in ds4 numerics,
-    /// the most general one otherwise.
-    pub(crate) fn assumed(numerics: Numerics) -> ScratchLayout {
+    /// A ds4 file's (Q8_0 grouped output projection, quantized expert stacks, F16
+    /// hyper-connection projections) in `numerics`, for tests without a file.
+    #[cfg(test)]
+    pub(crate) fn ds4_file(numerics: Numerics) -> ScratchLayout {
         let ds4 = numerics == Numerics::Ds4;
         ScratchLayout {
             o_a_token_major: ds4,
@@ -435,6 +437,27 @@ impl ScratchLayout {
             hc_split_k: true,
             quantized: ds4,
         }
+    }
+
+    /// From each layer's [o_a groups, gate stack, up stack, attention and FFN
+    /// hyper-connection projections], as bound or as the loader will bind them.
+    pub(crate) fn from_mats<'a>(
+        c: &ModelConfig,
+        numerics: Numerics,
+        layers: impl Iterator<Item = [&'a Mat; 5]>,
+    ) -> ScratchLayout {
+        let mut layout = ScratchLayout {
+            o_a_token_major: true,
+            f32_gather: false,
+            hc_split_k: true,
+            quantized: numerics == Numerics::Ds4,
+        };
+        for [o_a, gate, up, hc_attn, hc_ffn] in layers {
+            layout.o_a_token_major &= attention::o_a_token_major(c, numerics, o_a);
+            layout.f32_gather |= !ffn::gathers_quantized(c, numerics, gate, up);
+            layout.hc_split_k &= hc::hc_split_k(c, hc_attn) && hc::hc_split_k(c, hc_ffn);
+        }
+        layout
     }
 }
 
@@ -537,8 +560,10 @@ impl ScratchSizes {
             index_weights: cap * c.index_heads,
             index_selected: cap * c.index_topk,
             tokens: cap,
-            index_scores: cap * max_index_rows,
-            attn_scores: c.n_heads * max_attn_rows,
+            // (Saturating: the context sets these rows and may be absurd; the fit check then
+            // refuses the session.)
+            index_scores: cap.saturating_mul(max_index_rows),
+            attn_scores: c.n_heads.saturating_mul(max_attn_rows),
             grouped_heads: grouped * hhd,
             grouped_out: grouped * god,
             out_groups: cap * god,
@@ -568,7 +593,15 @@ impl ScratchSizes {
     /// Device bytes of the scratch and its quant slots: every buffer Scratch::new allocates
     /// (as many times as it allocates one of that size), the shared allocation once.
     pub(crate) fn bytes(&self) -> usize {
-        let elems = 2 * self.streams
+        let rows = (self.index_scores as u128 + self.attn_scores as u128) * 4;
+        let bytes = rows + (self.elems() as u128) * 4 + self.shared.bytes as u128;
+        usize::try_from(bytes + self.quant_bytes as u128).unwrap_or(usize::MAX)
+    }
+
+    /// Elements of the buffers Scratch::new allocates on their own (not the shared
+    /// allocation), but the two sized by the context (index and attention scores).
+    pub(crate) fn elems(&self) -> usize {
+        2 * self.streams
             + self.flat
             + self.mix
             + self.maps
@@ -581,8 +614,6 @@ impl ScratchSizes {
             + self.index_weights
             + self.index_selected
             + 2 * self.tokens
-            + self.index_scores
-            + self.attn_scores
             + self.grouped_heads
             + self.grouped_out
             + self.out_groups
@@ -595,8 +626,7 @@ impl ScratchSizes {
             + self.head_mix
             + 2 * self.head_hidden
             + self.head_logits
-            + self.hc_part;
-        elems * 4 + self.shared.bytes + self.quant_bytes
+            + self.hc_part
     }
 }
 
@@ -656,8 +686,16 @@ impl Scratch {
         let c = &m.cfg;
         let dev = &m.gpu.device;
         let z = ScratchSizes::new(c, cap, ScratchLayout::of(m), max_index_rows, max_attn_rows);
-        let f = |n: usize| dev.alloc::<f32>(n.max(1));
-        let i = |n: usize| dev.alloc::<i32>(n.max(1));
+        // Elements asked for, checked against the sizes' count below (the fit checks sum it).
+        let asked = std::cell::Cell::new(0usize);
+        let f = |n: usize| {
+            asked.set(asked.get() + n);
+            dev.alloc::<f32>(n.max(1))
+        };
+        let i = |n: usize| {
+            asked.set(asked.get() + n);
+            dev.alloc::<i32>(n.max(1))
+        };
         // The attention's query heads and output (q, o) and the routed experts' gate, up,
         // SwiGLU and outputs (eg, eu, eh, edown) share one allocation: a sublayer's buffers
         // are dead once the sublayer's last reader (o_a's input quantization; moe_combine or
@@ -665,7 +703,7 @@ impl Scratch {
         // sublayer writes, and no side lane touches them.
         let sh = &z.shared;
         let shared = Arc::new(dev.alloc::<u8>(sh.bytes)?);
-        Ok(Scratch {
+        let scratch = Scratch {
             cap,
             streams: f(z.streams)?,
             streams_next: f(z.streams)?,
@@ -745,7 +783,16 @@ impl Scratch {
             max_index_rows,
             prof: StageTimes::new(),
             host_times: HostTimes::new(),
-        })
+        };
+        // The fit checks count ScratchSizes::bytes(): every buffer allocated here must be in it.
+        let counted = z.elems() + z.index_scores + z.attn_scores;
+        if asked.get() != counted {
+            return Err(CudaError::InvalidArgument(format!(
+                "internal: the span scratch allocated {} elements, its size list counts {counted}",
+                asked.get()
+            )));
+        }
+        Ok(scratch)
     }
 }
 
@@ -847,7 +894,12 @@ fn product(
 /// The activations `w` takes in these numerics: Some(kind) when ds4 numerics quantize its
 /// input (Q8_0 / Q8_K), None for plain f32.
 fn act_quant_of(m: &CudaModel, w: &Mat) -> Option<ActQuant> {
-    match m.numerics {
+    act_quant(m.numerics, w)
+}
+
+/// How `numerics` quantizes the activations of a matrix product with `w` (None: f32).
+fn act_quant(numerics: Numerics, w: &Mat) -> Option<ActQuant> {
+    match numerics {
         Numerics::Ds4 => w.format.activation_quant(),
         Numerics::Reference => None,
     }
