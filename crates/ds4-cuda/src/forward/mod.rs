@@ -689,11 +689,11 @@ impl Scratch {
         // Elements asked for, checked against the sizes' count below (the fit checks sum it).
         let asked = std::cell::Cell::new(0usize);
         let f = |n: usize| {
-            asked.set(asked.get() + n);
+            asked.set(asked.get().saturating_add(n));
             dev.alloc::<f32>(n.max(1))
         };
         let i = |n: usize| {
-            asked.set(asked.get() + n);
+            asked.set(asked.get().saturating_add(n));
             dev.alloc::<i32>(n.max(1))
         };
         // The attention's query heads and output (q, o) and the routed experts' gate, up,
@@ -785,7 +785,9 @@ impl Scratch {
             host_times: HostTimes::new(),
         };
         // The fit checks count ScratchSizes::bytes(): every buffer allocated here must be in it.
-        let counted = z.elems() + z.index_scores + z.attn_scores;
+        let counted = [z.elems(), z.index_scores, z.attn_scores]
+            .into_iter()
+            .fold(0, usize::saturating_add);
         if asked.get() != counted {
             return Err(CudaError::InvalidArgument(format!(
                 "internal: the span scratch allocated {} elements, its size list counts {counted}",
