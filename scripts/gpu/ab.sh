@@ -37,7 +37,7 @@ settings_of() { [[ $1 == *@* ]] && echo "${1#*@}" | tr ',' ' '; }
 name_of() { local b; b=$(basename "$(pack_of "$1")"); [[ $1 == *@* ]] && b="$b@${1#*@}"; echo "$b"; }
 for v in "${VARIANTS[@]}"; do
     p=$(pack_of "$v")
-    [ -x "$p/ds4" ] || bash "$p/unpack.sh"
+    bash "$p/unpack.sh" "/tmp/ab-kernels-$(basename "$p")"
     [[ $(name_of "$v") != *:* ]] || { echo "variant $v: no colons in settings" >&2; exit 2; }
 done
 [ -f "$MODEL" ] || "$(pack_of "${VARIANTS[0]}")/ds4" synth -o "$MODEL" --experts q2 --alias-layers > /dev/null 2>&1

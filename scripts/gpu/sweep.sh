@@ -21,10 +21,10 @@ PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(tests q2 prompt trace q4)
 OUT=${OUT:-sweep-out}
 mkdir -p "$OUT"
-[ -x "$DIR/ds4" ] || bash "$DIR/unpack.sh"
 HERE=$(dirname "$0")
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export DS4_KERNEL_CACHE=${DS4_KERNEL_CACHE:-/tmp/ds4-kernels}
+bash "$DIR/unpack.sh" "$DS4_KERNEL_CACHE"
 DS4=$DIR/ds4
 SWEEP=(--backend cuda --ctx-start 2048 --ctx-max 65536 --gen-tokens 128)
 SUMMARY=$OUT/summary.txt

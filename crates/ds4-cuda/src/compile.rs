@@ -195,6 +195,18 @@ impl KernelCache {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Where the CUBIN of `module` for `arch` is cached (None: caching is off), under the
+    /// installed NVRTC's version.
+    pub fn path(&self, module: &str, source: &str, arch: &str) -> Result<Option<PathBuf>> {
+        let nvrtc = nvrtc_version()?;
+        Ok(self.dir.as_ref().map(|d| {
+            d.join(format!(
+                "{module}-{arch}-{}.cubin",
+                Self::key(module, source, arch, nvrtc)
+            ))
+        }))
+    }
+
     /// The CUBIN of `module` for `arch`, from the cache or freshly compiled (then stored).
     /// A cache that cannot be written only costs the next run a compile; it is not an error.
     pub fn get_or_compile(
@@ -204,13 +216,7 @@ impl KernelCache {
         arch: &str,
     ) -> Result<(Vec<u8>, CompileStats)> {
         let start = Instant::now();
-        let nvrtc = nvrtc_version()?;
-        let path = self.dir.as_ref().map(|d| {
-            d.join(format!(
-                "{module}-{arch}-{}.cubin",
-                Self::key(module, source, arch, nvrtc)
-            ))
-        });
+        let path = self.path(module, source, arch)?;
         if let Some(path) = &path {
             if let Ok(bytes) = std::fs::read(path) {
                 if looks_like_cubin(&bytes) {
