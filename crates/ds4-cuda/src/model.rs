@@ -222,8 +222,6 @@ impl CudaModel {
         // the 80.76 GiB q2 file, 2048-token spans (4.91 GiB of weights in host memory for a
         // 4K session) prefill at ~5 000 t/s and decode at ~106 (BENCHMARKS.md, session 21).
         // Without that, the span shrinks until its scratch fits.
-        // Beside the weights: one session of session_ctx tokens (its KV cache and the span's
-        // scratch).
         // The span scratch's layout from the tensors' formats, as they will be bound.
         let layout = {
             let experts =
@@ -249,6 +247,8 @@ impl CudaModel {
                 mats.iter().map(|[a, b, c, d, e]| [a, b, c, d, e]),
             )
         };
+        // Beside the weights: one session of session_ctx tokens (its KV cache and the span's
+        // scratch).
         let reserve_for = |chunk: usize| {
             crate::session::session_bytes_for(&cfg, numerics, layout, chunk, session_ctx.max(1))
         };
@@ -597,8 +597,8 @@ fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result
 
 /// GPU memory a session takes beyond its KV state, scratch and quant slots, as measured
 /// (CUDA graphs, kernel modules loaded on first use, allocation rounding, the small fixed
-/// buffers): ~100 MiB at 2K-64K contexts on an H100 (BENCHMARKS.md, session 21), twice that
-/// for a margin; and per context token [`SESSION_BYTES_PER_CONTEXT_TOKEN`].
+/// buffers): ~100 MiB at 2K-64K contexts on an H100 (BENCHMARKS.md, session 21), about
+/// 2.5 times that for a margin; and per context token [`SESSION_BYTES_PER_CONTEXT_TOKEN`].
 pub const SESSION_FIXED_BYTES: usize = 256 << 20;
 
 /// What a session took beyond the plan per token of context, measured on an H100 between 64K
