@@ -498,6 +498,48 @@ mod tests {
     use crate::fwd_kernels::test_support::{gpu, xorshift};
     use crate::fwd_kernels::{kargs, per_item};
 
+    /// stage_copy moves exactly its n16 16-byte words, whatever their count against the grid's
+    /// 8-deep steps (none, only the tail, whole steps and a tail), and nothing past them.
+    #[test]
+    fn stage_copy_copies_every_word_and_no_more() {
+        let Some((dev, fk)) = gpu() else { return };
+        let mut next = xorshift(0x51a6_e0c0_9f3d_2b17);
+        for ctas in [super::STAGE_COPY_CTAS, 3] {
+            let stride = ctas as usize * 256;
+            for n16 in [
+                0,
+                1,
+                stride - 1,
+                8 * stride,
+                8 * stride + 5,
+                3 * 8 * stride + 777,
+            ] {
+                let guard = 64; // words past the end that must keep their bytes
+                let src: Vec<u32> = (0..4 * n16).map(|_| next() as u32).collect();
+                let dsrc = dev.upload(&src).unwrap();
+                let dst = dev.alloc_filled::<u32>(4 * (n16 + guard), 0xAB).unwrap();
+                let a = kargs![dst.ptr(), dsrc.ptr(), n16 as i64];
+                let grid = cudarc::driver::LaunchConfig {
+                    grid_dim: (ctas, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: stage_copy reads n16 16-byte words of dsrc (4·n16 u32) and writes as
+                // many into dst (4·(n16 + guard) u32).
+                unsafe { fk.launch(&dev, "fwd_moe", "stage_copy", grid, &a).unwrap() };
+                let got = dev.download(&dst).unwrap();
+                assert!(
+                    got[..4 * n16] == src[..],
+                    "{ctas} CTAs, {n16} words: copy differs"
+                );
+                assert!(
+                    got[4 * n16..].iter().all(|&w| w == 0xABAB_ABAB),
+                    "{ctas} CTAs, {n16} words: wrote past the end"
+                );
+            }
+        }
+    }
+
     /// route_warp against route (the CTA kernel) bit for bit: ids, weights and the scores left
     /// in place, with many ties (few distinct logits), NaN logits, with and without bias and
     /// tid2eid rows, for expert counts up to ROUTE_WARP_EXPERTS and k up to 16.
