@@ -30,7 +30,13 @@ order), so one kernel name called from two places of a layer (after the attentio
 FFN) is reported twice. Median charge and median busy time per layer, in the order the sites
 end.
 
-Usage: critical_path.py TRACE.csv [--top N] [--layers] [--sites] [--timeline STEP:LAYER]
+With --bytes FILE (a CSV of site,what,mb: the weight megabytes a call site reads, e.g.
+decode_sites_q2.csv for the q2 Flash files), --sites also prints each listed site's bytes and
+its rate over its median busy time (GB/s), BENCHMARKS.md's per-kernel rates. A kernel that
+dependent launch started early is busy while it waits, so its rate understates its streaming.
+
+Usage: critical_path.py TRACE.csv [--top N] [--layers] [--sites [--bytes FILE]]
+       [--timeline STEP:LAYER]
 """
 import argparse
 import csv
@@ -116,6 +122,17 @@ def site_stats(rows, layer_start="hc_pre_norm_q8_0", marker="index_topk"):
     return out
 
 
+def read_site_bytes(path):
+    """{site: (what, megabytes)} from a CSV with the columns site, what, mb."""
+    with open(path) as f:
+        return {r["site"]: (r["what"], float(r["mb"])) for r in csv.DictReader(f)}
+
+
+def site_rate(mb, busy_ns):
+    """GB/s of `mb` megabytes (1e6 bytes) moved in `busy_ns`."""
+    return mb * 1e6 / busy_ns if busy_ns > 0 else float("inf")
+
+
 def summarize(rows):
     """Per-step means over the steady graph steps of `rows` (dicts with the CSV's columns):
     (steps, wall_ns, idle_ns, charge_ns, busy_ns, calls), the last three by kernel name and
@@ -153,6 +170,7 @@ def main():
     ap.add_argument("--wait-to", default="attend_split_scores")
     ap.add_argument("--timeline", metavar="STEP:LAYER", help="one layer's kernels")
     ap.add_argument("--sites", action="store_true", help="median charge per call site and layer kind")
+    ap.add_argument("--bytes", metavar="FILE", help="with --sites: weight MB per site (CSV site,what,mb)")
     args = ap.parse_args()
     with open(args.trace) as f:
         rows = list(csv.DictReader(f))
@@ -164,14 +182,20 @@ def main():
             print(f"{(start - t0) / 1e3:9.2f} {(end - t0) / 1e3:9.2f} {(end - start) / 1e3:7.2f} {name}")
         return
     if args.sites:
+        site_bytes = read_site_bytes(args.bytes) if args.bytes else {}
         for kind, sites in sorted(site_stats(rows, args.layer_start, args.marker).items(), reverse=True):
             label = f"with {args.marker}" if kind else f"without {args.marker}"
             print(f"layers {label}: median per layer")
-            print(f"  {'site':<34} {'layers':>6} {'end us':>7} {'charge us':>9} {'busy us':>8}")
+            rate_head = f" {'MB':>7} {'GB/s':>6}  what" if site_bytes else ""
+            print(f"  {'site':<34} {'layers':>6} {'end us':>7} {'charge us':>9} {'busy us':>8}{rate_head}")
             total = 0.0
             for site, (count, charge, busy, end) in sorted(sites.items(), key=lambda kv: kv[1][3]):
                 total += charge
-                print(f"  {site:<34} {count:>6} {end / 1e3:>7.2f} {charge / 1e3:>9.2f} {busy / 1e3:>8.2f}")
+                rate = ""
+                if site in site_bytes:
+                    what, mb = site_bytes[site]
+                    rate = f" {mb:>7.2f} {site_rate(mb, busy):>6.0f}  {what}"
+                print(f"  {site:<34} {count:>6} {end / 1e3:>7.2f} {charge / 1e3:>9.2f} {busy / 1e3:>8.2f}{rate}")
             print(f"  {'(sum of the median charges)':<34} {'':>6} {'':>7} {total / 1e3:>9.2f}")
         return
     if args.layers:

@@ -92,7 +92,7 @@ part_trace() {
     python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --top 40 > "$cp" 2>&1
     head -1 "$cp" >> "$SUMMARY"
     python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --layers | tee -a "$cp" >> "$SUMMARY" 2>&1
-    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --sites >> "$cp" 2>&1
+    python3 "$HERE/critical_path.py" /tmp/ds4-trace.csv --sites --bytes "$HERE/decode_sites_q2.csv" >> "$cp" 2>&1
     tail -3 /tmp/ds4-trace-bench.txt >> "$cp"
     xz -T0 -6 -c /tmp/ds4-trace.csv > "$OUT/trace_q2.csv.xz"
 }

@@ -104,3 +104,20 @@ def test_the_gap_between_steps_is_the_median_host_time_per_token():
             r["end_ns"] += 50_000
     assert critical_path.step_gap_ns(rows) == 600
     assert critical_path.step_gap_ns(trace([("a", 0, 1)], steps=4)) is None
+
+
+def test_site_bytes_give_each_listed_site_its_rate(tmp_path):
+    f = tmp_path / "sites.csv"
+    f.write_text("site,what,mb\nk#1,a matrix,35.65\nk#2,another,2.5\n")
+    sites = critical_path.read_site_bytes(f)
+    assert sites == {"k#1": ("a matrix", 35.65), "k#2": ("another", 2.5)}
+    # 35.65 MB in 15.55 us: 2 293 GB/s (q_b in BENCHMARKS.md's session 21 table).
+    assert round(critical_path.site_rate(35.65, 15_550)) == 2293
+    assert critical_path.site_rate(1.0, 0) == float("inf")
+
+
+def test_the_q2_site_list_names_known_sites_with_positive_sizes():
+    path = SCRIPT.parent / "decode_sites_q2.csv"
+    sites = critical_path.read_site_bytes(path)
+    assert sites["gemv_q8_0_q8x_nb1#3"][1] == 35.65
+    assert all(mb > 0 for _, mb in sites.values())
