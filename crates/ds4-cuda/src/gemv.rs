@@ -17,12 +17,12 @@
 //!
 //! Launch shape (`LaunchShape::choose`): rows are taken in groups of R (1 or 4 for F16/F32,
 //! 2 for the quantized formats), and `split` warps share each group, each taking a part of
-//! every row, so that matrices with few rows still fill the GPU (256 × 4096 F16: 256 CTAs of
-//! 8 warps instead of 32 CTAs whose warps walk 4096 columns each). `split` comes from the
-//! matrix shape alone, so a row's bits never depend on the batch, the expert count, the warps
-//! knob or the GPU. Up to 8 vectors run per launch; for prefill, when every warp's stage holds
-//! all of its part of a row group, one launch runs all whole batches of 8 vectors against the
-//! staged weights.
+//! every row, so that matrices with few rows still spread over the GPU (256 × 4096 F16 for
+//! one vector: 64 CTAs of 8 warps, 4 rows each, every warp taking an eighth of each row).
+//! `split` comes from the matrix shape alone, so a row's bits never depend on R, the batch,
+//! the expert count, the warps knob or the GPU. Up to 8 vectors run per launch; for prefill,
+//! when every warp's stage holds all of its part of a row group, one launch runs all whole
+//! batches of 8 vectors against the staged weights.
 
 use std::marker::PhantomData;
 
@@ -382,15 +382,17 @@ impl LaunchShape {
         let warps = split * (warps_knob / split).max(1);
         let groups = warps / split;
         let rows_per_group = match w.format {
-            // R = 4 reuses each activation load on 4 rows (fewer L1/L2 bytes per weight byte,
-            // which matters with 8 vectors); only when that still leaves enough CTAs: 2 per SM
-            // for 1-2 vectors (latency: many independent CTAs), a quarter of the SMs for 4-8
-            // vectors (every CTA reads all activation vectors, 128 KiB for 8 × 4096, so fewer,
-            // fuller CTAs: 256 × 4096 F16 runs as 64 CTAs of 4 rows).
+            // R = 4 reuses each activation load on 4 rows (fewer L1/L2 bytes per weight byte)
+            // and gives each thread 4 rows' pieces in flight. 1-2 vectors (decode): always
+            // (the router, 256 × 4096 F16, as 64 CTAs; the compressors' 512-1 024 rows as
+            // 128-256): a quarter of the CTAs, each with 4× the loads in flight, beats one
+            // CTA per row even where it leaves SMs idle (decode +1.1 %, BENCHMARKS.md session
+            // 22; before, R = 4 only from 2 CTAs per SM). 4-8 vectors: when that leaves a
+            // quarter of the SMs busy (every CTA reads all activation vectors, 128 KiB for
+            // 8 × 4096, so fewer, fuller CTAs).
             WeightFormat::F32 | WeightFormat::F16 => {
                 let ctas4 = w.rows.div_ceil(4 * groups) * slots;
-                let want = if nb <= 2 { 2 * sms } else { sms / 4 };
-                if ctas4 >= want {
+                if w.rows >= 4 && (nb <= 2 || ctas4 >= sms / 4) {
                     4
                 } else {
                     1
