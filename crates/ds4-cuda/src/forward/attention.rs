@@ -254,8 +254,9 @@ impl CudaModel {
             self.branch(LANE_COMPRESSOR, || {
                 let own = &mut s.lane_quant[LANE_COMPRESSOR];
                 let pre = xq && act_quant_of(self, &cw.kv) == act_quant_of(self, &w.q_a);
-                mm_branch(self, &s.quant, own, pre, &cw.kv, &s.xn, n, &mut s.ckv)?;
-                mm_branch(self, &s.quant, own, pre, &cw.gate, &s.xn, n, &mut s.cg)?;
+                let (kv, gate) = (&cw.kv, &cw.gate);
+                let outs = [&mut s.ckv, &mut s.cg];
+                mm_pair_branch(self, &s.quant, own, pre, [kv, gate], &s.xn, n, outs)?;
                 let qat = if ds4 { 1 } else { 0 };
                 self.compress(l, cw, cs, &s.ckv, &s.cg, n, pos0, s.pos.ptr(), qat)
             })?;
@@ -280,8 +281,9 @@ impl CudaModel {
                 let icw = &iw.compressor;
                 let own = &mut s.lane_quant[LANE_INDEXER];
                 let pre = xq && act_quant_of(self, &icw.kv) == act_quant_of(self, &w.q_a);
-                mm_branch(self, &s.quant, own, pre, &icw.kv, &s.xn, n, &mut s.ikv)?;
-                mm_branch(self, &s.quant, own, pre, &icw.gate, &s.xn, n, &mut s.ig)?;
+                let (kv, gate) = (&icw.kv, &icw.gate);
+                let outs = [&mut s.ikv, &mut s.ig];
+                mm_pair_branch(self, &s.quant, own, pre, [kv, gate], &s.xn, n, outs)?;
                 let qat = if ds4 { 2 } else { 0 };
                 self.compress(l, icw, is, &s.ikv, &s.ig, n, pos0, s.pos.ptr(), qat)?;
                 let pre = xq && act_quant_of(self, &iw.proj) == act_quant_of(self, &w.q_a);

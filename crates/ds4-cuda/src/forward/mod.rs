@@ -1074,6 +1074,36 @@ fn mm_branch(
     }
 }
 
+/// [`mm_branch`] of two same-input products (a compressor's kv and gate projections): a single
+/// token's f32-activation pair of equally shaped matrices in one launch
+/// ([`crate::Gpu::gemv_pair`], bit-identical to two; decode +0.65 %, BENCHMARKS.md session
+/// 22), anything else as two products.
+#[allow(clippy::too_many_arguments)]
+fn mm_pair_branch(
+    m: &CudaModel,
+    made: &QuantSlots,
+    own: &mut QuantSlots,
+    prequantized: bool,
+    w: [&Mat; 2],
+    x: &DeviceBuffer<f32>,
+    n: usize,
+    y: [&mut DeviceBuffer<f32>; 2],
+) -> Result<()> {
+    let [y0, y1] = y;
+    let f32_pair = n == 1
+        && same_shape(w[0], w[1])
+        && act_quant_of(m, w[0]).is_none()
+        && act_quant_of(m, w[1]).is_none();
+    if f32_pair {
+        let pair = [&m.matrix(w[0])?, &m.matrix(w[1])?];
+        return m
+            .gpu
+            .gemv_pair(pair, Activations::F32(x), n, [y0, y1], None);
+    }
+    mm_branch(m, made, own, prequantized, w[0], x, n, y0)?;
+    mm_branch(m, made, own, prequantized, w[1], x, n, y1)
+}
+
 /// The quant slot for the quantized form of `n` vectors of `cols` values of `kind` of the
 /// f32 buffer at `src`, grown when too small.
 fn quant_slot<'a>(
