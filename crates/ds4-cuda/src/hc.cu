@@ -5,8 +5,10 @@
 // Mix rows (2+n)n the split-K projection handles (n <= 5), and its CTA size.
 #define HC_MIX_MAX 40
 #define HC_MIX_THREADS 128
-// Mix rows per CTA of the split-K projection (the row groups are blockIdx.y).
-#define HC_GROUP_ROWS 6
+// Mix rows per CTA of the split-K projection (the row groups are blockIdx.y). Fewer rows, more
+// CTAs, each with a shorter chain of warp sums: decode +1.4 % at 3 against 6, 2 alike, 1 and 12
+// slower (the same bits at any value; BENCHMARKS.md session 22).
+#define HC_GROUP_ROWS 3
 #define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
 // Streams of the kernels' n-specialized paths (the model's hc_mult).
 #define HC_SPAN_N 4
@@ -273,9 +275,9 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 }
 
 // Span versions of hc_mix_partial / hc_post_mix for n = 4 streams (R = 24 mix rows). The
-// split-K kernels above give each CTA 6 of the rows, so each of their four row groups re-reads
-// (and hc_post_mix re-mixes) the token's streams, and every token pays two barriers and
-// 40 shuffles per warp per row group. Here one CTA takes all 24 rows of slice s (elements
+// split-K kernels above give each CTA HC_GROUP_ROWS of the rows, so each of their row groups
+// re-reads (and hc_post_mix re-mixes) the token's streams, and every token pays two barriers
+// and 5 (rows + 1) shuffles per warp per row group. Here one CTA takes all 24 rows of slice s (elements
 // s*128 + thread, as there) for a range of tokens: the weights stay in registers across the
 // range, the streams are copied ahead into shared memory (cp.async, HC_SPAN_STAGES tokens in
 // flight per thread), and a warp's 24 row sums are reduced with 24 shuffles instead of 120.

@@ -32,7 +32,7 @@ const R: usize = (2 + N) * N;
 const M: usize = 2 * N + N * N;
 /// hc.cu HC_MIX_THREADS (elements per slice), HC_GROUP_ROWS, HC_TOKENS, HC_SPAN_MAX_TOKENS.
 const SLICE: usize = 128;
-const GROUP_ROWS: usize = 6;
+const GROUP_ROWS: usize = 3;
 const TOKENS: usize = 8;
 const SPAN_MAX_TOKENS: usize = 256;
 

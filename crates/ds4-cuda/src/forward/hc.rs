@@ -7,7 +7,7 @@ use super::*;
 /// The most mix rows the split-K projection handles (hc.cu HC_MIX_MAX).
 const HC_MIX_MAX: usize = 40;
 /// Mix rows per CTA of the split-K projection (hc.cu HC_GROUP_ROWS).
-const HC_GROUP_ROWS: usize = 6;
+const HC_GROUP_ROWS: usize = 3;
 /// Tokens per CTA of the split-K projection (hc.cu HC_TOKENS).
 const HC_TOKENS: usize = 8;
 /// Sublayer-input elements per CTA of hc_pre for short spans (its grid is d / this × tokens,
