@@ -277,8 +277,8 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 // Span versions of hc_mix_partial / hc_post_mix for n = 4 streams (R = 24 mix rows). The
 // split-K kernels above give each CTA HC_GROUP_ROWS of the rows, so each of their row groups
 // re-reads (and hc_post_mix re-mixes) the token's streams, and every token pays two barriers
-// and 5 (rows + 1) shuffles per warp per row group. Here one CTA takes all 24 rows of slice s (elements
-// s*128 + thread, as there) for a range of tokens: the weights stay in registers across the
+// and 5 (rows + 1) shuffles per warp per row group. Here one CTA takes all 24 rows of slice s
+// (elements s*128 + thread, as there) for a range of tokens: the weights stay in registers across the
 // range, the streams are copied ahead into shared memory (cp.async, HC_SPAN_STAGES tokens in
 // flight per thread), and a warp's 24 row sums are reduced with 24 shuffles instead of 120.
 // The arithmetic of every value is the split-K kernels': the same per-thread FMA chains, the
