@@ -30,11 +30,31 @@ const N: usize = 4;
 const R: usize = (2 + N) * N;
 /// Map values per token: [pre | post | comb].
 const M: usize = 2 * N + N * N;
-/// hc.cu HC_MIX_THREADS (elements per slice), HC_GROUP_ROWS, HC_TOKENS, HC_SPAN_MAX_TOKENS.
+/// hc.cu HC_MIX_THREADS (elements per slice) and HC_SPAN_MAX_TOKENS (checked against the
+/// source by `constants_match_hc_cu`).
 const SLICE: usize = 128;
-const GROUP_ROWS: usize = 3;
-const TOKENS: usize = 8;
 const SPAN_MAX_TOKENS: usize = 256;
+
+/// The integer value of hc.cu's `#define NAME value`: the split-K launch shape (HC_GROUP_ROWS
+/// mix rows per CTA, HC_TOKENS tokens per CTA) is read from the source the test compiles, so
+/// that retuning it in hc.cu cannot leave the test launching another grid.
+fn hc_define(name: &str) -> usize {
+    HC_SOURCE
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no integer #define {name} in hc.cu"))
+}
+
+/// The test's fixed constants are hc.cu's (they size arrays, so they cannot be read at run
+/// time), and the split-K shape it reads is a real one.
+#[test]
+fn constants_match_hc_cu() {
+    assert_eq!(hc_define("HC_MIX_THREADS"), SLICE);
+    assert_eq!(hc_define("HC_SPAN_MAX_TOKENS"), SPAN_MAX_TOKENS);
+    assert!((1..=R).contains(&hc_define("HC_GROUP_ROWS")));
+    assert!(hc_define("HC_TOKENS") >= 1);
+}
 
 /// hc.cu compiled for the test GPU (once per process).
 fn module(g: &Gpu) -> &'static Arc<CudaModule> {
@@ -311,8 +331,8 @@ fn post_mix_and_projection_match_the_host_bit_for_bit() {
         // The split-K kernels (decode's), as forward/hc.rs launches them.
         let split = grid(
             c.slices,
-            R.div_ceil(GROUP_ROWS),
-            c.n_tok.div_ceil(TOKENS),
+            R.div_ceil(hc_define("HC_GROUP_ROWS")),
+            c.n_tok.div_ceil(hc_define("HC_TOKENS")),
             SLICE,
         );
         dev.fill_bytes(&out, 0xff).unwrap();

@@ -401,3 +401,23 @@ pub(crate) fn hc_split_k(c: &ModelConfig, fn_: &Mat) -> bool {
         && fn_.rows == (2 + nc) * nc
         && fn_.cols == nc * c.hidden
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::source_define as define;
+
+    /// The launchers size the grids and CTAs of hc.cu's kernels from these constants: a
+    /// mismatch would leave mix rows or tokens uncomputed, silently. They must be hc.cu's.
+    #[test]
+    fn constants_match_the_kernel_source() {
+        let src = include_str!("../hc.cu");
+        assert_eq!(define(src, "HC_MIX_MAX"), HC_MIX_MAX);
+        assert_eq!(define(src, "HC_MIX_THREADS"), HC_MIX_THREADS);
+        assert_eq!(define(src, "HC_GROUP_ROWS"), HC_GROUP_ROWS);
+        assert_eq!(define(src, "HC_TOKENS"), HC_TOKENS);
+        assert_eq!(define(src, "HC_SPAN_N"), HC_SPAN_N);
+        assert_eq!(define(src, "HC_SPAN_MAX_TOKENS"), HC_SPAN_MAX_TOKENS);
+        assert_eq!(define(src, "HC_COMB_WARPS"), HC_COMB_WARPS);
+    }
+}
