@@ -35,6 +35,9 @@ pack_of() { echo "${1%%@*}"; }
 settings_of() { [[ $1 == *@* ]] && echo "${1#*@}" | tr ',' ' '; }
 # A name for the result lines: the pack's folder name and the settings (no spaces or colons).
 name_of() { local b; b=$(basename "$(pack_of "$1")"); [[ $1 == *@* ]] && b="$b@${1#*@}"; echo "$b"; }
+# The variant's log file: its name with only [A-Za-z0-9._-] (the device tool brings back no file
+# whose name has other characters, such as the settings' @ and =).
+log_of() { echo "$OUT/bench_$(name_of "$1" | tr -c 'A-Za-z0-9._\n-' '_').txt"; }
 for v in "${VARIANTS[@]}"; do
     p=$(pack_of "$v")
     bash "$p/unpack.sh" "/tmp/ab-kernels-$(basename "$p")"
@@ -58,13 +61,13 @@ for round in $(seq 1 "$ROUNDS"); do
         if [ "$MODE" = trace ]; then
             DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=/tmp/ab-trace.csv timeout 180 "${CMD[@]}" \
                 bench -m "$MODEL" --backend cuda --ctx-start 2048 --ctx-max 2048 --gen-tokens 128 \
-                --csv /tmp/ab-bench.csv > "$OUT/bench_$name.txt" 2>&1
+                --csv /tmp/ab-bench.csv > "$(log_of "$v")" 2>&1
             step=$(python3 "$HERE/critical_path.py" /tmp/ab-trace.csv 2> /dev/null | head -1 | awk '{print $4}')
             tps=$(tail -n 1 /tmp/ab-bench.csv 2> /dev/null | cut -d, -f5)
         else
             timeout 180 "${CMD[@]}" bench -m "$MODEL" --backend cuda --ctx-start 2048 \
                 --ctx-max 6144 --step-incr 2048 --gen-tokens 128 --csv /tmp/ab-bench.csv \
-                > "$OUT/bench_$name.txt" 2>&1
+                > "$(log_of "$v")" 2>&1
             step=-
             tps=$(tail -n +2 /tmp/ab-bench.csv 2> /dev/null | cut -d, -f5 |
                 awk '{s += $1; n++} END {if (n) printf "%.2f", s / n}')
