@@ -688,6 +688,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
 #define ASPLIT_CW 32     // channels per values CTA
 #define ASPLIT_VT 1024   // most rows per staged tile of the values pass
 #define ASPLIT_PARTS 4   // cp.async groups a values tile's rows arrive in
+#define ASPLIT_STEP 8    // rows of a values chain step: all their operands loaded, then their FMAs
 
 #if ASPLIT_ROWS != 32
 #error "attend_split_scores resolves one row per lane"
@@ -749,15 +750,15 @@ __device__ __forceinline__ void asplit_wait_group(int n) {
 #error "asplit_wait_group covers 4 parts"
 #endif
 
-// attn_row with the selection read through ldcg_i32.
+// attn_row with the row's selection index already loaded (sel_j; asplit_stage_rows loads them).
 __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
                                                    const float* ring, i64 ring_cap, const float* comp, i64 kind,
-                                                   const int* sel) {
+                                                   int sel_j) {
     if (j < nw) {
         const i64 ps = first + j;
         return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
     }
-    return comp + (kind == 1 ? j - nw : (i64)ldcg_i32(sel + (j - nw))) * ATTN_HD;
+    return comp + (kind == 1 ? j - nw : (i64)sel_j) * ATTN_HD;
 }
 
 // Rows of a values tile each thread handles (row tid + ATTN_THREADS * i) in the statistics
@@ -765,6 +766,9 @@ __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64
 #define ASPLIT_RPT (ASPLIT_VT / ATTN_THREADS)
 #if ASPLIT_VT != ASPLIT_RPT * ATTN_THREADS
 #error "a values tile is a whole number of rows per thread"
+#endif
+#if ASPLIT_STEP % 4 != 0
+#error "a values chain step is whole float4 weight loads"
 #endif
 #if ASPLIT_HG * ASPLIT_CW / 2 > ATTN_THREADS
 #error "one thread per RoPE pair of a values CTA"
@@ -791,11 +795,21 @@ __device__ __forceinline__ void asplit_stage_rows(const AsplitRows& k, i64 tl, i
     float* const vrows = vsh;
     const float** const rp = (const float**)(vsh + vt * ASPLIT_CW + ASPLIT_HG * asplit_score_stride(vt));
     const int tid = threadIdx.x;
+    // The selected rows' indices first, all loads in flight together; the address arithmetic
+    // (a 64-bit modulo for ring rows) stays in a rolled loop, each pass taking the next index.
+    int sel_j[ASPLIT_RPT];
+#pragma unroll
+    for (int i = 0; i < ASPLIT_RPT; i++) {
+        const i64 j = tl * vt + tid + i * ATTN_THREADS;
+        sel_j[i] = k.kind == 2 && tid + i * ATTN_THREADS < rows && j >= k.nw ? ldcg_i32(k.sel + (j - k.nw)) : 0;
+    }
 #pragma unroll 1
     for (int i = 0; i < ASPLIT_RPT; i++) {
         const int j = tid + i * ATTN_THREADS;
         if (j < rows)
-            rp[j] = asplit_row(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind, k.sel);
+            rp[j] = asplit_row(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind, sel_j[0]);
+#pragma unroll
+        for (int q = 0; q + 1 < ASPLIT_RPT; q++) sel_j[q] = sel_j[q + 1];
     }
     __syncthreads();
     const int part = asplit_part(rows);
@@ -984,8 +998,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 
     // Values. Chain threads (warps 0 .. ASPLIT_HG / 2 - 1): head hl = 2 * warp + lane / 16,
     // channels c0 + 2 * cq and the next; rows in ascending order, acc += p * v (attend's
-    // operation), each part of the tile as it lands. The next 4 rows' operands are loaded
-    // before the current ones' FMAs.
+    // operation), each part of the tile as it lands. A step loads the weights and values of
+    // ASPLIT_STEP rows, then runs their FMAs: one shared-memory latency per step. (ptxas undid
+    // the 4-row software pipeline that was here; ncu in a CSA layer, 640 rows at 2K: 4-row
+    // steps 17.8-18.2 us, 8-row 15.7-16.1, 16-row 14.5-14.9; session 24.)
     const bool chain = warp < ASPLIT_HG / 2;
     const int hl = 2 * warp + (lane >> 4), cq = lane & 15;
     float acc0 = 0.f, acc1 = 0.f;
@@ -1009,31 +1025,24 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
             if (!chain) continue;
             const int hi = min(rows, (q + 1) * part);
             int j = min(rows, q * part);
-            if (j + 4 <= hi) {
-                float4 w = *(const float4*)(p + j);
-                float2 a = v[(j + 0) * (ASPLIT_CW / 2)], b = v[(j + 1) * (ASPLIT_CW / 2)];
-                float2 c = v[(j + 2) * (ASPLIT_CW / 2)], d = v[(j + 3) * (ASPLIT_CW / 2)];
-                for (;;) {
-                    const bool more = j + 8 <= hi;
-                    const int jn = more ? j + 4 : j;  // the next step, or a harmless reload
-                    const float4 wn = *(const float4*)(p + jn);
-                    const float2 an = v[(jn + 0) * (ASPLIT_CW / 2)], bn = v[(jn + 1) * (ASPLIT_CW / 2)];
-                    const float2 cn = v[(jn + 2) * (ASPLIT_CW / 2)], dn = v[(jn + 3) * (ASPLIT_CW / 2)];
-                    acc0 += w.x * a.x;
-                    acc1 += w.x * a.y;
-                    acc0 += w.y * b.x;
-                    acc1 += w.y * b.y;
-                    acc0 += w.z * c.x;
-                    acc1 += w.z * c.y;
-                    acc0 += w.w * d.x;
-                    acc1 += w.w * d.y;
-                    j += 4;
-                    if (!more) break;
-                    w = wn;
-                    a = an;
-                    b = bn;
-                    c = cn;
-                    d = dn;
+#pragma unroll 1
+            for (; j + ASPLIT_STEP <= hi; j += ASPLIT_STEP) {
+                float4 w[ASPLIT_STEP / 4];
+                float2 x[ASPLIT_STEP];
+#pragma unroll
+                for (int u = 0; u < ASPLIT_STEP / 4; u++) w[u] = *(const float4*)(p + j + 4 * u);
+#pragma unroll
+                for (int u = 0; u < ASPLIT_STEP; u++) x[u] = v[(j + u) * (ASPLIT_CW / 2)];
+#pragma unroll
+                for (int u = 0; u < ASPLIT_STEP / 4; u++) {
+                    acc0 += w[u].x * x[4 * u].x;
+                    acc1 += w[u].x * x[4 * u].y;
+                    acc0 += w[u].y * x[4 * u + 1].x;
+                    acc1 += w[u].y * x[4 * u + 1].y;
+                    acc0 += w[u].z * x[4 * u + 2].x;
+                    acc1 += w[u].z * x[4 * u + 2].y;
+                    acc0 += w[u].w * x[4 * u + 3].x;
+                    acc1 += w[u].w * x[4 * u + 3].y;
                 }
             }
 #pragma unroll 1
@@ -1069,6 +1078,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         if (lane == 0) ((float*)od_)[at / 32] = dd;
     }
 }
+
 
 // ---- attend_mma: prefill attention on the tensor cores (ds4 numerics) ----
 //
