@@ -16,7 +16,8 @@
 # medians over 3+ rounds. Each pack keeps its own kernel cache. Then every variant's logits
 # of 24 tokens fed one at a time (the decode path, graph included) are compared byte for byte
 # with the first variant's: a change meant to keep the bits must print "same bits". Results go
-# to $OUT (./ab-out when unset); ~40 s a run in trace mode on an H100 after the model is
+# to $OUT (./ab-out when unset): ab.txt (the runs, the logits check) and bench_logs.txt (every
+# run's bench output); ~40 s a run in trace mode on an H100 after the model is
 # synthesized (~60 s).
 set -u
 ROUNDS=${1:?usage: ab.sh ROUNDS VARIANT_A VARIANT_B [VARIANT ...]}
@@ -35,9 +36,6 @@ pack_of() { echo "${1%%@*}"; }
 settings_of() { [[ $1 == *@* ]] && echo "${1#*@}" | tr ',' ' '; }
 # A name for the result lines: the pack's folder name and the settings (no spaces or colons).
 name_of() { local b; b=$(basename "$(pack_of "$1")"); [[ $1 == *@* ]] && b="$b@${1#*@}"; echo "$b"; }
-# The variant's log file: its name with only [A-Za-z0-9._-] (the device tool brings back no file
-# whose name has other characters, such as the settings' @ and =).
-log_of() { echo "$OUT/bench_$(name_of "$1" | tr -c 'A-Za-z0-9._\n-' '_').txt"; }
 for v in "${VARIANTS[@]}"; do
     p=$(pack_of "$v")
     bash "$p/unpack.sh" "/tmp/ab-kernels-$(basename "$p")"
@@ -52,6 +50,7 @@ variant_cmd() {
     CMD+=("DS4_KERNEL_CACHE=/tmp/ab-kernels-$(basename "$(pack_of "$1")")" "$(pack_of "$1")/ds4")
 }
 RESULTS=$OUT/ab.txt
+: > "$OUT/bench_logs.txt"
 echo "round variant gpu_step_us decode_tps" | tee "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${VARIANTS[@]}"; do
@@ -61,17 +60,19 @@ for round in $(seq 1 "$ROUNDS"); do
         if [ "$MODE" = trace ]; then
             DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=/tmp/ab-trace.csv timeout 180 "${CMD[@]}" \
                 bench -m "$MODEL" --backend cuda --ctx-start 2048 --ctx-max 2048 --gen-tokens 128 \
-                --csv /tmp/ab-bench.csv > "$(log_of "$v")" 2>&1
+                --csv /tmp/ab-bench.csv > /tmp/ab-run.txt 2>&1
             step=$(python3 "$HERE/critical_path.py" /tmp/ab-trace.csv 2> /dev/null | head -1 | awk '{print $4}')
             tps=$(tail -n 1 /tmp/ab-bench.csv 2> /dev/null | cut -d, -f5)
         else
             timeout 180 "${CMD[@]}" bench -m "$MODEL" --backend cuda --ctx-start 2048 \
                 --ctx-max 6144 --step-incr 2048 --gen-tokens 128 --csv /tmp/ab-bench.csv \
-                > "$(log_of "$v")" 2>&1
+                > /tmp/ab-run.txt 2>&1
             step=-
             tps=$(tail -n +2 /tmp/ab-bench.csv 2> /dev/null | cut -d, -f5 |
                 awk '{s += $1; n++} END {if (n) printf "%.2f", s / n}')
         fi
+        # Every run's bench output in one file: the device tool brings back at most 8 files.
+        { echo "=== round $round $name"; cat /tmp/ab-run.txt; } >> "$OUT/bench_logs.txt"
         echo "$round $name ${step:-failed} ${tps:-failed}" | tee -a "$RESULTS"
     done
 done
