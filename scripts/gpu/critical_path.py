@@ -2,19 +2,21 @@
 """Per-kernel critical path of the decode steps in a CUPTI trace.
 
 Input: the CSV that `DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=F ds4 bench ...` writes
-(name,start_ns,end_ns,correlation,in_graph). Every graph launch (one decode step) is a window;
-its kernels are taken in the order they end, and each is charged the time by which it moved
-the latest end forward (its end minus the latest end before it). With dependent launch a
-kernel's CTAs start while its predecessor still runs, so plain durations overlap and double
-count; these charges sum to the step's wall time. A gap with no kernel running (from the union
-of the kernels' intervals, reported separately) is charged to the kernel that ends next. The
-median time between steps (one step's last kernel end to the next one's first start) is what
-the host and the graph launch add to every token.
+(name,start_ns,end_ns,correlation,in_graph; since session 24 also stream,graph_node,grid).
+Every graph launch (one decode step) is a window; its kernels are taken in the order they end,
+and each is charged the time by which it moved the latest end forward (its end minus the latest
+end before it). With dependent launch a kernel's CTAs start while its predecessor still runs,
+so plain durations overlap and double count; these charges sum to the step's wall time. A gap
+with no kernel running (from the union of the kernels' intervals, reported separately) is
+charged to the kernel that ends next. The median time between steps (one step's last kernel end
+to the next one's first start) is what the host and the graph launch add to every token.
 
 Caveat: where a side branch runs beside the main chain, the kernel that happens to end next
 takes the charge, so a short side-branch kernel that ends while a long main-chain kernel runs
 takes part of that kernel's time (CUPTI's stream ids do not help: a graph runs its nodes on
-streams of its own). Read the charges per layer phase, with the busy times beside them.
+streams of its own; each kernel's graph node and grid, in traces since session 24, may tell the
+branches apart in --timeline). Read the charges per layer phase, with the busy times beside
+them.
 
 Per layer (--layers): each step is cut into layers where a kernel named --layer-start begins
 (by default hc_pre_norm_q8_0, the attention input's first kernel of every layer); layers that
@@ -22,7 +24,8 @@ run a --marker kernel (by default index_topk: the CSA layers) are reported apart
 others, with the median layer span and the median wait between the last --wait-from kernel's
 end (the query path: head_norm_rope) and the --wait-to kernel's start (attend_split_scores):
 how long the attention waited for its side branches. --timeline STEP:LAYER prints one layer's
-kernels (start, end, duration in us from the step's first kernel).
+kernels (start, end, duration in us from the step's first kernel; with each kernel's stream,
+graph node and grid where the trace has them).
 
 Per call site (--sites): the step's charges (as above) split by where in its layer a kernel
 runs, per layer kind: site "hc_post_mix#2" is the second hc_post_mix of a layer (in start
@@ -178,8 +181,13 @@ def main():
         k, l = (int(v) for v in args.timeline.split(":"))
         step = steady_steps(rows)[k]
         t0 = min(x[1] for x in step)
+        # Traces that record them (since session 24) add each kernel's stream, graph node and grid.
+        extra = {(r["name"], int(r["start_ns"]), int(r["end_ns"])):
+                 f" stream {r['stream']} node {r['graph_node']} grid {r['grid']}"
+                 for r in rows if "grid" in r}
         for name, start, end in split_layers(step, args.layer_start)[l]:
-            print(f"{(start - t0) / 1e3:9.2f} {(end - t0) / 1e3:9.2f} {(end - start) / 1e3:7.2f} {name}")
+            print(f"{(start - t0) / 1e3:9.2f} {(end - t0) / 1e3:9.2f} {(end - start) / 1e3:7.2f} {name}"
+                  f"{extra.get((name, start, end), '')}")
         return
     if args.sites:
         site_bytes = read_site_bytes(args.bytes) if args.bytes else {}

@@ -2,14 +2,14 @@
 """Where a prefill's GPU time goes, from a CUPTI trace.
 
 Input: the CSV that `DS4_CUDA_PROFILE=trace DS4_CUDA_TRACE_FILE=F ds4 bench ...` writes
-(name,start_ns,end_ns,correlation,in_graph). The kernels outside the decode graphs are cut
-into bursts at gaps of 2 ms or more (the host's work between 2 048-token spans leaves such
-gaps), and the longest burst is reported: the prefill of a one-span bench row, or the
-longest span (usually the last, deepest in the context) of a longer prefill. As in
-critical_path.py, the kernels are taken in the order they end and each is charged the time by
-which it moved the latest end forward, so the charges sum to the burst's wall time and
-kernels of side streams that overlap the main chain are charged only what they add; the busy
-column is the kernels' own durations (which overlap across streams).
+(name,start_ns,end_ns,correlation,in_graph; since session 24 also stream,graph_node,grid). The
+kernels outside the decode graphs are cut into bursts at gaps of 2 ms or more (the host's work
+between 2 048-token spans leaves such gaps), and the longest burst is reported: the prefill of
+a one-span bench row, or the longest span (usually the last, deepest in the context) of a
+longer prefill. As in critical_path.py, the kernels are taken in the order they end and each is
+charged the time by which it moved the latest end forward, so the charges sum to the burst's
+wall time and kernels of side streams that overlap the main chain are charged only what they
+add; the busy column is the kernels' own durations (which overlap across streams).
 
 Usage: prefill_path.py TRACE.csv [--top N]
 """

@@ -34,6 +34,12 @@ pub struct KernelRecord {
     pub correlation: u32,
     /// Launched as a node of a graph.
     pub in_graph: bool,
+    /// The stream it ran on (inside a graph, one of the graph's own streams) and, for a
+    /// graph's kernel, its node: what tells the branches' kernels apart in a timeline.
+    pub stream: u32,
+    pub graph_node: u64,
+    /// Its grid (CTAs in x, y, z): what tells launches of one kernel on different matrices apart.
+    pub grid: [i32; 3],
 }
 
 /// Per-kernel share of a set of windows (decode steps, or the span outside graphs).
@@ -161,20 +167,26 @@ pub fn render(title: &str, s: &TraceSummary) -> String {
     out
 }
 
-/// The records as CSV (`name,start_ns,end_ns,correlation,in_graph`, kernel names quoted), for
-/// timelines drawn elsewhere.
+/// The records as CSV (`name,start_ns,end_ns,correlation,in_graph,stream,graph_node,grid`,
+/// kernel names quoted, the grid as `XxYxZ`), for timelines drawn elsewhere.
 pub fn to_csv(records: &[KernelRecord]) -> String {
     use std::fmt::Write;
-    let mut out = String::from("name,start_ns,end_ns,correlation,in_graph\n");
+    let mut out =
+        String::from("name,start_ns,end_ns,correlation,in_graph,stream,graph_node,grid\n");
     for r in records {
         let _ = writeln!(
             out,
-            "\"{}\",{},{},{},{}",
+            "\"{}\",{},{},{},{},{},{},{}x{}x{}",
             r.name.replace('"', "\"\""),
             r.start,
             r.end,
             r.correlation,
-            r.in_graph as u8
+            r.in_graph as u8,
+            r.stream,
+            r.graph_node,
+            r.grid[0],
+            r.grid[1],
+            r.grid[2]
         );
     }
     out
@@ -243,6 +255,13 @@ extern "C" fn buffer_completed(
                 end: addr_of!((*k).end).read_unaligned(),
                 correlation: addr_of!((*k).correlationId).read_unaligned(),
                 in_graph: addr_of!((*k).graphId).read_unaligned() != 0,
+                stream: addr_of!((*k).streamId).read_unaligned(),
+                graph_node: addr_of!((*k).graphNodeId).read_unaligned(),
+                grid: [
+                    addr_of!((*k).gridX).read_unaligned(),
+                    addr_of!((*k).gridY).read_unaligned(),
+                    addr_of!((*k).gridZ).read_unaligned(),
+                ],
             });
         }
         dealloc(buffer, buffer_layout());
@@ -324,6 +343,9 @@ mod tests {
             end,
             correlation: corr,
             in_graph,
+            stream: 7,
+            graph_node: if in_graph { 42 } else { 0 },
+            grid: [132, 2, 1],
         }
     }
 
@@ -335,7 +357,8 @@ mod tests {
         ]);
         assert_eq!(
             csv,
-            "name,start_ns,end_ns,correlation,in_graph\n\"gemv_q8_0_q8x_nb1\",5,9,3,1\n\"odd\"\"name\",1,2,4,0\n"
+            "name,start_ns,end_ns,correlation,in_graph,stream,graph_node,grid\n\
+             \"gemv_q8_0_q8x_nb1\",5,9,3,1,7,42,132x2x1\n\"odd\"\"name\",1,2,4,0,7,0,132x2x1\n"
         );
     }
 
