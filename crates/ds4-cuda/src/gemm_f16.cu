@@ -69,6 +69,40 @@ __device__ __forceinline__ void gf_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
+// The split-K finish both kernel families share. Every CTA of the cluster has parked its
+// partial tile in `part` (vector-major, rows PS floats apart); this CTA (chunk `chunk` of CL)
+// adds up its 1/CL of the tile, groups of 4 rows of one vector summed over the chunks in
+// ascending order, and writes it to y (consecutive threads write consecutive rows). NT: the
+// CTA's threads.
+template <int BM, int BN, int CL, int PS, int NT>
+__device__ __forceinline__ void gf_finish(const float* part, int chunk, int tid, i64 v0, i64 r0, i64 n, i64 rows,
+                                          float* __restrict__ y) {
+    if (CL > 1)
+        gf_cluster_sync();
+    else
+        __syncthreads();
+    constexpr int GROUPS = BM * BN / 4 / CL;
+    for (int g = tid; g < GROUPS; g += NT) {
+        const int f = chunk * GROUPS + g, v = f / (BM / 4), r = f % (BM / 4) * 4;
+        const float* mine = &part[v * PS + r];
+        float4 sum = *(const float4*)(CL > 1 ? gf_cluster_peer(mine, 0) : mine);
+#pragma unroll
+        for (int c = 1; c < CL; c++) {
+            const float4 t = *(const float4*)gf_cluster_peer(mine, c);
+            sum.x += t.x, sum.y += t.y, sum.z += t.z, sum.w += t.w;
+        }
+        const i64 gv = v0 + v, gr = r0 + r;
+        if (gv >= n) continue;
+        float* out = y + gv * rows + gr;
+        const float sv[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (gr + i < rows) out[i] = sv[i];
+    }
+    // No CTA may leave (freeing its shared memory) while the cluster still reads it.
+    if (CL > 1) gf_cluster_sync();
+}
+
 // One CTA: rows [blockIdx.y*BM, +BM) x vectors [blockIdx.z*BN, +BN) over chunk blockIdx.x of
 // CL. TM x TN outputs per thread; 128 = (BM/TM) * (BN/TN) threads.
 template <int BM, int BN, int TM, int TN, int CL>
@@ -199,33 +233,7 @@ __device__ __forceinline__ void gemm_f16_tile(const u8* __restrict__ w, i64 row_
                 make_float4(acc[4 * p][j], acc[4 * p + 1][j], acc[4 * p + 2][j], acc[4 * p + 3][j]);
         }
     }
-    if (CL > 1)
-        gf_cluster_sync();
-    else
-        __syncthreads();
-
-    // This CTA's 1/CL of the tile: groups of 4 rows of one vector, summed over the chunks in
-    // ascending order and written to y (consecutive threads write consecutive rows).
-    constexpr int GROUPS = BM * BN / 4 / CL;
-    for (int g = tid; g < GROUPS; g += GF_THREADS) {
-        const int f = chunk * GROUPS + g, v = f / (BM / 4), r = f % (BM / 4) * 4;
-        const float* mine = &smem[v * S::PS + r];
-        float4 sum = *(const float4*)(CL > 1 ? gf_cluster_peer(mine, 0) : mine);
-#pragma unroll
-        for (int c = 1; c < CL; c++) {
-            const float4 t = *(const float4*)gf_cluster_peer(mine, c);
-            sum.x += t.x, sum.y += t.y, sum.z += t.z, sum.w += t.w;
-        }
-        const i64 gv = v0 + v, gr = r0 + r;
-        if (gv >= n) continue;
-        float* out = y + gv * rows + gr;
-        const float sv[4] = {sum.x, sum.y, sum.z, sum.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (gr + i < rows) out[i] = sv[i];
-    }
-    // No CTA may leave (freeing its shared memory) while the cluster still reads it.
-    if (CL > 1) gf_cluster_sync();
+    gf_finish<BM, BN, CL, S::PS, GF_THREADS>(smem, chunk, tid, v0, r0, n, rows, y);
 }
 
 // The kernels: tile shape x split. Wide: 128 rows x 64 vectors, 8 x 8 per thread; narrow:
@@ -581,33 +589,7 @@ __device__ __forceinline__ void gemm_f16_tc_tile(const u8* __restrict__ w, i64 r
             part[v * S::PS + r + 8] = acc[mi][nj][2];
             part[(v + 1) * S::PS + r + 8] = acc[mi][nj][3];
         }
-    if (CL > 1)
-        gf_cluster_sync();
-    else
-        __syncthreads();
-
-    // This CTA's 1/CL of the tile: groups of 4 rows of one vector, summed over the chunks in
-    // ascending order and written to y (consecutive threads write consecutive rows).
-    constexpr int GROUPS = BM * BN / 4 / CL;
-    for (int gi = tid; gi < GROUPS; gi += THREADS) {
-        const int f = chunk * GROUPS + gi, v = f / (BM / 4), r = f % (BM / 4) * 4;
-        const float* mine = &part[v * S::PS + r];
-        float4 sum = *(const float4*)(CL > 1 ? gf_cluster_peer(mine, 0) : mine);
-#pragma unroll
-        for (int c = 1; c < CL; c++) {
-            const float4 u = *(const float4*)gf_cluster_peer(mine, c);
-            sum.x += u.x, sum.y += u.y, sum.z += u.z, sum.w += u.w;
-        }
-        const i64 gv = v0 + v, gr = r0 + r;
-        if (gv >= n) continue;
-        float* out = y + gv * rows + gr;
-        const float sv[4] = {sum.x, sum.y, sum.z, sum.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (gr + i < rows) out[i] = sv[i];
-    }
-    // No CTA may leave (freeing its shared memory) while the cluster still reads it.
-    if (CL > 1) gf_cluster_sync();
+    gf_finish<BM, BN, CL, S::PS, THREADS>(part, chunk, tid, v0, r0, n, rows, y);
 }
 
 // The tensor-core kernels: tile shape x split. Wide: 2 x 4 warps of 4 x 4 MMA tiles (128 rows
