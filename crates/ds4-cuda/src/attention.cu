@@ -18,6 +18,27 @@ extern "C" __global__ void rope_tail(u64 x_, i64 n_rows, i64 width, i64 rows_per
     }
 }
 
+// The nr rows a token at position pos attends to, in order: the nw positions of its window
+// from `first` (the ring), then its compressed rows: every ratio-th position so far (kind 1),
+// the indexer's selection, whose count selc_ holds per token t (kind 2), or none (kind 0). CG:
+// the count is read through L2 (a kernel's read before its PDL wait, see common.cuh).
+struct TokenRows {
+    i64 first, nw, nr;
+};
+template <bool CG>
+__device__ __forceinline__ TokenRows token_rows(i64 pos, i64 window, i64 kind, i64 ratio, u64 selc_, i64 t) {
+    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
+    const i64 nw = pos - first + 1;
+    i64 nc = 0;
+    if (kind == 1) {
+        nc = (pos + 1) / ratio;
+    } else if (kind == 2) {
+        const int* selc = (const int*)selc_ + t;
+        nc = CG ? ldcg_i32(selc) : *selc;
+    }
+    return {first, nw, nw + nc};
+}
+
 // One row of `width` values per CTA (row i of token i / rows_per_tok, at position pos0 +
 // token): RMS norm (times w when w_ != 0), RoPE of the last r channels, and when nope >= 0
 // ds4's stored-KV rounding (FP8 round trip of the first `nope` channels in blocks of 64, then
@@ -290,10 +311,8 @@ extern "C" __global__ void attend(u64 q_, u64 kv_, u64 ring_, u64 comp_, u64 sel
     const i64 pos0 = *(const i64*)pos_;
     const i64 t = blockIdx.x / H, h = blockIdx.x % H;
     const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
-    const i64 nr = nw + nc;
+    const TokenRows rows = token_rows<false>(pos, window, kind, ratio, selc_, t);
+    const i64 first = rows.first, nw = rows.nw, nr = rows.nr;
     const float* kv = (const float*)kv_;
     const float* ring = (const float*)ring_;
     const float* comp = (const float*)comp_;
@@ -542,10 +561,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     const i64 t = blockIdx.x / groups, h0 = (blockIdx.x % groups) * ATTN_HG;
     const i64 pos0 = *(const i64*)pos_;
     const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
-    const i64 nr = nw + nc;
+    const TokenRows rows = token_rows<false>(pos, window, kind, ratio, selc_, t);
+    const i64 first = rows.first, nw = rows.nw, nr = rows.nr;
     const float* kv = (const float*)kv_;
     const float* ring = (const float*)ring_;
     const float* comp = (const float*)comp_;
@@ -706,10 +723,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     const i64 t = blockIdx.z, h0 = (i64)blockIdx.y * ATTN_HG;
     const i64 pos0 = *(const i64*)pos_;
     const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
-    const i64 nr = nw + nc;
+    const TokenRows rows = token_rows<false>(pos, window, kind, ratio, selc_, t);
+    const i64 first = rows.first, nw = rows.nw, nr = rows.nr;
     const i64 row_lo = (i64)blockIdx.x * ASPLIT_ROWS;
     // Rows past the token's count (the grid covers max_rows), or more rows than the scratch
     // holds (the values launch then writes NaN outputs): nothing to do. Uniform over the CTA.
@@ -852,10 +867,9 @@ __device__ __forceinline__ AsplitPre asplit_values_prologue(u64 kv_, u64 ring_, 
     const i64 t = blockIdx.z, c0 = (i64)blockIdx.x * ASPLIT_CW;
     const i64 pos0 = ldcg_i64((const void*)pos_);
     p.pos = pos0 + t;
-    const i64 first = p.pos + 1 > window ? p.pos + 1 - window : 0;
-    const i64 nw = p.pos - first + 1;
-    const i64 nc = kind == 1 ? (p.pos + 1) / ratio : (kind == 2 ? (i64)ldcg_i32((const int*)selc_ + t) : 0);
-    p.nr = nw + nc;
+    const TokenRows rows = token_rows<true>(p.pos, window, kind, ratio, selc_, t);
+    const i64 first = rows.first, nw = rows.nw;
+    p.nr = rows.nr;
     p.rows = AsplitRows{(const float*)kv_, (const float*)ring_, (const float*)comp_,
                         (const int*)sel_ + t * sel_stride, pos0, first, nw, ring_cap, kind};
     p.fits = p.nr <= max_rows;  // uniform over the CTA
@@ -1173,10 +1187,8 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
     const i64 t = blockIdx.x, h0 = (i64)blockIdx.y * AM_HEADS;
     const i64 pos0 = *(const i64*)pos_;
     const i64 pos = pos0 + t;
-    const i64 first = pos + 1 > window ? pos + 1 - window : 0;
-    const i64 nw = pos - first + 1;
-    const i64 nc = kind == 1 ? (pos + 1) / ratio : (kind == 2 ? (i64)((const int*)selc_)[t] : 0);
-    const i64 nr = nw + nc;
+    const TokenRows rows = token_rows<false>(pos, window, kind, ratio, selc_, t);
+    const i64 first = rows.first, nw = rows.nw, nr = rows.nr;
     const float* kv = (const float*)kv_;
     const float* ring = (const float*)ring_;
     const float* comp = (const float*)comp_;
