@@ -7,37 +7,8 @@ use ds4_gguf::quant::{
 };
 use ds4_gguf::GgmlType;
 
-/// SplitMix64: small, deterministic, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-    /// A random positive normal f16 in [2^-10, 2^2).
-    fn f16_scale(&mut self) -> [u8; 2] {
-        let exp = 5 + (self.next_u64() % 12) as u16;
-        let bits = (exp << 10) | (self.next_u64() as u16 & 0x3ff);
-        bits.to_le_bytes()
-    }
-}
+mod common;
+use common::Rng;
 
 /// A row of `n` elements of `ty` made of random bytes with sane f16 scale fields.
 fn random_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {

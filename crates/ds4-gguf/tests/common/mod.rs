@@ -28,7 +28,7 @@ pub fn check_accepted(f: &GgufFile, len: u64) {
     }
 }
 
-/// SplitMix64: small, seeded, good enough to pick test cases.
+/// SplitMix64: small, seeded, good enough to pick test cases and make test data.
 pub struct Rng(pub u64);
 
 impl Rng {
@@ -47,6 +47,28 @@ impl Rng {
 
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+
+    /// Uniform in [0, 1), 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// N(0, 1) by Box-Muller.
+    pub fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+
+    /// A random positive normal f16 in [2^-10, 2^2), little-endian.
+    pub fn f16_scale(&mut self) -> [u8; 2] {
+        let exp = 5 + (self.next_u64() % 12) as u16;
+        let bits = (exp << 10) | (self.next_u64() as u16 & 0x3ff);
+        bits.to_le_bytes()
     }
 }
 
