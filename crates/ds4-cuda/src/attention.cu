@@ -436,15 +436,24 @@ extern "C" __global__ void group_merge(u64 zg_, u64 z_, i64 n_tok, i64 G, i64 dg
 #define ATTN_CPL (ATTN_HD / 32)
 
 // Row j of a token's attention rows, in attend's order: the window from its oldest position
-// (earlier positions from the ring, the span's own from kv), then the compressed rows.
-__device__ __forceinline__ const float* attn_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
-                                                 const float* ring, i64 ring_cap, const float* comp, i64 kind,
-                                                 const int* sel) {
+// (earlier positions from the ring, the span's own from kv), then the compressed rows (kind 1:
+// every one in order; kind 2: selected ones, sel_of(i) giving the i-th selection's index, read
+// only for such a row).
+template <class SelOf>
+__device__ __forceinline__ const float* attn_row_of(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
+                                                    const float* ring, i64 ring_cap, const float* comp, i64 kind,
+                                                    SelOf sel_of) {
     if (j < nw) {
         const i64 ps = first + j;
         return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
     }
-    return comp + (kind == 1 ? j - nw : (i64)sel[j - nw]) * ATTN_HD;
+    return comp + (kind == 1 ? j - nw : (i64)sel_of(j - nw)) * ATTN_HD;
+}
+// attn_row_of with the selection indices in `sel`.
+__device__ __forceinline__ const float* attn_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
+                                                 const float* ring, i64 ring_cap, const float* comp, i64 kind,
+                                                 const int* sel) {
+    return attn_row_of(j, nw, first, pos0, kv, ring, ring_cap, comp, kind, [sel](i64 i) { return sel[i]; });
 }
 
 // Starts copying rows row0 .. row0 + ATTN_TR of the token into `tile` (one cp.async group):
@@ -765,17 +774,6 @@ __device__ __forceinline__ void asplit_wait_group(int n) {
 #error "asplit_wait_group covers 4 parts"
 #endif
 
-// attn_row with the row's selection index already loaded (sel_j; asplit_stage_rows loads them).
-__device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64 pos0, const float* kv,
-                                                   const float* ring, i64 ring_cap, const float* comp, i64 kind,
-                                                   int sel_j) {
-    if (j < nw) {
-        const i64 ps = first + j;
-        return ps >= pos0 ? kv + (ps - pos0) * ATTN_HD : ring + (ps % ring_cap) * ATTN_HD;
-    }
-    return comp + (kind == 1 ? j - nw : (i64)sel_j) * ATTN_HD;
-}
-
 // Rows of a values tile each thread handles (row tid + ATTN_THREADS * i) in the statistics
 // and the address pass.
 #define ASPLIT_RPT (ASPLIT_VT / ATTN_THREADS)
@@ -789,7 +787,7 @@ __device__ __forceinline__ const float* asplit_row(i64 j, i64 nw, i64 first, i64
 #error "one thread per RoPE pair of a values CTA"
 #endif
 
-// A token's rows as attend_split_values reads them (asplit_row's parameters).
+// A token's rows as attend_split_values reads them (attn_row_of's parameters).
 struct AsplitRows {
     const float* kv;
     const float* ring;
@@ -821,8 +819,10 @@ __device__ __forceinline__ void asplit_stage_rows(const AsplitRows& k, i64 tl, i
 #pragma unroll 1
     for (int i = 0; i < ASPLIT_RPT; i++) {
         const int j = tid + i * ATTN_THREADS;
+        const int sj = sel_j[0];  // this row's selection index, loaded above
         if (j < rows)
-            rp[j] = asplit_row(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind, sel_j[0]);
+            rp[j] = attn_row_of(tl * vt + j, k.nw, k.first, k.pos0, k.kv, k.ring, k.ring_cap, k.comp, k.kind,
+                                [sj](i64) { return sj; });
 #pragma unroll
         for (int q = 0; q + 1 < ASPLIT_RPT; q++) sel_j[q] = sel_j[q + 1];
     }
