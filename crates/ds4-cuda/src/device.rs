@@ -624,11 +624,6 @@ impl CudaDevice {
         }
     }
 
-    /// Turns programmatic dependent launch on or off for the launches that follow (where the
-    /// GPU supports it). It pays off for chains of small kernels (a decode step: the next
-    /// kernel's launch hides behind the running one); for spans of many tokens, whose kernels
-    /// run several waves, the early-resident CTAs of the next kernel take SM room from the
-    /// running one's later waves, and prefill measured ~8 % slower with it.
     /// Gives the kernels launched on side stream `lane` the context's highest priority: the
     /// GPU then schedules their CTAs before those of kernels already waiting for room, as
     /// soon as some finish (a graph node keeps the priority, see [`uses_priorities`]).
@@ -657,6 +652,11 @@ impl CudaDevice {
         self.plain_next.store(true, Ordering::Relaxed);
     }
 
+    /// Turns programmatic dependent launch on or off for the launches that follow (where the
+    /// GPU supports it). It pays off for chains of small kernels (a decode step: the next
+    /// kernel's launch hides behind the running one); for spans of many tokens, whose kernels
+    /// run several waves, the early-resident CTAs of the next kernel take SM room from the
+    /// running one's later waves, and prefill measured ~8 % slower with it.
     pub fn set_dependent_launch(&self, on: bool) {
         self.pdl_now.store(on && self.pdl, Ordering::Relaxed);
     }
