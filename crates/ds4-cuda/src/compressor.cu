@@ -73,9 +73,26 @@ extern "C" __global__ void compress_span(u64 kv_in_, u64 gate_in_, u64 ape_, u64
         const i64 pos = pos0 + t, slot = pos % m, srow = (coff - 1) * m + slot;
         const float* kin = (const float*)kv_in_ + t * w;
         const float* gin = (const float*)gate_in_ + t * w;
-        for (i64 c = threadIdx.x; c < w; c += blockDim.x) {
-            skv[srow * w + c] = kin[c];
-            ssc[srow * w + c] = gin[c] + ape[slot * w + c];
+        // Four elements' loads, then their stores (one at a time, each load would wait for
+        // the store before it: the compiler cannot tell the frontier from the inputs).
+        for (i64 c0 = threadIdx.x; c0 < w; c0 += 4 * (i64)blockDim.x) {
+            float kv[4], sc[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const i64 c = c0 + u * (i64)blockDim.x;
+                if (c < w) {
+                    kv[u] = kin[c];
+                    sc[u] = gin[c] + ape[slot * w + c];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const i64 c = c0 + u * (i64)blockDim.x;
+                if (c < w) {
+                    skv[srow * w + c] = kv[u];
+                    ssc[srow * w + c] = sc[u];
+                }
+            }
         }
         __syncthreads();
         if ((pos + 1) % m != 0) continue;  // uniform over the CTA

@@ -248,10 +248,18 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
             const float* comb = mp + 2 * n;
             const float* st = (const float*)streams_in_ + t * n * d;
             float* out = (float*)streams_out_ + t * n * d;
-            // Fully unrolled (guards instead of loop bounds) so old[] stays in registers.
-            float old[HC_SPLIT_N];
+            // Fully unrolled (guards instead of loop bounds) so old[] stays in registers. The
+            // maps too, loaded here with the streams: in the loop below, after the first store
+            // to out (which the compiler cannot tell from the maps), each k's loads would wait
+            // for the one before.
+            float old[HC_SPLIT_N], postv[HC_SPLIT_N], combv[HC_SPLIT_N][HC_SPLIT_N];
 #pragma unroll
-            for (int j = 0; j < HC_SPLIT_N; j++) old[j] = j < n ? st[j * d + i] : 0.f;
+            for (int j = 0; j < HC_SPLIT_N; j++) {
+                old[j] = j < n ? st[j * d + i] : 0.f;
+                postv[j] = j < n ? post[j] : 0.f;
+#pragma unroll
+                for (int k = 0; k < HC_SPLIT_N; k++) combv[j][k] = j < n && k < n ? comb[j * n + k] : 0.f;
+            }
             const float y = moe_down ? moe_combined((const float*)moe_down, (const int*)moe_inv, (const int*)moe_ids,
                                                     (const float*)moe_wts, (const float*)y_, t, i, moe_k, d,
                                                     moe_weighted)
@@ -259,10 +267,10 @@ extern "C" __global__ void __launch_bounds__(HC_MIX_THREADS)
 #pragma unroll
             for (int k = 0; k < HC_SPLIT_N; k++)
                 if (k < n) {
-                    float v = post[k] * y;
+                    float v = postv[k] * y;
 #pragma unroll
                     for (int j = 0; j < HC_SPLIT_N; j++)
-                        if (j < n) v += comb[j * n + k] * old[j];
+                        if (j < n) v += combv[j][k] * old[j];
                     if (blockIdx.y == 0) out[k * d + i] = v;
                     ss += (double)v * (double)v;
 #pragma unroll
