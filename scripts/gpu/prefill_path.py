@@ -11,7 +11,10 @@ charged the time by which it moved the latest end forward, so the charges sum to
 wall time and kernels of side streams that overlap the main chain are charged only what they
 add; the busy column is the kernels' own durations (which overlap across streams).
 
-Usage: prefill_path.py TRACE.csv [--top N]
+With --idle it also lists the burst's idle time (no kernel running on any stream) by the
+kernel that ends each gap: what the GPU waited for (launches, host work, a cross-stream join).
+
+Usage: prefill_path.py TRACE.csv [--top N] [--idle]
 """
 import argparse
 import csv
@@ -51,12 +54,33 @@ def summarize(rows, gap_ns=2_000_000):
     return len(burst), t1 - t0, dict(charge), dict(busy), dict(calls)
 
 
+def idle_gaps(rows, gap_ns=2_000_000):
+    """Idle ns inside the longest burst (as `summarize` picks it), per kernel name starting
+    right after a gap: ({name: idle ns}, {name: gaps}, total idle ns)."""
+    kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows
+                     if str(r["in_graph"]) != "1")
+    if not kernels:
+        return {}, {}, 0
+    burst = max(bursts(kernels, gap_ns), key=lambda b: max(k[1] for k in b) - b[0][0])
+    idle, gaps, total = defaultdict(int), defaultdict(int), 0
+    latest = burst[0][1]
+    for start, end, name in burst[1:]:
+        if start > latest:
+            idle[name] += start - latest
+            gaps[name] += 1
+            total += start - latest
+        latest = max(latest, end)
+    return dict(idle), dict(gaps), total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--idle", action="store_true", help="also the idle time by the kernel after it")
     args = ap.parse_args()
-    summary = summarize(list(csv.DictReader(open(args.trace))))
+    rows = list(csv.DictReader(open(args.trace)))
+    summary = summarize(rows)
     if summary is None:
         print("no kernels outside the decode graphs")
         return
@@ -66,6 +90,11 @@ def main():
     for name in sorted(charge, key=charge.get, reverse=True)[: args.top]:
         print(f"{name:<40} {calls[name]:>6} {charge[name] / 1e6:>10.2f} {100 * charge[name] / wall:>5.1f}% "
               f"{busy[name] / 1e6:>9.2f}")
+    if args.idle:
+        idle, gaps, total = idle_gaps(rows)
+        print(f"idle: {total / 1e6:.2f} ms of {wall / 1e6:.2f} ({100 * total / wall:.1f} %), by the kernel after the gap")
+        for name in sorted(idle, key=idle.get, reverse=True)[: args.top]:
+            print(f"  {name:<38} {gaps[name]:>6} gaps {idle[name] / 1e6:>8.3f} ms")
 
 
 if __name__ == "__main__":

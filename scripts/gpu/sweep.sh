@@ -105,7 +105,7 @@ part_prefill() {
             DS4_CUDA_TRACE_FILE=/tmp/ds4-ptrace.csv timeout 200 "$DS4" bench -m /dev/shm/q2.gguf \
             --backend cuda --ctx-start $c --ctx-max $c --gen-tokens 1 > /tmp/ds4-ptrace.txt 2>&1
         echo "== prefill to $c tokens: $(grep -A1 'prefill t/s' /tmp/ds4-ptrace.txt | tail -1)" >> "$OUT/prefill_path.txt"
-        python3 "$HERE/prefill_path.py" /tmp/ds4-ptrace.csv --top 40 >> "$OUT/prefill_path.txt" 2>&1
+        python3 "$HERE/prefill_path.py" /tmp/ds4-ptrace.csv --top 40 --idle >> "$OUT/prefill_path.txt" 2>&1
     done
     head -4 "$OUT/prefill_path.txt" >> "$SUMMARY"
 }
