@@ -107,6 +107,7 @@
 #define GE_NV 32       // vectors per pass of the narrow kernels (three CTAs per SM)
 #define GE_NV_WIDE 64  // of the wide ones (two CTAs per SM)
 #define GE_KT 2
+#define GE_NJ 2  // n tiles walked together by Q2_K's mma chains (ge_tile_math)
 #define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
 #define GE_XROW_K (GE_KT * QK_K + 16)        // 528
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
@@ -363,16 +364,24 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
             }
         };
         if constexpr (DF) {
-            // All 8 items decoded first: one n-tile test per block and tile instead of per item.
+            // All 8 items decoded first: one n-tile test per block and group of n tiles instead
+            // of per item. Q2_K's sums are mma chains (C = the running sum): a group of GE_NJ
+            // n tiles walks its items together, so that GE_NJ independent chains are in flight
+            // instead of one waiting on the previous mma. The group's tiles past nt hold the
+            // vectors after the pass's (staged whole, gemm_experts_tile) and are never stored.
+            constexpr int NJ = FMT == GE_Q2_K ? GE_NJ : 1;
+            static_assert(NT % NJ == 0, "whole groups of n tiles");
             u32 a[8][4], am[8][4];
             int scale[8][2];
 #pragma unroll
             for (int it = 0; it < 8; it++) decode(it, a[it], am[it], scale[it]);
 #pragma unroll
-            for (int nj = 0; nj < NT; nj++) {
+            for (int nj = 0; nj < NT; nj += NJ) {
                 if (nj >= nt) break;
 #pragma unroll
-                for (int it = 0; it < 8; it++) tile(it, nj, a[it], am[it], scale[it]);
+                for (int it = 0; it < 8; it++)
+#pragma unroll
+                    for (int s = 0; s < NJ; s++) tile(it, nj + s, a[it], am[it], scale[it]);
             }
         } else {
 #pragma unroll
@@ -490,6 +499,8 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
     for (i64 v0 = v_begin; v0 < v_end; v0 += NV) {
         const int nv = (int)min64(NV, v_end - v0), nt = (nv + 7) >> 3;
+        // Q2_K walks whole groups of GE_NJ n tiles (ge_tile_math): all of them are staged.
+        const int nt_staged = FMT == GE_Q2_K ? (nt + GE_NJ - 1) / GE_NJ * GE_NJ : nt;
         float acc[NT][4];
 #pragma unroll
         for (int nj = 0; nj < NT; nj++)
@@ -497,7 +508,7 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             for (int i = 0; i < 4; i++) acc[nj][i] = 0.f;
         // Both stages are free here: the previous pass ended with a barrier after its last
         // reads.
-        ge_load_tile<FMT, NV>(ge_smem, bars, p, W, row0, v0, 8 * nt, v_end - 1, 0);
+        ge_load_tile<FMT, NV>(ge_smem, bars, p, W, row0, v0, 8 * nt_staged, v_end - 1, 0);
         cp_async_commit();
         // The grid table is built once, while the first tile is in flight, and read after the
         // K loop's first barrier.
@@ -507,8 +518,8 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
             // Prefetch the next tile into the other stage (its last readers passed the barrier
             // at the end of the previous iteration); an empty group keeps the wait uniform.
             if (kt + 1 < n_tiles)
-                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, W, row0, v0, 8 * nt,
-                                      v_end - 1, kt + 1);
+                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, W, row0, v0,
+                                      8 * nt_staged, v_end - 1, kt + 1);
             cp_async_commit();
             cp_async_wait_all_but_newest();
             {
