@@ -107,7 +107,7 @@
 #define GE_NV 32       // vectors per pass of the narrow kernels (three CTAs per SM)
 #define GE_NV_WIDE 64  // of the wide ones (two CTAs per SM)
 #define GE_KT 2
-#define GE_NJ 2  // n tiles walked together by Q2_K's mma chains (ge_tile_math)
+#define GE_NJ 2  // n tiles walked together by the decode-first formats (ge_tile_math)
 #define GE_XROW_IQ2_XXS (GE_KT * QK_K + 32)  // 544
 #define GE_XROW_K (GE_KT * QK_K + 16)        // 528
 // Stage row strides of the weights: the bytes of a tile (GE_KT blocks) starting up to 12 bytes
@@ -365,11 +365,13 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
         };
         if constexpr (DF) {
             // All 8 items decoded first: one n-tile test per block and group of n tiles instead
-            // of per item. Q2_K's sums are mma chains (C = the running sum): a group of GE_NJ
-            // n tiles walks its items together, so that GE_NJ independent chains are in flight
-            // instead of one waiting on the previous mma. The group's tiles past nt hold the
-            // vectors after the pass's (staged whole, gemm_experts_tile) and are never stored.
-            constexpr int NJ = FMT == GE_Q2_K ? GE_NJ : 1;
+            // of per item. Each n tile's sums are dependency chains over the items: Q2_K's
+            // through the mma's C (the running sum), IQ2_XXS's through the IMAD that adds each
+            // item's scaled sum. A group of GE_NJ n tiles walks its items together, so that
+            // GE_NJ independent chains are in flight instead of one waiting on its previous
+            // link. The group's tiles past nt hold the vectors after the pass's (staged whole,
+            // gemm_experts_tile) and are never stored.
+            constexpr int NJ = GE_NJ;
             static_assert(NT % NJ == 0, "whole groups of n tiles");
             u32 a[8][4], am[8][4];
             int scale[8][2];
@@ -499,8 +501,9 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
     const i64 n_tiles = (p.n_blocks + GE_KT - 1) / GE_KT;
     for (i64 v0 = v_begin; v0 < v_end; v0 += NV) {
         const int nv = (int)min64(NV, v_end - v0), nt = (nv + 7) >> 3;
-        // Q2_K walks whole groups of GE_NJ n tiles (ge_tile_math): all of them are staged.
-        const int nt_staged = FMT == GE_Q2_K ? (nt + GE_NJ - 1) / GE_NJ * GE_NJ : nt;
+        // The decode-first formats walk whole groups of GE_NJ n tiles (ge_tile_math): all of
+        // them are staged.
+        const int nt_staged = DF ? (nt + GE_NJ - 1) / GE_NJ * GE_NJ : nt;
         float acc[NT][4];
 #pragma unroll
         for (int nj = 0; nj < NT; nj++)
