@@ -35,14 +35,22 @@ def bursts(kernels, gap_ns=2_000_000):
     return out
 
 
-def summarize(rows, gap_ns=2_000_000):
-    """The longest burst of `rows` (trace dicts) outside the decode graphs: (kernels, wall ns,
-    charge / busy ns and calls per kernel name); None when no kernel ran outside a graph."""
+def longest_burst(rows, gap_ns=2_000_000):
+    """The longest burst of `rows` (trace dicts) outside the decode graphs, as (start, end,
+    name) sorted by start; None when no kernel ran outside a graph."""
     kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows
                      if str(r["in_graph"]) != "1")
     if not kernels:
         return None
-    burst = max(bursts(kernels, gap_ns), key=lambda b: max(k[1] for k in b) - b[0][0])
+    return max(bursts(kernels, gap_ns), key=lambda b: max(k[1] for k in b) - b[0][0])
+
+
+def summarize(rows, gap_ns=2_000_000):
+    """The longest burst's kernels, wall ns, and charge / busy ns and calls per kernel name;
+    None when no kernel ran outside a graph."""
+    burst = longest_burst(rows, gap_ns)
+    if burst is None:
+        return None
     t0, t1 = burst[0][0], max(k[1] for k in burst)
     charge, busy, calls = defaultdict(int), defaultdict(int), defaultdict(int)
     latest = t0
@@ -55,13 +63,11 @@ def summarize(rows, gap_ns=2_000_000):
 
 
 def idle_gaps(rows, gap_ns=2_000_000):
-    """Idle ns inside the longest burst (as `summarize` picks it), per kernel name starting
-    right after a gap: ({name: idle ns}, {name: gaps}, total idle ns)."""
-    kernels = sorted((int(r["start_ns"]), int(r["end_ns"]), r["name"]) for r in rows
-                     if str(r["in_graph"]) != "1")
-    if not kernels:
+    """Idle ns inside the longest burst, per kernel name starting right after a gap:
+    ({name: idle ns}, {name: gaps}, total idle ns)."""
+    burst = longest_burst(rows, gap_ns)
+    if burst is None:
         return {}, {}, 0
-    burst = max(bursts(kernels, gap_ns), key=lambda b: max(k[1] for k in b) - b[0][0])
     idle, gaps, total = defaultdict(int), defaultdict(int), 0
     latest = burst[0][1]
     for start, end, name in burst[1:]:

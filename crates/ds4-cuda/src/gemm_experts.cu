@@ -371,19 +371,18 @@ __device__ __forceinline__ void ge_tile_math(const u8* stage, const GemmExpertsP
             // GE_NJ independent chains are in flight instead of one waiting on its previous
             // link. The group's tiles past nt hold the vectors after the pass's (staged whole,
             // gemm_experts_tile) and are never stored.
-            constexpr int NJ = GE_NJ;
-            static_assert(NT % NJ == 0, "whole groups of n tiles");
+            static_assert(NT % GE_NJ == 0, "whole groups of n tiles");
             u32 a[8][4], am[8][4];
             int scale[8][2];
 #pragma unroll
             for (int it = 0; it < 8; it++) decode(it, a[it], am[it], scale[it]);
 #pragma unroll
-            for (int nj = 0; nj < NT; nj += NJ) {
+            for (int nj = 0; nj < NT; nj += GE_NJ) {
                 if (nj >= nt) break;
 #pragma unroll
                 for (int it = 0; it < 8; it++)
 #pragma unroll
-                    for (int s = 0; s < NJ; s++) tile(it, nj + s, a[it], am[it], scale[it]);
+                    for (int s = 0; s < GE_NJ; s++) tile(it, nj + s, a[it], am[it], scale[it]);
             }
         } else {
 #pragma unroll
