@@ -118,10 +118,11 @@ __device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.asyn
 
 // Four 8x8 b16 matrices from shared memory: lanes 8m..8m+7 give the row addresses of matrix m;
 // register m receives, in lane l, bytes 4(l%4)..4(l%4)+3 of row l/4 of matrix m.
-__device__ __forceinline__ void gq_ldmatrix_x4(const void* row_addr, u32 (&r)[4]) {
+// row_addr: the lane's row address in the shared window (32 bits).
+__device__ __forceinline__ void gq_ldmatrix_x4(u32 row_addr, u32 (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(gq_smem_addr(row_addr)));
+                 : "r"(row_addr));
 }
 
 // D = A B + C for a 16x32 s8 A (row-major) and a 32x8 s8 B (column-major), s32 C/D.
@@ -271,12 +272,14 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
         // ldmatrix rows: lanes 8m..8m+7 address matrix m = (vectors 8(m/2)..+7, bytes 16(m%2)..+15
         // of the block) of a 16-vector pair of n-tiles; the lane's vector is lane % 8 mod 8, so
         // its chunks' swizzle key.
-        const u8* sx_lane = sx + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * 128;
-        const int x_chunk = (lane >> 3) & 1, x_key = lane & 7;
+        // The row in the shared window (32-bit addresses: no generic address per block), and
+        // the swizzled chunk's byte offset: 16 ((2 (b & 3) + x_chunk) ^ x_key), where
+        // 2 (b & 3) and x_chunk < 2 share no bit, is 32 (b & 3) ^ 16 (x_chunk ^ x_key).
+        const u32 sx_lane = gq_smem_addr(sx) + (32 * wn + 8 * (lane >> 4) + (lane & 7)) * 128;
+        const u32 x_swz = 16 * (((lane >> 3) & 1) ^ (lane & 7));
         const int nbt = (int)min64(GQ_KB, p.n_blocks - kt * GQ_KB);
-#pragma unroll
-        for (int b = 0; b < GQ_KB; b++) {
-            if (b >= nbt) break;
+        // Block b of the tile: its A and B fragments, 8 mma and their f32 updates.
+        auto block = [&](int b) {
             // A fragments and weight scales of the warp's 2 m-tiles (rows g, g + 8 of each).
             u32 a[2][4];
             float dw[2][2];
@@ -303,8 +306,8 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
 #pragma unroll
             for (int pair = 0; pair < 2; pair++) {
                 u32 r[4];
-                const int chunk = (2 * (b & 3) + x_chunk) ^ x_key;  // 16 bytes of block b's 32
-                gq_ldmatrix_x4(sx_lane + (b >> 2) * GQ_XHALF + pair * 16 * 128 + 16 * chunk, r);
+                // 16 bytes of block b's 32
+                gq_ldmatrix_x4(sx_lane + (b >> 2) * GQ_XHALF + pair * 16 * 128 + (x_swz ^ (32 * (b & 3))), r);
                 bq[2 * pair][0] = r[0];
                 bq[2 * pair][1] = r[1];
                 bq[2 * pair + 1][0] = r[2];
@@ -324,6 +327,16 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
                         acc[mi][nj][i] = __fadd_rn(acc[mi][nj][i], __fmul_rn(scale, isum));
                     }
                 }
+            }
+        };
+        if (nbt == GQ_KB) {  // every tile but an unaligned matrix's last: no per-block test
+#pragma unroll
+            for (int b = 0; b < GQ_KB; b++) block(b);
+        } else {
+#pragma unroll
+            for (int b = 0; b < GQ_KB; b++) {
+                if (b >= nbt) break;
+                block(b);
             }
         }
         __syncthreads();
