@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Session 28 (branch s28-q8-ldsm, not yet run on a GPU): the Q8_0 prefill GEMM with 32-bit
-# ldmatrix addresses and a full-tile path without per-block tests (SASS: 1 444 -> 1 345
-# instructions in a K tile's math, registers 116 -> 112). MAIN and BRANCH: packs of main and of
-# this branch (scripts/gpu/pack.sh). Bits (gemm_gpu, forward_fixtures), the GEMM's throughput
+# ldmatrix addresses and a full-tile path without per-block tests (2678f16; SASS: 1 444 -> 1 345
+# instructions in a K tile's math, registers 116 -> 112), then the activation scales stored in
+# the order the lanes read them, two 16-byte loads a block instead of four 8-byte ones (the
+# next commit: 1 345 -> 1 328, registers 112 -> 125 of the 128 two CTAs allow, no spills).
+# MAIN and BRANCH: packs of main and of this branch (scripts/gpu/pack.sh); a pack of 2678f16
+# as BRANCH measures the first change alone. Bits (gemm_gpu, forward_fixtures), the GEMM's throughput
 # on the model's shapes for both, then prefill 2K-8K alternating the two, three rounds. $OUT.
 set -u
 MAIN=${1:?usage: s28_q8.sh MAIN_PACK BRANCH_PACK}

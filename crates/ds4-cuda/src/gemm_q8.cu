@@ -25,7 +25,9 @@
 //   xq [2][GQ_BN][128]        each vector's 256 int8 values in two halves of 128 bytes, the
 //                             16-byte chunk c of row v at chunk c ^ (v % 8) (the copy engine's
 //                             128-byte swizzle)
-//   xd [GQ_KB][GQ_BN] f32     the vectors' block scales, block-major (two vectors per float2)
+//   xd [GQ_KB][GQ_BN] f32     the vectors' block scales, block-major, each 32-vector half in
+//                             the order its readers take them (gq_dpos: a lane's 8 scales of
+//                             a block, its 4 n tiles' vector pairs, are two 16-byte loads)
 // Weight row strides of 272 bytes (68 words, 4 banks apart) make the fragment loads of 8 rows x
 // 4 lanes conflict-free, and the swizzle the ldmatrix reads of 8 rows of one chunk. The raw
 // weight rows leave each block's quants 2-byte aligned: odd blocks start their quants 4-byte
@@ -99,6 +101,13 @@ struct __align__(64) GemmQ8Params {
     u64 wmap[16];      // tensor map of the weights (u16 x rows x experts), when aligned16
     u64 xmap[16];      // tensor map of the activations (u8 x vectors x slots, 128-byte swizzle)
 };
+
+// Where vector v's block scale sits in a block's row of xd: a warp's lane with t = lane % 4
+// reads vectors 32 wn + 8 nj + 2 t + e (n tile nj < 4, e < 2), so within each half of 32 the
+// fields nj (bits 3-4) and t (bits 1-2) swap places and the lane's 8 scales are contiguous.
+__device__ __forceinline__ int gq_dpos(int v) {
+    return (v & ~31) | (((v >> 1) & 3) << 3) | (((v >> 3) & 3) << 1) | (v & 1);
+}
 
 __device__ __forceinline__ u32 gq_smem_addr(const void* p) {
     u64 a;
@@ -184,7 +193,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
 #pragma unroll
         for (int k = 0; k < GQ_BN * GQ_KB / THREADS; k++) {
             const int v = (tid >> 3) + (THREADS / 8) * k;
-            gq_cp4_s(s_d + 4 * v, dt + (u32)min(v, last_vec) * d_vec);
+            gq_cp4_s(s_d + 4 * gq_dpos(v), dt + (u32)min(v, last_vec) * d_vec);
         }
         return;
     }
@@ -203,7 +212,7 @@ __device__ __forceinline__ void gq_load_tile(u8* stage, u32 bar, const GemmQ8Par
         const int v = i >> 3, b = i & 7;
         if (b < nbt) {
             const i64 vec = min64(vec0 + v, p.n_vecs - 1);
-            gq_cp4(sd + b * GQ_BN + v, xd + vec * p.x_vec_stride * p.n_blocks + kblk0 + b);
+            gq_cp4(sd + b * GQ_BN + gq_dpos(v), xd + vec * p.x_vec_stride * p.n_blocks + kblk0 + b);
         }
     }
 }
@@ -313,9 +322,13 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
                 bq[2 * pair + 1][0] = r[2];
                 bq[2 * pair + 1][1] = r[3];
             }
+            // The lane's vector pairs of its 4 n tiles, contiguous (gq_dpos).
+            const float4* dxs = (const float4*)(sd + b * GQ_BN + 32 * wn + 8 * t);
+            const float4 dx01 = dxs[0], dx23 = dxs[1];
 #pragma unroll
             for (int nj = 0; nj < 4; nj++) {
-                const float2 dx = *(const float2*)(sd + b * GQ_BN + 32 * wn + 8 * nj + 2 * t);
+                const float4 dq = nj < 2 ? dx01 : dx23;
+                const float2 dx = (nj & 1) ? make_float2(dq.z, dq.w) : make_float2(dq.x, dq.y);
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++) {
                     int d[4];
