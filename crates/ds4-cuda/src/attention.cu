@@ -1134,18 +1134,22 @@ struct AmSmem {
     };
 };
 
-__device__ __forceinline__ void am_ldmatrix_x4(const void* p, u32 (&r)[4]) {
+// ldmatrix from 32-bit shared-window addresses (a: the lane's row address), computed once per
+// kernel so that each load is the base register plus an immediate: with generic pointers,
+// every load paid a 64-bit add and a cvta.to.shared (~60 of the 94 instructions of four
+// S = Q K^T steps, SASS of 55de7a3).
+__device__ __forceinline__ void am_ldmatrix_x4(u32 a, u32 (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(a));
 }
-__device__ __forceinline__ void am_ldmatrix_x2(const void* p, u32 (&r)[2]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+__device__ __forceinline__ void am_ldmatrix_x2(u32 a, u32 (&r)[2]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
 }
-__device__ __forceinline__ void am_ldmatrix_x4_trans(const void* p, u32 (&r)[4]) {
+__device__ __forceinline__ void am_ldmatrix_x4_trans(u32 a, u32 (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(a));
 }
 __device__ __forceinline__ void am_mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm volatile(
@@ -1244,6 +1248,16 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
     float o[16][4];
 #pragma unroll
     for (int j = 0; j < 16; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    // The lanes' ldmatrix row addresses (bytes in the shared window): Q (S's A: heads 16 mi +
+    // lane % 16, channels 8 (lane / 16) ..; the lo copy a constant offset away), the rows (S's
+    // B: row 8 ni + lane % 8, channels 8 ((lane / 8) % 2) ..), the weights (PV's A: heads as for
+    // Q, rows 8 (lane / 16) ..) and the rows as V (PV's B, transposed: row lane % 16, channels
+    // 128 ni + 8 (lane / 16) ..).
+    const u32 sh0 = smem_addr(am_sh);
+    const u32 qa_hi_s = sh0 + AmSmem::Q_HI + 2 * ((16 * mi + (lane & 15)) * AM_QS + 8 * (lane >> 4));
+    const u32 kb_s = sh0 + AmSmem::KV + 2 * ((8 * ni + (lane & 7)) * AM_QS + 8 * ((lane >> 3) & 1));
+    const u32 pa_hi_s = sh0 + AmSmem::P_HI + 2 * ((16 * mi + (lane & 15)) * AM_PS + 8 * (lane >> 4));
+    const u32 vb_s = sh0 + AmSmem::KV + 2 * ((lane & 15) * AM_QS + 128 * ni + 8 * (lane >> 4));
 
     const i64 ntiles = (nr + AM_TR - 1) / AM_TR;
     load(0);
@@ -1256,15 +1270,12 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
         // S = Q K^T for 16 heads x 8 rows.
         {
             float s[4] = {0.f, 0.f, 0.f, 0.f};
-            const u16* qa_hi = sq_hi + (16 * mi + (lane & 15)) * AM_QS + 8 * (lane >> 4);
-            const u16* qa_lo = sq_lo + (16 * mi + (lane & 15)) * AM_QS + 8 * (lane >> 4);
-            const u16* kb = skv + (8 * ni + (lane & 7)) * AM_QS + 8 * ((lane >> 3) & 1);
-#pragma unroll 4
+#pragma unroll
             for (int k = 0; k < ATTN_HD / 16; k++) {
                 u32 ah[4], al[4], b[2];
-                am_ldmatrix_x4(qa_hi + 16 * k, ah);
-                am_ldmatrix_x4(qa_lo + 16 * k, al);
-                am_ldmatrix_x2(kb + 16 * k, b);
+                am_ldmatrix_x4(qa_hi_s + 32 * k, ah);
+                am_ldmatrix_x4(qa_hi_s + (AmSmem::Q_LO - AmSmem::Q_HI) + 32 * k, al);
+                am_ldmatrix_x2(kb_s + 32 * k, b);
                 am_mma(s, ah, b[0], b[1]);
                 am_mma(s, al, b[0], b[1]);
             }
@@ -1328,13 +1339,12 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
 #pragma unroll
             for (int ks = 0; ks < AM_TR / 16; ks++) {
                 u32 ph[4], pl[4];
-                am_ldmatrix_x4(sp_hi + (16 * mi + (lane & 15)) * AM_PS + 16 * ks + 8 * (lane >> 4), ph);
-                am_ldmatrix_x4(sp_lo + (16 * mi + (lane & 15)) * AM_PS + 16 * ks + 8 * (lane >> 4), pl);
-                const u16* vb = skv + (16 * ks + (lane & 15)) * AM_QS + 128 * ni + 8 * (lane >> 4);
+                am_ldmatrix_x4(pa_hi_s + 32 * ks, ph);
+                am_ldmatrix_x4(pa_hi_s + (AmSmem::P_LO - AmSmem::P_HI) + 32 * ks, pl);
 #pragma unroll
                 for (int jp = 0; jp < 8; jp++) {  // two n8 tiles per ldmatrix
                     u32 b[4];
-                    am_ldmatrix_x4_trans(vb + 16 * jp, b);
+                    am_ldmatrix_x4_trans(vb_s + 2 * 16 * AM_QS * ks + 32 * jp, b);
                     am_mma(o[2 * jp], ph, b[0], b[1]);
                     am_mma(o[2 * jp], pl, b[0], b[1]);
                     am_mma(o[2 * jp + 1], ph, b[2], b[3]);
