@@ -29,6 +29,10 @@ DS4=$DIR/ds4
 SWEEP=(--backend cuda --ctx-start 2048 --ctx-max 65536 --gen-tokens 128)
 SUMMARY=$OUT/summary.txt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$SUMMARY"
+# The CSVs are named after the GPU they ran on (bench-h100-q2.csv, bench-h200-q4.csv, ...):
+# the lowercase model word of its name (H100, H200, B200), or "gpu".
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE '[A-Z][0-9]{3}' | head -1 | tr 'A-Z' 'a-z')
+GPU=${GPU:-gpu}
 
 # Runs "$@" while sampling the GPU's memory every 0.5 s into $1; the peak goes to the summary.
 with_memory() {
@@ -62,7 +66,7 @@ part_tests() {
 part_q2() {
     q2_model
     with_memory "$OUT/mem_q2.txt" timeout 420 "$DS4" bench -m /dev/shm/q2.gguf "${SWEEP[@]}" \
-        --step-incr 2048 --csv "$OUT/bench-h100-q2.csv" > "$OUT/sweep_q2.txt" 2>&1
+        --step-incr 2048 --csv "$OUT/bench-$GPU-q2.csv" > "$OUT/sweep_q2.txt" 2>&1
     grep -v uploading "$OUT/sweep_q2.txt" | tail -3 >> "$SUMMARY"
 }
 
@@ -113,7 +117,7 @@ part_prefill() {
 part_q4() {
     "$DS4" synth -o /dev/shm/q4.gguf --experts q4 --alias-layers > /dev/null 2>&1
     with_memory "$OUT/mem_q4.txt" timeout 300 "$DS4" bench -m /dev/shm/q4.gguf "${SWEEP[@]}" \
-        --step-incr 8192 --csv "$OUT/bench-h100-q4.csv" > "$OUT/sweep_q4.txt" 2>&1
+        --step-incr 8192 --csv "$OUT/bench-$GPU-q4.csv" > "$OUT/sweep_q4.txt" 2>&1
     grep -v uploading "$OUT/sweep_q4.txt" | tail -3 >> "$SUMMARY"
     rm -f /dev/shm/q4.gguf
 }
@@ -131,7 +135,7 @@ part_full() {
     fi
     { time "$DS4" synth -o "$dst/full.gguf" --experts q2; } > "$OUT/synth_full.txt" 2>&1
     with_memory "$OUT/mem_full.txt" timeout 480 "$DS4" bench -m "$dst/full.gguf" "${SWEEP[@]}" \
-        --step-incr 2048 --csv "$OUT/bench-h200-q2-full.csv" > "$OUT/sweep_full.txt" 2>&1
+        --step-incr 2048 --csv "$OUT/bench-$GPU-q2-full.csv" > "$OUT/sweep_full.txt" 2>&1
     grep -v uploading "$OUT/sweep_full.txt" | tail -4 >> "$SUMMARY"
     rm -f "$dst/full.gguf"
 }
