@@ -5,7 +5,8 @@
 # ~4 MB), plus unpack.sh. On the GPU machine (no Rust there):
 #   bash DIR/unpack.sh $DS4_KERNEL_CACHE && DIR/forward_fixtures --nocapture && DIR/ds4 bench ...
 # or the whole acceptance run: bash scripts/gpu/sweep.sh DIR [PART...], or a decode A/B of
-# two packs: bash scripts/gpu/ab.sh 3 DIR_A DIR_B.
+# two packs: bash scripts/gpu/ab.sh 3 DIR_A DIR_B, or a prefill one: bash
+# scripts/gpu/prefill_ab.sh DIR_A DIR_B.
 # Binaries run from the repository root (the fixture tests find tests/fixtures there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
