@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prefill A/B of two packs (scripts/gpu/pack.sh) on one GPU machine, in one device call: the
 # second pack's tests that hold prefill to the reference and the CPU backend (forward_fixtures,
-# kv_roundtrip, gpu_kernels, those the pack carries), then `ds4 bench` prefill at 2K-8K and at
+# kv_roundtrip, gpu_kernels; gemm_gpu and gemm_experts_gpu, which hold the prefill GEMMs to the
+# scalar dot products bit for bit; those the pack carries), then `ds4 bench` prefill at 2K-8K and at
 # 30K-32K (where the attention weighs more), alternating the two packs, three rounds. Each line:
 # range, round, pack, the rows' prefill t/s and their mean. Results in $OUT/r.txt (./prefill-ab-out
 # when unset). ~2 minutes on an H200 once the q2 aliased model is synthesized.
@@ -20,7 +21,7 @@ bash "$BASE/unpack.sh" "/tmp/k-$b" > /dev/null
 bash "$NEW/unpack.sh" "/tmp/k-$n" > /dev/null
 MODEL=/dev/shm/q2.gguf
 [ -f $MODEL ] || "$BASE/ds4" synth -o $MODEL --experts q2 --alias-layers > /dev/null 2>&1 &
-for t in forward_fixtures kv_roundtrip gpu_kernels; do
+for t in forward_fixtures kv_roundtrip gpu_kernels gemm_gpu gemm_experts_gpu; do
     [ -x "$NEW/$t" ] || continue
     echo "$n $t: $(DS4_KERNEL_CACHE=/tmp/k-$n timeout 150 "$NEW/$t" --test-threads 1 2>&1 | grep 'test result')" | tee -a "$OUT/r.txt"
 done
