@@ -490,10 +490,10 @@ pub(crate) unsafe fn launch_attend_split(
 const MMA_HEADS: usize = 64;
 const MMA_THREADS: u32 = 512;
 /// attend_mma's dynamic shared memory (attention.cu AmSmem::BYTES): the queries as two f16
-/// planes, one tile of 32 rows in f16, the tile's scores (f32) and weights (two f16 planes),
-/// and three statistics per head.
+/// planes, two tiles of 32 rows in f16 (one computed on while the next is stored), the tile's
+/// scores (f32) and weights (two f16 planes), and three statistics per head.
 const MMA_SHARED: usize = 2 * MMA_HEADS * (HEAD_DIM + 8) * 2
-    + 32 * (HEAD_DIM + 8) * 2
+    + 2 * 32 * (HEAD_DIM + 8) * 2
     + MMA_HEADS * 36 * 4
     + 2 * MMA_HEADS * 40 * 2
     + 3 * MMA_HEADS * 4;

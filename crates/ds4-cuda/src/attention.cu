@@ -1111,8 +1111,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 // online softmax with the sink (the running max starts at the sink's logit and the running
 // sum at exp(0) = 1, which is attend's denominator exp(sink - max) + sum exp(s - max)), and
 // O = O * alpha + P V (warp w: heads 16 (w / 4) .., channels 128 (w % 4) ..: 16 n8 tiles of
-// f32 accumulators in registers). The next tile's rows are loaded into registers (f32) while
-// the current one is computed, then stored to shared memory as f16.
+// f32 accumulators in registers). Two row tiles in shared memory (f16) take turns: during
+// tile t's softmax, tile t + 1's rows go from registers (f32, loaded during tile t - 1) into the
+// other one and tile t + 2's loads start, so a tile needs two CTA barriers, not four.
 #define AM_HEADS 64
 #define AM_TR 32          // rows per tile
 #define AM_THREADS 512    // 16 warps
@@ -1125,8 +1126,9 @@ struct AmSmem {
     enum {
         Q_HI = 0,
         Q_LO = Q_HI + AM_HEADS * AM_QS * 2,
-        KV = Q_LO + AM_HEADS * AM_QS * 2,
-        S = KV + AM_TR * AM_QS * 2,
+        KV = Q_LO + AM_HEADS * AM_QS * 2,   // two row tiles (KV_TILE bytes each), used in turn
+        KV_TILE = AM_TR * AM_QS * 2,
+        S = KV + 2 * KV_TILE,
         P_HI = S + AM_HEADS * AM_SS * 4,
         P_LO = P_HI + AM_HEADS * AM_PS * 2,
         STATS = P_LO + AM_HEADS * AM_PS * 2,   // max, sum, alpha per head
@@ -1235,8 +1237,9 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
             for (int i = 0; i < 8; i++) nxt[i] = make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
-    auto store = [&]() {
-        u16* dst = skv + lrow * AM_QS + lcol;
+    // Into row tile b (0 or 1).
+    auto store = [&](int b) {
+        u16* dst = skv + b * (AmSmem::KV_TILE / 2) + lrow * AM_QS + lcol;
 #pragma unroll
         for (int i = 0; i < 8; i++)
             *(uint2*)(dst + 64 * i) = make_uint2(am_pack(nxt[i].x, nxt[i].y), am_pack(nxt[i].z, nxt[i].w));
@@ -1260,12 +1263,15 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
     const u32 vb_s = sh0 + AmSmem::KV + 2 * ((lane & 15) * AM_QS + 128 * ni + 8 * (lane >> 4));
 
     const i64 ntiles = (nr + AM_TR - 1) / AM_TR;
+    // Two barriers a tile: row tile tl % 2 holds tile tl's rows, the other one receives tile
+    // tl + 1's during tl's softmax (its readers, tile tl - 1's S and P V, are past the barrier
+    // after tl's S), and the rows of tile tl + 2 are loaded into registers then.
     load(0);
+    store(0);
+    if (ntiles > 1) load(AM_TR);
+    __syncthreads();  // the queries, the statistics and tile 0's rows
     for (i64 tl = 0; tl < ntiles; tl++) {
-        __syncthreads();  // the previous tile's rows and weights are used up
-        store();
-        __syncthreads();
-        if (tl + 1 < ntiles) load((tl + 1) * AM_TR);
+        const u32 kv_off = (u32)(tl & 1) * AmSmem::KV_TILE;  // this tile's rows
 
         // S = Q K^T for 16 heads x 8 rows.
         {
@@ -1275,7 +1281,7 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
                 u32 ah[4], al[4], b[2];
                 am_ldmatrix_x4(qa_hi_s + 32 * k, ah);
                 am_ldmatrix_x4(qa_hi_s + (AmSmem::Q_LO - AmSmem::Q_HI) + 32 * k, al);
-                am_ldmatrix_x2(kb_s + 32 * k, b);
+                am_ldmatrix_x2(kb_s + kv_off + 32 * k, b);
                 am_mma(s, ah, b[0], b[1]);
                 am_mma(s, al, b[0], b[1]);
             }
@@ -1286,7 +1292,7 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
             d1[0] = s[2] * scale;
             d1[1] = s[3] * scale;
         }
-        __syncthreads();
+        __syncthreads();  // the scores; every thread is done with tile tl - 1
 
         // Online softmax: thread tid takes head tid / 8, rows 4 (tid % 8) .. + 3 of the tile.
         {
@@ -1324,7 +1330,11 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
                 ssum[h] = ssum[h] * alpha + psum;
             }
         }
-        __syncthreads();
+        if (tl + 1 < ntiles) {
+            store((int)((tl + 1) & 1));
+            if (tl + 2 < ntiles) load((tl + 2) * AM_TR);
+        }
+        __syncthreads();  // the weights, alpha and tile tl + 1's rows
 
         // O = O * alpha + P V for 16 heads x 128 channels.
         {
@@ -1344,7 +1354,7 @@ extern "C" __global__ void __launch_bounds__(AM_THREADS, 1)
 #pragma unroll
                 for (int jp = 0; jp < 8; jp++) {  // two n8 tiles per ldmatrix
                     u32 b[4];
-                    am_ldmatrix_x4_trans(vb_s + 2 * 16 * AM_QS * ks + 32 * jp, b);
+                    am_ldmatrix_x4_trans(vb_s + kv_off + 2 * 16 * AM_QS * ks + 32 * jp, b);
                     am_mma(o[2 * jp], ph, b[0], b[1]);
                     am_mma(o[2 * jp], pl, b[0], b[1]);
                     am_mma(o[2 * jp + 1], ph, b[2], b[3]);
