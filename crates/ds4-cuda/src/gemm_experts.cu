@@ -517,22 +517,27 @@ __device__ __forceinline__ void gemm_experts_tile(const GemmExpertsParams& p) {
         if constexpr (FMT == GE_IQ2_XXS)
             if (v0 == v_begin) ge_iq2_grid_table(p.grid);
         for (i64 kt = 0; kt < n_tiles; kt++) {
-            // Prefetch the next tile into the other stage (its last readers passed the barrier
-            // at the end of the previous iteration); an empty group keeps the wait uniform.
-            if (kt + 1 < n_tiles)
-                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, W, row0, v0,
-                                      8 * nt_staged, v_end - 1, kt + 1);
-            cp_async_commit();
-            cp_async_wait_all_but_newest();
+            // Tile kt: this thread's scale copies, the copy engine's part; the barrier makes
+            // them visible to every warp.
+            cp_async_wait_all();
             {
                 const u32 st = (u32)(kt & 1);
                 tma_barrier_wait(bars + 8 * st, (phases >> st) & 1);
                 phases ^= 1u << st;
             }
             __syncthreads();
+            // Past that barrier every warp is done with tile kt - 1, so the next tile may go
+            // into its stage now: one CTA barrier a K tile instead of a second after the math.
+            if (kt + 1 < n_tiles) {
+                ge_load_tile<FMT, NV>(ge_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, W, row0, v0,
+                                      8 * nt_staged, v_end - 1, kt + 1);
+                cp_async_commit();
+            }
             ge_tile_math<FMT, NV, DF>(ge_smem + (kt & 1) * STAGE, p, kt, nt, acc);
-            __syncthreads();
         }
+        // The next pass (or the grid table's readers: none after the last pass) reuses both
+        // stages: every warp must be done with this pass's last tile first.
+        __syncthreads();
 #pragma unroll
         for (int nj = 0; nj < NT; nj++)
 #pragma unroll

@@ -123,7 +123,7 @@ __device__ __forceinline__ void gq_cp4_s(u32 dst, const void* src) {
 }
 __device__ __forceinline__ void gq_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
-__device__ __forceinline__ void gq_wait_newest_pending() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void gq_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // Four 8x8 b16 matrices from shared memory: lanes 8m..8m+7 give the row addresses of matrix m;
 // register m receives, in lane l, bytes 4(l%4)..4(l%4)+3 of row l/4 of matrix m.
@@ -263,16 +263,19 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
         gq_commit();
     }
     for (i64 kt = 0; kt < n_tiles && !bad_id; kt++) {
-        // Prefetch the next tile into the other stage (its last readers passed the barrier at
-        // the end of the previous iteration); an empty group keeps the wait count uniform.
-        if (kt + 1 < n_tiles)
-            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, x_slot, w, xd, row0,
-                             vec0, kt + 1);
-        gq_commit();
-        gq_wait_newest_pending();
-        // Tile kt is stage kt & 1's (kt / 2)-th use: that phase of its barrier.
+        // Tile kt: this thread's scale copies, then the copy engine's part (stage kt & 1's
+        // (kt / 2)-th use: that phase of its barrier); the barrier makes all of it visible to
+        // every warp.
+        gq_wait_all();
         tma_barrier_wait(bars + 8 * (kt & 1), (u32)(kt >> 1) & 1);
         __syncthreads();
+        // Past that barrier every warp is done with tile kt - 1, so the next tile may go into
+        // its stage now: one CTA barrier a K tile instead of a second one after the math.
+        if (kt + 1 < n_tiles) {
+            gq_load_tile<WM>(gq_smem + ((kt + 1) & 1) * STAGE, bars + 8 * ((kt + 1) & 1), p, expert, x_slot, w, xd, row0,
+                             vec0, kt + 1);
+            gq_commit();
+        }
 
         const u8* stage = gq_smem + (kt & 1) * STAGE;
         const u8* sw = stage + (32 * wm + g) * GQ_WROW;
@@ -352,7 +355,6 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
                 block(b);
             }
         }
-        __syncthreads();
     }
 
     const float nan = __int_as_float(0x7fc00000);
