@@ -240,12 +240,6 @@ __device__ __forceinline__ u64 l2_evict_first_policy() {
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     return pol;
 }
-// cp_async16 of weights under that policy (l2_evict_first_policy).
-__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, u64 pol) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "l"(pol)
-                 : "memory");
-}
 // cp_async16 to a shared-memory address already in the shared window (32-bit address
 // arithmetic instead of 64-bit generic pointers and a conversion per copy).
 __device__ __forceinline__ void cp_async16_s(u32 dst, const void* src) {
@@ -311,6 +305,15 @@ __device__ __forceinline__ void tma_copy_3d(u32 dst, const void* map, int c0, in
         "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
             dst),
         "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to
+// shared memory at dst with the copy engine, counted in on `bar`, under the L2 policy `pol`
+// (l2_evict_first_policy: a weight stream).
+__device__ __forceinline__ void bulk_copy_stream(u32 dst, const void* src, u32 bytes, u32 bar, u64 pol) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar), "l"(pol)
         : "memory");
 }
 // Waits until the barrier's phase of the given parity has completed (the stage's copies landed).

@@ -91,6 +91,16 @@ __device__ __forceinline__ void rd128_a2(const u8* p, u32 mis, u32 (&w)[4]) {
 #define IQ2_TAB_BYTES (384 * 4)
 // Table bytes the kernels of format FMT keep before their stages.
 template <int FMT> struct TabBytes { static constexpr int V = FMT == FMT_IQ2_XXS ? IQ2_TAB_BYTES : 0; };
+// After the tables, each warp's two stage barriers (mbarriers, 8 bytes each, for the copy
+// engine's bulk copies: gemv_issue), then the stages (gemv.rs sizes the memory the same way).
+#define GEMV_BAR_BYTES (GEMV_MAX_WARPS * 16)
+template <int FMT> struct StageBase { static constexpr int V = TabBytes<FMT>::V + GEMV_BAR_BYTES; };
+// The shared-window address of warp w's barrier of stage buffer b (0 or 1).
+template <int FMT>
+__device__ __forceinline__ u32 gemv_bar(int w, int b) {
+    extern __shared__ __align__(16) u8 gemv_smem[];
+    return smem_addr(gemv_smem) + TabBytes<FMT>::V + 16 * w + 8 * b;
+}
 
 // The selector word of group l (0..3) of an item (a0: its 4 grid indices, a1: its 4 7-bit
 // sign indices and scale): prmt(IQ2_POS, IQ2_NEG, sel) gives weights 0-3 of the group,
@@ -384,22 +394,36 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 }
 
 
-// Starts copying chunk c of rows r0 .. r0 + R - 1 of W (rows past n_rows: r0 again) into buf
-// with cp.async, one commit group; the warp's lanes take every 32nd 16 bytes. 16-byte aligned
-// rows only. The lines are marked evict-first in L2 (l2_evict_first_policy): decode +0.9 % on
-// the full q2 model (H200), +1.3-1.9 % on the aliased one (H100), every output bit the same
-// (BENCHMARKS.md, session 17).
+// Starts copying chunk c of rows r0 .. r0 + R - 1 of W (rows past n_rows: r0 again) into
+// stage buffer b (buf) of the warp: lane 0 announces the bytes on the buffer's barrier and
+// issues one bulk copy per row to the copy engine (cp.async.bulk), which the buffer's next
+// land waits for. 16-byte aligned rows only (chunks are 16-byte multiples). One instruction per
+// row instead of a 16-byte cp.async per lane and piece: those took ~400 of the ~1 170
+// instructions of a routed-expert IQ2_XXS warp (ncu source view, BENCHMARKS.md session 29).
+// The lines are marked evict-first in L2 (l2_evict_first_policy): decode +0.9 % on the full
+// q2 model (H200), +1.3-1.9 % on the aliased one (H100), every output bit the same
+// (BENCHMARKS.md, session 17). The warp's lanes are done reading buf (a __syncwarp since).
 template <int FMT, int R>
-__device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int lane) {
+__device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int b, int lane) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
-    const int n16 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 16);
+    if (lane != 0) return;
+    const u32 bytes = (u32)min64((i64)CHUNK, p.row_bytes - c * CHUNK);
+    const u32 bar = gemv_bar<FMT>(threadIdx.x >> 5, b);
     const u64 pol = l2_evict_first_policy();
+    tma_barrier_expect(bar, R * bytes);
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const u8* src = W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes + c * CHUNK;
-        for (int j = lane; j < n16; j += 32) cp_async16_stream(buf + r * CHUNK + 16 * j, src + 16 * j, pol);
+        bulk_copy_stream(smem_addr(buf + r * CHUNK), src, bytes, bar, pol);
     }
-    cp_async_commit();
+}
+
+// Waits until stage buffer b's copy (gemv_issue) has landed; phases: the parity each buffer's
+// barrier completes next (bit b), flipped here.
+template <int FMT>
+__device__ __forceinline__ void gemv_wait(int b, u32& phases) {
+    tma_barrier_wait(gemv_bar<FMT>(threadIdx.x >> 5, b), (phases >> b) & 1);
+    phases ^= 1u << b;
 }
 
 // The warp's first step of gemv_quant / gemv_quant_grouped (the first chunk wg of its first row
@@ -415,7 +439,7 @@ __device__ __forceinline__ void gemv_issue_first(const GemvParams& p, const u8* 
     const i64 nchunks = (p.k / F::BE + F::CB - 1) / F::CB;
     const i64 row0 = (i64)blockIdx.x * (i64)(blockDim.x / (32 * ws)) * R + (i64)(warp / ws) * R;
     if (row0 < p.n_rows && wg < nchunks)
-        gemv_issue<FMT, R>(p, W, row0, wg, gemv_smem + TabBytes<FMT>::V + warp * 2 * R * F::CB * F::BB, lane);
+        gemv_issue<FMT, R>(p, W, row0, wg, gemv_smem + StageBase<FMT>::V + warp * 2 * R * F::CB * F::BB, 0, lane);
 }
 
 // What a gemv kernel does before its PDL wait (PDL_ENTRY_AFTER), while the previous kernel
@@ -437,6 +461,15 @@ struct GemvPre {
 
 template <int FMT, int R>
 __device__ __forceinline__ GemvPre gemv_prologue(const GemvParams& p) {
+    // The warp's two stage barriers, once per kernel, before any copy (aligned rows only).
+    if (p.aligned16) {
+        if ((threadIdx.x & 31) == 0) {
+            tma_barrier_init(gemv_bar<FMT>(threadIdx.x >> 5, 0));
+            tma_barrier_init(gemv_bar<FMT>(threadIdx.x >> 5, 1));
+            tma_barrier_init_fence();
+        }
+        __syncwarp();
+    }
     GemvPre pre;
 #pragma unroll
     for (int j = 0; j < IQ2_PRE; j++) {
@@ -526,10 +559,10 @@ template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes
-    // (gemv.rs sizes it with the same numbers).
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), the stage barriers, then warps x 2 x
+    // R x CHUNK bytes (gemv.rs sizes it with the same numbers).
     extern __shared__ __align__(16) u8 gemv_smem[];
-    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
+    u8* const stage_dyn = gemv_smem + StageBase<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * NB];
     const u8* W;
     if (!expert_base(p, NB, &W)) return;
@@ -550,12 +583,13 @@ __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pr
     auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
     // Starts the copy of chunk c of rows r0.. into buf (aligned rows only).
     auto issue = [&](i64 r0, i64 c, u8* buf) {
-        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, lane);
+        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, buf != stage, lane);
     };
     // Makes chunk c of rows r0.. visible to the whole warp in buf.
+    u32 phases = 0;
     auto land = [&](i64 r0, i64 c, u8* buf) {
         if (p.aligned16) {
-            cp_async_wait_all();
+            gemv_wait<FMT>(buf != stage, phases);
         } else {  // every block size is even: 2-byte copies always work
             const int n2 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 2);
 #pragma unroll
@@ -665,9 +699,10 @@ template <int FMT, int R, bool QX>
 __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
     constexpr int CHUNK = F::CB * F::BB;
-    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), then warps x 2 x R x CHUNK bytes.
+    // Dynamic shared memory: the IQ2_XXS tables (TabBytes), the stage barriers, then warps x 2 x
+    // R x CHUNK bytes.
     extern __shared__ __align__(16) u8 gemv_smem[];
-    u8* const stage_dyn = gemv_smem + TabBytes<FMT>::V;
+    u8* const stage_dyn = gemv_smem + StageBase<FMT>::V;
     __shared__ float red[GEMV_MAX_WARPS * R * 8];
     i64 v_begin, v_end;
     if (!group_range(p, &v_begin, &v_end)) return;  // uniform in the CTA
@@ -687,11 +722,12 @@ __device__ __forceinline__ void gemv_quant_grouped(const GemvParams& p, const Ge
     auto row_ptr = [&](i64 r0, int r) { return W + (r0 + r < p.n_rows ? r0 + r : r0) * p.row_bytes; };
     // issue / land: as in gemv_quant.
     auto issue = [&](i64 r0, i64 c, u8* buf) {
-        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, lane);
+        if (p.aligned16) gemv_issue<FMT, R>(p, W, r0, c, buf, buf != stage, lane);
     };
+    u32 phases = 0;
     auto land = [&](i64 r0, i64 c, u8* buf) {
         if (p.aligned16) {
-            cp_async_wait_all();
+            gemv_wait<FMT>(buf != stage, phases);
         } else {
             const int n2 = (int)(min64((i64)CHUNK, p.row_bytes - c * CHUNK) / 2);
 #pragma unroll

@@ -309,6 +309,20 @@ fn table_bytes(format: WeightFormat) -> usize {
     }
 }
 
+/// Bytes of the stage barriers the quantized kernels keep after their tables: two 8-byte
+/// mbarriers per warp, for the most warps a CTA has (`GEMV_BAR_BYTES` in gemv.cu).
+const STAGE_BARRIER_BYTES: usize = GEMV_MAX_WARPS * 16;
+
+/// Dynamic shared memory of a matvec launch: for the block-quantized formats the decode tables
+/// (IQ2_XXS), each warp's two stage barriers and two stage buffers of R chunks (the layout
+/// gemv.cu's StageBase and stages give it); 0 for F16/F32, which read global memory directly.
+fn gemv_shared_bytes(format: WeightFormat, warps: usize, rows_per_group: usize) -> usize {
+    match stage_chunk_bytes(format) {
+        0 => 0,
+        chunk => table_bytes(format) + STAGE_BARRIER_BYTES + warps * 2 * rows_per_group * chunk,
+    }
+}
+
 /// Whether the kernels may use 16-byte loads on `w` (and the paired `w2`, same shape): base,
 /// rows and the expert stride all multiples of 16 bytes.
 pub(crate) fn aligned16(w: &DeviceMatrix, w2: Option<&DeviceMatrix>) -> bool {
@@ -748,9 +762,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid_x as u32, (w.experts + 1) as u32, n_mats),
             block_dim: ((shape.warps * 32) as u32, 1, 1),
-            shared_mem_bytes: (table_bytes(w.format)
-                + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
-                as u32,
+            shared_mem_bytes: gemv_shared_bytes(w.format, shape.warps, shape.rows_per_group) as u32,
         };
         let params = GemvParams {
             w: w.ptr,
@@ -787,8 +799,9 @@ impl Gpu {
         // read nothing).
         let bytes = w.total_bytes() * n_mats as usize;
         // SAFETY: the kernel takes one GemvParams by value. Dynamic shared memory covers the
-        // decode tables and warps × 2 × R × chunk bytes (each warp's two stage buffers); `split`
-        // divides the CTA's warps and is at most 8 (the reduction buffer). The kernel reads group_start[0..=experts]
+        // decode tables, the stage barriers and warps × 2 × R × chunk bytes (each warp's two
+        // stage buffers); `split` divides the CTA's warps and is at most 8 (the reduction
+        // buffer). The kernel reads group_start[0..=experts]
         // (the buffer has at least experts + 1 entries, checked above) and clamps every offset
         // to [0, n_vecs_total], so it reads activation vectors and writes output vectors only in
         // [0, n_vecs_total): the activations hold at least n_vecs_total vectors of `cols` (with
@@ -899,10 +912,7 @@ impl Gpu {
             let cfg = LaunchConfig {
                 grid_dim: (grid_x as u32, n_slots as u32, n_mats),
                 block_dim: ((shape.warps * 32) as u32, 1, 1),
-                // The decode tables (IQ2_XXS) and two stage buffers of R chunks per warp
-                // (quantized formats; 0 otherwise).
-                shared_mem_bytes: (table_bytes(w.format)
-                    + shape.warps * 2 * shape.rows_per_group * stage_chunk_bytes(w.format))
+                shared_mem_bytes: gemv_shared_bytes(w.format, shape.warps, shape.rows_per_group)
                     as u32,
             };
             let params = GemvParams {
@@ -953,8 +963,8 @@ impl Gpu {
             };
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
-            // the decode tables and warps × 2 × R × chunk bytes, what each warp's two stage
-            // buffers need; `split` divides the CTA's warps and is at most 8 (the kernels'
+            // the decode tables, the stage barriers and warps × 2 × R × chunk bytes, what each
+            // warp's two stage buffers need; `split` divides the CTA's warps and is at most 8 (the kernels'
             // reduction buffer). With n_batches > 1 the kernel reads n_batches × 8 vectors from
             // x and writes as many to y: within the n_vecs checked above (b0 + 8 × n_batches ≤
             // n_vecs). The buffer lengths were checked above for n_slots × n_vecs vectors (y2
