@@ -553,8 +553,9 @@ __device__ __forceinline__ void chunk_dot(const GemvParams& p, const u8* cur, i6
 // shape alone); warp wg of the group takes chunks wg, wg+ws, ... of the group's rows. Each warp
 // has two stage buffers of R chunks: while it computes on one, the next step's chunk (the
 // next chunk of its rows, or the first one of its next row group) is copied into the other
-// with cp.async, so no registers hold loads in flight. Rows that are not 16-byte aligned are
-// copied with 2-byte loads when their step starts (same stage contents, same bits).
+// by the copy engine (gemv_issue), so no registers hold loads in flight. Rows that are not
+// 16-byte aligned are copied with 2-byte loads when their step starts (same stage contents,
+// same bits).
 template <int FMT, int R, int NB, bool QX>
 __device__ __forceinline__ void gemv_quant(const GemvParams& p, const GemvPre pre) {
     typedef Fmt<FMT> F;
