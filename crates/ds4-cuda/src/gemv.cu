@@ -907,9 +907,9 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // grid (any grid is correct: the row-block loop is grid-stride) and the dynamic shared memory.
 // The one-vector (decode) quantized kernels at 5 CTAs of 256 threads per SM, which caps them at
 // 48 registers: 10 of the decode's 4-warp CTAs fit an SM. Left to itself ptxas gave them 48-58
-// (80 with a minimum of 1); at 48 every one of them decodes faster: +2.1 % decode t/s on the
-// H200 with the q2 file, 40 registers (6 CTAs, a few spills) +0.8 %, 80 registers -2.4 %
-// (BENCHMARKS.md, session 30). Same arithmetic.
+// (80 with a minimum of 1). Against that, decode t/s on the H200 with the q2 file: 48 registers
+// +2.1 %, 40 (a minimum of 6, a few spills) -1.3 %, 80 -2.4 % (BENCHMARKS.md, session 30).
+// Same arithmetic.
 #define GEMV_NB1_MIN_CTAS 5
 #define GEMV_Q(name, FMT, R, QX)                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_MAX_WARPS * 32, GEMV_NB1_MIN_CTAS) name##_nb1(const GemvParams p) { PDL_ENTRY_AFTER(const GemvPre pre = gemv_prologue<FMT, R>(p)); gemv_quant<FMT, R, 1, QX>(p, pre); } \

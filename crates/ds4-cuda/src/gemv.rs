@@ -964,8 +964,8 @@ impl Gpu {
             let bytes = w.rows * w.row_bytes * n_slots * n_mats as usize;
             // SAFETY: the kernel takes one GemvParams by value; the dynamic shared memory covers
             // the decode tables, the stage barriers and warps × 2 × R × chunk bytes, what each
-            // warp's two stage buffers need; `split` divides the CTA's warps and is at most 8 (the kernels'
-            // reduction buffer). With n_batches > 1 the kernel reads n_batches × 8 vectors from
+            // warp's two stage buffers need; `split` divides the CTA's warps and is at most 8
+            // (the kernels' reduction buffer). With n_batches > 1 the kernel reads n_batches × 8 vectors from
             // x and writes as many to y: within the n_vecs checked above (b0 + 8 × n_batches ≤
             // n_vecs). The buffer lengths were checked above for n_slots × n_vecs vectors (y2
             // too); the weight range [ptr, ptr + total_bytes) of w (and of w2, whose shape
