@@ -12,7 +12,7 @@
 #   AB_MODE=sweep: contexts 2K, 4K and 6K without the trace (~7 s a run), the mean decode t/s
 #     of the three.
 # One line per run, then the median per variant. Calls of one binary spread by about +-25 us
-# in GPU step and +-2 % in t/s (BENCHMARKS.md, sessions 8 and 15): alternate, and compare
+# in GPU step and +-2 % in t/s (docs/speed-log.md, sessions 8 and 15): alternate, and compare
 # medians over 3+ rounds. Each pack keeps its own kernel cache. Then every variant's logits
 # of 24 tokens fed one at a time (the decode path, graph included) are compared byte for byte
 # with the first variant's: a change meant to keep the bits must print "same bits". Results go

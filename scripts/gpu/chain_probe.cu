@@ -5,7 +5,7 @@
 // kernel costs. Each kernel's CTAs read all of the previous kernel's values (a reduction, as a
 // norm does) and write their own, so the chain is a real data dependency; the last values are
 // checked. Shapes: one CTA of 512 threads (hc_pre_norm), 32, 256 (hc_post_mix) and 512
-// (matvec) CTAs of 128; `work`: a dependent chain of that many FMAs per CTA. BENCHMARKS.md,
+// (matvec) CTAs of 128; `work`: a dependent chain of that many FMAs per CTA. docs/speed-log.md,
 // session 26. On the GPU machine (nvcc there, no Rust needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90a scripts/gpu/chain_probe.cu -o /tmp/chain_probe && /tmp/chain_probe
 #include <cstdio>

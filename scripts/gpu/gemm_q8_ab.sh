@@ -5,7 +5,7 @@
 # 30K-32K alternating the two). Results in $OUT/r.txt.
 #   bash scripts/gpu/gemm_q8_ab.sh BASE_PACK NEW_PACK     (packs: scripts/gpu/pack.sh)
 # Session 29 measured session 28's 32-bit ldmatrix addresses, full-tile path and scales in the
-# lanes' read order with it (BENCHMARKS.md "Session 29").
+# lanes' read order with it (docs/speed-log.md "Session 29").
 set -u
 BASE=${1:?usage: gemm_q8_ab.sh BASE_PACK NEW_PACK}
 NEW=${2:?usage: gemm_q8_ab.sh BASE_PACK NEW_PACK}

@@ -11,7 +11,7 @@
 //   glue early:     the glue kernels let the next launch before they wait;
 //   all early:      every kernel does;
 //   ..., no stage:  without the stream kernel's loads before the wait.
-// Each variant's last value must equal the plain chain's (the dependency held). BENCHMARKS.md,
+// Each variant's last value must equal the plain chain's (the dependency held). docs/speed-log.md,
 // session 27. On the GPU machine (nvcc there, no Rust needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90a scripts/gpu/launch_order_probe.cu -o /tmp/lo && /tmp/lo
 #include <cstdio>

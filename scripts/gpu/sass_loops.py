@@ -4,7 +4,7 @@
 In such a loop the loads of one iteration come after the stores of the one before, and when the
 compiler cannot prove that the buffers differ (plain pointers), each iteration waits a memory
 round trip for its loads: what `hc_post_mix` and `compress_span` did before 1457372
-(BENCHMARKS.md, session 27). A hit is a candidate to read, not a bug: loops over a span's
+(docs/speed-log.md, session 27). A hit is a candidate to read, not a bug: loops over a span's
 tokens run once in decode, and some loads must follow the stores. No GPU needed:
 
   pip download nvidia-cuda-nvdisasm==13.2.86 --no-deps -d /tmp/nvd   # unzip the wheel

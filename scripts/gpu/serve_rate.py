@@ -1,4 +1,4 @@
-"""The decode rate of `ds4 serve` as a streaming client sees it (BENCHMARKS.md, session 16).
+"""The decode rate of `ds4 serve` as a streaming client sees it (docs/speed-log.md, session 16).
 
     ds4 serve -m MODEL --backend cuda --port 8111 --ctx 8192 &
     python3 scripts/gpu/serve_rate.py 8111 512 default   # ds4's default sampling

@@ -111,7 +111,7 @@ def test_site_bytes_give_each_listed_site_its_rate(tmp_path):
     f.write_text("site,what,mb\nk#1,a matrix,35.65\nk#2,another,2.5\n")
     sites = critical_path.read_site_bytes(f)
     assert sites == {"k#1": ("a matrix", 35.65), "k#2": ("another", 2.5)}
-    # 35.65 MB in 15.55 us: 2 293 GB/s (q_b in BENCHMARKS.md's session 21 table).
+    # 35.65 MB in 15.55 us: 2 293 GB/s (q_b in docs/speed-log.md, session 21).
     assert round(critical_path.site_rate(35.65, 15_550)) == 2293
     assert critical_path.site_rate(1.0, 0) == float("inf")
 

@@ -12,7 +12,7 @@
 //! - one kernel's SASS: `cuobjdump -sass -fun gemm_q8_0_q8x_m128 DIR/gemm_q8.cubin`; counting
 //!   the instructions between a loop's copies (`LDGSTS`) and its MMAs (`IMMA`, `HMMA`) is how
 //!   the GEMMs' copy loops were found to cost ~30 instructions per 16-byte copy
-//!   (BENCHMARKS.md, session 12).
+//!   (docs/speed-log.md, session 12).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -399,10 +399,10 @@ __device__ __forceinline__ void group_store(const GemvParams& p, i64 row0, int w
 // issues one bulk copy per row to the copy engine (cp.async.bulk), which the buffer's next
 // land waits for. 16-byte aligned rows only (chunks are 16-byte multiples). One instruction per
 // row instead of a 16-byte cp.async per lane and piece: those took ~400 of the ~1 170
-// instructions of a routed-expert IQ2_XXS warp (ncu source view, BENCHMARKS.md session 29).
+// instructions of a routed-expert IQ2_XXS warp (ncu source view, docs/speed-log.md session 29).
 // The lines are marked evict-first in L2 (l2_evict_first_policy): decode +0.9 % on the full
 // q2 model (H200), +1.3-1.9 % on the aliased one (H100), every output bit the same
-// (BENCHMARKS.md, session 17). The warp's lanes are done reading buf (a __syncwarp since).
+// (docs/speed-log.md, session 17). The warp's lanes are done reading buf (a __syncwarp since).
 template <int FMT, int R>
 __device__ __forceinline__ void gemv_issue(const GemvParams& p, const u8* W, i64 r0, i64 c, u8* buf, int b, int lane) {
     constexpr int CHUNK = Fmt<FMT>::CB * Fmt<FMT>::BB;
@@ -908,7 +908,7 @@ __device__ __forceinline__ void gemv_plain(const GemvParams& p) {
 // The one-vector (decode) quantized kernels at 5 CTAs of 256 threads per SM, which caps them at
 // 48 registers: 10 of the decode's 4-warp CTAs fit an SM. Left to itself ptxas gave them 48-58
 // (80 with a minimum of 1). Against that, decode t/s on the H200 with the q2 file: 48 registers
-// +2.1 %, 40 (a minimum of 6, a few spills) -1.3 %, 80 -2.4 % (BENCHMARKS.md, session 30).
+// +2.1 %, 40 (a minimum of 6, a few spills) -1.3 %, 80 -2.4 % (docs/speed-log.md, session 30).
 // Same arithmetic.
 #define GEMV_NB1_MIN_CTAS 5
 #define GEMV_Q(name, FMT, R, QX)                                                                        \

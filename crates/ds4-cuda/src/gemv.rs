@@ -400,7 +400,7 @@ impl LaunchShape {
             // and gives each thread 4 rows' pieces in flight. 1-2 vectors (decode): always
             // (the router, 256 × 4096 F16, as 64 CTAs; the compressors' 512-1 024 rows as
             // 128-256): a quarter of the CTAs, each with 4× the loads in flight, beats one
-            // CTA per row even where it leaves SMs idle (decode +1.1 %, BENCHMARKS.md session
+            // CTA per row even where it leaves SMs idle (decode +1.1 %, docs/speed-log.md session
             // 22; before, R = 4 only from 2 CTAs per SM). 4-8 vectors: when that leaves a
             // quarter of the SMs busy (every CTA reads all activation vectors, 128 KiB for
             // 8 × 4096, so fewer, fuller CTAs).

@@ -7,7 +7,7 @@
 #define HC_MIX_THREADS 128
 // Mix rows per CTA of the split-K projection (the row groups are blockIdx.y). Fewer rows, more
 // CTAs, each with a shorter chain of warp sums: decode +1.4 % at 3 against 6, 2 alike, 1 and 12
-// slower (the same bits at any value; BENCHMARKS.md session 22).
+// slower (the same bits at any value; docs/speed-log.md session 22).
 #define HC_GROUP_ROWS 3
 #define HC_PER_LANE (HC_MAX_N * HC_MAX_N / 32)
 // Streams of the kernels' n-specialized paths (the model's hc_mult).

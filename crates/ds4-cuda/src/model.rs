@@ -220,7 +220,7 @@ impl CudaModel {
         // An explicit DS4_CUDA_CHUNK is kept. Otherwise, where weights may go to host memory,
         // the default span stays and weights make room for its scratch: on an 80 GB H100 with
         // the 80.76 GiB q2 file, 2048-token spans (4.91 GiB of weights in host memory for a
-        // 4K session) prefill at ~5 000 t/s and decode at ~106 (BENCHMARKS.md, session 21).
+        // 4K session) prefill at ~5 000 t/s and decode at ~106 (docs/speed-log.md, session 21).
         // Without that, the span shrinks until its scratch fits.
         // The span scratch's layout from the tensors' formats, as they will be bound.
         let layout = {
@@ -597,7 +597,7 @@ fn to_mat(m: &Matrix, data_offset: usize, rows: usize, experts: usize) -> Result
 
 /// GPU memory a session takes beyond its KV state, scratch and quant slots, as measured
 /// (CUDA graphs, kernel modules loaded on first use, allocation rounding, the small fixed
-/// buffers): ~100 MiB at 2K-64K contexts on an H100 (BENCHMARKS.md, session 21), about
+/// buffers): ~100 MiB at 2K-64K contexts on an H100 (docs/speed-log.md, session 21), about
 /// 2.5 times that for a margin; and per context token [`SESSION_BYTES_PER_CONTEXT_TOKEN`].
 pub const SESSION_FIXED_BYTES: usize = 256 << 20;
 
@@ -645,7 +645,7 @@ mod tests {
     #[test]
     fn a_session_plan_covers_what_an_h100_measured() {
         // GPU memory the Flash model's sessions took on an H100 (aliased q2, ds4 numerics;
-        // `ds4 bench` "session of N tokens: planned, taken", BENCHMARKS.md session 21):
+        // `ds4 bench` "session of N tokens: planned, taken", docs/speed-log.md session 21):
         // (span, context, MiB taken). Before session 21 the plan fell short at a 4096-token
         // span (2 643 MiB planned, 3 098 taken) and at long contexts (2 669 against 2 780).
         let cfg = ModelConfig::flash();

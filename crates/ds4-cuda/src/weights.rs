@@ -21,7 +21,7 @@ const UPLOAD_CHUNK: usize = 256 << 20;
 
 /// GPU memory that automatic placement leaves free beyond the planned session (the caller's
 /// context: its KV cache, scratch, quant slots and fixed part, which the plan counts within
-/// 66-184 MiB of what an H100 measured, BENCHMARKS.md session 21), for what neither counts.
+/// 66-184 MiB of what an H100 measured, docs/speed-log.md session 21), for what neither counts.
 pub const AUTO_HEADROOM: usize = 256 << 20;
 
 /// Which weights may live in host memory (`DS4_CUDA_HOST_WEIGHTS`).

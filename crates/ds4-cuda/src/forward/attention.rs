@@ -27,13 +27,13 @@ const IDXR_MAX_J: usize = 8;
 /// One-warp CTAs that prefetch o_a into L2 during a decode step's attention. Decode 2K-6K on
 /// an H100 against no prefetch: 8 +1.2 % to +3.0 % (three calls); 4, 6 and 12 within the
 /// spread of 8; 32 −0.6 % and 128 −1.6 % (they take HBM from the attention kernels beside
-/// them). BENCHMARKS.md, session 15.
+/// them). docs/speed-log.md, session 15.
 const O_A_PREFETCH_CTAS: usize = 8;
 /// The first bytes of o_b prefetched after o_a's, by as many CTAs (the whole 35.6 MB o_b
 /// beside o_a does not fit the 50 MB L2: −2.3 % in session 15). Decode 2K-6K on an H100,
 /// medians of 3 rounds in one call: against o_a's prefetch alone, 8 MB +1.0 %, 16 MB +1.0 %,
 /// 24 MB +0.9 % (session 16); since the matvecs' weight streams are evict-first in L2, 8 MB
-/// is +0.8 % over 16 MB, 24 MB −0.8 %, 32 MB −3.5 % (session 17; BENCHMARKS.md).
+/// is +0.8 % over 16 MB, 24 MB −0.8 %, 32 MB −3.5 % (session 17; docs/speed-log.md).
 const O_B_PREFETCH_BYTES: usize = 8 << 20;
 
 impl CudaModel {
@@ -378,7 +378,7 @@ impl CudaModel {
             // multiprocessor and wait there, and the indexer's kernels (the longer path to the
             // attention in these layers) would start only once q_b drains. Launched when the
             // norm is done, they share the GPU with the indexer's (GPU step 7 890 → 7 719 µs
-            // at 2K, H100, with the indexer lanes' priority; BENCHMARKS.md, session 8).
+            // at 2K, H100, with the indexer lanes' priority; docs/speed-log.md, session 8).
             dev.plain_next_launch();
         }
         mm_prequantized(self, &mut s.quant, qrq, &w.q_b, &s.qrn, n, &mut s.q)?;

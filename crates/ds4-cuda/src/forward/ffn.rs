@@ -14,7 +14,7 @@ const STAGE_MIN_TOKENS: usize = 128;
 /// CTAs of stage_copy. The copy is PCIe-bound, and each CTA keeps an SM slot from the span's
 /// GEMMs for the whole copy: on an 80 GB H100 with the full q2 file (6 staged stacks), a CTA
 /// per SM made every layer beside a copy ~2.5× slower (2K prefill 4 392 t/s); 4-16 CTAs copy
-/// as fast (~15.7 ms a stack) and the layers barely notice (~5 000-5 100 t/s; BENCHMARKS.md,
+/// as fast (~15.7 ms a stack) and the layers barely notice (~5 000-5 100 t/s; docs/speed-log.md,
 /// session 21).
 const STAGE_COPY_CTAS: u32 = 8;
 
@@ -32,7 +32,7 @@ const SHARED_EXPERT_CTAS_PER_SM: usize = 4;
 /// One-warp CTAs that prefetch a hyper-connection's projection rows (786 KB in the Flash
 /// shape) into L2 before the hc_post_mix that reads them: with this layer's (attention.rs) and
 /// the next layer's, decode 2K-6K +0.5 % on an H100 (141.2 -> 142.0 t/s, medians of 3 rounds
-/// in one call; BENCHMARKS.md, session 16).
+/// in one call; docs/speed-log.md, session 16).
 pub(super) const HC_FN_PREFETCH_CTAS: usize = 2;
 
 impl CudaModel {

@@ -1076,7 +1076,7 @@ fn mm_branch(
 
 /// [`mm_branch`] of two same-input products (a compressor's kv and gate projections): a single
 /// token's f32-activation pair of equally shaped matrices in one launch
-/// ([`crate::Gpu::gemv_pair`], bit-identical to two; decode +0.65 %, BENCHMARKS.md session
+/// ([`crate::Gpu::gemv_pair`], bit-identical to two; decode +0.65 %, docs/speed-log.md session
 /// 22), anything else as two products.
 #[allow(clippy::too_many_arguments)]
 fn mm_pair_branch(
