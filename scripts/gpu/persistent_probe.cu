@@ -19,8 +19,7 @@
 // missing CTA cannot hang the device.
 //
 // On the GPU machine (nvcc there, no Rust needed):
-//   nvcc -O3 -std=c++17 -arch=sm_90a scripts/gpu/persistent_probe.cu -o /tmp/persistent_probe \
-//     && /tmp/persistent_probe
+//   nvcc -O3 -std=c++17 -arch=sm_90a scripts/gpu/persistent_probe.cu -o /tmp/pp && /tmp/pp [REPS]
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -35,7 +34,7 @@ typedef uint64_t u64;
 
 #define MAX_STAGES 4
 #define COPIES 8         // distinct weight copies the layers cycle through
-#define ACT_WORDS 4096   // at least this many output words a stage (rounded up to whole CTAs)
+#define MAX_ACT_WORDS 24576  // the most output words a stage writes for the next to read
 #define CHUNK 16384      // bytes of one shared-memory stage buffer of the persistent kernel
 #define NBUF 12          // its buffers: 192 KB of weights in flight or staged per SM
 #define CHAIN_THREADS 128
@@ -353,9 +352,15 @@ int main(int argc, char** argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     const int sms = prop.multiProcessorCount;
     printf("%s, %d SMs, %.0f MB L2\n", prop.name, sms, prop.l2CacheSize / 1e6);
-    struct Case { const char* what; std::vector<u64> bytes; } cases[] = {
-        {"FFN q2 (4 stages)", {2100000, 17830000, 25950000, 25430000}},
-        {"same bytes, 1 stage", {71310000}},
+    // Each configuration: alu (dependent operations per 16 weight bytes), work (dependent
+    // operations of the glue) and the words a stage's output has (at least; rounded up to whole
+    // CTAs): 4 096 as a 4 096-row matvec's, 24 576 (96 KB) as the six experts' gate and up
+    // values that the down projections read.
+    struct Config { int alu, work, act; };
+    struct Case { const char* what; std::vector<u64> bytes; std::vector<Config> configs; } cases[] = {
+        {"FFN q2 (4 stages)", {2100000, 17830000, 25950000, 25430000},
+         {{0, 0, 4096}, {0, 200, 4096}, {8, 200, 4096}, {24, 200, 4096}, {8, 1000, 4096}, {8, 200, 24576}}},
+        {"same bytes, 1 stage", {71310000}, {{0, 0, 4096}, {8, 200, 4096}, {24, 200, 4096}}},
     };
     u64 max_layer = 0;
     for (auto& cs : cases) max_layer = std::max(max_layer, make_shape(cs.bytes).layer_bytes);
@@ -366,7 +371,7 @@ int main(int argc, char** argv) {
     u32 *act, *counters, *xin, *result, *timeout;
     const int max_q = n_layers * MAX_STAGES + 1;
     const int chain_grid = 8 * sms;
-    CK(cudaMalloc(&act, 2 * (ACT_WORDS + 32 * chain_grid) * sizeof(u32)));
+    CK(cudaMalloc(&act, 2 * (MAX_ACT_WORDS + chain_grid) * sizeof(u32)));
     CK(cudaMalloc(&counters, max_q * sizeof(u32)));
     CK(cudaMalloc(&xin, max_q * sizeof(u32)));
     CK(cudaMalloc(&result, sizeof(u32)));
@@ -377,95 +382,100 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(persistent_ffn<512>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    printf("%-22s %-24s %4s %5s %10s %9s  %s\n", "weights", "variant", "alu", "work", "us/layer", "GB/s", "check");
+    printf("%-20s %-23s %4s %5s %6s %9s %8s  %s\n", "weights", "variant", "alu", "work", "act KB", "us/layer", "GB/s",
+           "check");
     for (auto& cs : cases) {
         const Shape sh = make_shape(cs.bytes);
-        for (int alu : {0, 8, 24}) {
-            std::vector<u32> sums(COPIES * sh.n_stages);
-            for (int k = 0; k < COPIES; k++)
-                for (int s = 0; s < sh.n_stages; s++) sums[k * sh.n_stages + s] = stage_sum(sh, k, s, alu);
-            for (int work : {0, 200}) {
-                for (int variant = 0; variant < 4; variant++) {
-                    const bool persistent = variant < 2;
-                    const int grid = persistent ? sms : chain_grid;
-                    const int per = (ACT_WORDS + grid - 1) / grid;
-                    Params p = {w, sh, n_layers, act, per, counters, xin, 0x1234567u, alu, work, result, timeout};
-                    const char* names[] = {"persistent 256 threads", "persistent 512 threads", "chain, glue folded",
-                                           "chain, glue kernels"};
-                    cudaGraphExec_t ge = nullptr;
-                    cudaGraph_t g = nullptr;
-                    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-                    if (persistent) {
-                        CK(cudaMemsetAsync(counters, 0, max_q * sizeof(u32), st));
-                        if (variant == 0)
-                            persistent_ffn<256><<<sms, 256, smem, st>>>(p);
-                        else
-                            persistent_ffn<512><<<sms, 512, smem, st>>>(p);
-                        CK(cudaGetLastError());
-                    } else {
-                        const bool fold = variant == 2;
-                        bool first = true;
-                        auto launch = [&](auto kernel, int ctas, int threads, auto... args) {
-                            cudaLaunchConfig_t cfg = {};
-                            cfg.gridDim = dim3(ctas);
-                            cfg.blockDim = dim3(threads);
-                            cfg.stream = st;
-                            cudaLaunchAttribute at[1];
-                            at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                            at[0].val.programmaticStreamSerializationAllowed = 1;
-                            cfg.attrs = at;
-                            cfg.numAttrs = first ? 0 : 1;
-                            first = false;
-                            CK(cudaLaunchKernelEx(&cfg, kernel, args...));
-                        };
-                        for (int l = 0; l < n_layers; l++)
-                            for (int s = 0; s < sh.n_stages; s++) {
-                                const int q = l * sh.n_stages + s;
-                                if (!fold && q > 0) launch(chain_glue, 1, 256, p, q, grid);
-                                if (fold)
-                                    launch(chain_stage<true>, grid, CHAIN_THREADS, p, l, s, q);
-                                else
-                                    launch(chain_stage<false>, grid, CHAIN_THREADS, p, l, s, q);
-                            }
-                        // The result (folded: the last stage's outputs read as the next input).
-                        launch(chain_glue, 1, 256, p, n_layers * sh.n_stages, grid);
-                    }
-                    CK(cudaStreamEndCapture(st, &g));
-                    CK(cudaGraphInstantiate(&ge, g, 0));
-                    CK(cudaMemsetAsync(result, 0, sizeof(u32), st));
-                    CK(cudaGraphLaunch(ge, st));  // warm-up
-                    CK(cudaStreamSynchronize(st));
-                    std::vector<float> times;
-                    bool ok = true;
-                    u32 got = 0;
-                    const u32 want = expected(sh, sums, n_layers, per, per * grid, p.seed, work);
-                    for (int r = 0; r < reps; r++) {
-                        cudaEvent_t a, b;
-                        CK(cudaEventCreate(&a));
-                        CK(cudaEventCreate(&b));
-                        CK(cudaMemsetAsync(result, 0, sizeof(u32), st));
-                        CK(cudaEventRecord(a, st));
-                        CK(cudaGraphLaunch(ge, st));
-                        CK(cudaEventRecord(b, st));
-                        CK(cudaStreamSynchronize(st));
-                        float ms;
-                        CK(cudaEventElapsedTime(&ms, a, b));
-                        times.push_back(ms);
-                        CK(cudaMemcpy(&got, result, sizeof(u32), cudaMemcpyDeviceToHost));
-                        ok &= got == want;
-                        CK(cudaEventDestroy(a));
-                        CK(cudaEventDestroy(b));
-                    }
-                    u32 to = 0;
-                    CK(cudaMemcpy(&to, timeout, sizeof(u32), cudaMemcpyDeviceToHost));
-                    std::sort(times.begin(), times.end());
-                    const double us = times[times.size() / 2] * 1000.0 / n_layers;
-                    printf("%-22s %-24s %4d %5d %10.2f %9.0f  %s%s\n", cs.what, names[variant], alu, work, us,
-                           sh.layer_bytes / us / 1e3, ok ? "ok" : "MISMATCH", to ? " timeout" : "");
-                    fflush(stdout);
-                    CK(cudaGraphExecDestroy(ge));
-                    CK(cudaGraphDestroy(g));
+        int sums_alu = -1;
+        std::vector<u32> sums(COPIES * sh.n_stages);
+        for (const Config& cf : cs.configs) {
+            const int alu = cf.alu, work = cf.work;
+            if (alu != sums_alu) {
+                for (int k = 0; k < COPIES; k++)
+                    for (int s = 0; s < sh.n_stages; s++) sums[k * sh.n_stages + s] = stage_sum(sh, k, s, alu);
+                sums_alu = alu;
+            }
+            for (int variant = 0; variant < 4; variant++) {
+                const bool persistent = variant < 2;
+                const int grid = persistent ? sms : chain_grid;
+                const int per = (cf.act + grid - 1) / grid;
+                Params p = {w, sh, n_layers, act, per, counters, xin, 0x1234567u, alu, work, result, timeout};
+                const char* names[] = {"persistent 256 threads", "persistent 512 threads", "chain, glue folded",
+                                       "chain, glue kernels"};
+                cudaGraphExec_t ge = nullptr;
+                cudaGraph_t g = nullptr;
+                CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+                if (persistent) {
+                    CK(cudaMemsetAsync(counters, 0, max_q * sizeof(u32), st));
+                    if (variant == 0)
+                        persistent_ffn<256><<<sms, 256, smem, st>>>(p);
+                    else
+                        persistent_ffn<512><<<sms, 512, smem, st>>>(p);
+                    CK(cudaGetLastError());
+                } else {
+                    const bool fold = variant == 2;
+                    bool first = true;
+                    auto launch = [&](auto kernel, int ctas, int threads, auto... args) {
+                        cudaLaunchConfig_t cfg = {};
+                        cfg.gridDim = dim3(ctas);
+                        cfg.blockDim = dim3(threads);
+                        cfg.stream = st;
+                        cudaLaunchAttribute at[1];
+                        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                        at[0].val.programmaticStreamSerializationAllowed = 1;
+                        cfg.attrs = at;
+                        cfg.numAttrs = first ? 0 : 1;
+                        first = false;
+                        CK(cudaLaunchKernelEx(&cfg, kernel, args...));
+                    };
+                    for (int l = 0; l < n_layers; l++)
+                        for (int s = 0; s < sh.n_stages; s++) {
+                            const int q = l * sh.n_stages + s;
+                            if (!fold && q > 0) launch(chain_glue, 1, 256, p, q, grid);
+                            if (fold)
+                                launch(chain_stage<true>, grid, CHAIN_THREADS, p, l, s, q);
+                            else
+                                launch(chain_stage<false>, grid, CHAIN_THREADS, p, l, s, q);
+                        }
+                    // The result (folded: the last stage's outputs read as the next input).
+                    launch(chain_glue, 1, 256, p, n_layers * sh.n_stages, grid);
                 }
+                CK(cudaStreamEndCapture(st, &g));
+                CK(cudaGraphInstantiate(&ge, g, 0));
+                CK(cudaMemsetAsync(result, 0, sizeof(u32), st));
+                CK(cudaGraphLaunch(ge, st));  // warm-up
+                CK(cudaStreamSynchronize(st));
+                std::vector<float> times;
+                bool ok = true;
+                u32 got = 0;
+                const u32 want = expected(sh, sums, n_layers, per, per * grid, p.seed, work);
+                for (int r = 0; r < reps; r++) {
+                    cudaEvent_t a, b;
+                    CK(cudaEventCreate(&a));
+                    CK(cudaEventCreate(&b));
+                    CK(cudaMemsetAsync(result, 0, sizeof(u32), st));
+                    CK(cudaEventRecord(a, st));
+                    CK(cudaGraphLaunch(ge, st));
+                    CK(cudaEventRecord(b, st));
+                    CK(cudaStreamSynchronize(st));
+                    float ms;
+                    CK(cudaEventElapsedTime(&ms, a, b));
+                    times.push_back(ms);
+                    CK(cudaMemcpy(&got, result, sizeof(u32), cudaMemcpyDeviceToHost));
+                    ok &= got == want;
+                    CK(cudaEventDestroy(a));
+                    CK(cudaEventDestroy(b));
+                }
+                u32 to = 0;
+                CK(cudaMemcpy(&to, timeout, sizeof(u32), cudaMemcpyDeviceToHost));
+                std::sort(times.begin(), times.end());
+                const double us = times[times.size() / 2] * 1000.0 / n_layers;
+                printf("%-20s %-23s %4d %5d %6.1f %9.2f %8.0f  %s%s\n", cs.what, names[variant], alu, work,
+                       per * grid * 4 / 1024.0, us, sh.layer_bytes / us / 1e3, ok ? "ok" : "MISMATCH",
+                       to ? " timeout" : "");
+                fflush(stdout);
+                CK(cudaGraphExecDestroy(ge));
+                CK(cudaGraphDestroy(g));
             }
         }
     }
