@@ -10,8 +10,11 @@
 // (570 MB) so that no layer finds its weights in L2. A stage depends on the one before: every
 // CTA reads the previous stage's whole output vector (4 096 words, as a matvec reads its
 // activations), reduces it and runs `work` dependent operations (the glue), then combines every
-// 16-byte piece of its share of the stage's weights with `alu` dependent integer operations (a
-// stand-in for dequantization) and writes its part of the stage's output. The glue either
+// 16-byte piece of its share of the stage's weights through `alu` dependent steps of three
+// integer instructions each, per stage (a stand-in for dequantization: "q2-like" is ~144
+// instructions per 16 bytes of IQ2_XXS, what gemv_iq2_xxs_q8x_nb1's item loop issues (~148 an
+// item of 2 rows x 8 quant bytes), ~54 for the down stage's Q2_K / Q8_0 mix, ~12 for the Q8_0
+// and F16 ones) and writes its part of the stage's output. The glue either
 // runs in every CTA of the stage ("fold") or, as in ds4-rs, in a one-CTA kernel between the
 // stages ("glue kernel"). Every run's final value is checked against the host's model of the
 // same arithmetic, so a stage that read its input before it was complete shows as a mismatch.
@@ -56,7 +59,8 @@ struct Params {
     u32* counters;     // persistent: CTAs done per stage (n_layers x n_stages), zeroed per run
     u32* xin;          // chain: each stage's input value (n_layers x n_stages + 1)
     u32 seed;
-    int alu, work;
+    int alu[MAX_STAGES];  // dependent 3-instruction steps per 16-byte piece, per stage
+    int work;
     u32* result;       // the value after the last stage
     u32* timeout;      // set by a persistent wait that gave up
 };
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_ffn(Params p) {
                 const uint4* pc = (const uint4*)(ring_ptr + b * CHUNK);
                 for (u32 i = tid; i < n / 16; i += THREADS) {
                     const uint4 v = pc[i];
-                    acc += piece_value(v.x, v.y, v.z, v.w, p.alu);
+                    acc += piece_value(v.x, v.y, v.z, v.w, p.alu[s]);
                 }
                 __syncthreads();  // every thread is done with buffer b: refill it
                 if (tid == 0) issue_next();
@@ -287,7 +291,7 @@ __global__ void __launch_bounds__(CHAIN_THREADS) chain_stage(Params p, int l, in
 #pragma unroll
         for (int u = 0; u < CHAIN_U; u++) {
             const u64 i = base + tid + (u64)u * CHAIN_THREADS;
-            if (i < pieces) acc += piece_value(v[u].x, v[u].y, v[u].z, v[u].w, p.alu);
+            if (i < pieces) acc += piece_value(v[u].x, v[u].y, v[u].z, v[u].w, p.alu[s]);
         }
 #pragma unroll
         for (int u = 0; u < CHAIN_U; u++) {
@@ -352,15 +356,19 @@ int main(int argc, char** argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     const int sms = prop.multiProcessorCount;
     printf("%s, %d SMs, %.0f MB L2\n", prop.name, sms, prop.l2CacheSize / 1e6);
-    // Each configuration: alu (dependent operations per 16 weight bytes), work (dependent
-    // operations of the glue) and the words a stage's output has (at least; rounded up to whole
-    // CTAs): 4 096 as a 4 096-row matvec's, 24 576 (96 KB) as the six experts' gate and up
-    // values that the down projections read.
-    struct Config { int alu, work, act; };
+    // Each configuration: the arithmetic per stage (alu: dependent steps of 3 instructions per
+    // 16 weight bytes), work (dependent operations of the glue) and the words a stage's output has
+    // (at least; rounded up to whole CTAs): 4 096 as a 4 096-row matvec's, 24 576 (96 KB) as the
+    // six experts' gate and up values that the down projections read.
+    struct Config { const char* alu_name; int alu[MAX_STAGES]; int work, act; };
+    const Config none = {"none", {0, 0, 0, 0}, 0, 4096};
+    const Config q2 = {"q2-like", {4, 4, 48, 18}, 200, 4096};
     struct Case { const char* what; std::vector<u64> bytes; std::vector<Config> configs; } cases[] = {
         {"FFN q2 (4 stages)", {2100000, 17830000, 25950000, 25430000},
-         {{0, 0, 4096}, {0, 200, 4096}, {8, 200, 4096}, {24, 200, 4096}, {8, 1000, 4096}, {8, 200, 24576}}},
-        {"same bytes, 1 stage", {71310000}, {{0, 0, 4096}, {8, 200, 4096}, {24, 200, 4096}}},
+         {none, {"none", {0, 0, 0, 0}, 200, 4096}, q2, {"q2-like", {4, 4, 48, 18}, 1000, 4096},
+          {"q2-like", {4, 4, 48, 18}, 200, 24576}, {"half", {2, 2, 24, 9}, 200, 4096}}},
+        // The bytes-weighted mean of q2-like's arithmetic.
+        {"same bytes, 1 stage", {71310000}, {none, {"q2-like", {25, 0, 0, 0}, 200, 4096}}},
     };
     u64 max_layer = 0;
     for (auto& cs : cases) max_layer = std::max(max_layer, make_shape(cs.bytes).layer_bytes);
@@ -382,24 +390,21 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(persistent_ffn<512>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    printf("%-20s %-23s %4s %5s %6s %9s %8s  %s\n", "weights", "variant", "alu", "work", "act KB", "us/layer", "GB/s",
+    printf("%-20s %-23s %8s %5s %6s %9s %8s  %s\n", "weights", "variant", "alu", "work", "act KB", "us/layer", "GB/s",
            "check");
     for (auto& cs : cases) {
         const Shape sh = make_shape(cs.bytes);
-        int sums_alu = -1;
         std::vector<u32> sums(COPIES * sh.n_stages);
         for (const Config& cf : cs.configs) {
-            const int alu = cf.alu, work = cf.work;
-            if (alu != sums_alu) {
-                for (int k = 0; k < COPIES; k++)
-                    for (int s = 0; s < sh.n_stages; s++) sums[k * sh.n_stages + s] = stage_sum(sh, k, s, alu);
-                sums_alu = alu;
-            }
+            const int work = cf.work;
+            for (int k = 0; k < COPIES; k++)
+                for (int s = 0; s < sh.n_stages; s++) sums[k * sh.n_stages + s] = stage_sum(sh, k, s, cf.alu[s]);
             for (int variant = 0; variant < 4; variant++) {
                 const bool persistent = variant < 2;
                 const int grid = persistent ? sms : chain_grid;
                 const int per = (cf.act + grid - 1) / grid;
-                Params p = {w, sh, n_layers, act, per, counters, xin, 0x1234567u, alu, work, result, timeout};
+                Params p = {w, sh, n_layers, act, per, counters, xin, 0x1234567u, {}, work, result, timeout};
+                for (int s = 0; s < MAX_STAGES; s++) p.alu[s] = cf.alu[s];
                 const char* names[] = {"persistent 256 threads", "persistent 512 threads", "chain, glue folded",
                                        "chain, glue kernels"};
                 cudaGraphExec_t ge = nullptr;
@@ -470,7 +475,7 @@ int main(int argc, char** argv) {
                 CK(cudaMemcpy(&to, timeout, sizeof(u32), cudaMemcpyDeviceToHost));
                 std::sort(times.begin(), times.end());
                 const double us = times[times.size() / 2] * 1000.0 / n_layers;
-                printf("%-20s %-23s %4d %5d %6.1f %9.2f %8.0f  %s%s\n", cs.what, names[variant], alu, work,
+                printf("%-20s %-23s %8s %5d %6.1f %9.2f %8.0f  %s%s\n", cs.what, names[variant], cf.alu_name, work,
                        per * grid * 4 / 1024.0, us, sh.layer_bytes / us / 1e3, ok ? "ok" : "MISMATCH",
                        to ? " timeout" : "");
                 fflush(stdout);
