@@ -3,14 +3,14 @@
 //!
 //! Same conventions as [`Gpu::gemv`]: x is `n_vecs` vectors of `cols` values (as
 //! [`QuantizedActivations`] of kind [`ActQuant::Q8_0`]), y is `n_vecs` vectors of `rows` f32
-//! values (`y[v·rows + r]`). Each output is ds4's Q8_0 dot product, bit for bit equal to
-//! ds4-gguf's scalar `vec_dot_q8_0`: per 32-element block the exact integer sum, times
-//! (d_w · d_x), added to an f32 sum in ascending block order, every operation rounded on its
-//! own.
+//! values (`y[v·rows + r]`). Each output is the Q8_0 dot product block by block: per
+//! 32-element block the exact integer sum, fused-multiplied by (d_w · d_x) into an f32 sum
+//! (`sum = fma(d_w · d_x, isum, sum)`, one rounding for the update, as ds4-gguf's AVX2
+//! `vec_dot_q8_0` does) in ascending block order.
 //!
 //! What bounds it: one `mma.m16n8k32` (s8) gives the integer sums of one block for a 16 × 8
-//! tile, but each of those 128 sums then needs four f32 instructions (to float, d_w·d_x, the
-//! product, the add) to keep ds4's per-block rounding. With the fragment loads that is ~4.4
+//! tile, but each of those 128 sums then needs three f32 instructions (to float, d_w·d_x, the
+//! fused update) to keep the per-block rounding. With the fragment loads that is ~4.4
 //! issue cycles per MMA on an SM (4 warp instructions per cycle), ~930 int8 MACs per cycle per
 //! SM: about 430 TOPS-equivalent on an H100 SXM at 1.75 GHz, a fifth of the int8 tensor peak.
 //! The CUDA cores, not the tensor cores, set the pace. Weights are read from memory once per
@@ -166,7 +166,7 @@ impl Gpu {
     /// y = W·x for `n_vecs` vectors on the tensor cores: W a Q8_0 matrix (`experts == 1`),
     /// x Q8_0 activations of `W.cols` values (at least `n_vecs` vectors), y at least
     /// `n_vecs × W.rows` values. Results equal [`Gpu::gemv`] with quantized activations up to
-    /// the f32 summation order, and ds4-gguf's scalar `vec_dot_q8_0` exactly.
+    /// the f32 summation order (the module's docs give this kernel's order exactly).
     pub fn gemm_q8_0(
         &self,
         w: &DeviceMatrix,

@@ -1,10 +1,13 @@
 // Tensor-core GEMM for prefill: Y = W X with Q8_0 weights and Q8_0-quantized activations.
 //
-// Numerics (ds4's Q8_0 dot product, block by block): for each 32-element block b the exact
-// int32 sum isum_b = sum_i w_q[i] * x_q[i], then acc = acc + (d_w[b] * d_x[b]) * isum_b in f32,
-// blocks in ascending order, acc starting at 0. Every multiply and add is rounded on its own
-// (__fmul_rn / __fadd_rn: no FMA contraction), so each output equals ds4-gguf's scalar
-// vec_dot_q8_0 bit for bit.
+// Numerics (the Q8_0 dot product, block by block): for each 32-element block b the exact
+// int32 sum isum_b = sum_i w_q[i] * x_q[i], then acc = fma(d_w[b] * d_x[b], isum_b, acc) in
+// f32, blocks in ascending order, acc starting at 0: the scale product rounded (__fmul_rn),
+// then one fused multiply-add (__fmaf_rn), as ds4-gguf's AVX2 vec_dot_q8_0 fuses its update.
+// Three rounded operations per output and block instead of the scalar dot's four (its
+// separate product and add round once more): the epilogue is most of what this kernel issues
+// (docs/speed-log.md, sessions 27-28), and the fused update is at least as accurate.
+// gemm_gpu checks every output bit for bit against this order on the CPU.
 //
 // One mma.m16n8k32 (s8 x s8 -> s32) covers exactly one block (k = 32) of a 16-row x 8-vector
 // tile, so its outputs are the per-block integer sums. The accumulator input C is the bit
@@ -340,7 +343,7 @@ __device__ __forceinline__ void gemm_q8_0_tile(const GemmQ8Params& p) {
                     for (int i = 0; i < 4; i++) {
                         const float isum = __fsub_rn(__int_as_float(d[i]), GQ_MAGIC_F);  // exact
                         const float scale = __fmul_rn(dw[mi][i >> 1], (i & 1) ? dx.y : dx.x);
-                        acc[mi][nj][i] = __fadd_rn(acc[mi][nj][i], __fmul_rn(scale, isum));
+                        acc[mi][nj][i] = __fmaf_rn(scale, isum, acc[mi][nj][i]);
                     }
                 }
             }

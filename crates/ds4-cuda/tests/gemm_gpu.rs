@@ -1,5 +1,7 @@
-//! The tensor-core Q8_0 GEMM ([`Gpu::gemm_q8_0`], [`Gpu::expert_gemm_q8_0`]) against ds4-gguf's
-//! scalar `vec_dot_q8_0`, bit for bit, on random weights and activations. On a machine without
+//! The tensor-core Q8_0 GEMM ([`Gpu::gemm_q8_0`], [`Gpu::expert_gemm_q8_0`]) against the CPU,
+//! on random weights and activations: bit for bit against the GEMM's documented order (per block
+//! the exact integer sum, `sum = fma(d_w · d_x, isum, sum)` in ascending block order), and
+//! that order within a few roundings of ds4-gguf's scalar `vec_dot_q8_0`. On a machine without
 //! CUDA each GPU test prints "skipped: no CUDA" and passes.
 //!
 //! Timing (on the GPU machine): `cargo test -p ds4-cuda --release --test gemm_gpu --
@@ -44,9 +46,28 @@ fn rows_to_check(rows: usize, cols: usize, n_vecs: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Asserts y (vector-major, `rows` per vector) equals the scalar CPU dot product of each
-/// checked row of `w` with each activation vector, bit for bit. Vectors are checked on all
-/// cores.
+/// The GEMM's Q8_0 dot product of one row: per block the exact integer sum, then one fused
+/// multiply-add of it with the rounded scale product (gemm_q8.cu's "Numerics"). Also returns
+/// the sum of the terms' magnitudes, which bounds how far another summation order may land.
+fn fused_dot_q8_0(row: &[u8], act: &[BlockQ8_0]) -> (f32, f64) {
+    let (mut sum, mut mag) = (0.0f32, 0.0f64);
+    for (blk, a) in row.chunks_exact(34).zip(act) {
+        let isum: i32 = blk[2..]
+            .iter()
+            .zip(&a.qs)
+            .map(|(&w, &x)| (w as i8) as i32 * x as i32)
+            .sum();
+        let scale = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32() * a.d;
+        sum = scale.mul_add(isum as f32, sum);
+        mag += (scale as f64 * isum as f64).abs();
+    }
+    (sum, mag)
+}
+
+/// Asserts y (vector-major, `rows` per vector) equals [`fused_dot_q8_0`] of each checked row of
+/// `w` with each activation vector bit for bit, and that the fused order stays within two
+/// roundings per block of the scalar CPU dot product (which rounds the product and the add
+/// apart). Vectors are checked on all cores.
 fn assert_bit_exact(what: &str, y: &[f32], w: &[u8], rows: usize, acts: &[&[BlockQ8_0]]) {
     let row_bytes = w.len() / rows;
     let cols = row_bytes / 34 * 32;
@@ -60,8 +81,14 @@ fn assert_bit_exact(what: &str, y: &[f32], w: &[u8], rows: usize, acts: &[&[Bloc
                 for (i, act) in chunk.iter().enumerate() {
                     let v = t * per + i;
                     for &r in check {
-                        let want =
-                            quant::scalar::vec_dot_q8_0(&w[r * row_bytes..(r + 1) * row_bytes], act);
+                        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                        let (want, mag) = fused_dot_q8_0(row, act);
+                        let scalar = quant::scalar::vec_dot_q8_0(row, act);
+                        let bound = 2.0 * act.len() as f64 * f32::EPSILON as f64 * mag;
+                        assert!(
+                            ((want - scalar) as f64).abs() <= bound,
+                            "{what}: vector {v} row {r}: fused order {want:e} vs scalar {scalar:e}"
+                        );
                         let got = y[v * rows + r];
                         assert!(
                             got.to_bits() == want.to_bits(),
