@@ -257,6 +257,105 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_ffn(Params p) {
     }
 }
 
+// ---- the persistent kernel with a ring per warp ----
+// As persistent_ffn, but every warp streams its own part of the CTA's share through its own WB
+// buffers and barriers (as the engine's matvecs stage their rows): lane 0 issues the warp's
+// next chunk as soon as the warp is done with a buffer, with no CTA barrier per chunk and no
+// single issuing thread; only the stage boundaries (the sum, the counter, the next input)
+// involve the whole CTA. 512 or 1 024 threads: as many resident warps as the chain's CTAs
+// give an SM, against persistent_ffn's 8 or 16.
+#define BAR_BYTES 1024            // up to 128 mbarriers (32 warps x 4 buffers)
+#define RING_BYTES (NBUF * CHUNK)  // the same 192 KB of weights in flight or staged per SM
+template <int THREADS, int WB>
+__global__ void __launch_bounds__(THREADS, 1) persistent_warps(Params p) {
+    constexpr int WARPS = THREADS / 32;
+    constexpr u32 CW = (RING_BYTES / WARPS / WB) / 16 * 16;  // bytes a warp's buffer holds
+    static_assert(WARPS * WB * 8 <= BAR_BYTES, "barriers");
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ u32 red[32];
+    const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int act_words = p.per * G;
+    const u32 bars = smem_u32(smem) + 8 * WB * warp;
+    const u32 ring = smem_u32(smem) + BAR_BYTES + warp * WB * CW;
+    const uint8_t* ring_ptr = smem + BAR_BYTES + warp * WB * CW;
+    if (lane == 0) {
+        for (int b = 0; b < WB; b++) mbar_init(bars + 8 * b);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+    // This warp's part of the CTA's share of stage s (16-byte pieces split over the warps).
+    auto warp_share = [&](int s, u64* first, u64* len) {
+        u64 f, n;
+        share(p.sh, s, c, G, &f, &n);
+        const u64 P = n / 16, a = P * warp / WARPS, e = P * (warp + 1) / WARPS;
+        *first = f + a * 16;
+        *len = (e - a) * 16;
+    };
+    Cursor cur = {0, 0, 0, 0};
+    auto issue_next = [&]() {  // lane 0 only
+        while (cur.layer < p.n_layers) {
+            u64 first, len;
+            warp_share(cur.stage, &first, &len);
+            if (cur.done < len) {
+                const u32 n = (u32)min_u64(CW, len - cur.done);
+                const uint8_t* src = p.w + (u64)(cur.layer % COPIES) * p.sh.layer_bytes + p.sh.offset[cur.stage] + first + cur.done;
+                const u32 b = (u32)(cur.issued % WB);
+                copy_chunk(ring + b * CW, src, n, bars + 8 * b);
+                cur.done += n;
+                cur.issued++;
+                return;
+            }
+            cur.done = 0;
+            if (++cur.stage == p.sh.n_stages) cur.stage = 0, cur.layer++;
+        }
+    };
+    if (lane == 0)
+        for (int b = 0; b < WB; b++) issue_next();
+    u64 consumed = 0;
+    u32 x = p.seed;
+    for (int l = 0; l < p.n_layers; l++) {
+        for (int s = 0; s < p.sh.n_stages; s++) {
+            const int q = l * p.sh.n_stages + s;
+            if (q > 0) {
+                if (tid == 0) wait_count(p.counters + q - 1, (u32)G, p.timeout);
+                __syncthreads();
+                x = read_input(p, q, x, act_words, red);
+            }
+            u64 first, len;
+            warp_share(s, &first, &len);
+            u32 acc = 0;
+            for (u64 off = 0; off < len; off += CW) {
+                const u32 n = (u32)min_u64(CW, len - off);
+                const u32 b = (u32)(consumed % WB);
+                mbar_wait(bars + 8 * b, (u32)((consumed / WB) & 1), p.timeout);
+                const uint4* pc = (const uint4*)(ring_ptr + b * CW);
+                for (u32 i = lane; i < n / 16; i += 32) {
+                    const uint4 v = pc[i];
+                    acc += piece_value(v.x, v.y, v.z, v.w, p.alu[s]);
+                }
+                __syncwarp();  // the warp is done with buffer b: refill it
+                if (lane == 0) issue_next();
+                consumed++;
+            }
+            const u32 r = block_sum(acc, red) + x;
+            u32* act = p.act + (q & 1) * act_words;
+            for (int j = tid; j < p.per; j += THREADS) act[c * p.per + j] = r;
+            __syncthreads();
+            if (tid == 0) {
+                __threadfence();
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(p.counters + q) : "memory");
+            }
+        }
+    }
+    if (c == 0) {
+        const int q = p.n_layers * p.sh.n_stages;
+        if (tid == 0) wait_count(p.counters + q - 1, (u32)G, p.timeout);
+        __syncthreads();
+        x = read_input(p, q, x, act_words, red);
+        if (tid == 0) *p.result = x;
+    }
+}
+
 // ---- the chain: one kernel per stage (and, with glue kernels, one between stages) ----
 // Stage q = (l, s): its input from xin[q] (glue kernel) or, folded, from the previous
 // stage's outputs read by every CTA (then CTA 0 records it in xin[q] for the next stage).
@@ -389,6 +488,9 @@ int main(int argc, char** argv) {
     const int smem = 128 + NBUF * CHUNK;
     CK(cudaFuncSetAttribute(persistent_ffn<256>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     CK(cudaFuncSetAttribute(persistent_ffn<512>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const int smem_w = BAR_BYTES + RING_BYTES;
+    CK(cudaFuncSetAttribute(persistent_warps<512, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_w));
+    CK(cudaFuncSetAttribute(persistent_warps<1024, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_w));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     printf("%-20s %-23s %8s %5s %6s %9s %8s  %s\n", "weights", "variant", "alu", "work", "act KB", "us/layer", "GB/s",
@@ -400,14 +502,14 @@ int main(int argc, char** argv) {
             const int work = cf.work;
             for (int k = 0; k < COPIES; k++)
                 for (int s = 0; s < sh.n_stages; s++) sums[k * sh.n_stages + s] = stage_sum(sh, k, s, cf.alu[s]);
-            for (int variant = 0; variant < 4; variant++) {
-                const bool persistent = variant < 2;
+            for (int variant = 0; variant < 6; variant++) {
+                const bool persistent = variant < 2 || variant >= 4;
                 const int grid = persistent ? sms : chain_grid;
                 const int per = (cf.act + grid - 1) / grid;
                 Params p = {w, sh, n_layers, act, per, counters, xin, 0x1234567u, {}, work, result, timeout};
                 for (int s = 0; s < MAX_STAGES; s++) p.alu[s] = cf.alu[s];
                 const char* names[] = {"persistent 256 threads", "persistent 512 threads", "chain, glue folded",
-                                       "chain, glue kernels"};
+                                       "chain, glue kernels",    "warp rings 512 threads", "warp rings 1024 threads"};
                 cudaGraphExec_t ge = nullptr;
                 cudaGraph_t g = nullptr;
                 CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
@@ -415,8 +517,12 @@ int main(int argc, char** argv) {
                     CK(cudaMemsetAsync(counters, 0, max_q * sizeof(u32), st));
                     if (variant == 0)
                         persistent_ffn<256><<<sms, 256, smem, st>>>(p);
-                    else
+                    else if (variant == 1)
                         persistent_ffn<512><<<sms, 512, smem, st>>>(p);
+                    else if (variant == 4)
+                        persistent_warps<512, 3><<<sms, 512, smem_w, st>>>(p);
+                    else
+                        persistent_warps<1024, 3><<<sms, 1024, smem_w, st>>>(p);
                     CK(cudaGetLastError());
                 } else {
                     const bool fold = variant == 2;
