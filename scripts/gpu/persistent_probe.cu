@@ -23,6 +23,8 @@
 //
 // On the GPU machine (nvcc there, no Rust needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90a scripts/gpu/persistent_probe.cu -o /tmp/pp && /tmp/pp [REPS]
+// Session 32's H200 results and what they say: docs/decode-persistent.md, "The premise,
+// measured" (the persistent variants gain 2 % on the chain with q2-like arithmetic).
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
