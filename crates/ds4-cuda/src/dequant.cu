@@ -63,9 +63,27 @@ __device__ __forceinline__ void dequant_rows(const u8* w, i64 row_bytes, i64 row
     }
 }
 
+// Q8_0, 8 values a thread (the prefill's f16 GEMMs dequantize each Q8_0 matrix per span, so
+// this one runs at memory speed): consecutive threads take consecutive 8-value groups, 4 a
+// block, and write them as one 16-byte store. The same arithmetic as dequant_item.
 extern "C" __global__ void dequant_q8_0_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
     PDL_ENTRY();
-    dequant_rows<FMT_Q8_0>(w, row_bytes, rows, k, grid, out);
+    const i64 groups_per_row = k / 8;
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < rows * groups_per_row; t += (i64)gridDim.x * blockDim.x) {
+        const i64 row = t / groups_per_row, g = t % groups_per_row;
+        const u8* blk = w + row * row_bytes + (g / 4) * 34;
+        const u8* q = blk + 2 + 8 * (g % 4);
+        const float d = f16_to_f32(rd16(blk));
+        u32 h[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 pair = rd16(q + 2 * j);
+            const u32 lo = f32_to_f16(__fmul_rn(d, (float)(i8)(pair & 255)));
+            const u32 hi = f32_to_f16(__fmul_rn(d, (float)(i8)(pair >> 8)));
+            h[j] = lo | (hi << 16);
+        }
+        *(uint4*)(out + row * k + 8 * g) = make_uint4(h[0], h[1], h[2], h[3]);
+    }
 }
 extern "C" __global__ void dequant_q2_k_f16(const u8* w, i64 row_bytes, i64 rows, i64 k, const u64* grid, u16* out) {
     PDL_ENTRY();
@@ -85,5 +103,25 @@ extern "C" __global__ void dequant_f32_f16(const u8* w, i64 row_bytes, i64 rows,
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < rows * k; t += (i64)gridDim.x * blockDim.x) {
         const i64 row = t / k, e = t % k;
         out[t] = f32_to_f16(((const float*)(w + row * row_bytes))[e]);
+    }
+}
+
+// Activations to f16 for the prefill's f16 GEMMs, 8 values a thread (n % 8 == 0, x and out
+// 16-byte aligned): rounded to nearest even, values beyond f16's range clamped to +-65504 so
+// that an outlier gives a large finite product rather than inf (NaN stays NaN).
+extern "C" __global__ void activations_f16(const float* __restrict__ x, u16* __restrict__ out, i64 n) {
+    PDL_ENTRY();
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; 8 * t < n; t += (i64)gridDim.x * blockDim.x) {
+        const float4 a = ((const float4*)x)[2 * t], b = ((const float4*)x)[2 * t + 1];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        u32 h[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float lo = v[2 * j], hi = v[2 * j + 1];
+            lo = isnan(lo) ? lo : fminf(fmaxf(lo, -65504.0f), 65504.0f);
+            hi = isnan(hi) ? hi : fminf(fmaxf(hi, -65504.0f), 65504.0f);
+            h[j] = (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+        }
+        ((uint4*)out)[t] = make_uint4(h[0], h[1], h[2], h[3]);
     }
 }

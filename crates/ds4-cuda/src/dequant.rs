@@ -45,10 +45,10 @@ impl Gpu {
         );
         let mut b = self.device.launch_args(&f);
         b.arg(&wp).arg(&rb).arg(&r64).arg(&k64).arg(&gp).arg(&op);
-        let threads = if w.format == WeightFormat::F32 {
-            n
-        } else {
-            n / 32
+        let threads = match w.format {
+            WeightFormat::F32 => n,
+            WeightFormat::Q8_0 => n / 8, // 8 values a thread (dequant.cu)
+            _ => n / 32,
         };
         let cfg = LaunchConfig {
             grid_dim: (threads.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
@@ -60,6 +60,46 @@ impl Gpu {
         self.device
             .launch_timed(&name, 0, || unsafe { b.launch(cfg) })
             .ctx(&name)?;
+        Ok(())
+    }
+
+    /// `out[i] = x[i]` as f16 for i < n (n a multiple of 8), rounded to nearest even, values
+    /// beyond ±65504 clamped to it (dequant.cu `activations_f16`).
+    pub fn activations_f16(
+        &self,
+        x: &DeviceBuffer<f32>,
+        n: usize,
+        out: &mut DeviceBuffer<half::f16>,
+    ) -> Result<()> {
+        if !n.is_multiple_of(8)
+            || x.len() < n
+            || out.len() < n
+            || !x.ptr().is_multiple_of(16)
+            || !out.ptr().is_multiple_of(16)
+        {
+            return Err(CudaError::InvalidArgument(format!(
+                "activations_f16: {n} values (a multiple of 8) from {} at {:#x} into {} at {:#x} \
+                 (16-byte aligned)",
+                x.len(),
+                x.ptr(),
+                out.len(),
+                out.ptr()
+            )));
+        }
+        let f = self.kernels.function("dequant", "activations_f16")?;
+        let (xp, op, n64) = (x.ptr(), out.ptr(), n as i64);
+        let mut b = self.device.launch_args(&f);
+        b.arg(&xp).arg(&op).arg(&n64);
+        let cfg = LaunchConfig {
+            grid_dim: ((n / 8).div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match activations_f16(const float*, u16*, i64); both pointers are
+        // 16-byte aligned and it reads n floats of x and writes n halves of out (checked above).
+        self.device
+            .launch_timed("activations_f16", 0, || unsafe { b.launch(cfg) })
+            .ctx("activations_f16")?;
         Ok(())
     }
 }

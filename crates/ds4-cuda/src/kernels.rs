@@ -154,6 +154,8 @@ pub struct Gpu {
     /// Most GEMV CTAs per multiprocessor, 0 = one CTA per row group (see
     /// [`Gpu::set_gemv_grid_cap`]).
     gemv_ctas_per_sm: AtomicUsize,
+    /// cuBLAS and the f16 scratch of [`Gpu::gemm_q8_0_f16`], made on first use.
+    pub(crate) f16_gemm: crate::gemm_cublas::F16GemmState,
 }
 
 impl Gpu {
@@ -181,6 +183,7 @@ impl Gpu {
                     .unwrap_or(DEFAULT_GEMV_WARPS),
             ),
             gemv_ctas_per_sm: AtomicUsize::new(knob("DS4_CUDA_GEMV_CAP", 0..=64).unwrap_or(0)),
+            f16_gemm: Default::default(),
         })
     }
 

@@ -40,7 +40,10 @@
 //! programmatic dependent launch; `DS4_CUDA_NO_BRANCHES` runs the side-stream branches in
 //! line; `DS4_CUDA_CHUNK` sets the prefill span (2048); `DS4_CUDA_EXPERTS_PASS` (32 / 64)
 //! the grouped expert kernels' pass width; `DS4_CUDA_GEMV_WARPS` / `DS4_CUDA_GEMV_CAP` the
-//! GEMV warps per CTA and CTAs per SM; `DS4_KERNEL_CACHE` the cubin cache.
+//! GEMV warps per CTA and CTAs per SM; `DS4_CUDA_FAST_PREFILL=1` runs the prefill's Q8_0
+//! projections as f16 GEMMs on cuBLAS (faster, closer to the exact product, but no longer the
+//! CPU backend's Q8_0-activation numerics: [`gemm_cublas`]); `DS4_KERNEL_CACHE` the cubin
+//! cache.
 
 // The attention launchers (one CTA per token and head; one per token and 16 heads for spans).
 mod attend;
@@ -52,6 +55,7 @@ pub mod error;
 pub mod forward;
 pub mod fwd_kernels;
 pub mod gemm;
+pub mod gemm_cublas;
 pub mod gemm_experts;
 pub mod gemm_f16;
 pub mod gemv;

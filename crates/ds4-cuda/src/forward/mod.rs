@@ -864,7 +864,7 @@ fn mm(
 ) -> Result<()> {
     let dm = m.matrix(w)?;
     match quantized(m, quant, w, x, n)? {
-        Some(qa) => product(m, &dm, qa, n, y),
+        Some(qa) => product(m, &dm, qa, x, n, y),
         None if n >= GEMM_MIN_VECS && crate::Gpu::gemm_f16_fits(&dm) => {
             m.gpu.gemm_f16(&dm, x, n, y)
         }
@@ -873,20 +873,27 @@ fn mm(
 }
 
 /// Vectors from which a product runs as a GEMM instead of the matvec kernels: Q8_0 on the
-/// tensor cores ([`crate::Gpu::gemm_q8_0`], same bits as the CPU's per-block dot product),
-/// F16 with f32 activations on the tensor cores as two f16 terms per activation
-/// ([`crate::Gpu::gemm_f16`]; the CUDA cores for column counts that are not multiples of 64).
+/// tensor cores ([`crate::Gpu::gemm_q8_0`], the CPU's per-block dot product), F16 with f32
+/// activations on the tensor cores as two f16 terms per activation ([`crate::Gpu::gemm_f16`];
+/// the CUDA cores for column counts that are not multiples of 64).
 const GEMM_MIN_VECS: usize = 16;
 
-/// y = W·x for `n` quantized vectors: the tensor-core GEMM for Q8_0 spans, else the matvec.
+/// y = W·x for `n` vectors, `qa` the quantized form of their f32 values `x`: for Q8_0 spans
+/// the exact tensor-core GEMM, or with `DS4_CUDA_FAST_PREFILL` f16 weights and activations on
+/// cuBLAS where that path applies ([`crate::Gpu::gemm_q8_0_f16`]: spans of 64+ vectors on the
+/// main stream); the matvec for fewer vectors and other formats.
 fn product(
     m: &CudaModel,
     w: &crate::gemv::DeviceMatrix,
     qa: &QuantizedActivations,
+    x: &DeviceBuffer<f32>,
     n: usize,
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     if n >= GEMM_MIN_VECS && w.format == WeightFormat::Q8_0 {
+        if crate::gemm_cublas::fast_prefill_requested() && m.gpu.gemm_q8_0_f16(w, x, n, y)? {
+            return Ok(());
+        }
         m.gpu.gemm_q8_0(w, qa, n, y)
     } else {
         m.gpu.gemv(w, Activations::Quantized(qa), n, y)
@@ -1049,7 +1056,10 @@ fn mm_prequantized(
 ) -> Result<()> {
     let kind = act_quant_of(m, w);
     match (prequantized, kind) {
-        (true, Some(kind)) => product(m, &m.matrix(w)?, quant.get(kind, w.cols, n, x.ptr())?, n, y),
+        (true, Some(kind)) => {
+            let qa = quant.get(kind, w.cols, n, x.ptr())?;
+            product(m, &m.matrix(w)?, qa, x, n, y)
+        }
         _ => mm(m, quant, w, x, n, y),
     }
 }
@@ -1069,7 +1079,10 @@ fn mm_branch(
     y: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     match (prequantized, act_quant_of(m, w)) {
-        (true, Some(kind)) => product(m, &m.matrix(w)?, made.get(kind, w.cols, n, x.ptr())?, n, y),
+        (true, Some(kind)) => {
+            let qa = made.get(kind, w.cols, n, x.ptr())?;
+            product(m, &m.matrix(w)?, qa, x, n, y)
+        }
         _ => mm(m, own, w, x, n, y),
     }
 }
