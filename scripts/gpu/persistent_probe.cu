@@ -172,137 +172,70 @@ __device__ __forceinline__ void wait_count(const u32* counter, u32 target, u32* 
     }
 }
 
-// Thread 0's copy cursor: the next chunk of the CTA's sequence of shares (layer by layer,
-// stage by stage), which weights alone decide, so it runs ahead of the stages' inputs.
+// A ring owner's copy cursor: the next chunk of its sequence of shares (layer by layer, stage
+// by stage), which weights alone decide, so it runs ahead of the stages' inputs.
 struct Cursor {
     int layer, stage;
     u64 done;    // bytes of the current share already issued
     u64 issued;  // chunks issued
 };
 
-template <int THREADS>
+// One CTA per SM, streaming every stage's share of the weights through shared-memory rings
+// while it waits for the stage's input (counters between stages). Two ways to own the rings:
+//  - WARP_RINGS false: one ring of NBUF 16 KB buffers for the CTA, thread 0 issuing the copies,
+//    a CTA barrier after every chunk ("persistent N");
+//  - WARP_RINGS true: every warp its own three buffers and its part of the CTA's share, lane 0
+//    refilling a buffer as soon as its warp is done with it, as the engine's matvecs stage their
+//    rows ("warp rings N").
+// The same 192 KB of weights are in flight or staged per SM either way.
+#define BAR_BYTES 1024             // up to 128 mbarriers
+#define RING_BYTES (NBUF * CHUNK)  // 192 KB
+#define WARP_BUFS 3
+template <int THREADS, bool WARP_RINGS>
 __global__ void __launch_bounds__(THREADS, 1) persistent_ffn(Params p) {
-    extern __shared__ __align__(128) uint8_t smem[];
-    __shared__ u32 red[32];
-    const u32 bars = smem_u32(smem);  // NBUF mbarriers, then the buffers from byte 128
-    const u32 ring = bars + 128;
-    const uint8_t* ring_ptr = smem + 128;
-    const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x;
-    const int act_words = p.per * G;
-    if (tid == 0) {
-        for (int b = 0; b < NBUF; b++) mbar_init(bars + 8 * b);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    Cursor cur = {0, 0, 0, 0};
-    auto issue_next = [&]() {  // thread 0 only
-        while (cur.layer < p.n_layers) {
-            u64 first, len;
-            share(p.sh, cur.stage, c, G, &first, &len);
-            if (cur.done < len) {
-                const u32 n = (u32)min_u64(CHUNK, len - cur.done);
-                const uint8_t* src = p.w + (u64)(cur.layer % COPIES) * p.sh.layer_bytes + p.sh.offset[cur.stage] + first + cur.done;
-                const u32 b = (u32)(cur.issued % NBUF);
-                copy_chunk(ring + b * CHUNK, src, n, bars + 8 * b);
-                cur.done += n;
-                cur.issued++;
-                return;
-            }
-            cur.done = 0;
-            if (++cur.stage == p.sh.n_stages) cur.stage = 0, cur.layer++;
-        }
-    };
-    if (tid == 0)
-        for (int b = 0; b < NBUF; b++) issue_next();
-    u64 consumed = 0;
-    u32 x = p.seed;
-    for (int l = 0; l < p.n_layers; l++) {
-        for (int s = 0; s < p.sh.n_stages; s++) {
-            const int q = l * p.sh.n_stages + s;
-            if (q > 0) {
-                if (tid == 0) wait_count(p.counters + q - 1, (u32)G, p.timeout);
-                __syncthreads();
-                x = read_input(p, q, x, act_words, red);
-            }
-            u64 first, len;
-            share(p.sh, s, c, G, &first, &len);
-            u32 acc = 0;
-            for (u64 off = 0; off < len; off += CHUNK) {
-                const u32 n = (u32)min_u64(CHUNK, len - off);
-                const u32 b = (u32)(consumed % NBUF);
-                mbar_wait(bars + 8 * b, (u32)((consumed / NBUF) & 1), p.timeout);
-                const uint4* pc = (const uint4*)(ring_ptr + b * CHUNK);
-                for (u32 i = tid; i < n / 16; i += THREADS) {
-                    const uint4 v = pc[i];
-                    acc += piece_value(v.x, v.y, v.z, v.w, p.alu[s]);
-                }
-                __syncthreads();  // every thread is done with buffer b: refill it
-                if (tid == 0) issue_next();
-                consumed++;
-            }
-            const u32 r = block_sum(acc, red) + x;
-            u32* act = p.act + (q & 1) * act_words;
-            for (int j = tid; j < p.per; j += THREADS) act[c * p.per + j] = r;
-            __syncthreads();
-            if (tid == 0) {
-                __threadfence();
-                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(p.counters + q) : "memory");
-            }
-        }
-    }
-    if (c == 0) {
-        const int q = p.n_layers * p.sh.n_stages;
-        if (tid == 0) wait_count(p.counters + q - 1, (u32)G, p.timeout);
-        __syncthreads();
-        x = read_input(p, q, x, act_words, red);
-        if (tid == 0) *p.result = x;
-    }
-}
-
-// ---- the persistent kernel with a ring per warp ----
-// As persistent_ffn, but every warp streams its own part of the CTA's share through its own WB
-// buffers and barriers (as the engine's matvecs stage their rows): lane 0 issues the warp's
-// next chunk as soon as the warp is done with a buffer, with no CTA barrier per chunk and no
-// single issuing thread; only the stage boundaries (the sum, the counter, the next input)
-// involve the whole CTA. 512 or 1 024 threads: as many resident warps as the chain's CTAs
-// give an SM, against persistent_ffn's 8 or 16.
-#define BAR_BYTES 1024            // up to 128 mbarriers (32 warps x 4 buffers)
-#define RING_BYTES (NBUF * CHUNK)  // the same 192 KB of weights in flight or staged per SM
-template <int THREADS, int WB>
-__global__ void __launch_bounds__(THREADS, 1) persistent_warps(Params p) {
     constexpr int WARPS = THREADS / 32;
-    constexpr u32 CW = (RING_BYTES / WARPS / WB) / 16 * 16;  // bytes a warp's buffer holds
-    static_assert(WARPS * WB * 8 <= BAR_BYTES, "barriers");
+    constexpr int OWNERS = WARP_RINGS ? WARPS : 1;       // rings per CTA
+    constexpr int BUFS = WARP_RINGS ? WARP_BUFS : NBUF;  // buffers per ring
+    constexpr u32 CS = WARP_RINGS ? (RING_BYTES / WARPS / WARP_BUFS) / 16 * 16 : CHUNK;  // buffer bytes
+    constexpr int SHARERS = WARP_RINGS ? 32 : THREADS;   // threads reading one ring
+    static_assert(OWNERS * BUFS * 8 <= BAR_BYTES, "barriers");
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ u32 red[32];
-    const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int G = gridDim.x, c = blockIdx.x, tid = threadIdx.x;
+    const int owner = WARP_RINGS ? tid >> 5 : 0, rank = WARP_RINGS ? tid & 31 : tid;  // rank in the ring's threads
     const int act_words = p.per * G;
-    const u32 bars = smem_u32(smem) + 8 * WB * warp;
-    const u32 ring = smem_u32(smem) + BAR_BYTES + warp * WB * CW;
-    const uint8_t* ring_ptr = smem + BAR_BYTES + warp * WB * CW;
-    if (lane == 0) {
-        for (int b = 0; b < WB; b++) mbar_init(bars + 8 * b);
+    const u32 bars = smem_u32(smem) + 8 * BUFS * owner;
+    const u32 ring = smem_u32(smem) + BAR_BYTES + owner * BUFS * CS;
+    const uint8_t* ring_ptr = smem + BAR_BYTES + owner * BUFS * CS;
+    auto ring_sync = [] {
+        if (WARP_RINGS)
+            __syncwarp();
+        else
+            __syncthreads();
+    };
+    if (rank == 0) {
+        for (int b = 0; b < BUFS; b++) mbar_init(bars + 8 * b);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    __syncwarp();
-    // This warp's part of the CTA's share of stage s (16-byte pieces split over the warps).
-    auto warp_share = [&](int s, u64* first, u64* len) {
+    ring_sync();
+    // The ring's part of the CTA's share of stage s (16-byte pieces split over the rings).
+    auto ring_share = [&](int s, u64* first, u64* len) {
         u64 f, n;
         share(p.sh, s, c, G, &f, &n);
-        const u64 P = n / 16, a = P * warp / WARPS, e = P * (warp + 1) / WARPS;
+        const u64 P = n / 16, a = P * owner / OWNERS, e = P * (owner + 1) / OWNERS;
         *first = f + a * 16;
         *len = (e - a) * 16;
     };
     Cursor cur = {0, 0, 0, 0};
-    auto issue_next = [&]() {  // lane 0 only
+    auto issue_next = [&]() {  // the ring's rank 0 only
         while (cur.layer < p.n_layers) {
             u64 first, len;
-            warp_share(cur.stage, &first, &len);
+            ring_share(cur.stage, &first, &len);
             if (cur.done < len) {
-                const u32 n = (u32)min_u64(CW, len - cur.done);
+                const u32 n = (u32)min_u64(CS, len - cur.done);
                 const uint8_t* src = p.w + (u64)(cur.layer % COPIES) * p.sh.layer_bytes + p.sh.offset[cur.stage] + first + cur.done;
-                const u32 b = (u32)(cur.issued % WB);
-                copy_chunk(ring + b * CW, src, n, bars + 8 * b);
+                const u32 b = (u32)(cur.issued % BUFS);
+                copy_chunk(ring + b * CS, src, n, bars + 8 * b);
                 cur.done += n;
                 cur.issued++;
                 return;
@@ -311,8 +244,8 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_warps(Params p) {
             if (++cur.stage == p.sh.n_stages) cur.stage = 0, cur.layer++;
         }
     };
-    if (lane == 0)
-        for (int b = 0; b < WB; b++) issue_next();
+    if (rank == 0)
+        for (int b = 0; b < BUFS; b++) issue_next();
     u64 consumed = 0;
     u32 x = p.seed;
     for (int l = 0; l < p.n_layers; l++) {
@@ -324,19 +257,19 @@ __global__ void __launch_bounds__(THREADS, 1) persistent_warps(Params p) {
                 x = read_input(p, q, x, act_words, red);
             }
             u64 first, len;
-            warp_share(s, &first, &len);
+            ring_share(s, &first, &len);
             u32 acc = 0;
-            for (u64 off = 0; off < len; off += CW) {
-                const u32 n = (u32)min_u64(CW, len - off);
-                const u32 b = (u32)(consumed % WB);
-                mbar_wait(bars + 8 * b, (u32)((consumed / WB) & 1), p.timeout);
-                const uint4* pc = (const uint4*)(ring_ptr + b * CW);
-                for (u32 i = lane; i < n / 16; i += 32) {
+            for (u64 off = 0; off < len; off += CS) {
+                const u32 n = (u32)min_u64(CS, len - off);
+                const u32 b = (u32)(consumed % BUFS);
+                mbar_wait(bars + 8 * b, (u32)((consumed / BUFS) & 1), p.timeout);
+                const uint4* pc = (const uint4*)(ring_ptr + b * CS);
+                for (u32 i = rank; i < n / 16; i += SHARERS) {
                     const uint4 v = pc[i];
                     acc += piece_value(v.x, v.y, v.z, v.w, p.alu[s]);
                 }
-                __syncwarp();  // the warp is done with buffer b: refill it
-                if (lane == 0) issue_next();
+                ring_sync();  // the ring's threads are done with buffer b: refill it
+                if (rank == 0) issue_next();
                 consumed++;
             }
             const u32 r = block_sum(acc, red) + x;
@@ -487,12 +420,11 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&result, sizeof(u32)));
     CK(cudaMalloc(&timeout, sizeof(u32)));
     CK(cudaMemset(timeout, 0, sizeof(u32)));
-    const int smem = 128 + NBUF * CHUNK;
-    CK(cudaFuncSetAttribute(persistent_ffn<256>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    CK(cudaFuncSetAttribute(persistent_ffn<512>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const int smem_w = BAR_BYTES + RING_BYTES;
-    CK(cudaFuncSetAttribute(persistent_warps<512, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_w));
-    CK(cudaFuncSetAttribute(persistent_warps<1024, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_w));
+    const int smem = BAR_BYTES + RING_BYTES;
+    CK(cudaFuncSetAttribute(persistent_ffn<256, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(persistent_ffn<512, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(persistent_ffn<512, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(persistent_ffn<1024, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     printf("%-20s %-23s %8s %5s %6s %9s %8s  %s\n", "weights", "variant", "alu", "work", "act KB", "us/layer", "GB/s",
@@ -518,13 +450,13 @@ int main(int argc, char** argv) {
                 if (persistent) {
                     CK(cudaMemsetAsync(counters, 0, max_q * sizeof(u32), st));
                     if (variant == 0)
-                        persistent_ffn<256><<<sms, 256, smem, st>>>(p);
+                        persistent_ffn<256, false><<<sms, 256, smem, st>>>(p);
                     else if (variant == 1)
-                        persistent_ffn<512><<<sms, 512, smem, st>>>(p);
+                        persistent_ffn<512, false><<<sms, 512, smem, st>>>(p);
                     else if (variant == 4)
-                        persistent_warps<512, 3><<<sms, 512, smem_w, st>>>(p);
+                        persistent_ffn<512, true><<<sms, 512, smem, st>>>(p);
                     else
-                        persistent_warps<1024, 3><<<sms, 1024, smem_w, st>>>(p);
+                        persistent_ffn<1024, true><<<sms, 1024, smem, st>>>(p);
                     CK(cudaGetLastError());
                 } else {
                     const bool fold = variant == 2;
