@@ -14,8 +14,8 @@
 //! Opt-in (`DS4_CUDA_FAST_PREFILL=1`, [`fast_prefill_requested`]): it leaves the CPU backend's
 //! numerics, whose Q8_0 products quantize the activations, and on the chaotic random
 //! `flash_mini` fixture the CUDA-vs-CPU median gap then exceeds the ds4-numerics bound of
-//! `forward_fixtures` (4.2e-2 against 2e-2; H200, session 32), though every output is closer
-//! to the exact product. Measured with it on (H200, prefill 2K-8K and 30K-32K): +9.7 % and
+//! `forward_fixtures` (4.2e-2 against 2e-2; H200, session 32), though its outputs are closer
+//! to the exact product. Measured with it on (H200, prefill 4K-8K and 30K-32K): +9.6 % and
 //! +7 % once running; the first span pays cuBLAS's start (~0.15 s).
 //!
 //! When: spans of at least [`F16_MIN_VECS`] vectors on the main stream (its scratch buffers
