@@ -65,8 +65,8 @@ impl Gpu {
     /// y = W·x for `n` f32 vectors `x` through f16 weights and activations on cuBLAS (see the
     /// module docs), for a Q8_0 matrix of one expert. Returns Ok(false), having done nothing,
     /// where this path does not apply (too few vectors, a side stream, a matrix over
-    /// [`F16_MAX_WEIGHTS`], no cuBLAS, too little memory): the caller then runs
-    /// [`Gpu::gemm_q8_0`].
+    /// [`F16_MAX_WEIGHTS`], no cuBLAS, too little memory; or cuBLAS failed, which is printed
+    /// once and turns the path off for the process): the caller then runs [`Gpu::gemm_q8_0`].
     pub fn gemm_q8_0_f16(
         &self,
         w: &DeviceMatrix,
@@ -126,7 +126,7 @@ impl Gpu {
         // where launches go now (checked); w16 holds rows·cols and x16 n·cols halves (grow),
         // y at least n·rows floats (checked above); alpha and beta are host f32 values, as
         // CUBLAS_COMPUTE_32F takes them in the default host pointer mode.
-        unsafe {
+        let ran = unsafe {
             blas::gemm_ex(
                 handle,
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
@@ -149,10 +149,20 @@ impl Gpu {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| {
-            CudaError::InvalidArgument(format!("cublasGemmEx ({rows} x {cols} x {n}): {e:?}"))
-        })?;
-        Ok(true)
+        .map_or_else(
+            |e| {
+                // Nothing was written to y that the exact GEMM will not overwrite: say so once
+                // and leave cuBLAS alone for the rest of the process.
+                eprintln!(
+                    "ds4: cublasGemmEx ({rows} x {cols} x {n}) failed ({e:?}); prefill goes on \
+                     with the exact Q8_0 GEMM"
+                );
+                state.blas = Some(None);
+                false
+            },
+            |()| true,
+        );
+        Ok(ran)
     }
 
     /// Makes `buf` hold at least `len` halves, keeping FREE_MARGIN of GPU memory free; false
